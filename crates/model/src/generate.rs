@@ -1,0 +1,312 @@
+//! Batched sampling with left padding and a KV cache.
+//!
+//! Returns each new token with its log-probability under the distribution it was drawn from
+//! (after temperature, top-k and top-p), which is what PPO and GRPO need as "old" log-probs.
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// EOS is suppressed until this many tokens have been generated.
+    pub min_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1 disables nucleus sampling.
+    pub top_p: f64,
+    pub seed: u64,
+    /// Generation of a sequence stops after any of these (empty: never stop early).
+    pub eos_token_ids: Vec<u32>,
+    /// Fills the left padding and the slots of finished sequences.
+    pub pad_token_id: u32,
+    /// Off recomputes the whole sequence each step; only useful to check the cache.
+    pub use_cache: bool,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            max_new_tokens: 64,
+            min_new_tokens: 0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: vec![],
+            pad_token_id: 0,
+            use_cache: true,
+        }
+    }
+}
+
+/// Per prompt: the new token ids (EOS included when hit), their log-probs, and whether EOS ended it.
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub tokens: Vec<Vec<u32>>,
+    pub logprobs: Vec<Vec<f32>>,
+    pub finished: Vec<bool>,
+}
+
+impl SamplingConfig {
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Msg(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Msg(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(Error::Msg("min_new_tokens exceeds max_new_tokens".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch.
+pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
+    cfg.validate()?;
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(Error::Msg(
+            "generate: empty prompt (it needs at least one token, e.g. BOS)".into(),
+        ));
+    }
+    let b = prompts.len();
+    let mut out = Generation {
+        tokens: vec![vec![]; b],
+        logprobs: vec![vec![]; b],
+        finished: vec![false; b],
+    };
+    if b == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    // A recorded autograd graph would pin every step's activations; sample outside it.
+    let model = if model.named_params().iter().any(|(_, t)| t.is_variable()) {
+        model.detached()?
+    } else {
+        model.clone()
+    };
+    let dev = model.device().clone();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            std::iter::repeat_n(cfg.pad_token_id, max_len - p.len())
+                .chain(p.iter().copied())
+                .collect()
+        })
+        .collect();
+    let mut mask: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            std::iter::repeat_n(0, max_len - p.len())
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect()
+        })
+        .collect();
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut cache = KvCache::new(model.cfg.num_layers);
+    let to_tensor = |rows: &[Vec<u32>]| -> Result<Tensor> {
+        let cols = rows.first().map_or(0, Vec::len);
+        Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), &dev)?)
+    };
+
+    let last_logits = |hidden: &Tensor| -> Result<Vec<Vec<f32>>> {
+        let t = hidden.dim(1)?;
+        let h = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    };
+    let hidden = model.forward(
+        &to_tensor(&ids)?,
+        Some(&to_tensor(&mask)?),
+        None,
+        cfg.use_cache.then_some(&mut cache),
+    )?;
+    let mut logits = last_logits(&hidden)?;
+
+    for step in 0..cfg.max_new_tokens {
+        let mut new_col = Vec::with_capacity(b);
+        for (row, lg) in logits.iter_mut().enumerate() {
+            if out.finished[row] {
+                new_col.push(cfg.pad_token_id);
+                continue;
+            }
+            if step < cfg.min_new_tokens {
+                for &e in &cfg.eos_token_ids {
+                    if let Some(x) = lg.get_mut(e as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let (tok, lp) = sample_token(lg, cfg, &mut rng);
+            out.tokens[row].push(tok);
+            out.logprobs[row].push(lp);
+            if cfg.eos_token_ids.contains(&tok) {
+                out.finished[row] = true;
+            }
+            new_col.push(tok);
+        }
+        if out.finished.iter().all(|&f| f) || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        for (row, &tok) in new_col.iter().enumerate() {
+            ids[row].push(tok);
+            mask[row].push(1);
+        }
+        let hidden = if cfg.use_cache {
+            let step_ids = Tensor::from_vec(new_col, (b, 1), &dev)?;
+            let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
+            model.forward(
+                &step_ids,
+                Some(&to_tensor(&mask)?),
+                Some(&pos),
+                Some(&mut cache),
+            )?
+        } else {
+            model.forward(&to_tensor(&ids)?, Some(&to_tensor(&mask)?), None, None)?
+        };
+        next_pos.iter_mut().for_each(|p| *p += 1);
+        logits = last_logits(&hidden)?;
+    }
+    Ok(out)
+}
+
+/// Draws one token from `logits` (modified in place) and returns it with its log-probability under
+/// the filtered, renormalised distribution. Temperature 0 takes the argmax of the raw distribution.
+fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> (u32, f32) {
+    if cfg.temperature == 0.0 {
+        let (best, _) = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+            );
+        return (best as u32, log_softmax_at(logits, best));
+    }
+    let inv_t = (1.0 / cfg.temperature) as f32;
+    logits.iter_mut().for_each(|x| *x *= inv_t);
+    if cfg.top_k > 0 && cfg.top_k < logits.len() {
+        let mut sorted: Vec<f32> = logits.to_vec();
+        let kth_idx = logits.len() - cfg.top_k;
+        let (_, kth, _) = sorted.select_nth_unstable_by(kth_idx, |a, b| a.total_cmp(b));
+        let kth = *kth;
+        logits
+            .iter_mut()
+            .filter(|x| **x < kth)
+            .for_each(|x| *x = f32::NEG_INFINITY);
+    }
+    if cfg.top_p < 1.0 {
+        // As transformers' TopPLogitsWarper: drop the low tail whose cumulative mass is <= 1 - top_p,
+        // always keeping the most likely token.
+        let probs = softmax(logits);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| probs[a].total_cmp(&probs[b]));
+        let mut cum = 0.0f32;
+        for &i in &order[..order.len() - 1] {
+            cum += probs[i];
+            if cum > (1.0 - cfg.top_p) as f32 {
+                break;
+            }
+            logits[i] = f32::NEG_INFINITY;
+        }
+    }
+    let probs = softmax(logits);
+    let r: f32 = rng.gen();
+    let mut cum = 0.0;
+    let mut chosen = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+    for (i, &p) in probs.iter().enumerate() {
+        cum += p;
+        if r < cum {
+            chosen = i;
+            break;
+        }
+    }
+    (chosen as u32, probs[chosen].ln())
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|&v| (v - max).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+fn log_softmax_at(x: &[f32], i: usize) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = x.iter().map(|&v| (v - max).exp()).sum();
+    x[i] - max - s.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let base = vec![1.0f32, 3.0, 2.0, 0.5, 2.9];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let cfg = SamplingConfig {
+            top_k: 2,
+            ..Default::default()
+        };
+        for _ in 0..200 {
+            let (t, lp) = sample_token(&mut base.clone(), &cfg, &mut rng);
+            assert!(t == 1 || t == 4, "top-2 sampled {t}");
+            // Renormalised over the two survivors.
+            let z = (3.0f32).exp() + (2.9f32).exp();
+            assert!((lp - (base[t as usize].exp() / z).ln()).abs() < 1e-5);
+        }
+        // top_p 0.5: token 1 alone holds < 50% mass, so tokens 1 and 4 survive, as in transformers.
+        let cfg = SamplingConfig {
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            seen.insert(sample_token(&mut base.clone(), &cfg, &mut rng).0);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 4]);
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_raw_logprob() {
+        let mut x = vec![0.0f32, 1.0, 5.0, 2.0];
+        let cfg = SamplingConfig {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (t, lp) = sample_token(&mut x, &cfg, &mut rng);
+        assert_eq!(t, 2);
+        let z: f32 = [0.0f32, 1.0, 5.0, 2.0].iter().map(|v| v.exp()).sum();
+        assert!((lp - (5.0f32.exp() / z).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_distribution() {
+        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln()];
+        let cfg = SamplingConfig::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut counts = [0usize; 3];
+        let n = 30_000;
+        for _ in 0..n {
+            counts[sample_token(&mut logits.to_vec(), &cfg, &mut rng).0 as usize] += 1;
+        }
+        for (i, want) in [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0].iter().enumerate() {
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - want).abs() < 0.015, "token {i}: {got} vs {want}");
+        }
+    }
+}

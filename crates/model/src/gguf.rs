@@ -1,0 +1,293 @@
+//! GGUF (llama.cpp) in: metadata to an HF config, dequantised tensors under HF names, and a
+//! `tokenizers` BPE rebuilt from the vocabulary and merges stored in the file.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// What a GGUF file gives us: an HF-style config.json, tensors (internal layout), and a tokenizer.
+pub struct GgufModel {
+    pub config: Value,
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+}
+
+struct Meta<'a> {
+    path: &'a Path,
+    md: &'a HashMap<String, GValue>,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<&GValue> {
+        self.md
+            .get(key)
+            .ok_or_else(|| Error::invalid(self.path, key, "missing from GGUF metadata"))
+    }
+    fn num(&self, key: &str) -> Result<f64> {
+        let v = self.get(key)?;
+        let n = match v {
+            GValue::U8(x) => *x as f64,
+            GValue::I8(x) => *x as f64,
+            GValue::U16(x) => *x as f64,
+            GValue::I16(x) => *x as f64,
+            GValue::U32(x) => *x as f64,
+            GValue::I32(x) => *x as f64,
+            GValue::U64(x) => *x as f64,
+            GValue::I64(x) => *x as f64,
+            GValue::F32(x) => *x as f64,
+            GValue::F64(x) => *x,
+            _ => return Err(Error::invalid(self.path, key, "not a number")),
+        };
+        Ok(n)
+    }
+    fn opt_num(&self, key: &str) -> Result<Option<f64>> {
+        if self.md.contains_key(key) {
+            self.num(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+    fn string(&self, key: &str) -> Result<String> {
+        self.get(key)?
+            .to_string()
+            .cloned()
+            .map_err(|_| Error::invalid(self.path, key, "not a string"))
+    }
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        let arr = self
+            .get(key)?
+            .to_vec()
+            .map_err(|_| Error::invalid(self.path, key, "not an array"))?;
+        arr.iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| Error::invalid(self.path, key, "not an array of strings"))
+            })
+            .collect()
+    }
+}
+
+/// llama.cpp stores Q and K rows interleaved for its RoPE kernel; this restores transformers'
+/// rotate-half order: `w.reshape(n, hd/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
+fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+fn hf_name(path: &Path, gguf: &str) -> Result<String> {
+    Ok(match gguf {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let parts: Vec<&str> = gguf.split('.').collect();
+            let (layer, name, kind) = match parts.as_slice() {
+                ["blk", l, n, k] => (*l, *n, *k),
+                _ => return Err(Error::invalid(path, gguf, "unsupported GGUF tensor")),
+            };
+            let hf = match name {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                _ => return Err(Error::invalid(path, gguf, "unsupported GGUF tensor")),
+            };
+            format!("model.layers.{layer}.{hf}.{kind}")
+        }
+    })
+}
+
+/// Reads a llama-architecture GGUF file, dequantising every tensor to f32.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content =
+        Content::read(&mut file).map_err(|e| Error::invalid(path, "gguf", e.to_string()))?;
+    let m = Meta {
+        path,
+        md: &content.metadata,
+    };
+    let arch = m.string("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::UnknownArch {
+            path: path.into(),
+            arch: format!("gguf:{arch}"),
+        });
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let n_head = m.num(&k("attention.head_count"))? as usize;
+    let n_kv = m
+        .opt_num(&k("attention.head_count_kv"))?
+        .map_or(n_head, |x| x as usize);
+    let tokens = m.strings("tokenizer.ggml.tokens")?;
+
+    let mut tensors = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| Error::invalid(path, name.as_str(), e.to_string()))?;
+        let mut t = q
+            .dequantize(device)
+            .map_err(|e| Error::invalid(path, name.as_str(), e.to_string()))?;
+        if name.starts_with("blk.") && name.ends_with("attn_q.weight") {
+            t = unpermute(&t, n_head)?;
+        } else if name.starts_with("blk.") && name.ends_with("attn_k.weight") {
+            t = unpermute(&t, n_kv)?;
+        }
+        tensors.insert(hf_name(path, name)?, t);
+    }
+
+    let id = |key: &str| -> Result<Option<u32>> { Ok(m.opt_num(key)?.map(|x| x as u32)) };
+    let (bos, eos, unk) = (
+        id("tokenizer.ggml.bos_token_id")?,
+        id("tokenizer.ggml.eos_token_id")?,
+        id("tokenizer.ggml.unknown_token_id")?,
+    );
+    let pad = id("tokenizer.ggml.padding_token_id")?.or(eos);
+    let context = m.num(&k("context_length"))? as usize;
+    let config = ModelConfig::llama_json(
+        m.num(&k("embedding_length"))? as usize,
+        m.num(&k("block_count"))? as usize,
+        n_head,
+        n_kv,
+        m.num(&k("feed_forward_length"))? as usize,
+        m.opt_num(&k("vocab_size"))?
+            .map_or(tokens.len(), |x| x as usize),
+        context,
+        m.num(&k("attention.layer_norm_rms_epsilon"))? as f32 as f64,
+        m.opt_num(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+        !tensors.contains_key("lm_head.weight"),
+        bos,
+        eos,
+        pad,
+    );
+    let tokenizer = build_tokenizer(&m, &tokens, bos, eos, pad, unk, context)?;
+    Ok(GgufModel {
+        config,
+        tensors,
+        tokenizer,
+    })
+}
+
+/// Rebuilds a byte-level BPE `tokenizer.json` from GGUF metadata, as `gguf_to_hf.py` does.
+fn build_tokenizer(
+    m: &Meta,
+    tokens: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+    pad: Option<u32>,
+    unk: Option<u32>,
+    context: usize,
+) -> Result<Tokenizer> {
+    let model = m.string("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(Error::invalid(
+            m.path,
+            "tokenizer.ggml.model",
+            format!("{model:?} is not supported (only byte-level BPE, \"gpt2\")"),
+        ));
+    }
+    let pre = if m.md.contains_key("tokenizer.ggml.pre") {
+        m.string("tokenizer.ggml.pre")?
+    } else {
+        "default".into()
+    };
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre.as_str() {
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
+        "gpt2" | "default" => byte_level,
+        other => {
+            return Err(Error::invalid(
+                m.path,
+                "tokenizer.ggml.pre",
+                format!("pre-tokenizer {other:?} is not supported"),
+            ))
+        }
+    };
+    let types: Vec<i64> = match m.md.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|_| Error::invalid(m.path, "tokenizer.ggml.token_type", "not an array"))?
+            .iter()
+            .map(|x| x.to_i32().map(i64::from).unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = m
+        .strings("tokenizer.ggml.merges")?
+        .iter()
+        .map(|s| {
+            let (a, b) = s.split_once(' ').unwrap_or((s.as_str(), ""));
+            json!([a, b])
+        })
+        .collect();
+    const CONTROL: i64 = 3;
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, &ty))| ty == CONTROL)
+        .map(|(i, (t, _))| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let add_bos =
+        m.md.get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+    let tok_str = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned();
+    let post_processor = match (add_bos, tok_str(bos)) {
+        (true, Some(b)) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}
+        }),
+        _ => Value::Null,
+    };
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    let inner: tokenizers::Tokenizer = tj
+        .to_string()
+        .parse()
+        .map_err(|e: tokenizers::Error| Error::invalid(m.path, "tokenizer.ggml", e.to_string()))?;
+    let mut config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok_str(bos), "eos_token": tok_str(eos), "pad_token": tok_str(pad), "unk_token": tok_str(unk),
+        "model_max_length": context, "add_bos_token": add_bos, "clean_up_tokenization_spaces": false,
+    });
+    if m.md.contains_key("tokenizer.chat_template") {
+        config["chat_template"] = Value::String(m.string("tokenizer.chat_template")?);
+    }
+    Tokenizer::new(inner, config)
+}

@@ -1,0 +1,21 @@
+//! preftune's model layer: transformer architectures we can train (Llama family, GPT-2), weights in
+//! and out (safetensors, GGUF), tokenizer and chat templates, generation and sequence log-probs.
+//! It knows nothing about training; the `train` crate builds on it.
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod logprobs;
+pub mod model;
+pub mod ops;
+pub mod pretrained;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use generate::{generate, Generation, SamplingConfig};
+pub use logprobs::{token_logprobs, TokenLogprobs};
+pub use model::{KvCache, Model};
+pub use pretrained::{parse_dtype, LoadOptions, Pretrained};
+pub use tokenizer::{Message, Tokenizer};

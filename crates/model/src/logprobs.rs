@@ -1,0 +1,83 @@
+//! Log-probabilities of given tokens: the quantity DPO, PPO, GRPO and reward scoring all start from.
+//!
+//! Only the scored positions go through the LM head, so prompt and padding tokens never produce a
+//! `[T, V]` logits row, and rows are processed in chunks so that, outside autograd, at most
+//! `CHUNK x V` logits exist at once.
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::ops::logsumexp_last;
+
+/// Rows of logits materialised at a time.
+const CHUNK: usize = 512;
+
+/// Per-token log-probs `[B, T]` (0 where not scored) and their per-sequence sums `[B]`, both f32.
+pub struct TokenLogprobs {
+    pub per_token: Tensor,
+    pub sum: Tensor,
+}
+
+/// `log p(input_ids[b, t] | input_ids[b, <t])` for every `t >= 1` with `mask[b, t] = 1`, from the
+/// model's final hidden states `[B, T, H]`. Logits are divided by `temperature` first (as samplers
+/// do, so recomputed log-probs match sampling log-probs). Differentiable w.r.t. `hidden` and the
+/// LM head.
+pub fn token_logprobs(
+    model: &Model,
+    hidden: &Tensor,
+    input_ids: &Tensor,
+    mask: &Tensor,
+    temperature: f64,
+) -> Result<TokenLogprobs> {
+    let (b, t, h) = hidden.dims3()?;
+    if input_ids.dims() != [b, t] || mask.dims() != [b, t] {
+        return Err(Error::Msg(format!(
+            "token_logprobs: hidden {:?}, input_ids {:?} and mask {:?} disagree",
+            hidden.dims(),
+            input_ids.dims(),
+            mask.dims()
+        )));
+    }
+    if temperature <= 0.0 {
+        return Err(Error::Msg(format!(
+            "temperature must be > 0, got {temperature}"
+        )));
+    }
+    let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let m = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let (mut src, mut dst, mut labels) = (vec![], vec![], vec![]);
+    for row in 0..b {
+        for pos in 1..t {
+            if m[row][pos] != 0.0 {
+                src.push((row * t + pos - 1) as u32);
+                dst.push((row * t + pos) as u32);
+                labels.push(ids[row][pos]);
+            }
+        }
+    }
+    let dev = hidden.device();
+    let mut per_token = Tensor::zeros(b * t, DType::F32, dev)?;
+    if !src.is_empty() {
+        let flat = hidden.reshape((b * t, h))?;
+        let mut pieces = vec![];
+        for start in (0..src.len()).step_by(CHUNK) {
+            let n = CHUNK.min(src.len() - start);
+            let idx = Tensor::from_slice(&src[start..start + n], n, dev)?;
+            let lab = Tensor::from_slice(&labels[start..start + n], (n, 1), dev)?;
+            let mut logits = model
+                .logits(&flat.index_select(&idx, 0)?)?
+                .to_dtype(DType::F32)?;
+            if temperature != 1.0 {
+                logits = (logits / temperature)?;
+            }
+            let picked = logits.gather(&lab, 1)?;
+            pieces.push((picked - logsumexp_last(&logits)?)?.squeeze(1)?);
+        }
+        let lp = Tensor::cat(&pieces, 0)?;
+        let dst = Tensor::from_vec(dst, src.len(), dev)?;
+        per_token = per_token.index_add(&dst, &lp, 0)?;
+    }
+    let per_token = per_token.reshape((b, t))?;
+    let sum = per_token.sum(1)?;
+    Ok(TokenLogprobs { per_token, sum })
+}

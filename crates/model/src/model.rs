@@ -1,0 +1,642 @@
+//! The transformer itself: the Llama family and GPT-2 in one file, nanoGPT-style.
+//!
+//! Parameters are held in the internal layout (every linear weight `[out, in]`); the name of each is
+//! its Hugging Face name, so saving and loading only has to fix GPT-2's Conv1D transposes.
+//! Everything is differentiable: when built `trainable`, each parameter is a candle `Var`.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::config::{Activation, Arch, ModelConfig};
+use crate::error::{Error, Result};
+use crate::ops::{layer_norm, rms_norm, rope, softmax_last, Linear};
+
+/// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
+const MASKED: f32 = -1e9;
+
+#[derive(Clone, Debug)]
+enum Norm {
+    Rms {
+        weight: Tensor,
+        eps: f64,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Rms { weight, eps } => rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } => layer_norm(x, weight, bias, *eps),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Qkv {
+    Split {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// GPT-2's `c_attn`: one projection whose output is `[q | k | v]`.
+    Fused(Linear),
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    qkv: Qkv,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Mlp {
+    /// SwiGLU: `down(act(gate(x)) * up(x))`.
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    mlp: Mlp,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+        }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A causal LM backbone with its LM head. The scalar head of reward/value models sits on top of
+/// [`Model::forward`]'s hidden states, outside this type.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    wpe: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm_f: Norm,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    params: Vec<(String, Tensor)>,
+    dtype: DType,
+}
+
+/// Hands out named tensors from a weight map, checking shapes and recording each as a parameter.
+struct Params<'a> {
+    tensors: HashMap<String, Tensor>,
+    origin: &'a Path,
+    dtype: DType,
+    trainable: bool,
+    taken: Vec<(String, Tensor)>,
+}
+
+impl Params<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.origin.into(),
+                name: name.into(),
+            })?;
+        if t.dims() != shape {
+            return Err(Error::Shape {
+                path: self.origin.into(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let t = t.to_dtype(self.dtype)?;
+        let t = if self.trainable {
+            Var::from_tensor(&t)?.as_tensor().clone()
+        } else {
+            t
+        };
+        self.taken.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = self.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, prefix: &str, dim: usize, arch: Arch, eps: f64) -> Result<Norm> {
+        let weight = self.take(&format!("{prefix}.weight"), &[dim])?;
+        Ok(match arch {
+            Arch::Llama => Norm::Rms { weight, eps },
+            Arch::Gpt2 => Norm::Layer {
+                weight,
+                bias: self.take(&format!("{prefix}.bias"), &[dim])?,
+                eps,
+            },
+        })
+    }
+}
+
+/// Tensors that Hugging Face checkpoints carry but that are buffers, not parameters.
+fn is_ignorable_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with("rotary_emb.inv_freq")
+}
+
+impl Model {
+    /// Builds a model from tensors in the internal layout keyed by Hugging Face names.
+    /// `origin` names the source in errors. Unknown tensors are an error: a silently ignored
+    /// weight (a Qwen3 q_norm under a qwen2 config, say) would give wrong outputs.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        origin: &Path,
+        dtype: DType,
+        trainable: bool,
+    ) -> Result<Self> {
+        let mut p = Params {
+            tensors,
+            origin,
+            dtype,
+            trainable,
+            taken: vec![],
+        };
+        let (h, nh, nkv, hd, inter) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        let (embed, wpe, blocks, norm_f);
+        match cfg.arch {
+            Arch::Llama => {
+                embed = p.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+                wpe = None;
+                let mut bs = Vec::with_capacity(cfg.num_layers);
+                for i in 0..cfg.num_layers {
+                    let pre = format!("model.layers.{i}");
+                    let a = format!("{pre}.self_attn");
+                    bs.push(Block {
+                        norm1: p.norm(
+                            &format!("{pre}.input_layernorm"),
+                            h,
+                            cfg.arch,
+                            cfg.norm_eps,
+                        )?,
+                        attn: Attention {
+                            qkv: Qkv::Split {
+                                q: p.linear(&format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                                k: p.linear(&format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                                v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                            },
+                            o: p.linear(&format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
+                            num_heads: nh,
+                            num_kv_heads: nkv,
+                            head_dim: hd,
+                        },
+                        norm2: p.norm(
+                            &format!("{pre}.post_attention_layernorm"),
+                            h,
+                            cfg.arch,
+                            cfg.norm_eps,
+                        )?,
+                        mlp: Mlp::Gated {
+                            gate: p.linear(
+                                &format!("{pre}.mlp.gate_proj"),
+                                inter,
+                                h,
+                                cfg.mlp_bias,
+                            )?,
+                            up: p.linear(&format!("{pre}.mlp.up_proj"), inter, h, cfg.mlp_bias)?,
+                            down: p.linear(
+                                &format!("{pre}.mlp.down_proj"),
+                                h,
+                                inter,
+                                cfg.mlp_bias,
+                            )?,
+                        },
+                    });
+                }
+                blocks = bs;
+                norm_f = p.norm("model.norm", h, cfg.arch, cfg.norm_eps)?;
+            }
+            Arch::Gpt2 => {
+                embed = p.take("transformer.wte.weight", &[cfg.vocab_size, h])?;
+                wpe = Some(p.take("transformer.wpe.weight", &[cfg.max_position_embeddings, h])?);
+                let mut bs = Vec::with_capacity(cfg.num_layers);
+                for i in 0..cfg.num_layers {
+                    let pre = format!("transformer.h.{i}");
+                    bs.push(Block {
+                        norm1: p.norm(&format!("{pre}.ln_1"), h, cfg.arch, cfg.norm_eps)?,
+                        attn: Attention {
+                            qkv: Qkv::Fused(p.linear(
+                                &format!("{pre}.attn.c_attn"),
+                                3 * h,
+                                h,
+                                true,
+                            )?),
+                            o: p.linear(&format!("{pre}.attn.c_proj"), h, h, true)?,
+                            num_heads: nh,
+                            num_kv_heads: nh,
+                            head_dim: hd,
+                        },
+                        norm2: p.norm(&format!("{pre}.ln_2"), h, cfg.arch, cfg.norm_eps)?,
+                        mlp: Mlp::Plain {
+                            fc: p.linear(&format!("{pre}.mlp.c_fc"), inter, h, true)?,
+                            proj: p.linear(&format!("{pre}.mlp.c_proj"), h, inter, true)?,
+                        },
+                    });
+                }
+                blocks = bs;
+                norm_f = p.norm("transformer.ln_f", h, cfg.arch, cfg.norm_eps)?;
+            }
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            p.tensors.remove("lm_head.weight");
+            embed.clone()
+        } else {
+            p.take("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let mut left: Vec<&String> = p
+            .tensors
+            .keys()
+            .filter(|k| !is_ignorable_buffer(k))
+            .collect();
+        left.sort();
+        if let Some(name) = left.first() {
+            return Err(Error::invalid(
+                origin,
+                name.as_str(),
+                format!(
+                    "unexpected tensor ({} in all) for a {:?} model with this config",
+                    left.len(),
+                    cfg.arch
+                ),
+            ));
+        }
+        let inv_freq = if cfg.arch == Arch::Llama {
+            rope_inv_freq(&cfg)
+        } else {
+            vec![]
+        };
+        Ok(Model {
+            cfg,
+            embed,
+            wpe,
+            blocks,
+            norm_f,
+            lm_head,
+            inv_freq,
+            params: p.taken,
+            dtype,
+        })
+    }
+
+    /// Every parameter with its Hugging Face name, in load order (the tied LM head appears once).
+    pub fn named_params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The trainable parameters as `Var`s (empty unless built `trainable`).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params
+            .iter()
+            .filter(|(_, t)| t.is_variable())
+            .filter_map(|(_, t)| Var::from_tensor(t).ok())
+            .collect()
+    }
+
+    /// A copy sharing the same storage but outside autograd: use it for sampling, where a recorded
+    /// graph would pin every intermediate (and the whole KV cache history) in memory.
+    pub fn detached(&self) -> Result<Self> {
+        let tensors = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        Model::from_tensors(
+            self.cfg.clone(),
+            tensors,
+            Path::new("<detached>"),
+            self.dtype,
+            false,
+        )
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Final hidden states `[B, T, H]`.
+    ///
+    /// `attention_mask` (`[B, past + T]`, 1 = real token) covers cached and new positions;
+    /// `None` means no padding. `position_ids` (`[B, T]`) default to `cumsum(mask) - 1` clamped at 0,
+    /// the left-padding convention of transformers.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let mask = match attention_mask {
+            Some(m) => {
+                let m = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                if m.len() != b || m.iter().any(|r| r.len() != past + t) {
+                    return Err(Error::Msg(format!(
+                        "attention_mask must be [{b}, {}] (cached + new positions)",
+                        past + t
+                    )));
+                }
+                m
+            }
+            None => vec![vec![1.0; past + t]; b],
+        };
+        let positions: Vec<Vec<u32>> = match position_ids {
+            Some(p) => p.to_dtype(DType::U32)?.to_vec2::<u32>()?,
+            None => mask
+                .iter()
+                .map(|row| {
+                    let mut c = 0u32;
+                    let all: Vec<u32> = row
+                        .iter()
+                        .map(|&m| {
+                            c += (m > 0.0) as u32;
+                            c.saturating_sub(1)
+                        })
+                        .collect();
+                    all[past..].to_vec()
+                })
+                .collect(),
+        };
+        let dev = self.device();
+        let attn_mask = causal_padding_mask(&mask, t, past, self.dtype, dev)?;
+
+        let flat_ids = input_ids.flatten_all()?;
+        let mut x = self
+            .embed
+            .index_select(&flat_ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let pos_flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        if let Some(wpe) = &self.wpe {
+            if let Some(&p) = pos_flat
+                .iter()
+                .find(|&&p| p as usize >= self.cfg.max_position_embeddings)
+            {
+                return Err(Error::Msg(format!(
+                    "position {p} exceeds the model's {} learned positions",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let pos = Tensor::from_vec(pos_flat.clone(), b * t, dev)?;
+            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((
+                b,
+                t,
+                self.cfg.hidden_size,
+            ))?)?;
+        }
+        let rope_tables = if self.inv_freq.is_empty() {
+            None
+        } else {
+            Some(self.rope_tables(&pos_flat, b, t)?)
+        };
+
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| {
+                if c.layers.len() != self.blocks.len() {
+                    c.layers = vec![None; self.blocks.len()];
+                }
+                &mut c.layers[i]
+            });
+            let a = block.attn.forward(
+                &block.norm1.forward(&x)?,
+                rope_tables.as_ref(),
+                attn_mask.as_ref(),
+                layer_cache,
+            )?;
+            x = (x + a)?;
+            let m = block
+                .mlp
+                .forward(&block.norm2.forward(&x)?, self.cfg.activation)?;
+            x = (x + m)?;
+        }
+        Ok(self.norm_f.forward(&x)?)
+    }
+
+    /// Logits `[.., V]` from hidden states `[.., H]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(Linear {
+            weight: self.lm_head.clone(),
+            bias: None,
+        }
+        .forward(hidden)?)
+    }
+
+    /// The LM head weight `[V, H]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// `cos`, `sin` tables `[B, 1, T, Dh/2]` for the given positions, computed in f32 as transformers does.
+    fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let dev = self.device();
+        let cos = Tensor::from_vec(cos, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// RoPE inverse frequencies, including Llama 3's long-context rescaling.
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let hd = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let mut inv: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / hd as f32))
+        .collect();
+    if let Some(s) = &cfg.rope_scaling {
+        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+        for f in inv.iter_mut() {
+            let wavelen = 2.0 * std::f64::consts::PI / *f as f64;
+            let v = *f as f64;
+            *f = if wavelen > low_wavelen {
+                (v / s.factor) as f32
+            } else if wavelen < high_wavelen {
+                v as f32
+            } else {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                ((1.0 - smooth) * v / s.factor + smooth * v) as f32
+            };
+        }
+    }
+    inv
+}
+
+/// Additive mask `[B, 1, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i` and key
+/// `j` is not padding. `None` when nothing is masked (a single new token without padding).
+fn causal_padding_mask(
+    mask: &[Vec<f32>],
+    t: usize,
+    past: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let tk = past + t;
+    let padded = mask.iter().any(|r| r.iter().any(|&m| m == 0.0));
+    if t == 1 && !padded {
+        return Ok(None);
+    }
+    let mut v = Vec::with_capacity(mask.len() * t * tk);
+    for row in mask {
+        for i in 0..t {
+            for (j, &m) in row.iter().enumerate() {
+                v.push(if j <= past + i && m != 0.0 {
+                    0.0
+                } else {
+                    MASKED
+                });
+            }
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(v, (mask.len(), 1, t, tk), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope_tables: Option<&(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(l) => {
+                let y = l.forward(x)?;
+                (
+                    y.narrow(2, 0, nh * hd)?,
+                    y.narrow(2, nh * hd, nh * hd)?,
+                    y.narrow(2, 2 * nh * hd, nh * hd)?,
+                )
+            }
+        };
+        let heads = |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if let Some((cos, sin)) = rope_tables {
+            q = rope(&q, cos, sin)?;
+            k = rope(&k, cos, sin)?;
+        }
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let tk = k.dim(2)?;
+        // Grouped-query attention without copying K/V per head: the `rep` query heads that share a
+        // KV head are stacked along the time axis (query head h uses KV head h / rep, as repeat_kv).
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?
+            .reshape((b, nh, t, tk))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+        let out = probs
+            .reshape((b, nkv, rep * t, tk))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?;
+        self.o
+            .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let act = |x: Tensor| match act {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+        };
+        match self {
+            Mlp::Gated { gate, up, down } => {
+                down.forward(&(act(gate.forward(x)?)? * up.forward(x)?)?)
+            }
+            Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(x)?)?),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Differentiable building blocks, composed only from candle ops that have a backward pass.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm`, `rope` and `sdpa` have no backward
+//! and silently drop gradients, so nothing here may call them. Norms and softmax run in f32 whatever
+//! the weights' dtype, as transformers does.
+use candle_core::{DType, Result, Tensor, D};
+
+/// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let dims = x.dims();
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((lead, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
+        y.reshape(out_shape)
+    }
+}
+
+/// Half-precision inputs are computed in f32 (as transformers does); f32 and f64 stay as they are.
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F64 | DType::F32 => Ok(x.clone()),
+        _ => x.to_dtype(DType::F32),
+    }
+}
+
+/// Softmax over the last dimension, in at least f32. The max is detached: it only stabilises.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = upcast(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log(sum(exp(x)))` over the last dimension, kept as size 1, in at least f32.
+pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
+    let x = upcast(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
+}
+
+/// RMSNorm as in transformers' `LlamaRMSNorm`: normalise in at least f32, cast back, then scale.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = upcast(x)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xf.broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = upcast(x)?;
+    let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let inv = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    centered
+        .broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Rotate-half RoPE (transformers' layout). `x`: `[B, H, T, Dh]`; `cos`, `sin`: `[B, 1, T, Dh/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let out1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let out2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[out1, out2], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Each op's gradient against central finite differences of the summed, randomly weighted output.
+    fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, f(x.as_tensor()).unwrap().shape(), &dev).unwrap();
+        let loss = |t: &Tensor| f(t).unwrap().mul(&w).unwrap().sum_all().unwrap();
+        let grads = loss(x.as_tensor()).backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches input")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let eps = 1e-6;
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let lp = loss(&Tensor::from_vec(plus, shape, &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
+            let lm = loss(&Tensor::from_vec(minus, shape, &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
+            let fd = (lp - lm) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-5 * (1.0 + fd.abs()),
+                "element {i}: autograd {} vs finite difference {fd}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn ops_match_finite_differences() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(1f64, 0.1, 6, &dev).unwrap();
+        let b = Tensor::randn(0f64, 0.1, 6, &dev).unwrap();
+        check_grad(softmax_last, &[3, 6]);
+        check_grad(logsumexp_last, &[3, 6]);
+        check_grad(|x| rms_norm(x, &w, 1e-5), &[4, 6]);
+        check_grad(|x| layer_norm(x, &w, &b, 1e-5), &[4, 6]);
+        let cos = Tensor::randn(0f64, 1.0, (1, 1, 3, 2), &dev).unwrap();
+        let sin = Tensor::randn(0f64, 1.0, (1, 1, 3, 2), &dev).unwrap();
+        check_grad(|x| rope(x, &cos, &sin), &[1, 2, 3, 4]);
+        let lin = Linear {
+            weight: Tensor::randn(0f64, 1.0, (5, 6), &dev).unwrap(),
+            bias: Some(b.narrow(0, 0, 5).unwrap()),
+        };
+        check_grad(|x| lin.forward(x), &[2, 3, 6]);
+    }
+
+    #[test]
+    fn f32_ops_agree_with_reference_formulas() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 9.0]], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 0.5, 2.0, -1.0], &dev).unwrap();
+        let b = Tensor::new(&[0.1f32, 0.2, 0.3, 0.4], &dev).unwrap();
+        let rows = x.to_vec2::<f32>().unwrap();
+        let (wv, bv) = (w.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        let sm = softmax_last(&x).unwrap().to_vec2::<f32>().unwrap();
+        let lse = logsumexp_last(&x).unwrap().to_vec2::<f32>().unwrap();
+        let rms = rms_norm(&x, &w, 1e-5).unwrap().to_vec2::<f32>().unwrap();
+        let ln = layer_norm(&x, &w, &b, 1e-5)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let z: f32 = row.iter().map(|v| v.exp()).sum();
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / 4.0;
+            let mean = row.iter().sum::<f32>() / 4.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+            assert!((lse[r][0] - z.ln()).abs() < 1e-5);
+            for c in 0..4 {
+                assert!((sm[r][c] - row[c].exp() / z).abs() < 1e-6);
+                assert!((rms[r][c] - row[c] / (ms + 1e-5).sqrt() * wv[c]).abs() < 1e-5);
+                assert!(
+                    (ln[r][c] - ((row[c] - mean) / (var + 1e-5).sqrt() * wv[c] + bv[c])).abs()
+                        < 1e-5
+                );
+            }
+        }
+    }
+}

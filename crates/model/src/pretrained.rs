@@ -1,0 +1,166 @@
+//! A model, its tokenizer and generation settings, loaded from an HF folder or a `.gguf` file and
+//! saved as an HF folder that `transformers` loads unchanged.
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gguf::load_gguf;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{load_hf_weights, save_safetensors, write_json};
+
+pub struct Pretrained {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// generation_config.json as read (or built from the model config).
+    pub generation_config: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    /// Make every parameter a `Var` (full fine-tuning); off for inference and frozen models.
+    pub trainable: bool,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            trainable: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Parses `f32`/`float32`, `bf16`/`bfloat16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::Msg(format!(
+            "unsupported dtype {other:?} (use f32 or bf16)"
+        ))),
+    }
+}
+
+fn torch_dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+fn generation_config_from(cfg: &ModelConfig, tok: &Tokenizer) -> Value {
+    let eos: Vec<u32> = if cfg.eos_token_ids.is_empty() {
+        tok.eos_token_id.into_iter().collect()
+    } else {
+        cfg.eos_token_ids.clone()
+    };
+    json!({
+        "bos_token_id": cfg.bos_token_id.or(tok.bos_token_id),
+        "eos_token_id": if eos.len() == 1 { json!(eos[0]) } else { json!(eos) },
+        "pad_token_id": cfg.pad_token_id.or(tok.pad_token_id),
+    })
+}
+
+impl Pretrained {
+    /// Loads `path`: a folder with config.json, safetensors and tokenizer files, or a `.gguf` file.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model path does not exist"),
+            ));
+        }
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            let g = load_gguf(path, &opts.device)?;
+            let cfg = ModelConfig::from_json(g.config, path)?;
+            let generation_config = generation_config_from(&cfg, &g.tokenizer);
+            let model = Model::from_tensors(cfg, g.tensors, path, opts.dtype, opts.trainable)?;
+            return Ok(Pretrained {
+                model,
+                tokenizer: g.tokenizer,
+                generation_config,
+            });
+        }
+        if !path.is_dir() {
+            return Err(Error::invalid(
+                path,
+                "model",
+                "expected an HF model folder or a .gguf file",
+            ));
+        }
+        let cfg = ModelConfig::from_file(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        let gc = path.join("generation_config.json");
+        let generation_config = if gc.exists() {
+            let text = std::fs::read_to_string(&gc).map_err(|e| Error::io(&gc, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(&gc, format!("line {}", e.line()), e.to_string()))?
+        } else {
+            generation_config_from(&cfg, &tokenizer)
+        };
+        let tensors = load_hf_weights(path, cfg.arch, &opts.device)?;
+        let model = Model::from_tensors(cfg, tensors, path, opts.dtype, opts.trainable)?;
+        Ok(Pretrained {
+            model,
+            tokenizer,
+            generation_config,
+        })
+    }
+
+    /// EOS ids for generation: generation_config.json first, then config.json, then the tokenizer.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from_gc: Vec<u32> = match self.generation_config.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
+            _ => vec![],
+        };
+        if !from_gc.is_empty() {
+            return from_gc;
+        }
+        if !self.model.cfg.eos_token_ids.is_empty() {
+            return self.model.cfg.eos_token_ids.clone();
+        }
+        self.tokenizer.eos_token_id.into_iter().collect()
+    }
+
+    /// Padding id: the tokenizer's pad token, else the model config's, else the first EOS, else 0.
+    pub fn pad_token_id(&self) -> u32 {
+        self.tokenizer
+            .pad_token_id
+            .or(self.model.cfg.pad_token_id)
+            .or(self.eos_token_ids().first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
+    /// generation_config.json into `dir` (created if needed), each file atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut config = self.model.cfg.raw.clone();
+        let dtype = torch_dtype_name(self.model.dtype());
+        config["torch_dtype"] = json!(dtype);
+        if config.get("dtype").is_some() {
+            config["dtype"] = json!(dtype);
+        }
+        write_json(&dir.join("config.json"), &config)?;
+        save_safetensors(
+            &dir.join("model.safetensors"),
+            self.model.cfg.arch,
+            self.model.named_params(),
+        )?;
+        self.tokenizer.save(dir)?;
+        write_json(&dir.join("generation_config.json"), &self.generation_config)
+    }
+}

@@ -1,0 +1,144 @@
+//! Hugging Face safetensors in (single file or sharded) and out, plus atomic file writes.
+//!
+//! The only layout difference between the HF files and our internal tensors is GPT-2's `Conv1D`,
+//! which stores weights `[in, out]`; we transpose on the way in and back on the way out.
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::config::Arch;
+use crate::error::{Error, Result};
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
+/// never leaves a half-written file under the final name.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// GPT-2 checkpoints exist with and without the `transformer.` prefix; we use the prefixed names.
+fn canonical_name(arch: Arch, name: &str) -> String {
+    let bare = ["wte.", "wpe.", "h.", "ln_f."];
+    if arch == Arch::Gpt2 && bare.iter().any(|p| name.starts_with(p)) {
+        format!("transformer.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+fn is_conv1d(arch: Arch, name: &str) -> bool {
+    arch == Arch::Gpt2
+        && [
+            ".attn.c_attn.weight",
+            ".attn.c_proj.weight",
+            ".mlp.c_fc.weight",
+            ".mlp.c_proj.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// Converts between the HF on-disk layout and ours (the transpose is its own inverse).
+pub fn convert_layout(arch: Arch, name: &str, t: Tensor) -> Result<Tensor> {
+    Ok(if is_conv1d(arch, name) {
+        t.t()?.contiguous()?
+    } else {
+        t
+    })
+}
+
+/// Loads `model.safetensors`, or every shard named by `model.safetensors.index.json`, from `dir`,
+/// returning tensors in the internal layout.
+pub fn load_hf_weights(dir: &Path, arch: Arch, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(&index, format!("line {}", e.line()), e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::invalid(&index, "weight_map", "missing or not an object"))?;
+        let mut shards: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards
+    } else {
+        return Err(Error::io(
+            &single,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or model.safetensors.index.json",
+            ),
+        ));
+    };
+    let mut out = HashMap::new();
+    for f in files {
+        if !f.exists() {
+            return Err(Error::io(
+                &f,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "shard listed in the index is missing",
+                ),
+            ));
+        }
+        let tensors = candle_core::safetensors::load(&f, device)
+            .map_err(|e| Error::invalid(&f, "safetensors", e.to_string()))?;
+        for (name, t) in tensors {
+            let name = canonical_name(arch, &name);
+            let t = convert_layout(arch, &name, t)?;
+            out.insert(name, t);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes tensors (internal layout) as `model.safetensors` in the HF layout, atomically.
+pub fn save_safetensors(path: &Path, arch: Arch, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut hf: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in tensors {
+        hf.insert(
+            name.clone(),
+            convert_layout(arch, name, t.detach())?.contiguous()?,
+        );
+    }
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::serialize(hf.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| Error::invalid(path, "safetensors", e.to_string()))?;
+    atomic_write(path, &bytes)
+}
+
+/// Pretty JSON, written atomically.
+pub fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
+    s.push('\n');
+    atomic_write(path, s.as_bytes())
+}

@@ -1,0 +1,250 @@
+//! Parity with transformers on the tiny models: tokenisation, chat template, logits of every
+//! position, left-padded batches, log-probs and greedy decoding (goldens in fixtures/golden).
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use preftune_model::{generate, token_logprobs, Message, SamplingConfig};
+
+const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"];
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    for name in MODELS {
+        let p = load(name);
+        let g = golden(&format!("logits-{name}.json"));
+        for case in g["cases"].as_array().unwrap() {
+            let ids = p
+                .tokenizer
+                .encode(case["text"].as_str().unwrap(), false)
+                .unwrap();
+            assert_eq!(
+                ids,
+                ids_of(&case["input_ids"]),
+                "{name}: token ids of {:?}",
+                case["text"]
+            );
+            assert_eq!(
+                p.tokenizer.decode(&ids, false).unwrap(),
+                case["text"].as_str().unwrap(),
+                "{name}: decode round trip"
+            );
+        }
+        let gr = &g["greedy"];
+        let messages: Vec<Message> = serde_json::from_value(gr["messages"].clone()).unwrap();
+        let text = p.tokenizer.apply_chat_template(&messages, true).unwrap();
+        assert_eq!(
+            text,
+            gr["prompt_text"].as_str().unwrap(),
+            "{name}: chat template text"
+        );
+        assert_eq!(
+            p.tokenizer.encode_chat(&messages, true).unwrap(),
+            ids_of(&gr["prompt_ids"]),
+            "{name}: chat ids"
+        );
+    }
+}
+
+#[test]
+fn logits_and_logprobs_match_transformers() {
+    for name in MODELS {
+        let p = load(name);
+        let g = golden(&format!("logits-{name}.json"));
+        for case in g["cases"].as_array().unwrap() {
+            let ids = ids_of(&case["input_ids"]);
+            let x = row(&ids);
+            let hidden = p.model.forward(&x, None, None, None).unwrap();
+            let logits = p
+                .model
+                .logits(&hidden)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let want = case["logits"].as_array().unwrap();
+            assert_eq!(logits.len(), want.len());
+            for (t, (got, want)) in logits.iter().zip(want).enumerate() {
+                let d = max_abs_diff(got, &floats(want));
+                assert!(d < 1e-4, "{name}: position {t}: max |logit diff| {d}");
+            }
+            let mask = Tensor::ones((1, ids.len()), DType::U32, &Device::Cpu).unwrap();
+            let lp = token_logprobs(&p.model, &hidden, &x, &mask, 1.0).unwrap();
+            let per = lp.per_token.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(per[0], 0.0, "the first token is never scored");
+            let d = max_abs_diff(&per[1..], &floats(&case["token_logprobs"]));
+            assert!(d < 1e-4, "{name}: token log-probs differ by {d}");
+            let sum = lp.sum.to_vec1::<f32>().unwrap()[0];
+            let want_sum = case["sum_logprob"].as_f64().unwrap() as f32;
+            assert!(
+                (sum - want_sum).abs() < 1e-3,
+                "{name}: sum_logprob {sum} vs {want_sum}"
+            );
+        }
+    }
+}
+
+#[test]
+fn left_padded_batch_matches_transformers() {
+    for name in MODELS {
+        let p = load(name);
+        let g = golden(&format!("logits-{name}.json"));
+        let bl = &g["batched_left_padded"];
+        let rows: Vec<Vec<u32>> = bl["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids_of)
+            .collect();
+        let mask: Vec<Vec<u32>> = bl["attention_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids_of)
+            .collect();
+        let (b, t) = (rows.len(), rows[0].len());
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(rows.concat(), (b, t), &dev).unwrap();
+        let m = Tensor::from_vec(mask.concat(), (b, t), &dev).unwrap();
+        // Positions default to cumsum(mask) - 1, as the goldens used.
+        let hidden = p.model.forward(&x, Some(&m), None, None).unwrap();
+        let logits = p.model.logits(&hidden).unwrap().to_vec3::<f32>().unwrap();
+        // Score every real token that has a real token before it.
+        let score: Vec<u32> = mask
+            .iter()
+            .flat_map(|r| (0..t).map(|j| (j > 0 && r[j] == 1 && r[j - 1] == 1) as u32))
+            .collect();
+        let score = Tensor::from_vec(score, (b, t), &dev).unwrap();
+        let lp = token_logprobs(&p.model, &hidden, &x, &score, 1.0)
+            .unwrap()
+            .per_token
+            .to_vec2::<f32>()
+            .unwrap();
+        for i in 0..b {
+            let start = mask[i].iter().position(|&v| v == 1).unwrap();
+            let want = bl["logits_nonpad"][i].as_array().unwrap();
+            for (k, w) in want.iter().enumerate() {
+                let d = max_abs_diff(&logits[i][start + k], &floats(w));
+                assert!(d < 1e-4, "{name}: row {i} position {k}: {d}");
+            }
+            // The first real token has no context inside the row, so it is not scored.
+            let d = max_abs_diff(
+                &lp[i][start + 1..],
+                &floats(&bl["token_logprobs_nonpad"][i]),
+            );
+            assert!(d < 1e-4, "{name}: row {i} log-probs differ by {d}");
+            assert!(
+                lp[i][..=start].iter().all(|&v| v == 0.0),
+                "{name}: padding and first token unscored"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_decoding_matches_transformers_with_and_without_cache() {
+    for name in MODELS {
+        let p = load(name);
+        let g = golden(&format!("logits-{name}.json"));
+        let gr = &g["greedy"];
+        for use_cache in [true, false] {
+            let cfg = SamplingConfig {
+                max_new_tokens: gr["max_new_tokens"].as_u64().unwrap() as usize,
+                temperature: 0.0,
+                eos_token_ids: vec![],
+                pad_token_id: p.pad_token_id(),
+                use_cache,
+                ..Default::default()
+            };
+            let out = generate(&p.model, &[ids_of(&gr["prompt_ids"])], &cfg).unwrap();
+            assert_eq!(
+                out.tokens[0],
+                ids_of(&gr["new_token_ids"]),
+                "{name}: greedy ids (cache {use_cache})"
+            );
+            assert!(out.logprobs[0].iter().all(|l| l.is_finite() && *l <= 0.0));
+        }
+    }
+}
+
+#[test]
+fn sampling_with_cache_equals_sampling_without() {
+    for name in MODELS {
+        let p = load(name);
+        let prompts: Vec<Vec<u32>> = ["The movie", "A young director wanted to", "We"]
+            .iter()
+            .map(|t| p.tokenizer.encode(t, false).unwrap())
+            .collect();
+        let mut outs = vec![];
+        for use_cache in [true, false] {
+            let cfg = SamplingConfig {
+                max_new_tokens: 12,
+                min_new_tokens: 2,
+                temperature: 0.9,
+                top_k: 50,
+                top_p: 0.95,
+                seed: 11,
+                eos_token_ids: p.eos_token_ids(),
+                pad_token_id: p.pad_token_id(),
+                use_cache,
+            };
+            outs.push(generate(&p.model, &prompts, &cfg).unwrap());
+        }
+        assert_eq!(
+            outs[0].tokens, outs[1].tokens,
+            "{name}: cached and uncached samples differ"
+        );
+        assert_eq!(outs[0].finished, outs[1].finished);
+        for (a, b) in outs[0].logprobs.iter().zip(&outs[1].logprobs) {
+            assert!(max_abs_diff(a, b) < 1e-4);
+        }
+        assert!(
+            outs[0].tokens.iter().all(|t| t.len() >= 2),
+            "min_new_tokens holds"
+        );
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_logprobs_match_recomputation() {
+    let p = load("tiny-llama");
+    let prompts = vec![
+        p.tokenizer.encode("The movie was", false).unwrap(),
+        p.tokenizer.encode("Last night", false).unwrap(),
+    ];
+    let cfg = SamplingConfig {
+        max_new_tokens: 10,
+        temperature: 0.7,
+        seed: 5,
+        pad_token_id: p.pad_token_id(),
+        ..Default::default()
+    };
+    let a = generate(&p.model, &prompts, &cfg).unwrap();
+    let b = generate(&p.model, &prompts, &cfg).unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same samples");
+    let c = generate(
+        &p.model,
+        &prompts,
+        &SamplingConfig {
+            seed: 6,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_ne!(a.tokens, c.tokens, "another seed, other samples");
+    // Without top-k/top-p, the sampling log-probs are the model's log-probs at temperature 0.7.
+    for (prompt, (toks, lps)) in prompts.iter().zip(a.tokens.iter().zip(&a.logprobs)) {
+        let ids: Vec<u32> = prompt.iter().chain(toks).copied().collect();
+        let x = row(&ids);
+        let hidden = p.model.forward(&x, None, None, None).unwrap();
+        let mask: Vec<u32> = (0..ids.len()).map(|i| (i >= prompt.len()) as u32).collect();
+        let got = token_logprobs(&p.model, &hidden, &x, &row(&mask), 0.7)
+            .unwrap()
+            .per_token
+            .squeeze(0)
+            .unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        assert!(max_abs_diff(&got[prompt.len()..], lps) < 1e-4);
+    }
+}
