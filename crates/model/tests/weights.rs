@@ -1,0 +1,482 @@
+//! Gradients reach every parameter; weights round-trip through our HF folders and through GGUF;
+//! bad input gives errors that name the file and the tensor or field.
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value as GValue};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use preftune_model::{token_logprobs, LoadOptions, Pretrained};
+
+const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"];
+
+fn logits_of(p: &Pretrained, ids: &[u32]) -> Vec<f32> {
+    let h = p.model.forward(&row(ids), None, None, None).unwrap();
+    p.model
+        .logits(&h)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn every_parameter_gets_a_finite_nonzero_gradient() {
+    let dev = Device::Cpu;
+    for name in MODELS {
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let p = Pretrained::load(&tiny(name), &opts).unwrap();
+        assert_eq!(
+            p.model.vars().len(),
+            p.model.named_params().len(),
+            "{name}: all parameters are Vars"
+        );
+        // A left-padded batch, scoring all real tokens after the first.
+        let ids =
+            Tensor::new(&[[3u32, 3, 40, 41, 42, 43], [50, 51, 52, 53, 54, 55]], &dev).unwrap();
+        let mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], &dev).unwrap();
+        let score = Tensor::new(&[[0u32, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], &dev).unwrap();
+        let hidden = p.model.forward(&ids, Some(&mask), None, None).unwrap();
+        let loss = token_logprobs(&p.model, &hidden, &ids, &score, 1.0)
+            .unwrap()
+            .sum
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (pname, t) in p.model.named_params() {
+            let g = grads
+                .get(t)
+                .unwrap_or_else(|| panic!("{name}: {pname} gets no gradient"));
+            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name}: {pname} has a non-finite gradient"
+            );
+            assert!(
+                v.iter().any(|&x| x != 0.0),
+                "{name}: {pname} has an all-zero gradient"
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_forward_tracks_f32() {
+    for name in MODELS {
+        let f32m = load(name);
+        let bf = Pretrained::load(
+            &tiny(name),
+            &LoadOptions {
+                dtype: DType::BF16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ids = f32m
+            .tokenizer
+            .encode(
+                "The movie was good and the actors worked well together.",
+                false,
+            )
+            .unwrap();
+        let (a, b) = (logits_of(&f32m, &ids), logits_of(&bf, &ids));
+        let d = max_abs_diff(&a, &b);
+        // Logits have std ~1.6 here; bf16 keeps 8 bits of mantissa.
+        assert!(d < 0.25, "{name}: bf16 logits differ from f32 by {d}");
+    }
+}
+
+/// Tensors of a safetensors file, by name.
+fn read_st(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn saved_folder_keeps_hf_layout_and_reloads_identically() {
+    for name in MODELS {
+        let p = load(name);
+        let dir = tempfile::tempdir().unwrap();
+        p.save(dir.path()).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert!(dir.path().join(f).exists(), "{name}: {f} written");
+        }
+        // Byte-for-byte the same tensors as transformers wrote (GPT-2 Conv1D stays [in, out]).
+        let orig = read_st(&tiny(name).join("model.safetensors"));
+        let saved = read_st(&dir.path().join("model.safetensors"));
+        let mut on: Vec<_> = orig.keys().collect();
+        let mut sn: Vec<_> = saved.keys().collect();
+        on.sort();
+        sn.sort();
+        assert_eq!(on, sn, "{name}: same tensor names");
+        for (k, t) in &orig {
+            let s = &saved[k];
+            assert_eq!(t.dims(), s.dims(), "{name}: {k} shape");
+            let d = (t - s)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name}: {k} values");
+        }
+        let back = Pretrained::load(dir.path(), &LoadOptions::default()).unwrap();
+        let ids = p
+            .tokenizer
+            .encode("A young director wanted to make a film.", false)
+            .unwrap();
+        assert_eq!(
+            back.tokenizer
+                .encode("A young director wanted to make a film.", false)
+                .unwrap(),
+            ids
+        );
+        assert_eq!(
+            logits_of(&p, &ids),
+            logits_of(&back, &ids),
+            "{name}: reloaded logits"
+        );
+        assert_eq!(back.tokenizer.chat_template(), p.tokenizer.chat_template());
+        assert!(!dir.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+    }
+}
+
+/// Copies a tiny model to a temp folder and edits its config.json.
+fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(tiny(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let cp = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&cp, cfg.to_string()).unwrap();
+    dir
+}
+
+fn load_err(path: &Path) -> String {
+    match Pretrained::load(path, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_input_errors_name_file_and_field() {
+    let e = load_err(Path::new("/no/such/model"));
+    assert!(
+        e.contains("/no/such/model") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    let d = edited("tiny-llama", |c| c["model_type"] = "bert".into());
+    let e = load_err(d.path());
+    assert!(
+        e.contains("config.json") && e.contains("unknown architecture") && e.contains("bert"),
+        "{e}"
+    );
+
+    let d = edited("tiny-llama", |c| c["intermediate_size"] = 100.into());
+    let e = load_err(d.path());
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[100, 64]")
+            && e.contains("[128, 64]"),
+        "{e}"
+    );
+
+    let d = edited("tiny-llama", |c| c["attention_bias"] = true.into());
+    let e = load_err(d.path());
+    assert!(
+        e.contains("missing tensor model.layers.0.self_attn.q_proj.bias"),
+        "{e}"
+    );
+
+    let d = edited("tiny-qwen2", |c| c["model_type"] = "llama".into());
+    let e = load_err(d.path());
+    assert!(
+        e.contains("unexpected tensor") && e.contains("self_attn"),
+        "a Qwen2 file read as Llama must not drop its biases: {e}"
+    );
+
+    let d = edited("tiny-llama", |c| {
+        c.as_object_mut().unwrap().remove("num_hidden_layers");
+    });
+    let e = load_err(d.path());
+    assert!(
+        e.contains("config.json") && e.contains("num_hidden_layers"),
+        "{e}"
+    );
+
+    let d = edited("tiny-llama", |_| {});
+    std::fs::write(
+        d.path().join("config.json"),
+        "{\n  \"model_type\": \"llama\",\n  oops\n}",
+    )
+    .unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("config.json") && e.contains("line 3"), "{e}");
+}
+
+/// llama.cpp's interleaved Q/K row order (the inverse of the loader's un-permute).
+fn permute(w: &Tensor, n_head: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((n_head, 2, out / n_head / 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+/// Writes tiny-llama as a llama.cpp GGUF: tensors renamed, Q/K permuted, tokenizer as GGUF metadata.
+fn write_tiny_llama_gguf(path: &Path, dtype: GgmlDType) {
+    let src = tiny("tiny-llama");
+    let st = read_st(&src.join("model.safetensors"));
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let vocab = tj["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, i) in vocab {
+        tokens[i.as_u64().unwrap() as usize] = t.clone();
+    }
+    let special: Vec<u64> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_u64().unwrap())
+        .collect();
+    let merges: Vec<GValue> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            GValue::String(format!(
+                "{} {}",
+                m[0].as_str().unwrap(),
+                m[1].as_str().unwrap()
+            ))
+        })
+        .collect();
+    let types: Vec<GValue> = (0..tokens.len())
+        .map(|i| GValue::I32(if special.contains(&(i as u64)) { 3 } else { 1 }))
+        .collect();
+    let md: Vec<(&str, GValue)> = vec![
+        ("general.architecture", GValue::String("llama".into())),
+        ("llama.block_count", GValue::U32(2)),
+        ("llama.embedding_length", GValue::U32(64)),
+        ("llama.attention.head_count", GValue::U32(4)),
+        ("llama.attention.head_count_kv", GValue::U32(2)),
+        ("llama.feed_forward_length", GValue::U32(128)),
+        ("llama.context_length", GValue::U32(256)),
+        ("llama.attention.layer_norm_rms_epsilon", GValue::F32(1e-5)),
+        ("llama.rope.freq_base", GValue::F32(10000.0)),
+        ("tokenizer.ggml.model", GValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre", GValue::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.token_type", GValue::Array(types)),
+        ("tokenizer.ggml.merges", GValue::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", GValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
+        ("tokenizer.ggml.padding_token_id", GValue::U32(3)),
+        (
+            "tokenizer.chat_template",
+            GValue::String(tc["chat_template"].as_str().unwrap().into()),
+        ),
+    ];
+    let mut qt: Vec<(String, QTensor)> = vec![];
+    for (name, t) in &st {
+        let gname = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            n => {
+                let rest = n.strip_prefix("model.layers.").unwrap();
+                let (layer, rest) = rest.split_once('.').unwrap();
+                let g = [
+                    ("self_attn.q_proj", "attn_q"),
+                    ("self_attn.k_proj", "attn_k"),
+                    ("self_attn.v_proj", "attn_v"),
+                    ("self_attn.o_proj", "attn_output"),
+                    ("mlp.gate_proj", "ffn_gate"),
+                    ("mlp.up_proj", "ffn_up"),
+                    ("mlp.down_proj", "ffn_down"),
+                    ("input_layernorm", "attn_norm"),
+                    ("post_attention_layernorm", "ffn_norm"),
+                ]
+                .iter()
+                .find(|(hf, _)| rest.starts_with(hf))
+                .unwrap()
+                .1;
+                format!("blk.{layer}.{g}.weight")
+            }
+        };
+        let t = if gname.ends_with("attn_q.weight") {
+            permute(t, 4)
+        } else if gname.ends_with("attn_k.weight") {
+            permute(t, 2)
+        } else {
+            t.clone()
+        };
+        // Norms stay f32, as llama.cpp keeps them.
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        qt.push((gname, QTensor::quantize(&t, d).unwrap()));
+    }
+    let mdr: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let tr: Vec<(&str, &QTensor)> = qt.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &mdr, &tr).unwrap();
+}
+
+#[test]
+fn gguf_loads_with_unpermuted_qk_and_rebuilt_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama.gguf");
+    write_tiny_llama_gguf(&path, GgmlDType::F32);
+    let g = Pretrained::load(&path, &LoadOptions::default()).unwrap();
+    let golden = golden("logits-tiny-llama.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let ids = g
+            .tokenizer
+            .encode(case["text"].as_str().unwrap(), false)
+            .unwrap();
+        assert_eq!(
+            ids,
+            ids_of(&case["input_ids"]),
+            "tokenizer rebuilt from GGUF metadata"
+        );
+        let logits = logits_of(&g, &ids);
+        let want: Vec<f32> = case["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| floats(r))
+            .collect();
+        let d = max_abs_diff(&logits, &want);
+        assert!(d < 1e-4, "GGUF f32 logits differ from transformers by {d}");
+    }
+    assert_eq!(g.eos_token_ids(), vec![2]);
+    assert_eq!(g.pad_token_id(), 3);
+    let gr = &golden["greedy"];
+    let msgs: Vec<preftune_model::Message> =
+        serde_json::from_value(gr["messages"].clone()).unwrap();
+    assert_eq!(
+        g.tokenizer.encode_chat(&msgs, true).unwrap(),
+        ids_of(&gr["prompt_ids"]),
+        "chat template from GGUF"
+    );
+
+    // Converted to an HF folder, it reloads with the same logits.
+    let out = dir.path().join("hf");
+    g.save(&out).unwrap();
+    let back = Pretrained::load(&out, &LoadOptions::default()).unwrap();
+    let ids = ids_of(&golden["cases"][1]["input_ids"]);
+    assert_eq!(logits_of(&g, &ids), logits_of(&back, &ids));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["tie_word_embeddings"], false);
+}
+
+#[test]
+fn quantized_gguf_matches_the_same_weights_dequantized_directly() {
+    let golden = golden("logits-tiny-llama.json");
+    let ids = ids_of(&golden["cases"][1]["input_ids"]);
+    let src = tiny("tiny-llama");
+    let cfg = preftune_model::ModelConfig::from_file(&src.join("config.json")).unwrap();
+    for dtype in [
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        write_tiny_llama_gguf(&path, dtype);
+        let g = Pretrained::load(&path, &LoadOptions::default()).unwrap();
+        // Quantisation blocks run along rows, so permuting rows commutes with it.
+        let expect: HashMap<String, Tensor> = read_st(&src.join("model.safetensors"))
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.rank() == 2 {
+                    QTensor::quantize(&t, dtype)
+                        .unwrap()
+                        .dequantize(&Device::Cpu)
+                        .unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        let m = preftune_model::Model::from_tensors(cfg.clone(), expect, &src, DType::F32, false)
+            .unwrap();
+        let h = m.forward(&row(&ids), None, None, None).unwrap();
+        let want = m
+            .logits(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = logits_of(&g, &ids);
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d < 1e-4,
+            "{dtype:?}: GGUF logits differ from directly dequantised weights by {d}"
+        );
+        let orig: Vec<f32> = golden["cases"][1]["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| floats(r))
+            .collect();
+        assert!(
+            max_abs_diff(&got, &orig) > 1e-4,
+            "{dtype:?} is lossy, so the test must see a difference"
+        );
+    }
+}
+
+#[test]
+fn gguf_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"not a gguf file at all").unwrap();
+    let e = load_err(&bad);
+    assert!(e.contains("broken.gguf"), "{e}");
+}
