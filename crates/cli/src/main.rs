@@ -1,1 +1,139 @@
-fn main() {}
+//! `preftune`: the command-line front end. Argument parsing and output only; the work happens in
+//! the library crates.
+mod bench;
+mod commands;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "preftune",
+    version,
+    about = "Align language models to human preferences: SFT, reward models, DPO, PPO, GRPO and more"
+)]
+struct Cli {
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Weights dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// How a prompt is turned into tokens.
+#[derive(Args, Clone, Debug)]
+pub struct PromptArgs {
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template (with the generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message, with --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+}
+
+/// Sampling settings (TRL / transformers names).
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print token ids, top-k logits per position, the last position's logits and the sequence
+    /// log-prob of a prompt, as one JSON object.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        /// How many best tokens to list per position.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+    /// Sample a continuation; prints `ids`, `text` and `logprobs` as one JSON object.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Convert a model (e.g. a GGUF file) into a Hugging Face folder that transformers loads.
+    Convert {
+        #[arg(long = "in")]
+        input: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Weights dtype to save: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Chat with a model in the terminal (one user message per line; an empty line or EOF quits).
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Measure forward+backward and sampling throughput; one JSON line per workload.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their thread pools from this variable.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let result = match cli.command {
+        Command::Inspect {
+            model,
+            prompt,
+            top_k,
+        } => commands::inspect(&model, &prompt, top_k),
+        Command::Generate {
+            model,
+            prompt,
+            sampling,
+        } => commands::generate(&model, &prompt, &sampling),
+        Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => commands::chat(&model, system.as_deref(), &sampling),
+        Command::Bench(args) => bench::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

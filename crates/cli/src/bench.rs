@@ -1,0 +1,180 @@
+//! `preftune bench`: fixed workloads, one JSON line each, for BENCHMARKS.md.
+//!
+//! Each workload runs in a child process of its own, so its peak RSS is its own.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use preftune_model::{
+    generate, parse_dtype, token_logprobs, LoadOptions, Pretrained, SamplingConfig,
+};
+use serde_json::json;
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Model folder or .gguf file (the reference workloads use SmolLM2-135M).
+    #[arg(long)]
+    model: PathBuf,
+    /// `fwd-bwd`, `generate` or `all`.
+    #[arg(long, default_value = "all")]
+    workload: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Sequences per forward+backward step.
+    #[arg(long, default_value_t = 8)]
+    train_batch: usize,
+    /// Tokens per sequence in the forward+backward step.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Prompts sampled at once.
+    #[arg(long, default_value_t = 16)]
+    gen_batch: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+}
+
+/// Eight-word openings of movie reviews, the shape of the reference sampling workload's prompts.
+const PROMPTS: [&str; 16] = [
+    "I went to see this movie last night",
+    "This is one of the best films I",
+    "The acting was wooden and the plot made",
+    "I have never laughed so hard at a",
+    "When I first heard about this film I",
+    "A beautiful story about a family that learns",
+    "The director clearly had no idea what to",
+    "My wife and I rented this on a",
+    "From the opening scene it was obvious that",
+    "I really wanted to like this movie but",
+    "One of the most moving documentaries I have",
+    "The special effects are dated but the story",
+    "Do not waste your time on this boring",
+    "An old fashioned western with a great cast",
+    "I saw this film at a festival and",
+    "The book was better but the movie still",
+];
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.workload == "all" {
+        let exe = std::env::current_exe()?;
+        for w in ["fwd-bwd", "generate"] {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(
+                std::env::args()
+                    .skip(1)
+                    .filter(|a| !a.starts_with("--workload")),
+            );
+            let status = cmd
+                .args(["--workload", w])
+                .status()
+                .with_context(|| format!("running workload {w}"))?;
+            anyhow::ensure!(status.success(), "workload {w} failed");
+        }
+        return Ok(());
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    let dtype = parse_dtype(&args.dtype)?;
+    match args.workload.as_str() {
+        "fwd-bwd" => {
+            let opts = LoadOptions {
+                dtype,
+                trainable: true,
+                ..Default::default()
+            };
+            let p = Pretrained::load(&args.model, &opts)?;
+            let text = PROMPTS.join(". ").repeat(1 + args.seq_len / 60);
+            let ids = p.tokenizer.encode(&text, false)?;
+            anyhow::ensure!(
+                ids.len() >= args.seq_len,
+                "bench text too short for --seq-len"
+            );
+            let row = &ids[..args.seq_len];
+            let dev = Device::Cpu;
+            let x = Tensor::from_vec(
+                row.repeat(args.train_batch),
+                (args.train_batch, args.seq_len),
+                &dev,
+            )?;
+            let mask = Tensor::ones((args.train_batch, args.seq_len), DType::U32, &dev)?;
+            let mut times = vec![];
+            for step in 0..=args.steps {
+                let t = Instant::now();
+                let hidden = p.model.forward(&x, None, None, None)?;
+                let lp = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?;
+                let loss = (lp.sum.sum_all()? * (-1.0 / (args.train_batch * args.seq_len) as f64))?;
+                let grads = loss.backward()?;
+                drop(grads);
+                if step > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let s = median(times);
+            crate::commands::emit(
+                &json!({"workload": "fwd-bwd", "impl": "preftune", "dtype": args.dtype, "batch": args.train_batch,
+                       "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
+                       "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
+            );
+        }
+        "generate" => {
+            let opts = LoadOptions {
+                dtype,
+                ..Default::default()
+            };
+            let p = Pretrained::load(&args.model, &opts)?;
+            let prompts: Vec<Vec<u32>> = (0..args.gen_batch)
+                .map(|i| p.tokenizer.encode(PROMPTS[i % PROMPTS.len()], true))
+                .collect::<preftune_model::Result<_>>()?;
+            let cfg = SamplingConfig {
+                max_new_tokens: args.new_tokens,
+                min_new_tokens: args.new_tokens,
+                temperature: 1.0,
+                eos_token_ids: p.eos_token_ids(),
+                pad_token_id: p.pad_token_id(),
+                ..Default::default()
+            };
+            // Warm-up as the reference does: 4 tokens.
+            generate(
+                &p.model,
+                &prompts,
+                &SamplingConfig {
+                    max_new_tokens: 4,
+                    min_new_tokens: 4,
+                    ..cfg.clone()
+                },
+            )?;
+            let t = Instant::now();
+            let out = generate(&p.model, &prompts, &cfg)?;
+            let s = t.elapsed().as_secs_f64();
+            let n: usize = out.tokens.iter().map(Vec::len).sum();
+            crate::commands::emit(
+                &json!({"workload": "generate", "impl": "preftune", "dtype": args.dtype, "batch": args.gen_batch,
+                       "new_tokens": args.new_tokens, "threads": threads, "seconds": s, "tokens_per_s": n as f64 / s,
+                       "peak_rss_mib": peak_rss_mib()}),
+            );
+        }
+        other => anyhow::bail!("unknown workload {other:?} (fwd-bwd, generate or all)"),
+    }
+    Ok(())
+}

