@@ -53,6 +53,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
+    /// Mistral's local attention: a query sees at most this many most recent keys (itself included).
+    pub sliding_window: Option<usize>,
     pub activation: Activation,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -202,6 +204,19 @@ impl ModelConfig {
                 (b, b, bool_of("mlp_bias", false))
             }
         };
+        let sliding_window = match model_type.as_str() {
+            "mistral" => get(&raw, &["sliding_window"])
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
+            "qwen2" if bool_of("use_sliding_window", false) => {
+                return Err(Error::invalid(
+                    path,
+                    "use_sliding_window",
+                    "Qwen2 sliding-window attention is not supported",
+                ))
+            }
+            _ => None,
+        };
         let cfg = ModelConfig {
             arch,
             vocab_size: usize_of(&["vocab_size"])?,
@@ -229,6 +244,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2),
+            sliding_window,
             activation,
             bos_token_id: token_ids(get(&raw, &["bos_token_id"])).first().copied(),
             eos_token_ids: token_ids(get(&raw, &["eos_token_id"])),

@@ -424,7 +424,8 @@ impl Model {
                 .collect(),
         };
         let dev = self.device();
-        let attn_mask = causal_padding_mask(&mask, t, past, self.dtype, dev)?;
+        let attn_mask =
+            causal_padding_mask(&mask, t, past, self.cfg.sliding_window, self.dtype, dev)?;
 
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
@@ -538,25 +539,28 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     inv
 }
 
-/// Additive mask `[B, 1, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i` and key
-/// `j` is not padding. `None` when nothing is masked (a single new token without padding).
+/// Additive mask `[B, 1, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i`, key
+/// `j` is not padding, and (with a sliding window `w`) `past+i - j < w`, as transformers counts it.
+/// `None` when nothing is masked (a single new token, no padding, inside the window).
 fn causal_padding_mask(
     mask: &[Vec<f32>],
     t: usize,
     past: usize,
+    window: Option<usize>,
     dtype: DType,
     dev: &Device,
 ) -> Result<Option<Tensor>> {
     let tk = past + t;
     let padded = mask.iter().any(|r| r.iter().any(|&m| m == 0.0));
-    if t == 1 && !padded {
+    let window = window.unwrap_or(usize::MAX);
+    if t == 1 && !padded && tk <= window {
         return Ok(None);
     }
     let mut v = Vec::with_capacity(mask.len() * t * tk);
     for row in mask {
         for i in 0..t {
             for (j, &m) in row.iter().enumerate() {
-                v.push(if j <= past + i && m != 0.0 {
+                v.push(if j <= past + i && past + i - j < window && m != 0.0 {
                     0.0
                 } else {
                     MASKED

@@ -248,3 +248,129 @@ fn sampling_is_seeded_and_logprobs_match_recomputation() {
         assert!(max_abs_diff(&got[prompt.len()..], lps) < 1e-4);
     }
 }
+
+#[test]
+fn mistral_sliding_window_limits_the_receptive_field() {
+    let base = load("tiny-llama");
+    let ids = base
+        .tokenizer
+        .encode(
+            "A young director wanted to make a film about memory.",
+            false,
+        )
+        .unwrap();
+    let mut changed = ids.clone();
+    changed[0] = (ids[0] + 1) % 500;
+    let logits = |p: &preftune_model::Pretrained, ids: &[u32]| {
+        let h = p.model.forward(&row(ids), None, None, None).unwrap();
+        p.model
+            .logits(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let (w, layers) = (4, 2);
+    let reach = layers * (w - 1) + 1; // the first position token 0 cannot influence
+    assert!(ids.len() > reach + 2);
+    let dir = edited("tiny-llama", |c| {
+        c["model_type"] = "mistral".into();
+        c["sliding_window"] = w.into();
+    });
+    let m = preftune_model::Pretrained::load(dir.path(), &preftune_model::LoadOptions::default())
+        .unwrap();
+    let (a, b) = (logits(&m, &ids), logits(&m, &changed));
+    for t in reach..ids.len() {
+        assert_eq!(
+            max_abs_diff(&a[t], &b[t]),
+            0.0,
+            "position {t} sees past the window"
+        );
+    }
+    let (fa, fb) = (logits(&base, &ids), logits(&base, &changed));
+    assert!(
+        max_abs_diff(&fa[ids.len() - 1], &fb[ids.len() - 1]) > 1e-3,
+        "full attention does see token 0"
+    );
+    // A window longer than the text changes nothing.
+    let wide = edited("tiny-llama", |c| {
+        c["model_type"] = "mistral".into();
+        c["sliding_window"] = 4096.into();
+    });
+    let m2 = preftune_model::Pretrained::load(wide.path(), &preftune_model::LoadOptions::default())
+        .unwrap();
+    assert_eq!(logits(&m2, &ids), fa);
+    // Cached decoding respects the window too.
+    for use_cache in [true, false] {
+        let cfg = SamplingConfig {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            use_cache,
+            ..Default::default()
+        };
+        let out = generate(&m.model, &[ids.clone()], &cfg).unwrap();
+        let full: Vec<u32> = ids.iter().chain(&out.tokens[0]).copied().collect();
+        let lg = logits(&m, &full);
+        for (k, &tok) in out.tokens[0].iter().enumerate() {
+            let r = &lg[ids.len() - 1 + k];
+            let best = (0..r.len()).max_by(|&x, &y| r[x].total_cmp(&r[y])).unwrap() as u32;
+            assert_eq!(tok, best, "cache {use_cache}: greedy token {k}");
+        }
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_and_mistral_window_match_transformers() {
+    let g = golden("logits-tiny-variants.json");
+    let ids = ids_of(&g["input_ids"]);
+    let plain = {
+        let p = load("tiny-llama");
+        let h = p.model.forward(&row(&ids), None, None, None).unwrap();
+        p.model
+            .logits(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    for (name, v) in g["variants"].as_object().unwrap() {
+        let edit = v["config_edit"].as_object().unwrap().clone();
+        let dir = edited("tiny-llama", |c| {
+            for (k, x) in &edit {
+                c[k] = x.clone();
+            }
+        });
+        let p =
+            preftune_model::Pretrained::load(dir.path(), &preftune_model::LoadOptions::default())
+                .unwrap();
+        let h = p.model.forward(&row(&ids), None, None, None).unwrap();
+        let got = p
+            .model
+            .logits(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let want = v["logits"].as_array().unwrap();
+        let mut worst = 0f32;
+        for (t, w) in want.iter().enumerate() {
+            worst = worst.max(max_abs_diff(&got[t], &floats(w)));
+        }
+        assert!(
+            worst < 1e-4,
+            "{name}: logits differ from transformers by {worst}"
+        );
+        let moved = plain
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0.0, f32::max);
+        assert!(
+            moved > 1e-2,
+            "{name}: the variant must change the logits to be a test at all ({moved})"
+        );
+    }
+}

@@ -163,21 +163,6 @@ fn saved_folder_keeps_hf_layout_and_reloads_identically() {
     }
 }
 
-/// Copies a tiny model to a temp folder and edits its config.json.
-fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(tiny(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
-    let cp = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(&cp, cfg.to_string()).unwrap();
-    dir
-}
-
 fn load_err(path: &Path) -> String {
     match Pretrained::load(path, &LoadOptions::default()) {
         Ok(_) => panic!("{} loaded but should not", path.display()),

@@ -86,3 +86,18 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     );
     None
 }
+
+/// Copies a tiny model to a temp folder and edits its config.json.
+pub fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(tiny(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let cp = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&cp, cfg.to_string()).unwrap();
+    dir
+}
