@@ -36,27 +36,23 @@ pub struct BenchArgs {
     gen_batch: usize,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// JSONL with a `prompt` field per line; the reference scripts read the same file.
+    #[arg(long, default_value = "bench/prompts.jsonl")]
+    prompts: PathBuf,
 }
 
-/// Eight-word openings of movie reviews, the shape of the reference sampling workload's prompts.
-const PROMPTS: [&str; 16] = [
-    "I went to see this movie last night",
-    "This is one of the best films I",
-    "The acting was wooden and the plot made",
-    "I have never laughed so hard at a",
-    "When I first heard about this film I",
-    "A beautiful story about a family that learns",
-    "The director clearly had no idea what to",
-    "My wife and I rented this on a",
-    "From the opening scene it was obvious that",
-    "I really wanted to like this movie but",
-    "One of the most moving documentaries I have",
-    "The special effects are dated but the story",
-    "Do not waste your time on this boring",
-    "An old fashioned western with a great cast",
-    "I saw this film at a festival and",
-    "The book was better but the movie still",
-];
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let p = v["prompt"].as_str().with_context(|| format!("{}:{}: prompt: missing or not a string", path.display(), i + 1))?;
+        out.push(p.to_string());
+    }
+    anyhow::ensure!(!out.is_empty(), "{}: no prompts", path.display());
+    Ok(out)
+}
+
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -96,6 +92,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .ok()
         .and_then(|s| s.parse::<usize>().ok());
     let dtype = parse_dtype(&args.dtype)?;
+    let prompts = read_prompts(&args.prompts)?;
     match args.workload.as_str() {
         "fwd-bwd" => {
             let opts = LoadOptions {
@@ -104,7 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ..Default::default()
             };
             let p = Pretrained::load(&args.model, &opts)?;
-            let text = PROMPTS.join(". ").repeat(1 + args.seq_len / 60);
+            let text = prompts.join(". ").repeat(1 + args.seq_len / 60);
             let ids = p.tokenizer.encode(&text, false)?;
             anyhow::ensure!(
                 ids.len() >= args.seq_len,
@@ -144,7 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             };
             let p = Pretrained::load(&args.model, &opts)?;
             let prompts: Vec<Vec<u32>> = (0..args.gen_batch)
-                .map(|i| p.tokenizer.encode(PROMPTS[i % PROMPTS.len()], true))
+                .map(|i| p.tokenizer.encode(&prompts[i % prompts.len()], true))
                 .collect::<preftune_model::Result<_>>()?;
             let cfg = SamplingConfig {
                 max_new_tokens: args.new_tokens,

@@ -1,0 +1,59 @@
+"""The transformers side of `preftune bench`: the same workloads on the same prompts, for ratios
+measured in one run. Workloads:
+  fwd-bwd  MODEL_DIR PROMPTS BATCH SEQ_LEN STEPS   forward+backward of mean token NLL (no optimizer)
+  generate MODEL_DIR PROMPTS BATCH NEW_TOKENS      sampling at T=1, fixed length (as shared/bench/trl_gen_bench.py)
+Prints one JSON line. Needs scripts/requirements-reference.txt."""
+import json, resource, statistics, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(workload, model_dir, prompts_file, *rest):
+    torch.manual_seed(0)
+    prompts = [json.loads(l)["prompt"] for l in open(prompts_file) if l.strip()]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    threads = torch.get_num_threads()
+    if workload == "fwd-bwd":
+        batch, seq_len, steps = map(int, rest)
+        text = ". ".join(prompts) * (1 + seq_len // 60)
+        ids = tok(text, add_special_tokens=False)["input_ids"][:seq_len]
+        x = torch.tensor([ids] * batch)
+        m.train()
+        times = []
+        for step in range(steps + 1):
+            t = time.perf_counter()
+            loss = m(input_ids=x, labels=x).loss
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+            if step > 0:
+                times.append(time.perf_counter() - t)
+        s = statistics.median(times)
+        print(json.dumps({"workload": "fwd-bwd", "impl": "transformers", "batch": batch, "seq_len": seq_len, "threads": threads,
+                          "seconds_per_step": s, "tokens_per_s": batch * seq_len / s, "peak_rss_mib": rss_mib()}))
+    elif workload == "generate":
+        batch, new = map(int, rest)
+        m.eval()
+        chosen = [prompts[i % len(prompts)] for i in range(batch)]
+        enc = tok(chosen, return_tensors="pt", padding=True)
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            m.generate(**enc, **dict(kw, max_new_tokens=4, min_new_tokens=4))
+            t = time.perf_counter()
+            out = m.generate(**enc, **kw)
+            s = time.perf_counter() - t
+        n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
+        print(json.dumps({"workload": "generate", "impl": "transformers", "batch": batch, "new_tokens": new, "threads": threads,
+                          "seconds": s, "tokens_per_s": n / s, "peak_rss_mib": rss_mib()}))
+    else:
+        sys.exit(f"unknown workload {workload}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
