@@ -15,24 +15,27 @@ use crate::ops::{layer_norm, rms_norm, rope, softmax_last, Linear};
 /// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
 const MASKED: f32 = -1e9;
 
+/// RMSNorm (Llama family) when there is no bias, LayerNorm (GPT-2) when there is.
 #[derive(Clone, Debug)]
-enum Norm {
-    Rms {
-        weight: Tensor,
-        eps: f64,
-    },
-    Layer {
-        weight: Tensor,
-        bias: Tensor,
-        eps: f64,
-    },
+struct Norm {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
 }
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Norm::Rms { weight, eps } => rms_norm(x, weight, *eps),
-            Norm::Layer { weight, bias, eps } => layer_norm(x, weight, bias, *eps),
+        match &self.bias {
+            None => rms_norm(x, &self.weight, self.eps),
+            Some(b) => layer_norm(x, &self.weight, b, self.eps),
+        }
+    }
+
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        f(&format!("{}.weight", self.name), &mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(&format!("{}.bias", self.name), b);
         }
     }
 }
@@ -79,6 +82,46 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Attention {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v, &mut self.o],
+            Qkv::Fused(l) => vec![l, &mut self.o],
+        }
+    }
+}
+
+impl Mlp {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Mlp::Gated { gate, up, down } => vec![gate, up, down],
+            Mlp::Plain { fc, proj } => vec![fc, proj],
+        }
+    }
+}
+
+impl Block {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.attn.linears_mut();
+        v.extend(self.mlp.linears_mut());
+        v
+    }
+
+    /// Visits parameters in load order: norm1, attention, norm2, MLP.
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        self.norm1.visit_mut(f);
+        self.attn
+            .linears_mut()
+            .into_iter()
+            .for_each(|l| l.visit_mut(f));
+        self.norm2.visit_mut(f);
+        self.mlp
+            .linears_mut()
+            .into_iter()
+            .for_each(|l| l.visit_mut(f));
+    }
+}
+
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
@@ -114,17 +157,17 @@ pub struct Model {
     norm_f: Norm,
     lm_head: Tensor,
     inv_freq: Vec<f32>,
-    params: Vec<(String, Tensor)>,
     dtype: DType,
+    /// Shared by every LoRA adapter of this model: seeded during training steps, off otherwise.
+    pub(crate) lora_dropout: crate::lora::DropoutRng,
 }
 
-/// Hands out named tensors from a weight map, checking shapes and recording each as a parameter.
+/// Hands out named tensors from a weight map, checking shapes.
 struct Params<'a> {
     tensors: HashMap<String, Tensor>,
     origin: &'a Path,
     dtype: DType,
     trainable: bool,
-    taken: Vec<(String, Tensor)>,
 }
 
 impl Params<'_> {
@@ -145,13 +188,11 @@ impl Params<'_> {
             });
         }
         let t = t.to_dtype(self.dtype)?;
-        let t = if self.trainable {
+        Ok(if self.trainable {
             Var::from_tensor(&t)?.as_tensor().clone()
         } else {
             t
-        };
-        self.taken.push((name.to_string(), t.clone()));
-        Ok(t)
+        })
     }
 
     fn linear(
@@ -167,18 +208,20 @@ impl Params<'_> {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(prefix, weight, bias))
     }
 
     fn norm(&mut self, prefix: &str, dim: usize, arch: Arch, eps: f64) -> Result<Norm> {
         let weight = self.take(&format!("{prefix}.weight"), &[dim])?;
-        Ok(match arch {
-            Arch::Llama => Norm::Rms { weight, eps },
-            Arch::Gpt2 => Norm::Layer {
-                weight,
-                bias: self.take(&format!("{prefix}.bias"), &[dim])?,
-                eps,
-            },
+        let bias = match arch {
+            Arch::Llama => None,
+            Arch::Gpt2 => Some(self.take(&format!("{prefix}.bias"), &[dim])?),
+        };
+        Ok(Norm {
+            name: prefix.to_string(),
+            weight,
+            bias,
+            eps,
         })
     }
 }
@@ -206,7 +249,6 @@ impl Model {
             origin,
             dtype,
             trainable,
-            taken: vec![],
         };
         let (h, nh, nkv, hd, inter) = (
             cfg.hidden_size,
@@ -335,40 +377,76 @@ impl Model {
             norm_f,
             lm_head,
             inv_freq,
-            params: p.taken,
             dtype,
+            lora_dropout: Default::default(),
         })
     }
 
-    /// Every parameter with its Hugging Face name, in load order (the tied LM head appears once).
-    pub fn named_params(&self) -> &[(String, Tensor)] {
-        &self.params
+    /// Visits every base parameter (not LoRA adapters) with its Hugging Face name, in load order.
+    /// A tied LM head is visited once, as the embedding, and re-tied afterwards.
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        let (embed, wpe) = match self.cfg.arch {
+            Arch::Llama => ("model.embed_tokens.weight", ""),
+            Arch::Gpt2 => ("transformer.wte.weight", "transformer.wpe.weight"),
+        };
+        f(embed, &mut self.embed);
+        if let Some(w) = &mut self.wpe {
+            f(wpe, w);
+        }
+        for b in &mut self.blocks {
+            b.visit_mut(f);
+        }
+        self.norm_f.visit_mut(f);
+        if self.cfg.tie_word_embeddings {
+            self.lm_head = self.embed.clone();
+        } else {
+            f("lm_head.weight", &mut self.lm_head);
+        }
     }
 
-    /// The trainable parameters as `Var`s (empty unless built `trainable`).
-    pub fn vars(&self) -> Vec<Var> {
-        self.params
-            .iter()
-            .filter(|(_, t)| t.is_variable())
-            .filter_map(|(_, t)| Var::from_tensor(t).ok())
+    /// Every base parameter with its Hugging Face name, in load order (a tied head appears once).
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        self.clone()
+            .visit_mut(&mut |n, t| out.push((n.to_string(), t.clone())));
+        out
+    }
+
+    /// Every linear layer of the transformer blocks (the LM head is not one).
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(Block::linears_mut)
             .collect()
+    }
+
+    /// The trainable tensors as `Var`s: base parameters when built `trainable`, and LoRA adapters.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut all: Vec<Tensor> = self.named_params().into_iter().map(|(_, t)| t).collect();
+        all.extend(self.lora_params().into_iter().map(|(_, t)| t));
+        all.iter()
+            .filter(|t| t.is_variable())
+            .filter_map(|t| Var::from_tensor(t).ok())
+            .collect()
+    }
+
+    /// Whether any parameter or adapter is tracked by autograd.
+    pub fn is_trainable(&self) -> bool {
+        !self.vars().is_empty()
     }
 
     /// A copy sharing the same storage but outside autograd: use it for sampling, where a recorded
     /// graph would pin every intermediate (and the whole KV cache history) in memory.
     pub fn detached(&self) -> Result<Self> {
-        let tensors = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.detach()))
-            .collect();
-        Model::from_tensors(
-            self.cfg.clone(),
-            tensors,
-            Path::new("<detached>"),
-            self.dtype,
-            false,
-        )
+        let mut m = self.clone();
+        m.visit_mut(&mut |_, t| *t = t.detach());
+        for l in m.linears_mut() {
+            if let Some(a) = &mut l.lora {
+                a.a = a.a.detach();
+                a.b = a.b.detach();
+            }
+        }
+        Ok(m)
     }
 
     pub fn dtype(&self) -> DType {
@@ -480,11 +558,7 @@ impl Model {
 
     /// Logits `[.., V]` from hidden states `[.., H]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(Linear {
-            weight: self.lm_head.clone(),
-            bias: None,
-        }
-        .forward(hidden)?)
+        Ok(Linear::new("lm_head", self.lm_head.clone(), None).forward(hidden)?)
     }
 
     /// The LM head weight `[V, H]` (the embedding when tied).

@@ -5,26 +5,50 @@
 //! the weights' dtype, as transformers does.
 use candle_core::{DType, Result, Tensor, D};
 
-/// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout).
+/// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout), plus an optional
+/// LoRA update `scale * B A x`.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// Module path (`model.layers.0.self_attn.q_proj`): names its weights and matches LoRA targets.
+    pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<crate::lora::LoraAdapter>,
 }
 
 impl Linear {
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            name: name.into(),
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((lead, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let x2 = x.reshape((lead, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.delta(&x2)?)?;
+        }
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().expect("x has at least one dim") = out_dim;
         y.reshape(out_shape)
+    }
+
+    /// Visits `weight` then `bias` with their full names.
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        f(&format!("{}.weight", self.name), &mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(&format!("{}.bias", self.name), b);
+        }
     }
 }
 
@@ -150,10 +174,11 @@ mod tests {
         let cos = Tensor::randn(0f64, 1.0, (1, 1, 3, 2), &dev).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (1, 1, 3, 2), &dev).unwrap();
         check_grad(|x| rope(x, &cos, &sin), &[1, 2, 3, 4]);
-        let lin = Linear {
-            weight: Tensor::randn(0f64, 1.0, (5, 6), &dev).unwrap(),
-            bias: Some(b.narrow(0, 0, 5).unwrap()),
-        };
+        let lin = Linear::new(
+            "lin",
+            Tensor::randn(0f64, 1.0, (5, 6), &dev).unwrap(),
+            Some(b.narrow(0, 0, 5).unwrap()),
+        );
         check_grad(|x| lin.forward(x), &[2, 3, 6]);
     }
 

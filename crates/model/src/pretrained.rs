@@ -158,7 +158,7 @@ impl Pretrained {
         save_safetensors(
             &dir.join("model.safetensors"),
             self.model.cfg.arch,
-            self.model.named_params(),
+            &self.model.named_params(),
         )?;
         self.tokenizer.save(dir)?;
         write_json(&dir.join("generation_config.json"), &self.generation_config)

@@ -56,7 +56,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         let grads = loss.backward().unwrap();
         for (pname, t) in p.model.named_params() {
             let g = grads
-                .get(t)
+                .get(&t)
                 .unwrap_or_else(|| panic!("{name}: {pname} gets no gradient"));
             let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(

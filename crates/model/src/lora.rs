@@ -1,0 +1,558 @@
+//! LoRA adapters (Hu et al., 2021) in PEFT's layout, so `peft` loads what we save and vice versa.
+//!
+//! An adapted linear computes `W x + (alpha / r) * B A dropout(x)` with `A: [r, in]` initialised as
+//! PEFT does (Kaiming-uniform, bound `1/sqrt(in)`) and `B: [out, r]` zero, so training starts from
+//! the base model exactly. With adapters, the frozen base (`Model::without_lora`) is the reference
+//! model for DPO/PPO: no second copy of the weights.
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::weights::{atomic_write, write_json};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (`q_proj`, `c_attn`, ...) or `["all-linear"]`; `None` uses PEFT's default for
+    /// the architecture.
+    pub target_modules: Option<Vec<String>>,
+}
+
+/// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for the architectures we support.
+pub fn default_target_modules(model_type: &str) -> Vec<String> {
+    let v: &[&str] = match model_type {
+        "gpt2" => &["c_attn"],
+        _ => &["q_proj", "v_proj"],
+    };
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// PEFT's matching: a target matches a module whose path is it or ends with `.target`.
+fn matches(module: &str, targets: &[String]) -> bool {
+    targets
+        .iter()
+        .any(|t| t == "all-linear" || module == t || module.ends_with(&format!(".{t}")))
+}
+
+/// Randomness for LoRA dropout, shared by all adapters of a model. `None` (the default) disables
+/// dropout, as in evaluation and sampling; the trainer seeds it per micro-batch, which keeps resumed
+/// runs identical to straight ones without storing RNG state.
+#[derive(Clone, Debug, Default)]
+pub struct DropoutRng(Arc<Mutex<Option<rand::rngs::StdRng>>>);
+
+impl DropoutRng {
+    fn set_seed(&self, seed: Option<u64>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            seed.map(rand::rngs::StdRng::seed_from_u64);
+    }
+
+    /// An inverted-dropout mask (`0` or `1/(1-p)`) shaped like `x`, or `None` when dropout is off.
+    fn mask(&self, x: &Tensor, p: f64) -> candle_core::Result<Option<Tensor>> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rng) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let v: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+    rng: DropoutRng,
+}
+
+impl LoraAdapter {
+    /// `scale * B A dropout(x)` for `x: [N, in]`.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = match (self.dropout > 0.0)
+            .then(|| self.rng.mask(x, self.dropout))
+            .transpose()?
+            .flatten()
+        {
+            Some(m) => x.mul(&m)?,
+            None => x.clone(),
+        };
+        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+}
+
+fn peft_name(module: &str, which: &str) -> String {
+    format!("base_model.model.{module}.lora_{which}.weight")
+}
+
+impl Model {
+    fn model_type(&self) -> String {
+        self.cfg
+            .raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama")
+            .to_string()
+    }
+
+    /// Adds fresh, trainable adapters to the matching linear layers; returns how many were adapted.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize> {
+        let targets = cfg
+            .target_modules
+            .clone()
+            .unwrap_or_else(|| default_target_modules(&self.model_type()));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        self.attach(cfg, &targets, |_module, out_dim, in_dim, dtype, dev| {
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * in_dim)
+                .map(|_| rng.gen_range(-bound..bound) as f32)
+                .collect();
+            let a = Tensor::from_vec(a, (cfg.r, in_dim), dev)?.to_dtype(dtype)?;
+            let b = Tensor::zeros((out_dim, cfg.r), dtype, dev)?;
+            Ok((a, b))
+        })
+    }
+
+    fn attach(
+        &mut self,
+        cfg: &LoraConfig,
+        targets: &[String],
+        mut init: impl FnMut(
+            &str,
+            usize,
+            usize,
+            DType,
+            &candle_core::Device,
+        ) -> Result<(Tensor, Tensor)>,
+    ) -> Result<usize> {
+        if cfg.r == 0 || !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(Error::Msg(format!(
+                "LoRA needs r > 0 and 0 <= dropout < 1 (got r={}, dropout={})",
+                cfg.r, cfg.dropout
+            )));
+        }
+        let rng = self.lora_dropout.clone();
+        let mut n = 0;
+        for l in self.linears_mut() {
+            if !matches(&l.name, targets) {
+                continue;
+            }
+            let (out_dim, in_dim) = l.weight.dims2()?;
+            let (a, b) = init(
+                &l.name,
+                out_dim,
+                in_dim,
+                l.weight.dtype(),
+                l.weight.device(),
+            )?;
+            let (a, b) = (
+                Var::from_tensor(&a)?.as_tensor().clone(),
+                Var::from_tensor(&b)?.as_tensor().clone(),
+            );
+            l.lora = Some(LoraAdapter {
+                a,
+                b,
+                scale: cfg.alpha / cfg.r as f64,
+                dropout: cfg.dropout,
+                rng: rng.clone(),
+            });
+            n += 1;
+        }
+        if n == 0 {
+            return Err(Error::Msg(format!(
+                "LoRA target_modules {targets:?} match no linear layer of this model"
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Adapter tensors with their PEFT names (`base_model.model.<module>.lora_A.weight`).
+    pub fn lora_params(&self) -> Vec<(String, Tensor)> {
+        let mut m = self.clone();
+        let mut out = vec![];
+        for l in m.linears_mut() {
+            if let Some(a) = &l.lora {
+                out.push((peft_name(&l.name, "A"), a.a.clone()));
+                out.push((peft_name(&l.name, "B"), a.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// The base model: same weights, no adapters (the reference model of a LoRA policy).
+    pub fn without_lora(&self) -> Model {
+        let mut m = self.clone();
+        m.linears_mut().into_iter().for_each(|l| l.lora = None);
+        m
+    }
+
+    /// Seeds LoRA dropout for the next forward passes (`None`: no dropout, for eval and sampling).
+    pub fn set_lora_dropout_seed(&self, seed: Option<u64>) {
+        self.lora_dropout.set_seed(seed);
+    }
+
+    /// Folds every adapter into its base weight (`W += scale * B A`) and removes the adapters.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for l in self.linears_mut() {
+            if let Some(a) = l.lora.take() {
+                let delta =
+                    (a.b.detach().matmul(&a.a.detach())? * a.scale)?.to_dtype(l.weight.dtype())?;
+                l.weight = (l.weight.detach() + delta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
+    pub fn save_lora(
+        &self,
+        dir: &Path,
+        cfg: &LoraConfig,
+        base_model_name_or_path: &str,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let params = self.lora_params();
+        if params.is_empty() {
+            return Err(Error::Msg(
+                "save_lora: the model has no LoRA adapters".into(),
+            ));
+        }
+        let mut modules: Vec<String> = params
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(".lora_A.weight"))
+            .filter_map(|n| n.rsplit('.').next().map(str::to_string))
+            .collect();
+        modules.sort();
+        modules.dedup();
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": modules,
+            "bias": "none",
+            // GPT-2's Conv1D stores weights [in, out]; PEFT needs to know when merging.
+            "fan_in_fan_out": self.cfg.arch == crate::Arch::Gpt2,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_rslora": false,
+            "use_dora": false,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        });
+        write_json(&dir.join("adapter_config.json"), &config)?;
+        let tensors: Vec<(String, Tensor)> = params
+            .into_iter()
+            .map(|(n, t)| t.detach().contiguous().map(|t| (n, t)))
+            .collect::<candle_core::Result<_>>()?;
+        let metadata: std::collections::HashMap<String, String> =
+            [("format".to_string(), "pt".to_string())].into();
+        let path = dir.join("adapter_model.safetensors");
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+                .map_err(|e| Error::invalid(&path, "safetensors", e.to_string()))?;
+        atomic_write(&path, &bytes)
+    }
+
+    /// Loads a PEFT LoRA adapter folder onto this model; `trainable` makes the adapters `Var`s.
+    pub fn load_lora(&mut self, dir: &Path, trainable: bool) -> Result<LoraConfig> {
+        let cp = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(&cp, format!("line {}", e.line()), e.to_string()))?;
+        if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+            return Err(Error::invalid(
+                &cp,
+                "peft_type",
+                "only LORA adapters are supported",
+            ));
+        }
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| Error::invalid(&cp, k, "missing or not a number"))
+        };
+        let targets: Vec<String> = match v.get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => return Err(Error::invalid(&cp, "target_modules", "missing")),
+        };
+        for flag in ["use_dora", "use_rslora"] {
+            if v.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(Error::invalid(&cp, flag, "not supported"));
+            }
+        }
+        let cfg = LoraConfig {
+            r: num("r")? as usize,
+            alpha: num("lora_alpha")?,
+            dropout: num("lora_dropout").unwrap_or(0.0),
+            target_modules: Some(targets.clone()),
+        };
+        let wp = dir.join("adapter_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&wp, self.device())
+            .map_err(|e| Error::invalid(&wp, "safetensors", e.to_string()))?;
+        self.attach(&cfg, &targets, |name, out_dim, in_dim, dtype, _| {
+            let mut take = |which: &str, shape: [usize; 2]| -> Result<Tensor> {
+                let key = peft_name(name, which);
+                let t = tensors.remove(&key).ok_or_else(|| Error::MissingTensor {
+                    path: wp.clone(),
+                    name: key.clone(),
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::Shape {
+                        path: wp.clone(),
+                        name: key,
+                        expected: shape.to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                Ok(t.to_dtype(dtype)?)
+            };
+            Ok((take("A", [cfg.r, in_dim])?, take("B", [out_dim, cfg.r])?))
+        })?;
+        if let Some(extra) = tensors.keys().next() {
+            return Err(Error::invalid(
+                &wp,
+                extra.as_str(),
+                "adapter tensor for no matching module",
+            ));
+        }
+        if !trainable {
+            for l in self.linears_mut() {
+                if let Some(a) = &mut l.lora {
+                    a.a = a.a.detach();
+                    a.b = a.b.detach();
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LoadOptions, Pretrained};
+    use candle_core::Device;
+
+    fn tiny(name: &str) -> Pretrained {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models")
+            .join(name);
+        Pretrained::load(&p, &LoadOptions::default()).unwrap()
+    }
+
+    fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+        let x = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let h = m.forward(&x, None, None, None).unwrap();
+        m.logits(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Gives every B a non-zero value (as after some training), keeping them trainable.
+    fn perturb_b(m: &mut Model) {
+        for (i, l) in m.linears_mut().into_iter().enumerate() {
+            if let Some(a) = &mut l.lora {
+                let b = Tensor::randn(0f32, 0.5, a.b.shape(), &Device::Cpu).unwrap();
+                let b = (b + i as f64 * 1e-3).unwrap();
+                a.b = Var::from_tensor(&b).unwrap().as_tensor().clone();
+            }
+        }
+    }
+
+    const IDS: [u32; 8] = [40, 41, 42, 43, 44, 45, 46, 47];
+
+    #[test]
+    fn fresh_adapters_leave_the_model_unchanged_and_only_they_train() {
+        for (name, n_expected) in [("tiny-llama", 4), ("tiny-qwen2", 4), ("tiny-gpt2", 2)] {
+            let p = tiny(name);
+            let base = logits(&p.model, &IDS);
+            let mut m = p.model.clone();
+            let cfg = LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                target_modules: None,
+            };
+            assert_eq!(
+                m.add_lora(&cfg, 0).unwrap(),
+                n_expected,
+                "{name}: PEFT default targets, 2 layers"
+            );
+            assert_eq!(logits(&m, &IDS), base, "{name}: B = 0 at init");
+            assert_eq!(
+                m.vars().len(),
+                2 * n_expected,
+                "{name}: only A and B are trainable"
+            );
+            assert!(m.named_params().iter().all(|(_, t)| !t.is_variable()));
+        }
+    }
+
+    #[test]
+    fn every_adapter_gets_a_gradient_and_merging_is_exact() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let mut m = tiny(name).model;
+            let cfg = LoraConfig {
+                r: 4,
+                alpha: 16.0,
+                dropout: 0.0,
+                target_modules: Some(vec!["all-linear".into()]),
+            };
+            m.add_lora(&cfg, 1).unwrap();
+            perturb_b(&mut m);
+            let x = Tensor::new(&IDS, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let mask = Tensor::ones((1, IDS.len()), DType::U32, &Device::Cpu).unwrap();
+            let h = m.forward(&x, None, None, None).unwrap();
+            let loss = crate::token_logprobs(&m, &h, &x, &mask, 1.0)
+                .unwrap()
+                .sum
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let params = m.lora_params();
+            assert_eq!(
+                params.len(),
+                2 * 2 * if name == "tiny-gpt2" { 4 } else { 7 }
+            );
+            for (n, t) in &params {
+                let g = grads
+                    .get(t)
+                    .unwrap_or_else(|| panic!("{name}: {n} has no gradient"));
+                let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(
+                    v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0),
+                    "{name}: {n}"
+                );
+            }
+            let adapted = logits(&m, &IDS);
+            assert!(
+                max_diff(&adapted, &logits(&m.without_lora(), &IDS)) > 1e-2,
+                "{name}: the adapters matter"
+            );
+            let mut merged = m.clone();
+            merged.merge_lora().unwrap();
+            assert!(merged.lora_params().is_empty());
+            let d = max_diff(&adapted, &logits(&merged, &IDS));
+            assert!(d < 1e-4, "{name}: merged differs by {d}");
+        }
+    }
+
+    #[test]
+    fn adapters_round_trip_through_peft_files() {
+        let p = tiny("tiny-llama");
+        let mut m = p.model.clone();
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.1,
+            target_modules: Some(vec!["q_proj".into(), "down_proj".into()]),
+        };
+        m.add_lora(&cfg, 3).unwrap();
+        perturb_b(&mut m);
+        let dir = tempfile::tempdir().unwrap();
+        m.save_lora(dir.path(), &cfg, "tiny-llama").unwrap();
+        let saved = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a = &saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"];
+        assert_eq!(a.dims(), [2, 64]);
+        assert_eq!(
+            saved["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].dims(),
+            [64, 2]
+        );
+        assert_eq!(saved.len(), 2 * 2 * 2);
+        let ac: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ac["target_modules"], json!(["down_proj", "q_proj"]));
+        assert_eq!(ac["r"], 2);
+        let mut back = p.model.clone();
+        let got = back.load_lora(dir.path(), false).unwrap();
+        assert_eq!(got.r, 2);
+        assert_eq!(got.alpha, 4.0);
+        assert_eq!(logits(&back, &IDS), logits(&m, &IDS));
+        assert!(
+            back.vars().is_empty(),
+            "loaded for inference: nothing trainable"
+        );
+        // A wrong-rank file is refused with the tensor named.
+        let mut cfg_json = ac.clone();
+        cfg_json["r"] = json!(3);
+        std::fs::write(dir.path().join("adapter_config.json"), cfg_json.to_string()).unwrap();
+        let err = p
+            .model
+            .clone()
+            .load_lora(dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lora_A.weight") && err.contains("[3, 64]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_off_by_default() {
+        let mut m = tiny("tiny-llama").model;
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.5,
+            target_modules: None,
+        };
+        m.add_lora(&cfg, 0).unwrap();
+        perturb_b(&mut m);
+        let off = logits(&m, &IDS);
+        assert_eq!(off, logits(&m, &IDS), "no seed: deterministic, no dropout");
+        m.set_lora_dropout_seed(Some(7));
+        let a = logits(&m, &IDS);
+        m.set_lora_dropout_seed(Some(7));
+        let b = logits(&m, &IDS);
+        m.set_lora_dropout_seed(None);
+        assert_eq!(a, b, "same seed, same masks");
+        assert!(max_diff(&a, &off) > 1e-3, "dropout changes the output");
+        assert_eq!(logits(&m, &IDS), off);
+    }
+}
