@@ -501,9 +501,34 @@ impl Model {
                 })
                 .collect(),
         };
+        // Packed rows (explicit positions that restart at 0 mid-row) hold several sequences that
+        // must not see each other: a real token at position 0 opens a new segment.
+        let segments: Option<Vec<Vec<u32>>> = (position_ids.is_some() && past == 0).then(|| {
+            positions
+                .iter()
+                .zip(&mask)
+                .map(|(pos, m)| {
+                    let mut seg = 0;
+                    pos.iter()
+                        .zip(m)
+                        .map(|(&p, &mk)| {
+                            seg += (p == 0 && mk != 0.0) as u32;
+                            seg
+                        })
+                        .collect()
+                })
+                .collect()
+        });
         let dev = self.device();
-        let attn_mask =
-            causal_padding_mask(&mask, t, past, self.cfg.sliding_window, self.dtype, dev)?;
+        let attn_mask = causal_padding_mask(
+            &mask,
+            segments.as_deref(),
+            t,
+            past,
+            self.cfg.sliding_window,
+            self.dtype,
+            dev,
+        )?;
 
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
@@ -614,10 +639,12 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 }
 
 /// Additive mask `[B, 1, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i`, key
-/// `j` is not padding, and (with a sliding window `w`) `past+i - j < w`, as transformers counts it.
+/// `j` is not padding, (with a sliding window `w`) `past+i - j < w`, as transformers counts it, and
+/// (with packed rows) both lie in the same segment.
 /// `None` when nothing is masked (a single new token, no padding, inside the window).
 fn causal_padding_mask(
     mask: &[Vec<f32>],
+    segments: Option<&[Vec<u32>]>,
     t: usize,
     past: usize,
     window: Option<usize>,
@@ -627,18 +654,22 @@ fn causal_padding_mask(
     let tk = past + t;
     let padded = mask.iter().any(|r| r.iter().any(|&m| m == 0.0));
     let window = window.unwrap_or(usize::MAX);
-    if t == 1 && !padded && tk <= window {
+    if t == 1 && !padded && tk <= window && segments.is_none() {
         return Ok(None);
     }
     let mut v = Vec::with_capacity(mask.len() * t * tk);
-    for row in mask {
+    for (r, row) in mask.iter().enumerate() {
+        let seg = segments.map(|s| &s[r]);
         for i in 0..t {
             for (j, &m) in row.iter().enumerate() {
-                v.push(if j <= past + i && past + i - j < window && m != 0.0 {
-                    0.0
-                } else {
-                    MASKED
-                });
+                let same_segment = seg.is_none_or(|s| s[j] == s[past + i]);
+                v.push(
+                    if j <= past + i && past + i - j < window && m != 0.0 && same_segment {
+                        0.0
+                    } else {
+                        MASKED
+                    },
+                );
             }
         }
     }

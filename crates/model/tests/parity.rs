@@ -374,3 +374,43 @@ fn llama3_rope_scaling_and_mistral_window_match_transformers() {
         );
     }
 }
+
+#[test]
+fn packed_sequences_do_not_attend_to_each_other() {
+    for name in MODELS {
+        let p = load(name);
+        let a = p.tokenizer.encode("The movie was good.", false).unwrap();
+        let b = p
+            .tokenizer
+            .encode("A young director wanted to make a film.", false)
+            .unwrap();
+        let alone = |ids: &[u32]| {
+            let h = p.model.forward(&row(ids), None, None, None).unwrap();
+            p.model
+                .logits(&h)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let packed: Vec<u32> = a.iter().chain(&b).copied().collect();
+        let pos: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
+        let h = p
+            .model
+            .forward(&row(&packed), None, Some(&row(&pos)), None)
+            .unwrap();
+        let got = p
+            .model
+            .logits(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (k, want) in alone(&a).iter().chain(alone(&b).iter()).enumerate() {
+            let d = max_abs_diff(&got[k], want);
+            assert!(d < 1e-4, "{name}: packed position {k} differs by {d}");
+        }
+    }
+}
