@@ -42,17 +42,28 @@ pub struct BenchArgs {
 }
 
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = vec![];
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let p = v["prompt"].as_str().with_context(|| format!("{}:{}: prompt: missing or not a string", path.display(), i + 1))?;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let p = v["prompt"].as_str().with_context(|| {
+            format!(
+                "{}:{}: prompt: missing or not a string",
+                path.display(),
+                i + 1
+            )
+        })?;
         out.push(p.to_string());
     }
     anyhow::ensure!(!out.is_empty(), "{}: no prompts", path.display());
     Ok(out)
 }
-
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -10,7 +10,7 @@ use preftune_model::{
 };
 use serde_json::json;
 
-use crate::{ModelArgs, PromptArgs, SamplingArgs};
+use crate::{ModelArgs, PromptArgs, RunArgs, SamplingArgs};
 
 pub fn load(args: &ModelArgs) -> Result<Pretrained> {
     let opts = LoadOptions {
@@ -164,4 +164,14 @@ pub fn emit(v: &serde_json::Value) {
         eprintln!("error: writing to stdout: {e}");
         std::process::exit(1);
     }
+}
+
+pub fn sft(run: &RunArgs) -> Result<()> {
+    let cfg = preftune_train::config::load::<preftune_train::sft::SftArgs>(
+        run.config.as_deref(),
+        preftune_train::sft::defaults(),
+        &run.set,
+    )?;
+    emit(&preftune_train::sft::run(&cfg, run.resume, run.eval_only)?);
+    Ok(())
 }

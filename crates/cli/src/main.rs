@@ -105,6 +105,26 @@ enum Command {
     },
     /// Measure forward+backward and sampling throughput; one JSON line per workload.
     Bench(bench::BenchArgs),
+    /// Supervised fine-tuning (TRL's SFTTrainer): language-modelling or prompt-completion data,
+    /// standard or conversational, full fine-tuning or LoRA.
+    Sft(RunArgs),
+}
+
+/// How every trainer is started.
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// TOML file with TRL's parameter names (see examples/).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override a config key: `--set learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Only evaluate on eval_file and print the metrics.
+    #[arg(long)]
+    pub eval_only: bool,
 }
 
 fn main() {
@@ -131,6 +151,7 @@ fn main() {
             sampling,
         } => commands::chat(&model, system.as_deref(), &sampling),
         Command::Bench(args) => bench::run(&args),
+        Command::Sft(run) => commands::sft(&run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,12 +10,24 @@
 //!   `max_length` per [`TruncationMode`], reporting whether it was truncated.
 //! - [`pack`]: concatenates tokenized examples into rows of `max_length` with per-sequence position ids.
 //! - [`collate`]: a batch of tokenized examples -> padded tensors.
-use std::path::{Path, PathBuf};
+//!
+//! Modules: `read` (files), `format` (rows -> examples), `tokenize` (SFT), `batch` (pack, collate).
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use preftune_model::{Message, Tokenizer};
+use candle_core::Tensor;
+use preftune_model::Message;
 use serde_json::Value;
+
+mod batch;
+mod format;
+mod read;
+mod tokenize;
+
+pub use batch::{collate, pack};
+pub use format::parse_examples;
+pub use read::read_rows;
+pub use tokenize::tokenize_sft;
 
 /// Where a row came from: file and 1-based line (JSONL) or 1-based row/element number (Parquet, JSON array).
 #[derive(Clone, Debug, PartialEq)]
@@ -89,15 +101,35 @@ pub enum Format {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Example {
-    LanguageModeling { text: Text },
-    PromptOnly { prompt: Text },
-    PromptCompletion { prompt: Text, completion: Text },
+    LanguageModeling {
+        text: Text,
+    },
+    PromptOnly {
+        prompt: Text,
+    },
+    PromptCompletion {
+        prompt: Text,
+        completion: Text,
+    },
     /// The implicit-prompt form (no `prompt` column) arrives here already split: `prompt` is the
     /// longest common message prefix of chosen and rejected, which then hold only what follows.
-    Preference { prompt: Text, chosen: Text, rejected: Text, margin: Option<f64> },
-    Unpaired { prompt: Text, completion: Text, label: bool },
+    Preference {
+        prompt: Text,
+        chosen: Text,
+        rejected: Text,
+        margin: Option<f64>,
+    },
+    Unpaired {
+        prompt: Text,
+        completion: Text,
+        label: bool,
+    },
     /// Responses sorted best first (sorted by `scores` descending when scores are given).
-    Ranking { prompt: Text, responses: Vec<Text>, scores: Option<Vec<f64>> },
+    Ranking {
+        prompt: Text,
+        responses: Vec<Text>,
+        scores: Option<Vec<f64>>,
+    },
 }
 
 /// Renames dataset columns to the canonical names: `ColumnMap::new([("prompt", "question")])` reads
@@ -141,29 +173,4 @@ pub struct Batch {
     pub loss_mask: Tensor,
     pub position_ids: Option<Tensor>,
     pub num_tokens: usize,
-}
-
-pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let _ = path;
-    todo!("helper: JSONL / JSON array / Parquet / folder of shards")
-}
-
-pub fn parse_examples(rows: &[Row], format: Format, columns: &ColumnMap) -> (Vec<(Location, Example)>, Vec<RowError>) {
-    let _ = (rows, format, columns);
-    todo!("helper")
-}
-
-pub fn tokenize_sft(ex: &Example, tok: &Tokenizer, opts: &SftTokenizeOptions) -> std::result::Result<TokenizedExample, String> {
-    let _ = (ex, tok, opts);
-    todo!("helper")
-}
-
-pub fn pack(examples: &[TokenizedExample], max_length: usize) -> Vec<TokenizedExample> {
-    let _ = (examples, max_length);
-    todo!("helper")
-}
-
-pub fn collate(examples: &[&TokenizedExample], pad_token_id: u32, device: &Device) -> Result<Batch> {
-    let _ = (examples, pad_token_id, device);
-    todo!("helper")
 }

@@ -16,6 +16,8 @@ const CHUNK: usize = 512;
 pub struct TokenLogprobs {
     pub per_token: Tensor,
     pub sum: Tensor,
+    /// Scored tokens that are the model's top-1 prediction (for `mean_token_accuracy`).
+    pub argmax_hits: usize,
 }
 
 /// `log p(input_ids[b, t] | input_ids[b, <t])` for every `t >= 1` with `mask[b, t] = 1`, from the
@@ -57,6 +59,7 @@ pub fn token_logprobs(
     }
     let dev = hidden.device();
     let mut per_token = Tensor::zeros(b * t, DType::F32, dev)?;
+    let mut argmax_hits = 0;
     if !src.is_empty() {
         let flat = hidden.reshape((b * t, h))?;
         let mut pieces = vec![];
@@ -70,6 +73,12 @@ pub fn token_logprobs(
             if temperature != 1.0 {
                 logits = (logits / temperature)?;
             }
+            let best = logits.detach().argmax_keepdim(1)?;
+            argmax_hits += best
+                .eq(&lab)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
             let picked = logits.gather(&lab, 1)?;
             pieces.push((picked - logsumexp_last(&logits)?)?.squeeze(1)?);
         }
@@ -79,5 +88,9 @@ pub fn token_logprobs(
     }
     let per_token = per_token.reshape((b, t))?;
     let sum = per_token.sum(1)?;
-    Ok(TokenLogprobs { per_token, sum })
+    Ok(TokenLogprobs {
+        per_token,
+        sum,
+        argmax_hits,
+    })
 }

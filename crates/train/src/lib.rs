@@ -1,1 +1,13 @@
-//! placeholder
+//! preftune's training machinery: configuration, the AdamW optimiser and schedules, the one
+//! training loop (accumulation, clipping, logging, evaluation, checkpoints, resume), and one module
+//! per algorithm.
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod optim;
+pub mod sft;
+pub mod trainer;
+
+pub use config::{RunConfig, TrainingArguments};
+pub use error::{Error, Result};
+pub use trainer::{evaluate, train, Algorithm, Metrics, Split, TrainSummary};

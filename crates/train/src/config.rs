@@ -1,0 +1,332 @@
+//! Run configuration: TOML files with TRL's parameter names, `--set key=value` overrides, and
+//! unknown keys refused with their line, so a typo never silently trains with a default.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Options every trainer shares (transformers' `TrainingArguments` names, and TRL's `ModelConfig`
+/// names for LoRA).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainingArguments {
+    pub model_name_or_path: String,
+    pub train_file: Option<PathBuf>,
+    pub eval_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub learning_rate: f64,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_train_epochs: f64,
+    /// Overrides `num_train_epochs` when > 0.
+    pub max_steps: i64,
+    /// `linear`, `cosine`, `constant` or `constant_with_warmup`.
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    /// Keep only this many newest checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Evaluate every this many steps (and at the end) when `eval_file` is set.
+    pub eval_steps: Option<usize>,
+    pub max_length: Option<usize>,
+    /// `keep_start` or `keep_end`.
+    pub truncation_mode: String,
+    /// `f32` or `bf16`.
+    pub dtype: String,
+    /// Skip rows that fail validation (and report how many and why) instead of refusing the data.
+    pub skip_invalid_rows: bool,
+    /// Canonical column name -> the dataset's column name.
+    pub columns: BTreeMap<String, String>,
+    pub use_peft: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Option<Vec<String>>,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            model_name_or_path: String::new(),
+            train_file: None,
+            eval_file: None,
+            output_dir: PathBuf::from("output"),
+            learning_rate: 5e-5,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            logging_steps: 10,
+            save_steps: 500,
+            save_total_limit: None,
+            eval_steps: None,
+            max_length: Some(1024),
+            truncation_mode: "keep_start".into(),
+            dtype: "f32".into(),
+            skip_invalid_rows: false,
+            columns: BTreeMap::new(),
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: None,
+        }
+    }
+}
+
+impl TrainingArguments {
+    /// Checks values that deserialise fine but cannot run.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::Config(format!("{origin}: {key}: {msg}")));
+        if self.model_name_or_path.is_empty() {
+            return bad("model_name_or_path", "required");
+        }
+        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
+            return bad("per_device_train_batch_size", "must be > 0");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be > 0");
+        }
+        if !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()) {
+            return bad("learning_rate", "must be a finite number >= 0");
+        }
+        if !["linear", "cosine", "constant", "constant_with_warmup"]
+            .contains(&self.lr_scheduler_type.as_str())
+        {
+            return bad(
+                "lr_scheduler_type",
+                "must be linear, cosine, constant or constant_with_warmup",
+            );
+        }
+        if !["keep_start", "keep_end"].contains(&self.truncation_mode.as_str()) {
+            return bad("truncation_mode", "must be keep_start or keep_end");
+        }
+        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
+            return bad(
+                "logging_steps",
+                "logging_steps, save_steps and eval_steps must be > 0",
+            );
+        }
+        if self.use_peft && (self.lora_r == 0 || !(0.0..1.0).contains(&self.lora_dropout)) {
+            return bad("lora_r", "LoRA needs lora_r > 0 and 0 <= lora_dropout < 1");
+        }
+        Ok(())
+    }
+}
+
+/// A loaded configuration: the shared arguments, the algorithm's own, and the merged table (the
+/// snapshot written to the run folder).
+#[derive(Clone, Debug)]
+pub struct RunConfig<A> {
+    pub args: TrainingArguments,
+    pub algo: A,
+    pub table: toml::Table,
+}
+
+/// Parses `value` of `--set key=value` as TOML, falling back to a plain string (`--set output_dir=runs/a`).
+fn parse_value(value: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.into())),
+        Err(_) => toml::Value::String(value.into()),
+    }
+}
+
+/// Applies `key=value` (dotted keys reach into tables: `columns.prompt=question`).
+pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+    let (key, value) = set
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set {set}: expected key=value")))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::Config(format!("--set {set}: {p} is not a table")))?;
+    }
+    t.insert(
+        parts[parts.len() - 1].to_string(),
+        parse_value(value.trim()),
+    );
+    Ok(())
+}
+
+/// The line of `key = ...` in a TOML text, for error messages.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(leaf)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+fn deserialize_noting_unknown<T: DeserializeOwned>(
+    table: &toml::Table,
+    unknown: &mut Vec<String>,
+) -> std::result::Result<T, toml::de::Error> {
+    let text = toml::to_string(table).expect("a toml::Table always serialises");
+    let de = toml::Deserializer::parse(&text)?;
+    serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+}
+
+/// Loads `path` (TOML) over the algorithm's `defaults`, applies `sets`, and deserialises both the
+/// shared and the algorithm arguments. A key that neither knows is an error naming it and its line.
+pub fn load<A: DeserializeOwned>(
+    path: Option<&Path>,
+    defaults: toml::Table,
+    sets: &[String],
+) -> Result<RunConfig<A>> {
+    let (text, origin) = match path {
+        Some(p) => (
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+            p.display().to_string(),
+        ),
+        None => (String::new(), "<no config file>".to_string()),
+    };
+    let file: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+    let mut table = defaults;
+    for (k, v) in file {
+        table.insert(k, v);
+    }
+    for s in sets {
+        apply_set(&mut table, s)?;
+    }
+    let (mut u1, mut u2) = (vec![], vec![]);
+    let args: TrainingArguments = deserialize_noting_unknown(&table, &mut u1)
+        .map_err(|e| Error::Config(format!("{origin}: {}", e.message())))?;
+    let algo: A = deserialize_noting_unknown(&table, &mut u2)
+        .map_err(|e| Error::Config(format!("{origin}: {}", e.message())))?;
+    // The shared struct ignores the algorithm's keys and vice versa: only keys both ignore are unknown.
+    // Keys inside `columns` are free-form.
+    if let Some(key) = u1
+        .iter()
+        .find(|k| u2.contains(k) && !k.starts_with("columns."))
+    {
+        let place = match line_of(&text, key) {
+            Some(l) if path.is_some() => format!("{origin}:{l}"),
+            _ => format!("{origin} or --set"),
+        };
+        return Err(Error::Config(format!("{place}: unknown key `{key}`")));
+    }
+    args.validate(&origin)?;
+    Ok(RunConfig { args, algo, table })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Default, PartialEq)]
+    #[serde(default)]
+    struct Algo {
+        beta: f64,
+        packing: bool,
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_defaults_and_sets_layer_in_order() {
+        let f = write("model_name_or_path = \"m\"\nlearning_rate = 1e-4\nbeta = 0.5\n[columns]\nprompt = \"question\"\n");
+        let defaults: toml::Table =
+            toml::from_str("learning_rate = 2e-5\nmax_length = 512").unwrap();
+        let sets = vec![
+            "per_device_train_batch_size=2".into(),
+            "output_dir=runs/x".into(),
+            "packing=true".into(),
+            "columns.completion=answer".into(),
+        ];
+        let c: RunConfig<Algo> = load(Some(f.path()), defaults, &sets).unwrap();
+        assert_eq!(c.args.learning_rate, 1e-4, "file beats defaults");
+        assert_eq!(c.args.max_length, Some(512), "algorithm default");
+        assert_eq!(c.args.per_device_train_batch_size, 2);
+        assert_eq!(c.args.output_dir, PathBuf::from("runs/x"));
+        assert_eq!(
+            c.algo,
+            Algo {
+                beta: 0.5,
+                packing: true
+            }
+        );
+        assert_eq!(c.args.columns["prompt"], "question");
+        assert_eq!(c.args.columns["completion"], "answer");
+        assert_eq!(c.args.seed, 42);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let f = write("model_name_or_path = \"m\"\n\nlerning_rate = 1e-4\n");
+        let e = load::<Algo>(Some(f.path()), Default::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(":3: unknown key `lerning_rate`"), "{e}");
+        let f = write("model_name_or_path = \"m\"\n");
+        let e = load::<Algo>(Some(f.path()), Default::default(), &["betta=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `betta`") && e.contains("--set"),
+            "{e}"
+        );
+        let f = write("model_name_or_path = \"m\"\nlearning_rate = \"fast\"\n");
+        let e = load::<Algo>(Some(f.path()), Default::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid type") && e.contains("learning_rate") || e.contains("f64"),
+            "{e}"
+        );
+        let f = write("learning_rate = 1e-4\n");
+        let e = load::<Algo>(Some(f.path()), Default::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model_name_or_path: required"), "{e}");
+        let e = load::<Algo>(
+            Some(f.path()),
+            Default::default(),
+            &[
+                "model_name_or_path=m".into(),
+                "lr_scheduler_type=cosinus".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lr_scheduler_type"), "{e}");
+    }
+}

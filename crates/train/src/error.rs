@@ -1,0 +1,35 @@
+//! Errors of the training crate; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    /// Bad dataset rows: the first few rendered as `file:line: field: msg`, and the total.
+    #[error("{count} invalid row(s) (set skip_invalid_rows = true to skip them):\n{first}")]
+    Data { count: usize, first: String },
+    #[error("step {step}: loss is {value}; stopping. The last checkpoint is intact; lower learning_rate or check the data")]
+    NonFinite { step: usize, value: f64 },
+    #[error("{path}: {err}")]
+    Io {
+        path: std::path::PathBuf,
+        err: std::io::Error,
+    },
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    DataCrate(#[from] preftune_data::Error),
+    #[error(transparent)]
+    Model(#[from] preftune_model::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<std::path::PathBuf>, err: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            err,
+        }
+    }
+}

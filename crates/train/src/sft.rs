@@ -1,0 +1,243 @@
+//! Supervised fine-tuning: next-token cross-entropy on completions (prompt-completion data),
+//! assistant turns (conversational data with `assistant_only_loss`), or all tokens.
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use preftune_data::{
+    collate, pack, parse_examples, read_rows, tokenize_sft, ColumnMap, Example, Format, RowError,
+    SftTokenizeOptions, TokenizedExample, TruncationMode,
+};
+use preftune_model::{parse_dtype, token_logprobs, LoadOptions, Model, Pretrained, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RunConfig, TrainingArguments};
+use crate::error::{Error, Result};
+use crate::trainer::{evaluate, load_policy, resume_point, train, Algorithm, Metrics, Split};
+
+/// SFT's own options (TRL's `SFTConfig` names).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SftArgs {
+    /// Loss on completion tokens only; default: on for prompt-completion data.
+    pub completion_only_loss: Option<bool>,
+    /// Loss on assistant turns only (conversational data).
+    pub assistant_only_loss: bool,
+    /// Pack examples into rows of `max_length` (sequences never attend to each other).
+    pub packing: bool,
+}
+
+/// SFT's defaults over the shared ones, as TRL's `SFTConfig` sets them.
+pub fn defaults() -> toml::Table {
+    toml::from_str("learning_rate = 2e-5\nmax_length = 1024\nlogging_steps = 10")
+        .expect("static TOML")
+}
+
+/// What happened to the data on its way in; printed and written to the run folder.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct DataReport {
+    pub file: String,
+    pub rows: usize,
+    pub skipped: usize,
+    /// Up to 10 skipped rows as `file:line: field: msg`.
+    pub skipped_examples: Vec<String>,
+    pub truncated: usize,
+    pub examples: usize,
+    /// Rows after packing (equals `examples` without packing).
+    pub sequences: usize,
+    pub tokens: usize,
+}
+
+/// Reads, validates and tokenizes one data file. Bad rows are refused unless `skip_invalid_rows`.
+pub fn load_split(
+    path: &Path,
+    args: &TrainingArguments,
+    sft: &SftArgs,
+    tok: &Tokenizer,
+) -> Result<(Vec<TokenizedExample>, DataReport)> {
+    let rows = read_rows(path)?;
+    let columns = ColumnMap {
+        map: args.columns.clone(),
+    };
+    let prompt_col = columns.map.get("prompt").map_or("prompt", String::as_str);
+    // TRL decides by the columns: a prompt column means prompt-completion data.
+    let format = if rows
+        .first()
+        .is_some_and(|r| r.value.get(prompt_col).is_some())
+    {
+        Format::PromptCompletion
+    } else {
+        Format::LanguageModeling
+    };
+    let (examples, mut errors) = parse_examples(&rows, format, &columns);
+    let opts = SftTokenizeOptions {
+        max_length: args.max_length,
+        truncation_mode: if args.truncation_mode == "keep_end" {
+            TruncationMode::KeepEnd
+        } else {
+            TruncationMode::KeepStart
+        },
+        completion_only_loss: sft.completion_only_loss.unwrap_or(true),
+        assistant_only_loss: sft.assistant_only_loss,
+    };
+    let mut out = vec![];
+    for (loc, ex) in &examples {
+        if matches!(ex, Example::PromptCompletion { .. })
+            || matches!(ex, Example::LanguageModeling { .. })
+        {
+            match tokenize_sft(ex, tok, &opts) {
+                Ok(t) => out.push(t),
+                Err(msg) => errors.push(RowError {
+                    loc: loc.clone(),
+                    field: "(tokenize)".into(),
+                    msg,
+                }),
+            }
+        }
+    }
+    if !errors.is_empty() && !args.skip_invalid_rows {
+        let first = errors
+            .iter()
+            .take(10)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(Error::Data {
+            count: errors.len(),
+            first,
+        });
+    }
+    let truncated = out.iter().filter(|t| t.truncated).count();
+    let examples_n = out.len();
+    if sft.packing {
+        let max = args
+            .max_length
+            .ok_or_else(|| Error::Config("packing needs max_length".into()))?;
+        out = pack(&out, max);
+    }
+    let report = DataReport {
+        file: path.display().to_string(),
+        rows: rows.len(),
+        skipped: errors.len(),
+        skipped_examples: errors.iter().take(10).map(|e| e.to_string()).collect(),
+        truncated,
+        examples: examples_n,
+        sequences: out.len(),
+        tokens: out.iter().map(|t| t.input_ids.len()).sum(),
+    };
+    Ok((out, report))
+}
+
+pub struct Sft {
+    pub train: Vec<TokenizedExample>,
+    pub eval: Vec<TokenizedExample>,
+    pub pad_token_id: u32,
+    pub device: Device,
+}
+
+impl Sft {
+    fn split(&self, split: Split) -> &[TokenizedExample] {
+        match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        }
+    }
+}
+
+impl Algorithm for Sft {
+    fn len(&self, split: Split) -> usize {
+        self.split(split).len()
+    }
+
+    fn weight(&self, split: Split, idx: &[usize]) -> f64 {
+        let data = self.split(split);
+        idx.iter()
+            .map(|&i| data[i].loss_mask.iter().map(|&m| m as f64).sum::<f64>())
+            .sum()
+    }
+
+    fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
+        let data = self.split(split);
+        let refs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
+        let batch = collate(&refs, self.pad_token_id, &self.device)?;
+        let hidden = model.forward(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            batch.position_ids.as_ref(),
+            None,
+        )?;
+        let lp = token_logprobs(model, &hidden, &batch.input_ids, &batch.loss_mask, 1.0)?;
+        let loss = lp.sum.sum_all()?.neg()?;
+        let n = self.weight(split, idx);
+        let mut m = Metrics::default();
+        m.add("loss", loss.to_scalar::<f32>()? as f64, n);
+        m.add("mean_token_accuracy", lp.argmax_hits as f64, n);
+        m.tokens = batch.num_tokens;
+        Ok((loss, m))
+    }
+}
+
+fn report(r: &DataReport) {
+    eprintln!(
+        "data {}: {} rows, {} skipped, {} truncated, {} examples, {} sequences, {} tokens",
+        r.file, r.rows, r.skipped, r.truncated, r.examples, r.sequences, r.tokens
+    );
+    for e in &r.skipped_examples {
+        eprintln!("  skipped {e}");
+    }
+}
+
+/// `preftune sft`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.
+pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
+    let args = &cfg.args;
+    if eval_only {
+        let eval_file = args
+            .eval_file
+            .as_ref()
+            .ok_or_else(|| Error::Config("--eval-only needs eval_file".into()))?;
+        let opts = LoadOptions {
+            dtype: parse_dtype(&args.dtype)?,
+            ..Default::default()
+        };
+        let p = Pretrained::load(Path::new(&args.model_name_or_path), &opts)?;
+        let (eval, r) = load_split(eval_file, args, &cfg.algo, &p.tokenizer)?;
+        report(&r);
+        let mut algo = Sft {
+            train: vec![],
+            eval,
+            pad_token_id: p.pad_token_id(),
+            device: p.model.device().clone(),
+        };
+        return Ok(serde_json::to_value(evaluate(args, &p.model, &mut algo)?).unwrap_or_default());
+    }
+    let train_file = args
+        .train_file
+        .as_ref()
+        .ok_or_else(|| Error::Config("train_file is required".into()))?;
+    let ckpt = resume_point(args, resume);
+    let (policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
+    let (train_set, tr) = load_split(train_file, args, &cfg.algo, &policy.tokenizer)?;
+    report(&tr);
+    let mut reports = vec![tr];
+    let eval_set = match &args.eval_file {
+        Some(f) => {
+            let (e, er) = load_split(f, args, &cfg.algo, &policy.tokenizer)?;
+            report(&er);
+            reports.push(er);
+            e
+        }
+        None => vec![],
+    };
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let rp = args.output_dir.join("data_report.json");
+    preftune_model::weights::write_json(&rp, &serde_json::to_value(&reports).unwrap_or_default())?;
+    let mut algo = Sft {
+        train: train_set,
+        eval: eval_set,
+        pad_token_id: policy.pad_token_id(),
+        device: policy.model.device().clone(),
+    };
+    let summary = train(args, &cfg.table, policy, lora, ckpt, &mut algo)?;
+    let mut v = serde_json::to_value(&summary).unwrap_or_default();
+    v["data"] = serde_json::to_value(&reports).unwrap_or_default();
+    Ok(v)
+}

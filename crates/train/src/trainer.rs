@@ -1,0 +1,503 @@
+//! The one training loop every algorithm shares.
+//!
+//! An algorithm says how big each split is, how much each micro-batch weighs, and what its loss and
+//! metrics are; the loop owns data order, gradient accumulation, clipping, the optimiser and its
+//! schedule, logging, evaluation, checkpoints and resuming. Everything that varies from step to step
+//! (data order, dropout masks) is derived from the seed and the step number, so `N` steps, a
+//! checkpoint, a resume and `N` more give the same weights as `2N` straight steps.
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use preftune_model::{parse_dtype, LoadOptions, LoraConfig, Model, Pretrained};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::TrainingArguments;
+use crate::error::{Error, Result};
+use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// Weighted sums of named metrics; a metric's value is `sum / weight` over whatever was merged.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    sums: BTreeMap<String, (f64, f64)>,
+    /// Real (non-padding) tokens processed.
+    pub tokens: usize,
+}
+
+impl Metrics {
+    pub fn add(&mut self, name: &str, sum: f64, weight: f64) {
+        let e = self.sums.entry(name.to_string()).or_insert((0.0, 0.0));
+        e.0 += sum;
+        e.1 += weight;
+    }
+
+    pub fn merge(&mut self, other: &Metrics) {
+        for (k, (s, w)) in &other.sums {
+            self.add(k, *s, *w);
+        }
+        self.tokens += other.tokens;
+    }
+
+    pub fn means(&self) -> BTreeMap<String, f64> {
+        self.sums
+            .iter()
+            .filter(|(_, (_, w))| *w > 0.0)
+            .map(|(k, (s, w))| (k.clone(), s / w))
+            .collect()
+    }
+}
+
+/// What an algorithm plugs into the loop.
+pub trait Algorithm {
+    /// Examples in a split (0 for a missing eval split).
+    fn len(&self, split: Split) -> usize;
+    /// A micro-batch's share of its optimiser step (e.g. its number of target tokens). Losses are
+    /// summed over micro-batches and divided by the step's total weight, as transformers does.
+    fn weight(&self, split: Split, idx: &[usize]) -> f64;
+    /// The micro-batch's loss, summed (not averaged) over its weight units, and its metrics.
+    fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)>;
+}
+
+/// Loads the policy for training: full fine-tuning (every parameter a `Var`) or LoRA on a frozen
+/// base. `resume_from` restores the weights (or adapter) of a checkpoint.
+pub fn load_policy(
+    args: &TrainingArguments,
+    resume_from: Option<&Path>,
+) -> Result<(Pretrained, Option<LoraConfig>)> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let base = Path::new(&args.model_name_or_path);
+    if args.use_peft {
+        let mut p = Pretrained::load(
+            base,
+            &LoadOptions {
+                dtype,
+                trainable: false,
+                ..Default::default()
+            },
+        )?;
+        let cfg = LoraConfig {
+            r: args.lora_r,
+            alpha: args.lora_alpha,
+            dropout: args.lora_dropout,
+            target_modules: args.lora_target_modules.clone(),
+        };
+        match resume_from {
+            Some(dir) => {
+                p.model.load_lora(dir, true)?;
+            }
+            None => {
+                p.model.add_lora(&cfg, args.seed)?;
+            }
+        }
+        Ok((p, Some(cfg)))
+    } else {
+        let from = resume_from.unwrap_or(base);
+        let p = Pretrained::load(
+            from,
+            &LoadOptions {
+                dtype,
+                trainable: true,
+                ..Default::default()
+            },
+        )?;
+        Ok((p, None))
+    }
+}
+
+/// The trainable tensors with stable names: adapter names under LoRA, HF names otherwise.
+fn trainable(model: &Model) -> Vec<(String, Var)> {
+    let mut all = model.named_params();
+    all.extend(model.lora_params());
+    all.into_iter()
+        .filter(|(_, t)| t.is_variable())
+        .filter_map(|(n, t)| Var::from_tensor(&t).ok().map(|v| (n, v)))
+        .collect()
+}
+
+/// Writes the model (or adapter) and tokenizer into `dir`.
+fn save_weights(
+    policy: &Pretrained,
+    lora: Option<&LoraConfig>,
+    base: &str,
+    dir: &Path,
+) -> Result<()> {
+    match lora {
+        Some(cfg) => {
+            policy.model.save_lora(dir, cfg, base)?;
+            policy.tokenizer.save(dir)?;
+        }
+        None => policy.save(dir)?,
+    }
+    Ok(())
+}
+
+/// Data order: a fresh shuffle per epoch, from the seed and the epoch number alone.
+struct Order {
+    n: usize,
+    batch: usize,
+    seed: u64,
+    cached: Option<(usize, Vec<usize>)>,
+}
+
+impl Order {
+    fn batches_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch)
+    }
+
+    /// The `k`-th micro-batch of the endless stream of epochs.
+    fn micro_batch(&mut self, k: usize) -> Vec<usize> {
+        let nb = self.batches_per_epoch();
+        let (epoch, b) = (k / nb, k % nb);
+        if self.cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut perm: Vec<usize> = (0..self.n).collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            perm.shuffle(&mut rng);
+            self.cached = Some((epoch, perm));
+        }
+        let perm = &self.cached.as_ref().expect("just filled").1;
+        perm[b * self.batch..((b + 1) * self.batch).min(self.n)].to_vec()
+    }
+}
+
+/// Appends one JSON object per logged step to `metrics.jsonl`.
+struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens the log; on resume, first drops entries past the resumed step (they will be redone).
+    fn open(output_dir: &Path, resumed_step: Option<usize>) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        if let Some(step) = resumed_step {
+            let kept: String = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            preftune_model::weights::atomic_write(&path, kept.as_bytes())?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(MetricsLog { file })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| Error::Msg(format!("metrics.jsonl: {e}")))
+    }
+}
+
+/// Progress on a terminal (bar with loss, tokens/s and ETA) or plain lines in logs.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(total: usize, start: usize) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            ) {
+                b.set_style(style);
+            }
+            b.set_position(start as u64);
+            b
+        });
+        Progress { bar }
+    }
+
+    fn update(&self, step: usize, total: usize, line: &str, eta_s: f64) {
+        match &self.bar {
+            Some(b) => {
+                b.set_position(step as u64);
+                b.set_message(line.to_string());
+            }
+            None => eprintln!("step {step}/{total} {line} eta {:.0}s", eta_s),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainSummary {
+    pub output_dir: std::path::PathBuf,
+    pub global_step: usize,
+    pub train_loss: Option<f64>,
+    pub eval: BTreeMap<String, f64>,
+    pub num_tokens: usize,
+    pub train_runtime_s: f64,
+    pub resumed_from: Option<usize>,
+}
+
+/// Evaluates on the eval split (no dropout, outside autograd); metric names get an `eval_` prefix.
+pub fn evaluate(
+    args: &TrainingArguments,
+    model: &Model,
+    algo: &mut dyn Algorithm,
+) -> Result<BTreeMap<String, f64>> {
+    let n = algo.len(Split::Eval);
+    let mut total = Metrics::default();
+    if n == 0 {
+        return Ok(BTreeMap::new());
+    }
+    let frozen = model.detached()?;
+    frozen.set_lora_dropout_seed(None);
+    let idx: Vec<usize> = (0..n).collect();
+    for chunk in idx.chunks(args.per_device_eval_batch_size) {
+        let (_, m) = algo.loss(&frozen, Split::Eval, chunk)?;
+        total.merge(&m);
+    }
+    let mut out: BTreeMap<String, f64> = total
+        .means()
+        .into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect();
+    out.insert("eval_num_tokens".into(), total.tokens as f64);
+    Ok(out)
+}
+
+/// The checkpoint to resume from: the newest in `output_dir` when `resume` is set.
+pub fn resume_point(args: &TrainingArguments, resume: bool) -> Option<(usize, std::path::PathBuf)> {
+    if !resume {
+        return None;
+    }
+    let found = checkpoint::latest(&args.output_dir);
+    if found.is_none() {
+        eprintln!(
+            "resume: no checkpoint in {}; starting from the beginning",
+            args.output_dir.display()
+        );
+    }
+    found
+}
+
+/// Runs training to the end. `policy` and `lora` come from [`load_policy`] with the same `ckpt`
+/// (from [`resume_point`]), whose optimiser and trainer state are restored here.
+pub fn train(
+    args: &TrainingArguments,
+    config: &toml::Table,
+    policy: Pretrained,
+    lora: Option<LoraConfig>,
+    ckpt: Option<(usize, std::path::PathBuf)>,
+    algo: &mut dyn Algorithm,
+) -> Result<TrainSummary> {
+    let out = &args.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let params = trainable(&policy.model);
+    if params.is_empty() {
+        return Err(Error::Msg("no trainable parameters".into()));
+    }
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            lr: args.learning_rate,
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        &params,
+    );
+    let n = algo.len(Split::Train);
+    if n == 0 {
+        return Err(Error::Msg("the training set is empty".into()));
+    }
+    let mut order = Order {
+        n,
+        batch: args.per_device_train_batch_size,
+        seed: args.seed,
+        cached: None,
+    };
+    let accum = args.gradient_accumulation_steps;
+    let nb = order.batches_per_epoch();
+    let total_steps = if args.max_steps > 0 {
+        args.max_steps as usize
+    } else {
+        ((args.num_train_epochs * nb as f64) / accum as f64)
+            .ceil()
+            .max(1.0) as usize
+    };
+    let warmup = if args.warmup_steps > 0 {
+        args.warmup_steps
+    } else {
+        (args.warmup_ratio * total_steps as f64).ceil() as usize
+    };
+    let mut state = TrainerState {
+        global_step: 0,
+        epoch: 0.0,
+        total_steps,
+        num_tokens: 0,
+        seed: args.seed,
+    };
+    if let Some((step, dir)) = &ckpt {
+        state = checkpoint::load(dir, &mut opt)?;
+        eprintln!("resumed from {} (step {step})", dir.display());
+    }
+    std::fs::write(
+        out.join("config.toml"),
+        toml::to_string(config).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(out.join("config.toml"), e))?;
+    let mut log = MetricsLog::open(out, ckpt.as_ref().map(|(s, _)| *s))?;
+    let progress = Progress::new(total_steps, state.global_step);
+    let started = Instant::now();
+    let start_step = state.global_step;
+    let (mut window, mut run_loss) = (Metrics::default(), Metrics::default());
+    let mut last_eval = BTreeMap::new();
+
+    while state.global_step < total_steps {
+        let step = state.global_step;
+        let batches: Vec<Vec<usize>> = (0..accum)
+            .map(|k| order.micro_batch(step * accum + k))
+            .collect();
+        let total_weight: f64 = batches.iter().map(|b| algo.weight(Split::Train, b)).sum();
+        if total_weight <= 0.0 {
+            return Err(Error::Msg(format!(
+                "step {step}: the batch has nothing to learn from (zero weight)"
+            )));
+        }
+        let mut grads: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, p)| vec![0f32; p.elem_count()])
+            .collect();
+        let mut step_metrics = Metrics::default();
+        for (k, b) in batches.iter().enumerate() {
+            policy.model.set_lora_dropout_seed(Some(
+                args.seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * accum + k) as u64),
+            ));
+            let (loss, m) = algo.loss(&policy.model, Split::Train, b)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(Error::NonFinite {
+                    step: step + 1,
+                    value,
+                });
+            }
+            let g = (loss / total_weight)?.backward()?;
+            for (i, (_, p)) in params.iter().enumerate() {
+                if let Some(gt) = g.get(p.as_tensor()) {
+                    let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                }
+            }
+            step_metrics.merge(&m);
+        }
+        policy.model.set_lora_dropout_seed(None);
+        let grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                step: step + 1,
+                value: grad_norm,
+            });
+        }
+        let lr = lr_at(
+            &args.lr_scheduler_type,
+            args.learning_rate,
+            step,
+            warmup,
+            total_steps,
+        );
+        opt.step(&params, &grads, lr)?;
+        state.global_step += 1;
+        state.num_tokens += step_metrics.tokens;
+        state.epoch = (state.global_step * accum) as f64 / nb as f64;
+        window.merge(&step_metrics);
+        run_loss.merge(&step_metrics);
+
+        let done = state.global_step == total_steps;
+        let elapsed = started.elapsed().as_secs_f64();
+        let steps_done = (state.global_step - start_step) as f64;
+        if state.global_step % args.logging_steps == 0 || done {
+            let mut rec = serde_json::json!({
+                "step": state.global_step, "epoch": state.epoch, "learning_rate": lr, "grad_norm": grad_norm,
+                "num_tokens": state.num_tokens,
+                "train_tokens_per_second": if elapsed > 0.0 { run_loss.tokens as f64 / elapsed } else { 0.0 },
+            });
+            for (k, v) in window.means() {
+                rec[k] = v.into();
+            }
+            log.write(&rec)?;
+            let loss = window.means().get("loss").copied().unwrap_or(f64::NAN);
+            let eta = elapsed / steps_done.max(1.0) * (total_steps - state.global_step) as f64;
+            progress.update(
+                state.global_step,
+                total_steps,
+                &format!(
+                    "loss {loss:.4} lr {lr:.2e} tok/s {:.0}",
+                    run_loss.tokens as f64 / elapsed.max(1e-9)
+                ),
+                eta,
+            );
+            window = Metrics::default();
+        }
+        if args.eval_steps.is_some_and(|e| state.global_step % e == 0)
+            && algo.len(Split::Eval) > 0
+            && !done
+        {
+            last_eval = evaluate(args, &policy.model, algo)?;
+            let mut rec = serde_json::json!({"step": state.global_step, "epoch": state.epoch});
+            for (k, v) in &last_eval {
+                rec[k] = (*v).into();
+            }
+            log.write(&rec)?;
+        }
+        if state.global_step % args.save_steps == 0 || done {
+            checkpoint::save(out, &state, &opt, config, |dir| {
+                save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)
+            })?;
+            checkpoint::rotate(out, args.save_total_limit)?;
+        }
+    }
+    progress.finish();
+    if algo.len(Split::Eval) > 0 {
+        last_eval = evaluate(args, &policy.model, algo)?;
+        let mut rec = serde_json::json!({"step": state.global_step, "epoch": state.epoch});
+        for (k, v) in &last_eval {
+            rec[k] = (*v).into();
+        }
+        log.write(&rec)?;
+    }
+    // The final model at the root of output_dir, as TRL leaves it.
+    save_weights(&policy, lora.as_ref(), &args.model_name_or_path, out)?;
+    Ok(TrainSummary {
+        output_dir: out.clone(),
+        global_step: state.global_step,
+        train_loss: run_loss.means().get("loss").copied(),
+        eval: last_eval,
+        num_tokens: state.num_tokens,
+        train_runtime_s: started.elapsed().as_secs_f64(),
+        resumed_from: ckpt.map(|(s, _)| s),
+    })
+}
