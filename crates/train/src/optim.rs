@@ -172,13 +172,14 @@ mod tests {
             pb -= 0.1 / (1.0 - 0.9f64.powi(t)) * mb
                 / (vb.sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
         }
+        // The update runs in f32, as PyTorch's does; the reference is f64.
         let got = w.as_tensor().to_vec1::<f32>().unwrap();
         assert!(
-            (got[0] as f64 - p[0]).abs() < 1e-6 && (got[1] as f64 - p[1]).abs() < 1e-6,
+            (got[0] as f64 - p[0]).abs() < 5e-6 && (got[1] as f64 - p[1]).abs() < 5e-6,
             "{got:?} vs {p:?}"
         );
         let gb = b.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
-        assert!((gb - pb).abs() < 1e-6, "bias is not decayed: {gb} vs {pb}");
+        assert!((gb - pb).abs() < 5e-6, "bias is not decayed: {gb} vs {pb}");
     }
 
     #[test]
