@@ -18,7 +18,11 @@ pub fn load(args: &ModelArgs) -> Result<Pretrained> {
         ..Default::default()
     };
     // Our load errors already name the file, tensor or field.
-    Ok(Pretrained::load(&args.model, &opts)?)
+    let mut p = Pretrained::load(&args.model, &opts)?;
+    if let Some(dir) = &args.adapter {
+        p.model.load_lora(dir, false)?;
+    }
+    Ok(p)
 }
 
 fn prompt_ids(p: &Pretrained, args: &PromptArgs) -> Result<Vec<u32>> {

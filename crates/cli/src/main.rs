@@ -28,6 +28,9 @@ pub struct ModelArgs {
     /// Weights dtype: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// A LoRA adapter folder in PEFT's layout to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// How a prompt is turned into tokens.

@@ -272,3 +272,103 @@ fn errors_go_to_stderr_with_the_path() {
     assert!(err.contains("top_p must be in (0, 1]"), "{err}");
     assert!(Path::new(&model("tiny-llama")).exists());
 }
+
+#[test]
+fn sft_example_config_trains_and_eval_only_prints_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let config = root().join("examples/sft-tiny.toml");
+    let cwd_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "sft".into(),
+            "--config".into(),
+            config.to_string_lossy().into(),
+        ];
+        for s in [
+            format!("output_dir={}", out.display()),
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!(
+                "train_file={}",
+                root().join("examples/data/chat-tiny.jsonl").display()
+            ),
+            format!(
+                "eval_file={}",
+                root().join("examples/data/chat-tiny.jsonl").display()
+            ),
+        ] {
+            v.push("--set".into());
+            v.push(s);
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = cwd_args(&[]);
+    let (ok, v, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert_eq!(v["global_step"], 40);
+    assert!(
+        err.contains("data ") && err.contains("4 rows, 0 skipped"),
+        "data report on stderr: {err}"
+    );
+    let before = v["eval"]["eval_loss"].as_f64().unwrap();
+    // Eval-only on the trained model: the same eval loss as the run's final evaluation.
+    let mut eval = cwd_args(&["--eval-only"]);
+    eval.push("--set".into());
+    eval.push(format!("model_name_or_path={}", out.display()));
+    let (ok, e, err) = preftune(&eval.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(
+        (e["eval_loss"].as_f64().unwrap() - before).abs() < 1e-5,
+        "{e} vs {before}"
+    );
+    assert!(e["eval_mean_token_accuracy"].as_f64().unwrap() > 0.5);
+    // And against the untrained model, the eval loss is much higher.
+    let base = cwd_args(&["--eval-only"]);
+    let (ok, b, err) = preftune(&base.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(b["eval_loss"].as_f64().unwrap() > 2.0 * before, "{b}");
+    // A typo in a key is refused.
+    let (ok, _, err) = preftune(&[
+        "sft",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "learnin_rate=1",
+    ]);
+    assert!(!ok && err.contains("unknown key `learnin_rate`"), "{err}");
+}
+
+#[test]
+fn sft_runs_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("examples/data/chat-tiny.jsonl");
+    let sets = [
+        format!("model_name_or_path={}", model("tiny-qwen2")),
+        format!("train_file={}", data.display()),
+        format!("output_dir={}", dir.path().join("bf16").display()),
+        "dtype=bf16".into(),
+        "max_steps=30".into(),
+        "learning_rate=3e-3".into(),
+        "logging_steps=30".into(),
+        "per_device_train_batch_size=4".into(),
+    ];
+    let mut args = vec!["sft".to_string()];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let (ok, v, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(v["train_loss"].as_f64().unwrap().is_finite());
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bf16/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let m: Vec<Value> = std::fs::read_to_string(dir.path().join("bf16/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(m.last().unwrap()["loss"].as_f64().unwrap() < 1.5, "{m:?}");
+}
