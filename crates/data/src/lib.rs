@@ -21,11 +21,13 @@ use serde_json::Value;
 
 mod batch;
 mod format;
+mod preference;
 mod read;
 mod tokenize;
 
 pub use batch::{collate, pack};
 pub use format::parse_examples;
+pub use preference::{join_truncated, tokenize_preference, TokenizedRanking};
 pub use read::read_rows;
 pub use tokenize::tokenize_sft;
 

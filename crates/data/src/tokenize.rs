@@ -132,12 +132,16 @@ fn refuse_assistant_only(opts: &SftTokenizeOptions) -> R<()> {
     Ok(())
 }
 
-fn encode(tok: &Tokenizer, text: &str, add_special_tokens: bool) -> R<Vec<u32>> {
+pub(crate) fn encode(tok: &Tokenizer, text: &str, add_special_tokens: bool) -> R<Vec<u32>> {
     tok.encode(text, add_special_tokens)
         .map_err(|e| e.to_string())
 }
 
-fn encode_chat(tok: &Tokenizer, messages: &[Message], add_generation_prompt: bool) -> R<Vec<u32>> {
+pub(crate) fn encode_chat(
+    tok: &Tokenizer,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> R<Vec<u32>> {
     tok.encode_chat(messages, add_generation_prompt)
         .map_err(|e| e.to_string())
 }
@@ -158,7 +162,7 @@ pub(crate) fn eos_string(tok: &Tokenizer) -> R<String> {
 }
 
 /// TRL appends EOS only when the text does not already end with it.
-fn with_eos(text: &str, eos: &str) -> String {
+pub(crate) fn with_eos(text: &str, eos: &str) -> String {
     if text.ends_with(eos) {
         text.to_string()
     } else {

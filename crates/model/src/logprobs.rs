@@ -16,8 +16,17 @@ const CHUNK: usize = 512;
 pub struct TokenLogprobs {
     pub per_token: Tensor,
     pub sum: Tensor,
-    /// Scored tokens that are the model's top-1 prediction (for `mean_token_accuracy`).
-    pub argmax_hits: usize,
+    /// Per row: scored tokens that are the model's top-1 prediction (`mean_token_accuracy`).
+    pub row_hits: Vec<usize>,
+    /// Per row: sum over scored tokens of the mean logit over the vocabulary (TRL's `logits/*`).
+    pub row_mean_logit_sum: Vec<f32>,
+}
+
+impl TokenLogprobs {
+    /// Scored tokens that are the model's top-1 prediction, over all rows.
+    pub fn argmax_hits(&self) -> usize {
+        self.row_hits.iter().sum()
+    }
 }
 
 /// `log p(input_ids[b, t] | input_ids[b, <t])` for every `t >= 1` with `mask[b, t] = 1`, from the
@@ -59,7 +68,8 @@ pub fn token_logprobs(
     }
     let dev = hidden.device();
     let mut per_token = Tensor::zeros(b * t, DType::F32, dev)?;
-    let mut argmax_hits = 0;
+    let mut row_hits = vec![0usize; b];
+    let mut row_mean_logit_sum = vec![0f32; b];
     if !src.is_empty() {
         let flat = hidden.reshape((b * t, h))?;
         let mut pieces = vec![];
@@ -73,17 +83,23 @@ pub fn token_logprobs(
             if temperature != 1.0 {
                 logits = (logits / temperature)?;
             }
-            let best = logits.detach().argmax_keepdim(1)?;
-            argmax_hits += best
+            let stats = logits.detach();
+            let hits = stats
+                .argmax_keepdim(1)?
                 .eq(&lab)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
+                .flatten_all()?
+                .to_vec1::<u8>()?;
+            let means = stats.mean(1)?.to_vec1::<f32>()?;
+            for (k, (&h, &mu)) in hits.iter().zip(&means).enumerate() {
+                let row = dst[start + k] as usize / t;
+                row_hits[row] += h as usize;
+                row_mean_logit_sum[row] += mu;
+            }
             let picked = logits.gather(&lab, 1)?;
             pieces.push((picked - logsumexp_last(&logits)?)?.squeeze(1)?);
         }
         let lp = Tensor::cat(&pieces, 0)?;
-        let dst = Tensor::from_vec(dst, src.len(), dev)?;
+        let dst = Tensor::from_vec(dst.clone(), src.len(), dev)?;
         per_token = per_token.index_add(&dst, &lp, 0)?;
     }
     let per_token = per_token.reshape((b, t))?;
@@ -91,6 +107,7 @@ pub fn token_logprobs(
     Ok(TokenLogprobs {
         per_token,
         sum,
-        argmax_hits,
+        row_hits,
+        row_mean_logit_sum,
     })
 }

@@ -3,7 +3,9 @@
 //! per algorithm.
 pub mod checkpoint;
 pub mod config;
+pub mod dpo_loss;
 pub mod error;
+mod ops_ext;
 pub mod optim;
 pub mod sft;
 pub mod trainer;

@@ -170,7 +170,7 @@ impl Algorithm for Sft {
         let n = self.weight(split, idx);
         let mut m = Metrics::default();
         m.add("loss", loss.to_scalar::<f32>()? as f64, n);
-        m.add("mean_token_accuracy", lp.argmax_hits as f64, n);
+        m.add("mean_token_accuracy", lp.argmax_hits() as f64, n);
         m.tokens = batch.num_tokens;
         Ok((loss, m))
     }
