@@ -179,3 +179,13 @@ pub fn sft(run: &RunArgs) -> Result<()> {
     emit(&preftune_train::sft::run(&cfg, run.resume, run.eval_only)?);
     Ok(())
 }
+
+pub fn dpo(run: &RunArgs) -> Result<()> {
+    let cfg = preftune_train::config::load::<preftune_train::dpo::DpoArgs>(
+        run.config.as_deref(),
+        preftune_train::dpo::defaults(),
+        &run.set,
+    )?;
+    emit(&preftune_train::dpo::run(&cfg, run.resume, run.eval_only)?);
+    Ok(())
+}

@@ -111,6 +111,9 @@ enum Command {
     /// Supervised fine-tuning (TRL's SFTTrainer): language-modelling or prompt-completion data,
     /// standard or conversational, full fine-tuning or LoRA.
     Sft(RunArgs),
+    /// Direct preference optimisation and its family (TRL's DPOTrainer loss types, R-DPO, PRO)
+    /// against a frozen reference model.
+    Dpo(RunArgs),
 }
 
 /// How every trainer is started.
@@ -155,6 +158,7 @@ fn main() {
         } => commands::chat(&model, system.as_deref(), &sampling),
         Command::Bench(args) => bench::run(&args),
         Command::Sft(run) => commands::sft(&run),
+        Command::Dpo(run) => commands::dpo(&run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

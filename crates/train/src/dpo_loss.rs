@@ -99,7 +99,7 @@ pub fn pair_loss(kind: LossType, p: &PairLogps, prm: &PairParams) -> Result<Tens
         LossType::Robust => {
             let clean = (log_sigmoid(&z)? * -(1.0 - ls))?;
             let flipped = (log_sigmoid(&z.neg()?)? * -ls)?;
-            ((clean - flipped)? / (1.0 - 2.0 * ls))
+            (clean - flipped)? / (1.0 - 2.0 * ls)
         }
         LossType::SigmoidNorm => {
             let d = (per_token(&cl, p.chosen_len)? - per_token(&rl, p.rejected_len)?)?;
@@ -113,15 +113,13 @@ pub fn pair_loss(kind: LossType, p: &PairLogps, prm: &PairParams) -> Result<Tens
         }
         LossType::NcaPair => {
             let (c, r) = ((&cl * beta)?, (&rl * beta)?);
-            ((log_sigmoid(&c)?.neg()? - (log_sigmoid(&c.neg()?)? * 0.5)?)?
-                - (log_sigmoid(&r.neg()?)? * 0.5)?)
+            (log_sigmoid(&c)?.neg()? - (log_sigmoid(&c.neg()?)? * 0.5)?)?
+                - (log_sigmoid(&r.neg()?)? * 0.5)?
         }
-        LossType::BcoPair => (log_sigmoid(&(&cl * beta)?)?.neg()? - log_sigmoid(&(&rl * -beta)?)?),
-        LossType::SppoHard => ((&cl - 0.5 / beta)?.sqr()? + (&rl + 0.5 / beta)?.sqr()?),
-        LossType::ApoZero => ((1.0 - sigmoid(&(&cl * beta)?)?)? + sigmoid(&(&rl * beta)?)?),
-        LossType::ApoDown => {
-            (sigmoid(&(&cl * beta)?)? + (1.0 - sigmoid(&((&cl - &rl)? * beta)?)?)?)
-        }
+        LossType::BcoPair => log_sigmoid(&(&cl * beta)?)?.neg()? - log_sigmoid(&(&rl * -beta)?)?,
+        LossType::SppoHard => (&cl - 0.5 / beta)?.sqr()? + (&rl + 0.5 / beta)?.sqr()?,
+        LossType::ApoZero => (1.0 - sigmoid(&(&cl * beta)?)?)? + sigmoid(&(&rl * beta)?)?,
+        LossType::ApoDown => sigmoid(&(&cl * beta)?)? + (1.0 - sigmoid(&((&cl - &rl)? * beta)?)?)?,
         LossType::Sft | LossType::Pro => candle_core::bail!("{kind:?} is not a pairwise loss"),
     }
 }

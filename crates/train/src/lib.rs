@@ -3,6 +3,7 @@
 //! per algorithm.
 pub mod checkpoint;
 pub mod config;
+pub mod dpo;
 pub mod dpo_loss;
 pub mod error;
 mod ops_ext;

@@ -1,0 +1,678 @@
+//! DPO and its family on the shared loop: pairwise losses (TRL's `loss_type`s, R-DPO, combined with
+//! `loss_weights`), PRO on rankings, `rpo_alpha`, and the reference model as a separate frozen model,
+//! the LoRA base (no second copy of the weights), precomputed log-probs, or none.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use preftune_data::{
+    collate, join_truncated, parse_examples, read_rows, tokenize_preference, ColumnMap, Format,
+    RowError, TokenizedExample,
+};
+use preftune_model::{parse_dtype, token_logprobs, LoadOptions, Model, Pretrained, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RunConfig, TrainingArguments};
+use crate::dpo_loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
+use crate::error::{Error, Result};
+use crate::trainer::{evaluate, load_policy, resume_point, train, Algorithm, Metrics, Split};
+
+/// One loss type or several (TRL accepts both).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// DPO's own options (TRL's `DPOConfig` names, plus `length_alpha`, `rpo_alpha`, `reference_free`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DpoArgs {
+    pub beta: f64,
+    pub loss_type: OneOrMany,
+    pub loss_weights: Option<Vec<f64>>,
+    pub label_smoothing: f64,
+    /// R-DPO: each implicit reward gets `- length_alpha * |y|`.
+    pub length_alpha: f64,
+    /// Adds `rpo_alpha * NLL(chosen)` (mean over chosen tokens).
+    pub rpo_alpha: Option<f64>,
+    /// Use a uniform reference (reference log-probs 0).
+    pub reference_free: bool,
+    /// The frozen reference; default: the policy's starting weights (the base model under LoRA).
+    pub ref_model: Option<String>,
+    /// Compute reference log-probs once, cache them next to the dataset, and free the reference.
+    pub precompute_ref_log_probs: bool,
+    /// PRO: divide each response's log-ratio by its length.
+    pub pro_length_normalize: bool,
+}
+
+impl Default for DpoArgs {
+    fn default() -> Self {
+        DpoArgs {
+            beta: 0.1,
+            loss_type: OneOrMany::One("sigmoid".into()),
+            loss_weights: None,
+            label_smoothing: 0.0,
+            length_alpha: 0.0,
+            rpo_alpha: None,
+            reference_free: false,
+            ref_model: None,
+            precompute_ref_log_probs: false,
+            pro_length_normalize: false,
+        }
+    }
+}
+
+/// DPO's defaults over the shared ones, as TRL's `DPOConfig` sets them.
+pub fn defaults() -> toml::Table {
+    toml::from_str("learning_rate = 1e-6\nmax_length = 1024\nlogging_steps = 10")
+        .expect("static TOML")
+}
+
+impl DpoArgs {
+    /// The loss types with their weights, validated.
+    pub fn losses(&self) -> Result<Vec<(LossType, f64)>> {
+        let names = match &self.loss_type {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        let kinds: Vec<LossType> = names
+            .iter()
+            .map(|n| n.parse().map_err(Error::Config))
+            .collect::<Result<_>>()?;
+        let weights = self
+            .loss_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; kinds.len()]);
+        if weights.len() != kinds.len() {
+            return Err(Error::Config(format!(
+                "loss_weights has {} entries for {} loss types",
+                weights.len(),
+                kinds.len()
+            )));
+        }
+        if kinds.contains(&LossType::Pro) && kinds.len() > 1 {
+            return Err(Error::Config(
+                "loss_type pro (listwise) cannot be combined with pairwise losses".into(),
+            ));
+        }
+        if !(self.beta > 0.0) {
+            return Err(Error::Config("beta must be > 0".into()));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(Error::Config("label_smoothing must be in [0, 0.5)".into()));
+        }
+        if kinds.contains(&LossType::ExoPair) && self.label_smoothing == 0.0 {
+            return Err(Error::Config(
+                "exo_pair needs label_smoothing > 0 (it takes log(label_smoothing))".into(),
+            ));
+        }
+        Ok(kinds.into_iter().zip(weights).collect())
+    }
+}
+
+/// A prompt and its tokenized responses (2 for a pair: chosen, rejected; k for a ranking), each
+/// already joined and truncated, with cached reference log-probs when precomputed.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub rows: Vec<TokenizedExample>,
+    pub ref_logps: Option<Vec<f32>>,
+}
+
+/// Where reference log-probs come from.
+pub enum Reference {
+    Model(Box<Model>),
+    /// The policy without its LoRA adapters.
+    LoraBase,
+    Precomputed,
+    Free,
+}
+
+pub struct Dpo {
+    pub losses: Vec<(LossType, f64)>,
+    pub params: PairParams,
+    pub rpo_alpha: Option<f64>,
+    pub pro_length_normalize: bool,
+    pub train: Vec<Item>,
+    pub eval: Vec<Item>,
+    pub reference: Reference,
+    pub pad_token_id: u32,
+    pub device: Device,
+}
+
+/// Data report for one split.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DataReport {
+    pub file: String,
+    pub rows: usize,
+    pub skipped: usize,
+    pub skipped_examples: Vec<String>,
+    /// Rows where a sequence was cut to max_length.
+    pub truncated: usize,
+    pub examples: usize,
+    pub mean_chosen_tokens: f64,
+    pub mean_rejected_tokens: f64,
+}
+
+/// Reads preference (or, for `pro`, ranking) data and tokenizes it as TRL does.
+pub fn load_split(
+    path: &Path,
+    args: &TrainingArguments,
+    listwise: bool,
+    tok: &Tokenizer,
+) -> Result<(Vec<Item>, DataReport)> {
+    let rows = read_rows(path)?;
+    let columns = ColumnMap {
+        map: args.columns.clone(),
+    };
+    let format = if listwise {
+        Format::Ranking
+    } else {
+        Format::Preference
+    };
+    let (examples, mut errors) = parse_examples(&rows, format, &columns);
+    let keep_end = args.truncation_mode == "keep_end";
+    let mut items = vec![];
+    let mut truncated = 0;
+    for (loc, ex) in &examples {
+        let r = match tokenize_preference(ex, tok) {
+            Ok(r) => r,
+            Err(msg) => {
+                errors.push(RowError {
+                    loc: loc.clone(),
+                    field: "(tokenize)".into(),
+                    msg,
+                });
+                continue;
+            }
+        };
+        let mut out = vec![];
+        let mut cut = false;
+        for c in &r.completions {
+            match join_truncated(&r.prompt_ids, c, args.max_length, keep_end) {
+                Some((ids, mask)) => {
+                    cut |= ids.len() < r.prompt_ids.len() + c.len();
+                    out.push(TokenizedExample {
+                        input_ids: ids,
+                        loss_mask: mask,
+                        position_ids: None,
+                        truncated: cut,
+                    });
+                }
+                None => break,
+            }
+        }
+        if out.len() < r.completions.len() {
+            errors.push(RowError {
+                loc: loc.clone(),
+                field: "(truncation)".into(),
+                msg: "the prompt alone fills max_length".into(),
+            });
+            continue;
+        }
+        truncated += cut as usize;
+        items.push(Item {
+            rows: out,
+            ref_logps: None,
+        });
+    }
+    if !errors.is_empty() && !args.skip_invalid_rows {
+        let first = errors
+            .iter()
+            .take(10)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(Error::Data {
+            count: errors.len(),
+            first,
+        });
+    }
+    let mean_len = |j: usize| {
+        let n = items.iter().filter(|i| i.rows.len() > j).count().max(1);
+        items
+            .iter()
+            .filter_map(|i| i.rows.get(j))
+            .map(|r| r.loss_mask.iter().map(|&m| m as f64).sum::<f64>())
+            .sum::<f64>()
+            / n as f64
+    };
+    let report = DataReport {
+        file: path.display().to_string(),
+        rows: rows.len(),
+        skipped: errors.len(),
+        skipped_examples: errors.iter().take(10).map(|e| e.to_string()).collect(),
+        truncated,
+        examples: items.len(),
+        mean_chosen_tokens: mean_len(0),
+        mean_rejected_tokens: mean_len(1),
+    };
+    Ok((items, report))
+}
+
+/// Summed log-probs and statistics of a set of sequences under `model` (chunked by the caller).
+struct SeqStats {
+    logps: Tensor,
+    lens: Vec<f32>,
+    hits: Vec<usize>,
+    mean_logit_sum: Vec<f32>,
+    tokens: usize,
+}
+
+fn seq_logps(
+    model: &Model,
+    rows: &[&TokenizedExample],
+    pad: u32,
+    device: &Device,
+) -> Result<SeqStats> {
+    let batch = collate(rows, pad, device)?;
+    let hidden = model.forward(&batch.input_ids, Some(&batch.attention_mask), None, None)?;
+    let lp = token_logprobs(model, &hidden, &batch.input_ids, &batch.loss_mask, 1.0)?;
+    let lens = rows
+        .iter()
+        .map(|r| r.loss_mask.iter().skip(1).map(|&m| m as f32).sum())
+        .collect();
+    Ok(SeqStats {
+        logps: lp.sum,
+        lens,
+        hits: lp.row_hits,
+        mean_logit_sum: lp.row_mean_logit_sum,
+        tokens: batch.num_tokens,
+    })
+}
+
+impl Dpo {
+    fn split(&self, split: Split) -> &[Item] {
+        match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        }
+    }
+
+    fn listwise(&self) -> bool {
+        self.losses.iter().any(|(k, _)| *k == LossType::Pro)
+    }
+
+    /// Reference log-probs of the flattened rows of `items` (same order as the policy's).
+    fn reference_logps(
+        &self,
+        model: &Model,
+        items: &[&Item],
+        rows: &[&TokenizedExample],
+    ) -> Result<Tensor> {
+        let n = rows.len();
+        match &self.reference {
+            Reference::Free => Ok(Tensor::zeros(n, DType::F32, &self.device)?),
+            Reference::Precomputed => {
+                let mut v = vec![];
+                for it in items {
+                    let r = it.ref_logps.as_ref().ok_or_else(|| {
+                        Error::Msg("missing precomputed reference log-probs".into())
+                    })?;
+                    v.extend_from_slice(r);
+                }
+                Ok(Tensor::from_vec(v, n, &self.device)?)
+            }
+            Reference::Model(m) => Ok(seq_logps(m, rows, self.pad_token_id, &self.device)?
+                .logps
+                .detach()),
+            Reference::LoraBase => Ok(seq_logps(
+                &model.without_lora().detached()?,
+                rows,
+                self.pad_token_id,
+                &self.device,
+            )?
+            .logps
+            .detach()),
+        }
+    }
+
+    /// Rows in TRL's order: every item's first response, then every item's second (pairs); for
+    /// rankings, item by item.
+    fn rows<'a>(&self, items: &[&'a Item]) -> Vec<&'a TokenizedExample> {
+        if self.listwise() {
+            items.iter().flat_map(|i| i.rows.iter()).collect()
+        } else {
+            (0..2)
+                .flat_map(|j| items.iter().map(move |i| &i.rows[j]))
+                .collect()
+        }
+    }
+}
+
+impl Algorithm for Dpo {
+    fn len(&self, split: Split) -> usize {
+        self.split(split).len()
+    }
+
+    /// Every pair (or ranking) weighs the same: the loss is a mean over pairs, as in TRL.
+    fn weight(&self, _split: Split, idx: &[usize]) -> f64 {
+        idx.len() as f64
+    }
+
+    fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
+        let data = self.split(split);
+        let items: Vec<&Item> = idx.iter().map(|&i| &data[i]).collect();
+        let rows = self.rows(&items);
+        let pol = seq_logps(model, &rows, self.pad_token_id, &self.device)?;
+        let reference = self.reference_logps(model, &items, &rows)?;
+        let b = items.len();
+        let lens = Tensor::from_vec(pol.lens.clone(), rows.len(), &self.device)?;
+        let mut m = Metrics::default();
+        m.tokens = pol.tokens;
+        let loss = if self.listwise() {
+            let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+            let mut start = 0;
+            for it in &items {
+                let k = it.rows.len();
+                let mut r = ((pol.logps.narrow(0, start, k)? - reference.narrow(0, start, k)?)?
+                    * self.params.beta)?;
+                if self.pro_length_normalize {
+                    r = r.broadcast_div(&lens.narrow(0, start, k)?.clamp(1.0, f64::INFINITY)?)?;
+                }
+                let rv: Vec<f32> = r.to_vec1()?;
+                m.add("rewards/best", rv[0] as f64, 1.0);
+                m.add("rewards/worst", rv[k - 1] as f64, 1.0);
+                m.add(
+                    "rewards/accuracies",
+                    rv.windows(2).filter(|w| w[0] > w[1]).count() as f64,
+                    (k - 1) as f64,
+                );
+                total = (total + pro_loss(&r)?)?;
+                start += k;
+            }
+            total
+        } else {
+            let (pc, pr) = (pol.logps.narrow(0, 0, b)?, pol.logps.narrow(0, b, b)?);
+            let (rc, rr) = (reference.narrow(0, 0, b)?, reference.narrow(0, b, b)?);
+            let (lc, lr) = (lens.narrow(0, 0, b)?, lens.narrow(0, b, b)?);
+            let p = PairLogps {
+                chosen: &pc,
+                rejected: &pr,
+                ref_chosen: &rc,
+                ref_rejected: &rr,
+                chosen_len: &lc,
+                rejected_len: &lr,
+            };
+            let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+            for (kind, w) in &self.losses {
+                let per = match kind {
+                    // TRL's `sft` loss type: NLL over chosen tokens, the same for every pair.
+                    LossType::Sft => (pc.sum_all()?.neg()?
+                        / lc.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
+                        .broadcast_as(b)?,
+                    _ => pair_loss(*kind, &p, &self.params)?,
+                };
+                total = (total + (per.sum_all()? * *w)?)?;
+            }
+            if let Some(a) = self.rpo_alpha {
+                let nll =
+                    (pc.sum_all()?.neg()? / lc.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?;
+                total = (total + (nll * (a * b as f64))?)?;
+            }
+            let (rw, rl) = implicit_rewards(&p, &self.params)?;
+            let (rw, rl): (Vec<f32>, Vec<f32>) = (rw.to_vec1()?, rl.to_vec1()?);
+            let bf = b as f64;
+            m.add("rewards/chosen", rw.iter().map(|&x| x as f64).sum(), bf);
+            m.add("rewards/rejected", rl.iter().map(|&x| x as f64).sum(), bf);
+            m.add(
+                "rewards/accuracies",
+                rw.iter().zip(&rl).filter(|(a, b)| a > b).count() as f64,
+                bf,
+            );
+            m.add(
+                "rewards/margins",
+                rw.iter().zip(&rl).map(|(a, b)| (a - b) as f64).sum(),
+                bf,
+            );
+            let sum = |t: &Tensor| -> Result<f64> {
+                Ok(t.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum())
+            };
+            m.add("logps/chosen", sum(&pc)?, bf);
+            m.add("logps/rejected", sum(&pr)?, bf);
+            let (clen, rlen): (f64, f64) = (
+                pol.lens[..b].iter().map(|&x| x as f64).sum(),
+                pol.lens[b..].iter().map(|&x| x as f64).sum(),
+            );
+            m.add(
+                "logits/chosen",
+                pol.mean_logit_sum[..b].iter().map(|&x| x as f64).sum(),
+                clen,
+            );
+            m.add(
+                "logits/rejected",
+                pol.mean_logit_sum[b..].iter().map(|&x| x as f64).sum(),
+                rlen,
+            );
+            m.add(
+                "mean_token_accuracy",
+                pol.hits[..b].iter().sum::<usize>() as f64,
+                clen,
+            );
+            m.add("completion_length/chosen", clen, bf);
+            m.add("completion_length/rejected", rlen, bf);
+            total
+        };
+        m.add("loss", loss.to_scalar::<f32>()? as f64, b as f64);
+        Ok((loss, m))
+    }
+}
+
+/// A fingerprint of what reference log-probs depend on, for the cache file name.
+fn fingerprint(parts: &[String]) -> String {
+    // FNV-1a: stable across runs and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in parts.join("\u{1f}").bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Fills `items[i].ref_logps`, reading and appending to a cache file next to `data` so an
+/// interrupted precomputation resumes where it stopped.
+fn precompute(
+    items: &mut [Item],
+    data: &Path,
+    key: &[String],
+    dpo: &Dpo,
+    model: &Model,
+    batch: usize,
+) -> Result<PathBuf> {
+    let meta = std::fs::metadata(data).map_err(|e| Error::io(data, e))?;
+    let mut parts = key.to_vec();
+    parts.push(format!(
+        "{}:{}:{:?}",
+        data.display(),
+        meta.len(),
+        meta.modified().ok()
+    ));
+    let name = format!(
+        "{}.ref-logps-{}.jsonl",
+        data.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        fingerprint(&parts)
+    );
+    let cache = data.with_file_name(name);
+    let mut done: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        for line in text.lines() {
+            // A line cut short by a crash is simply recomputed.
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if let (Some(i), Some(l)) = (v["i"].as_u64(), v["logps"].as_array()) {
+                    done.insert(
+                        i as usize,
+                        l.iter()
+                            .filter_map(|x| x.as_f64().map(|x| x as f32))
+                            .collect(),
+                    );
+                }
+            }
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cache)
+        .map_err(|e| Error::io(&cache, e))?;
+    let todo: Vec<usize> = (0..items.len())
+        .filter(|i| done.get(i).is_none_or(|l| l.len() != items[*i].rows.len()))
+        .collect();
+    for chunk in todo.chunks(batch.max(1)) {
+        let its: Vec<&Item> = chunk.iter().map(|&i| &items[i]).collect();
+        let rows: Vec<&TokenizedExample> = its.iter().flat_map(|i| i.rows.iter()).collect();
+        let lp: Vec<f32> = dpo.reference_logps(model, &its, &rows)?.to_vec1()?;
+        let mut at = 0;
+        for &i in chunk {
+            let k = items[i].rows.len();
+            let v = lp[at..at + k].to_vec();
+            at += k;
+            writeln!(file, "{}", serde_json::json!({"i": i, "logps": v}))
+                .map_err(|e| Error::io(&cache, e))?;
+            done.insert(i, v);
+        }
+        file.flush().map_err(|e| Error::io(&cache, e))?;
+    }
+    for (i, it) in items.iter_mut().enumerate() {
+        it.ref_logps = done.remove(&i);
+    }
+    Ok(cache)
+}
+
+fn report(r: &DataReport) {
+    eprintln!(
+        "data {}: {} rows, {} skipped, {} truncated, {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
+        r.file, r.rows, r.skipped, r.truncated, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
+    );
+    for e in &r.skipped_examples {
+        eprintln!("  skipped {e}");
+    }
+}
+
+/// `preftune dpo`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.
+pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
+    let args = &cfg.args;
+    let d = &cfg.algo;
+    let losses = d.losses()?;
+    let listwise = losses.iter().any(|(k, _)| *k == LossType::Pro);
+    let params = PairParams {
+        beta: d.beta,
+        label_smoothing: d.label_smoothing,
+        length_alpha: d.length_alpha,
+    };
+    let dtype = parse_dtype(&args.dtype)?;
+    let frozen = |path: &str| {
+        Pretrained::load(
+            Path::new(path),
+            &LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+    };
+    let ckpt = if eval_only {
+        None
+    } else {
+        resume_point(args, resume)
+    };
+    let (policy, lora) = if eval_only {
+        (frozen(&args.model_name_or_path)?, None)
+    } else {
+        load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?
+    };
+    let reference = if d.reference_free {
+        Reference::Free
+    } else if let Some(r) = &d.ref_model {
+        Reference::Model(Box::new(frozen(r)?.model))
+    } else if lora.is_some() {
+        Reference::LoraBase
+    } else if eval_only {
+        return Err(Error::Config(
+            "--eval-only needs ref_model (the policy would be its own reference)".into(),
+        ));
+    } else {
+        // The policy's starting weights, even when resuming from a checkpoint.
+        Reference::Model(Box::new(frozen(&args.model_name_or_path)?.model))
+    };
+    let mut dpo = Dpo {
+        losses,
+        params,
+        rpo_alpha: d.rpo_alpha,
+        pro_length_normalize: d.pro_length_normalize,
+        train: vec![],
+        eval: vec![],
+        reference,
+        pad_token_id: policy.pad_token_id(),
+        device: policy.model.device().clone(),
+    };
+    let mut reports = vec![];
+    let mut splits: Vec<(Split, PathBuf)> = vec![];
+    if !eval_only {
+        splits.push((
+            Split::Train,
+            args.train_file
+                .clone()
+                .ok_or_else(|| Error::Config("train_file is required".into()))?,
+        ));
+    }
+    match (&args.eval_file, eval_only) {
+        (Some(f), _) => splits.push((Split::Eval, f.clone())),
+        (None, true) => return Err(Error::Config("--eval-only needs eval_file".into())),
+        (None, false) => {}
+    }
+    let ref_key = vec![
+        d.ref_model
+            .clone()
+            .unwrap_or_else(|| args.model_name_or_path.clone()),
+        format!(
+            "{:?}:{}:{}",
+            args.max_length, args.truncation_mode, d.reference_free
+        ),
+    ];
+    for (split, path) in splits {
+        let (mut items, r) = load_split(&path, args, listwise, &policy.tokenizer)?;
+        report(&r);
+        reports.push(r);
+        if d.precompute_ref_log_probs && !matches!(dpo.reference, Reference::Free) {
+            let cache = precompute(
+                &mut items,
+                &path,
+                &ref_key,
+                &dpo,
+                &policy.model,
+                args.per_device_eval_batch_size,
+            )?;
+            eprintln!(
+                "reference log-probs for {} cached in {}",
+                path.display(),
+                cache.display()
+            );
+        }
+        match split {
+            Split::Train => dpo.train = items,
+            Split::Eval => dpo.eval = items,
+        }
+    }
+    if d.precompute_ref_log_probs && !matches!(dpo.reference, Reference::Free) {
+        // Training now holds one model: the reference is no longer needed.
+        dpo.reference = Reference::Precomputed;
+    }
+    if eval_only {
+        let mut v =
+            serde_json::to_value(evaluate(args, &policy.model, &mut dpo)?).unwrap_or_default();
+        v["data"] = serde_json::to_value(&reports).unwrap_or_default();
+        return Ok(v);
+    }
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    preftune_model::weights::write_json(
+        &args.output_dir.join("data_report.json"),
+        &serde_json::to_value(&reports).unwrap_or_default(),
+    )?;
+    let summary = train(args, &cfg.table, policy, lora, ckpt, &mut dpo)?;
+    let mut v = serde_json::to_value(&summary).unwrap_or_default();
+    v["data"] = serde_json::to_value(&reports).unwrap_or_default();
+    Ok(v)
+}
