@@ -12,7 +12,8 @@ use crate::ops::logsumexp_last;
 /// Rows of logits materialised at a time.
 const CHUNK: usize = 512;
 
-/// Per-token log-probs `[B, T]` (0 where not scored) and their per-sequence sums `[B]`, both f32.
+/// Per-token log-probs `[B, T]` (0 where not scored) and their per-sequence sums `[B]`, in f32 (f64
+/// for an f64 model).
 pub struct TokenLogprobs {
     pub per_token: Tensor,
     pub sum: Tensor,
@@ -67,7 +68,13 @@ pub fn token_logprobs(
         }
     }
     let dev = hidden.device();
-    let mut per_token = Tensor::zeros(b * t, DType::F32, dev)?;
+    // f64 models (gradient checks) keep f64; everything else is scored in f32.
+    let dtype = if hidden.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut per_token = Tensor::zeros(b * t, dtype, dev)?;
     let mut row_hits = vec![0usize; b];
     let mut row_mean_logit_sum = vec![0f32; b];
     if !src.is_empty() {
@@ -79,7 +86,7 @@ pub fn token_logprobs(
             let lab = Tensor::from_slice(&labels[start..start + n], (n, 1), dev)?;
             let mut logits = model
                 .logits(&flat.index_select(&idx, 0)?)?
-                .to_dtype(DType::F32)?;
+                .to_dtype(dtype)?;
             if temperature != 1.0 {
                 logits = (logits / temperature)?;
             }
@@ -89,7 +96,7 @@ pub fn token_logprobs(
                 .eq(&lab)?
                 .flatten_all()?
                 .to_vec1::<u8>()?;
-            let means = stats.mean(1)?.to_vec1::<f32>()?;
+            let means = stats.mean(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             for (k, (&h, &mu)) in hits.iter().zip(&means).enumerate() {
                 let row = dst[start + k] as usize / t;
                 row_hits[row] += h as usize;

@@ -151,6 +151,8 @@ pub struct DataReport {
     pub skipped_examples: Vec<String>,
     /// Rows where a sequence was cut to max_length.
     pub truncated: usize,
+    /// Rows dropped because the prompt alone fills max_length (TRL drops them too).
+    pub dropped_prompt_too_long: usize,
     pub examples: usize,
     pub mean_chosen_tokens: f64,
     pub mean_rejected_tokens: f64,
@@ -175,7 +177,7 @@ pub fn load_split(
     let (examples, mut errors) = parse_examples(&rows, format, &columns);
     let keep_end = args.truncation_mode == "keep_end";
     let mut items = vec![];
-    let mut truncated = 0;
+    let (mut truncated, mut dropped) = (0, 0);
     for (loc, ex) in &examples {
         let r = match tokenize_preference(ex, tok) {
             Ok(r) => r,
@@ -205,11 +207,7 @@ pub fn load_split(
             }
         }
         if out.len() < r.completions.len() {
-            errors.push(RowError {
-                loc: loc.clone(),
-                field: "(truncation)".into(),
-                msg: "the prompt alone fills max_length".into(),
-            });
+            dropped += 1;
             continue;
         }
         truncated += cut as usize;
@@ -245,6 +243,7 @@ pub fn load_split(
         skipped: errors.len(),
         skipped_examples: errors.iter().take(10).map(|e| e.to_string()).collect(),
         truncated,
+        dropped_prompt_too_long: dropped,
         examples: items.len(),
         mean_chosen_tokens: mean_len(0),
         mean_rejected_tokens: mean_len(1),
@@ -306,13 +305,22 @@ impl Dpo {
         match &self.reference {
             Reference::Free => Ok(Tensor::zeros(n, DType::F32, &self.device)?),
             Reference::Precomputed => {
-                let mut v = vec![];
-                for it in items {
-                    let r = it.ref_logps.as_ref().ok_or_else(|| {
-                        Error::Msg("missing precomputed reference log-probs".into())
-                    })?;
-                    v.extend_from_slice(r);
-                }
+                let cached: Vec<&Vec<f32>> = items
+                    .iter()
+                    .map(|it| {
+                        it.ref_logps.as_ref().ok_or_else(|| {
+                            Error::Msg("missing precomputed reference log-probs".into())
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                // Same order as `rows`: per item for rankings, all chosen then all rejected for pairs.
+                let v: Vec<f32> = if self.listwise() {
+                    cached.iter().flat_map(|r| r.iter().copied()).collect()
+                } else {
+                    (0..2)
+                        .flat_map(|j| cached.iter().map(move |r| r[j]))
+                        .collect()
+                };
                 Ok(Tensor::from_vec(v, n, &self.device)?)
             }
             Reference::Model(m) => Ok(seq_logps(m, rows, self.pad_token_id, &self.device)?
@@ -544,8 +552,8 @@ fn precompute(
 
 fn report(r: &DataReport) {
     eprintln!(
-        "data {}: {} rows, {} skipped, {} truncated, {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
-        r.file, r.rows, r.skipped, r.truncated, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
+        "data {}: {} rows, {} skipped, {} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
+        r.file, r.rows, r.skipped, r.truncated, r.dropped_prompt_too_long, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
     );
     for e in &r.skipped_examples {
         eprintln!("  skipped {e}");

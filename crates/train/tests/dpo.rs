@@ -1,0 +1,379 @@
+//! DPO end to end: TRL's own evaluate() numbers, a learned synthetic preference, the reference
+//! options, and gradients through the whole model against finite differences.
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use preftune_model::{generate, token_logprobs, LoadOptions, Pretrained, SamplingConfig};
+use preftune_train::config::load;
+use preftune_train::dpo::{defaults, run, DpoArgs};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn tiny(name: &str) -> String {
+    fixtures()
+        .join("models")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn dpo(sets: &[String], eval_only: bool) -> Value {
+    let cfg = load::<DpoArgs>(None, defaults(), sets).unwrap();
+    run(&cfg, false, eval_only).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn eval_only_matches_trl_evaluate() {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/dpo-eval.json")).unwrap(),
+    )
+    .unwrap();
+    for case in g["cases"].as_array().unwrap() {
+        let data = fixtures().join("data").join(case["data"].as_str().unwrap());
+        let max_length = case["max_length"]
+            .as_u64()
+            .map_or("1000000".to_string(), |m| m.to_string());
+        let sets = vec![
+            format!("model_name_or_path={}", tiny("tiny-llama")),
+            format!("ref_model={}", tiny("tiny-qwen2")),
+            format!("eval_file={}", data.display()),
+            format!("loss_type={}", case["loss_type"].as_str().unwrap()),
+            format!("beta={}", case["beta"]),
+            format!("max_length={max_length}"),
+            "per_device_eval_batch_size=16".into(),
+        ];
+        let got = dpo(&sets, true);
+        let what = format!(
+            "{} {} beta {} max_length {}",
+            case["data"], case["loss_type"], case["beta"], max_length
+        );
+        let want = case["metrics"].as_object().unwrap();
+        let mut compared = 0;
+        for (k, w) in want {
+            // Timing, TRL's train-token counter and entropy (not computed here) are not model outputs.
+            if [
+                "eval_runtime",
+                "eval_samples_per_second",
+                "eval_steps_per_second",
+                "eval_num_tokens",
+                "eval_entropy",
+            ]
+            .contains(&k.as_str())
+            {
+                continue;
+            }
+            let (w, v) = (
+                w.as_f64().unwrap(),
+                got[k]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{what}: {k} missing in {got}")),
+            );
+            assert!(
+                (w - v).abs() < 1e-4 * (1.0 + w.abs()),
+                "{what}: {k} = {v}, TRL {w}"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 10, "{what}: every metric compared");
+    }
+}
+
+/// Rate at which sampled continuations of the prompts start with `token`.
+fn rate(model_dir: &Path, adapter: Option<&Path>, prompts: &[String], token: u32) -> f64 {
+    let mut p = Pretrained::load(model_dir, &LoadOptions::default()).unwrap();
+    if let Some(a) = adapter {
+        p.model.load_lora(a, false).unwrap();
+    }
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|t| p.tokenizer.encode(t, false).unwrap())
+        .collect();
+    let (mut hit, mut n) = (0, 0);
+    for seed in 0..40 {
+        let cfg = SamplingConfig {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            seed,
+            pad_token_id: p.pad_token_id(),
+            ..Default::default()
+        };
+        let out = generate(&p.model, &ids, &cfg).unwrap();
+        hit += out.tokens.iter().filter(|t| t[0] == token).count();
+        n += out.tokens.len();
+    }
+    hit as f64 / n as f64
+}
+
+fn synthetic_pairs(dir: &Path) -> (PathBuf, Vec<String>) {
+    // Prefer " good." over " film.": single tokens in the tiny vocabulary, so the pair differs exactly
+    // at the first completion token (the property measured).
+    let subjects = [
+        "The movie",
+        "The film",
+        "This story",
+        "The acting",
+        "The music",
+        "The ending",
+        "The plot",
+        "The cast",
+    ];
+    let rows: Vec<String> = subjects
+        .iter()
+        .map(|s| serde_json::json!({"prompt": format!("{s} was"), "chosen": " good.", "rejected": " film."}).to_string())
+        .collect();
+    let path = dir.join("pairs.jsonl");
+    std::fs::write(&path, rows.join("\n")).unwrap();
+    // Fresh samples (40 seeds per prompt) from the training prompts: the tiny random model does not
+    // generalise to unseen prompts, so that would test the model, not DPO.
+    let prompts = subjects.iter().map(|s| format!("{s} was")).collect();
+    (path, prompts)
+}
+
+fn first_token(text: &str) -> u32 {
+    let p = Pretrained::load(Path::new(&tiny("tiny-llama")), &LoadOptions::default()).unwrap();
+    p.tokenizer.encode(text, false).unwrap()[0]
+}
+
+#[test]
+fn dpo_raises_the_preferred_property_on_fresh_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pairs, fresh) = synthetic_pairs(dir.path());
+    let good = first_token(" good.");
+    assert_ne!(
+        good,
+        first_token(" film."),
+        "the property must be visible in the first token"
+    );
+    let out = dir.path().join("out");
+    let sets = vec![
+        format!("model_name_or_path={}", tiny("tiny-llama")),
+        format!("train_file={}", pairs.display()),
+        format!("output_dir={}", out.display()),
+        "max_steps=30".into(),
+        "learning_rate=3e-3".into(),
+        "per_device_train_batch_size=4".into(),
+        "logging_steps=10".into(),
+        "save_steps=1000".into(),
+    ];
+    let s = dpo(&sets, false);
+    assert!(s["train_loss"].as_f64().unwrap() < 0.5, "{s}");
+    let before = rate(Path::new(&tiny("tiny-llama")), None, &fresh, good);
+    let after = rate(&out, None, &fresh, good);
+    // DPO also widens the margin by lowering the rejected token (a known trait), so the preferred
+    // rate rises from ~0.1% to tens of percent, not to 1.
+    assert!(
+        after > before + 0.08 && after > 10.0 * before,
+        "P(first token = good) on fresh samples: {before} -> {after}"
+    );
+    let m: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = m.last().unwrap();
+    assert_eq!(last["rewards/accuracies"], 1.0);
+    assert!(last["rewards/margins"].as_f64().unwrap() > 1.0);
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "completion_length/chosen",
+        "completion_length/rejected",
+    ] {
+        assert!(last.get(k).is_some(), "metrics.jsonl has {k}");
+    }
+}
+
+#[test]
+fn precomputed_reference_is_cached_resumable_and_equivalent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pairs, _) = synthetic_pairs(dir.path());
+    let base = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            format!("model_name_or_path={}", tiny("tiny-qwen2")),
+            format!("train_file={}", pairs.display()),
+            format!("output_dir={}", dir.path().join(out).display()),
+            "max_steps=4".into(),
+            "learning_rate=1e-3".into(),
+            "per_device_train_batch_size=4".into(),
+            "logging_steps=1".into(),
+            "save_steps=1000".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let live = dpo(&base("live", &[]), false);
+    let pre = dpo(&base("pre", &["precompute_ref_log_probs=true"]), false);
+    let caches: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pairs.jsonl.ref-logps-")
+        })
+        .collect();
+    assert_eq!(caches.len(), 1, "one cache file next to the dataset");
+    let lines = std::fs::read_to_string(&caches[0]).unwrap().lines().count();
+    assert_eq!(lines, 8);
+    assert!(
+        (live["train_loss"].as_f64().unwrap() - pre["train_loss"].as_f64().unwrap()).abs() < 1e-5,
+        "{live} vs {pre}"
+    );
+    // Cut the cache short (an interrupted precomputation): the run completes it and trains the same.
+    let text = std::fs::read_to_string(&caches[0]).unwrap();
+    let kept: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&caches[0], kept.join("\n") + "\n{\"i\": 5, \"logp").unwrap();
+    let again = dpo(&base("again", &["precompute_ref_log_probs=true"]), false);
+    assert!(
+        (again["train_loss"].as_f64().unwrap() - pre["train_loss"].as_f64().unwrap()).abs() < 1e-6
+    );
+}
+
+#[test]
+fn lora_dpo_uses_the_base_as_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pairs, fresh) = synthetic_pairs(dir.path());
+    let out = dir.path().join("lora");
+    let sets = vec![
+        format!("model_name_or_path={}", tiny("tiny-llama")),
+        format!("train_file={}", pairs.display()),
+        format!("eval_file={}", pairs.display()),
+        format!("output_dir={}", out.display()),
+        "use_peft=true".into(),
+        "lora_r=8".into(),
+        "lora_target_modules=[\"all-linear\"]".into(),
+        "lora_dropout=0.0".into(),
+        "max_steps=30".into(),
+        "learning_rate=5e-3".into(),
+        "per_device_train_batch_size=4".into(),
+        "save_steps=1000".into(),
+    ];
+    let s = dpo(&sets, false);
+    assert!(out.join("adapter_model.safetensors").exists());
+    assert!(
+        s["eval"]["eval_rewards/accuracies"].as_f64().unwrap() > 0.99,
+        "{s}"
+    );
+    let good = first_token(" good.");
+    let before = rate(Path::new(&tiny("tiny-llama")), None, &fresh, good);
+    let after = rate(Path::new(&tiny("tiny-llama")), Some(&out), &fresh, good);
+    assert!(
+        after > before + 0.08 && after > 10.0 * before,
+        "{before} -> {after}"
+    );
+}
+
+#[test]
+fn dpo_gradients_through_the_model_match_finite_differences() {
+    // Sigmoid DPO of tiny-llama against tiny-qwen2, in f64: d loss / d (a few weights) by autograd
+    // and by central differences.
+    let opts = LoadOptions {
+        dtype: DType::F64,
+        trainable: true,
+        ..Default::default()
+    };
+    let pol = Pretrained::load(Path::new(&tiny("tiny-llama")), &opts).unwrap();
+    let reference = Pretrained::load(
+        Path::new(&tiny("tiny-qwen2")),
+        &LoadOptions {
+            dtype: DType::F64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = Device::Cpu;
+    let ids = Tensor::new(
+        &[[40u32, 41, 42, 43, 44, 45], [40, 41, 42, 50, 51, 3]],
+        &dev,
+    )
+    .unwrap();
+    let att = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], &dev).unwrap();
+    let mask = Tensor::new(&[[0u32, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]], &dev).unwrap();
+    let beta = 0.5;
+    let loss_of = |m: &preftune_model::Model| -> Tensor {
+        let lp = |mm: &preftune_model::Model| {
+            token_logprobs(
+                mm,
+                &mm.forward(&ids, Some(&att), None, None).unwrap(),
+                &ids,
+                &mask,
+                1.0,
+            )
+            .unwrap()
+            .sum
+        };
+        let (p, r) = (
+            lp(m).to_dtype(DType::F64).unwrap(),
+            lp(&reference.model).to_dtype(DType::F64).unwrap().detach(),
+        );
+        let d = ((p.get(0).unwrap() - r.get(0).unwrap()).unwrap()
+            - (p.get(1).unwrap() - r.get(1).unwrap()).unwrap())
+        .unwrap();
+        // -log sigmoid(beta * d)
+        let z = (d * beta).unwrap();
+        (z.minimum(0.0).unwrap()
+            - (z.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0)
+                .unwrap()
+                .log()
+                .unwrap())
+        .unwrap()
+        .neg()
+        .unwrap()
+    };
+    let grads = loss_of(&pol.model).backward().unwrap();
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        let (_, w) = pol
+            .model
+            .named_params()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap();
+        let g = grads
+            .get(&w)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = w.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let var = candle_core::Var::from_tensor(&w).unwrap();
+        // The element with the largest gradient, and one more.
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &i in &order[..2] {
+            let eps = 1e-5;
+            let mut plus = base.clone();
+            plus[i] += eps;
+            var.set(&Tensor::from_vec(plus, w.shape(), &dev).unwrap())
+                .unwrap();
+            let lp = loss_of(&pol.model).to_scalar::<f64>().unwrap();
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            var.set(&Tensor::from_vec(minus, w.shape(), &dev).unwrap())
+                .unwrap();
+            let lm = loss_of(&pol.model).to_scalar::<f64>().unwrap();
+            var.set(&Tensor::from_vec(base.clone(), w.shape(), &dev).unwrap())
+                .unwrap();
+            let fd = (lp - lm) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-6 + 1e-4 * fd.abs(),
+                "{name}[{i}]: autograd {} vs fd {fd}",
+                g[i]
+            );
+            assert!(g[i].abs() > 1e-8, "{name}: a real gradient");
+        }
+    }
+}
