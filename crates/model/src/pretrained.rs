@@ -118,14 +118,7 @@ impl Pretrained {
 
     /// EOS ids for generation: generation_config.json first, then config.json, then the tokenizer.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let from_gc: Vec<u32> = match self.generation_config.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
-            _ => vec![],
-        };
+        let from_gc = crate::config::token_ids(self.generation_config.get("eos_token_id"));
         if !from_gc.is_empty() {
             return from_gc;
         }

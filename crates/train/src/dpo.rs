@@ -216,18 +216,7 @@ pub fn load_split(
             ref_logps: None,
         });
     }
-    if !errors.is_empty() && !args.skip_invalid_rows {
-        let first = errors
-            .iter()
-            .take(10)
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        return Err(Error::Data {
-            count: errors.len(),
-            first,
-        });
-    }
+    crate::error::refuse_bad_rows(&errors, args.skip_invalid_rows)?;
     let mean_len = |j: usize| {
         let n = items.iter().filter(|i| i.rows.len() > j).count().max(1);
         items
@@ -241,7 +230,7 @@ pub fn load_split(
         file: path.display().to_string(),
         rows: rows.len(),
         skipped: errors.len(),
-        skipped_examples: errors.iter().take(10).map(|e| e.to_string()).collect(),
+        skipped_examples: crate::error::first_rows(&errors),
         truncated,
         dropped_prompt_too_long: dropped,
         examples: items.len(),

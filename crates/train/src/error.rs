@@ -33,3 +33,19 @@ impl Error {
         }
     }
 }
+
+/// Up to 10 bad rows as `file:line: field: msg`, for errors and data reports.
+pub(crate) fn first_rows(errors: &[preftune_data::RowError]) -> Vec<String> {
+    errors.iter().take(10).map(ToString::to_string).collect()
+}
+
+/// Refuses bad rows unless the run was told to skip them (`skip_invalid_rows`).
+pub(crate) fn refuse_bad_rows(errors: &[preftune_data::RowError], skip: bool) -> Result<()> {
+    if errors.is_empty() || skip {
+        return Ok(());
+    }
+    Err(Error::Data {
+        count: errors.len(),
+        first: first_rows(errors).join("\n"),
+    })
+}

@@ -94,18 +94,7 @@ pub fn load_split(
             }
         }
     }
-    if !errors.is_empty() && !args.skip_invalid_rows {
-        let first = errors
-            .iter()
-            .take(10)
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        return Err(Error::Data {
-            count: errors.len(),
-            first,
-        });
-    }
+    crate::error::refuse_bad_rows(&errors, args.skip_invalid_rows)?;
     let truncated = out.iter().filter(|t| t.truncated).count();
     let examples_n = out.len();
     if sft.packing {
@@ -118,7 +107,7 @@ pub fn load_split(
         file: path.display().to_string(),
         rows: rows.len(),
         skipped: errors.len(),
-        skipped_examples: errors.iter().take(10).map(|e| e.to_string()).collect(),
+        skipped_examples: crate::error::first_rows(&errors),
         truncated,
         examples: examples_n,
         sequences: out.len(),
