@@ -652,7 +652,7 @@ fn causal_padding_mask(
     dev: &Device,
 ) -> Result<Option<Tensor>> {
     let tk = past + t;
-    let padded = mask.iter().any(|r| r.iter().any(|&m| m == 0.0));
+    let padded = mask.iter().any(|r| r.contains(&0.0));
     let window = window.unwrap_or(usize::MAX);
     if t == 1 && !padded && tk <= window && segments.is_none() {
         return Ok(None);

@@ -309,7 +309,7 @@ fn mistral_sliding_window_limits_the_receptive_field() {
             use_cache,
             ..Default::default()
         };
-        let out = generate(&m.model, &[ids.clone()], &cfg).unwrap();
+        let out = generate(&m.model, std::slice::from_ref(&ids), &cfg).unwrap();
         let full: Vec<u32> = ids.iter().chain(&out.tokens[0]).copied().collect();
         let lg = logits(&m, &full);
         for (k, &tok) in out.tokens[0].iter().enumerate() {

@@ -68,7 +68,7 @@ fn smollm2_gguf_matches_transformers() {
             pad_token_id: p.pad_token_id(),
             ..Default::default()
         };
-        let out = generate(&p.model, &[ids.clone()], &cfg).unwrap();
+        let out = generate(&p.model, std::slice::from_ref(&ids), &cfg).unwrap();
         assert_eq!(
             out.tokens[0],
             ids_of(&case["greedy_new_ids"]),

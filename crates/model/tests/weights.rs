@@ -368,7 +368,7 @@ fn gguf_loads_with_unpermuted_qk_and_rebuilt_tokenizer() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|r| floats(r))
+            .flat_map(floats)
             .collect();
         let d = max_abs_diff(&logits, &want);
         assert!(d < 1e-4, "GGUF f32 logits differ from transformers by {d}");
@@ -448,7 +448,7 @@ fn quantized_gguf_matches_the_same_weights_dequantized_directly() {
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|r| floats(r))
+            .flat_map(floats)
             .collect();
         assert!(
             max_abs_diff(&got, &orig) > 1e-4,

@@ -98,7 +98,7 @@ impl DpoArgs {
                 "loss_type pro (listwise) cannot be combined with pairwise losses".into(),
             ));
         }
-        if !(self.beta > 0.0) {
+        if self.beta.is_nan() || self.beta <= 0.0 {
             return Err(Error::Config("beta must be > 0".into()));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {

@@ -439,7 +439,7 @@ pub fn train(
         let done = state.global_step == total_steps;
         let elapsed = started.elapsed().as_secs_f64();
         let steps_done = (state.global_step - start_step) as f64;
-        if state.global_step % args.logging_steps == 0 || done {
+        if state.global_step.is_multiple_of(args.logging_steps) || done {
             let mut rec = serde_json::json!({
                 "step": state.global_step, "epoch": state.epoch, "learning_rate": lr, "grad_norm": grad_norm,
                 "num_tokens": state.num_tokens,
@@ -462,7 +462,9 @@ pub fn train(
             );
             window = Metrics::default();
         }
-        if args.eval_steps.is_some_and(|e| state.global_step % e == 0)
+        if args
+            .eval_steps
+            .is_some_and(|e| state.global_step.is_multiple_of(e))
             && algo.len(Split::Eval) > 0
             && !done
         {
@@ -473,7 +475,7 @@ pub fn train(
             }
             log.write(&rec)?;
         }
-        if state.global_step % args.save_steps == 0 || done {
+        if state.global_step.is_multiple_of(args.save_steps) || done {
             checkpoint::save(out, &state, &opt, config, |dir| {
                 save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)
             })?;

@@ -153,7 +153,7 @@ fn sft_learns_and_the_saved_model_reloads_identically() {
             temperature: 0.0,
             ..Default::default()
         };
-        let answer = preftune_model::generate(&p.model, &[ids.clone()], &cfg).unwrap();
+        let answer = preftune_model::generate(&p.model, std::slice::from_ref(&ids), &cfg).unwrap();
         let text = p.tokenizer.decode(&answer.tokens[0], false).unwrap();
         assert!(
             text.starts_with(" Blue."),
