@@ -5,6 +5,23 @@ mod commands;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Training allocates and frees many large tensors per step. glibc hands large blocks back to the
+/// kernel on free, so each new one is page-faulted and zeroed again: a fifth of a SmolLM2 step,
+/// measured with perf. mimalloc, told to keep what it has (below), reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Never return freed memory to the OS and commit arenas eagerly: a SmolLM2 forward+backward step
+/// drops from 16.8 s (glibc) / 15.1 s (mimalloc defaults) to 12.0 s for ~0.6 GB more peak RSS.
+/// (Option indices from mimalloc.h: `mi_option_arena_eager_commit` = 4, `mi_option_purge_delay` = 15.)
+fn tune_allocator() {
+    // SAFETY: mi_option_set only stores an integer option; valid at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(4, 1);
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "preftune",
@@ -134,6 +151,7 @@ pub struct RunArgs {
 }
 
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their thread pools from this variable.

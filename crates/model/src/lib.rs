@@ -3,6 +3,7 @@
 //! It knows nothing about training; the `train` crate builds on it.
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod logprobs;

@@ -79,33 +79,18 @@ pub fn token_logprobs(
     let mut row_mean_logit_sum = vec![0f32; b];
     if !src.is_empty() {
         let flat = hidden.reshape((b * t, h))?;
-        let mut pieces = vec![];
-        for start in (0..src.len()).step_by(CHUNK) {
-            let n = CHUNK.min(src.len() - start);
-            let idx = Tensor::from_slice(&src[start..start + n], n, dev)?;
-            let lab = Tensor::from_slice(&labels[start..start + n], (n, 1), dev)?;
-            let mut logits = model
-                .logits(&flat.index_select(&idx, 0)?)?
-                .to_dtype(dtype)?;
-            if temperature != 1.0 {
-                logits = (logits / temperature)?;
-            }
-            let stats = logits.detach();
-            let hits = stats
-                .argmax_keepdim(1)?
-                .eq(&lab)?
-                .flatten_all()?
-                .to_vec1::<u8>()?;
-            let means = stats.mean(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for (k, (&h, &mu)) in hits.iter().zip(&means).enumerate() {
-                let row = dst[start + k] as usize / t;
-                row_hits[row] += h as usize;
-                row_mean_logit_sum[row] += mu;
-            }
-            let picked = logits.gather(&lab, 1)?;
-            pieces.push((picked - logsumexp_last(&logits)?)?.squeeze(1)?);
+        let idx = Tensor::from_slice(&src, src.len(), dev)?;
+        let rows = flat.index_select(&idx, 0)?;
+        let (lp, hits, means) = if dtype == DType::F64 {
+            composed(model, &rows, &labels, temperature, dtype)?
+        } else {
+            fused(model, &rows, &labels, temperature)?
+        };
+        for (k, (&hit, &mu)) in hits.iter().zip(&means).enumerate() {
+            let row = dst[k] as usize / t;
+            row_hits[row] += hit as usize;
+            row_mean_logit_sum[row] += mu;
         }
-        let lp = Tensor::cat(&pieces, 0)?;
         let dst = Tensor::from_vec(dst.clone(), src.len(), dev)?;
         per_token = per_token.index_add(&dst, &lp, 0)?;
     }
@@ -117,4 +102,207 @@ pub fn token_logprobs(
         row_hits,
         row_mean_logit_sum,
     })
+}
+
+/// Log-probs of `labels` from hidden rows `[N, H]`, with per-row top-1 hits and mean logits, through
+/// the fused LM-head op (f32).
+pub(crate) fn fused(
+    model: &Model,
+    rows: &Tensor,
+    labels: &[u32],
+    temperature: f64,
+) -> Result<(Tensor, Vec<u8>, Vec<f32>)> {
+    let op = crate::fused::LmHeadLogprob::new(
+        rows,
+        model.lm_head_weight(),
+        labels.to_vec(),
+        temperature,
+    )?;
+    let stats = op.stats.clone();
+    let lab = Tensor::from_slice(labels, labels.len(), rows.device())?;
+    let lp = rows.apply_op3(model.lm_head_weight(), &lab, op)?;
+    let s = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((lp, s.hits, s.mean_logit))
+}
+
+/// The same from composed candle ops, in chunks of `CHUNK` rows: the reference the fused op is
+/// tested against, and the f64 path of gradient checks.
+pub(crate) fn composed(
+    model: &Model,
+    rows: &Tensor,
+    labels: &[u32],
+    temperature: f64,
+    dtype: DType,
+) -> Result<(Tensor, Vec<u8>, Vec<f32>)> {
+    let (mut pieces, mut hits, mut means) = (vec![], vec![], vec![]);
+    let dev = rows.device();
+    for start in (0..labels.len()).step_by(CHUNK) {
+        let n = CHUNK.min(labels.len() - start);
+        let lab = Tensor::from_slice(&labels[start..start + n], (n, 1), dev)?;
+        let mut logits = model.logits(&rows.narrow(0, start, n)?)?.to_dtype(dtype)?;
+        if temperature != 1.0 {
+            logits = (logits / temperature)?;
+        }
+        let stats = logits.detach();
+        hits.extend(
+            stats
+                .argmax_keepdim(1)?
+                .eq(&lab)?
+                .flatten_all()?
+                .to_vec1::<u8>()?,
+        );
+        means.extend(stats.mean(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        pieces.push((logits.gather(&lab, 1)? - logsumexp_last(&logits)?)?.squeeze(1)?);
+    }
+    Ok((Tensor::cat(&pieces, 0)?, hits, means))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LoadOptions, Pretrained};
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Fused (f32) against composed (f64, itself checked against finite differences in ops.rs):
+    /// log-probs, top-1 hits, mean logits, and gradients w.r.t. the hidden rows and the LM head.
+    #[test]
+    fn fused_lm_head_logprob_matches_composed_values_and_gradients() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fixtures/models")
+                .join(name);
+            let p32 = Pretrained::load(
+                &dir,
+                &LoadOptions {
+                    trainable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let p64 = Pretrained::load(
+                &dir,
+                &LoadOptions {
+                    trainable: true,
+                    dtype: DType::F64,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            // 300 rows: more than one chunk of the fused op (256).
+            let h = Tensor::randn(0f32, 1.0, (300, 64), &Device::Cpu).unwrap();
+            let labels: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
+            for temperature in [1.0, 0.7] {
+                let h32 = Var::from_tensor(&h).unwrap();
+                let h64 = Var::from_tensor(&h.to_dtype(DType::F64).unwrap()).unwrap();
+                let (a, hits_a, mean_a) =
+                    fused(&p32.model, h32.as_tensor(), &labels, temperature).unwrap();
+                let (b, hits_b, mean_b) = composed(
+                    &p64.model,
+                    h64.as_tensor(),
+                    &labels,
+                    temperature,
+                    DType::F64,
+                )
+                .unwrap();
+                assert!(
+                    max_diff(&a, &b) < 1e-4,
+                    "{name} T={temperature}: log-probs differ by {}",
+                    max_diff(&a, &b)
+                );
+                assert_eq!(hits_a, hits_b);
+                assert!(mean_a
+                    .iter()
+                    .zip(&mean_b)
+                    .all(|(x, y)| (x - y).abs() < 1e-4));
+                // A weighted sum, so every row's gradient differs.
+                let w: Vec<f32> = (0..300).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+                let w = Tensor::new(w, &Device::Cpu).unwrap();
+                let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (b * w.to_dtype(DType::F64).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dh = max_diff(
+                    ga.get(h32.as_tensor()).unwrap(),
+                    gb.get(h64.as_tensor()).unwrap(),
+                );
+                assert!(dh < 1e-4, "{name}: d/d hidden differs by {dh}");
+                let (wa, wb) = (p32.model.lm_head_weight(), p64.model.lm_head_weight());
+                let dw = max_diff(ga.get(wa).unwrap(), gb.get(wb).unwrap());
+                assert!(dw < 1e-4, "{name}: d/d lm_head differs by {dw}");
+                assert!(
+                    ga.get(wa)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 1e-3
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_lm_head_logprob_matches_finite_differences() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-qwen2");
+        let p = Pretrained::load(&dir, &LoadOptions::default()).unwrap();
+        let base = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let labels = [5u32, 100, 400];
+        let f = |h: &Tensor| {
+            fused(&p.model, h, &labels, 1.3)
+                .unwrap()
+                .0
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let hv = Var::from_tensor(&base).unwrap();
+        let g = fused(&p.model, hv.as_tensor(), &labels, 1.3)
+            .unwrap()
+            .0
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(hv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let x = base.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, 17, 70, 191] {
+            let eps = 1e-2f32;
+            let (mut a, mut b) = (x.clone(), x.clone());
+            a[i] += eps;
+            b[i] -= eps;
+            let fd = (f(&Tensor::from_vec(a, (3, 64), &Device::Cpu).unwrap())
+                - f(&Tensor::from_vec(b, (3, 64), &Device::Cpu).unwrap()))
+                / (2.0 * eps as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "element {i}: {} vs fd {fd}",
+                g[i]
+            );
+        }
+    }
 }

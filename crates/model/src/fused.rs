@@ -1,0 +1,193 @@
+//! Fused LM head + log-softmax + gather, with a hand-written backward.
+//!
+//! Composed from candle ops, `log p(label)` over a 49k vocabulary keeps the logits, their shifted
+//! copy and their exponentials for backward and makes ten passes over them. This op computes the
+//! logits in row chunks, keeps only one log-prob per row, and recomputes each chunk's logits in
+//! backward, so no `[N, V]` tensor outlives its chunk: the trade TRL's fused LM head makes too.
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// Rows of logits computed at a time (`ROWS x V` f32 values live at once).
+const ROWS: usize = 256;
+
+/// Per-row side results of the forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct RowStats {
+    /// 1 where the label is the argmax of the row.
+    pub hits: Vec<u8>,
+    /// Mean over the vocabulary of the (temperature-scaled) logits.
+    pub mean_logit: Vec<f32>,
+}
+
+pub struct LmHeadLogprob {
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Vec<u32>,
+    inv_temp: f32,
+    /// Filled by the forward pass; shared so the caller can read it after `apply_op3` took the op.
+    pub stats: std::sync::Arc<Mutex<RowStats>>,
+}
+
+/// Maps `f(row_index, row)` over the rows of a `[n, v]` buffer on two threads, in row order.
+fn par_rows<T: Send>(
+    buf: &mut [f32],
+    v: usize,
+    f: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> Vec<T> {
+    let half = (buf.len() / v).div_ceil(2) * v;
+    let (a, b) = buf.split_at_mut(half.min(buf.len()));
+    let f = &f;
+    std::thread::scope(|s| {
+        let first = s.spawn(move || {
+            a.chunks_mut(v)
+                .enumerate()
+                .map(|(i, r)| f(i, r))
+                .collect::<Vec<T>>()
+        });
+        let second: Vec<T> = b
+            .chunks_mut(v)
+            .enumerate()
+            .map(|(i, r)| f(i + half / v, r))
+            .collect();
+        let mut out = first.join().expect("row worker panicked");
+        out.extend(second);
+        out
+    })
+}
+
+impl LmHeadLogprob {
+    /// `hidden: [N, H]`, `weight: [V, H]`, one label per row.
+    pub fn new(
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: Vec<u32>,
+        temperature: f64,
+    ) -> Result<Self> {
+        Ok(LmHeadLogprob {
+            hidden: hidden.detach().to_dtype(DType::F32)?.contiguous()?,
+            weight: weight.detach().to_dtype(DType::F32)?,
+            labels,
+            inv_temp: (1.0 / temperature) as f32,
+            stats: Default::default(),
+        })
+    }
+
+    /// Scaled logits of rows `[start, start + n)`, flattened.
+    fn logits(&self, start: usize, n: usize) -> Result<Vec<f32>> {
+        let mut l: Vec<f32> = self
+            .hidden
+            .narrow(0, start, n)?
+            .matmul(&self.weight.t()?)?
+            .flatten_all()?
+            .to_vec1()?;
+        if self.inv_temp != 1.0 {
+            l.iter_mut().for_each(|x| *x *= self.inv_temp);
+        }
+        Ok(l)
+    }
+}
+
+/// Sum in f32 blocks added in f64: 49k additions in one f32 accumulator lose ~1e-4 per token,
+/// which adds up over a sequence; this stays vectorisable.
+fn sum_blocked(it: impl Iterator<Item = f32>) -> f64 {
+    let mut total = 0f64;
+    let mut block = 0f32;
+    for (i, x) in it.enumerate() {
+        block += x;
+        if i % 1024 == 1023 {
+            total += block as f64;
+            block = 0.0;
+        }
+    }
+    total + block as f64
+}
+
+/// `(max, log-sum-exp)` of a row.
+fn lse(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = sum_blocked(row.iter().map(|&x| (x - max).exp()));
+    (max, max + sum.ln() as f32)
+}
+
+impl CustomOp3 for LmHeadLogprob {
+    fn name(&self) -> &'static str {
+        "lm-head-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, _) = self.hidden.dims2()?;
+        let v = self.weight.dim(0)?;
+        let mut out = vec![0f32; n];
+        let mut stats = RowStats {
+            hits: vec![0; n],
+            mean_logit: vec![0.0; n],
+        };
+        for start in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - start);
+            let mut l = self.logits(start, m)?;
+            let rows = par_rows(&mut l, v, |i, row| {
+                let label = self.labels[start + i] as usize;
+                let (max, z) = lse(row);
+                (
+                    row[label] - z,
+                    (row[label] >= max) as u8,
+                    row.iter().sum::<f32>() / v as f32,
+                )
+            });
+            for (i, (lp, hit, mean)) in rows.into_iter().enumerate() {
+                out[start + i] = lp;
+                stats.hits[start + i] = hit;
+                stats.mean_logit[start + i] = mean;
+            }
+        }
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    /// `d lp_i / d z_i = inv_temp * (onehot(label_i) - softmax(z_i))`; then the two matmuls of the LM
+    /// head, chunk by chunk with the logits recomputed.
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        _: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, _) = self.hidden.dims2()?;
+        let v = self.weight.dim(0)?;
+        let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
+        let dev = self.hidden.device();
+        let mut grad_h = Vec::with_capacity(n.div_ceil(ROWS));
+        let mut grad_w: Option<Tensor> = None;
+        for start in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - start);
+            let mut l = self.logits(start, m)?;
+            par_rows(&mut l, v, |i, row| {
+                let (_, z) = lse(row);
+                let gi = g[start + i] * self.inv_temp;
+                row.iter_mut().for_each(|x| *x = -gi * (*x - z).exp());
+                row[self.labels[start + i] as usize] += gi;
+            });
+            let dz = Tensor::from_vec(l, (m, v), dev)?;
+            grad_h.push(dz.matmul(&self.weight)?);
+            let gw = dz.t()?.matmul(&self.hidden.narrow(0, start, m)?)?;
+            grad_w = Some(match grad_w {
+                Some(acc) => (acc + gw)?,
+                None => gw,
+            });
+        }
+        let grad_h = Tensor::cat(&grad_h, 0)?.to_dtype(arg1.dtype())?;
+        let grad_w = grad_w.map(|w| w.to_dtype(arg2.dtype())).transpose()?;
+        Ok((Some(grad_h), grad_w, None))
+    }
+}
