@@ -12,9 +12,13 @@ use clap::{Args, Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Never return freed memory to the OS and commit arenas eagerly: a SmolLM2 forward+backward step
-/// drops from 16.8 s (glibc) / 15.1 s (mimalloc defaults) to 12.0 s for ~0.6 GB more peak RSS.
+/// drops from 16.8 s (glibc) / 15.1 s (mimalloc defaults) to 12.0 s, for 0.6-1 GB more peak RSS
+/// (BENCHMARKS.md). `PREFTUNE_LOW_MEMORY=1` keeps mimalloc's defaults instead.
 /// (Option indices from mimalloc.h: `mi_option_arena_eager_commit` = 4, `mi_option_purge_delay` = 15.)
 fn tune_allocator() {
+    if std::env::var("PREFTUNE_LOW_MEMORY").is_ok_and(|v| v == "1") {
+        return;
+    }
     // SAFETY: mi_option_set only stores an integer option; valid at any time.
     unsafe {
         libmimalloc_sys::mi_option_set(4, 1);
