@@ -145,10 +145,8 @@ pub struct Dpo {
 /// Data report for one split.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DataReport {
-    pub file: String,
-    pub rows: usize,
-    pub skipped: usize,
-    pub skipped_examples: Vec<String>,
+    #[serde(flatten)]
+    pub counts: crate::error::RowCounts,
     /// Rows where a sequence was cut to max_length.
     pub truncated: usize,
     /// Rows dropped because the prompt alone fills max_length (TRL drops them too).
@@ -227,10 +225,7 @@ pub fn load_split(
             / n as f64
     };
     let report = DataReport {
-        file: path.display().to_string(),
-        rows: rows.len(),
-        skipped: errors.len(),
-        skipped_examples: crate::error::first_rows(&errors),
+        counts: crate::error::RowCounts::new(path, rows.len(), &errors),
         truncated,
         dropped_prompt_too_long: dropped,
         examples: items.len(),
@@ -540,13 +535,10 @@ fn precompute(
 }
 
 fn report(r: &DataReport) {
-    eprintln!(
-        "data {}: {} rows, {} skipped, {} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
-        r.file, r.rows, r.skipped, r.truncated, r.dropped_prompt_too_long, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
-    );
-    for e in &r.skipped_examples {
-        eprintln!("  skipped {e}");
-    }
+    r.counts.print(&format!(
+        "{} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
+        r.truncated, r.dropped_prompt_too_long, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
+    ));
 }
 
 /// `preftune dpo`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.

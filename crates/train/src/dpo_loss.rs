@@ -179,26 +179,41 @@ mod tests {
         }
     }
 
+    /// The golden pairs' summed log-probs and lengths (f32).
+    struct Inputs([Tensor; 6]);
+
+    impl Inputs {
+        fn from_golden(g: &Value) -> Self {
+            let inp = &g["dpo"]["inputs"];
+            let keys = [
+                "policy_chosen_logps",
+                "policy_rejected_logps",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+                "chosen_lengths",
+                "rejected_lengths",
+            ];
+            Inputs(keys.map(|k| t(&inp[k], DType::F32)))
+        }
+
+        fn pairs(&self) -> PairLogps<'_> {
+            let [pc, pr, rc, rr, lc, lr] = &self.0;
+            PairLogps {
+                chosen: pc,
+                rejected: pr,
+                ref_chosen: rc,
+                ref_rejected: rr,
+                chosen_len: lc,
+                rejected_len: lr,
+            }
+        }
+    }
+
     #[test]
     fn every_dpo_loss_type_matches_trl() {
         let g = golden();
-        let inp = &g["dpo"]["inputs"];
-        let d = DType::F32;
-        let (pc, pr, rc, rr) = (
-            t(&inp["policy_chosen_logps"], d),
-            t(&inp["policy_rejected_logps"], d),
-            t(&inp["ref_chosen_logps"], d),
-            t(&inp["ref_rejected_logps"], d),
-        );
-        let (lc, lr) = (t(&inp["chosen_lengths"], d), t(&inp["rejected_lengths"], d));
-        let p = PairLogps {
-            chosen: &pc,
-            rejected: &pr,
-            ref_chosen: &rc,
-            ref_rejected: &rr,
-            chosen_len: &lc,
-            rejected_len: &lr,
-        };
+        let inputs = Inputs::from_golden(&g);
+        let p = inputs.pairs();
         let cases = g["dpo"]["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 22);
         for c in cases {
@@ -226,23 +241,8 @@ mod tests {
     #[test]
     fn length_regularised_dpo_matches_the_formula() {
         let g = golden();
-        let inp = &g["dpo"]["inputs"];
-        let d = DType::F32;
-        let (pc, pr, rc, rr) = (
-            t(&inp["policy_chosen_logps"], d),
-            t(&inp["policy_rejected_logps"], d),
-            t(&inp["ref_chosen_logps"], d),
-            t(&inp["ref_rejected_logps"], d),
-        );
-        let (lc, lr) = (t(&inp["chosen_lengths"], d), t(&inp["rejected_lengths"], d));
-        let p = PairLogps {
-            chosen: &pc,
-            rejected: &pr,
-            ref_chosen: &rc,
-            ref_rejected: &rr,
-            chosen_len: &lc,
-            rejected_len: &lr,
-        };
+        let inputs = Inputs::from_golden(&g);
+        let p = inputs.pairs();
         for c in g["rdpo"]["cases"].as_array().unwrap() {
             let prm = PairParams {
                 beta: c["beta"].as_f64().unwrap(),

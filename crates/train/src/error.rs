@@ -49,3 +49,39 @@ pub(crate) fn refuse_bad_rows(errors: &[preftune_data::RowError], skip: bool) ->
         first: first_rows(errors).join("\n"),
     })
 }
+
+/// What every data report starts with: the file, its rows, and the rows skipped and why.
+#[derive(Clone, Debug, Default, serde::Serialize, PartialEq)]
+pub struct RowCounts {
+    pub file: String,
+    pub rows: usize,
+    pub skipped: usize,
+    /// Up to 10 skipped rows as `file:line: field: msg`.
+    pub skipped_examples: Vec<String>,
+}
+
+impl RowCounts {
+    pub(crate) fn new(
+        path: &std::path::Path,
+        rows: usize,
+        errors: &[preftune_data::RowError],
+    ) -> Self {
+        RowCounts {
+            file: path.display().to_string(),
+            rows,
+            skipped: errors.len(),
+            skipped_examples: first_rows(errors),
+        }
+    }
+
+    /// Prints `data FILE: N rows, N skipped, <details>` and the skipped rows, on stderr.
+    pub(crate) fn print(&self, details: &str) {
+        eprintln!(
+            "data {}: {} rows, {} skipped, {details}",
+            self.file, self.rows, self.skipped
+        );
+        for e in &self.skipped_examples {
+            eprintln!("  skipped {e}");
+        }
+    }
+}

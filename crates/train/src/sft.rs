@@ -35,11 +35,8 @@ pub fn defaults() -> toml::Table {
 /// What happened to the data on its way in; printed and written to the run folder.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct DataReport {
-    pub file: String,
-    pub rows: usize,
-    pub skipped: usize,
-    /// Up to 10 skipped rows as `file:line: field: msg`.
-    pub skipped_examples: Vec<String>,
+    #[serde(flatten)]
+    pub counts: crate::error::RowCounts,
     pub truncated: usize,
     pub examples: usize,
     /// Rows after packing (equals `examples` without packing).
@@ -104,10 +101,7 @@ pub fn load_split(
         out = pack(&out, max);
     }
     let report = DataReport {
-        file: path.display().to_string(),
-        rows: rows.len(),
-        skipped: errors.len(),
-        skipped_examples: crate::error::first_rows(&errors),
+        counts: crate::error::RowCounts::new(path, rows.len(), &errors),
         truncated,
         examples: examples_n,
         sequences: out.len(),
@@ -166,13 +160,10 @@ impl Algorithm for Sft {
 }
 
 fn report(r: &DataReport) {
-    eprintln!(
-        "data {}: {} rows, {} skipped, {} truncated, {} examples, {} sequences, {} tokens",
-        r.file, r.rows, r.skipped, r.truncated, r.examples, r.sequences, r.tokens
-    );
-    for e in &r.skipped_examples {
-        eprintln!("  skipped {e}");
-    }
+    r.counts.print(&format!(
+        "{} truncated, {} examples, {} sequences, {} tokens",
+        r.truncated, r.examples, r.sequences, r.tokens
+    ));
 }
 
 /// `preftune sft`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.
