@@ -30,7 +30,7 @@ fn tune_allocator() {
 #[command(
     name = "preftune",
     version,
-    about = "Align language models to human preferences: SFT, reward models, DPO, PPO, GRPO and more"
+    about = "Align language models to human preferences: SFT (full or LoRA) and the DPO family, on Hugging Face and GGUF models"
 )]
 struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
