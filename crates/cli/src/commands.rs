@@ -170,22 +170,33 @@ pub fn emit(v: &serde_json::Value) {
     }
 }
 
-pub fn sft(run: &RunArgs) -> Result<()> {
-    let cfg = preftune_train::config::load::<preftune_train::sft::SftArgs>(
-        run.config.as_deref(),
-        preftune_train::sft::defaults(),
-        &run.set,
-    )?;
-    emit(&preftune_train::sft::run(&cfg, run.resume, run.eval_only)?);
+/// Loads a trainer's config (its defaults, the file, `--set`) and prints what the trainer returns.
+fn run_trainer<A: serde::de::DeserializeOwned>(
+    run: &RunArgs,
+    defaults: toml::Table,
+    trainer: fn(
+        &preftune_train::RunConfig<A>,
+        bool,
+        bool,
+    ) -> preftune_train::Result<serde_json::Value>,
+) -> Result<()> {
+    let cfg = preftune_train::config::load::<A>(run.config.as_deref(), defaults, &run.set)?;
+    emit(&trainer(&cfg, run.resume, run.eval_only)?);
     Ok(())
 }
 
+pub fn sft(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::sft::defaults(),
+        preftune_train::sft::run,
+    )
+}
+
 pub fn dpo(run: &RunArgs) -> Result<()> {
-    let cfg = preftune_train::config::load::<preftune_train::dpo::DpoArgs>(
-        run.config.as_deref(),
+    run_trainer(
+        run,
         preftune_train::dpo::defaults(),
-        &run.set,
-    )?;
-    emit(&preftune_train::dpo::run(&cfg, run.resume, run.eval_only)?);
-    Ok(())
+        preftune_train::dpo::run,
+    )
 }

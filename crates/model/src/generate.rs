@@ -91,7 +91,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         return Ok(out);
     }
     // A recorded autograd graph would pin every step's activations; sample outside it.
-    let model = if model.named_params().iter().any(|(_, t)| t.is_variable()) {
+    let model = if model.is_trainable() {
         model.detached()?
     } else {
         model.clone()

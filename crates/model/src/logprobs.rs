@@ -91,7 +91,7 @@ pub fn token_logprobs(
             row_hits[row] += hit as usize;
             row_mean_logit_sum[row] += mu;
         }
-        let dst = Tensor::from_vec(dst.clone(), src.len(), dev)?;
+        let dst = Tensor::from_vec(dst, src.len(), dev)?;
         per_token = per_token.index_add(&dst, &lp, 0)?;
     }
     let per_token = per_token.reshape((b, t))?;

@@ -421,6 +421,8 @@ mod tests {
                 "{name}: only A and B are trainable"
             );
             assert!(m.named_params().iter().all(|(_, t)| !t.is_variable()));
+            // A frozen base with trainable adapters counts as trainable (sampling must detach it).
+            assert!(m.is_trainable() && !p.model.is_trainable());
         }
     }
 

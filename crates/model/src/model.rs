@@ -420,19 +420,28 @@ impl Model {
             .collect()
     }
 
-    /// The trainable tensors as `Var`s: base parameters when built `trainable`, and LoRA adapters.
+    /// The trainable tensors as named `Var`s: base parameters (HF names) when built `trainable`, and
+    /// LoRA adapters (PEFT names).
+    pub fn trainable_params(&self) -> Vec<(String, Var)> {
+        let mut all = self.named_params();
+        all.extend(self.lora_params());
+        all.into_iter()
+            .filter(|(_, t)| t.is_variable())
+            .filter_map(|(n, t)| Var::from_tensor(&t).ok().map(|v| (n, v)))
+            .collect()
+    }
+
+    /// The trainable tensors as `Var`s.
     pub fn vars(&self) -> Vec<Var> {
-        let mut all: Vec<Tensor> = self.named_params().into_iter().map(|(_, t)| t).collect();
-        all.extend(self.lora_params().into_iter().map(|(_, t)| t));
-        all.iter()
-            .filter(|t| t.is_variable())
-            .filter_map(|t| Var::from_tensor(t).ok())
+        self.trainable_params()
+            .into_iter()
+            .map(|(_, v)| v)
             .collect()
     }
 
     /// Whether any parameter or adapter is tracked by autograd.
     pub fn is_trainable(&self) -> bool {
-        !self.vars().is_empty()
+        !self.trainable_params().is_empty()
     }
 
     /// A copy sharing the same storage but outside autograd: use it for sampling, where a recorded

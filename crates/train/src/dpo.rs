@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{RunConfig, TrainingArguments};
 use crate::dpo_loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
 use crate::error::{Error, Result};
-use crate::trainer::{evaluate, load_policy, resume_point, train, Algorithm, Metrics, Split};
+use crate::trainer::{
+    evaluate, load_policy, resume_point, train_with_report, Algorithm, Metrics, Split,
+};
 
 /// One loss type or several (TRL accepts both).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -655,13 +657,5 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         v["data"] = serde_json::to_value(&reports).unwrap_or_default();
         return Ok(v);
     }
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-    preftune_model::weights::write_json(
-        &args.output_dir.join("data_report.json"),
-        &serde_json::to_value(&reports).unwrap_or_default(),
-    )?;
-    let summary = train(args, &cfg.table, policy, lora, ckpt, &mut dpo)?;
-    let mut v = serde_json::to_value(&summary).unwrap_or_default();
-    v["data"] = serde_json::to_value(&reports).unwrap_or_default();
-    Ok(v)
+    train_with_report(args, &cfg.table, policy, lora, ckpt, &mut dpo, &reports)
 }

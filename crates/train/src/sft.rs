@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{RunConfig, TrainingArguments};
 use crate::error::{Error, Result};
-use crate::trainer::{evaluate, load_policy, resume_point, train, Algorithm, Metrics, Split};
+use crate::trainer::{
+    evaluate, load_policy, resume_point, train_with_report, Algorithm, Metrics, Split,
+};
 
 /// SFT's own options (TRL's `SFTConfig` names).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -207,17 +209,11 @@ pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<se
         }
         None => vec![],
     };
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-    let rp = args.output_dir.join("data_report.json");
-    preftune_model::weights::write_json(&rp, &serde_json::to_value(&reports).unwrap_or_default())?;
     let mut algo = Sft {
         train: train_set,
         eval: eval_set,
         pad_token_id: policy.pad_token_id(),
         device: policy.model.device().clone(),
     };
-    let summary = train(args, &cfg.table, policy, lora, ckpt, &mut algo)?;
-    let mut v = serde_json::to_value(&summary).unwrap_or_default();
-    v["data"] = serde_json::to_value(&reports).unwrap_or_default();
-    Ok(v)
+    train_with_report(args, &cfg.table, policy, lora, ckpt, &mut algo, &reports)
 }

@@ -10,7 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use preftune_model::{parse_dtype, LoadOptions, LoraConfig, Model, Pretrained};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -112,16 +112,6 @@ pub fn load_policy(
         )?;
         Ok((p, None))
     }
-}
-
-/// The trainable tensors with stable names: adapter names under LoRA, HF names otherwise.
-fn trainable(model: &Model) -> Vec<(String, Var)> {
-    let mut all = model.named_params();
-    all.extend(model.lora_params());
-    all.into_iter()
-        .filter(|(_, t)| t.is_variable())
-        .filter_map(|(n, t)| Var::from_tensor(&t).ok().map(|v| (n, v)))
-        .collect()
 }
 
 /// Writes the model (or adapter) and tokenizer into `dir`.
@@ -314,7 +304,7 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let params = trainable(&policy.model);
+    let params = policy.model.trainable_params();
     if params.is_empty() {
         return Err(Error::Msg("no trainable parameters".into()));
     }
@@ -502,4 +492,24 @@ pub fn train(
         train_runtime_s: started.elapsed().as_secs_f64(),
         resumed_from: ckpt.map(|(s, _)| s),
     })
+}
+
+/// Writes the data reports to `output_dir/data_report.json`, trains, and returns the summary with
+/// the reports attached: what `preftune sft` and `preftune dpo` print.
+pub fn train_with_report<R: serde::Serialize>(
+    args: &TrainingArguments,
+    config: &toml::Table,
+    policy: Pretrained,
+    lora: Option<LoraConfig>,
+    ckpt: Option<(usize, std::path::PathBuf)>,
+    algo: &mut dyn Algorithm,
+    reports: &[R],
+) -> Result<serde_json::Value> {
+    let reports = serde_json::to_value(reports).unwrap_or_default();
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    preftune_model::weights::write_json(&args.output_dir.join("data_report.json"), &reports)?;
+    let summary = train(args, config, policy, lora, ckpt, algo)?;
+    let mut v = serde_json::to_value(&summary).unwrap_or_default();
+    v["data"] = reports;
+    Ok(v)
 }
