@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// JSONL with a `prompt` field per line; the reference scripts read the same file.
     #[arg(long, default_value = "bench/prompts.jsonl")]
     prompts: PathBuf,
+    /// Use the ops composed from candle primitives instead of the fused kernels (for comparison).
+    #[arg(long)]
+    composed_ops: bool,
 }
 
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
@@ -104,6 +107,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .and_then(|s| s.parse::<usize>().ok());
     let dtype = parse_dtype(&args.dtype)?;
     let prompts = read_prompts(&args.prompts)?;
+    preftune_model::kernels::set_fused(!args.composed_ops);
+    let ops = if args.composed_ops {
+        "composed"
+    } else {
+        "fused"
+    };
     match args.workload.as_str() {
         "fwd-bwd" => {
             let opts = LoadOptions {
@@ -140,7 +149,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             let s = median(times);
             crate::commands::emit(
-                &json!({"workload": "fwd-bwd", "impl": "preftune", "dtype": args.dtype, "batch": args.train_batch,
+                &json!({"workload": "fwd-bwd", "impl": "preftune", "ops": ops, "dtype": args.dtype, "batch": args.train_batch,
                        "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
                        "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
             );
@@ -177,7 +186,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let s = t.elapsed().as_secs_f64();
             let n: usize = out.tokens.iter().map(Vec::len).sum();
             crate::commands::emit(
-                &json!({"workload": "generate", "impl": "preftune", "dtype": args.dtype, "batch": args.gen_batch,
+                &json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": args.dtype, "batch": args.gen_batch,
                        "new_tokens": args.new_tokens, "threads": threads, "seconds": s, "tokens_per_s": n as f64 / s,
                        "peak_rss_mib": peak_rss_mib()}),
             );

@@ -6,6 +6,7 @@ pub mod error;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod logprobs;
 pub mod lora;
 pub mod model;

@@ -5,12 +5,14 @@
 //! Everything is differentiable: when built `trainable`, each parameter is a candle `Var`.
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{Error, Result};
-use crate::ops::{layer_norm, rms_norm, rope, softmax_last, Linear};
+use crate::kernels::{self, AttnMask};
+use crate::ops::{layer_norm, rms_norm, rope, softmax_last, swiglu, Linear};
 
 /// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
 const MASKED: f32 = -1e9;
@@ -529,15 +531,18 @@ impl Model {
                 .collect()
         });
         let dev = self.device();
-        let attn_mask = causal_padding_mask(
-            &mask,
-            segments.as_deref(),
-            t,
-            past,
-            self.cfg.sliding_window,
-            self.dtype,
-            dev,
-        )?;
+        let attn_mask =
+            causal_padding_mask(&mask, segments.as_deref(), t, past, self.cfg.sliding_window);
+        // The composed attention adds the mask as a `[B, 1, T, Tk]` tensor; the kernel reads it as is.
+        let fused = kernels::applies(&self.embed);
+        let mask_tensor = match (&attn_mask, fused) {
+            (Some(m), false) => Some(
+                Tensor::from_vec(m.data.to_vec(), (m.b, 1, m.t, m.tk), dev)?
+                    .to_dtype(self.dtype)?,
+            ),
+            _ => None,
+        };
+        let attn_mask = attn_mask.map(|m| (m, mask_tensor));
 
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
@@ -647,7 +652,7 @@ fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     inv
 }
 
-/// Additive mask `[B, 1, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i`, key
+/// Additive mask `[B, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i`, key
 /// `j` is not padding, (with a sliding window `w`) `past+i - j < w`, as transformers counts it, and
 /// (with packed rows) both lie in the same segment.
 /// `None` when nothing is masked (a single new token, no padding, inside the window).
@@ -657,14 +662,12 @@ fn causal_padding_mask(
     t: usize,
     past: usize,
     window: Option<usize>,
-    dtype: DType,
-    dev: &Device,
-) -> Result<Option<Tensor>> {
+) -> Option<AttnMask> {
     let tk = past + t;
     let padded = mask.iter().any(|r| r.contains(&0.0));
     let window = window.unwrap_or(usize::MAX);
     if t == 1 && !padded && tk <= window && segments.is_none() {
-        return Ok(None);
+        return None;
     }
     let mut v = Vec::with_capacity(mask.len() * t * tk);
     for (r, row) in mask.iter().enumerate() {
@@ -682,9 +685,12 @@ fn causal_padding_mask(
             }
         }
     }
-    Ok(Some(
-        Tensor::from_vec(v, (mask.len(), 1, t, tk), dev)?.to_dtype(dtype)?,
-    ))
+    Some(AttnMask {
+        data: Arc::new(v),
+        b: mask.len(),
+        t,
+        tk,
+    })
 }
 
 impl Attention {
@@ -692,7 +698,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
-        mask: Option<&Tensor>,
+        mask: Option<&(AttnMask, Option<Tensor>)>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -726,31 +732,37 @@ impl Attention {
         // KV head are stacked along the time axis (query head h uses KV head h / rep, as repeat_kv).
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? * scale)?
-            .reshape((b, nh, t, tk))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let probs = if kernels::applies(&q) {
+            kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+            let scores = match mask.and_then(|(_, t)| t.as_ref()) {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            softmax_last(&scores)?
+                .to_dtype(v.dtype())?
+                .reshape((b, nkv, rep * t, tk))?
         };
-        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .reshape((b, nkv, rep * t, tk))?
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         self.o
             .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
-        let act = |x: Tensor| match act {
+    fn forward(&self, x: &Tensor, act_kind: Activation) -> candle_core::Result<Tensor> {
+        let act = |x: Tensor| match act_kind {
             Activation::Silu => x.silu(),
             Activation::GeluTanh => x.gelu(),
             Activation::Gelu => x.gelu_erf(),
             Activation::Relu => x.relu(),
         };
         match self {
+            Mlp::Gated { gate, up, down } if matches!(act_kind, Activation::Silu) => {
+                down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+            }
             Mlp::Gated { gate, up, down } => {
                 down.forward(&(act(gate.forward(x)?)? * up.forward(x)?)?)
             }

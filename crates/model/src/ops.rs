@@ -5,6 +5,8 @@
 //! the weights' dtype, as transformers does.
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels;
+
 /// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout), plus an optional
 /// LoRA update `scale * B A x`.
 #[derive(Clone, Debug)]
@@ -80,7 +82,16 @@ pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm as in transformers' `LlamaRMSNorm`: normalise in at least f32, cast back, then scale.
+/// The fused kernel when it applies, else composed.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels::applies(x) && weight.dtype() == x.dtype() {
+        return kernels::rms_norm(x, weight, eps);
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// [`rms_norm`] from candle ops.
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = upcast(x)?;
     let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
@@ -108,12 +119,28 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Rotate-half RoPE (transformers' layout). `x`: `[B, H, T, Dh]`; `cos`, `sin`: `[B, 1, T, Dh/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if kernels::applies(x) && cos.dtype() == x.dtype() {
+        return kernels::rope(x, cos, sin);
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// [`rope`] from candle ops.
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let out1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
     let out2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Tensor::cat(&[out1, out2], D::Minus1)
+}
+
+/// `silu(gate) * up`, the gated MLP's activation.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if kernels::applies(gate) && up.dtype() == gate.dtype() {
+        return kernels::swiglu(gate, up);
+    }
+    gate.silu()? * up
 }
 
 #[cfg(test)]

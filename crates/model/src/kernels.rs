@@ -1,0 +1,779 @@
+//! Fused CPU kernels with hand-written backward passes: RMSNorm, RoPE, SwiGLU and the attention
+//! probabilities `softmax(scale * Q K^T + mask)`.
+//!
+//! Composed from candle ops, each of these makes several passes over memory and keeps every
+//! intermediate for backward (an RMSNorm keeps five tensors the size of its input, a softmax six the
+//! size of the scores). These make one pass and keep only their inputs (and, for attention, the
+//! probabilities, which `P V` needs anyway); backward recomputes the cheap rest. Each is checked
+//! against finite differences and against the composed version in `ops`. They run on CPU in f32 and
+//! f64; other dtypes and devices take the composed path.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, WithDType,
+};
+use num_traits::{Float, One, Zero};
+
+/// The element types the kernels are written for.
+pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Switches the fused kernels on or off for the whole process (the benchmark compares both).
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels handle `x`: switched on, on the CPU, in f32 or f64.
+pub fn applies(x: &Tensor) -> bool {
+    FUSED.load(Ordering::Relaxed)
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => Err(Error::Msg(format!("{op}: inputs must be contiguous"))),
+    }
+}
+
+/// Runs `f(first_row, rows)` over `out` split into whole rows of `row` values, one part per
+/// thread; each part's result is returned in order. Small buffers stay on the calling thread.
+fn par_rows<T: Send, R: Send>(
+    out: &mut [T],
+    row: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let rows = out.len() / row.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    if threads == 1 || out.len() < 1 << 14 {
+        return vec![f(0, out)];
+    }
+    let per = rows.div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let mut parts = out.chunks_mut(per * row).enumerate();
+        let (_, first) = parts.next().expect("at least one part");
+        let handles: Vec<_> = parts
+            .map(|(i, part)| s.spawn(move || f(i * per, part)))
+            .collect();
+        let mut results = vec![f(0, first)];
+        results.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("kernel worker panicked")),
+        );
+        results
+    })
+}
+
+/// Dispatches a kernel generic over `Real` on the dtype of the first storage.
+macro_rules! dispatch {
+    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => Err(Error::Msg(format!("{}: only f32 and f64", $name))),
+        }
+    };
+}
+
+fn storage<T: Real>(v: Vec<T>) -> CpuStorage {
+    T::to_cpu_storage_owned(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
+    let ms = x.iter().map(|&v| v * v).sum::<T>() / T::from_f64(x.len() as f64);
+    (ms + T::from_f64(eps)).sqrt().recip()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "preftune-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, self.name(), |T| {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let d = w.len();
+            let mut out = vec![T::zero(); x.len()];
+            par_rows(&mut out, d, |r0, part| {
+                for (i, o) in part.chunks_mut(d).enumerate() {
+                    let xr = &x[(r0 + i) * d..][..d];
+                    let inv = inv_rms(xr, self.eps);
+                    for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                        *o = xv * inv * wv;
+                    }
+                }
+            });
+            Ok((storage(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = flat.narrow(0, n, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// With `n = x * inv` and `g = dy * w`: `dx = inv * (g - n * mean(g * n))`, `dw = sum_rows(dy * n)`.
+/// Output: `dx` flattened, then `dw`.
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "preftune-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, self.name(), |T| {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let w = slice::<T>(s2, l2, self.name())?;
+            let dy = slice::<T>(s3, l3, self.name())?;
+            let d = w.len();
+            let n = x.len();
+            let mut out = vec![T::zero(); n + d];
+            let (dx, dw) = out.split_at_mut(n);
+            let partial_dw = par_rows(dx, d, |r0, part| {
+                let mut dw = vec![T::zero(); d];
+                for (i, o) in part.chunks_mut(d).enumerate() {
+                    let xr = &x[(r0 + i) * d..][..d];
+                    let gr = &dy[(r0 + i) * d..][..d];
+                    let inv = inv_rms(xr, self.eps);
+                    let mut dot = T::zero();
+                    for j in 0..d {
+                        let nj = xr[j] * inv;
+                        dot += gr[j] * w[j] * nj;
+                        dw[j] += gr[j] * nj;
+                    }
+                    let mean = dot / T::from_f64(d as f64);
+                    for j in 0..d {
+                        o[j] = inv * (gr[j] * w[j] - xr[j] * inv * mean);
+                    }
+                }
+                dw
+            });
+            for part in partial_dw {
+                for (a, b) in dw.iter_mut().zip(part) {
+                    *a += b;
+                }
+            }
+            Ok((storage(out), Shape::from(n + d)))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) * up`, elementwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "preftune-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            return Err(Error::Msg("swiglu: gate and up differ in shape".into()));
+        }
+        dispatch!(s1, self.name(), |T| {
+            let g = slice::<T>(s1, l1, self.name())?;
+            let u = slice::<T>(s2, l2, self.name())?;
+            let mut out = vec![T::zero(); g.len()];
+            let row = *l1.dims().last().unwrap_or(&1);
+            par_rows(&mut out, row, |r0, part| {
+                let off = r0 * row;
+                for (j, o) in part.iter_mut().enumerate() {
+                    let gv = g[off + j];
+                    *o = gv * sigmoid(gv) * u[off + j];
+                }
+            });
+            Ok((storage(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let flat = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBwd)?;
+        let dg = flat.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let du = flat.narrow(0, n, n)?.reshape(up.shape())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `d gate = dy * up * s * (1 + gate * (1 - s))`, `d up = dy * gate * s` with `s = sigmoid(gate)`.
+/// Output: `d gate` flattened, then `d up`.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "preftune-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, self.name(), |T| {
+            let g = slice::<T>(s1, l1, self.name())?;
+            let u = slice::<T>(s2, l2, self.name())?;
+            let dy = slice::<T>(s3, l3, self.name())?;
+            let n = g.len();
+            let mut out = vec![T::zero(); 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            let row = *l1.dims().last().unwrap_or(&1);
+            // Two passes so each splits into rows on its own.
+            par_rows(dg, row, |r0, part| {
+                let off = r0 * row;
+                for (j, o) in part.iter_mut().enumerate() {
+                    let (gv, s) = (g[off + j], sigmoid(g[off + j]));
+                    *o = dy[off + j] * u[off + j] * s * (T::one() + gv * (T::one() - s));
+                }
+            });
+            par_rows(du, row, |r0, part| {
+                let off = r0 * row;
+                for (j, o) in part.iter_mut().enumerate() {
+                    *o = dy[off + j] * g[off + j] * sigmoid(g[off + j]);
+                }
+            });
+            Ok((storage(out), Shape::from(2 * n)))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotate-half RoPE. `x`: `[B, H, T, Dh]`; `cos`, `sin`: `[B, 1, T, Dh/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+}
+
+/// The rotation is orthogonal: its backward is the same rotation by `-sin`.
+struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "preftune-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, dh) = l1.shape().dims4()?;
+        let half = dh / 2;
+        if l2.shape().dims() != [b, 1, t, half] || l3.shape() != l2.shape() {
+            return Err(Error::Msg(format!(
+                "rope: cos/sin must be [{b}, 1, {t}, {half}], got {:?}",
+                l2.shape()
+            )));
+        }
+        dispatch!(s1, self.name(), |T| {
+            let x = slice::<T>(s1, l1, self.name())?;
+            let cos = slice::<T>(s2, l2, self.name())?;
+            let sin = slice::<T>(s3, l3, self.name())?;
+            let mut out = vec![T::zero(); x.len()];
+            par_rows(&mut out, dh, |r0, part| {
+                for (i, o) in part.chunks_mut(dh).enumerate() {
+                    let r = r0 + i; // row index over (b, h, t)
+                    let (bi, ti) = (r / (h * t), r % t);
+                    let tab = (bi * t + ti) * half;
+                    let (c, s) = (&cos[tab..tab + half], &sin[tab..tab + half]);
+                    let xr = &x[r * dh..(r + 1) * dh];
+                    let (x1, x2) = xr.split_at(half);
+                    let (o1, o2) = o.split_at_mut(half);
+                    for j in 0..half {
+                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
+                        o2[j] = x2[j] * c[j] + x1[j] * s[j];
+                    }
+                }
+            });
+            Ok((storage(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities
+
+/// An additive attention mask `[B, T, Tk]` (0 or a large negative value), shared by all layers.
+#[derive(Clone, Debug)]
+pub struct AttnMask {
+    pub data: Arc<Vec<f32>>,
+    pub b: usize,
+    pub t: usize,
+    pub tk: usize,
+}
+
+/// `softmax(scale * Q K^T + mask)` for grouped-query attention laid out as the model does:
+/// `q: [B, G, R*T, Dh]` (the `R` query heads sharing KV group `G` stacked along time),
+/// `k: [B, G, Tk, Dh]`; result `[B, G, R*T, Tk]`. The scores never exist as a tensor of their own:
+/// the graph keeps `q`, `k` and the probabilities only.
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    t: usize,
+    scale: f64,
+    mask: Option<&AttnMask>,
+) -> Result<Tensor> {
+    q.contiguous()?.apply_op2(
+        &k.contiguous()?,
+        AttnProbs {
+            t,
+            scale,
+            mask: mask.cloned(),
+        },
+    )
+}
+
+struct AttnProbs {
+    t: usize,
+    scale: f64,
+    mask: Option<AttnMask>,
+}
+
+impl CustomOp2 for AttnProbs {
+    fn name(&self) -> &'static str {
+        "preftune-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, g, rt, dh) = l1.shape().dims4()?;
+        let (kb, kg, tk, kdh) = l2.shape().dims4()?;
+        if (kb, kg, kdh) != (b, g, dh) || rt % self.t != 0 {
+            return Err(Error::Msg(format!(
+                "attention: q {:?} and k {:?} do not match",
+                l1.shape(),
+                l2.shape()
+            )));
+        }
+        if let Some(m) = &self.mask {
+            if (m.b, m.t, m.tk) != (b, self.t, tk) {
+                return Err(Error::Msg(format!(
+                    "attention: mask is [{}, {}, {}], scores need [{b}, {}, {tk}]",
+                    m.b, m.t, m.tk, self.t
+                )));
+            }
+        }
+        dispatch!(s1, self.name(), |T| {
+            let q = slice::<T>(s1, l1, self.name())?;
+            let k = slice::<T>(s2, l2, self.name())?;
+            let mut out = vec![T::zero(); b * g * rt * tk];
+            let scale = T::from_f64(self.scale);
+            par_rows(&mut out, rt * tk, |grp0, part| {
+                for (gi, p) in part.chunks_mut(rt * tk).enumerate() {
+                    let grp = grp0 + gi; // index over (b, g)
+                    let qg = &q[grp * rt * dh..][..rt * dh];
+                    let kg = &k[grp * tk * dh..][..tk * dh];
+                    // SAFETY: the slices hold rt x dh, tk x dh and rt x tk values with the strides given.
+                    unsafe {
+                        gemm::gemm(
+                            rt,
+                            tk,
+                            dh,
+                            p.as_mut_ptr(),
+                            1,
+                            tk as isize,
+                            false,
+                            qg.as_ptr(),
+                            1,
+                            dh as isize,
+                            kg.as_ptr(),
+                            dh as isize,
+                            1,
+                            T::zero(),
+                            scale,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let bi = grp / g;
+                    for (r, row) in p.chunks_mut(tk).enumerate() {
+                        if let Some(m) = &self.mask {
+                            let mrow = &m.data[(bi * self.t + r % self.t) * tk..][..tk];
+                            for (s, &mv) in row.iter_mut().zip(mrow) {
+                                *s += T::from_f64(mv as f64);
+                            }
+                        }
+                        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+                        let mut sum = T::zero();
+                        for s in row.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        let inv = sum.recip();
+                        row.iter_mut().for_each(|s| *s *= inv);
+                    }
+                }
+            });
+            Ok((storage(out), Shape::from((b, g, rt, tk))))
+        })
+    }
+
+    /// `dS = scale * P * (dP - rowsum(dP * P))`, then `dQ = dS K`, `dK = dS^T Q`.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
+/// `scale * P * (dP - rowsum(dP * P))` over the last dimension.
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "preftune-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let row = *l1.dims().last().unwrap_or(&1);
+        dispatch!(s1, self.name(), |T| {
+            let p = slice::<T>(s1, l1, self.name())?;
+            let dp = slice::<T>(s2, l2, self.name())?;
+            let scale = T::from_f64(self.scale);
+            let mut out = vec![T::zero(); p.len()];
+            par_rows(&mut out, row, |r0, part| {
+                for (i, o) in part.chunks_mut(row).enumerate() {
+                    let off = (r0 + i) * row;
+                    let (pr, dr) = (&p[off..off + row], &dp[off..off + row]);
+                    let dot: T = pr.iter().zip(dr).map(|(&a, &b)| a * b).sum();
+                    for j in 0..row {
+                        o[j] = scale * pr[j] * (dr[j] - dot);
+                    }
+                }
+            });
+            Ok((storage(out), l1.shape().clone()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+    use candle_core::{Device, Var};
+
+    type Op<'a> = dyn Fn(&[Tensor]) -> Result<Tensor> + 'a;
+
+    fn randn(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// Gradients of `sum(f(inputs) * w)` with respect to the first `n` inputs.
+    fn grads(f: &Op, inputs: &[Tensor], w: &Tensor, n: usize) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let g = out.mul(w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = ts[..n]
+            .iter()
+            .map(|t| g.get(t).expect("gradient reaches every input").clone())
+            .collect();
+        (out, gs)
+    }
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+        let (a, b) = (flat(a), flat(b));
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// The fused op against finite differences (f64) for every input with a gradient, and against
+    /// the composed op in f64 and f32 (values and gradients).
+    fn check(fused: &Op, composed: &Op, shapes: &[&[usize]], n_grads: usize) {
+        let inputs: Vec<Tensor> = shapes.iter().map(|s| randn(s, DType::F64)).collect();
+        let out_shape = fused(&inputs).unwrap().dims().to_vec();
+        let w = randn(&out_shape, DType::F64);
+        let (out, g) = grads(fused, &inputs, &w, n_grads);
+        let (out_c, g_c) = grads(composed, &inputs, &w, n_grads);
+        assert_close(&out, &out_c, 1e-12, "f64 output vs composed");
+        for i in 0..n_grads {
+            assert_close(&g[i], &g_c[i], 1e-10, &format!("f64 grad {i} vs composed"));
+            // Central differences on every element.
+            let base = flat(&inputs[i]);
+            let gi = flat(&g[i]);
+            let eps = 1e-6;
+            for e in 0..base.len() {
+                let eval = |delta: f64| {
+                    let mut v = base.clone();
+                    v[e] += delta;
+                    let mut xs = inputs.clone();
+                    xs[i] = Tensor::from_vec(v, shapes[i], &Device::Cpu).unwrap();
+                    fused(&xs)
+                        .unwrap()
+                        .mul(&w)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - gi[e]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "input {i} element {e}: kernel gradient {} vs finite difference {fd}",
+                    gi[e]
+                );
+            }
+        }
+        let inputs32: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32).unwrap())
+            .collect();
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        let (out, g) = grads(fused, &inputs32, &w32, n_grads);
+        let (out_c, g_c) = grads(composed, &inputs32, &w32, n_grads);
+        assert_close(&out, &out_c, 1e-5, "f32 output vs composed");
+        for i in 0..n_grads {
+            assert_close(&g[i], &g_c[i], 1e-4, &format!("f32 grad {i} vs composed"));
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_and_finite_differences() {
+        check(
+            &|x| rms_norm(&x[0], &x[1], 1e-5),
+            &|x| ops::rms_norm_composed(&x[0], &x[1], 1e-5),
+            &[&[2, 3, 8], &[8]],
+            2,
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_composed_and_finite_differences() {
+        check(
+            &|x| swiglu(&x[0], &x[1]),
+            &|x| x[0].silu()? * &x[1],
+            &[&[2, 3, 5], &[2, 3, 5]],
+            2,
+        );
+    }
+
+    #[test]
+    fn rope_matches_composed_and_finite_differences() {
+        check(
+            &|x| rope(&x[0], &x[1], &x[2]),
+            &|x| ops::rope_composed(&x[0], &x[1], &x[2]),
+            &[&[2, 3, 4, 6], &[2, 1, 4, 3], &[2, 1, 4, 3]],
+            1,
+        );
+    }
+
+    /// Grouped-query layout (2 KV groups of 2 query heads), a padded key and causal masking.
+    #[test]
+    fn attention_probs_match_composed_and_finite_differences() {
+        let (b, g, r, t, tk, dh) = (2, 2, 2, 3, 4, 5);
+        let mut m = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..tk {
+                    // one cached position, then causal; batch 1 has its first key padded
+                    if j > i + 1 || (bi == 1 && j == 0) {
+                        m[(bi * t + i) * tk + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask = AttnMask {
+            data: Arc::new(m.clone()),
+            b,
+            t,
+            tk,
+        };
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mask_t = Tensor::from_vec(m, (b, 1, t, tk), &Device::Cpu).unwrap();
+        check(
+            &|x| attention_probs(&x[0], &x[1], t, scale, Some(&mask)),
+            &|x| {
+                let s = (x[0].matmul(&x[1].t()?)? * scale)?.reshape((b, g * r, t, tk))?;
+                let s = s.broadcast_add(&mask_t.to_dtype(s.dtype())?)?;
+                ops::softmax_last(&s)?.reshape((b, g, r * t, tk))
+            },
+            &[&[b, g, r * t, dh], &[b, g, tk, dh]],
+            2,
+        );
+    }
+
+    /// Inputs large enough to be split across threads give what the composed ops give.
+    #[test]
+    fn threaded_kernels_match_composed() {
+        let cmp = |fused: &Op, composed: &Op, shapes: &[&[usize]], n: usize| {
+            let inputs: Vec<Tensor> = shapes.iter().map(|s| randn(s, DType::F32)).collect();
+            let out_shape = fused(&inputs).unwrap().dims().to_vec();
+            assert!(out_shape.iter().product::<usize>() >= 1 << 14);
+            let w = randn(&out_shape, DType::F32);
+            let (a, ga) = grads(fused, &inputs, &w, n);
+            let (b, gb) = grads(composed, &inputs, &w, n);
+            assert_close(&a, &b, 1e-5, "output");
+            for i in 0..n {
+                assert_close(&ga[i], &gb[i], 1e-4, &format!("grad {i}"));
+            }
+        };
+        cmp(
+            &|x| rms_norm(&x[0], &x[1], 1e-5),
+            &|x| ops::rms_norm_composed(&x[0], &x[1], 1e-5),
+            &[&[67, 300], &[300]],
+            2,
+        );
+        cmp(
+            &|x| swiglu(&x[0], &x[1]),
+            &|x| x[0].silu()? * &x[1],
+            &[&[67, 300], &[67, 300]],
+            2,
+        );
+        cmp(
+            &|x| rope(&x[0], &x[1], &x[2]),
+            &|x| ops::rope_composed(&x[0], &x[1], &x[2]),
+            &[&[3, 5, 37, 32], &[3, 1, 37, 16], &[3, 1, 37, 16]],
+            1,
+        );
+        cmp(
+            &|x| attention_probs(&x[0], &x[1], 37, 0.125, None),
+            &|x| ops::softmax_last(&(x[0].matmul(&x[1].t()?)? * 0.125)?),
+            &[&[3, 5, 37, 16], &[3, 5, 37, 16]],
+            2,
+        );
+    }
+}
