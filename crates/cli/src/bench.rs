@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// Use the ops composed from candle primitives instead of the fused kernels (for comparison).
     #[arg(long)]
     composed_ops: bool,
+    /// Recompute decoder layers in backward (fwd-bwd).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
@@ -120,7 +123,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 trainable: true,
                 ..Default::default()
             };
-            let p = Pretrained::load(&args.model, &opts)?;
+            let mut p = Pretrained::load(&args.model, &opts)?;
+            p.model
+                .set_gradient_checkpointing(args.gradient_checkpointing);
             let text = prompts.join(". ").repeat(1 + args.seq_len / 60);
             let ids = p.tokenizer.encode(&text, false)?;
             anyhow::ensure!(
@@ -141,7 +146,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let hidden = p.model.forward(&x, None, None, None)?;
                 let lp = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?;
                 let loss = (lp.sum.sum_all()? * (-1.0 / (args.train_batch * args.seq_len) as f64))?;
-                let grads = loss.backward()?;
+                let grads = p.model.backward(&loss)?;
                 drop(grads);
                 if step > 0 {
                     times.push(t.elapsed().as_secs_f64());
@@ -149,7 +154,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             let s = median(times);
             crate::commands::emit(
-                &json!({"workload": "fwd-bwd", "impl": "preftune", "ops": ops, "dtype": args.dtype, "batch": args.train_batch,
+                &json!({"workload": "fwd-bwd", "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype, "batch": args.train_batch,
                        "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
                        "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
             );

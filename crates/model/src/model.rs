@@ -77,7 +77,7 @@ enum Mlp {
 }
 
 #[derive(Clone, Debug)]
-struct Block {
+pub(crate) struct Block {
     norm1: Norm,
     attn: Attention,
     norm2: Norm,
@@ -103,6 +103,49 @@ impl Mlp {
 }
 
 impl Block {
+    /// Pre-norm residual block: `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope_tables: Option<&(Tensor, Tensor)>,
+        mask: Option<&(AttnMask, Option<Tensor>)>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
+        let a = self
+            .attn
+            .forward(&self.norm1.forward(x)?, rope_tables, mask, cache)?;
+        let x = (x + a)?;
+        let m = self.mlp.forward(&self.norm2.forward(&x)?, act)?;
+        x + m
+    }
+
+    /// Every tensor of the block, LoRA adapters included (the trainable ones are `Var`s).
+    pub(crate) fn tensors(&self) -> Vec<Tensor> {
+        let mut b = self.clone();
+        let mut out = vec![];
+        b.visit_mut(&mut |_, t| out.push(t.clone()));
+        for l in b.linears_mut() {
+            if let Some(a) = &l.lora {
+                out.extend([a.a.clone(), a.b.clone()]);
+            }
+        }
+        out
+    }
+
+    /// A copy outside autograd (shares storage).
+    pub(crate) fn detached(&self) -> Block {
+        let mut b = self.clone();
+        b.visit_mut(&mut |_, t| *t = t.detach());
+        for l in b.linears_mut() {
+            if let Some(a) = &mut l.lora {
+                a.a = a.a.detach();
+                a.b = a.b.detach();
+            }
+        }
+        b
+    }
+
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v = self.attn.linears_mut();
         v.extend(self.mlp.linears_mut());
@@ -153,15 +196,19 @@ impl KvCache {
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    pub(crate) embed: Tensor,
     wpe: Option<Tensor>,
-    blocks: Vec<Block>,
+    pub(crate) blocks: Vec<Block>,
     norm_f: Norm,
     lm_head: Tensor,
     inv_freq: Vec<f32>,
     dtype: DType,
     /// Shared by every LoRA adapter of this model: seeded during training steps, off otherwise.
     pub(crate) lora_dropout: crate::lora::DropoutRng,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub(crate) checkpointing: bool,
+    /// Layer inputs recorded by checkpointed forward passes, consumed by [`Model::backward`].
+    pub(crate) tape: crate::checkpointing::Tape,
 }
 
 /// Hands out named tensors from a weight map, checking shapes.
@@ -381,6 +428,8 @@ impl Model {
             inv_freq,
             dtype,
             lora_dropout: Default::default(),
+            checkpointing: false,
+            tape: Default::default(),
         })
     }
 
@@ -573,24 +622,24 @@ impl Model {
             Some(self.rope_tables(&pos_flat, b, t)?)
         };
 
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| {
-                if c.layers.len() != self.blocks.len() {
-                    c.layers = vec![None; self.blocks.len()];
-                }
-                &mut c.layers[i]
-            });
-            let a = block.attn.forward(
-                &block.norm1.forward(&x)?,
-                rope_tables.as_ref(),
-                attn_mask.as_ref(),
-                layer_cache,
-            )?;
-            x = (x + a)?;
-            let m = block
-                .mlp
-                .forward(&block.norm2.forward(&x)?, self.cfg.activation)?;
-            x = (x + m)?;
+        if self.checkpointing && cache.is_none() && self.is_trainable() {
+            x = self.forward_checkpointed(x, rope_tables, attn_mask)?;
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                let layer_cache = cache.as_mut().map(|c| {
+                    if c.layers.len() != self.blocks.len() {
+                        c.layers = vec![None; self.blocks.len()];
+                    }
+                    &mut c.layers[i]
+                });
+                x = block.forward(
+                    &x,
+                    rope_tables.as_ref(),
+                    attn_mask.as_ref(),
+                    layer_cache,
+                    self.cfg.activation,
+                )?;
+            }
         }
         Ok(self.norm_f.forward(&x)?)
     }

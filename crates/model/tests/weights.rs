@@ -71,6 +71,56 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
     }
 }
 
+/// Gradients of a loss over two forward passes (a left-padded batch and a plain one), through
+/// `Model::backward`.
+fn two_pass_grads(p: &Pretrained) -> Vec<(String, Vec<f32>)> {
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[3u32, 3, 40, 41, 42, 43], [50, 51, 52, 53, 54, 55]], &dev).unwrap();
+    let mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], &dev).unwrap();
+    let score = Tensor::new(&[[0u32, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], &dev).unwrap();
+    let h1 = p.model.forward(&ids, Some(&mask), None, None).unwrap();
+    let l1 = token_logprobs(&p.model, &h1, &ids, &score, 1.0).unwrap();
+    let ids2 = Tensor::new(&[[7u32, 8, 9, 10]], &dev).unwrap();
+    let ones = Tensor::ones((1, 4), DType::U32, &dev).unwrap();
+    let h2 = p.model.forward(&ids2, None, None, None).unwrap();
+    let l2 = token_logprobs(&p.model, &h2, &ids2, &ones, 1.0).unwrap();
+    let loss = ((l1.sum.sum_all().unwrap() * 0.7).unwrap()
+        - (l2.sum.sum_all().unwrap() * 1.3).unwrap())
+    .unwrap();
+    let grads = p.model.backward(&loss).unwrap();
+    p.model
+        .trainable_params()
+        .into_iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n} gets no gradient"));
+            (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    for name in MODELS {
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let mut p = Pretrained::load(&tiny(name), &opts).unwrap();
+        let stored = two_pass_grads(&p);
+        p.model.set_gradient_checkpointing(true);
+        let recomputed = two_pass_grads(&p);
+        assert_eq!(stored.len(), recomputed.len());
+        for ((n, a), (_, b)) in stored.iter().zip(&recomputed) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: {n} has an all-zero gradient");
+            let d = max_abs_diff(a, b);
+            assert!(d <= 1e-5 * scale.max(1.0), "{name}: {n} differs by {d}");
+        }
+    }
+}
+
 #[test]
 fn bf16_forward_tracks_f32() {
     for name in MODELS {

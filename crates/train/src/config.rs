@@ -55,6 +55,9 @@ pub struct TrainingArguments {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_target_modules: Option<Vec<String>>,
+    /// Recompute each decoder layer in backward instead of storing its activations: less memory
+    /// for about a third more compute.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingArguments {
@@ -93,6 +96,7 @@ impl Default for TrainingArguments {
             lora_alpha: 32.0,
             lora_dropout: 0.05,
             lora_target_modules: None,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -99,10 +99,12 @@ pub fn load_policy(
                 p.model.add_lora(&cfg, args.seed)?;
             }
         }
+        p.model
+            .set_gradient_checkpointing(args.gradient_checkpointing);
         Ok((p, Some(cfg)))
     } else {
         let from = resume_from.unwrap_or(base);
-        let p = Pretrained::load(
+        let mut p = Pretrained::load(
             from,
             &LoadOptions {
                 dtype,
@@ -110,6 +112,8 @@ pub fn load_policy(
                 ..Default::default()
             },
         )?;
+        p.model
+            .set_gradient_checkpointing(args.gradient_checkpointing);
         Ok((p, None))
     }
 }
@@ -395,7 +399,7 @@ pub fn train(
                     value,
                 });
             }
-            let g = (loss / total_weight)?.backward()?;
+            let g = policy.model.backward(&(loss / total_weight)?)?;
             for (i, (_, p)) in params.iter().enumerate() {
                 if let Some(gt) = g.get(p.as_tensor()) {
                     let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;

@@ -1,0 +1,144 @@
+//! Activation recomputation ("gradient checkpointing") per decoder layer.
+//!
+//! A checkpointed forward pass runs the decoder layers outside autograd and records only each
+//! layer's input; the final hidden state re-enters autograd as a leaf. [`Model::backward`] runs the
+//! ordinary backward pass (loss, head, final norm) to get the leaf's gradient, then walks the layers
+//! from the top: it recomputes one layer with autograd on, back-propagates the incoming gradient
+//! through it, and adds the layer's parameter gradients to the store. Activations held at once: the
+//! layer inputs (one `[B, T, H]` tensor per layer) plus one layer's intermediates.
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::kernels::AttnMask;
+use crate::model::Model;
+
+type Rng = Option<rand::rngs::StdRng>;
+
+/// What backward needs to recompute one checkpointed forward pass.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// The embedding output, still attached to the embedding weights.
+    embed_out: Tensor,
+    /// Input of each layer, outside autograd.
+    inputs: Vec<Tensor>,
+    /// LoRA dropout state before each layer, so recomputation draws the same masks.
+    rngs: Vec<Rng>,
+    /// Dropout state after the last layer, restored once backward is done.
+    end_rng: Rng,
+    /// The last layer's output as an autograd leaf.
+    leaf: Tensor,
+    rope: Option<(Tensor, Tensor)>,
+    mask: Option<(AttnMask, Option<Tensor>)>,
+}
+
+/// Segments recorded by checkpointed forward passes since the last backward.
+pub(crate) type Tape = Arc<Mutex<Vec<Segment>>>;
+
+fn add_grad(grads: &mut GradStore, t: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+    let sum = match grads.remove(t) {
+        Some(old) => (old + g)?,
+        None => g.clone(),
+    };
+    grads.insert(t, sum);
+    Ok(())
+}
+
+impl Model {
+    /// Recompute decoder layers during backward instead of storing their activations (TRL's
+    /// `gradient_checkpointing`). Gradients are unchanged; the backward pass must then go through
+    /// [`Model::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Runs the decoder layers on the embedding output `x` without recording a graph; returns the
+    /// last layer's output as an autograd leaf and records a [`Segment`].
+    pub(crate) fn forward_checkpointed(
+        &self,
+        x: Tensor,
+        rope: Option<(Tensor, Tensor)>,
+        mask: Option<(AttnMask, Option<Tensor>)>,
+    ) -> Result<Tensor> {
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut rngs = Vec::with_capacity(self.blocks.len());
+        let mut h = x.detach();
+        for block in &self.blocks {
+            inputs.push(h.clone());
+            rngs.push(self.lora_dropout.snapshot());
+            h = block.detached().forward(
+                &h,
+                rope.as_ref(),
+                mask.as_ref(),
+                None,
+                self.cfg.activation,
+            )?;
+        }
+        let leaf = Var::from_tensor(&h)?.as_tensor().clone();
+        self.tape
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Segment {
+                embed_out: x,
+                inputs,
+                rngs,
+                end_rng: self.lora_dropout.snapshot(),
+                leaf: leaf.clone(),
+                rope,
+                mask,
+            });
+        Ok(leaf)
+    }
+
+    /// `loss.backward()`, completed through any checkpointed layers. Use it instead of
+    /// `Tensor::backward` whenever gradient checkpointing may be on.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        let segments = std::mem::take(&mut *self.tape.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut final_rng = None;
+        for seg in segments.into_iter().rev() {
+            final_rng.get_or_insert_with(|| seg.end_rng.clone());
+            let Some(mut g) = grads.remove(&seg.leaf) else {
+                continue; // this forward pass did not reach the loss
+            };
+            for (i, block) in self.blocks.iter().enumerate().rev() {
+                self.lora_dropout.restore(seg.rngs[i].clone());
+                let x = Var::from_tensor(&seg.inputs[i])?;
+                let out = block.forward(
+                    x.as_tensor(),
+                    seg.rope.as_ref(),
+                    seg.mask.as_ref(),
+                    None,
+                    self.cfg.activation,
+                )?;
+                let layer = (out * g.detach())?.sum_all()?.backward()?;
+                for t in block.tensors().iter().filter(|t| t.is_variable()) {
+                    if let Some(d) = layer.get(t) {
+                        add_grad(&mut grads, t, d)?;
+                    }
+                }
+                g = layer
+                    .get(x.as_tensor())
+                    .ok_or_else(|| Error::Msg(format!("layer {i}: no gradient reached its input")))?
+                    .clone();
+            }
+            let emb = (seg.embed_out * g.detach())?.sum_all()?.backward()?;
+            for (_, v) in self.trainable_params() {
+                if let Some(d) = emb.get(v.as_tensor()) {
+                    add_grad(&mut grads, v.as_tensor(), d)?;
+                }
+            }
+        }
+        if let Some(rng) = final_rng {
+            self.lora_dropout.restore(rng);
+        }
+        Ok(grads)
+    }
+
+    /// Forgets checkpointed forward passes that will not be back-propagated (after an error, say).
+    pub fn clear_checkpoints(&self) {
+        self.tape.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
