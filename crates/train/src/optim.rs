@@ -3,7 +3,9 @@
 //!
 //! State is kept in f32 whatever the parameters' dtype, and updated in plain Rust over slices:
 //! candle has no in-place ops, and a dozen tensor ops per parameter per step would each allocate.
-use candle_core::{DType, Tensor, Var};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -60,39 +62,106 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let eps = self.cfg.eps as f32;
         for (i, ((name, var), g)) in params.iter().zip(grads).enumerate() {
-            let dtype = var.dtype();
-            let mut p: Vec<f32> = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            if g.len() != p.len() {
+            if g.len() != var.elem_count() {
                 return Err(Error::Msg(format!(
                     "optimizer: gradient of {name} has {} values, parameter {}",
                     g.len(),
-                    p.len()
+                    var.elem_count()
                 )));
             }
-            let decay = if decays(name) {
-                (1.0 - lr * self.cfg.weight_decay) as f32
-            } else {
-                1.0
+            let update = Update {
+                g,
+                m: Mutex::new(&mut self.m[i]),
+                v: Mutex::new(&mut self.v[i]),
+                b1,
+                b2,
+                bc2_sqrt: bc2_sqrt as f32,
+                step_size,
+                eps,
+                decay: if decays(name) {
+                    (1.0 - lr * self.cfg.weight_decay) as f32
+                } else {
+                    1.0
+                },
             };
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
-                let denom = (v[j].sqrt() / bc2_sqrt as f32) + eps;
-                p[j] = p[j] * decay - step_size * m[j] / denom;
+            let t = var.as_tensor();
+            if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+                t.inplace_op1(&update)?;
+            } else {
+                // Other dtypes and devices: through an f32 copy (master weights are then the
+                // parameter's own dtype).
+                let mut p: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                update.apply(&mut p);
+                var.set(&Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(t.dtype())?)?;
             }
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(dtype)?)?;
         }
         Ok(())
     }
 }
 
-/// Scales `grads` so their global L2 norm is at most `max_norm` (if `max_norm > 0`); returns the
-/// norm before clipping, as transformers logs it.
+/// One parameter's AdamW update, applied in place to the parameter's storage.
+struct Update<'a> {
+    g: &'a [f32],
+    m: Mutex<&'a mut Vec<f32>>,
+    v: Mutex<&'a mut Vec<f32>>,
+    b1: f32,
+    b2: f32,
+    bc2_sqrt: f32,
+    step_size: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl Update<'_> {
+    /// PyTorch's AdamW: decoupled decay, then the bias-corrected step; two threads for large tensors.
+    fn apply(&self, p: &mut [f32]) {
+        let mut m = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.v.lock().unwrap_or_else(|e| e.into_inner());
+        let run = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            for j in 0..p.len() {
+                m[j] = self.b1 * m[j] + (1.0 - self.b1) * g[j];
+                v[j] = self.b2 * v[j] + (1.0 - self.b2) * g[j] * g[j];
+                let denom = (v[j].sqrt() / self.bc2_sqrt) + self.eps;
+                p[j] = p[j] * self.decay - self.step_size * m[j] / denom;
+            }
+        };
+        let half = p.len() / 2;
+        if half < 1 << 16 {
+            run(p, &mut m[..], &mut v[..], self.g);
+            return;
+        }
+        let (p1, p2) = p.split_at_mut(half);
+        let (m1, m2) = m.split_at_mut(half);
+        let (v1, v2) = v.split_at_mut(half);
+        let (g1, g2) = self.g.split_at(half);
+        std::thread::scope(|s| {
+            s.spawn(|| run(p1, m1, v1, g1));
+            run(p2, m2, v2, g2);
+        });
+    }
+}
+
+impl InplaceOp1 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adamw: parameter not contiguous".into()))?;
+        match storage {
+            CpuStorage::F32(p) => {
+                self.apply(&mut p[start..end]);
+                Ok(())
+            }
+            _ => Err(candle_core::Error::Msg(
+                "adamw: in-place update needs f32".into(),
+            )),
+        }
+    }
+}
+
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
     let norm = grads
         .iter()

@@ -399,9 +399,10 @@ pub fn train(
                     value,
                 });
             }
-            let g = policy.model.backward(&(loss / total_weight)?)?;
+            let mut g = policy.model.backward(&(loss / total_weight)?)?;
             for (i, (_, p)) in params.iter().enumerate() {
-                if let Some(gt) = g.get(p.as_tensor()) {
+                // Taken out of the store so each gradient tensor is freed once accumulated.
+                if let Some(gt) = g.remove(p.as_tensor()) {
                     let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
                 }
