@@ -414,8 +414,13 @@ pub fn attention_probs(
     scale: f64,
     mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
+    // `k` may be a view into a preallocated KV cache: rows contiguous, batch and group strided.
+    let k = match k.stride() {
+        [_, _, s2, 1] if *s2 == k.dim(3)? => k.clone(),
+        _ => k.contiguous()?,
+    };
     q.contiguous()?.apply_op2(
-        &k.contiguous()?,
+        &k,
         AttnProbs {
             t,
             scale,
@@ -459,16 +464,20 @@ impl CustomOp2 for AttnProbs {
                 )));
             }
         }
+        let (ks0, ks1) = match l2.stride() {
+            [s0, s1, s2, 1] if *s2 == dh => (*s0, *s1),
+            _ => return Err(Error::Msg("attention: k rows must be contiguous".into())),
+        };
         dispatch!(s1, self.name(), |T| {
             let q = slice::<T>(s1, l1, self.name())?;
-            let k = slice::<T>(s2, l2, self.name())?;
+            let k = &s2.as_slice::<T>()?[l2.start_offset()..];
             let mut out = vec![T::zero(); b * g * rt * tk];
             let scale = T::from_f64(self.scale);
             par_rows(&mut out, rt * tk, |grp0, part| {
                 for (gi, p) in part.chunks_mut(rt * tk).enumerate() {
                     let grp = grp0 + gi; // index over (b, g)
                     let qg = &q[grp * rt * dh..][..rt * dh];
-                    let kg = &k[grp * tk * dh..][..tk * dh];
+                    let kg = &k[(grp / g) * ks0 + (grp % g) * ks1..][..tk * dh];
                     // SAFETY: the slices hold rt x dh, tk x dh and rt x tk values with the strides given.
                     unsafe {
                         gemm::gemm(

@@ -109,7 +109,7 @@ impl Block {
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
         act: Activation,
     ) -> candle_core::Result<Tensor> {
         let a = self
@@ -168,21 +168,82 @@ impl Block {
 }
 
 /// Per-layer key/value cache for incremental decoding.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// Keys and values `[B, KV heads, capacity, Dh]`, of which the first `len` positions are filled.
+/// New positions are written in place; the buffers double when full, so decoding copies the
+/// history only `log(T)` times instead of once per token.
+#[derive(Debug)]
+pub(crate) struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k`, `v` (`[B, KV heads, T, Dh]`) and returns views of everything cached so far.
+    fn append(
+        slot: &mut Option<LayerCache>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let (len, cap) = slot
+            .as_ref()
+            .map_or((0, 0), |c| (c.len, c.k.dim(2).unwrap_or(0)));
+        if len + t > cap {
+            let cap = (2 * cap).max(len + t + 64);
+            let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let buf = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| len > 0) {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let k2 = grow(slot.as_ref().map(|c| &c.k))?;
+            let v2 = grow(slot.as_ref().map(|c| &c.v))?;
+            *slot = Some(LayerCache { k: k2, v: v2, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
+}
+
+impl Clone for LayerCache {
+    /// A deep copy: the buffers are written in place, so clones must not share them.
+    fn clone(&self) -> Self {
+        LayerCache {
+            k: self.k.copy().expect("copying a cache buffer"),
+            v: self.v.copy().expect("copying a cache buffer"),
+            len: self.len,
+        }
+    }
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        KvCache {
+            layers: self.layers.clone(),
+        }
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            Some(Some(c)) => c.len,
             _ => 0,
         }
     }
@@ -628,7 +689,7 @@ impl Model {
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {
                     if c.layers.len() != self.blocks.len() {
-                        c.layers = vec![None; self.blocks.len()];
+                        c.layers = (0..self.blocks.len()).map(|_| None).collect();
                     }
                     &mut c.layers[i]
                 });
@@ -748,7 +809,7 @@ impl Attention {
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -770,11 +831,7 @@ impl Attention {
             k = rope(&k, cos, sin)?;
         }
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            (k, v) = LayerCache::append(slot, &k, &v)?;
         }
         let tk = k.dim(2)?;
         // Grouped-query attention without copying K/V per head: the `rep` query heads that share a
@@ -785,7 +842,7 @@ impl Attention {
         let probs = if kernels::applies(&q) {
             kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
         } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+            let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
             let scores = match mask.and_then(|(_, t)| t.as_ref()) {
                 Some(m) => scores.broadcast_add(m)?,
                 None => scores,
@@ -817,5 +874,44 @@ impl Mlp {
             }
             Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(x)?)?),
         }
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    /// Appending in steps of varying size, across several growths, holds what concatenation holds.
+    #[test]
+    fn cache_appends_in_place_and_grows() {
+        let dev = Device::Cpu;
+        let mut slot = None;
+        let mut all: Option<(Tensor, Tensor)> = None;
+        for (i, t) in [5usize, 1, 1, 70, 1, 130, 1].into_iter().enumerate() {
+            let k = Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap();
+            let v = (k.clone() * (i as f64 + 2.0)).unwrap();
+            let (ck, cv) = LayerCache::append(&mut slot, &k, &v).unwrap();
+            all = Some(match all {
+                None => (k, v),
+                Some((pk, pv)) => (
+                    Tensor::cat(&[&pk, &k], 2).unwrap(),
+                    Tensor::cat(&[&pv, &v], 2).unwrap(),
+                ),
+            });
+            let (ek, ev) = all.as_ref().unwrap();
+            let same = |a: &Tensor, b: &Tensor| {
+                a.contiguous()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(&ck, ek) && same(&cv, ev), "after append {i}");
+        }
+        let c = slot.unwrap();
+        assert_eq!(c.len, 209);
+        assert!(c.k.dim(2).unwrap() >= 209);
     }
 }

@@ -7,6 +7,10 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels;
 
+/// Row counts up to which [`Linear::forward`] multiplies the other way round (measured on SmolLM2's
+/// shapes: 2x faster at 16 rows, even at 48, slower from ~96).
+const SMALL_M: usize = 32;
+
 /// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout), plus an optional
 /// LoRA update `scale * B A x`.
 #[derive(Clone, Debug)]
@@ -33,7 +37,13 @@ impl Linear {
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs about
+        // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
+        let mut y = if lead <= SMALL_M && self.weight.device().is_cpu() {
+            self.weight.matmul(&x2.t()?)?.t()?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
