@@ -5,10 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench_prelude.sh
-"$BIN" --threads "$THREADS" bench --model "$MODEL" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3
-"$BIN" --threads "$THREADS" bench --model "$MODEL" --workload generate --gen-batch 16 --new-tokens 64
-"$BIN" --threads "$THREADS" bench --model "$MODEL" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --dtype bf16
+B=("$BIN" --threads "$THREADS" bench --model "$MODEL")
+"${B[@]}" --workload matmul
+"${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3
+"${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --gradient-checkpointing
+"${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --composed-ops
+"${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --dtype bf16
+"${B[@]}" --workload generate --gen-batch 16 --new-tokens 64
 if [ -n "${PYTHON:-}" ]; then
+  "$PYTHON" scripts/reference_bench.py matmul 2048 2>/dev/null
   "$PYTHON" scripts/reference_bench.py fwd-bwd "$MODEL" bench/prompts.jsonl 8 128 3 2>/dev/null
   "$PYTHON" scripts/reference_bench.py generate "$MODEL" bench/prompts.jsonl 16 64 2>/dev/null
 fi

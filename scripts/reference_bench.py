@@ -2,6 +2,7 @@
 measured in one run. Workloads:
   fwd-bwd  MODEL_DIR PROMPTS BATCH SEQ_LEN STEPS   forward+backward of mean token NLL (no optimizer)
   generate MODEL_DIR PROMPTS BATCH NEW_TOKENS      sampling at T=1, fixed length (as shared/bench/trl_gen_bench.py)
+  matmul   N                                       PyTorch's own f32 N x N x N matmul rate (the MFU yardstick)
 Prints one JSON line. Needs scripts/requirements-reference.txt."""
 import json, resource, statistics, sys, time
 import torch
@@ -12,7 +13,21 @@ def rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(workload, model_dir, prompts_file, *rest):
+def main(workload, *args):
+    if workload == "matmul":
+        n = int(args[0])
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        s = statistics.median(times)
+        print(json.dumps({"workload": "matmul", "impl": "torch", "n": n, "threads": torch.get_num_threads(),
+                          "gflops": 2 * n**3 / s / 1e9}))
+        return
+    model_dir, prompts_file, *rest = args
     torch.manual_seed(0)
     prompts = [json.loads(l)["prompt"] for l in open(prompts_file) if l.strip()]
     tok = AutoTokenizer.from_pretrained(model_dir)

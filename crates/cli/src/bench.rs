@@ -17,7 +17,7 @@ pub struct BenchArgs {
     /// Model folder or .gguf file (the reference workloads use SmolLM2-135M).
     #[arg(long)]
     model: PathBuf,
-    /// `fwd-bwd`, `generate` or `all`.
+    /// `fwd-bwd`, `generate`, `matmul` (f32 2048^3 GEMM rate, the MFU yardstick) or `all`.
     #[arg(long, default_value = "all")]
     workload: String,
     #[arg(long, default_value = "f32")]
@@ -87,10 +87,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn threads_env() -> Option<usize> {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+}
+
+/// Training FLOPs per token as PaLM counts them: `6 N` for the weights (the tied LM head counted
+/// once, as a matmul; embedding lookups are free) plus `12 L d T` for attention scores and mixing.
+fn train_flops_per_token(p: &Pretrained, seq_len: usize) -> f64 {
+    let n: usize = p.model.named_params().iter().map(|(_, t)| t.elem_count()).sum();
+    let c = &p.model.cfg;
+    6.0 * n as f64 + 12.0 * (c.num_layers * c.num_heads * c.head_dim * seq_len) as f64
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.workload == "all" {
         let exe = std::env::current_exe()?;
-        for w in ["fwd-bwd", "generate"] {
+        for w in ["matmul", "fwd-bwd", "generate"] {
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(
                 std::env::args()
@@ -105,9 +119,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok());
+    let threads = threads_env();
+    if args.workload == "matmul" {
+        let n = 2048;
+        let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        a.matmul(&b)?;
+        let times = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                a.matmul(&b).map(|_| t.elapsed().as_secs_f64())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
+        crate::commands::emit(
+            &json!({"workload": "matmul", "impl": "preftune", "n": n, "threads": threads_env(), "gflops": gflops}),
+        );
+        return Ok(());
+    }
     let dtype = parse_dtype(&args.dtype)?;
     let prompts = read_prompts(&args.prompts)?;
     preftune_model::kernels::set_fused(!args.composed_ops);
@@ -153,8 +182,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
             }
             let s = median(times);
+            let tokens = (args.train_batch * args.seq_len) as f64;
+            let gflops = train_flops_per_token(&p, args.seq_len) * tokens / s / 1e9;
             crate::commands::emit(
-                &json!({"workload": "fwd-bwd", "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype, "batch": args.train_batch,
+                &json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype, "batch": args.train_batch,
                        "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
                        "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
             );
@@ -196,7 +227,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                        "peak_rss_mib": peak_rss_mib()}),
             );
         }
-        other => anyhow::bail!("unknown workload {other:?} (fwd-bwd, generate or all)"),
+        other => anyhow::bail!("unknown workload {other:?} (fwd-bwd, generate, matmul or all)"),
     }
     Ok(())
 }
