@@ -96,7 +96,12 @@ fn threads_env() -> Option<usize> {
 /// Training FLOPs per token as PaLM counts them: `6 N` for the weights (the tied LM head counted
 /// once, as a matmul; embedding lookups are free) plus `12 L d T` for attention scores and mixing.
 fn train_flops_per_token(p: &Pretrained, seq_len: usize) -> f64 {
-    let n: usize = p.model.named_params().iter().map(|(_, t)| t.elem_count()).sum();
+    let n: usize = p
+        .model
+        .named_params()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
     let c = &p.model.cfg;
     6.0 * n as f64 + 12.0 * (c.num_layers * c.num_heads * c.head_dim * seq_len) as f64
 }
@@ -140,7 +145,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let prompts = read_prompts(&args.prompts)?;
     preftune_model::kernels::set_fused(!args.composed_ops);
-    let ops = if args.composed_ops {
+    // The kernels run in f32/f64 only; other dtypes take the composed ops.
+    let ops = if args.composed_ops || !matches!(dtype, DType::F32 | DType::F64) {
         "composed"
     } else {
         "fused"

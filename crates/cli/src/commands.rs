@@ -200,3 +200,27 @@ pub fn dpo(run: &RunArgs) -> Result<()> {
         preftune_train::dpo::run,
     )
 }
+
+pub fn rm(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::reward::defaults(),
+        preftune_train::reward::run,
+    )
+}
+
+pub fn grpo(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::grpo::defaults(),
+        preftune_train::grpo::run,
+    )
+}
+
+pub fn rloo(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::rloo::defaults(),
+        preftune_train::rloo::run,
+    )
+}

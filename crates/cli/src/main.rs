@@ -2,6 +2,7 @@
 //! the library crates.
 mod bench;
 mod commands;
+mod rewards;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -135,6 +136,23 @@ enum Command {
     /// Direct preference optimisation and its family (TRL's DPOTrainer loss types, R-DPO, PRO)
     /// against a frozen reference model.
     Dpo(RunArgs),
+    /// Train a reward model (TRL's RewardTrainer): Bradley–Terry on preference pairs, with
+    /// `margin` (Llama 2) and `center_rewards_coefficient`; rankings become all ordered pairs.
+    Rm(RunArgs),
+    /// Score prompt/response rows with a reward source (streaming, resumable).
+    Score(rewards::ScoreArgs),
+    /// Best-of-N: sample N responses per prompt, score them, keep the best.
+    Bon(rewards::BonArgs),
+    /// Set a reward model's gain and bias so rewards of reference samples have mean 0, std 1.
+    NormalizeReward(rewards::NormalizeArgs),
+    /// Rejection-sampling fine-tuning: Best-of-N over a prompt set, then SFT on the best, for
+    /// one or more rounds (an SFT config plus a [rejection_sampling] table).
+    RejectionSampling(RunArgs),
+    /// GRPO (TRL's GRPOTrainer): group-normalised advantages over num_generations samples per
+    /// prompt, rewards from any reward source.
+    Grpo(RunArgs),
+    /// RLOO (TRL's RLOOTrainer): leave-one-out baselines over num_generations samples per prompt.
+    Rloo(RunArgs),
 }
 
 /// How every trainer is started.
@@ -181,6 +199,13 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::Sft(run) => commands::sft(&run),
         Command::Dpo(run) => commands::dpo(&run),
+        Command::Rm(run) => commands::rm(&run),
+        Command::Score(a) => rewards::score(&a),
+        Command::Bon(a) => rewards::bon(&a),
+        Command::NormalizeReward(a) => rewards::normalize(&a),
+        Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
+        Command::Grpo(run) => commands::grpo(&run),
+        Command::Rloo(run) => commands::rloo(&run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -408,3 +408,201 @@ fn dpo_example_config_trains() {
         .join("run/checkpoint-15/optimizer.safetensors")
         .exists());
 }
+
+fn run_with_sets(cmd: &str, config: &Path, sets: &[String]) -> (bool, Value, String) {
+    let mut args = vec![
+        cmd.to_string(),
+        "--config".into(),
+        config.to_string_lossy().into(),
+    ];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    preftune(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The reward-model chain from the command line: the example `rm` config, `score` (continued after
+/// an interruption), `normalize-reward`, `bon`, and one round of rejection sampling.
+#[test]
+fn reward_model_score_bon_and_rejection_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p);
+    let pairs = root().join("examples/data/pairs-tiny.jsonl");
+    let rm_dir = d("rm");
+    let (ok, v, err) = run_with_sets(
+        "rm",
+        &root().join("examples/rm-tiny.toml"),
+        &[
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("train_file={}", pairs.display()),
+            format!("eval_file={}", pairs.display()),
+            format!("output_dir={}", rm_dir.display()),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(v["eval"]["eval_accuracy"], 1.0, "{v}");
+
+    // Rows to score: each pair's chosen and rejected response.
+    let rows: Vec<String> = std::fs::read_to_string(&pairs)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            ["chosen", "rejected"].map(|k| {
+                serde_json::json!({"prompt": r["prompt"], "response": r[k], "which": k}).to_string()
+            })
+        })
+        .collect();
+    let samples = d("samples.jsonl");
+    std::fs::write(&samples, rows.join("\n")).unwrap();
+    let scored = d("scored.jsonl");
+    let reward = format!("model:{}", rm_dir.display());
+    let score = |out: &Path| {
+        preftune(&[
+            "score",
+            "--reward",
+            &reward,
+            "--data",
+            samples.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ])
+    };
+    let (ok, v, err) = score(&scored);
+    assert!(ok, "{err}");
+    assert_eq!(v["scored_now"], 16);
+    let full = std::fs::read_to_string(&scored).unwrap();
+    let lines: Vec<Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for pair in lines.chunks(2) {
+        assert_eq!(pair[0]["which"], "chosen");
+        assert!(
+            pair[0]["reward"].as_f64() > pair[1]["reward"].as_f64(),
+            "{pair:?}"
+        );
+    }
+    // Interrupted mid-line after 5 rows: the rerun keeps those and scores only the rest.
+    let partial = d("partial.jsonl");
+    let cut: Vec<&str> = full.lines().take(5).collect();
+    std::fs::write(&partial, format!("{}\n{{\"prompt\": \"The", cut.join("\n"))).unwrap();
+    let (ok, v, err) = score(&partial);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (v["resumed_after"].as_u64(), v["scored_now"].as_u64()),
+        (Some(5), Some(11))
+    );
+    let again: Vec<Value> = std::fs::read_to_string(&partial)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in again.iter().zip(&lines) {
+        let (x, y) = (a["reward"].as_f64().unwrap(), b["reward"].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-5);
+    }
+    assert_eq!(again.len(), 16);
+
+    // Normalisation over the scored samples: mean 0, std 1 afterwards.
+    let norm_dir = d("rm-norm");
+    let (ok, _, err) = preftune(&[
+        "normalize-reward",
+        "--model",
+        rm_dir.to_str().unwrap(),
+        "--data",
+        samples.to_str().unwrap(),
+        "--out",
+        norm_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let normed = d("normed.jsonl");
+    let (ok, _, err) = preftune(&[
+        "score",
+        "--reward",
+        &format!("model:{}", norm_dir.display()),
+        "--data",
+        samples.to_str().unwrap(),
+        "--out",
+        normed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let z: Vec<f64> = std::fs::read_to_string(&normed)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let mean = z.iter().sum::<f64>() / z.len() as f64;
+    let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / z.len() as f64;
+    assert!(
+        mean.abs() < 1e-3 && (var - 1.0).abs() < 1e-3,
+        "{mean} {var}"
+    );
+
+    // Best-of-4 under a length reward, keeping every sample.
+    let bon_out = d("bon.jsonl");
+    let (ok, v, err) = preftune(&[
+        "bon",
+        "--model",
+        &model("tiny-llama"),
+        "--reward",
+        "command:awk '{print length($0)}'",
+        "--n",
+        "4",
+        "--data",
+        pairs.to_str().unwrap(),
+        "--out",
+        bon_out.to_str().unwrap(),
+        "--keep-all",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        v["mean_best_reward"].as_f64() >= v["mean_sample_reward"].as_f64(),
+        "{v}"
+    );
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&bon_out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let rewards: Vec<f64> = nums(&first["rewards"]);
+    assert_eq!(rewards.len(), 4);
+    assert_eq!(
+        first["reward"].as_f64().unwrap(),
+        rewards.iter().cloned().fold(f64::MIN, f64::max)
+    );
+
+    // One round of rejection sampling with the trained reward model.
+    let rs_dir = d("rs");
+    let (ok, v, err) = run_with_sets(
+        "rejection-sampling",
+        &root().join("examples/rejection-sampling-tiny.toml"),
+        &[
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("output_dir={}", rs_dir.display()),
+            format!("rejection_sampling.prompts_file={}", pairs.display()),
+            format!("rejection_sampling.reward={reward}"),
+            "rejection_sampling.rounds=1".into(),
+            "max_steps=2".into(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(v["rounds"][0]["sft"]["global_step"], 2, "{v}");
+    let best = std::fs::read_to_string(rs_dir.join("round-0/best.jsonl")).unwrap();
+    assert_eq!(best.lines().count(), 8);
+    assert!(rs_dir.join("round-0/sft/model.safetensors").exists());
+}

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod pretrained;
+pub mod reward;
 pub mod tokenizer;
 pub mod weights;
 

@@ -252,8 +252,8 @@ impl KvCache {
     }
 }
 
-/// A causal LM backbone with its LM head. The scalar head of reward/value models sits on top of
-/// [`Model::forward`]'s hidden states, outside this type.
+/// A causal LM backbone with its LM head, and optionally the scalar head of a reward or value model
+/// (`score.weight`, as transformers' `*ForSequenceClassification` names it; see `reward.rs`).
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: ModelConfig,
@@ -262,6 +262,8 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     norm_f: Norm,
     lm_head: Tensor,
+    /// `[1, H]`: the reward/value head; such a model is saved without an LM head.
+    pub(crate) score: Option<Tensor>,
     inv_freq: Vec<f32>,
     dtype: DType,
     /// Shared by every LoRA adapter of this model: seeded during training steps, off otherwise.
@@ -451,8 +453,22 @@ impl Model {
                 norm_f = p.norm("transformer.ln_f", h, cfg.arch, cfg.norm_eps)?;
             }
         }
+        let score = match p.tensors.get("score.weight").map(|t| t.dims().to_vec()) {
+            Some(d) if d.len() == 2 && d[0] == 1 => Some(p.take("score.weight", &[1, h])?),
+            Some(d) => {
+                return Err(Error::invalid(
+                    origin,
+                    "score.weight",
+                    format!("expected [1, {h}] (one label), found {d:?}"),
+                ))
+            }
+            None => None,
+        };
         let lm_head = if cfg.tie_word_embeddings {
             p.tensors.remove("lm_head.weight");
+            embed.clone()
+        } else if score.is_some() && !p.tensors.contains_key("lm_head.weight") {
+            // A sequence-classification checkpoint has no LM head; the embedding stands in, unused.
             embed.clone()
         } else {
             p.take("lm_head.weight", &[cfg.vocab_size, h])?
@@ -486,6 +502,7 @@ impl Model {
             blocks,
             norm_f,
             lm_head,
+            score,
             inv_freq,
             dtype,
             lora_dropout: Default::default(),
@@ -509,9 +526,12 @@ impl Model {
             b.visit_mut(f);
         }
         self.norm_f.visit_mut(f);
+        if let Some(s) = &mut self.score {
+            f("score.weight", s);
+        }
         if self.cfg.tie_word_embeddings {
             self.lm_head = self.embed.clone();
-        } else {
+        } else if self.score.is_none() {
             f("lm_head.weight", &mut self.lm_head);
         }
     }

@@ -142,6 +142,19 @@ impl Pretrained {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut config = self.model.cfg.raw.clone();
+        if self.model.has_score_head() {
+            // transformers' AutoModelForSequenceClassification with one label; it finds the last
+            // real token through pad_token_id.
+            let arch = config["architectures"][0]
+                .as_str()
+                .unwrap_or("LlamaForCausalLM")
+                .replace("LMHeadModel", "ForSequenceClassification")
+                .replace("ForCausalLM", "ForSequenceClassification");
+            config["architectures"] = json!([arch]);
+            config["id2label"] = json!({"0": "LABEL_0"});
+            config["label2id"] = json!({"LABEL_0": 0});
+            config["pad_token_id"] = json!(self.pad_token_id());
+        }
         let dtype = torch_dtype_name(self.model.dtype());
         config["torch_dtype"] = json!(dtype);
         if config.get("dtype").is_some() {

@@ -210,6 +210,17 @@ pub fn load<A: DeserializeOwned>(
     defaults: toml::Table,
     sets: &[String],
 ) -> Result<RunConfig<A>> {
+    Ok(load_with_sections(path, defaults, sets, &[])?.0)
+}
+
+/// [`load`], with the named top-level tables taken out first and returned as they are (a command
+/// that runs a trainer as one of its steps keeps its own options there, e.g. `[rejection_sampling]`).
+pub fn load_with_sections<A: DeserializeOwned>(
+    path: Option<&Path>,
+    defaults: toml::Table,
+    sets: &[String],
+    sections: &[&str],
+) -> Result<(RunConfig<A>, toml::Table)> {
     let (text, origin) = match path {
         Some(p) => (
             std::fs::read_to_string(p)
@@ -226,6 +237,12 @@ pub fn load<A: DeserializeOwned>(
     }
     for s in sets {
         apply_set(&mut table, s)?;
+    }
+    let mut taken = toml::Table::new();
+    for name in sections {
+        if let Some(v) = table.remove(*name) {
+            taken.insert(name.to_string(), v);
+        }
     }
     let (mut u1, mut u2) = (vec![], vec![]);
     let args: TrainingArguments = deserialize_noting_unknown(&table, &mut u1)
@@ -245,7 +262,7 @@ pub fn load<A: DeserializeOwned>(
         return Err(Error::Config(format!("{place}: unknown key `{key}`")));
     }
     args.validate(&origin)?;
-    Ok(RunConfig { args, algo, table })
+    Ok((RunConfig { args, algo, table }, taken))
 }
 
 #[cfg(test)]

@@ -6,8 +6,15 @@ pub mod config;
 pub mod dpo;
 pub mod dpo_loss;
 pub mod error;
+pub mod grpo;
+pub mod online;
 mod ops_ext;
 pub mod optim;
+pub mod reward;
+pub mod rl_loss;
+pub mod rloo;
+pub mod rollout;
+pub mod scoring;
 pub mod sft;
 pub mod trainer;
 

@@ -1,0 +1,248 @@
+//! The rollout engine every online algorithm shares: sample `num_generations` completions per
+//! prompt from the current policy (outside autograd), score them with a reward source
+//! (`missing_eos_penalty`, clipping), and recompute per-token log-probs of the completions, with
+//! gradients for the policy and without for the reference. Logits are divided by the sampling
+//! temperature when log-probs are recomputed, so they match the sampler's.
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use preftune_data::{collate, read_rows, Text, TokenizedExample};
+use preftune_model::{generate, token_logprobs, Model, SamplingConfig, TokenLogprobs, Tokenizer};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::scoring::{row_prompt, RewardSource, Sample};
+use crate::trainer::Metrics;
+
+/// What the rollout engine needs (from [`crate::online::OnlineArgs`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutArgs {
+    /// A reward source spec, for messages (the source itself is parsed once by the caller).
+    pub reward: String,
+    pub num_generations: usize,
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    /// Subtracted from the reward of completions that end without EOS.
+    pub missing_eos_penalty: Option<f64>,
+    /// Rewards are clipped to `[-reward_clip, reward_clip]`.
+    pub reward_clip: Option<f64>,
+}
+
+impl Default for RolloutArgs {
+    fn default() -> Self {
+        RolloutArgs {
+            reward: String::new(),
+            num_generations: 8,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            missing_eos_penalty: None,
+            reward_clip: None,
+        }
+    }
+}
+
+/// A prompt row: the prompt, whether it is flagged risky, and the row as read (for sample logs).
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub text: Text,
+    pub risky: bool,
+    pub ids: Vec<u32>,
+}
+
+/// Reads rows with `prompt` (text or messages) and tokenizes them for sampling; prompts longer than
+/// `max_prompt_length` keep their end (as TRL truncates on the left) and are counted.
+pub fn load_prompts(
+    path: &Path,
+    tok: &Tokenizer,
+    max_prompt_length: Option<usize>,
+) -> Result<(Vec<Prompt>, usize)> {
+    let rows = read_rows(path)?;
+    let mut out = vec![];
+    let mut truncated = 0;
+    for r in &rows {
+        let text =
+            row_prompt(&r.value).map_err(|e| Error::Config(format!("{}: prompt: {e}", r.loc)))?;
+        let risky = r
+            .value
+            .get("risky")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut ids = match &text {
+            Text::Plain(s) => tok.encode(s, true)?,
+            Text::Messages(m) => tok.encode_chat(m, true)?,
+        };
+        if let Some(m) = max_prompt_length.filter(|&m| ids.len() > m) {
+            ids = ids[ids.len() - m..].to_vec();
+            truncated += 1;
+        }
+        out.push(Prompt { text, risky, ids });
+    }
+    if out.is_empty() {
+        return Err(Error::Config(format!("{}: no prompts", path.display())));
+    }
+    Ok((out, truncated))
+}
+
+/// One batch of sampled completions, `n` per prompt, prompt-major.
+pub struct Rollout {
+    /// Prompt + completion, with the loss mask on the completion tokens.
+    pub seqs: Vec<TokenizedExample>,
+    pub texts: Vec<String>,
+    pub finished: Vec<bool>,
+    pub completion_lens: Vec<usize>,
+    /// Rewards after the EOS penalty and clipping.
+    pub rewards: Vec<f64>,
+}
+
+/// Samples and scores `n` completions for each prompt with the policy `model` (used detached).
+pub fn rollout(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[&Prompt],
+    args: &RolloutArgs,
+    reward: &RewardSource,
+    sampling: &SamplingConfig,
+) -> Result<Rollout> {
+    let n = args.num_generations;
+    let batch: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.ids.clone(), n))
+        .collect();
+    let out = generate(&model.detached()?, &batch, sampling)?;
+    let mut seqs = vec![];
+    let mut texts = vec![];
+    let mut samples = vec![];
+    for (i, toks) in out.tokens.iter().enumerate() {
+        let p = prompts[i / n];
+        let body: Vec<u32> = toks
+            .iter()
+            .copied()
+            .filter(|t| !sampling.eos_token_ids.contains(t))
+            .collect();
+        let text = tok.decode(&body, true)?;
+        let ids: Vec<u32> = p.ids.iter().chain(toks).copied().collect();
+        let mut mask = vec![0u8; ids.len()];
+        mask[p.ids.len()..].iter_mut().for_each(|m| *m = 1);
+        seqs.push(TokenizedExample {
+            input_ids: ids,
+            loss_mask: mask,
+            position_ids: None,
+            truncated: false,
+        });
+        samples.push(Sample {
+            prompt: p.text.clone(),
+            response: text.clone(),
+            risky: p.risky,
+        });
+        texts.push(text);
+    }
+    let mut rewards = reward.score(&samples)?;
+    for (r, fin) in rewards.iter_mut().zip(&out.finished) {
+        if let (Some(pen), false) = (args.missing_eos_penalty, fin) {
+            *r -= pen;
+        }
+        if let Some(c) = args.reward_clip {
+            *r = r.clamp(-c, c);
+        }
+    }
+    Ok(Rollout {
+        completion_lens: out.tokens.iter().map(Vec::len).collect(),
+        finished: out.finished,
+        seqs,
+        texts,
+        rewards,
+    })
+}
+
+/// Per-token log-probs of the completions under `model` (`per_token`: `[B, L]`, 0 outside the
+/// completions) and the completion mask `[B, L]` (f32).
+pub fn completion_logps(
+    model: &Model,
+    r: &Rollout,
+    pad: u32,
+    temperature: f64,
+    device: &Device,
+) -> Result<(TokenLogprobs, Tensor)> {
+    let refs: Vec<&TokenizedExample> = r.seqs.iter().collect();
+    let b = collate(&refs, pad, device)?;
+    let hidden = model.forward(&b.input_ids, Some(&b.attention_mask), None, None)?;
+    let lp = token_logprobs(model, &hidden, &b.input_ids, &b.loss_mask, temperature)?;
+    let mask = b.loss_mask.to_dtype(candle_core::DType::F32)?;
+    Ok((lp, mask))
+}
+
+/// Metrics every online trainer logs, with TRL's names.
+pub fn rollout_metrics(r: &Rollout, n_prompts: usize, n: usize) -> Metrics {
+    let mut m = Metrics::default();
+    let k = r.rewards.len() as f64;
+    let mean = r.rewards.iter().sum::<f64>() / k;
+    let std =
+        (r.rewards.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k - 1.0).max(1.0)).sqrt();
+    m.add("reward", mean * n_prompts as f64, n_prompts as f64);
+    m.add("reward_std", std * n_prompts as f64, n_prompts as f64);
+    let lens: f64 = r.completion_lens.iter().map(|&l| l as f64).sum();
+    m.add("completions/mean_length", lens, k);
+    let clipped = r.finished.iter().filter(|f| !**f).count() as f64;
+    m.add("completions/clipped_ratio", clipped, k);
+    let zero_std = r
+        .rewards
+        .chunks(n)
+        .filter(|g| g.iter().all(|x| *x == g[0]))
+        .count() as f64;
+    m.add("frac_reward_zero_std", zero_std, n_prompts as f64);
+    m.tokens = r.seqs.iter().map(|s| s.input_ids.len()).sum();
+    m
+}
+
+/// Appends what the policy wrote, with its reward, to `samples.jsonl` so a person can read it.
+pub fn log_samples(path: Option<&Path>, prompts: &[&Prompt], n: usize, r: &Rollout) -> Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let mut buf = String::new();
+    for (i, t) in r.texts.iter().enumerate() {
+        let prompt = match &prompts[i / n].text {
+            Text::Plain(s) => json!(s),
+            Text::Messages(m) => json!(m
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>()),
+        };
+        buf.push_str(&json!({"prompt": prompt, "response": t, "reward": r.rewards[i]}).to_string());
+        buf.push('\n');
+    }
+    f.write_all(buf.as_bytes()).map_err(|e| Error::io(path, e))
+}
+
+/// A seed for a batch of prompt indices: resuming re-samples exactly what the straight run did.
+pub fn batch_seed(seed: u64, idx: &[usize]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &i in idx {
+        h = (h ^ i as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Sampling settings for a rollout.
+pub fn sampling_config(args: &RolloutArgs, eos: Vec<u32>, pad: u32, seed: u64) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: args.max_completion_length,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed,
+        eos_token_ids: eos,
+        pad_token_id: pad,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,427 @@
+//! Reward sources and what uses them: scoring prompt/response rows, Best-of-N sampling, and the
+//! resumable JSONL output they stream into.
+//!
+//! Every command that needs a reward names its source the same way:
+//! - `model:PATH`: a reward model (`preftune rm`, or any transformers sequence classifier with one
+//!   label), normalised with the gain and bias stored with it;
+//! - `command:CMD`: a program run by `sh -c` that reads JSONL rows `{"prompt", "response"}` on stdin
+//!   and writes one number per line on stdout;
+//! - `combine:FILE.toml`: several named sources and a rule (`weighted_sum`, or Llama 2's
+//!   `piecewise`: the safety score when the prompt is flagged risky or the safety score is below
+//!   `safety_threshold`, else the helpfulness score).
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use preftune_data::Text;
+use preftune_model::{generate, Message, Pretrained, SamplingConfig};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::reward::score_sequences;
+
+/// One thing to score: a prompt (plain or a conversation), a response, and whether the prompt is
+/// flagged as risky (the `risky` field of a row; only the piecewise rule reads it).
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub prompt: Text,
+    pub response: String,
+    pub risky: bool,
+}
+
+pub enum Rule {
+    WeightedSum(Vec<f64>),
+    /// Indices of the safety and helpfulness sources.
+    Piecewise {
+        safety: usize,
+        helpfulness: usize,
+        threshold: f64,
+    },
+}
+
+pub enum RewardSource {
+    Model(Box<Pretrained>),
+    Command(String),
+    /// A scorer in Rust (library users, tests).
+    Function(Box<dyn Fn(&Sample) -> f64 + Send + Sync>),
+    Combined {
+        rule: Rule,
+        parts: Vec<(String, RewardSource)>,
+    },
+}
+
+/// `combine:FILE.toml`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CombineFile {
+    /// `weighted_sum` or `piecewise`.
+    rule: String,
+    /// Name -> source spec.
+    sources: BTreeMap<String, String>,
+    #[serde(default)]
+    weights: BTreeMap<String, f64>,
+    /// Piecewise: names of the two sources (default `safety`, `helpfulness`).
+    safety: Option<String>,
+    helpfulness: Option<String>,
+    /// Llama 2 used 0.15.
+    #[serde(default = "default_threshold")]
+    safety_threshold: f64,
+}
+
+fn default_threshold() -> f64 {
+    0.15
+}
+
+/// Tokens of `prompt + response` as the reward model was trained on them: plain text gets EOS
+/// appended (TRL's RewardTrainer does), conversations go through the chat template.
+fn reward_ids(p: &Pretrained, s: &Sample) -> Result<Vec<u32>> {
+    Ok(match &s.prompt {
+        Text::Plain(prompt) => {
+            let eos = p
+                .tokenizer
+                .eos_token_id
+                .map(|id| p.tokenizer.decode(&[id], false))
+                .transpose()?
+                .unwrap_or_default();
+            let mut text = format!("{prompt}{}", s.response);
+            if !eos.is_empty() && !text.ends_with(&eos) {
+                text.push_str(&eos);
+            }
+            p.tokenizer.encode(&text, true)?
+        }
+        Text::Messages(m) => {
+            let mut all = m.clone();
+            all.push(Message::new("assistant", &s.response));
+            p.tokenizer.encode_chat(&all, false)?
+        }
+    })
+}
+
+impl RewardSource {
+    /// Parses a source spec (see the module docs). Reward models load in f32 on the CPU.
+    pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(path) = spec.strip_prefix("model:") {
+            let p = Pretrained::load(Path::new(path), &Default::default())?;
+            if !p.model.has_score_head() {
+                return Err(Error::Config(format!(
+                    "{path}: not a reward model (no score.weight)"
+                )));
+            }
+            return Ok(RewardSource::Model(Box::new(p)));
+        }
+        if let Some(cmd) = spec.strip_prefix("command:") {
+            return Ok(RewardSource::Command(cmd.to_string()));
+        }
+        if let Some(file) = spec.strip_prefix("combine:") {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| Error::Config(format!("{file}: {e}")))?;
+            let c: CombineFile =
+                toml::from_str(&text).map_err(|e| Error::Config(format!("{file}: {e}")))?;
+            let names: Vec<String> = c.sources.keys().cloned().collect();
+            let index = |n: &str| {
+                names.iter().position(|x| x == n).ok_or_else(|| {
+                    Error::Config(format!("{file}: no source named `{n}` in [sources]"))
+                })
+            };
+            let rule = match c.rule.as_str() {
+                "weighted_sum" => Rule::WeightedSum(
+                    names
+                        .iter()
+                        .map(|n| {
+                            c.weights.get(n).copied().ok_or_else(|| {
+                                Error::Config(format!("{file}: weights: `{n}` has no weight"))
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+                "piecewise" => Rule::Piecewise {
+                    safety: index(c.safety.as_deref().unwrap_or("safety"))?,
+                    helpfulness: index(c.helpfulness.as_deref().unwrap_or("helpfulness"))?,
+                    threshold: c.safety_threshold,
+                },
+                other => {
+                    return Err(Error::Config(format!(
+                        "{file}: rule: `{other}` (use weighted_sum or piecewise)"
+                    )))
+                }
+            };
+            let parts = c
+                .sources
+                .iter()
+                .map(|(n, s)| Ok((n.clone(), RewardSource::parse(s)?)))
+                .collect::<Result<_>>()?;
+            return Ok(RewardSource::Combined { rule, parts });
+        }
+        Err(Error::Config(format!(
+            "reward source `{spec}`: use model:PATH, command:CMD or combine:FILE.toml"
+        )))
+    }
+
+    /// One reward per sample.
+    pub fn score(&self, samples: &[Sample]) -> Result<Vec<f64>> {
+        match self {
+            RewardSource::Model(p) => {
+                let mut out = Vec::with_capacity(samples.len());
+                for chunk in samples.chunks(8) {
+                    let ids = chunk
+                        .iter()
+                        .map(|s| reward_ids(p, s))
+                        .collect::<Result<Vec<_>>>()?;
+                    let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+                    let (r, _) =
+                        score_sequences(&p.model, &seqs, p.pad_token_id(), p.model.device())?;
+                    out.extend(p.model.normalize_rewards(&r.to_vec1::<f32>()?));
+                }
+                Ok(out)
+            }
+            RewardSource::Command(cmd) => run_command(cmd, samples),
+            RewardSource::Function(f) => Ok(samples.iter().map(f.as_ref()).collect()),
+            RewardSource::Combined { rule, parts } => {
+                let scores = parts
+                    .iter()
+                    .map(|(_, s)| s.score(samples))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((0..samples.len())
+                    .map(|i| match rule {
+                        Rule::WeightedSum(w) => w.iter().zip(&scores).map(|(w, s)| w * s[i]).sum(),
+                        Rule::Piecewise {
+                            safety,
+                            helpfulness,
+                            threshold,
+                        } => {
+                            let s = scores[*safety][i];
+                            if samples[i].risky || s < *threshold {
+                                s
+                            } else {
+                                scores[*helpfulness][i]
+                            }
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn text_json(t: &Text) -> Value {
+    match t {
+        Text::Plain(s) => json!(s),
+        Text::Messages(m) => json!(m
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect::<Vec<_>>()),
+    }
+}
+
+/// Runs the external scorer once for a batch; its output must be one number per input row.
+fn run_command(cmd: &str, samples: &[Sample]) -> Result<Vec<f64>> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Error::Msg(format!("reward command `{cmd}`: {e}")))?;
+    let mut input = String::new();
+    for s in samples {
+        input
+            .push_str(&json!({"prompt": text_json(&s.prompt), "response": s.response}).to_string());
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // Write from a thread so a scorer that answers line by line cannot deadlock on a full pipe.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut out)
+        .map_err(|e| Error::Msg(format!("reward command `{cmd}`: {e}")))?;
+    let _ = writer.join();
+    let status = child
+        .wait()
+        .map_err(|e| Error::Msg(format!("reward command `{cmd}`: {e}")))?;
+    if !status.success() {
+        return Err(Error::Msg(format!(
+            "reward command `{cmd}` failed: {status}"
+        )));
+    }
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() != samples.len() {
+        return Err(Error::Msg(format!(
+            "reward command `{cmd}`: {} rows in, {} numbers out",
+            samples.len(),
+            lines.len()
+        )));
+    }
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            l.trim().parse::<f64>().map_err(|_| {
+                Error::Msg(format!(
+                    "reward command `{cmd}`: output line {}: `{l}` is not a number",
+                    i + 1
+                ))
+            })
+        })
+        .collect()
+}
+
+/// A JSONL output that a later run continues: on open, a torn last line (from a crash) is cut
+/// off and the complete lines are counted, so the caller skips that many inputs.
+pub struct ResumableJsonl {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Rows already in the file.
+    pub done: usize,
+}
+
+impl ResumableJsonl {
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let mut done = 0;
+        let mut keep = 0u64;
+        let mut reader = std::io::BufReader::new(&file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| Error::io(path, e))?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            done += 1;
+            keep += n as u64;
+        }
+        file.set_len(keep).map_err(|e| Error::io(path, e))?;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(ResumableJsonl {
+            file,
+            path: path.to_path_buf(),
+            done,
+        })
+    }
+
+    /// Appends rows and syncs them to disk.
+    pub fn append(&mut self, rows: &[Value]) -> Result<()> {
+        let mut buf = String::new();
+        for r in rows {
+            buf.push_str(&r.to_string());
+            buf.push('\n');
+        }
+        self.file
+            .write_all(buf.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.done += rows.len();
+        Ok(())
+    }
+}
+
+/// The prompt of a row (`prompt`: a string or a list of messages).
+pub fn row_prompt(row: &Value) -> std::result::Result<Text, String> {
+    match row.get("prompt") {
+        Some(Value::String(s)) => Ok(Text::Plain(s.clone())),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|m| {
+                let role = m["role"].as_str().ok_or("a message has no string `role`")?;
+                let content = m["content"]
+                    .as_str()
+                    .ok_or("a message has no string `content`")?;
+                Ok(Message::new(role, content))
+            })
+            .collect::<std::result::Result<Vec<_>, &str>>()
+            .map(Text::Messages)
+            .map_err(|e| e.to_string()),
+        Some(_) => Err("expected a string or a list of messages".into()),
+        None => Err("missing".into()),
+    }
+}
+
+/// Prompt token ids for sampling: plain text as is, conversations with the generation prompt.
+pub fn prompt_ids(p: &Pretrained, prompt: &Text) -> Result<Vec<u32>> {
+    Ok(match prompt {
+        Text::Plain(s) => p.tokenizer.encode(s, true)?,
+        Text::Messages(m) => p.tokenizer.encode_chat(m, true)?,
+    })
+}
+
+/// `n` samples per prompt, each scored: what Best-of-N keeps the best of.
+pub struct Candidates {
+    pub responses: Vec<String>,
+    pub rewards: Vec<f64>,
+}
+
+impl Candidates {
+    /// Index of the highest reward (the first on ties).
+    pub fn best(&self) -> usize {
+        let mut best = 0;
+        for (i, r) in self.rewards.iter().enumerate() {
+            if *r > self.rewards[best] {
+                best = i;
+            }
+        }
+        best
+    }
+}
+
+/// Samples `n` responses for each prompt in one batch and scores them.
+pub fn sample_and_score(
+    policy: &Pretrained,
+    reward: &RewardSource,
+    prompts: &[(Text, bool)],
+    n: usize,
+    sampling: &SamplingConfig,
+) -> Result<Vec<Candidates>> {
+    let ids = prompts
+        .iter()
+        .map(|(p, _)| prompt_ids(policy, p))
+        .collect::<Result<Vec<_>>>()?;
+    let batch: Vec<Vec<u32>> = ids
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+        .collect();
+    let out = generate(&policy.model, &batch, sampling)?;
+    let eos = &sampling.eos_token_ids;
+    let responses = out
+        .tokens
+        .iter()
+        .map(|t| {
+            let body: Vec<u32> = t.iter().copied().filter(|x| !eos.contains(x)).collect();
+            policy.tokenizer.decode(&body, true)
+        })
+        .collect::<preftune_model::Result<Vec<_>>>()?;
+    let samples: Vec<Sample> = responses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Sample {
+            prompt: prompts[i / n].0.clone(),
+            response: r.clone(),
+            risky: prompts[i / n].1,
+        })
+        .collect();
+    let rewards = reward.score(&samples)?;
+    Ok((0..prompts.len())
+        .map(|j| Candidates {
+            responses: responses[j * n..(j + 1) * n].to_vec(),
+            rewards: rewards[j * n..(j + 1) * n].to_vec(),
+        })
+        .collect())
+}
