@@ -224,3 +224,11 @@ pub fn rloo(run: &RunArgs) -> Result<()> {
         preftune_train::rloo::run,
     )
 }
+
+pub fn ppo(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::ppo::defaults(),
+        preftune_train::ppo::run,
+    )
+}

@@ -153,6 +153,9 @@ enum Command {
     Grpo(RunArgs),
     /// RLOO (TRL's RLOOTrainer): leave-one-out baselines over num_generations samples per prompt.
     Rloo(RunArgs),
+    /// PPO for RLHF (TRL's PPOTrainer): value model, GAE, clipped objective, per-token KL penalty
+    /// to the reference, fixed or adaptive KL coefficient.
+    Ppo(RunArgs),
 }
 
 /// How every trainer is started.
@@ -206,6 +209,7 @@ fn main() {
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),
         Command::Rloo(run) => commands::rloo(&run),
+        Command::Ppo(run) => commands::ppo(&run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -71,6 +71,21 @@ impl Model {
         Ok(s.to_dtype(DType::F32)?)
     }
 
+    /// The score head applied at every position: `[B, T]` (f32) from hidden states `[B, T, H]`
+    /// (PPO's value model reads it at each response position).
+    pub fn scores_all(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::Msg("this model has no score head".into()))?;
+        let (b, t, h) = hidden.dims3()?;
+        let s = hidden
+            .reshape((b * t, h))?
+            .matmul(&head.t()?)?
+            .reshape((b, t))?;
+        Ok(s.to_dtype(DType::F32)?)
+    }
+
     /// `(gain, bias)` applied by [`Model::normalize_rewards`]; `(1, 0)` until set.
     pub fn reward_normalization(&self) -> (f64, f64) {
         let n = &self.cfg.raw[NORMALIZATION_KEY];

@@ -10,6 +10,7 @@ pub mod grpo;
 pub mod online;
 mod ops_ext;
 pub mod optim;
+pub mod ppo;
 pub mod reward;
 pub mod rl_loss;
 pub mod rloo;

@@ -66,6 +66,28 @@ pub trait Algorithm {
     fn weight(&self, split: Split, idx: &[usize]) -> f64;
     /// The micro-batch's loss, summed (not averaged) over its weight units, and its metrics.
     fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)>;
+    /// Trainable tensors the algorithm owns besides the policy's (PPO's value model), optimised
+    /// with them; names must not clash with the policy's.
+    fn extra_params(&self) -> Vec<(String, candle_core::Var)> {
+        vec![]
+    }
+    /// Optimiser updates per batch of prompts (PPO's `num_ppo_epochs` over one rollout).
+    fn updates_per_batch(&self) -> usize {
+        1
+    }
+    /// Called before each of a step's updates (`update` in `0..updates_per_batch()`) and once
+    /// after the last with `update == updates_per_batch()`: rollout caches and controllers live here.
+    fn on_update(&mut self, _update: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Writes the algorithm's own state (extra models, controllers) into a checkpoint or the final
+    /// output folder, and reads it back on resume.
+    fn save_state(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    fn load_state(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Loads the policy for training: full fine-tuning (every parameter a `Var`) or LoRA on a frozen
@@ -308,7 +330,8 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let params = policy.model.trainable_params();
+    let mut params = policy.model.trainable_params();
+    params.extend(algo.extra_params());
     if params.is_empty() {
         return Err(Error::Msg("no trainable parameters".into()));
     }
@@ -355,6 +378,7 @@ pub fn train(
     };
     if let Some((step, dir)) = &ckpt {
         state = checkpoint::load(dir, &mut opt)?;
+        algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());
     }
     std::fs::write(
@@ -380,51 +404,57 @@ pub fn train(
                 "step {step}: the batch has nothing to learn from (zero weight)"
             )));
         }
-        let mut grads: Vec<Vec<f32>> = params
-            .iter()
-            .map(|(_, p)| vec![0f32; p.elem_count()])
-            .collect();
+        let updates = algo.updates_per_batch().max(1);
         let mut step_metrics = Metrics::default();
-        for (k, b) in batches.iter().enumerate() {
-            policy.model.set_lora_dropout_seed(Some(
-                args.seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add((step * accum + k) as u64),
-            ));
-            let (loss, m) = algo.loss(&policy.model, Split::Train, b)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
+        let (mut grad_norm, mut lr) = (0.0, 0.0);
+        for update in 0..updates {
+            algo.on_update(update)?;
+            let mut grads: Vec<Vec<f32>> = params
+                .iter()
+                .map(|(_, p)| vec![0f32; p.elem_count()])
+                .collect();
+            for (k, b) in batches.iter().enumerate() {
+                policy.model.set_lora_dropout_seed(Some(
+                    args.seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(((step * updates + update) * accum + k) as u64),
+                ));
+                let (loss, m) = algo.loss(&policy.model, Split::Train, b)?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    return Err(Error::NonFinite {
+                        step: step + 1,
+                        value,
+                    });
+                }
+                let mut g = policy.model.backward(&(loss / total_weight)?)?;
+                for (i, (_, p)) in params.iter().enumerate() {
+                    // Taken out of the store so each gradient tensor is freed once accumulated.
+                    if let Some(gt) = g.remove(p.as_tensor()) {
+                        let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                        grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                    }
+                }
+                step_metrics.merge(&m);
+            }
+            policy.model.set_lora_dropout_seed(None);
+            grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm);
+            if !grad_norm.is_finite() {
                 return Err(Error::NonFinite {
                     step: step + 1,
-                    value,
+                    value: grad_norm,
                 });
             }
-            let mut g = policy.model.backward(&(loss / total_weight)?)?;
-            for (i, (_, p)) in params.iter().enumerate() {
-                // Taken out of the store so each gradient tensor is freed once accumulated.
-                if let Some(gt) = g.remove(p.as_tensor()) {
-                    let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
-                }
-            }
-            step_metrics.merge(&m);
+            lr = lr_at(
+                &args.lr_scheduler_type,
+                args.learning_rate,
+                step,
+                warmup,
+                total_steps,
+            );
+            opt.step(&params, &grads, lr)?;
         }
-        policy.model.set_lora_dropout_seed(None);
-        let grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm);
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFinite {
-                step: step + 1,
-                value: grad_norm,
-            });
-        }
-        let lr = lr_at(
-            &args.lr_scheduler_type,
-            args.learning_rate,
-            step,
-            warmup,
-            total_steps,
-        );
-        opt.step(&params, &grads, lr)?;
+        algo.on_update(updates)?;
         state.global_step += 1;
         state.num_tokens += step_metrics.tokens;
         state.epoch = (state.global_step * accum) as f64 / nb as f64;
@@ -472,7 +502,8 @@ pub fn train(
         }
         if state.global_step.is_multiple_of(args.save_steps) || done {
             checkpoint::save(out, &state, &opt, config, |dir| {
-                save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)
+                save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)?;
+                algo.save_state(dir)
             })?;
             checkpoint::rotate(out, args.save_total_limit)?;
         }
@@ -488,6 +519,7 @@ pub fn train(
     }
     // The final model at the root of output_dir, as TRL leaves it.
     save_weights(&policy, lora.as_ref(), &args.model_name_or_path, out)?;
+    algo.save_state(out)?;
     Ok(TrainSummary {
         output_dir: out.clone(),
         global_step: state.global_step,

@@ -1,0 +1,599 @@
+//! PPO for RLHF as TRL's (experimental) `PPOTrainer` computes it: one response per prompt from the
+//! policy, a frozen reference, a reward source and a value model on its own backbone (initialised
+//! from the reward model when the reward is `model:PATH`, else from the policy with a fresh head).
+//! Per-token KL penalty (`kl_coef`, k1 or k3) with the score at the end of the response, GAE
+//! (`gamma`, `lam`), whitened advantages, optional reward whitening, the clipped surrogate
+//! (`cliprange`) and clipped value loss (`cliprange_value`, `vf_coef`), `num_ppo_epochs` updates
+//! per rollout, and a fixed or adaptive KL coefficient. `loss_variant = "kl_penalty"` swaps the
+//! clipping for a KL term to the rollout policy (`kl_penalty_coef`).
+//!
+//! The maths lives in `rl_loss.rs`; this module only gathers what it needs per response position.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use preftune_model::{LoadOptions, Model, Pretrained, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::online::OnlineReference;
+use crate::rl_loss::{ppo_batch, ppo_loss, KlEstimator, PpoBatch, PpoRollout};
+use crate::rollout::{
+    batch_seed, completion_logps, load_prompts, log_samples, rollout, sampling_config, Prompt,
+    Rollout, RolloutArgs,
+};
+use crate::scoring::RewardSource;
+use crate::trainer::{Algorithm, Metrics, Split};
+
+/// PPO's options (TRL's `PPOConfig` names where it has them).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PpoArgs {
+    pub reward: String,
+    /// Response length (TRL: `response_length`).
+    pub max_completion_length: usize,
+    pub max_prompt_length: Option<usize>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub missing_eos_penalty: Option<f64>,
+    pub reward_clip: Option<f64>,
+    pub num_ppo_epochs: usize,
+    /// Initial KL coefficient (fixed unless `adap_kl_ctrl`).
+    pub kl_coef: f64,
+    /// `k1` or `k3`.
+    pub kl_estimator: String,
+    /// Adaptive KL controller (Ziegler et al.): moves `kl_coef` towards `kl_target` over
+    /// `kl_horizon` samples.
+    pub adap_kl_ctrl: bool,
+    pub kl_target: f64,
+    pub kl_horizon: f64,
+    pub gamma: f64,
+    pub lam: f64,
+    pub cliprange: f64,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub whiten_rewards: bool,
+    /// `clip` (PPO-clip) or `kl_penalty` (PPO with a KL term to the rollout policy, no clipping).
+    pub loss_variant: String,
+    pub kl_penalty_coef: f64,
+    /// Value model initialisation; default: the reward model (for `model:` rewards) or the policy.
+    pub value_model_path: Option<String>,
+    pub ref_model: Option<String>,
+}
+
+impl Default for PpoArgs {
+    fn default() -> Self {
+        PpoArgs {
+            reward: String::new(),
+            max_completion_length: 53,
+            max_prompt_length: Some(512),
+            temperature: 0.7,
+            top_p: 1.0,
+            top_k: 0,
+            missing_eos_penalty: None,
+            reward_clip: None,
+            num_ppo_epochs: 4,
+            kl_coef: 0.05,
+            kl_estimator: "k1".into(),
+            adap_kl_ctrl: false,
+            kl_target: 6.0,
+            kl_horizon: 10000.0,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            whiten_rewards: false,
+            loss_variant: "clip".into(),
+            kl_penalty_coef: 0.05,
+            value_model_path: None,
+            ref_model: None,
+        }
+    }
+}
+
+/// TRL's `PPOConfig` defaults over the shared ones.
+pub fn defaults() -> toml::Table {
+    toml::from_str("learning_rate = 3e-6\nlogging_steps = 10").expect("static TOML")
+}
+
+/// One micro-batch's rollout, kept for the `num_ppo_epochs` updates that reuse it.
+struct Cached {
+    rollout: Rollout,
+    batch: PpoBatch,
+    old_logprobs: Vec<Vec<f64>>,
+    prompt_lens: Vec<usize>,
+}
+
+pub struct Ppo {
+    pub train: Vec<Prompt>,
+    pub eval: Vec<Prompt>,
+    pub args: PpoArgs,
+    pub reward: RewardSource,
+    pub reference: OnlineReference,
+    pub value: Model,
+    pub tokenizer: Tokenizer,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+    pub device: Device,
+    pub seed: u64,
+    pub samples_path: Option<PathBuf>,
+    /// The current KL coefficient.
+    pub kl_coef: f64,
+    cache: HashMap<Vec<usize>, Cached>,
+    /// Mean sequence KL of this step's rollouts, for the adaptive controller.
+    step_kl: Vec<f64>,
+}
+
+/// `rows[i][t] = per_token[i, offset_i + t]` for `t < width` (positions past a row's end read its
+/// last position; they are masked downstream). `per_token`: `[B, L]`.
+fn gather(per_token: &Tensor, offsets: &[usize], width: usize) -> Result<Tensor> {
+    let (b, l) = per_token.dims2()?;
+    let idx: Vec<u32> = (0..b)
+        .flat_map(|i| (0..width).map(move |t| (i * l + (offsets[i] + t).min(l - 1)) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, b * width, per_token.device())?;
+    Ok(per_token
+        .flatten_all()?
+        .index_select(&idx, 0)?
+        .reshape((b, width))?)
+}
+
+fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?)
+}
+
+impl Ppo {
+    /// A PPO run over `train` prompts; `value` must carry a score head (the value head).
+    pub fn new(
+        policy: &Pretrained,
+        args: PpoArgs,
+        reward: RewardSource,
+        reference: OnlineReference,
+        value: Model,
+        train: Vec<Prompt>,
+        seed: u64,
+    ) -> Self {
+        Ppo {
+            train,
+            eval: vec![],
+            kl_coef: args.kl_coef,
+            args,
+            reward,
+            reference,
+            value,
+            tokenizer: policy.tokenizer.clone(),
+            eos_token_ids: policy.eos_token_ids(),
+            pad_token_id: policy.pad_token_id(),
+            device: policy.model.device().clone(),
+            seed,
+            samples_path: None,
+            cache: HashMap::new(),
+            step_kl: vec![],
+        }
+    }
+
+    fn rollout_args(&self) -> RolloutArgs {
+        RolloutArgs {
+            reward: self.args.reward.clone(),
+            num_generations: 1,
+            max_completion_length: self.args.max_completion_length,
+            temperature: self.args.temperature,
+            top_p: self.args.top_p,
+            top_k: self.args.top_k,
+            missing_eos_penalty: self.args.missing_eos_penalty,
+            reward_clip: self.args.reward_clip,
+        }
+    }
+
+    fn temperature(&self) -> f64 {
+        self.args.temperature.max(1e-6)
+    }
+
+    /// Log-probs of each response token `[B, T]` and (with `value`) values at each response
+    /// position, read from the state before the token as TRL does.
+    fn response_stats(
+        &self,
+        model: &Model,
+        value: Option<&Model>,
+        r: &Rollout,
+        plens: &[usize],
+        width: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (lp, _) = completion_logps(
+            model,
+            r,
+            self.pad_token_id,
+            self.temperature(),
+            &self.device,
+        )?;
+        let logps = gather(
+            &lp.per_token.to_dtype(candle_core::DType::F32)?,
+            plens,
+            width,
+        )?;
+        let values = match value {
+            Some(v) => {
+                let refs: Vec<&preftune_data::TokenizedExample> = r.seqs.iter().collect();
+                let b = preftune_data::collate(&refs, self.pad_token_id, &self.device)?;
+                let hidden = v.forward(&b.input_ids, Some(&b.attention_mask), None, None)?;
+                let all = v.scores_all(&hidden)?;
+                let before: Vec<usize> = plens.iter().map(|p| p.saturating_sub(1)).collect();
+                Some(gather(&all, &before, width)?)
+            }
+            None => None,
+        };
+        Ok((logps, values))
+    }
+
+    fn new_rollout(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<Cached> {
+        let set = match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        };
+        let prompts: Vec<&Prompt> = idx.iter().map(|&i| &set[i]).collect();
+        let seed = batch_seed(self.seed ^ (split == Split::Eval) as u64, idx);
+        let cfg = sampling_config(
+            &self.rollout_args(),
+            self.eos_token_ids.clone(),
+            self.pad_token_id,
+            seed,
+        );
+        let r = rollout(
+            model,
+            &self.tokenizer,
+            &prompts,
+            &self.rollout_args(),
+            &self.reward,
+            &cfg,
+        )?;
+        if split == Split::Train {
+            log_samples(self.samples_path.as_deref(), &prompts, 1, &r)?;
+        }
+        let plens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+        let width = r.completion_lens.iter().copied().max().unwrap_or(1).max(1);
+        let frozen = model.detached()?;
+        let (old, _) = self.response_stats(&frozen, None, &r, &plens, width)?;
+        let reference = match &self.reference {
+            OnlineReference::Model(m) => m.as_ref().clone(),
+            OnlineReference::LoraBase => model.without_lora().detached()?,
+        };
+        let (refl, _) = self.response_stats(&reference, None, &r, &plens, width)?;
+        let value = self.value.detached()?;
+        let (_, vals) = self.response_stats(&frozen, Some(&value), &r, &plens, width)?;
+        let old_logprobs = rows(&old)?;
+        let seq_lens: Vec<usize> = r
+            .completion_lens
+            .iter()
+            .map(|l| l.saturating_sub(1))
+            .collect();
+        let est: KlEstimator = self.args.kl_estimator.parse().map_err(Error::Config)?;
+        let batch = ppo_batch(
+            &PpoRollout {
+                logprobs: &old_logprobs,
+                ref_logprobs: &rows(&refl)?,
+                values: &rows(&vals.expect("values requested"))?,
+                scores: &r.rewards,
+                seq_lens: &seq_lens,
+            },
+            self.kl_coef,
+            est,
+            self.args.whiten_rewards,
+            self.args.gamma,
+            self.args.lam,
+        );
+        Ok(Cached {
+            rollout: r,
+            batch,
+            old_logprobs,
+            prompt_lens: plens,
+        })
+    }
+}
+
+impl Algorithm for Ppo {
+    fn len(&self, split: Split) -> usize {
+        match split {
+            Split::Train => self.train.len(),
+            Split::Eval => self.eval.len(),
+        }
+    }
+
+    fn weight(&self, _: Split, idx: &[usize]) -> f64 {
+        idx.len() as f64
+    }
+
+    fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
+        let key = idx.to_vec();
+        let fresh = split == Split::Eval || !self.cache.contains_key(&key);
+        let c = if fresh {
+            let c = self.new_rollout(model, split, idx)?;
+            if split == Split::Train {
+                self.cache.insert(key.clone(), c);
+                self.cache.get(&key).expect("just inserted")
+            } else {
+                // Evaluation: rewards and KL of fresh samples; nothing to optimise.
+                return Ok((
+                    Tensor::zeros((), candle_core::DType::F32, &self.device)?,
+                    rollout_metrics(&c, self.kl_coef),
+                ));
+            }
+        } else {
+            self.cache.get(&key).expect("checked")
+        };
+        let width = c.old_logprobs.first().map_or(1, Vec::len);
+        let (new, vpred) =
+            self.response_stats(model, Some(&self.value), &c.rollout, &c.prompt_lens, width)?;
+        let vpred = vpred.expect("values requested");
+        let kl_penalty = self.args.loss_variant == "kl_penalty";
+        let cliprange = if kl_penalty {
+            f64::INFINITY
+        } else {
+            self.args.cliprange
+        };
+        let l = ppo_loss(
+            &new,
+            &vpred,
+            &c.batch,
+            &c.old_logprobs,
+            cliprange,
+            self.args.cliprange_value,
+            self.args.vf_coef,
+        )?;
+        let mut loss = l.loss;
+        if kl_penalty {
+            // k3 estimate of KL(rollout policy || current policy) over response tokens.
+            let keep: Vec<f32> = c
+                .batch
+                .padding_mask
+                .iter()
+                .flatten()
+                .map(|&m| (!m) as u8 as f32)
+                .collect();
+            let keep = Tensor::from_vec(keep, new.dims(), &self.device)?;
+            let old = Tensor::from_vec(
+                c.old_logprobs
+                    .iter()
+                    .flatten()
+                    .map(|&x| x as f32)
+                    .collect::<Vec<_>>(),
+                new.dims(),
+                &self.device,
+            )?;
+            let d = (&old - &new)?;
+            let k3 = ((d.exp()? - 1.0)? - &d)?;
+            let kl =
+                ((k3 * &keep)?.sum_all()? / keep.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?;
+            loss = (loss + (kl * self.args.kl_penalty_coef)?)?;
+        }
+        let n = idx.len() as f64;
+        let mut m = rollout_metrics(c, self.kl_coef);
+        m.add("policy/approxkl_avg", l.approxkl * n, n);
+        m.add("policy/clipfrac_avg", l.pg_clipfrac * n, n);
+        m.add("loss/policy_avg", l.pg_loss * n, n);
+        m.add("loss/value_avg", l.vf_loss * n, n);
+        m.add("val/clipfrac_avg", l.vf_clipfrac * n, n);
+        m.add("val/ratio", l.ratio_mean * n, n);
+        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        m.add("loss", value * n, n);
+        if fresh {
+            let kl: f64 = c
+                .batch
+                .rewards
+                .kl
+                .iter()
+                .map(|r| r.iter().sum::<f64>())
+                .sum::<f64>()
+                / n;
+            self.step_kl.push(kl);
+        }
+        Ok(((loss * n)?, m))
+    }
+
+    fn extra_params(&self) -> Vec<(String, Var)> {
+        self.value
+            .trainable_params()
+            .into_iter()
+            .map(|(n, v)| (format!("value_model.{n}"), v))
+            .collect()
+    }
+
+    fn updates_per_batch(&self) -> usize {
+        self.args.num_ppo_epochs.max(1)
+    }
+
+    fn on_update(&mut self, update: usize) -> Result<()> {
+        if update == 0 {
+            self.cache.clear();
+            self.step_kl.clear();
+        }
+        if update == self.updates_per_batch() && self.args.adap_kl_ctrl && !self.step_kl.is_empty()
+        {
+            // Ziegler et al.'s controller, as TRL's AdaptiveKLController.
+            let kl = self.step_kl.iter().sum::<f64>() / self.step_kl.len() as f64;
+            let err = (kl / self.args.kl_target - 1.0).clamp(-0.2, 0.2);
+            let n_steps = self
+                .cache
+                .values()
+                .map(|c| c.rollout.rewards.len())
+                .sum::<usize>() as f64;
+            self.kl_coef *= 1.0 + err * n_steps / self.args.kl_horizon;
+        }
+        Ok(())
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        let vdir = dir.join("value_model");
+        std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
+        let tensors: Vec<(String, Tensor)> = self.value.named_params();
+        preftune_model::weights::save_safetensors(
+            &vdir.join("model.safetensors"),
+            self.value.cfg.arch,
+            &tensors,
+        )?;
+        preftune_model::weights::write_json(
+            &dir.join("ppo_state.json"),
+            &serde_json::json!({"kl_coef": self.kl_coef}),
+        )?;
+        Ok(())
+    }
+
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let vdir = dir.join("value_model");
+        // Through the HF reader: it undoes GPT-2's Conv1D layout as the writer applied it.
+        let saved =
+            preftune_model::weights::load_hf_weights(&vdir, self.value.cfg.arch, &self.device)?;
+        for (name, var) in self.value.trainable_params() {
+            let t = saved
+                .get(&name)
+                .ok_or_else(|| Error::Msg(format!("{}: no tensor {name}", vdir.display())))?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        let sp = dir.join("ppo_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Msg(format!("{}: {e}", sp.display())))?;
+        self.kl_coef = v["kl_coef"].as_f64().unwrap_or(self.kl_coef);
+        Ok(())
+    }
+}
+
+/// TRL's PPO metric names for one rollout.
+fn rollout_metrics(c: &Cached, kl_coef: f64) -> Metrics {
+    let mut m = Metrics::default();
+    let r = &c.rollout;
+    let n = r.rewards.len() as f64;
+    let kl_sum: f64 = c
+        .batch
+        .rewards
+        .kl
+        .iter()
+        .map(|k| k.iter().sum::<f64>())
+        .sum();
+    let nsr: f64 = c
+        .batch
+        .rewards
+        .non_score_reward
+        .iter()
+        .map(|k| k.iter().sum::<f64>())
+        .sum();
+    let scores: f64 = r.rewards.iter().sum();
+    m.add("objective/kl", kl_sum, n);
+    m.add("objective/non_score_reward", nsr, n);
+    m.add("objective/scores", scores, n);
+    m.add("objective/rlhf_reward", scores + nsr, n);
+    m.add(
+        "val/num_eos_tokens",
+        r.finished.iter().filter(|f| **f).count() as f64,
+        1.0,
+    );
+    m.add(
+        "completions/mean_length",
+        r.completion_lens.iter().sum::<usize>() as f64,
+        n,
+    );
+    m.add("kl_coef", kl_coef * n, n);
+    m.tokens = r.seqs.iter().map(|s| s.input_ids.len()).sum();
+    m
+}
+
+/// `preftune ppo`.
+pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
+    use crate::trainer::{evaluate, load_policy, resume_point, train_with_report};
+    let args = &cfg.args;
+    let a = &cfg.algo;
+    if a.reward.is_empty() {
+        return Err(Error::Config(
+            "reward is required (model:PATH, command:CMD or combine:FILE.toml)".into(),
+        ));
+    }
+    if !matches!(a.loss_variant.as_str(), "clip" | "kl_penalty") {
+        return Err(Error::Config(format!(
+            "loss_variant `{}`: use clip or kl_penalty",
+            a.loss_variant
+        )));
+    }
+    a.kl_estimator
+        .parse::<KlEstimator>()
+        .map_err(Error::Config)?;
+    let reward = RewardSource::parse(&a.reward)?;
+    let dtype = preftune_model::parse_dtype(&args.dtype)?;
+    let load = |path: &str, trainable: bool| {
+        Pretrained::load(
+            Path::new(path),
+            &LoadOptions {
+                dtype,
+                trainable,
+                ..Default::default()
+            },
+        )
+    };
+    let ckpt = if eval_only {
+        None
+    } else {
+        resume_point(args, resume)
+    };
+    let (policy, lora) = if eval_only {
+        (load(&args.model_name_or_path, false)?, None)
+    } else {
+        load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?
+    };
+    let reference = match (&a.ref_model, &lora) {
+        (Some(r), _) => OnlineReference::Model(Box::new(load(r, false)?.model)),
+        (None, Some(_)) => OnlineReference::LoraBase,
+        (None, None) => {
+            OnlineReference::Model(Box::new(load(&args.model_name_or_path, false)?.model))
+        }
+    };
+    let value_path = a
+        .value_model_path
+        .clone()
+        .or_else(|| a.reward.strip_prefix("model:").map(str::to_string))
+        .unwrap_or_else(|| args.model_name_or_path.clone());
+    let mut value = load(&value_path, !eval_only)?.model;
+    if !value.has_score_head() {
+        value.add_score_head(args.seed)?;
+    }
+    let mut reports = vec![];
+    let mut read = |path: &Path| -> Result<Vec<Prompt>> {
+        let (p, truncated) = load_prompts(path, &policy.tokenizer, a.max_prompt_length)?;
+        eprintln!(
+            "data {}: {} prompts, {truncated} truncated",
+            path.display(),
+            p.len()
+        );
+        reports.push(serde_json::json!({"file": path.display().to_string(), "prompts": p.len(), "truncated": truncated}));
+        Ok(p)
+    };
+    let train = match (&args.train_file, eval_only) {
+        (Some(f), false) => read(f)?,
+        (None, false) => return Err(Error::Config("train_file is required".into())),
+        (_, true) => vec![],
+    };
+    let eval = match &args.eval_file {
+        Some(f) => read(f)?,
+        None if eval_only => return Err(Error::Config("--eval-only needs eval_file".into())),
+        None => vec![],
+    };
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let mut algo = Ppo::new(
+        &policy,
+        a.clone(),
+        reward,
+        reference,
+        value,
+        train,
+        args.seed,
+    );
+    algo.eval = eval;
+    algo.samples_path = (!eval_only).then(|| args.output_dir.join("samples.jsonl"));
+    if eval_only {
+        let mut v =
+            serde_json::to_value(evaluate(args, &policy.model, &mut algo)?).unwrap_or_default();
+        v["data"] = serde_json::Value::Array(reports);
+        return Ok(v);
+    }
+    train_with_report(args, &cfg.table, policy, lora, ckpt, &mut algo, &reports)
+}
