@@ -2,6 +2,7 @@
 //! the library crates.
 mod bench;
 mod commands;
+mod eval;
 mod rewards;
 
 use clap::{Args, Parser, Subcommand};
@@ -143,6 +144,13 @@ enum Command {
     Score(rewards::ScoreArgs),
     /// Best-of-N: sample N responses per prompt, score them, keep the best.
     Bon(rewards::BonArgs),
+    /// Judge samples and policies: `eval reward`, `eval winrate`, `eval kl`.
+    Eval {
+        #[command(subcommand)]
+        cmd: eval::EvalCmd,
+    },
+    /// Train the gold IMDb sentiment judge (`gold:sentiment`) and print its held-out accuracy.
+    GoldTrain(rewards::GoldTrainArgs),
     /// Set a reward model's gain and bias so rewards of reference samples have mean 0, std 1.
     NormalizeReward(rewards::NormalizeArgs),
     /// Rejection-sampling fine-tuning: Best-of-N over a prompt set, then SFT on the best, for
@@ -206,6 +214,8 @@ fn main() {
         Command::Score(a) => rewards::score(&a),
         Command::Bon(a) => rewards::bon(&a),
         Command::NormalizeReward(a) => rewards::normalize(&a),
+        Command::GoldTrain(a) => rewards::gold_train(&a),
+        Command::Eval { cmd } => eval::run(&cmd),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),
         Command::Rloo(run) => commands::rloo(&run),

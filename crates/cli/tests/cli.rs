@@ -606,3 +606,51 @@ fn reward_model_score_bon_and_rejection_sampling() {
     assert_eq!(best.lines().count(), 8);
     assert!(rs_dir.join("round-0/sft/model.safetensors").exists());
 }
+
+/// `eval reward`, `eval winrate` (paired by prompt) and `eval kl` (0 for a model against itself).
+#[test]
+fn eval_commands_report_reward_win_rate_and_kl() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, responses: &[&str]| {
+        let p = dir.path().join(name);
+        let rows: Vec<String> = responses
+            .iter()
+            .enumerate()
+            .map(|(i, r)| serde_json::json!({"prompt": format!("p{i}"), "response": r}).to_string())
+            .collect();
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        p
+    };
+    let a = write("a.jsonl", &["one two three", "one two", "x"]);
+    let b = write("b.jsonl", &["one", "one two", "x y z w"]);
+    // The judge: words in the response (a length reward, so the length correlation is 1).
+    let judge = "command:python3 -c \"import sys,json; [print(len(json.loads(l)['response'].split())) for l in sys.stdin]\"";
+    let (ok, v, err) = preftune(&["eval", "reward", "--reward", judge, "--data", a.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(v["reward"]["mean"], 2.0);
+    assert_eq!(v["reward"]["n"], 3);
+    assert!((v["length"]["reward_length_correlation"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    let (ok, v, err) = preftune(&[
+        "eval", "winrate", "--judge", judge, "--data", a.to_str().unwrap(), "--baseline",
+        b.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["win_rate"]["wins"], 1);
+    assert_eq!(v["win_rate"]["ties"], 1);
+    assert_eq!(v["win_rate"]["win_rate"], 0.5);
+    let c = write("c.jsonl", &["one", "two"]);
+    let (ok, _, err) = preftune(&[
+        "eval", "winrate", "--judge", judge, "--data", a.to_str().unwrap(), "--baseline",
+        c.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("pair samples"), "{err}");
+
+    let prompts = root().join("examples/data/pairs-tiny.jsonl");
+    let (ok, v, err) = preftune(&[
+        "eval", "kl", "--model", &model("tiny-llama"), "--ref-model", &model("tiny-llama"),
+        "--data", prompts.to_str().unwrap(), "--n", "2", "--max-new-tokens", "5",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["kl"]["n"], 16);
+    assert!(v["kl"]["mean"].as_f64().unwrap().abs() < 1e-4, "{v}");
+}

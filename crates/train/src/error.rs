@@ -21,6 +21,8 @@ pub enum Error {
     Model(#[from] preftune_model::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Eval(#[from] preftune_eval::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

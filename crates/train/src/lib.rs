@@ -15,7 +15,6 @@ pub mod reward;
 pub mod rl_loss;
 pub mod rloo;
 pub mod rollout;
-pub mod scoring;
 pub mod sft;
 pub mod trainer;
 

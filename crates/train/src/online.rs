@@ -15,8 +15,8 @@ use crate::rollout::{
     batch_seed, completion_logps, log_samples, rollout, rollout_metrics, sampling_config, Prompt,
     RolloutArgs,
 };
-use crate::scoring::RewardSource;
 use crate::trainer::{Algorithm, Metrics, Split};
+use preftune_eval::sources::RewardSource;
 
 /// The options of the online trainers, flat as TRL names them (`GRPOConfig`, `RLOOConfig`); each
 /// trainer's `defaults()` sets its own defaults (RLOO: `beta = 0.05`, `num_generations = 2`), and

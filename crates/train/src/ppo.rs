@@ -23,8 +23,8 @@ use crate::rollout::{
     batch_seed, completion_logps, load_prompts, log_samples, rollout, sampling_config, Prompt,
     Rollout, RolloutArgs,
 };
-use crate::scoring::RewardSource;
 use crate::trainer::{Algorithm, Metrics, Split};
+use preftune_eval::sources::RewardSource;
 
 /// PPO's options (TRL's `PPOConfig` names where it has them).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

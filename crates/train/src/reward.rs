@@ -6,8 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use preftune_data::{
-    collate, parse_examples, read_rows, tokenize_preference, ColumnMap, Example, Format, RowError,
-    TokenizedExample,
+    parse_examples, read_rows, tokenize_preference, ColumnMap, Example, Format, RowError,
 };
 use preftune_model::{parse_dtype, LoadOptions, Model, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -18,6 +17,7 @@ use crate::ops_ext::log_sigmoid;
 use crate::trainer::{
     evaluate, load_policy, resume_point, train_with_report, Algorithm, Metrics, Split,
 };
+use preftune_eval::sources::score_sequences;
 
 /// The reward trainer's own options (TRL's `RewardConfig` names).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -73,15 +73,6 @@ pub struct DataReport {
     pub dropped_too_long: usize,
     pub prompts: usize,
     pub pairs: usize,
-}
-
-fn example(ids: &[u32]) -> TokenizedExample {
-    TokenizedExample {
-        input_ids: ids.to_vec(),
-        loss_mask: vec![1; ids.len()],
-        position_ids: None,
-        truncated: false,
-    }
 }
 
 /// Reads preference rows (optionally with `margin`) or ranking rows and tokenizes each sequence
@@ -159,26 +150,6 @@ pub fn load_split(
         pairs: pairs.len(),
     };
     Ok((pairs, report))
-}
-
-/// Raw rewards of `seqs` (scored at each one's last real token), in one padded batch.
-pub fn score_sequences(
-    model: &Model,
-    seqs: &[&[u32]],
-    pad_token_id: u32,
-    device: &Device,
-) -> Result<(Tensor, usize)> {
-    let rows: Vec<TokenizedExample> = seqs.iter().map(|s| example(s)).collect();
-    let refs: Vec<&TokenizedExample> = rows.iter().collect();
-    let batch = collate(&refs, pad_token_id, device)?;
-    let hidden = model.forward(&batch.input_ids, Some(&batch.attention_mask), None, None)?;
-    let r = model.scores(
-        &hidden,
-        &batch.input_ids,
-        &batch.attention_mask,
-        Some(pad_token_id),
-    )?;
-    Ok((r, batch.num_tokens))
 }
 
 pub struct RewardTrainer {

@@ -11,8 +11,8 @@ use preftune_model::{generate, token_logprobs, Model, SamplingConfig, TokenLogpr
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::scoring::{row_prompt, RewardSource, Sample};
 use crate::trainer::Metrics;
+use preftune_eval::sources::{row_prompt, RewardSource, Sample};
 
 /// What the rollout engine needs (from [`crate::online::OnlineArgs`]).
 #[derive(Clone, Debug, PartialEq)]

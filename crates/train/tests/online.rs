@@ -2,12 +2,12 @@
 //! response): the mean reward rises clearly while the KL to the reference stays finite.
 use std::path::PathBuf;
 
+use preftune_eval::sources::RewardSource;
 use preftune_model::Pretrained;
 use preftune_train::config::load;
 use preftune_train::online::{Objective, OnlineReference, OnlineTrainer};
 use preftune_train::rl_loss::{GrpoLossType, GrpoParams, ScaleRewards};
 use preftune_train::rollout::{load_prompts, RolloutArgs};
-use preftune_train::scoring::RewardSource;
 use preftune_train::trainer::{load_policy, train};
 use preftune_train::TrainingArguments;
 use serde_json::Value;

@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use preftune_data::Text;
+use preftune_eval::sources::{sample_and_score, ResumableJsonl, RewardSource, Sample};
 use preftune_model::reward::normalization_for;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use preftune_train::config::load;
 use preftune_train::reward::{defaults, load_split, run, RewardArgs};
-use preftune_train::scoring::{sample_and_score, ResumableJsonl, RewardSource, Sample};
 use preftune_train::TrainingArguments;
 use serde_json::{json, Value};
 

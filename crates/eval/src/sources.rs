@@ -8,7 +8,9 @@
 //!   and writes one number per line on stdout;
 //! - `combine:FILE.toml`: several named sources and a rule (`weighted_sum`, or Llama 2's
 //!   `piecewise`: the safety score when the prompt is flagged risky or the safety score is below
-//!   `safety_threshold`, else the helpfulness score).
+//!   `safety_threshold`, else the helpfulness score);
+//! - `gold:sentiment`: the gold IMDb sentiment judge (`preftune gold-train`), its logit, or
+//!   `gold:sentiment=PATH` for a judge file elsewhere.
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::reward::score_sequences;
+use crate::gold::GoldSentiment;
 
 /// One thing to score: a prompt (plain or a conversation), a response, and whether the prompt is
 /// flagged as risky (the `risky` field of a row; only the piecewise rule reads it).
@@ -46,6 +48,8 @@ pub enum RewardSource {
     Command(String),
     /// A scorer in Rust (library users, tests).
     Function(Box<dyn Fn(&Sample) -> f64 + Send + Sync>),
+    /// The gold sentiment judge: the logit of "positive" for the response text.
+    Gold(Box<GoldSentiment>),
     Combined {
         rule: Rule,
         parts: Vec<(String, RewardSource)>,
@@ -72,6 +76,35 @@ struct CombineFile {
 
 fn default_threshold() -> f64 {
     0.15
+}
+
+/// Raw rewards of `seqs` (scored at each one's last real token) in one right-padded batch, and
+/// the number of real tokens.
+pub fn score_sequences(
+    model: &preftune_model::Model,
+    seqs: &[&[u32]],
+    pad_token_id: u32,
+    device: &candle_core::Device,
+) -> Result<(candle_core::Tensor, usize)> {
+    let rows: Vec<preftune_data::TokenizedExample> = seqs
+        .iter()
+        .map(|s| preftune_data::TokenizedExample {
+            input_ids: s.to_vec(),
+            loss_mask: vec![1; s.len()],
+            position_ids: None,
+            truncated: false,
+        })
+        .collect();
+    let refs: Vec<&preftune_data::TokenizedExample> = rows.iter().collect();
+    let batch = preftune_data::collate(&refs, pad_token_id, device)?;
+    let hidden = model.forward(&batch.input_ids, Some(&batch.attention_mask), None, None)?;
+    let r = model.scores(
+        &hidden,
+        &batch.input_ids,
+        &batch.attention_mask,
+        Some(pad_token_id),
+    )?;
+    Ok((r, batch.num_tokens))
 }
 
 /// Tokens of `prompt + response` as the reward model was trained on them: plain text gets EOS
@@ -110,6 +143,24 @@ impl RewardSource {
                 )));
             }
             return Ok(RewardSource::Model(Box::new(p)));
+        }
+        if let Some(name) = spec.strip_prefix("gold:") {
+            let (name, path) = match name.split_once('=') {
+                Some((n, p)) => (n, PathBuf::from(p)),
+                None => (name, crate::gold::default_path()),
+            };
+            if name != "sentiment" {
+                return Err(Error::Config(format!(
+                    "reward source `{spec}`: the gold scorers are: sentiment"
+                )));
+            }
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "{}: no gold sentiment judge; train it with `preftune gold-train`",
+                    path.display()
+                )));
+            }
+            return Ok(RewardSource::Gold(Box::new(GoldSentiment::load(&path)?)));
         }
         if let Some(cmd) = spec.strip_prefix("command:") {
             return Ok(RewardSource::Command(cmd.to_string()));
@@ -155,7 +206,7 @@ impl RewardSource {
             return Ok(RewardSource::Combined { rule, parts });
         }
         Err(Error::Config(format!(
-            "reward source `{spec}`: use model:PATH, command:CMD or combine:FILE.toml"
+            "reward source `{spec}`: use model:PATH, command:CMD, combine:FILE.toml or gold:sentiment"
         )))
     }
 
@@ -178,6 +229,7 @@ impl RewardSource {
             }
             RewardSource::Command(cmd) => run_command(cmd, samples),
             RewardSource::Function(f) => Ok(samples.iter().map(f.as_ref()).collect()),
+            RewardSource::Gold(g) => Ok(samples.iter().map(|s| g.logit(&s.response)).collect()),
             RewardSource::Combined { rule, parts } => {
                 let scores = parts
                     .iter()

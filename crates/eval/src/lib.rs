@@ -1,0 +1,9 @@
+//! Judging model outputs: reward sources every command shares (reward models, external commands,
+//! combinations, gold scorers), the gold IMDb sentiment classifier, and Best-of-N sampling.
+pub mod error;
+pub mod gold;
+pub mod sources;
+pub mod stats;
+
+pub use error::{Error, Result};
+pub use sources::{RewardSource, Sample};
