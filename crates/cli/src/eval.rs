@@ -117,37 +117,11 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
                 adapter: None,
             })?;
             let (prompts, _) = load_prompts(&a.data, &policy.tokenizer, None)?;
-            let args = RolloutArgs {
-                reward: "(none)".into(),
-                num_generations: a.n,
-                max_completion_length: a.sampling.max_new_tokens,
-                temperature: a.sampling.temperature,
-                top_p: a.sampling.top_p,
-                top_k: a.sampling.top_k,
-                missing_eos_penalty: None,
-                reward_clip: None,
-            };
             let none = RewardSource::Function(Box::new(|_| 0.0));
-            let mut kls = vec![];
-            let mut texts = vec![];
-            for (b, chunk) in prompts.chunks(4).enumerate() {
-                let refs: Vec<_> = chunk.iter().collect();
-                let cfg = sampling_config(
-                    &args,
-                    policy.eos_token_ids(),
-                    policy.pad_token_id(),
-                    a.sampling.seed.wrapping_add(b as u64),
-                );
-                let r = rollout(&policy.model, &policy.tokenizer, &refs, &args, &none, &cfg)?;
-                let dev = policy.model.device();
-                let pad = policy.pad_token_id();
-                let (lp, _) = completion_logps(&policy.model, &r, pad, 1.0, dev)?;
-                let (lr, _) = completion_logps(&reference.model, &r, pad, 1.0, dev)?;
-                let d: Vec<f32> = (lp.sum - lr.sum)?.to_vec1()?;
-                kls.extend(d.iter().map(|&x| x as f64));
-                texts.extend(r.texts);
-            }
-            anyhow::ensure!(!kls.is_empty(), "{}: no prompts", a.data.display());
+            let s = policy_samples(&policy, &reference, &prompts, a.n, &a.sampling, &none)?;
+            anyhow::ensure!(!s.is_empty(), "{}: no prompts", a.data.display());
+            let kls: Vec<f64> = s.iter().map(|x| x.kl).collect();
+            let texts: Vec<String> = s.iter().map(|x| x.response.clone()).collect();
             emit(
                 &json!({"kl": mean_ci(&kls), "length": lengths(&texts, None),
                          "samples_per_prompt": a.n, "temperature": a.sampling.temperature}),
@@ -155,4 +129,59 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One sample of a policy: its prompt index, response, reward and sequence KL to the reference.
+pub struct PolicySample {
+    pub prompt: usize,
+    pub response: String,
+    pub reward: f64,
+    pub kl: f64,
+}
+
+/// `n` samples per prompt from `policy`, each scored by `reward` and with its k1 sequence KL to
+/// `reference` (log-probs at T = 1), prompt-major; seeded per batch of 4 prompts.
+pub fn policy_samples(
+    policy: &preftune_model::Pretrained,
+    reference: &preftune_model::Pretrained,
+    prompts: &[preftune_train::rollout::Prompt],
+    n: usize,
+    sampling: &SamplingArgs,
+    reward: &RewardSource,
+) -> Result<Vec<PolicySample>> {
+    let args = RolloutArgs {
+        reward: "(eval)".into(),
+        num_generations: n,
+        max_completion_length: sampling.max_new_tokens,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        top_k: sampling.top_k,
+        missing_eos_penalty: None,
+        reward_clip: None,
+    };
+    let mut out = vec![];
+    for (b, chunk) in prompts.chunks(4).enumerate() {
+        let refs: Vec<_> = chunk.iter().collect();
+        let cfg = sampling_config(
+            &args,
+            policy.eos_token_ids(),
+            policy.pad_token_id(),
+            sampling.seed.wrapping_add(b as u64),
+        );
+        let r = rollout(&policy.model, &policy.tokenizer, &refs, &args, reward, &cfg)?;
+        let dev = policy.model.device();
+        let pad = policy.pad_token_id();
+        let (lp, _) = completion_logps(&policy.model.detached()?, &r, pad, 1.0, dev)?;
+        let (lr, _) = completion_logps(&reference.model, &r, pad, 1.0, dev)?;
+        let d: Vec<f32> = (lp.sum - lr.sum)?.to_vec1()?;
+        for (i, text) in r.texts.into_iter().enumerate() {
+            out.push(PolicySample {
+                prompt: b * 4 + i / n,
+                response: text,
+                reward: r.rewards[i],
+                kl: d[i] as f64,
+            });
+        }
+    }
+    Ok(out)
 }

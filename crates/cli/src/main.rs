@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod eval;
+mod pipeline;
 mod rewards;
 
 use clap::{Args, Parser, Subcommand};
@@ -144,6 +145,15 @@ enum Command {
     Score(rewards::ScoreArgs),
     /// Best-of-N: sample N responses per prompt, score them, keep the best.
     Bon(rewards::BonArgs),
+    /// The IMDb controlled-sentiment experiment end to end (examples/imdb-sentiment.toml): gold
+    /// judge, SFT, gold-labelled pairs, reward model, DPO, PPO, GRPO, Best-of-N, evaluation.
+    Pipeline {
+        /// The pipeline config (TOML).
+        config: std::path::PathBuf,
+        /// Override a key: `--set output_dir=runs/x`, `--set dpo.max_steps=20` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Judge samples and policies: `eval reward`, `eval winrate`, `eval kl`.
     Eval {
         #[command(subcommand)]
@@ -216,6 +226,7 @@ fn main() {
         Command::NormalizeReward(a) => rewards::normalize(&a),
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
+        Command::Pipeline { config, set } => pipeline::run(&config, &set),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),
         Command::Rloo(run) => commands::rloo(&run),

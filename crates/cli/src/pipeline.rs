@@ -1,0 +1,507 @@
+//! `preftune pipeline CONFIG`: the DPO paper's controlled-sentiment experiment on IMDb, end to end.
+//!
+//! Stages, each cached in `output_dir` (a stage with `STAGE/done.json` is skipped; trainers resume
+//! from their checkpoints): the base model (a GGUF is converted once), the gold judge, the data
+//! (review text for SFT, 2–8 token review prefixes as prompts), SFT, preference pairs labelled by
+//! the gold judge, a reward model on those pairs, then DPO, PPO and GRPO from the SFT policy, and
+//! an evaluation of every policy (and Best-of-N over SFT samples) on held-out prefixes.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use preftune_data::Text;
+use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
+use preftune_eval::sources::sample_and_score;
+use preftune_eval::stats::{lengths, mean_ci, win_rate};
+use preftune_eval::RewardSource;
+use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
+use preftune_train::config::{apply_set, load};
+use preftune_train::rollout::load_prompts;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::commands::emit;
+use crate::eval::policy_samples;
+use crate::SamplingArgs;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataCfg {
+    #[serde(default = "d_sft_reviews")]
+    sft_reviews: usize,
+    /// Words of each review kept for SFT.
+    #[serde(default = "d_sft_words")]
+    sft_words: usize,
+    #[serde(default = "d_prompts")]
+    prompts: usize,
+    #[serde(default = "d_eval_prompts")]
+    eval_prompts: usize,
+    #[serde(default = "d_prefix_min")]
+    prefix_min_tokens: usize,
+    #[serde(default = "d_prefix_max")]
+    prefix_max_tokens: usize,
+    /// Continuations sampled per prompt to build preference pairs.
+    #[serde(default = "d_samples")]
+    samples_per_prompt: usize,
+    #[serde(default = "d_new")]
+    max_new_tokens: usize,
+}
+
+fn d_sft_reviews() -> usize {
+    2000
+}
+fn d_sft_words() -> usize {
+    48
+}
+fn d_prompts() -> usize {
+    256
+}
+fn d_eval_prompts() -> usize {
+    64
+}
+fn d_prefix_min() -> usize {
+    2
+}
+fn d_prefix_max() -> usize {
+    8
+}
+fn d_samples() -> usize {
+    4
+}
+fn d_new() -> usize {
+    32
+}
+fn d_n() -> usize {
+    4
+}
+fn d_methods() -> Vec<String> {
+    ["sft", "dpo", "ppo", "grpo", "bon"]
+        .map(String::from)
+        .to_vec()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineConfig {
+    output_dir: PathBuf,
+    /// An HF folder or a .gguf file (converted once into `output_dir/base`).
+    model: PathBuf,
+    reviews_csv: Option<PathBuf>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "d_methods")]
+    methods: Vec<String>,
+    data: DataCfg,
+    /// Each trainer's table holds its own config keys (TRL's names); paths are set by the pipeline.
+    #[serde(default)]
+    sft: toml::Table,
+    #[serde(default)]
+    rm: toml::Table,
+    #[serde(default)]
+    dpo: toml::Table,
+    #[serde(default)]
+    ppo: toml::Table,
+    #[serde(default)]
+    grpo: toml::Table,
+    /// Best-of-N over SFT samples, chosen by the reward model.
+    #[serde(default = "d_n")]
+    bon_n: usize,
+    /// Samples per held-out prompt in the evaluation.
+    #[serde(default = "d_eval_n")]
+    eval_samples_per_prompt: usize,
+}
+
+fn d_eval_n() -> usize {
+    2
+}
+
+fn prompt_json(t: &Text) -> Value {
+    match t {
+        Text::Plain(s) => json!(s),
+        Text::Messages(m) => json!(m
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect::<Vec<_>>()),
+    }
+}
+
+fn done(dir: &Path) -> bool {
+    dir.join("done.json").exists()
+}
+
+fn mark_done(dir: &Path, v: &Value) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    preftune_model::weights::write_json(&dir.join("done.json"), v)?;
+    Ok(())
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    preftune_model::weights::atomic_write(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Runs one of the shared-loop trainers with the pipeline's table for it, over the trainer's
+/// defaults, plus the paths the pipeline decides.
+fn train<A: serde::de::DeserializeOwned>(
+    defaults: toml::Table,
+    table: &toml::Table,
+    sets: &[String],
+    run: fn(&preftune_train::RunConfig<A>, bool, bool) -> preftune_train::Result<Value>,
+) -> Result<Value> {
+    let mut merged = defaults;
+    for (k, v) in table {
+        merged.insert(k.clone(), v.clone());
+    }
+    let cfg = load::<A>(None, merged, sets)?;
+    Ok(run(&cfg, true, false)?)
+}
+
+pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    for s in overrides {
+        apply_set(&mut table, s)?;
+    }
+    let cfg: PipelineConfig = table
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    let out = cfg.output_dir.clone();
+    std::fs::create_dir_all(&out)?;
+    let has = |m: &str| cfg.methods.iter().any(|x| x == m);
+    let p = |s: &str| out.join(s);
+    let ps = |s: &str| out.join(s).display().to_string();
+
+    // Base model: a GGUF becomes an HF folder once.
+    let base = if cfg.model.is_file() {
+        let dir = p("base");
+        if !done(&dir) {
+            eprintln!(
+                "[pipeline] converting {} into {}",
+                cfg.model.display(),
+                dir.display()
+            );
+            Pretrained::load(&cfg.model, &LoadOptions::default())?.save(&dir)?;
+            mark_done(&dir, &json!({"from": cfg.model.display().to_string()}))?;
+        }
+        dir
+    } else {
+        cfg.model.clone()
+    };
+
+    // The gold judge, trained on the labelled reviews (held-out accuracy recorded).
+    let csv = cfg.reviews_csv.clone().unwrap_or_else(default_csv);
+    let gold_dir = p("gold");
+    let gold_file = gold_dir.join("gold-sentiment.safetensors");
+    let reviews = read_imdb_csv(&csv)?;
+    if !done(&gold_dir) {
+        eprintln!(
+            "[pipeline] training the gold judge on {} reviews",
+            reviews.len()
+        );
+        let (g, report) = GoldSentiment::train(&reviews, cfg.seed)?;
+        std::fs::create_dir_all(&gold_dir)?;
+        g.save(&gold_file)?;
+        mark_done(&gold_dir, &serde_json::to_value(&report)?)?;
+    }
+    let gold_report: Value =
+        serde_json::from_str(&std::fs::read_to_string(gold_dir.join("done.json"))?)?;
+    let gold_spec = format!("gold:sentiment={}", gold_file.display());
+
+    // Data: SFT text and prompts from disjoint reviews.
+    let data_dir = p("data");
+    if !done(&data_dir) {
+        let tok = Pretrained::load(&base, &LoadOptions::default())?.tokenizer;
+        let mut idx: Vec<usize> = (0..reviews.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        idx.shuffle(&mut rng);
+        let d = &cfg.data;
+        anyhow::ensure!(
+            d.sft_reviews + d.prompts + d.eval_prompts <= idx.len(),
+            "data: asks for more reviews than the {} available",
+            idx.len()
+        );
+        let clean = |t: &str| t.replace("<br />", " ");
+        let sft: Vec<Value> = idx[..d.sft_reviews]
+            .iter()
+            .map(|&i| {
+                let words: Vec<&str> = reviews[i].0.split_whitespace().collect();
+                json!({"text": clean(&words[..words.len().min(d.sft_words)].join(" "))})
+            })
+            .collect();
+        let prefix = |i: usize, rng: &mut rand::rngs::StdRng| -> Result<Value> {
+            let ids = tok.encode(&clean(&reviews[i].0), false)?;
+            let k = rng
+                .gen_range(d.prefix_min_tokens..=d.prefix_max_tokens)
+                .min(ids.len());
+            Ok(json!({"prompt": tok.decode(&ids[..k], false)?}))
+        };
+        let prompts = idx[d.sft_reviews..d.sft_reviews + d.prompts]
+            .iter()
+            .map(|&i| prefix(i, &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        let eval = idx[d.sft_reviews + d.prompts..d.sft_reviews + d.prompts + d.eval_prompts]
+            .iter()
+            .map(|&i| prefix(i, &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        std::fs::create_dir_all(&data_dir)?;
+        write_jsonl(&data_dir.join("sft.jsonl"), &sft)?;
+        write_jsonl(&data_dir.join("prompts.jsonl"), &prompts)?;
+        write_jsonl(&data_dir.join("eval_prompts.jsonl"), &eval)?;
+        mark_done(
+            &data_dir,
+            &json!({"sft": sft.len(), "prompts": prompts.len(), "eval_prompts": eval.len()}),
+        )?;
+    }
+
+    // SFT so the model writes reviews.
+    let sft_dir = p("sft");
+    if !done(&sft_dir) {
+        eprintln!("[pipeline] SFT");
+        let v = train(
+            preftune_train::sft::defaults(),
+            &cfg.sft,
+            &[
+                format!("model_name_or_path={}", base.display()),
+                format!("train_file={}", ps("data/sft.jsonl")),
+                format!("output_dir={}", sft_dir.display()),
+            ],
+            preftune_train::sft::run,
+        )?;
+        mark_done(&sft_dir, &v)?;
+    }
+    let sft_path = sft_dir.display().to_string();
+
+    // Preference pairs: best and worst of several SFT samples under the gold judge.
+    let pairs_dir = p("pairs");
+    if !done(&pairs_dir) {
+        eprintln!("[pipeline] sampling and labelling pairs");
+        let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
+        let gold = RewardSource::parse(&gold_spec)?;
+        let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
+        let mut pairs = vec![];
+        let mut all = vec![];
+        for (b, chunk) in prompts.chunks(4).enumerate() {
+            let batch: Vec<(Text, bool)> = chunk.iter().map(|x| (x.text.clone(), false)).collect();
+            let s = SamplingConfig {
+                max_new_tokens: cfg.data.max_new_tokens,
+                temperature: 1.0,
+                seed: cfg.seed.wrapping_add(b as u64),
+                eos_token_ids: sft.eos_token_ids(),
+                pad_token_id: sft.pad_token_id(),
+                ..Default::default()
+            };
+            let cands = sample_and_score(&sft, &gold, &batch, cfg.data.samples_per_prompt, &s)?;
+            for ((prompt, _), c) in batch.iter().zip(cands) {
+                let Text::Plain(prompt) = prompt else {
+                    continue;
+                };
+                let best = c.best();
+                let worst = (0..c.rewards.len())
+                    .min_by(|&a, &b| c.rewards[a].total_cmp(&c.rewards[b]))
+                    .unwrap_or(0);
+                all.push(json!({"prompt": prompt, "responses": c.responses, "gold": c.rewards}));
+                if c.rewards[best] > c.rewards[worst] {
+                    pairs.push(json!({"prompt": prompt, "chosen": c.responses[best],
+                                      "rejected": c.responses[worst]}));
+                }
+            }
+        }
+        std::fs::create_dir_all(&pairs_dir)?;
+        write_jsonl(&pairs_dir.join("pairs.jsonl"), &pairs)?;
+        write_jsonl(&pairs_dir.join("samples.jsonl"), &all)?;
+        mark_done(
+            &pairs_dir,
+            &json!({"pairs": pairs.len(), "prompts": all.len()}),
+        )?;
+    }
+    let pairs_file = ps("pairs/pairs.jsonl");
+
+    // The reward model on the gold-labelled pairs (the proxy PPO and Best-of-N optimise).
+    let rm_dir = p("rm");
+    if (has("ppo") || has("bon") || has("grpo")) && !done(&rm_dir) {
+        eprintln!("[pipeline] reward model");
+        let v = train(
+            preftune_train::reward::defaults(),
+            &cfg.rm,
+            &[
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={pairs_file}"),
+                format!("output_dir={}", rm_dir.display()),
+            ],
+            preftune_train::reward::run,
+        )?;
+        mark_done(&rm_dir, &v)?;
+    }
+    let rm_spec = format!("model:{}", rm_dir.display());
+    let reward_of = |t: &toml::Table| -> Vec<String> {
+        // `reward` in a method's table may name "rm" or "gold"; the default is the reward model.
+        let r = t.get("reward").and_then(|v| v.as_str()).unwrap_or("rm");
+        let spec = match r {
+            "rm" => rm_spec.clone(),
+            "gold" => gold_spec.clone(),
+            other => other.to_string(),
+        };
+        vec![format!("reward=\"{}\"", spec.replace('"', "\\\""))]
+    };
+
+    if has("dpo") && !done(&p("dpo")) {
+        eprintln!("[pipeline] DPO");
+        let v = train(
+            preftune_train::dpo::defaults(),
+            &cfg.dpo,
+            &[
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={pairs_file}"),
+                format!("output_dir={}", ps("dpo")),
+            ],
+            preftune_train::dpo::run,
+        )?;
+        mark_done(&p("dpo"), &v)?;
+    }
+    if has("ppo") && !done(&p("ppo")) {
+        eprintln!("[pipeline] PPO");
+        let mut sets = vec![
+            format!("model_name_or_path={sft_path}"),
+            format!("train_file={}", ps("data/prompts.jsonl")),
+            format!("output_dir={}", ps("ppo")),
+        ];
+        sets.extend(reward_of(&cfg.ppo));
+        let v = train(
+            preftune_train::ppo::defaults(),
+            &cfg.ppo,
+            &sets,
+            preftune_train::ppo::run,
+        )?;
+        mark_done(&p("ppo"), &v)?;
+    }
+    if has("grpo") && !done(&p("grpo")) {
+        eprintln!("[pipeline] GRPO");
+        let mut sets = vec![
+            format!("model_name_or_path={sft_path}"),
+            format!("train_file={}", ps("data/prompts.jsonl")),
+            format!("output_dir={}", ps("grpo")),
+        ];
+        sets.extend(reward_of(&cfg.grpo));
+        let v = train(
+            preftune_train::grpo::defaults(),
+            &cfg.grpo,
+            &sets,
+            preftune_train::grpo::run,
+        )?;
+        mark_done(&p("grpo"), &v)?;
+    }
+
+    // Evaluation on held-out prefixes: gold reward, KL to SFT, win rate against SFT, lengths.
+    eprintln!("[pipeline] evaluating");
+    let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
+    let gold = RewardSource::parse(&gold_spec)?;
+    let (eval_prompts, _) = load_prompts(&p("data/eval_prompts.jsonl"), &sft.tokenizer, None)?;
+    let sampling = SamplingArgs {
+        max_new_tokens: cfg.data.max_new_tokens,
+        min_new_tokens: 0,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: cfg.seed.wrapping_add(7),
+    };
+    let n = cfg.eval_samples_per_prompt;
+    let mut results = serde_json::Map::new();
+    let mut table = vec![];
+    let mut sft_gold: Vec<f64> = vec![];
+    for m in ["sft", "dpo", "ppo", "grpo", "bon"] {
+        if !has(m) {
+            continue;
+        }
+        let (rewards, kls, texts): (Vec<f64>, Vec<f64>, Vec<String>) = if m == "bon" {
+            // Best of `bon_n` SFT samples by the reward model, judged by gold; KL as the DPO paper
+            // bounds it: log N - (N - 1) / N.
+            let proxy = RewardSource::parse(&rm_spec)?;
+            let k = cfg.bon_n;
+            let mut r = vec![];
+            let mut t = vec![];
+            let mut rows = vec![];
+            for (b, chunk) in eval_prompts.chunks(4).enumerate() {
+                let batch: Vec<(Text, bool)> =
+                    chunk.iter().map(|x| (x.text.clone(), false)).collect();
+                let s = SamplingConfig {
+                    max_new_tokens: cfg.data.max_new_tokens,
+                    temperature: 1.0,
+                    seed: cfg.seed.wrapping_add(1000 + b as u64),
+                    eos_token_ids: sft.eos_token_ids(),
+                    pad_token_id: sft.pad_token_id(),
+                    ..Default::default()
+                };
+                for rep in 0..n {
+                    let s = SamplingConfig {
+                        seed: s.seed.wrapping_mul(31).wrapping_add(rep as u64),
+                        ..s.clone()
+                    };
+                    let cands = sample_and_score(&sft, &proxy, &batch, k, &s)?;
+                    for ((prompt, _), c) in batch.iter().zip(cands) {
+                        let best = c.responses[c.best()].clone();
+                        let g = gold.score(&[preftune_eval::Sample {
+                            prompt: prompt.clone(),
+                            response: best.clone(),
+                            risky: false,
+                        }])?[0];
+                        rows.push(json!({"prompt": prompt_json(prompt), "response": best, "gold_reward": g}));
+                        r.push(g);
+                        t.push(best);
+                    }
+                }
+            }
+            write_jsonl(&p("samples-bon.jsonl"), &rows)?;
+            let kl = (k as f64).ln() - (k as f64 - 1.0) / k as f64;
+            let kls = vec![kl; r.len()];
+            (r, kls, t)
+        } else {
+            let dir = p(m);
+            let policy = Pretrained::load(&dir, &LoadOptions::default())?;
+            let s = policy_samples(&policy, &sft, &eval_prompts, n, &sampling, &gold)?;
+            let rows: Vec<Value> = s
+                .iter()
+                .map(|x| json!({"prompt": prompt_json(&eval_prompts[x.prompt].text), "response": x.response,
+                                "gold_reward": x.reward, "kl_to_sft": x.kl}))
+                .collect();
+            write_jsonl(&p(&format!("samples-{m}.jsonl")), &rows)?;
+            (
+                s.iter().map(|x| x.reward).collect(),
+                s.iter().map(|x| x.kl).collect(),
+                s.iter().map(|x| x.response.clone()).collect(),
+            )
+        };
+        if m == "sft" {
+            sft_gold = rewards.clone();
+        }
+        let wr =
+            (m != "sft" && sft_gold.len() == rewards.len()).then(|| win_rate(&rewards, &sft_gold));
+        let gr = mean_ci(&rewards);
+        let kl = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
+        let len = lengths(&texts, Some(&rewards));
+        table.push(format!(
+            "{m:<5} gold {:>7.3}  KL {:>7.3}  win vs SFT {}  words {:.1}",
+            gr.mean,
+            kl,
+            wr.as_ref()
+                .map_or("   -  ".to_string(), |w| format!("{:.3}", w.win_rate)),
+            len.mean_words
+        ));
+        results.insert(
+            m.to_string(),
+            json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len}),
+        );
+    }
+    let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
+                         "methods": results, "output_dir": out.display().to_string()});
+    preftune_model::weights::write_json(&p("results.json"), &summary)?;
+    eprintln!("\nmethod  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
+    for l in &table {
+        eprintln!("{l}");
+    }
+    emit(&summary);
+    Ok(())
+}
