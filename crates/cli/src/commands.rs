@@ -40,7 +40,7 @@ fn prompt_ids(p: &Pretrained, args: &PromptArgs) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfig {
+pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfig {
     SamplingConfig {
         max_new_tokens: s.max_new_tokens,
         min_new_tokens: s.min_new_tokens,

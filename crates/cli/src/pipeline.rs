@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
-use preftune_eval::sources::sample_and_score;
+use preftune_eval::sources::{sample_and_score, text_json};
 use preftune_eval::stats::{lengths, mean_ci, win_rate};
 use preftune_eval::RewardSource;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
@@ -114,16 +114,6 @@ struct PipelineConfig {
 
 fn d_eval_n() -> usize {
     2
-}
-
-fn prompt_json(t: &Text) -> Value {
-    match t {
-        Text::Plain(s) => json!(s),
-        Text::Messages(m) => json!(m
-            .iter()
-            .map(|m| json!({"role": m.role, "content": m.content}))
-            .collect::<Vec<_>>()),
-    }
 }
 
 fn done(dir: &Path) -> bool {
@@ -448,7 +438,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
                             response: best.clone(),
                             risky: false,
                         }])?[0];
-                        rows.push(json!({"prompt": prompt_json(prompt), "response": best, "gold_reward": g}));
+                        rows.push(json!({"prompt": text_json(prompt), "response": best, "gold_reward": g}));
                         r.push(g);
                         t.push(best);
                     }
@@ -464,7 +454,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             let s = policy_samples(&policy, &sft, &eval_prompts, n, &sampling, &gold)?;
             let rows: Vec<Value> = s
                 .iter()
-                .map(|x| json!({"prompt": prompt_json(&eval_prompts[x.prompt].text), "response": x.response,
+                .map(|x| json!({"prompt": text_json(&eval_prompts[x.prompt].text), "response": x.response,
                                 "gold_reward": x.reward, "kl_to_sft": x.kl}))
                 .collect();
             write_jsonl(&p(&format!("samples-{m}.jsonl")), &rows)?;

@@ -192,24 +192,10 @@ fn best_of_n(
     Ok((count, best_sum / c, all_sum / c))
 }
 
-fn sampling_for(p: &Pretrained, s: &SamplingArgs) -> SamplingConfig {
-    SamplingConfig {
-        max_new_tokens: s.max_new_tokens,
-        min_new_tokens: s.min_new_tokens,
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        seed: s.seed,
-        eos_token_ids: p.eos_token_ids(),
-        pad_token_id: p.pad_token_id(),
-        ..Default::default()
-    }
-}
-
 pub fn bon(a: &BonArgs) -> Result<()> {
     let policy = load(&a.model)?;
     let reward = RewardSource::parse(&a.reward)?;
-    let sampling = sampling_for(&policy, &a.sampling);
+    let sampling = crate::commands::sampling_config(&policy, &a.sampling);
     let (rows, best, mean) = best_of_n(
         &policy,
         &reward,

@@ -257,7 +257,8 @@ impl RewardSource {
     }
 }
 
-fn text_json(t: &Text) -> Value {
+/// A prompt as it appears in JSONL rows: a string, or a list of `{role, content}` messages.
+pub fn text_json(t: &Text) -> Value {
     match t {
         Text::Plain(s) => json!(s),
         Text::Messages(m) => json!(m

@@ -10,15 +10,13 @@ use preftune_data::{
     collate, join_truncated, parse_examples, read_rows, tokenize_preference, ColumnMap, Format,
     RowError, TokenizedExample,
 };
-use preftune_model::{parse_dtype, token_logprobs, LoadOptions, Model, Pretrained, Tokenizer};
+use preftune_model::{token_logprobs, Model, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RunConfig, TrainingArguments};
 use crate::dpo_loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
 use crate::error::{Error, Result};
-use crate::trainer::{
-    evaluate, load_policy, resume_point, train_with_report, Algorithm, Metrics, Split,
-};
+use crate::trainer::{evaluate, train_with_report, Algorithm, Metrics, Split};
 
 /// One loss type or several (TRL accepts both).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -554,26 +552,8 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         label_smoothing: d.label_smoothing,
         length_alpha: d.length_alpha,
     };
-    let dtype = parse_dtype(&args.dtype)?;
-    let frozen = |path: &str| {
-        Pretrained::load(
-            Path::new(path),
-            &LoadOptions {
-                dtype,
-                ..Default::default()
-            },
-        )
-    };
-    let ckpt = if eval_only {
-        None
-    } else {
-        resume_point(args, resume)
-    };
-    let (policy, lora) = if eval_only {
-        (frozen(&args.model_name_or_path)?, None)
-    } else {
-        load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?
-    };
+    let frozen = |path: &str| crate::trainer::load_model(args, path, false);
+    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
     let reference = if d.reference_free {
         Reference::Free
     } else if let Some(r) = &d.ref_model {

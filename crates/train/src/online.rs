@@ -266,8 +266,7 @@ pub fn run_online(
     let rollout_args = &online.rollout();
     let ref_model = online.ref_model.as_deref();
     let max_prompt_length = online.max_prompt_length;
-    use crate::trainer::{evaluate, load_policy, resume_point, train_with_report};
-    use preftune_model::{parse_dtype, LoadOptions, Pretrained};
+    use crate::trainer::{evaluate, train_with_report};
     if rollout_args.reward.is_empty() {
         return Err(Error::Config(
             "reward is required (model:PATH, command:CMD or combine:FILE.toml)".into(),
@@ -279,26 +278,8 @@ pub fn run_online(
         ));
     }
     let reward = RewardSource::parse(&rollout_args.reward)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let frozen = |path: &str| {
-        Pretrained::load(
-            std::path::Path::new(path),
-            &LoadOptions {
-                dtype,
-                ..Default::default()
-            },
-        )
-    };
-    let ckpt = if eval_only {
-        None
-    } else {
-        resume_point(args, resume)
-    };
-    let (policy, lora) = if eval_only {
-        (frozen(&args.model_name_or_path)?, None)
-    } else {
-        load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?
-    };
+    let frozen = |path: &str| crate::trainer::load_model(args, path, false);
+    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
     let reference = if objective.beta() == 0.0 || eval_only {
         None
     } else if let Some(r) = ref_model {
@@ -331,28 +312,8 @@ pub fn run_online(
         },
         (o, false) => o,
     };
-    let mut reports = vec![];
-    let mut load = |path: &std::path::Path| -> Result<Vec<Prompt>> {
-        let (p, truncated) =
-            crate::rollout::load_prompts(path, &policy.tokenizer, max_prompt_length)?;
-        eprintln!(
-            "data {}: {} prompts, {truncated} truncated to max_prompt_length",
-            path.display(),
-            p.len()
-        );
-        reports.push(serde_json::json!({"file": path.display().to_string(), "prompts": p.len(), "truncated": truncated}));
-        Ok(p)
-    };
-    let train = match (&args.train_file, eval_only) {
-        (Some(f), false) => load(f)?,
-        (None, false) => return Err(Error::Config("train_file is required".into())),
-        (_, true) => vec![],
-    };
-    let eval = match &args.eval_file {
-        Some(f) => load(f)?,
-        None if eval_only => return Err(Error::Config("--eval-only needs eval_file".into())),
-        None => vec![],
-    };
+    let (train, eval, reports) =
+        crate::rollout::load_prompt_splits(args, &policy.tokenizer, max_prompt_length, eval_only)?;
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut algo = OnlineTrainer {
         train,

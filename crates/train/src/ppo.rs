@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
-use preftune_model::{LoadOptions, Model, Pretrained, Tokenizer};
+use preftune_model::{Model, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 use crate::online::OnlineReference;
 use crate::rl_loss::{ppo_batch, ppo_loss, KlEstimator, PpoBatch, PpoRollout};
 use crate::rollout::{
-    batch_seed, completion_logps, load_prompts, log_samples, rollout, sampling_config, Prompt,
-    Rollout, RolloutArgs,
+    batch_seed, completion_logps, log_samples, rollout, sampling_config, Prompt, Rollout,
+    RolloutArgs,
 };
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
@@ -501,7 +501,7 @@ fn rollout_metrics(c: &Cached, kl_coef: f64) -> Metrics {
 
 /// `preftune ppo`.
 pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
-    use crate::trainer::{evaluate, load_policy, resume_point, train_with_report};
+    use crate::trainer::{evaluate, train_with_report};
     let args = &cfg.args;
     let a = &cfg.algo;
     if a.reward.is_empty() {
@@ -519,27 +519,8 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
         .parse::<KlEstimator>()
         .map_err(Error::Config)?;
     let reward = RewardSource::parse(&a.reward)?;
-    let dtype = preftune_model::parse_dtype(&args.dtype)?;
-    let load = |path: &str, trainable: bool| {
-        Pretrained::load(
-            Path::new(path),
-            &LoadOptions {
-                dtype,
-                trainable,
-                ..Default::default()
-            },
-        )
-    };
-    let ckpt = if eval_only {
-        None
-    } else {
-        resume_point(args, resume)
-    };
-    let (policy, lora) = if eval_only {
-        (load(&args.model_name_or_path, false)?, None)
-    } else {
-        load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?
-    };
+    let load = |path: &str, trainable: bool| crate::trainer::load_model(args, path, trainable);
+    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
     let reference = match (&a.ref_model, &lora) {
         (Some(r), _) => OnlineReference::Model(Box::new(load(r, false)?.model)),
         (None, Some(_)) => OnlineReference::LoraBase,
@@ -556,27 +537,12 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
     if !value.has_score_head() {
         value.add_score_head(args.seed)?;
     }
-    let mut reports = vec![];
-    let mut read = |path: &Path| -> Result<Vec<Prompt>> {
-        let (p, truncated) = load_prompts(path, &policy.tokenizer, a.max_prompt_length)?;
-        eprintln!(
-            "data {}: {} prompts, {truncated} truncated",
-            path.display(),
-            p.len()
-        );
-        reports.push(serde_json::json!({"file": path.display().to_string(), "prompts": p.len(), "truncated": truncated}));
-        Ok(p)
-    };
-    let train = match (&args.train_file, eval_only) {
-        (Some(f), false) => read(f)?,
-        (None, false) => return Err(Error::Config("train_file is required".into())),
-        (_, true) => vec![],
-    };
-    let eval = match &args.eval_file {
-        Some(f) => read(f)?,
-        None if eval_only => return Err(Error::Config("--eval-only needs eval_file".into())),
-        None => vec![],
-    };
+    let (train, eval, reports) = crate::rollout::load_prompt_splits(
+        args,
+        &policy.tokenizer,
+        a.max_prompt_length,
+        eval_only,
+    )?;
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut algo = Ppo::new(
         &policy,

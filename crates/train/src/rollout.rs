@@ -87,6 +87,40 @@ pub fn load_prompts(
     Ok((out, truncated))
 }
 
+/// The train and eval prompts of an online run (train only when training, eval required with
+/// `eval_only`), each split reported on stderr and in the returned data report.
+pub fn load_prompt_splits(
+    args: &crate::config::TrainingArguments,
+    tok: &Tokenizer,
+    max_prompt_length: Option<usize>,
+    eval_only: bool,
+) -> Result<(Vec<Prompt>, Vec<Prompt>, Vec<Value>)> {
+    let mut reports = vec![];
+    let mut read = |path: &Path| -> Result<Vec<Prompt>> {
+        let (p, truncated) = load_prompts(path, tok, max_prompt_length)?;
+        eprintln!(
+            "data {}: {} prompts, {truncated} truncated to max_prompt_length",
+            path.display(),
+            p.len()
+        );
+        reports.push(
+            json!({"file": path.display().to_string(), "prompts": p.len(), "truncated": truncated}),
+        );
+        Ok(p)
+    };
+    let train = match (&args.train_file, eval_only) {
+        (Some(f), false) => read(f)?,
+        (None, false) => return Err(Error::Config("train_file is required".into())),
+        (_, true) => vec![],
+    };
+    let eval = match &args.eval_file {
+        Some(f) => read(f)?,
+        None if eval_only => return Err(Error::Config("--eval-only needs eval_file".into())),
+        None => vec![],
+    };
+    Ok((train, eval, reports))
+}
+
 /// One batch of sampled completions, `n` per prompt, prompt-major.
 pub struct Rollout {
     /// Prompt + completion, with the loss mask on the completion tokens.

@@ -140,6 +140,43 @@ pub fn load_policy(
     }
 }
 
+/// The policy of a run and where it resumes from: the newest checkpoint when `resume`; with
+/// `eval_only`, the model at `model_name_or_path`, frozen.
+#[allow(clippy::type_complexity)]
+pub fn load_run_policy(
+    args: &TrainingArguments,
+    resume: bool,
+    eval_only: bool,
+) -> Result<(
+    Pretrained,
+    Option<LoraConfig>,
+    Option<(usize, std::path::PathBuf)>,
+)> {
+    if eval_only {
+        return Ok((
+            load_model(args, &args.model_name_or_path, false)?,
+            None,
+            None,
+        ));
+    }
+    let ckpt = resume_point(args, resume);
+    let (policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
+    Ok((policy, lora, ckpt))
+}
+
+/// Loads a model in the run's dtype: frozen (references, evaluation) or with every parameter a
+/// `Var` (PPO's value model).
+pub fn load_model(args: &TrainingArguments, path: &str, trainable: bool) -> Result<Pretrained> {
+    Ok(Pretrained::load(
+        Path::new(path),
+        &LoadOptions {
+            dtype: parse_dtype(&args.dtype)?,
+            trainable,
+            ..Default::default()
+        },
+    )?)
+}
+
 /// Writes the model (or adapter) and tokenizer into `dir`.
 fn save_weights(
     policy: &Pretrained,
