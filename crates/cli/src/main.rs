@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod eval;
 mod pipeline;
+mod report;
 mod rewards;
 
 use clap::{Args, Parser, Subcommand};
@@ -154,6 +155,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Write RUN_DIR/report.html: training curves, the reward-vs-KL frontier and results of a
+    /// pipeline run, and sample responses (inline SVG, no scripts).
+    Report { dir: std::path::PathBuf },
     /// Judge samples and policies: `eval reward`, `eval winrate`, `eval kl`.
     Eval {
         #[command(subcommand)]
@@ -227,6 +231,7 @@ fn main() {
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
         Command::Pipeline { config, set } => pipeline::run(&config, &set),
+        Command::Report { dir } => report::run(&dir),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),
         Command::Rloo(run) => commands::rloo(&run),

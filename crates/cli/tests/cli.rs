@@ -714,6 +714,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "data.eval_prompts=4".into(),
         "data.max_new_tokens=6".into(),
         "sft.max_steps=3".into(),
+        "sft.logging_steps=1".into(),
         "sft.save_steps=3".into(),
         "rm.max_steps=2".into(),
         "rm.save_steps=2".into(),
@@ -764,4 +765,14 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         v["methods"]["dpo"]["gold_reward"],
         v2["methods"]["dpo"]["gold_reward"]
     );
+    // The report: one HTML page with the frontier, the curves it can draw and the samples.
+    let (ok, r, err) = preftune(&["report", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        r["plots"].as_u64().unwrap() >= 2 && html.contains("<svg"),
+        "{r}"
+    );
+    assert!(html.contains("gold reward vs KL") && html.contains("samples-dpo.jsonl"));
+    assert!(!html.contains("<script"), "self-contained, no scripts");
 }

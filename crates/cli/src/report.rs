@@ -1,0 +1,286 @@
+//! `preftune report RUN_DIR`: one self-contained HTML page (inline SVG plots, no scripts) with
+//! the training curves of every run folder found (loss, reward, KL, length), the pipeline's
+//! reward-vs-KL frontier and results table when `results.json` is there, and sample responses.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::commands::emit;
+
+/// Metrics worth a curve, in this order, when a run logged them.
+const CURVES: [&str; 10] = [
+    "loss",
+    "reward",
+    "objective/scores",
+    "objective/kl",
+    "kl",
+    "rewards/margins",
+    "accuracy",
+    "eval_loss",
+    "completions/mean_length",
+    "completion_length/chosen",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// An SVG line chart of `(x, y)` points.
+fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pad = ((y1 - y0).abs() * 0.05).max(1e-6);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (480, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (i, (name, p)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(svg)
+}
+
+/// A scatter of gold reward against KL, one labelled point per method (the DPO paper's figure).
+fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
+    let (x1, y0, y1) = methods
+        .iter()
+        .fold((1e-6f64, f64::MAX, f64::MIN), |(a, b, c), m| {
+            (a.max(m.1), b.min(m.2), c.max(m.2))
+        });
+    let pad = ((y1 - y0).abs() * 0.1).max(0.1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (480, 320)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("gold reward vs KL to the SFT policy", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(-0.05 * x1..x1 * 1.15, (y0 - pad)..(y1 + pad))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("KL(policy || SFT), nats per response")
+            .y_desc("gold reward")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (i, (name, kl, r)) in methods.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(std::iter::once(Circle::new((*kl, *r), 5, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    name.clone(),
+                    (*kl, *r),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(svg)
+}
+
+/// Run folders under `dir` (itself included) that hold a `metrics.jsonl`.
+fn runs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = vec![];
+    if dir.join("metrics.jsonl").exists() {
+        out.push((".".to_string(), dir.join("metrics.jsonl")));
+    }
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("metrics.jsonl").exists())
+        .collect();
+    subs.sort();
+    for p in subs {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push((name, p.join("metrics.jsonl")));
+    }
+    out
+}
+
+pub fn run(dir: &Path) -> Result<()> {
+    anyhow::ensure!(dir.is_dir(), "{}: not a run folder", dir.display());
+    let mut html = String::new();
+    let title = format!("preftune report: {}", dir.display());
+    let _ = write!(
+        html,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{}</title><style>\
+         body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}} \
+         td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} .plots{{display:flex;flex-wrap:wrap;gap:8px}} \
+         .sample{{max-width:700px}}</style></head><body><h1>{}</h1>",
+        esc(&title),
+        esc(&title)
+    );
+    let mut plots = 0;
+    let results = dir.join("results.json");
+    if results.exists() {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
+            .with_context(|| format!("{}: not JSON", results.display()))?;
+        let _ = write!(
+            html,
+            "<h2>Results</h2><p>Gold judge held-out accuracy: {}</p><table><tr><th>method</th>\
+             <th>gold reward (95% CI)</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean words</th></tr>",
+            v["gold_accuracy"]
+        );
+        let mut pts = vec![];
+        if let Some(m) = v["methods"].as_object() {
+            for (name, r) in m {
+                let g = &r["gold_reward"];
+                let kl = r["kl_to_sft"].as_f64().unwrap_or(0.0);
+                let _ = write!(
+                    html,
+                    "<tr><td>{}</td><td>{:.3} ({:.3} to {:.3})</td><td>{:.3}</td><td>{}</td><td>{:.1}</td></tr>",
+                    esc(name),
+                    g["mean"].as_f64().unwrap_or(f64::NAN),
+                    g["ci95_low"].as_f64().unwrap_or(f64::NAN),
+                    g["ci95_high"].as_f64().unwrap_or(f64::NAN),
+                    kl,
+                    r["win_rate_vs_sft"]["win_rate"]
+                        .as_f64()
+                        .map_or("-".into(), |w| format!("{w:.3}")),
+                    r["length"]["mean_words"].as_f64().unwrap_or(f64::NAN)
+                );
+                if let Some(gm) = g["mean"].as_f64() {
+                    pts.push((name.clone(), kl, gm));
+                }
+            }
+        }
+        html.push_str("</table>");
+        if !pts.is_empty() {
+            html.push_str("<h2>Reward against KL</h2>");
+            html.push_str(&frontier(&pts)?);
+            plots += 1;
+        }
+    }
+    let found = runs(dir);
+    if !found.is_empty() {
+        html.push_str("<h2>Training curves</h2>");
+    }
+    for (name, path) in &found {
+        let rows = read_jsonl(path)?;
+        let _ = write!(html, "<h3>{}</h3><div class=\"plots\">", esc(name));
+        for key in CURVES {
+            let p: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+                .filter(|(_, y)| y.is_finite())
+                .collect();
+            if p.len() >= 2 {
+                html.push_str(&line_chart(key, "step", &[(key.to_string(), p)])?);
+                plots += 1;
+            }
+        }
+        html.push_str("</div>");
+    }
+    let mut samples: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("samples") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    samples.sort();
+    if !samples.is_empty() {
+        html.push_str("<h2>Samples</h2>");
+    }
+    for path in &samples {
+        let rows = read_jsonl(path)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let _ = write!(
+            html,
+            "<h3>{}</h3><table><tr><th>prompt</th><th class=\"sample\">response</th><th>reward</th></tr>",
+            esc(&name)
+        );
+        for r in rows.iter().take(8) {
+            let prompt = match &r["prompt"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let reward = ["gold_reward", "reward"]
+                .iter()
+                .find_map(|k| r[*k].as_f64())
+                .map_or("-".into(), |x| format!("{x:.3}"));
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td class=\"sample\">{}</td><td>{}</td></tr>",
+                esc(&prompt),
+                esc(r["response"].as_str().unwrap_or("")),
+                reward
+            );
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("</body></html>\n");
+    let out = dir.join("report.html");
+    preftune_model::weights::atomic_write(&out, html.as_bytes())?;
+    emit(
+        &serde_json::json!({"report": out.display().to_string(), "plots": plots,
+                             "runs": found.len(), "sample_files": samples.len()}),
+    );
+    Ok(())
+}
