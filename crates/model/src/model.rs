@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
-use crate::ops::{layer_norm, rms_norm, rope, softmax_last, swiglu, Linear};
+use crate::ops::{layer_norm, linear_group, rms_norm, rope, softmax_last, swiglu, Linear};
 
 /// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
 const MASKED: f32 = -1e9;
@@ -834,7 +834,11 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = match &self.qkv {
-            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Split { q, k, v } => {
+                let mut y = linear_group(x, &[q, k, v])?.into_iter();
+                let mut next = || y.next().expect("three outputs");
+                (next(), next(), next())
+            }
             Qkv::Fused(l) => {
                 let y = l.forward(x)?;
                 (
@@ -887,7 +891,8 @@ impl Mlp {
         };
         match self {
             Mlp::Gated { gate, up, down } if matches!(act_kind, Activation::Silu) => {
-                down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+                let gu = linear_group(x, &[gate, up])?;
+                down.forward(&swiglu(&gu[0], &gu[1])?)
             }
             Mlp::Gated { gate, up, down } => {
                 down.forward(&(act(gate.forward(x)?)? * up.forward(x)?)?)
