@@ -219,6 +219,7 @@ pub fn run(dir: &Path) -> Result<()> {
     for (name, path) in &found {
         let rows = read_jsonl(path)?;
         let _ = write!(html, "<h3>{}</h3><div class=\"plots\">", esc(name));
+        let before = plots;
         for key in CURVES {
             let p: Vec<(f64, f64)> = rows
                 .iter()
@@ -229,6 +230,13 @@ pub fn run(dir: &Path) -> Result<()> {
                 html.push_str(&line_chart(key, "step", &[(key.to_string(), p)])?);
                 plots += 1;
             }
+        }
+        if plots == before {
+            let _ = write!(
+                html,
+                "<p>{} logged step(s): too few to draw a curve (lower logging_steps).</p>",
+                rows.len()
+            );
         }
         html.push_str("</div>");
     }
