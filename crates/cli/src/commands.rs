@@ -90,13 +90,99 @@ pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn generate(m: &ModelArgs, pa: &PromptArgs, s: &SamplingArgs) -> Result<()> {
-    let p = load(m)?;
-    let ids = prompt_ids(&p, pa)?;
-    let out = sample(&p.model, &[ids], &sampling_config(&p, s))?;
-    let text = p.tokenizer.decode(&out.tokens[0], true)?;
+/// `preftune generate`: one prompt (`--prompt`), or candidates for labelling (`--data --n --out`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (one completion, printed as JSON).
+    #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+    prompt: Option<String>,
+    /// Wrap --prompt as a user message in the model's chat template (with the generation prompt).
+    #[arg(long)]
+    chat: bool,
+    /// A system message, with --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Rows with `prompt` (text, or messages that get the chat template): K responses each,
+    /// written to --out (resumable; seeds follow the row, so a resumed run samples the same).
+    #[arg(long, requires = "out")]
+    data: Option<std::path::PathBuf>,
+    /// Responses per prompt, with --data.
+    #[arg(long, default_value_t = 2)]
+    n: usize,
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Prompts sampled together, with --data.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let p = load(&a.model)?;
+    let (Some(data), Some(out)) = (&a.data, &a.out) else {
+        let pa = PromptArgs {
+            prompt: a.prompt.clone().unwrap_or_default(),
+            chat: a.chat,
+            system: a.system.clone(),
+        };
+        let ids = prompt_ids(&p, &pa)?;
+        let out = sample(&p.model, &[ids], &sampling_config(&p, &a.sampling))?;
+        let text = p.tokenizer.decode(&out.tokens[0], true)?;
+        emit(
+            &json!({"ids": out.tokens[0], "text": text, "logprobs": shorts(&out.logprobs[0]), "finished": out.finished[0]}),
+        );
+        return Ok(());
+    };
+    anyhow::ensure!(
+        a.n > 0 && a.batch_size > 0,
+        "--n and --batch-size must be > 0"
+    );
+    let rows = preftune_data::read_rows(data)?;
+    let mut file = preftune_eval::sources::ResumableJsonl::open(out)?;
+    let start = file.done.min(rows.len());
+    let settings = json!({"model": a.model.model.display().to_string(), "temperature": a.sampling.temperature,
+                          "top_p": a.sampling.top_p, "top_k": a.sampling.top_k,
+                          "max_new_tokens": a.sampling.max_new_tokens, "seed": a.sampling.seed});
+    for (b, chunk) in rows[start..].chunks(a.batch_size).enumerate() {
+        let mut batch = vec![];
+        for r in chunk {
+            let t = preftune_eval::sources::row_prompt(&r.value)
+                .map_err(|e| anyhow::anyhow!("{}: prompt: {e}", r.loc))?;
+            let ids = preftune_eval::sources::prompt_ids(&p, &t)?;
+            batch.extend(std::iter::repeat_n(ids, a.n));
+        }
+        let mut cfg = sampling_config(&p, &a.sampling);
+        cfg.seed = a
+            .sampling
+            .seed
+            .wrapping_add(((start + b * a.batch_size) as u64).wrapping_mul(1_000_003));
+        let g = sample(&p.model, &batch, &cfg)?;
+        let eos = p.eos_token_ids();
+        let lines = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let responses = (0..a.n)
+                    .map(|j| {
+                        let toks: Vec<u32> = g.tokens[i * a.n + j]
+                            .iter()
+                            .copied()
+                            .filter(|t| !eos.contains(t))
+                            .collect();
+                        p.tokenizer.decode(&toks, true)
+                    })
+                    .collect::<preftune_model::Result<Vec<_>>>()?;
+                Ok(json!({"prompt": r.value["prompt"], "responses": responses, "sampling": settings}))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        file.append(&lines)?;
+    }
     emit(
-        &json!({"ids": out.tokens[0], "text": text, "logprobs": shorts(&out.logprobs[0]), "finished": out.finished[0]}),
+        &json!({"rows": rows.len(), "generated_now": rows.len() - start, "resumed_after": start,
+                 "n": a.n, "out": out.display().to_string()}),
     );
     Ok(())
 }

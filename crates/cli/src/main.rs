@@ -104,14 +104,7 @@ enum Command {
         top_k: usize,
     },
     /// Sample a continuation; prints `ids`, `text` and `logprobs` as one JSON object.
-    Generate {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        prompt: PromptArgs,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-    },
+    Generate(commands::GenerateArgs),
     /// Convert a model (e.g. a GGUF file) into a Hugging Face folder that transformers loads.
     Convert {
         #[arg(long = "in")]
@@ -210,11 +203,7 @@ fn main() {
             prompt,
             top_k,
         } => commands::inspect(&model, &prompt, top_k),
-        Command::Generate {
-            model,
-            prompt,
-            sampling,
-        } => commands::generate(&model, &prompt, &sampling),
+        Command::Generate(a) => commands::generate(&a),
         Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),
         Command::Chat {
             model,

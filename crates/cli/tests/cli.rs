@@ -776,3 +776,69 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(html.contains("gold reward vs KL") && html.contains("samples-dpo.jsonl"));
     assert!(!html.contains("<script"), "self-contained, no scripts");
 }
+
+/// Candidates for labelling: K responses per prompt, conversational prompts through the chat
+/// template, and a resumed run that samples exactly what the straight run did.
+#[test]
+fn generate_writes_candidates_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        [
+            serde_json::json!({"prompt": "The movie was"}).to_string(),
+            serde_json::json!({"prompt": [{"role": "user", "content": "Hi"}]}).to_string(),
+            serde_json::json!({"prompt": "I think"}).to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let run = |out: &Path| {
+        preftune(&[
+            "generate",
+            "--model",
+            &model("tiny-llama"),
+            "--data",
+            prompts.to_str().unwrap(),
+            "--n",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "9",
+            "--batch-size",
+            "2",
+        ])
+    };
+    let full = dir.path().join("full.jsonl");
+    let (ok, v, err) = run(&full);
+    assert!(ok, "{err}");
+    assert_eq!(v["generated_now"], 3);
+    let rows: Vec<Value> = std::fs::read_to_string(&full)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["responses"].as_array().unwrap().len(), 3);
+    assert_eq!(rows[1]["prompt"][0]["role"], "user");
+    assert_eq!(rows[0]["sampling"]["temperature"], 1.0);
+    // Interrupted after the first batch (2 rows): the rerun writes the third row as before.
+    let part = dir.path().join("part.jsonl");
+    let first: Vec<String> = std::fs::read_to_string(&full)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(String::from)
+        .collect();
+    std::fs::write(&part, format!("{}\n", first.join("\n"))).unwrap();
+    let (ok, v, err) = run(&part);
+    assert!(ok, "{err}");
+    assert_eq!(v["resumed_after"], 2);
+    assert_eq!(
+        std::fs::read_to_string(&part).unwrap(),
+        std::fs::read_to_string(&full).unwrap()
+    );
+}
