@@ -110,6 +110,12 @@ struct PipelineConfig {
     /// Samples per held-out prompt in the evaluation.
     #[serde(default = "d_eval_n")]
     eval_samples_per_prompt: usize,
+    /// Extra DPO runs at these betas and PPO runs at these KL coefficients, evaluated like the
+    /// others: the points of the reward-vs-KL frontier (`dpo-beta-B`, `ppo-kl-C`).
+    #[serde(default)]
+    frontier_dpo_betas: Vec<f64>,
+    #[serde(default)]
+    frontier_ppo_kl_coefs: Vec<f64>,
 }
 
 fn d_eval_n() -> usize {
@@ -352,6 +358,47 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         )?;
         mark_done(&p("dpo"), &v)?;
     }
+    let mut sweep: Vec<String> = vec![];
+    for beta in &cfg.frontier_dpo_betas {
+        let name = format!("dpo-beta-{beta}");
+        if !done(&p(&name)) {
+            eprintln!("[pipeline] DPO, beta {beta}");
+            let v = train(
+                preftune_train::dpo::defaults(),
+                &cfg.dpo,
+                &[
+                    format!("model_name_or_path={sft_path}"),
+                    format!("train_file={pairs_file}"),
+                    format!("output_dir={}", ps(&name)),
+                    format!("beta={beta}"),
+                ],
+                preftune_train::dpo::run,
+            )?;
+            mark_done(&p(&name), &v)?;
+        }
+        sweep.push(name);
+    }
+    for kl in &cfg.frontier_ppo_kl_coefs {
+        let name = format!("ppo-kl-{kl}");
+        if !done(&p(&name)) {
+            eprintln!("[pipeline] PPO, kl_coef {kl}");
+            let mut sets = vec![
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={}", ps("data/prompts.jsonl")),
+                format!("output_dir={}", ps(&name)),
+                format!("kl_coef={kl}"),
+            ];
+            sets.extend(reward_of(&cfg.ppo));
+            let v = train(
+                preftune_train::ppo::defaults(),
+                &cfg.ppo,
+                &sets,
+                preftune_train::ppo::run,
+            )?;
+            mark_done(&p(&name), &v)?;
+        }
+        sweep.push(name);
+    }
     if has("ppo") && !done(&p("ppo")) {
         eprintln!("[pipeline] PPO");
         let mut sets = vec![
@@ -402,10 +449,16 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let mut results = serde_json::Map::new();
     let mut table = vec![];
     let mut sft_gold: Vec<f64> = vec![];
-    for m in ["sft", "dpo", "ppo", "grpo", "bon"] {
-        if !has(m) {
-            continue;
-        }
+    let mut order: Vec<String> = ["sft", "dpo", "ppo", "grpo"]
+        .iter()
+        .filter(|m| has(m))
+        .map(|m| m.to_string())
+        .collect();
+    order.extend(sweep);
+    if has("bon") {
+        order.push("bon".into());
+    }
+    for m in order.iter().map(String::as_str) {
         let (rewards, kls, texts): (Vec<f64>, Vec<f64>, Vec<String>) = if m == "bon" {
             // Best of `bon_n` SFT samples by the reward model, judged by gold; KL as the DPO paper
             // bounds it: log N - (N - 1) / N.

@@ -728,6 +728,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "grpo.max_completion_length=6".into(),
         "bon_n=2".into(),
         "eval_samples_per_prompt=1".into(),
+        "frontier_dpo_betas=[0.5]".into(),
     ]
     .to_vec();
     let mut args = vec![
@@ -745,7 +746,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     let (ok, v, err) = preftune(&argv);
     assert!(ok, "{err}");
     assert!(v["gold_accuracy"].as_f64().unwrap() >= 0.85, "{v}");
-    for m in ["sft", "dpo", "ppo", "grpo", "bon"] {
+    for m in ["sft", "dpo", "ppo", "grpo", "dpo-beta-0.5", "bon"] {
         let r = &v["methods"][m];
         assert!(r["gold_reward"]["mean"].is_f64(), "{m}: {v}");
         assert!(out.join(format!("samples-{m}.jsonl")).exists(), "{m}");
