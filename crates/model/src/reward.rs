@@ -11,6 +11,25 @@ use crate::model::Model;
 /// Where a normalised reward's gain and bias live in config.json (transformers keeps unknown keys).
 const NORMALIZATION_KEY: &str = "preftune_reward_normalization";
 
+/// A fresh scalar head `[1, hidden]` drawn from `N(0, 1/sqrt(hidden + 1))` (seeded).
+pub fn init_score_head(
+    hidden: usize,
+    seed: u64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let std = 1.0 / ((hidden + 1) as f64).sqrt();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Box-Muller: rand 0.8 has no normal distribution without rand_distr.
+    let w: Vec<f32> = (0..hidden)
+        .map(|_| {
+            let (u1, u2): (f64, f64) = (rng.gen::<f64>().max(1e-300), rng.gen());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(w, (1, hidden), device)?.to_dtype(dtype)?)
+}
+
 impl Model {
     /// Whether the model carries a score head (a reward or value model).
     pub fn has_score_head(&self) -> bool {
@@ -20,17 +39,7 @@ impl Model {
     /// Adds a fresh score head drawn from `N(0, 1/sqrt(H + 1))` (seeded), trainable when the
     /// backbone is; replaces any head already there.
     pub fn add_score_head(&mut self, seed: u64) -> Result<()> {
-        let h = self.cfg.hidden_size;
-        let std = 1.0 / ((h + 1) as f64).sqrt();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        // Box-Muller: rand 0.8 has no normal distribution without rand_distr.
-        let w: Vec<f32> = (0..h)
-            .map(|_| {
-                let (u1, u2): (f64, f64) = (rng.gen::<f64>().max(1e-300), rng.gen());
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-            })
-            .collect();
-        let t = Tensor::from_vec(w, (1, h), self.device())?.to_dtype(self.dtype())?;
+        let t = init_score_head(self.cfg.hidden_size, seed, self.dtype(), self.device())?;
         let trainable = self.named_params().iter().any(|(_, t)| t.is_variable());
         self.score = Some(if trainable {
             Var::from_tensor(&t)?.as_tensor().clone()

@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 use crate::online::OnlineReference;
 use crate::rl_loss::{ppo_batch, ppo_loss, KlEstimator, PpoBatch, PpoRollout};
 use crate::rollout::{
-    batch_seed, completion_logps, log_samples, rollout, sampling_config, Prompt, Rollout,
-    RolloutArgs,
+    batch_seed, log_samples, rollout, sampling_config, Prompt, Rollout, RolloutArgs,
 };
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
@@ -60,6 +59,9 @@ pub struct PpoArgs {
     pub kl_penalty_coef: f64,
     /// Value model initialisation; default: the reward model (for `model:` rewards) or the policy.
     pub value_model_path: Option<String>,
+    /// A value head on the policy's own hidden states instead of a separate value model: one
+    /// backbone less in memory and one forward pass less per update.
+    pub shared_value_head: bool,
     pub ref_model: Option<String>,
 }
 
@@ -89,6 +91,7 @@ impl Default for PpoArgs {
             loss_variant: "clip".into(),
             kl_penalty_coef: 0.05,
             value_model_path: None,
+            shared_value_head: false,
             ref_model: None,
         }
     }
@@ -97,6 +100,20 @@ impl Default for PpoArgs {
 /// TRL's `PPOConfig` defaults over the shared ones.
 pub fn defaults() -> toml::Table {
     toml::from_str("learning_rate = 3e-6\nlogging_steps = 10").expect("static TOML")
+}
+
+/// Where PPO's values come from.
+pub enum ValueModel {
+    /// A backbone of its own with a score head (TRL's layout).
+    Separate(Box<Model>),
+    /// A value head `[1, H]` on the policy's hidden states.
+    Shared(Var),
+}
+
+/// The value source of one forward pass.
+enum Values<'a> {
+    Separate(&'a Model),
+    Head(&'a Tensor),
 }
 
 /// One micro-batch's rollout, kept for the `num_ppo_epochs` updates that reuse it.
@@ -113,7 +130,7 @@ pub struct Ppo {
     pub args: PpoArgs,
     pub reward: RewardSource,
     pub reference: OnlineReference,
-    pub value: Model,
+    pub value: ValueModel,
     pub tokenizer: Tokenizer,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
@@ -152,7 +169,7 @@ impl Ppo {
         args: PpoArgs,
         reward: RewardSource,
         reference: OnlineReference,
-        value: Model,
+        value: ValueModel,
         train: Vec<Prompt>,
         seed: u64,
     ) -> Self {
@@ -197,33 +214,39 @@ impl Ppo {
     fn response_stats(
         &self,
         model: &Model,
-        value: Option<&Model>,
+        value: Option<Values>,
         r: &Rollout,
         plens: &[usize],
         width: usize,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (lp, _) = completion_logps(
+        use candle_core::DType;
+        let refs: Vec<&preftune_data::TokenizedExample> = r.seqs.iter().collect();
+        let b = preftune_data::collate(&refs, self.pad_token_id, &self.device)?;
+        let hidden = model.forward(&b.input_ids, Some(&b.attention_mask), None, None)?;
+        let lp = preftune_model::token_logprobs(
             model,
-            r,
-            self.pad_token_id,
+            &hidden,
+            &b.input_ids,
+            &b.loss_mask,
             self.temperature(),
-            &self.device,
         )?;
-        let logps = gather(
-            &lp.per_token.to_dtype(candle_core::DType::F32)?,
-            plens,
-            width,
-        )?;
+        let logps = gather(&lp.per_token.to_dtype(DType::F32)?, plens, width)?;
+        let before: Vec<usize> = plens.iter().map(|p| p.saturating_sub(1)).collect();
         let values = match value {
-            Some(v) => {
-                let refs: Vec<&preftune_data::TokenizedExample> = r.seqs.iter().collect();
-                let b = preftune_data::collate(&refs, self.pad_token_id, &self.device)?;
-                let hidden = v.forward(&b.input_ids, Some(&b.attention_mask), None, None)?;
-                let all = v.scores_all(&hidden)?;
-                let before: Vec<usize> = plens.iter().map(|p| p.saturating_sub(1)).collect();
+            None => None,
+            Some(Values::Head(h)) => {
+                let (bs, l, hd) = hidden.dims3()?;
+                let all = hidden
+                    .reshape((bs * l, hd))?
+                    .matmul(&h.t()?)?
+                    .reshape((bs, l))?
+                    .to_dtype(DType::F32)?;
                 Some(gather(&all, &before, width)?)
             }
-            None => None,
+            Some(Values::Separate(v)) => {
+                let hv = v.forward(&b.input_ids, Some(&b.attention_mask), None, None)?;
+                Some(gather(&v.scores_all(&hv)?, &before, width)?)
+            }
         };
         Ok((logps, values))
     }
@@ -255,14 +278,21 @@ impl Ppo {
         let plens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let width = r.completion_lens.iter().copied().max().unwrap_or(1).max(1);
         let frozen = model.detached()?;
-        let (old, _) = self.response_stats(&frozen, None, &r, &plens, width)?;
+        let (old, vals) = match &self.value {
+            ValueModel::Separate(v) => {
+                let v = v.detached()?;
+                self.response_stats(&frozen, Some(Values::Separate(&v)), &r, &plens, width)?
+            }
+            ValueModel::Shared(h) => {
+                let h = h.as_tensor().detach();
+                self.response_stats(&frozen, Some(Values::Head(&h)), &r, &plens, width)?
+            }
+        };
         let reference = match &self.reference {
             OnlineReference::Model(m) => m.as_ref().clone(),
             OnlineReference::LoraBase => model.without_lora().detached()?,
         };
         let (refl, _) = self.response_stats(&reference, None, &r, &plens, width)?;
-        let value = self.value.detached()?;
-        let (_, vals) = self.response_stats(&frozen, Some(&value), &r, &plens, width)?;
         let old_logprobs = rows(&old)?;
         let seq_lens: Vec<usize> = r
             .completion_lens
@@ -324,8 +354,12 @@ impl Algorithm for Ppo {
             self.cache.get(&key).expect("checked")
         };
         let width = c.old_logprobs.first().map_or(1, Vec::len);
+        let values = match &self.value {
+            ValueModel::Separate(v) => Values::Separate(v),
+            ValueModel::Shared(h) => Values::Head(h.as_tensor()),
+        };
         let (new, vpred) =
-            self.response_stats(model, Some(&self.value), &c.rollout, &c.prompt_lens, width)?;
+            self.response_stats(model, Some(values), &c.rollout, &c.prompt_lens, width)?;
         let vpred = vpred.expect("values requested");
         let kl_penalty = self.args.loss_variant == "kl_penalty";
         let cliprange = if kl_penalty {
@@ -393,11 +427,14 @@ impl Algorithm for Ppo {
     }
 
     fn extra_params(&self) -> Vec<(String, Var)> {
-        self.value
-            .trainable_params()
-            .into_iter()
-            .map(|(n, v)| (format!("value_model.{n}"), v))
-            .collect()
+        match &self.value {
+            ValueModel::Separate(v) => v
+                .trainable_params()
+                .into_iter()
+                .map(|(n, v)| (format!("value_model.{n}"), v))
+                .collect(),
+            ValueModel::Shared(h) => vec![("value_head.weight".into(), h.clone())],
+        }
     }
 
     fn updates_per_batch(&self) -> usize {
@@ -425,14 +462,22 @@ impl Algorithm for Ppo {
     }
 
     fn save_state(&self, dir: &Path) -> Result<()> {
-        let vdir = dir.join("value_model");
-        std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.value.named_params();
-        preftune_model::weights::save_safetensors(
-            &vdir.join("model.safetensors"),
-            self.value.cfg.arch,
-            &tensors,
-        )?;
+        match &self.value {
+            ValueModel::Separate(v) => {
+                let vdir = dir.join("value_model");
+                std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
+                preftune_model::weights::save_safetensors(
+                    &vdir.join("model.safetensors"),
+                    v.cfg.arch,
+                    &v.named_params(),
+                )?;
+            }
+            ValueModel::Shared(h) => preftune_model::weights::save_safetensors(
+                &dir.join("value_head.safetensors"),
+                preftune_model::Arch::Llama,
+                &[("value_head.weight".into(), h.as_tensor().clone())],
+            )?,
+        }
         preftune_model::weights::write_json(
             &dir.join("ppo_state.json"),
             &serde_json::json!({"kl_coef": self.kl_coef}),
@@ -441,15 +486,28 @@ impl Algorithm for Ppo {
     }
 
     fn load_state(&mut self, dir: &Path) -> Result<()> {
-        let vdir = dir.join("value_model");
-        // Through the HF reader: it undoes GPT-2's Conv1D layout as the writer applied it.
-        let saved =
-            preftune_model::weights::load_hf_weights(&vdir, self.value.cfg.arch, &self.device)?;
-        for (name, var) in self.value.trainable_params() {
-            let t = saved
-                .get(&name)
-                .ok_or_else(|| Error::Msg(format!("{}: no tensor {name}", vdir.display())))?;
-            var.set(&t.to_dtype(var.dtype())?)?;
+        match &self.value {
+            ValueModel::Separate(v) => {
+                let vdir = dir.join("value_model");
+                // Through the HF reader: it undoes GPT-2's Conv1D layout as the writer applied it.
+                let saved =
+                    preftune_model::weights::load_hf_weights(&vdir, v.cfg.arch, &self.device)?;
+                for (name, var) in v.trainable_params() {
+                    let t = saved.get(&name).ok_or_else(|| {
+                        Error::Msg(format!("{}: no tensor {name}", vdir.display()))
+                    })?;
+                    var.set(&t.to_dtype(var.dtype())?)?;
+                }
+            }
+            ValueModel::Shared(h) => {
+                let path = dir.join("value_head.safetensors");
+                let saved = candle_core::safetensors::load(&path, &self.device)
+                    .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+                let t = saved.get("value_head.weight").ok_or_else(|| {
+                    Error::Msg(format!("{}: no value_head.weight", path.display()))
+                })?;
+                h.set(&t.to_dtype(h.dtype())?)?;
+            }
         }
         let sp = dir.join("ppo_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
@@ -480,6 +538,21 @@ fn rollout_metrics(c: &Cached, kl_coef: f64) -> Metrics {
         .map(|k| k.iter().sum::<f64>())
         .sum();
     let scores: f64 = r.rewards.iter().sum();
+    // As TRL's PPO logs it: the sampled responses' negative log-probability, summed per response
+    // (a one-sample estimate of the sequence entropy).
+    let entropy: f64 = c
+        .old_logprobs
+        .iter()
+        .zip(&c.batch.padding_mask)
+        .map(|(lp, pad)| {
+            lp.iter()
+                .zip(pad)
+                .filter(|(_, p)| !**p)
+                .map(|(l, _)| -l)
+                .sum::<f64>()
+        })
+        .sum();
+    m.add("objective/entropy", entropy, n);
     m.add("objective/kl", kl_sum, n);
     m.add("objective/non_score_reward", nsr, n);
     m.add("objective/scores", scores, n);
@@ -528,15 +601,26 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
             OnlineReference::Model(Box::new(load(&args.model_name_or_path, false)?.model))
         }
     };
-    let value_path = a
-        .value_model_path
-        .clone()
-        .or_else(|| a.reward.strip_prefix("model:").map(str::to_string))
-        .unwrap_or_else(|| args.model_name_or_path.clone());
-    let mut value = load(&value_path, !eval_only)?.model;
-    if !value.has_score_head() {
-        value.add_score_head(args.seed)?;
-    }
+    let value = if a.shared_value_head {
+        let h = preftune_model::reward::init_score_head(
+            policy.model.cfg.hidden_size,
+            args.seed,
+            policy.model.dtype(),
+            policy.model.device(),
+        )?;
+        ValueModel::Shared(Var::from_tensor(&h)?)
+    } else {
+        let value_path = a
+            .value_model_path
+            .clone()
+            .or_else(|| a.reward.strip_prefix("model:").map(str::to_string))
+            .unwrap_or_else(|| args.model_name_or_path.clone());
+        let mut value = load(&value_path, !eval_only)?.model;
+        if !value.has_score_head() {
+            value.add_score_head(args.seed)?;
+        }
+        ValueModel::Separate(Box::new(value))
+    };
     let (train, eval, reports) = crate::rollout::load_prompt_splits(
         args,
         &policy.tokenizer,

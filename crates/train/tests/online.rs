@@ -195,7 +195,12 @@ fn grpo_config_keys_and_unknown_keys() {
     assert!(err.contains("unknown key `num_generation`"), "{err}");
 }
 
-fn ppo_run(dir: &std::path::Path, steps: i64, resume_from: Option<(usize, PathBuf)>) -> Vec<Value> {
+fn ppo_run(
+    dir: &std::path::Path,
+    steps: i64,
+    resume_from: Option<(usize, PathBuf)>,
+    shared: bool,
+) -> Vec<Value> {
     use preftune_train::ppo::{Ppo, PpoArgs};
     let prompts = dir.join("prompts.jsonl");
     let rows: Vec<String> = [
@@ -255,7 +260,18 @@ fn ppo_run(dir: &std::path::Path, steps: i64, resume_from: Option<(usize, PathBu
         ppo_args,
         digits(),
         reference,
-        value,
+        if shared {
+            let h = preftune_model::reward::init_score_head(
+                64,
+                3,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            preftune_train::ppo::ValueModel::Shared(candle_core::Var::from_tensor(&h).unwrap())
+        } else {
+            preftune_train::ppo::ValueModel::Separate(Box::new(value))
+        },
         train_prompts,
         3,
     );
@@ -278,9 +294,10 @@ fn ppo_run(dir: &std::path::Path, steps: i64, resume_from: Option<(usize, PathBu
 #[test]
 fn ppo_raises_the_reward_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let m = ppo_run(dir.path(), 60, None);
+    let m = ppo_run(dir.path(), 60, None, false);
     for key in [
         "objective/kl",
+        "objective/entropy",
         "objective/rlhf_reward",
         "policy/approxkl_avg",
         "policy/clipfrac_avg",
@@ -300,36 +317,48 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
         .iter()
         .all(|r| r["objective/kl"].as_f64().is_none_or(f64::is_finite)));
 
-    // 4 straight steps against a run resumed from the straight run's checkpoint after step 2.
-    let straight = tempfile::tempdir().unwrap();
-    ppo_run(straight.path(), 4, None);
-    let ck = straight.path().join("run/checkpoint-2");
-    assert!(
-        ck.join("value_model/model.safetensors").exists() && ck.join("ppo_state.json").exists()
-    );
-    let split = tempfile::tempdir().unwrap();
-    ppo_run(split.path(), 4, Some((2, ck)));
-    for file in ["model.safetensors", "value_model/model.safetensors"] {
-        let a = candle_core::safetensors::load(
-            straight.path().join("run").join(file),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let b = candle_core::safetensors::load(
-            split.path().join("run").join(file),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        for (k, t) in &a {
-            let d = (t - &b[k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-6, "{file} {k} differs by {d} after resume");
+    // 4 straight steps against a run resumed from the straight run's checkpoint after step 2,
+    // with a separate value model and with a value head on the policy.
+    for shared in [false, true] {
+        let straight = tempfile::tempdir().unwrap();
+        let m = ppo_run(straight.path(), 4, None, shared);
+        assert!(m
+            .iter()
+            .all(|r| r["loss/value_avg"].as_f64().is_none_or(f64::is_finite)));
+        let ck = straight.path().join("run/checkpoint-2");
+        let value_file = if shared {
+            "value_head.safetensors"
+        } else {
+            "value_model/model.safetensors"
+        };
+        assert!(ck.join(value_file).exists() && ck.join("ppo_state.json").exists());
+        let split = tempfile::tempdir().unwrap();
+        ppo_run(split.path(), 4, Some((2, ck)), shared);
+        for file in ["model.safetensors", value_file] {
+            let a = candle_core::safetensors::load(
+                straight.path().join("run").join(file),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let b = candle_core::safetensors::load(
+                split.path().join("run").join(file),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            for (k, t) in &a {
+                let d = (t - &b[k])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    d < 1e-6,
+                    "shared={shared}: {file} {k} differs by {d} after resume"
+                );
+            }
         }
     }
 }
