@@ -39,6 +39,8 @@ pub struct PpoArgs {
     pub missing_eos_penalty: Option<f64>,
     pub reward_clip: Option<f64>,
     pub num_ppo_epochs: usize,
+    /// Minibatches each rollout splits into per epoch (shuffled each epoch); one optimiser step each.
+    pub num_mini_batches: usize,
     /// Initial KL coefficient (fixed unless `adap_kl_ctrl`).
     pub kl_coef: f64,
     /// `k1` or `k3`.
@@ -77,6 +79,7 @@ impl Default for PpoArgs {
             missing_eos_penalty: None,
             reward_clip: None,
             num_ppo_epochs: 4,
+            num_mini_batches: 1,
             kl_coef: 0.05,
             kl_estimator: "k1".into(),
             adap_kl_ctrl: false,
@@ -142,6 +145,8 @@ pub struct Ppo {
     cache: HashMap<Vec<usize>, Cached>,
     /// Mean sequence KL of this step's rollouts, for the adaptive controller.
     step_kl: Vec<f64>,
+    /// The update under way within the step (`epoch * num_mini_batches + minibatch`).
+    update: usize,
 }
 
 /// `rows[i][t] = per_token[i, offset_i + t]` for `t < width` (positions past a row's end read its
@@ -189,6 +194,7 @@ impl Ppo {
             samples_path: None,
             cache: HashMap::new(),
             step_kl: vec![],
+            update: 0,
         }
     }
 
@@ -354,12 +360,34 @@ impl Algorithm for Ppo {
             self.cache.get(&key).expect("checked")
         };
         let width = c.old_logprobs.first().map_or(1, Vec::len);
+        // This update's minibatch: a seeded shuffle of the rollout per epoch, cut in
+        // `num_mini_batches` parts (all rows when 1).
+        let nmb = self.args.num_mini_batches.max(1);
+        let all = c.rollout.rewards.len();
+        let rows: Vec<usize> = if nmb == 1 {
+            (0..all).collect()
+        } else {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            let epoch = self.update / nmb;
+            let mut perm: Vec<usize> = (0..all).collect();
+            perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                batch_seed(self.seed, idx) ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9),
+            ));
+            let per = all.div_ceil(nmb);
+            let mb = self.update % nmb;
+            perm[(mb * per).min(all)..((mb + 1) * per).min(all)].to_vec()
+        };
+        let sub_rollout = c.rollout.select(&rows);
+        let sub_batch = c.batch.select(&rows);
+        let sub_old: Vec<Vec<f64>> = rows.iter().map(|&i| c.old_logprobs[i].clone()).collect();
+        let sub_plens: Vec<usize> = rows.iter().map(|&i| c.prompt_lens[i]).collect();
         let values = match &self.value {
             ValueModel::Separate(v) => Values::Separate(v),
             ValueModel::Shared(h) => Values::Head(h.as_tensor()),
         };
         let (new, vpred) =
-            self.response_stats(model, Some(values), &c.rollout, &c.prompt_lens, width)?;
+            self.response_stats(model, Some(values), &sub_rollout, &sub_plens, width)?;
         let vpred = vpred.expect("values requested");
         let kl_penalty = self.args.loss_variant == "kl_penalty";
         let cliprange = if kl_penalty {
@@ -370,8 +398,8 @@ impl Algorithm for Ppo {
         let l = ppo_loss(
             &new,
             &vpred,
-            &c.batch,
-            &c.old_logprobs,
+            &sub_batch,
+            &sub_old,
             cliprange,
             self.args.cliprange_value,
             self.args.vf_coef,
@@ -379,8 +407,7 @@ impl Algorithm for Ppo {
         let mut loss = l.loss;
         if kl_penalty {
             // k3 estimate of KL(rollout policy || current policy) over response tokens.
-            let keep: Vec<f32> = c
-                .batch
+            let keep: Vec<f32> = sub_batch
                 .padding_mask
                 .iter()
                 .flatten()
@@ -388,7 +415,7 @@ impl Algorithm for Ppo {
                 .collect();
             let keep = Tensor::from_vec(keep, new.dims(), &self.device)?;
             let old = Tensor::from_vec(
-                c.old_logprobs
+                sub_old
                     .iter()
                     .flatten()
                     .map(|&x| x as f32)
@@ -438,10 +465,11 @@ impl Algorithm for Ppo {
     }
 
     fn updates_per_batch(&self) -> usize {
-        self.args.num_ppo_epochs.max(1)
+        self.args.num_ppo_epochs.max(1) * self.args.num_mini_batches.max(1)
     }
 
     fn on_update(&mut self, update: usize) -> Result<()> {
+        self.update = update;
         if update == 0 {
             self.cache.clear();
             self.step_kl.clear();

@@ -190,6 +190,28 @@ pub struct PpoBatch {
     pub padding_mask_p1: Vec<Vec<bool>>,
 }
 
+impl PpoBatch {
+    /// The rows `rows` (a minibatch); whitening stays as computed over the whole rollout.
+    pub fn select(&self, rows: &[usize]) -> PpoBatch {
+        fn pick<T: Clone>(v: &[T], rows: &[usize]) -> Vec<T> {
+            rows.iter().map(|&i| v[i].clone()).collect()
+        }
+        PpoBatch {
+            rewards: PpoRewards {
+                kl: pick(&self.rewards.kl, rows),
+                non_score_reward: pick(&self.rewards.non_score_reward, rows),
+                rewards: pick(&self.rewards.rewards, rows),
+            },
+            values: pick(&self.values, rows),
+            advantages_unwhitened: pick(&self.advantages_unwhitened, rows),
+            returns: pick(&self.returns, rows),
+            advantages: pick(&self.advantages, rows),
+            padding_mask: pick(&self.padding_mask, rows),
+            padding_mask_p1: pick(&self.padding_mask_p1, rows),
+        }
+    }
+}
+
 pub struct PpoRollout<'a> {
     pub logprobs: &'a [Vec<f64>],
     pub ref_logprobs: &'a [Vec<f64>],

@@ -122,6 +122,7 @@ pub fn load_prompt_splits(
 }
 
 /// One batch of sampled completions, `n` per prompt, prompt-major.
+#[derive(Clone)]
 pub struct Rollout {
     /// Prompt + completion, with the loss mask on the completion tokens.
     pub seqs: Vec<TokenizedExample>,
@@ -130,6 +131,22 @@ pub struct Rollout {
     pub completion_lens: Vec<usize>,
     /// Rewards after the EOS penalty and clipping.
     pub rewards: Vec<f64>,
+}
+
+impl Rollout {
+    /// The completions `rows` (a minibatch).
+    pub fn select(&self, rows: &[usize]) -> Rollout {
+        fn pick<T: Clone>(v: &[T], rows: &[usize]) -> Vec<T> {
+            rows.iter().map(|&i| v[i].clone()).collect()
+        }
+        Rollout {
+            seqs: pick(&self.seqs, rows),
+            texts: pick(&self.texts, rows),
+            finished: pick(&self.finished, rows),
+            completion_lens: pick(&self.completion_lens, rows),
+            rewards: pick(&self.rewards, rows),
+        }
+    }
 }
 
 /// Samples and scores `n` completions for each prompt with the policy `model` (used detached).

@@ -200,6 +200,7 @@ fn ppo_run(
     steps: i64,
     resume_from: Option<(usize, PathBuf)>,
     shared: bool,
+    mini_batches: usize,
 ) -> Vec<Value> {
     use preftune_train::ppo::{Ppo, PpoArgs};
     let prompts = dir.join("prompts.jsonl");
@@ -251,6 +252,7 @@ fn ppo_run(
         max_completion_length: 8,
         temperature: 1.0,
         num_ppo_epochs: 4,
+        num_mini_batches: mini_batches,
         kl_coef: 0.01,
         vf_coef: 1.0,
         ..Default::default()
@@ -294,7 +296,7 @@ fn ppo_run(
 #[test]
 fn ppo_raises_the_reward_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let m = ppo_run(dir.path(), 60, None, false);
+    let m = ppo_run(dir.path(), 60, None, false, 1);
     for key in [
         "objective/kl",
         "objective/entropy",
@@ -318,10 +320,11 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
         .all(|r| r["objective/kl"].as_f64().is_none_or(f64::is_finite)));
 
     // 4 straight steps against a run resumed from the straight run's checkpoint after step 2,
-    // with a separate value model and with a value head on the policy.
-    for shared in [false, true] {
+    // with a separate value model, with a value head on the policy, and with two shuffled
+    // minibatches per epoch.
+    for (shared, mini) in [(false, 1), (true, 1), (false, 2)] {
         let straight = tempfile::tempdir().unwrap();
-        let m = ppo_run(straight.path(), 4, None, shared);
+        let m = ppo_run(straight.path(), 4, None, shared, mini);
         assert!(m
             .iter()
             .all(|r| r["loss/value_avg"].as_f64().is_none_or(f64::is_finite)));
@@ -333,7 +336,7 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
         };
         assert!(ck.join(value_file).exists() && ck.join("ppo_state.json").exists());
         let split = tempfile::tempdir().unwrap();
-        ppo_run(split.path(), 4, Some((2, ck)), shared);
+        ppo_run(split.path(), 4, Some((2, ck)), shared, mini);
         for file in ["model.safetensors", value_file] {
             let a = candle_core::safetensors::load(
                 straight.path().join("run").join(file),
