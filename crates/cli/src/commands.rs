@@ -318,3 +318,11 @@ pub fn ppo(run: &RunArgs) -> Result<()> {
         preftune_train::ppo::run,
     )
 }
+
+pub fn reinforce(run: &RunArgs) -> Result<()> {
+    run_trainer(
+        run,
+        preftune_train::rloo::reinforce_defaults(),
+        preftune_train::rloo::run_reinforce,
+    )
+}

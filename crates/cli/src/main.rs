@@ -168,6 +168,8 @@ enum Command {
     Grpo(RunArgs),
     /// RLOO (TRL's RLOOTrainer): leave-one-out baselines over num_generations samples per prompt.
     Rloo(RunArgs),
+    /// REINFORCE with the batch-mean baseline (RLOO's options; one sample per prompt works).
+    Reinforce(RunArgs),
     /// PPO for RLHF (TRL's PPOTrainer): value model, GAE, clipped objective, per-token KL penalty
     /// to the reference, fixed or adaptive KL coefficient.
     Ppo(RunArgs),
@@ -224,6 +226,7 @@ fn main() {
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),
         Command::Rloo(run) => commands::rloo(&run),
+        Command::Reinforce(run) => commands::reinforce(&run),
         Command::Ppo(run) => commands::ppo(&run),
     };
     if let Err(e) = result {

@@ -9,7 +9,8 @@ use preftune_model::{Model, Tokenizer};
 use crate::config::TrainingArguments;
 use crate::error::{Error, Result};
 use crate::rl_loss::{
-    grpo_advantages, grpo_loss, rloo_advantages, rloo_loss, GrpoParams, ScaleRewards,
+    grpo_advantages, grpo_loss, reinforce_advantages, rloo_advantages, rloo_loss, GrpoParams,
+    ScaleRewards,
 };
 use crate::rollout::{
     batch_seed, completion_logps, log_samples, rollout, rollout_metrics, sampling_config, Prompt,
@@ -93,10 +94,12 @@ pub enum Objective {
         params: GrpoParams,
         scale: ScaleRewards,
     },
+    /// RLOO, or REINFORCE with the batch-mean baseline when `leave_one_out` is false.
     Rloo {
         beta: f64,
         epsilon: f64,
         normalize_advantages: bool,
+        leave_one_out: bool,
     },
 }
 
@@ -217,6 +220,7 @@ impl Algorithm for OnlineTrainer {
                 beta,
                 epsilon,
                 normalize_advantages,
+                leave_one_out,
             } => {
                 let old = lp.sum.detach();
                 let seq_kl: Option<Vec<f64>> = reference
@@ -229,13 +233,22 @@ impl Algorithm for OnlineTrainer {
                             .collect())
                     })
                     .transpose()?;
-                let a = rloo_advantages(
-                    &r.rewards,
-                    seq_kl.as_deref(),
-                    *beta,
-                    n,
-                    *normalize_advantages,
-                );
+                let a = if *leave_one_out {
+                    rloo_advantages(
+                        &r.rewards,
+                        seq_kl.as_deref(),
+                        *beta,
+                        n,
+                        *normalize_advantages,
+                    )
+                } else {
+                    reinforce_advantages(
+                        &r.rewards,
+                        seq_kl.as_deref(),
+                        *beta,
+                        *normalize_advantages,
+                    )
+                };
                 if let Some(kl) = &seq_kl {
                     metrics.add("kl", kl.iter().sum::<f64>() / kl.len() as f64 * w, w);
                 }
@@ -272,7 +285,14 @@ pub fn run_online(
             "reward is required (model:PATH, command:CMD or combine:FILE.toml)".into(),
         ));
     }
-    if rollout_args.num_generations < 2 {
+    let needs_group = !matches!(
+        objective,
+        Objective::Rloo {
+            leave_one_out: false,
+            ..
+        }
+    );
+    if needs_group && rollout_args.num_generations < 2 {
         return Err(Error::Config(
             "num_generations must be >= 2 (advantages compare completions of one prompt)".into(),
         ));
@@ -302,6 +322,7 @@ pub fn run_online(
             Objective::Rloo {
                 epsilon,
                 normalize_advantages,
+                leave_one_out,
                 ..
             },
             true,
@@ -309,6 +330,7 @@ pub fn run_online(
             beta: 0.0,
             epsilon,
             normalize_advantages,
+            leave_one_out,
         },
         (o, false) => o,
     };

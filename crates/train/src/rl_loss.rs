@@ -583,6 +583,31 @@ pub fn rloo_advantages(
     }
 }
 
+/// REINFORCE with a baseline: the mean reward of the whole batch (after the same k1 KL penalty as
+/// RLOO), so a single sample per prompt works; `normalize` whitens the advantages.
+pub fn reinforce_advantages(
+    rewards: &[f64],
+    seq_kl: Option<&[f64]>,
+    beta: f64,
+    normalize: bool,
+) -> RlooAdvantages {
+    let r: Vec<f64> = match seq_kl {
+        Some(kl) if beta != 0.0 => rewards.iter().zip(kl).map(|(r, k)| r - beta * k).collect(),
+        _ => rewards.to_vec(),
+    };
+    let b = mean(&r);
+    let mut advantages: Vec<f64> = r.iter().map(|x| x - b).collect();
+    if normalize {
+        let s = std_unbiased(&advantages);
+        advantages.iter_mut().for_each(|a| *a /= s + 1e-4);
+    }
+    RlooAdvantages {
+        baselines: vec![b; r.len()],
+        rewards_after_kl: r,
+        advantages,
+    }
+}
+
 /// RLOO's clipped loss with a sequence-level ratio: `seq_logps`, `old_seq_logps`, `advantages`: `[B]`.
 pub fn rloo_loss(
     seq_logps: &Tensor,
@@ -849,6 +874,14 @@ mod tests {
                 assert!((l.kl.unwrap() - kl).abs() < 1e-5, "{name}: kl");
             }
         }
+    }
+
+    #[test]
+    fn reinforce_baseline_is_the_batch_mean() {
+        let a = reinforce_advantages(&[1.0, 2.0, 6.0], Some(&[1.0, 0.0, 0.0]), 0.5, false);
+        assert_eq!(a.rewards_after_kl, vec![0.5, 2.0, 6.0]);
+        assert!((a.baselines[0] - 8.5 / 3.0).abs() < 1e-12);
+        assert!(a.advantages.iter().sum::<f64>().abs() < 1e-12);
     }
 
     #[test]

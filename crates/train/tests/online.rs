@@ -150,12 +150,29 @@ fn rloo_raises_the_reward() {
             beta: 0.05,
             epsilon: 0.2,
             normalize_advantages: false,
+            leave_one_out: true,
         },
         60,
         3e-3,
     );
     check("rloo", &rewards);
     assert!(!kl.is_empty() && kl.iter().all(|k| k.is_finite()), "{kl:?}");
+}
+
+#[test]
+fn reinforce_raises_the_reward() {
+    let (rewards, kl) = run(
+        Objective::Rloo {
+            beta: 0.05,
+            epsilon: 0.2,
+            normalize_advantages: false,
+            leave_one_out: false,
+        },
+        60,
+        3e-3,
+    );
+    check("reinforce", &rewards);
+    assert!(kl.iter().all(|k| k.is_finite()), "{kl:?}");
 }
 
 /// The config names (TRL's) parse, and an unknown key is still refused with flattened options.
