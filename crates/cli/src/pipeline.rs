@@ -154,6 +154,23 @@ fn train<A: serde::de::DeserializeOwned>(
     Ok(run(&cfg, true, false)?)
 }
 
+/// One cached trainer stage: skipped when `dir/done.json` exists, else trained and marked done.
+fn stage<A: serde::de::DeserializeOwned>(
+    dir: &Path,
+    label: &str,
+    defaults: toml::Table,
+    table: &toml::Table,
+    sets: &[String],
+    run: fn(&preftune_train::RunConfig<A>, bool, bool) -> preftune_train::Result<Value>,
+) -> Result<()> {
+    if done(dir) {
+        return Ok(());
+    }
+    eprintln!("[pipeline] {label}");
+    let v = train(defaults, table, sets, run)?;
+    mark_done(dir, &v)
+}
+
 pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
@@ -255,20 +272,18 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
 
     // SFT so the model writes reviews.
     let sft_dir = p("sft");
-    if !done(&sft_dir) {
-        eprintln!("[pipeline] SFT");
-        let v = train(
-            preftune_train::sft::defaults(),
-            &cfg.sft,
-            &[
-                format!("model_name_or_path={}", base.display()),
-                format!("train_file={}", ps("data/sft.jsonl")),
-                format!("output_dir={}", sft_dir.display()),
-            ],
-            preftune_train::sft::run,
-        )?;
-        mark_done(&sft_dir, &v)?;
-    }
+    stage(
+        &sft_dir,
+        "SFT",
+        preftune_train::sft::defaults(),
+        &cfg.sft,
+        &[
+            format!("model_name_or_path={}", base.display()),
+            format!("train_file={}", ps("data/sft.jsonl")),
+            format!("output_dir={}", sft_dir.display()),
+        ],
+        preftune_train::sft::run,
+    )?;
     let sft_path = sft_dir.display().to_string();
 
     // Preference pairs: best and worst of several SFT samples under the gold judge.
@@ -318,9 +333,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
 
     // The reward model on the gold-labelled pairs (the proxy PPO and Best-of-N optimise).
     let rm_dir = p("rm");
-    if (has("ppo") || has("bon") || has("grpo")) && !done(&rm_dir) {
-        eprintln!("[pipeline] reward model");
-        let v = train(
+    if has("ppo") || has("bon") || has("grpo") {
+        stage(
+            &rm_dir,
+            "reward model",
             preftune_train::reward::defaults(),
             &cfg.rm,
             &[
@@ -330,7 +346,6 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             ],
             preftune_train::reward::run,
         )?;
-        mark_done(&rm_dir, &v)?;
     }
     let rm_spec = format!("model:{}", rm_dir.display());
     let reward_of = |t: &toml::Table| -> Vec<String> {
@@ -344,92 +359,79 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         vec![format!("reward=\"{}\"", spec.replace('"', "\\\""))]
     };
 
-    if has("dpo") && !done(&p("dpo")) {
-        eprintln!("[pipeline] DPO");
-        let v = train(
-            preftune_train::dpo::defaults(),
+    // DPO on the pairs; PPO and GRPO on the prompts with the reward model (or gold); the frontier
+    // sweeps repeat DPO and PPO at other betas / KL coefficients.
+    let dpo_sets = |dir: &str, extra: Option<String>| -> Vec<String> {
+        let mut v = vec![
+            format!("model_name_or_path={sft_path}"),
+            format!("train_file={pairs_file}"),
+            format!("output_dir={}", ps(dir)),
+        ];
+        v.extend(extra);
+        v
+    };
+    let online_sets = |dir: &str, table: &toml::Table, extra: Option<String>| -> Vec<String> {
+        let mut v = vec![
+            format!("model_name_or_path={sft_path}"),
+            format!("train_file={}", ps("data/prompts.jsonl")),
+            format!("output_dir={}", ps(dir)),
+        ];
+        v.extend(reward_of(table));
+        v.extend(extra);
+        v
+    };
+    use preftune_train::{dpo, grpo, ppo};
+    if has("dpo") {
+        stage(
+            &p("dpo"),
+            "DPO",
+            dpo::defaults(),
             &cfg.dpo,
-            &[
-                format!("model_name_or_path={sft_path}"),
-                format!("train_file={pairs_file}"),
-                format!("output_dir={}", ps("dpo")),
-            ],
-            preftune_train::dpo::run,
+            &dpo_sets("dpo", None),
+            dpo::run,
         )?;
-        mark_done(&p("dpo"), &v)?;
     }
     let mut sweep: Vec<String> = vec![];
     for beta in &cfg.frontier_dpo_betas {
         let name = format!("dpo-beta-{beta}");
-        if !done(&p(&name)) {
-            eprintln!("[pipeline] DPO, beta {beta}");
-            let v = train(
-                preftune_train::dpo::defaults(),
-                &cfg.dpo,
-                &[
-                    format!("model_name_or_path={sft_path}"),
-                    format!("train_file={pairs_file}"),
-                    format!("output_dir={}", ps(&name)),
-                    format!("beta={beta}"),
-                ],
-                preftune_train::dpo::run,
-            )?;
-            mark_done(&p(&name), &v)?;
-        }
+        let sets = dpo_sets(&name, Some(format!("beta={beta}")));
+        stage(
+            &p(&name),
+            &format!("DPO, beta {beta}"),
+            dpo::defaults(),
+            &cfg.dpo,
+            &sets,
+            dpo::run,
+        )?;
         sweep.push(name);
     }
     for kl in &cfg.frontier_ppo_kl_coefs {
         let name = format!("ppo-kl-{kl}");
-        if !done(&p(&name)) {
-            eprintln!("[pipeline] PPO, kl_coef {kl}");
-            let mut sets = vec![
-                format!("model_name_or_path={sft_path}"),
-                format!("train_file={}", ps("data/prompts.jsonl")),
-                format!("output_dir={}", ps(&name)),
-                format!("kl_coef={kl}"),
-            ];
-            sets.extend(reward_of(&cfg.ppo));
-            let v = train(
-                preftune_train::ppo::defaults(),
-                &cfg.ppo,
-                &sets,
-                preftune_train::ppo::run,
-            )?;
-            mark_done(&p(&name), &v)?;
-        }
-        sweep.push(name);
-    }
-    if has("ppo") && !done(&p("ppo")) {
-        eprintln!("[pipeline] PPO");
-        let mut sets = vec![
-            format!("model_name_or_path={sft_path}"),
-            format!("train_file={}", ps("data/prompts.jsonl")),
-            format!("output_dir={}", ps("ppo")),
-        ];
-        sets.extend(reward_of(&cfg.ppo));
-        let v = train(
-            preftune_train::ppo::defaults(),
+        let sets = online_sets(&name, &cfg.ppo, Some(format!("kl_coef={kl}")));
+        stage(
+            &p(&name),
+            &format!("PPO, kl_coef {kl}"),
+            ppo::defaults(),
             &cfg.ppo,
             &sets,
-            preftune_train::ppo::run,
+            ppo::run,
         )?;
-        mark_done(&p("ppo"), &v)?;
+        sweep.push(name);
     }
-    if has("grpo") && !done(&p("grpo")) {
-        eprintln!("[pipeline] GRPO");
-        let mut sets = vec![
-            format!("model_name_or_path={sft_path}"),
-            format!("train_file={}", ps("data/prompts.jsonl")),
-            format!("output_dir={}", ps("grpo")),
-        ];
-        sets.extend(reward_of(&cfg.grpo));
-        let v = train(
-            preftune_train::grpo::defaults(),
+    if has("ppo") {
+        let sets = online_sets("ppo", &cfg.ppo, None);
+        stage(&p("ppo"), "PPO", ppo::defaults(), &cfg.ppo, &sets, ppo::run)?;
+    }
+    if has("grpo") {
+        let sets = online_sets("grpo", &cfg.grpo, None);
+        stage(
+            &p("grpo"),
+            "GRPO",
+            grpo::defaults(),
             &cfg.grpo,
             &sets,
-            preftune_train::grpo::run,
+            grpo::run,
         )?;
-        mark_done(&p("grpo"), &v)?;
     }
 
     // Evaluation on held-out prefixes: gold reward, KL to SFT, win rate against SFT, lengths.
