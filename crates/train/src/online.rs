@@ -12,10 +12,7 @@ use crate::rl_loss::{
     grpo_advantages, grpo_loss, reinforce_advantages, rloo_advantages, rloo_loss, GrpoParams,
     ScaleRewards,
 };
-use crate::rollout::{
-    batch_seed, completion_logps, log_samples, rollout, rollout_metrics, sampling_config, Prompt,
-    RolloutArgs,
-};
+use crate::rollout::{completion_logps, rollout_metrics, Prompt, RolloutArgs, Sampler};
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
@@ -156,30 +153,17 @@ impl Algorithm for OnlineTrainer {
     }
 
     fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
-        let set = match split {
-            Split::Train => &self.train,
-            Split::Eval => &self.eval,
+        let sampler = Sampler {
+            tokenizer: &self.tokenizer,
+            eos_token_ids: &self.eos_token_ids,
+            pad_token_id: self.pad_token_id,
+            seed: self.seed,
+            reward: &self.reward,
+            samples_path: self.samples_path.as_deref(),
         };
-        let prompts: Vec<&Prompt> = idx.iter().map(|&i| &set[i]).collect();
+        let (prompts, r) =
+            sampler.step(model, &self.train, &self.eval, split, idx, &self.rollout)?;
         let n = self.rollout.num_generations;
-        let seed = batch_seed(self.seed ^ (split == Split::Eval) as u64, idx);
-        let cfg = sampling_config(
-            &self.rollout,
-            self.eos_token_ids.clone(),
-            self.pad_token_id,
-            seed,
-        );
-        let r = rollout(
-            model,
-            &self.tokenizer,
-            &prompts,
-            &self.rollout,
-            &self.reward,
-            &cfg,
-        )?;
-        if split == Split::Train {
-            log_samples(self.samples_path.as_deref(), &prompts, n, &r)?;
-        }
         let temp = self.rollout.temperature.max(1e-6);
         let (lp, mask) = completion_logps(model, &r, self.pad_token_id, temp, &self.device)?;
         let reference = if self.objective.beta() != 0.0 {

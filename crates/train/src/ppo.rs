@@ -19,9 +19,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::online::OnlineReference;
 use crate::rl_loss::{ppo_batch, ppo_loss, KlEstimator, PpoBatch, PpoRollout};
-use crate::rollout::{
-    batch_seed, log_samples, rollout, sampling_config, Prompt, Rollout, RolloutArgs,
-};
+use crate::rollout::{batch_seed, Prompt, Rollout, RolloutArgs, Sampler};
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
@@ -258,29 +256,16 @@ impl Ppo {
     }
 
     fn new_rollout(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<Cached> {
-        let set = match split {
-            Split::Train => &self.train,
-            Split::Eval => &self.eval,
+        let sampler = Sampler {
+            tokenizer: &self.tokenizer,
+            eos_token_ids: &self.eos_token_ids,
+            pad_token_id: self.pad_token_id,
+            seed: self.seed,
+            reward: &self.reward,
+            samples_path: self.samples_path.as_deref(),
         };
-        let prompts: Vec<&Prompt> = idx.iter().map(|&i| &set[i]).collect();
-        let seed = batch_seed(self.seed ^ (split == Split::Eval) as u64, idx);
-        let cfg = sampling_config(
-            &self.rollout_args(),
-            self.eos_token_ids.clone(),
-            self.pad_token_id,
-            seed,
-        );
-        let r = rollout(
-            model,
-            &self.tokenizer,
-            &prompts,
-            &self.rollout_args(),
-            &self.reward,
-            &cfg,
-        )?;
-        if split == Split::Train {
-            log_samples(self.samples_path.as_deref(), &prompts, 1, &r)?;
-        }
+        let args = self.rollout_args();
+        let (prompts, r) = sampler.step(model, &self.train, &self.eval, split, idx, &args)?;
         let plens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let width = r.completion_lens.iter().copied().max().unwrap_or(1).max(1);
         let frozen = model.detached()?;

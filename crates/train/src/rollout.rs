@@ -275,6 +275,45 @@ pub fn log_samples(path: Option<&Path>, prompts: &[&Prompt], n: usize, r: &Rollo
     f.write_all(buf.as_bytes()).map_err(|e| Error::io(path, e))
 }
 
+/// What a trainer fixes once and every rollout step reuses.
+pub struct Sampler<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub eos_token_ids: &'a [u32],
+    pub pad_token_id: u32,
+    pub seed: u64,
+    pub reward: &'a RewardSource,
+    /// `samples.jsonl`, appended to by training (not evaluation) rollouts.
+    pub samples_path: Option<&'a Path>,
+}
+
+impl Sampler<'_> {
+    /// One step's rollout: the prompts `idx` of the split, sampled with a seed derived from them
+    /// (so a resumed run samples what the straight run did), scored, and logged when training.
+    pub fn step<'p>(
+        &self,
+        model: &Model,
+        train: &'p [Prompt],
+        eval: &'p [Prompt],
+        split: crate::trainer::Split,
+        idx: &[usize],
+        args: &RolloutArgs,
+    ) -> Result<(Vec<&'p Prompt>, Rollout)> {
+        use crate::trainer::Split;
+        let set = match split {
+            Split::Train => train,
+            Split::Eval => eval,
+        };
+        let prompts: Vec<&Prompt> = idx.iter().map(|&i| &set[i]).collect();
+        let seed = batch_seed(self.seed ^ (split == Split::Eval) as u64, idx);
+        let cfg = sampling_config(args, self.eos_token_ids.to_vec(), self.pad_token_id, seed);
+        let r = rollout(model, self.tokenizer, &prompts, args, self.reward, &cfg)?;
+        if split == Split::Train {
+            log_samples(self.samples_path, &prompts, args.num_generations, &r)?;
+        }
+        Ok((prompts, r))
+    }
+}
+
 /// A seed for a batch of prompt indices: resuming re-samples exactly what the straight run did.
 pub fn batch_seed(seed: u64, idx: &[usize]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
