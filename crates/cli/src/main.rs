@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod eval;
+mod label;
 mod pipeline;
 mod report;
 mod rewards;
@@ -156,6 +157,12 @@ enum Command {
         #[command(subcommand)]
         cmd: eval::EvalCmd,
     },
+    /// Collect human preferences: `label serve` (the web app), `add-annotator`, `import`,
+    /// `export` (preference or ranking JSONL), `stats` (agreement, position bias).
+    Label {
+        #[command(subcommand)]
+        cmd: label::LabelCmd,
+    },
     /// Train the gold IMDb sentiment judge (`gold:sentiment`) and print its held-out accuracy.
     GoldTrain(rewards::GoldTrainArgs),
     /// Set a reward model's gain and bias so rewards of reference samples have mean 0, std 1.
@@ -221,6 +228,7 @@ fn main() {
         Command::NormalizeReward(a) => rewards::normalize(&a),
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
+        Command::Label { cmd } => label::run(&cmd),
         Command::Pipeline { config, set } => pipeline::run(&config, &set),
         Command::Report { dir } => report::run(&dir),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),

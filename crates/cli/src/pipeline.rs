@@ -46,6 +46,14 @@ struct DataCfg {
     samples_per_prompt: usize,
     #[serde(default = "d_new")]
     max_new_tokens: usize,
+    /// The last this many prompts' scored samples are held out to measure the reward model's
+    /// accuracy against the gold labels (the proxy-vs-gold gap); DPO still uses their pairs.
+    #[serde(default = "d_rm_eval")]
+    rm_eval_prompts: usize,
+}
+
+fn d_rm_eval() -> usize {
+    16
 }
 
 fn d_sft_reviews() -> usize {
@@ -167,7 +175,9 @@ fn stage<A: serde::de::DeserializeOwned>(
         return Ok(());
     }
     eprintln!("[pipeline] {label}");
-    let v = train(defaults, table, sets, run)?;
+    let t = std::time::Instant::now();
+    let mut v = train(defaults, table, sets, run)?;
+    v["stage_seconds"] = json!(t.elapsed().as_secs_f64());
     mark_done(dir, &v)
 }
 
@@ -215,10 +225,13 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             "[pipeline] training the gold judge on {} reviews",
             reviews.len()
         );
+        let t = std::time::Instant::now();
         let (g, report) = GoldSentiment::train(&reviews, cfg.seed)?;
         std::fs::create_dir_all(&gold_dir)?;
         g.save(&gold_file)?;
-        mark_done(&gold_dir, &serde_json::to_value(&report)?)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["stage_seconds"] = json!(t.elapsed().as_secs_f64());
+        mark_done(&gold_dir, &v)?;
     }
     let gold_report: Value =
         serde_json::from_str(&std::fs::read_to_string(gold_dir.join("done.json"))?)?;
@@ -286,16 +299,19 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     )?;
     let sft_path = sft_dir.display().to_string();
 
-    // Preference pairs: best and worst of several SFT samples under the gold judge.
+    // Preference data from several SFT samples per prefix, scored by the gold judge: best vs
+    // worst pairs for DPO, and the scored samples as rankings (every ordered pair) for the reward
+    // model, whose last `rm_eval_prompts` prompts are held out to measure its accuracy.
     let pairs_dir = p("pairs");
     if !done(&pairs_dir) {
         eprintln!("[pipeline] sampling and labelling pairs");
+        let t = std::time::Instant::now();
         let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
         let gold = RewardSource::parse(&gold_spec)?;
         let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
         let mut pairs = vec![];
         let mut all = vec![];
-        for (b, chunk) in prompts.chunks(4).enumerate() {
+        for (b, chunk) in prompts.chunks(8).enumerate() {
             let batch: Vec<(Text, bool)> = chunk.iter().map(|x| (x.text.clone(), false)).collect();
             let s = SamplingConfig {
                 max_new_tokens: cfg.data.max_new_tokens,
@@ -314,19 +330,23 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
                 let worst = (0..c.rewards.len())
                     .min_by(|&a, &b| c.rewards[a].total_cmp(&c.rewards[b]))
                     .unwrap_or(0);
-                all.push(json!({"prompt": prompt, "responses": c.responses, "gold": c.rewards}));
+                all.push(json!({"prompt": prompt, "responses": c.responses, "scores": c.rewards}));
                 if c.rewards[best] > c.rewards[worst] {
                     pairs.push(json!({"prompt": prompt, "chosen": c.responses[best],
                                       "rejected": c.responses[worst]}));
                 }
             }
         }
+        let held = cfg.data.rm_eval_prompts.min(all.len() / 2);
+        let (rm_train, rm_eval) = all.split_at(all.len() - held);
         std::fs::create_dir_all(&pairs_dir)?;
         write_jsonl(&pairs_dir.join("pairs.jsonl"), &pairs)?;
-        write_jsonl(&pairs_dir.join("samples.jsonl"), &all)?;
+        write_jsonl(&pairs_dir.join("rankings.jsonl"), rm_train)?;
+        write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
         mark_done(
             &pairs_dir,
-            &json!({"pairs": pairs.len(), "prompts": all.len()}),
+            &json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
+                    "rm_eval_prompts": rm_eval.len(), "stage_seconds": t.elapsed().as_secs_f64()}),
         )?;
     }
     let pairs_file = ps("pairs/pairs.jsonl");
@@ -341,9 +361,16 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             &cfg.rm,
             &[
                 format!("model_name_or_path={sft_path}"),
-                format!("train_file={pairs_file}"),
+                format!("train_file={}", ps("pairs/rankings.jsonl")),
                 format!("output_dir={}", rm_dir.display()),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                std::fs::metadata(p("pairs/rankings-eval.jsonl"))
+                    .is_ok_and(|m| m.len() > 0)
+                    .then(|| format!("eval_file={}", ps("pairs/rankings-eval.jsonl"))),
+            )
+            .collect::<Vec<_>>(),
             preftune_train::reward::run,
         )?;
     }
@@ -436,6 +463,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
 
     // Evaluation on held-out prefixes: gold reward, KL to SFT, win rate against SFT, lengths.
     eprintln!("[pipeline] evaluating");
+    let eval_start = std::time::Instant::now();
     let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
     let gold = RewardSource::parse(&gold_spec)?;
     let (eval_prompts, _) = load_prompts(&p("data/eval_prompts.jsonl"), &sft.tokenizer, None)?;
@@ -540,10 +568,36 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len}),
         );
     }
+    // Seconds per stage (from each stage's done.json: cached stages keep their first timing).
+    let mut seconds = serde_json::Map::new();
+    for name in ["gold", "pairs", "sft", "rm", "dpo", "ppo", "grpo"]
+        .into_iter()
+        .map(String::from)
+        .chain(order.iter().filter(|m| m.contains('-')).cloned())
+    {
+        if let Ok(t) = std::fs::read_to_string(p(&name).join("done.json")) {
+            let v: Value = serde_json::from_str(&t).unwrap_or_default();
+            if let Some(x) = v.get("stage_seconds") {
+                seconds.insert(name, x.clone());
+            }
+        }
+    }
+    seconds.insert("evaluation".into(), json!(eval_start.elapsed().as_secs_f64()));
+    let rm_eval = std::fs::read_to_string(rm_dir.join("done.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .map(|v| v["eval"].clone())
+        .unwrap_or(Value::Null);
     let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
-                         "methods": results, "output_dir": out.display().to_string()});
+                         "reward_model_heldout": rm_eval, "methods": results,
+                         "stage_seconds": seconds, "output_dir": out.display().to_string()});
     preftune_model::weights::write_json(&p("results.json"), &summary)?;
-    eprintln!("\nmethod  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
+    eprintln!(
+        "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
+        gold_report["heldout_accuracy"],
+        summary["reward_model_heldout"]["eval_accuracy"]
+    );
+    eprintln!("method  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
     for l in &table {
         eprintln!("{l}");
     }

@@ -1,0 +1,172 @@
+//! `preftune label ...`: the labelling web app and what goes in and out of its database.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use preftune_label::export::{export, write_jsonl, ExportOptions};
+use preftune_label::stats::stats;
+use preftune_label::{ImportOptions, Mode, Store};
+use serde_json::json;
+
+use crate::commands::emit;
+
+#[derive(Subcommand, Clone, Debug)]
+pub enum LabelCmd {
+    /// Serve the labelling app. Candidates (rows `prompt`, `responses`, as `preftune generate
+    /// --n` writes them) are imported first; importing the same rows again adds nothing.
+    Serve {
+        #[arg(long)]
+        db: PathBuf,
+        /// Candidates JSONL to add (repeatable: several models' candidates merge).
+        #[arg(long)]
+        candidates: Vec<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        #[command(flatten)]
+        import: ImportArgs,
+    },
+    /// Add candidates to the database without serving.
+    Import {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, required = true)]
+        candidates: Vec<PathBuf>,
+        #[command(flatten)]
+        import: ImportArgs,
+    },
+    /// Create an annotator and print their login token (only its hash is stored).
+    AddAnnotator {
+        name: String,
+        #[arg(long)]
+        db: PathBuf,
+        /// An admin also sees everyone's progress and the agreement statistics.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Write the judgements as training data: preference rows (`prompt`, `chosen`, `rejected`,
+    /// `margin` from the scale) in pair mode, ranking rows (`prompt`, `responses` best first) in
+    /// rank mode.
+    Export {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep "about the same" judgements (margin 0, `tie: true`).
+        #[arg(long)]
+        keep_ties: bool,
+        /// One row per item (mean scale or mean rank over its annotators) instead of one per
+        /// judgement.
+        #[arg(long)]
+        aggregate: bool,
+        /// Leave out items any annotator flagged unsafe.
+        #[arg(long)]
+        drop_unsafe: bool,
+    },
+    /// Items done per annotator, agreement (pairwise, Cohen's and Fleiss' kappa) on the
+    /// overlapping items, and how often the response shown first wins.
+    Stats {
+        #[arg(long)]
+        db: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ImportArgs {
+    /// `pair` (two responses on a 7-step scale; responses pair up in order) or `rank` (order
+    /// all responses of a row). Fixed by the first import.
+    #[arg(long, default_value = "pair")]
+    mode: String,
+    /// Share of items labelled by several annotators, to measure agreement.
+    #[arg(long, default_value_t = 0.0)]
+    overlap: f64,
+    /// How many annotators label an overlapping item.
+    #[arg(long, default_value_t = 2)]
+    overlap_copies: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn open(db: &std::path::Path) -> Result<Store> {
+    Store::open(db).with_context(|| format!("opening {}", db.display()))
+}
+
+fn import(store: &mut Store, files: &[PathBuf], a: &ImportArgs) -> Result<()> {
+    let opts = ImportOptions {
+        mode: Mode::parse(&a.mode)?,
+        overlap: a.overlap,
+        overlap_copies: a.overlap_copies,
+        seed: a.seed,
+    };
+    for f in files {
+        let r = store.import(f, &opts)?;
+        eprintln!(
+            "{}: {} rows, {} items added ({} overlapping), {} already there, {} unpaired responses",
+            f.display(),
+            r.rows,
+            r.items_added,
+            r.overlapping_items_added,
+            r.items_existing,
+            r.unpaired_responses
+        );
+    }
+    Ok(())
+}
+
+pub fn run(cmd: &LabelCmd) -> Result<()> {
+    match cmd {
+        LabelCmd::Serve {
+            db,
+            candidates,
+            bind,
+            import: a,
+        } => {
+            let mut store = open(db)?;
+            import(&mut store, candidates, a)?;
+            let p = store.progress()?;
+            if p.annotators.is_empty() {
+                eprintln!(
+                    "no annotators yet: `preftune label add-annotator NAME --db {}` prints a token",
+                    db.display()
+                );
+            }
+            preftune_label::server::serve(store, *bind).with_context(|| format!("serving on {bind}"))?;
+        }
+        LabelCmd::Import {
+            db,
+            candidates,
+            import: a,
+        } => {
+            let mut store = open(db)?;
+            import(&mut store, candidates, a)?;
+            emit(&serde_json::to_value(store.progress()?)?);
+        }
+        LabelCmd::AddAnnotator { name, db, admin } => {
+            let token = open(db)?.add_annotator(name, *admin)?;
+            println!("{token}");
+            eprintln!("annotator `{name}` added; log in at the app with the token above");
+        }
+        LabelCmd::Export {
+            db,
+            out,
+            keep_ties,
+            aggregate,
+            drop_unsafe,
+        } => {
+            let store = open(db)?;
+            let opts = ExportOptions {
+                keep_ties: *keep_ties,
+                aggregate: *aggregate,
+                drop_unsafe: *drop_unsafe,
+            };
+            let (rows, report) = export(&store.labels()?, &opts);
+            write_jsonl(out, &rows)?;
+            emit(&json!({"out": out.display().to_string(), "mode": store.mode()?, "report": report}));
+        }
+        LabelCmd::Stats { db } => {
+            let store = open(db)?;
+            let mode = store.mode()?.unwrap_or(Mode::Pair);
+            emit(&json!({"progress": store.progress()?, "stats": stats(&store.labels()?, mode)}));
+        }
+    }
+    Ok(())
+}

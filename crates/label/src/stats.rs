@@ -1,0 +1,331 @@
+//! Label statistics: work per annotator, agreement on the overlapping items (raw pairwise
+//! agreement, Cohen's kappa per annotator pair, Fleiss' kappa), and a position-bias check.
+//!
+//! Agreement is measured on a category per judgement: for pairs the direction (first response
+//! better, about the same, second better), for rankings the response ranked best.
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::store::{Label, Mode};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AnnotatorStats {
+    pub name: String,
+    pub labelled: usize,
+    pub ties: usize,
+    pub flagged_unsafe: usize,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CohenPair {
+    pub a: String,
+    pub b: String,
+    pub shared_items: usize,
+    pub agreement: f64,
+    /// `None` when chance agreement is already 1 (both always gave the same single category).
+    pub kappa: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Fleiss {
+    /// Items with exactly `raters_per_item` judgements (the most common count among the
+    /// overlapping items; Fleiss' kappa needs the same count for every item).
+    pub items: usize,
+    pub raters_per_item: usize,
+    pub kappa: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PositionBias {
+    /// Judgements counted: non-tie pairs, or all rankings.
+    pub judgements: usize,
+    /// How often the response shown first (left) won, or was ranked best.
+    pub first_shown_wins: usize,
+    pub rate: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    /// The rate without any bias: 1/2 for pairs, 1/k for rankings of k.
+    pub expected: f64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Stats {
+    pub mode: Mode,
+    pub judgements: usize,
+    pub annotators: Vec<AnnotatorStats>,
+    /// Items with judgements from two or more annotators.
+    pub overlapping_items: usize,
+    /// Share of annotator pairs on the same item that gave the same category.
+    pub pairwise_agreement: Option<f64>,
+    pub cohen: Vec<CohenPair>,
+    pub mean_cohen_kappa: Option<f64>,
+    pub fleiss: Option<Fleiss>,
+    pub position_bias: PositionBias,
+}
+
+/// The category a judgement falls in (see the module doc) and how many there are.
+fn category(l: &Label) -> Option<(usize, usize)> {
+    match l.mode {
+        Mode::Pair => l.choice.map(|c| (1 + c.signum() as isize) as usize).map(|c| (2 - c, 3)),
+        Mode::Rank => l
+            .ranking
+            .as_ref()
+            .and_then(|r| r.first().map(|&b| (b, l.responses.len()))),
+    }
+}
+
+/// Cohen's kappa of two raters' categories over the same items.
+pub fn cohen_kappa(a: &[usize], b: &[usize], k: usize) -> Option<f64> {
+    let n = a.len().min(b.len());
+    if n == 0 {
+        return None;
+    }
+    let po = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+    let (mut pa, mut pb) = (vec![0.0; k], vec![0.0; k]);
+    for (&x, &y) in a.iter().zip(b) {
+        pa[x] += 1.0 / n as f64;
+        pb[y] += 1.0 / n as f64;
+    }
+    let pe: f64 = pa.iter().zip(&pb).map(|(x, y)| x * y).sum();
+    (pe < 1.0 - 1e-12).then(|| (po - pe) / (1.0 - pe))
+}
+
+/// Fleiss' kappa from per-item category counts; every item must have the same number of raters.
+pub fn fleiss_kappa(counts: &[Vec<usize>]) -> Option<f64> {
+    let m: usize = counts.first()?.iter().sum();
+    if m < 2 || counts.iter().any(|c| c.iter().sum::<usize>() != m) {
+        return None;
+    }
+    let n = counts.len() as f64;
+    let m = m as f64;
+    let k = counts[0].len();
+    let p_bar = counts
+        .iter()
+        .map(|c| (c.iter().map(|&x| (x * x) as f64).sum::<f64>() - m) / (m * (m - 1.0)))
+        .sum::<f64>()
+        / n;
+    let pe: f64 = (0..k)
+        .map(|j| {
+            let pj = counts.iter().map(|c| c[j] as f64).sum::<f64>() / (n * m);
+            pj * pj
+        })
+        .sum();
+    (pe < 1.0 - 1e-12).then(|| (p_bar - pe) / (1.0 - pe))
+}
+
+pub fn stats(labels: &[Label], mode: Mode) -> Stats {
+    let mut per: BTreeMap<&str, AnnotatorStats> = BTreeMap::new();
+    for l in labels {
+        let s = per.entry(&l.annotator).or_insert_with(|| AnnotatorStats {
+            name: l.annotator.clone(),
+            labelled: 0,
+            ties: 0,
+            flagged_unsafe: 0,
+        });
+        s.labelled += 1;
+        s.ties += (l.choice == Some(0)) as usize;
+        s.flagged_unsafe += l.unsafe_flag as usize;
+    }
+
+    // Categories per item, by annotator.
+    let mut items: BTreeMap<i64, Vec<(&str, usize, usize)>> = BTreeMap::new();
+    for l in labels {
+        if let Some((c, k)) = category(l) {
+            items.entry(l.item_id).or_default().push((&l.annotator, c, k));
+        }
+    }
+    let overlapping: Vec<&Vec<(&str, usize, usize)>> =
+        items.values().filter(|v| v.len() >= 2).collect();
+    let (mut agree, mut pairs) = (0usize, 0usize);
+    let mut by_pair: BTreeMap<(&str, &str), (Vec<usize>, Vec<usize>, usize)> = BTreeMap::new();
+    for v in &overlapping {
+        for i in 0..v.len() {
+            for j in i + 1..v.len() {
+                pairs += 1;
+                agree += (v[i].1 == v[j].1) as usize;
+                let (x, y) = if v[i].0 <= v[j].0 {
+                    (v[i], v[j])
+                } else {
+                    (v[j], v[i])
+                };
+                let e = by_pair
+                    .entry((x.0, y.0))
+                    .or_insert((vec![], vec![], x.2));
+                e.0.push(x.1);
+                e.1.push(y.1);
+                e.2 = e.2.max(x.2).max(y.2);
+            }
+        }
+    }
+    let cohen: Vec<CohenPair> = by_pair
+        .into_iter()
+        .map(|((a, b), (ca, cb, k))| CohenPair {
+            a: a.to_string(),
+            b: b.to_string(),
+            shared_items: ca.len(),
+            agreement: ca.iter().zip(&cb).filter(|(x, y)| x == y).count() as f64
+                / ca.len() as f64,
+            kappa: cohen_kappa(&ca, &cb, k),
+        })
+        .collect();
+    let kappas: Vec<f64> = cohen.iter().filter_map(|c| c.kappa).collect();
+
+    // Fleiss on the items with the most common rater count.
+    let mut count_of: BTreeMap<usize, usize> = BTreeMap::new();
+    for v in &overlapping {
+        *count_of.entry(v.len()).or_default() += 1;
+    }
+    let fleiss = count_of
+        .iter()
+        .max_by_key(|(m, n)| (**n, **m))
+        .map(|(&m, _)| {
+            let k = overlapping.iter().flat_map(|v| v.iter().map(|x| x.2)).max().unwrap_or(1);
+            let counts: Vec<Vec<usize>> = overlapping
+                .iter()
+                .filter(|v| v.len() == m)
+                .map(|v| {
+                    let mut c = vec![0; k];
+                    for x in v.iter() {
+                        c[x.1] += 1;
+                    }
+                    c
+                })
+                .collect();
+            Fleiss {
+                items: counts.len(),
+                raters_per_item: m,
+                kappa: fleiss_kappa(&counts),
+            }
+        });
+
+    // Position bias.
+    let (mut n, mut wins, mut expected_sum) = (0usize, 0usize, 0.0);
+    for l in labels {
+        match (l.mode, l.choice, &l.ranking) {
+            (Mode::Pair, Some(c), _) if c != 0 => {
+                n += 1;
+                let winner = if c > 0 { 0 } else { 1 };
+                wins += (winner == l.first_shown) as usize;
+                expected_sum += 0.5;
+            }
+            (Mode::Rank, _, Some(r)) if !r.is_empty() => {
+                n += 1;
+                wins += (r[0] == l.first_shown) as usize;
+                expected_sum += 1.0 / l.responses.len() as f64;
+            }
+            _ => {}
+        }
+    }
+    let rate = if n > 0 { wins as f64 / n as f64 } else { 0.0 };
+    let half = if n > 0 {
+        1.96 * (rate * (1.0 - rate) / n as f64).sqrt()
+    } else {
+        0.0
+    };
+    Stats {
+        mode,
+        judgements: labels.len(),
+        annotators: per.into_values().collect(),
+        overlapping_items: overlapping.len(),
+        pairwise_agreement: (pairs > 0).then(|| agree as f64 / pairs as f64),
+        mean_cohen_kappa: (!kappas.is_empty())
+            .then(|| kappas.iter().sum::<f64>() / kappas.len() as f64),
+        cohen,
+        fleiss,
+        position_bias: PositionBias {
+            judgements: n,
+            first_shown_wins: wins,
+            rate,
+            ci95_low: (rate - half).max(0.0),
+            ci95_high: (rate + half).min(1.0),
+            expected: if n > 0 {
+                expected_sum / n as f64
+            } else {
+                0.5
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Wikipedia's worked example: 50 items, 20 both yes, 5 and 10 split, 15 both no -> 0.4.
+    #[test]
+    fn cohen_matches_worked_example() {
+        let mut a = vec![];
+        let mut b = vec![];
+        for (x, y, n) in [(0, 0, 20), (0, 1, 5), (1, 0, 10), (1, 1, 15)] {
+            a.extend(std::iter::repeat_n(x, n));
+            b.extend(std::iter::repeat_n(y, n));
+        }
+        assert!((cohen_kappa(&a, &b, 2).unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(cohen_kappa(&[0, 0], &[0, 0], 2), None);
+    }
+
+    /// Fleiss' (1971) worked example as Wikipedia gives it: 10 items, 14 raters -> 0.210.
+    #[test]
+    fn fleiss_matches_worked_example() {
+        let t = [
+            [0, 0, 0, 0, 14],
+            [0, 2, 6, 4, 2],
+            [0, 0, 3, 5, 6],
+            [0, 3, 9, 2, 0],
+            [2, 2, 8, 1, 1],
+            [7, 7, 0, 0, 0],
+            [3, 2, 6, 3, 0],
+            [2, 5, 3, 2, 2],
+            [6, 5, 2, 1, 0],
+            [0, 2, 2, 3, 7],
+        ];
+        let counts: Vec<Vec<usize>> = t.iter().map(|r| r.to_vec()).collect();
+        assert!((fleiss_kappa(&counts).unwrap() - 0.20993).abs() < 1e-4);
+    }
+
+    fn l(item: i64, who: &str, choice: i64, first: usize) -> Label {
+        Label {
+            item_id: item,
+            annotator: who.into(),
+            prompt: json!("p"),
+            responses: vec!["a".into(), "b".into()],
+            mode: Mode::Pair,
+            choice: Some(choice),
+            ranking: None,
+            first_shown: first,
+            unsafe_flag: false,
+            comment: String::new(),
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn agreement_and_position_bias_from_labels() {
+        // Items 1-3 overlap: agree, agree, disagree (tie vs first); item 4 single.
+        let labels = vec![
+            l(1, "ann", 2, 0),
+            l(1, "bob", 1, 1),
+            l(2, "ann", -3, 1),
+            l(2, "bob", -1, 0),
+            l(3, "ann", 0, 0),
+            l(3, "bob", 2, 0),
+            l(4, "ann", 1, 1),
+        ];
+        let s = stats(&labels, Mode::Pair);
+        assert_eq!(s.overlapping_items, 3);
+        assert!((s.pairwise_agreement.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(s.cohen.len(), 1);
+        assert_eq!(s.cohen[0].shared_items, 3);
+        // ann: [first, second, tie], bob: [first, second, first]: po 2/3,
+        // pe = (1/3)(2/3) + (1/3)(1/3) + (1/3)(0) = 1/3, kappa = (2/3 - 1/3) / (2/3) = 0.5.
+        assert!((s.cohen[0].kappa.unwrap() - 0.5).abs() < 1e-12);
+        let f = s.fleiss.unwrap();
+        assert_eq!((f.items, f.raters_per_item), (3, 2));
+        // Non-tie judgements: 6; the first-shown response won in: (1,ann) yes, (1,bob) no,
+        // (2,ann) yes, (2,bob) no, (3,bob) yes, (4,ann) no.
+        assert_eq!((s.position_bias.judgements, s.position_bias.first_shown_wins), (6, 3));
+        assert_eq!(s.annotators[0].ties, 1);
+    }
+}
