@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use preftune_data::read_rows;
+use preftune_eval::judge::Judge;
 use preftune_eval::stats::{lengths, mean_ci, win_rate};
 use preftune_eval::{RewardSource, Sample};
 use preftune_train::rollout::{
@@ -26,8 +27,9 @@ pub enum EvalCmd {
         #[arg(long)]
         data: PathBuf,
     },
-    /// Win rate of samples against baseline samples of the same prompts (row by row), by a judge
-    /// (any reward source; the higher score wins, ties count half).
+    /// Win rate of samples against baseline samples of the same prompts (row by row), by a judge:
+    /// any reward source (the higher score wins, ties count half), or `llm:PATH`, a local model
+    /// asked which response is better in both orders (the order-averaged probability decides).
     Winrate {
         #[arg(long)]
         judge: String,
@@ -35,6 +37,25 @@ pub enum EvalCmd {
         data: PathBuf,
         #[arg(long)]
         baseline: PathBuf,
+        /// The LLM judge's question (default: "Which response is better?").
+        #[arg(long)]
+        question: Option<String>,
+    },
+    /// The reward-vs-KL frontier (the DPO paper's figure): runs a pipeline config with DPO at
+    /// each beta and PPO at each KL coefficient (cached stages are reused), evaluates every
+    /// policy, and writes OUTPUT_DIR/frontier.svg and frontier.json.
+    Frontier {
+        /// A pipeline config (e.g. examples/imdb-sentiment.toml).
+        config: PathBuf,
+        /// Comma-separated DPO betas.
+        #[arg(long, value_delimiter = ',')]
+        dpo_betas: Vec<f64>,
+        /// Comma-separated PPO KL coefficients.
+        #[arg(long, value_delimiter = ',')]
+        ppo_kl_coefs: Vec<f64>,
+        /// Pipeline overrides, as for `preftune pipeline`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Sequence-level KL(policy || reference) estimated on the policy's own samples (k1, summed
     /// over each response, T = 1 scoring).
@@ -75,12 +96,28 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
                          "data": data.display().to_string()}),
             );
         }
+        EvalCmd::Frontier {
+            config,
+            dpo_betas,
+            ppo_kl_coefs,
+            set,
+        } => {
+            let mut sets = set.clone();
+            sets.push(format!("frontier_dpo_betas={dpo_betas:?}"));
+            sets.push(format!("frontier_ppo_kl_coefs={ppo_kl_coefs:?}"));
+            let (out, _) = crate::pipeline::run(config, &sets)?;
+            let points = crate::report::write_frontier(&out)?;
+            emit(
+                &json!({"frontier": points, "svg": out.join("frontier.svg").display().to_string()}),
+            );
+        }
         EvalCmd::Winrate {
             judge,
             data,
             baseline,
+            question,
         } => {
-            let src = RewardSource::parse(judge)?;
+            let judge = Judge::parse(judge, question.as_deref())?;
             let (a, b) = (read_rows(data)?, read_rows(baseline)?);
             anyhow::ensure!(
                 a.len() == b.len(),
@@ -100,14 +137,21 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             }
             let sa = a.iter().map(sample_of).collect::<Result<Vec<_>>>()?;
             let sb = b.iter().map(sample_of).collect::<Result<Vec<_>>>()?;
-            let (ra, rb) = (src.score(&sa)?, src.score(&sb)?);
+            let (pref, rewards) = judge.compare(&sa, &sb)?;
             let la: Vec<String> = sa.iter().map(|x| x.response.clone()).collect();
             let lb: Vec<String> = sb.iter().map(|x| x.response.clone()).collect();
-            emit(
-                &json!({"win_rate": win_rate(&ra, &rb), "reward": mean_ci(&ra),
-                         "baseline_reward": mean_ci(&rb), "length": lengths(&la, Some(&ra)),
-                         "baseline_length": lengths(&lb, Some(&rb))}),
-            );
+            let other: Vec<f64> = pref.iter().map(|p| 1.0 - p).collect();
+            let mut out = json!({"win_rate": win_rate(&pref, &other),
+                                 "length": lengths(&la, rewards.as_ref().map(|r| r.0.as_slice())),
+                                 "baseline_length": lengths(&lb, rewards.as_ref().map(|r| r.1.as_slice()))});
+            match rewards {
+                Some((ra, rb)) => {
+                    out["reward"] = json!(mean_ci(&ra));
+                    out["baseline_reward"] = json!(mean_ci(&rb));
+                }
+                None => out["mean_preference"] = json!(mean_ci(&pref)),
+            }
+            emit(&out);
         }
         EvalCmd::Kl(a) => {
             let policy = load(&a.model)?;

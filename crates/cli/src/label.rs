@@ -129,7 +129,8 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
                     db.display()
                 );
             }
-            preftune_label::server::serve(store, *bind).with_context(|| format!("serving on {bind}"))?;
+            preftune_label::server::serve(store, *bind)
+                .with_context(|| format!("serving on {bind}"))?;
         }
         LabelCmd::Import {
             db,
@@ -160,7 +161,9 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             };
             let (rows, report) = export(&store.labels()?, &opts);
             write_jsonl(out, &rows)?;
-            emit(&json!({"out": out.display().to_string(), "mode": store.mode()?, "report": report}));
+            emit(
+                &json!({"out": out.display().to_string(), "mode": store.mode()?, "report": report}),
+            );
         }
         LabelCmd::Stats { db } => {
             let store = open(db)?;

@@ -152,7 +152,7 @@ enum Command {
     /// Write RUN_DIR/report.html: training curves, the reward-vs-KL frontier and results of a
     /// pipeline run, and sample responses (inline SVG, no scripts).
     Report { dir: std::path::PathBuf },
-    /// Judge samples and policies: `eval reward`, `eval winrate`, `eval kl`.
+    /// Judge samples and policies: `eval reward`, `eval winrate`, `eval kl`, `eval frontier`.
     Eval {
         #[command(subcommand)]
         cmd: eval::EvalCmd,
@@ -229,7 +229,9 @@ fn main() {
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
         Command::Label { cmd } => label::run(&cmd),
-        Command::Pipeline { config, set } => pipeline::run(&config, &set),
+        Command::Pipeline { config, set } => {
+            pipeline::run(&config, &set).map(|(_, summary)| commands::emit(&summary))
+        }
         Command::Report { dir } => report::run(&dir),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
         Command::Grpo(run) => commands::grpo(&run),

@@ -21,7 +21,6 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::commands::emit;
 use crate::eval::policy_samples;
 use crate::SamplingArgs;
 
@@ -50,6 +49,15 @@ struct DataCfg {
     /// accuracy against the gold labels (the proxy-vs-gold gap); DPO still uses their pairs.
     #[serde(default = "d_rm_eval")]
     rm_eval_prompts: usize,
+    /// What the reward model trains on: `best_worst` (each prompt's best and worst sample, the
+    /// pairs DPO gets) or `rankings` (every ordered pair of the samples, weighted once per prompt;
+    /// more pairs, but close ones are mostly judge noise).
+    #[serde(default = "d_rm_pairs")]
+    rm_pairs: String,
+}
+
+fn d_rm_pairs() -> String {
+    "best_worst".into()
 }
 
 fn d_rm_eval() -> usize {
@@ -181,7 +189,8 @@ fn stage<A: serde::de::DeserializeOwned>(
     mark_done(dir, &v)
 }
 
-pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
+/// Runs (or continues) the pipeline; returns its output folder and the summary (`results.json`).
+pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut table: toml::Table =
@@ -192,6 +201,19 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let cfg: PipelineConfig = table
         .try_into()
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    for m in &cfg.methods {
+        anyhow::ensure!(
+            ["sft", "dpo", "ppo", "ppo-gt", "grpo", "bon"].contains(&m.as_str()),
+            "{}: methods: unknown method `{m}` (sft, dpo, ppo, ppo-gt, grpo, bon)",
+            config.display()
+        );
+    }
+    anyhow::ensure!(
+        matches!(cfg.data.rm_pairs.as_str(), "best_worst" | "rankings"),
+        "{}: data.rm_pairs: expected `best_worst` or `rankings`, found `{}`",
+        config.display(),
+        cfg.data.rm_pairs
+    );
     let out = cfg.output_dir.clone();
     std::fs::create_dir_all(&out)?;
     let has = |m: &str| cfg.methods.iter().any(|x| x == m);
@@ -339,8 +361,16 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         }
         let held = cfg.data.rm_eval_prompts.min(all.len() / 2);
         let (rm_train, rm_eval) = all.split_at(all.len() - held);
+        let eval_prompts: std::collections::HashSet<&Value> =
+            rm_eval.iter().map(|r| &r["prompt"]).collect();
+        let rm_pairs: Vec<Value> = pairs
+            .iter()
+            .filter(|r| !eval_prompts.contains(&r["prompt"]))
+            .cloned()
+            .collect();
         std::fs::create_dir_all(&pairs_dir)?;
         write_jsonl(&pairs_dir.join("pairs.jsonl"), &pairs)?;
+        write_jsonl(&pairs_dir.join("rm-pairs.jsonl"), &rm_pairs)?;
         write_jsonl(&pairs_dir.join("rankings.jsonl"), rm_train)?;
         write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
         mark_done(
@@ -361,7 +391,13 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             &cfg.rm,
             &[
                 format!("model_name_or_path={sft_path}"),
-                format!("train_file={}", ps("pairs/rankings.jsonl")),
+                format!(
+                    "train_file={}",
+                    ps(match cfg.data.rm_pairs.as_str() {
+                        "rankings" => "pairs/rankings.jsonl",
+                        _ => "pairs/rm-pairs.jsonl",
+                    })
+                ),
                 format!("output_dir={}", rm_dir.display()),
             ]
             .into_iter()
@@ -449,6 +485,20 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
         let sets = online_sets("ppo", &cfg.ppo, None);
         stage(&p("ppo"), "PPO", ppo::defaults(), &cfg.ppo, &sets, ppo::run)?;
     }
+    // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
+    // what PPO gets from a perfect reward model.
+    if has("ppo-gt") {
+        let mut sets = online_sets("ppo-gt", &cfg.ppo, None);
+        sets.push(format!("reward=\"{}\"", gold_spec.replace('"', "\\\"")));
+        stage(
+            &p("ppo-gt"),
+            "PPO with the gold reward (PPO-GT)",
+            ppo::defaults(),
+            &cfg.ppo,
+            &sets,
+            ppo::run,
+        )?;
+    }
     if has("grpo") {
         let sets = online_sets("grpo", &cfg.grpo, None);
         stage(
@@ -479,7 +529,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     let mut results = serde_json::Map::new();
     let mut table = vec![];
     let mut sft_gold: Vec<f64> = vec![];
-    let mut order: Vec<String> = ["sft", "dpo", "ppo", "grpo"]
+    let mut order: Vec<String> = ["sft", "dpo", "ppo", "ppo-gt", "grpo"]
         .iter()
         .filter(|m| has(m))
         .map(|m| m.to_string())
@@ -570,10 +620,15 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     }
     // Seconds per stage (from each stage's done.json: cached stages keep their first timing).
     let mut seconds = serde_json::Map::new();
-    for name in ["gold", "pairs", "sft", "rm", "dpo", "ppo", "grpo"]
+    for name in ["gold", "pairs", "sft", "rm", "dpo", "ppo", "ppo-gt", "grpo"]
         .into_iter()
         .map(String::from)
-        .chain(order.iter().filter(|m| m.contains('-')).cloned())
+        .chain(
+            order
+                .iter()
+                .filter(|m| m.contains("-beta-") || m.contains("-kl-"))
+                .cloned(),
+        )
     {
         if let Ok(t) = std::fs::read_to_string(p(&name).join("done.json")) {
             let v: Value = serde_json::from_str(&t).unwrap_or_default();
@@ -582,7 +637,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
             }
         }
     }
-    seconds.insert("evaluation".into(), json!(eval_start.elapsed().as_secs_f64()));
+    seconds.insert(
+        "evaluation".into(),
+        json!(eval_start.elapsed().as_secs_f64()),
+    );
     let rm_eval = std::fs::read_to_string(rm_dir.join("done.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -594,13 +652,11 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<()> {
     preftune_model::weights::write_json(&p("results.json"), &summary)?;
     eprintln!(
         "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
-        gold_report["heldout_accuracy"],
-        summary["reward_model_heldout"]["eval_accuracy"]
+        gold_report["heldout_accuracy"], summary["reward_model_heldout"]["eval_accuracy"]
     );
     eprintln!("method  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
     for l in &table {
         eprintln!("{l}");
     }
-    emit(&summary);
-    Ok(())
+    Ok((out, summary))
 }

@@ -134,6 +134,38 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
     Ok(svg)
 }
 
+/// The (method, KL, mean gold reward) points of a pipeline's `results.json`.
+fn frontier_points(v: &Value) -> Vec<(String, f64, f64)> {
+    v["methods"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, r)| {
+            Some((
+                name.clone(),
+                r["kl_to_sft"].as_f64().unwrap_or(0.0),
+                r["gold_reward"]["mean"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+/// `eval frontier`'s output: DIR/frontier.svg and DIR/frontier.json from DIR/results.json.
+pub fn write_frontier(dir: &Path) -> Result<Value> {
+    let results = dir.join("results.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
+        .with_context(|| format!("{}: not JSON", results.display()))?;
+    let pts = frontier_points(&v);
+    anyhow::ensure!(!pts.is_empty(), "{}: no methods to plot", results.display());
+    preftune_model::weights::atomic_write(&dir.join("frontier.svg"), frontier(&pts)?.as_bytes())?;
+    let json: Value = pts
+        .iter()
+        .map(|(m, kl, r)| serde_json::json!({"method": m, "kl_to_sft": kl, "gold_reward": r}))
+        .collect();
+    preftune_model::weights::write_json(&dir.join("frontier.json"), &json)?;
+    Ok(json)
+}
+
 /// Run folders under `dir` (itself included) that hold a `metrics.jsonl`.
 fn runs(dir: &Path) -> Vec<(String, PathBuf)> {
     let mut out = vec![];
@@ -182,7 +214,7 @@ pub fn run(dir: &Path) -> Result<()> {
              <th>gold reward (95% CI)</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean words</th></tr>",
             v["gold_accuracy"]
         );
-        let mut pts = vec![];
+        let pts = frontier_points(&v);
         if let Some(m) = v["methods"].as_object() {
             for (name, r) in m {
                 let g = &r["gold_reward"];
@@ -200,9 +232,6 @@ pub fn run(dir: &Path) -> Result<()> {
                         .map_or("-".into(), |w| format!("{w:.3}")),
                     r["length"]["mean_words"].as_f64().unwrap_or(f64::NAN)
                 );
-                if let Some(gm) = g["mean"].as_f64() {
-                    pts.push((name.clone(), kl, gm));
-                }
             }
         }
         html.push_str("</table>");

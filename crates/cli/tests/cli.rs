@@ -663,6 +663,21 @@ fn eval_commands_report_reward_win_rate_and_kl() {
         c.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("pair samples"), "{err}");
+    // The LLM judge (the tiny model, asked in both orders): a preference per pair.
+    let (ok, v, err) = preftune(&[
+        "eval",
+        "winrate",
+        "--judge",
+        &format!("llm:{}", model("tiny-llama")),
+        "--data",
+        a.to_str().unwrap(),
+        "--baseline",
+        b.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["win_rate"]["n"], 3);
+    let m = v["mean_preference"]["mean"].as_f64().unwrap();
+    assert!(m > 0.0 && m < 1.0, "{v}");
 
     let prompts = root().join("examples/data/pairs-tiny.jsonl");
     let (ok, v, err) = preftune(&[
@@ -755,6 +770,8 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         }
     }
     assert!(out.join("results.json").exists() && out.join("pairs/pairs.jsonl").exists());
+    assert!(v["reward_model_heldout"]["eval_accuracy"].is_f64(), "{v}");
+    assert!(v["stage_seconds"]["dpo"].as_f64().unwrap() > 0.0, "{v}");
     // Cached: the second run trains nothing and gives the same table.
     let (ok, v2, err) = preftune(&argv);
     assert!(ok, "{err}");
@@ -766,6 +783,26 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         v["methods"]["dpo"]["gold_reward"],
         v2["methods"]["dpo"]["gold_reward"]
     );
+    // `eval frontier` on the same config: the cached runs plus the swept beta, plotted.
+    let mut fargs = vec![
+        "eval".to_string(),
+        "frontier".into(),
+        argv[1].to_string(),
+        "--dpo-betas".into(),
+        "0.5".into(),
+    ];
+    for s in &sets {
+        fargs.push("--set".into());
+        fargs.push(s.clone());
+    }
+    let (ok, f, err) = preftune(&fargs.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(!err.contains("[pipeline] DPO"), "reuses the cache: {err}");
+    let pts = f["frontier"].as_array().unwrap();
+    assert!(pts.iter().any(|p| p["method"] == "dpo-beta-0.5"), "{f}");
+    assert!(std::fs::read_to_string(out.join("frontier.svg"))
+        .unwrap()
+        .contains("<svg"));
     // The report: one HTML page with the frontier, the curves it can draw and the samples.
     let (ok, r, err) = preftune(&["report", out.to_str().unwrap()]);
     assert!(ok, "{err}");
@@ -842,4 +879,113 @@ fn generate_writes_candidates_and_resumes() {
         std::fs::read_to_string(&part).unwrap(),
         std::fs::read_to_string(&full).unwrap()
     );
+}
+
+/// Human labels end to end: candidates into the labelling database, judgements (through the
+/// store, as the web app makes them), `label export` and `label stats`, and a DPO run on the
+/// export.
+#[test]
+fn label_export_round_trips_into_a_dpo_run() {
+    use preftune_label::store::{Judgement, Submission};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("labels.sqlite");
+    let cands = dir.path().join("candidates.jsonl");
+    let rows: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Review {i}:"),
+                               "responses": [format!(" great film {i}"), format!(" awful film {i}")]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&cands, rows.join("\n")).unwrap();
+    let dbs = db.to_str().unwrap();
+    let (ok, v, err) = preftune(&[
+        "label",
+        "import",
+        "--db",
+        dbs,
+        "--candidates",
+        cands.to_str().unwrap(),
+        "--overlap",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (v["items"].as_u64(), v["overlapping_items"].as_u64()),
+        (Some(8), Some(8))
+    );
+    let tok = |name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+            .args(["label", "add-annotator", name, "--db", dbs])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (ta, tb) = (tok("ann"), tok("bob"));
+    assert!(ta.starts_with("pt_") && ta != tb);
+    let (ok, _, err) = preftune(&["label", "add-annotator", "ann", "--db", dbs]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+    {
+        let mut store = preftune_label::Store::open(&db).unwrap();
+        for t in [&ta, &tb] {
+            let who = store.authenticate(t).unwrap().unwrap();
+            while let Some(item) = store.next(&who).unwrap() {
+                // "great" is better: left-minus-right +2 when it is on the left, else -2.
+                let scale = if item.responses[0].contains("great") {
+                    2
+                } else {
+                    -2
+                };
+                let sub = Submission {
+                    judgement: Judgement::Pair { scale },
+                    unsafe_flag: false,
+                    comment: String::new(),
+                };
+                store.submit(&who, item.item_id, &sub).unwrap();
+            }
+        }
+    }
+    let (ok, st, err) = preftune(&["label", "stats", "--db", dbs]);
+    assert!(ok, "{err}");
+    assert_eq!(st["stats"]["overlapping_items"], 8);
+    assert_eq!(st["stats"]["pairwise_agreement"], 1.0);
+    let out = dir.path().join("prefs.jsonl");
+    let (ok, e, err) = preftune(&[
+        "label",
+        "export",
+        "--db",
+        dbs,
+        "--out",
+        out.to_str().unwrap(),
+        "--aggregate",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(e["report"]["rows"], 8);
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        first["chosen"].as_str().unwrap().contains("great"),
+        "{first}"
+    );
+    assert_eq!(first["margin"], 2.0);
+    // The export is DPO's input as it is.
+    let sets = [
+        format!("model_name_or_path={}", model("tiny-llama")),
+        format!("train_file={}", out.display()),
+        format!("eval_file={}", out.display()),
+        format!("output_dir={}", dir.path().join("dpo").display()),
+        "max_steps=2".to_string(),
+        "save_steps=2".to_string(),
+    ];
+    let (ok, v, err) = run_with_sets("dpo", &root().join("examples/dpo-tiny.toml"), &sets);
+    assert!(ok, "{err}");
+    assert_eq!(v["global_step"], 2);
+    assert!(err.contains("8 rows"), "{err}");
 }

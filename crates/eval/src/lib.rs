@@ -2,6 +2,7 @@
 //! combinations, gold scorers), the gold IMDb sentiment classifier, and Best-of-N sampling.
 pub mod error;
 pub mod gold;
+pub mod judge;
 pub mod sources;
 pub mod stats;
 

@@ -71,8 +71,11 @@ pub fn export(labels: &[Label], opts: &ExportOptions) -> (Vec<Value>, ExportRepo
             };
             match first.mode {
                 Mode::Pair => {
-                    let choices: Vec<f64> =
-                        unit.iter().filter_map(|l| l.choice).map(|c| c as f64).collect();
+                    let choices: Vec<f64> = unit
+                        .iter()
+                        .filter_map(|l| l.choice)
+                        .map(|c| c as f64)
+                        .collect();
                     if choices.is_empty() {
                         continue;
                     }

@@ -80,7 +80,10 @@ impl App {
 
 /// The token from the `Authorization` header, else from the login cookie.
 fn token(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
     }
     headers
@@ -97,7 +100,9 @@ fn token(headers: &HeaderMap) -> Option<String> {
 async fn page(app: &App, headers: &HeaderMap, admin: bool, body: &'static str) -> Reply {
     match app.who(headers).await? {
         None => Ok(Redirect::to("/login").into_response()),
-        Some(w) if admin && !w.is_admin => Err(error(StatusCode::FORBIDDEN, "admin token required")),
+        Some(w) if admin && !w.is_admin => {
+            Err(error(StatusCode::FORBIDDEN, "admin token required"))
+        }
         Some(_) => Ok(Html(body).into_response()),
     }
 }
@@ -112,7 +117,11 @@ async fn admin_page(State(app): State<App>, headers: HeaderMap) -> Reply {
 
 async fn app_js(State(app): State<App>, headers: HeaderMap) -> Reply {
     app.api_user(&headers).await?;
-    Ok(([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        APP_JS,
+    )
+        .into_response())
 }
 
 async fn login_page() -> Html<&'static str> {
@@ -129,14 +138,18 @@ async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Reply {
     let tc = t.clone();
     let who = app.with(move |s| s.authenticate(&tc)).await?;
     if who.is_none() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Ok((StatusCode::UNAUTHORIZED, Html(LOGIN_HTML.replace("<!--error-->",
-            "<p class=\"error\">Unknown token.</p>"))).into_response());
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            Html(LOGIN_HTML.replace("<!--error-->", "<p class=\"error\">Unknown token.</p>")),
+        )
+            .into_response());
     }
     let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
+        HeaderValue::from_str(&cookie)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
     );
     Ok(r)
 }
@@ -179,7 +192,10 @@ async fn item(State(app): State<App>, headers: HeaderMap, Path(id): Path<i64>) -
     let who = app.api_user(&headers).await?;
     match app.with(move |s| s.shown(&who, id)).await? {
         Some(s) => Ok(Json(s).into_response()),
-        None => Err(error(StatusCode::NOT_FOUND, format!("item {id} is not in your queue"))),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("item {id} is not in your queue"),
+        )),
     }
 }
 
@@ -261,9 +277,15 @@ async fn security_headers(mut r: Response) -> Response {
              img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }
 

@@ -67,7 +67,14 @@ pub struct Stats {
 /// The category a judgement falls in (see the module doc) and how many there are.
 fn category(l: &Label) -> Option<(usize, usize)> {
     match l.mode {
-        Mode::Pair => l.choice.map(|c| (1 + c.signum() as isize) as usize).map(|c| (2 - c, 3)),
+        Mode::Pair => l.choice.map(|c| {
+            let direction = match c.signum() {
+                1 => 0, // the first response is better
+                0 => 1, // about the same
+                _ => 2, // the second is better
+            };
+            (direction, 3)
+        }),
         Mode::Rank => l
             .ranking
             .as_ref()
@@ -132,13 +139,19 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
     let mut items: BTreeMap<i64, Vec<(&str, usize, usize)>> = BTreeMap::new();
     for l in labels {
         if let Some((c, k)) = category(l) {
-            items.entry(l.item_id).or_default().push((&l.annotator, c, k));
+            items
+                .entry(l.item_id)
+                .or_default()
+                .push((&l.annotator, c, k));
         }
     }
     let overlapping: Vec<&Vec<(&str, usize, usize)>> =
         items.values().filter(|v| v.len() >= 2).collect();
     let (mut agree, mut pairs) = (0usize, 0usize);
-    let mut by_pair: BTreeMap<(&str, &str), (Vec<usize>, Vec<usize>, usize)> = BTreeMap::new();
+    // (annotator a, annotator b) -> a's categories, b's categories on their shared items, and
+    // the number of categories.
+    type Shared = (Vec<usize>, Vec<usize>, usize);
+    let mut by_pair: BTreeMap<(&str, &str), Shared> = BTreeMap::new();
     for v in &overlapping {
         for i in 0..v.len() {
             for j in i + 1..v.len() {
@@ -149,9 +162,7 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
                 } else {
                     (v[j], v[i])
                 };
-                let e = by_pair
-                    .entry((x.0, y.0))
-                    .or_insert((vec![], vec![], x.2));
+                let e = by_pair.entry((x.0, y.0)).or_insert((vec![], vec![], x.2));
                 e.0.push(x.1);
                 e.1.push(y.1);
                 e.2 = e.2.max(x.2).max(y.2);
@@ -164,8 +175,7 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
             a: a.to_string(),
             b: b.to_string(),
             shared_items: ca.len(),
-            agreement: ca.iter().zip(&cb).filter(|(x, y)| x == y).count() as f64
-                / ca.len() as f64,
+            agreement: ca.iter().zip(&cb).filter(|(x, y)| x == y).count() as f64 / ca.len() as f64,
             kappa: cohen_kappa(&ca, &cb, k),
         })
         .collect();
@@ -180,7 +190,11 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
         .iter()
         .max_by_key(|(m, n)| (**n, **m))
         .map(|(&m, _)| {
-            let k = overlapping.iter().flat_map(|v| v.iter().map(|x| x.2)).max().unwrap_or(1);
+            let k = overlapping
+                .iter()
+                .flat_map(|v| v.iter().map(|x| x.2))
+                .max()
+                .unwrap_or(1);
             let counts: Vec<Vec<usize>> = overlapping
                 .iter()
                 .filter(|v| v.len() == m)
@@ -239,11 +253,7 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
             rate,
             ci95_low: (rate - half).max(0.0),
             ci95_high: (rate + half).min(1.0),
-            expected: if n > 0 {
-                expected_sum / n as f64
-            } else {
-                0.5
-            },
+            expected: if n > 0 { expected_sum / n as f64 } else { 0.5 },
         },
     }
 }
@@ -325,7 +335,10 @@ mod tests {
         assert_eq!((f.items, f.raters_per_item), (3, 2));
         // Non-tie judgements: 6; the first-shown response won in: (1,ann) yes, (1,bob) no,
         // (2,ann) yes, (2,bob) no, (3,bob) yes, (4,ann) no.
-        assert_eq!((s.position_bias.judgements, s.position_bias.first_shown_wins), (6, 3));
+        assert_eq!(
+            (s.position_bias.judgements, s.position_bias.first_shown_wins),
+            (6, 3)
+        );
         assert_eq!(s.annotators[0].ties, 1);
     }
 }

@@ -301,7 +301,9 @@ impl Store {
     pub fn mode(&self) -> Result<Option<Mode>> {
         let m: Option<String> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.db(e))?;
         m.map(|s| Mode::parse(&s)).transpose()
@@ -346,9 +348,9 @@ impl Store {
                     .iter()
                     .enumerate()
                     .map(|(i, r)| {
-                        r.as_str().map(String::from).ok_or_else(|| {
-                            bad(&format!("responses[{i}]"), "expected a string")
-                        })
+                        r.as_str()
+                            .map(String::from)
+                            .ok_or_else(|| bad(&format!("responses[{i}]"), "expected a string"))
                     })
                     .collect::<Result<Vec<String>>>()?,
                 Some(_) => return Err(bad("responses", "expected a list of strings")),
@@ -384,16 +386,18 @@ impl Store {
             err,
         };
         let stored: Option<String> = tx
-            .query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(dberr)?;
         match stored {
             Some(m) if m != opts.mode.as_str() => {
                 return Err(Error::Input(format!(
-                    "{}: this database labels in `{m}` mode; candidates cannot be added in `{}` mode",
-                    self.path.display(),
-                    opts.mode.as_str()
-                )))
+                "{}: this database labels in `{m}` mode; candidates cannot be added in `{}` mode",
+                self.path.display(),
+                opts.mode.as_str()
+            )))
             }
             Some(_) => {}
             None => {
@@ -535,7 +539,12 @@ impl Store {
                 tx.execute(
                     "INSERT INTO assignments(item_id, annotator_id, display_order, assigned_at)
                      VALUES (?1, ?2, ?3, ?4)",
-                    params![id, who.id, serde_json::to_string(&order).unwrap_or_default(), now()],
+                    params![
+                        id,
+                        who.id,
+                        serde_json::to_string(&order).unwrap_or_default(),
+                        now()
+                    ],
                 )
                 .map_err(dberr)?;
                 tx.execute(
@@ -655,7 +664,10 @@ impl Store {
                     )));
                 }
                 let original: Vec<usize> = shown.iter().map(|&d| order[d]).collect();
-                (None, Some(serde_json::to_string(&original).unwrap_or_default()))
+                (
+                    None,
+                    Some(serde_json::to_string(&original).unwrap_or_default()),
+                )
             }
         };
         let tx = self
@@ -739,7 +751,18 @@ impl Store {
             )
             .map_err(|e| self.db(e))?;
         #[allow(clippy::type_complexity)]
-        let raw: Vec<(i64, String, String, String, Option<i64>, Option<String>, i64, i64, String, String)> = stmt
+        let raw: Vec<(
+            i64,
+            String,
+            String,
+            String,
+            Option<i64>,
+            Option<String>,
+            i64,
+            i64,
+            String,
+            String,
+        )> = stmt
             .query_map([], |r| {
                 Ok((
                     r.get(0)?,
@@ -757,29 +780,42 @@ impl Store {
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.db(e))?;
         raw.into_iter()
-            .map(|(item_id, annotator, p, r, choice, ranking, first, unsafe_flag, comment, created_at)| {
-                let corrupt = || {
-                    Error::Input(format!(
-                        "{}: item {item_id}: stored JSON is not valid",
-                        self.path.display()
-                    ))
-                };
-                Ok(Label {
+            .map(
+                |(
                     item_id,
                     annotator,
-                    prompt: serde_json::from_str(&p).map_err(|_| corrupt())?,
-                    responses: serde_json::from_str(&r).map_err(|_| corrupt())?,
-                    mode,
+                    p,
+                    r,
                     choice,
-                    ranking: ranking
-                        .map(|s| serde_json::from_str(&s).map_err(|_| corrupt()))
-                        .transpose()?,
-                    first_shown: first as usize,
-                    unsafe_flag: unsafe_flag != 0,
+                    ranking,
+                    first,
+                    unsafe_flag,
                     comment,
                     created_at,
-                })
-            })
+                )| {
+                    let corrupt = || {
+                        Error::Input(format!(
+                            "{}: item {item_id}: stored JSON is not valid",
+                            self.path.display()
+                        ))
+                    };
+                    Ok(Label {
+                        item_id,
+                        annotator,
+                        prompt: serde_json::from_str(&p).map_err(|_| corrupt())?,
+                        responses: serde_json::from_str(&r).map_err(|_| corrupt())?,
+                        mode,
+                        choice,
+                        ranking: ranking
+                            .map(|s| serde_json::from_str(&s).map_err(|_| corrupt()))
+                            .transpose()?,
+                        first_shown: first as usize,
+                        unsafe_flag: unsafe_flag != 0,
+                        comment,
+                        created_at,
+                    })
+                },
+            )
             .collect()
     }
 }

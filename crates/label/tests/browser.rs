@@ -54,7 +54,10 @@ impl Driver {
                     break;
                 }
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "chromedriver did not come up");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "chromedriver did not come up"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut d = Driver {
@@ -98,7 +101,11 @@ impl Driver {
 
     async fn find(&self, css: &str) -> String {
         let v = self
-            .s("POST", "/element", json!({"using": "css selector", "value": css}))
+            .s(
+                "POST",
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
             .await;
         v[ELEMENT]
             .as_str()
@@ -168,23 +175,37 @@ async fn label_a_pair_with_the_keyboard_in_chromium() {
     std::fs::write(&cands, text).unwrap();
     let token = {
         let mut s = Store::open(&db).unwrap();
-        s.import(&cands, &ImportOptions { mode: Mode::Pair, ..Default::default() })
-            .unwrap();
+        s.import(
+            &cands,
+            &ImportOptions {
+                mode: Mode::Pair,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         s.add_annotator("ann", false).unwrap()
     };
     let srv = Server::start(&db).await;
     let d = Driver::start(&driver_bin).await;
 
-    d.s("POST", "/url", json!({"url": format!("{}/", srv.url)})).await;
+    d.s("POST", "/url", json!({"url": format!("{}/", srv.url)}))
+        .await;
     // Not logged in: the page sends us to the login form.
     d.wait_for("return location.pathname === '/login'").await;
     let input = d.find("#token").await;
-    d.s("POST", &format!("/element/{input}/value"), json!({"text": token}))
-        .await;
+    d.s(
+        "POST",
+        &format!("/element/{input}/value"),
+        json!({"text": token}),
+    )
+    .await;
     let button = d.find("#login").await;
-    d.s("POST", &format!("/element/{button}/click"), json!({})).await;
-    d.wait_for("return document.getElementById('left') && document.getElementById('left').textContent")
+    d.s("POST", &format!("/element/{button}/click"), json!({}))
         .await;
+    d.wait_for(
+        "return document.getElementById('left') && document.getElementById('left').textContent",
+    )
+    .await;
 
     let shown = d
         .script(
@@ -227,12 +248,21 @@ async fn label_a_pair_with_the_keyboard_in_chromium() {
     assert_eq!(labels.len(), 1);
     assert!(labels[0].unsafe_flag);
     let left = shown["left"].as_str().unwrap();
-    let chosen = if labels[0].choice.unwrap() > 0 { &labels[0].responses[0] } else { &labels[0].responses[1] };
+    let chosen = if labels[0].choice.unwrap() > 0 {
+        &labels[0].responses[0]
+    } else {
+        &labels[0].responses[1]
+    };
     assert_eq!(chosen, left, "the left response was chosen");
     assert_eq!(labels[0].choice.unwrap().abs(), 2);
     // The conversational prompt shows each message with its role.
-    let p = d.script("return document.getElementById('prompt').textContent").await;
-    assert!(p.as_str().unwrap().contains("systemYou are a film critic."), "{p}");
+    let p = d
+        .script("return document.getElementById('prompt').textContent")
+        .await;
+    assert!(
+        p.as_str().unwrap().contains("systemYou are a film critic."),
+        "{p}"
+    );
 
     d.s("DELETE", "", json!({})).await;
     srv.stop().await;

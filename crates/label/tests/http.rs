@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use common::{candidates, setup, Server};
+use common::{fresh, Server};
 use preftune_label::export::{export, ExportOptions};
 use preftune_label::{Mode, Store};
 use reqwest::StatusCode;
@@ -26,7 +26,12 @@ async fn get(c: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::Re
 }
 
 async fn post(c: &reqwest::Client, url: &str, token: &str, body: Value) -> reqwest::Response {
-    c.post(url).bearer_auth(token).json(&body).send().await.unwrap()
+    c.post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn next(c: &reqwest::Client, s: &str, token: &str) -> Value {
@@ -37,10 +42,7 @@ async fn next(c: &reqwest::Client, s: &str, token: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_needs_a_token_and_admin_routes_an_admin() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 4, 2);
-    let tokens = setup(&db, &cands, Mode::Pair, 0.0, &["admin", "ann"]);
+    let (_dir, db, tokens) = fresh(4, 2, Mode::Pair, 0.0, &["admin", "ann"]);
     let srv = Server::start(&db).await;
     let c = client();
     let u = |p: &str| format!("{}{p}", srv.url);
@@ -86,9 +88,17 @@ async fn every_route_needs_a_token_and_admin_routes_an_admin() {
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
     let cookie = cookie.split(';').next().unwrap().to_string();
-    let r = c.get(u("/")).header("cookie", &cookie).send().await.unwrap();
+    let r = c
+        .get(u("/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(csp.contains("script-src 'self'"), "{csp}");
     let r = c
         .post(u("/login"))
@@ -107,7 +117,11 @@ async fn every_route_needs_a_token_and_admin_routes_an_admin() {
         );
     }
     for p in ["/", "/app.js", "/api/me", "/api/next"] {
-        assert_eq!(get(&c, &u(p), Some(&tokens[1])).await.status(), StatusCode::OK, "{p}");
+        assert_eq!(
+            get(&c, &u(p), Some(&tokens[1])).await.status(),
+            StatusCode::OK,
+            "{p}"
+        );
     }
     let r = get(&c, &u("/api/admin/progress"), Some(&tokens[0])).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -118,10 +132,7 @@ async fn every_route_needs_a_token_and_admin_routes_an_admin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_annotator_cannot_read_or_write_another_annotators_items() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 6, 2);
-    let t = setup(&db, &cands, Mode::Pair, 0.0, &["admin", "ann", "bob"]);
+    let (_dir, db, t) = fresh(6, 2, Mode::Pair, 0.0, &["admin", "ann", "bob"]);
     let srv = Server::start(&db).await;
     let c = client();
     let s = srv.url.clone();
@@ -137,7 +148,13 @@ async fn an_annotator_cannot_read_or_write_another_annotators_items() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body = r.text().await.unwrap();
     assert!(!body.contains("response"), "{body}");
-    let r = post(&c, &format!("{s}/api/items/{id}/label"), &t[2], json!({"scale": 3})).await;
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{id}/label"),
+        &t[2],
+        json!({"scale": 3}),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Bob's own queue never contains ann's item.
     let b = next(&c, &s, &t[2]).await;
@@ -153,9 +170,21 @@ async fn an_annotator_cannot_read_or_write_another_annotators_items() {
         let r = post(&c, &format!("{s}/api/items/{id}/label"), &t[1], bad.clone()).await;
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
     }
-    let r = post(&c, &format!("{s}/api/items/{id}/label"), &t[1], json!({"scale": 2, "unsafe": true, "comment": "rude"})).await;
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{id}/label"),
+        &t[1],
+        json!({"scale": 2, "unsafe": true, "comment": "rude"}),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = post(&c, &format!("{s}/api/items/{id}/label"), &t[1], json!({"scale": -2})).await;
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{id}/label"),
+        &t[1],
+        json!({"scale": -2}),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
     srv.stop().await;
 
@@ -176,15 +205,13 @@ async fn an_annotator_cannot_read_or_write_another_annotators_items() {
 /// annotators, and a duplicated request counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_submissions_all_land_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 1600, 2);
     let names: Vec<String> = (0..9).map(|i| format!("a{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let tokens = setup(&db, &cands, Mode::Pair, 0.0, &refs);
+    let (_dir, db, tokens) = fresh(1600, 2, Mode::Pair, 0.0, &refs);
     let srv = Server::start(&db).await;
     let mut tasks = vec![];
-    for t in tokens[1..].iter().cloned() {
+    for t in &tokens[1..] {
+        let t = t.clone();
         let s = srv.url.clone();
         tasks.push(tokio::spawn(async move {
             let c = client();
@@ -196,7 +223,8 @@ async fn concurrent_submissions_all_land_exactly_once() {
                 let body = json!({"scale": (i % 7) - 3});
                 if i % 50 == 0 {
                     // The same judgement sent twice at once (a double submit).
-                    let (r1, r2) = tokio::join!(post(&c, &url, &t, body.clone()), post(&c, &url, &t, body));
+                    let (r1, r2) =
+                        tokio::join!(post(&c, &url, &t, body.clone()), post(&c, &url, &t, body));
                     let mut codes = [r1.status(), r2.status()];
                     codes.sort();
                     assert_eq!(codes, [StatusCode::OK, StatusCode::CONFLICT]);
@@ -231,20 +259,22 @@ async fn concurrent_submissions_all_land_exactly_once() {
     }
     assert!(per_item.values().all(|&n| n == 1));
     let p = store.progress().unwrap();
-    assert!(p.annotators.iter().filter(|a| a.name != "a0").all(|a| a.labelled == 200));
+    assert!(p
+        .annotators
+        .iter()
+        .filter(|a| a.name != "a0")
+        .all(|a| a.labelled == 200));
 }
 
 /// Overlapping items go to exactly `overlap_copies` different annotators, never more, and the
 /// statistics see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlap_is_honoured_under_concurrency() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 120, 2);
-    let tokens = setup(&db, &cands, Mode::Pair, 0.3, &["admin", "a", "b", "c", "d"]);
+    let (_dir, db, tokens) = fresh(120, 2, Mode::Pair, 0.3, &["admin", "a", "b", "c", "d"]);
     let srv = Server::start(&db).await;
     let mut tasks = vec![];
-    for t in tokens[1..].iter().cloned() {
+    for t in &tokens[1..] {
+        let t = t.clone();
         let s = srv.url.clone();
         tasks.push(tokio::spawn(async move {
             let c = client();
@@ -254,7 +284,13 @@ async fn overlap_is_honoured_under_concurrency() {
                     break;
                 }
                 let id = n["item"]["item_id"].as_i64().unwrap();
-                let r = post(&c, &format!("{s}/api/items/{id}/label"), &t, json!({"scale": 1})).await;
+                let r = post(
+                    &c,
+                    &format!("{s}/api/items/{id}/label"),
+                    &t,
+                    json!({"scale": 1}),
+                )
+                .await;
                 assert_eq!(r.status(), StatusCode::OK);
             }
         }));
@@ -263,15 +299,22 @@ async fn overlap_is_honoured_under_concurrency() {
         t.await.unwrap();
     }
     let c = client();
-    let st: Value = get(&c, &format!("{}/api/admin/stats", srv.url), Some(&tokens[0]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let st: Value = get(
+        &c,
+        &format!("{}/api/admin/stats", srv.url),
+        Some(&tokens[0]),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     srv.stop().await;
     let store = Store::open(&db).unwrap();
     let p = store.progress().unwrap();
-    assert!(p.overlapping_items > 20 && p.overlapping_items < 60, "{p:?}");
+    assert!(
+        p.overlapping_items > 20 && p.overlapping_items < 60,
+        "{p:?}"
+    );
     assert_eq!(p.labelled, p.wanted);
     assert_eq!(p.wanted, 120 + p.overlapping_items);
     let mut per_item: HashMap<i64, HashSet<String>> = HashMap::new();
@@ -289,16 +332,19 @@ async fn overlap_is_honoured_under_concurrency() {
 /// to them after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 10, 2);
-    let t = setup(&db, &cands, Mode::Pair, 0.0, &["admin", "ann"]);
+    let (_dir, db, t) = fresh(10, 2, Mode::Pair, 0.0, &["admin", "ann"]);
     let c = client();
     let srv = Server::start(&db).await;
     for _ in 0..3 {
         let n = next(&c, &srv.url, &t[1]).await;
         let id = n["item"]["item_id"].as_i64().unwrap();
-        let r = post(&c, &format!("{}/api/items/{id}/label", srv.url), &t[1], json!({"scale": -1})).await;
+        let r = post(
+            &c,
+            &format!("{}/api/items/{id}/label", srv.url),
+            &t[1],
+            json!({"scale": -1}),
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::OK);
     }
     let open = next(&c, &srv.url, &t[1]).await;
@@ -306,7 +352,10 @@ async fn a_restart_loses_nothing() {
 
     let srv = Server::start(&db).await;
     let again = next(&c, &srv.url, &t[1]).await;
-    assert_eq!(again["item"], open["item"], "same item, same left/right order");
+    assert_eq!(
+        again["item"], open["item"],
+        "same item, same left/right order"
+    );
     let me: Value = get(&c, &format!("{}/api/me", srv.url), Some(&t[1]))
         .await
         .json()
@@ -320,10 +369,7 @@ async fn a_restart_loses_nothing() {
 /// Rankings: positions sent in display order come back out in the items' own order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rankings_map_display_positions_back_to_responses() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("labels.sqlite");
-    let cands = candidates(dir.path(), "c.jsonl", 3, 4);
-    let t = setup(&db, &cands, Mode::Rank, 0.0, &["admin"]);
+    let (_dir, db, t) = fresh(3, 4, Mode::Rank, 0.0, &["admin"]);
     let srv = Server::start(&db).await;
     let c = client();
     loop {
@@ -342,20 +388,40 @@ async fn rankings_map_display_positions_back_to_responses() {
         assert_eq!(shown.len(), 4);
         let id = item["item_id"].as_i64().unwrap();
         let url = format!("{}/api/items/{id}/label", srv.url);
-        for bad in [json!({"ranking": [0, 1, 2]}), json!({"ranking": [0, 0, 1, 2]}), json!({"scale": 1})] {
-            assert_eq!(post(&c, &url, &t[0], bad).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        for bad in [
+            json!({"ranking": [0, 1, 2]}),
+            json!({"ranking": [0, 0, 1, 2]}),
+            json!({"scale": 1}),
+        ] {
+            assert_eq!(
+                post(&c, &url, &t[0], bad).await.status(),
+                StatusCode::UNPROCESSABLE_ENTITY
+            );
         }
         // Best first: "response 3 ...", then 2, 1, 0.
         let mut order: Vec<usize> = (0..4).collect();
         order.sort_by_key(|&d| std::cmp::Reverse(shown[d].clone()));
-        assert_eq!(post(&c, &url, &t[0], json!({"ranking": order})).await.status(), StatusCode::OK);
+        assert_eq!(
+            post(&c, &url, &t[0], json!({"ranking": order}))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
     srv.stop().await;
     let labels = Store::open(&db).unwrap().labels().unwrap();
     assert_eq!(labels.len(), 3);
     let (rows, _) = export(&labels, &ExportOptions::default());
     for r in rows {
-        let resp: Vec<&str> = r["responses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert!(resp[0].starts_with("response 3") && resp[3].starts_with("response 0"), "{resp:?}");
+        let resp: Vec<&str> = r["responses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            resp[0].starts_with("response 3") && resp[3].starts_with("response 0"),
+            "{resp:?}"
+        );
     }
 }

@@ -33,6 +33,9 @@ pub struct AdamW {
     pub names: Vec<String>,
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    /// Per-parameter multiplier of the scheduled learning rate (1 unless a trainer sets one, e.g.
+    /// for a freshly initialised head).
+    pub lr_scale: Vec<f64>,
 }
 
 impl AdamW {
@@ -49,6 +52,7 @@ impl AdamW {
             names: params.iter().map(|(n, _)| n.clone()).collect(),
             m: zeros(),
             v: zeros(),
+            lr_scale: vec![1.0; params.len()],
         }
     }
 
@@ -59,9 +63,10 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
         let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - self.cfg.beta2.powi(self.t as i32)).sqrt();
-        let step_size = (lr / bc1) as f32;
         let eps = self.cfg.eps as f32;
         for (i, ((name, var), g)) in params.iter().zip(grads).enumerate() {
+            let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+            let step_size = (lr / bc1) as f32;
             if g.len() != var.elem_count() {
                 return Err(Error::Msg(format!(
                     "optimizer: gradient of {name} has {} values, parameter {}",

@@ -26,6 +26,9 @@ pub struct RewardArgs {
     /// Adds `coef * mean((r_chosen + r_rejected)^2)`, pulling rewards towards mean 0
     /// (Eisenstein et al. 2023); TRL recommends 0.01.
     pub center_rewards_coefficient: Option<f64>,
+    /// Learning rate of the score head (`score.weight`), which starts from random while the
+    /// backbone is pretrained; default: `learning_rate`. Not a TRL option.
+    pub score_head_learning_rate: Option<f64>,
 }
 
 /// TRL's `RewardConfig` defaults over the shared ones (it also turns gradient checkpointing on).
@@ -156,6 +159,8 @@ pub struct RewardTrainer {
     pub train: Vec<RewardPair>,
     pub eval: Vec<RewardPair>,
     pub center_rewards_coefficient: Option<f64>,
+    /// `score_head_learning_rate / learning_rate`.
+    pub head_lr_scale: f64,
     pub pad_token_id: u32,
     pub device: Device,
 }
@@ -172,6 +177,14 @@ impl RewardTrainer {
 impl Algorithm for RewardTrainer {
     fn len(&self, split: Split) -> usize {
         self.split(split).len()
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        if name == "score.weight" {
+            self.head_lr_scale
+        } else {
+            1.0
+        }
     }
 
     fn weight(&self, split: Split, idx: &[usize]) -> f64 {
@@ -281,6 +294,7 @@ pub fn run(
             train: vec![],
             eval,
             center_rewards_coefficient: cfg.algo.center_rewards_coefficient,
+            head_lr_scale: 1.0,
             pad_token_id: p.pad_token_id(),
             device: p.model.device().clone(),
         };
@@ -305,6 +319,10 @@ pub fn run(
         train,
         eval,
         center_rewards_coefficient: cfg.algo.center_rewards_coefficient,
+        head_lr_scale: cfg
+            .algo
+            .score_head_learning_rate
+            .map_or(1.0, |h| h / args.learning_rate),
         pad_token_id: policy.pad_token_id(),
         device: policy.model.device().clone(),
     };

@@ -71,6 +71,10 @@ pub trait Algorithm {
     fn extra_params(&self) -> Vec<(String, candle_core::Var)> {
         vec![]
     }
+    /// Multiplier of the learning rate for the parameter `name` (1 by default).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
     /// Optimiser updates per batch of prompts (PPO's `num_ppo_epochs` over one rollout).
     fn updates_per_batch(&self) -> usize {
         1
@@ -382,6 +386,7 @@ pub fn train(
         },
         &params,
     );
+    opt.lr_scale = params.iter().map(|(n, _)| algo.lr_scale(n)).collect();
     let n = algo.len(Split::Train);
     if n == 0 {
         return Err(Error::Msg("the training set is empty".into()));

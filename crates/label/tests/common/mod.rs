@@ -46,9 +46,14 @@ pub fn candidates(dir: &Path, name: &str, n: usize, k: usize) -> PathBuf {
     let p = dir.join(name);
     let rows: String = (0..n)
         .map(|i| {
-            let responses: Vec<String> = (0..k).map(|j| format!("response {j} to prompt {i}")).collect();
-            format!("{}\n", json!({"prompt": format!("prompt {i}"), "responses": responses,
-                                   "sampling": {"temperature": 1.0}}))
+            let responses: Vec<String> = (0..k)
+                .map(|j| format!("response {j} to prompt {i}"))
+                .collect();
+            format!(
+                "{}\n",
+                json!({"prompt": format!("prompt {i}"), "responses": responses,
+                                   "sampling": {"temperature": 1.0}})
+            )
         })
         .collect();
     std::fs::write(&p, rows).unwrap();
@@ -57,13 +62,7 @@ pub fn candidates(dir: &Path, name: &str, n: usize, k: usize) -> PathBuf {
 
 /// A database with the candidates imported and the named annotators (first one admin);
 /// returns their tokens.
-pub fn setup(
-    db: &Path,
-    cands: &Path,
-    mode: Mode,
-    overlap: f64,
-    names: &[&str],
-) -> Vec<String> {
+pub fn setup(db: &Path, cands: &Path, mode: Mode, overlap: f64, names: &[&str]) -> Vec<String> {
     let mut s = Store::open(db).unwrap();
     s.import(
         cands,
@@ -80,4 +79,20 @@ pub fn setup(
         .enumerate()
         .map(|(i, n)| s.add_annotator(n, i == 0).unwrap())
         .collect()
+}
+
+/// A temporary folder with a database of `n` prompts x `k` responses and the named annotators
+/// (see [`setup`]); keep the folder alive while the database is used.
+pub fn fresh(
+    n: usize,
+    k: usize,
+    mode: Mode,
+    overlap: f64,
+    names: &[&str],
+) -> (tempfile::TempDir, PathBuf, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("labels.sqlite");
+    let cands = candidates(dir.path(), "c.jsonl", n, k);
+    let tokens = setup(&db, &cands, mode, overlap, names);
+    (dir, db, tokens)
 }
