@@ -210,9 +210,13 @@ pub fn run(dir: &Path) -> Result<()> {
             .with_context(|| format!("{}: not JSON", results.display()))?;
         let _ = write!(
             html,
-            "<h2>Results</h2><p>Gold judge held-out accuracy: {}</p><table><tr><th>method</th>\
+            "<h2>Results</h2><p>Gold judge held-out accuracy: {}. Reward model accuracy against \
+             gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
              <th>gold reward (95% CI)</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean words</th></tr>",
-            v["gold_accuracy"]
+            v["gold_accuracy"],
+            v["reward_model_heldout"]["eval_accuracy"]
+                .as_f64()
+                .map_or("not measured".into(), |a| format!("{a:.3}"))
         );
         let pts = frontier_points(&v);
         if let Some(m) = v["methods"].as_object() {
