@@ -91,6 +91,9 @@ fn d_new() -> usize {
 fn d_n() -> usize {
     4
 }
+/// Every method the pipeline knows, in the order results are reported.
+const METHODS: [&str; 6] = ["sft", "dpo", "ppo", "ppo-gt", "grpo", "bon"];
+
 fn d_methods() -> Vec<String> {
     ["sft", "dpo", "ppo", "grpo", "bon"]
         .map(String::from)
@@ -170,7 +173,28 @@ fn train<A: serde::de::DeserializeOwned>(
     Ok(run(&cfg, true, false)?)
 }
 
-/// One cached trainer stage: skipped when `dir/done.json` exists, else trained and marked done.
+/// The summary a finished stage left in `dir/done.json`.
+fn read_done(dir: &Path) -> Result<Value> {
+    let path = dir.join("done.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
+}
+
+/// One cached stage: skipped when `dir/done.json` exists, else run and marked done with its
+/// summary plus `stage_seconds`.
+fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Result<()> {
+    if done(dir) {
+        return Ok(());
+    }
+    eprintln!("[pipeline] {label}");
+    let t = std::time::Instant::now();
+    let mut v = run()?;
+    v["stage_seconds"] = json!(t.elapsed().as_secs_f64());
+    mark_done(dir, &v)
+}
+
+/// One cached trainer stage.
 fn stage<A: serde::de::DeserializeOwned>(
     dir: &Path,
     label: &str,
@@ -179,14 +203,7 @@ fn stage<A: serde::de::DeserializeOwned>(
     sets: &[String],
     run: fn(&preftune_train::RunConfig<A>, bool, bool) -> preftune_train::Result<Value>,
 ) -> Result<()> {
-    if done(dir) {
-        return Ok(());
-    }
-    eprintln!("[pipeline] {label}");
-    let t = std::time::Instant::now();
-    let mut v = train(defaults, table, sets, run)?;
-    v["stage_seconds"] = json!(t.elapsed().as_secs_f64());
-    mark_done(dir, &v)
+    cached(dir, label, || train(defaults, table, sets, run))
 }
 
 /// Runs (or continues) the pipeline; returns its output folder and the summary (`results.json`).
@@ -203,9 +220,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     for m in &cfg.methods {
         anyhow::ensure!(
-            ["sft", "dpo", "ppo", "ppo-gt", "grpo", "bon"].contains(&m.as_str()),
-            "{}: methods: unknown method `{m}` (sft, dpo, ppo, ppo-gt, grpo, bon)",
-            config.display()
+            METHODS.contains(&m.as_str()),
+            "{}: methods: unknown method `{m}` ({})",
+            config.display(),
+            METHODS.join(", ")
         );
     }
     anyhow::ensure!(
@@ -242,21 +260,17 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let gold_dir = p("gold");
     let gold_file = gold_dir.join("gold-sentiment.safetensors");
     let reviews = read_imdb_csv(&csv)?;
-    if !done(&gold_dir) {
-        eprintln!(
-            "[pipeline] training the gold judge on {} reviews",
-            reviews.len()
-        );
-        let t = std::time::Instant::now();
-        let (g, report) = GoldSentiment::train(&reviews, cfg.seed)?;
-        std::fs::create_dir_all(&gold_dir)?;
-        g.save(&gold_file)?;
-        let mut v = serde_json::to_value(&report)?;
-        v["stage_seconds"] = json!(t.elapsed().as_secs_f64());
-        mark_done(&gold_dir, &v)?;
-    }
-    let gold_report: Value =
-        serde_json::from_str(&std::fs::read_to_string(gold_dir.join("done.json"))?)?;
+    cached(
+        &gold_dir,
+        &format!("training the gold judge on {} reviews", reviews.len()),
+        || {
+            let (g, report) = GoldSentiment::train(&reviews, cfg.seed)?;
+            std::fs::create_dir_all(&gold_dir)?;
+            g.save(&gold_file)?;
+            Ok(serde_json::to_value(&report)?)
+        },
+    )?;
+    let gold_report = read_done(&gold_dir)?;
     let gold_spec = format!("gold:sentiment={}", gold_file.display());
 
     // Data: SFT text and prompts from disjoint reviews.
@@ -325,9 +339,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     // worst pairs for DPO, and the scored samples as rankings (every ordered pair) for the reward
     // model, whose last `rm_eval_prompts` prompts are held out to measure its accuracy.
     let pairs_dir = p("pairs");
-    if !done(&pairs_dir) {
-        eprintln!("[pipeline] sampling and labelling pairs");
-        let t = std::time::Instant::now();
+    cached(&pairs_dir, "sampling and labelling pairs", || {
         let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
         let gold = RewardSource::parse(&gold_spec)?;
         let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
@@ -373,12 +385,11 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         write_jsonl(&pairs_dir.join("rm-pairs.jsonl"), &rm_pairs)?;
         write_jsonl(&pairs_dir.join("rankings.jsonl"), rm_train)?;
         write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
-        mark_done(
-            &pairs_dir,
-            &json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
-                    "rm_eval_prompts": rm_eval.len(), "stage_seconds": t.elapsed().as_secs_f64()}),
-        )?;
-    }
+        Ok(
+            json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
+                  "rm_eval_prompts": rm_eval.len()}),
+        )
+    })?;
     let pairs_file = ps("pairs/pairs.jsonl");
 
     // The reward model on the gold-labelled pairs (the proxy PPO and Best-of-N optimise).
@@ -488,13 +499,14 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
     // what PPO gets from a perfect reward model.
     if has("ppo-gt") {
-        let mut sets = online_sets("ppo-gt", &cfg.ppo, None);
-        sets.push(format!("reward=\"{}\"", gold_spec.replace('"', "\\\"")));
+        let mut table = cfg.ppo.clone();
+        table.insert("reward".into(), "gold".into());
+        let sets = online_sets("ppo-gt", &table, None);
         stage(
             &p("ppo-gt"),
             "PPO with the gold reward (PPO-GT)",
             ppo::defaults(),
-            &cfg.ppo,
+            &table,
             &sets,
             ppo::run,
         )?;
@@ -529,9 +541,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let mut results = serde_json::Map::new();
     let mut table = vec![];
     let mut sft_gold: Vec<f64> = vec![];
-    let mut order: Vec<String> = ["sft", "dpo", "ppo", "ppo-gt", "grpo"]
+    // Trained policies in METHODS order, then the sweeps, then Best-of-N.
+    let mut order: Vec<String> = METHODS
         .iter()
-        .filter(|m| has(m))
+        .filter(|m| **m != "bon" && has(m))
         .map(|m| m.to_string())
         .collect();
     order.extend(sweep);
@@ -618,34 +631,25 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len}),
         );
     }
-    // Seconds per stage (from each stage's done.json: cached stages keep their first timing).
+    // Seconds per stage (from each stage's done.json: cached stages keep their first timing;
+    // Best-of-N has no stage of its own, its sampling is part of the evaluation).
     let mut seconds = serde_json::Map::new();
-    for name in ["gold", "pairs", "sft", "rm", "dpo", "ppo", "ppo-gt", "grpo"]
+    for name in ["gold", "pairs", "sft", "rm"]
         .into_iter()
-        .map(String::from)
-        .chain(
-            order
-                .iter()
-                .filter(|m| m.contains("-beta-") || m.contains("-kl-"))
-                .cloned(),
-        )
+        .chain(order.iter().map(String::as_str))
     {
-        if let Ok(t) = std::fs::read_to_string(p(&name).join("done.json")) {
-            let v: Value = serde_json::from_str(&t).unwrap_or_default();
-            if let Some(x) = v.get("stage_seconds") {
-                seconds.insert(name, x.clone());
-            }
+        if let Some(x) = read_done(&p(name))
+            .ok()
+            .and_then(|v| v.get("stage_seconds").cloned())
+        {
+            seconds.insert(name.to_string(), x);
         }
     }
     seconds.insert(
         "evaluation".into(),
         json!(eval_start.elapsed().as_secs_f64()),
     );
-    let rm_eval = std::fs::read_to_string(rm_dir.join("done.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .map(|v| v["eval"].clone())
-        .unwrap_or(Value::Null);
+    let rm_eval = read_done(&rm_dir).map_or(Value::Null, |v| v["eval"].clone());
     let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
                          "reward_model_heldout": rm_eval, "methods": results,
                          "stage_seconds": seconds, "output_dir": out.display().to_string()});
