@@ -162,17 +162,8 @@ mod tests {
 
     fn pair(item: i64, who: &str, choice: i64, unsafe_flag: bool) -> Label {
         Label {
-            item_id: item,
-            annotator: who.into(),
-            prompt: json!("p"),
-            responses: vec!["A".into(), "B".into()],
-            mode: Mode::Pair,
-            choice: Some(choice),
-            ranking: None,
-            first_shown: 0,
             unsafe_flag,
-            comment: String::new(),
-            created_at: String::new(),
+            ..Label::test_pair(item, who, choice, 0)
         }
     }
 

@@ -261,7 +261,6 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     /// Wikipedia's worked example: 50 items, 20 both yes, 5 and 10 split, 15 both no -> 0.4.
     #[test]
@@ -295,33 +294,17 @@ mod tests {
         assert!((fleiss_kappa(&counts).unwrap() - 0.20993).abs() < 1e-4);
     }
 
-    fn l(item: i64, who: &str, choice: i64, first: usize) -> Label {
-        Label {
-            item_id: item,
-            annotator: who.into(),
-            prompt: json!("p"),
-            responses: vec!["a".into(), "b".into()],
-            mode: Mode::Pair,
-            choice: Some(choice),
-            ranking: None,
-            first_shown: first,
-            unsafe_flag: false,
-            comment: String::new(),
-            created_at: String::new(),
-        }
-    }
-
     #[test]
     fn agreement_and_position_bias_from_labels() {
         // Items 1-3 overlap: agree, agree, disagree (tie vs first); item 4 single.
         let labels = vec![
-            l(1, "ann", 2, 0),
-            l(1, "bob", 1, 1),
-            l(2, "ann", -3, 1),
-            l(2, "bob", -1, 0),
-            l(3, "ann", 0, 0),
-            l(3, "bob", 2, 0),
-            l(4, "ann", 1, 1),
+            Label::test_pair(1, "ann", 2, 0),
+            Label::test_pair(1, "bob", 1, 1),
+            Label::test_pair(2, "ann", -3, 1),
+            Label::test_pair(2, "bob", -1, 0),
+            Label::test_pair(3, "ann", 0, 0),
+            Label::test_pair(3, "bob", 2, 0),
+            Label::test_pair(4, "ann", 1, 1),
         ];
         let s = stats(&labels, Mode::Pair);
         assert_eq!(s.overlapping_items, 3);

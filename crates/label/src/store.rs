@@ -155,6 +155,31 @@ pub struct Label {
     pub created_at: String,
 }
 
+#[cfg(test)]
+impl Label {
+    /// A pairwise judgement of responses "A" and "B" to prompt "p", for unit tests.
+    pub(crate) fn test_pair(
+        item_id: i64,
+        annotator: &str,
+        choice: i64,
+        first_shown: usize,
+    ) -> Label {
+        Label {
+            item_id,
+            annotator: annotator.into(),
+            prompt: json!("p"),
+            responses: vec!["A".into(), "B".into()],
+            mode: Mode::Pair,
+            choice: Some(choice),
+            ranking: None,
+            first_shown,
+            unsafe_flag: false,
+            comment: String::new(),
+            created_at: String::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct AnnotatorProgress {
     pub name: String,
@@ -259,13 +284,18 @@ pub fn prompt_messages(prompt: &Value) -> Option<Vec<Message>> {
     }
 }
 
+/// SQLite errors as [`Error::Db`], naming the database file.
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
+    move |err| Error::Db {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = |err| Error::Db {
-            path: path.to_path_buf(),
-            err,
-        };
+        let db = db_err(path);
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
@@ -292,10 +322,7 @@ impl Store {
     }
 
     fn db(&self, err: rusqlite::Error) -> Error {
-        Error::Db {
-            path: self.path.clone(),
-            err,
-        }
+        db_err(&self.path)(err)
     }
 
     pub fn mode(&self) -> Result<Option<Mode>> {
@@ -374,17 +401,11 @@ impl Store {
                 }
             }
         }
+        let dberr = db_err(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| Error::Db {
-                path: self.path.clone(),
-                err: e,
-            })?;
-        let dberr = |err| Error::Db {
-            path: self.path.clone(),
-            err,
-        };
+            .map_err(dberr)?;
         let stored: Option<String> = tx
             .query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| {
                 r.get(0)
@@ -493,11 +514,7 @@ impl Store {
     /// free copy and that they have not seen, preferring items someone else already started (so
     /// overlapping items complete). `None` when their queue is empty.
     pub fn next(&mut self, who: &Annotator) -> Result<Option<Shown>> {
-        let path = self.path.clone();
-        let dberr = |err| Error::Db {
-            path: path.clone(),
-            err,
-        };
+        let dberr = db_err(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -611,11 +628,7 @@ impl Store {
     /// Stores a judgement. The first one per annotator and item stands; later ones are refused
     /// (`AlreadyLabelled`), so a retried request cannot count twice.
     pub fn submit(&mut self, who: &Annotator, item_id: i64, s: &Submission) -> Result<Submitted> {
-        let path = self.path.clone();
-        let dberr = |err| Error::Db {
-            path: path.clone(),
-            err,
-        };
+        let dberr = db_err(&self.path);
         let Some((_, responses, order)) = self.assignment(who, item_id)? else {
             return Ok(Submitted::NotYours);
         };
