@@ -45,6 +45,12 @@ pub struct BenchArgs {
     /// Recompute decoder layers in backward (fwd-bwd).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// fwd-bwd with LoRA adapters of this rank on every linear (0: full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    lora_r: usize,
+    /// With `--lora-r`: adapters on the top this many decoder layers only (0: all).
+    #[arg(long, default_value_t = 0)]
+    lora_layers: usize,
 }
 
 fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
@@ -155,10 +161,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "fwd-bwd" => {
             let opts = LoadOptions {
                 dtype,
-                trainable: true,
+                trainable: args.lora_r == 0,
                 ..Default::default()
             };
             let mut p = Pretrained::load(&args.model, &opts)?;
+            if args.lora_r > 0 {
+                let layers = p.model.cfg.num_layers;
+                let top = if args.lora_layers == 0 {
+                    layers
+                } else {
+                    args.lora_layers.min(layers)
+                };
+                let cfg = preftune_model::lora::LoraConfig {
+                    r: args.lora_r,
+                    alpha: 2.0 * args.lora_r as f64,
+                    dropout: 0.0,
+                    target_modules: Some(vec!["all-linear".into()]),
+                    layers_to_transform: Some((layers - top..layers).collect()),
+                };
+                p.model.add_lora(&cfg, 0)?;
+            }
             p.model
                 .set_gradient_checkpointing(args.gradient_checkpointing);
             let text = prompts.join(". ").repeat(1 + args.seq_len / 60);
@@ -191,7 +213,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let tokens = (args.train_batch * args.seq_len) as f64;
             let gflops = train_flops_per_token(&p, args.seq_len) * tokens / s / 1e9;
             crate::commands::emit(
-                &json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype, "batch": args.train_batch,
+                &json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "lora_r": args.lora_r, "lora_layers": args.lora_layers, "dtype": args.dtype, "batch": args.train_batch,
                        "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
                        "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
             );

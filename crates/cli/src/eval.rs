@@ -184,7 +184,7 @@ pub struct PolicySample {
 }
 
 /// `n` samples per prompt from `policy`, each scored by `reward` and with its k1 sequence KL to
-/// `reference` (log-probs at T = 1), prompt-major; seeded per batch of 4 prompts.
+/// `reference` (log-probs at T = 1), prompt-major; seeded per sampling batch.
 pub fn policy_samples(
     policy: &preftune_model::Pretrained,
     reference: &preftune_model::Pretrained,
@@ -204,7 +204,10 @@ pub fn policy_samples(
         reward_clip: None,
     };
     let mut out = vec![];
-    for (b, chunk) in prompts.chunks(4).enumerate() {
+    // Prompts per sampling batch: with `n` samples each, up to 32 rows decode together (the
+    // few-rows kernel's sweet spot; 8 rows ran at 0.4x the throughput of 32).
+    let per = (32 / n.max(1)).max(1);
+    for (b, chunk) in prompts.chunks(per).enumerate() {
         let refs: Vec<_> = chunk.iter().collect();
         let cfg = sampling_config(
             &args,
@@ -220,7 +223,7 @@ pub fn policy_samples(
         let d: Vec<f32> = (lp.sum - lr.sum)?.to_vec1()?;
         for (i, text) in r.texts.into_iter().enumerate() {
             out.push(PolicySample {
-                prompt: b * 4 + i / n,
+                prompt: b * per + i / n,
                 response: text,
                 reward: r.rewards[i],
                 kl: d[i] as f64,

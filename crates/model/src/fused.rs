@@ -180,6 +180,10 @@ impl CustomOp3 for LmHeadLogprob {
             });
             let dz = Tensor::from_vec(l, (m, v), dev)?;
             grad_h.push(dz.matmul(&self.weight)?);
+            // A frozen head (LoRA, tied embeddings left alone) needs no weight gradient.
+            if !arg2.track_op() {
+                continue;
+            }
             let gw = dz.t()?.matmul(&self.hidden.narrow(0, start, m)?)?;
             grad_w = Some(match grad_w {
                 Some(acc) => (acc + gw)?,

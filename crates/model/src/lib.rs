@@ -5,6 +5,7 @@ mod checkpointing;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

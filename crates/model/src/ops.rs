@@ -3,7 +3,7 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm`, `rope` and `sdpa` have no backward
 //! and silently drop gradients, so nothing here may call them. Norms and softmax run in f32 whatever
 //! the weights' dtype, as transformers does.
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 use crate::kernels;
 
@@ -39,7 +39,11 @@ impl Linear {
         let x2 = x.reshape((lead, in_dim))?;
         // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs about
         // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
-        let mut y = if lead <= SMALL_M && self.weight.device().is_cpu() {
+        let mut y = if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
+            y
+        } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
+            frozen_matmul(&x2, &self.weight)?
+        } else if lead <= SMALL_M && self.weight.device().is_cpu() {
             self.weight.matmul(&x2.t()?)?.t()?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -61,6 +65,89 @@ impl Linear {
         if let Some(b) = &mut self.bias {
             f(&format!("{}.bias", self.name), b);
         }
+    }
+}
+
+/// `x W^T` through [`crate::gemv`] when it applies: few rows, no gradient, f32 on an AVX2 CPU.
+fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let fits = m <= crate::gemv::MAX_ROWS
+        && !x.track_op()
+        && !w.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.is_contiguous()
+        && crate::gemv::available();
+    if !fits {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
+        return Ok(None);
+    };
+    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let y = crate::gemv::matmul_t(
+        &xc.as_slice::<f32>()?[xa..xb],
+        m,
+        &wc.as_slice::<f32>()?[wa..wb],
+        n,
+        k,
+    );
+    Tensor::from_vec(y, (m, n), x.device()).map(Some)
+}
+
+/// `x W^T` for a weight that takes no gradient (LoRA's base, a frozen layer): candle's matmul
+/// backward computes both operands' gradients, and the weight's would be a third of the layer's
+/// FLOPs spent on a tensor nobody reads. This op's backward gives `x` its gradient only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op1(FrozenMatmul {
+        x: x.detach(),
+        w: w.detach(),
+    })
+}
+
+struct FrozenMatmul {
+    x: Tensor,
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "preftune-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.x.matmul(&self.w.t()?)?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("frozen_matmul: CPU only")
+        };
+        let out = match layout.contiguous_offsets() {
+            Some((0, end)) if end == cpu_len(cpu) => cpu.clone(),
+            _ => candle_core::bail!("frozen_matmul: unexpected output layout"),
+        };
+        Ok((out, y.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+fn cpu_len(s: &CpuStorage) -> usize {
+    match s {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        _ => usize::MAX,
     }
 }
 
@@ -249,6 +336,48 @@ mod tests {
             Some(b.narrow(0, 0, 5).unwrap()),
         );
         check_grad(|x| lin.forward(x), &[2, 3, 6]);
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_and_the_input_the_same_one() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let frozen = Linear::new("l", w.clone(), None)
+            .forward(x.as_tensor())
+            .unwrap();
+        assert!(max_abs(&plain, &frozen) < 1e-6, "same forward");
+        let gp = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (frozen * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // candle's matmul stores a gradient for its `W^T` operand too; the frozen op does not.
+        assert_eq!(gp.get_ids().count(), 3, "x, x W^T and W^T");
+        assert_eq!(gf.get_ids().count(), 2, "x and the output only");
+        assert!(gf.get(&w).is_none());
+        let (dp, df) = (
+            gp.get(x.as_tensor()).unwrap(),
+            gf.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(dp, df) < 1e-5, "same input gradient");
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]

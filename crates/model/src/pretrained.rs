@@ -97,6 +97,9 @@ impl Pretrained {
                 "expected an HF model folder or a .gguf file",
             ));
         }
+        if !path.join("config.json").exists() && path.join("adapter_config.json").exists() {
+            return Self::load_adapter_folder(path, opts);
+        }
         let cfg = ModelConfig::from_file(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         let gc = path.join("generation_config.json");
@@ -114,6 +117,30 @@ impl Pretrained {
             tokenizer,
             generation_config,
         })
+    }
+
+    /// A PEFT adapter folder, as `AutoPeftModelForCausalLM` loads it: the base model named by
+    /// `base_model_name_or_path`, with the adapters on top (frozen: adapters train through
+    /// `use_peft`, which resumes from such a folder).
+    fn load_adapter_folder(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cp = dir.join("adapter_config.json");
+        if opts.trainable {
+            return Err(Error::invalid(
+                &cp,
+                "base_model_name_or_path",
+                "an adapter folder loads frozen; train adapters with use_peft",
+            ));
+        }
+        let text = std::fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(&cp, format!("line {}", e.line()), e.to_string()))?;
+        let base = v
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::invalid(&cp, "base_model_name_or_path", "missing"))?;
+        let mut p = Self::load(Path::new(base), opts)?;
+        p.model.load_lora(dir, false)?;
+        Ok(p)
     }
 
     /// EOS ids for generation: generation_config.json first, then config.json, then the tokenizer.

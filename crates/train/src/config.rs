@@ -55,6 +55,8 @@ pub struct TrainingArguments {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_target_modules: Option<Vec<String>>,
+    /// PEFT's `layers_to_transform`: the decoder layers that get adapters (default: all).
+    pub lora_layers_to_transform: Option<Vec<usize>>,
     /// Recompute each decoder layer in backward instead of storing its activations: less memory
     /// for about a third more compute.
     pub gradient_checkpointing: bool,
@@ -96,6 +98,7 @@ impl Default for TrainingArguments {
             lora_alpha: 32.0,
             lora_dropout: 0.05,
             lora_target_modules: None,
+            lora_layers_to_transform: None,
             gradient_checkpointing: false,
         }
     }

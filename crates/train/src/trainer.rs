@@ -116,6 +116,7 @@ pub fn load_policy(
             alpha: args.lora_alpha,
             dropout: args.lora_dropout,
             target_modules: args.lora_target_modules.clone(),
+            layers_to_transform: args.lora_layers_to_transform.clone(),
         };
         match resume_from {
             Some(dir) => {
