@@ -206,6 +206,33 @@ fn stage<A: serde::de::DeserializeOwned>(
     cached(dir, label, || train(defaults, table, sets, run))
 }
 
+/// One prefix's scored samples as a best-vs-worst pair (none when all score the same) and a
+/// ranking row, with empty samples (EOS only: nothing to prefer or learn from) dropped and counted.
+fn label_samples(
+    prompt: &str,
+    responses: Vec<String>,
+    scores: Vec<f64>,
+) -> (Option<Value>, Option<Value>, usize) {
+    let n = responses.len();
+    let (responses, scores): (Vec<String>, Vec<f64>) = responses
+        .into_iter()
+        .zip(scores)
+        .filter(|(r, _)| !r.trim().is_empty())
+        .unzip();
+    let dropped = n - responses.len();
+    if responses.len() < 2 {
+        return (None, None, dropped);
+    }
+    let by_score = |&a: &usize, &b: &usize| scores[a].total_cmp(&scores[b]);
+    let best = (0..scores.len()).max_by(by_score).unwrap_or(0);
+    let worst = (0..scores.len()).min_by(by_score).unwrap_or(0);
+    let pair = (scores[best] > scores[worst]).then(
+        || json!({"prompt": prompt, "chosen": responses[best], "rejected": responses[worst]}),
+    );
+    let ranking = json!({"prompt": prompt, "responses": responses, "scores": scores});
+    (pair, Some(ranking), dropped)
+}
+
 /// Runs (or continues) the pipeline; returns its output folder and the summary (`results.json`).
 pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let text =
@@ -345,6 +372,9 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
         let mut pairs = vec![];
         let mut all = vec![];
+        // A sample that is only EOS has no text to prefer or learn from; such samples are
+        // dropped from the pairs and rankings and counted.
+        let mut empty = 0;
         for (b, chunk) in prompts.chunks(8).enumerate() {
             let batch: Vec<(Text, bool)> = chunk.iter().map(|x| (x.text.clone(), false)).collect();
             let s = SamplingConfig {
@@ -360,15 +390,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
                 let Text::Plain(prompt) = prompt else {
                     continue;
                 };
-                let best = c.best();
-                let worst = (0..c.rewards.len())
-                    .min_by(|&a, &b| c.rewards[a].total_cmp(&c.rewards[b]))
-                    .unwrap_or(0);
-                all.push(json!({"prompt": prompt, "responses": c.responses, "scores": c.rewards}));
-                if c.rewards[best] > c.rewards[worst] {
-                    pairs.push(json!({"prompt": prompt, "chosen": c.responses[best],
-                                      "rejected": c.responses[worst]}));
-                }
+                let (pair, ranking, dropped) = label_samples(prompt, c.responses, c.rewards);
+                empty += dropped;
+                pairs.extend(pair);
+                all.extend(ranking);
             }
         }
         let held = cfg.data.rm_eval_prompts.min(all.len() / 2);
@@ -387,7 +412,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
         Ok(
             json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
-                  "rm_eval_prompts": rm_eval.len()}),
+                  "rm_eval_prompts": rm_eval.len(), "empty_responses_dropped": empty}),
         )
     })?;
     let pairs_file = ps("pairs/pairs.jsonl");
@@ -663,4 +688,33 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         eprintln!("{l}");
     }
     Ok((out, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_samples_are_dropped_before_pairing() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // The empty sample scores highest, yet the pair is best vs worst of the rest.
+        let (pair, ranking, dropped) =
+            label_samples("p", s(&["good", "", "bad", " "]), vec![1.0, 9.0, -2.0, 5.0]);
+        assert_eq!(dropped, 2);
+        let pair = pair.expect("two real samples with different scores");
+        assert_eq!(
+            (pair["chosen"].as_str(), pair["rejected"].as_str()),
+            (Some("good"), Some("bad"))
+        );
+        let ranking = ranking.expect("a ranking of the two");
+        assert_eq!(ranking["responses"], json!(["good", "bad"]));
+        assert_eq!(ranking["scores"], json!([1.0, -2.0]));
+        // One real sample: nothing to pair or rank. Equal scores: a ranking but no pair.
+        assert_eq!(
+            label_samples("p", s(&["", "x"]), vec![0.0, 1.0]),
+            (None, None, 1)
+        );
+        let (pair, ranking, _) = label_samples("p", s(&["x", "y"]), vec![1.0, 1.0]);
+        assert!(pair.is_none() && ranking.is_some());
+    }
 }
