@@ -585,7 +585,10 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             let mut r = vec![];
             let mut t = vec![];
             let mut rows = vec![];
-            for (b, chunk) in eval_prompts.chunks((32 / k.max(1)).max(1)).enumerate() {
+            for (b, chunk) in eval_prompts
+                .chunks(crate::eval::prompts_per_batch(k))
+                .enumerate()
+            {
                 let batch: Vec<(Text, bool)> =
                     chunk.iter().map(|x| (x.text.clone(), false)).collect();
                 let s = SamplingConfig {

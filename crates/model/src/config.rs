@@ -81,10 +81,7 @@ pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(path, format!("line {}", e.line()), e.to_string()))?;
-        Self::from_json(raw, path)
+        Self::from_json(crate::weights::read_json(path)?, path)
     }
 
     /// Parses a config.json value; `path` is only used in error messages.

@@ -301,9 +301,7 @@ impl Model {
     /// Loads a PEFT LoRA adapter folder onto this model; `trainable` makes the adapters `Var`s.
     pub fn load_lora(&mut self, dir: &Path, trainable: bool) -> Result<LoraConfig> {
         let cp = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(&cp, format!("line {}", e.line()), e.to_string()))?;
+        let v = crate::weights::read_json(&cp)?;
         if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
             return Err(Error::invalid(
                 &cp,
@@ -433,6 +431,23 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    /// Gradients of the summed log-probs of `IDS` (teacher-forced) under `m`.
+    fn logprob_grads(m: &Model) -> candle_core::backprop::GradStore {
+        let x = Tensor::new(&IDS, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mask = Tensor::ones((1, IDS.len()), DType::U32, &Device::Cpu).unwrap();
+        let h = m.forward(&x, None, None, None).unwrap();
+        crate::token_logprobs(m, &h, &x, &mask, 1.0)
+            .unwrap()
+            .sum
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     /// Gives every B a non-zero value (as after some training), keeping them trainable.
     fn perturb_b(m: &mut Model) {
         for (i, l) in m.linears_mut().into_iter().enumerate() {
@@ -494,18 +509,7 @@ mod tests {
             };
             m.add_lora(&cfg, 1).unwrap();
             perturb_b(&mut m);
-            let x = Tensor::new(&IDS, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let mask = Tensor::ones((1, IDS.len()), DType::U32, &Device::Cpu).unwrap();
-            let h = m.forward(&x, None, None, None).unwrap();
-            let loss = crate::token_logprobs(&m, &h, &x, &mask, 1.0)
-                .unwrap()
-                .sum
-                .sum_all()
-                .unwrap();
-            let grads = loss.backward().unwrap();
+            let grads = logprob_grads(&m);
             let params = m.lora_params();
             assert_eq!(
                 params.len(),
@@ -614,18 +618,7 @@ mod tests {
             .all(|(n, _)| n.contains(".layers.1.")));
         perturb_b(&mut m);
         // Nothing below layer 1 trains, so backward never reaches the embeddings.
-        let x = Tensor::new(&IDS, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mask = Tensor::ones((1, IDS.len()), DType::U32, &Device::Cpu).unwrap();
-        let h = m.forward(&x, None, None, None).unwrap();
-        let loss = crate::token_logprobs(&m, &h, &x, &mask, 1.0)
-            .unwrap()
-            .sum
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = logprob_grads(&m);
         for (n, t) in m.lora_params() {
             assert!(grads.get(&t).is_some(), "{n} has a gradient");
         }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gguf::load_gguf;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{load_hf_weights, save_safetensors, write_json};
+use crate::weights::{load_hf_weights, read_json, save_safetensors, write_json};
 
 pub struct Pretrained {
     pub model: Model,
@@ -104,9 +104,7 @@ impl Pretrained {
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         let gc = path.join("generation_config.json");
         let generation_config = if gc.exists() {
-            let text = std::fs::read_to_string(&gc).map_err(|e| Error::io(&gc, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::invalid(&gc, format!("line {}", e.line()), e.to_string()))?
+            read_json(&gc)?
         } else {
             generation_config_from(&cfg, &tokenizer)
         };
@@ -131,9 +129,7 @@ impl Pretrained {
                 "an adapter folder loads frozen; train adapters with use_peft",
             ));
         }
-        let text = std::fs::read_to_string(&cp).map_err(|e| Error::io(&cp, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(&cp, format!("line {}", e.line()), e.to_string()))?;
+        let v = read_json(&cp)?;
         let base = v
             .get("base_model_name_or_path")
             .and_then(Value::as_str)

@@ -58,9 +58,7 @@ impl Tokenizer {
             .map_err(|e| Error::invalid(&tj, "tokenizer", e.to_string()))?;
         let tc = dir.join("tokenizer_config.json");
         let mut config = if tc.exists() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| Error::io(&tc, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::invalid(&tc, format!("line {}", e.line()), e.to_string()))?
+            crate::weights::read_json(&tc)?
         } else {
             json!({})
         };

@@ -75,9 +75,7 @@ pub fn load_hf_weights(dir: &Path, arch: Arch, device: &Device) -> Result<HashMa
     let files: Vec<PathBuf> = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::invalid(&index, format!("line {}", e.line()), e.to_string()))?;
+        let v = read_json(&index)?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
@@ -137,6 +135,13 @@ pub fn save_safetensors(path: &Path, arch: Arch, tensors: &[(String, Tensor)]) -
 }
 
 /// Pretty JSON, written atomically.
+/// Reads a JSON file; a parse error names the file and line.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(path, format!("line {}", e.line()), e.to_string()))
+}
+
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
     s.push('\n');
