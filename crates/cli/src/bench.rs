@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Use the ops composed from candle primitives instead of the fused kernels (for comparison).
     #[arg(long)]
     composed_ops: bool,
+    /// Mixed precision as `bf16 = true` runs it: linears' products in bf16 with f32 sums (AMX
+    /// where present); `matmul` then times the bf16 GEMM.
+    #[arg(long)]
+    bf16: bool,
     /// Recompute decoder layers in backward (fwd-bwd).
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -135,16 +139,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let n = 2048;
         let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
         let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-        a.matmul(&b)?;
+        let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
+        let mm = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+            if args.bf16 {
+                // The product the bf16 linears run (`x W^T`, both operands row-major).
+                preftune_model::ops::bf16_matmul(a, b)
+            } else {
+                a.matmul(b)
+            }
+        };
+        mm(&a, &b)?;
         let times = (0..5)
             .map(|_| {
                 let t = Instant::now();
-                a.matmul(&b).map(|_| t.elapsed().as_secs_f64())
+                mm(&a, &b).map(|_| t.elapsed().as_secs_f64())
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
         crate::commands::emit(
-            &json!({"workload": "matmul", "impl": "preftune", "n": n, "threads": threads_env(), "gflops": gflops}),
+            &json!({"workload": "matmul", "impl": "preftune", "n": n, "threads": threads_env(), "gflops": gflops,
+                    "bf16": args.bf16, "amx": preftune_model::amx::available()}),
         );
         return Ok(());
     }
@@ -157,6 +171,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         "fused"
     };
+    let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
     match args.workload.as_str() {
         "fwd-bwd" => {
             let opts = LoadOptions {
@@ -213,7 +228,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let tokens = (args.train_batch * args.seq_len) as f64;
             let gflops = train_flops_per_token(&p, args.seq_len) * tokens / s / 1e9;
             crate::commands::emit(
-                &json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "lora_r": args.lora_r, "lora_layers": args.lora_layers, "dtype": args.dtype, "batch": args.train_batch,
+                &json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops, "gradient_checkpointing": args.gradient_checkpointing, "lora_r": args.lora_r, "lora_layers": args.lora_layers, "dtype": args.dtype, "bf16": args.bf16, "batch": args.train_batch,
                        "seq_len": args.seq_len, "threads": threads, "seconds_per_step": s,
                        "tokens_per_s": (args.train_batch * args.seq_len) as f64 / s, "peak_rss_mib": peak_rss_mib()}),
             );

@@ -8,6 +8,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use crate::amx::{gemm_nt, gemm_packed, PackedB, View};
+
 /// Rows of logits computed at a time (`ROWS x V` f32 values live at once).
 const ROWS: usize = 256;
 
@@ -25,6 +27,9 @@ pub struct LmHeadLogprob {
     weight: Tensor,
     labels: Vec<u32>,
     inv_temp: f32,
+    /// bf16 products ([`crate::ops::Bf16Scope`] was on when the op was built): the hidden rows
+    /// and the weight, packed once for all chunks, forward and backward.
+    bf16: Option<Bf16Head>,
     /// Filled by the forward pass; shared so the caller can read it after `apply_op3` took the op.
     pub stats: std::sync::Arc<Mutex<RowStats>>,
 }
@@ -56,6 +61,14 @@ fn par_rows<T: Send>(
     })
 }
 
+struct Bf16Head {
+    hidden: Vec<f32>,
+    /// `W` as the right operand of `h W^T`.
+    w: PackedB,
+    /// `W^T`, for `dz W`; packed on first use (backward).
+    wt: std::sync::OnceLock<PackedB>,
+}
+
 impl LmHeadLogprob {
     /// `hidden: [N, H]`, `weight: [V, H]`, one label per row.
     pub fn new(
@@ -64,23 +77,43 @@ impl LmHeadLogprob {
         labels: Vec<u32>,
         temperature: f64,
     ) -> Result<Self> {
+        let hidden = hidden.detach().to_dtype(DType::F32)?.contiguous()?;
+        let weight = weight.detach().to_dtype(DType::F32)?;
+        let bf16 = if crate::ops::bf16_enabled() && hidden.device().is_cpu() {
+            let (v, h) = weight.dims2()?;
+            Some(Bf16Head {
+                hidden: hidden.flatten_all()?.to_vec1()?,
+                w: crate::ops::with_f32(&weight, |w| PackedB::new(View::rows(w, v, h)))?,
+                wt: Default::default(),
+            })
+        } else {
+            None
+        };
         Ok(LmHeadLogprob {
-            hidden: hidden.detach().to_dtype(DType::F32)?.contiguous()?,
-            weight: weight.detach().to_dtype(DType::F32)?,
+            hidden,
+            weight,
             labels,
             inv_temp: (1.0 / temperature) as f32,
+            bf16,
             stats: Default::default(),
         })
     }
 
     /// Scaled logits of rows `[start, start + n)`, flattened.
     fn logits(&self, start: usize, n: usize) -> Result<Vec<f32>> {
-        let mut l: Vec<f32> = self
-            .hidden
-            .narrow(0, start, n)?
-            .matmul(&self.weight.t()?)?
-            .flatten_all()?
-            .to_vec1()?;
+        let mut l: Vec<f32> = if let Some(b) = &self.bf16 {
+            let h = self.weight.dim(1)?;
+            let mut l = vec![0f32; n * self.weight.dim(0)?];
+            let rows = View::rows(&b.hidden[start * h..(start + n) * h], n, h);
+            gemm_packed(rows, &b.w, &mut l, false);
+            l
+        } else {
+            self.hidden
+                .narrow(0, start, n)?
+                .matmul(&self.weight.t()?)?
+                .flatten_all()?
+                .to_vec1()?
+        };
         if self.inv_temp != 1.0 {
             l.iter_mut().for_each(|x| *x *= self.inv_temp);
         }
@@ -167,18 +200,14 @@ impl CustomOp3 for LmHeadLogprob {
         let v = self.weight.dim(0)?;
         let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
         let dev = self.hidden.device();
+        if let Some(b) = &self.bf16 {
+            return self.bwd_bf16(b, arg1, arg2, &g);
+        }
         let mut grad_h = Vec::with_capacity(n.div_ceil(ROWS));
         let mut grad_w: Option<Tensor> = None;
         for start in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - start);
-            let mut l = self.logits(start, m)?;
-            par_rows(&mut l, v, |i, row| {
-                let (_, z) = lse(row);
-                let gi = g[start + i] * self.inv_temp;
-                row.iter_mut().for_each(|x| *x = -gi * (*x - z).exp());
-                row[self.labels[start + i] as usize] += gi;
-            });
-            let dz = Tensor::from_vec(l, (m, v), dev)?;
+            let dz = Tensor::from_vec(self.dz(start, m, &g)?, (m, v), dev)?;
             grad_h.push(dz.matmul(&self.weight)?);
             // A frozen head (LoRA, tied embeddings left alone) needs no weight gradient.
             if !arg2.track_op() {
@@ -192,6 +221,70 @@ impl CustomOp3 for LmHeadLogprob {
         }
         let grad_h = Tensor::cat(&grad_h, 0)?.to_dtype(arg1.dtype())?;
         let grad_w = grad_w.map(|w| w.to_dtype(arg2.dtype())).transpose()?;
+        Ok((Some(grad_h), grad_w, None))
+    }
+}
+
+impl LmHeadLogprob {
+    /// `dz = dlp/dz` of a chunk, in place of its recomputed logits.
+    fn dz(&self, start: usize, m: usize, g: &[f32]) -> Result<Vec<f32>> {
+        let v = self.weight.dim(0)?;
+        let mut l = self.logits(start, m)?;
+        par_rows(&mut l, v, |i, row| {
+            let (_, z) = lse(row);
+            let gi = g[start + i] * self.inv_temp;
+            row.iter_mut().for_each(|x| *x = -gi * (*x - z).exp());
+            row[self.labels[start + i] as usize] += gi;
+        });
+        Ok(l)
+    }
+
+    /// Backward with bf16 products: `dh = dz W` and `dW += dz^T h` chunk by chunk.
+    fn bwd_bf16(
+        &self,
+        b: &Bf16Head,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        g: &[f32],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = self.hidden.dims2()?;
+        let v = self.weight.dim(0)?;
+        let wt = match b.wt.get() {
+            Some(wt) => wt,
+            None => {
+                let packed = crate::ops::with_f32(&self.weight, |w| {
+                    PackedB::new(View::transposed(w, h, v))
+                })?;
+                b.wt.get_or_init(|| packed)
+            }
+        };
+        let mut grad_h = vec![0f32; n * h];
+        let mut grad_w = arg2.track_op().then(|| vec![0f32; v * h]);
+        for start in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - start);
+            let dz = self.dz(start, m, g)?;
+            gemm_packed(
+                View::rows(&dz, m, v),
+                wt,
+                &mut grad_h[start * h..(start + m) * h],
+                false,
+            );
+            // A frozen head (LoRA, tied embeddings left alone) needs no weight gradient.
+            if let Some(gw) = &mut grad_w {
+                let hid = &b.hidden[start * h..(start + m) * h];
+                gemm_nt(
+                    View::transposed(&dz, v, m),
+                    View::transposed(hid, h, m),
+                    gw,
+                    true,
+                );
+            }
+        }
+        let dev = self.hidden.device();
+        let grad_h = Tensor::from_vec(grad_h, (n, h), dev)?.to_dtype(arg1.dtype())?;
+        let grad_w = grad_w
+            .map(|w| Tensor::from_vec(w, (v, h), dev)?.to_dtype(arg2.dtype()))
+            .transpose()?;
         Ok((Some(grad_h), grad_w, None))
     }
 }

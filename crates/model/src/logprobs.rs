@@ -258,6 +258,47 @@ mod tests {
         }
     }
 
+    /// Under a bf16 scope the fused op runs its four products in bf16 (`crate::amx`, itself
+    /// checked exactly): log-probs and both gradients stay within bf16's rounding of the f32 op,
+    /// and do differ from it, over more than one chunk.
+    #[test]
+    fn fused_lm_head_logprob_in_bf16_stays_within_rounding_of_f32() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-llama");
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let p = Pretrained::load(&dir, &opts).unwrap();
+        let h = Tensor::randn(0f32, 1.0, (300, 64), &Device::Cpu).unwrap();
+        let labels: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
+        let w = Tensor::new(
+            (0..300)
+                .map(|i| ((i % 7) as f32 - 3.0) / 3.0)
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |bf16: bool| {
+            let _scope = crate::ops::Bf16Scope::new(bf16);
+            let hv = Var::from_tensor(&h).unwrap();
+            let (lp, _, _) = fused(&p.model, hv.as_tensor(), &labels, 0.7).unwrap();
+            let g = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let dh = g.get(hv.as_tensor()).unwrap().clone();
+            let dw = g.get(p.model.lm_head_weight()).unwrap().clone();
+            (lp, dh, dw)
+        };
+        let (a, dha, dwa) = run(false);
+        let (b, dhb, dwb) = run(true);
+        let scale = |t: &Tensor| max_diff(t, &t.zeros_like().unwrap());
+        let d = max_diff(&a, &b);
+        assert!(d < 0.05 && d > 0.0, "log-probs: bf16 vs f32 differ by {d}");
+        for (what, x, y) in [("d/d hidden", &dha, &dhb), ("d/d lm_head", &dwa, &dwb)] {
+            let rel = max_diff(x, y) / scale(x);
+            assert!(rel < 0.02 && rel > 0.0, "{what}: relative difference {rel}");
+        }
+    }
+
     #[test]
     fn fused_lm_head_logprob_matches_finite_differences() {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

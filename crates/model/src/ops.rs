@@ -41,6 +41,8 @@ impl Linear {
         // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
         let mut y = if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
             y
+        } else if lead > crate::gemv::MAX_ROWS && bf16_applies(&x2, &self.weight) {
+            bf16_matmul(&x2, &self.weight)?
         } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
             frozen_matmul(&x2, &self.weight)?
         } else if lead <= SMALL_M && self.weight.device().is_cpu() {
@@ -103,6 +105,136 @@ fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         k,
     );
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
+}
+
+thread_local! {
+    static BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Mixed precision on this thread while the guard lives (`bf16 = true` in a run's config):
+/// linears' products round both operands to bf16 and sum in f32 ([`crate::amx`]); weights,
+/// gradients, optimiser state, norms and softmax stay f32. Per thread, so one run's setting never
+/// leaks into another's (tests run in parallel); dropping the guard restores the previous one.
+#[must_use = "bf16 applies only while the guard lives"]
+pub struct Bf16Scope(bool);
+
+impl Bf16Scope {
+    pub fn new(on: bool) -> Self {
+        Bf16Scope(BF16.with(|c| c.replace(on)))
+    }
+}
+
+impl Drop for Bf16Scope {
+    fn drop(&mut self) {
+        BF16.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether a [`Bf16Scope`] has switched bf16 products on for this thread.
+pub fn bf16_enabled() -> bool {
+    BF16.with(|c| c.get())
+}
+
+fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
+    bf16_enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+}
+
+/// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s
+/// gradient is computed only when `W` takes one.
+pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul)
+}
+
+struct Bf16Matmul;
+
+/// Runs `f` on the f32 values of a contiguous copy of `t`.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else {
+        candle_core::bail!("bf16_matmul: CPU only")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("bf16_matmul: input not contiguous")
+    };
+    Ok(f(&c.as_slice::<f32>()?[a..b]))
+}
+
+impl candle_core::CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "preftune-bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), (n, k2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("bf16_matmul: inner dimensions {k} and {k2} differ")
+        }
+        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("bf16_matmul: inputs must be contiguous")
+        };
+        let (x, w) = (
+            &s1.as_slice::<f32>()?[xa..xb],
+            &s2.as_slice::<f32>()?[wa..wb],
+        );
+        let mut y = vec![0f32; m * n];
+        crate::amx::gemm_nt(
+            crate::amx::View::rows(x, m, k),
+            crate::amx::View::rows(w, n, k),
+            &mut y,
+            false,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use crate::amx::{gemm_nt, View};
+        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+        // dx = dy W: rows of dy against columns of W.
+        let dx = with_f32(grad, |g| {
+            with_f32(w, |wv| {
+                let mut dx = vec![0f32; m * k];
+                gemm_nt(
+                    View::rows(g, m, n),
+                    View::transposed(wv, k, n),
+                    &mut dx,
+                    false,
+                );
+                dx
+            })
+        })??;
+        let dx = Tensor::from_vec(dx, (m, k), x.device())?;
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
+        // dW = dy^T x: columns of dy against columns of x.
+        let dw = with_f32(grad, |g| {
+            with_f32(x, |xv| {
+                let mut dw = vec![0f32; n * k];
+                gemm_nt(
+                    View::transposed(g, n, m),
+                    View::transposed(xv, k, m),
+                    &mut dw,
+                    false,
+                );
+                dw
+            })
+        })??;
+        Ok((Some(dx), Some(Tensor::from_vec(dw, (n, k), w.device())?)))
+    }
 }
 
 /// `x W^T` for a weight that takes no gradient (LoRA's base, a frozen layer): candle's matmul
@@ -367,6 +499,62 @@ mod tests {
             gf.get(x.as_tensor()).unwrap(),
         );
         assert!(max_abs(dp, df) < 1e-5, "same input gradient");
+    }
+
+    /// Under a [`Bf16Scope`] a linear's output and both gradients are the f64 products of the
+    /// bf16-rounded operands (dy rounded too, as backward's products round their inputs), and
+    /// without the scope the same linear is plain f32 again.
+    #[test]
+    fn bf16_linear_rounds_operands_in_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (m, n, k) = (40, 24, 70);
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+        let lin = Linear::new("l", w.as_tensor().clone(), None);
+        let y = {
+            let _bf16 = Bf16Scope::new(true);
+            lin.forward(x.as_tensor()).unwrap()
+        };
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let (xr, wr, gr) = (r(x.as_tensor()), r(w.as_tensor()), r(&g));
+        let close = |got: &Tensor, want: Tensor, what: &str| {
+            let d = (got.to_dtype(DType::F64).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_keepdim(0)
+                .unwrap()
+                .max_keepdim(1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0];
+            assert!(d < 1e-4, "{what}: off by {d}");
+        };
+        close(&y, xr.matmul(&wr.t().unwrap()).unwrap(), "forward");
+        close(
+            grads.get(x.as_tensor()).expect("x gets a gradient"),
+            gr.matmul(&wr).unwrap(),
+            "dx",
+        );
+        close(
+            grads.get(w.as_tensor()).expect("W gets a gradient"),
+            gr.t().unwrap().matmul(&xr).unwrap(),
+            "dW",
+        );
+        // Not plain f32: the rounding shows at this size.
+        let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert!(max_abs(&plain, &y) > 1e-3, "bf16 products differ from f32");
+        assert!(!bf16_enabled(), "the scope restored the previous setting");
+        assert!(max_abs(&plain, &lin.forward(x.as_tensor()).unwrap()) < 1e-4);
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {

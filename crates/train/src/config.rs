@@ -60,6 +60,10 @@ pub struct TrainingArguments {
     /// Recompute each decoder layer in backward instead of storing its activations: less memory
     /// for about a third more compute.
     pub gradient_checkpointing: bool,
+    /// Mixed precision (transformers' `bf16`): linears multiply in bf16 with f32 sums, on AMX
+    /// where the CPU has it; master weights, gradients, optimiser state, norms and softmax stay
+    /// f32. Needs `dtype = "f32"`.
+    pub bf16: bool,
 }
 
 impl Default for TrainingArguments {
@@ -100,6 +104,7 @@ impl Default for TrainingArguments {
             lora_target_modules: None,
             lora_layers_to_transform: None,
             gradient_checkpointing: false,
+            bf16: false,
         }
     }
 }
@@ -135,6 +140,13 @@ impl TrainingArguments {
             return bad(
                 "logging_steps",
                 "logging_steps, save_steps and eval_steps must be > 0",
+            );
+        }
+        if self.bf16 && self.dtype != "f32" {
+            return bad(
+                "bf16",
+                "mixed precision keeps f32 master weights: set dtype = \"f32\" (dtype = \"bf16\" \
+                 alone stores the weights themselves in bf16)",
             );
         }
         if self.use_peft && (self.lora_r == 0 || !(0.0..1.0).contains(&self.lora_dropout)) {

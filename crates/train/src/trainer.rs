@@ -372,6 +372,13 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
+    if args.bf16 && !preftune_model::amx::available() {
+        eprintln!(
+            "bf16: this CPU has no AMX (or PREFTUNE_NO_AMX is set): products are rounded to bf16 \
+             as on AMX but run as f32 GEMMs, slower than f32 mode"
+        );
+    }
     let mut params = policy.model.trainable_params();
     params.extend(algo.extra_params());
     if params.is_empty() {

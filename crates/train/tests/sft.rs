@@ -420,3 +420,42 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
         assert!((ga - gb).abs() < 1e-4 * ga.abs(), "grad_norm {ga} vs {gb}");
     }
 }
+
+/// `bf16 = true` (mixed precision): the loss curve follows f32's within bf16's rounding over ten
+/// steps and still falls; `bf16` with bf16 weights is refused with its key.
+#[test]
+fn bf16_mixed_precision_follows_the_f32_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let curve = |out: &str, bf16: bool| {
+        let sets = with(
+            base_sets(&tiny("tiny-llama"), dir.path(), out),
+            &["max_steps=10", "save_steps=100", &format!("bf16={bf16}")],
+        );
+        sft(&sets).unwrap();
+        metrics(&dir.path().join(out))
+            .iter()
+            .filter_map(|r| r.get("loss").and_then(Value::as_f64))
+            .collect::<Vec<_>>()
+    };
+    let f32_losses = curve("f32", false);
+    let bf16_losses = curve("bf16", true);
+    assert_eq!(f32_losses.len(), 10);
+    assert_eq!(bf16_losses.len(), 10);
+    for (step, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
+        assert!(
+            (a - b).abs() < 0.03 * a.abs(),
+            "step {step}: loss {a} (f32) vs {b} (bf16)"
+        );
+    }
+    assert_ne!(f32_losses, bf16_losses, "the bf16 products ran");
+    assert!(
+        bf16_losses[9] < 0.7 * bf16_losses[0],
+        "bf16 learns: {bf16_losses:?}"
+    );
+    let bad = with(
+        base_sets(&tiny("tiny-llama"), dir.path(), "bad"),
+        &["bf16=true", "dtype=\"bf16\""],
+    );
+    let err = sft(&bad).unwrap_err().to_string();
+    assert!(err.contains("bf16"), "{err}");
+}

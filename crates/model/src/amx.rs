@@ -1,0 +1,465 @@
+//! bf16 matrix products with f32 accumulation, on Intel AMX where the CPU has it: the matmuls of
+//! `bf16` mixed-precision training, whose master weights, optimiser state, norms and softmax stay
+//! in f32 (what `torch.autocast` does on CPU).
+//!
+//! candle 0.11's bf16 matmul is no faster than its f32 one. AMX's `tdpbf16ps` multiplies a 16 x 32
+//! bf16 tile by a 32 x 16 one into 16 x 16 f32 sums in one instruction. Without AMX (another CPU,
+//! an OS that refuses the tile state, or `PREFTUNE_NO_AMX=1`) the operands get the same rounding
+//! and the product runs as an f32 GEMM, so both paths give the same numbers up to summation order.
+use std::sync::OnceLock;
+
+/// A strided f32 matrix: element `(i, k)` is `data[i * rs + k * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `rows x cols` matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major `cols x rows` matrix, without copying.
+    pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
+    }
+
+    fn get(&self, i: usize, k: usize) -> f32 {
+        self.data[i * self.rs + k * self.cs]
+    }
+}
+
+/// Whether products run on AMX: the CPU has AMX-TILE and AMX-BF16, the OS grants the tile state,
+/// and `PREFTUNE_NO_AMX` is unset.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| std::env::var_os("PREFTUNE_NO_AMX").is_none() && imp::detect())
+}
+
+/// Rounds to the nearest bf16 (ties to even), as the bits of its upper half. NaN stays NaN.
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to bf16 and widened back.
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+/// `B` converted once for many products (the LM head's weight across its row chunks): bf16 in
+/// AMX's pair layout, or bf16-rounded f32 rows for the fallback.
+pub struct PackedB {
+    rows: usize,
+    cols: usize,
+    data: Packed,
+}
+
+enum Packed {
+    Amx(Vec<u16>),
+    Dense(Vec<f32>),
+}
+
+impl PackedB {
+    pub fn new(b: View) -> Self {
+        let data = if available() {
+            Packed::Amx(imp::pack_b(b))
+        } else {
+            let mut out = Vec::with_capacity(b.rows * b.cols);
+            for j in 0..b.rows {
+                out.extend((0..b.cols).map(|k| round_bf16(b.get(j, k))));
+            }
+            Packed::Dense(out)
+        };
+        PackedB {
+            rows: b.rows,
+            cols: b.cols,
+            data,
+        }
+    }
+}
+
+/// `C = A B^T` with `A` (m x k) and `B` (n x k) rounded to bf16 and the sums kept in f32; `C` is
+/// row-major m x n. With `accumulate`, adds to `C` instead of overwriting it.
+pub fn gemm_nt(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    gemm_packed(a, &PackedB::new(b), c, accumulate)
+}
+
+/// [`gemm_nt`] with `B` packed beforehand.
+pub fn gemm_packed(a: View, b: &PackedB, c: &mut [f32], accumulate: bool) {
+    assert_eq!(a.cols, b.cols, "gemm: inner dimensions differ");
+    assert_eq!(c.len(), a.rows * b.rows, "gemm: output size");
+    if a.rows == 0 || b.rows == 0 {
+        return;
+    }
+    match &b.data {
+        Packed::Amx(pb) => imp::gemm(a, pb, b.rows, c, accumulate),
+        Packed::Dense(d) => fallback(a, d, b.rows, c, accumulate),
+    }
+}
+
+/// The same rounding, then candle's f32 GEMM.
+fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
+    let mut dense = Vec::with_capacity(a.rows * a.cols);
+    for i in 0..a.rows {
+        dense.extend((0..a.cols).map(|k| round_bf16(a.get(i, k))));
+    }
+    let dev = candle_core::Device::Cpu;
+    let prod = (|| {
+        let at = candle_core::Tensor::from_vec(dense, (a.rows, a.cols), &dev)?;
+        let bt = candle_core::Tensor::from_slice(b, (n, a.cols), &dev)?;
+        at.matmul(&bt.t()?)?.flatten_all()?.to_vec1::<f32>()
+    })()
+    .expect("gemm: f32 fallback on CPU");
+    if accumulate {
+        c.iter_mut().zip(prod).for_each(|(c, p)| *c += p);
+    } else {
+        c.copy_from_slice(&prod);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod imp {
+    use super::{bf16_bits, View};
+    use std::arch::asm;
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+
+    /// Rows and columns of `C` per block: 2 x 2 tiles of 16 x 16.
+    const BLOCK: usize = 32;
+    /// bf16 values along `k` per tile step.
+    const KSTEP: usize = 32;
+
+    pub fn detect() -> bool {
+        // Leaf 7 is read only if the CPU reports it.
+        let (tile, bf16) = {
+            if __cpuid(0).eax < 7 {
+                return false;
+            }
+            let l7 = __cpuid_count(7, 0);
+            ((l7.edx >> 24) & 1 == 1, (l7.edx >> 22) & 1 == 1)
+        };
+        if !(tile && bf16) {
+            return false;
+        }
+        // Linux hands out the 8 KiB tile state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM,
+        // XFEATURE_XTILEDATA), once per process.
+        let rc: i64;
+        // SAFETY: a syscall with integer arguments; it clobbers rcx and r11 only.
+        unsafe {
+            asm!("syscall", inlateout("rax") 158i64 => rc, in("rdi") 0x1023i64, in("rsi") 18i64,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        rc == 0
+    }
+
+    /// `ldtilecfg`'s 64-byte operand: palette 1, every tile 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// `A` as row-major bf16 rows of `kp` values (zero beyond `k` and beyond `m`).
+    fn pack_a(a: View, mp: usize, kp: usize) -> Vec<u16> {
+        let mut out = vec![0u16; mp * kp];
+        if a.cs == 1 {
+            for i in 0..a.rows {
+                let src = &a.data[i * a.rs..][..a.cols];
+                for (o, &x) in out[i * kp..][..a.cols].iter_mut().zip(src) {
+                    *o = bf16_bits(x);
+                }
+            }
+        } else {
+            // Read along the source's contiguous direction.
+            for k in 0..a.cols {
+                for i in 0..a.rows {
+                    out[i * kp + k] = bf16_bits(a.get(i, k));
+                }
+            }
+        }
+        out
+    }
+
+    /// `B` in AMX's pair layout: panels of 16 rows of `B` (columns of `C`), each `kp / 2` rows of
+    /// 16 pairs `(B[j][2q], B[j][2q + 1])`, so that one tile row is 64 contiguous bytes.
+    pub fn pack_b(b: View) -> Vec<u16> {
+        let np = b.rows.div_ceil(BLOCK) * BLOCK;
+        let kp = b.cols.div_ceil(KSTEP) * KSTEP;
+        let mut out = vec![0u16; np * kp];
+        let at = |j: usize, k: usize| (j / 16) * (kp * 16) + (k / 2) * 32 + (j % 16) * 2 + (k % 2);
+        if b.cs == 1 {
+            for j in 0..b.rows {
+                for k in 0..b.cols {
+                    out[at(j, k)] = bf16_bits(b.data[j * b.rs + k]);
+                }
+            }
+        } else {
+            for k in 0..b.cols {
+                for j in 0..b.rows {
+                    out[at(j, k)] = bf16_bits(b.get(j, k));
+                }
+            }
+        }
+        out
+    }
+
+    /// `pb`: `B` (n x k) from [`pack_b`].
+    pub fn gemm(a: View, pb: &[u16], n: usize, c: &mut [f32], accumulate: bool) {
+        let (m, k) = (a.rows, a.cols);
+        let mp = m.div_ceil(BLOCK) * BLOCK;
+        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let pa = pack_a(a, mp, kp);
+        // Split C by blocks of rows, one part per thread; every part reads all of B.
+        let blocks = mp / BLOCK;
+        let threads = candle_core::utils::get_num_threads()
+            .clamp(1, blocks)
+            .min((m * n * k / (1 << 20)).max(1));
+        let per = blocks.div_ceil(threads) * BLOCK;
+        let run = |r0: usize, part: &mut [f32]| {
+            let rows = part.len() / n;
+            // SAFETY: AMX is available (checked by the caller); the packed buffers cover every
+            // tile read: rows r0..r0 + round_up(rows, 32) of `pa`, and all `np` columns of `pb`.
+            unsafe { blocks_of(&pa, pb, kp, n, r0, rows, part, accumulate) }
+        };
+        if threads == 1 {
+            run(0, c);
+        } else {
+            std::thread::scope(|s| {
+                for (t, part) in c.chunks_mut(per * n).enumerate() {
+                    let run = &run;
+                    s.spawn(move || run(t * per, part));
+                }
+            });
+        }
+    }
+
+    /// Computes rows `r0 .. r0 + rows` of `C` (in `out`, row-major with `n` columns).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn blocks_of(
+        pa: &[u16],
+        pb: &[u16],
+        kp: usize,
+        n: usize,
+        r0: usize,
+        rows: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        #[repr(C, align(64))]
+        struct Buf([f32; BLOCK * BLOCK]);
+        let mut buf = Buf([0.0; BLOCK * BLOCK]);
+        let a_stride = kp * 2;
+        let panel = kp * 16; // u16 values per 16-column panel of B
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
+        for nb in (0..n).step_by(BLOCK) {
+            let b0 = pb.as_ptr().add((nb / 16) * panel);
+            let b1 = b0.add(panel);
+            for mb in (0..rows).step_by(BLOCK) {
+                let a0 = pa.as_ptr().add((r0 + mb) * kp);
+                let a1 = a0.add(16 * kp);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack)
+                );
+                for kk in (0..kp).step_by(KSTEP) {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kk),
+                        a1 = in(reg) a1.add(kk),
+                        b0 = in(reg) b0.add(kk * 16),
+                        b1 = in(reg) b1.add(kk * 16),
+                        sa = in(reg) a_stride,
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                let p = buf.0.as_mut_ptr();
+                asm!(
+                    "tilestored [{p0} + {s}*1], tmm0",
+                    "tilestored [{p1} + {s}*1], tmm1",
+                    "tilestored [{p2} + {s}*1], tmm2",
+                    "tilestored [{p3} + {s}*1], tmm3",
+                    p0 = in(reg) p,
+                    p1 = in(reg) p.add(16),
+                    p2 = in(reg) p.add(16 * BLOCK),
+                    p3 = in(reg) p.add(16 * BLOCK + 16),
+                    s = in(reg) BLOCK * 4,
+                    options(nostack),
+                );
+                let (h, w) = ((rows - mb).min(BLOCK), (n - nb).min(BLOCK));
+                for i in 0..h {
+                    let dst = &mut out[(mb + i) * n + nb..][..w];
+                    let src = &buf.0[i * BLOCK..][..w];
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack));
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod imp {
+    pub fn detect() -> bool {
+        false
+    }
+    pub fn pack_b(_: super::View) -> Vec<u16> {
+        unreachable!("AMX is never available here")
+    }
+    pub fn gemm(_: super::View, _: &[u16], _: usize, _: &mut [f32], _: bool) {
+        unreachable!("AMX is never available here")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(a: View, b: View) -> Vec<f32> {
+        let mut c = vec![0f32; a.rows * b.rows];
+        for i in 0..a.rows {
+            for j in 0..b.rows {
+                let s: f64 = (0..a.cols)
+                    .map(|k| round_bf16(a.get(i, k)) as f64 * round_bf16(b.get(j, k)) as f64)
+                    .sum();
+                c[i * b.rows + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_keeps_nan() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert!(round_bf16(f32::from_bits(0x7f80_0001)).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    }
+
+    /// Odd sizes (edge blocks, `k` not a multiple of 32) and the strided views that backward uses,
+    /// on whichever path this CPU takes, against an f64 sum of the rounded operands.
+    #[test]
+    fn products_match_a_reference_on_odd_shapes_and_layouts() {
+        eprintln!("amx available: {}", available());
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (37, 45, 70),
+            (64, 32, 32),
+            (100, 17, 129),
+            (5, 300, 64),
+        ] {
+            let x = data(m * k, 1);
+            let y = data(n * k, 2);
+            let xt: Vec<f32> = (0..k * m).map(|t| x[(t % m) * k + t / m]).collect();
+            let yt: Vec<f32> = (0..k * n).map(|t| y[(t % n) * k + t / n]).collect();
+            let cases = [
+                (View::rows(&x, m, k), View::rows(&y, n, k)),
+                (View::transposed(&xt, m, k), View::rows(&y, n, k)),
+                (View::rows(&x, m, k), View::transposed(&yt, n, k)),
+                (View::transposed(&xt, m, k), View::transposed(&yt, n, k)),
+            ];
+            for (ci, (a, b)) in cases.into_iter().enumerate() {
+                let want = reference(a, b);
+                let mut got = vec![0.5f32; m * n];
+                gemm_nt(a, b, &mut got, false);
+                let mut acc = vec![0.5f32; m * n];
+                gemm_nt(a, b, &mut acc, true);
+                for t in 0..m * n {
+                    let tol = 1e-5 * (1.0 + want[t].abs()) * (k as f32).sqrt();
+                    assert!(
+                        (got[t] - want[t]).abs() <= tol,
+                        "{m}x{n}x{k} case {ci} at {t}: {} vs {}",
+                        got[t],
+                        want[t]
+                    );
+                    assert!(
+                        (acc[t] - 0.5 - want[t]).abs() <= tol,
+                        "accumulate {ci} at {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AMX path and the f32 fallback agree, so a run means the same on either CPU.
+    #[test]
+    fn amx_agrees_with_the_fallback() {
+        if !available() {
+            eprintln!("no AMX on this CPU: products_match_a_reference covers the fallback");
+            return;
+        }
+        let (m, n, k) = (300, 200, 576);
+        let x = data(m * k, 3);
+        let y = data(n * k, 4);
+        let (a, b) = (View::rows(&x, m, k), View::rows(&y, n, k));
+        let mut amx = vec![0f32; m * n];
+        gemm_nt(a, b, &mut amx, false);
+        let mut f = vec![0f32; m * n];
+        let dense: Vec<f32> = y.iter().map(|&v| round_bf16(v)).collect();
+        fallback(a, &dense, n, &mut f, false);
+        let worst = amx
+            .iter()
+            .zip(&f)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "AMX vs fallback differ by {worst}");
+    }
+}
