@@ -54,6 +54,12 @@ struct DataCfg {
     /// more pairs, but close ones are mostly judge noise).
     #[serde(default = "d_rm_pairs")]
     rm_pairs: String,
+    /// Gold-labelled pairs of real review openings added to the reward model's training data
+    /// (reviews disjoint from the others; the higher-scored half paired at random with the lower).
+    /// The gold judge labels any text, and ~150 sampled pairs alone teach a 135M reward model no
+    /// sentiment that carries to new prefixes.
+    #[serde(default)]
+    rm_review_pairs: usize,
 }
 
 fn d_rm_pairs() -> String {
@@ -135,6 +141,14 @@ struct PipelineConfig {
     frontier_dpo_betas: Vec<f64>,
     #[serde(default)]
     frontier_ppo_kl_coefs: Vec<f64>,
+    /// Mixed precision for every trainer that does not set its own `bf16`: `"auto"` (on where the
+    /// CPU has AMX, where it is faster), `true` or `false`.
+    #[serde(default = "d_bf16")]
+    bf16: toml::Value,
+}
+
+fn d_bf16() -> toml::Value {
+    toml::Value::String("auto".into())
 }
 
 fn d_eval_n() -> usize {
@@ -233,6 +247,69 @@ fn label_samples(
     (pair, Some(ranking), dropped)
 }
 
+/// The reviews in the seeded order the data stages take them from (SFT, prompts, held-out
+/// prompts, then the reward model's review pairs, each from the next unused ones), and the RNG
+/// as the shuffle left it.
+fn review_order(n: usize, seed: u64) -> (Vec<usize>, rand::rngs::StdRng) {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    idx.shuffle(&mut rng);
+    (idx, rng)
+}
+
+/// `data.rm_review_pairs` pairs of real review openings scored by the gold judge, as
+/// `((higher text, score), (lower text, score))`: reviews after those the other stages use, each
+/// cut to a 2-8 token prefix plus `max_new_tokens` tokens (the length of a prefix and its sampled
+/// continuation); the higher-scored half paired at random with the lower half.
+#[allow(clippy::type_complexity)]
+fn review_pairs(
+    cfg: &PipelineConfig,
+    base: &Path,
+    reviews: &[(String, bool)],
+    gold_spec: &str,
+) -> Result<Vec<((String, f64), (String, f64))>> {
+    let d = &cfg.data;
+    if d.rm_review_pairs == 0 {
+        return Ok(vec![]);
+    }
+    let start = d.sft_reviews + d.prompts + d.eval_prompts;
+    let want = 2 * d.rm_review_pairs;
+    anyhow::ensure!(
+        start + want <= reviews.len(),
+        "data.rm_review_pairs: {} pairs need {want} reviews beyond the {start} used, of {}",
+        d.rm_review_pairs,
+        reviews.len()
+    );
+    let tok = Pretrained::load(base, &LoadOptions::default())?.tokenizer;
+    let (idx, _) = review_order(reviews.len(), cfg.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x0e71e);
+    let mut texts = Vec::with_capacity(want);
+    for &i in &idx[start..start + want] {
+        let ids = tok.encode(&reviews[i].0.replace("<br />", " "), false)?;
+        let k = rng.gen_range(d.prefix_min_tokens..=d.prefix_max_tokens) + d.max_new_tokens;
+        texts.push(tok.decode(&ids[..k.min(ids.len())], false)?);
+    }
+    let gold = RewardSource::parse(gold_spec)?;
+    let samples: Vec<preftune_eval::sources::Sample> = texts
+        .iter()
+        .map(|t| preftune_eval::sources::Sample {
+            prompt: Text::Plain(String::new()),
+            response: t.clone(),
+            risky: false,
+        })
+        .collect();
+    let scores = gold.score(&samples)?;
+    let mut scored: Vec<(String, f64)> = texts.into_iter().zip(scores).collect();
+    scored.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut hi = scored.split_off(scored.len() / 2);
+    hi.shuffle(&mut rng);
+    Ok(hi
+        .into_iter()
+        .zip(scored)
+        .filter(|(h, l)| h.1 > l.1)
+        .collect())
+}
+
 /// Runs (or continues) the pipeline; returns its output folder and the summary (`results.json`).
 pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let text =
@@ -259,6 +336,25 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         config.display(),
         cfg.data.rm_pairs
     );
+    let bf16 = match &cfg.bf16 {
+        toml::Value::Boolean(b) => *b,
+        toml::Value::String(s) if s == "auto" => preftune_model::amx::available(),
+        other => anyhow::bail!(
+            "{}: bf16: expected true, false or \"auto\", found {other}",
+            config.display()
+        ),
+    };
+    let mut cfg = cfg;
+    for t in [
+        &mut cfg.sft,
+        &mut cfg.rm,
+        &mut cfg.dpo,
+        &mut cfg.ppo,
+        &mut cfg.grpo,
+    ] {
+        t.entry("bf16").or_insert(toml::Value::Boolean(bf16));
+    }
+    let cfg = cfg;
     let out = cfg.output_dir.clone();
     std::fs::create_dir_all(&out)?;
     let has = |m: &str| cfg.methods.iter().any(|x| x == m);
@@ -304,9 +400,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let data_dir = p("data");
     if !done(&data_dir) {
         let tok = Pretrained::load(&base, &LoadOptions::default())?.tokenizer;
-        let mut idx: Vec<usize> = (0..reviews.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-        idx.shuffle(&mut rng);
+        let (idx, mut rng) = review_order(reviews.len(), cfg.seed);
         let d = &cfg.data;
         anyhow::ensure!(
             d.sft_reviews + d.prompts + d.eval_prompts <= idx.len(),
@@ -417,6 +511,45 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     })?;
     let pairs_file = ps("pairs/pairs.jsonl");
 
+    // The reward model's training file: its share of the sampled pairs (or rankings), plus
+    // gold-labelled pairs of real review openings when `rm_review_pairs` asks for them.
+    let rm_data = p("rm-data");
+    let rankings = cfg.data.rm_pairs == "rankings";
+    cached(&rm_data, "reward-model data", || {
+        let read = |name: &str| -> Result<Vec<Value>> {
+            let path = p(name);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
+                })
+                .collect()
+        };
+        let mut rows = read(if rankings {
+            "pairs/rankings.jsonl"
+        } else {
+            "pairs/rm-pairs.jsonl"
+        })?;
+        let sampled = rows.len();
+        let review_pairs = review_pairs(&cfg, &base, &reviews, &gold_spec)?;
+        let n_review = review_pairs.len();
+        rows.extend(review_pairs.into_iter().map(|(hi, lo)| {
+            if rankings {
+                json!({"prompt": "", "responses": [hi.0, lo.0], "scores": [hi.1, lo.1]})
+            } else {
+                json!({"prompt": "", "chosen": hi.0, "rejected": lo.0})
+            }
+        }));
+        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
+        std::fs::create_dir_all(&rm_data)?;
+        write_jsonl(&rm_data.join("train.jsonl"), &rows)?;
+        Ok(json!({"sampled": sampled, "review_pairs": n_review, "rows": rows.len()}))
+    })?;
+
     // The reward model on the gold-labelled pairs (the proxy PPO and Best-of-N optimise).
     let rm_dir = p("rm");
     if has("ppo") || has("bon") || has("grpo") {
@@ -427,13 +560,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &cfg.rm,
             &[
                 format!("model_name_or_path={sft_path}"),
-                format!(
-                    "train_file={}",
-                    ps(match cfg.data.rm_pairs.as_str() {
-                        "rankings" => "pairs/rankings.jsonl",
-                        _ => "pairs/rm-pairs.jsonl",
-                    })
-                ),
+                format!("train_file={}", ps("rm-data/train.jsonl")),
                 format!("output_dir={}", rm_dir.display()),
             ]
             .into_iter()
@@ -662,7 +789,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     // Seconds per stage (from each stage's done.json: cached stages keep their first timing;
     // Best-of-N has no stage of its own, its sampling is part of the evaluation).
     let mut seconds = serde_json::Map::new();
-    for name in ["gold", "pairs", "sft", "rm"]
+    for name in ["gold", "pairs", "sft", "rm-data", "rm"]
         .into_iter()
         .chain(order.iter().map(String::as_str))
     {
@@ -680,6 +807,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let rm_eval = read_done(&rm_dir).map_or(Value::Null, |v| v["eval"].clone());
     let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
                          "reward_model_heldout": rm_eval, "methods": results,
+                         "reward_model_data": read_done(&rm_data)?, "bf16": bf16,
                          "stage_seconds": seconds, "output_dir": out.display().to_string()});
     preftune_model::weights::write_json(&p("results.json"), &summary)?;
     eprintln!(

@@ -728,6 +728,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "data.prompts=8".into(),
         "data.eval_prompts=4".into(),
         "data.max_new_tokens=6".into(),
+        "data.rm_review_pairs=6".into(),
         "sft.max_steps=3".into(),
         "sft.logging_steps=1".into(),
         "sft.save_steps=3".into(),
@@ -772,6 +773,34 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(out.join("results.json").exists() && out.join("pairs/pairs.jsonl").exists());
     assert!(v["reward_model_heldout"]["eval_accuracy"].is_f64(), "{v}");
     assert!(v["stage_seconds"]["dpo"].as_f64().unwrap() > 0.0, "{v}");
+    // The reward model's file: its sampled pairs plus the review pairs, which are real openings
+    // (empty prompt) with the higher gold score chosen.
+    let rd: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("rm-data/done.json")).unwrap())
+            .unwrap();
+    assert_eq!(rd["review_pairs"], 6, "{rd}");
+    let rows: Vec<Value> = std::fs::read_to_string(out.join("rm-data/train.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, rd["rows"].as_u64().unwrap());
+    assert_eq!(rows.len() as u64, rd["sampled"].as_u64().unwrap() + 6);
+    let gold =
+        preftune_eval::gold::GoldSentiment::load(&out.join("gold/gold-sentiment.safetensors"))
+            .unwrap();
+    for r in rows.iter().filter(|r| r["prompt"] == "") {
+        let (c, j) = (
+            r["chosen"].as_str().unwrap(),
+            r["rejected"].as_str().unwrap(),
+        );
+        assert!(gold.logit(c) > gold.logit(j), "{r}");
+    }
+    assert_eq!(
+        v["bf16"],
+        preftune_model::amx::available(),
+        "bf16 = \"auto\" follows AMX"
+    );
     // Cached: the second run trains nothing and gives the same table.
     let (ok, v2, err) = preftune(&argv);
     assert!(ok, "{err}");

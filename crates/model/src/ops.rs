@@ -11,6 +11,10 @@ use crate::kernels;
 /// shapes: 2x faster at 16 rows, even at 48, slower from ~96).
 const SMALL_M: usize = 32;
 
+/// Untracked products (sampling) take the bf16 path from this many rows: each call packs the
+/// weight, which a decoding step's few rows do not repay.
+const BF16_MIN_ROWS: usize = 64;
+
 /// `y = x W^T + b` with `W` stored `[out, in]` (PyTorch's `nn.Linear` layout), plus an optional
 /// LoRA update `scale * B A x`.
 #[derive(Clone, Debug)]
@@ -41,7 +45,7 @@ impl Linear {
         // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
         let mut y = if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
             y
-        } else if lead > crate::gemv::MAX_ROWS && bf16_applies(&x2, &self.weight) {
+        } else if (x2.track_op() || lead >= BF16_MIN_ROWS) && bf16_applies(&x2, &self.weight) {
             bf16_matmul(&x2, &self.weight)?
         } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
             frozen_matmul(&x2, &self.weight)?

@@ -544,6 +544,8 @@ fn report(r: &DataReport) {
 /// `preftune dpo`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.
 pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
     let args = &cfg.args;
+    // The whole run, so that precomputed reference log-probs use the policy's products.
+    let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
     let d = &cfg.algo;
     let losses = d.losses()?;
     let listwise = losses.iter().any(|(k, _)| *k == LossType::Pro);
