@@ -164,6 +164,22 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(&c.as_slice::<f32>()?[a..b]))
 }
 
+/// `f(a, b, out)` over the f32 values of two tensors into a new buffer of `len` values.
+fn product_of(
+    a: &Tensor,
+    b: &Tensor,
+    len: usize,
+    f: impl FnOnce(&[f32], &[f32], &mut [f32]),
+) -> Result<Vec<f32>> {
+    with_f32(a, |av| {
+        with_f32(b, |bv| {
+            let mut out = vec![0f32; len];
+            f(av, bv, &mut out);
+            out
+        })
+    })?
+}
+
 impl candle_core::CustomOp2 for Bf16Matmul {
     fn name(&self) -> &'static str {
         "preftune-bf16-matmul"
@@ -208,35 +224,22 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         use crate::amx::{gemm_nt, View};
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         // dx = dy W: rows of dy against columns of W.
-        let dx = with_f32(grad, |g| {
-            with_f32(w, |wv| {
-                let mut dx = vec![0f32; m * k];
-                gemm_nt(
-                    View::rows(g, m, n),
-                    View::transposed(wv, k, n),
-                    &mut dx,
-                    false,
-                );
-                dx
-            })
-        })??;
+        let dx = product_of(grad, w, m * k, |g, wv, out| {
+            gemm_nt(View::rows(g, m, n), View::transposed(wv, k, n), out, false)
+        })?;
         let dx = Tensor::from_vec(dx, (m, k), x.device())?;
         if !w.track_op() {
             return Ok((Some(dx), None));
         }
         // dW = dy^T x: columns of dy against columns of x.
-        let dw = with_f32(grad, |g| {
-            with_f32(x, |xv| {
-                let mut dw = vec![0f32; n * k];
-                gemm_nt(
-                    View::transposed(g, n, m),
-                    View::transposed(xv, k, m),
-                    &mut dw,
-                    false,
-                );
-                dw
-            })
-        })??;
+        let dw = product_of(grad, x, n * k, |g, xv, out| {
+            gemm_nt(
+                View::transposed(g, n, m),
+                View::transposed(xv, k, m),
+                out,
+                false,
+            )
+        })?;
         Ok((Some(dx), Some(Tensor::from_vec(dw, (n, k), w.device())?)))
     }
 }
