@@ -247,6 +247,11 @@ fn label_samples(
     (pair, Some(ranking), dropped)
 }
 
+/// A review's text with the IMDb files' HTML line breaks as spaces.
+fn clean_review(t: &str) -> String {
+    t.replace("<br />", " ")
+}
+
 /// The reviews in the seeded order the data stages take them from (SFT, prompts, held-out
 /// prompts, then the reward model's review pairs, each from the next unused ones), and the RNG
 /// as the shuffle left it.
@@ -285,7 +290,7 @@ fn review_pairs(
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x0e71e);
     let mut texts = Vec::with_capacity(want);
     for &i in &idx[start..start + want] {
-        let ids = tok.encode(&reviews[i].0.replace("<br />", " "), false)?;
+        let ids = tok.encode(&clean_review(&reviews[i].0), false)?;
         let k = rng.gen_range(d.prefix_min_tokens..=d.prefix_max_tokens) + d.max_new_tokens;
         texts.push(tok.decode(&ids[..k.min(ids.len())], false)?);
     }
@@ -407,16 +412,15 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             "data: asks for more reviews than the {} available",
             idx.len()
         );
-        let clean = |t: &str| t.replace("<br />", " ");
         let sft: Vec<Value> = idx[..d.sft_reviews]
             .iter()
             .map(|&i| {
                 let words: Vec<&str> = reviews[i].0.split_whitespace().collect();
-                json!({"text": clean(&words[..words.len().min(d.sft_words)].join(" "))})
+                json!({"text": clean_review(&words[..words.len().min(d.sft_words)].join(" "))})
             })
             .collect();
         let prefix = |i: usize, rng: &mut rand::rngs::StdRng| -> Result<Value> {
-            let ids = tok.encode(&clean(&reviews[i].0), false)?;
+            let ids = tok.encode(&clean_review(&reviews[i].0), false)?;
             let k = rng
                 .gen_range(d.prefix_min_tokens..=d.prefix_max_tokens)
                 .min(ids.len());
@@ -516,24 +520,11 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let rm_data = p("rm-data");
     let rankings = cfg.data.rm_pairs == "rankings";
     cached(&rm_data, "reward-model data", || {
-        let read = |name: &str| -> Result<Vec<Value>> {
-            let path = p(name);
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .enumerate()
-                .map(|(i, l)| {
-                    serde_json::from_str(l)
-                        .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
-                })
-                .collect()
-        };
-        let mut rows = read(if rankings {
+        let mut rows = crate::report::read_jsonl(&p(if rankings {
             "pairs/rankings.jsonl"
         } else {
             "pairs/rm-pairs.jsonl"
-        })?;
+        }))?;
         let sampled = rows.len();
         let review_pairs = review_pairs(&cfg, &base, &reviews, &gold_spec)?;
         let n_review = review_pairs.len();

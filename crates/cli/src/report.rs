@@ -31,7 +31,8 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+/// The rows of a JSONL file (blank lines skipped), naming file and line on bad JSON.
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()

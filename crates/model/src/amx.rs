@@ -85,11 +85,7 @@ impl PackedB {
         let data = if available() {
             Packed::Amx(imp::pack_b(b))
         } else {
-            let mut out = Vec::with_capacity(b.rows * b.cols);
-            for j in 0..b.rows {
-                out.extend((0..b.cols).map(|k| round_bf16(b.get(j, k))));
-            }
-            Packed::Dense(out)
+            Packed::Dense(rounded_rows(b))
         };
         PackedB {
             rows: b.rows,
@@ -118,12 +114,18 @@ pub fn gemm_packed(a: View, b: &PackedB, c: &mut [f32], accumulate: bool) {
     }
 }
 
-/// The same rounding, then candle's f32 GEMM.
-fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
-    let mut dense = Vec::with_capacity(a.rows * a.cols);
-    for i in 0..a.rows {
-        dense.extend((0..a.cols).map(|k| round_bf16(a.get(i, k))));
+/// `v` as row-major f32 values rounded to bf16.
+fn rounded_rows(v: View) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.rows * v.cols);
+    for i in 0..v.rows {
+        out.extend((0..v.cols).map(|k| round_bf16(v.get(i, k))));
     }
+    out
+}
+
+/// The same rounding, then candle's f32 GEMM; `b`: `n` rows from [`rounded_rows`].
+fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
+    let dense = rounded_rows(a);
     let dev = candle_core::Device::Cpu;
     let prod = (|| {
         let at = candle_core::Tensor::from_vec(dense, (a.rows, a.cols), &dev)?;
@@ -453,8 +455,7 @@ mod tests {
         let mut amx = vec![0f32; m * n];
         gemm_nt(a, b, &mut amx, false);
         let mut f = vec![0f32; m * n];
-        let dense: Vec<f32> = y.iter().map(|&v| round_bf16(v)).collect();
-        fallback(a, &dense, n, &mut f, false);
+        fallback(a, &rounded_rows(b), n, &mut f, false);
         let worst = amx
             .iter()
             .zip(&f)

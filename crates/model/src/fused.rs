@@ -27,9 +27,9 @@ pub struct LmHeadLogprob {
     weight: Tensor,
     labels: Vec<u32>,
     inv_temp: f32,
-    /// bf16 products ([`crate::ops::Bf16Scope`] was on when the op was built): the hidden rows
-    /// and the weight, packed once for all chunks, forward and backward.
-    bf16: Option<Bf16Head>,
+    /// bf16 products ([`crate::ops::Bf16Scope`] was on when the op was built): `W` packed once
+    /// as the right operand of `h W^T` for every chunk, in forward and in backward's recomputation.
+    bf16: Option<PackedB>,
     /// Filled by the forward pass; shared so the caller can read it after `apply_op3` took the op.
     pub stats: std::sync::Arc<Mutex<RowStats>>,
 }
@@ -61,14 +61,6 @@ fn par_rows<T: Send>(
     })
 }
 
-struct Bf16Head {
-    hidden: Vec<f32>,
-    /// `W` as the right operand of `h W^T`.
-    w: PackedB,
-    /// `W^T`, for `dz W`; packed on first use (backward).
-    wt: std::sync::OnceLock<PackedB>,
-}
-
 impl LmHeadLogprob {
     /// `hidden: [N, H]`, `weight: [V, H]`, one label per row.
     pub fn new(
@@ -81,11 +73,9 @@ impl LmHeadLogprob {
         let weight = weight.detach().to_dtype(DType::F32)?;
         let bf16 = if crate::ops::bf16_enabled() && hidden.device().is_cpu() {
             let (v, h) = weight.dims2()?;
-            Some(Bf16Head {
-                hidden: hidden.flatten_all()?.to_vec1()?,
-                w: crate::ops::with_f32(&weight, |w| PackedB::new(View::rows(w, v, h)))?,
-                wt: Default::default(),
-            })
+            Some(crate::ops::with_f32(&weight, |w| {
+                PackedB::new(View::rows(w, v, h))
+            })?)
         } else {
             None
         };
@@ -101,11 +91,13 @@ impl LmHeadLogprob {
 
     /// Scaled logits of rows `[start, start + n)`, flattened.
     fn logits(&self, start: usize, n: usize) -> Result<Vec<f32>> {
-        let mut l: Vec<f32> = if let Some(b) = &self.bf16 {
-            let h = self.weight.dim(1)?;
-            let mut l = vec![0f32; n * self.weight.dim(0)?];
-            let rows = View::rows(&b.hidden[start * h..(start + n) * h], n, h);
-            gemm_packed(rows, &b.w, &mut l, false);
+        let mut l: Vec<f32> = if let Some(w) = &self.bf16 {
+            let (v, h) = self.weight.dims2()?;
+            let mut l = vec![0f32; n * v];
+            crate::ops::with_f32(&self.hidden, |hid| {
+                let rows = View::rows(&hid[start * h..(start + n) * h], n, h);
+                gemm_packed(rows, w, &mut l, false)
+            })?;
             l
         } else {
             self.hidden
@@ -200,8 +192,8 @@ impl CustomOp3 for LmHeadLogprob {
         let v = self.weight.dim(0)?;
         let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
         let dev = self.hidden.device();
-        if let Some(b) = &self.bf16 {
-            return self.bwd_bf16(b, arg1, arg2, &g);
+        if self.bf16.is_some() {
+            return self.bwd_bf16(arg1, arg2, &g);
         }
         let mut grad_h = Vec::with_capacity(n.div_ceil(ROWS));
         let mut grad_w: Option<Tensor> = None;
@@ -242,22 +234,14 @@ impl LmHeadLogprob {
     /// Backward with bf16 products: `dh = dz W` and `dW += dz^T h` chunk by chunk.
     fn bwd_bf16(
         &self,
-        b: &Bf16Head,
         arg1: &Tensor,
         arg2: &Tensor,
         g: &[f32],
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, h) = self.hidden.dims2()?;
         let v = self.weight.dim(0)?;
-        let wt = match b.wt.get() {
-            Some(wt) => wt,
-            None => {
-                let packed = crate::ops::with_f32(&self.weight, |w| {
-                    PackedB::new(View::transposed(w, h, v))
-                })?;
-                b.wt.get_or_init(|| packed)
-            }
-        };
+        // `W^T`, the right operand of `dz W`, for every chunk.
+        let wt = crate::ops::with_f32(&self.weight, |w| PackedB::new(View::transposed(w, h, v)))?;
         let mut grad_h = vec![0f32; n * h];
         let mut grad_w = arg2.track_op().then(|| vec![0f32; v * h]);
         for start in (0..n).step_by(ROWS) {
@@ -265,19 +249,20 @@ impl LmHeadLogprob {
             let dz = self.dz(start, m, g)?;
             gemm_packed(
                 View::rows(&dz, m, v),
-                wt,
+                &wt,
                 &mut grad_h[start * h..(start + m) * h],
                 false,
             );
             // A frozen head (LoRA, tied embeddings left alone) needs no weight gradient.
             if let Some(gw) = &mut grad_w {
-                let hid = &b.hidden[start * h..(start + m) * h];
-                gemm_nt(
-                    View::transposed(&dz, v, m),
-                    View::transposed(hid, h, m),
-                    gw,
-                    true,
-                );
+                crate::ops::with_f32(&self.hidden, |hid| {
+                    gemm_nt(
+                        View::transposed(&dz, v, m),
+                        View::transposed(&hid[start * h..(start + m) * h], h, m),
+                        gw,
+                        true,
+                    )
+                })?;
             }
         }
         let dev = self.hidden.device();

@@ -91,23 +91,9 @@ fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !fits {
         return Ok(None);
     }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
-        return Ok(None);
-    };
-    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let y = crate::gemv::matmul_t(
-        &xc.as_slice::<f32>()?[xa..xb],
-        m,
-        &wc.as_slice::<f32>()?[wa..wb],
-        n,
-        k,
-    );
+    let y = with_f32(x, |xv| {
+        with_f32(w, |wv| crate::gemv::matmul_t(xv, m, wv, n, k))
+    })??;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
 }
 
@@ -151,17 +137,14 @@ pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct Bf16Matmul;
 
-/// Runs `f` on the f32 values of a contiguous copy of `t`.
+/// Runs `f` on the f32 values of `t` (a contiguous copy only if `t` is not contiguous).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     let Storage::Cpu(c) = &*s else {
-        candle_core::bail!("bf16_matmul: CPU only")
+        candle_core::bail!("with_f32: CPU tensors only")
     };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("bf16_matmul: input not contiguous")
-    };
-    Ok(f(&c.as_slice::<f32>()?[a..b]))
+    Ok(f(kernels::slice::<f32>(c, l, "with_f32")?))
 }
 
 /// `f(a, b, out)` over the f32 values of two tensors into a new buffer of `len` values.
@@ -196,14 +179,8 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         if k != k2 {
             candle_core::bail!("bf16_matmul: inner dimensions {k} and {k2} differ")
         }
-        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("bf16_matmul: inputs must be contiguous")
-        };
-        let (x, w) = (
-            &s1.as_slice::<f32>()?[xa..xb],
-            &s2.as_slice::<f32>()?[wa..wb],
-        );
+        let x = kernels::slice::<f32>(s1, l1, self.name())?;
+        let w = kernels::slice::<f32>(s2, l2, self.name())?;
         let mut y = vec![0f32; m * n];
         crate::amx::gemm_nt(
             crate::amx::View::rows(x, m, k),
