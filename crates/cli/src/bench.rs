@@ -265,7 +265,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let s = t.elapsed().as_secs_f64();
             let n: usize = out.tokens.iter().map(Vec::len).sum();
             crate::commands::emit(
-                &json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": args.dtype, "batch": args.gen_batch,
+                &json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": args.dtype, "bf16": args.bf16, "batch": args.gen_batch,
                        "new_tokens": args.new_tokens, "threads": threads, "seconds": s, "tokens_per_s": n as f64 / s,
                        "peak_rss_mib": peak_rss_mib()}),
             );

@@ -145,6 +145,10 @@ struct PipelineConfig {
     /// CPU has AMX, where it is faster), `true` or `false`.
     #[serde(default = "d_bf16")]
     bf16: toml::Value,
+    /// Keep each finished trainer stage's `checkpoint-*` folders (deleted by default; the final
+    /// model is what later stages and the evaluation read).
+    #[serde(default)]
+    keep_checkpoints: bool,
 }
 
 fn d_bf16() -> toml::Value {
@@ -208,7 +212,10 @@ fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Resul
     mark_done(dir, &v)
 }
 
-/// One cached trainer stage.
+/// One cached trainer stage. Once it is done its `checkpoint-*` folders (weights plus optimizer
+/// state, 1.6 GB each for SmolLM2) are deleted unless `keep_checkpoints`: the final model stays,
+/// and nothing resumes a finished stage.
+#[allow(clippy::too_many_arguments)]
 fn stage<A: serde::de::DeserializeOwned>(
     dir: &Path,
     label: &str,
@@ -216,8 +223,21 @@ fn stage<A: serde::de::DeserializeOwned>(
     table: &toml::Table,
     sets: &[String],
     run: fn(&preftune_train::RunConfig<A>, bool, bool) -> preftune_train::Result<Value>,
+    keep_checkpoints: bool,
 ) -> Result<()> {
-    cached(dir, label, || train(defaults, table, sets, run))
+    cached(dir, label, || train(defaults, table, sets, run))?;
+    if !keep_checkpoints {
+        for e in std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("checkpoint-") {
+                std::fs::remove_dir_all(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One prefix's scored samples as a best-vs-worst pair (none when all score the same) and a
@@ -457,6 +477,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             format!("output_dir={}", sft_dir.display()),
         ],
         preftune_train::sft::run,
+        cfg.keep_checkpoints,
     )?;
     let sft_path = sft_dir.display().to_string();
 
@@ -465,6 +486,9 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     // model, whose last `rm_eval_prompts` prompts are held out to measure its accuracy.
     let pairs_dir = p("pairs");
     cached(&pairs_dir, "sampling and labelling pairs", || {
+        // Training data, so sampled as the trainers run: in bf16 when the run is (the evaluation
+        // below stays f32).
+        let _bf16 = preftune_model::ops::Bf16Scope::new(bf16);
         let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
         let gold = RewardSource::parse(&gold_spec)?;
         let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
@@ -562,6 +586,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             )
             .collect::<Vec<_>>(),
             preftune_train::reward::run,
+            cfg.keep_checkpoints,
         )?;
     }
     let rm_spec = format!("model:{}", rm_dir.display());
@@ -606,6 +631,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &cfg.dpo,
             &dpo_sets("dpo", None),
             dpo::run,
+            cfg.keep_checkpoints,
         )?;
     }
     let mut sweep: Vec<String> = vec![];
@@ -619,6 +645,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &cfg.dpo,
             &sets,
             dpo::run,
+            cfg.keep_checkpoints,
         )?;
         sweep.push(name);
     }
@@ -632,12 +659,21 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &cfg.ppo,
             &sets,
             ppo::run,
+            cfg.keep_checkpoints,
         )?;
         sweep.push(name);
     }
     if has("ppo") {
         let sets = online_sets("ppo", &cfg.ppo, None);
-        stage(&p("ppo"), "PPO", ppo::defaults(), &cfg.ppo, &sets, ppo::run)?;
+        stage(
+            &p("ppo"),
+            "PPO",
+            ppo::defaults(),
+            &cfg.ppo,
+            &sets,
+            ppo::run,
+            cfg.keep_checkpoints,
+        )?;
     }
     // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
     // what PPO gets from a perfect reward model.
@@ -652,6 +688,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &table,
             &sets,
             ppo::run,
+            cfg.keep_checkpoints,
         )?;
     }
     if has("grpo") {
@@ -663,6 +700,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
             &cfg.grpo,
             &sets,
             grpo::run,
+            cfg.keep_checkpoints,
         )?;
     }
 

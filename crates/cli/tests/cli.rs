@@ -773,6 +773,18 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(out.join("results.json").exists() && out.join("pairs/pairs.jsonl").exists());
     assert!(v["reward_model_heldout"]["eval_accuracy"].is_f64(), "{v}");
     assert!(v["stage_seconds"]["dpo"].as_f64().unwrap() > 0.0, "{v}");
+    // Finished trainer stages keep their final model but not their checkpoints.
+    for stage in ["sft", "rm", "dpo", "ppo", "grpo", "dpo-beta-0.5"] {
+        let names: Vec<String> = std::fs::read_dir(out.join(stage))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n == "model.safetensors"), "{stage}: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("checkpoint-")),
+            "{stage}: {names:?}"
+        );
+    }
     // The reward model's file: its sampled pairs plus the review pairs, which are real openings
     // (empty prompt) with the higher gold score chosen.
     let rd: Value =

@@ -54,12 +54,32 @@ pub fn available() -> bool {
 }
 
 /// Rounds to the nearest bf16 (ties to even), as the bits of its upper half. NaN stays NaN.
+/// Branch-free, so that loops over it vectorise.
+#[inline]
 pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet = (b >> 16) | 0x40;
+    (if x.is_nan() { quiet } else { rounded }) as u16
+}
+
+/// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time where the CPU has AVX-512.
+fn round_into(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn wide(src: &[f32], dst: &mut [u16]) {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
+        }
+        static WIDE: OnceLock<bool> = OnceLock::new();
+        if *WIDE.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+        }) {
+            // SAFETY: the CPU has the features `wide` is compiled for.
+            return unsafe { wide(src, dst) };
+        }
     }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
 }
 
 /// `x` rounded to bf16 and widened back.
@@ -144,12 +164,14 @@ fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
 mod imp {
     use super::{bf16_bits, View};
     use std::arch::asm;
-    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    use std::arch::x86_64::{__cpuid, __cpuid_count, _mm_prefetch, _MM_HINT_T0};
 
     /// Rows and columns of `C` per block: 2 x 2 tiles of 16 x 16.
     const BLOCK: usize = 32;
     /// bf16 values along `k` per tile step.
     const KSTEP: usize = 32;
+    /// Tile steps between prefetching a tile of B and loading it.
+    const PREFETCH: usize = 4;
 
     pub fn detect() -> bool {
         // Leaf 7 is read only if the CPU reports it.
@@ -197,10 +219,7 @@ mod imp {
         let mut out = vec![0u16; mp * kp];
         if a.cs == 1 {
             for i in 0..a.rows {
-                let src = &a.data[i * a.rs..][..a.cols];
-                for (o, &x) in out[i * kp..][..a.cols].iter_mut().zip(src) {
-                    *o = bf16_bits(x);
-                }
+                super::round_into(&a.data[i * a.rs..][..a.cols], &mut out[i * kp..][..a.cols]);
             }
         } else {
             // Read along the source's contiguous direction.
@@ -216,23 +235,31 @@ mod imp {
     /// `B` in AMX's pair layout: panels of 16 rows of `B` (columns of `C`), each `kp / 2` rows of
     /// 16 pairs `(B[j][2q], B[j][2q + 1])`, so that one tile row is 64 contiguous bytes.
     pub fn pack_b(b: View) -> Vec<u16> {
+        use rayon::prelude::*;
         let np = b.rows.div_ceil(BLOCK) * BLOCK;
         let kp = b.cols.div_ceil(KSTEP) * KSTEP;
         let mut out = vec![0u16; np * kp];
-        let at = |j: usize, k: usize| (j / 16) * (kp * 16) + (k / 2) * 32 + (j % 16) * 2 + (k % 2);
-        if b.cs == 1 {
-            for j in 0..b.rows {
-                for k in 0..b.cols {
-                    out[at(j, k)] = bf16_bits(b.data[j * b.rs + k]);
+        // One panel per task: its 16 rows of `B` in, `kp * 16` contiguous values out.
+        out.par_chunks_mut(kp * 16)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let rows = (p * 16)..(p * 16 + 16).min(b.rows);
+                if b.cs == 1 {
+                    let mut row = vec![0u16; kp];
+                    for (jj, j) in rows.enumerate() {
+                        super::round_into(&b.data[j * b.rs..][..b.cols], &mut row[..b.cols]);
+                        for (q, pair) in row.chunks_exact(2).enumerate() {
+                            panel[q * 32 + jj * 2..][..2].copy_from_slice(pair);
+                        }
+                    }
+                } else {
+                    for k in 0..b.cols {
+                        for (jj, j) in rows.clone().enumerate() {
+                            panel[(k / 2) * 32 + jj * 2 + (k % 2)] = bf16_bits(b.get(j, k));
+                        }
+                    }
                 }
-            }
-        } else {
-            for k in 0..b.cols {
-                for j in 0..b.rows {
-                    out[at(j, k)] = bf16_bits(b.get(j, k));
-                }
-            }
-        }
+            });
         out
     }
 
@@ -242,40 +269,59 @@ mod imp {
         let mp = m.div_ceil(BLOCK) * BLOCK;
         let kp = k.div_ceil(KSTEP) * KSTEP;
         let pa = pack_a(a, mp, kp);
-        // Split C by blocks of rows, one part per thread; every part reads all of B.
-        let blocks = mp / BLOCK;
-        let threads = candle_core::utils::get_num_threads()
-            .clamp(1, blocks)
-            .min((m * n * k / (1 << 20)).max(1));
-        let per = blocks.div_ceil(threads) * BLOCK;
-        let run = |r0: usize, part: &mut [f32]| {
-            let rows = part.len() / n;
-            // SAFETY: AMX is available (checked by the caller); the packed buffers cover every
-            // tile read: rows r0..r0 + round_up(rows, 32) of `pa`, and all `np` columns of `pb`.
-            unsafe { blocks_of(&pa, pb, kp, n, r0, rows, part, accumulate) }
+        let (row_blocks, col_blocks) = (mp / BLOCK, n.div_ceil(BLOCK));
+        let threads = rayon::current_num_threads()
+            .min((m * n * k / (1 << 20)).max(1))
+            .clamp(1, row_blocks.max(col_blocks));
+        let out = Out(c.as_mut_ptr());
+        // SAFETY (both closures): AMX is available (checked by the caller); the packed buffers
+        // cover every tile read (rows up to a multiple of 32 of `pa`, all padded columns of
+        // `pb`); each call writes only its own rows x columns of `c`, which holds m x n values.
+        let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
+            blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate)
         };
         if threads == 1 {
-            run(0, c);
-        } else {
-            std::thread::scope(|s| {
-                for (t, part) in c.chunks_mut(per * n).enumerate() {
+            run(0..m, 0..n);
+        } else if row_blocks >= threads {
+            // Many rows (training): split C by blocks of rows; every part reads all of B.
+            let per = row_blocks.div_ceil(threads) * BLOCK;
+            rayon::scope(|s| {
+                for r0 in (0..m).step_by(per) {
                     let run = &run;
-                    s.spawn(move || run(t * per, part));
+                    s.spawn(move |_| run(r0..(r0 + per).min(m), 0..n));
+                }
+            });
+        } else {
+            // Few rows (decoding): split by blocks of columns, so each thread streams its share
+            // of B, the part of the work that costs.
+            let per = col_blocks.div_ceil(threads) * BLOCK;
+            rayon::scope(|s| {
+                for c0 in (0..n).step_by(per) {
+                    let run = &run;
+                    s.spawn(move |_| run(0..m, c0..(c0 + per).min(n)));
                 }
             });
         }
     }
 
-    /// Computes rows `r0 .. r0 + rows` of `C` (in `out`, row-major with `n` columns).
+    /// `C`'s first element, shared by threads that write disjoint blocks of it.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: the threads given an `Out` write disjoint parts of one buffer that outlives them.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    /// Computes the block `rows` x `cols` of `C` (row-major, `n` columns, at `out`); `rows.start`
+    /// and `cols.start` are multiples of 32.
     #[allow(clippy::too_many_arguments)]
     unsafe fn blocks_of(
         pa: &[u16],
         pb: &[u16],
         kp: usize,
         n: usize,
-        r0: usize,
-        rows: usize,
-        out: &mut [f32],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: Out,
         accumulate: bool,
     ) {
         #[repr(C, align(64))]
@@ -284,11 +330,11 @@ mod imp {
         let a_stride = kp * 2;
         let panel = kp * 16; // u16 values per 16-column panel of B
         asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
-        for nb in (0..n).step_by(BLOCK) {
+        for nb in cols.clone().step_by(BLOCK) {
             let b0 = pb.as_ptr().add((nb / 16) * panel);
             let b1 = b0.add(panel);
-            for mb in (0..rows).step_by(BLOCK) {
-                let a0 = pa.as_ptr().add((r0 + mb) * kp);
+            for mb in rows.clone().step_by(BLOCK) {
+                let a0 = pa.as_ptr().add(mb * kp);
                 let a1 = a0.add(16 * kp);
                 asm!(
                     "tilezero tmm0",
@@ -298,6 +344,14 @@ mod imp {
                     options(nostack)
                 );
                 for kk in (0..kp).step_by(KSTEP) {
+                    // B streams from memory once (decoding reads every weight once per step):
+                    // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
+                    // do for tile loads by itself.
+                    for line in (0..1024).step_by(64) {
+                        let ahead = (kk + PREFETCH * KSTEP) * 32 + line;
+                        _mm_prefetch::<_MM_HINT_T0>((b0 as *const i8).wrapping_add(ahead));
+                        _mm_prefetch::<_MM_HINT_T0>((b1 as *const i8).wrapping_add(ahead));
+                    }
                     asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
                         "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -329,9 +383,9 @@ mod imp {
                     s = in(reg) BLOCK * 4,
                     options(nostack),
                 );
-                let (h, w) = ((rows - mb).min(BLOCK), (n - nb).min(BLOCK));
+                let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
                 for i in 0..h {
-                    let dst = &mut out[(mb + i) * n + nb..][..w];
+                    let dst = std::slice::from_raw_parts_mut(out.0.add((mb + i) * n + nb), w);
                     let src = &buf.0[i * BLOCK..][..w];
                     if accumulate {
                         dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
@@ -407,6 +461,9 @@ mod tests {
             (64, 32, 32),
             (100, 17, 129),
             (5, 300, 64),
+            // Enough work for two threads: a few rows split by columns, many rows by rows.
+            (4, 530, 1100),
+            (70, 530, 600),
         ] {
             let x = data(m * k, 1);
             let y = data(n * k, 2);

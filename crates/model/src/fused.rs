@@ -34,31 +34,17 @@ pub struct LmHeadLogprob {
     pub stats: std::sync::Arc<Mutex<RowStats>>,
 }
 
-/// Maps `f(row_index, row)` over the rows of a `[n, v]` buffer on two threads, in row order.
+/// Maps `f(row_index, row)` over the rows of a `[n, v]` buffer on rayon's pool, in row order.
 fn par_rows<T: Send>(
     buf: &mut [f32],
     v: usize,
     f: impl Fn(usize, &mut [f32]) -> T + Sync,
 ) -> Vec<T> {
-    let half = (buf.len() / v).div_ceil(2) * v;
-    let (a, b) = buf.split_at_mut(half.min(buf.len()));
-    let f = &f;
-    std::thread::scope(|s| {
-        let first = s.spawn(move || {
-            a.chunks_mut(v)
-                .enumerate()
-                .map(|(i, r)| f(i, r))
-                .collect::<Vec<T>>()
-        });
-        let second: Vec<T> = b
-            .chunks_mut(v)
-            .enumerate()
-            .map(|(i, r)| f(i + half / v, r))
-            .collect();
-        let mut out = first.join().expect("row worker panicked");
-        out.extend(second);
-        out
-    })
+    use rayon::prelude::*;
+    buf.par_chunks_mut(v)
+        .enumerate()
+        .map(|(i, r)| f(i, r))
+        .collect()
 }
 
 impl LmHeadLogprob {

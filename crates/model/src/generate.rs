@@ -96,6 +96,8 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     } else {
         model.clone()
     };
+    // Under bf16 on AMX: every weight packed once for the whole loop (a no-op otherwise).
+    let _packed = crate::ops::PackedWeights::new();
     let dev = model.device().clone();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids: Vec<Vec<u32>> = prompts
@@ -136,20 +138,41 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     let mut logits = last_logits(&hidden)?;
 
     for step in 0..cfg.max_new_tokens {
+        // One uniform draw per live row, in row order, then the rows in parallel (softmax over
+        // the vocabulary is most of a step's non-matmul time); the result does not depend on
+        // the thread count.
+        let draws: Vec<Option<f32>> = out
+            .finished
+            .iter()
+            .map(|&f| (!f && cfg.temperature > 0.0).then(|| rng.gen()))
+            .collect();
+        let picked: Vec<Option<(u32, f32)>> = {
+            use rayon::prelude::*;
+            logits
+                .par_iter_mut()
+                .zip(draws)
+                .enumerate()
+                .map(|(row, (lg, r))| {
+                    if out.finished[row] {
+                        return None;
+                    }
+                    if step < cfg.min_new_tokens {
+                        for &e in &cfg.eos_token_ids {
+                            if let Some(x) = lg.get_mut(e as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    Some(sample_token(lg, cfg, r.unwrap_or(0.0)))
+                })
+                .collect()
+        };
         let mut new_col = Vec::with_capacity(b);
-        for (row, lg) in logits.iter_mut().enumerate() {
-            if out.finished[row] {
+        for (row, p) in picked.into_iter().enumerate() {
+            let Some((tok, lp)) = p else {
                 new_col.push(cfg.pad_token_id);
                 continue;
-            }
-            if step < cfg.min_new_tokens {
-                for &e in &cfg.eos_token_ids {
-                    if let Some(x) = lg.get_mut(e as usize) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let (tok, lp) = sample_token(lg, cfg, &mut rng);
+            };
             out.tokens[row].push(tok);
             out.logprobs[row].push(lp);
             if cfg.eos_token_ids.contains(&tok) {
@@ -182,9 +205,10 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     Ok(out)
 }
 
-/// Draws one token from `logits` (modified in place) and returns it with its log-probability under
-/// the filtered, renormalised distribution. Temperature 0 takes the argmax of the raw distribution.
-fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> (u32, f32) {
+/// Draws one token from `logits` (modified in place) with the uniform draw `r` in [0, 1) and
+/// returns it with its log-probability under the filtered, renormalised distribution. Temperature 0
+/// takes the argmax of the raw distribution (and ignores `r`).
+fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) {
     if cfg.temperature == 0.0 {
         let (best, _) = logits
             .iter()
@@ -223,7 +247,6 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, rng: &mut impl Rng) ->
         }
     }
     let probs = softmax(logits);
-    let r: f32 = rng.gen();
     let mut cum = 0.0;
     let mut chosen = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
     for (i, &p) in probs.iter().enumerate() {
@@ -262,7 +285,7 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..200 {
-            let (t, lp) = sample_token(&mut base.clone(), &cfg, &mut rng);
+            let (t, lp) = sample_token(&mut base.clone(), &cfg, rng.gen());
             assert!(t == 1 || t == 4, "top-2 sampled {t}");
             // Renormalised over the two survivors.
             let z = (3.0f32).exp() + (2.9f32).exp();
@@ -275,7 +298,7 @@ mod tests {
         };
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..300 {
-            seen.insert(sample_token(&mut base.clone(), &cfg, &mut rng).0);
+            seen.insert(sample_token(&mut base.clone(), &cfg, rng.gen()).0);
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 4]);
     }
@@ -288,7 +311,7 @@ mod tests {
             ..Default::default()
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (t, lp) = sample_token(&mut x, &cfg, &mut rng);
+        let (t, lp) = sample_token(&mut x, &cfg, rng.gen());
         assert_eq!(t, 2);
         let z: f32 = [0.0f32, 1.0, 5.0, 2.0].iter().map(|v| v.exp()).sum();
         assert!((lp - (5.0f32.exp() / z).ln()).abs() < 1e-6);
@@ -302,7 +325,7 @@ mod tests {
         let mut counts = [0usize; 3];
         let n = 30_000;
         for _ in 0..n {
-            counts[sample_token(&mut logits.to_vec(), &cfg, &mut rng).0 as usize] += 1;
+            counts[sample_token(&mut logits.to_vec(), &cfg, rng.gen()).0 as usize] += 1;
         }
         for (i, want) in [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0].iter().enumerate() {
             let got = counts[i] as f64 / n as f64;

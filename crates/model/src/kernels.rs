@@ -50,26 +50,17 @@ fn par_rows<T: Send, R: Send>(
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
     let rows = out.len() / row.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let threads = rayon::current_num_threads().clamp(1, rows.max(1));
     if threads == 1 || out.len() < 1 << 14 {
         return vec![f(0, out)];
     }
+    // rayon's pool, not fresh threads: a decoding step calls these kernels hundreds of times.
+    use rayon::prelude::*;
     let per = rows.div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|s| {
-        let mut parts = out.chunks_mut(per * row).enumerate();
-        let (_, first) = parts.next().expect("at least one part");
-        let handles: Vec<_> = parts
-            .map(|(i, part)| s.spawn(move || f(i * per, part)))
-            .collect();
-        let mut results = vec![f(0, first)];
-        results.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("kernel worker panicked")),
-        );
-        results
-    })
+    out.par_chunks_mut(per * row)
+        .enumerate()
+        .map(|(i, part)| f(i * per, part))
+        .collect()
 }
 
 /// Dispatches a kernel generic over `Real` on the dtype of the first storage.

@@ -43,7 +43,9 @@ impl Linear {
         let x2 = x.reshape((lead, in_dim))?;
         // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs about
         // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
-        let mut y = if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
+        let mut y = if let Some(y) = packed_matmul(&x2, &self.weight)? {
+            y
+        } else if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
             y
         } else if (x2.track_op() || lead >= BF16_MIN_ROWS) && bf16_applies(&x2, &self.weight) {
             bf16_matmul(&x2, &self.weight)?
@@ -136,6 +138,79 @@ pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct Bf16Matmul;
+
+thread_local! {
+    static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
+}
+
+type PackedMap = std::collections::HashMap<candle_core::TensorId, std::rc::Rc<crate::amx::PackedB>>;
+
+/// While the guard lives, this thread's untracked bf16 products on AMX pack each weight once and
+/// reuse it. Sampling multiplies the same weights at every step with a few rows, where packing
+/// per call would cost more than the product; packed once, a step streams the weights as bf16,
+/// half the bytes of f32. Weights must not change in place while it lives (a sampling loop does
+/// not change them); the packs are freed with the guard.
+#[must_use = "weights are packed only while the guard lives"]
+pub struct PackedWeights(Option<PackedMap>);
+
+impl PackedWeights {
+    /// Active only under a [`Bf16Scope`] on a CPU with AMX; otherwise a guard that does nothing.
+    pub fn new() -> Self {
+        let on = bf16_enabled() && crate::amx::available();
+        PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
+    }
+}
+
+impl Default for PackedWeights {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PackedWeights {
+    fn drop(&mut self) {
+        PACKED.with(|c| *c.borrow_mut() = self.0.take());
+    }
+}
+
+/// Whether a [`PackedWeights`] guard is packing on this thread.
+fn packing() -> bool {
+    PACKED.with(|c| c.borrow().is_some())
+}
+
+/// `x W^T` with `W` from this thread's [`PackedWeights`] (packed on first use), when one is active
+/// and the product is untracked f32 on the CPU.
+fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let applies = packing()
+        && !x.track_op()
+        && !w.track_op()
+        && bf16_applies(x, w);
+    if !applies {
+        return Ok(None);
+    }
+    let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+    let cached = PACKED.with(|c| c.borrow().as_ref().and_then(|p| p.get(&w.id()).cloned()));
+    let packed = match cached {
+        Some(p) => p,
+        None => {
+            let p = std::rc::Rc::new(with_f32(w, |wv| {
+                crate::amx::PackedB::new(crate::amx::View::rows(wv, n, k))
+            })?);
+            PACKED.with(|c| {
+                if let Some(map) = c.borrow_mut().as_mut() {
+                    map.insert(w.id(), p.clone());
+                }
+            });
+            p
+        }
+    };
+    let y = with_f32(x, |xv| {
+        let mut y = vec![0f32; m * n];
+        crate::amx::gemm_packed(crate::amx::View::rows(xv, m, k), &packed, &mut y, false);
+        y
+    })?;
+    Tensor::from_vec(y, (m, n), x.device()).map(Some)
+}
 
 /// Runs `f` on the f32 values of `t` (a contiguous copy only if `t` is not contiguous).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -276,7 +351,14 @@ pub fn linear_group(x: &Tensor, ls: &[&Linear]) -> Result<Vec<Tensor>> {
     let dims = x.dims();
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let same_bias = ls.iter().all(|l| l.bias.is_some()) || ls.iter().all(|l| l.bias.is_none());
-    if lead <= SMALL_M || ls.iter().any(|l| l.lora.is_some()) || !same_bias || ls.len() < 2 {
+    // Stacking copies the weights into a new tensor; under [`PackedWeights`] that would pack the
+    // copy on every call instead of reusing each weight's pack.
+    if lead <= SMALL_M
+        || ls.iter().any(|l| l.lora.is_some())
+        || !same_bias
+        || ls.len() < 2
+        || packing()
+    {
         return ls.iter().map(|l| l.forward(x)).collect();
     }
     let weights: Vec<&Tensor> = ls.iter().map(|l| &l.weight).collect();
@@ -539,6 +621,46 @@ mod tests {
         assert!(max_abs(&plain, &y) > 1e-3, "bf16 products differ from f32");
         assert!(!bf16_enabled(), "the scope restored the previous setting");
         assert!(max_abs(&plain, &lin.forward(x.as_tensor()).unwrap()) < 1e-4);
+    }
+
+    /// Under a [`PackedWeights`] guard (and bf16 on AMX) untracked products at any row count are
+    /// the bf16 products, from one pack per weight; off AMX, or without bf16, the guard changes
+    /// nothing.
+    #[test]
+    fn packed_weights_give_bf16_products_from_one_pack() {
+        let dev = Device::Cpu;
+        let (n, k) = (48, 70);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let lin = Linear::new("l", w.clone(), None);
+        let r = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let packs = || PACKED.with(|c| c.borrow().as_ref().map(|m| m.len()));
+        {
+            let _plain = PackedWeights::new();
+            assert_eq!(packs(), None, "no bf16 scope, no packing");
+        }
+        let _bf16 = Bf16Scope::new(true);
+        let guard = PackedWeights::new();
+        for m in [1, 16, 40] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let got = lin.forward(&x).unwrap();
+            let plain = x.matmul(&w.t().unwrap()).unwrap();
+            if crate::amx::available() {
+                let want = r(&x).matmul(&r(&w).t().unwrap()).unwrap();
+                assert!(max_abs(&got, &want) < 1e-4, "{m} rows: bf16 product");
+                assert!(max_abs(&got, &plain) > 1e-3, "{m} rows: not the f32 product");
+                assert_eq!(packs(), Some(1), "one pack for the weight");
+            } else {
+                assert_eq!(packs(), None);
+                assert!(max_abs(&got, &plain) < 1e-4, "{m} rows: f32");
+            }
+        }
+        drop(guard);
+        assert_eq!(packs(), None, "the packs go with the guard");
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
