@@ -12,8 +12,14 @@ B=("$BIN" --threads "$THREADS" bench --model "$MODEL")
 "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --composed-ops
 "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --dtype bf16
 "${B[@]}" --workload generate --gen-batch 16 --new-tokens 64
+if [ -n "$(grep -m1 -o amx_bf16 /proc/cpuinfo || true)" ]; then
+  "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --bf16
+  "${B[@]}" --workload generate --gen-batch 16 --new-tokens 64 --bf16
+fi
 if [ -n "${PYTHON:-}" ]; then
   "$PYTHON" scripts/reference_bench.py matmul 2048 2>/dev/null
   "$PYTHON" scripts/reference_bench.py fwd-bwd "$MODEL" bench/prompts.jsonl 8 128 3 2>/dev/null
   "$PYTHON" scripts/reference_bench.py generate "$MODEL" bench/prompts.jsonl 16 64 2>/dev/null
+  DTYPE=bf16 "$PYTHON" scripts/reference_bench.py fwd-bwd "$MODEL" bench/prompts.jsonl 8 128 3 2>/dev/null
+  DTYPE=bf16 "$PYTHON" scripts/reference_bench.py generate "$MODEL" bench/prompts.jsonl 16 64 2>/dev/null
 fi

@@ -3,8 +3,10 @@ measured in one run. Workloads:
   fwd-bwd  MODEL_DIR PROMPTS BATCH SEQ_LEN STEPS   forward+backward of mean token NLL (no optimizer)
   generate MODEL_DIR PROMPTS BATCH NEW_TOKENS      sampling at T=1, fixed length (as shared/bench/trl_gen_bench.py)
   matmul   N                                       PyTorch's own f32 N x N x N matmul rate (the MFU yardstick)
+With DTYPE=bf16 in the environment the model runs in bfloat16 (transformers' own bf16: weights and
+activations), the counterpart of `preftune bench --bf16`.
 Prints one JSON line. Needs scripts/requirements-reference.txt."""
-import json, resource, statistics, sys, time
+import json, os, resource, statistics, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +34,9 @@ def main(workload, *args):
     prompts = [json.loads(l)["prompt"] for l in open(prompts_file) if l.strip()]
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    dtype_name = os.environ.get("DTYPE", "f32")
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     threads = torch.get_num_threads()
     if workload == "fwd-bwd":
         batch, seq_len, steps = map(int, rest)
@@ -49,7 +53,7 @@ def main(workload, *args):
             if step > 0:
                 times.append(time.perf_counter() - t)
         s = statistics.median(times)
-        print(json.dumps({"workload": "fwd-bwd", "impl": "transformers", "batch": batch, "seq_len": seq_len, "threads": threads,
+        print(json.dumps({"workload": "fwd-bwd", "impl": "transformers", "dtype": dtype_name, "batch": batch, "seq_len": seq_len, "threads": threads,
                           "seconds_per_step": s, "tokens_per_s": batch * seq_len / s, "peak_rss_mib": rss_mib()}))
     elif workload == "generate":
         batch, new = map(int, rest)
@@ -64,7 +68,7 @@ def main(workload, *args):
             out = m.generate(**enc, **kw)
             s = time.perf_counter() - t
         n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
-        print(json.dumps({"workload": "generate", "impl": "transformers", "batch": batch, "new_tokens": new, "threads": threads,
+        print(json.dumps({"workload": "generate", "impl": "transformers", "dtype": dtype_name, "batch": batch, "new_tokens": new, "threads": threads,
                           "seconds": s, "tokens_per_s": n / s, "peak_rss_mib": rss_mib()}))
     else:
         sys.exit(f"unknown workload {workload}")

@@ -63,23 +63,58 @@ pub fn bf16_bits(x: f32) -> u16 {
     (if x.is_nan() { quiet } else { rounded }) as u16
 }
 
-/// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time where the CPU has AVX-512.
-fn round_into(src: &[f32], dst: &mut [u16]) {
+/// Whether the loops below can be compiled for AVX-512 (16 lanes).
+fn wide() -> bool {
+    static WIDE: OnceLock<bool> = OnceLock::new();
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn wide(src: &[f32], dst: &mut [u16]) {
-            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
-        }
-        static WIDE: OnceLock<bool> = OnceLock::new();
-        if *WIDE.get_or_init(|| {
+        *WIDE.get_or_init(|| {
             std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-        }) {
-            // SAFETY: the CPU has the features `wide` is compiled for.
-            return unsafe { wide(src, dst) };
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        *WIDE.get_or_init(|| false)
+    }
+}
+
+/// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time where the CPU has AVX-512.
+fn round_into(src: &[f32], dst: &mut [u16]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [u16]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn wide_body(src: &[f32], dst: &mut [u16]) {
+            body(src, dst)
+        }
+        // SAFETY: the CPU has the features `wide_body` is compiled for.
+        return unsafe { wide_body(src, dst) };
+    }
+    body(src, dst)
+}
+
+/// `dst = [bf16(a[0]), bf16(b[0]), bf16(a[1]), bf16(b[1]), ..]`: one row of AMX's pair layout.
+fn interleave_into(a: &[f32], b: &[f32], dst: &mut [u16]) {
+    #[inline(always)]
+    fn body(a: &[f32], b: &[f32], dst: &mut [u16]) {
+        for ((d, &x), &y) in dst.chunks_exact_mut(2).zip(a).zip(b) {
+            d[0] = bf16_bits(x);
+            d[1] = bf16_bits(y);
         }
     }
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn wide_body(a: &[f32], b: &[f32], dst: &mut [u16]) {
+            body(a, b, dst)
+        }
+        // SAFETY: the CPU has the features `wide_body` is compiled for.
+        return unsafe { wide_body(a, b, dst) };
+    }
+    body(a, b, dst)
 }
 
 /// `x` rounded to bf16 and widened back.
@@ -214,21 +249,47 @@ mod imp {
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
-    /// `A` as row-major bf16 rows of `kp` values (zero beyond `k` and beyond `m`).
+    /// `A` as row-major bf16 rows of `kp` values (zero beyond `k` and beyond `m`), one block of 32
+    /// rows per task.
     fn pack_a(a: View, mp: usize, kp: usize) -> Vec<u16> {
+        use rayon::prelude::*;
         let mut out = vec![0u16; mp * kp];
-        if a.cs == 1 {
-            for i in 0..a.rows {
-                super::round_into(&a.data[i * a.rs..][..a.cols], &mut out[i * kp..][..a.cols]);
-            }
-        } else {
-            // Read along the source's contiguous direction.
-            for k in 0..a.cols {
-                for i in 0..a.rows {
-                    out[i * kp + k] = bf16_bits(a.get(i, k));
+        out.par_chunks_mut(BLOCK * kp)
+            .enumerate()
+            .for_each(|(blk, part)| {
+                let rows = (blk * BLOCK).min(a.rows)..((blk + 1) * BLOCK).min(a.rows);
+                if a.cs == 1 {
+                    for (ii, i) in rows.enumerate() {
+                        super::round_into(&a.data[i * a.rs..][..a.cols], &mut part[ii * kp..][..a.cols]);
+                    }
+                } else if a.rs == 1 && rows.len() == BLOCK {
+                    // A transposed source (backward's dy^T): each source row holds 32 contiguous
+                    // values of this block's rows; round them 32 at a time, then transpose the
+                    // rounded 32 x 32 block in cache.
+                    let mut t = [[0u16; BLOCK]; BLOCK];
+                    for k0 in (0..a.cols).step_by(BLOCK) {
+                        let kn = (a.cols - k0).min(BLOCK);
+                        for (kk, row) in t.iter_mut().enumerate().take(kn) {
+                            super::round_into(&a.data[rows.start + (k0 + kk) * a.cs..][..BLOCK], row);
+                        }
+                        for ii in 0..BLOCK {
+                            let dst = &mut part[ii * kp + k0..][..kn];
+                            for (kk, d) in dst.iter_mut().enumerate() {
+                                *d = t[kk][ii];
+                            }
+                        }
+                    }
+                } else {
+                    // Other strided sources: read down the contiguous columns.
+                    for k0 in (0..a.cols).step_by(BLOCK) {
+                        for k in k0..(k0 + BLOCK).min(a.cols) {
+                            for (ii, i) in rows.clone().enumerate() {
+                                part[ii * kp + k] = bf16_bits(a.get(i, k));
+                            }
+                        }
+                    }
                 }
-            }
-        }
+            });
         out
     }
 
@@ -251,6 +312,18 @@ mod imp {
                         for (q, pair) in row.chunks_exact(2).enumerate() {
                             panel[q * 32 + jj * 2..][..2].copy_from_slice(pair);
                         }
+                    }
+                } else if b.rs == 1 && rows.len() == 16 {
+                    // A transposed source (backward's W^T and x^T): the panel's 16 rows are 16
+                    // contiguous values of each source row, two of which make one tile row.
+                    let zero = [0f32; 16];
+                    for k in (0..b.cols).step_by(2) {
+                        let x0 = &b.data[rows.start + k * b.cs..][..16];
+                        let x1 = match k + 1 < b.cols {
+                            true => &b.data[rows.start + (k + 1) * b.cs..][..16],
+                            false => &zero[..],
+                        };
+                        super::interleave_into(x0, x1, &mut panel[(k / 2) * 32..][..32]);
                     }
                 } else {
                     for k in 0..b.cols {
