@@ -603,15 +603,6 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
 
     // DPO on the pairs; PPO and GRPO on the prompts with the reward model (or gold); the frontier
     // sweeps repeat DPO and PPO at other betas / KL coefficients.
-    let dpo_sets = |dir: &str, extra: Option<String>| -> Vec<String> {
-        let mut v = vec![
-            format!("model_name_or_path={sft_path}"),
-            format!("train_file={pairs_file}"),
-            format!("output_dir={}", ps(dir)),
-        ];
-        v.extend(extra);
-        v
-    };
     let online_sets = |dir: &str, table: &toml::Table, extra: Option<String>| -> Vec<String> {
         let mut v = vec![
             format!("model_name_or_path={sft_path}"),
@@ -623,73 +614,65 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         v
     };
     use preftune_train::{dpo, grpo, ppo};
-    if has("dpo") {
+    // One DPO or PPO stage in `dir`, with an extra `key=value` (a swept beta or KL coefficient).
+    let dpo_stage = |dir: &str, label: &str, extra: Option<String>| -> Result<()> {
+        let mut sets = vec![
+            format!("model_name_or_path={sft_path}"),
+            format!("train_file={pairs_file}"),
+            format!("output_dir={}", ps(dir)),
+        ];
+        sets.extend(extra);
         stage(
-            &p("dpo"),
-            "DPO",
-            dpo::defaults(),
-            &cfg.dpo,
-            &dpo_sets("dpo", None),
-            dpo::run,
-            cfg.keep_checkpoints,
-        )?;
-    }
-    let mut sweep: Vec<String> = vec![];
-    for beta in &cfg.frontier_dpo_betas {
-        let name = format!("dpo-beta-{beta}");
-        let sets = dpo_sets(&name, Some(format!("beta={beta}")));
-        stage(
-            &p(&name),
-            &format!("DPO, beta {beta}"),
+            &p(dir),
+            label,
             dpo::defaults(),
             &cfg.dpo,
             &sets,
             dpo::run,
             cfg.keep_checkpoints,
+        )
+    };
+    let ppo_stage =
+        |dir: &str, label: &str, table: &toml::Table, extra: Option<String>| -> Result<()> {
+            let sets = online_sets(dir, table, extra);
+            stage(
+                &p(dir),
+                label,
+                ppo::defaults(),
+                table,
+                &sets,
+                ppo::run,
+                cfg.keep_checkpoints,
+            )
+        };
+    if has("dpo") {
+        dpo_stage("dpo", "DPO", None)?;
+    }
+    let mut sweep: Vec<String> = vec![];
+    for beta in &cfg.frontier_dpo_betas {
+        let name = format!("dpo-beta-{beta}");
+        dpo_stage(
+            &name,
+            &format!("DPO, beta {beta}"),
+            Some(format!("beta={beta}")),
         )?;
         sweep.push(name);
     }
     for kl in &cfg.frontier_ppo_kl_coefs {
         let name = format!("ppo-kl-{kl}");
-        let sets = online_sets(&name, &cfg.ppo, Some(format!("kl_coef={kl}")));
-        stage(
-            &p(&name),
-            &format!("PPO, kl_coef {kl}"),
-            ppo::defaults(),
-            &cfg.ppo,
-            &sets,
-            ppo::run,
-            cfg.keep_checkpoints,
-        )?;
+        let label = format!("PPO, kl_coef {kl}");
+        ppo_stage(&name, &label, &cfg.ppo, Some(format!("kl_coef={kl}")))?;
         sweep.push(name);
     }
     if has("ppo") {
-        let sets = online_sets("ppo", &cfg.ppo, None);
-        stage(
-            &p("ppo"),
-            "PPO",
-            ppo::defaults(),
-            &cfg.ppo,
-            &sets,
-            ppo::run,
-            cfg.keep_checkpoints,
-        )?;
+        ppo_stage("ppo", "PPO", &cfg.ppo, None)?;
     }
     // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
     // what PPO gets from a perfect reward model.
     if has("ppo-gt") {
         let mut table = cfg.ppo.clone();
         table.insert("reward".into(), "gold".into());
-        let sets = online_sets("ppo-gt", &table, None);
-        stage(
-            &p("ppo-gt"),
-            "PPO with the gold reward (PPO-GT)",
-            ppo::defaults(),
-            &table,
-            &sets,
-            ppo::run,
-            cfg.keep_checkpoints,
-        )?;
+        ppo_stage("ppo-gt", "PPO with the gold reward (PPO-GT)", &table, None)?;
     }
     if has("grpo") {
         let sets = online_sets("grpo", &cfg.grpo, None);

@@ -779,7 +779,10 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().any(|n| n == "model.safetensors"), "{stage}: {names:?}");
+        assert!(
+            names.iter().any(|n| n == "model.safetensors"),
+            "{stage}: {names:?}"
+        );
         assert!(
             !names.iter().any(|n| n.starts_with("checkpoint-")),
             "{stage}: {names:?}"

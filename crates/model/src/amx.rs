@@ -82,7 +82,9 @@ fn wide() -> bool {
 fn round_into(src: &[f32], dst: &mut [u16]) {
     #[inline(always)]
     fn body(src: &[f32], dst: &mut [u16]) {
-        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d = bf16_bits(s));
     }
     #[cfg(target_arch = "x86_64")]
     if wide() {
@@ -260,7 +262,10 @@ mod imp {
                 let rows = (blk * BLOCK).min(a.rows)..((blk + 1) * BLOCK).min(a.rows);
                 if a.cs == 1 {
                     for (ii, i) in rows.enumerate() {
-                        super::round_into(&a.data[i * a.rs..][..a.cols], &mut part[ii * kp..][..a.cols]);
+                        super::round_into(
+                            &a.data[i * a.rs..][..a.cols],
+                            &mut part[ii * kp..][..a.cols],
+                        );
                     }
                 } else if a.rs == 1 && rows.len() == BLOCK {
                     // A transposed source (backward's dy^T): each source row holds 32 contiguous
@@ -270,7 +275,10 @@ mod imp {
                     for k0 in (0..a.cols).step_by(BLOCK) {
                         let kn = (a.cols - k0).min(BLOCK);
                         for (kk, row) in t.iter_mut().enumerate().take(kn) {
-                            super::round_into(&a.data[rows.start + (k0 + kk) * a.cs..][..BLOCK], row);
+                            super::round_into(
+                                &a.data[rows.start + (k0 + kk) * a.cs..][..BLOCK],
+                                row,
+                            );
                         }
                         for ii in 0..BLOCK {
                             let dst = &mut part[ii * kp + k0..][..kn];
@@ -281,11 +289,9 @@ mod imp {
                     }
                 } else {
                     // Other strided sources: read down the contiguous columns.
-                    for k0 in (0..a.cols).step_by(BLOCK) {
-                        for k in k0..(k0 + BLOCK).min(a.cols) {
-                            for (ii, i) in rows.clone().enumerate() {
-                                part[ii * kp + k] = bf16_bits(a.get(i, k));
-                            }
+                    for k in 0..a.cols {
+                        for (ii, i) in rows.clone().enumerate() {
+                            part[ii * kp + k] = bf16_bits(a.get(i, k));
                         }
                     }
                 }
@@ -347,34 +353,34 @@ mod imp {
             .min((m * n * k / (1 << 20)).max(1))
             .clamp(1, row_blocks.max(col_blocks));
         let out = Out(c.as_mut_ptr());
-        // SAFETY (both closures): AMX is available (checked by the caller); the packed buffers
+        // SAFETY: AMX is available (checked by the caller); the packed buffers
         // cover every tile read (rows up to a multiple of 32 of `pa`, all padded columns of
         // `pb`); each call writes only its own rows x columns of `c`, which holds m x n values.
         let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
             blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate)
         };
         if threads == 1 {
-            run(0..m, 0..n);
-        } else if row_blocks >= threads {
-            // Many rows (training): split C by blocks of rows; every part reads all of B.
-            let per = row_blocks.div_ceil(threads) * BLOCK;
-            rayon::scope(|s| {
-                for r0 in (0..m).step_by(per) {
-                    let run = &run;
-                    s.spawn(move |_| run(r0..(r0 + per).min(m), 0..n));
-                }
-            });
-        } else {
-            // Few rows (decoding): split by blocks of columns, so each thread streams its share
-            // of B, the part of the work that costs.
-            let per = col_blocks.div_ceil(threads) * BLOCK;
-            rayon::scope(|s| {
-                for c0 in (0..n).step_by(per) {
-                    let run = &run;
-                    s.spawn(move |_| run(0..m, c0..(c0 + per).min(n)));
-                }
-            });
+            return run(0..m, 0..n);
         }
+        // Many rows (training): split C by blocks of rows; every part reads all of B. Few rows
+        // (decoding): split by blocks of columns, so each thread streams its share of B, the
+        // part of the work that costs.
+        let by_rows = row_blocks >= threads;
+        let (blocks, len) = if by_rows {
+            (row_blocks, m)
+        } else {
+            (col_blocks, n)
+        };
+        let per = blocks.div_ceil(threads) * BLOCK;
+        rayon::scope(|s| {
+            for start in (0..len).step_by(per) {
+                let (run, part) = (&run, start..(start + per).min(len));
+                s.spawn(move |_| match by_rows {
+                    true => run(part, 0..n),
+                    false => run(0..m, part),
+                });
+            }
+        });
     }
 
     /// `C`'s first element, shared by threads that write disjoint blocks of it.

@@ -181,10 +181,7 @@ fn packing() -> bool {
 /// `x W^T` with `W` from this thread's [`PackedWeights`] (packed on first use), when one is active
 /// and the product is untracked f32 on the CPU.
 fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let applies = packing()
-        && !x.track_op()
-        && !w.track_op()
-        && bf16_applies(x, w);
+    let applies = packing() && !x.track_op() && !w.track_op() && bf16_applies(x, w);
     if !applies {
         return Ok(None);
     }
@@ -652,7 +649,10 @@ mod tests {
             if crate::amx::available() {
                 let want = r(&x).matmul(&r(&w).t().unwrap()).unwrap();
                 assert!(max_abs(&got, &want) < 1e-4, "{m} rows: bf16 product");
-                assert!(max_abs(&got, &plain) > 1e-3, "{m} rows: not the f32 product");
+                assert!(
+                    max_abs(&got, &plain) > 1e-3,
+                    "{m} rows: not the f32 product"
+                );
                 assert_eq!(packs(), Some(1), "one pack for the weight");
             } else {
                 assert_eq!(packs(), None);
