@@ -99,25 +99,10 @@ impl LmHeadLogprob {
     }
 }
 
-/// Sum in f32 blocks added in f64: 49k additions in one f32 accumulator lose ~1e-4 per token,
-/// which adds up over a sequence; this stays vectorisable.
-fn sum_blocked(it: impl Iterator<Item = f32>) -> f64 {
-    let mut total = 0f64;
-    let mut block = 0f32;
-    for (i, x) in it.enumerate() {
-        block += x;
-        if i % 1024 == 1023 {
-            total += block as f64;
-            block = 0.0;
-        }
-    }
-    total + block as f64
-}
-
 /// `(max, log-sum-exp)` of a row.
 fn lse(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = sum_blocked(row.iter().map(|&x| (x - max).exp()));
+    let max = crate::vmath::max(row);
+    let sum = crate::vmath::sum_exp_shifted(row, max);
     (max, max + sum.ln() as f32)
 }
 
@@ -211,7 +196,8 @@ impl LmHeadLogprob {
         par_rows(&mut l, v, |i, row| {
             let (_, z) = lse(row);
             let gi = g[start + i] * self.inv_temp;
-            row.iter_mut().for_each(|x| *x = -gi * (*x - z).exp());
+            crate::vmath::exp_shifted(row, z);
+            row.iter_mut().for_each(|x| *x *= -gi);
             row[self.labels[start + i] as usize] += gi;
         });
         Ok(l)

@@ -246,30 +246,50 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) 
             logits[i] = f32::NEG_INFINITY;
         }
     }
-    let probs = softmax(logits);
-    let mut cum = 0.0;
-    let mut chosen = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-    for (i, &p) in probs.iter().enumerate() {
-        cum += p;
-        if r < cum {
-            chosen = i;
-            break;
+    // Inverse-CDF draw over the unnormalised weights `e^(x - max)`, block sums first: no
+    // normalising pass, and only the drawn block is scanned value by value.
+    let max = crate::vmath::max(logits);
+    let mut blocks = Vec::with_capacity(logits.len().div_ceil(crate::vmath::BLOCK));
+    crate::vmath::exp_shifted_blocks(logits, max, |s| blocks.push(s));
+    let total: f64 = blocks.iter().sum();
+    let target = r as f64 * total;
+    let mut chosen = logits.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+    let mut cum = 0f64;
+    for (block, &s) in blocks.iter().enumerate() {
+        if cum + s <= target {
+            cum += s;
+            continue;
         }
+        let es = logits.chunks(crate::vmath::BLOCK).nth(block).unwrap_or(&[]);
+        // Rounding may leave the running sum short of the target at the block's end: then its
+        // last token with weight is drawn.
+        let mut pick = es.iter().rposition(|&e| e > 0.0);
+        for (i, &e) in es.iter().enumerate() {
+            cum += e as f64;
+            if target < cum {
+                pick = Some(i);
+                break;
+            }
+        }
+        if let Some(i) = pick {
+            chosen = block * crate::vmath::BLOCK + i;
+        }
+        break;
     }
-    (chosen as u32, probs[chosen].ln())
+    (chosen as u32, (logits[chosen] as f64 / total).ln() as f32)
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|&v| (v - max).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / s).collect()
+    let mut e = x.to_vec();
+    let max = crate::vmath::max(&e);
+    let inv = (1.0 / crate::vmath::exp_shifted(&mut e, max)) as f32;
+    e.iter_mut().for_each(|v| *v *= inv);
+    e
 }
 
 fn log_softmax_at(x: &[f32], i: usize) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = x.iter().map(|&v| (v - max).exp()).sum();
-    x[i] - max - s.ln()
+    let max = crate::vmath::max(x);
+    x[i] - max - crate::vmath::sum_exp_shifted(x, max).ln() as f32
 }
 
 #[cfg(test)]

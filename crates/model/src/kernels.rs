@@ -16,8 +16,24 @@ use candle_core::{
 use num_traits::{Float, One, Zero};
 
 /// The element types the kernels are written for.
-pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign {}
-impl Real for f32 {}
+pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign {
+    /// `row[i] = exp(row[i] - max(row))` in place; returns the sum (softmax before normalising).
+    fn exp_minus_max(row: &mut [Self]) -> Self {
+        let max = row.iter().copied().fold(Self::neg_infinity(), Float::max);
+        let mut sum = Self::zero();
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        sum
+    }
+}
+impl Real for f32 {
+    fn exp_minus_max(row: &mut [f32]) -> f32 {
+        let max = crate::vmath::max(row);
+        crate::vmath::exp_shifted(row, max) as f32
+    }
+}
 impl Real for f64 {}
 
 static FUSED: AtomicBool = AtomicBool::new(true);
@@ -501,13 +517,7 @@ impl CustomOp2 for AttnProbs {
                                 *s += T::from_f64(mv as f64);
                             }
                         }
-                        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-                        let mut sum = T::zero();
-                        for s in row.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        let inv = sum.recip();
+                        let inv = T::exp_minus_max(row).recip();
                         row.iter_mut().for_each(|s| *s *= inv);
                     }
                 }

@@ -17,6 +17,7 @@ pub mod ops;
 pub mod pretrained;
 pub mod reward;
 pub mod tokenizer;
+pub mod vmath;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
