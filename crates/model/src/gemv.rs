@@ -7,9 +7,28 @@
 //! and dots it with every `x` row while it is in L1. AVX2 + FMA when the CPU has them; callers
 //! fall back to candle otherwise. Inference only: no backward.
 
-/// Rows of `x` up to which [`matmul_t`] is used. Measured on SmolLM2 sampling (2 threads, against
-/// candle's GEMM): 1.06x at 1 row, 2.1x at 2, 1.5x at 4, 1.2x at 8, even at 12 to 16, 0.8x at 32.
+/// Rows of `x` up to which [`matmul_t`] is used with AVX2. Measured on SmolLM2 sampling (2
+/// threads, against candle's GEMM): 1.06x at 1 row, 2.1x at 2, 1.5x at 4, 1.2x at 8, even at 12
+/// to 16, 0.8x at 32.
 pub const MAX_ROWS: usize = 12;
+
+/// The same with AVX-512, whose kernel keeps 16 sums of 16 lanes in registers: at 16 rows it
+/// stays bound by reading the weights, where candle's GEMM (packing `W` on every call) streamed
+/// them at under half the machine's bandwidth.
+pub const MAX_ROWS_AVX512: usize = 32;
+
+/// Rows of `x` up to which this CPU's kernel is used.
+pub fn max_rows() -> usize {
+    if avx512() {
+        MAX_ROWS_AVX512
+    } else {
+        MAX_ROWS
+    }
+}
+
+fn avx512() -> bool {
+    crate::vmath::available()
+}
 
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
@@ -26,7 +45,13 @@ pub fn available() -> bool {
 /// `x: [m, k]`, `w: [n, k]` (both row-major) -> `x W^T: [m, n]`, split over the output features
 /// across candle's thread count. Panics if the CPU lacks AVX2/FMA (check [`available`]).
 pub fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    matmul_t_with(x, m, w, n, k, avx512())
+}
+
+/// [`matmul_t`] with the AVX-512 kernel (`wide`, where the CPU has it) or the AVX2 one.
+fn matmul_t_with(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, wide: bool) -> Vec<f32> {
     assert!(available(), "gemv::matmul_t needs AVX2 and FMA");
+    let wide = wide && avx512();
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     // Work per call is m*n*k multiply-adds; below ~64k a second thread costs more than it saves
@@ -41,12 +66,12 @@ pub fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
     // Each part computes `W_part x^T` ([rows, m]); the parts are then laid out as [m, n].
     let mut yt = vec![0f32; n * m];
     if threads == 1 {
-        rows_dot(x, m, w, k, &mut yt);
+        rows_dot(x, m, w, k, &mut yt, wide);
     } else {
         use rayon::prelude::*;
         yt.par_chunks_mut(per * m)
             .zip(w.par_chunks(per * k))
-            .for_each(|(out, wp)| rows_dot(x, m, wp, k, out));
+            .for_each(|(out, wp)| rows_dot(x, m, wp, k, out, wide));
     }
     let mut y = vec![0f32; m * n];
     for (o, col) in yt.chunks(m).enumerate() {
@@ -58,16 +83,20 @@ pub fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
 }
 
 /// `out[o * m + r] = w[o] . x[r]` for every weight row `o` of `w` and row `r` of `x`.
-fn rows_dot(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+fn rows_dot(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32], wide: bool) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `matmul_t` checked that the CPU has AVX2 and FMA; slices are bounds-checked by
     // construction (`w` holds whole rows of `k`, `out` one value per (row, x row)).
     unsafe {
-        rows_dot_avx2(x, m, w, k, out)
+        if wide {
+            rows_dot_avx512(x, m, w, k, out)
+        } else {
+            rows_dot_avx2(x, m, w, k, out)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, m, w, k, out);
+        let _ = (x, m, w, k, out, wide);
         unreachable!("available() is false off x86_64")
     }
 }
@@ -156,6 +185,88 @@ unsafe fn pass<const N: usize>(
     (s0, s1)
 }
 
+/// Four weight rows x up to four `x` rows per pass: 16 accumulators, 8 loads per 16 FMAs; the
+/// last partial 16 lanes of `k` by masked loads. A short last group of weight rows repeats its
+/// last row (results not stored), a short group of `x` rows gets its own instantiation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_dot_avx512(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    let rows = w.len() / k;
+    let mut o = 0;
+    while o < rows {
+        let wn = (rows - o).min(4);
+        let wp: [*const f32; 4] = std::array::from_fn(|i| w.as_ptr().add((o + i.min(wn - 1)) * k));
+        let mut r = 0;
+        while r < m {
+            let xr = x.as_ptr().add(r * k);
+            let xn = (m - r).min(4);
+            let mut s = [[0f32; 4]; 4];
+            // The first pass over a group of weight rows also fetches the next group into cache:
+            // the hardware prefetcher alone left the weight loads stalling.
+            let next = (r == 0 && o + 4 < rows).then(|| w.as_ptr().add((o + 4) * k));
+            match xn {
+                1 => pass512::<1>(wp, xr, k, next, &mut s),
+                2 => pass512::<2>(wp, xr, k, next, &mut s),
+                3 => pass512::<3>(wp, xr, k, next, &mut s),
+                _ => pass512::<4>(wp, xr, k, next, &mut s),
+            }
+            for (i, si) in s.iter().enumerate().take(wn) {
+                out[(o + i) * m + r..][..xn].copy_from_slice(&si[..xn]);
+            }
+            r += 4;
+        }
+        o += 4;
+    }
+}
+
+/// `s[i][j] = w[i] . x[j]` for the four weight rows `w` and the `N` consecutive `x` rows at `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pass512<const N: usize>(
+    w: [*const f32; 4],
+    x: *const f32,
+    k: usize,
+    next: Option<*const f32>,
+    s: &mut [[f32; 4]; 4],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); N]; 4];
+    let mut i = 0;
+    while i < k {
+        // One 64-byte line per step of each of the next group's rows (it is 4 rows when there
+        // is a next group: a short group is only ever the last).
+        if let Some(p) = next {
+            for a in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(a * k + i) as *const i8);
+            }
+        }
+        let mask: __mmask16 = if k - i >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (k - i)) - 1) as __mmask16
+        };
+        let wv = [
+            _mm512_maskz_loadu_ps(mask, w[0].add(i)),
+            _mm512_maskz_loadu_ps(mask, w[1].add(i)),
+            _mm512_maskz_loadu_ps(mask, w[2].add(i)),
+            _mm512_maskz_loadu_ps(mask, w[3].add(i)),
+        ];
+        for j in 0..N {
+            let b = _mm512_maskz_loadu_ps(mask, x.add(j * k + i));
+            for (acc_a, &wa) in acc.iter_mut().zip(&wv) {
+                acc_a[j] = _mm512_fmadd_ps(wa, b, acc_a[j]);
+            }
+        }
+        i += 16;
+    }
+    for a in 0..4 {
+        for j in 0..N {
+            s[a][j] = _mm512_reduce_add_ps(acc[a][j]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,20 +293,24 @@ mod tests {
             (4, 2, 8),
             (5, 33, 70),
             (9, 64, 576),
+            (16, 1537, 577),
+            (32, 6, 31),
             (64, 1001, 300),
         ] {
             let (x, w) = (rnd(m * k), rnd(n * k));
-            let y = matmul_t(&x, m, &w, n, k);
-            for r in 0..m {
-                for o in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
-                        .sum();
-                    let got = y[r * n + o] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} [{r},{o}]: {got} vs {want}"
-                    );
+            for wide in [false, true] {
+                let y = matmul_t_with(&x, m, &w, n, k, wide);
+                for r in 0..m {
+                    for o in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                            .sum();
+                        let got = y[r * n + o] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{m}x{n}x{k} [{r},{o}] (avx512 {wide}): {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -207,13 +322,16 @@ mod timing {
     #[test]
     #[ignore = "timing probe, run by hand"]
     fn probe() {
-        // The row counts the kernel takes (up to MAX_ROWS), on SmolLM2's LM head and MLP shapes.
+        // The row counts the kernel takes (up to max_rows()), on SmolLM2's LM head and MLP shapes.
         for (m, n, k) in [
             (1, 49152, 576),
             (8, 49152, 576),
             (12, 49152, 576),
             (8, 1536, 576),
             (8, 576, 1536),
+            (16, 49152, 576),
+            (16, 1536, 576),
+            (16, 576, 1536),
         ] {
             let x = vec![0.5f32; m * k];
             let w = vec![0.25f32; n * k];

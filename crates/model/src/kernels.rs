@@ -579,6 +579,198 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention without a graph (decoding)
+
+/// Query rows per KV group up to which [`attention_untracked`] applies: a decoding step's few
+/// rows, where the GEMM calls of [`attention_probs`] and `P V` (two per group and layer, each
+/// packing its operands) cost far more than their arithmetic. Longer inputs keep the GEMMs.
+pub const UNTRACKED_MAX_ROWS: usize = 32;
+
+/// `softmax(scale Q K^T + mask) V` in one pass per KV group, for inputs without gradients, in
+/// f32: `q: [B, G, R*T, Dh]`, `k`, `v`: `[B, G, Tk, Dh]` (views into a KV cache are fine: rows
+/// contiguous, batch and group strided); result `[B, G, R*T, Dh]`. Neither scores nor
+/// probabilities are stored.
+pub fn attention_untracked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    t: usize,
+    scale: f64,
+    mask: Option<&AttnMask>,
+) -> Result<Tensor> {
+    let rows_contiguous = |x: &Tensor| -> Result<Tensor> {
+        match x.stride() {
+            [_, _, s2, 1] if *s2 == x.dim(3)? => Ok(x.clone()),
+            _ => x.contiguous(),
+        }
+    };
+    q.contiguous()?.apply_op3_no_bwd(
+        &rows_contiguous(k)?,
+        &rows_contiguous(v)?,
+        &AttnUntracked {
+            t,
+            scale: scale as f32,
+            mask: mask.cloned(),
+        },
+    )
+}
+
+struct AttnUntracked {
+    t: usize,
+    scale: f32,
+    mask: Option<AttnMask>,
+}
+
+impl CustomOp3 for AttnUntracked {
+    fn name(&self) -> &'static str {
+        "preftune-attention-untracked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (b, g, rt, dh) = l1.shape().dims4()?;
+        let (_, _, tk, _) = l2.shape().dims4()?;
+        if l2.shape() != l3.shape()
+            || l2.shape().dims4()? != (b, g, tk, dh)
+            || rt % self.t != 0
+            || l2.stride() != l3.stride()
+        {
+            return Err(Error::Msg(format!(
+                "{name}: q {:?}, k {:?}, v {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )));
+        }
+        if let Some(m) = &self.mask {
+            if (m.b, m.t, m.tk) != (b, self.t, tk) {
+                return Err(Error::Msg(format!(
+                    "{name}: mask is [{}, {}, {}], scores need [{b}, {}, {tk}]",
+                    m.b, m.t, m.tk, self.t
+                )));
+            }
+        }
+        let (ks0, ks1) = match l2.stride() {
+            [s0, s1, s2, 1] if *s2 == dh => (*s0, *s1),
+            _ => {
+                return Err(Error::Msg(format!(
+                    "{name}: k and v rows must be contiguous"
+                )))
+            }
+        };
+        let q = slice::<f32>(s1, l1, name)?;
+        let k = &s2.as_slice::<f32>()?[l2.start_offset()..];
+        let v = &s3.as_slice::<f32>()?[l3.start_offset()..];
+        let mut out = vec![0f32; b * g * rt * dh];
+        let group = |grp: usize, o: &mut [f32]| {
+            let at = (grp / g) * ks0 + (grp % g) * ks1;
+            let (kg, vg) = (&k[at..][..tk * dh], &v[at..][..tk * dh]);
+            let mask = self
+                .mask
+                .as_ref()
+                .map(|m| (&m.data[(grp / g) * self.t * tk..], self.t));
+            let qg = &q[grp * rt * dh..][..rt * dh];
+            #[cfg(target_arch = "x86_64")]
+            if crate::vmath::available() {
+                // SAFETY: avx512f was detected.
+                return unsafe { attend_avx512(qg, kg, vg, mask, self.scale, tk, dh, o) };
+            }
+            attend(qg, kg, vg, mask, self.scale, tk, dh, o)
+        };
+        use rayon::prelude::*;
+        if b * g * rt * tk * dh < 1 << 16 {
+            out.chunks_mut(rt * dh)
+                .enumerate()
+                .for_each(|(i, o)| group(i, o));
+        } else {
+            out.par_chunks_mut(rt * dh)
+                .enumerate()
+                .for_each(|(i, o)| group(i, o));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, g, rt, dh))))
+    }
+}
+
+/// One KV group: every query row of `q` (`[rows, dh]`) against `k`, `v` (`[tk, dh]`), into `out`.
+/// `mask` is the group's batch row of the mask with its `t`: query row `r` reads mask row `r % t`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<(&[f32], usize)>,
+    scale: f32,
+    tk: usize,
+    dh: usize,
+    out: &mut [f32],
+) {
+    let mut s = vec![0f32; tk];
+    for (r, (qr, or)) in q.chunks_exact(dh).zip(out.chunks_exact_mut(dh)).enumerate() {
+        for (j, sj) in s.iter_mut().enumerate() {
+            *sj = scale * dot(qr, &k[j * dh..][..dh]);
+        }
+        if let Some((m, t)) = mask {
+            s.iter_mut()
+                .zip(&m[(r % t) * tk..][..tk])
+                .for_each(|(sj, mj)| *sj += mj);
+        }
+        let inv = f32::exp_minus_max(&mut s).recip();
+        or.fill(0.0);
+        for (j, &p) in s.iter().enumerate() {
+            let p = p * inv;
+            or.iter_mut()
+                .zip(&v[j * dh..][..dh])
+                .for_each(|(o, &x)| *o += p * x);
+        }
+    }
+}
+
+/// [`attend`] compiled for AVX-512 (the crate targets baseline x86-64).
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn attend_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<(&[f32], usize)>,
+    scale: f32,
+    tk: usize,
+    dh: usize,
+    out: &mut [f32],
+) {
+    attend(q, k, v, mask, scale, tk, dh, out)
+}
+
+/// A dot product in 16 independent lanes (so that it vectorises), summed at the end.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,6 +904,47 @@ mod tests {
     }
 
     /// Grouped-query layout (2 KV groups of 2 query heads), a padded key and causal masking.
+    /// The untracked kernel against probabilities times V, with a mask, grouped query heads, a
+    /// head size off the 16-lane width, and K/V as views into a larger (cache) buffer.
+    #[test]
+    fn untracked_attention_matches_probs_times_v() {
+        for (t, dh) in [(1, 64), (2, 20)] {
+            let (b, g, r, tk, cap) = (3, 2, 3, 37, 50);
+            let mut m = vec![0f32; b * t * tk];
+            for bi in 0..b {
+                for i in 0..t {
+                    for j in 0..tk {
+                        if j > tk - t + i || (bi == 1 && j < 5) {
+                            m[(bi * t + i) * tk + j] = -1e9;
+                        }
+                    }
+                }
+            }
+            let mask = AttnMask {
+                data: Arc::new(m),
+                b,
+                t,
+                tk,
+            };
+            let q = randn(&[b, g, r * t, dh], DType::F32);
+            let k = randn(&[b, g, cap, dh], DType::F32)
+                .narrow(2, 0, tk)
+                .unwrap();
+            let v = randn(&[b, g, cap, dh], DType::F32)
+                .narrow(2, 0, tk)
+                .unwrap();
+            let scale = 1.0 / (dh as f64).sqrt();
+            for mk in [None, Some(&mask)] {
+                let got = attention_untracked(&q, &k, &v, t, scale, mk).unwrap();
+                let want = attention_probs(&q, &k, t, scale, mk)
+                    .unwrap()
+                    .matmul(&v.contiguous().unwrap())
+                    .unwrap();
+                assert_close(&got, &want, 1e-5, "untracked attention");
+            }
+        }
+    }
+
     #[test]
     fn attention_probs_match_composed_and_finite_differences() {
         let (b, g, r, t, tk, dh) = (2, 2, 2, 3, 4, 5);

@@ -863,6 +863,19 @@ impl Attention {
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = q.reshape((b, nkv, rep * t, hd))?;
+        let untracked = !(q.track_op() || k.track_op() || v.track_op());
+        if untracked
+            && kernels::applies(&q)
+            && q.dtype() == DType::F32
+            && v.dtype() == DType::F32
+            && rep * t <= kernels::UNTRACKED_MAX_ROWS
+        {
+            let out = kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
+                .reshape((b, nh, t, hd))?;
+            return self
+                .o
+                .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?);
+        }
         let probs = if kernels::applies(&q) {
             kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
         } else {

@@ -81,7 +81,7 @@ fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
     // `kernels::applies` also honours `set_fused(false)` (`bench --composed-ops`).
-    let fits = m <= crate::gemv::MAX_ROWS
+    let fits = m <= crate::gemv::max_rows()
         && kernels::applies(x)
         && !x.track_op()
         && !w.track_op()
