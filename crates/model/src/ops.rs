@@ -474,6 +474,37 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The patched candle backward (vendor/candle-core/PREFTUNE.md) stores a tensor's first
+    /// gradient as it is: a tensor reached through a sum, a difference, a transpose and a product
+    /// must still get the sum of all four contributions, and the shared upstream gradient must not
+    /// be changed by that sum. `L = sum(w * (a + b - a^T + a * b))`.
+    #[test]
+    fn backward_sums_shared_and_viewed_gradients() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 3), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 3), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (3, 3), &dev).unwrap();
+        let (at, bt) = (a.as_tensor(), b.as_tensor());
+        let y = ((at + bt).unwrap() - at.t().unwrap()).unwrap();
+        let y = (y + at.mul(bt).unwrap()).unwrap();
+        let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (av, bv, wv): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = (
+            at.to_vec2().unwrap(),
+            bt.to_vec2().unwrap(),
+            w.to_vec2().unwrap(),
+        );
+        let ga: Vec<Vec<f64>> = g.get(at).unwrap().to_vec2().unwrap();
+        let gb: Vec<Vec<f64>> = g.get(bt).unwrap().to_vec2().unwrap();
+        for i in 0..3 {
+            for j in 0..3 {
+                let want_a = wv[i][j] - wv[j][i] + wv[i][j] * bv[i][j];
+                let want_b = wv[i][j] + wv[i][j] * av[i][j];
+                assert!((ga[i][j] - want_a).abs() < 1e-12, "dL/da[{i}][{j}]");
+                assert!((gb[i][j] - want_b).abs() < 1e-12, "dL/db[{i}][{j}]");
+            }
+        }
+    }
+
     /// Each op's gradient against central finite differences of the summed, randomly weighted output.
     fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
         let dev = Device::Cpu;
