@@ -488,13 +488,9 @@ mod tests {
         let y = ((at + bt).unwrap() - at.t().unwrap()).unwrap();
         let y = (y + at.mul(bt).unwrap()).unwrap();
         let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (av, bv, wv): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = (
-            at.to_vec2().unwrap(),
-            bt.to_vec2().unwrap(),
-            w.to_vec2().unwrap(),
-        );
-        let ga: Vec<Vec<f64>> = g.get(at).unwrap().to_vec2().unwrap();
-        let gb: Vec<Vec<f64>> = g.get(bt).unwrap().to_vec2().unwrap();
+        let v2 = |t: &Tensor| -> Vec<Vec<f64>> { t.to_vec2().unwrap() };
+        let (av, bv, wv) = (v2(at), v2(bt), v2(&w));
+        let (ga, gb) = (v2(g.get(at).unwrap()), v2(g.get(bt).unwrap()));
         for i in 0..3 {
             for j in 0..3 {
                 let want_a = wv[i][j] - wv[j][i] + wv[i][j] * bv[i][j];
