@@ -166,9 +166,35 @@ pub fn gemm_packed(a: View, b: &PackedB, c: &mut [f32], accumulate: bool) {
         return;
     }
     match &b.data {
-        Packed::Amx(pb) => imp::gemm(a, pb, b.rows, c, accumulate),
+        Packed::Amx(pb) => imp::gemm(a, pb, b.rows, c.as_mut_ptr(), accumulate),
         Packed::Dense(d) => fallback(a, d, b.rows, c, accumulate),
     }
+}
+
+/// [`gemm_packed`] into a new `m x n` buffer. On AMX the product writes every value once, so the
+/// buffer is not zeroed first (zeroing was a pass over memory as large as the product's output).
+pub fn gemm_packed_new(a: View, b: &PackedB) -> Vec<f32> {
+    assert_eq!(a.cols, b.cols, "gemm: inner dimensions differ");
+    let len = a.rows * b.rows;
+    match &b.data {
+        Packed::Amx(pb) if len > 0 => {
+            let mut c: Vec<f32> = Vec::with_capacity(len);
+            imp::gemm(a, pb, b.rows, c.as_mut_ptr(), false);
+            // SAFETY: the product (accumulate = false) wrote all `len` values.
+            unsafe { c.set_len(len) };
+            c
+        }
+        _ => {
+            let mut c = vec![0f32; len];
+            gemm_packed(a, b, &mut c, false);
+            c
+        }
+    }
+}
+
+/// [`gemm_nt`] into a new buffer (see [`gemm_packed_new`]).
+pub fn gemm_nt_new(a: View, b: View) -> Vec<f32> {
+    gemm_packed_new(a, &PackedB::new(b))
 }
 
 /// `v` as row-major f32 values rounded to bf16.
@@ -342,8 +368,9 @@ mod imp {
         out
     }
 
-    /// `pb`: `B` (n x k) from [`pack_b`].
-    pub fn gemm(a: View, pb: &[u16], n: usize, c: &mut [f32], accumulate: bool) {
+    /// `pb`: `B` (n x k) from [`pack_b`]; `c`: room for `m x n` values, which may be
+    /// uninitialised unless `accumulate` (every value is written, never read).
+    pub fn gemm(a: View, pb: &[u16], n: usize, c: *mut f32, accumulate: bool) {
         let (m, k) = (a.rows, a.cols);
         let mp = m.div_ceil(BLOCK) * BLOCK;
         let kp = k.div_ceil(KSTEP) * KSTEP;
@@ -352,7 +379,7 @@ mod imp {
         let threads = rayon::current_num_threads()
             .min((m * n * k / (1 << 20)).max(1))
             .clamp(1, row_blocks.max(col_blocks));
-        let out = Out(c.as_mut_ptr());
+        let out = Out(c);
         // SAFETY: AMX is available (checked by the caller); the packed buffers
         // cover every tile read (rows up to a multiple of 32 of `pa`, all padded columns of
         // `pb`); each call writes only its own rows x columns of `c`, which holds m x n values.
@@ -464,12 +491,14 @@ mod imp {
                 );
                 let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
                 for i in 0..h {
-                    let dst = std::slice::from_raw_parts_mut(out.0.add((mb + i) * n + nb), w);
+                    let dst = out.0.add((mb + i) * n + nb);
                     let src = &buf.0[i * BLOCK..][..w];
                     if accumulate {
+                        let dst = std::slice::from_raw_parts_mut(dst, w);
                         dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
                     } else {
-                        dst.copy_from_slice(src);
+                        // Raw copy: `C` may be uninitialised (no reference to it is formed).
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, w);
                     }
                 }
             }
@@ -486,7 +515,7 @@ mod imp {
     pub fn pack_b(_: super::View) -> Vec<u16> {
         unreachable!("AMX is never available here")
     }
-    pub fn gemm(_: super::View, _: &[u16], _: usize, _: &mut [f32], _: bool) {
+    pub fn gemm(_: super::View, _: &[u16], _: usize, _: *mut f32, _: bool) {
         unreachable!("AMX is never available here")
     }
 }
@@ -560,6 +589,12 @@ mod tests {
                 gemm_nt(a, b, &mut got, false);
                 let mut acc = vec![0.5f32; m * n];
                 gemm_nt(a, b, &mut acc, true);
+                // Into a fresh, unzeroed buffer: the same values.
+                assert_eq!(
+                    gemm_nt_new(a, b),
+                    got,
+                    "{m}x{n}x{k} case {ci}: fresh buffer"
+                );
                 for t in 0..m * n {
                     let tol = 1e-5 * (1.0 + want[t].abs()) * (k as f32).sqrt();
                     assert!(

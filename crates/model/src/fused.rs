@@ -78,13 +78,11 @@ impl LmHeadLogprob {
     /// Scaled logits of rows `[start, start + n)`, flattened.
     fn logits(&self, start: usize, n: usize) -> Result<Vec<f32>> {
         let mut l: Vec<f32> = if let Some(w) = &self.bf16 {
-            let (v, h) = self.weight.dims2()?;
-            let mut l = vec![0f32; n * v];
+            let h = self.weight.dim(1)?;
             crate::ops::with_f32(&self.hidden, |hid| {
                 let rows = View::rows(&hid[start * h..(start + n) * h], n, h);
-                gemm_packed(rows, w, &mut l, false)
-            })?;
-            l
+                crate::amx::gemm_packed_new(rows, w)
+            })?
         } else {
             self.hidden
                 .narrow(0, start, n)?

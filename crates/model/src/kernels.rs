@@ -27,11 +27,20 @@ pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::Add
         }
         sum
     }
+
+    /// `out[i] = sigmoid(x[i])`.
+    fn sigmoid_into(x: &[Self], out: &mut [Self]) {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = sigmoid(v));
+    }
 }
 impl Real for f32 {
     fn exp_minus_max(row: &mut [f32]) -> f32 {
         let max = crate::vmath::max(row);
         crate::vmath::exp_shifted(row, max) as f32
+    }
+
+    fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+        crate::vmath::sigmoid_into(x, out)
     }
 }
 impl Real for f64 {}
@@ -256,9 +265,10 @@ impl CustomOp2 for SwiGlu {
             let row = *l1.dims().last().unwrap_or(&1);
             par_rows(&mut out, row, |r0, part| {
                 let off = r0 * row;
-                for (j, o) in part.iter_mut().enumerate() {
-                    let gv = g[off + j];
-                    *o = gv * sigmoid(gv) * u[off + j];
+                let (g, u) = (&g[off..][..part.len()], &u[off..][..part.len()]);
+                T::sigmoid_into(g, part);
+                for ((o, &gv), &uv) in part.iter_mut().zip(g).zip(u) {
+                    *o = gv * *o * uv;
                 }
             });
             Ok((storage(out), l1.shape().clone()))
@@ -309,15 +319,21 @@ impl CustomOp3 for SwiGluBwd {
             // Two passes so each splits into rows on its own.
             par_rows(dg, row, |r0, part| {
                 let off = r0 * row;
+                let len = part.len();
+                let (g, u, dy) = (&g[off..][..len], &u[off..][..len], &dy[off..][..len]);
+                T::sigmoid_into(g, part);
                 for (j, o) in part.iter_mut().enumerate() {
-                    let (gv, s) = (g[off + j], sigmoid(g[off + j]));
-                    *o = dy[off + j] * u[off + j] * s * (T::one() + gv * (T::one() - s));
+                    let s = *o;
+                    *o = dy[j] * u[j] * s * (T::one() + g[j] * (T::one() - s));
                 }
             });
             par_rows(du, row, |r0, part| {
                 let off = r0 * row;
+                let len = part.len();
+                let (g, dy) = (&g[off..][..len], &dy[off..][..len]);
+                T::sigmoid_into(g, part);
                 for (j, o) in part.iter_mut().enumerate() {
-                    *o = dy[off + j] * g[off + j] * sigmoid(g[off + j]);
+                    *o *= dy[j] * g[j];
                 }
             });
             Ok((storage(out), Shape::from(2 * n)))

@@ -202,9 +202,7 @@ fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         }
     };
     let y = with_f32(x, |xv| {
-        let mut y = vec![0f32; m * n];
-        crate::amx::gemm_packed(crate::amx::View::rows(xv, m, k), &packed, &mut y, false);
-        y
+        crate::amx::gemm_packed_new(crate::amx::View::rows(xv, m, k), &packed)
     })?;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
 }
@@ -219,20 +217,13 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(kernels::slice::<f32>(c, l, "with_f32")?))
 }
 
-/// `f(a, b, out)` over the f32 values of two tensors into a new buffer of `len` values.
+/// `f(a, b)` over the f32 values of two tensors.
 fn product_of(
     a: &Tensor,
     b: &Tensor,
-    len: usize,
-    f: impl FnOnce(&[f32], &[f32], &mut [f32]),
+    f: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
 ) -> Result<Vec<f32>> {
-    with_f32(a, |av| {
-        with_f32(b, |bv| {
-            let mut out = vec![0f32; len];
-            f(av, bv, &mut out);
-            out
-        })
-    })?
+    with_f32(a, |av| with_f32(b, |bv| f(av, bv)))?
 }
 
 impl candle_core::CustomOp2 for Bf16Matmul {
@@ -253,12 +244,9 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
-        let mut y = vec![0f32; m * n];
-        crate::amx::gemm_nt(
+        let y = crate::amx::gemm_nt_new(
             crate::amx::View::rows(x, m, k),
             crate::amx::View::rows(w, n, k),
-            &mut y,
-            false,
         );
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -270,24 +258,19 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use crate::amx::{gemm_nt, View};
+        use crate::amx::{gemm_nt_new, View};
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         // dx = dy W: rows of dy against columns of W.
-        let dx = product_of(grad, w, m * k, |g, wv, out| {
-            gemm_nt(View::rows(g, m, n), View::transposed(wv, k, n), out, false)
+        let dx = product_of(grad, w, |g, wv| {
+            gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
         })?;
         let dx = Tensor::from_vec(dx, (m, k), x.device())?;
         if !w.track_op() {
             return Ok((Some(dx), None));
         }
         // dW = dy^T x: columns of dy against columns of x.
-        let dw = product_of(grad, x, n * k, |g, xv, out| {
-            gemm_nt(
-                View::transposed(g, n, m),
-                View::transposed(xv, k, m),
-                out,
-                false,
-            )
+        let dw = product_of(grad, x, |g, xv| {
+            gemm_nt_new(View::transposed(g, n, m), View::transposed(xv, k, m))
         })?;
         Ok((Some(dx), Some(Tensor::from_vec(dw, (n, k), w.device())?)))
     }

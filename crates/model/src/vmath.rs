@@ -70,6 +70,19 @@ pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f64 {
         .sum()
 }
 
+/// `out[i] = 1 / (1 + exp(-x[i]))` (SiLU's gate).
+pub fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "sigmoid_into: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: avx512f was detected above; the lengths match.
+        return unsafe { imp::sigmoid_into(x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 1.0 / (1.0 + (-v).exp());
+    }
+}
+
 /// The largest value (`-inf` for an empty slice; NaN if any value is NaN).
 pub fn max(xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -156,6 +169,36 @@ mod imp {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+        let one = _mm512_set1_ps(1.0);
+        let sig = |v: __m512| {
+            _mm512_div_ps(
+                one,
+                _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))),
+            )
+        };
+        let mut i = 0;
+        while i + 16 <= x.len() {
+            // SAFETY: 16 values from `i` lie inside both slices.
+            unsafe {
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(i),
+                    sig(_mm512_loadu_ps(x.as_ptr().add(i))),
+                )
+            };
+            i += 16;
+        }
+        if i < x.len() {
+            let m: __mmask16 = ((1u32 << (x.len() - i)) - 1) as __mmask16;
+            // SAFETY: masked lanes past the end are neither read nor written.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, sig(v));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn max(xs: &[f32]) -> f32 {
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut nan = false;
@@ -221,6 +264,27 @@ mod tests {
         assert_eq!(xs[2], 1.0);
         assert_eq!(xs[3], 0.0);
         assert!(ulps(xs[4], std::f32::consts::E) <= 1);
+    }
+
+    #[test]
+    fn sigmoid_matches_the_scalar_one() {
+        let xs: Vec<f32> = (0..100)
+            .map(|i| (i as f32 - 50.0) * 0.37)
+            .chain([-100.0, 100.0, f32::NAN])
+            .collect();
+        let mut ys = vec![0f32; xs.len()];
+        sigmoid_into(&xs, &mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = 1.0 / (1.0 + (-x).exp());
+            if x.is_nan() {
+                assert!(y.is_nan());
+            } else {
+                assert!(
+                    (y - want).abs() <= 2e-7 * want.max(1e-30) + 1e-38,
+                    "sigmoid({x}) = {y}, want {want}"
+                );
+            }
+        }
     }
 
     #[test]
