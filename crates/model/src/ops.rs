@@ -325,8 +325,10 @@ fn cpu_len(s: &CpuStorage) -> usize {
 }
 
 /// Several linears of the same input (`q`/`k`/`v`, `gate`/`up`) as one GEMM over their stacked
-/// weights when that pays: many rows (training, prefill) and no LoRA. One larger GEMM runs
-/// closer to peak than three narrow ones, in forward and in backward.
+/// weights when that pays: many rows without gradients (prefill, reference and scoring passes)
+/// and no LoRA. In training each linear runs on its own: the backward of the stacked output's
+/// narrowed parts pads each part's gradient with zeros to the full width and adds them up, which
+/// cost 0.9 GB of peak memory on SmolLM2 8 x 128 (4.0 -> 3.1 GB) and some time.
 pub fn linear_group(x: &Tensor, ls: &[&Linear]) -> Result<Vec<Tensor>> {
     let dims = x.dims();
     let lead: usize = dims[..dims.len() - 1].iter().product();
@@ -338,6 +340,7 @@ pub fn linear_group(x: &Tensor, ls: &[&Linear]) -> Result<Vec<Tensor>> {
         || !same_bias
         || ls.len() < 2
         || packing()
+        || x.track_op()
     {
         return ls.iter().map(|l| l.forward(x)).collect();
     }
