@@ -459,10 +459,9 @@ pub fn train(
         let (mut grad_norm, mut lr) = (0.0, 0.0);
         for update in 0..updates {
             algo.on_update(update)?;
-            let mut grads: Vec<Vec<f32>> = params
-                .iter()
-                .map(|(_, p)| vec![0f32; p.elem_count()])
-                .collect();
+            // Each parameter's first gradient becomes its accumulator (no zeroed buffer: one
+            // model's worth of memory and a pass over it saved per update).
+            let mut grads: Vec<Vec<f32>> = params.iter().map(|_| Vec::new()).collect();
             for (k, b) in batches.iter().enumerate() {
                 policy.model.set_lora_dropout_seed(Some(
                     args.seed
@@ -482,10 +481,20 @@ pub fn train(
                     // Taken out of the store so each gradient tensor is freed once accumulated.
                     if let Some(gt) = g.remove(p.as_tensor()) {
                         let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                        grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                        if grads[i].is_empty() {
+                            grads[i] = v;
+                        } else {
+                            grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                        }
                     }
                 }
                 step_metrics.merge(&m);
+            }
+            // Parameters no loss reached (a frozen branch of this batch) take zeros.
+            for (g, (_, p)) in grads.iter_mut().zip(&params) {
+                if g.is_empty() {
+                    *g = vec![0f32; p.elem_count()];
+                }
             }
             policy.model.set_lora_dropout_seed(None);
             grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm);
