@@ -437,19 +437,44 @@ pub fn attention_probs(
     scale: f64,
     mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
-    // `k` may be a view into a preallocated KV cache: rows contiguous, batch and group strided.
-    let k = match k.stride() {
-        [_, _, s2, 1] if *s2 == k.dim(3)? => k.clone(),
-        _ => k.contiguous()?,
-    };
     q.contiguous()?.apply_op2(
-        &k,
+        &rows_contiguous(k)?,
         AttnProbs {
             t,
             scale,
             mask: mask.cloned(),
         },
     )
+}
+
+/// `x` (`[B, G, T, Dh]`) as is when its rows are contiguous (a view into a preallocated KV cache:
+/// batch and group strided), else a contiguous copy.
+fn rows_contiguous(x: &Tensor) -> Result<Tensor> {
+    match x.stride() {
+        [_, _, s2, 1] if *s2 == x.dim(3)? => Ok(x.clone()),
+        _ => x.contiguous(),
+    }
+}
+
+/// Checks that `mask` (if any) covers `[b, t, tk]` scores.
+fn check_mask(mask: Option<&AttnMask>, b: usize, t: usize, tk: usize, op: &str) -> Result<()> {
+    match mask {
+        Some(m) if (m.b, m.t, m.tk) != (b, t, tk) => Err(Error::Msg(format!(
+            "{op}: mask is [{}, {}, {}], scores need [{b}, {t}, {tk}]",
+            m.b, m.t, m.tk
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Batch and group strides of K (or V) laid out as [`rows_contiguous`] leaves it.
+fn kv_strides(l: &Layout, dh: usize, op: &str) -> Result<(usize, usize)> {
+    match l.stride() {
+        [s0, s1, s2, 1] if *s2 == dh => Ok((*s0, *s1)),
+        _ => Err(Error::Msg(format!(
+            "{op}: k (and v) rows must be contiguous"
+        ))),
+    }
 }
 
 struct AttnProbs {
@@ -479,18 +504,8 @@ impl CustomOp2 for AttnProbs {
                 l2.shape()
             )));
         }
-        if let Some(m) = &self.mask {
-            if (m.b, m.t, m.tk) != (b, self.t, tk) {
-                return Err(Error::Msg(format!(
-                    "attention: mask is [{}, {}, {}], scores need [{b}, {}, {tk}]",
-                    m.b, m.t, m.tk, self.t
-                )));
-            }
-        }
-        let (ks0, ks1) = match l2.stride() {
-            [s0, s1, s2, 1] if *s2 == dh => (*s0, *s1),
-            _ => return Err(Error::Msg("attention: k rows must be contiguous".into())),
-        };
+        check_mask(self.mask.as_ref(), b, self.t, tk, "attention")?;
+        let (ks0, ks1) = kv_strides(l2, dh, "attention")?;
         dispatch!(s1, self.name(), |T| {
             let q = slice::<T>(s1, l1, self.name())?;
             let k = &s2.as_slice::<T>()?[l2.start_offset()..];
@@ -615,12 +630,6 @@ pub fn attention_untracked(
     scale: f64,
     mask: Option<&AttnMask>,
 ) -> Result<Tensor> {
-    let rows_contiguous = |x: &Tensor| -> Result<Tensor> {
-        match x.stride() {
-            [_, _, s2, 1] if *s2 == x.dim(3)? => Ok(x.clone()),
-            _ => x.contiguous(),
-        }
-    };
     q.contiguous()?.apply_op3_no_bwd(
         &rows_contiguous(k)?,
         &rows_contiguous(v)?,
@@ -667,22 +676,8 @@ impl CustomOp3 for AttnUntracked {
                 l3.shape()
             )));
         }
-        if let Some(m) = &self.mask {
-            if (m.b, m.t, m.tk) != (b, self.t, tk) {
-                return Err(Error::Msg(format!(
-                    "{name}: mask is [{}, {}, {}], scores need [{b}, {}, {tk}]",
-                    m.b, m.t, m.tk, self.t
-                )));
-            }
-        }
-        let (ks0, ks1) = match l2.stride() {
-            [s0, s1, s2, 1] if *s2 == dh => (*s0, *s1),
-            _ => {
-                return Err(Error::Msg(format!(
-                    "{name}: k and v rows must be contiguous"
-                )))
-            }
-        };
+        check_mask(self.mask.as_ref(), b, self.t, tk, name)?;
+        let (ks0, ks1) = kv_strides(l2, dh, name)?;
         let q = slice::<f32>(s1, l1, name)?;
         let k = &s2.as_slice::<f32>()?[l2.start_offset()..];
         let v = &s3.as_slice::<f32>()?[l3.start_offset()..];

@@ -864,31 +864,29 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let untracked = !(q.track_op() || k.track_op() || v.track_op());
-        if untracked
+        let out = if untracked
             && kernels::applies(&q)
             && q.dtype() == DType::F32
             && v.dtype() == DType::F32
             && rep * t <= kernels::UNTRACKED_MAX_ROWS
         {
-            let out = kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
-                .reshape((b, nh, t, hd))?;
-            return self
-                .o
-                .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?);
-        }
-        let probs = if kernels::applies(&q) {
-            kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
+            kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
         } else {
-            let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
-            let scores = match mask.and_then(|(_, t)| t.as_ref()) {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
+            let probs = if kernels::applies(&q) {
+                kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
+            } else {
+                let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+                let scores = match mask.and_then(|(_, t)| t.as_ref()) {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                softmax_last(&scores)?
+                    .to_dtype(v.dtype())?
+                    .reshape((b, nkv, rep * t, tk))?
             };
-            softmax_last(&scores)?
-                .to_dtype(v.dtype())?
-                .reshape((b, nkv, rep * t, tk))?
+            probs.matmul(&v)?
         };
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.reshape((b, nh, t, hd))?;
         self.o
             .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }

@@ -39,8 +39,10 @@ pub fn exp_shifted(xs: &mut [f32], shift: f32) -> f64 {
 pub fn exp_shifted_blocks(xs: &mut [f32], shift: f32, block_sum: impl FnMut(f64)) {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: avx512f was detected above.
-        return unsafe { imp::exp_shifted(xs, shift, true, block_sum) };
+        // SAFETY: avx512f was detected above; `xs` is read and written in place through one
+        // pointer.
+        let p = xs.as_mut_ptr();
+        return unsafe { imp::exp_shifted(p, p, xs.len(), shift, block_sum) };
     }
     let mut block_sum = block_sum;
     for block in xs.chunks_mut(BLOCK) {
@@ -57,13 +59,14 @@ pub fn exp_shifted_blocks(xs: &mut [f32], shift: f32, block_sum: impl FnMut(f64)
 pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: avx512f was detected above; the slice is only read when `write` is false.
-        return unsafe {
-            let xs = std::slice::from_raw_parts_mut(xs.as_ptr() as *mut f32, xs.len());
-            let mut total = 0f64;
-            imp::exp_shifted(xs, shift, false, |s| total += s);
-            total
+        let mut total = 0f64;
+        // SAFETY: avx512f was detected above; a null destination means `xs` is only read.
+        unsafe {
+            imp::exp_shifted(xs.as_ptr(), std::ptr::null_mut(), xs.len(), shift, |s| {
+                total += s
+            })
         };
+        return total;
     }
     xs.chunks(BLOCK)
         .map(|b| b.iter().map(|&x| (x - shift).exp()).sum::<f32>() as f64)
@@ -134,35 +137,37 @@ mod imp {
         _mm512_scalef_ps(p, n)
     }
 
+    /// `e = exp(src[i] - shift)` for `len` values from `src`, stored at `dst` unless it is null
+    /// (`dst` may be `src`: each value is read before its own slot is written); each block's sum
+    /// goes to `block_sum`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted(
-        xs: &mut [f32],
+        src: *const f32,
+        dst: *mut f32,
+        len: usize,
         shift: f32,
-        write: bool,
         mut block_sum: impl FnMut(f64),
     ) {
         let sh = _mm512_set1_ps(shift);
-        for block in xs.chunks_mut(BLOCK) {
+        for b0 in (0..len).step_by(BLOCK) {
+            let end = (b0 + BLOCK).min(len);
             let mut acc = _mm512_setzero_ps();
-            let mut chunks = block.chunks_exact_mut(16);
-            for c in &mut chunks {
-                // SAFETY: `c` holds exactly 16 values.
-                let e = exp16(_mm512_sub_ps(unsafe { _mm512_loadu_ps(c.as_ptr()) }, sh));
-                if write {
-                    unsafe { _mm512_storeu_ps(c.as_mut_ptr(), e) };
-                }
-                acc = _mm512_add_ps(acc, e);
-            }
-            let rest = chunks.into_remainder();
-            if !rest.is_empty() {
-                let m: __mmask16 = (1u32 << rest.len()).wrapping_sub(1) as __mmask16;
-                // SAFETY: masked lanes past the slice's end are neither read nor written.
-                let v = unsafe { _mm512_maskz_loadu_ps(m, rest.as_ptr()) };
+            let mut i = b0;
+            while i < end {
+                let m: __mmask16 = if end - i >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (end - i)) - 1) as __mmask16
+                };
+                // SAFETY: the caller guarantees `len` values at `src` (and `dst`); masked lanes
+                // past the end are neither read nor written.
+                let v = unsafe { _mm512_maskz_loadu_ps(m, src.add(i)) };
                 let e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(v, sh)));
-                if write {
-                    unsafe { _mm512_mask_storeu_ps(rest.as_mut_ptr(), m, e) };
+                if !dst.is_null() {
+                    unsafe { _mm512_mask_storeu_ps(dst.add(i), m, e) };
                 }
                 acc = _mm512_add_ps(acc, e);
+                i += 16;
             }
             block_sum(_mm512_reduce_add_ps(acc) as f64);
         }
