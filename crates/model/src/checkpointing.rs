@@ -22,6 +22,8 @@ type Rng = Option<rand::rngs::StdRng>;
 pub(crate) struct Segment {
     /// The embedding output, still attached to the embedding weights.
     embed_out: Tensor,
+    /// The token ids, when `embed_out` is exactly their rows of the embedding.
+    lookup: Option<Tensor>,
     /// Input of each layer, outside autograd.
     inputs: Vec<Tensor>,
     /// LoRA dropout state before each layer, so recomputation draws the same masks.
@@ -59,6 +61,7 @@ impl Model {
     pub(crate) fn forward_checkpointed(
         &self,
         x: Tensor,
+        lookup: Option<Tensor>,
         rope: Option<(Tensor, Tensor)>,
         mask: Option<(AttnMask, Option<Tensor>)>,
     ) -> Result<Tensor> {
@@ -82,6 +85,7 @@ impl Model {
             .unwrap_or_else(|e| e.into_inner())
             .push(Segment {
                 embed_out: x,
+                lookup,
                 inputs,
                 rngs,
                 end_rng: self.lora_dropout.snapshot(),
@@ -124,10 +128,34 @@ impl Model {
                     .ok_or_else(|| Error::Msg(format!("layer {i}: no gradient reached its input")))?
                     .clone();
             }
-            let emb = (seg.embed_out * g.detach())?.sum_all()?.backward()?;
-            for (_, v) in self.trainable_params() {
-                if let Some(d) = emb.get(v.as_tensor()) {
-                    add_grad(&mut grads, v.as_tensor(), d)?;
+            // The layer inputs are done with; free them before the embedding's gradient, the
+            // largest single tensor of the pass, is formed.
+            drop(seg.inputs);
+            let embed = &self.embed;
+            match &seg.lookup {
+                Some(ids) if embed.is_variable() => {
+                    // Rows of `g` added into the embedding's gradient: one new buffer (a copy of
+                    // the LM head's contribution when tied) instead of zeros, the scattered
+                    // copy and their sum.
+                    let rows = g.reshape(((), g.dim(candle_core::D::Minus1)?))?;
+                    let sum = match grads.remove(embed) {
+                        Some(old) => old.index_add(ids, &rows.to_dtype(old.dtype())?, 0)?,
+                        None => {
+                            embed
+                                .zeros_like()?
+                                .index_add(ids, &rows.to_dtype(embed.dtype())?, 0)?
+                        }
+                    };
+                    grads.insert(embed, sum);
+                }
+                Some(_) => {}
+                None => {
+                    let emb = (seg.embed_out * g.detach())?.sum_all()?.backward()?;
+                    for (_, v) in self.trainable_params() {
+                        if let Some(d) = emb.get(v.as_tensor()) {
+                            add_grad(&mut grads, v.as_tensor(), d)?;
+                        }
+                    }
                 }
             }
         }

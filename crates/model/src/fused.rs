@@ -27,9 +27,12 @@ pub struct LmHeadLogprob {
     weight: Tensor,
     labels: Vec<u32>,
     inv_temp: f32,
-    /// bf16 products ([`crate::ops::Bf16Scope`] was on when the op was built): `W` packed once
-    /// as the right operand of `h W^T` for every chunk, in forward and in backward's recomputation.
-    bf16: Option<PackedB>,
+    /// bf16 products ([`crate::ops::Bf16Scope`] was on when the op was built).
+    bf16: bool,
+    /// `W` packed as the right operand of `h W^T` for every chunk: made by the forward pass and
+    /// taken by backward's recomputation, so it does not live on through the rest of backward
+    /// (the graph keeps this op until the whole pass ends).
+    packed: Mutex<Option<PackedB>>,
     /// Filled by the forward pass; shared so the caller can read it after `apply_op3` took the op.
     pub stats: std::sync::Arc<Mutex<RowStats>>,
 }
@@ -57,27 +60,29 @@ impl LmHeadLogprob {
     ) -> Result<Self> {
         let hidden = hidden.detach().to_dtype(DType::F32)?.contiguous()?;
         let weight = weight.detach().to_dtype(DType::F32)?;
-        let bf16 = if crate::ops::bf16_enabled() && hidden.device().is_cpu() {
-            let (v, h) = weight.dims2()?;
-            Some(crate::ops::with_f32(&weight, |w| {
-                PackedB::new(View::rows(w, v, h))
-            })?)
-        } else {
-            None
-        };
         Ok(LmHeadLogprob {
+            bf16: crate::ops::bf16_enabled() && hidden.device().is_cpu(),
             hidden,
             weight,
             labels,
             inv_temp: (1.0 / temperature) as f32,
-            bf16,
+            packed: Mutex::new(None),
             stats: Default::default(),
         })
     }
 
-    /// Scaled logits of rows `[start, start + n)`, flattened.
-    fn logits(&self, start: usize, n: usize) -> Result<Vec<f32>> {
-        let mut l: Vec<f32> = if let Some(w) = &self.bf16 {
+    /// `W` packed for bf16 products (packed now if the forward pass has not, or backward took it).
+    fn packed(&self) -> Result<PackedB> {
+        if let Some(p) = self.packed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Ok(p);
+        }
+        let (v, h) = self.weight.dims2()?;
+        crate::ops::with_f32(&self.weight, |w| PackedB::new(View::rows(w, v, h)))
+    }
+
+    /// Scaled logits of rows `[start, start + n)`, flattened; `packed` for bf16 products.
+    fn logits(&self, start: usize, n: usize, packed: Option<&PackedB>) -> Result<Vec<f32>> {
+        let mut l: Vec<f32> = if let Some(w) = packed {
             let h = self.weight.dim(1)?;
             crate::ops::with_f32(&self.hidden, |hid| {
                 let rows = View::rows(&hid[start * h..(start + n) * h], n, h);
@@ -125,9 +130,10 @@ impl CustomOp3 for LmHeadLogprob {
             hits: vec![0; n],
             mean_logit: vec![0.0; n],
         };
+        let packed = self.bf16.then(|| self.packed()).transpose()?;
         for start in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - start);
-            let mut l = self.logits(start, m)?;
+            let mut l = self.logits(start, m, packed.as_ref())?;
             let rows = par_rows(&mut l, v, |i, row| {
                 let label = self.labels[start + i] as usize;
                 let (max, z) = lse(row);
@@ -144,6 +150,7 @@ impl CustomOp3 for LmHeadLogprob {
             }
         }
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        *self.packed.lock().unwrap_or_else(|e| e.into_inner()) = packed;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -161,14 +168,14 @@ impl CustomOp3 for LmHeadLogprob {
         let v = self.weight.dim(0)?;
         let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
         let dev = self.hidden.device();
-        if self.bf16.is_some() {
+        if self.bf16 {
             return self.bwd_bf16(arg1, arg2, &g);
         }
         let mut grad_h = Vec::with_capacity(n.div_ceil(ROWS));
         let mut grad_w: Option<Tensor> = None;
         for start in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - start);
-            let dz = Tensor::from_vec(self.dz(start, m, &g)?, (m, v), dev)?;
+            let dz = Tensor::from_vec(self.dz(start, m, &g, None)?, (m, v), dev)?;
             grad_h.push(dz.matmul(&self.weight)?);
             // A frozen head (LoRA, tied embeddings left alone) needs no weight gradient.
             if !arg2.track_op() {
@@ -188,9 +195,9 @@ impl CustomOp3 for LmHeadLogprob {
 
 impl LmHeadLogprob {
     /// `dz = dlp/dz` of a chunk, in place of its recomputed logits.
-    fn dz(&self, start: usize, m: usize, g: &[f32]) -> Result<Vec<f32>> {
+    fn dz(&self, start: usize, m: usize, g: &[f32], packed: Option<&PackedB>) -> Result<Vec<f32>> {
         let v = self.weight.dim(0)?;
-        let mut l = self.logits(start, m)?;
+        let mut l = self.logits(start, m, packed)?;
         par_rows(&mut l, v, |i, row| {
             let (_, z) = lse(row);
             let gi = g[start + i] * self.inv_temp;
@@ -212,11 +219,12 @@ impl LmHeadLogprob {
         let v = self.weight.dim(0)?;
         // `W^T`, the right operand of `dz W`, for every chunk.
         let wt = crate::ops::with_f32(&self.weight, |w| PackedB::new(View::transposed(w, h, v)))?;
+        let packed = self.packed()?;
         let mut grad_h = vec![0f32; n * h];
         let mut grad_w = arg2.track_op().then(|| vec![0f32; v * h]);
         for start in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - start);
-            let dz = self.dz(start, m, g)?;
+            let dz = self.dz(start, m, g, Some(&packed))?;
             gemm_packed(
                 View::rows(&dz, m, v),
                 &wt,

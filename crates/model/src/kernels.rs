@@ -167,7 +167,13 @@ impl CustomOp2 for RmsNorm {
         let d = w.elem_count();
         let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = flat.narrow(0, n, d)?.reshape(w.shape())?;
+        // A copy of `d` values, not a view: the weight's gradient stays in the gradient store until
+        // the optimiser step, and a view would keep the whole `[rows, d]` buffer of `dx` alive
+        // with it. (`copy` would not do: on the CPU it clones the whole buffer.)
+        let dw = flat
+            .narrow(0, n, d)?
+            .reshape(w.shape())?
+            .force_contiguous()?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -786,7 +792,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::ops;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Storage, Var};
 
     type Op<'a> = dyn Fn(&[Tensor]) -> Result<Tensor> + 'a;
 
@@ -891,6 +897,31 @@ mod tests {
             &|x| ops::rms_norm_composed(&x[0], &x[1], 1e-5),
             &[&[2, 3, 8], &[8]],
             2,
+        );
+    }
+
+    /// The norm weight's gradient is kept until the optimiser step; as a view it would pin the
+    /// `[rows, d]` buffer it was cut from (30 layers x 2 norms x a batch of rows, in SmolLM2).
+    #[test]
+    fn rms_norm_weight_gradient_owns_its_storage() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 8), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, 8, &dev).unwrap()).unwrap();
+        let g = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dw = g.get(w.as_tensor()).unwrap();
+        let (st, _) = dw.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(buf)) = &*st else {
+            panic!("f32 CPU gradient expected")
+        };
+        assert_eq!(
+            buf.len(),
+            8,
+            "the gradient of w is a view into a larger buffer"
         );
     }
 

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod logprobs;
 pub mod lora;
+pub mod mem;
 pub mod model;
 pub mod ops;
 pub mod pretrained;

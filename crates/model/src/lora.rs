@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::weights::{atomic_write, write_json};
+use crate::weights::write_json;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -285,17 +285,17 @@ impl Model {
             "revision": null,
         });
         write_json(&dir.join("adapter_config.json"), &config)?;
-        let tensors: Vec<(String, Tensor)> = params
-            .into_iter()
-            .map(|(n, t)| t.detach().contiguous().map(|t| (n, t)))
-            .collect::<candle_core::Result<_>>()?;
         let metadata: std::collections::HashMap<String, String> =
             [("format".to_string(), "pt".to_string())].into();
-        let path = dir.join("adapter_model.safetensors");
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-                .map_err(|e| Error::invalid(&path, "safetensors", e.to_string()))?;
-        atomic_write(&path, &bytes)
+        let entries: Vec<(&str, crate::weights::Data)> = params
+            .iter()
+            .map(|(n, t)| (n.as_str(), crate::weights::Data::Tensor(t)))
+            .collect();
+        crate::weights::write_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &entries,
+            Some(&metadata),
+        )
     }
 
     /// Loads a PEFT LoRA adapter folder onto this model; `trainable` makes the adapters `Var`s.

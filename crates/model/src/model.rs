@@ -704,7 +704,10 @@ impl Model {
         };
 
         if self.checkpointing && cache.is_none() && self.is_trainable() {
-            x = self.forward_checkpointed(x, rope_tables, attn_mask)?;
+            // `x` is the bare lookup when there are no learned positions: backward can then add its
+            // gradient to the embedding's rows directly.
+            let lookup = self.wpe.is_none().then_some(flat_ids);
+            x = self.forward_checkpointed(x, lookup, rope_tables, attn_mask)?;
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {

@@ -123,15 +123,134 @@ pub fn load_hf_weights(dir: &Path, arch: Arch, device: &Device) -> Result<HashMa
 pub fn save_safetensors(path: &Path, arch: Arch, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut hf: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, t) in tensors {
-        hf.insert(
-            name.clone(),
-            convert_layout(arch, name, t.detach())?.contiguous()?,
-        );
+        hf.insert(name.clone(), convert_layout(arch, name, t.detach())?);
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(hf.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| Error::invalid(path, "safetensors", e.to_string()))?;
-    atomic_write(path, &bytes)
+    let entries: Vec<(&str, Data)> = hf
+        .iter()
+        .map(|(k, v)| (k.as_str(), Data::Tensor(v)))
+        .collect();
+    write_safetensors(path, &entries, Some(&metadata))
+}
+
+/// What [`write_safetensors`] writes under one name.
+pub enum Data<'a> {
+    Tensor(&'a Tensor),
+    /// A flat f32 buffer (optimiser state), written as a 1-D tensor.
+    F32(&'a [f32]),
+}
+
+impl Data<'_> {
+    fn dtype_and_shape(&self) -> (candle_core::DType, Vec<usize>) {
+        match self {
+            Data::Tensor(t) => (t.dtype(), t.dims().to_vec()),
+            Data::F32(v) => (candle_core::DType::F32, vec![v.len()]),
+        }
+    }
+
+    fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let t = match self {
+            Data::F32(v) => return out.write_all(as_bytes(v)),
+            Data::Tensor(t) => t,
+        };
+        let own;
+        let t = if t.device().is_cpu() && t.is_contiguous() {
+            *t
+        } else {
+            own = t
+                .to_device(&Device::Cpu)
+                .and_then(|t| t.contiguous())
+                .map_err(std::io::Error::other)?;
+            &own
+        };
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(std::io::Error::other("tensor not on the CPU"));
+        };
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| std::io::Error::other("tensor not contiguous"))?;
+        use candle_core::CpuStorage as S;
+        out.write_all(match cpu {
+            S::U8(v) => as_bytes(&v[a..b]),
+            S::U32(v) => as_bytes(&v[a..b]),
+            S::I64(v) => as_bytes(&v[a..b]),
+            S::BF16(v) => as_bytes(&v[a..b]),
+            S::F16(v) => as_bytes(&v[a..b]),
+            S::F32(v) => as_bytes(&v[a..b]),
+            S::F64(v) => as_bytes(&v[a..b]),
+            _ => return Err(std::io::Error::other("dtype not writable as safetensors")),
+        })
+    }
+}
+
+/// The bytes of a slice of plain numbers (little-endian on every target we build for).
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: T is a plain number type (no padding, every byte initialised); u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn safetensors_dtype(d: candle_core::DType) -> Result<&'static str> {
+    use candle_core::DType as D;
+    Ok(match d {
+        D::U8 => "U8",
+        D::U32 => "U32",
+        D::I64 => "I64",
+        D::BF16 => "BF16",
+        D::F16 => "F16",
+        D::F32 => "F32",
+        D::F64 => "F64",
+        other => return Err(Error::Msg(format!("safetensors: cannot write {other:?}"))),
+    })
+}
+
+/// Writes a safetensors file atomically, streaming each tensor's bytes from its own storage.
+/// `safetensors::serialize` builds the whole file in memory first: at the end of a run that was
+/// the model again (and the optimiser state twice more, for a checkpoint) on top of peak memory.
+pub fn write_safetensors(
+    path: &Path,
+    entries: &[(&str, Data)],
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(m).unwrap_or_default(),
+        );
+    }
+    let mut offset = 0usize;
+    for (name, data) in entries {
+        let (dtype, shape) = data.dtype_and_shape();
+        let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": safetensors_dtype(dtype)?,
+                "shape": shape,
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Msg(e.to_string()))?;
+    // The data that follows starts 8-byte aligned, as the format asks.
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        f.write_all(&(head.len() as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        for (_, data) in entries {
+            data.write(&mut f)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// Pretty JSON, written atomically.

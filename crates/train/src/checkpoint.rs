@@ -3,11 +3,12 @@
 //! so a killed run never leaves a half-written checkpoint under the final name.
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::optim::AdamW;
+use preftune_model::weights::{write_safetensors, Data};
 
 /// What resuming needs besides weights and optimiser moments. Data position and dropout seeds are
 /// derived from `global_step`, so they need no state of their own.
@@ -55,22 +56,17 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     write_weights(&tmp)?;
-    let mut tensors = vec![];
-    for (i, name) in opt.names.iter().enumerate() {
-        let n = opt.m[i].len();
-        tensors.push((
-            format!("exp_avg.{name}"),
-            Tensor::from_slice(&opt.m[i], n, &Device::Cpu)?,
-        ));
-        tensors.push((
-            format!("exp_avg_sq.{name}"),
-            Tensor::from_slice(&opt.v[i], n, &Device::Cpu)?,
-        ));
+    let names: Vec<(String, String)> = opt
+        .names
+        .iter()
+        .map(|n| (format!("exp_avg.{n}"), format!("exp_avg_sq.{n}")))
+        .collect();
+    let mut entries = Vec::with_capacity(2 * names.len());
+    for (i, (m, v)) in names.iter().enumerate() {
+        entries.push((m.as_str(), Data::F32(&opt.m[i])));
+        entries.push((v.as_str(), Data::F32(&opt.v[i])));
     }
-    let op = tmp.join("optimizer.safetensors");
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .map_err(|e| Error::Msg(format!("{}: {e}", op.display())))?;
-    std::fs::write(&op, bytes).map_err(|e| Error::io(&op, e))?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), &entries, None)?;
     let opt_state = serde_json::json!({"step": opt.t});
     let mut st = serde_json::to_value(state).map_err(|e| Error::Msg(e.to_string()))?;
     st["optimizer"] = opt_state;

@@ -468,7 +468,9 @@ pub fn train(
                         .wrapping_mul(1_000_003)
                         .wrapping_add(((step * updates + update) * accum + k) as u64),
                 ));
+                preftune_model::mem::trace("before forward");
                 let (loss, m) = algo.loss(&policy.model, Split::Train, b)?;
+                preftune_model::mem::trace("forward");
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
                     return Err(Error::NonFinite {
@@ -477,6 +479,7 @@ pub fn train(
                     });
                 }
                 let mut g = policy.model.backward(&(loss / total_weight)?)?;
+                preftune_model::mem::trace("backward");
                 for (i, (_, p)) in params.iter().enumerate() {
                     // Taken out of the store so each gradient tensor is freed once accumulated.
                     if let Some(gt) = g.remove(p.as_tensor()) {
@@ -489,6 +492,7 @@ pub fn train(
                     }
                 }
                 step_metrics.merge(&m);
+                preftune_model::mem::trace("gradients taken");
             }
             // Parameters no loss reached (a frozen branch of this batch) take zeros.
             for (g, (_, p)) in grads.iter_mut().zip(&params) {
@@ -512,6 +516,7 @@ pub fn train(
                 total_steps,
             );
             opt.step(&params, &grads, lr)?;
+            preftune_model::mem::trace("optimizer step");
         }
         algo.on_update(updates)?;
         state.global_step += 1;
@@ -565,6 +570,7 @@ pub fn train(
                 algo.save_state(dir)
             })?;
             checkpoint::rotate(out, args.save_total_limit)?;
+            preftune_model::mem::trace("checkpoint");
         }
     }
     progress.finish();

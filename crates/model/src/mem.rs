@@ -1,0 +1,45 @@
+//! Heap accounting for memory work: the binary's allocator adds to these counters, and
+//! `PREFTUNE_MEM_TRACE=1` makes the trainer print them per phase. Without a counting allocator
+//! (library users, tests) they stay at zero.
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// Bytes allocated and not yet freed.
+pub static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The most `LIVE` has been since the last [`take_peak`].
+pub static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+pub fn on_alloc(bytes: usize) {
+    let now = LIVE.fetch_add(bytes, Relaxed) + bytes;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+pub fn on_free(bytes: usize) {
+    LIVE.fetch_sub(bytes, Relaxed);
+}
+
+/// The peak since the last call, in MiB; the peak restarts from the current live bytes.
+pub fn take_peak() -> f64 {
+    let p = PEAK.swap(LIVE.load(Relaxed), Relaxed);
+    p as f64 / (1 << 20) as f64
+}
+
+pub fn live_mib() -> f64 {
+    LIVE.load(Relaxed) as f64 / (1 << 20) as f64
+}
+
+/// Whether `PREFTUNE_MEM_TRACE=1` asks for per-phase heap lines.
+pub fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1"))
+}
+
+/// Prints `live` and the peak since the previous trace line, when tracing.
+pub fn trace(what: &str) {
+    if tracing() {
+        let peak = take_peak();
+        eprintln!(
+            "mem {what}: live {:.0} MiB, peak since last {peak:.0} MiB",
+            live_mib()
+        );
+    }
+}
