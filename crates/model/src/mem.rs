@@ -33,13 +33,22 @@ pub fn tracing() -> bool {
     *ON.get_or_init(|| std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1"))
 }
 
-/// Prints `live` and the peak since the previous trace line, when tracing.
+/// The process's resident set in MiB (Linux; 0 elsewhere): heap plus what the allocator keeps.
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |pages| pages * 4096.0 / (1 << 20) as f64)
+}
+
+/// Prints `live`, the peak since the previous trace line and the RSS, when tracing.
 pub fn trace(what: &str) {
     if tracing() {
         let peak = take_peak();
         eprintln!(
-            "mem {what}: live {:.0} MiB, peak since last {peak:.0} MiB",
-            live_mib()
+            "mem {what}: live {:.0} MiB, peak since last {peak:.0} MiB, rss {:.0} MiB",
+            live_mib(),
+            rss_mib()
         );
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gguf::load_gguf;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{load_hf_weights, read_json, save_safetensors, write_json};
+use crate::weights::{load_hf_weights_as, read_json, save_safetensors, write_json};
 
 pub struct Pretrained {
     pub model: Model,
@@ -108,7 +108,12 @@ impl Pretrained {
         } else {
             generation_config_from(&cfg, &tokenizer)
         };
-        let tensors = load_hf_weights(path, cfg.arch, &opts.device)?;
+        let tensors = load_hf_weights_as(
+            path,
+            cfg.arch,
+            &opts.device,
+            opts.trainable.then_some(opts.dtype),
+        )?;
         let model = Model::from_tensors(cfg, tensors, path, opts.dtype, opts.trainable)?;
         Ok(Pretrained {
             model,

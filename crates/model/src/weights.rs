@@ -70,6 +70,18 @@ pub fn convert_layout(arch: Arch, name: &str, t: Tensor) -> Result<Tensor> {
 /// Loads `model.safetensors`, or every shard named by `model.safetensors.index.json`, from `dir`,
 /// returning tensors in the internal layout.
 pub fn load_hf_weights(dir: &Path, arch: Arch, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_hf_weights_as(dir, arch, device, None)
+}
+
+/// [`load_hf_weights`]; with `vars`, tensors stored in that dtype come back as variables (for
+/// training) built straight from the file, instead of a tensor that `Var::from_tensor` copies
+/// again: loading then holds one model, not two, and leaves no freed copy behind.
+pub fn load_hf_weights_as(
+    dir: &Path,
+    arch: Arch,
+    device: &Device,
+    vars: Option<candle_core::DType>,
+) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if single.exists() {
@@ -108,15 +120,73 @@ pub fn load_hf_weights(dir: &Path, arch: Arch, device: &Device) -> Result<HashMa
                 ),
             ));
         }
-        let tensors = candle_core::safetensors::load(&f, device)
+        // Mapped, not read: reading the file into a buffer first held the model twice while
+        // loading, and the freed buffer stayed resident in the allocator for the whole run.
+        // SAFETY: the mapping lives only inside this loop iteration, and every tensor is copied out
+        // of it; a file changed on disk meanwhile would give wrong values, not a dangling buffer.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&f) }
             .map_err(|e| Error::invalid(&f, "safetensors", e.to_string()))?;
-        for (name, t) in tensors {
-            let name = canonical_name(arch, &name);
-            let t = convert_layout(arch, &name, t)?;
-            out.insert(name, t);
+        for (name, view) in st.tensors() {
+            let bad = |e: candle_core::Error| Error::invalid(&f, &name, e.to_string());
+            let cname = canonical_name(arch, &name);
+            let direct = vars.filter(|&d| {
+                device.is_cpu() && !is_conv1d(arch, &cname) && dtype_of(view.dtype()) == Some(d)
+            });
+            let t = match direct {
+                Some(d) => var_from_bytes(view.data(), view.shape(), d).map_err(bad)?,
+                None => convert_layout(arch, &cname, st.load(&name, device).map_err(bad)?)?,
+            };
+            out.insert(cname, t);
         }
     }
     Ok(out)
+}
+
+fn dtype_of(d: safetensors::Dtype) -> Option<candle_core::DType> {
+    use candle_core::DType as D;
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => D::F32,
+        S::BF16 => D::BF16,
+        S::F16 => D::F16,
+        S::F64 => D::F64,
+        _ => return None,
+    })
+}
+
+/// A CPU variable of `dtype` holding `bytes` (little-endian values, possibly unaligned).
+fn var_from_bytes(
+    bytes: &[u8],
+    shape: &[usize],
+    dtype: candle_core::DType,
+) -> candle_core::Result<Tensor> {
+    fn read<T: candle_core::WithDType>(
+        bytes: &[u8],
+        shape: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let n = bytes.len() / std::mem::size_of::<T>();
+        let mut v: Vec<T> = Vec::with_capacity(n);
+        // SAFETY: `v` has room for `n` values of a plain number type, every bit pattern of which
+        // is valid, and `bytes` holds exactly `n` of them; the copy is bytewise, so alignment of
+        // `bytes` does not matter.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                v.as_mut_ptr().cast::<u8>(),
+                n * std::mem::size_of::<T>(),
+            );
+            v.set_len(n);
+        }
+        Ok(candle_core::Var::from_vec(v, shape, &Device::Cpu)?.into_inner())
+    }
+    use candle_core::DType as D;
+    match dtype {
+        D::F32 => read::<f32>(bytes, shape),
+        D::BF16 => read::<half::bf16>(bytes, shape),
+        D::F16 => read::<half::f16>(bytes, shape),
+        D::F64 => read::<f64>(bytes, shape),
+        d => candle_core::bail!("no direct load for {d:?}"),
+    }
 }
 
 /// Writes tensors (internal layout) as `model.safetensors` in the HF layout, atomically.

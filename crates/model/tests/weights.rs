@@ -541,3 +541,35 @@ fn gguf_errors_name_the_file() {
     let e = load_err(&bad);
     assert!(e.contains("broken.gguf"), "{e}");
 }
+
+/// Training loads build variables straight from the file (one copy of the model in memory, not
+/// two); the values, names and layouts are those of the plain load, GPT-2's transposed Conv1D
+/// weights included.
+#[test]
+fn loading_as_variables_matches_the_plain_load() {
+    use preftune_model::config::ModelConfig;
+    use preftune_model::weights::{load_hf_weights, load_hf_weights_as};
+    for name in MODELS {
+        let dir = tiny(name);
+        let arch = ModelConfig::from_file(&dir.join("config.json"))
+            .unwrap()
+            .arch;
+        let plain = load_hf_weights(&dir, arch, &Device::Cpu).unwrap();
+        let vars = load_hf_weights_as(&dir, arch, &Device::Cpu, Some(DType::F32)).unwrap();
+        assert_eq!(plain.len(), vars.len());
+        let mut direct = 0;
+        for (n, t) in &plain {
+            let v = &vars[n];
+            assert_eq!(t.dims(), v.dims(), "{name}: {n}");
+            let d = (t - v).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: {n} differs");
+            direct += v.is_variable() as usize;
+        }
+        // Everything stored as f32 except GPT-2's Conv1D weights (transposed on the way in).
+        assert!(
+            direct * 2 > plain.len(),
+            "{name}: {direct} of {} direct",
+            plain.len()
+        );
+    }
+}

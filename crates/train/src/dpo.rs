@@ -124,6 +124,9 @@ pub struct Item {
 /// Where reference log-probs come from.
 pub enum Reference {
     Model(Box<Model>),
+    /// A reference model (its path) that only filling the precomputed cache would load: when the
+    /// cache already holds every example, the run never loads it.
+    Unloaded(String),
     /// The policy without its LoRA adapters.
     LoraBase,
     Precomputed,
@@ -310,6 +313,9 @@ impl Dpo {
             Reference::Model(m) => Ok(seq_logps(m, rows, self.pad_token_id, &self.device)?
                 .logps
                 .detach()),
+            Reference::Unloaded(p) => Err(Error::Msg(format!(
+                "the reference model {p} is used before it was loaded"
+            ))),
             Reference::LoraBase => Ok(seq_logps(
                 &model.without_lora().detached()?,
                 rows,
@@ -469,9 +475,10 @@ fn precompute(
     items: &mut [Item],
     data: &Path,
     key: &[String],
-    dpo: &Dpo,
+    dpo: &mut Dpo,
     model: &Model,
     batch: usize,
+    load: &dyn Fn(&str) -> Result<Model>,
 ) -> Result<PathBuf> {
     let meta = std::fs::metadata(data).map_err(|e| Error::io(data, e))?;
     let mut parts = key.to_vec();
@@ -513,6 +520,9 @@ fn precompute(
     let todo: Vec<usize> = (0..items.len())
         .filter(|i| done.get(i).is_none_or(|l| l.len() != items[*i].rows.len()))
         .collect();
+    if let (false, Reference::Unloaded(path)) = (todo.is_empty(), &dpo.reference) {
+        dpo.reference = Reference::Model(Box::new(load(path)?));
+    }
     for chunk in todo.chunks(batch.max(1)) {
         let its: Vec<&Item> = chunk.iter().map(|&i| &items[i]).collect();
         let rows: Vec<&TokenizedExample> = its.iter().flat_map(|i| i.rows.iter()).collect();
@@ -554,12 +564,18 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         label_smoothing: d.label_smoothing,
         length_alpha: d.length_alpha,
     };
-    let frozen = |path: &str| crate::trainer::load_model(args, path, false);
+    let frozen = |path: &str| Ok(crate::trainer::load_model(args, path, false)?.model);
     let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    // With precomputed log-probs the reference serves only to fill the cache.
+    let lazy = d.precompute_ref_log_probs && !eval_only;
     let reference = if d.reference_free {
         Reference::Free
     } else if let Some(r) = &d.ref_model {
-        Reference::Model(Box::new(frozen(r)?.model))
+        if lazy {
+            Reference::Unloaded(r.clone())
+        } else {
+            Reference::Model(Box::new(frozen(r)?))
+        }
     } else if lora.is_some() {
         Reference::LoraBase
     } else if eval_only {
@@ -568,7 +584,11 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         ));
     } else {
         // The policy's starting weights, even when resuming from a checkpoint.
-        Reference::Model(Box::new(frozen(&args.model_name_or_path)?.model))
+        if lazy {
+            Reference::Unloaded(args.model_name_or_path.clone())
+        } else {
+            Reference::Model(Box::new(frozen(&args.model_name_or_path)?))
+        }
     };
     let mut dpo = Dpo {
         losses,
@@ -614,9 +634,10 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
                 &mut items,
                 &path,
                 &ref_key,
-                &dpo,
+                &mut dpo,
                 &policy.model,
                 args.per_device_eval_batch_size,
+                &frozen,
             )?;
             eprintln!(
                 "reference log-probs for {} cached in {}",

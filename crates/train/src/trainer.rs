@@ -379,6 +379,7 @@ pub fn train(
              as on AMX but run as f32 GEMMs, slower than f32 mode"
         );
     }
+    preftune_model::mem::trace("training starts");
     let mut params = policy.model.trainable_params();
     params.extend(algo.extra_params());
     if params.is_empty() {
