@@ -22,21 +22,31 @@ struct Counting;
 // SAFETY: every call is forwarded to mimalloc unchanged; the counters only observe sizes.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        preftune_model::mem::on_alloc(l.size());
-        unsafe { mimalloc::MiMalloc.alloc(l) }
+        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        if !p.is_null() {
+            preftune_model::mem::on_alloc(l.size());
+        }
+        p
     }
     unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
-        preftune_model::mem::on_alloc(l.size());
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(l) }
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+        if !p.is_null() {
+            preftune_model::mem::on_alloc(l.size());
+        }
+        p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         preftune_model::mem::on_free(l.size());
         unsafe { mimalloc::MiMalloc.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
-        preftune_model::mem::on_free(l.size());
-        preftune_model::mem::on_alloc(new);
-        unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
+        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        // On failure the old block stays allocated and the counts stay as they were.
+        if !q.is_null() {
+            preftune_model::mem::on_free(l.size());
+            preftune_model::mem::on_alloc(new);
+        }
+        q
     }
 }
 
@@ -45,6 +55,9 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 /// (BENCHMARKS.md). `PREFTUNE_LOW_MEMORY=1` keeps mimalloc's defaults instead.
 /// (Option indices from mimalloc.h: `mi_option_arena_eager_commit` = 4, `mi_option_purge_delay` = 15.)
 fn tune_allocator() {
+    if preftune_model::mem::tracing() {
+        preftune_model::mem::enable();
+    }
     if std::env::var("PREFTUNE_LOW_MEMORY").is_ok_and(|v| v == "1") {
         return;
     }

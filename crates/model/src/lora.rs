@@ -285,8 +285,7 @@ impl Model {
             "revision": null,
         });
         write_json(&dir.join("adapter_config.json"), &config)?;
-        let metadata: std::collections::HashMap<String, String> =
-            [("format".to_string(), "pt".to_string())].into();
+        let metadata = crate::weights::pt_metadata();
         let entries: Vec<(&str, crate::weights::Data)> = params
             .iter()
             .map(|(n, t)| (n.as_str(), crate::weights::Data::Tensor(t)))

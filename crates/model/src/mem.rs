@@ -1,7 +1,16 @@
 //! Heap accounting for memory work: the binary's allocator adds to these counters, and
 //! `PREFTUNE_MEM_TRACE=1` makes the trainer print them per phase. Without a counting allocator
 //! (library users, tests) they stay at zero.
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+/// Off unless [`enable`] ran (at start-up, before the counts matter): counting costs shared
+/// atomics on every allocation of every thread.
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Starts counting; the binary calls it first thing when `PREFTUNE_MEM_TRACE=1`.
+pub fn enable() {
+    ON.store(true, Relaxed);
+}
 
 /// Bytes allocated and not yet freed.
 pub static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -9,12 +18,19 @@ pub static LIVE: AtomicUsize = AtomicUsize::new(0);
 pub static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 pub fn on_alloc(bytes: usize) {
+    if !ON.load(Relaxed) {
+        return;
+    }
     let now = LIVE.fetch_add(bytes, Relaxed) + bytes;
-    PEAK.fetch_max(now, Relaxed);
+    if now > PEAK.load(Relaxed) {
+        PEAK.fetch_max(now, Relaxed);
+    }
 }
 
 pub fn on_free(bytes: usize) {
-    LIVE.fetch_sub(bytes, Relaxed);
+    if ON.load(Relaxed) {
+        LIVE.fetch_sub(bytes, Relaxed);
+    }
 }
 
 /// The peak since the last call, in MiB; the peak restarts from the current live bytes.
@@ -29,8 +45,8 @@ pub fn live_mib() -> f64 {
 
 /// Whether `PREFTUNE_MEM_TRACE=1` asks for per-phase heap lines.
 pub fn tracing() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1"))
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1"))
 }
 
 /// The process's resident set in MiB (Linux; 0 elsewhere): heap plus what the allocator keeps.

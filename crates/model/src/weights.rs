@@ -122,15 +122,18 @@ pub fn load_hf_weights_as(
         }
         // Mapped, not read: reading the file into a buffer first held the model twice while
         // loading, and the freed buffer stayed resident in the allocator for the whole run.
-        // SAFETY: the mapping lives only inside this loop iteration, and every tensor is copied out
-        // of it; a file changed on disk meanwhile would give wrong values, not a dangling buffer.
+        // SAFETY: the mapping lives only inside this loop iteration and every tensor is copied
+        // out of it at once. As with any mmap, the file must not be truncated or rewritten while
+        // it loads (that would be a SIGBUS or torn values); model files are not written in place.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&f) }
             .map_err(|e| Error::invalid(&f, "safetensors", e.to_string()))?;
         for (name, view) in st.tensors() {
             let bad = |e: candle_core::Error| Error::invalid(&f, &name, e.to_string());
             let cname = canonical_name(arch, &name);
             let direct = vars.filter(|&d| {
-                device.is_cpu() && !is_conv1d(arch, &cname) && dtype_of(view.dtype()) == Some(d)
+                device.is_cpu()
+                    && !is_conv1d(arch, &cname)
+                    && candle_core::DType::try_from(view.dtype()).ok() == Some(d)
             });
             let t = match direct {
                 Some(d) => var_from_bytes(view.data(), view.shape(), d).map_err(bad)?,
@@ -140,18 +143,6 @@ pub fn load_hf_weights_as(
         }
     }
     Ok(out)
-}
-
-fn dtype_of(d: safetensors::Dtype) -> Option<candle_core::DType> {
-    use candle_core::DType as D;
-    use safetensors::Dtype as S;
-    Some(match d {
-        S::F32 => D::F32,
-        S::BF16 => D::BF16,
-        S::F16 => D::F16,
-        S::F64 => D::F64,
-        _ => return None,
-    })
 }
 
 /// A CPU variable of `dtype` holding `bytes` (little-endian values, possibly unaligned).
@@ -195,12 +186,17 @@ pub fn save_safetensors(path: &Path, arch: Arch, tensors: &[(String, Tensor)]) -
     for (name, t) in tensors {
         hf.insert(name.clone(), convert_layout(arch, name, t.detach())?);
     }
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let metadata = pt_metadata();
     let entries: Vec<(&str, Data)> = hf
         .iter()
         .map(|(k, v)| (k.as_str(), Data::Tensor(v)))
         .collect();
     write_safetensors(path, &entries, Some(&metadata))
+}
+
+/// The metadata transformers and PEFT write (and `safe_open` in PyTorch mode expects).
+pub fn pt_metadata() -> HashMap<String, String> {
+    [("format".to_string(), "pt".to_string())].into()
 }
 
 /// What [`write_safetensors`] writes under one name.
@@ -255,23 +251,10 @@ impl Data<'_> {
 }
 
 /// The bytes of a slice of plain numbers (little-endian on every target we build for).
-fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: T is a plain number type (no padding, every byte initialised); u8 has alignment 1.
+fn as_bytes<T: candle_core::WithDType>(v: &[T]) -> &[u8] {
+    // SAFETY: candle's element types are plain numbers (no padding, every byte initialised);
+    // u8 has alignment 1.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-fn safetensors_dtype(d: candle_core::DType) -> Result<&'static str> {
-    use candle_core::DType as D;
-    Ok(match d {
-        D::U8 => "U8",
-        D::U32 => "U32",
-        D::I64 => "I64",
-        D::BF16 => "BF16",
-        D::F16 => "F16",
-        D::F32 => "F32",
-        D::F64 => "F64",
-        other => return Err(Error::Msg(format!("safetensors: cannot write {other:?}"))),
-    })
 }
 
 /// Writes a safetensors file atomically, streaming each tensor's bytes from its own storage.
@@ -289,21 +272,26 @@ pub fn write_safetensors(
             serde_json::to_value(m).unwrap_or_default(),
         );
     }
+    // Widest elements first (as `safetensors::serialize` orders them), so that every tensor
+    // starts at a multiple of its element size.
+    let mut order: Vec<&(&str, Data)> = entries.iter().collect();
+    order.sort_by_key(|(_, d)| std::cmp::Reverse(d.dtype_and_shape().0.size_in_bytes()));
     let mut offset = 0usize;
-    for (name, data) in entries {
+    for (name, data) in &order {
         let (dtype, shape) = data.dtype_and_shape();
         let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        header.insert(
-            name.to_string(),
-            serde_json::json!({
-                "dtype": safetensors_dtype(dtype)?,
-                "shape": shape,
-                "data_offsets": [offset, offset + len],
-            }),
-        );
+        let entry = serde_json::json!({
+            "dtype": safetensors::Dtype::from(dtype),
+            "shape": shape,
+            "data_offsets": [offset, offset + len],
+        });
+        if header.insert(name.to_string(), entry).is_some() {
+            return Err(Error::invalid(path, *name, "tensor name given twice"));
+        }
         offset += len;
     }
-    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut head =
+        serde_json::to_vec(&header).map_err(|e| Error::invalid(path, "header", e.to_string()))?;
     // The data that follows starts 8-byte aligned, as the format asks.
     head.resize(head.len().next_multiple_of(8), b' ');
     let tmp = tmp_path(path);
@@ -311,8 +299,9 @@ pub fn write_safetensors(
         let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
         f.write_all(&(head.len() as u64).to_le_bytes())?;
         f.write_all(&head)?;
-        for (_, data) in entries {
-            data.write(&mut f)?;
+        for (name, data) in &order {
+            data.write(&mut f)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("tensor {name}: {e}")))?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, path)

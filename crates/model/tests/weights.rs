@@ -561,8 +561,8 @@ fn loading_as_variables_matches_the_plain_load() {
         for (n, t) in &plain {
             let v = &vars[n];
             assert_eq!(t.dims(), v.dims(), "{name}: {n}");
-            let d = (t - v).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: {n} differs");
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(max_abs_diff(&flat(t), &flat(v)), 0.0, "{name}: {n} differs");
             direct += v.is_variable() as usize;
         }
         // Everything stored as f32 except GPT-2's Conv1D weights (transposed on the way in).
@@ -572,4 +572,54 @@ fn loading_as_variables_matches_the_plain_load() {
             plain.len()
         );
     }
+}
+
+/// The streaming writer: mixed dtypes come back intact (each tensor at a multiple of its element
+/// size, which the safetensors crate checks), flat f32 buffers too, and a repeated name is refused.
+#[test]
+fn streamed_safetensors_round_trip_and_reject_repeated_names() {
+    use preftune_model::weights::{pt_metadata, write_safetensors, Data};
+    let dev = Device::Cpu;
+    let a = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
+    let b = Tensor::new(&[1f32, -2.0, 0.5], &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let c = Tensor::new(&[7u8, 8, 9], &dev).unwrap();
+    let t = a.t().unwrap(); // not contiguous: written through a copy
+    let m = [0.25f32, 0.5];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    let entries = [
+        ("c", Data::Tensor(&c)),
+        ("b", Data::Tensor(&b)),
+        ("a", Data::Tensor(&a)),
+        ("t", Data::Tensor(&t)),
+        ("m", Data::F32(&m)),
+    ];
+    write_safetensors(&path, &entries, Some(&pt_metadata())).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 5);
+    let back = read_st(&path);
+    for (name, want) in [
+        ("a", &a),
+        ("b", &b),
+        ("c", &c),
+        ("t", &t.contiguous().unwrap()),
+    ] {
+        let got = &back[name];
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        assert_eq!(got.dtype(), want.dtype(), "{name}");
+        let flat = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        assert_eq!(max_abs_diff(&flat(got), &flat(want)), 0.0, "{name}");
+    }
+    assert_eq!(back["m"].to_vec1::<f32>().unwrap(), m);
+    let twice = [("a", Data::Tensor(&a)), ("a", Data::F32(&m))];
+    let err = write_safetensors(&dir.path().join("y.safetensors"), &twice, None).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    assert!(!dir.path().join("y.safetensors").exists());
 }

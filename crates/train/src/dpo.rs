@@ -568,14 +568,17 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
     let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
     // With precomputed log-probs the reference serves only to fill the cache.
     let lazy = d.precompute_ref_log_probs && !eval_only;
+    let model_ref = |path: &str| -> Result<Reference> {
+        Ok(if lazy {
+            Reference::Unloaded(path.to_string())
+        } else {
+            Reference::Model(Box::new(frozen(path)?))
+        })
+    };
     let reference = if d.reference_free {
         Reference::Free
     } else if let Some(r) = &d.ref_model {
-        if lazy {
-            Reference::Unloaded(r.clone())
-        } else {
-            Reference::Model(Box::new(frozen(r)?))
-        }
+        model_ref(r)?
     } else if lora.is_some() {
         Reference::LoraBase
     } else if eval_only {
@@ -584,11 +587,7 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         ));
     } else {
         // The policy's starting weights, even when resuming from a checkpoint.
-        if lazy {
-            Reference::Unloaded(args.model_name_or_path.clone())
-        } else {
-            Reference::Model(Box::new(frozen(&args.model_name_or_path)?))
-        }
+        model_ref(&args.model_name_or_path)?
     };
     let mut dpo = Dpo {
         losses,
