@@ -55,9 +55,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 /// (BENCHMARKS.md). `PREFTUNE_LOW_MEMORY=1` keeps mimalloc's defaults instead.
 /// (Option indices from mimalloc.h: `mi_option_arena_eager_commit` = 4, `mi_option_purge_delay` = 15.)
 fn tune_allocator() {
-    if preftune_model::mem::tracing() {
-        preftune_model::mem::enable();
-    }
+    preftune_model::mem::enable_from_env();
     if std::env::var("PREFTUNE_LOW_MEMORY").is_ok_and(|v| v == "1") {
         return;
     }

@@ -1,15 +1,17 @@
 //! Heap accounting for memory work: the binary's allocator adds to these counters, and
-//! `PREFTUNE_MEM_TRACE=1` makes the trainer print them per phase. Without a counting allocator
-//! (library users, tests) they stay at zero.
+//! `PREFTUNE_MEM_TRACE=1` makes the trainer print them per phase. Only a binary with a counting
+//! allocator turns this on ([`enable_from_env`]); library users and tests never trace.
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
-/// Off unless [`enable`] ran (at start-up, before the counts matter): counting costs shared
-/// atomics on every allocation of every thread.
+/// Counting and tracing, off unless [`enable_from_env`] found `PREFTUNE_MEM_TRACE=1`: counting
+/// costs shared atomics on every allocation of every thread.
 static ON: AtomicBool = AtomicBool::new(false);
 
-/// Starts counting; the binary calls it first thing when `PREFTUNE_MEM_TRACE=1`.
-pub fn enable() {
-    ON.store(true, Relaxed);
+/// Turns counting and tracing on when `PREFTUNE_MEM_TRACE=1`; the binary calls it first thing,
+/// before the counts matter.
+pub fn enable_from_env() {
+    let on = std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1");
+    ON.store(on, Relaxed);
 }
 
 /// Bytes allocated and not yet freed.
@@ -43,10 +45,9 @@ pub fn live_mib() -> f64 {
     LIVE.load(Relaxed) as f64 / (1 << 20) as f64
 }
 
-/// Whether `PREFTUNE_MEM_TRACE=1` asks for per-phase heap lines.
+/// Whether per-phase heap lines are on ([`enable_from_env`]).
 pub fn tracing() -> bool {
-    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TRACE.get_or_init(|| std::env::var("PREFTUNE_MEM_TRACE").is_ok_and(|v| v == "1"))
+    ON.load(Relaxed)
 }
 
 /// The process's resident set in MiB (Linux; 0 elsewhere): heap plus what the allocator keeps.
