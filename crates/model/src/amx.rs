@@ -442,13 +442,34 @@ mod imp {
             for mb in rows.clone().step_by(BLOCK) {
                 let a0 = pa.as_ptr().add(mb * kp);
                 let a1 = a0.add(16 * kp);
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack)
-                );
+                let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
+                // A whole block of `C` is loaded into (when accumulating) and stored from the
+                // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
+                let whole = h == BLOCK && w == BLOCK;
+                let c0 = out.0.add(mb * n + nb);
+                let c_stride = n * 4;
+                if whole && accumulate {
+                    asm!(
+                        "tileloadd tmm0, [{p0} + {s}*1]",
+                        "tileloadd tmm1, [{p1} + {s}*1]",
+                        "tileloadd tmm2, [{p2} + {s}*1]",
+                        "tileloadd tmm3, [{p3} + {s}*1]",
+                        p0 = in(reg) c0,
+                        p1 = in(reg) c0.add(16),
+                        p2 = in(reg) c0.add(16 * n),
+                        p3 = in(reg) c0.add(16 * n + 16),
+                        s = in(reg) c_stride,
+                        options(nostack, readonly),
+                    );
+                } else {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack)
+                    );
+                }
                 for kk in (0..kp).step_by(KSTEP) {
                     // B streams from memory once (decoding reads every weight once per step):
                     // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
@@ -476,6 +497,21 @@ mod imp {
                         options(nostack, readonly),
                     );
                 }
+                if whole {
+                    asm!(
+                        "tilestored [{p0} + {s}*1], tmm0",
+                        "tilestored [{p1} + {s}*1], tmm1",
+                        "tilestored [{p2} + {s}*1], tmm2",
+                        "tilestored [{p3} + {s}*1], tmm3",
+                        p0 = in(reg) c0,
+                        p1 = in(reg) c0.add(16),
+                        p2 = in(reg) c0.add(16 * n),
+                        p3 = in(reg) c0.add(16 * n + 16),
+                        s = in(reg) c_stride,
+                        options(nostack),
+                    );
+                    continue;
+                }
                 let p = buf.0.as_mut_ptr();
                 asm!(
                     "tilestored [{p0} + {s}*1], tmm0",
@@ -489,7 +525,6 @@ mod imp {
                     s = in(reg) BLOCK * 4,
                     options(nostack),
                 );
-                let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
                 for i in 0..h {
                     let dst = out.0.add((mb + i) * n + nb);
                     let src = &buf.0[i * BLOCK..][..w];

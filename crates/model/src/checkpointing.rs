@@ -68,6 +68,7 @@ impl Model {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut rngs = Vec::with_capacity(self.blocks.len());
         let mut h = x.detach();
+        let _same = crate::ops::TrainingProducts::new();
         for block in &self.blocks {
             inputs.push(h.clone());
             rngs.push(self.lora_dropout.snapshot());
@@ -110,11 +111,11 @@ impl Model {
             for (i, block) in self.blocks.iter().enumerate().rev() {
                 self.lora_dropout.restore(seg.rngs[i].clone());
                 let x = Var::from_tensor(&seg.inputs[i])?;
-                let out = block.forward(
+                // Only the gradient of `out` matters, so its last projection is skipped.
+                let out = block.forward_for_backward(
                     x.as_tensor(),
                     seg.rope.as_ref(),
                     seg.mask.as_ref(),
-                    None,
                     self.cfg.activation,
                 )?;
                 let layer = (out * g.detach())?.sum_all()?.backward()?;

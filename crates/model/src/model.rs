@@ -112,11 +112,36 @@ impl Block {
         cache: Option<&mut Option<LayerCache>>,
         act: Activation,
     ) -> candle_core::Result<Tensor> {
+        self.apply(x, rope_tables, mask, cache, act, false)
+    }
+
+    /// [`Block::forward`] for back-propagation only: the gradients are the same, but the MLP's
+    /// last projection is not computed ([`Linear::forward_unread`]), so the value is not the
+    /// block's output. Checkpointed backward recomputes layers this way.
+    pub(crate) fn forward_for_backward(
+        &self,
+        x: &Tensor,
+        rope_tables: Option<&(Tensor, Tensor)>,
+        mask: Option<&(AttnMask, Option<Tensor>)>,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
+        self.apply(x, rope_tables, mask, None, act, true)
+    }
+
+    fn apply(
+        &self,
+        x: &Tensor,
+        rope_tables: Option<&(Tensor, Tensor)>,
+        mask: Option<&(AttnMask, Option<Tensor>)>,
+        cache: Option<&mut Option<LayerCache>>,
+        act: Activation,
+        unread: bool,
+    ) -> candle_core::Result<Tensor> {
         let a = self
             .attn
             .forward(&self.norm1.forward(x)?, rope_tables, mask, cache)?;
         let x = (x + a)?;
-        let m = self.mlp.forward(&self.norm2.forward(&x)?, act)?;
+        let m = self.mlp.forward(&self.norm2.forward(&x)?, act, unread)?;
         x + m
     }
 
@@ -896,7 +921,17 @@ impl Attention {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, act_kind: Activation) -> candle_core::Result<Tensor> {
+    /// `unread`: the last projection as [`Linear::forward_unread`].
+    fn forward(
+        &self,
+        x: &Tensor,
+        act_kind: Activation,
+        unread: bool,
+    ) -> candle_core::Result<Tensor> {
+        let last = |l: &Linear, x: &Tensor| match unread {
+            true => l.forward_unread(x),
+            false => l.forward(x),
+        };
         let act = |x: Tensor| match act_kind {
             Activation::Silu => x.silu(),
             Activation::GeluTanh => x.gelu(),
@@ -906,12 +941,12 @@ impl Mlp {
         match self {
             Mlp::Gated { gate, up, down } if matches!(act_kind, Activation::Silu) => {
                 let gu = linear_group(x, &[gate, up])?;
-                down.forward(&swiglu(&gu[0], &gu[1])?)
+                last(down, &swiglu(&gu[0], &gu[1])?)
             }
             Mlp::Gated { gate, up, down } => {
-                down.forward(&(act(gate.forward(x)?)? * up.forward(x)?)?)
+                last(down, &(act(gate.forward(x)?)? * up.forward(x)?)?)
             }
-            Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(x)?)?),
+            Mlp::Plain { fc, proj } => last(proj, &act(fc.forward(x)?)?),
         }
     }
 }

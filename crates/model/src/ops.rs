@@ -37,17 +37,42 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// [`Linear::forward`] for a recomputation whose output backward never reads: the gradients
+    /// are the same, but `x W^T` is not computed (its value is zeros). A product's backward needs
+    /// `x`, `W` and the incoming gradient, never the product itself, so recomputing a
+    /// checkpointed layer can skip its last projection, a quarter of the layer's FLOPs.
+    pub fn forward_unread(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, unread: bool) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
         // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs about
         // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
-        let mut y = if let Some(y) = packed_matmul(&x2, &self.weight)? {
+        let unread = unread
+            && (x2.track_op() || self.weight.track_op())
+            && x2.device().is_cpu()
+            && x2.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32;
+        let mut y = if unread {
+            unread_matmul(&x2, &self.weight)?
+        } else if let Some(y) = packed_matmul(&x2, &self.weight)? {
             y
-        } else if let Some(y) = few_rows_matmul(&x2, &self.weight)? {
+        } else if let Some(y) = (!training_products())
+            .then(|| few_rows_matmul(&x2, &self.weight))
+            .transpose()?
+            .flatten()
+        {
             y
-        } else if (x2.track_op() || lead >= BF16_MIN_ROWS) && bf16_applies(&x2, &self.weight) {
+        } else if (x2.track_op() || training_products() || lead >= BF16_MIN_ROWS)
+            && bf16_applies(&x2, &self.weight)
+        {
             bf16_matmul(&x2, &self.weight)?
         } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
             frozen_matmul(&x2, &self.weight)?
@@ -122,6 +147,32 @@ impl Drop for Bf16Scope {
     }
 }
 
+thread_local! {
+    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, this thread's untracked linears compute what a tracked one would (bf16
+/// products at any row count under [`Bf16Scope`], no decoding kernels), so that a checkpointed
+/// forward pass, which runs outside autograd, gives the values its recomputation will.
+#[must_use = "applies only while the guard lives"]
+pub(crate) struct TrainingProducts(bool);
+
+impl TrainingProducts {
+    pub(crate) fn new() -> Self {
+        TrainingProducts(TRAINING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for TrainingProducts {
+    fn drop(&mut self) {
+        TRAINING.with(|c| c.set(self.0));
+    }
+}
+
+fn training_products() -> bool {
+    TRAINING.with(|c| c.get())
+}
+
 /// Whether a [`Bf16Scope`] has switched bf16 products on for this thread.
 pub fn bf16_enabled() -> bool {
     BF16.with(|c| c.get())
@@ -134,10 +185,63 @@ fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
 /// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s
 /// gradient is computed only when `W` takes one.
 pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Bf16Matmul)
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Bf16Matmul { unread: false })
 }
 
-struct Bf16Matmul;
+/// `x W^T` with the backward [`Linear::forward`] would give it, and zeros as its value.
+fn unread_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if bf16_applies(x, w) {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, Bf16Matmul { unread: true });
+    }
+    if !w.track_op() {
+        return x.apply_op1(FrozenMatmul {
+            x: x.detach(),
+            w: w.detach(),
+            unread: true,
+        });
+    }
+    x.apply_op2(w, UnreadMatmul)
+}
+
+/// The f32 product of [`unread_matmul`]: backward as candle's `x.matmul(&w.t())` computes it.
+struct UnreadMatmul;
+
+impl candle_core::CustomOp2 for UnreadMatmul {
+    fn name(&self) -> &'static str {
+        "preftune-unread-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| grad.matmul(w)).transpose()?;
+        let dw = x.t()?.matmul(grad)?.t()?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// `unread`: the value is zeros and the product is skipped (see [`Linear::forward_unread`]).
+struct Bf16Matmul {
+    unread: bool,
+}
 
 thread_local! {
     static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
@@ -242,6 +346,9 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         if k != k2 {
             candle_core::bail!("bf16_matmul: inner dimensions {k} and {k2} differ")
         }
+        if self.unread {
+            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
+        }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
         let y = crate::amx::gemm_nt_new(
@@ -283,12 +390,15 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op1(FrozenMatmul {
         x: x.detach(),
         w: w.detach(),
+        unread: false,
     })
 }
 
 struct FrozenMatmul {
     x: Tensor,
     w: Tensor,
+    /// The value is zeros and the product is skipped (see [`Linear::forward_unread`]).
+    unread: bool,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -297,6 +407,10 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.unread {
+            let shape = Shape::from((self.x.dim(0)?, self.w.dim(0)?));
+            return Ok((CpuStorage::F32(vec![0f32; shape.elem_count()]), shape));
+        }
         let y = self.x.matmul(&self.w.t()?)?.contiguous()?;
         let (storage, layout) = y.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
