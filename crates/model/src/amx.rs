@@ -63,62 +63,6 @@ pub fn bf16_bits(x: f32) -> u16 {
     (if x.is_nan() { quiet } else { rounded }) as u16
 }
 
-/// Whether the loops below can be compiled for AVX-512 (16 lanes).
-fn wide() -> bool {
-    static WIDE: OnceLock<bool> = OnceLock::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        *WIDE.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        *WIDE.get_or_init(|| false)
-    }
-}
-
-/// `dst[i] = bf16_bits(src[i])`, 16 lanes at a time where the CPU has AVX-512.
-fn round_into(src: &[f32], dst: &mut [u16]) {
-    #[inline(always)]
-    fn body(src: &[f32], dst: &mut [u16]) {
-        dst.iter_mut()
-            .zip(src)
-            .for_each(|(d, &s)| *d = bf16_bits(s));
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn wide_body(src: &[f32], dst: &mut [u16]) {
-            body(src, dst)
-        }
-        // SAFETY: the CPU has the features `wide_body` is compiled for.
-        return unsafe { wide_body(src, dst) };
-    }
-    body(src, dst)
-}
-
-/// `dst = [bf16(a[0]), bf16(b[0]), bf16(a[1]), bf16(b[1]), ..]`: one row of AMX's pair layout.
-fn interleave_into(a: &[f32], b: &[f32], dst: &mut [u16]) {
-    #[inline(always)]
-    fn body(a: &[f32], b: &[f32], dst: &mut [u16]) {
-        for ((d, &x), &y) in dst.chunks_exact_mut(2).zip(a).zip(b) {
-            d[0] = bf16_bits(x);
-            d[1] = bf16_bits(y);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn wide_body(a: &[f32], b: &[f32], dst: &mut [u16]) {
-            body(a, b, dst)
-        }
-        // SAFETY: the CPU has the features `wide_body` is compiled for.
-        return unsafe { wide_body(a, b, dst) };
-    }
-    body(a, b, dst)
-}
-
 /// `x` rounded to bf16 and widened back.
 pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((bf16_bits(x) as u32) << 16)
@@ -245,7 +189,12 @@ mod imp {
             let l7 = __cpuid_count(7, 0);
             ((l7.edx >> 24) & 1 == 1, (l7.edx >> 22) & 1 == 1)
         };
-        if !(tile && bf16) {
+        // The packing kernels use AVX-512BW, which every CPU with AMX has.
+        if !(tile
+            && bf16
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw"))
+        {
             return false;
         }
         // Linux hands out the 8 KiB tile state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM,
@@ -278,93 +227,46 @@ mod imp {
     };
 
     /// `A` as row-major bf16 rows of `kp` values (zero beyond `k` and beyond `m`), one block of 32
-    /// rows per task.
+    /// rows per task. Every value is written, so the buffer is not zeroed first.
     fn pack_a(a: View, mp: usize, kp: usize) -> Vec<u16> {
         use rayon::prelude::*;
-        let mut out = vec![0u16; mp * kp];
-        out.par_chunks_mut(BLOCK * kp)
+        let mut out: Vec<u16> = Vec::with_capacity(mp * kp);
+        out.spare_capacity_mut()[..mp * kp]
+            .par_chunks_mut(BLOCK * kp)
             .enumerate()
             .for_each(|(blk, part)| {
-                let rows = (blk * BLOCK).min(a.rows)..((blk + 1) * BLOCK).min(a.rows);
-                if a.cs == 1 {
-                    for (ii, i) in rows.enumerate() {
-                        super::round_into(
-                            &a.data[i * a.rs..][..a.cols],
-                            &mut part[ii * kp..][..a.cols],
-                        );
-                    }
-                } else if a.rs == 1 && rows.len() == BLOCK {
-                    // A transposed source (backward's dy^T): each source row holds 32 contiguous
-                    // values of this block's rows; round them 32 at a time, then transpose the
-                    // rounded 32 x 32 block in cache.
-                    let mut t = [[0u16; BLOCK]; BLOCK];
-                    for k0 in (0..a.cols).step_by(BLOCK) {
-                        let kn = (a.cols - k0).min(BLOCK);
-                        for (kk, row) in t.iter_mut().enumerate().take(kn) {
-                            super::round_into(
-                                &a.data[rows.start + (k0 + kk) * a.cs..][..BLOCK],
-                                row,
-                            );
-                        }
-                        for ii in 0..BLOCK {
-                            let dst = &mut part[ii * kp + k0..][..kn];
-                            for (kk, d) in dst.iter_mut().enumerate() {
-                                *d = t[kk][ii];
-                            }
-                        }
-                    }
-                } else {
-                    // Other strided sources: read down the contiguous columns.
-                    for k in 0..a.cols {
-                        for (ii, i) in rows.clone().enumerate() {
-                            part[ii * kp + k] = bf16_bits(a.get(i, k));
-                        }
-                    }
-                }
+                let dst = part.as_mut_ptr() as *mut u16;
+                // SAFETY: `part` holds the block's 32 x kp values; the kernels write each once
+                // and read `a` only within its rows and columns (masked loads beyond them).
+                unsafe { simd::pack_a_block(a, blk * BLOCK, kp, dst) }
             });
+        // SAFETY: every block wrote all of its `BLOCK * kp` values.
+        unsafe { out.set_len(mp * kp) };
         out
     }
 
     /// `B` in AMX's pair layout: panels of 16 rows of `B` (columns of `C`), each `kp / 2` rows of
-    /// 16 pairs `(B[j][2q], B[j][2q + 1])`, so that one tile row is 64 contiguous bytes.
+    /// 16 pairs `(B[j][2q], B[j][2q + 1])`, so that one tile row is 64 contiguous bytes. Every
+    /// value is written, so the buffer is not zeroed first.
     pub fn pack_b(b: View) -> Vec<u16> {
         use rayon::prelude::*;
         let np = b.rows.div_ceil(BLOCK) * BLOCK;
         let kp = b.cols.div_ceil(KSTEP) * KSTEP;
-        let mut out = vec![0u16; np * kp];
-        // One panel per task: its 16 rows of `B` in, `kp * 16` contiguous values out.
-        out.par_chunks_mut(kp * 16)
+        let mut out: Vec<u16> = Vec::with_capacity(np * kp);
+        // Four panels per task: a transposed source then reads 64 contiguous values of each row.
+        const GROUP: usize = 4;
+        out.spare_capacity_mut()[..np * kp]
+            .par_chunks_mut(kp * 16 * GROUP)
             .enumerate()
-            .for_each(|(p, panel)| {
-                let rows = (p * 16)..(p * 16 + 16).min(b.rows);
-                if b.cs == 1 {
-                    let mut row = vec![0u16; kp];
-                    for (jj, j) in rows.enumerate() {
-                        super::round_into(&b.data[j * b.rs..][..b.cols], &mut row[..b.cols]);
-                        for (q, pair) in row.chunks_exact(2).enumerate() {
-                            panel[q * 32 + jj * 2..][..2].copy_from_slice(pair);
-                        }
-                    }
-                } else if b.rs == 1 && rows.len() == 16 {
-                    // A transposed source (backward's W^T and x^T): the panel's 16 rows are 16
-                    // contiguous values of each source row, two of which make one tile row.
-                    let zero = [0f32; 16];
-                    for k in (0..b.cols).step_by(2) {
-                        let x0 = &b.data[rows.start + k * b.cs..][..16];
-                        let x1 = match k + 1 < b.cols {
-                            true => &b.data[rows.start + (k + 1) * b.cs..][..16],
-                            false => &zero[..],
-                        };
-                        super::interleave_into(x0, x1, &mut panel[(k / 2) * 32..][..32]);
-                    }
-                } else {
-                    for k in 0..b.cols {
-                        for (jj, j) in rows.clone().enumerate() {
-                            panel[(k / 2) * 32 + jj * 2 + (k % 2)] = bf16_bits(b.get(j, k));
-                        }
-                    }
-                }
+            .for_each(|(g, part)| {
+                let dst = part.as_mut_ptr() as *mut u16;
+                let panels = part.len() / (kp * 16);
+                // SAFETY: `part` holds `panels` whole panels; the kernels write each value once
+                // and read `b` only within its rows and columns.
+                unsafe { simd::pack_b_panels(b, g * GROUP * 16, panels, kp, dst) }
             });
+        // SAFETY: every panel wrote all of its `kp * 16` values.
+        unsafe { out.set_len(np * kp) };
         out
     }
 
@@ -540,6 +442,216 @@ mod imp {
         }
         asm!("tilerelease", options(nostack));
     }
+
+    /// AVX-512 packing kernels (every CPU with AMX has AVX-512BW; [`detect`] checks it). The
+    /// rounding is [`super::bf16_bits`] lane by lane, so packed values equal the scalar ones.
+    mod simd {
+        use super::{View, BLOCK, KSTEP};
+        use std::arch::x86_64::*;
+
+        /// Each f32 lane rounded to bf16 (ties to even, NaN quiet) in the upper half of its u32.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn round_hi(x: __m512) -> __m512i {
+            let b = _mm512_castps_si512(x);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
+        }
+
+        /// 32 consecutive values (`lo` then `hi`) as 32 bf16 in order.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn round_row(lo: __m512, hi: __m512) -> __m512i {
+            // The upper u16 of every u32: indices 1, 3, .., 63 of `lo ++ hi`.
+            let idx = _mm512_set_epi16(
+                63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23,
+                21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+            );
+            _mm512_permutex2var_epi16(round_hi(lo), idx, round_hi(hi))
+        }
+
+        /// u32 lane `j` = `(bf16(b[j]) << 16) | bf16(a[j])`: one row of pairs.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn pairs(a: __m512, b: __m512) -> __m512i {
+            _mm512_mask_blend_epi16(
+                0xAAAA_AAAA,
+                _mm512_srli_epi32::<16>(round_hi(a)),
+                round_hi(b),
+            )
+        }
+
+        /// Transposes 16 rows of 16 u32.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn transpose16(r: &mut [__m512i; 16]) {
+            let mut t = [_mm512_setzero_si512(); 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+            }
+            // u[4g + c]: rows 4g..4g+4 at column 4L + c in 128-bit lane L.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for g in 0..4 {
+                let (t0, t1, t2, t3) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+            }
+            for c in 0..4 {
+                let x_lo = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+                let x_hi = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+                let y_lo = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+                let y_hi = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+                r[c] = _mm512_shuffle_i32x4::<0x88>(x_lo, y_lo);
+                r[4 + c] = _mm512_shuffle_i32x4::<0xDD>(x_lo, y_lo);
+                r[8 + c] = _mm512_shuffle_i32x4::<0x88>(x_hi, y_hi);
+                r[12 + c] = _mm512_shuffle_i32x4::<0xDD>(x_hi, y_hi);
+            }
+        }
+
+        /// Lanes `0..n` of 16 f32 at `p` (`n` <= 16); zeros elsewhere, which are not read.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn load(p: *const f32, n: usize) -> __m512 {
+            match n {
+                16.. => _mm512_loadu_ps(p),
+                0 => _mm512_setzero_ps(),
+                _ => _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p),
+            }
+        }
+
+        /// Row `i` of `v`, values `k..k + 32` (zeros beyond its columns) as 32 bf16.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn row_chunk(v: View, i: usize, k: usize) -> __m512i {
+            // `wrapping_add`: past the last column the pointer is never read.
+            let p = v.data.as_ptr().wrapping_add(i * v.rs + k);
+            let n = v.cols.saturating_sub(k);
+            round_row(
+                load(p, n),
+                load(p.wrapping_add(16.min(n)), n.saturating_sub(16)),
+            )
+        }
+
+        /// Values `(i0..i0 + 16, k)` of a view with `rs == 1` (zeros beyond its rows/columns).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn column_chunk(v: View, i0: usize, k: usize) -> __m512 {
+            if k >= v.cols || i0 >= v.rows {
+                return _mm512_setzero_ps();
+            }
+            load(v.data.as_ptr().add(i0 + k * v.cs), v.rows - i0)
+        }
+
+        /// Rows `i0..i0 + 32` of `A` packed at `dst` (32 rows of `kp`).
+        #[target_feature(enable = "avx512f,avx512bw")]
+        pub(super) unsafe fn pack_a_block(a: View, i0: usize, kp: usize, dst: *mut u16) {
+            let store = |ii: usize, k: usize, v: __m512i| {
+                _mm512_storeu_si512(dst.add(ii * kp + k) as *mut __m512i, v)
+            };
+            if a.cs == 1 {
+                for ii in 0..BLOCK {
+                    for k in (0..kp).step_by(KSTEP) {
+                        let v = match i0 + ii < a.rows {
+                            true => row_chunk(a, i0 + ii, k),
+                            false => _mm512_setzero_si512(),
+                        };
+                        store(ii, k, v);
+                    }
+                }
+            } else if a.rs == 1 {
+                // A transposed source (backward's dy^T): pairs of columns k, k + 1 for 16 rows at
+                // a time, then a 16 x 16 transpose of the pairs gives 16 rows of 32 values.
+                for k0 in (0..kp).step_by(KSTEP) {
+                    for half in 0..2 {
+                        let r0 = i0 + 16 * half;
+                        let mut p = [_mm512_setzero_si512(); 16];
+                        for (q, pq) in p.iter_mut().enumerate() {
+                            let k = k0 + 2 * q;
+                            *pq = pairs(column_chunk(a, r0, k), column_chunk(a, r0, k + 1));
+                        }
+                        transpose16(&mut p);
+                        for (ii, v) in p.into_iter().enumerate() {
+                            store(16 * half + ii, k0, v);
+                        }
+                    }
+                }
+            } else {
+                for ii in 0..BLOCK {
+                    for k in 0..kp {
+                        let v = match i0 + ii < a.rows && k < a.cols {
+                            true => super::bf16_bits(a.get(i0 + ii, k)),
+                            false => 0,
+                        };
+                        dst.add(ii * kp + k).write(v);
+                    }
+                }
+            }
+        }
+
+        /// `panels` panels of 16 rows of `B` from row `j0`, packed at `dst` (`kp * 16` each).
+        #[target_feature(enable = "avx512f,avx512bw")]
+        pub(super) unsafe fn pack_b_panels(
+            b: View,
+            j0: usize,
+            panels: usize,
+            kp: usize,
+            dst: *mut u16,
+        ) {
+            let store = |p: usize, q: usize, v: __m512i| {
+                _mm512_storeu_si512(dst.add(p * kp * 16 + q * 32) as *mut __m512i, v)
+            };
+            if b.cs == 1 {
+                // Per 32 values of `k`: 16 rows of 16 pairs, transposed into 16 rows of pairs.
+                for p in 0..panels {
+                    let jp = j0 + 16 * p;
+                    for k0 in (0..kp).step_by(KSTEP) {
+                        let mut r = [_mm512_setzero_si512(); 16];
+                        for (jj, rj) in r.iter_mut().enumerate() {
+                            if jp + jj < b.rows {
+                                *rj = row_chunk(b, jp + jj, k0);
+                            }
+                        }
+                        transpose16(&mut r);
+                        for (q, v) in r.into_iter().enumerate() {
+                            store(p, k0 / 2 + q, v);
+                        }
+                    }
+                }
+            } else if b.rs == 1 {
+                // A transposed source (backward's W^T and x^T): 16 contiguous values of rows k
+                // and k + 1 make one row of pairs; the task's panels read 64 values of each row.
+                for k in (0..kp).step_by(2) {
+                    for p in 0..panels {
+                        let jp = j0 + 16 * p;
+                        store(
+                            p,
+                            k / 2,
+                            pairs(column_chunk(b, jp, k), column_chunk(b, jp, k + 1)),
+                        );
+                    }
+                }
+            } else {
+                for p in 0..panels {
+                    for k in 0..kp {
+                        for jj in 0..16 {
+                            let j = j0 + 16 * p + jj;
+                            let v = match j < b.rows && k < b.cols {
+                                true => super::bf16_bits(b.get(j, k)),
+                                false => 0,
+                            };
+                            dst.add(p * kp * 16 + (k / 2) * 32 + jj * 2 + (k % 2))
+                                .write(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -581,6 +693,58 @@ mod tests {
                 ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    /// The vectorised packing gives `bf16_bits` of every value in AMX's pair layout, for row-major,
+    /// transposed and other strided sources, ties, NaN, infinities and denormals included.
+    #[test]
+    fn packing_rounds_each_value_as_the_scalar_code() {
+        if !available() {
+            return;
+        }
+        let (n, k) = (37, 70);
+        let special = [
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            f32::NAN,
+            // NaNs whose payload lies in the low half: plain rounding would carry into infinity.
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xff80_ffff),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e-40,
+            -3.7,
+            f32::MAX,
+        ];
+        let mut b = data(n * k, 5);
+        for (t, v) in b.iter_mut().enumerate().filter(|(t, _)| t % 7 == 0) {
+            *v = special[t / 7 % special.len()];
+        }
+        let bt: Vec<f32> = (0..k * n).map(|t| b[(t % n) * k + t / n]).collect();
+        let spread: Vec<f32> = b.iter().flat_map(|&v| [v, 0.0]).collect();
+        let strided = View {
+            data: &spread,
+            rows: n,
+            cols: k,
+            rs: 2 * k,
+            cs: 2,
+        };
+        let (np, kp) = (64, 96);
+        let mut want = vec![0u16; np * kp];
+        for j in 0..n {
+            for kk in 0..k {
+                want[(j / 16) * kp * 16 + (kk / 2) * 32 + (j % 16) * 2 + kk % 2] =
+                    bf16_bits(b[j * k + kk]);
+            }
+        }
+        for (name, v) in [
+            ("rows", View::rows(&b, n, k)),
+            ("transposed", View::transposed(&bt, n, k)),
+            ("strided", strided),
+        ] {
+            assert_eq!(imp::pack_b(v), want, "{name}");
+        }
     }
 
     #[test]
