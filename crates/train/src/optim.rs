@@ -168,20 +168,37 @@ impl InplaceOp1 for Update<'_> {
 }
 
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt();
+    use rayon::prelude::*;
+    let norm = grads.iter().map(|g| sum_sq(g)).sum::<f64>().sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
-        grads
-            .iter_mut()
-            .flat_map(|g| g.iter_mut())
-            .for_each(|x| *x *= scale);
+        for g in grads.iter_mut() {
+            g.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
+        }
     }
     norm
+}
+
+const CHUNK: usize = 1 << 16;
+
+/// Sum of squares in f64: chunks in parallel, eight partial sums each. One sequential f64 sum
+/// does not vectorise; over SmolLM2's gradients it was 2% of a DPO step.
+fn sum_sq(g: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    g.par_chunks(CHUNK)
+        .map(|c| {
+            let mut acc = [0f64; 8];
+            let mut it = c.chunks_exact(8);
+            for x in &mut it {
+                for (a, &v) in acc.iter_mut().zip(x) {
+                    *a += v as f64 * v as f64;
+                }
+            }
+            let tail: f64 = it.remainder().iter().map(|&v| v as f64 * v as f64).sum();
+            acc.iter().sum::<f64>() + tail
+        })
+        .sum()
 }
 
 /// Learning rate at optimiser step `step` (0-based), as transformers' schedulers compute it.
