@@ -121,7 +121,8 @@ impl Model {
                 let layer = (out * g.detach())?.sum_all()?.backward()?;
                 for t in block.tensors().iter().filter(|t| t.is_variable()) {
                     if let Some(d) = layer.get(t) {
-                        add_grad(&mut grads, t, d)?;
+                        // Detached, so that it holds no part of this layer's graph.
+                        add_grad(&mut grads, t, &d.detach())?;
                     }
                 }
                 g = layer
@@ -162,6 +163,13 @@ impl Model {
         }
         if let Some(rng) = final_rng {
             self.lora_dropout.restore(rng);
+        }
+        // A gradient computed from tracked tensors records their graph, and would keep its
+        // activations (a recomputed layer's, under checkpointing) alive until the optimiser step.
+        for (_, v) in self.trainable_params() {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), g.detach());
+            }
         }
         Ok(grads)
     }

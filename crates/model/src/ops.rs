@@ -232,8 +232,12 @@ impl candle_core::CustomOp2 for UnreadMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.track_op().then(|| grad.matmul(w)).transpose()?;
-        let dw = x.t()?.matmul(grad)?.t()?;
+        // Detached: a gradient computed from tracked tensors records their graph, and the
+        // weight's gradient, which backward never consumes, would keep the whole layer alive.
+        let wants_dx = x.track_op();
+        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
+        let dx = wants_dx.then(|| grad.matmul(&w)).transpose()?;
+        let dw = x.t()?.matmul(&grad)?.t()?;
         Ok((dx, Some(dw)))
     }
 }
@@ -660,6 +664,44 @@ mod tests {
             Some(b.narrow(0, 0, 5).unwrap()),
         );
         check_grad(|x| lin.forward(x), &[2, 3, 6]);
+    }
+
+    #[test]
+    fn unread_forward_gives_forwards_gradients_and_records_no_graph_in_them() {
+        let dev = Device::Cpu;
+        let g = Tensor::randn(0f32, 1.0, (70, 5), &dev).unwrap();
+        let xv = Tensor::randn(0f32, 1.0, (70, 6), &dev).unwrap();
+        let wv = Tensor::randn(0f32, 1.0, (5, 6), &dev).unwrap();
+        for (bf16, trainable) in [(false, true), (false, false), (true, true), (true, false)] {
+            let _scope = Bf16Scope::new(bf16);
+            let x = Var::from_tensor(&xv).unwrap();
+            let w = match trainable {
+                true => Var::from_tensor(&wv).unwrap().as_tensor().clone(),
+                false => wv.clone(),
+            };
+            let l = Linear::new("l", w.clone(), None);
+            let grads = |y: Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let plain = grads(l.forward(x.as_tensor()).unwrap());
+            let y = l.forward_unread(x.as_tensor()).unwrap();
+            assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let unread = grads(y);
+            let case = format!("bf16 {bf16}, trainable {trainable}");
+            let mut pairs = vec![(x.as_tensor(), "x")];
+            if trainable {
+                pairs.push((&w, "W"));
+            } else {
+                assert!(
+                    unread.get(&w).is_none(),
+                    "{case}: a frozen W gets no gradient"
+                );
+            }
+            for (t, name) in pairs {
+                let (a, b) = (plain.get(t).unwrap(), unread.get(t).unwrap());
+                assert!(max_abs(a, b) < 1e-5, "{case}: {name}'s gradient differs");
+                // A recorded graph would keep the layer's activations alive with the gradient.
+                assert!(!b.track_op(), "{case}: {name}'s gradient records a graph");
+            }
+        }
     }
 
     #[test]

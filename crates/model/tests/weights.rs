@@ -121,6 +121,9 @@ fn two_pass_grads(p: &Pretrained) -> Vec<(String, Vec<f32>)> {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{n} gets no gradient"));
+            // A gradient that records a graph keeps that graph's activations alive until the
+            // optimiser step (under checkpointing, a recomputed layer's worth per weight).
+            assert!(!g.track_op(), "{n}: its gradient records a graph");
             (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         })
         .collect()
