@@ -3,8 +3,9 @@
 //! in f32 (what `torch.autocast` does on CPU).
 //!
 //! candle 0.11's bf16 matmul is no faster than its f32 one. AMX's `tdpbf16ps` multiplies a 16 x 32
-//! bf16 tile by a 32 x 16 one into 16 x 16 f32 sums in one instruction. Without AMX (another CPU,
-//! an OS that refuses the tile state, or `PREFTUNE_NO_AMX=1`) the operands get the same rounding
+//! bf16 tile by a 32 x 16 one into 16 x 16 f32 sums in one instruction. Operands are packed by
+//! AVX-512BW kernels, which every AMX CPU has. Without AMX or AVX-512BW (another CPU, an OS that
+//! refuses the tile state, or `PREFTUNE_NO_AMX=1`) the operands get the same rounding
 //! and the product runs as an f32 GEMM, so both paths give the same numbers up to summation order.
 use std::sync::OnceLock;
 
@@ -46,8 +47,8 @@ impl<'a> View<'a> {
     }
 }
 
-/// Whether products run on AMX: the CPU has AMX-TILE and AMX-BF16, the OS grants the tile state,
-/// and `PREFTUNE_NO_AMX` is unset.
+/// Whether products run on AMX: the CPU has AMX-TILE, AMX-BF16 and AVX-512BW, the OS grants the
+/// tile state, and `PREFTUNE_NO_AMX` is unset.
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| std::env::var_os("PREFTUNE_NO_AMX").is_none() && imp::detect())
@@ -228,7 +229,7 @@ mod imp {
 
     /// `A` as row-major bf16 rows of `kp` values (zero beyond `k` and beyond `m`), one block of 32
     /// rows per task. Every value is written, so the buffer is not zeroed first.
-    fn pack_a(a: View, mp: usize, kp: usize) -> Vec<u16> {
+    pub(super) fn pack_a(a: View, mp: usize, kp: usize) -> Vec<u16> {
         use rayon::prelude::*;
         let mut out: Vec<u16> = Vec::with_capacity(mp * kp);
         out.spare_capacity_mut()[..mp * kp]
@@ -662,6 +663,9 @@ mod imp {
     pub fn pack_b(_: super::View) -> Vec<u16> {
         unreachable!("AMX is never available here")
     }
+    pub(super) fn pack_a(_: super::View, _: usize, _: usize) -> Vec<u16> {
+        unreachable!("AMX is never available here")
+    }
     pub fn gemm(_: super::View, _: &[u16], _: usize, _: *mut f32, _: bool) {
         unreachable!("AMX is never available here")
     }
@@ -695,8 +699,9 @@ mod tests {
             .collect()
     }
 
-    /// The vectorised packing gives `bf16_bits` of every value in AMX's pair layout, for row-major,
-    /// transposed and other strided sources, ties, NaN, infinities and denormals included.
+    /// The vectorised packing gives `bf16_bits` of every value, in AMX's pair layout (`B`) and in
+    /// rows (`A`), for row-major, transposed and other strided sources, ties, NaN, infinities and
+    /// denormals included.
     #[test]
     fn packing_rounds_each_value_as_the_scalar_code() {
         if !available() {
@@ -738,12 +743,20 @@ mod tests {
                     bf16_bits(b[j * k + kk]);
             }
         }
+        // `pack_a`: row-major rows of `kp`, zero beyond the matrix.
+        let mut want_a = vec![0u16; np * kp];
+        for j in 0..n {
+            for kk in 0..k {
+                want_a[j * kp + kk] = bf16_bits(b[j * k + kk]);
+            }
+        }
         for (name, v) in [
             ("rows", View::rows(&b, n, k)),
             ("transposed", View::transposed(&bt, n, k)),
             ("strided", strided),
         ] {
-            assert_eq!(imp::pack_b(v), want, "{name}");
+            assert_eq!(imp::pack_b(v), want, "pack_b {name}");
+            assert_eq!(imp::pack_a(v, np, kp), want_a, "pack_a {name}");
         }
     }
 

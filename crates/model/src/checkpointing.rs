@@ -128,7 +128,7 @@ impl Model {
                 g = layer
                     .get(x.as_tensor())
                     .ok_or_else(|| Error::Msg(format!("layer {i}: no gradient reached its input")))?
-                    .clone();
+                    .detach();
             }
             // The layer inputs are done with; free them before the embedding's gradient, the
             // largest single tensor of the pass, is formed.

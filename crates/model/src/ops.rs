@@ -53,8 +53,6 @@ impl Linear {
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs about
-        // twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight every call.
         let unread = unread
             && (x2.track_op() || self.weight.track_op())
             && x2.device().is_cpu()
@@ -77,6 +75,9 @@ impl Linear {
         } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
             frozen_matmul(&x2, &self.weight)?
         } else if lead <= SMALL_M && self.weight.device().is_cpu() {
+            // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs
+            // about twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight
+            // every call.
             self.weight.matmul(&x2.t()?)?.t()?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -151,9 +152,10 @@ thread_local! {
     static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// While the guard lives, this thread's untracked linears compute what a tracked one would (bf16
-/// products at any row count under [`Bf16Scope`], no decoding kernels), so that a checkpointed
-/// forward pass, which runs outside autograd, gives the values its recomputation will.
+/// While the guard lives, this thread's untracked linears pick the product a tracked one would
+/// (bf16 at any row count under [`Bf16Scope`], no decoding kernels), so that a checkpointed
+/// forward pass, which runs outside autograd, rounds as its recomputation will. Other untracked
+/// paths (attention, stacked q/k/v) still differ from the tracked ones by f32 summation order.
 #[must_use = "applies only while the guard lives"]
 pub(crate) struct TrainingProducts(bool);
 
