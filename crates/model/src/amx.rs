@@ -350,7 +350,6 @@ mod imp {
                 // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
                 let whole = h == BLOCK && w == BLOCK;
                 let c0 = out.0.add(mb * n + nb);
-                let c_stride = n * 4;
                 if whole && accumulate {
                     asm!(
                         "tileloadd tmm0, [{p0} + {s}*1]",
@@ -361,7 +360,7 @@ mod imp {
                         p1 = in(reg) c0.add(16),
                         p2 = in(reg) c0.add(16 * n),
                         p3 = in(reg) c0.add(16 * n + 16),
-                        s = in(reg) c_stride,
+                        s = in(reg) n * 4,
                         options(nostack, readonly),
                     );
                 } else {
@@ -401,33 +400,10 @@ mod imp {
                     );
                 }
                 if whole {
-                    asm!(
-                        "tilestored [{p0} + {s}*1], tmm0",
-                        "tilestored [{p1} + {s}*1], tmm1",
-                        "tilestored [{p2} + {s}*1], tmm2",
-                        "tilestored [{p3} + {s}*1], tmm3",
-                        p0 = in(reg) c0,
-                        p1 = in(reg) c0.add(16),
-                        p2 = in(reg) c0.add(16 * n),
-                        p3 = in(reg) c0.add(16 * n + 16),
-                        s = in(reg) c_stride,
-                        options(nostack),
-                    );
+                    store_block(c0, n);
                     continue;
                 }
-                let p = buf.0.as_mut_ptr();
-                asm!(
-                    "tilestored [{p0} + {s}*1], tmm0",
-                    "tilestored [{p1} + {s}*1], tmm1",
-                    "tilestored [{p2} + {s}*1], tmm2",
-                    "tilestored [{p3} + {s}*1], tmm3",
-                    p0 = in(reg) p,
-                    p1 = in(reg) p.add(16),
-                    p2 = in(reg) p.add(16 * BLOCK),
-                    p3 = in(reg) p.add(16 * BLOCK + 16),
-                    s = in(reg) BLOCK * 4,
-                    options(nostack),
-                );
+                store_block(buf.0.as_mut_ptr(), BLOCK);
                 for i in 0..h {
                     let dst = out.0.add((mb + i) * n + nb);
                     let src = &buf.0[i * BLOCK..][..w];
@@ -442,6 +418,26 @@ mod imp {
             }
         }
         asm!("tilerelease", options(nostack));
+    }
+
+    /// Stores the 2 x 2 accumulator tiles as a 32 x 32 f32 block at `p`, rows `row` values apart.
+    ///
+    /// # Safety
+    /// AMX is configured and `p` has room for 32 rows of `row` values (the last 32 of each used).
+    #[inline(always)]
+    unsafe fn store_block(p: *mut f32, row: usize) {
+        asm!(
+            "tilestored [{p0} + {s}*1], tmm0",
+            "tilestored [{p1} + {s}*1], tmm1",
+            "tilestored [{p2} + {s}*1], tmm2",
+            "tilestored [{p3} + {s}*1], tmm3",
+            p0 = in(reg) p,
+            p1 = in(reg) p.add(16),
+            p2 = in(reg) p.add(16 * row),
+            p3 = in(reg) p.add(16 * row + 16),
+            s = in(reg) row * 4,
+            options(nostack),
+        );
     }
 
     /// AVX-512 packing kernels (every CPU with AMX has AVX-512BW; [`detect`] checks it). The

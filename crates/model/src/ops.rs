@@ -208,6 +208,11 @@ fn unread_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op2(w, UnreadMatmul)
 }
 
+/// The value of an unread `m x n` product: zeros, which nothing reads.
+fn unread_value(m: usize, n: usize) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n)))
+}
+
 /// The f32 product of [`unread_matmul`]: backward as candle's `x.matmul(&w.t())` computes it.
 struct UnreadMatmul;
 
@@ -224,7 +229,7 @@ impl candle_core::CustomOp2 for UnreadMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ((m, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))))
+        Ok(unread_value(m, n))
     }
 
     fn bwd(
@@ -353,7 +358,7 @@ impl candle_core::CustomOp2 for Bf16Matmul {
             candle_core::bail!("bf16_matmul: inner dimensions {k} and {k2} differ")
         }
         if self.unread {
-            return Ok((CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n))));
+            return Ok(unread_value(m, n));
         }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
@@ -414,8 +419,7 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         if self.unread {
-            let shape = Shape::from((self.x.dim(0)?, self.w.dim(0)?));
-            return Ok((CpuStorage::F32(vec![0f32; shape.elem_count()]), shape));
+            return Ok(unread_value(self.x.dim(0)?, self.w.dim(0)?));
         }
         let y = self.x.matmul(&self.w.t()?)?.contiguous()?;
         let (storage, layout) = y.storage_and_layout();
