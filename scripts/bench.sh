@@ -12,7 +12,8 @@ B=("$BIN" --threads "$THREADS" bench --model "$MODEL")
 "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --composed-ops
 "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --dtype bf16
 "${B[@]}" --workload generate --gen-batch 16 --new-tokens 64
-if [ -n "$(grep -m1 -o amx_bf16 /proc/cpuinfo || true)" ]; then
+if [ -n "$(grep -m1 -o -E 'amx_bf16|avx512_bf16' /proc/cpuinfo || true)" ]; then
+  "${B[@]}" --workload matmul --bf16
   "${B[@]}" --workload fwd-bwd --train-batch 8 --seq-len 128 --steps 3 --bf16
   "${B[@]}" --workload generate --gen-batch 16 --new-tokens 64 --bf16
 fi

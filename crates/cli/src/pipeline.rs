@@ -142,7 +142,7 @@ struct PipelineConfig {
     #[serde(default)]
     frontier_ppo_kl_coefs: Vec<f64>,
     /// Mixed precision for every trainer that does not set its own `bf16`: `"auto"` (on where the
-    /// CPU has AMX, where it is faster), `true` or `false`.
+    /// CPU has AMX or AVX-512 BF16, where it is faster), `true` or `false`.
     #[serde(default = "d_bf16")]
     bf16: toml::Value,
     /// Keep each finished trainer stage's `checkpoint-*` folders (deleted by default; the final
@@ -363,7 +363,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     );
     let bf16 = match &cfg.bf16 {
         toml::Value::Boolean(b) => *b,
-        toml::Value::String(s) if s == "auto" => preftune_model::amx::available(),
+        toml::Value::String(s) if s == "auto" => preftune_model::bf16gemm::available(),
         other => anyhow::bail!(
             "{}: bf16: expected true, false or \"auto\", found {other}",
             config.display()

@@ -813,8 +813,8 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     }
     assert_eq!(
         v["bf16"],
-        preftune_model::amx::available(),
-        "bf16 = \"auto\" follows AMX"
+        preftune_model::bf16gemm::available(),
+        "bf16 = \"auto\" follows the bf16 GEMM"
     );
     // Cached: the second run trains nothing and gives the same table.
     let (ok, v2, err) = preftune(&argv);

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::amx::{gemm_nt, gemm_packed, PackedB, View};
+use crate::bf16gemm::{gemm_nt, gemm_packed, PackedB, View};
 
 /// Rows of logits computed at a time (`ROWS x V` f32 values live at once).
 const ROWS: usize = 256;
@@ -86,7 +86,7 @@ impl LmHeadLogprob {
             let h = self.weight.dim(1)?;
             crate::ops::with_f32(&self.hidden, |hid| {
                 let rows = View::rows(&hid[start * h..(start + n) * h], n, h);
-                crate::amx::gemm_packed_new(rows, w)
+                crate::bf16gemm::gemm_packed_new(rows, w)
             })?
         } else {
             self.hidden

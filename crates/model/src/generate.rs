@@ -96,7 +96,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     } else {
         model.clone()
     };
-    // Under bf16 on AMX: every weight packed once for the whole loop (a no-op otherwise).
+    // Under bf16 with a bf16 GEMM: every weight packed once for the whole loop (a no-op otherwise).
     let _packed = crate::ops::PackedWeights::new();
     let dev = model.device().clone();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);

@@ -734,6 +734,11 @@ impl Model {
             let lookup = self.wpe.is_none().then_some(flat_ids);
             x = self.forward_checkpointed(x, lookup, rope_tables, attn_mask)?;
         } else {
+            // A training forward picks the products the checkpointed one does (bf16 at any row
+            // count under bf16), so checkpointing changes no number: under LoRA the first
+            // layer's products take no gradient and would otherwise run in f32 at few rows.
+            let _same =
+                (cache.is_none() && self.is_trainable()).then(crate::ops::TrainingProducts::new);
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {
                     if c.layers.len() != self.blocks.len() {

@@ -130,7 +130,7 @@ thread_local! {
 }
 
 /// Mixed precision on this thread while the guard lives (`bf16 = true` in a run's config):
-/// linears' products round both operands to bf16 and sum in f32 ([`crate::amx`]); weights,
+/// linears' products round both operands to bf16 and sum in f32 ([`crate::bf16gemm`]); weights,
 /// gradients, optimiser state, norms and softmax stay f32. Per thread, so one run's setting never
 /// leaks into another's (tests run in parallel); dropping the guard restores the previous one.
 #[must_use = "bf16 applies only while the guard lives"]
@@ -258,20 +258,22 @@ thread_local! {
     static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
 }
 
-type PackedMap = std::collections::HashMap<candle_core::TensorId, std::rc::Rc<crate::amx::PackedB>>;
+type PackedMap =
+    std::collections::HashMap<candle_core::TensorId, std::rc::Rc<crate::bf16gemm::PackedB>>;
 
-/// While the guard lives, this thread's untracked bf16 products on AMX pack each weight once and
-/// reuse it. Sampling multiplies the same weights at every step with a few rows, where packing
-/// per call would cost more than the product; packed once, a step streams the weights as bf16,
-/// half the bytes of f32. Weights must not change in place while it lives (a sampling loop does
+/// While the guard lives, this thread's untracked bf16 products (AMX or AVX-512 BF16) pack each
+/// weight once and reuse it. Sampling multiplies the same weights at every step with a few rows,
+/// where packing per call would cost more than the product; packed once, a step streams the
+/// weights as bf16, half the bytes of f32. Weights must not change in place while it lives (a sampling loop does
 /// not change them); the packs are freed with the guard.
 #[must_use = "weights are packed only while the guard lives"]
 pub struct PackedWeights(Option<PackedMap>);
 
 impl PackedWeights {
-    /// Active only under a [`Bf16Scope`] on a CPU with AMX; otherwise a guard that does nothing.
+    /// Active only under a [`Bf16Scope`] on a CPU with a bf16 GEMM; otherwise a guard that does
+    /// nothing.
     pub fn new() -> Self {
-        let on = bf16_enabled() && crate::amx::available();
+        let on = bf16_enabled() && crate::bf16gemm::available();
         PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
     }
 }
@@ -306,7 +308,7 @@ fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         Some(p) => p,
         None => {
             let p = std::rc::Rc::new(with_f32(w, |wv| {
-                crate::amx::PackedB::new(crate::amx::View::rows(wv, n, k))
+                crate::bf16gemm::PackedB::new(crate::bf16gemm::View::rows(wv, n, k))
             })?);
             PACKED.with(|c| {
                 if let Some(map) = c.borrow_mut().as_mut() {
@@ -317,7 +319,7 @@ fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         }
     };
     let y = with_f32(x, |xv| {
-        crate::amx::gemm_packed_new(crate::amx::View::rows(xv, m, k), &packed)
+        crate::bf16gemm::gemm_packed_new(crate::bf16gemm::View::rows(xv, m, k), &packed)
     })?;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
 }
@@ -362,9 +364,9 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
-        let y = crate::amx::gemm_nt_new(
-            crate::amx::View::rows(x, m, k),
-            crate::amx::View::rows(w, n, k),
+        let y = crate::bf16gemm::gemm_nt_new(
+            crate::bf16gemm::View::rows(x, m, k),
+            crate::bf16gemm::View::rows(w, n, k),
         );
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -376,21 +378,27 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use crate::amx::{gemm_nt_new, View};
+        use crate::bf16gemm::{gemm_nt_new, View};
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
-        // dx = dy W: rows of dy against columns of W.
-        let dx = product_of(grad, w, |g, wv| {
-            gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
-        })?;
-        let dx = Tensor::from_vec(dx, (m, k), x.device())?;
+        // dx = dy W: rows of dy against columns of W; none for an input that takes no gradient
+        // (the first layer's under LoRA).
+        let dx = x
+            .track_op()
+            .then(|| {
+                let dx = product_of(grad, w, |g, wv| {
+                    gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
+                })?;
+                Tensor::from_vec(dx, (m, k), x.device())
+            })
+            .transpose()?;
         if !w.track_op() {
-            return Ok((Some(dx), None));
+            return Ok((dx, None));
         }
         // dW = dy^T x: columns of dy against columns of x.
         let dw = product_of(grad, x, |g, xv| {
             gemm_nt_new(View::transposed(g, n, m), View::transposed(xv, k, m))
         })?;
-        Ok((Some(dx), Some(Tensor::from_vec(dw, (n, k), w.device())?)))
+        Ok((dx, Some(Tensor::from_vec(dw, (n, k), w.device())?)))
     }
 }
 
@@ -795,8 +803,8 @@ mod tests {
         assert!(max_abs(&plain, &lin.forward(x.as_tensor()).unwrap()) < 1e-4);
     }
 
-    /// Under a [`PackedWeights`] guard (and bf16 on AMX) untracked products at any row count are
-    /// the bf16 products, from one pack per weight; off AMX, or without bf16, the guard changes
+    /// Under a [`PackedWeights`] guard (bf16, with a bf16 GEMM) untracked products at any row
+    /// count are the bf16 products, from one pack per weight; without either, the guard changes
     /// nothing.
     #[test]
     fn packed_weights_give_bf16_products_from_one_pack() {
@@ -821,7 +829,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let got = lin.forward(&x).unwrap();
             let plain = x.matmul(&w.t().unwrap()).unwrap();
-            if crate::amx::available() {
+            if crate::bf16gemm::available() {
                 let want = r(&x).matmul(&r(&w).t().unwrap()).unwrap();
                 assert!(max_abs(&got, &want) < 1e-4, "{m} rows: bf16 product");
                 assert!(

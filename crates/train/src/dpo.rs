@@ -488,6 +488,15 @@ fn precompute(
         meta.len(),
         meta.modified().ok()
     ));
+    // The tokens themselves: a chat template, tokenizer or length setting that changes what the
+    // reference sees changes the key, whatever caused it.
+    parts.push(fingerprint(
+        &items
+            .iter()
+            .flat_map(|it| &it.rows)
+            .map(|r| format!("{:?}{:?}{:?}", r.input_ids, r.loss_mask, r.position_ids))
+            .collect::<Vec<_>>(),
+    ));
     let name = format!(
         "{}.ref-logps-{}.jsonl",
         data.file_name()
@@ -623,6 +632,8 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
             "{:?}:{}:{}",
             args.max_length, args.truncation_mode, d.reference_free
         ),
+        // The numerics: bf16 products and the weights' dtype give other log-probs.
+        format!("bf16={}:dtype={}", args.bf16, args.dtype),
     ];
     for (split, path) in splits {
         let (mut items, r) = load_split(&path, args, listwise, &policy.tokenizer)?;

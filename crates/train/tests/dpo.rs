@@ -235,6 +235,23 @@ fn precomputed_reference_is_cached_resumable_and_equivalent() {
     assert!(
         (again["train_loss"].as_f64().unwrap() - pre["train_loss"].as_f64().unwrap()).abs() < 1e-6
     );
+    // Other numerics (bf16 products) or other tokens (a shorter max_length) are other caches.
+    dpo(
+        &base("bf16", &["precompute_ref_log_probs=true", "bf16=true"]),
+        false,
+    );
+    dpo(
+        &base("short", &["precompute_ref_log_probs=true", "max_length=12"]),
+        false,
+    );
+    let count = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("pairs.jsonl.ref-logps-")
+        })
+        .count();
+    assert_eq!(count, 3, "bf16 and max_length each key their own cache");
 }
 
 #[test]

@@ -1,12 +1,18 @@
-//! bf16 matrix products with f32 accumulation, on Intel AMX where the CPU has it: the matmuls of
-//! `bf16` mixed-precision training, whose master weights, optimiser state, norms and softmax stay
-//! in f32 (what `torch.autocast` does on CPU).
+//! bf16 matrix products with f32 accumulation: the matmuls of `bf16` mixed-precision training,
+//! whose master weights, optimiser state, norms and softmax stay in f32 (what `torch.autocast`
+//! does on CPU).
 //!
-//! candle 0.11's bf16 matmul is no faster than its f32 one. AMX's `tdpbf16ps` multiplies a 16 x 32
-//! bf16 tile by a 32 x 16 one into 16 x 16 f32 sums in one instruction. Operands are packed by
-//! AVX-512BW kernels, which every AMX CPU has. Without AMX or AVX-512BW (another CPU, an OS that
-//! refuses the tile state, or `PREFTUNE_NO_AMX=1`) the operands get the same rounding
-//! and the product runs as an f32 GEMM, so both paths give the same numbers up to summation order.
+//! candle 0.11's bf16 matmul is no faster than its f32 one. Two instruction sets do better, and
+//! one packed layout of the operands serves both:
+//! - Intel AMX: `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32
+//!   sums in one instruction.
+//! - AVX-512 BF16 (AMD Zen 4/5, Intel Cooper Lake and later): `vdpbf16ps` adds 16 dot products
+//!   of bf16 pairs to 16 f32 sums, twice the multiply-adds of an f32 FMA.
+//!
+//! Operands are packed by AVX-512BW kernels, which both have. Without either (another CPU, or
+//! `PREFTUNE_NO_BF16_GEMM=1`) the operands get the same rounding and the product runs as an f32
+//! GEMM, so every path gives the same numbers up to summation order. `PREFTUNE_NO_AMX=1` skips
+//! AMX only.
 use std::sync::OnceLock;
 
 /// A strided f32 matrix: element `(i, k)` is `data[i * rs + k * cs]`.
@@ -47,11 +53,50 @@ impl<'a> View<'a> {
     }
 }
 
-/// Whether products run on AMX: the CPU has AMX-TILE, AMX-BF16 and AVX-512BW, the OS grants the
-/// tile state, and `PREFTUNE_NO_AMX` is unset.
+/// Which instructions run this process's bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// bf16-rounded operands through candle's f32 GEMM: the same numbers, slower than f32 mode.
+    F32,
+}
+
+impl Backend {
+    /// The name benchmarks and messages print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Amx => "amx",
+            Backend::Avx512Bf16 => "avx512-bf16",
+            Backend::F32 => "f32-fallback",
+        }
+    }
+}
+
+/// The backend: AMX where the CPU has AMX-TILE, AMX-BF16 and AVX-512BW and the OS grants the tile
+/// state (unless `PREFTUNE_NO_AMX` is set), else AVX-512 BF16 where the CPU has it and AVX-512BW,
+/// else the f32 fallback; `PREFTUNE_NO_BF16_GEMM` forces the fallback.
+pub fn backend() -> Backend {
+    static B: OnceLock<Backend> = OnceLock::new();
+    *B.get_or_init(|| {
+        let off = |v: &str| std::env::var_os(v).is_some();
+        if off("PREFTUNE_NO_BF16_GEMM") {
+            Backend::F32
+        } else if !off("PREFTUNE_NO_AMX") && imp::amx() {
+            Backend::Amx
+        } else if imp::avx512_bf16() {
+            Backend::Avx512Bf16
+        } else {
+            Backend::F32
+        }
+    })
+}
+
+/// Whether bf16 products run on bf16 instructions (AMX or AVX-512 BF16), and so faster than f32.
 pub fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| std::env::var_os("PREFTUNE_NO_AMX").is_none() && imp::detect())
+    backend() != Backend::F32
 }
 
 /// Rounds to the nearest bf16 (ties to even), as the bits of its upper half. NaN stays NaN.
@@ -70,7 +115,7 @@ pub fn round_bf16(x: f32) -> f32 {
 }
 
 /// `B` converted once for many products (the LM head's weight across its row chunks): bf16 in
-/// AMX's pair layout, or bf16-rounded f32 rows for the fallback.
+/// the pair layout both bf16 backends read, or bf16-rounded f32 rows for the fallback.
 pub struct PackedB {
     rows: usize,
     cols: usize,
@@ -78,14 +123,14 @@ pub struct PackedB {
 }
 
 enum Packed {
-    Amx(Vec<u16>),
+    Pairs(Vec<u16>),
     Dense(Vec<f32>),
 }
 
 impl PackedB {
     pub fn new(b: View) -> Self {
         let data = if available() {
-            Packed::Amx(imp::pack_b(b))
+            Packed::Pairs(imp::pack_b(b))
         } else {
             Packed::Dense(rounded_rows(b))
         };
@@ -111,20 +156,20 @@ pub fn gemm_packed(a: View, b: &PackedB, c: &mut [f32], accumulate: bool) {
         return;
     }
     match &b.data {
-        Packed::Amx(pb) => imp::gemm(a, pb, b.rows, c.as_mut_ptr(), accumulate),
+        Packed::Pairs(pb) => imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), accumulate),
         Packed::Dense(d) => fallback(a, d, b.rows, c, accumulate),
     }
 }
 
-/// [`gemm_packed`] into a new `m x n` buffer. On AMX the product writes every value once, so the
+/// [`gemm_packed`] into a new `m x n` buffer. The bf16 backends write every value once, so the
 /// buffer is not zeroed first (zeroing was a pass over memory as large as the product's output).
 pub fn gemm_packed_new(a: View, b: &PackedB) -> Vec<f32> {
     assert_eq!(a.cols, b.cols, "gemm: inner dimensions differ");
     let len = a.rows * b.rows;
     match &b.data {
-        Packed::Amx(pb) if len > 0 => {
+        Packed::Pairs(pb) if len > 0 => {
             let mut c: Vec<f32> = Vec::with_capacity(len);
-            imp::gemm(a, pb, b.rows, c.as_mut_ptr(), false);
+            imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), false);
             // SAFETY: the product (accumulate = false) wrote all `len` values.
             unsafe { c.set_len(len) };
             c
@@ -170,7 +215,7 @@ fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use super::{bf16_bits, View};
+    use super::{bf16_bits, Backend, View};
     use std::arch::asm;
     use std::arch::x86_64::{__cpuid, __cpuid_count, _mm_prefetch, _MM_HINT_T0};
 
@@ -181,7 +226,15 @@ mod imp {
     /// Tile steps between prefetching a tile of B and loading it.
     const PREFETCH: usize = 4;
 
-    pub fn detect() -> bool {
+    /// Whether the CPU has AVX-512 BF16 and the AVX-512BW the packing kernels use.
+    pub fn avx512_bf16() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// Whether the CPU has AMX-BF16 (and AVX-512BW) and Linux grants this process the tiles.
+    pub fn amx() -> bool {
         // Leaf 7 is read only if the CPU reports it.
         let (tile, bf16) = {
             if __cpuid(0).eax < 7 {
@@ -272,8 +325,9 @@ mod imp {
     }
 
     /// `pb`: `B` (n x k) from [`pack_b`]; `c`: room for `m x n` values, which may be
-    /// uninitialised unless `accumulate` (every value is written, never read).
-    pub fn gemm(a: View, pb: &[u16], n: usize, c: *mut f32, accumulate: bool) {
+    /// uninitialised unless `accumulate` (every value is written, never read). `backend` is one
+    /// this CPU has (not [`Backend::F32`]).
+    pub fn gemm(backend: Backend, a: View, pb: &[u16], n: usize, c: *mut f32, accumulate: bool) {
         let (m, k) = (a.rows, a.cols);
         let mp = m.div_ceil(BLOCK) * BLOCK;
         let kp = k.div_ceil(KSTEP) * KSTEP;
@@ -283,11 +337,15 @@ mod imp {
             .min((m * n * k / (1 << 20)).max(1))
             .clamp(1, row_blocks.max(col_blocks));
         let out = Out(c);
-        // SAFETY: AMX is available (checked by the caller); the packed buffers
-        // cover every tile read (rows up to a multiple of 32 of `pa`, all padded columns of
+        // SAFETY: the backend's instructions are available (checked by the caller); the packed
+        // buffers cover every read (rows up to a multiple of 32 of `pa`, all padded columns of
         // `pb`); each call writes only its own rows x columns of `c`, which holds m x n values.
         let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
-            blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate)
+            match backend {
+                Backend::Amx => blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate),
+                Backend::Avx512Bf16 => dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate),
+                Backend::F32 => unreachable!("gemm: the f32 fallback packs no pairs"),
+            }
         };
         if threads == 1 {
             return run(0..m, 0..n);
@@ -440,8 +498,73 @@ mod imp {
         );
     }
 
-    /// AVX-512 packing kernels (every CPU with AMX has AVX-512BW; [`detect`] checks it). The
-    /// rounding is [`super::bf16_bits`] lane by lane, so packed values equal the scalar ones.
+    /// The AVX-512 BF16 kernel: `vdpbf16ps` adds, in each of 16 f32 lanes, the dot product of
+    /// one bf16 pair of `A` (broadcast) with one of `B`, so [`pack_b`]'s panels (16 pairs of `B`
+    /// per 64 bytes) and [`pack_a`]'s rows (one pair of `A` per u32) feed it as they are.
+    mod dp {
+        use std::arch::x86_64::*;
+
+        /// Rows of `C` per step: 8 rows x 32 columns of sums fill 16 of the 32 registers.
+        const MR: usize = 8;
+
+        /// The block `rows` x `cols` of `C` (row-major, `n` columns, at `out`); `rows.start`
+        /// and `cols.start` are multiples of 32. For each 32 columns, the two panels of `B`
+        /// (kp x 64 bytes: L1 or L2) are reused by every 8 rows of `A`; the sums stay in
+        /// registers for the whole of `k` and are stored once (masked at the edges, so `C` may
+        /// be uninitialised unless `accumulate`).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        pub(super) unsafe fn blocks_of(
+            pa: &[u16],
+            pb: &[u16],
+            kp: usize,
+            n: usize,
+            rows: std::ops::Range<usize>,
+            cols: std::ops::Range<usize>,
+            out: *mut f32,
+            accumulate: bool,
+        ) {
+            let steps = kp / 2; // pairs along k; one 64-byte row of a panel per pair
+            let mask = |w: usize| ((1u32 << w.min(16)) - 1) as u16;
+            for nb in cols.clone().step_by(32) {
+                let b0 = pb.as_ptr().add((nb / 16) * kp * 16) as *const __m512i;
+                let b1 = b0.add(steps);
+                let w = (cols.end - nb).min(32);
+                let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+                for mb in rows.clone().step_by(MR) {
+                    let a = pa.as_ptr().add(mb * kp) as *const i32;
+                    let mut acc = [_mm512_setzero_ps(); 2 * MR];
+                    for q in 0..steps {
+                        let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(q)));
+                        let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(q)));
+                        for i in 0..MR {
+                            let x: __m512bh =
+                                std::mem::transmute(_mm512_set1_epi32(a.add(i * steps + q).read()));
+                            acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], x, v0);
+                            acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], x, v1);
+                        }
+                    }
+                    for i in 0..(rows.end - mb).min(MR) {
+                        let c = out.add((mb + i) * n + nb);
+                        for (h, m) in [(0, m0), (1, m1)] {
+                            if m == 0 {
+                                continue;
+                            }
+                            let (c, mut v) = (c.add(16 * h), acc[2 * i + h]);
+                            if accumulate {
+                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c));
+                            }
+                            _mm512_mask_storeu_ps(c, m, v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX-512 packing kernels (both backends need AVX-512BW; `amx` and `avx512_bf16` check
+    /// it). The rounding is [`super::bf16_bits`] lane by lane, so packed values equal the scalar
+    /// ones.
     mod simd {
         use super::{View, BLOCK, KSTEP};
         use std::arch::x86_64::*;
@@ -653,17 +776,20 @@ mod imp {
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
-    pub fn detect() -> bool {
+    pub fn amx() -> bool {
+        false
+    }
+    pub fn avx512_bf16() -> bool {
         false
     }
     pub fn pack_b(_: super::View) -> Vec<u16> {
-        unreachable!("AMX is never available here")
+        unreachable!("no bf16 instructions here")
     }
     pub(super) fn pack_a(_: super::View, _: usize, _: usize) -> Vec<u16> {
-        unreachable!("AMX is never available here")
+        unreachable!("no bf16 instructions here")
     }
-    pub fn gemm(_: super::View, _: &[u16], _: usize, _: *mut f32, _: bool) {
-        unreachable!("AMX is never available here")
+    pub fn gemm(_: super::Backend, _: super::View, _: &[u16], _: usize, _: *mut f32, _: bool) {
+        unreachable!("no bf16 instructions here")
     }
 }
 
@@ -684,6 +810,27 @@ mod tests {
         c
     }
 
+    /// Every backend this CPU can run, the fallback last: each test covers them all.
+    fn backends() -> Vec<Backend> {
+        let mut v = Vec::new();
+        if imp::amx() {
+            v.push(Backend::Amx);
+        }
+        if imp::avx512_bf16() {
+            v.push(Backend::Avx512Bf16);
+        }
+        v.push(Backend::F32);
+        v
+    }
+
+    /// [`gemm_nt`] on the given backend.
+    fn gemm_on(be: Backend, a: View, b: View, c: &mut [f32], accumulate: bool) {
+        match be {
+            Backend::F32 => fallback(a, &rounded_rows(b), b.rows, c, accumulate),
+            _ => imp::gemm(be, a, &imp::pack_b(b), b.rows, c.as_mut_ptr(), accumulate),
+        }
+    }
+
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
@@ -700,7 +847,8 @@ mod tests {
     /// denormals included.
     #[test]
     fn packing_rounds_each_value_as_the_scalar_code() {
-        if !available() {
+        if backends() == [Backend::F32] {
+            eprintln!("no bf16 instructions on this CPU: nothing is packed");
             return;
         }
         let (n, k) = (37, 70);
@@ -767,10 +915,10 @@ mod tests {
     }
 
     /// Odd sizes (edge blocks, `k` not a multiple of 32) and the strided views that backward uses,
-    /// on whichever path this CPU takes, against an f64 sum of the rounded operands.
+    /// on every backend this CPU has, against an f64 sum of the rounded operands.
     #[test]
     fn products_match_a_reference_on_odd_shapes_and_layouts() {
-        eprintln!("amx available: {}", available());
+        eprintln!("backends: {:?} (this process: {:?})", backends(), backend());
         for &(m, n, k) in &[
             (1, 1, 1),
             (37, 45, 70),
@@ -793,53 +941,52 @@ mod tests {
             ];
             for (ci, (a, b)) in cases.into_iter().enumerate() {
                 let want = reference(a, b);
-                let mut got = vec![0.5f32; m * n];
-                gemm_nt(a, b, &mut got, false);
-                let mut acc = vec![0.5f32; m * n];
-                gemm_nt(a, b, &mut acc, true);
-                // Into a fresh, unzeroed buffer: the same values.
-                assert_eq!(
-                    gemm_nt_new(a, b),
-                    got,
-                    "{m}x{n}x{k} case {ci}: fresh buffer"
-                );
-                for t in 0..m * n {
-                    let tol = 1e-5 * (1.0 + want[t].abs()) * (k as f32).sqrt();
-                    assert!(
-                        (got[t] - want[t]).abs() <= tol,
-                        "{m}x{n}x{k} case {ci} at {t}: {} vs {}",
-                        got[t],
-                        want[t]
-                    );
-                    assert!(
-                        (acc[t] - 0.5 - want[t]).abs() <= tol,
-                        "accumulate {ci} at {t}"
-                    );
+                // Into a fresh, unzeroed buffer on this process's backend.
+                let fresh = gemm_nt_new(a, b);
+                for be in backends() {
+                    let mut got = vec![0.5f32; m * n];
+                    gemm_on(be, a, b, &mut got, false);
+                    let mut acc = vec![0.5f32; m * n];
+                    gemm_on(be, a, b, &mut acc, true);
+                    if be == backend() {
+                        assert_eq!(fresh, got, "{m}x{n}x{k} case {ci}: fresh buffer");
+                    }
+                    for t in 0..m * n {
+                        let tol = 1e-5 * (1.0 + want[t].abs()) * (k as f32).sqrt();
+                        assert!(
+                            (got[t] - want[t]).abs() <= tol,
+                            "{be:?} {m}x{n}x{k} case {ci} at {t}: {} vs {}",
+                            got[t],
+                            want[t]
+                        );
+                        assert!(
+                            (acc[t] - 0.5 - want[t]).abs() <= tol,
+                            "{be:?} accumulate {ci} at {t}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// The AMX path and the f32 fallback agree, so a run means the same on either CPU.
+    /// The bf16 backends and the f32 fallback agree, so a run means the same on any CPU.
     #[test]
-    fn amx_agrees_with_the_fallback() {
-        if !available() {
-            eprintln!("no AMX on this CPU: products_match_a_reference covers the fallback");
-            return;
-        }
+    fn bf16_backends_agree_with_the_fallback() {
         let (m, n, k) = (300, 200, 576);
         let x = data(m * k, 3);
         let y = data(n * k, 4);
         let (a, b) = (View::rows(&x, m, k), View::rows(&y, n, k));
-        let mut amx = vec![0f32; m * n];
-        gemm_nt(a, b, &mut amx, false);
         let mut f = vec![0f32; m * n];
-        fallback(a, &rounded_rows(b), n, &mut f, false);
-        let worst = amx
-            .iter()
-            .zip(&f)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-3, "AMX vs fallback differ by {worst}");
+        gemm_on(Backend::F32, a, b, &mut f, false);
+        for be in backends() {
+            let mut got = vec![0f32; m * n];
+            gemm_on(be, a, b, &mut got, false);
+            let worst = got
+                .iter()
+                .zip(&f)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{be:?} vs fallback differ by {worst}");
+        }
     }
 }
