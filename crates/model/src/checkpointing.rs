@@ -103,14 +103,18 @@ impl Model {
         let mut grads = loss.backward()?;
         let segments = std::mem::take(&mut *self.tape.lock().unwrap_or_else(|e| e.into_inner()));
         let mut final_rng = None;
-        for seg in segments.into_iter().rev() {
+        for mut seg in segments.into_iter().rev() {
             final_rng.get_or_insert_with(|| seg.end_rng.clone());
             let Some(mut g) = grads.remove(&seg.leaf) else {
                 continue; // this forward pass did not reach the loss
             };
             for (i, block) in self.blocks.iter().enumerate().rev() {
                 self.lora_dropout.restore(seg.rngs[i].clone());
-                let x = Var::from_tensor(&seg.inputs[i])?;
+                // The autograd copy of the layer's input; the stored one is freed at once, so the
+                // inputs shrink as the gradients grow (135 MiB at the peak on SmolLM2 8 x 128).
+                let input = seg.inputs.pop().expect("one input per layer");
+                let x = Var::from_tensor(&input)?;
+                drop(input);
                 // Only the gradient of `out` matters, so its last projection is skipped.
                 let out = block.forward_for_backward(
                     x.as_tensor(),
@@ -130,17 +134,19 @@ impl Model {
                     .ok_or_else(|| Error::Msg(format!("layer {i}: no gradient reached its input")))?
                     .detach();
             }
-            // The layer inputs are done with; free them before the embedding's gradient, the
-            // largest single tensor of the pass, is formed.
-            drop(seg.inputs);
             let embed = &self.embed;
             match &seg.lookup {
                 Some(ids) if embed.is_variable() => {
-                    // Rows of `g` added into the embedding's gradient: one new buffer (a copy of
-                    // the LM head's contribution when tied) instead of zeros, the scattered
-                    // copy and their sum.
+                    // Rows of `g` added into the embedding's gradient: in place into the LM
+                    // head's contribution when tied (`index_add` would copy that 108 MiB tensor
+                    // first, the step's peak), else one new buffer instead of zeros, the
+                    // scattered copy and their sum.
                     let rows = g.reshape(((), g.dim(candle_core::D::Minus1)?))?;
                     let sum = match grads.remove(embed) {
+                        Some(old) if AddRows::applies(&old, &rows) => {
+                            old.inplace_op2(&rows.contiguous()?, &AddRows(ids.to_vec1()?))?;
+                            old
+                        }
                         Some(old) => old.index_add(ids, &rows.to_dtype(old.dtype())?, 0)?,
                         None => {
                             embed
@@ -177,5 +183,61 @@ impl Model {
     /// Forgets checkpointed forward passes that will not be back-propagated (after an error, say).
     pub fn clear_checkpoints(&self) {
         self.tape.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// `grad[ids[r]] += rows[r]` in place, in the order of `ids` (as `index_add` adds them). For a
+/// gradient the backward pass has finished with: nothing else reads its buffer.
+struct AddRows(Vec<u32>);
+
+impl AddRows {
+    /// Contiguous f32 tensors of the same width, one row of `rows` per id.
+    fn applies(grad: &Tensor, rows: &Tensor) -> bool {
+        let f32 = candle_core::DType::F32;
+        grad.dtype() == f32
+            && rows.dtype() == f32
+            && grad.is_contiguous()
+            && grad.device().is_cpu()
+            && grad.rank() == 2
+            && grad.dims().last() == rows.dims().last()
+    }
+}
+
+impl candle_core::InplaceOp2 for AddRows {
+    fn name(&self) -> &'static str {
+        "preftune-add-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(dst), F32(src)) = (s1, s2) else {
+            candle_core::bail!("add-rows: f32 only")
+        };
+        let (Some((d0, d1)), Some((r0, r1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-rows: contiguous tensors only")
+        };
+        let (rows, h) = l1.shape().dims2()?;
+        let (dst, src) = (&mut dst[d0..d1], &src[r0..r1]);
+        if src.len() != self.0.len() * h {
+            candle_core::bail!("add-rows: {} ids for {} rows", self.0.len(), src.len() / h)
+        }
+        for (r, &id) in self.0.iter().enumerate() {
+            let id = id as usize;
+            if id >= rows {
+                candle_core::bail!("add-rows: id {id} out of {rows} rows")
+            }
+            let d = &mut dst[id * h..(id + 1) * h];
+            d.iter_mut()
+                .zip(&src[r * h..(r + 1) * h])
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(())
     }
 }

@@ -722,9 +722,9 @@ mod tests {
                 let largest = a.iter().fold(0f32, |m, x| m.max(x.abs()));
                 assert!(largest > 0.0, "bf16={bf16}: a zero gradient");
                 // In bf16 the attention's f32 sums, in another order untracked, can flip an
-                // operand's rounding: 1e-4 of the largest value seen; f32 products in another
-                // layer (the bug this guards against) gave 3e-2.
-                let tol = if bf16 { 1e-3 * largest } else { 1e-5 };
+                // operand's rounding to bf16: up to 2e-3 of the largest value over processes
+                // (each perturbs the adapters at random); f32 products in the first layer (the bug this guards against) gave 3e-2.
+                let tol = if bf16 { 1e-2 * largest } else { 1e-5 };
                 assert!(
                     max_diff(a, b) < tol,
                     "bf16={bf16}: adapter gradient differs by {} (largest {largest})",
