@@ -532,14 +532,16 @@ mod imp {
                 let w = (cols.end - nb).min(32);
                 let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
                 for mb in rows.clone().step_by(MR) {
+                    // Pairs of A as i32; a `Vec<u16>` promises only 2-byte alignment.
                     let a = pa.as_ptr().add(mb * kp) as *const i32;
                     let mut acc = [_mm512_setzero_ps(); 2 * MR];
                     for q in 0..steps {
                         let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(q)));
                         let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(q)));
                         for i in 0..MR {
-                            let x: __m512bh =
-                                std::mem::transmute(_mm512_set1_epi32(a.add(i * steps + q).read()));
+                            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                                a.add(i * steps + q).read_unaligned(),
+                            ));
                             acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], x, v0);
                             acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], x, v1);
                         }

@@ -143,7 +143,7 @@ impl Model {
                     // scattered copy and their sum.
                     let rows = g.reshape(((), g.dim(candle_core::D::Minus1)?))?;
                     let sum = match grads.remove(embed) {
-                        Some(old) if AddRows::applies(&old, &rows) => {
+                        Some(old) if AddRows::applies(&old, &rows, ids) => {
                             old.inplace_op2(&rows.contiguous()?, &AddRows(ids.to_vec1()?))?;
                             old
                         }
@@ -186,15 +186,18 @@ impl Model {
     }
 }
 
-/// `grad[ids[r]] += rows[r]` in place, in the order of `ids` (as `index_add` adds them). For a
-/// gradient the backward pass has finished with: nothing else reads its buffer.
+/// `grad[ids[r]] += rows[r]` in place, in the order of `ids` (as `index_add` adds them). Only for
+/// the tied LM head's gradient once the backward pass is done with it: a fresh buffer from the
+/// head's backward that no other tensor shares (the candle patch may otherwise store a shared
+/// first gradient; `vendor/candle-core/PREFTUNE.md`).
 struct AddRows(Vec<u32>);
 
 impl AddRows {
     /// Contiguous f32 tensors of the same width, one row of `rows` per id.
-    fn applies(grad: &Tensor, rows: &Tensor) -> bool {
+    fn applies(grad: &Tensor, rows: &Tensor, ids: &Tensor) -> bool {
         let f32 = candle_core::DType::F32;
-        grad.dtype() == f32
+        ids.dtype() == candle_core::DType::U32
+            && grad.dtype() == f32
             && rows.dtype() == f32
             && grad.is_contiguous()
             && grad.device().is_cpu()
@@ -228,11 +231,12 @@ impl candle_core::InplaceOp2 for AddRows {
         if src.len() != self.0.len() * h {
             candle_core::bail!("add-rows: {} ids for {} rows", self.0.len(), src.len() / h)
         }
+        // Checked before anything is added, so that an error leaves the gradient as it was.
+        if let Some(&id) = self.0.iter().find(|&&id| id as usize >= rows) {
+            candle_core::bail!("add-rows: id {id} out of {rows} rows")
+        }
         for (r, &id) in self.0.iter().enumerate() {
             let id = id as usize;
-            if id >= rows {
-                candle_core::bail!("add-rows: id {id} out of {rows} rows")
-            }
             let d = &mut dst[id * h..(id + 1) * h];
             d.iter_mut()
                 .zip(&src[r * h..(r + 1) * h])

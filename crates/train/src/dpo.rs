@@ -458,15 +458,48 @@ impl Algorithm for Dpo {
     }
 }
 
+/// FNV-1a: stable across runs and platforms, unlike std's hasher; fed as it goes, so hashing a
+/// large tokenized dataset builds no text.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf29ce484222325)
+    }
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+    fn words(&mut self, words: impl IntoIterator<Item = u32>) {
+        for w in words {
+            self.bytes(&w.to_le_bytes());
+        }
+    }
+    fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
 /// A fingerprint of what reference log-probs depend on, for the cache file name.
 fn fingerprint(parts: &[String]) -> String {
-    // FNV-1a: stable across runs and platforms, unlike std's hasher.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in parts.join("\u{1f}").bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
+    let mut h = Fnv::new();
+    h.bytes(parts.join("\u{1f}").as_bytes());
+    h.hex()
+}
+
+/// A fingerprint of every row's tokens, loss mask and positions.
+fn tokens_fingerprint(items: &[Item]) -> String {
+    let mut h = Fnv::new();
+    for r in items.iter().flat_map(|it| &it.rows) {
+        // Lengths first, so that no two different row sets give the same stream of words.
+        h.words([r.input_ids.len() as u32, r.position_ids.is_some() as u32]);
+        h.words(r.input_ids.iter().copied());
+        h.words(r.loss_mask.iter().map(|&m| m as u32));
+        h.words(r.position_ids.iter().flatten().copied());
     }
-    format!("{h:016x}")
+    h.hex()
 }
 
 /// Fills `items[i].ref_logps`, reading and appending to a cache file next to `data` so an
@@ -490,13 +523,7 @@ fn precompute(
     ));
     // The tokens themselves: a chat template, tokenizer or length setting that changes what the
     // reference sees changes the key, whatever caused it.
-    parts.push(fingerprint(
-        &items
-            .iter()
-            .flat_map(|it| &it.rows)
-            .map(|r| format!("{:?}{:?}{:?}", r.input_ids, r.loss_mask, r.position_ids))
-            .collect::<Vec<_>>(),
-    ));
+    parts.push(tokens_fingerprint(items));
     let name = format!(
         "{}.ref-logps-{}.jsonl",
         data.file_name()
