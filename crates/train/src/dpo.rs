@@ -699,3 +699,40 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
     }
     train_with_report(args, &cfg.table, policy, lora, ckpt, &mut dpo, &reports)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(ids: &[u32], mask: &[u8], pos: Option<Vec<u32>>) -> Item {
+        Item {
+            rows: vec![TokenizedExample {
+                input_ids: ids.to_vec(),
+                loss_mask: mask.to_vec(),
+                position_ids: pos,
+                truncated: false,
+            }],
+            ref_logps: None,
+        }
+    }
+
+    /// The cache key follows the tokens: one changed id, mask bit, position or row boundary gives
+    /// another key; the same tokens give the same one.
+    #[test]
+    fn tokens_fingerprint_follows_every_token() {
+        let base = [item(&[1, 2, 3], &[0, 1, 1], None)];
+        let key = tokens_fingerprint(&base);
+        assert_eq!(
+            key,
+            tokens_fingerprint(&[item(&[1, 2, 3], &[0, 1, 1], None)])
+        );
+        for other in [
+            vec![item(&[1, 2, 4], &[0, 1, 1], None)],
+            vec![item(&[1, 2, 3], &[0, 0, 1], None)],
+            vec![item(&[1, 2, 3], &[0, 1, 1], Some(vec![0, 1, 2]))],
+            vec![item(&[1], &[0], None), item(&[2, 3], &[1, 1], None)],
+        ] {
+            assert_ne!(key, tokens_fingerprint(&other));
+        }
+    }
+}
