@@ -67,8 +67,9 @@ impl Model {
     ) -> Result<Tensor> {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut rngs = Vec::with_capacity(self.blocks.len());
+        // The caller holds a `TrainingProducts` guard, so these untracked products round as
+        // their tracked recomputation will.
         let mut h = x.detach();
-        let _same = crate::ops::TrainingProducts::new();
         for block in &self.blocks {
             inputs.push(h.clone());
             rngs.push(self.lora_dropout.snapshot());

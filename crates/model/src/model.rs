@@ -728,17 +728,18 @@ impl Model {
             Some(self.rope_tables(&pos_flat, b, t)?)
         };
 
-        if self.checkpointing && cache.is_none() && self.is_trainable() {
+        let training = cache.is_none() && self.is_trainable();
+        // A training forward picks the products a tracked one would (bf16 at any row count under
+        // bf16), with or without checkpointing: the checkpointed forward runs outside autograd
+        // and must round as its recomputation will, and under LoRA the first layer's products
+        // take no gradient and would otherwise run in f32 at few rows.
+        let _same = training.then(crate::ops::TrainingProducts::new);
+        if self.checkpointing && training {
             // `x` is the bare lookup when there are no learned positions: backward can then add its
             // gradient to the embedding's rows directly.
             let lookup = self.wpe.is_none().then_some(flat_ids);
             x = self.forward_checkpointed(x, lookup, rope_tables, attn_mask)?;
         } else {
-            // A training forward picks the products the checkpointed one does (bf16 at any row
-            // count under bf16), so checkpointing changes no number: under LoRA the first
-            // layer's products take no gradient and would otherwise run in f32 at few rows.
-            let _same =
-                (cache.is_none() && self.is_trainable()).then(crate::ops::TrainingProducts::new);
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {
                     if c.layers.len() != self.blocks.len() {

@@ -210,16 +210,19 @@ fn precomputed_reference_is_cached_resumable_and_equivalent() {
     };
     let live = dpo(&base("live", &[]), false);
     let pre = dpo(&base("pre", &["precompute_ref_log_probs=true"]), false);
-    let caches: Vec<PathBuf> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("pairs.jsonl.ref-logps-")
-        })
-        .collect();
+    let cache_files = || -> Vec<PathBuf> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("pairs.jsonl.ref-logps-")
+            })
+            .collect()
+    };
+    let caches = cache_files();
     assert_eq!(caches.len(), 1, "one cache file next to the dataset");
     let lines = std::fs::read_to_string(&caches[0]).unwrap().lines().count();
     assert_eq!(lines, 8);
@@ -244,14 +247,11 @@ fn precomputed_reference_is_cached_resumable_and_equivalent() {
         &base("short", &["precompute_ref_log_probs=true", "max_length=12"]),
         false,
     );
-    let count = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            name.to_string_lossy().starts_with("pairs.jsonl.ref-logps-")
-        })
-        .count();
-    assert_eq!(count, 3, "bf16 and max_length each key their own cache");
+    assert_eq!(
+        cache_files().len(),
+        3,
+        "bf16 and max_length each key their own cache"
+    );
 }
 
 #[test]
