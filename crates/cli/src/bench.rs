@@ -205,7 +205,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "bench text too short for --seq-len"
             );
             let row = &ids[..args.seq_len];
-            let dev = Device::Cpu;
+            let dev = p.model.device().clone();
             let x = Tensor::from_vec(
                 row.repeat(args.train_batch),
                 (args.train_batch, args.seq_len),
@@ -220,6 +220,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let loss = (lp.sum.sum_all()? * (-1.0 / (args.train_batch * args.seq_len) as f64))?;
                 let grads = p.model.backward(&loss)?;
                 drop(grads);
+                // GPU work is queued: wait for it before reading the clock.
+                dev.synchronize()?;
                 if step > 0 {
                     times.push(t.elapsed().as_secs_f64());
                 }

@@ -3,7 +3,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use preftune_model::{
     generate as sample, parse_dtype, token_logprobs, LoadOptions, Message, Pretrained,
     SamplingConfig,
@@ -57,7 +57,7 @@ pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfi
 pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
     let p = load(m)?;
     let ids = prompt_ids(&p, pa)?;
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let x = Tensor::new(ids.as_slice(), p.model.device())?.unsqueeze(0)?;
     let hidden = p.model.forward(&x, None, None, None)?;
     let logits = p
         .model
@@ -76,7 +76,7 @@ pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
             idx.into_iter().map(|i| (i as u32, row[i])).collect()
         })
         .collect();
-    let mask = Tensor::ones((1, ids.len()), DType::U32, &Device::Cpu)?;
+    let mask = Tensor::ones((1, ids.len()), DType::U32, p.model.device())?;
     let sum_logprob = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?
         .sum
         .to_vec1::<f32>()?[0];
@@ -256,6 +256,17 @@ pub fn emit(v: &serde_json::Value) {
     }
 }
 
+/// Makes a config's `device` the process's, for every model the command loads, unless
+/// `--device` already chose one. Its error stays a [`preftune_model::DeviceError`] (exit 2).
+pub(crate) fn use_config_device(spec: Option<preftune_model::DeviceSpec>) -> Result<()> {
+    if preftune_model::device::process_device().is_none() {
+        if let Some(spec) = spec {
+            preftune_model::device::set_process_device(spec.open()?);
+        }
+    }
+    Ok(())
+}
+
 /// Loads a trainer's config (its defaults, the file, `--set`) and prints what the trainer returns.
 fn run_trainer<A: serde::de::DeserializeOwned>(
     run: &RunArgs,
@@ -267,6 +278,7 @@ fn run_trainer<A: serde::de::DeserializeOwned>(
     ) -> preftune_train::Result<serde_json::Value>,
 ) -> Result<()> {
     let cfg = preftune_train::config::load::<A>(run.config.as_deref(), defaults, &run.set)?;
+    use_config_device(cfg.args.device)?;
     emit(&trainer(&cfg, run.resume, run.eval_only)?);
     Ok(())
 }

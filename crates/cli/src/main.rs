@@ -76,6 +76,10 @@ struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where to run: cpu, cuda, cuda:N or auto (the GPU when one can be opened). Overrides
+    /// `device` in configs; default cpu. CUDA needs a build with `--features cuda`.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<preftune_model::DeviceSpec>,
     #[command(subcommand)]
     command: Command,
 }
@@ -245,6 +249,20 @@ fn main() {
         None => candle_core::utils::get_num_threads(),
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // Testing aid: the GPU's code path (composed candle ops only) on the CPU, for machines
+    // without a GPU. The guard lives as long as `main`; trainers run on this thread.
+    let _portable = preftune_model::kernels::PortableScope::new(
+        std::env::var_os("PREFTUNE_PORTABLE").is_some_and(|v| v == "1"),
+    );
+    if let Some(spec) = cli.device {
+        match spec.open() {
+            Ok(d) => preftune_model::device::set_process_device(d),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     let result = match cli.command {
         Command::Inspect {
             model,
@@ -280,6 +298,8 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A device that cannot be had here (`device` in a config) exits as `--device` does.
+        let device = e.downcast_ref::<preftune_model::DeviceError>().is_some();
+        std::process::exit(if device { 2 } else { 1 });
     }
 }

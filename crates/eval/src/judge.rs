@@ -6,7 +6,7 @@
 //! position, and a judge that only asked once would measure that bias as much as the responses.
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use preftune_data::Text;
 use preftune_model::{Message, Pretrained};
 
@@ -139,7 +139,7 @@ fn llm_first_wins(
     } else {
         p.tokenizer.encode(&format!("{text}\nAnswer:"), true)?
     };
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let x = Tensor::new(ids.as_slice(), p.model.device())?.unsqueeze(0)?;
     let hidden = p.model.forward(&x, None, None, None)?;
     let last = hidden.narrow(1, ids.len() - 1, 1)?;
     let logits = p

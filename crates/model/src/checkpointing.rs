@@ -201,7 +201,7 @@ impl AddRows {
             && grad.dtype() == f32
             && rows.dtype() == f32
             && grad.is_contiguous()
-            && grad.device().is_cpu()
+            && crate::kernels::cpu_kernels(grad.device())
             && grad.rank() == 2
             && grad.dims().last() == rows.dims().last()
     }

@@ -31,6 +31,8 @@ pub enum Error {
     Msg(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

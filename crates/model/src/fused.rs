@@ -61,7 +61,7 @@ impl LmHeadLogprob {
         let hidden = hidden.detach().to_dtype(DType::F32)?.contiguous()?;
         let weight = weight.detach().to_dtype(DType::F32)?;
         Ok(LmHeadLogprob {
-            bf16: crate::ops::bf16_enabled() && hidden.device().is_cpu(),
+            bf16: crate::ops::bf16_enabled() && crate::kernels::cpu_kernels(hidden.device()),
             hidden,
             weight,
             labels,

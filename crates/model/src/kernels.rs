@@ -52,10 +52,38 @@ pub fn set_fused(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels handle `x`: switched on, on the CPU, in f32 or f64.
+thread_local! {
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, this thread runs CPU tensors the way it runs tensors on any other
+/// device (CUDA): every op composed from candle ops, no CPU kernels (fused ops, bf16 and
+/// decoding GEMMs, in-place updates). This is how the GPU's code path is tested on machines
+/// without one. Per thread, like [`crate::ops::Bf16Scope`].
+#[must_use = "applies only while the guard lives"]
+pub struct PortableScope(bool);
+
+impl PortableScope {
+    pub fn new(on: bool) -> Self {
+        PortableScope(PORTABLE.with(|c| c.replace(on)))
+    }
+}
+
+impl Drop for PortableScope {
+    fn drop(&mut self) {
+        PORTABLE.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether tensors on `d` take our CPU kernels: on the CPU, outside a [`PortableScope`].
+pub fn cpu_kernels(d: &candle_core::Device) -> bool {
+    d.is_cpu() && !PORTABLE.with(|c| c.get())
+}
+
+/// Whether the fused kernels handle `x`: switched on, CPU kernels ([`cpu_kernels`]), f32 or f64.
 pub fn applies(x: &Tensor) -> bool {
     FUSED.load(Ordering::Relaxed)
-        && x.device().is_cpu()
+        && cpu_kernels(x.device())
         && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 

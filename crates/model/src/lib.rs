@@ -4,6 +4,7 @@
 pub mod bf16gemm;
 mod checkpointing;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod fused;
 pub mod gemv;
@@ -22,6 +23,7 @@ pub mod vmath;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
+pub use device::{DeviceError, DeviceSpec};
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, SamplingConfig};
 pub use logprobs::{token_logprobs, TokenLogprobs};

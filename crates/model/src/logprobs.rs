@@ -81,7 +81,7 @@ pub fn token_logprobs(
         let flat = hidden.reshape((b * t, h))?;
         let idx = Tensor::from_slice(&src, src.len(), dev)?;
         let rows = flat.index_select(&idx, 0)?;
-        let (lp, hits, means) = if dtype == DType::F64 {
+        let (lp, hits, means) = if dtype == DType::F64 || !crate::kernels::cpu_kernels(dev) {
             composed(model, &rows, &labels, temperature, dtype)?
         } else {
             fused(model, &rows, &labels, temperature)?

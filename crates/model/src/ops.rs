@@ -55,7 +55,7 @@ impl Linear {
         let x2 = x.reshape((lead, in_dim))?;
         let unread = unread
             && (x2.track_op() || self.weight.track_op())
-            && x2.device().is_cpu()
+            && kernels::cpu_kernels(x2.device())
             && x2.dtype() == DType::F32
             && self.weight.dtype() == DType::F32;
         let mut y = if unread {
@@ -72,9 +72,18 @@ impl Linear {
             && bf16_applies(&x2, &self.weight)
         {
             bf16_matmul(&x2, &self.weight)?
-        } else if x2.track_op() && !self.weight.track_op() && self.weight.device().is_cpu() {
+        } else if bf16_enabled()
+            && !kernels::cpu_kernels(x2.device())
+            && x2.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            bf16_composed_matmul(&x2, &self.weight)?
+        } else if x2.track_op()
+            && !self.weight.track_op()
+            && kernels::cpu_kernels(self.weight.device())
+        {
             frozen_matmul(&x2, &self.weight)?
-        } else if lead <= SMALL_M && self.weight.device().is_cpu() {
+        } else if lead <= SMALL_M && kernels::cpu_kernels(self.weight.device()) {
             // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs
             // about twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight
             // every call.
@@ -111,7 +120,7 @@ fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         && kernels::applies(x)
         && !x.track_op()
         && !w.track_op()
-        && x.device().is_cpu()
+        && kernels::cpu_kernels(x.device())
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.is_contiguous()
@@ -181,7 +190,19 @@ pub fn bf16_enabled() -> bool {
 }
 
 fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
-    bf16_enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+    bf16_enabled()
+        && kernels::cpu_kernels(x.device())
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+}
+
+/// `x W^T` with both operands cast to bf16 and the product cast back to f32, from candle ops: the
+/// bf16 product on devices without our GEMMs (cuBLAS sums bf16 products in f32). The gradients
+/// flow through the casts, so backward's products are bf16 too.
+fn bf16_composed_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::BF16)?
+        .matmul(&w.to_dtype(DType::BF16)?.t()?)?
+        .to_dtype(DType::F32)
 }
 
 /// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s

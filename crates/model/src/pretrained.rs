@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Make every parameter a `Var` (full fine-tuning); off for inference and frozen models.
     pub trainable: bool,
+    /// Default: the process's device ([`crate::device::set_process_device`], the binary's
+    /// `--device`), else the CPU.
     pub device: Device,
 }
 
@@ -32,7 +34,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: DType::F32,
             trainable: false,
-            device: Device::Cpu,
+            device: crate::device::default_device(),
         }
     }
 }

@@ -121,6 +121,7 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
             *slot = v;
         }
     }
+    opt.reset_device_state();
     Ok(state)
 }
 

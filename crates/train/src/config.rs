@@ -64,6 +64,8 @@ pub struct TrainingArguments {
     /// where the CPU has it; master weights, gradients, optimiser state, norms and softmax stay
     /// f32. Needs `dtype = "f32"`.
     pub bf16: bool,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`; the command line's `--device` overrides it.
+    pub device: Option<preftune_model::DeviceSpec>,
 }
 
 impl Default for TrainingArguments {
@@ -105,6 +107,7 @@ impl Default for TrainingArguments {
             lora_layers_to_transform: None,
             gradient_checkpointing: false,
             bf16: false,
+            device: None,
         }
     }
 }
@@ -323,6 +326,31 @@ mod tests {
         assert_eq!(c.args.columns["prompt"], "question");
         assert_eq!(c.args.columns["completion"], "answer");
         assert_eq!(c.args.seed, 42);
+    }
+
+    #[test]
+    fn device_parses_from_files_and_sets_and_bad_names_are_named() {
+        use preftune_model::DeviceSpec;
+        let f = write("model_name_or_path = \"m\"\ndevice = \"cuda:1\"\n");
+        let c: RunConfig<Algo> = load(Some(f.path()), Default::default(), &[]).unwrap();
+        assert_eq!(c.args.device, Some(DeviceSpec::Cuda(1)));
+        let c: RunConfig<Algo> =
+            load(Some(f.path()), Default::default(), &["device=auto".into()]).unwrap();
+        assert_eq!(c.args.device, Some(DeviceSpec::Auto));
+        let f = write("model_name_or_path = \"m\"\n");
+        let c: RunConfig<Algo> = load(Some(f.path()), Default::default(), &[]).unwrap();
+        assert_eq!(
+            c.args.device, None,
+            "unset: the command line's --device, else the CPU"
+        );
+        let f = write("model_name_or_path = \"m\"\n\ndevice = \"tpu\"\n");
+        let e = load::<Algo>(Some(f.path()), Default::default(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device: unknown device \"tpu\" (use cpu, cuda, cuda:N or auto)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct AdamW {
     /// Per-parameter multiplier of the scheduled learning rate (1 unless a trainer sets one, e.g.
     /// for a freshly initialised head).
     pub lr_scale: Vec<f64>,
+    /// `(m, v)` on the parameters' device for [`AdamW::step_tensors`] (GPUs): made from `m` and
+    /// `v` at the first such step; [`AdamW::sync_to_host`] copies them back for a checkpoint.
+    device_state: Option<Vec<(Tensor, Tensor)>>,
 }
 
 impl AdamW {
@@ -53,17 +56,107 @@ impl AdamW {
             m: zeros(),
             v: zeros(),
             lr_scale: vec![1.0; params.len()],
+            device_state: None,
         }
+    }
+
+    /// Bias corrections and per-parameter step settings of the next step (advances `t`).
+    fn next_step(&mut self) -> (f32, f32, f64, f32, f32) {
+        self.t += 1;
+        let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
+        let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
+        let bc2_sqrt = (1.0 - self.cfg.beta2.powi(self.t as i32)).sqrt();
+        (b1, b2, bc1, bc2_sqrt as f32, self.cfg.eps as f32)
+    }
+
+    fn decay(&self, name: &str, lr: f64) -> f32 {
+        if decays(name) {
+            (1.0 - lr * self.cfg.weight_decay) as f32
+        } else {
+            1.0
+        }
+    }
+
+    /// [`AdamW::step`] with the gradients, moments and update on the parameters' device, from
+    /// candle ops: no parameter, gradient or moment leaves the device. The same arithmetic as the
+    /// in-place update, in f32.
+    pub fn step_tensors(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        lr: f64,
+    ) -> Result<()> {
+        if self.device_state.is_none() {
+            let state = params
+                .iter()
+                .zip(self.m.iter().zip(&self.v))
+                .map(|((_, p), (m, v))| {
+                    let up = |x: &[f32]| Tensor::from_slice(x, p.shape(), p.device());
+                    Ok((up(m)?, up(v)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.device_state = Some(state);
+        }
+        let (b1, b2, bc1, bc2_sqrt, eps) = self.next_step();
+        let scales: Vec<(f32, f32)> = params
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+                ((lr / bc1) as f32, self.decay(name, lr))
+            })
+            .collect();
+        let state = self.device_state.as_mut().expect("made above");
+        for (((name, var), g), ((m, v), (step_size, decay))) in
+            params.iter().zip(grads).zip(state.iter_mut().zip(scales))
+        {
+            if g.shape() != var.shape() {
+                return Err(Error::Msg(format!(
+                    "optimizer: gradient of {name} has shape {:?}, parameter {:?}",
+                    g.dims(),
+                    var.dims()
+                )));
+            }
+            let g = g.to_dtype(DType::F32)?.detach();
+            *m = ((&*m * b1 as f64)? + (&g * (1.0 - b1) as f64)?)?;
+            *v = ((&*v * b2 as f64)? + (g.sqr()? * (1.0 - b2) as f64)?)?;
+            let denom = ((v.sqrt()? / bc2_sqrt as f64)? + eps as f64)?;
+            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
+            let p = ((p * decay as f64)? - ((&*m / denom)? * step_size as f64)?)?;
+            var.set(&p.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// One update from the step's gradients, where they are: in place on the host, or on the
+    /// device.
+    pub(crate) fn apply(&mut self, params: &[(String, Var)], grads: &Grads, lr: f64) -> Result<()> {
+        match grads {
+            Grads::Host(g) => self.step(params, g, lr),
+            Grads::Device(g) => self.step_tensors(params, &device_grads(g)?, lr),
+        }
+    }
+
+    /// Copies moments kept on the device back into `m` and `v` (before a checkpoint is written).
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        if let Some(state) = &self.device_state {
+            for ((m, v), (hm, hv)) in state.iter().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+                *hm = m.flatten_all()?.to_vec1()?;
+                *hv = v.flatten_all()?.to_vec1()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets moments kept on the device: `m` and `v` were just loaded from a checkpoint.
+    pub(crate) fn reset_device_state(&mut self) {
+        self.device_state = None;
     }
 
     /// One update with learning rate `lr`; `grads[i]` is the gradient of `params[i]` (already
     /// accumulated and clipped).
     pub fn step(&mut self, params: &[(String, Var)], grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        self.t += 1;
-        let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
-        let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
-        let bc2_sqrt = (1.0 - self.cfg.beta2.powi(self.t as i32)).sqrt();
-        let eps = self.cfg.eps as f32;
+        let (b1, b2, bc1, bc2_sqrt, eps) = self.next_step();
         for (i, ((name, var), g)) in params.iter().zip(grads).enumerate() {
             let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
             let step_size = (lr / bc1) as f32;
@@ -74,27 +167,27 @@ impl AdamW {
                     var.elem_count()
                 )));
             }
+            let decay = self.decay(name, lr);
             let update = Update {
                 g,
                 m: Mutex::new(&mut self.m[i]),
                 v: Mutex::new(&mut self.v[i]),
                 b1,
                 b2,
-                bc2_sqrt: bc2_sqrt as f32,
+                bc2_sqrt,
                 step_size,
                 eps,
-                decay: if decays(name) {
-                    (1.0 - lr * self.cfg.weight_decay) as f32
-                } else {
-                    1.0
-                },
+                decay,
             };
             let t = var.as_tensor();
-            if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+            if t.dtype() == DType::F32
+                && preftune_model::kernels::cpu_kernels(t.device())
+                && t.is_contiguous()
+            {
                 t.inplace_op1(&update)?;
             } else {
-                // Other dtypes and devices: through an f32 copy (master weights are then the
-                // parameter's own dtype).
+                // Other dtypes (and devices, where trainers use `step_tensors`): through an f32
+                // copy (master weights are then the parameter's own dtype).
                 let mut p: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 update.apply(&mut p);
                 var.set(&Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(t.dtype())?)?;
@@ -102,6 +195,112 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// An update's gradients, summed over its micro-batches. On the CPU kernels they are host
+/// buffers, which AdamW updates in place. Elsewhere (a GPU) they are tensors on the device, so a
+/// step copies no gradient or parameter to the host: only the norm comes back, for the log.
+pub(crate) enum Grads {
+    /// Each parameter's first gradient becomes its accumulator (no zeroed buffer: one model's
+    /// worth of memory and a pass over it saved per update); empty until then.
+    Host(Vec<Vec<f32>>),
+    Device(Vec<Option<Tensor>>),
+}
+
+impl Grads {
+    pub(crate) fn new(n: usize, on_device: bool) -> Self {
+        if on_device {
+            Grads::Device(vec![None; n])
+        } else {
+            Grads::Host(vec![Vec::new(); n])
+        }
+    }
+
+    pub(crate) fn add(&mut self, i: usize, g: Tensor) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        match self {
+            Grads::Host(gs) => {
+                let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                if gs[i].is_empty() {
+                    gs[i] = v;
+                } else {
+                    gs[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                }
+            }
+            Grads::Device(gs) => {
+                gs[i] = Some(match gs[i].take() {
+                    None => g,
+                    Some(acc) => (acc + g)?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters no loss reached (a frozen branch of this batch) take zeros.
+    pub(crate) fn fill_missing(&mut self, params: &[(String, candle_core::Var)]) -> Result<()> {
+        for (i, (_, p)) in params.iter().enumerate() {
+            match self {
+                Grads::Host(gs) if gs[i].is_empty() => gs[i] = vec![0f32; p.elem_count()],
+                Grads::Device(gs) if gs[i].is_none() => {
+                    gs[i] = Some(Tensor::zeros(p.shape(), DType::F32, p.device())?)
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Clips to the global norm `max_norm` (0: no clipping) and returns the norm before clipping.
+    pub(crate) fn clip(&mut self, max_norm: f64) -> Result<f64> {
+        let gs = match self {
+            Grads::Host(gs) => return Ok(clip_grad_norm(gs, max_norm)),
+            Grads::Device(gs) => gs,
+        };
+        let tensors = device_grads(gs)?;
+        // One sum of squares per parameter in f32, added in f64 on the host: the one copy back.
+        let sums = tensors
+            .iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = match sums.first() {
+            None => 0.0,
+            Some(_) => Tensor::stack(&sums, 0)?
+                .to_vec1::<f64>()?
+                .iter()
+                .sum::<f64>()
+                .sqrt(),
+        };
+        if max_norm > 0.0 && norm > max_norm {
+            let scale = max_norm / (norm + 1e-6);
+            for g in gs.iter_mut().flatten() {
+                *g = (&*g * scale)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    pub(crate) fn to_host(&self) -> Result<std::borrow::Cow<'_, [Vec<f32>]>> {
+        Ok(match self {
+            Grads::Host(gs) => std::borrow::Cow::Borrowed(gs.as_slice()),
+            Grads::Device(gs) => std::borrow::Cow::Owned(
+                device_grads(gs)?
+                    .iter()
+                    .map(|g| g.flatten_all()?.to_vec1())
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+        })
+    }
+}
+
+/// The device gradients, every one present ([`Grads::fill_missing`] has run).
+fn device_grads(gs: &[Option<Tensor>]) -> Result<Vec<Tensor>> {
+    gs.iter()
+        .map(|g| {
+            g.clone()
+                .ok_or_else(|| Error::Msg("a gradient is missing after fill_missing".into()))
+        })
+        .collect()
 }
 
 /// One parameter's AdamW update, applied in place to the parameter's storage.
@@ -225,6 +424,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// lr 0.1, PyTorch's betas and eps, weight decay 0.01.
+    fn test_config() -> AdamWConfig {
+        AdamWConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+
     #[test]
     fn adamw_matches_the_pytorch_formula() {
         // Two steps by hand for p = [1, -2], g1 = [0.5, 0.1], g2 = [-0.3, 0.2], lr 0.1, wd 0.01.
@@ -235,14 +445,7 @@ mod tests {
             ("layer.weight".to_string(), w.clone()),
             ("layer.bias".to_string(), b.clone()),
         ];
-        let cfg = AdamWConfig {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
-        let mut opt = AdamW::new(cfg, &params);
+        let mut opt = AdamW::new(test_config(), &params);
         let mut p = [1f64, -2.0];
         let mut pb = 0.5f64;
         let (mut m, mut v, mut mb, mut vb) = ([0f64; 2], [0f64; 2], 0f64, 0f64);
@@ -274,6 +477,66 @@ mod tests {
         );
         let gb = b.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((gb - pb).abs() < 5e-6, "bias is not decayed: {gb} vs {pb}");
+    }
+
+    /// The device update (candle ops, for GPUs) follows the in-place one step for step, with
+    /// learning-rate scales, weight decay groups, and moments copied back for checkpoints.
+    #[test]
+    fn device_update_matches_the_in_place_update() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut draw =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let shapes = [
+            ("a.weight", (3, 5)),
+            ("a.bias", (1, 5)),
+            ("norm.weight", (1, 7)),
+        ];
+        let make = |vals: &[Vec<f32>]| -> Vec<(String, Var)> {
+            shapes
+                .iter()
+                .zip(vals)
+                .map(|((n, s), v)| {
+                    let t = Tensor::from_vec(v.clone(), *s, &Device::Cpu).unwrap();
+                    (n.to_string(), Var::from_tensor(&t).unwrap())
+                })
+                .collect()
+        };
+        let init: Vec<Vec<f32>> = shapes.iter().map(|(_, (r, c))| draw(r * c)).collect();
+        let (host, dev) = (make(&init), make(&init));
+        let (mut a, mut b) = (
+            AdamW::new(test_config(), &host),
+            AdamW::new(test_config(), &dev),
+        );
+        a.lr_scale[1] = 3.0;
+        b.lr_scale[1] = 3.0;
+        for _ in 0..3 {
+            let g: Vec<Vec<f32>> = shapes.iter().map(|(_, (r, c))| draw(r * c)).collect();
+            a.step(&host, &g, 0.05).unwrap();
+            let gt: Vec<Tensor> = g
+                .iter()
+                .zip(&shapes)
+                .map(|(v, (_, s))| Tensor::from_vec(v.clone(), *s, &Device::Cpu).unwrap())
+                .collect();
+            b.step_tensors(&dev, &gt, 0.05).unwrap();
+        }
+        b.sync_to_host().unwrap();
+        for i in 0..shapes.len() {
+            let flat = |v: &Var| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            for (x, y) in flat(&host[i].1).iter().zip(flat(&dev[i].1)) {
+                assert!((x - y).abs() < 1e-6, "{}: {x} vs {y}", shapes[i].0);
+            }
+            for (x, y) in a.m[i].iter().zip(&b.m[i]).chain(a.v[i].iter().zip(&b.v[i])) {
+                assert!((x - y).abs() < 1e-7, "{}: moments {x} vs {y}", shapes[i].0);
+            }
+        }
+        assert_eq!((a.t, b.t), (3, 3));
     }
 
     #[test]

@@ -280,6 +280,7 @@ pub fn run(
         }
         let opts = LoadOptions {
             dtype: parse_dtype(&args.dtype)?,
+            device: crate::trainer::run_device(args)?,
             ..Default::default()
         };
         let p = Pretrained::load(Path::new(&args.model_name_or_path), &opts)?;

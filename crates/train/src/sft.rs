@@ -178,6 +178,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<se
             .ok_or_else(|| Error::Config("--eval-only needs eval_file".into()))?;
         let opts = LoadOptions {
             dtype: parse_dtype(&args.dtype)?,
+            device: crate::trainer::run_device(args)?,
             ..Default::default()
         };
         let p = Pretrained::load(Path::new(&args.model_name_or_path), &opts)?;

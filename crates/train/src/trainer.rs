@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainingArguments;
 use crate::error::{Error, Result};
-use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::optim::{lr_at, AdamW, AdamWConfig, Grads};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -94,6 +94,35 @@ pub trait Algorithm {
     }
 }
 
+/// With `PREFTUNE_DUMP_FIRST_UPDATE=FILE`, writes the run's first update, before clipping, as
+/// safetensors: its loss (`loss`, f32; the f64 value is in the metadata) and every parameter's
+/// gradient under the parameter's name, and says the run stops there (`true`): nothing is
+/// updated or saved. `scripts/gpu-check.sh` compares a CPU and a GPU run this way.
+fn dump_first_update(
+    loss: f64,
+    params: &[(String, candle_core::Var)],
+    grads: &Grads,
+) -> Result<bool> {
+    let Some(path) = std::env::var_os("PREFTUNE_DUMP_FIRST_UPDATE") else {
+        return Ok(false);
+    };
+    let grads = grads.to_host()?;
+    let loss32 = [loss as f32];
+    let mut entries: Vec<(&str, preftune_model::weights::Data)> =
+        vec![("loss", preftune_model::weights::Data::F32(&loss32))];
+    for ((name, _), g) in params.iter().zip(grads.iter()) {
+        entries.push((name.as_str(), preftune_model::weights::Data::F32(g)));
+    }
+    let meta = [("loss".to_string(), format!("{loss:e}"))].into();
+    preftune_model::weights::write_safetensors(Path::new(&path), &entries, Some(&meta))?;
+    Ok(true)
+}
+
+/// The run's device: the process's (`--device`), else the config's `device`, else the CPU.
+pub fn run_device(args: &TrainingArguments) -> Result<candle_core::Device> {
+    Ok(preftune_model::device::run_device(args.device).map_err(preftune_model::Error::from)?)
+}
+
 /// Loads the policy for training: full fine-tuning (every parameter a `Var`) or LoRA on a frozen
 /// base. `resume_from` restores the weights (or adapter) of a checkpoint.
 pub fn load_policy(
@@ -108,7 +137,7 @@ pub fn load_policy(
             &LoadOptions {
                 dtype,
                 trainable: false,
-                ..Default::default()
+                device: run_device(args)?,
             },
         )?;
         let cfg = LoraConfig {
@@ -136,7 +165,7 @@ pub fn load_policy(
             &LoadOptions {
                 dtype,
                 trainable: true,
-                ..Default::default()
+                device: run_device(args)?,
             },
         )?;
         p.model
@@ -177,7 +206,7 @@ pub fn load_model(args: &TrainingArguments, path: &str, trainable: bool) -> Resu
         &LoadOptions {
             dtype: parse_dtype(&args.dtype)?,
             trainable,
-            ..Default::default()
+            device: run_device(args)?,
         },
     )?)
 }
@@ -380,6 +409,8 @@ pub fn train(
         );
     }
     preftune_model::mem::trace("training starts");
+    // Off the CPU kernels (a GPU), gradients, moments and updates stay on the device.
+    let on_device = !preftune_model::kernels::cpu_kernels(policy.model.device());
     let mut params = policy.model.trainable_params();
     params.extend(algo.extra_params());
     if params.is_empty() {
@@ -442,6 +473,9 @@ pub fn train(
     let started = Instant::now();
     let start_step = state.global_step;
     let (mut window, mut run_loss) = (Metrics::default(), Metrics::default());
+    // Host<->device bytes per step on a GPU, logged so a check can see no silent round trips.
+    let gpu = policy.model.device().is_cuda();
+    let mut copies_at_log = (preftune_model::device::transfer_counts(), state.global_step);
     let mut last_eval = BTreeMap::new();
 
     while state.global_step < total_steps {
@@ -460,9 +494,8 @@ pub fn train(
         let (mut grad_norm, mut lr) = (0.0, 0.0);
         for update in 0..updates {
             algo.on_update(update)?;
-            // Each parameter's first gradient becomes its accumulator (no zeroed buffer: one
-            // model's worth of memory and a pass over it saved per update).
-            let mut grads: Vec<Vec<f32>> = params.iter().map(|_| Vec::new()).collect();
+            let mut update_loss = 0.0;
+            let mut grads = Grads::new(params.len(), on_device);
             for (k, b) in batches.iter().enumerate() {
                 policy.model.set_lora_dropout_seed(Some(
                     args.seed
@@ -479,30 +512,35 @@ pub fn train(
                         value,
                     });
                 }
+                update_loss += value / total_weight;
                 let mut g = policy.model.backward(&(loss / total_weight)?)?;
                 preftune_model::mem::trace("backward");
                 for (i, (_, p)) in params.iter().enumerate() {
                     // Taken out of the store so each gradient tensor is freed once accumulated.
                     if let Some(gt) = g.remove(p.as_tensor()) {
-                        let v: Vec<f32> = gt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                        if grads[i].is_empty() {
-                            grads[i] = v;
-                        } else {
-                            grads[i].iter_mut().zip(v).for_each(|(a, b)| *a += b);
-                        }
+                        grads.add(i, gt)?;
                     }
                 }
                 step_metrics.merge(&m);
                 preftune_model::mem::trace("gradients taken");
             }
-            // Parameters no loss reached (a frozen branch of this batch) take zeros.
-            for (g, (_, p)) in grads.iter_mut().zip(&params) {
-                if g.is_empty() {
-                    *g = vec![0f32; p.elem_count()];
-                }
-            }
+            grads.fill_missing(&params)?;
             policy.model.set_lora_dropout_seed(None);
-            grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm);
+            if step == start_step && update == 0 && dump_first_update(update_loss, &params, &grads)?
+            {
+                // A check, not training: nothing is updated or saved.
+                progress.finish();
+                return Ok(TrainSummary {
+                    output_dir: out.clone(),
+                    global_step: start_step,
+                    train_loss: Some(update_loss),
+                    eval: BTreeMap::new(),
+                    num_tokens: state.num_tokens,
+                    train_runtime_s: started.elapsed().as_secs_f64(),
+                    resumed_from: ckpt.map(|(s, _)| s),
+                });
+            }
+            grad_norm = grads.clip(args.max_grad_norm)?;
             if !grad_norm.is_finite() {
                 return Err(Error::NonFinite {
                     step: step + 1,
@@ -516,7 +554,7 @@ pub fn train(
                 warmup,
                 total_steps,
             );
-            opt.step(&params, &grads, lr)?;
+            opt.apply(&params, &grads, lr)?;
             preftune_model::mem::trace("optimizer step");
         }
         algo.on_update(updates)?;
@@ -537,6 +575,13 @@ pub fn train(
             });
             for (k, v) in window.means() {
                 rec[k] = v.into();
+            }
+            if gpu {
+                let (now, steps) = (preftune_model::device::transfer_counts(), state.global_step);
+                let per_step = |a: u64, b: u64| (a - b) as f64 / (steps - copies_at_log.1) as f64;
+                rec["device/h2d_bytes_per_step"] = per_step(now.1, copies_at_log.0 .1).into();
+                rec["device/d2h_bytes_per_step"] = per_step(now.3, copies_at_log.0 .3).into();
+                copies_at_log = (now, steps);
             }
             log.write(&rec)?;
             let loss = window.means().get("loss").copied().unwrap_or(f64::NAN);
@@ -566,6 +611,7 @@ pub fn train(
             log.write(&rec)?;
         }
         if state.global_step.is_multiple_of(args.save_steps) || done {
+            opt.sync_to_host()?;
             checkpoint::save(out, &state, &opt, config, |dir| {
                 save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)?;
                 algo.save_state(dir)

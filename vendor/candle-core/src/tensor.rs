@@ -1670,6 +1670,14 @@ impl Tensor {
     }
 
     pub fn scatter<D: Dim>(&self, indexes: &Self, source: &Self, dim: D) -> Result<Self> {
+        // preftune patch: candle's CUDA kernels for this op read contiguous operands only.
+        if !self.device().is_cpu()
+            && !(self.is_contiguous() && indexes.is_contiguous() && source.is_contiguous())
+        {
+            return self
+                .contiguous()?
+                .scatter(&indexes.contiguous()?, &source.contiguous()?, dim);
+        }
         let dim = dim.to_index(self.shape(), "scatter")?;
         self.scatter_checks(indexes, source, dim)?;
         let shape = self.shape();
@@ -1709,6 +1717,14 @@ impl Tensor {
     }
 
     pub fn scatter_add<D: Dim>(&self, indexes: &Self, source: &Self, dim: D) -> Result<Self> {
+        // preftune patch: candle's CUDA kernels for this op read contiguous operands only.
+        if !self.device().is_cpu()
+            && !(self.is_contiguous() && indexes.is_contiguous() && source.is_contiguous())
+        {
+            return self
+                .contiguous()?
+                .scatter_add(&indexes.contiguous()?, &source.contiguous()?, dim);
+        }
         let dim = dim.to_index(self.shape(), "scatter-add")?;
         self.scatter_checks(indexes, source, dim)?;
         let shape = self.shape();
@@ -1818,6 +1834,14 @@ impl Tensor {
 
     /// Accumulate element from `source` at indexes `indexes` and add them to `self`.
     pub fn index_add<D: Dim>(&self, indexes: &Self, source: &Self, dim: D) -> Result<Self> {
+        // preftune patch: candle's CUDA kernels for this op read contiguous operands only.
+        if !self.device().is_cpu()
+            && !(self.is_contiguous() && indexes.is_contiguous() && source.is_contiguous())
+        {
+            return self
+                .contiguous()?
+                .index_add(&indexes.contiguous()?, &source.contiguous()?, dim);
+        }
         let dim = dim.to_index(self.shape(), "index-add")?;
         let source_dims = source.dims();
         let self_dims = self.dims();
@@ -1879,6 +1903,10 @@ impl Tensor {
     /// The resulting tensor has the same shape as `indexes` and use values from `self` indexed on
     /// dimension `dim` by the values in `indexes`.
     pub fn gather<D: Dim>(&self, indexes: &Self, dim: D) -> Result<Self> {
+        // preftune patch: candle's CUDA kernels for this op read contiguous operands only.
+        if !self.device().is_cpu() && !(self.is_contiguous() && indexes.is_contiguous()) {
+            return self.contiguous()?.gather(&indexes.contiguous()?, dim);
+        }
         let dim = dim.to_index(self.shape(), "gather")?;
 
         let self_dims = self.dims();
@@ -1918,6 +1946,10 @@ impl Tensor {
     /// the index from `indexes`. Other dimensions have the same number of elements as the input
     /// tensor.
     pub fn index_select<D: Dim>(&self, indexes: &Self, dim: D) -> Result<Self> {
+        // preftune patch: candle's CUDA kernels for this op read contiguous operands only.
+        if !self.device().is_cpu() && !(self.is_contiguous() && indexes.is_contiguous()) {
+            return self.contiguous()?.index_select(&indexes.contiguous()?, dim);
+        }
         let dim = dim.to_index(self.shape(), "index-select")?;
         let indexes_len = match indexes.dims() {
             [l] => *l,

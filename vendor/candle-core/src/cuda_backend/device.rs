@@ -103,6 +103,7 @@ impl CudaDevice {
         src: &Src,
         dst: &mut Dst,
     ) -> Result<()> {
+        super::transfers::add(&super::transfers::H2D, src.len() * std::mem::size_of::<T>());
         if cuda_graph_htod_cache_enabled() && !src.is_empty() {
             return self.memcpy_htod_capture_cached(src, dst);
         }
@@ -114,6 +115,7 @@ impl CudaDevice {
         src: &Src,
     ) -> Result<Vec<T>> {
         self.check_capture_copy("clone_dtoh")?;
+        super::transfers::add(&super::transfers::D2H, src.len() * std::mem::size_of::<T>());
         self.stream.clone_dtoh(src).w()
     }
 
@@ -139,6 +141,7 @@ impl CudaDevice {
         dst: &mut Dst,
     ) -> Result<()> {
         self.check_capture_copy("memcpy_dtoh")?;
+        super::transfers::add(&super::transfers::D2H, dst.len() * std::mem::size_of::<T>());
         self.stream.memcpy_dtoh(src, dst).w()
     }
 
@@ -149,6 +152,7 @@ impl CudaDevice {
         &self,
         src: &Src,
     ) -> Result<cudarc::driver::CudaSlice<T>> {
+        super::transfers::add(&super::transfers::H2D, src.len() * std::mem::size_of::<T>());
         if cuda_graph_htod_cache_enabled() && !src.is_empty() {
             return self.clone_htod_capture_cached(src);
         }

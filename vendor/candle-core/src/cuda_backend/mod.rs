@@ -24,6 +24,26 @@ pub use device::{CudaDevice, DeviceId};
 pub use error::{CudaError, WrapErr};
 pub use utils::{Map1, Map1Any, Map2, Map2Any, Map2InPlace, Map3, S};
 
+/// preftune patch: host/device copies made by this backend since the process started, so that
+/// a training step can be checked for silent round trips (`transfer_counts`).
+pub(crate) mod transfers {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    pub(crate) static H2D: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    pub(crate) static D2H: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    pub(crate) fn add(c: &[AtomicU64; 2], bytes: usize) {
+        c[0].fetch_add(1, Ordering::Relaxed);
+        c[1].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// preftune patch: `(host-to-device copies, their bytes, device-to-host copies, their bytes)` made
+/// by the CUDA backend in this process so far.
+pub fn transfer_counts() -> (u64, u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (h, d) = (&transfers::H2D, &transfers::D2H);
+    (h[0].load(Relaxed), h[1].load(Relaxed), d[0].load(Relaxed), d[1].load(Relaxed))
+}
+
 type ParamCache = HashMap<(DeviceId, Vec<usize>), Arc<CudaSlice<usize>>>;
 
 static CUDA_PARAM_CACHE: OnceLock<Mutex<ParamCache>> = OnceLock::new();
@@ -115,6 +135,25 @@ pub enum CudaStorageSlice {
     F6E3M2(CudaSlice<u8>),
     F4(CudaSlice<u8>),
     F8E8M0(CudaSlice<u8>),
+}
+
+impl CudaStorageSlice {
+    /// preftune patch: the buffer's size in bytes (for `transfer_counts`).
+    fn byte_len(&self) -> usize {
+        use std::mem::size_of;
+        match self {
+            Self::U8(s) | Self::F6E2M3(s) | Self::F6E3M2(s) | Self::F4(s) | Self::F8E8M0(s) => s.len(),
+            Self::U32(s) => s.len() * size_of::<u32>(),
+            Self::I16(s) => s.len() * size_of::<i16>(),
+            Self::I32(s) => s.len() * size_of::<i32>(),
+            Self::I64(s) => s.len() * size_of::<i64>(),
+            Self::BF16(s) => s.len() * size_of::<bf16>(),
+            Self::F16(s) => s.len() * size_of::<f16>(),
+            Self::F32(s) => s.len() * size_of::<f32>(),
+            Self::F64(s) => s.len() * size_of::<f64>(),
+            Self::F8E4M3(s) => s.len(),
+        }
+    }
 }
 
 struct Clone;
@@ -1762,6 +1801,7 @@ impl BackendStorage for CudaStorage {
                 );
             }
         }
+        transfers::add(&transfers::D2H, self.slice.byte_len());
         match &self.slice {
             CudaStorageSlice::U8(slice) => {
                 let cpu_storage = slice.stream().clone_dtoh(slice).w()?;

@@ -25,10 +25,8 @@ mod metal {
 }
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-pub mod fast_mmq;
-#[cfg(feature = "cuda")]
-pub mod fast_mmvq;
+// preftune patch: the fast MMQ/MMVQ paths call kernels from candle-kernels' static library,
+// which our vendored candle-kernels does not build (vendor/candle-kernels/PREFTUNE.md).
 #[cfg(not(feature = "cuda"))]
 mod cuda {
     pub use super::dummy_cuda::*;

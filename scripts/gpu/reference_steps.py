@@ -1,0 +1,117 @@
+"""The PyTorch + transformers side of the GPU timing table, on the same GPU, data and shapes as
+preftune: TRL's own step maths written out in PyTorch (TRL is not installed on the GPU machine):
+  sft  MODEL DATA BATCH MAXLEN STEPS   completion-only NLL (TRL's SFT loss), backward, AdamW step
+  dpo  MODEL DATA BATCH MAXLEN STEPS   sigmoid DPO loss, beta 0.1, reference log-probs precomputed
+                                       (TRL's precompute_ref_log_probs), chosen and rejected in one
+                                       concatenated forward (TRL's default), backward, AdamW step
+  generate MODEL PROMPTS BATCH NEW     sampling at T=1, fixed length, HF generate
+BF16=1: TRL's bf16=True (f32 master weights, autocast to bf16). GC=1: gradient checkpointing.
+Prints one JSON line: median step seconds over the steps after two warm-up steps, tokens/s and
+torch's peak allocated memory."""
+import json, os, statistics, sys, time
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+bf16 = os.environ.get("BF16") == "1"
+gc = os.environ.get("GC") == "1"
+work, model_dir, data = sys.argv[1:4]
+dev = "cuda"
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(dev)
+rows = [json.loads(l) for l in open(data) if l.strip()]
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+if work == "generate":
+    batch, new = int(sys.argv[4]), int(sys.argv[5])
+    model.eval()
+    if bf16:
+        model = model.to(torch.bfloat16)
+    tok.padding_side = "left"
+    prompts = [rows[i % len(rows)]["prompt"] for i in range(batch)]
+    enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **kw)
+        sync(); t = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, **kw)
+        sync(); s = time.perf_counter() - t
+    n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
+    print(json.dumps({"impl": "transformers", "workload": "generate", "bf16": bf16, "batch": batch, "new_tokens": new,
+                      "seconds": s, "tokens_per_s": n / s, "torch": torch.__version__,
+                      "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
+    sys.exit(0)
+
+batch, maxlen, steps = map(int, sys.argv[4:7])
+if gc:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.config.use_cache = False
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def encode(prompt, completion):
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (p + c)[:maxlen]
+    mask = ([0] * len(p) + [1] * len(c))[:maxlen]
+    return ids, mask
+
+
+def collate(pairs):
+    n = max(len(i) for i, _ in pairs)
+    ids = torch.full((len(pairs), n), tok.pad_token_id)
+    att = torch.zeros((len(pairs), n), dtype=torch.long)
+    lm = torch.zeros((len(pairs), n))
+    for r, (i, m) in enumerate(pairs):
+        ids[r, :len(i)] = torch.tensor(i); att[r, :len(i)] = 1; lm[r, :len(m)] = torch.tensor(m, dtype=torch.float)
+    return ids.to(dev), att.to(dev), lm.to(dev)
+
+
+def logps(ids, att, lm):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids, attention_mask=att).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (lp * lm[:, 1:]).sum(-1), lm[:, 1:].sum()
+
+
+times, tokens = [], 0
+ref = {}
+for step in range(steps + 2):
+    chunk = [rows[(step * batch + k) % len(rows)] for k in range(batch)]
+    sync(); t = time.perf_counter()
+    if work == "sft":
+        ids, att, lm = collate([encode(r["prompt"], r["completion"]) for r in chunk])
+        s, n = logps(ids, att, lm)
+        loss = -s.sum() / n
+        ntok = int(att.sum())
+    else:
+        ids, att, lm = collate([encode(r["prompt"], r["chosen"]) for r in chunk] +
+                               [encode(r["prompt"], r["rejected"]) for r in chunk])
+        if step not in ref:  # precomputed reference: outside the timed region in TRL too
+            sync(); t0 = time.perf_counter()
+            with torch.no_grad():
+                ref[step] = logps(ids, att, lm)[0].detach()
+            sync(); t += time.perf_counter() - t0
+        s, _ = logps(ids, att, lm)
+        d = (s[:batch] - s[batch:]) - (ref[step][:batch] - ref[step][batch:])
+        loss = -F.logsigmoid(0.1 * d).mean()
+        ntok = int(att.sum())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(); opt.zero_grad(set_to_none=True)
+    sync()
+    if step >= 2:
+        times.append(time.perf_counter() - t); tokens = ntok
+s = statistics.median(times)
+print(json.dumps({"impl": "pytorch (TRL's step maths, eager)", "workload": work, "bf16": bf16, "gradient_checkpointing": gc,
+                  "batch": batch, "max_length": maxlen, "steps": len(times), "median_step_s": s,
+                  "tokens_per_s": tokens / s, "torch": torch.__version__,
+                  "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
