@@ -1238,3 +1238,63 @@ fn gpu_code_path_on_the_cpu_gives_the_cpu_kernels_first_update() {
     );
     assert!(la < 0.6, "the loss fell from ln 2: {la}");
 }
+
+/// A checkpoint written on the GPU's code path (`PREFTUNE_PORTABLE=1`: AdamW's moments live as
+/// device tensors and are copied back for the checkpoint) resumes on the CPU kernels, and the
+/// other way round, landing where an uninterrupted run does: a GPU run's checkpoint resumes on a
+/// CPU machine. The tolerance is f32 rounding between the two paths (1e-4 relative on the loss).
+#[test]
+fn checkpoints_resume_across_the_gpu_and_cpu_code_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, portable: &str, steps: u32, resume: bool| -> f64 {
+        let out_dir = dir.path().join(out);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
+        cmd.current_dir(root())
+            .env("PREFTUNE_PORTABLE", portable)
+            .args(["sft", "--config", "examples/sft-tiny.toml"])
+            .args([
+                "--set",
+                &format!("model_name_or_path={}", model("tiny-llama")),
+            ])
+            .args(["--set", &format!("output_dir={}", out_dir.display())])
+            .args([
+                "--set",
+                &format!("max_steps={steps}"),
+                "--set",
+                "save_steps=2",
+            ])
+            .args([
+                "--set",
+                "logging_steps=1",
+                "--set",
+                "lr_scheduler_type=constant",
+            ]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+        log.lines()
+            .rev()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["step"] == steps && r.get("loss").is_some())
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let straight = run("straight", "0", 4, false);
+    for (first, then) in [("1", "0"), ("0", "1")] {
+        let name = format!("from-{first}-to-{then}");
+        run(&name, first, 2, false);
+        let resumed = run(&name, then, 4, true);
+        assert!(
+            (resumed - straight).abs() <= 1e-4 * straight.abs(),
+            "{name}: {resumed} vs {straight}"
+        );
+    }
+}
