@@ -1103,6 +1103,37 @@ fn device_cuda_without_a_gpu_exits_2_and_says_why() {
     assert!(err.contains("cpu, cuda, cuda:N or auto"), "{err}");
 }
 
+/// `preftune ALGO --config examples/ALGO-tiny.toml` on the tiny model from the repository root,
+/// with `PREFTUNE_PORTABLE=portable` (the GPU's code path on the CPU when "1"), the extra
+/// environment, `--set`s and flags; panics with stderr unless it succeeds.
+fn tiny_run(
+    algo: &str,
+    portable: &str,
+    env: &[(&str, &Path)],
+    sets: &[String],
+    flags: &[&str],
+) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
+    cmd.current_dir(root())
+        .env("PREFTUNE_PORTABLE", portable)
+        .envs(env.iter().copied())
+        .args([algo, "--config", &format!("examples/{algo}-tiny.toml")])
+        .args([
+            "--set",
+            &format!("model_name_or_path={}", model("tiny-llama")),
+        ]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.args(flags).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{algo}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The GPU's code path, run on the CPU (`PREFTUNE_PORTABLE=1`: composed candle ops only, as on
 /// CUDA), gives each trainer's first update as the CPU kernels do: loss within 1e-5 relative, each
 /// parameter's gradient within 1e-4 of its largest value. This is how the CUDA path is tested on
@@ -1119,28 +1150,19 @@ fn gpu_code_path_on_the_cpu_gives_the_cpu_kernels_first_update() {
         let mut dumps = vec![];
         for portable in ["0", "1"] {
             let dump = dir.path().join(format!("{algo}-{portable}.safetensors"));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
-            cmd.current_dir(root())
-                .env("PREFTUNE_PORTABLE", portable)
-                .env("PREFTUNE_DUMP_FIRST_UPDATE", &dump)
-                .args([algo, "--config", &format!("examples/{algo}-tiny.toml")])
-                .args([
-                    "--set",
-                    &format!("model_name_or_path={}", model("tiny-llama")),
-                ])
-                .args([
-                    "--set",
-                    &format!("output_dir={}", dir.path().join(algo).display()),
-                ])
-                .args(["--set", "gradient_accumulation_steps=1"]);
+            let mut sets = vec![
+                format!("output_dir={}", dir.path().join(algo).display()),
+                "gradient_accumulation_steps=1".to_string(),
+            ];
             if algo != "sft" {
-                cmd.args(["--set", &format!("train_file={}", data.display())]);
+                sets.push(format!("train_file={}", data.display()));
             }
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{algo}: {}",
-                String::from_utf8_lossy(&out.stderr)
+            let out = tiny_run(
+                algo,
+                portable,
+                &[("PREFTUNE_DUMP_FIRST_UPDATE", &dump)],
+                &sets,
+                &[],
             );
             let v: Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(
@@ -1183,37 +1205,19 @@ fn gpu_code_path_on_the_cpu_gives_the_cpu_kernels_first_update() {
     let mut last = vec![];
     for portable in ["0", "1"] {
         let out_dir = dir.path().join(format!("dpo-steps-{portable}"));
-        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
-            .current_dir(root())
-            .env("PREFTUNE_PORTABLE", portable)
-            .args(["dpo", "--config", "examples/dpo-tiny.toml"])
-            .args([
-                "--set",
-                &format!("model_name_or_path={}", model("tiny-llama")),
-            ])
-            .args(["--set", &format!("train_file={}", data.display())])
-            .args(["--set", &format!("output_dir={}", out_dir.display())])
-            .args([
-                "--set",
-                "max_steps=4",
-                "--set",
-                "save_steps=2",
-                "--set",
-                "logging_steps=1",
-            ])
-            .args([
-                "--set",
-                "gradient_accumulation_steps=2",
-                "--set",
-                "max_grad_norm=0.1",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let sets: Vec<String> = [
+            format!("train_file={}", data.display()),
+            format!("output_dir={}", out_dir.display()),
+        ]
+        .into_iter()
+        .chain(
+            ["max_steps=4", "save_steps=2", "logging_steps=1"]
+                .into_iter()
+                .chain(["gradient_accumulation_steps=2", "max_grad_norm=0.1"])
+                .map(String::from),
+        )
+        .collect();
+        tiny_run("dpo", portable, &[], &sets, &[]);
         assert!(out_dir.join("checkpoint-2/optimizer.safetensors").exists());
         let log = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
         let rec: Value = log
@@ -1248,35 +1252,24 @@ fn checkpoints_resume_across_the_gpu_and_cpu_code_paths() {
     let dir = tempfile::tempdir().unwrap();
     let run = |out: &str, portable: &str, steps: u32, resume: bool| -> f64 {
         let out_dir = dir.path().join(out);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
-        cmd.current_dir(root())
-            .env("PREFTUNE_PORTABLE", portable)
-            .args(["sft", "--config", "examples/sft-tiny.toml"])
-            .args([
-                "--set",
-                &format!("model_name_or_path={}", model("tiny-llama")),
-            ])
-            .args(["--set", &format!("output_dir={}", out_dir.display())])
-            .args([
-                "--set",
-                &format!("max_steps={steps}"),
-                "--set",
+        let mut sets = vec![
+            format!("output_dir={}", out_dir.display()),
+            format!("max_steps={steps}"),
+        ];
+        sets.extend(
+            [
                 "save_steps=2",
-            ])
-            .args([
-                "--set",
                 "logging_steps=1",
-                "--set",
                 "lr_scheduler_type=constant",
-            ]);
-        if resume {
-            cmd.arg("--resume");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            ]
+            .map(String::from),
+        );
+        tiny_run(
+            "sft",
+            portable,
+            &[],
+            &sets,
+            if resume { &["--resume"] } else { &[] },
         );
         let log = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
         log.lines()
