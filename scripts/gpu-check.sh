@@ -5,14 +5,14 @@
 #
 #   BIN=path/to/preftune (default target/release/preftune; a .gz beside it is unpacked)
 #   OUT=folder for logs and results (default runs/gpu-check)
-#   SECTIONS="parity steps generate dpo-run timing" (default: all)
+#   SECTIONS="parity steps generate dpo-run variants commands timing" (default: all)
 #
 # Prints one JSON line per check and a summary; exits 1 if a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/preftune}
 OUT=${OUT:-runs/gpu-check}
-SECTIONS=${SECTIONS:-parity steps generate dpo-run timing}
+SECTIONS=${SECTIONS:-parity steps generate dpo-run variants commands timing}
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"; fi
 BIN=$(realpath "$BIN")
@@ -57,7 +57,7 @@ want parity && check parity $PY scripts/gpu/parity.py "$BIN"
 
 # Random models of two real shapes (no real weights on the GPU machine).
 models=()
-if want steps || want generate || want dpo-run || want timing; then
+if [ "$SECTIONS" != parity ]; then
     for shape in smollm2-135m llama-3.2-1b; do
         $PY scripts/gpu/make_random_model.py "$work/$shape" "$shape" 0 > /dev/null 2>> "$OUT/checks.log" \
             && models+=("$shape")
@@ -70,19 +70,33 @@ step_pair() {
     local t=$1 shape=$2; shift 2
     for dev in cpu cuda; do
         PREFTUNE_DUMP_FIRST_UPDATE="$work/$t-$shape-$dev.st" "$BIN" --device $dev $t \
-            --config examples/$t-tiny.toml --set model_name_or_path="$work/$shape" --set max_steps=1 \
+            --config "${CONFIG:-examples/$t-tiny.toml}" --set model_name_or_path="$work/$shape" --set max_steps=1 \
             --set output_dir="$work/run-$t-$shape-$dev" "$@" > /dev/null || return 1
         rm -rf "$work/run-$t-$shape-$dev"
     done
     $PY scripts/gpu/compare_updates.py "$work/$t-$shape-cpu.st" "$work/$t-$shape-cuda.st" "step-$t-$shape"
 }
 steps_for() {
-    local shape=$1
+    local shape=$1 len="reward=command:python3 scripts/gpu/reward_length.py"
     check "step-sft-$shape" step_pair sft "$shape" --set max_length=128
     check "step-dpo-$shape" step_pair dpo "$shape"
     check "step-rm-$shape" step_pair rm "$shape"
-    check "step-grpo-$shape" step_pair grpo "$shape" --set reward="command:python3 scripts/gpu/reward_length.py"
+    check "step-grpo-$shape" step_pair grpo "$shape" --set "$len"
     check "step-ppo-$shape" step_pair ppo "$shape" --set gradient_accumulation_steps=1
+}
+
+# The variants, at the small shape only: LoRA, gradient checkpointing, RLOO, REINFORCE, PPO with
+# the value head on the policy.
+variants_for() {
+    local shape=$1 len="reward=command:python3 scripts/gpu/reward_length.py"
+    check "step-dpo-lora-$shape" step_pair dpo "$shape" --set use_peft=true
+    check "step-sft-checkpointing-$shape" step_pair sft "$shape" --set max_length=128 \
+        --set gradient_checkpointing=true
+    check "step-rloo-$shape" step_pair rloo "$shape" --set "$len"
+    CONFIG=examples/rloo-tiny.toml check "step-reinforce-$shape" step_pair reinforce "$shape" \
+        --set "$len"
+    check "step-ppo-shared-head-$shape" step_pair ppo "$shape" --set gradient_accumulation_steps=1 \
+        --set shared_value_head=true
 }
 
 # Greedy decoding, token for token, 64 tokens.
@@ -115,6 +129,49 @@ print(json.dumps({"check": "dpo-run-loss-falls", "ok": ok, "losses": [round(x, 4
 sys.exit(0 if ok else 1)
 PY
 }
+# A reward model trained on the GPU, checkpointed, and resumed on the CPU: its loss after four
+# steps against four steps on the GPU alone (AdamW amplifies f32 differences: 1e-3 relative).
+# Then `score` with it and `bon` with it on both devices: the same rewards (1e-4) and picks.
+rm_and_rewards() {
+    local m="$work/$1" rows="$work/rows.jsonl"
+    rm_run() {
+        "$BIN" --device "$1" rm --config examples/rm-tiny.toml --set model_name_or_path="$m" \
+            --set max_steps="$2" --set save_steps=2 --set logging_steps=1 --set output_dir="$3" \
+            --set lr_scheduler_type=constant \
+            ${4:-} > /dev/null
+    }
+    rm_run cuda 4 "$work/rm-gpu" && rm_run cuda 2 "$work/rm-mixed" && rm_run cpu 4 "$work/rm-mixed" --resume || return 1
+    $PY - "$work" "$rows" <<'PY' || return 1
+import json, sys
+loss = lambda d: [json.loads(l) for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl") if '"grad_norm"' in l][-1]["loss"]
+a, b = loss("rm-gpu"), loss("rm-mixed")
+ok = abs(a - b) <= 1e-3 * abs(a)
+print(json.dumps({"check": "gpu-checkpoint-resumes-on-cpu", "ok": ok, "loss_gpu": a, "loss_gpu_then_cpu": b}))
+with open(sys.argv[2], "w") as f:
+    for p, r in [("The movie was", " good and long."), ("I liked", " the music a lot."), ("It was", " bad.")]:
+        f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+sys.exit(0 if ok else 1)
+PY
+    for dev in cpu cuda; do
+        "$BIN" --device $dev score --reward "model:$work/rm-gpu" --data "$rows" --out "$work/score-$dev.jsonl" > /dev/null \
+            && "$BIN" --device $dev bon --model "$m" --reward "model:$work/rm-gpu" --n 4 --data "$rows" \
+                --out "$work/bon-$dev.jsonl" --max-new-tokens 16 --seed 3 --keep-all > /dev/null || return 1
+    done
+    $PY - "$work" <<'PY'
+import json, sys
+rows = lambda f: [json.loads(l) for l in open(f"{sys.argv[1]}/{f}")]
+sc, sg = rows("score-cpu.jsonl"), rows("score-cuda.jsonl")
+diff = max(abs(a["reward"] - b["reward"]) for a, b in zip(sc, sg))
+bc, bg = rows("bon-cpu.jsonl"), rows("bon-cuda.jsonl")
+same = all(a["response"] == b["response"] for a, b in zip(bc, bg))
+bdiff = max(abs(x - y) for a, b in zip(bc, bg) for x, y in zip(a["rewards"], b["rewards"]))
+ok = diff <= 1e-4 and same and bdiff <= 1e-4
+print(json.dumps({"check": "score-and-bon-cpu-vs-gpu", "ok": ok, "score_max_diff": diff,
+                  "bon_same_picks": same, "bon_reward_max_diff": bdiff}))
+sys.exit(0 if ok else 1)
+PY
+}
+
 # No silent round trips: a training step's host<->device traffic (logged per step on a GPU) stays
 # under 10% of the model's weights. Copying parameters or gradients would be 100% or more.
 copies() {
@@ -125,13 +182,16 @@ copies() {
 import json, sys
 m = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l][1:]
 weights = int(sys.argv[2])
-worst = max(r["device/h2d_bytes_per_step"] + r["device/d2h_bytes_per_step"] for r in m)
+worst = max((r.get("device/h2d_bytes_per_step", float("inf")) + r.get("device/d2h_bytes_per_step", 0)
+             for r in m), default=float("inf"))
 ok = worst < 0.1 * weights
 print(json.dumps({"check": "host-device-bytes-per-step", "model": sys.argv[3], "ok": ok,
                   "worst_bytes_per_step": worst, "weights_bytes": weights}))
 sys.exit(0 if ok else 1)
 PY
+    local rc=$?
     rm -rf "$work/copies-$1"
+    return $rc
 }
 
 # First timings against PyTorch + transformers on the same GPU.
@@ -148,6 +208,8 @@ fi
 want steps && has smollm2-135m && steps_for smollm2-135m
 want dpo-run && has smollm2-135m && check dpo-run dpo_run
 want steps && has smollm2-135m && check copies-smollm2-135m copies smollm2-135m
+want variants && has smollm2-135m && variants_for smollm2-135m
+want commands && has smollm2-135m && check rm-and-rewards-smollm2-135m rm_and_rewards smollm2-135m
 want steps && has llama-3.2-1b && steps_for llama-3.2-1b
 want timing && has smollm2-135m && timing_for smollm2-135m "false true"
 want timing && has llama-3.2-1b && timing_for llama-3.2-1b "true"

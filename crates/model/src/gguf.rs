@@ -140,18 +140,19 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
+        // Dequantised on the host, one tensor at a time, then moved: the CPU's dequantisation is
+        // the one tested against llama.cpp's layout (and candle's CUDA one builds no MMQ here).
+        let bad = |e: candle_core::Error| Error::invalid(path, name.as_str(), e.to_string());
         let q = content
-            .tensor(&mut file, name, device)
-            .map_err(|e| Error::invalid(path, name.as_str(), e.to_string()))?;
-        let mut t = q
-            .dequantize(device)
-            .map_err(|e| Error::invalid(path, name.as_str(), e.to_string()))?;
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(bad)?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(bad)?;
         if name.starts_with("blk.") && name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_head)?;
         } else if name.starts_with("blk.") && name.ends_with("attn_k.weight") {
             t = unpermute(&t, n_kv)?;
         }
-        tensors.insert(hf_name(path, name)?, t);
+        tensors.insert(hf_name(path, name)?, t.to_device(device).map_err(bad)?);
     }
 
     let id = |key: &str| -> Result<Option<u32>> { Ok(m.opt_num(key)?.map(|x| x as u32)) };
