@@ -486,7 +486,9 @@ pub fn attention_probs(
 fn rows_contiguous(x: &Tensor) -> Result<Tensor> {
     match x.stride() {
         [_, _, s2, 1] if *s2 == x.dim(3)? => Ok(x.clone()),
-        _ => x.contiguous(),
+        // Not `contiguous()`: candle counts a size-1 dimension as contiguous whatever its stride
+        // (one key, as at a one-token prompt), and would hand back the odd stride.
+        _ => x.force_contiguous(),
     }
 }
 
