@@ -78,6 +78,11 @@ impl Meta<'_> {
 /// rotate-half order: `w.reshape(n, hd/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
+    if n_head == 0 || out % (2 * n_head) != 0 {
+        return Err(Error::Msg(format!(
+            "a Q/K weight of {out} rows does not split into {n_head} heads of even size"
+        )));
+    }
     let hd = out / n_head;
     Ok(w.reshape((n_head, hd / 2, 2, inp))?
         .transpose(1, 2)?
@@ -134,6 +139,17 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let n_kv = m
         .opt_num(&k("attention.head_count_kv"))?
         .map_or(n_head, |x| x as usize);
+    // Checked before use: a crafted head count of 0 divided by zero (a panic, exit 101).
+    if n_head == 0 {
+        return Err(Error::invalid(path, k("attention.head_count"), "must be > 0"));
+    }
+    if n_kv == 0 || n_head % n_kv != 0 {
+        return Err(Error::invalid(
+            path,
+            k("attention.head_count_kv"),
+            format!("must be > 0 and divide attention.head_count ({n_head})"),
+        ));
+    }
     let tokens = m.strings("tokenizer.ggml.tokens")?;
 
     let mut tensors = HashMap::new();
@@ -291,4 +307,49 @@ fn build_tokenizer(
         config["chat_template"] = Value::String(m.string("tokenizer.chat_template")?);
     }
     Tokenizer::new(inner, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{write, Value};
+
+    fn crafted(metadata: &[(&str, &Value)]) -> tempfile::NamedTempFile {
+        let f = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+        write(&mut std::fs::File::create(f.path()).unwrap(), metadata, &[]).unwrap();
+        f
+    }
+
+    /// Crafted metadata that divided by zero (a panic, exit 101) is an error naming the file and
+    /// the key.
+    #[test]
+    fn crafted_gguf_metadata_is_an_error_not_a_panic() {
+        let llama = Value::String("llama".into());
+        for (key, value, want) in [
+            ("llama.attention.head_count", Value::U32(0), "llama.attention.head_count: must be > 0"),
+            ("general.alignment", Value::U32(0), "general.alignment must be > 0"),
+        ] {
+            let heads = Value::U32(4);
+            let mut md = vec![("general.architecture", &llama), (key, &value)];
+            if key != "llama.attention.head_count" {
+                md.push(("llama.attention.head_count", &heads));
+            }
+            let f = crafted(&md);
+            let e = match load_gguf(f.path(), &Device::Cpu) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{key} = 0 loaded"),
+            };
+            assert!(e.contains(want), "{key}: {e}");
+            assert!(e.contains(&f.path().display().to_string()), "{key}: {e}");
+        }
+        let heads = Value::U32(4);
+        let kv = Value::U32(3);
+        let f = crafted(&[
+            ("general.architecture", &llama),
+            ("llama.attention.head_count", &heads),
+            ("llama.attention.head_count_kv", &kv),
+        ]);
+        let e = load_gguf(f.path(), &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("must be > 0 and divide attention.head_count (4)"), "{e}");
+    }
 }

@@ -557,6 +557,10 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // preftune patch: a crafted `general.alignment = 0` divided by zero here.
+        if alignment == 0 {
+            crate::bail!("general.alignment must be > 0")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
