@@ -1291,3 +1291,54 @@ fn checkpoints_resume_across_the_gpu_and_cpu_code_paths() {
         );
     }
 }
+
+/// A step that overflows the weights (learning_rate 1e39) stops the run before anything
+/// non-finite is saved, and the message's "the last checkpoint is intact" is true: every
+/// checkpoint on disk holds finite weights.
+#[test]
+fn non_finite_weights_are_never_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let (code, err) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+            .current_dir(root())
+            .args(["sft", "--config", "examples/sft-tiny.toml"])
+            .args([
+                "--set",
+                &format!("model_name_or_path={}", model("tiny-llama")),
+            ])
+            .args(["--set", &format!("output_dir={}", out_dir.display())])
+            .args(["--set", "learning_rate=1e39", "--set", "save_steps=1"])
+            // One warm-up step at learning rate 0: checkpoint-1 is saved, step 2 overflows.
+            .args(["--set", "max_steps=3", "--set", "warmup_steps=1"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("step 2: ") && err.contains("no longer finite after the update"),
+        "{err}"
+    );
+    assert!(out_dir.join("checkpoint-1/model.safetensors").exists());
+    assert!(!out_dir.join("checkpoint-2").exists());
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let path = entry.unwrap().path().join("model.safetensors");
+        if !path.exists() {
+            continue;
+        }
+        for (name, t) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap() {
+            let sum = t
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(sum.is_finite(), "{}: {name} is not finite", path.display());
+        }
+    }
+}

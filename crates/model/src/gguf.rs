@@ -78,7 +78,7 @@ impl Meta<'_> {
 /// rotate-half order: `w.reshape(n, hd/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    if n_head == 0 || out % (2 * n_head) != 0 {
+    if n_head == 0 || !out.is_multiple_of(2 * n_head) {
         return Err(Error::Msg(format!(
             "a Q/K weight of {out} rows does not split into {n_head} heads of even size"
         )));
@@ -141,9 +141,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         .map_or(n_head, |x| x as usize);
     // Checked before use: a crafted head count of 0 divided by zero (a panic, exit 101).
     if n_head == 0 {
-        return Err(Error::invalid(path, k("attention.head_count"), "must be > 0"));
+        return Err(Error::invalid(
+            path,
+            k("attention.head_count"),
+            "must be > 0",
+        ));
     }
-    if n_kv == 0 || n_head % n_kv != 0 {
+    if n_kv == 0 || !n_head.is_multiple_of(n_kv) {
         return Err(Error::invalid(
             path,
             k("attention.head_count_kv"),
@@ -159,9 +163,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         // Dequantised on the host, one tensor at a time, then moved: the CPU's dequantisation is
         // the one tested against llama.cpp's layout (and candle's CUDA one builds no MMQ here).
         let bad = |e: candle_core::Error| Error::invalid(path, name.as_str(), e.to_string());
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(bad)?;
+        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(bad)?;
         let mut t = q.dequantize(&Device::Cpu).map_err(bad)?;
         if name.starts_with("blk.") && name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_head)?;
@@ -326,8 +328,16 @@ mod tests {
     fn crafted_gguf_metadata_is_an_error_not_a_panic() {
         let llama = Value::String("llama".into());
         for (key, value, want) in [
-            ("llama.attention.head_count", Value::U32(0), "llama.attention.head_count: must be > 0"),
-            ("general.alignment", Value::U32(0), "general.alignment must be > 0"),
+            (
+                "llama.attention.head_count",
+                Value::U32(0),
+                "llama.attention.head_count: must be > 0",
+            ),
+            (
+                "general.alignment",
+                Value::U32(0),
+                "general.alignment must be > 0",
+            ),
         ] {
             let heads = Value::U32(4);
             let mut md = vec![("general.architecture", &llama), (key, &value)];
@@ -350,6 +360,9 @@ mod tests {
             ("llama.attention.head_count_kv", &kv),
         ]);
         let e = load_gguf(f.path(), &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("must be > 0 and divide attention.head_count (4)"), "{e}");
+        assert!(
+            e.contains("must be > 0 and divide attention.head_count (4)"),
+            "{e}"
+        );
     }
 }

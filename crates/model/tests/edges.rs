@@ -8,10 +8,18 @@ use preftune_model::kernels::PortableScope;
 use preftune_model::{generate, SamplingConfig};
 
 fn last_logits(p: &preftune_model::Pretrained, ids: &[u32]) -> Vec<f32> {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let h = p.model.forward(&x, None, None, None).unwrap();
     let l = p.model.logits(&h).unwrap().to_dtype(DType::F32).unwrap();
-    l.squeeze(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap()
+    l.squeeze(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -49,6 +57,9 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
             .max_by(|a, b| a.1.total_cmp(b.1))
             .unwrap()
             .0 as u32;
-        assert_eq!(best, out.tokens[0][3], "{name}: greedy step 4 with and without the cache");
+        assert_eq!(
+            best, out.tokens[0][3],
+            "{name}: greedy step 4 with and without the cache"
+        );
     }
 }

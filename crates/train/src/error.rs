@@ -8,6 +8,8 @@ pub enum Error {
     Data { count: usize, first: String },
     #[error("step {step}: loss is {value}; stopping. The last checkpoint is intact; lower learning_rate or check the data")]
     NonFinite { step: usize, value: f64 },
+    #[error("step {step}: {name} is no longer finite after the update; stopping before it is saved. The last checkpoint is intact; lower learning_rate or check the data")]
+    NonFiniteParameter { step: usize, name: String },
     #[error("{path}: {err}")]
     Io {
         path: std::path::PathBuf,

@@ -118,6 +118,18 @@ fn dump_first_update(
     Ok(true)
 }
 
+/// The first parameter holding a NaN or an infinity (its f32 sum is then not finite; finite
+/// weights would need magnitudes near 1e32 to overflow it), on the parameter's device.
+fn first_non_finite(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
+    for (name, p) in params {
+        let sum = p.as_tensor().detach().to_dtype(DType::F32)?.sum_all()?;
+        if !sum.to_scalar::<f32>()?.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// The run's device: the process's (`--device`), else the config's `device`, else the CPU.
 pub fn run_device(args: &TrainingArguments) -> Result<candle_core::Device> {
     Ok(preftune_model::device::run_device(args.device).map_err(preftune_model::Error::from)?)
@@ -611,6 +623,14 @@ pub fn train(
             log.write(&rec)?;
         }
         if state.global_step.is_multiple_of(args.save_steps) || done {
+            // Nothing non-finite is ever saved: the loss and gradient norm were finite, but a
+            // huge step can still overflow the weights.
+            if let Some(name) = first_non_finite(&params)? {
+                return Err(Error::NonFiniteParameter {
+                    step: state.global_step,
+                    name,
+                });
+            }
             opt.sync_to_host()?;
             checkpoint::save(out, &state, &opt, config, |dir| {
                 save_weights(&policy, lora.as_ref(), &args.model_name_or_path, dir)?;
