@@ -1151,7 +1151,10 @@ fn gpu_code_path_on_the_cpu_gives_the_cpu_kernels_first_update() {
         for portable in ["0", "1"] {
             let dump = dir.path().join(format!("{algo}-{portable}.safetensors"));
             let mut sets = vec![
-                format!("output_dir={}", dir.path().join(algo).display()),
+                format!(
+                    "output_dir={}",
+                    dir.path().join(format!("{algo}-{portable}")).display()
+                ),
                 "gradient_accumulation_steps=1".to_string(),
             ];
             if algo != "sft" {
@@ -1341,4 +1344,57 @@ fn non_finite_weights_are_never_checkpointed() {
             assert!(sum.is_finite(), "{}: {name} is not finite", path.display());
         }
     }
+}
+
+/// A run without `--resume` refuses a used `output_dir` (its checkpoints would outnumber the new
+/// run's and a later `--resume` would take up the old run); `overwrite_output_dir = true` (TRL's
+/// name) starts over, deleting the old run's checkpoints first so that two runs never mix.
+#[test]
+fn a_used_output_dir_needs_resume_or_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+            .current_dir(root())
+            .args(["sft", "--config", "examples/sft-tiny.toml"])
+            .args([
+                "--set",
+                &format!("model_name_or_path={}", model("tiny-llama")),
+            ])
+            .args(["--set", &format!("output_dir={}", out_dir.display())])
+            .args(["--set", "save_steps=1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--set", "max_steps=3"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run(&["--set", "max_steps=1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("output_dir is not empty") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(
+        out_dir.join("checkpoint-3").exists(),
+        "the old run is untouched"
+    );
+    let (code, err) = run(&["--set", "max_steps=1", "--set", "overwrite_output_dir=true"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out_dir.join("checkpoint-3").exists() && !out_dir.join("checkpoint-2").exists());
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("checkpoint-1/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 1);
+    let (code, err) = run(&["--set", "max_steps=2", "--resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("checkpoint-1 (step 1)"),
+        "resumes the new run: {err}"
+    );
 }

@@ -66,6 +66,9 @@ pub struct TrainingArguments {
     pub bf16: bool,
     /// `cpu`, `cuda`, `cuda:N` or `auto`; the command line's `--device` overrides it.
     pub device: Option<preftune_model::DeviceSpec>,
+    /// Start over in a used `output_dir` (its checkpoints and log are deleted first). Without it
+    /// a run that does not `--resume` needs an empty or new `output_dir`.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainingArguments {
@@ -108,6 +111,7 @@ impl Default for TrainingArguments {
             gradient_checkpointing: false,
             bf16: false,
             device: None,
+            overwrite_output_dir: false,
         }
     }
 }

@@ -205,7 +205,7 @@ pub fn load_run_policy(
             None,
         ));
     }
-    let ckpt = resume_point(args, resume);
+    let ckpt = resume_point(args, resume)?;
     let (policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
     Ok((policy, lora, ckpt))
 }
@@ -387,9 +387,13 @@ pub fn evaluate(
 }
 
 /// The checkpoint to resume from: the newest in `output_dir` when `resume` is set.
-pub fn resume_point(args: &TrainingArguments, resume: bool) -> Option<(usize, std::path::PathBuf)> {
+pub fn resume_point(
+    args: &TrainingArguments,
+    resume: bool,
+) -> Result<Option<(usize, std::path::PathBuf)>> {
     if !resume {
-        return None;
+        fresh_output_dir(args)?;
+        return Ok(None);
     }
     let found = checkpoint::latest(&args.output_dir);
     if found.is_none() {
@@ -398,7 +402,50 @@ pub fn resume_point(args: &TrainingArguments, resume: bool) -> Option<(usize, st
             args.output_dir.display()
         );
     }
-    found
+    Ok(found)
+}
+
+/// A run without `--resume` starts in an empty `output_dir`, as transformers' example scripts
+/// require: an old run's checkpoints would otherwise outnumber the new run's (rotation deleted the
+/// new ones, and a later `--resume` took up the old run). With `overwrite_output_dir` (TRL's
+/// name) the old run's checkpoints and log are deleted first, so two runs never mix.
+fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
+    let dir = &args.output_dir;
+    let entries: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !args.overwrite_output_dir {
+        return Err(Error::Config(format!(
+            "{}: output_dir is not empty (an earlier run?). Continue it with --resume, start over \
+             with overwrite_output_dir = true (--set overwrite_output_dir=true), or pick another \
+             output_dir",
+            dir.display()
+        )));
+    }
+    for path in entries {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let run_file = name.starts_with("checkpoint-")
+            || name.starts_with(".checkpoint-")
+            || name == "metrics.jsonl";
+        if run_file {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs training to the end. `policy` and `lora` come from [`load_policy`] with the same `ckpt`
