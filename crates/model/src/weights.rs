@@ -93,10 +93,24 @@ pub fn load_hf_weights_as(
             .and_then(Value::as_object)
             .ok_or_else(|| Error::invalid(&index, "weight_map", "missing or not an object"))?;
         let mut shards: Vec<PathBuf> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
+            .iter()
+            .map(|(tensor, f)| {
+                // A shard is a plain file name in the model folder, as transformers writes it: an
+                // index naming `../x` or `/etc/passwd` must not make us read outside it.
+                let name = f.as_str().filter(|f| {
+                    let p = Path::new(f);
+                    p.components().count() == 1
+                        && matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+                });
+                name.map(|f| dir.join(f)).ok_or_else(|| {
+                    Error::invalid(
+                        &index,
+                        format!("weight_map.{tensor}"),
+                        format!("{f} is not a file name in the model folder"),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
         shards.sort();
         shards.dedup();
         shards

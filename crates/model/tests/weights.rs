@@ -260,6 +260,38 @@ fn load_err(path: &Path) -> String {
     }
 }
 
+/// A shard index may name only files in the model folder: `../x`, absolute paths and nested
+/// paths are refused with the index, the tensor and the name, before anything is read.
+#[test]
+fn shard_index_entries_stay_in_the_model_folder() {
+    for shard in [
+        "../model.safetensors",
+        "/etc/passwd",
+        "sub/model.safetensors",
+    ] {
+        let d = edited("tiny-llama", |_| {});
+        // The real shard sits one level up for "../": it must still be refused.
+        std::fs::rename(
+            d.path().join("model.safetensors"),
+            d.path().join("model.safetensors.moved"),
+        )
+        .unwrap();
+        let index = serde_json::json!({"metadata": {}, "weight_map": {"model.norm.weight": shard}});
+        std::fs::write(
+            d.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let e = load_err(d.path());
+        assert!(
+            e.contains("model.safetensors.index.json")
+                && e.contains("weight_map.model.norm.weight")
+                && e.contains("is not a file name in the model folder"),
+            "{shard}: {e}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_errors_name_file_and_field() {
     let e = load_err(Path::new("/no/such/model"));
