@@ -74,7 +74,23 @@ fn io_err(path: &Path, err: std::io::Error) -> Error {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|err| io_err(path, err))?;
+    let bytes = std::fs::read(path).map_err(|err| io_err(path, err))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Name the line, as every other bad row is named.
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let col = 1 + at
+            - bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+        row_error(
+            &Arc::new(path.to_path_buf()),
+            line,
+            format!("invalid UTF-8 at column {col} (byte {at}); save the file as UTF-8"),
+        )
+    })?;
     // Editors on Windows like to start UTF-8 files with a byte-order mark; serde_json does not.
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),

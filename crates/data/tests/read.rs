@@ -273,3 +273,20 @@ fn parquet_conversations_come_back_as_lists_of_message_objects() {
         json!({"messages": [{"role": "user", "content": "Bye"}]})
     );
 }
+
+/// A file that is not UTF-8 is refused at its line and column, like any other bad row.
+#[test]
+fn invalid_utf8_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.jsonl");
+    std::fs::write(
+        &p,
+        b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"caf\xe9\"}\n",
+    )
+    .unwrap();
+    let e = read_rows(&p).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{}:3: ", p.display())) && e.contains("invalid UTF-8 at column 14"),
+        "{e}"
+    );
+}
