@@ -1398,3 +1398,38 @@ fn a_used_output_dir_needs_resume_or_overwrite() {
         "resumes the new run: {err}"
     );
 }
+
+/// An empty training set is refused naming its file, and DPO leaves no log-prob cache beside it.
+#[test]
+fn an_empty_training_set_names_its_file_and_leaves_nothing_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("empty.jsonl");
+    std::fs::write(&data, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+        .current_dir(root())
+        .args(["dpo", "--config", "examples/dpo-tiny.toml"])
+        .args([
+            "--set",
+            &format!("model_name_or_path={}", model("tiny-llama")),
+        ])
+        .args(["--set", &format!("train_file={}", data.display())])
+        .args(["--set", &format!("eval_file={}", data.display())])
+        .args([
+            "--set",
+            &format!("output_dir={}", dir.path().join("run").display()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("the training set is empty: {}", data.display())),
+        "{err}"
+    );
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("ref-logps"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+}

@@ -666,7 +666,10 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         let (mut items, r) = load_split(&path, args, listwise, &policy.tokenizer)?;
         report(&r);
         reports.push(r);
-        if d.precompute_ref_log_probs && !matches!(dpo.reference, Reference::Free) {
+        if d.precompute_ref_log_probs
+            && !matches!(dpo.reference, Reference::Free)
+            && !items.is_empty()
+        {
             let cache = precompute(
                 &mut items,
                 &path,

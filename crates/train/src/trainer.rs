@@ -488,7 +488,13 @@ pub fn train(
     opt.lr_scale = params.iter().map(|(n, _)| algo.lr_scale(n)).collect();
     let n = algo.len(Split::Train);
     if n == 0 {
-        return Err(Error::Msg("the training set is empty".into()));
+        let file = args
+            .train_file
+            .as_ref()
+            .map_or("train_file".into(), |f| f.display().to_string());
+        return Err(Error::Msg(format!(
+            "the training set is empty: {file} has no usable rows (the data report above says why)"
+        )));
     }
     let mut order = Order {
         n,
