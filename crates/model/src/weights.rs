@@ -20,12 +20,31 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_dir(parent_of(path))
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Makes a rename or creation in `dir` durable: fsync of the directory itself (on Unix; a no-op
+/// elsewhere, where directories cannot be opened).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// The folder holding `path` (`.` for a bare file name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -318,7 +337,8 @@ pub fn write_safetensors(
                 .map_err(|e| std::io::Error::new(e.kind(), format!("tensor {name}: {e}")))?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_dir(parent_of(path))
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -25,20 +25,55 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
-/// The newest `checkpoint-N` in `output_dir` that holds a trainer state.
+/// The newest complete `checkpoint-N` in `output_dir`: a trainer state that parses, for step N,
+/// the optimiser state and the weights (a model or an adapter). An incomplete one (emptied,
+/// copied in part) is skipped with a warning, so resuming never takes up half a checkpoint.
 pub fn latest(output_dir: &Path) -> Option<(usize, PathBuf)> {
     let entries = std::fs::read_dir(output_dir).ok()?;
-    entries
+    let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then(|| (step, e.path()))
+            Some((step, e.path()))
         })
-        .max_by_key(|(s, _)| *s)
+        .collect();
+    found.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    found
+        .into_iter()
+        .find(|(step, dir)| match incomplete(*step, dir) {
+            None => true,
+            Some(why) => {
+                eprintln!("resume: skipping {}: {why}", dir.display());
+                false
+            }
+        })
+}
+
+/// What a checkpoint folder lacks, if anything.
+fn incomplete(step: usize, dir: &Path) -> Option<String> {
+    let state = std::fs::read_to_string(dir.join("trainer_state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<TrainerState>(&t).ok());
+    match state {
+        None => return Some("no readable trainer_state.json".into()),
+        Some(s) if s.global_step != step => {
+            return Some(format!("trainer_state.json says step {}", s.global_step))
+        }
+        Some(_) => {}
+    }
+    if !dir.join("optimizer.safetensors").exists() {
+        return Some("no optimizer.safetensors".into());
+    }
+    let weights = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_model.safetensors",
+    ];
+    if !weights.iter().any(|w| dir.join(w).exists()) {
+        return Some("no model or adapter weights".into());
+    }
+    None
 }
 
 /// Writes a checkpoint: `write_weights` fills the folder with the model (or adapter) files.
@@ -55,7 +90,29 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_weights(&tmp)?;
+    let written = write_into(&tmp, state, opt, config, write_weights);
+    if written.is_err() {
+        // A failed save leaves nothing behind (the last complete checkpoint stays as it was).
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    preftune_model::weights::sync_dir(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    Ok(final_dir)
+}
+
+/// The checkpoint's files, each written and fsynced, then the folder itself.
+fn write_into(
+    tmp: &Path,
+    state: &TrainerState,
+    opt: &AdamW,
+    config: &toml::Table,
+    write_weights: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    write_weights(tmp)?;
     let names: Vec<(String, String)> = opt
         .names
         .iter()
@@ -70,21 +127,17 @@ pub fn save(
     let opt_state = serde_json::json!({"step": opt.t});
     let mut st = serde_json::to_value(state).map_err(|e| Error::Msg(e.to_string()))?;
     st["optimizer"] = opt_state;
-    std::fs::write(
-        tmp.join("trainer_state.json"),
-        serde_json::to_string_pretty(&st).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(tmp.join("trainer_state.json"), e))?;
-    std::fs::write(
-        tmp.join("config.toml"),
-        toml::to_string(config).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(tmp.join("config.toml"), e))?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    Ok(final_dir)
+    preftune_model::weights::atomic_write(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(&st)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    preftune_model::weights::atomic_write(
+        &tmp.join("config.toml"),
+        toml::to_string(config).unwrap_or_default().as_bytes(),
+    )?;
+    preftune_model::weights::sync_dir(tmp).map_err(|e| Error::io(tmp, e))
 }
 
 /// Reads the trainer state and restores the optimiser moments and step count.
@@ -147,4 +200,92 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<()> {
         std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamWConfig;
+
+    fn state(step: usize) -> String {
+        serde_json::json!({"global_step": step, "epoch": 1.0, "total_steps": 9, "num_tokens": 0,
+                           "seed": 1, "optimizer": {"step": step}})
+        .to_string()
+    }
+
+    /// Resuming takes the newest complete checkpoint: one with an unreadable or mismatched state,
+    /// or without its optimiser state or weights, is skipped.
+    #[test]
+    fn latest_skips_incomplete_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |step: usize, files: &[(&str, String)]| {
+            let d = checkpoint_dir(dir.path(), step);
+            std::fs::create_dir_all(&d).unwrap();
+            for (name, text) in files {
+                std::fs::write(d.join(name), text).unwrap();
+            }
+        };
+        let full = |step: usize| {
+            vec![
+                ("trainer_state.json", state(step)),
+                ("optimizer.safetensors", String::new()),
+                ("model.safetensors", String::new()),
+            ]
+        };
+        make(2, &full(2));
+        make(4, &[("trainer_state.json", "{}".into())]);
+        make(5, &full(5)[..2]);
+        make(6, &full(3));
+        make(
+            7,
+            &[
+                ("trainer_state.json", state(7)),
+                ("optimizer.safetensors", String::new()),
+            ],
+        );
+        assert_eq!(latest(dir.path()).unwrap().0, 2);
+        make(
+            8,
+            &[
+                ("trainer_state.json", state(8)),
+                ("optimizer.safetensors", String::new()),
+                ("adapter_model.safetensors", String::new()),
+            ],
+        );
+        assert_eq!(
+            latest(dir.path()).unwrap().0,
+            8,
+            "an adapter checkpoint is complete"
+        );
+    }
+
+    /// A save that fails part-way leaves neither its temporary folder nor a checkpoint behind.
+    #[test]
+    fn a_failed_save_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let opt = AdamW::new(cfg, &[]);
+        let st: TrainerState = serde_json::from_str(&state(3)).unwrap();
+        let e = save(dir.path(), &st, &opt, &toml::Table::new(), |_| {
+            Err(Error::Msg("disk full".into()))
+        });
+        assert!(e.is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert!(
+            left.is_empty(),
+            "{:?}",
+            left.iter().map(|e| e.file_name()).collect::<Vec<_>>()
+        );
+        save(dir.path(), &st, &opt, &toml::Table::new(), |d| {
+            std::fs::write(d.join("model.safetensors"), b"").map_err(|e| Error::io(d, e))
+        })
+        .unwrap();
+        assert_eq!(latest(dir.path()).unwrap().0, 3);
+    }
 }

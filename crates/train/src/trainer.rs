@@ -528,11 +528,10 @@ pub fn train(
         algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());
     }
-    std::fs::write(
-        out.join("config.toml"),
-        toml::to_string(config).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(out.join("config.toml"), e))?;
+    preftune_model::weights::atomic_write(
+        &out.join("config.toml"),
+        toml::to_string(config).unwrap_or_default().as_bytes(),
+    )?;
     let mut log = MetricsLog::open(out, ckpt.as_ref().map(|(s, _)| *s))?;
     let progress = Progress::new(total_steps, state.global_step);
     let started = Instant::now();
