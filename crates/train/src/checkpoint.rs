@@ -1,6 +1,7 @@
 //! Checkpoints: `output_dir/checkpoint-STEP/` with the weights (a full HF model, or a PEFT adapter),
 //! the optimiser state and the trainer state. Written into a hidden temporary folder and renamed,
 //! so a killed run never leaves a half-written checkpoint under the final name.
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -140,6 +141,73 @@ fn write_into(
     preftune_model::weights::sync_dir(tmp).map_err(|e| Error::io(tmp, e))
 }
 
+/// Keys a resumed run may change without breaking exactness: where and how often it logs, saves
+/// and evaluates, how long it trains (`max_steps`, `num_train_epochs`: the schedule is then the
+/// new length's), and the device (a GPU run resumes on the CPU).
+const RESUME_SAFE_KEYS: &[&str] = &[
+    "output_dir",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+    "eval_file",
+    "per_device_eval_batch_size",
+    "max_steps",
+    "num_train_epochs",
+    "device",
+    "overwrite_output_dir",
+];
+
+/// Refuses to resume `dir` with a configuration that changes what the checkpoint's run computed
+/// (data, batch, learning rate, loss...): the error names each changed key with both values.
+pub fn check_resume_config(dir: &Path, now: &toml::Table) -> Result<()> {
+    let path = dir.join("config.toml");
+    let saved: toml::Table = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        }
+        // Checkpoints written before config.toml was kept cannot be checked.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &saved, &mut a);
+    flatten("", now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !RESUME_SAFE_KEYS.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{}: resuming with a different configuration would not continue the same run; changed: {}. \
+         Keep these as they were, or start over with overwrite_output_dir = true",
+        path.display(),
+        changed.join("; ")
+    )))
+}
+
+/// `table` as dotted key -> TOML text.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            v => {
+                out.insert(key, v.to_string());
+            }
+        }
+    }
+}
+
 /// Reads the trainer state and restores the optimiser moments and step count.
 pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
     let sp = dir.join("trainer_state.json");
@@ -256,6 +324,42 @@ mod tests {
             latest(dir.path()).unwrap().0,
             8,
             "an adapter checkpoint is complete"
+        );
+    }
+
+    /// Resuming with changed data, batch or learning rate is refused naming each key; logging,
+    /// saving, evaluation cadence, length and device may change.
+    #[test]
+    fn resume_refuses_changed_keys_and_allows_safe_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = "model_name_or_path = \"m\"\nlearning_rate = 1e-4\nlogging_steps = 10\n\
+                     max_steps = 10\n[columns]\nprompt = \"q\"\n";
+        std::fs::write(dir.path().join("config.toml"), saved).unwrap();
+        let now = |text: &str| -> toml::Table { toml::from_str(text).unwrap() };
+        check_resume_config(dir.path(), &now(saved)).unwrap();
+        check_resume_config(
+            dir.path(),
+            &now(&saved
+                .replace("logging_steps = 10", "logging_steps = 1\ndevice = \"cuda\"")
+                .replace("max_steps = 10", "max_steps = 20")),
+        )
+        .unwrap();
+        let e = check_resume_config(
+            dir.path(),
+            &now(&format!(
+                "{}train_file = \"other.jsonl\"\n",
+                saved
+                    .replace("1e-4", "2e-4")
+                    .replace("\"q\"", "\"question\"")
+            )),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("learning_rate: 0.0001 -> 0.0002")
+                && e.contains("columns.prompt: \"q\" -> \"question\"")
+                && e.contains("train_file: (unset) -> \"other.jsonl\""),
+            "{e}"
         );
     }
 

@@ -524,6 +524,7 @@ pub fn train(
         seed: args.seed,
     };
     if let Some((step, dir)) = &ckpt {
+        checkpoint::check_resume_config(dir, config)?;
         state = checkpoint::load(dir, &mut opt)?;
         algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());
