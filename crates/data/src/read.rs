@@ -115,9 +115,17 @@ fn read_jsonl(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
         if line.trim().is_empty() {
             continue;
         }
-        // Parsing straight into a map makes "valid JSON but not an object" a serde error too.
-        let obj: Map<String, Value> = serde_json::from_str(line)
-            .map_err(|e| row_error(file, i + 1, format!("not a JSON object: {e}")))?;
+        let obj: Map<String, Value> = match serde_json::from_str::<Strict>(line) {
+            Ok(Strict(Value::Object(obj))) => obj,
+            Ok(Strict(other)) => {
+                return Err(row_error(
+                    file,
+                    i + 1,
+                    format!("not a JSON object: found {}", crate::format::kind(&other)),
+                ))
+            }
+            Err(e) => return Err(row_error(file, i + 1, format!("not a JSON object: {e}"))),
+        };
         rows.push(Row {
             loc: Location {
                 file: file.clone(),
@@ -133,8 +141,8 @@ fn read_jsonl(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
 /// and most hand-written files hold) or JSON Lines under a `.json` name (what `to_json()` writes by
 /// default).
 fn read_json(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
-    let value: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
+    let value: Value = match serde_json::from_str::<Strict>(text) {
+        Ok(Strict(v)) => v,
         // A file that opens an array is meant to be one; report where its JSON breaks rather
         // than complaining that line 1 (`[`) is not an object.
         Err(e) if text.trim_start().starts_with('[') => {
@@ -203,4 +211,75 @@ fn read_parquet(file: &Arc<PathBuf>) -> Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// A JSON value whose objects may not repeat a key: serde_json keeps the last one silently, and a
+/// row with `"chosen"` twice would train on whichever came last.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        serde::Deserialize::deserialize(d).map(|Strict(v)| v)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("key {k:?} appears twice")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
 }

@@ -290,3 +290,30 @@ fn invalid_utf8_names_the_line() {
         "{e}"
     );
 }
+
+/// A key given twice in a row (serde_json would keep the last silently) is refused at its line,
+/// in JSONL and JSON arrays, nested objects included.
+#[test]
+fn duplicate_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, line) in [
+        (
+            "a.jsonl",
+            "{\"a\": 1}\n{\"prompt\": \"x\", \"prompt\": \"y\"}\n",
+            2,
+        ),
+        (
+            "b.jsonl",
+            "{\"m\": [{\"role\": \"user\", \"role\": \"system\"}]}\n",
+            1,
+        ),
+        ("c.json", "[{\"a\": 1},\n {\"a\": 1, \"a\": 2}]\n", 2),
+    ] {
+        let p = write(dir.path(), name, text);
+        let msg = read_rows(&p).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!("{}:{line}: ", p.display())) && msg.contains("appears twice"),
+            "{name}: {msg}"
+        );
+    }
+}
