@@ -1113,10 +1113,25 @@ fn tiny_run(
     sets: &[String],
     flags: &[&str],
 ) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
-    cmd.current_dir(root())
+    let out = tiny_command(algo, sets)
         .env("PREFTUNE_PORTABLE", portable)
         .envs(env.iter().copied())
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{algo}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `preftune ALGO --config examples/ALGO-tiny.toml` on the tiny model from the repository root,
+/// with the `--set`s, not yet run.
+fn tiny_command(algo: &str, sets: &[String]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_preftune"));
+    cmd.current_dir(root())
         .args([algo, "--config", &format!("examples/{algo}-tiny.toml")])
         .args([
             "--set",
@@ -1125,13 +1140,7 @@ fn tiny_run(
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let out = cmd.args(flags).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{algo}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    cmd
 }
 
 /// The GPU's code path, run on the CPU (`PREFTUNE_PORTABLE=1`: composed candle ops only, as on
@@ -1303,19 +1312,15 @@ fn non_finite_weights_are_never_checkpointed() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let (code, err) = {
-        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
-            .current_dir(root())
-            .args(["sft", "--config", "examples/sft-tiny.toml"])
-            .args([
-                "--set",
-                &format!("model_name_or_path={}", model("tiny-llama")),
-            ])
-            .args(["--set", &format!("output_dir={}", out_dir.display())])
-            .args(["--set", "learning_rate=1e39", "--set", "save_steps=1"])
+        let sets = [
+            format!("output_dir={}", out_dir.display()),
+            "learning_rate=1e39".into(),
+            "save_steps=1".into(),
             // One warm-up step at learning rate 0: checkpoint-1 is saved, step 2 overflows.
-            .args(["--set", "max_steps=3", "--set", "warmup_steps=1"])
-            .output()
-            .unwrap();
+            "max_steps=3".into(),
+            "warmup_steps=1".into(),
+        ];
+        let out = tiny_command("sft", &sets).output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -1354,18 +1359,11 @@ fn a_used_output_dir_needs_resume_or_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
-            .current_dir(root())
-            .args(["sft", "--config", "examples/sft-tiny.toml"])
-            .args([
-                "--set",
-                &format!("model_name_or_path={}", model("tiny-llama")),
-            ])
-            .args(["--set", &format!("output_dir={}", out_dir.display())])
-            .args(["--set", "save_steps=1"])
-            .args(extra)
-            .output()
-            .unwrap();
+        let sets = [
+            format!("output_dir={}", out_dir.display()),
+            "save_steps=1".into(),
+        ];
+        let out = tiny_command("sft", &sets).args(extra).output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -1405,21 +1403,12 @@ fn an_empty_training_set_names_its_file_and_leaves_nothing_beside_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("empty.jsonl");
     std::fs::write(&data, "\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
-        .current_dir(root())
-        .args(["dpo", "--config", "examples/dpo-tiny.toml"])
-        .args([
-            "--set",
-            &format!("model_name_or_path={}", model("tiny-llama")),
-        ])
-        .args(["--set", &format!("train_file={}", data.display())])
-        .args(["--set", &format!("eval_file={}", data.display())])
-        .args([
-            "--set",
-            &format!("output_dir={}", dir.path().join("run").display()),
-        ])
-        .output()
-        .unwrap();
+    let sets = [
+        format!("train_file={}", data.display()),
+        format!("eval_file={}", data.display()),
+        format!("output_dir={}", dir.path().join("run").display()),
+    ];
+    let out = tiny_command("dpo", &sets).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
