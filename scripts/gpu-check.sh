@@ -59,8 +59,12 @@ want parity && check parity $PY scripts/gpu/parity.py "$BIN"
 models=()
 if [ "$SECTIONS" != parity ]; then
     for shape in smollm2-135m llama-3.2-1b; do
-        $PY scripts/gpu/make_random_model.py "$work/$shape" "$shape" 0 > /dev/null 2>> "$OUT/checks.log" \
-            && models+=("$shape")
+        if $PY scripts/gpu/make_random_model.py "$work/$shape" "$shape" 0 > /dev/null 2>> "$OUT/checks.log"; then
+            models+=("$shape")
+        else
+            failed=$((failed + 1))
+            log "{\"check\": \"model-$shape\", \"ok\": false}"
+        fi
     done
 fi
 

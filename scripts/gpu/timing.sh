@@ -22,7 +22,7 @@ with_mem() {
     [ $rc -eq 0 ] || { tail -n 5 "$WORK/run.err" >&2; return $rc; }
     local peak
     peak=$(sort -n "$WORK/mem.txt" | tail -1)
-    grep '^{' "$WORK/run.out" | tail -1 | $PY -c "import json,sys; d=json.load(sys.stdin); d['gpu_mem_peak_mib']=$peak-$base; d['model']='$label'; print(json.dumps(d))"
+    grep '^{' "$WORK/run.out" | tail -1 | $PY -c "import json,sys; d=json.load(sys.stdin); d['gpu_mem_peak_mib']=int(sys.argv[1]); d['model']=sys.argv[2]; print(json.dumps(d))" "$((peak - base))" "$label"
 }
 # preftune's step time: the median difference of elapsed time between logged steps.
 ours() {
@@ -43,17 +43,20 @@ print(json.dumps({"impl": "preftune", "workload": sys.argv[2], "options": sys.ar
                   "median_step_s": s, "tokens_per_s": (m[-1]["num_tokens"] - m[-2]["num_tokens"]) / s}))
 PY
 }
+# Every row is attempted; the script fails if any did.
+rc=0
 for bf in ${PRECISIONS:-false true}; do
     b=$([ $bf = true ] && echo 1 || echo 0)
-    with_mem ours sft --set bf16=$bf
-    with_mem env BF16=$b $PY scripts/gpu/reference_steps.py sft "$model" "$data" $BATCH $MAXLEN $STEPS
-    with_mem ours dpo --set bf16=$bf --set precompute_ref_log_probs=true
-    with_mem env BF16=$b $PY scripts/gpu/reference_steps.py dpo "$model" "$data" $BATCH $MAXLEN $STEPS
+    with_mem ours sft --set bf16=$bf || rc=1
+    with_mem env BF16=$b $PY scripts/gpu/reference_steps.py sft "$model" "$data" $BATCH $MAXLEN $STEPS || rc=1
+    with_mem ours dpo --set bf16=$bf --set precompute_ref_log_probs=true || rc=1
+    with_mem env BF16=$b $PY scripts/gpu/reference_steps.py dpo "$model" "$data" $BATCH $MAXLEN $STEPS || rc=1
 done
 # Sampling: 16 prompts x 64 new tokens at T=1.
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
-    --gen-batch 16 --new-tokens 64 --dtype bf16
-with_mem env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64
+    --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1
+with_mem env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64 || rc=1
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
-    --gen-batch 16 --new-tokens 64
-with_mem env BF16=0 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64
+    --gen-batch 16 --new-tokens 64 || rc=1
+with_mem env BF16=0 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64 || rc=1
+exit $rc

@@ -238,6 +238,18 @@ pub struct RunArgs {
     pub eval_only: bool,
 }
 
+/// A device that cannot be had here (`device` in a config) exits 2, as `--device` does, however
+/// deep in a library's error it arrives.
+fn is_device_error(e: &anyhow::Error) -> bool {
+    use preftune_model::Error as M;
+    e.downcast_ref::<preftune_model::DeviceError>().is_some()
+        || matches!(e.downcast_ref::<M>(), Some(M::Device(_)))
+        || matches!(
+            e.downcast_ref::<preftune_train::Error>(),
+            Some(preftune_train::Error::Model(M::Device(_)))
+        )
+}
+
 fn main() {
     tune_allocator();
     let cli = Cli::parse();
@@ -298,8 +310,6 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        // A device that cannot be had here (`device` in a config) exits as `--device` does.
-        let device = e.downcast_ref::<preftune_model::DeviceError>().is_some();
-        std::process::exit(if device { 2 } else { 1 });
+        std::process::exit(if is_device_error(&e) { 2 } else { 1 });
     }
 }

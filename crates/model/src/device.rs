@@ -176,12 +176,17 @@ pub fn process_device() -> Option<Device> {
 }
 
 /// The device for a run whose config says `config`: the process's when set, else the config's,
-/// else the CPU.
+/// else the CPU. A config's device becomes the process's, so every model the command loads later
+/// (reward models, evaluation) lands beside the policy.
 pub fn run_device(config: Option<DeviceSpec>) -> Result<Device, DeviceError> {
-    match process_device() {
-        Some(d) => Ok(d),
-        None => config.unwrap_or_default().open(),
+    if let Some(d) = process_device() {
+        return Ok(d);
     }
+    let d = config.unwrap_or_default().open()?;
+    if config.is_some() {
+        set_process_device(d.clone());
+    }
+    Ok(d)
 }
 
 /// The device [`crate::LoadOptions::default`] loads on: the process's, else the CPU.

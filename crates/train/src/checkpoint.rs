@@ -26,22 +26,29 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
+/// The step of a `checkpoint-N` folder name.
+pub(crate) fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("checkpoint-")?.parse().ok()
+}
+
+/// Every `checkpoint-N` folder in `output_dir` with its step, oldest first.
+fn checkpoints(output_dir: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((step_of(&e.file_name().to_string_lossy())?, e.path())))
+        .collect();
+    all.sort();
+    Ok(all)
+}
+
 /// The newest complete `checkpoint-N` in `output_dir`: a trainer state that parses, for step N,
 /// the optimiser state and the weights (a model or an adapter). An incomplete one (emptied,
 /// copied in part) is skipped with a warning, so resuming never takes up half a checkpoint.
 pub fn latest(output_dir: &Path) -> Option<(usize, PathBuf)> {
-    let entries = std::fs::read_dir(output_dir).ok()?;
-    let mut found: Vec<(usize, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            Some((step, e.path()))
-        })
-        .collect();
-    found.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    let found = checkpoints(output_dir).ok()?;
     found
         .into_iter()
+        .rev()
         .find(|(step, dir)| match incomplete(*step, dir) {
             None => true,
             Some(why) => {
@@ -143,7 +150,7 @@ fn write_into(
 
 /// Keys a resumed run may change without breaking exactness: where and how often it logs, saves
 /// and evaluates, how long it trains (`max_steps`, `num_train_epochs`: the schedule is then the
-/// new length's), and the device (a GPU run resumes on the CPU).
+/// new length's), the device (a GPU run resumes on the CPU) and recomputation (same gradients).
 const RESUME_SAFE_KEYS: &[&str] = &[
     "output_dir",
     "logging_steps",
@@ -156,6 +163,7 @@ const RESUME_SAFE_KEYS: &[&str] = &[
     "num_train_epochs",
     "device",
     "overwrite_output_dir",
+    "gradient_checkpointing",
 ];
 
 /// Refuses to resume `dir` with a configuration that changes what the checkpoint's run computed
@@ -170,9 +178,17 @@ pub fn check_resume_config(dir: &Path, now: &toml::Table) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten("", &saved, &mut a);
-    flatten("", now, &mut b);
+    // Effective values: a key left to its default equals the default written out.
+    let defaults =
+        toml::Table::try_from(crate::config::TrainingArguments::default()).unwrap_or_default();
+    let effective = |t: &toml::Table| {
+        let mut full = defaults.clone();
+        full.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut flat = BTreeMap::new();
+        flatten("", &full, &mut flat);
+        flat
+    };
+    let (a, b) = (effective(&saved), effective(now));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
     let changed: Vec<String> = keys
@@ -201,6 +217,13 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>
         };
         match v {
             toml::Value::Table(t) => flatten(&key, t, out),
+            // `1` and `1.0` are the same setting.
+            toml::Value::Integer(i) => {
+                out.insert(key, format!("{:?}", *i as f64));
+            }
+            toml::Value::Float(f) => {
+                out.insert(key, format!("{f:?}"));
+            }
             v => {
                 out.insert(key, v.to_string());
             }
@@ -249,20 +272,13 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
 /// Deletes the oldest checkpoints beyond `limit`.
 pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<()> {
     let Some(limit) = limit else { return Ok(()) };
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+    // Only complete checkpoints count: an incomplete newer one must not push out the last
+    // checkpoint a resume could use (it stays, and resuming skips it).
+    let all: Vec<(usize, PathBuf)> = checkpoints(output_dir)
         .map_err(|e| Error::io(output_dir, e))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let step = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("checkpoint-")?
-                .parse::<usize>()
-                .ok()?;
-            Some((step, e.path()))
-        })
+        .into_iter()
+        .filter(|(step, dir)| incomplete(*step, dir).is_none())
         .collect();
-    all.sort();
     let excess = all.len().saturating_sub(limit.max(1));
     for (_, p) in all.into_iter().take(excess) {
         std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
@@ -337,6 +353,15 @@ mod tests {
         std::fs::write(dir.path().join("config.toml"), saved).unwrap();
         let now = |text: &str| -> toml::Table { toml::from_str(text).unwrap() };
         check_resume_config(dir.path(), &now(saved)).unwrap();
+        // A default written out, or an integer written as a float, is the same setting.
+        check_resume_config(
+            dir.path(),
+            &now(&format!(
+                "seed = 42\n{}",
+                saved.replace("max_steps = 10", "max_steps = 10.0")
+            )),
+        )
+        .unwrap();
         check_resume_config(
             dir.path(),
             &now(&saved

@@ -408,7 +408,8 @@ pub fn resume_point(
 /// A run without `--resume` starts in an empty `output_dir`, as transformers' example scripts
 /// require: an old run's checkpoints would otherwise outnumber the new run's (rotation deleted the
 /// new ones, and a later `--resume` took up the old run). With `overwrite_output_dir` (TRL's
-/// name) the old run's checkpoints and log are deleted first, so two runs never mix.
+/// name) the old run's checkpoints, logs, samples and final model are deleted first, so two runs
+/// never mix.
 fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
     let dir = &args.output_dir;
     let entries: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
@@ -427,15 +428,28 @@ fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
             dir.display()
         )));
     }
+    // What a run writes into its output_dir (checkpoints, logs, samples, the final model or
+    // adapter); anything else a user put there stays.
+    const RUN_FILES: &[&str] = &[
+        "metrics.jsonl",
+        "samples.jsonl",
+        "data_report.json",
+        "config.toml",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "value_model",
+    ];
     for path in entries {
         let name = path
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let run_file = name.starts_with("checkpoint-")
-            || name.starts_with(".checkpoint-")
-            || name == "metrics.jsonl";
+        let run_file = checkpoint::step_of(&name).is_some()
+            || (name.starts_with(".checkpoint-") && name.ends_with(".tmp"))
+            || RUN_FILES.contains(&name.as_str());
         if run_file {
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
