@@ -101,6 +101,11 @@ fn rows_dot(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32], wide: boo
     }
 }
 
+/// [`rows_dot`] on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA. `w` holds whole rows of `k` values, `x` holds `m` rows of `k`,
+/// and `out` holds `w.len() / k * m` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_dot_avx2(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
@@ -142,6 +147,10 @@ fn widen<const N: usize>((a, b): ([f32; N], [f32; N])) -> ([f32; 4], [f32; 4], u
 }
 
 /// Dot products of weight rows `w0`, `w1` with the `N` consecutive `x` rows at `x`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA. `w0` and `w1` must be valid for reading `k` values, and `x`
+/// for reading `N * k` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -188,6 +197,9 @@ unsafe fn pass<const N: usize>(
 /// Four weight rows x up to four `x` rows per pass: 16 accumulators, 8 loads per 16 FMAs; the
 /// last partial 16 lanes of `k` by masked loads. A short last group of weight rows repeats its
 /// last row (results not stored), a short group of `x` rows gets its own instantiation.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the slices are laid out as for [`rows_dot_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_dot_avx512(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
@@ -220,6 +232,11 @@ unsafe fn rows_dot_avx512(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f
 }
 
 /// `s[i][j] = w[i] . x[j]` for the four weight rows `w` and the `N` consecutive `x` rows at `x`.
+///
+/// # Safety
+/// The CPU must have AVX-512F. Each `w[a]` must be valid for reading `k` values and `x` for
+/// reading `N * k` values; `next`, if given, must point at four more rows of `k` values in the
+/// same allocation (they are only prefetched).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]

@@ -140,6 +140,10 @@ mod imp {
     /// `e = exp(src[i] - shift)` for `len` values from `src`, stored at `dst` unless it is null
     /// (`dst` may be `src`: each value is read before its own slot is written); each block's sum
     /// goes to `block_sum`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F. `src` must be valid for reading `len` values, and `dst`, unless
+    /// null, valid for writing `len` values (it may be `src`).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted(
         src: *const f32,
@@ -173,6 +177,10 @@ mod imp {
         }
     }
 
+    /// `out[i] = sigmoid(x[i])`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `out` must be at least as long as `x`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sigmoid_into(x: &[f32], out: &mut [f32]) {
         let one = _mm512_set1_ps(1.0);
@@ -203,6 +211,10 @@ mod imp {
         }
     }
 
+    /// The largest value (NaN if any is NaN).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn max(xs: &[f32]) -> f32 {
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
