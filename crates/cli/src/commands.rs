@@ -259,11 +259,7 @@ pub fn emit(v: &serde_json::Value) {
 /// Makes a config's `device` the process's, for every model the command loads, unless
 /// `--device` already chose one. Its error stays a [`preftune_model::DeviceError`] (exit 2).
 pub(crate) fn use_config_device(spec: Option<preftune_model::DeviceSpec>) -> Result<()> {
-    if preftune_model::device::process_device().is_none() {
-        if let Some(spec) = spec {
-            preftune_model::device::set_process_device(spec.open()?);
-        }
-    }
+    preftune_model::device::run_device(spec)?;
     Ok(())
 }
 

@@ -121,13 +121,19 @@ fn dump_first_update(
 /// The first parameter holding a NaN or an infinity (its f32 sum is then not finite; finite
 /// weights would need magnitudes near 1e32 to overflow it), on the parameter's device.
 fn first_non_finite(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
-    for (name, p) in params {
-        let sum = p.as_tensor().detach().to_dtype(DType::F32)?.sum_all()?;
-        if !sum.to_scalar::<f32>()?.is_finite() {
-            return Ok(Some(name.clone()));
-        }
+    let sums = params
+        .iter()
+        .map(|(_, p)| p.as_tensor().detach().to_dtype(DType::F32)?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    // One copy back for all of them (on a GPU, one wait instead of one per parameter).
+    let sums: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
+    Ok(sums
+        .iter()
+        .position(|s| !s.is_finite())
+        .map(|i| params[i].0.clone()))
 }
 
 /// The run's device: the process's (`--device`), else the config's `device`, else the CPU.
