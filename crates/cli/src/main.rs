@@ -22,6 +22,7 @@ struct Counting;
 // SAFETY: every call is forwarded to mimalloc unchanged; the counters only observe sizes.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
         let p = unsafe { mimalloc::MiMalloc.alloc(l) };
         if !p.is_null() {
             preftune_model::mem::on_alloc(l.size());
@@ -29,6 +30,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
         p
     }
     unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
         let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
         if !p.is_null() {
             preftune_model::mem::on_alloc(l.size());
@@ -37,9 +39,11 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         preftune_model::mem::on_free(l.size());
+        // SAFETY: the caller's contract for this method, passed on unchanged.
         unsafe { mimalloc::MiMalloc.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
         let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
         // On failure the old block stays allocated and the counts stay as they were.
         if !q.is_null() {

@@ -16,35 +16,52 @@
 use std::sync::OnceLock;
 
 /// A strided f32 matrix: element `(i, k)` is `data[i * rs + k * cs]`.
+///
+/// The fields are private and every constructor checks that the last element lies inside
+/// `data`: the SIMD kernels load from a view without bounds checks, so a view is the proof
+/// that those loads stay in the slice.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-    pub rs: usize,
-    pub cs: usize,
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
 }
 
 impl<'a> View<'a> {
-    /// A row-major `rows x cols` matrix.
+    /// A row-major `rows x cols` matrix. Panics if `data` is shorter than `rows * cols`.
     pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        View {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
+        Self::strided(data, rows, cols, cols, 1)
     }
 
-    /// The transpose of a row-major `cols x rows` matrix, without copying.
+    /// The transpose of a row-major `cols x rows` matrix, without copying. Panics if `data` is
+    /// shorter than `rows * cols`.
     pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, 1, rows)
+    }
+
+    /// Element `(i, k)` at `data[i * rs + k * cs]`. Panics unless every element lies in `data`
+    /// (an empty view needs nothing) and `rs`/`cs` match one of the layouts the kernels read:
+    /// rows (`cs == 1`), columns (`rs == 1`) or any other stride, read element by element.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1)
+                .checked_mul(rs)
+                .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+            assert!(
+                last.is_some_and(|l| l < data.len()),
+                "bf16gemm::View: a {rows} x {cols} view with strides ({rs}, {cs}) does not fit \
+                 in {} values",
+                data.len()
+            );
+        }
         View {
             data,
             rows,
             cols,
-            rs: 1,
-            cs: rows,
+            rs,
+            cs,
         }
     }
 
@@ -156,7 +173,11 @@ pub fn gemm_packed(a: View, b: &PackedB, c: &mut [f32], accumulate: bool) {
         return;
     }
     match &b.data {
-        Packed::Pairs(pb) => imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), accumulate),
+        // SAFETY: `pb` is `pack_b` of a view with `a`'s columns, `c` holds m x n values (both
+        // asserted above) and `available()` chose a backend this CPU has.
+        Packed::Pairs(pb) => unsafe {
+            imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), accumulate)
+        },
         Packed::Dense(d) => fallback(a, d, b.rows, c, accumulate),
     }
 }
@@ -169,7 +190,9 @@ pub fn gemm_packed_new(a: View, b: &PackedB) -> Vec<f32> {
     match &b.data {
         Packed::Pairs(pb) if len > 0 => {
             let mut c: Vec<f32> = Vec::with_capacity(len);
-            imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), false);
+            // SAFETY: `pb` is `pack_b` of a view with `a`'s columns (asserted), `c` has room for
+            // m x n values, and pairs are packed only when the CPU has a bf16 backend.
+            unsafe { imp::gemm(backend(), a, pb, b.rows, c.as_mut_ptr(), false) };
             // SAFETY: the product (accumulate = false) wrote all `len` values.
             unsafe { c.set_len(len) };
             c
@@ -324,10 +347,20 @@ mod imp {
         out
     }
 
-    /// `pb`: `B` (n x k) from [`pack_b`]; `c`: room for `m x n` values, which may be
-    /// uninitialised unless `accumulate` (every value is written, never read). `backend` is one
-    /// this CPU has (not [`Backend::F32`]).
-    pub fn gemm(backend: Backend, a: View, pb: &[u16], n: usize, c: *mut f32, accumulate: bool) {
+    /// `C = A B^T` from `pb`, `B` (n x k) packed by [`pack_b`], into `c` (m x n, row-major).
+    ///
+    /// # Safety
+    /// `pb` is [`pack_b`] of an n x k view with `a`'s `k`; `c` is valid for writes of `m x n`
+    /// values, which may be uninitialised unless `accumulate` (then they are read too), and no
+    /// other reference to them is live; `backend` is one this CPU has (not [`Backend::F32`]).
+    pub unsafe fn gemm(
+        backend: Backend,
+        a: View,
+        pb: &[u16],
+        n: usize,
+        c: *mut f32,
+        accumulate: bool,
+    ) {
         let (m, k) = (a.rows, a.cols);
         let mp = m.div_ceil(BLOCK) * BLOCK;
         let kp = k.div_ceil(KSTEP) * KSTEP;
@@ -376,10 +409,17 @@ mod imp {
     struct Out(*mut f32);
     // SAFETY: the threads given an `Out` write disjoint parts of one buffer that outlives them.
     unsafe impl Send for Out {}
+    // SAFETY: as for `Send`: no two threads write the same element, and none reads another's.
     unsafe impl Sync for Out {}
 
     /// Computes the block `rows` x `cols` of `C` (row-major, `n` columns, at `out`); `rows.start`
     /// and `cols.start` are multiples of 32.
+    ///
+    /// # Safety
+    /// The CPU has AMX-BF16 and this process was granted the tiles ([`amx`]). `pa` is [`pack_a`]
+    /// (rows padded to a multiple of 32, `kp` per row) and `pb` [`pack_b`] (all padded columns)
+    /// of products with `kp` a multiple of 32 covering `rows` and `cols`; `out` is valid for
+    /// writes (and reads, if `accumulate`) of the block, and no other thread touches it.
     #[allow(clippy::too_many_arguments)]
     unsafe fn blocks_of(
         pa: &[u16],
@@ -512,6 +552,12 @@ mod imp {
         /// (kp x 64 bytes: L1 or L2) are reused by every 8 rows of `A`; the sums stay in
         /// registers for the whole of `k` and are stored once (masked at the edges, so `C` may
         /// be uninitialised unless `accumulate`).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F, BW and BF16. `pa` and `pb` are [`super::pack_a`] and
+        /// [`super::pack_b`] of products covering `rows` and `cols` (rows of `pa` padded to a
+        /// multiple of 32, columns of `pb` likewise); `out` is valid for writes (and reads, if
+        /// `accumulate`) of the block, and no other thread touches it.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
         pub(super) unsafe fn blocks_of(
@@ -636,6 +682,9 @@ mod imp {
         }
 
         /// Lanes `0..n` of 16 f32 at `p` (`n` <= 16); zeros elsewhere, which are not read.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `p` is valid for reads of `n.min(16)` f32 (none if `n == 0`).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn load(p: *const f32, n: usize) -> __m512 {
@@ -647,6 +696,10 @@ mod imp {
         }
 
         /// Row `i` of `v`, values `k..k + 32` (zeros beyond its columns) as 32 bf16.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F and BW; `v.cs == 1` and `i < v.rows`. The loads then read only
+        /// row `i`'s columns, which [`View`]'s constructors proved lie in `v.data`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn row_chunk(v: View, i: usize, k: usize) -> __m512i {
@@ -660,6 +713,10 @@ mod imp {
         }
 
         /// Values `(i0..i0 + 16, k)` of a view with `rs == 1` (zeros beyond its rows/columns).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `v.rs == 1`. The load reads only elements of the view, which
+        /// [`View`]'s constructors proved lie in `v.data`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn column_chunk(v: View, i0: usize, k: usize) -> __m512 {
@@ -670,6 +727,11 @@ mod imp {
         }
 
         /// Rows `i0..i0 + 32` of `A` packed at `dst` (32 rows of `kp`).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F and BW; `kp` is a multiple of 32 at least `a.cols`, and `dst` is
+        /// valid for writes of `32 * kp` u16. Reads of `a` stay inside the view (rows past
+        /// `a.rows` are written as zeros, never read).
         #[target_feature(enable = "avx512f,avx512bw")]
         pub(super) unsafe fn pack_a_block(a: View, i0: usize, kp: usize, dst: *mut u16) {
             let store = |ii: usize, k: usize, v: __m512i| {
@@ -716,6 +778,10 @@ mod imp {
         }
 
         /// `panels` panels of 16 rows of `B` from row `j0`, packed at `dst` (`kp * 16` each).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F and BW; `kp` is a multiple of 32 at least `b.cols`, and `dst` is
+        /// valid for writes of `panels * kp * 16` u16. Reads of `b` stay inside the view.
         #[target_feature(enable = "avx512f,avx512bw")]
         pub(super) unsafe fn pack_b_panels(
             b: View,
@@ -790,7 +856,18 @@ mod imp {
     pub(super) fn pack_a(_: super::View, _: usize, _: usize) -> Vec<u16> {
         unreachable!("no bf16 instructions here")
     }
-    pub fn gemm(_: super::Backend, _: super::View, _: &[u16], _: usize, _: *mut f32, _: bool) {
+    /// Never called: no backend packs pairs here.
+    ///
+    /// # Safety
+    /// None needed; it only panics. It is `unsafe` to match the x86-64 signature.
+    pub unsafe fn gemm(
+        _: super::Backend,
+        _: super::View,
+        _: &[u16],
+        _: usize,
+        _: *mut f32,
+        _: bool,
+    ) {
         unreachable!("no bf16 instructions here")
     }
 }
@@ -829,7 +906,12 @@ mod tests {
     fn gemm_on(be: Backend, a: View, b: View, c: &mut [f32], accumulate: bool) {
         match be {
             Backend::F32 => fallback(a, &rounded_rows(b), b.rows, c, accumulate),
-            _ => imp::gemm(be, a, &imp::pack_b(b), b.rows, c.as_mut_ptr(), accumulate),
+            _ => {
+                assert_eq!(c.len(), a.rows * b.rows);
+                // SAFETY: `be` came from `backends()` (this CPU has it), `c` holds m x n values
+                // and the pairs are `pack_b` of `b`.
+                unsafe { imp::gemm(be, a, &imp::pack_b(b), b.rows, c.as_mut_ptr(), accumulate) }
+            }
         }
     }
 
@@ -874,13 +956,7 @@ mod tests {
         }
         let bt: Vec<f32> = (0..k * n).map(|t| b[(t % n) * k + t / n]).collect();
         let spread: Vec<f32> = b.iter().flat_map(|&v| [v, 0.0]).collect();
-        let strided = View {
-            data: &spread,
-            rows: n,
-            cols: k,
-            rs: 2 * k,
-            cs: 2,
-        };
+        let strided = View::strided(&spread, n, k, 2 * k, 2);
         let (np, kp) = (64, 96);
         let mut want = vec![0u16; np * kp];
         for j in 0..n {
@@ -990,5 +1066,43 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-3, "{be:?} vs fallback differ by {worst}");
         }
+    }
+
+    /// A view is checked against its slice when made: the kernels' unchecked loads rely on it.
+    #[test]
+    fn views_that_overrun_their_data_are_refused() {
+        let d = [0f32; 12];
+        let fits = [
+            (3, 4, 4, 1),
+            (4, 3, 1, 4),
+            (2, 2, 10, 1),
+            (0, 99, 99, 99),
+            (6, 1, 2, 0),
+        ];
+        for (r, c, rs, cs) in fits {
+            let v = View::strided(&d, r, c, rs, cs);
+            assert_eq!((v.rows, v.cols), (r, c));
+        }
+        let overruns = [
+            (4, 4, 4, 1),
+            (3, 5, 1, 3),
+            (2, 2, 11, 1),
+            (1, 2, 0, usize::MAX),
+        ];
+        for (r, c, rs, cs) in overruns {
+            let made = std::panic::catch_unwind(|| View::strided(&d, r, c, rs, cs));
+            assert!(
+                made.is_err(),
+                "{r} x {c} strides ({rs}, {cs}) over 12 values"
+            );
+        }
+        assert!(std::panic::catch_unwind(|| View::rows(&d, 4, 4)).is_err());
+        assert!(std::panic::catch_unwind(|| View::transposed(&d, 5, 3)).is_err());
+        // Before views were checked, this read 20 values past the slice's end on AVX-512.
+        assert!(std::panic::catch_unwind(|| gemm_nt_new(
+            View::rows(&d, 2, 16),
+            View::rows(&d, 1, 16)
+        ))
+        .is_err());
     }
 }

@@ -39,9 +39,9 @@ pub fn exp_shifted(xs: &mut [f32], shift: f32) -> f64 {
 pub fn exp_shifted_blocks(xs: &mut [f32], shift: f32, block_sum: impl FnMut(f64)) {
     #[cfg(target_arch = "x86_64")]
     if available() {
+        let p = xs.as_mut_ptr();
         // SAFETY: avx512f was detected above; `xs` is read and written in place through one
         // pointer.
-        let p = xs.as_mut_ptr();
         return unsafe { imp::exp_shifted(p, p, xs.len(), shift, block_sum) };
     }
     let mut block_sum = block_sum;
@@ -168,6 +168,7 @@ mod imp {
                 let v = unsafe { _mm512_maskz_loadu_ps(m, src.add(i)) };
                 let e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(v, sh)));
                 if !dst.is_null() {
+                    // SAFETY: as for the load: `dst` holds `len` values, masked lanes untouched.
                     unsafe { _mm512_mask_storeu_ps(dst.add(i), m, e) };
                 }
                 acc = _mm512_add_ps(acc, e);
