@@ -20,8 +20,21 @@ pub enum LabelCmd {
         /// Candidates JSONL to add (repeatable: several models' candidates merge).
         #[arg(long)]
         candidates: Vec<PathBuf>,
+        /// Address to listen on. Plain HTTP, so loopback only unless --insecure: for remote
+        /// annotators, put a TLS proxy (Caddy, nginx) in front.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: std::net::SocketAddr,
+        /// Allow a non-loopback --bind in plain HTTP, where tokens and judgements can be read
+        /// on the way (a trusted network only).
+        #[arg(long)]
+        insecure: bool,
+        /// Connections open at once, at most (fewer if the open-file limit is lower); more
+        /// clients wait for a free one.
+        #[arg(long, default_value_t = 256)]
+        max_connections: usize,
+        /// Hours a browser login lasts.
+        #[arg(long, default_value_t = 12.0)]
+        session_hours: f64,
         #[command(flatten)]
         import: ImportArgs,
     },
@@ -42,6 +55,20 @@ pub enum LabelCmd {
         /// An admin also sees everyone's progress and the agreement statistics.
         #[arg(long)]
         admin: bool,
+    },
+    /// Give an annotator a new token and print it; the old one, and their browser sessions,
+    /// stop working at once.
+    RotateToken {
+        name: String,
+        #[arg(long)]
+        db: PathBuf,
+    },
+    /// Revoke an annotator's token and end their sessions (their judgements stay);
+    /// `rotate-token` gives them a new one.
+    RevokeToken {
+        name: String,
+        #[arg(long)]
+        db: PathBuf,
     },
     /// Write the judgements as training data: preference rows (`prompt`, `chosen`, `rejected`,
     /// `margin` from the scale) in pair mode, ranking rows (`prompt`, `responses` best first) in
@@ -118,8 +145,19 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             db,
             candidates,
             bind,
+            insecure,
+            max_connections,
+            session_hours,
             import: a,
         } => {
+            // Refuse a public bind before touching the database.
+            preftune_label::net::check_bind(*bind, *insecure)?;
+            if !(session_hours.is_finite()
+                && *session_hours > 0.0
+                && *session_hours <= 24.0 * 365.0)
+            {
+                anyhow::bail!("--session-hours: expected a number of hours in (0, 8760], found {session_hours}");
+            }
             let mut store = open(db)?;
             import(&mut store, candidates, a)?;
             let p = store.progress()?;
@@ -129,7 +167,13 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
                     db.display()
                 );
             }
-            preftune_label::server::serve(store, *bind)
+            let mut opts = preftune_label::net::ServeOptions {
+                insecure: *insecure,
+                session_ttl: std::time::Duration::from_secs_f64(session_hours * 3600.0),
+                ..Default::default()
+            };
+            opts.limits.max_connections = *max_connections;
+            preftune_label::server::serve(store, *bind, opts)
                 .with_context(|| format!("serving on {bind}"))?;
         }
         LabelCmd::Import {
@@ -145,6 +189,15 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             let token = open(db)?.add_annotator(name, *admin)?;
             println!("{token}");
             eprintln!("annotator `{name}` added; log in at the app with the token above");
+        }
+        LabelCmd::RotateToken { name, db } => {
+            let token = open(db)?.rotate_token(name)?;
+            println!("{token}");
+            eprintln!("annotator `{name}` has a new token (above); the old one no longer works");
+        }
+        LabelCmd::RevokeToken { name, db } => {
+            open(db)?.revoke_token(name)?;
+            eprintln!("annotator `{name}`: token revoked and sessions ended; judgements kept");
         }
         LabelCmd::Export {
             db,

@@ -4,6 +4,7 @@
 //! statistics on the items that several annotators saw.
 pub mod error;
 pub mod export;
+pub mod net;
 pub mod server;
 pub mod stats;
 pub mod store;

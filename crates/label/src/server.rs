@@ -1,33 +1,42 @@
 //! The labelling web app: a static page plus a small JSON API over the [`Store`].
 //!
-//! Every route but the login form needs a token, as `Authorization: Bearer TOKEN` or the
-//! `preftune_token` cookie the login form sets. Annotators only ever see items assigned to them;
-//! an item id outside their queue answers 404, the same as one that does not exist. The page
-//! puts model text in the DOM with `textContent` only, and the content security policy forbids
-//! inline scripts, so a response holding `<script>` is shown as text.
-use std::net::SocketAddr;
+//! Every route but the login form needs a caller, checked by one middleware before any route
+//! runs, so that no body is read, no path parsed and no method matched for a stranger: an API
+//! client sends `Authorization: Bearer TOKEN`; a browser logs in once with its token and then
+//! carries a session cookie (`preftune_session`: a random id with an expiry, ended by logout,
+//! and never the token itself). Annotators only ever see items assigned to them; an item id
+//! outside their queue answers 404, the same as one that does not exist. The page puts model
+//! text in the DOM with `textContent` only, and the content security policy forbids inline
+//! scripts, so a response holding `<script>` is shown as text. State-changing requests from
+//! another origin are refused (the `Origin` check OWASP recommends, on top of `SameSite=Strict`).
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::extract::{Form, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, Extension, Form, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::net::ServeOptions;
 use crate::stats::stats;
 use crate::store::{Annotator, Judgement, Mode, Store, Submission, Submitted, SCALE};
+
+pub use crate::net::{serve, serve_on};
 
 const LABEL_HTML: &str = include_str!("../assets/label.html");
 const ADMIN_HTML: &str = include_str!("../assets/admin.html");
 const LOGIN_HTML: &str = include_str!("../assets/login.html");
 const APP_JS: &str = include_str!("../assets/app.js");
-const COOKIE: &str = "preftune_token";
+const COOKIE: &str = "preftune_session";
 
 #[derive(Clone)]
 struct App {
     store: Arc<Mutex<Store>>,
+    session_ttl: Duration,
 }
 
 type Reply = Result<Response, Response>;
@@ -37,55 +46,50 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 impl App {
-    /// Runs `f` on the store off the async threads (SQLite calls block, fsync included).
+    /// Runs `f` on the store off the async threads (SQLite calls block, fsync included). A
+    /// failure is logged in full and answered without detail: file paths and SQL stay private.
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Store) -> crate::Result<T> + Send + 'static,
     ) -> Result<T, Response> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut s)
         })
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-    }
-
-    async fn who(&self, headers: &HeaderMap) -> Result<Option<Annotator>, Response> {
-        let Some(token) = token(headers) else {
-            return Ok(None);
+        .await;
+        let e = match r {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
         };
-        self.with(move |s| s.authenticate(&token)).await
-    }
-
-    /// The caller for an API route: 401 without a valid token.
-    async fn api_user(&self, headers: &HeaderMap) -> Result<Annotator, Response> {
-        self.who(headers).await?.ok_or_else(|| {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "log in: send `Authorization: Bearer TOKEN` (preftune label add-annotator prints one)",
-            )
-        })
-    }
-
-    async fn api_admin(&self, headers: &HeaderMap) -> Result<Annotator, Response> {
-        let who = self.api_user(headers).await?;
-        if !who.is_admin {
-            return Err(error(StatusCode::FORBIDDEN, "admin token required"));
-        }
-        Ok(who)
+        eprintln!("label server: internal error: {e}");
+        Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; the server's log has the details",
+        ))
     }
 }
 
-/// The token from the `Authorization` header, else from the login cookie.
-fn token(headers: &HeaderMap) -> Option<String> {
+/// The caller's credential: a bearer token, else the session cookie.
+enum Credential {
+    Token(String),
+    Session(String),
+}
+
+fn credential(headers: &HeaderMap) -> Option<Credential> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+        return v
+            .strip_prefix("Bearer ")
+            .map(|t| Credential::Token(t.trim().to_string()));
     }
+    session_cookie(headers).map(Credential::Session)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -96,32 +100,97 @@ fn token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// Pages send the browser to the login form instead of answering 401.
-async fn page(app: &App, headers: &HeaderMap, admin: bool, body: &'static str) -> Reply {
-    match app.who(headers).await? {
-        None => Ok(Redirect::to("/login").into_response()),
-        Some(w) if admin && !w.is_admin => {
-            Err(error(StatusCode::FORBIDDEN, "admin token required"))
+/// Routes anyone may call: the login form and logout.
+fn public(path: &str) -> bool {
+    matches!(path, "/login" | "/logout")
+}
+
+/// Finds the caller before any route runs: strangers get a redirect to the login form (pages)
+/// or 401 (everything else), before the body is read, the path parsed or the method matched.
+async fn authenticate(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    if public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let who = match credential(req.headers()) {
+        None => Ok(None),
+        Some(Credential::Token(t)) => app.with(move |s| s.authenticate(&t)).await,
+        Some(Credential::Session(id)) => app.with(move |s| s.session(&id)).await,
+    };
+    match who {
+        Ok(Some(w)) => {
+            req.extensions_mut().insert(w);
+            next.run(req).await
         }
-        Some(_) => Ok(Html(body).into_response()),
+        Err(resp) => resp,
+        Ok(None) if req.method() == Method::GET && matches!(req.uri().path(), "/" | "/admin") => {
+            Redirect::to("/login").into_response()
+        }
+        Ok(None) => error(
+            StatusCode::UNAUTHORIZED,
+            "log in: send `Authorization: Bearer TOKEN` (preftune label add-annotator prints one)",
+        ),
     }
 }
 
-async fn label_page(State(app): State<App>, headers: HeaderMap) -> Reply {
-    page(&app, &headers, false, LABEL_HTML).await
+/// Refuses a state-changing request from another origin, so a page elsewhere cannot post the
+/// login form or a judgement with a user's cookie. The policy of Go's `CrossOriginProtection`:
+/// trust `Sec-Fetch-Site` where the browser sends it (`same-origin` or `none` pass); otherwise
+/// `Origin` must name this host; a request with neither (curl, scripts) is not a browser riding
+/// a cookie, and passes.
+async fn same_origin(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let h = req.headers();
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    let ok = match (text("sec-fetch-site"), text("origin")) {
+        (Some(site), _) => matches!(site, "same-origin" | "none"),
+        (None, Some(origin)) => origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| Some(authority) == text("host")),
+        (None, None) => true,
+    };
+    if ok {
+        return next.run(req).await;
+    }
+    error(StatusCode::FORBIDDEN, "cross-origin request refused")
 }
 
-async fn admin_page(State(app): State<App>, headers: HeaderMap) -> Reply {
-    page(&app, &headers, true, ADMIN_HTML).await
+/// Answers 408 when a request (its body included) takes longer than `limit`.
+async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request not completed within {} s", limit.as_secs_f64()),
+        ),
+    }
 }
 
-async fn app_js(State(app): State<App>, headers: HeaderMap) -> Reply {
-    app.api_user(&headers).await?;
-    Ok((
+// An error reply is a whole response, as every handler returns.
+#[allow(clippy::result_large_err)]
+fn admin(who: &Annotator) -> Result<(), Response> {
+    match who.is_admin {
+        true => Ok(()),
+        false => Err(error(StatusCode::FORBIDDEN, "admin token required")),
+    }
+}
+
+async fn label_page() -> Html<&'static str> {
+    Html(LABEL_HTML)
+}
+
+async fn admin_page(Extension(who): Extension<Annotator>) -> Reply {
+    admin(&who)?;
+    Ok(Html(ADMIN_HTML).into_response())
+}
+
+async fn app_js() -> Response {
+    (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         APP_JS,
     )
-        .into_response())
+        .into_response()
 }
 
 async fn login_page() -> Html<&'static str> {
@@ -133,38 +202,57 @@ struct LoginForm {
     token: String,
 }
 
+// An error reply is a whole response, as every handler returns.
+#[allow(clippy::result_large_err)]
+fn set_cookie(r: &mut Response, value: &str) -> Result<(), Response> {
+    let v = HeaderValue::from_str(value)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    r.headers_mut().insert(header::SET_COOKIE, v);
+    Ok(())
+}
+
+/// Trades a token for a session: the cookie holds a new random id that expires, not the token.
 async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Reply {
     let t = f.token.trim().to_string();
-    let tc = t.clone();
-    let who = app.with(move |s| s.authenticate(&tc)).await?;
-    if who.is_none() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    let ttl = app.session_ttl;
+    let session = app
+        .with(move |s| match s.authenticate(&t)? {
+            Some(who) => s.start_session(&who, ttl).map(Some),
+            None => Ok(None),
+        })
+        .await?;
+    let Some(id) = session else {
         return Ok((
             StatusCode::UNAUTHORIZED,
             Html(LOGIN_HTML.replace("<!--error-->", "<p class=\"error\">Unknown token.</p>")),
         )
             .into_response());
-    }
-    let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
+    };
     let mut r = Redirect::to("/").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
-    );
+    set_cookie(
+        &mut r,
+        &format!(
+            "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            ttl.as_secs()
+        ),
+    )?;
     Ok(r)
 }
 
-async fn logout() -> Response {
+/// Ends the session on the server as well as in the browser.
+async fn logout(State(app): State<App>, headers: HeaderMap) -> Reply {
+    if let Some(id) = session_cookie(&headers) {
+        app.with(move |s| s.end_session(&id)).await?;
+    }
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("preftune_token=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
-    );
-    r
+    set_cookie(
+        &mut r,
+        &format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    )?;
+    Ok(r)
 }
 
-async fn me(State(app): State<App>, headers: HeaderMap) -> Reply {
-    let who = app.api_user(&headers).await?;
+async fn me(State(app): State<App>, Extension(who): Extension<Annotator>) -> Reply {
     let p = app.with(|s| s.progress()).await?;
     let mine = p.annotators.iter().find(|a| a.name == who.name);
     let scale: Vec<_> = SCALE
@@ -178,8 +266,7 @@ async fn me(State(app): State<App>, headers: HeaderMap) -> Reply {
     .into_response())
 }
 
-async fn next(State(app): State<App>, headers: HeaderMap) -> Reply {
-    let who = app.api_user(&headers).await?;
+async fn next(State(app): State<App>, Extension(who): Extension<Annotator>) -> Reply {
     let shown = app.with(move |s| s.next(&who)).await?;
     Ok(match shown {
         Some(s) => Json(json!({"done": false, "item": s})),
@@ -188,8 +275,11 @@ async fn next(State(app): State<App>, headers: HeaderMap) -> Reply {
     .into_response())
 }
 
-async fn item(State(app): State<App>, headers: HeaderMap, Path(id): Path<i64>) -> Reply {
-    let who = app.api_user(&headers).await?;
+async fn item(
+    State(app): State<App>,
+    Extension(who): Extension<Annotator>,
+    Path(id): Path<i64>,
+) -> Reply {
     match app.with(move |s| s.shown(&who, id)).await? {
         Some(s) => Ok(Json(s).into_response()),
         None => Err(error(
@@ -214,12 +304,12 @@ struct LabelBody {
 
 async fn submit(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(who): Extension<Annotator>,
     Path(id): Path<i64>,
     body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>,
 ) -> Reply {
-    let who = app.api_user(&headers).await?;
-    let Json(b) = body.map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.body_text()))?;
+    // axum's codes: 400 malformed JSON, 413 too large, 415 not JSON, 422 wrong fields.
+    let Json(b) = body.map_err(|e| error(e.status(), e.body_text()))?;
     let judgement = match (b.scale, b.ranking) {
         (Some(scale), None) => Judgement::Pair { scale },
         (None, Some(order)) => Judgement::Rank { order },
@@ -249,23 +339,22 @@ async fn submit(
     }
 }
 
-async fn progress(State(app): State<App>, headers: HeaderMap) -> Reply {
-    app.api_admin(&headers).await?;
+async fn progress(State(app): State<App>, Extension(who): Extension<Annotator>) -> Reply {
+    admin(&who)?;
     Ok(Json(app.with(|s| s.progress()).await?).into_response())
 }
 
-async fn admin_stats(State(app): State<App>, headers: HeaderMap) -> Reply {
-    app.api_admin(&headers).await?;
+async fn admin_stats(State(app): State<App>, Extension(who): Extension<Annotator>) -> Reply {
+    admin(&who)?;
     let s = app
         .with(|s| Ok(stats(&s.labels()?, s.mode()?.unwrap_or(Mode::Pair))))
         .await?;
     Ok(Json(s).into_response())
 }
 
-/// Unknown paths: 401 before 404, so the route list is not probed without a token.
-async fn fallback(State(app): State<App>, headers: HeaderMap) -> Reply {
-    app.api_user(&headers).await?;
-    Err(error(StatusCode::NOT_FOUND, "no such route"))
+/// Unknown paths (reached only with a login: strangers cannot probe the route list).
+async fn fallback() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
 }
 
 async fn security_headers(mut r: Response) -> Response {
@@ -289,12 +378,15 @@ async fn security_headers(mut r: Response) -> Response {
     r
 }
 
-/// The app's routes over an open store.
-pub fn router(store: Store) -> Router {
+/// The app's routes over an open store. Layers run outermost first: security headers, the
+/// request deadline, the origin check, then authentication, and only then routing, extraction
+/// (the body limit) and the handler.
+pub fn router(store: Store, opts: &ServeOptions) -> Router {
     let app = App {
         store: Arc::new(Mutex::new(store)),
+        session_ttl: opts.session_ttl,
     };
-    Router::new()
+    let routes = Router::new()
         .route("/", get(label_page))
         .route("/admin", get(admin_page))
         .route("/app.js", get(app_js))
@@ -307,36 +399,17 @@ pub fn router(store: Store) -> Router {
         .route("/api/admin/progress", get(progress))
         .route("/api/admin/stats", get(admin_stats))
         .fallback(fallback)
+        .layer(DefaultBodyLimit::max(opts.limits.max_body_bytes))
+        .with_state(app.clone());
+    // Middleware on the outer router runs before routing, so a stranger's wrong method or
+    // malformed path gets 401, not 405 or 400.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn_with_state(app, authenticate))
+        .layer(axum::middleware::from_fn(same_origin))
+        .layer(axum::middleware::from_fn_with_state(
+            opts.limits.request_timeout,
+            deadline,
+        ))
         .layer(axum::middleware::map_response(security_headers))
-        .with_state(app)
-}
-
-/// Serves on `listener` until `shutdown` resolves.
-pub async fn serve_on(
-    store: Store,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(store))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Binds `addr` and serves until Ctrl-C. Every judgement is committed before its request is
-/// answered, so stopping the server at any time loses nothing that an annotator saw saved.
-pub fn serve(store: Store, addr: SocketAddr) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        eprintln!(
-            "labelling at http://{} (Ctrl-C stops; judgements are saved as they are made)",
-            listener.local_addr()?
-        );
-        serve_on(store, listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-    })
 }

@@ -233,7 +233,14 @@ CREATE TABLE IF NOT EXISTS labels(
     created_at TEXT NOT NULL,
     PRIMARY KEY(item_id, annotator_id),
     FOREIGN KEY(item_id, annotator_id) REFERENCES assignments(item_id, annotator_id));
+CREATE TABLE IF NOT EXISTS sessions(
+    id_hash TEXT PRIMARY KEY,
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    expires_at INTEGER NOT NULL);
 ";
+
+/// A revoked annotator's `token_hash` starts with this; no token hashes to it (hashes are hex).
+const REVOKED: &str = "revoked:";
 
 pub struct Store {
     conn: Connection,
@@ -254,6 +261,41 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Tokens are stored hashed: a copy of the database does not hand out logins.
 fn token_hash(token: &str) -> String {
     sha256_hex(token.as_bytes())
+}
+
+/// A new secret: `prefix` and 48 hex digits (192 random bits from the OS-seeded generator).
+fn random_secret(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Creates the database file readable by its owner only (0600), as ssh does for keys: it holds
+/// people's judgements and their login hashes. SQLite gives its `-wal` and `-shm` files the same
+/// mode. An existing file is left as it is.
+fn create_private(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Deterministic uniform number in [0, 1) from an item key and a seed.
@@ -296,6 +338,7 @@ impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
         let db = db_err(path);
+        create_private(path)?;
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
@@ -470,10 +513,7 @@ impl Store {
                 "annotator name: must be non-empty printable text".into(),
             ));
         }
-        let mut bytes = [0u8; 24];
-        rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let token = format!("pt_{token}");
+        let token = random_secret("pt_");
         let r = self.conn.execute(
             "INSERT INTO annotators(name, token_hash, is_admin, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![name, token_hash(&token), admin as i64, now()],
@@ -490,6 +530,100 @@ impl Store {
             }
             Err(e) => Err(self.db(e)),
         }
+    }
+
+    /// Gives the annotator `name` a new token and ends their sessions: the old token stops
+    /// working at once. Returns the new token (shown once).
+    pub fn rotate_token(&mut self, name: &str) -> Result<String> {
+        let token = random_secret("pt_");
+        self.replace_token(name, &token_hash(&token))?;
+        Ok(token)
+    }
+
+    /// Revokes the annotator `name`'s token and ends their sessions; their judgements stay.
+    /// `rotate_token` gives them a new one later.
+    pub fn revoke_token(&mut self, name: &str) -> Result<()> {
+        self.replace_token(name, &random_secret(REVOKED))
+    }
+
+    fn replace_token(&mut self, name: &str, hash: &str) -> Result<()> {
+        let path = self.path.clone();
+        let dberr = db_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(dberr)?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM annotators WHERE name = ?1",
+                params![name.trim()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(dberr)?;
+        let Some(id) = id else {
+            return Err(Error::Input(format!(
+                "{}: no annotator named `{}`",
+                path.display(),
+                name.trim()
+            )));
+        };
+        tx.execute(
+            "UPDATE annotators SET token_hash = ?1 WHERE id = ?2",
+            params![hash, id],
+        )
+        .map_err(dberr)?;
+        tx.execute("DELETE FROM sessions WHERE annotator_id = ?1", params![id])
+            .map_err(dberr)?;
+        tx.commit().map_err(dberr)
+    }
+
+    /// Starts a browser session for `who`, valid for `ttl`: the cookie carries this random id,
+    /// never the annotator's token, and only its hash is stored. Expired sessions are dropped.
+    pub fn start_session(&mut self, who: &Annotator, ttl: std::time::Duration) -> Result<String> {
+        let id = random_secret("ps_");
+        let now = unix_now();
+        let expires = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        self.conn
+            .execute("DELETE FROM sessions WHERE expires_at <= ?1", params![now])
+            .map_err(|e| self.db(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO sessions(id_hash, annotator_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![token_hash(&id), who.id, expires],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(id)
+    }
+
+    /// The annotator of a live session; `None` for an unknown, ended or expired one.
+    pub fn session(&self, id: &str) -> Result<Option<Annotator>> {
+        self.conn
+            .query_row(
+                "SELECT a.id, a.name, a.is_admin FROM sessions s JOIN annotators a \
+                 ON a.id = s.annotator_id WHERE s.id_hash = ?1 AND s.expires_at > ?2",
+                params![token_hash(id), unix_now()],
+                |r| {
+                    Ok(Annotator {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        is_admin: r.get::<_, i64>(2)? != 0,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Ends a session (logout); unknown ids are ignored.
+    pub fn end_session(&mut self, id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM sessions WHERE id_hash = ?1",
+                params![token_hash(id)],
+            )
+            .map(|_| ())
+            .map_err(|e| self.db(e))
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Option<Annotator>> {

@@ -15,13 +15,23 @@ pub struct Server {
 impl Server {
     /// Starts serving `db` (which must exist) on 127.0.0.1 with an OS-chosen port.
     pub async fn start(db: &Path) -> Server {
+        Self::start_with(db, preftune_label::net::ServeOptions::default()).await
+    }
+
+    /// [`Server::start`] with other limits or session lifetime.
+    pub async fn start_with(db: &Path, opts: preftune_label::net::ServeOptions) -> Server {
         let store = Store::open(db).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(preftune_label::server::serve_on(store, listener, async {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(preftune_label::server::serve_on(
+            store,
+            listener,
+            opts,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Server {
             url,
             db: db.to_path_buf(),
