@@ -20,6 +20,7 @@ use preftune_model::Message;
 use serde_json::Value;
 
 mod batch;
+pub mod clip;
 mod format;
 mod preference;
 mod read;
@@ -28,7 +29,7 @@ mod tokenize;
 pub use batch::{collate, pack};
 pub use format::parse_examples;
 pub use preference::{join_truncated, tokenize_preference, TokenizedRanking};
-pub use read::read_rows;
+pub use read::{read_rows, MAX_LINE_BYTES};
 pub use tokenize::tokenize_sft;
 
 /// Where a row came from: file and 1-based line (JSONL) or 1-based row/element number (Parquet, JSON array).

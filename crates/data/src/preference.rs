@@ -4,6 +4,7 @@
 //! across the boundary).
 use preftune_model::Tokenizer;
 
+use crate::clip::{clip_bound, clip_example, MARGIN_TOKENS};
 use crate::tokenize::{encode, encode_chat, eos_string, with_eos};
 use crate::{Example, Text};
 
@@ -24,7 +25,32 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// Tokenizes a preference pair or a ranking. Completions of an empty token list are refused.
-pub fn tokenize_preference(ex: &Example, tok: &Tokenizer) -> R<TokenizedRanking> {
+/// With `max_length` (and `keep_end`, as the trainer truncates), text far beyond what truncation
+/// keeps is cut first ([`crate::clip`]); the result is the whole text's.
+pub fn tokenize_preference(
+    ex: &Example,
+    tok: &Tokenizer,
+    max_length: Option<usize>,
+    keep_end: bool,
+) -> R<TokenizedRanking> {
+    if let Some(max) = max_length {
+        if let Some((cut, clipped)) = clip_example(ex, clip_bound(tok, max), keep_end) {
+            if let Ok(r) = whole(&cut, tok) {
+                // Every sequence with a cut field must still overflow by the margin.
+                let prompt_cut = clipped[0];
+                let overflows = r.completions.iter().zip(&clipped[1..]).all(|(c, &cut)| {
+                    !(prompt_cut || cut) || r.prompt_ids.len() + c.len() >= max + MARGIN_TOKENS
+                });
+                if overflows {
+                    return Ok(r);
+                }
+            }
+        }
+    }
+    whole(ex, tok)
+}
+
+fn whole(ex: &Example, tok: &Tokenizer) -> R<TokenizedRanking> {
     let (prompt, responses, margin): (&Text, Vec<&Text>, Option<f64>) = match ex {
         Example::Preference {
             prompt,
@@ -129,7 +155,7 @@ mod tests {
             rejected: Text::Plain(" bad.".into()),
             margin: Some(2.0),
         };
-        let r = tokenize_preference(&ex, &t).unwrap();
+        let r = tokenize_preference(&ex, &t, None, false).unwrap();
         assert_eq!(r.prompt_ids, t.encode("The movie was", true).unwrap());
         assert_eq!(
             t.decode(&r.completions[0], false).unwrap(),
@@ -151,7 +177,7 @@ mod tests {
             responses: vec![m("Great."), m("Fine."), m("Awful.")],
             scores: None,
         };
-        let r = tokenize_preference(&ex, &t).unwrap();
+        let r = tokenize_preference(&ex, &t, None, false).unwrap();
         assert_eq!(
             t.decode(&r.prompt_ids, false).unwrap(),
             "<|im_start|>user\nRate it.<|im_end|>\n<|im_start|>assistant\n"

@@ -109,9 +109,27 @@ fn row_error(file: &Arc<PathBuf>, line: usize, msg: String) -> Error {
     })
 }
 
+/// The longest JSONL line read, in bytes. Parsing a row costs several times its size before any
+/// truncation, so a runaway line (a whole corpus on one line, a binary file) stops with its
+/// `file:line` instead of taking the machine's memory. Apache Arrow's JSON reader bounds a row
+/// the same way (by its block size).
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
 fn read_jsonl(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(row_error(
+                file,
+                i + 1,
+                format!(
+                    "the line is {:.1} MiB, over the {} MiB a row may have; split the text over \
+                     several rows",
+                    line.len() as f64 / (1 << 20) as f64,
+                    MAX_LINE_BYTES >> 20
+                ),
+            ));
+        }
         if line.trim().is_empty() {
             continue;
         }

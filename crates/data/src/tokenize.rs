@@ -3,17 +3,35 @@
 use preftune_model::{Message, Tokenizer};
 use serde_json::Value;
 
+use crate::clip::{clip_bound, clip_example, MARGIN_TOKENS};
 use crate::{Example, SftTokenizeOptions, Text, TokenizedExample, TruncationMode};
 
 type R<T> = std::result::Result<T, String>;
 
 /// Tokenizes a language-modeling or prompt-completion example for SFT. The error is a sentence
-/// about this example; the caller adds where it came from.
+/// about this example; the caller adds where it came from. Under `max_length`, text far beyond
+/// what truncation keeps is cut before tokenising ([`crate::clip`]), with the same result.
 pub fn tokenize_sft(
     ex: &Example,
     tok: &Tokenizer,
     opts: &SftTokenizeOptions,
 ) -> R<TokenizedExample> {
+    if let Some(max) = opts.max_length {
+        let keep_end = opts.truncation_mode == TruncationMode::KeepEnd;
+        if let Some((cut, _)) = clip_example(ex, clip_bound(tok, max), keep_end) {
+            if let Ok((ids, mask)) = untruncated(&cut, tok, opts) {
+                if ids.len() >= max + MARGIN_TOKENS {
+                    return truncate(ids, mask, opts);
+                }
+            }
+        }
+    }
+    let (ids, mask) = untruncated(ex, tok, opts)?;
+    truncate(ids, mask, opts)
+}
+
+/// The whole example's ids and loss mask, before truncation.
+fn untruncated(ex: &Example, tok: &Tokenizer, opts: &SftTokenizeOptions) -> R<(Vec<u32>, Vec<u8>)> {
     let (input_ids, mut loss_mask) = match ex {
         Example::LanguageModeling {
             text: Text::Plain(text),
@@ -78,7 +96,15 @@ pub fn tokenize_sft(
     if let Some(first) = loss_mask.first_mut() {
         *first = 0;
     }
-    let mut input_ids = input_ids;
+    Ok((input_ids, loss_mask))
+}
+
+/// Truncation to `max_length` as the options say, refusing an example left without targets.
+fn truncate(
+    mut input_ids: Vec<u32>,
+    mut loss_mask: Vec<u8>,
+    opts: &SftTokenizeOptions,
+) -> R<TokenizedExample> {
     let mut truncated = false;
     if let Some(max) = opts.max_length {
         if input_ids.len() > max {

@@ -317,3 +317,20 @@ fn duplicate_keys_are_refused() {
         );
     }
 }
+
+/// A runaway line stops the read at its line, before it is parsed; a line at the limit is read.
+#[test]
+fn a_line_over_the_limit_is_refused_with_its_line() {
+    use preftune_data::MAX_LINE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let row = |bytes: usize| {
+        let pad = bytes - r#"{"text":""}"#.len();
+        format!("{{\"text\":\"{}\"}}\n", "x".repeat(pad))
+    };
+    let ok = write(dir.path(), "ok.jsonl", &row(MAX_LINE_BYTES));
+    assert_eq!(read_rows(&ok).unwrap().len(), 1);
+    let text = format!("{}{}", row(100), row(MAX_LINE_BYTES + 1));
+    let big = write(dir.path(), "big.jsonl", &text);
+    let e = read_rows(&big).unwrap_err().to_string();
+    assert!(e.contains("big.jsonl:2") && e.contains("16 MiB"), "{e}");
+}

@@ -32,6 +32,8 @@ pub struct Tokenizer {
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
+    /// The longest token's text in bytes, found on first use.
+    longest_token: std::sync::OnceLock<usize>,
 }
 
 /// A special token in tokenizer_config.json is either a string or an `AddedToken` object.
@@ -93,6 +95,23 @@ impl Tokenizer {
             eos_token_id,
             pad_token_id,
             bos_token_id,
+            longest_token: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Bytes of the longest token's text in the vocabulary (added tokens included), at least 1.
+    /// Byte-level vocabularies spell a raw byte as one char of up to 2 UTF-8 bytes, so this is
+    /// an upper bound on the input bytes one token covers: a text of `n` bytes makes at least
+    /// `n / longest_token_bytes()` tokens (unless the normaliser deletes text).
+    pub fn longest_token_bytes(&self) -> usize {
+        *self.longest_token.get_or_init(|| {
+            self.inner
+                .get_vocab(true)
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .max(1)
         })
     }
 

@@ -180,7 +180,7 @@ pub fn load_split(
     let mut items = vec![];
     let (mut truncated, mut dropped) = (0, 0);
     for (loc, ex) in &examples {
-        let r = match tokenize_preference(ex, tok) {
+        let r = match tokenize_preference(ex, tok, args.max_length, keep_end) {
             Ok(r) => r,
             Err(msg) => {
                 errors.push(RowError {

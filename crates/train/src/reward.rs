@@ -104,7 +104,7 @@ pub fn load_split(
     let mut pairs = vec![];
     let (mut dropped, mut prompts) = (0, 0);
     for (loc, ex) in &examples {
-        let t = match tokenize_preference(ex, tok) {
+        let t = match tokenize_preference(ex, tok, args.max_length, false) {
             Ok(t) => t,
             Err(msg) => {
                 errors.push(RowError {
