@@ -63,6 +63,16 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+/// The largest sizes a config may ask for: far past any released model, small enough that no
+/// product of two of them overflows.
+pub mod limits {
+    /// A width: hidden, intermediate, heads x head size.
+    pub const DIM: usize = 1 << 20;
+    pub const LAYERS: usize = 1 << 12;
+    pub const VOCAB: usize = 1 << 24;
+    pub const POSITIONS: usize = 1 << 24;
+}
+
 fn get<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()))
 }
@@ -223,7 +233,7 @@ impl ModelConfig {
                 Arch::Llama => usize_of(&["intermediate_size"])?,
                 Arch::Gpt2 => get(&raw, &["n_inner"])
                     .and_then(Value::as_u64)
-                    .map_or(4 * hidden_size, |x| x as usize),
+                    .map_or(hidden_size.saturating_mul(4), |x| x as usize),
             },
             num_layers: usize_of(&["num_hidden_layers", "n_layer"])?,
             num_heads,
@@ -249,7 +259,78 @@ impl ModelConfig {
             pad_token_id: token_ids(get(&raw, &["pad_token_id"])).first().copied(),
             raw,
         };
+        cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Refuses sizes the model cannot be built with (zero, or past [`limits`]) and numbers that
+    /// are not finite, naming the key: a crafted config.json must not overflow a product, divide
+    /// by zero or ask for exabytes before the weights are checked against it.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let dims = [
+            ("hidden_size", self.hidden_size, limits::DIM),
+            ("intermediate_size", self.intermediate_size, limits::DIM),
+            ("num_attention_heads", self.num_heads, limits::DIM),
+            ("num_key_value_heads", self.num_kv_heads, limits::DIM),
+            ("head_dim", self.head_dim, limits::DIM),
+            ("num_hidden_layers", self.num_layers, limits::LAYERS),
+            ("vocab_size", self.vocab_size, limits::VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::POSITIONS,
+            ),
+        ];
+        for (key, v, max) in dims {
+            if v == 0 || v > max {
+                return Err(Error::invalid(
+                    path,
+                    key,
+                    format!("must be in 1..={max}, found {v}"),
+                ));
+            }
+        }
+        if self.num_heads * self.head_dim > limits::DIM {
+            return Err(Error::invalid(
+                path,
+                "head_dim",
+                format!("num_attention_heads x head_dim is over {}", limits::DIM),
+            ));
+        }
+        if self.arch == Arch::Gpt2 && self.num_heads * self.head_dim != self.hidden_size {
+            return Err(Error::invalid(
+                path,
+                "n_head",
+                "must divide n_embd (GPT-2 has no separate head_dim)",
+            ));
+        }
+        let positive = |key: &str, v: f64, zero_ok: bool| {
+            if v.is_finite() && (v > 0.0 || zero_ok && v == 0.0) {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    path,
+                    key,
+                    format!("must be a finite number > 0, found {v}"),
+                ))
+            }
+        };
+        positive("rms_norm_eps", self.norm_eps, true)?;
+        positive("rope_theta", self.rope_theta, false)?;
+        if let Some(r) = &self.rope_scaling {
+            positive("rope_scaling.factor", r.factor, false)?;
+            positive("rope_scaling.low_freq_factor", r.low_freq_factor, false)?;
+            positive("rope_scaling.high_freq_factor", r.high_freq_factor, false)?;
+            positive(
+                "rope_scaling.original_max_position_embeddings",
+                r.original_max_position_embeddings,
+                false,
+            )?;
+        }
+        if self.sliding_window == Some(0) {
+            return Err(Error::invalid(path, "sliding_window", "must be > 0"));
+        }
+        Ok(())
     }
 
     /// A Llama config.json for weights that came from elsewhere (GGUF).

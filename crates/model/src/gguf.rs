@@ -46,6 +46,46 @@ impl Meta<'_> {
         };
         Ok(n)
     }
+    /// A size: an integer in `1..=max`.
+    fn dim(&self, key: &str, max: usize) -> Result<usize> {
+        let v = self.num(key)?;
+        if v.fract() != 0.0 || !(1.0..=max as f64).contains(&v) {
+            return Err(Error::invalid(
+                self.path,
+                key,
+                format!("must be an integer in 1..={max}, found {v}"),
+            ));
+        }
+        Ok(v as usize)
+    }
+    /// A token id, if present: an integer below `vocab`.
+    fn token_id(&self, key: &str, vocab: usize) -> Result<Option<u32>> {
+        let Some(v) = self.opt_num(key)? else {
+            return Ok(None);
+        };
+        if v.fract() != 0.0 || !(0.0..vocab as f64).contains(&v) {
+            return Err(Error::invalid(
+                self.path,
+                key,
+                format!("must be a token id below {vocab}, found {v}"),
+            ));
+        }
+        Ok(Some(v as u32))
+    }
+    /// A finite number; `positive` asks for > 0, else >= 0.
+    fn finite(&self, key: &str, v: f64, positive: bool) -> Result<f64> {
+        if v.is_finite() && (v > 0.0 || !positive && v == 0.0) {
+            return Ok(v);
+        }
+        Err(Error::invalid(
+            self.path,
+            key,
+            format!(
+                "must be a finite number {} 0, found {v}",
+                if positive { ">" } else { ">=" }
+            ),
+        ))
+    }
     fn opt_num(&self, key: &str) -> Result<Option<f64>> {
         if self.md.contains_key(key) {
             self.num(key).map(Some)
@@ -135,19 +175,15 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         });
     }
     let k = |s: &str| format!("{arch}.{s}");
-    let n_head = m.num(&k("attention.head_count"))? as usize;
-    let n_kv = m
-        .opt_num(&k("attention.head_count_kv"))?
-        .map_or(n_head, |x| x as usize);
-    // Checked before use: a crafted head count of 0 divided by zero (a panic, exit 101).
-    if n_head == 0 {
-        return Err(Error::invalid(
-            path,
-            k("attention.head_count"),
-            "must be > 0",
-        ));
-    }
-    if n_kv == 0 || !n_head.is_multiple_of(n_kv) {
+    // Every size is checked before use: a crafted head count of 0 divided by zero, and a huge
+    // one overflowed a product (panics, exit 101).
+    use crate::config::limits;
+    let n_head = m.dim(&k("attention.head_count"), limits::DIM)?;
+    let n_kv = match m.opt_num(&k("attention.head_count_kv"))? {
+        Some(_) => m.dim(&k("attention.head_count_kv"), limits::DIM)?,
+        None => n_head,
+    };
+    if !n_head.is_multiple_of(n_kv) {
         return Err(Error::invalid(
             path,
             k("attention.head_count_kv"),
@@ -173,25 +209,43 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         tensors.insert(hf_name(path, name)?, t.to_device(device).map_err(bad)?);
     }
 
-    let id = |key: &str| -> Result<Option<u32>> { Ok(m.opt_num(key)?.map(|x| x as u32)) };
+    let id = |key: &str| m.token_id(key, tokens.len());
     let (bos, eos, unk) = (
         id("tokenizer.ggml.bos_token_id")?,
         id("tokenizer.ggml.eos_token_id")?,
         id("tokenizer.ggml.unknown_token_id")?,
     );
     let pad = id("tokenizer.ggml.padding_token_id")?.or(eos);
-    let context = m.num(&k("context_length"))? as usize;
+    let context = m.dim(&k("context_length"), limits::POSITIONS)?;
+    let hidden = m.dim(&k("embedding_length"), limits::DIM)?;
+    if !hidden.is_multiple_of(n_head) {
+        return Err(Error::invalid(
+            path,
+            k("attention.head_count"),
+            format!("must divide embedding_length ({hidden})"),
+        ));
+    }
+    let vocab = match m.opt_num(&k("vocab_size"))? {
+        Some(_) => m.dim(&k("vocab_size"), limits::VOCAB)?,
+        None => tokens.len(),
+    };
+    let eps_key = k("attention.layer_norm_rms_epsilon");
+    let eps = m.finite(&eps_key, m.num(&eps_key)? as f32 as f64, false)?;
+    let theta_key = k("rope.freq_base");
+    let theta = match m.opt_num(&theta_key)? {
+        Some(t) => m.finite(&theta_key, t, true)?,
+        None => 10_000.0,
+    };
     let config = ModelConfig::llama_json(
-        m.num(&k("embedding_length"))? as usize,
-        m.num(&k("block_count"))? as usize,
+        hidden,
+        m.dim(&k("block_count"), limits::LAYERS)?,
         n_head,
         n_kv,
-        m.num(&k("feed_forward_length"))? as usize,
-        m.opt_num(&k("vocab_size"))?
-            .map_or(tokens.len(), |x| x as usize),
+        m.dim(&k("feed_forward_length"), limits::DIM)?,
+        vocab,
         context,
-        m.num(&k("attention.layer_norm_rms_epsilon"))? as f32 as f64,
-        m.opt_num(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+        eps,
+        theta,
         !tensors.contains_key("lm_head.weight"),
         bos,
         eos,
@@ -331,7 +385,7 @@ mod tests {
             (
                 "llama.attention.head_count",
                 Value::U32(0),
-                "llama.attention.head_count: must be > 0",
+                "llama.attention.head_count: must be an integer in 1..=1048576, found 0",
             ),
             (
                 "general.alignment",

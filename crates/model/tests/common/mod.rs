@@ -1,7 +1,10 @@
 //! Shared helpers for the model crate's integration tests.
 #![allow(dead_code)]
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::{self, Value as GValue};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use preftune_model::{LoadOptions, Pretrained};
 use serde_json::Value;
@@ -100,4 +103,144 @@ pub fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::Te
     edit(&mut cfg);
     std::fs::write(&cp, cfg.to_string()).unwrap();
     dir
+}
+
+/// Tensors of a safetensors file, by name.
+pub fn read_st(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// llama.cpp's interleaved Q/K row order (the inverse of the loader's un-permute).
+pub fn permute(w: &Tensor, n_head: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((n_head, 2, out / n_head / 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+pub type GgufMetadata = Vec<(String, GValue)>;
+pub type GgufTensors = Vec<(String, QTensor)>;
+
+/// tiny-llama as llama.cpp would store it: metadata (the tokenizer included) and tensors renamed,
+/// with Q/K permuted.
+pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
+    let src = tiny("tiny-llama");
+    let st = read_st(&src.join("model.safetensors"));
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let vocab = tj["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, i) in vocab {
+        tokens[i.as_u64().unwrap() as usize] = t.clone();
+    }
+    let special: Vec<u64> = tj["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_u64().unwrap())
+        .collect();
+    let merges: Vec<GValue> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            GValue::String(format!(
+                "{} {}",
+                m[0].as_str().unwrap(),
+                m[1].as_str().unwrap()
+            ))
+        })
+        .collect();
+    let types: Vec<GValue> = (0..tokens.len())
+        .map(|i| GValue::I32(if special.contains(&(i as u64)) { 3 } else { 1 }))
+        .collect();
+    let md: Vec<(&str, GValue)> = vec![
+        ("general.architecture", GValue::String("llama".into())),
+        ("llama.block_count", GValue::U32(2)),
+        ("llama.embedding_length", GValue::U32(64)),
+        ("llama.attention.head_count", GValue::U32(4)),
+        ("llama.attention.head_count_kv", GValue::U32(2)),
+        ("llama.feed_forward_length", GValue::U32(128)),
+        ("llama.context_length", GValue::U32(256)),
+        ("llama.attention.layer_norm_rms_epsilon", GValue::F32(1e-5)),
+        ("llama.rope.freq_base", GValue::F32(10000.0)),
+        ("tokenizer.ggml.model", GValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre", GValue::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.token_type", GValue::Array(types)),
+        ("tokenizer.ggml.merges", GValue::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", GValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
+        ("tokenizer.ggml.padding_token_id", GValue::U32(3)),
+        (
+            "tokenizer.chat_template",
+            GValue::String(tc["chat_template"].as_str().unwrap().into()),
+        ),
+    ];
+    let mut qt: Vec<(String, QTensor)> = vec![];
+    for (name, t) in &st {
+        let gname = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            n => {
+                let rest = n.strip_prefix("model.layers.").unwrap();
+                let (layer, rest) = rest.split_once('.').unwrap();
+                let g = [
+                    ("self_attn.q_proj", "attn_q"),
+                    ("self_attn.k_proj", "attn_k"),
+                    ("self_attn.v_proj", "attn_v"),
+                    ("self_attn.o_proj", "attn_output"),
+                    ("mlp.gate_proj", "ffn_gate"),
+                    ("mlp.up_proj", "ffn_up"),
+                    ("mlp.down_proj", "ffn_down"),
+                    ("input_layernorm", "attn_norm"),
+                    ("post_attention_layernorm", "ffn_norm"),
+                ]
+                .iter()
+                .find(|(hf, _)| rest.starts_with(hf))
+                .unwrap()
+                .1;
+                format!("blk.{layer}.{g}.weight")
+            }
+        };
+        let t = if gname.ends_with("attn_q.weight") {
+            permute(t, 4)
+        } else if gname.ends_with("attn_k.weight") {
+            permute(t, 2)
+        } else {
+            t.clone()
+        };
+        // Norms stay f32, as llama.cpp keeps them.
+        let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+        qt.push((gname, QTensor::quantize(&t, d).unwrap()));
+    }
+    let md = md.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    (md, qt)
+}
+
+/// Writes a GGUF file of these metadata and tensors.
+pub fn write_gguf(path: &Path, md: &[(String, GValue)], qt: &[(String, QTensor)]) {
+    let mdr: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tr: Vec<(&str, &QTensor)> = qt.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &mdr, &tr).unwrap();
+}
+
+/// Writes tiny-llama as a llama.cpp GGUF.
+pub fn write_tiny_llama_gguf(path: &Path, dtype: GgmlDType) {
+    let (md, qt) = tiny_llama_gguf_parts(dtype);
+    write_gguf(path, &md, &qt);
 }

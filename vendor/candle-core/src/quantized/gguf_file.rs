@@ -17,6 +17,9 @@ const GGUF_MAX_STRING_LENGTH: u64 = 1 << 30;
 const GGUF_MAX_ARRAY_ELEMENTS: u64 = 1 << 30;
 const GGUF_MAX_TENSOR_DIMS: u32 = 4;
 const GGUF_MAX_VALUE_DEPTH: usize = 64;
+/// preftune patch: the most elements a tensor may declare (2^40: far past any model, and no
+/// byte size of it overflows).
+const GGUF_MAX_TENSOR_ELEMENTS: usize = 1 << 40;
 
 // `file_size` is the byte length captured once up front, so this avoids
 // seeking to the end and back on every length-prefixed read.
@@ -98,7 +101,11 @@ impl TensorInfo {
             "the number of elements {tensor_elems} is not divisible by the block size {block_size}"
         )
         }
-        let size_in_bytes = tensor_elems / block_size * self.ggml_dtype.type_size();
+        // preftune patch: checked, as the dimensions may be crafted.
+        let Some(size_in_bytes) = (tensor_elems / block_size).checked_mul(self.ggml_dtype.type_size())
+        else {
+            crate::bail!("tensor of {tensor_elems} elements is too large")
+        };
         let tensor_start = tensor_data_offset.saturating_add(self.offset);
         let file_size = reader.seek(std::io::SeekFrom::End(0))?;
         let remaining = file_size.saturating_sub(tensor_start);
@@ -535,6 +542,17 @@ impl Content {
             };
 
             dimensions.reverse();
+            // preftune patch: crafted dimensions whose product overflows panicked in
+            // `Shape::elem_count` when the tensor was read.
+            if dimensions
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .is_none_or(|n| n > GGUF_MAX_TENSOR_ELEMENTS)
+            {
+                crate::bail!(
+                    "gguf: tensor '{tensor_name}' has dimensions {dimensions:?}, over {GGUF_MAX_TENSOR_ELEMENTS} elements"
+                )
+            }
             let ggml_dtype = reader.read_u32::<LittleEndian>()?;
             let ggml_dtype = GgmlDType::from_u32(ggml_dtype)?;
             let offset = reader.read_u64::<LittleEndian>()?;
