@@ -45,6 +45,7 @@ fn checkpoints(output_dir: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
 /// the optimiser state and the weights (a model or an adapter). An incomplete one (emptied,
 /// copied in part) is skipped with a warning, so resuming never takes up half a checkpoint.
 pub fn latest(output_dir: &Path) -> Option<(usize, PathBuf)> {
+    restore_aside(output_dir);
     let found = checkpoints(output_dir).ok()?;
     found
         .into_iter()
@@ -104,12 +105,78 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     written?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    replace_dir(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     preftune_model::weights::sync_dir(output_dir).map_err(|e| Error::io(output_dir, e))?;
     Ok(final_dir)
+}
+
+/// Where a folder being replaced waits while its successor is renamed in (the fallback of
+/// [`replace_dir`]); [`latest`] puts it back if a crash left it there.
+fn aside(dst: &Path) -> PathBuf {
+    let name = dst.file_name().unwrap_or_default().to_string_lossy();
+    dst.with_file_name(format!(".{name}.old"))
+}
+
+/// Puts the complete folder `tmp` at `dst`, replacing what is there, so that `dst` always names
+/// a complete folder: deleting first left a window with no checkpoint at all. On Linux the two
+/// are swapped in one step (`renameat2(RENAME_EXCHANGE)`) and the old one, now at `tmp`, is
+/// deleted. Where that is not available the old folder is renamed aside first.
+pub(crate) fn replace_dir(tmp: &Path, dst: &Path) -> std::io::Result<()> {
+    if !dst.exists() {
+        return std::fs::rename(tmp, dst);
+    }
+    #[cfg(target_os = "linux")]
+    if exchange(tmp, dst).is_ok() {
+        return std::fs::remove_dir_all(tmp);
+    }
+    let old = aside(dst);
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    std::fs::rename(dst, &old)?;
+    std::fs::rename(tmp, dst)?;
+    std::fs::remove_dir_all(&old)
+}
+
+/// Swaps two paths atomically.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are NUL-terminated strings that outlive the call; AT_FDCWD resolves relative
+    // paths against the working directory, as `std::fs::rename` does.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Puts back a checkpoint that a crash left aside (see [`replace_dir`]) when its name is free.
+fn restore_aside(output_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(orig) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".old")) else {
+            continue;
+        };
+        if step_of(orig).is_some() && !output_dir.join(orig).exists() {
+            let _ = std::fs::rename(e.path(), output_dir.join(orig));
+        }
+    }
 }
 
 /// The checkpoint's files, each written and fsynced, then the folder itself.
@@ -416,5 +483,57 @@ mod tests {
         })
         .unwrap();
         assert_eq!(latest(dir.path()).unwrap().0, 3);
+    }
+
+    /// Replacing a checkpoint never leaves its name empty: a reader polling it during 100
+    /// replacements always finds a complete folder (deleting first, it found none).
+    #[test]
+    fn a_replaced_checkpoint_is_never_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("checkpoint-3");
+        let fill = |d: &Path, gen: usize| {
+            std::fs::create_dir_all(d).unwrap();
+            for i in 0..40 {
+                std::fs::write(d.join(format!("shard-{i}")), [0u8; 4096]).unwrap();
+            }
+            std::fs::write(d.join("gen"), gen.to_string()).unwrap();
+        };
+        fill(&dst, 0);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (dst, stop) = (dst.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut missing = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::fs::read_to_string(dst.join("gen")).is_err() {
+                        missing += 1;
+                    }
+                }
+                missing
+            })
+        };
+        for gen in 1..=100 {
+            let tmp = dir.path().join(".checkpoint-3.tmp");
+            fill(&tmp, gen);
+            replace_dir(&tmp, &dst).unwrap();
+            assert!(!tmp.exists());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(watcher.join().unwrap(), 0, "the checkpoint was missing");
+        assert_eq!(std::fs::read_to_string(dst.join("gen")).unwrap(), "100");
+    }
+
+    /// A checkpoint left aside by a crash mid-replacement is put back before resuming.
+    #[test]
+    fn a_checkpoint_left_aside_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".checkpoint-4.old");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("trainer_state.json"), state(4)).unwrap();
+        std::fs::write(old.join("optimizer.safetensors"), "").unwrap();
+        std::fs::write(old.join("model.safetensors"), "").unwrap();
+        let (step, path) = latest(dir.path()).unwrap();
+        assert_eq!((step, path), (4, dir.path().join("checkpoint-4")));
+        assert!(!old.exists());
     }
 }
