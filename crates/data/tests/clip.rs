@@ -1,7 +1,7 @@
 //! Text cut before tokenising (`preftune_data::clip`) gives exactly what tokenising the whole
 //! text and then truncating gives, on every fixture tokenizer, for plain and chat examples, both
 //! truncation modes, and texts that are long runs of words, of one letter, of spaces, of digits
-//! and of multi-byte characters.
+//! and of multi-byte characters. And the boundary itself: a row of exactly `max_length` tokens.
 use std::path::Path;
 
 use preftune_data::clip::clip_bound;
@@ -184,4 +184,44 @@ fn the_tokenizer_never_sees_more_than_the_bound() {
         text: Text::Plain("short".into()),
     };
     assert!(clip_example(&small, bound, false).is_none());
+}
+
+/// At exactly `max_length` tokens nothing is cut or marked truncated; one token fewer cuts one.
+#[test]
+fn a_row_of_exactly_max_length_is_kept_whole() {
+    for (name, tok) in tokenizers() {
+        let ex = Example::PromptCompletion {
+            prompt: Text::Plain("The movie was".into()),
+            completion: Text::Plain(" great, and the ending surprised everyone.".into()),
+        };
+        let whole = tokenize_sft(&ex, &tok, &opts(None, TruncationMode::KeepStart)).unwrap();
+        let n = whole.input_ids.len();
+        for mode in [TruncationMode::KeepStart, TruncationMode::KeepEnd] {
+            let exact = tokenize_sft(&ex, &tok, &opts(Some(n), mode)).unwrap();
+            assert!(!exact.truncated, "{name} {mode:?}");
+            assert_eq!(exact.input_ids, whole.input_ids, "{name} {mode:?}");
+            assert_eq!(exact.loss_mask, whole.loss_mask, "{name} {mode:?}");
+            let less = tokenize_sft(&ex, &tok, &opts(Some(n - 1), mode)).unwrap();
+            assert!(
+                less.truncated && less.input_ids.len() == n - 1,
+                "{name} {mode:?}"
+            );
+        }
+        let pair = Example::Preference {
+            prompt: Text::Plain("The movie was".into()),
+            chosen: Text::Plain(" great.".into()),
+            rejected: Text::Plain(" dull and far too long.".into()),
+            margin: None,
+        };
+        let r = tokenize_preference(&pair, &tok, None, false).unwrap();
+        for c in &r.completions {
+            let n = r.prompt_ids.len() + c.len();
+            for keep_end in [false, true] {
+                let (ids, _) = join_truncated(&r.prompt_ids, c, Some(n), keep_end).unwrap();
+                assert_eq!(ids.len(), n, "{name}");
+                let (ids, _) = join_truncated(&r.prompt_ids, c, Some(n - 1), keep_end).unwrap();
+                assert_eq!(ids.len(), n - 1, "{name}");
+            }
+        }
+    }
 }

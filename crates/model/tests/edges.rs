@@ -1,6 +1,7 @@
 //! Inputs at the edges of what the model takes, on every architecture: a one-token prompt (one key,
 //! whose size-1 dimension candle gives an arbitrary stride) through the prefill and the decoding
-//! kernels, against the composed ops of the GPU's code path.
+//! kernels, against the composed ops of the GPU's code path; and a full context, exactly
+//! `max_position_embeddings` tokens, scored, trained on and decoded to its last position.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
@@ -61,5 +62,102 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
             best, out.tokens[0][3],
             "{name}: greedy step 4 with and without the cache"
         );
+    }
+}
+
+/// A full context: exactly `max_position_embeddings` tokens, the last position the model was
+/// trained for. Scoring (fused and composed agree), training (every gradient finite), and
+/// decoding up to that position with the cache all work; one token past it, GPT-2 (learned
+/// positions) answers with an error, never a panic, while RoPE models go on, as transformers does.
+#[test]
+fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
+    use preftune_model::{token_logprobs, LoadOptions, Pretrained};
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let p = Pretrained::load(&common::tiny(name), &opts).unwrap();
+        let max = p.model.cfg.max_position_embeddings;
+        let ids: Vec<u32> = (0..max as u32).map(|i| 5 + (i * 7) % 50).collect();
+
+        // Scoring the whole context, on both code paths.
+        let fused = last_logits(&p, &ids);
+        let composed = {
+            let _portable = PortableScope::new(true);
+            last_logits(&p, &ids)
+        };
+        let diff = fused
+            .iter()
+            .zip(&composed)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(fused.iter().all(|x| x.is_finite()), "{name}");
+        assert!(diff < 1e-4, "{name}: full-context logits differ by {diff}");
+
+        // A training step over the whole context: every parameter gets a finite gradient.
+        let x = common::row(&ids);
+        let mut score = vec![1u32; max];
+        score[0] = 0;
+        let score = common::row(&score);
+        let h = p.model.forward(&x, None, None, None).unwrap();
+        let loss = token_logprobs(&p.model, &h, &x, &score, 1.0)
+            .unwrap()
+            .sum
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (pname, t) in p.model.named_params() {
+            let g = grads.get(&t).unwrap_or_else(|| panic!("{name}: {pname}"));
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()), "{name}: {pname}");
+        }
+
+        // Decoding the last two positions with the cache matches a full forward.
+        let cfg = SamplingConfig {
+            max_new_tokens: 2,
+            min_new_tokens: 2,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let prompt = ids[..max - 2].to_vec();
+        let out = generate(&p.model, std::slice::from_ref(&prompt), &cfg).unwrap();
+        assert_eq!(out.tokens[0].len(), 2, "{name}");
+        let mut seen = prompt.clone();
+        seen.push(out.tokens[0][0]);
+        let full = last_logits(&p, &seen);
+        let best = full
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        assert_eq!(
+            best, out.tokens[0][1],
+            "{name}: the last position, cached or not"
+        );
+
+        // One past the context.
+        let over: Vec<u32> = (0..=max as u32).map(|i| 5 + i % 50).collect();
+        let r = p.model.forward(&common::row(&over), None, None, None);
+        let cfg4 = SamplingConfig {
+            max_new_tokens: 4,
+            min_new_tokens: 4,
+            ..cfg.clone()
+        };
+        let g = generate(&p.model, &[prompt], &cfg4);
+        if name == "tiny-gpt2" {
+            let e = r.err().expect("GPT-2 has no position 256").to_string();
+            assert!(
+                e.contains("exceeds the model's 256 learned positions"),
+                "{e}"
+            );
+            assert!(g.is_err(), "{name}: decoding past the context");
+        } else {
+            r.unwrap();
+            assert_eq!(g.unwrap().tokens[0].len(), 4, "{name}");
+        }
     }
 }
