@@ -254,6 +254,34 @@ impl RowCx<'_> {
         ))
     }
 
+    /// TRL's `extract_prompt` on plain strings: the prompt is the longest common prefix (by
+    /// characters), less a space that ends it, which goes to the completions.
+    fn plain_implicit(&self, chosen: String, rejected: String, margin: Option<f64>) -> R<Example> {
+        if chosen == rejected {
+            return Err(self.err(
+                "rejected",
+                format!("is the same text as `{}`", self.col("chosen")),
+            ));
+        }
+        let mut at = chosen
+            .char_indices()
+            .zip(rejected.chars())
+            .find(|((_, c), r)| c != r)
+            .map_or(chosen.len().min(rejected.len()), |((i, _), _)| i);
+        while !(chosen.is_char_boundary(at) && rejected.is_char_boundary(at)) {
+            at -= 1;
+        }
+        if chosen[..at].ends_with(' ') {
+            at -= 1;
+        }
+        Ok(Example::Preference {
+            prompt: Text::Plain(chosen[..at].to_string()),
+            chosen: Text::Plain(chosen[at..].to_string()),
+            rejected: Text::Plain(rejected[at..].to_string()),
+            margin,
+        })
+    }
+
     fn preference(&self) -> R<Example> {
         let margin = match self.get("margin") {
             None => None,
@@ -278,21 +306,15 @@ impl RowCx<'_> {
                 margin,
             });
         }
-        // Implicit prompt: whole conversations that share their opening messages.
+        // Implicit prompt: whole conversations that share their opening messages, or plain
+        // strings that share their opening characters (TRL's `extract_prompt`).
         let chosen = self.text("chosen", self.required("chosen")?, Part::Prompt)?;
         let rejected = self.text("rejected", self.required("rejected")?, Part::Prompt)?;
         self.same_kind(&chosen, "chosen", &rejected, "rejected")?;
-        let (Text::Messages(chosen), Text::Messages(rejected)) = (chosen, rejected) else {
-            return Err(self.err(
-                "prompt",
-                format!(
-                    "missing field; `{}` and `{}` are plain strings, so the prompt cannot be told apart \
-                     from the answers (it is only inferred from conversations): add a `{}` column",
-                    self.col("chosen"),
-                    self.col("rejected"),
-                    self.col("prompt")
-                ),
-            ));
+        let (chosen, rejected) = match (chosen, rejected) {
+            (Text::Messages(c), Text::Messages(r)) => (c, r),
+            (Text::Plain(c), Text::Plain(r)) => return self.plain_implicit(c, r, margin),
+            _ => unreachable!("same_kind checked both"),
         };
         let shared = chosen
             .iter()

@@ -209,17 +209,34 @@ fn preference_implicit_prompt_is_split_at_the_common_prefix() {
 
 #[test]
 fn preference_implicit_prompt_errors() {
-    // Plain strings: no guessing where the prompt ends.
+    // Plain strings are split as TRL's `extract_prompt` splits them; identical ones are refused.
+    let got = ok(
+        Format::Preference,
+        vec![
+            json!({"chosen": "Sky? Blue.", "rejected": "Sky? Green."}),
+            json!({"chosen": "I liked it", "rejected": "It was dull"}),
+            json!({"chosen": "good", "rejected": "bad"}),
+        ],
+    );
+    let split = |p: &str, c: &str, r: &str| Example::Preference {
+        prompt: plain(p),
+        chosen: plain(c),
+        rejected: plain(r),
+        margin: None,
+    };
+    assert_eq!(
+        got,
+        [
+            split("Sky?", " Blue.", " Green."),
+            split("I", " liked it", "t was dull"),
+            split("", "good", "bad"),
+        ]
+    );
     let e = err(
         Format::Preference,
-        json!({"chosen": "Sky? Blue.", "rejected": "Sky? Green."}),
+        json!({"chosen": "Same.", "rejected": "Same."}),
     );
-    assert!(
-        e.starts_with(
-            "data.jsonl:1: prompt: missing field; `chosen` and `rejected` are plain strings"
-        ),
-        "{e}"
-    );
+    assert_eq!(e, "data.jsonl:1: rejected: is the same text as `chosen`");
     // Nothing in common.
     let e = err(
         Format::Preference,

@@ -333,6 +333,16 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The standard deviation transformers draws new weights from (`_init_weights`): config.json's
+    /// `initializer_range`, 0.02 where it is absent or not a positive number.
+    pub fn initializer_range(&self) -> f64 {
+        self.raw
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .unwrap_or(0.02)
+    }
+
     /// A Llama config.json for weights that came from elsewhere (GGUF).
     #[allow(clippy::too_many_arguments)]
     pub fn llama_json(

@@ -11,14 +11,14 @@ use crate::model::Model;
 /// Where a normalised reward's gain and bias live in config.json (transformers keeps unknown keys).
 const NORMALIZATION_KEY: &str = "preftune_reward_normalization";
 
-/// A fresh scalar head `[1, hidden]` drawn from `N(0, 1/sqrt(hidden + 1))` (seeded).
+/// A fresh scalar head `[1, hidden]` drawn from `N(0, std)` (seeded).
 pub fn init_score_head(
     hidden: usize,
+    std: f64,
     seed: u64,
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let std = 1.0 / ((hidden + 1) as f64).sqrt();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Box-Muller: rand 0.8 has no normal distribution without rand_distr.
     let w: Vec<f32> = (0..hidden)
@@ -36,10 +36,12 @@ impl Model {
         self.score.is_some()
     }
 
-    /// Adds a fresh score head drawn from `N(0, 1/sqrt(H + 1))` (seeded), trainable when the
-    /// backbone is; replaces any head already there.
+    /// Adds a fresh score head drawn from `N(0, initializer_range)` (seeded), as transformers
+    /// initialises the `score` layer of `AutoModelForSequenceClassification` (what TRL's reward
+    /// and value models are); trainable when the backbone is; replaces any head already there.
     pub fn add_score_head(&mut self, seed: u64) -> Result<()> {
-        let t = init_score_head(self.cfg.hidden_size, seed, self.dtype(), self.device())?;
+        let std = self.cfg.initializer_range();
+        let t = init_score_head(self.cfg.hidden_size, std, seed, self.dtype(), self.device())?;
         let trainable = self.named_params().iter().any(|(_, t)| t.is_variable());
         self.score = Some(if trainable {
             Var::from_tensor(&t)?.as_tensor().clone()

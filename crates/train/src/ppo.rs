@@ -615,8 +615,11 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
         }
     };
     let value = if a.shared_value_head {
+        // preftune's own head (TRL has no shared value head): N(0, 1/sqrt(H + 1)).
+        let hidden = policy.model.cfg.hidden_size;
         let h = preftune_model::reward::init_score_head(
-            policy.model.cfg.hidden_size,
+            hidden,
+            1.0 / ((hidden + 1) as f64).sqrt(),
             args.seed,
             policy.model.dtype(),
             policy.model.device(),

@@ -282,6 +282,7 @@ fn ppo_run(
         if shared {
             let h = preftune_model::reward::init_score_head(
                 64,
+                1.0 / 65f64.sqrt(),
                 3,
                 candle_core::DType::F32,
                 &candle_core::Device::Cpu,
