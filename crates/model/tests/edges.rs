@@ -149,7 +149,7 @@ fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
         };
         let g = generate(&p.model, &[prompt], &cfg4);
         if name == "tiny-gpt2" {
-            let e = r.err().expect("GPT-2 has no position 256").to_string();
+            let e = r.expect_err("GPT-2 has no position 256").to_string();
             assert!(
                 e.contains("exceeds the model's 256 learned positions"),
                 "{e}"
