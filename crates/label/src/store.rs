@@ -271,6 +271,15 @@ fn random_secret(prefix: &str) -> String {
     format!("{prefix}{hex}")
 }
 
+/// An annotator from a row of `id, name, is_admin`.
+fn annotator_row(r: &rusqlite::Row) -> rusqlite::Result<Annotator> {
+    Ok(Annotator {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        is_admin: r.get::<_, i64>(2)? != 0,
+    })
+}
+
 fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -603,13 +612,7 @@ impl Store {
                 "SELECT a.id, a.name, a.is_admin FROM sessions s JOIN annotators a \
                  ON a.id = s.annotator_id WHERE s.id_hash = ?1 AND s.expires_at > ?2",
                 params![token_hash(id), unix_now()],
-                |r| {
-                    Ok(Annotator {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        is_admin: r.get::<_, i64>(2)? != 0,
-                    })
-                },
+                annotator_row,
             )
             .optional()
             .map_err(|e| self.db(e))
@@ -631,13 +634,7 @@ impl Store {
             .query_row(
                 "SELECT id, name, is_admin FROM annotators WHERE token_hash = ?1",
                 params![token_hash(token)],
-                |r| {
-                    Ok(Annotator {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        is_admin: r.get::<_, i64>(2)? != 0,
-                    })
-                },
+                annotator_row,
             )
             .optional()
             .map_err(|e| self.db(e))

