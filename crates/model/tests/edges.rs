@@ -40,11 +40,7 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
             let _portable = PortableScope::new(true);
             last_logits(&p, &[5])
         };
-        let diff = fused
-            .iter()
-            .zip(&composed)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = common::max_abs_diff(&fused, &composed);
         assert!(fused.iter().all(|x| x.is_finite()), "{name}");
         assert!(diff < 1e-5, "{name}: one-token logits differ by {diff}");
         // Decoding from a one-token prompt: every step attends to few keys.
@@ -74,7 +70,7 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
 /// positions) answers with an error, never a panic, while RoPE models go on, as transformers does.
 #[test]
 fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
-    use preftune_model::{token_logprobs, LoadOptions, Pretrained};
+    use preftune_model::{LoadOptions, Pretrained};
     for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
         let opts = LoadOptions {
             trainable: true,
@@ -90,11 +86,7 @@ fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
             let _portable = PortableScope::new(true);
             last_logits(&p, &ids)
         };
-        let diff = fused
-            .iter()
-            .zip(&composed)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = common::max_abs_diff(&fused, &composed);
         assert!(fused.iter().all(|x| x.is_finite()), "{name}");
         assert!(diff < 1e-4, "{name}: full-context logits differ by {diff}");
 
@@ -104,13 +96,7 @@ fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
         score[0] = 0;
         let score = common::row(&score);
         let h = p.model.forward(&x, None, None, None).unwrap();
-        let loss = token_logprobs(&p.model, &h, &x, &score, 1.0)
-            .unwrap()
-            .sum
-            .sum_all()
-            .unwrap()
-            .neg()
-            .unwrap();
+        let loss = common::neg_logprob_sum(&p, &h, &x, &score);
         let grads = loss.backward().unwrap();
         common::assert_gradients(&p, &grads, name, false);
 

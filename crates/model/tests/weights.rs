@@ -71,13 +71,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         )
         .unwrap();
         let hidden = p.model.forward(&ids, Some(&mask), None, None).unwrap();
-        let loss = token_logprobs(&p.model, &hidden, &ids, &score, 1.0)
-            .unwrap()
-            .sum
-            .sum_all()
-            .unwrap()
-            .neg()
-            .unwrap();
+        let loss = neg_logprob_sum(&p, &hidden, &ids, &score);
         let grads = loss.backward().unwrap();
         assert_gradients(&p, &grads, name, true);
     }

@@ -60,6 +60,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Minus the summed log-probabilities of the `score`d tokens: a training loss to take gradients of.
+pub fn neg_logprob_sum(p: &Pretrained, hidden: &Tensor, ids: &Tensor, score: &Tensor) -> Tensor {
+    preftune_model::token_logprobs(&p.model, hidden, ids, score, 1.0)
+        .unwrap()
+        .sum
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap()
+}
+
 /// Every parameter of `p` has a finite gradient in `grads` (and, with `nonzero`, not all zero).
 pub fn assert_gradients(
     p: &Pretrained,
