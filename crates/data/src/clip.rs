@@ -12,6 +12,8 @@ use preftune_model::Tokenizer;
 
 use crate::{Example, Text};
 
+type R<T> = std::result::Result<T, String>;
+
 /// Tokens beyond `max_length` a cut sequence must still have, so the tokens merged differently
 /// next to the cut are never among those kept.
 pub const MARGIN_TOKENS: usize = 16;
@@ -122,6 +124,30 @@ pub fn clip_example(ex: &Example, bound: usize, keep_end: bool) -> Option<(Examp
         },
     };
     cut.contains(&true).then_some((clipped, cut))
+}
+
+/// Tokenises `ex` with `tokenize`, through a cut copy when a field is over [`clip_bound`] and
+/// `overflows(result, which fields were cut, max_length)` confirms the cut result still runs past
+/// what truncation keeps; otherwise (no `max_length`, nothing to cut, or no confirmation) the whole
+/// example. Either way the caller truncates the result as it would the whole text's.
+pub(crate) fn tokenize_clipped<T>(
+    ex: &Example,
+    tok: &Tokenizer,
+    max_length: Option<usize>,
+    keep_end: bool,
+    tokenize: impl Fn(&Example) -> R<T>,
+    overflows: impl Fn(&T, &[bool], usize) -> bool,
+) -> R<T> {
+    if let Some(max) = max_length {
+        if let Some((cut, which)) = clip_example(ex, clip_bound(tok, max), keep_end) {
+            if let Ok(t) = tokenize(&cut) {
+                if overflows(&t, &which, max) {
+                    return Ok(t);
+                }
+            }
+        }
+    }
+    tokenize(ex)
 }
 
 #[cfg(test)]

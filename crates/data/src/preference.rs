@@ -4,7 +4,7 @@
 //! across the boundary).
 use preftune_model::Tokenizer;
 
-use crate::clip::{clip_bound, clip_example, MARGIN_TOKENS};
+use crate::clip::{tokenize_clipped, MARGIN_TOKENS};
 use crate::tokenize::{encode, encode_chat, eos_string, with_eos};
 use crate::{Example, Text};
 
@@ -33,21 +33,19 @@ pub fn tokenize_preference(
     max_length: Option<usize>,
     keep_end: bool,
 ) -> R<TokenizedRanking> {
-    if let Some(max) = max_length {
-        if let Some((cut, clipped)) = clip_example(ex, clip_bound(tok, max), keep_end) {
-            if let Ok(r) = whole(&cut, tok) {
-                // Every sequence with a cut field must still overflow by the margin.
-                let prompt_cut = clipped[0];
-                let overflows = r.completions.iter().zip(&clipped[1..]).all(|(c, &cut)| {
-                    !(prompt_cut || cut) || r.prompt_ids.len() + c.len() >= max + MARGIN_TOKENS
-                });
-                if overflows {
-                    return Ok(r);
-                }
-            }
-        }
-    }
-    whole(ex, tok)
+    tokenize_clipped(
+        ex,
+        tok,
+        max_length,
+        keep_end,
+        |ex| whole(ex, tok),
+        // Every sequence with a cut field (the prompt, or its completion) must still overflow.
+        |r, cut, max| {
+            r.completions.iter().zip(&cut[1..]).all(|(c, &c_cut)| {
+                !(cut[0] || c_cut) || r.prompt_ids.len() + c.len() >= max + MARGIN_TOKENS
+            })
+        },
+    )
 }
 
 fn whole(ex: &Example, tok: &Tokenizer) -> R<TokenizedRanking> {

@@ -3,7 +3,7 @@
 use preftune_model::{Message, Tokenizer};
 use serde_json::Value;
 
-use crate::clip::{clip_bound, clip_example, MARGIN_TOKENS};
+use crate::clip::{tokenize_clipped, MARGIN_TOKENS};
 use crate::{Example, SftTokenizeOptions, Text, TokenizedExample, TruncationMode};
 
 type R<T> = std::result::Result<T, String>;
@@ -16,17 +16,14 @@ pub fn tokenize_sft(
     tok: &Tokenizer,
     opts: &SftTokenizeOptions,
 ) -> R<TokenizedExample> {
-    if let Some(max) = opts.max_length {
-        let keep_end = opts.truncation_mode == TruncationMode::KeepEnd;
-        if let Some((cut, _)) = clip_example(ex, clip_bound(tok, max), keep_end) {
-            if let Ok((ids, mask)) = untruncated(&cut, tok, opts) {
-                if ids.len() >= max + MARGIN_TOKENS {
-                    return truncate(ids, mask, opts);
-                }
-            }
-        }
-    }
-    let (ids, mask) = untruncated(ex, tok, opts)?;
+    let (ids, mask) = tokenize_clipped(
+        ex,
+        tok,
+        opts.max_length,
+        opts.truncation_mode == TruncationMode::KeepEnd,
+        |ex| untruncated(ex, tok, opts),
+        |(ids, _), _, max| ids.len() >= max + MARGIN_TOKENS,
+    )?;
     truncate(ids, mask, opts)
 }
 
