@@ -41,9 +41,8 @@ impl<'a> View<'a> {
         Self::strided(data, rows, cols, 1, rows)
     }
 
-    /// Element `(i, k)` at `data[i * rs + k * cs]`. Panics unless every element lies in `data`
-    /// (an empty view needs nothing) and `rs`/`cs` match one of the layouts the kernels read:
-    /// rows (`cs == 1`), columns (`rs == 1`) or any other stride, read element by element.
+    /// Element `(i, k)` at `data[i * rs + k * cs]`, any strides. Panics unless every element lies
+    /// in `data` (an empty view needs nothing).
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         if rows > 0 && cols > 0 {
             let last = (rows - 1)

@@ -73,6 +73,19 @@ pub mod limits {
     pub const POSITIONS: usize = 1 << 24;
 }
 
+/// `v` if it is finite and > 0 (`positive`) or >= 0; else an error naming `key` in `path`.
+pub(crate) fn finite(path: &Path, key: &str, v: f64, positive: bool) -> Result<f64> {
+    if v.is_finite() && (v > 0.0 || !positive && v == 0.0) {
+        return Ok(v);
+    }
+    let op = if positive { ">" } else { ">=" };
+    Err(Error::invalid(
+        path,
+        key,
+        format!("must be a finite number {op} 0, found {v}"),
+    ))
+}
+
 fn get<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()))
 }
@@ -304,27 +317,27 @@ impl ModelConfig {
                 "must divide n_embd (GPT-2 has no separate head_dim)",
             ));
         }
-        let positive = |key: &str, v: f64, zero_ok: bool| {
-            if v.is_finite() && (v > 0.0 || zero_ok && v == 0.0) {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    path,
-                    key,
-                    format!("must be a finite number > 0, found {v}"),
-                ))
-            }
-        };
-        positive("rms_norm_eps", self.norm_eps, true)?;
-        positive("rope_theta", self.rope_theta, false)?;
+        finite(path, "rms_norm_eps", self.norm_eps, false)?;
+        finite(path, "rope_theta", self.rope_theta, true)?;
         if let Some(r) = &self.rope_scaling {
-            positive("rope_scaling.factor", r.factor, false)?;
-            positive("rope_scaling.low_freq_factor", r.low_freq_factor, false)?;
-            positive("rope_scaling.high_freq_factor", r.high_freq_factor, false)?;
-            positive(
+            finite(path, "rope_scaling.factor", r.factor, true)?;
+            finite(
+                path,
+                "rope_scaling.low_freq_factor",
+                r.low_freq_factor,
+                true,
+            )?;
+            finite(
+                path,
+                "rope_scaling.high_freq_factor",
+                r.high_freq_factor,
+                true,
+            )?;
+            finite(
+                path,
                 "rope_scaling.original_max_position_embeddings",
                 r.original_max_position_embeddings,
-                false,
+                true,
             )?;
         }
         if self.sliding_window == Some(0) {

@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::ModelConfig;
+use crate::config::{finite, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -71,20 +71,6 @@ impl Meta<'_> {
             ));
         }
         Ok(Some(v as u32))
-    }
-    /// A finite number; `positive` asks for > 0, else >= 0.
-    fn finite(&self, key: &str, v: f64, positive: bool) -> Result<f64> {
-        if v.is_finite() && (v > 0.0 || !positive && v == 0.0) {
-            return Ok(v);
-        }
-        Err(Error::invalid(
-            self.path,
-            key,
-            format!(
-                "must be a finite number {} 0, found {v}",
-                if positive { ">" } else { ">=" }
-            ),
-        ))
     }
     fn opt_num(&self, key: &str) -> Result<Option<f64>> {
         if self.md.contains_key(key) {
@@ -230,10 +216,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         None => tokens.len(),
     };
     let eps_key = k("attention.layer_norm_rms_epsilon");
-    let eps = m.finite(&eps_key, m.num(&eps_key)? as f32 as f64, false)?;
+    let eps = finite(path, &eps_key, m.num(&eps_key)? as f32 as f64, false)?;
     let theta_key = k("rope.freq_base");
     let theta = match m.opt_num(&theta_key)? {
-        Some(t) => m.finite(&theta_key, t, true)?,
+        Some(t) => finite(path, &theta_key, t, true)?,
         None => 10_000.0,
     };
     let config = ModelConfig::llama_json(

@@ -320,7 +320,7 @@ fn crafted_sizes_are_errors_naming_the_field() {
         (
             "rms_norm_eps",
             json!(-1e-6),
-            "rms_norm_eps: must be a finite number > 0",
+            "rms_norm_eps: must be a finite number >= 0, found -0.000001",
         ),
     ] {
         let mut cfg = base.clone();

@@ -121,7 +121,7 @@ fn aside(dst: &Path) -> PathBuf {
 /// a complete folder: deleting first left a window with no checkpoint at all. On Linux the two
 /// are swapped in one step (`renameat2(RENAME_EXCHANGE)`) and the old one, now at `tmp`, is
 /// deleted. Where that is not available the old folder is renamed aside first.
-pub(crate) fn replace_dir(tmp: &Path, dst: &Path) -> std::io::Result<()> {
+fn replace_dir(tmp: &Path, dst: &Path) -> std::io::Result<()> {
     if !dst.exists() {
         return std::fs::rename(tmp, dst);
     }
