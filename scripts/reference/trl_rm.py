@@ -3,6 +3,11 @@
 Usage: trl_rm.py MODEL_DIR TRAIN_JSONL EVAL_JSONL SEED [LR] [BATCH] [MAX_LENGTH] [EPOCHS]
 (defaults 1e-4, 8, 64, 1: TRL's learning rate). Prints one JSON line: the initial reward scale
 and loss on the first batch, held-out pair accuracy and loss after training, wall time.
+
+f32 without gradient checkpointing, as `preftune rm` runs by default (TRL 1.x turns both bf16 and
+checkpointing on unless told otherwise). TRAIN_SAMPLING=sequential keeps the training file's order
+(transformers' `train_sampling_strategy`), to replay one order on both sides; MODEL_DIR may then
+hold a score head too, so both sides start from the same head.
 """
 import json, sys, time, tempfile
 import torch
@@ -22,6 +27,8 @@ ds = load_dataset("json", data_files={"train": train, "eval": evalf})
 cfg = RewardConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, per_device_eval_batch_size=bs,
                    num_train_epochs=epochs, learning_rate=lr, max_length=max_len, seed=seed,
                    logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], bf16=False,
+                   gradient_checkpointing=False,
+                   train_sampling_strategy=__import__("os").environ.get("TRAIN_SAMPLING", "random"),
                    use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
 tr = RewardTrainer(model=model, args=cfg, train_dataset=ds["train"], eval_dataset=ds["eval"], processing_class=tok)
 before = tr.evaluate()

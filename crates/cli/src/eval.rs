@@ -105,7 +105,7 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             let mut sets = set.clone();
             sets.push(format!("frontier_dpo_betas={dpo_betas:?}"));
             sets.push(format!("frontier_ppo_kl_coefs={ppo_kl_coefs:?}"));
-            let (out, _) = crate::pipeline::run(config, &sets)?;
+            let (out, _) = crate::pipeline::run(config, &sets, &[])?;
             let points = crate::report::write_frontier(&out)?;
             emit(
                 &json!({"frontier": points, "svg": out.join("frontier.svg").display().to_string()}),

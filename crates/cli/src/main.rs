@@ -191,6 +191,10 @@ enum Command {
         /// Override a key: `--set output_dir=runs/x`, `--set dpo.max_steps=20` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Run the whole pipeline once per seed (`--seeds 1,2,3`, in OUTPUT_DIR/seed-N) and
+        /// report each method's mean and spread over them; overrides the config's `seeds`.
+        #[arg(long, value_delimiter = ',', value_name = "SEEDS")]
+        seeds: Vec<u64>,
     },
     /// Write RUN_DIR/report.html: training curves, the reward-vs-KL frontier and results of a
     /// pipeline run, and sample responses (inline SVG, no scripts).
@@ -302,8 +306,8 @@ fn main() {
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
         Command::Label { cmd } => label::run(&cmd),
-        Command::Pipeline { config, set } => {
-            pipeline::run(&config, &set).map(|(_, summary)| commands::emit(&summary))
+        Command::Pipeline { config, set, seeds } => {
+            pipeline::run(&config, &set, &seeds).map(|(_, summary)| commands::emit(&summary))
         }
         Command::Report { dir } => report::run(&dir),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
 use preftune_eval::sources::{sample_and_score, text_json};
-use preftune_eval::stats::{lengths, mean_ci, win_rate};
+use preftune_eval::stats::{length_flag, lengths, mean_ci, over_runs, win_rate};
 use preftune_eval::RewardSource;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use preftune_train::config::{apply_set, load};
@@ -336,7 +336,11 @@ fn review_pairs(
 }
 
 /// Runs (or continues) the pipeline; returns its output folder and the summary (`results.json`).
-pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
+/// Runs the pipeline of `config` (with `--set` overrides) once, or once per seed when `seeds` (the
+/// command line's `--seeds`, else the config's `seeds` key) names several: each in
+/// `output_dir/seed-N` with `seed = N`, then `output_dir/results.json` holds every method's mean,
+/// spread and Student-t interval over the seeds.
+pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBuf, Value)> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut table: toml::Table =
@@ -344,6 +348,149 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     for s in overrides {
         apply_set(&mut table, s)?;
     }
+    let from_table = match table.remove("seeds") {
+        None => vec![],
+        Some(v) => v
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_integer().and_then(|i| u64::try_from(i).ok()))
+                    .collect::<Option<Vec<u64>>>()
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: seeds: expected a list of seeds >= 0, like [1, 2, 3], found {v}",
+                    config.display()
+                )
+            })?,
+    };
+    let seeds = if seeds.is_empty() {
+        from_table
+    } else {
+        seeds.to_vec()
+    };
+    if seeds.is_empty() {
+        return run_one(config, table);
+    }
+    let mut unique = seeds.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    anyhow::ensure!(
+        unique.len() == seeds.len(),
+        "{}: seeds: {seeds:?} repeats a seed",
+        config.display()
+    );
+    let out = PathBuf::from(
+        table
+            .get("output_dir")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{}: output_dir: required", config.display()))?,
+    );
+    let mut runs = vec![];
+    for (i, &seed) in seeds.iter().enumerate() {
+        let dir = out.join(format!("seed-{seed}"));
+        eprintln!(
+            "[pipeline] seed {seed} ({} of {}) in {}",
+            i + 1,
+            seeds.len(),
+            dir.display()
+        );
+        let mut t = table.clone();
+        t.insert("seed".into(), toml::Value::Integer(seed as i64));
+        t.insert("output_dir".into(), dir.display().to_string().into());
+        runs.push((seed, run_one(config, t)?.1));
+    }
+    let summary = over_seeds(&runs);
+    preftune_model::weights::write_json(&out.join("results.json"), &summary)?;
+    eprintln!("\nover seeds {seeds:?}: mean, standard deviation and 95% interval (Student t)");
+    eprintln!(
+        "gold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
+        fmt_runs(&summary["gold_accuracy"]),
+        fmt_runs(&summary["reward_model_accuracy"])
+    );
+    for (m, r) in summary["methods"].as_object().into_iter().flatten() {
+        eprintln!(
+            "{m:<5} win vs SFT {}  gold {}  KL {}  words {}{}",
+            fmt_runs(&r["win_rate_vs_sft"]),
+            fmt_runs(&r["gold_reward"]),
+            fmt_runs(&r["kl_to_sft"]),
+            fmt_runs(&r["mean_words"]),
+            r["length_flag"].as_str().map_or(String::new(), |f| format!(
+                "  [{f} than SFT: reward hacking?]"
+            ))
+        );
+    }
+    Ok((out, summary))
+}
+
+/// `0.812 +- 0.040 [0.713, 0.911]`, or `-` for a statistic no run had.
+fn fmt_runs(v: &Value) -> String {
+    match (v["mean"].as_f64(), v["std"].as_f64()) {
+        (Some(m), Some(s)) => format!(
+            "{m:.3} +- {s:.3} [{:.3}, {:.3}]",
+            v["ci95_low"].as_f64().unwrap_or(f64::NAN),
+            v["ci95_high"].as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// The summary over seeds of single runs' `results.json` values: per method, the win rate against
+/// SFT, gold reward, KL to SFT, mean words and their change against SFT, each over the runs; a
+/// method whose mean length moved by more than `LENGTH_FLAG_FRACTION` from SFT's is flagged.
+fn over_seeds(runs: &[(u64, Value)]) -> Value {
+    let stat = |f: &dyn Fn(&Value) -> Option<f64>| -> Value {
+        let x: Vec<f64> = runs.iter().filter_map(|(_, v)| f(v)).collect();
+        if x.is_empty() {
+            Value::Null
+        } else {
+            json!(over_runs(&x))
+        }
+    };
+    let names: Vec<String> = runs
+        .first()
+        .and_then(|(_, v)| v["methods"].as_object())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut methods = serde_json::Map::new();
+    for m in &names {
+        let get = |v: &Value, path: &[&str]| -> Option<f64> {
+            path.iter().fold(&v["methods"][m], |x, k| &x[*k]).as_f64()
+        };
+        let words = stat(&|v| get(v, &["length", "mean_words"]));
+        let sft_words = stat(&|v| v["methods"]["sft"]["length"]["mean_words"].as_f64());
+        let change = stat(&|v| {
+            let sft = v["methods"]["sft"]["length"]["mean_words"].as_f64()?;
+            Some(get(v, &["length", "mean_words"])? / sft - 1.0)
+        });
+        let flag = match (words["mean"].as_f64(), sft_words["mean"].as_f64()) {
+            (Some(w), Some(s)) if m != "sft" => length_flag(w, s),
+            _ => None,
+        };
+        methods.insert(
+            m.clone(),
+            json!({
+                "win_rate_vs_sft": stat(&|v| get(v, &["win_rate_vs_sft", "win_rate"])),
+                "gold_reward": stat(&|v| get(v, &["gold_reward", "mean"])),
+                "kl_to_sft": stat(&|v| get(v, &["kl_to_sft"])),
+                "mean_words": words,
+                "length_change_vs_sft": if m == "sft" { Value::Null } else { change },
+                "length_flag": flag,
+            }),
+        );
+    }
+    json!({
+        "seeds": runs.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        "runs": runs.iter().map(|(s, v)| (s.to_string(), v["output_dir"].clone()))
+            .collect::<serde_json::Map<_, _>>(),
+        "gold_accuracy": stat(&|v| v["gold_accuracy"].as_f64()),
+        "reward_model_accuracy": stat(&|v| v["reward_model_heldout"]["eval_accuracy"].as_f64()),
+        "methods": methods,
+    })
+}
+
+/// One run of the pipeline from its merged config table.
+fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     let cfg: PipelineConfig = table
         .try_into()
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
@@ -378,6 +525,9 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         &mut cfg.grpo,
     ] {
         t.entry("bf16").or_insert(toml::Value::Boolean(bf16));
+        // Each trainer follows the pipeline's seed unless its table sets its own.
+        t.entry("seed")
+            .or_insert(toml::Value::Integer(cfg.seed as i64));
     }
     let cfg = cfg;
     let out = cfg.output_dir.clone();
@@ -705,6 +855,7 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let mut results = serde_json::Map::new();
     let mut table = vec![];
     let mut sft_gold: Vec<f64> = vec![];
+    let mut sft_words: Option<f64> = None;
     // Trained policies in METHODS order, then the sweeps, then Best-of-N.
     let mut order: Vec<String> = METHODS
         .iter()
@@ -785,17 +936,27 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
         let gr = mean_ci(&rewards);
         let kl = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
         let len = lengths(&texts, Some(&rewards));
+        if m == "sft" {
+            sft_words = Some(len.mean_words);
+        }
+        let flag = sft_words
+            .filter(|_| m != "sft")
+            .and_then(|s| length_flag(len.mean_words, s));
         table.push(format!(
-            "{m:<5} gold {:>7.3}  KL {:>7.3}  win vs SFT {}  words {:.1}",
+            "{m:<5} gold {:>7.3}  KL {:>7.3}  win vs SFT {}  words {:.1}{}",
             gr.mean,
             kl,
             wr.as_ref()
                 .map_or("   -  ".to_string(), |w| format!("{:.3}", w.win_rate)),
-            len.mean_words
+            len.mean_words,
+            flag.map_or(String::new(), |f| format!(
+                "  [{f} than SFT: reward hacking?]"
+            ))
         ));
         results.insert(
             m.to_string(),
-            json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len}),
+            json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len,
+                   "length_flag": flag}),
         );
     }
     // Seconds per stage (from each stage's done.json: cached stages keep their first timing;
@@ -820,7 +981,8 @@ pub fn run(config: &Path, overrides: &[String]) -> Result<(PathBuf, Value)> {
     let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
                          "reward_model_heldout": rm_eval, "methods": results,
                          "reward_model_data": read_done(&rm_data)?, "bf16": bf16,
-                         "stage_seconds": seconds, "output_dir": out.display().to_string()});
+                         "stage_seconds": seconds, "output_dir": out.display().to_string(),
+                         "seed": cfg.seed});
     preftune_model::weights::write_json(&p("results.json"), &summary)?;
     eprintln!(
         "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
@@ -859,5 +1021,51 @@ mod tests {
         );
         let (pair, ranking, _) = label_samples("p", s(&["x", "y"]), vec![1.0, 1.0]);
         assert!(pair.is_none() && ranking.is_some());
+    }
+
+    #[test]
+    fn runs_over_seeds_summarise_with_spread_and_flag_length_changes() {
+        let run = |seed: u64, win: f64, words: f64, acc: Option<f64>| {
+            (
+                seed,
+                json!({"seed": seed, "output_dir": format!("o/seed-{seed}"), "gold_accuracy": 0.9,
+                       "reward_model_heldout": {"eval_accuracy": acc},
+                       "methods": {
+                           "sft": {"gold_reward": {"mean": 0.0}, "kl_to_sft": 0.0,
+                                   "win_rate_vs_sft": null, "length": {"mean_words": 10.0}},
+                           "ppo": {"gold_reward": {"mean": win}, "kl_to_sft": 2.0 * win,
+                                   "win_rate_vs_sft": {"win_rate": win},
+                                   "length": {"mean_words": words}}}}),
+            )
+        };
+        let v = over_seeds(&[
+            run(1, 0.7, 7.0, Some(0.6)),
+            run(2, 0.8, 7.5, None),
+            run(3, 0.9, 8.0, Some(0.7)),
+        ]);
+        assert_eq!(v["seeds"], json!([1, 2, 3]));
+        assert_eq!(v["runs"]["2"], "o/seed-2");
+        let w = &v["methods"]["ppo"]["win_rate_vs_sft"];
+        assert_eq!(w["n"], 3);
+        assert!((w["mean"].as_f64().unwrap() - 0.8).abs() < 1e-12);
+        assert!(
+            (w["ci95_low"].as_f64().unwrap() - 0.551_566).abs() < 1e-5,
+            "{w}"
+        );
+        assert_eq!(w["per_run"], json!([0.7, 0.8, 0.9]));
+        assert!((v["methods"]["ppo"]["kl_to_sft"]["mean"].as_f64().unwrap() - 1.6).abs() < 1e-12);
+        // 7.5 words against SFT's 10: 25% shorter, flagged; SFT itself is never flagged.
+        let c = &v["methods"]["ppo"]["length_change_vs_sft"]["mean"];
+        assert!((c.as_f64().unwrap() + 0.25).abs() < 1e-12, "{c}");
+        assert_eq!(v["methods"]["ppo"]["length_flag"], "shorter");
+        assert!(v["methods"]["sft"]["length_flag"].is_null());
+        assert!(v["methods"]["sft"]["win_rate_vs_sft"].is_null());
+        // A statistic only some runs have is summarised over those.
+        assert_eq!(v["reward_model_accuracy"]["n"], 2);
+        assert_eq!(
+            fmt_runs(&v["methods"]["ppo"]["win_rate_vs_sft"]),
+            "0.800 +- 0.100 [0.552, 1.048]"
+        );
+        assert_eq!(fmt_runs(&Value::Null), "-");
     }
 }

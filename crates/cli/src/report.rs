@@ -135,6 +135,77 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
     Ok(svg)
 }
 
+/// The results of a pipeline over seeds: each method's mean, spread and interval over the seeds,
+/// a length flag where a policy's responses grew or shrank against SFT's, and the reward-vs-KL
+/// plane with every seed's point. Returns the number of plots drawn.
+fn seeds_results(html: &mut String, dir: &Path, v: &Value) -> Result<usize> {
+    let cell = |x: &Value| -> String {
+        match (x["mean"].as_f64(), x["std"].as_f64()) {
+            (Some(m), Some(s)) => format!(
+                "{m:.3} &plusmn; {s:.3}<br><small>[{:.3}, {:.3}]</small>",
+                x["ci95_low"].as_f64().unwrap_or(f64::NAN),
+                x["ci95_high"].as_f64().unwrap_or(f64::NAN)
+            ),
+            _ => "-".into(),
+        }
+    };
+    let seeds: Vec<String> = v["seeds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s.to_string())
+        .collect();
+    let _ = write!(
+        html,
+        "<h2>Results over seeds {}</h2><p>Mean &plusmn; standard deviation over the seeds, with \
+         the 95% interval of the mean (Student t). Gold judge held-out accuracy: {}. Reward model \
+         accuracy against gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
+         <th>win rate vs SFT</th><th>gold reward</th><th>KL to SFT</th><th>mean words</th>\
+         <th>length vs SFT</th></tr>",
+        esc(&seeds.join(", ")),
+        cell(&v["gold_accuracy"]),
+        cell(&v["reward_model_accuracy"])
+    );
+    for (name, r) in v["methods"].as_object().into_iter().flatten() {
+        let flag = match r["length_flag"].as_str() {
+            Some(f) => format!("<b>{}: a reward-hacking sign</b>", esc(f)),
+            None => "-".into(),
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            cell(&r["win_rate_vs_sft"]),
+            cell(&r["gold_reward"]),
+            cell(&r["kl_to_sft"]),
+            cell(&r["mean_words"]),
+            flag
+        );
+    }
+    html.push_str("</table>");
+    let mut pts = vec![];
+    for seed_dir in seed_dirs(dir) {
+        let f = seed_dir.join("results.json");
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        let run: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", f.display()))?;
+        let seed = run["seed"].to_string();
+        pts.extend(
+            frontier_points(&run)
+                .into_iter()
+                .map(|(m, kl, r)| (format!("{m} s{seed}"), kl, r)),
+        );
+    }
+    if pts.is_empty() {
+        return Ok(0);
+    }
+    html.push_str("<h2>Reward against KL, every seed</h2>");
+    html.push_str(&frontier(&pts)?);
+    Ok(1)
+}
+
 /// The (method, KL, mean gold reward) points of a pipeline's `results.json`.
 fn frontier_points(v: &Value) -> Vec<(String, f64, f64)> {
     v["methods"]
@@ -142,9 +213,11 @@ fn frontier_points(v: &Value) -> Vec<(String, f64, f64)> {
         .into_iter()
         .flatten()
         .filter_map(|(name, r)| {
+            // A single run's KL is a number; a summary over seeds holds its mean.
+            let kl = &r["kl_to_sft"];
             Some((
                 name.clone(),
-                r["kl_to_sft"].as_f64().unwrap_or(0.0),
+                kl.as_f64().or_else(|| kl["mean"].as_f64()).unwrap_or(0.0),
                 r["gold_reward"]["mean"].as_f64()?,
             ))
         })
@@ -167,8 +240,43 @@ pub fn write_frontier(dir: &Path) -> Result<Value> {
     Ok(json)
 }
 
-/// Run folders under `dir` (itself included) that hold a `metrics.jsonl`.
+/// Run folders under `dir` (itself included) that hold a `metrics.jsonl`; a pipeline over seeds
+/// has its runs one level further down (`seed-1/dpo`).
 fn runs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = runs_in(dir);
+    for seed_dir in seed_dirs(dir) {
+        let prefix = seed_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.extend(
+            runs_in(&seed_dir)
+                .into_iter()
+                .map(|(name, p)| (format!("{prefix}/{name}"), p)),
+        );
+    }
+    out
+}
+
+/// The `seed-N` folders of a pipeline run over seeds, in name order.
+fn seed_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("seed-"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn runs_in(dir: &Path) -> Vec<(String, PathBuf)> {
     let mut out = vec![];
     if dir.join("metrics.jsonl").exists() {
         out.push((".".to_string(), dir.join("metrics.jsonl")));
@@ -209,7 +317,10 @@ pub fn run(dir: &Path) -> Result<()> {
     if results.exists() {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
             .with_context(|| format!("{}: not JSON", results.display()))?;
-        let _ = write!(
+        if v["seeds"].is_array() {
+            plots += seeds_results(&mut html, dir, &v)?;
+        } else {
+            let _ = write!(
             html,
             "<h2>Results</h2><p>Gold judge held-out accuracy: {}. Reward model accuracy against \
              gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
@@ -219,12 +330,12 @@ pub fn run(dir: &Path) -> Result<()> {
                 .as_f64()
                 .map_or("not measured".into(), |a| format!("{a:.3}"))
         );
-        let pts = frontier_points(&v);
-        if let Some(m) = v["methods"].as_object() {
-            for (name, r) in m {
-                let g = &r["gold_reward"];
-                let kl = r["kl_to_sft"].as_f64().unwrap_or(0.0);
-                let _ = write!(
+            let pts = frontier_points(&v);
+            if let Some(m) = v["methods"].as_object() {
+                for (name, r) in m {
+                    let g = &r["gold_reward"];
+                    let kl = r["kl_to_sft"].as_f64().unwrap_or(0.0);
+                    let _ = write!(
                     html,
                     "<tr><td>{}</td><td>{:.3} ({:.3} to {:.3})</td><td>{:.3}</td><td>{}</td><td>{:.1}</td></tr>",
                     esc(name),
@@ -237,13 +348,14 @@ pub fn run(dir: &Path) -> Result<()> {
                         .map_or("-".into(), |w| format!("{w:.3}")),
                     r["length"]["mean_words"].as_f64().unwrap_or(f64::NAN)
                 );
+                }
             }
-        }
-        html.push_str("</table>");
-        if !pts.is_empty() {
-            html.push_str("<h2>Reward against KL</h2>");
-            html.push_str(&frontier(&pts)?);
-            plots += 1;
+            html.push_str("</table>");
+            if !pts.is_empty() {
+                html.push_str("<h2>Reward against KL</h2>");
+                html.push_str(&frontier(&pts)?);
+                plots += 1;
+            }
         }
     }
     let found = runs(dir);
@@ -274,7 +386,12 @@ pub fn run(dir: &Path) -> Result<()> {
         }
         html.push_str("</div>");
     }
-    let mut samples: Vec<PathBuf> = std::fs::read_dir(dir)?
+    // Over seeds, the first seed's samples stand for the rest.
+    let sample_dir = seed_dirs(dir)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| dir.to_path_buf());
+    let mut samples: Vec<PathBuf> = std::fs::read_dir(&sample_dir)?
         .flatten()
         .map(|e| e.path())
         .filter(|p| {

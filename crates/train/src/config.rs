@@ -8,6 +8,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The order training rows are drawn in (transformers' `train_sampling_strategy`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingStrategy {
+    /// A fresh shuffle each epoch, from `seed` and the epoch number.
+    #[default]
+    Random,
+    /// The training file's order, every epoch.
+    Sequential,
+}
+
 /// Options every trainer shares (transformers' `TrainingArguments` names, and TRL's `ModelConfig`
 /// names for LoRA).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -35,6 +46,9 @@ pub struct TrainingArguments {
     /// Clip the global gradient norm to this (0 disables).
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// transformers' `train_sampling_strategy`: `random` (a fresh shuffle of the training set
+    /// each epoch, from `seed`) or `sequential` (the file's order, to replay a given order).
+    pub train_sampling_strategy: SamplingStrategy,
     pub logging_steps: usize,
     pub save_steps: usize,
     /// Keep only this many newest checkpoints.
@@ -93,6 +107,7 @@ impl Default for TrainingArguments {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             seed: 42,
+            train_sampling_strategy: SamplingStrategy::Random,
             logging_steps: 10,
             save_steps: 500,
             save_total_limit: None,
@@ -330,6 +345,22 @@ mod tests {
         assert_eq!(c.args.columns["prompt"], "question");
         assert_eq!(c.args.columns["completion"], "answer");
         assert_eq!(c.args.seed, 42);
+        assert_eq!(c.args.train_sampling_strategy, SamplingStrategy::Random);
+        let c: RunConfig<Algo> = load(
+            Some(f.path()),
+            Default::default(),
+            &["train_sampling_strategy=sequential".into()],
+        )
+        .unwrap();
+        assert_eq!(c.args.train_sampling_strategy, SamplingStrategy::Sequential);
+        let e = load::<Algo>(
+            Some(f.path()),
+            Default::default(),
+            &["train_sampling_strategy=sorted".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `sorted`"), "{e}");
     }
 
     #[test]

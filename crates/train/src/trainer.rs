@@ -246,11 +246,13 @@ fn save_weights(
     Ok(())
 }
 
-/// Data order: a fresh shuffle per epoch, from the seed and the epoch number alone.
+/// Data order: a fresh shuffle per epoch, from the seed and the epoch number alone, or the file's
+/// order under `train_sampling_strategy = "sequential"`.
 struct Order {
     n: usize,
     batch: usize,
     seed: u64,
+    shuffle: bool,
     cached: Option<(usize, Vec<usize>)>,
 }
 
@@ -268,7 +270,9 @@ impl Order {
             let mut rng = rand::rngs::StdRng::seed_from_u64(
                 self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
-            perm.shuffle(&mut rng);
+            if self.shuffle {
+                perm.shuffle(&mut rng);
+            }
             self.cached = Some((epoch, perm));
         }
         let perm = &self.cached.as_ref().expect("just filled").1;
@@ -520,6 +524,7 @@ pub fn train(
         n,
         batch: args.per_device_train_batch_size,
         seed: args.seed,
+        shuffle: args.train_sampling_strategy == crate::config::SamplingStrategy::Random,
         cached: None,
     };
     let accum = args.gradient_accumulation_steps;
@@ -754,4 +759,61 @@ pub fn train_with_report<R: serde::Serialize>(
     let mut v = serde_json::to_value(&summary).unwrap_or_default();
     v["data"] = reports;
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Order;
+
+    fn epoch(order: &mut Order, e: usize) -> Vec<usize> {
+        let nb = order.batches_per_epoch();
+        (e * nb..(e + 1) * nb)
+            .flat_map(|k| order.micro_batch(k))
+            .collect()
+    }
+
+    #[test]
+    fn random_order_reshuffles_each_epoch_and_sequential_keeps_the_file_order() {
+        let mut random = Order {
+            n: 10,
+            batch: 4,
+            seed: 3,
+            shuffle: true,
+            cached: None,
+        };
+        let (e0, e1) = (epoch(&mut random, 0), epoch(&mut random, 1));
+        let mut sorted = e0.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..10).collect::<Vec<_>>(),
+            "each epoch is a permutation"
+        );
+        assert_ne!(e0, (0..10).collect::<Vec<_>>());
+        assert_ne!(e0, e1, "a fresh shuffle per epoch");
+        let mut again = Order {
+            n: 10,
+            batch: 4,
+            seed: 3,
+            shuffle: true,
+            cached: None,
+        };
+        assert_eq!(
+            epoch(&mut again, 1),
+            e1,
+            "the order depends on the seed and epoch alone"
+        );
+
+        let mut seq = Order {
+            n: 10,
+            batch: 4,
+            seed: 3,
+            shuffle: false,
+            cached: None,
+        };
+        assert_eq!(seq.micro_batch(2), vec![8, 9], "the last batch is short");
+        for e in 0..2 {
+            assert_eq!(epoch(&mut seq, e), (0..10).collect::<Vec<_>>());
+        }
+    }
 }
