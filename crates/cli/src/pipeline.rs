@@ -415,12 +415,34 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
             fmt_runs(&r["gold_reward"]),
             fmt_runs(&r["kl_to_sft"]),
             fmt_runs(&r["mean_words"]),
-            r["length_flag"].as_str().map_or(String::new(), |f| format!(
-                "  [{f} than SFT: reward hacking?]"
-            ))
+            seed_flags(r)
         );
     }
     Ok((out, summary))
+}
+
+/// The length warning of a method over seeds: its mean's flag, and how many seeds' own runs were
+/// flagged (`  [shorter in 1 of 3 seeds: reward hacking?]`), or nothing.
+fn seed_flags(r: &Value) -> String {
+    let per_run = r["length_flags_per_run"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut parts = vec![];
+    if let Some(f) = r["length_flag"].as_str() {
+        parts.push(format!("{f} than SFT on average"));
+    }
+    for f in ["longer", "shorter"] {
+        let k = per_run.iter().filter(|x| x.as_str() == Some(f)).count();
+        if k > 0 {
+            parts.push(format!("{f} in {k} of {} seeds", per_run.len()));
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("  [{}: reward hacking?]", parts.join(", "))
+    }
 }
 
 /// `0.812 +- 0.040 [0.713, 0.911]`, or `-` for a statistic no run had.
@@ -467,6 +489,11 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
             (Some(w), Some(s)) if m != "sft" => length_flag(w, s),
             _ => None,
         };
+        // Each seed's own flag: one seed's collapse hides in the mean.
+        let per_run: Vec<Value> = runs
+            .iter()
+            .map(|(_, v)| v["methods"][m]["length_flag"].clone())
+            .collect();
         methods.insert(
             m.clone(),
             json!({
@@ -476,6 +503,7 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
                 "mean_words": words,
                 "length_change_vs_sft": if m == "sft" { Value::Null } else { change },
                 "length_flag": flag,
+                "length_flags_per_run": per_run,
             }),
         );
     }
@@ -1035,7 +1063,8 @@ mod tests {
                                    "win_rate_vs_sft": null, "length": {"mean_words": 10.0}},
                            "ppo": {"gold_reward": {"mean": win}, "kl_to_sft": 2.0 * win,
                                    "win_rate_vs_sft": {"win_rate": win},
-                                   "length": {"mean_words": words}}}}),
+                                   "length": {"mean_words": words},
+                                   "length_flag": length_flag(words, 10.0)}}}),
             )
         };
         let v = over_seeds(&[
@@ -1058,6 +1087,27 @@ mod tests {
         let c = &v["methods"]["ppo"]["length_change_vs_sft"]["mean"];
         assert!((c.as_f64().unwrap() + 0.25).abs() < 1e-12, "{c}");
         assert_eq!(v["methods"]["ppo"]["length_flag"], "shorter");
+        assert_eq!(
+            v["methods"]["ppo"]["length_flags_per_run"],
+            json!(["shorter", "shorter", null]),
+            "8 words against 10 is 20% shorter, not more"
+        );
+        assert_eq!(
+            seed_flags(&v["methods"]["ppo"]),
+            "  [shorter than SFT on average, shorter in 2 of 3 seeds: reward hacking?]"
+        );
+        // One seed's collapse is named even when the mean stays inside the band.
+        let one = over_seeds(&[
+            run(1, 0.8, 10.0, None),
+            run(2, 0.8, 10.5, None),
+            run(3, 0.8, 7.0, None),
+        ]);
+        assert!(one["methods"]["ppo"]["length_flag"].is_null());
+        assert_eq!(
+            seed_flags(&one["methods"]["ppo"]),
+            "  [shorter in 1 of 3 seeds: reward hacking?]"
+        );
+        assert_eq!(seed_flags(&one["methods"]["sft"]), "");
         assert!(v["methods"]["sft"]["length_flag"].is_null());
         assert!(v["methods"]["sft"]["win_rate_vs_sft"].is_null());
         // A statistic only some runs have is summarised over those.

@@ -161,15 +161,32 @@ fn seeds_results(html: &mut String, dir: &Path, v: &Value) -> Result<usize> {
          the 95% interval of the mean (Student t). Gold judge held-out accuracy: {}. Reward model \
          accuracy against gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
          <th>win rate vs SFT</th><th>gold reward</th><th>KL to SFT</th><th>mean words</th>\
-         <th>length vs SFT</th></tr>",
+         <th>words vs SFT, per seed</th></tr>",
         esc(&seeds.join(", ")),
         cell(&v["gold_accuracy"]),
         cell(&v["reward_model_accuracy"])
     );
     for (name, r) in v["methods"].as_object().into_iter().flatten() {
-        let flag = match r["length_flag"].as_str() {
-            Some(f) => format!("<b>{}: a reward-hacking sign</b>", esc(f)),
-            None => "-".into(),
+        let per_run: Vec<String> = r["length_change_vs_sft"]["per_run"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_f64())
+            .map(|c| format!("{:+.0}%", 100.0 * c))
+            .collect();
+        let flagged = r["length_flags_per_run"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|x| x.is_string()).count());
+        let flag = if per_run.is_empty() {
+            "-".into()
+        } else if r["length_flag"].is_string() || flagged > 0 {
+            format!(
+                "<b>{} (flagged in {flagged} of {} seeds: a reward-hacking sign)</b>",
+                per_run.join(", "),
+                per_run.len()
+            )
+        } else {
+            per_run.join(", ")
         };
         let _ = write!(
             html,
