@@ -8,7 +8,8 @@ latest = {}
 for r in rows:
     latest[(r["options"], r["trainer"], r["shape"], r["impl"])] = r
 for opts, title in (("f32", "f32 defaults on both sides"),
-                    ("best", "bf16 + gradient checkpointing (+ DPO's precomputed reference) on both sides")):
+                    ("best", "bf16 + gradient checkpointing (+ DPO's precomputed reference) on both sides"),
+                    ("bf16", "bf16 without checkpointing (+ DPO's precomputed reference) on both sides")):
     order = {"sft": 0, "dpo": 1, "rm": 2}
     keys = sorted({(t, s) for (o, t, s, i) in latest if o == opts}, key=lambda k: (order[k[0]], k[1] != "short"))
     if not keys:

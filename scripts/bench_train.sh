@@ -5,9 +5,10 @@
 #   shapes:   short (16 rows x 32 tokens, 10 steps) and long (4 rows x 1024 tokens, 3 steps);
 #             DPO and RM rows are pairs (twice the sequences); every sequence is 7/8 to all of
 #             the length, so neither side truncates or drops a row
-#   options:  f32 (both sides: f32, no gradient checkpointing, DPO's reference run each step) and
+#   options:  f32 (both sides: f32, no gradient checkpointing, DPO's reference run each step),
 #             best (both sides: bf16 mixed precision, gradient checkpointing, DPO's
-#             precompute_ref_log_probs)
+#             precompute_ref_log_probs) and bf16 (best without checkpointing: the faster choice
+#             where memory is not short, as at 16 x 32)
 # Each run prints a JSON line (median seconds per step after the first; whole-process wall time
 # and peak RSS from /usr/bin/time, model loading and data preparation included) to
 # runs/bench/train.jsonl; the tables at the end compare the two sides.
@@ -32,13 +33,14 @@ for shape in ${SHAPES//,/ }; do
     case $opts in
       f32) ours=(--set bf16=false --set gradient_checkpointing=false) ;;
       best) ours=(--set bf16=true --set gradient_checkpointing=true) ;;
-      *) echo "unknown options $opts (f32, best)" >&2; exit 2 ;;
+      bf16) ours=(--set bf16=true --set gradient_checkpointing=false) ;;
+      *) echo "unknown options $opts (f32, best, bf16)" >&2; exit 2 ;;
     esac
     for trainer in ${TRAINERS//,/ }; do
       case $trainer in
         sft) file=$data/sft.jsonl extra=(--set learning_rate=2e-5) ;;
         dpo) file=$data/pairs.jsonl
-             extra=(--set learning_rate=1e-6 --set beta=0.1 --set precompute_ref_log_probs=$([ $opts = best ] && echo true || echo false)) ;;
+             extra=(--set learning_rate=1e-6 --set beta=0.1 --set precompute_ref_log_probs=$([ $opts = f32 ] && echo false || echo true)) ;;
         rm) file=$data/pairs.jsonl extra=(--set learning_rate=1e-5) ;;
         *) echo "unknown trainer $trainer (sft, dpo, rm)" >&2; exit 2 ;;
       esac

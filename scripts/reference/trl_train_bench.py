@@ -3,10 +3,11 @@ runs with on the other side.
 
 Usage: trl_train_bench.py TRAINER MODEL_DIR DATA BATCH MAX_LENGTH STEPS OPTIONS
 TRAINER: sft | dpo | rm. OPTIONS: f32 (bf16=False, no gradient checkpointing, DPO's reference
-model run each step) or best (bf16=True, gradient_checkpointing=True, DPO's
-precompute_ref_log_probs=True). Eager attention, one process, no data-loader workers. Prints one
-JSON line: the median seconds per optimiser step (the first excluded) and the step count; whole
-process wall time and peak RSS are measured outside, by /usr/bin/time."""
+model run each step), best (bf16=True, gradient_checkpointing=True, DPO's
+precompute_ref_log_probs=True) or bf16 (best without gradient checkpointing). Eager attention,
+one process, no data-loader workers. Prints one JSON line: the median seconds per optimiser step
+(the first excluded) and the step count; whole-process wall time and peak RSS are measured
+outside, by /usr/bin/time."""
 import json, statistics, sys, tempfile, time
 
 import torch
@@ -16,8 +17,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 trainer, model_dir, data = sys.argv[1], sys.argv[2], sys.argv[3]
 batch, max_len, steps, opts = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
-assert trainer in ("sft", "dpo", "rm") and opts in ("f32", "best"), sys.argv
-best = opts == "best"
+assert trainer in ("sft", "dpo", "rm") and opts in ("f32", "best", "bf16"), sys.argv
+bf16, ckpt = opts != "f32", opts == "best"
 times = []
 
 
@@ -34,7 +35,7 @@ tok = AutoTokenizer.from_pretrained(model_dir)
 ds = load_dataset("json", data_files=data, split="train")
 common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
               max_length=max_len, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-              bf16=best, gradient_checkpointing=best, dataloader_num_workers=0, disable_tqdm=True, seed=42)
+              bf16=bf16, gradient_checkpointing=ckpt, dataloader_num_workers=0, disable_tqdm=True, seed=42)
 if trainer == "rm":
     from trl import RewardConfig as Config, RewardTrainer as Trainer
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32,
@@ -49,7 +50,7 @@ else:
         cfg = Config(learning_rate=2e-5, packing=False, **common)
     else:
         from trl import DPOConfig as Config, DPOTrainer as Trainer
-        cfg = Config(learning_rate=1e-6, beta=0.1, precompute_ref_log_probs=best, **common)
+        cfg = Config(learning_rate=1e-6, beta=0.1, precompute_ref_log_probs=bf16, **common)
 tr = Trainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
 tr.train()
 print(json.dumps({"trainer": trainer, "impl": "trl", "options": opts, "trl": __import__("trl").__version__,
