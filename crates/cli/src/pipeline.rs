@@ -447,9 +447,15 @@ fn seed_flags(r: &Value) -> String {
 
 /// `0.812 +- 0.040 [0.713, 0.911]`, or `-` for a statistic no run had.
 fn fmt_runs(v: &Value) -> String {
+    fmt_over_runs(v, " +- ", " [", "]")
+}
+
+/// A statistic over runs as `mean{pm}std{open}low, high{close}` with three decimals, or `-` when
+/// no run had it: the terminal's and the report's rendering of one summary.
+pub(crate) fn fmt_over_runs(v: &Value, pm: &str, open: &str, close: &str) -> String {
     match (v["mean"].as_f64(), v["std"].as_f64()) {
         (Some(m), Some(s)) => format!(
-            "{m:.3} +- {s:.3} [{:.3}, {:.3}]",
+            "{m:.3}{pm}{s:.3}{open}{:.3}, {:.3}{close}",
             v["ci95_low"].as_f64().unwrap_or(f64::NAN),
             v["ci95_high"].as_f64().unwrap_or(f64::NAN)
         ),

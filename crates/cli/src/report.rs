@@ -139,16 +139,8 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
 /// a length flag where a policy's responses grew or shrank against SFT's, and the reward-vs-KL
 /// plane with every seed's point. Returns the number of plots drawn.
 fn seeds_results(html: &mut String, dir: &Path, v: &Value) -> Result<usize> {
-    let cell = |x: &Value| -> String {
-        match (x["mean"].as_f64(), x["std"].as_f64()) {
-            (Some(m), Some(s)) => format!(
-                "{m:.3} &plusmn; {s:.3}<br><small>[{:.3}, {:.3}]</small>",
-                x["ci95_low"].as_f64().unwrap_or(f64::NAN),
-                x["ci95_high"].as_f64().unwrap_or(f64::NAN)
-            ),
-            _ => "-".into(),
-        }
-    };
+    let cell =
+        |x: &Value| crate::pipeline::fmt_over_runs(x, " &plusmn; ", "<br><small>[", "]</small>");
     let seeds: Vec<String> = v["seeds"]
         .as_array()
         .into_iter()
