@@ -480,13 +480,13 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
         .and_then(|(_, v)| v["methods"].as_object())
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
+    let sft_words = stat(&|v| v["methods"]["sft"]["length"]["mean_words"].as_f64());
     let mut methods = serde_json::Map::new();
     for m in &names {
         let get = |v: &Value, path: &[&str]| -> Option<f64> {
             path.iter().fold(&v["methods"][m], |x, k| &x[*k]).as_f64()
         };
         let words = stat(&|v| get(v, &["length", "mean_words"]));
-        let sft_words = stat(&|v| v["methods"]["sft"]["length"]["mean_words"].as_f64());
         let change = stat(&|v| {
             let sft = v["methods"]["sft"]["length"]["mean_words"].as_f64()?;
             Some(get(v, &["length", "mean_words"])? / sft - 1.0)

@@ -135,6 +135,45 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
     Ok(svg)
 }
 
+/// The results of one pipeline run: each method's gold reward with its interval, KL, win rate
+/// and length, and the reward-vs-KL plane. Returns the number of plots drawn.
+fn run_results(html: &mut String, v: &Value) -> Result<usize> {
+    let _ = write!(
+        html,
+        "<h2>Results</h2><p>Gold judge held-out accuracy: {}. Reward model accuracy against \
+         gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
+         <th>gold reward (95% CI)</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean words</th></tr>",
+        v["gold_accuracy"],
+        v["reward_model_heldout"]["eval_accuracy"]
+            .as_f64()
+            .map_or("not measured".into(), |a| format!("{a:.3}"))
+    );
+    for (name, r) in v["methods"].as_object().into_iter().flatten() {
+        let g = &r["gold_reward"];
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{:.3} ({:.3} to {:.3})</td><td>{:.3}</td><td>{}</td><td>{:.1}</td></tr>",
+            esc(name),
+            g["mean"].as_f64().unwrap_or(f64::NAN),
+            g["ci95_low"].as_f64().unwrap_or(f64::NAN),
+            g["ci95_high"].as_f64().unwrap_or(f64::NAN),
+            r["kl_to_sft"].as_f64().unwrap_or(0.0),
+            r["win_rate_vs_sft"]["win_rate"]
+                .as_f64()
+                .map_or("-".into(), |w| format!("{w:.3}")),
+            r["length"]["mean_words"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    html.push_str("</table>");
+    let pts = frontier_points(v);
+    if pts.is_empty() {
+        return Ok(0);
+    }
+    html.push_str("<h2>Reward against KL</h2>");
+    html.push_str(&frontier(&pts)?);
+    Ok(1)
+}
+
 /// The results of a pipeline over seeds: each method's mean, spread and interval over the seeds,
 /// a length flag where a policy's responses grew or shrank against SFT's, and the reward-vs-KL
 /// plane with every seed's point. Returns the number of plots drawn.
@@ -326,46 +365,11 @@ pub fn run(dir: &Path) -> Result<()> {
     if results.exists() {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
             .with_context(|| format!("{}: not JSON", results.display()))?;
-        if v["seeds"].is_array() {
-            plots += seeds_results(&mut html, dir, &v)?;
+        plots += if v["seeds"].is_array() {
+            seeds_results(&mut html, dir, &v)?
         } else {
-            let _ = write!(
-            html,
-            "<h2>Results</h2><p>Gold judge held-out accuracy: {}. Reward model accuracy against \
-             gold on held-out prompts' samples: {}.</p><table><tr><th>method</th>\
-             <th>gold reward (95% CI)</th><th>KL to SFT</th><th>win rate vs SFT</th><th>mean words</th></tr>",
-            v["gold_accuracy"],
-            v["reward_model_heldout"]["eval_accuracy"]
-                .as_f64()
-                .map_or("not measured".into(), |a| format!("{a:.3}"))
-        );
-            let pts = frontier_points(&v);
-            if let Some(m) = v["methods"].as_object() {
-                for (name, r) in m {
-                    let g = &r["gold_reward"];
-                    let kl = r["kl_to_sft"].as_f64().unwrap_or(0.0);
-                    let _ = write!(
-                    html,
-                    "<tr><td>{}</td><td>{:.3} ({:.3} to {:.3})</td><td>{:.3}</td><td>{}</td><td>{:.1}</td></tr>",
-                    esc(name),
-                    g["mean"].as_f64().unwrap_or(f64::NAN),
-                    g["ci95_low"].as_f64().unwrap_or(f64::NAN),
-                    g["ci95_high"].as_f64().unwrap_or(f64::NAN),
-                    kl,
-                    r["win_rate_vs_sft"]["win_rate"]
-                        .as_f64()
-                        .map_or("-".into(), |w| format!("{w:.3}")),
-                    r["length"]["mean_words"].as_f64().unwrap_or(f64::NAN)
-                );
-                }
-            }
-            html.push_str("</table>");
-            if !pts.is_empty() {
-                html.push_str("<h2>Reward against KL</h2>");
-                html.push_str(&frontier(&pts)?);
-                plots += 1;
-            }
-        }
+            run_results(&mut html, &v)?
+        };
     }
     let found = runs(dir);
     if !found.is_empty() {

