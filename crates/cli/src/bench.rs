@@ -158,7 +158,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
         crate::commands::emit(
             &json!({"workload": "matmul", "impl": "preftune", "n": n, "threads": threads_env(), "gflops": gflops,
-                    "bf16": args.bf16, "bf16_gemm": preftune_model::bf16gemm::backend().name()}),
+                    "bf16": args.bf16, "bf16_gemm": preftune_model::ops::bf16_gemm_name()}),
         );
         return Ok(());
     }

@@ -544,7 +544,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     );
     let bf16 = match &cfg.bf16 {
         toml::Value::Boolean(b) => *b,
-        toml::Value::String(s) if s == "auto" => preftune_model::bf16gemm::available(),
+        toml::Value::String(s) if s == "auto" => preftune_model::ops::bf16_gemm_available(),
         other => anyhow::bail!(
             "{}: bf16: expected true, false or \"auto\", found {other}",
             config.display()

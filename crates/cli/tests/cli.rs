@@ -805,7 +805,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     }
     assert_eq!(
         v["bf16"],
-        preftune_model::bf16gemm::available(),
+        preftune_model::ops::bf16_gemm_available(),
         "bf16 = \"auto\" follows the bf16 GEMM"
     );
     // Cached: the second run trains nothing and gives the same table.

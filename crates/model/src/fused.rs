@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::bf16gemm::{gemm_nt, gemm_packed, PackedB, View};
+use preftune_kernels::bf16gemm::{gemm_nt, gemm_packed, PackedB, View};
 
 /// Rows of logits computed at a time (`ROWS x V` f32 values live at once).
 const ROWS: usize = 256;
@@ -86,7 +86,7 @@ impl LmHeadLogprob {
             let h = self.weight.dim(1)?;
             crate::ops::with_f32(&self.hidden, |hid| {
                 let rows = View::rows(&hid[start * h..(start + n) * h], n, h);
-                crate::bf16gemm::gemm_packed_new(rows, w)
+                preftune_kernels::bf16gemm::gemm_packed_new(rows, w)
             })?
         } else {
             self.hidden
@@ -104,8 +104,8 @@ impl LmHeadLogprob {
 
 /// `(max, log-sum-exp)` of a row.
 fn lse(row: &[f32]) -> (f32, f32) {
-    let max = crate::vmath::max(row);
-    let sum = crate::vmath::sum_exp_shifted(row, max);
+    let max = preftune_kernels::vmath::max(row);
+    let sum = preftune_kernels::vmath::sum_exp_shifted(row, max);
     (max, max + sum.ln() as f32)
 }
 
@@ -201,7 +201,7 @@ impl LmHeadLogprob {
         par_rows(&mut l, v, |i, row| {
             let (_, z) = lse(row);
             let gi = g[start + i] * self.inv_temp;
-            crate::vmath::exp_shifted(row, z);
+            preftune_kernels::vmath::exp_shifted(row, z);
             row.iter_mut().for_each(|x| *x *= -gi);
             row[self.labels[start + i] as usize] += gi;
         });

@@ -248,9 +248,9 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) 
     }
     // Inverse-CDF draw over the unnormalised weights `e^(x - max)`, block sums first: no
     // normalising pass, and only the drawn block is scanned value by value.
-    let max = crate::vmath::max(logits);
-    let mut blocks = Vec::with_capacity(logits.len().div_ceil(crate::vmath::BLOCK));
-    crate::vmath::exp_shifted_blocks(logits, max, |s| blocks.push(s));
+    let max = preftune_kernels::vmath::max(logits);
+    let mut blocks = Vec::with_capacity(logits.len().div_ceil(preftune_kernels::vmath::BLOCK));
+    preftune_kernels::vmath::exp_shifted_blocks(logits, max, |s| blocks.push(s));
     let total: f64 = blocks.iter().sum();
     let target = r as f64 * total;
     let mut chosen = logits.iter().rposition(|&p| p > 0.0).unwrap_or(0);
@@ -260,7 +260,10 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) 
             cum += s;
             continue;
         }
-        let es = logits.chunks(crate::vmath::BLOCK).nth(block).unwrap_or(&[]);
+        let es = logits
+            .chunks(preftune_kernels::vmath::BLOCK)
+            .nth(block)
+            .unwrap_or(&[]);
         // Rounding may leave the running sum short of the target at the block's end: then its
         // last token with weight is drawn.
         let mut pick = es.iter().rposition(|&e| e > 0.0);
@@ -272,7 +275,7 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) 
             }
         }
         if let Some(i) = pick {
-            chosen = block * crate::vmath::BLOCK + i;
+            chosen = block * preftune_kernels::vmath::BLOCK + i;
         }
         break;
     }
@@ -281,15 +284,15 @@ fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) 
 
 fn softmax(x: &[f32]) -> Vec<f32> {
     let mut e = x.to_vec();
-    let max = crate::vmath::max(&e);
-    let inv = (1.0 / crate::vmath::exp_shifted(&mut e, max)) as f32;
+    let max = preftune_kernels::vmath::max(&e);
+    let inv = (1.0 / preftune_kernels::vmath::exp_shifted(&mut e, max)) as f32;
     e.iter_mut().for_each(|v| *v *= inv);
     e
 }
 
 fn log_softmax_at(x: &[f32], i: usize) -> f32 {
-    let max = crate::vmath::max(x);
-    x[i] - max - crate::vmath::sum_exp_shifted(x, max).ln() as f32
+    let max = preftune_kernels::vmath::max(x);
+    x[i] - max - preftune_kernels::vmath::sum_exp_shifted(x, max).ln() as f32
 }
 
 #[cfg(test)]

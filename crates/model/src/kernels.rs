@@ -35,12 +35,12 @@ pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::Add
 }
 impl Real for f32 {
     fn exp_minus_max(row: &mut [f32]) -> f32 {
-        let max = crate::vmath::max(row);
-        crate::vmath::exp_shifted(row, max) as f32
+        let max = preftune_kernels::vmath::max(row);
+        preftune_kernels::vmath::exp_shifted(row, max) as f32
     }
 
     fn sigmoid_into(x: &[f32], out: &mut [f32]) {
-        crate::vmath::sigmoid_into(x, out)
+        preftune_kernels::vmath::sigmoid_into(x, out)
     }
 }
 impl Real for f64 {}
@@ -726,12 +726,7 @@ impl CustomOp3 for AttnUntracked {
                 .as_ref()
                 .map(|m| (&m.data[(grp / g) * self.t * tk..], self.t));
             let qg = &q[grp * rt * dh..][..rt * dh];
-            #[cfg(target_arch = "x86_64")]
-            if crate::vmath::available() {
-                // SAFETY: avx512f was detected.
-                return unsafe { attend_avx512(qg, kg, vg, mask, self.scale, tk, dh, o) };
-            }
-            attend(qg, kg, vg, mask, self.scale, tk, dh, o)
+            preftune_kernels::attention::attend(qg, kg, vg, mask, self.scale, tk, dh, o)
         };
         use rayon::prelude::*;
         if b * g * rt * tk * dh < 1 << 16 {
@@ -745,77 +740,6 @@ impl CustomOp3 for AttnUntracked {
         }
         Ok((CpuStorage::F32(out), Shape::from((b, g, rt, dh))))
     }
-}
-
-/// One KV group: every query row of `q` (`[rows, dh]`) against `k`, `v` (`[tk, dh]`), into `out`.
-/// `mask` is the group's batch row of the mask with its `t`: query row `r` reads mask row `r % t`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn attend(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<(&[f32], usize)>,
-    scale: f32,
-    tk: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
-    let mut s = vec![0f32; tk];
-    for (r, (qr, or)) in q.chunks_exact(dh).zip(out.chunks_exact_mut(dh)).enumerate() {
-        for (j, sj) in s.iter_mut().enumerate() {
-            *sj = scale * dot(qr, &k[j * dh..][..dh]);
-        }
-        if let Some((m, t)) = mask {
-            s.iter_mut()
-                .zip(&m[(r % t) * tk..][..tk])
-                .for_each(|(sj, mj)| *sj += mj);
-        }
-        let inv = f32::exp_minus_max(&mut s).recip();
-        or.fill(0.0);
-        for (j, &p) in s.iter().enumerate() {
-            let p = p * inv;
-            or.iter_mut()
-                .zip(&v[j * dh..][..dh])
-                .for_each(|(o, &x)| *o += p * x);
-        }
-    }
-}
-
-/// [`attend`] compiled for AVX-512 (the crate targets baseline x86-64).
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn attend_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<(&[f32], usize)>,
-    scale: f32,
-    tk: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
-    attend(q, k, v, mask, scale, tk, dh, out)
-}
-
-/// A dot product in 16 independent lanes (so that it vectorises), summed at the end.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -1,13 +1,11 @@
 //! preftune's model layer: transformer architectures we can train (Llama family, GPT-2), weights in
 //! and out (safetensors, GGUF), tokenizer and chat templates, generation and sequence log-probs.
 //! It knows nothing about training; the `train` crate builds on it.
-pub mod bf16gemm;
 mod checkpointing;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod fused;
-pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
@@ -19,7 +17,6 @@ pub mod ops;
 pub mod pretrained;
 pub mod reward;
 pub mod tokenizer;
-pub mod vmath;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

@@ -258,7 +258,7 @@ mod tests {
         }
     }
 
-    /// Under a bf16 scope the fused op runs its four products in bf16 (`crate::bf16gemm`, itself
+    /// Under a bf16 scope the fused op runs its four products in bf16 (`preftune_kernels::bf16gemm`, itself
     /// checked exactly): log-probs and both gradients stay within bf16's rounding of the f32 op,
     /// and do differ from it, over more than one chunk.
     #[test]

@@ -111,12 +111,12 @@ impl Linear {
     }
 }
 
-/// `x W^T` through [`crate::gemv`] when it applies: few rows, no gradient, f32 on an AVX2 CPU.
+/// `x W^T` through [`preftune_kernels::gemv`] when it applies: few rows, no gradient, f32 on an AVX2 CPU.
 fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
     // `kernels::applies` also honours `set_fused(false)` (`bench --composed-ops`).
-    let fits = m <= crate::gemv::max_rows()
+    let fits = m <= preftune_kernels::gemv::max_rows()
         && kernels::applies(x)
         && !x.track_op()
         && !w.track_op()
@@ -124,12 +124,12 @@ fn few_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
         && w.is_contiguous()
-        && crate::gemv::available();
+        && preftune_kernels::gemv::available();
     if !fits {
         return Ok(None);
     }
     let y = with_f32(x, |xv| {
-        with_f32(w, |wv| crate::gemv::matmul_t(xv, m, wv, n, k))
+        with_f32(w, |wv| preftune_kernels::gemv::matmul_t(xv, m, wv, n, k))
     })??;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
 }
@@ -139,11 +139,22 @@ thread_local! {
 }
 
 /// Mixed precision on this thread while the guard lives (`bf16 = true` in a run's config):
-/// linears' products round both operands to bf16 and sum in f32 ([`crate::bf16gemm`]); weights,
+/// linears' products round both operands to bf16 and sum in f32 ([`preftune_kernels::bf16gemm`]); weights,
 /// gradients, optimiser state, norms and softmax stay f32. Per thread, so one run's setting never
 /// leaks into another's (tests run in parallel); dropping the guard restores the previous one.
 #[must_use = "bf16 applies only while the guard lives"]
 pub struct Bf16Scope(bool);
+
+/// Whether this CPU multiplies in bf16 natively (AMX or AVX-512 BF16). Without it `bf16 = true`
+/// still gives bf16 numbers, through an f32 GEMM on rounded operands, but no speed.
+pub fn bf16_gemm_available() -> bool {
+    preftune_kernels::bf16gemm::available()
+}
+
+/// The bf16 product in use: `amx`, `avx512-bf16` or `f32-fallback` (benchmarks print it).
+pub fn bf16_gemm_name() -> &'static str {
+    preftune_kernels::bf16gemm::backend().name()
+}
 
 impl Bf16Scope {
     pub fn new(on: bool) -> Self {
@@ -279,8 +290,10 @@ thread_local! {
     static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
 }
 
-type PackedMap =
-    std::collections::HashMap<candle_core::TensorId, std::rc::Rc<crate::bf16gemm::PackedB>>;
+type PackedMap = std::collections::HashMap<
+    candle_core::TensorId,
+    std::rc::Rc<preftune_kernels::bf16gemm::PackedB>,
+>;
 
 /// While the guard lives, this thread's untracked bf16 products (AMX or AVX-512 BF16) pack each
 /// weight once and reuse it. Sampling multiplies the same weights at every step with a few rows,
@@ -294,7 +307,7 @@ impl PackedWeights {
     /// Active only under a [`Bf16Scope`] on a CPU with a bf16 GEMM; otherwise a guard that does
     /// nothing.
     pub fn new() -> Self {
-        let on = bf16_enabled() && crate::bf16gemm::available();
+        let on = bf16_enabled() && preftune_kernels::bf16gemm::available();
         PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
     }
 }
@@ -329,7 +342,9 @@ fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         Some(p) => p,
         None => {
             let p = std::rc::Rc::new(with_f32(w, |wv| {
-                crate::bf16gemm::PackedB::new(crate::bf16gemm::View::rows(wv, n, k))
+                preftune_kernels::bf16gemm::PackedB::new(preftune_kernels::bf16gemm::View::rows(
+                    wv, n, k,
+                ))
             })?);
             PACKED.with(|c| {
                 if let Some(map) = c.borrow_mut().as_mut() {
@@ -340,7 +355,10 @@ fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         }
     };
     let y = with_f32(x, |xv| {
-        crate::bf16gemm::gemm_packed_new(crate::bf16gemm::View::rows(xv, m, k), &packed)
+        preftune_kernels::bf16gemm::gemm_packed_new(
+            preftune_kernels::bf16gemm::View::rows(xv, m, k),
+            &packed,
+        )
     })?;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
 }
@@ -385,9 +403,9 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
-        let y = crate::bf16gemm::gemm_nt_new(
-            crate::bf16gemm::View::rows(x, m, k),
-            crate::bf16gemm::View::rows(w, n, k),
+        let y = preftune_kernels::bf16gemm::gemm_nt_new(
+            preftune_kernels::bf16gemm::View::rows(x, m, k),
+            preftune_kernels::bf16gemm::View::rows(w, n, k),
         );
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -399,7 +417,7 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use crate::bf16gemm::{gemm_nt_new, View};
+        use preftune_kernels::bf16gemm::{gemm_nt_new, View};
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         // dx = dy W: rows of dy against columns of W; none for an input that takes no gradient
         // (the first layer's under LoRA).
@@ -850,7 +868,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let got = lin.forward(&x).unwrap();
             let plain = x.matmul(&w.t().unwrap()).unwrap();
-            if crate::bf16gemm::available() {
+            if preftune_kernels::bf16gemm::available() {
                 let want = r(&x).matmul(&r(&w).t().unwrap()).unwrap();
                 assert!(max_abs(&got, &want) < 1e-4, "{m} rows: bf16 product");
                 assert!(

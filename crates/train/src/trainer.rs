@@ -484,7 +484,7 @@ pub fn train(
     let out = &args.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
-    if args.bf16 && !preftune_model::bf16gemm::available() {
+    if args.bf16 && !preftune_model::ops::bf16_gemm_available() {
         eprintln!(
             "bf16: this CPU has neither AMX nor AVX-512 BF16 (or PREFTUNE_NO_BF16_GEMM is set): \
              products are rounded to bf16 but run as f32 GEMMs, slower than f32 mode"

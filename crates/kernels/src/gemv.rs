@@ -109,32 +109,36 @@ fn rows_dot(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32], wide: boo
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_dot_avx2(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
-    let rows = w.len() / k;
-    // Two weight rows x up to four x rows per pass: 8 accumulators, 6 loads per 8 FMAs. A short
-    // last group of x rows gets its own instantiation rather than repeating rows.
-    let mut o = 0;
-    while o < rows {
-        let wn = (rows - o).min(2);
-        let w0 = w.as_ptr().add(o * k);
-        let w1 = w.as_ptr().add((o + wn - 1) * k);
-        let mut r = 0;
-        while r < m {
-            let xr = x.as_ptr().add(r * k);
-            let (s0, s1, xn) = match m - r {
-                1 => widen(pass::<1>(w0, w1, xr, k)),
-                2 => widen(pass::<2>(w0, w1, xr, k)),
-                3 => widen(pass::<3>(w0, w1, xr, k)),
-                _ => widen(pass::<4>(w0, w1, xr, k)),
-            };
-            for j in 0..xn {
-                out[o * m + r + j] = s0[j];
-                if wn == 2 {
-                    out[(o + 1) * m + r + j] = s1[j];
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // unsafe operation below.
+    unsafe {
+        let rows = w.len() / k;
+        // Two weight rows x up to four x rows per pass: 8 accumulators, 6 loads per 8 FMAs. A short
+        // last group of x rows gets its own instantiation rather than repeating rows.
+        let mut o = 0;
+        while o < rows {
+            let wn = (rows - o).min(2);
+            let w0 = w.as_ptr().add(o * k);
+            let w1 = w.as_ptr().add((o + wn - 1) * k);
+            let mut r = 0;
+            while r < m {
+                let xr = x.as_ptr().add(r * k);
+                let (s0, s1, xn) = match m - r {
+                    1 => widen(pass::<1>(w0, w1, xr, k)),
+                    2 => widen(pass::<2>(w0, w1, xr, k)),
+                    3 => widen(pass::<3>(w0, w1, xr, k)),
+                    _ => widen(pass::<4>(w0, w1, xr, k)),
+                };
+                for j in 0..xn {
+                    out[o * m + r + j] = s0[j];
+                    if wn == 2 {
+                        out[(o + 1) * m + r + j] = s1[j];
+                    }
                 }
+                r += 4;
             }
-            r += 4;
+            o += 2;
         }
-        o += 2;
     }
 }
 
@@ -160,38 +164,42 @@ unsafe fn pass<const N: usize>(
     x: *const f32,
     k: usize,
 ) -> ([f32; N], [f32; N]) {
-    use std::arch::x86_64::*;
-    let k8 = k / 8 * 8;
-    let mut a0 = [_mm256_setzero_ps(); N];
-    let mut a1 = [_mm256_setzero_ps(); N];
-    let mut i = 0;
-    while i < k8 {
-        let v0 = _mm256_loadu_ps(w0.add(i));
-        let v1 = _mm256_loadu_ps(w1.add(i));
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // unsafe operation below.
+    unsafe {
+        use std::arch::x86_64::*;
+        let k8 = k / 8 * 8;
+        let mut a0 = [_mm256_setzero_ps(); N];
+        let mut a1 = [_mm256_setzero_ps(); N];
+        let mut i = 0;
+        while i < k8 {
+            let v0 = _mm256_loadu_ps(w0.add(i));
+            let v1 = _mm256_loadu_ps(w1.add(i));
+            for j in 0..N {
+                let b = _mm256_loadu_ps(x.add(j * k + i));
+                a0[j] = _mm256_fmadd_ps(v0, b, a0[j]);
+                a1[j] = _mm256_fmadd_ps(v1, b, a1[j]);
+            }
+            i += 8;
+        }
+        let hsum = |v: __m256| -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(_mm_hadd_ps(s, s))
+        };
+        let mut s0 = [0f32; N];
+        let mut s1 = [0f32; N];
         for j in 0..N {
-            let b = _mm256_loadu_ps(x.add(j * k + i));
-            a0[j] = _mm256_fmadd_ps(v0, b, a0[j]);
-            a1[j] = _mm256_fmadd_ps(v1, b, a1[j]);
+            s0[j] = hsum(a0[j]);
+            s1[j] = hsum(a1[j]);
+            for t in k8..k {
+                let xv = *x.add(j * k + t);
+                s0[j] += *w0.add(t) * xv;
+                s1[j] += *w1.add(t) * xv;
+            }
         }
-        i += 8;
+        (s0, s1)
     }
-    let hsum = |v: __m256| -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
-    };
-    let mut s0 = [0f32; N];
-    let mut s1 = [0f32; N];
-    for j in 0..N {
-        s0[j] = hsum(a0[j]);
-        s1[j] = hsum(a1[j]);
-        for t in k8..k {
-            let xv = *x.add(j * k + t);
-            s0[j] += *w0.add(t) * xv;
-            s1[j] += *w1.add(t) * xv;
-        }
-    }
-    (s0, s1)
 }
 
 /// Four weight rows x up to four `x` rows per pass: 16 accumulators, 8 loads per 16 FMAs; the
@@ -203,31 +211,36 @@ unsafe fn pass<const N: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_dot_avx512(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
-    let rows = w.len() / k;
-    let mut o = 0;
-    while o < rows {
-        let wn = (rows - o).min(4);
-        let wp: [*const f32; 4] = std::array::from_fn(|i| w.as_ptr().add((o + i.min(wn - 1)) * k));
-        let mut r = 0;
-        while r < m {
-            let xr = x.as_ptr().add(r * k);
-            let xn = (m - r).min(4);
-            let mut s = [[0f32; 4]; 4];
-            // The first pass over a group of weight rows also fetches the next group into cache:
-            // the hardware prefetcher alone left the weight loads stalling.
-            let next = (r == 0 && o + 4 < rows).then(|| w.as_ptr().add((o + 4) * k));
-            match xn {
-                1 => pass512::<1>(wp, xr, k, next, &mut s),
-                2 => pass512::<2>(wp, xr, k, next, &mut s),
-                3 => pass512::<3>(wp, xr, k, next, &mut s),
-                _ => pass512::<4>(wp, xr, k, next, &mut s),
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // unsafe operation below.
+    unsafe {
+        let rows = w.len() / k;
+        let mut o = 0;
+        while o < rows {
+            let wn = (rows - o).min(4);
+            let wp: [*const f32; 4] =
+                std::array::from_fn(|i| w.as_ptr().add((o + i.min(wn - 1)) * k));
+            let mut r = 0;
+            while r < m {
+                let xr = x.as_ptr().add(r * k);
+                let xn = (m - r).min(4);
+                let mut s = [[0f32; 4]; 4];
+                // The first pass over a group of weight rows also fetches the next group into cache:
+                // the hardware prefetcher alone left the weight loads stalling.
+                let next = (r == 0 && o + 4 < rows).then(|| w.as_ptr().add((o + 4) * k));
+                match xn {
+                    1 => pass512::<1>(wp, xr, k, next, &mut s),
+                    2 => pass512::<2>(wp, xr, k, next, &mut s),
+                    3 => pass512::<3>(wp, xr, k, next, &mut s),
+                    _ => pass512::<4>(wp, xr, k, next, &mut s),
+                }
+                for (i, si) in s.iter().enumerate().take(wn) {
+                    out[(o + i) * m + r..][..xn].copy_from_slice(&si[..xn]);
+                }
+                r += 4;
             }
-            for (i, si) in s.iter().enumerate().take(wn) {
-                out[(o + i) * m + r..][..xn].copy_from_slice(&si[..xn]);
-            }
-            r += 4;
+            o += 4;
         }
-        o += 4;
     }
 }
 
@@ -247,39 +260,43 @@ unsafe fn pass512<const N: usize>(
     next: Option<*const f32>,
     s: &mut [[f32; 4]; 4],
 ) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); N]; 4];
-    let mut i = 0;
-    while i < k {
-        // One 64-byte line per step of each of the next group's rows (it is 4 rows when there
-        // is a next group: a short group is only ever the last).
-        if let Some(p) = next {
-            for a in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(a * k + i) as *const i8);
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // unsafe operation below.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); N]; 4];
+        let mut i = 0;
+        while i < k {
+            // One 64-byte line per step of each of the next group's rows (it is 4 rows when there
+            // is a next group: a short group is only ever the last).
+            if let Some(p) = next {
+                for a in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(a * k + i) as *const i8);
+                }
             }
-        }
-        let mask: __mmask16 = if k - i >= 16 {
-            0xffff
-        } else {
-            ((1u32 << (k - i)) - 1) as __mmask16
-        };
-        let wv = [
-            _mm512_maskz_loadu_ps(mask, w[0].add(i)),
-            _mm512_maskz_loadu_ps(mask, w[1].add(i)),
-            _mm512_maskz_loadu_ps(mask, w[2].add(i)),
-            _mm512_maskz_loadu_ps(mask, w[3].add(i)),
-        ];
-        for j in 0..N {
-            let b = _mm512_maskz_loadu_ps(mask, x.add(j * k + i));
-            for (acc_a, &wa) in acc.iter_mut().zip(&wv) {
-                acc_a[j] = _mm512_fmadd_ps(wa, b, acc_a[j]);
+            let mask: __mmask16 = if k - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (k - i)) - 1) as __mmask16
+            };
+            let wv = [
+                _mm512_maskz_loadu_ps(mask, w[0].add(i)),
+                _mm512_maskz_loadu_ps(mask, w[1].add(i)),
+                _mm512_maskz_loadu_ps(mask, w[2].add(i)),
+                _mm512_maskz_loadu_ps(mask, w[3].add(i)),
+            ];
+            for j in 0..N {
+                let b = _mm512_maskz_loadu_ps(mask, x.add(j * k + i));
+                for (acc_a, &wa) in acc.iter_mut().zip(&wv) {
+                    acc_a[j] = _mm512_fmadd_ps(wa, b, acc_a[j]);
+                }
             }
+            i += 16;
         }
-        i += 16;
-    }
-    for a in 0..4 {
-        for j in 0..N {
-            s[a][j] = _mm512_reduce_add_ps(acc[a][j]);
+        for a in 0..4 {
+            for j in 0..N {
+                s[a][j] = _mm512_reduce_add_ps(acc[a][j]);
+            }
         }
     }
 }
@@ -330,40 +347,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore = "timing probe, run by hand"]
-    fn probe() {
-        // The row counts the kernel takes (up to max_rows()), on SmolLM2's LM head and MLP shapes.
-        for (m, n, k) in [
-            (1, 49152, 576),
-            (8, 49152, 576),
-            (12, 49152, 576),
-            (8, 1536, 576),
-            (8, 576, 1536),
-            (16, 49152, 576),
-            (16, 1536, 576),
-            (16, 576, 1536),
-        ] {
-            let x = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            super::matmul_t(&x, m, &w, n, k);
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                std::hint::black_box(super::matmul_t(&x, m, &w, n, k));
-            }
-            let s = t.elapsed().as_secs_f64() / 10.0;
-            eprintln!(
-                "{m}x{n}x{k}: {:.2} ms, {:.1} GB/s of weights, {:.1} GFLOP/s",
-                s * 1e3,
-                (n * k * 4) as f64 / s / 1e9,
-                2.0 * (m * n * k) as f64 / s / 1e9
-            );
         }
     }
 }

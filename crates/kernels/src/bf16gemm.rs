@@ -76,7 +76,7 @@ pub enum Backend {
     Amx,
     /// AVX-512 BF16 (`vdpbf16ps`).
     Avx512Bf16,
-    /// bf16-rounded operands through candle's f32 GEMM: the same numbers, slower than f32 mode.
+    /// bf16-rounded operands through an f32 GEMM: the same numbers, slower than f32 mode.
     F32,
 }
 
@@ -218,20 +218,49 @@ fn rounded_rows(v: View) -> Vec<f32> {
     out
 }
 
-/// The same rounding, then candle's f32 GEMM; `b`: `n` rows from [`rounded_rows`].
+/// The same rounding, then the `gemm` crate's f32 GEMM (the one candle's CPU matmul calls, with
+/// the same threading); `b`: `n` rows from [`rounded_rows`].
 fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
     let dense = rounded_rows(a);
-    let dev = candle_core::Device::Cpu;
-    let prod = (|| {
-        let at = candle_core::Tensor::from_vec(dense, (a.rows, a.cols), &dev)?;
-        let bt = candle_core::Tensor::from_slice(b, (n, a.cols), &dev)?;
-        at.matmul(&bt.t()?)?.flatten_all()?.to_vec1::<f32>()
-    })()
-    .expect("gemm: f32 fallback on CPU");
-    if accumulate {
-        c.iter_mut().zip(prod).for_each(|(c, p)| *c += p);
+    let (m, k) = (a.rows, a.cols);
+    assert_eq!(
+        b.len(),
+        n * k,
+        "bf16gemm fallback: b is not {n} rows of {k}"
+    );
+    assert_eq!(c.len(), m * n, "bf16gemm fallback: c is not {m} x {n}");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
     } else {
-        c.copy_from_slice(&prod);
+        gemm::Parallelism::None
+    };
+    // SAFETY: `dense` is `m x k` row-major (strides k, 1), `b` is `n x k` row-major read as its
+    // transpose `k x n` (row stride 1, column stride k), `c` is `m x n` row-major (strides n, 1);
+    // the lengths were checked above, and `c` does not alias the inputs. With `read_dst` set,
+    // `c = 1 * c + 1 * a b` (alpha scales the destination, beta the product).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            dense.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }
 
@@ -375,7 +404,9 @@ mod imp {
         let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
             match backend {
                 Backend::Amx => blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate),
-                Backend::Avx512Bf16 => dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate),
+                Backend::Avx512Bf16 => {
+                    dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate)
+                }
                 Backend::F32 => unreachable!("gemm: the f32 fallback packs no pairs"),
             }
         };
@@ -430,91 +461,95 @@ mod imp {
         out: Out,
         accumulate: bool,
     ) {
-        #[repr(C, align(64))]
-        struct Buf([f32; BLOCK * BLOCK]);
-        let mut buf = Buf([0.0; BLOCK * BLOCK]);
-        let a_stride = kp * 2;
-        let panel = kp * 16; // u16 values per 16-column panel of B
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
-        for nb in cols.clone().step_by(BLOCK) {
-            let b0 = pb.as_ptr().add((nb / 16) * panel);
-            let b1 = b0.add(panel);
-            for mb in rows.clone().step_by(BLOCK) {
-                let a0 = pa.as_ptr().add(mb * kp);
-                let a1 = a0.add(16 * kp);
-                let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
-                // A whole block of `C` is loaded into (when accumulating) and stored from the
-                // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
-                let whole = h == BLOCK && w == BLOCK;
-                let c0 = out.0.add(mb * n + nb);
-                if whole && accumulate {
-                    asm!(
-                        "tileloadd tmm0, [{p0} + {s}*1]",
-                        "tileloadd tmm1, [{p1} + {s}*1]",
-                        "tileloadd tmm2, [{p2} + {s}*1]",
-                        "tileloadd tmm3, [{p3} + {s}*1]",
-                        p0 = in(reg) c0,
-                        p1 = in(reg) c0.add(16),
-                        p2 = in(reg) c0.add(16 * n),
-                        p3 = in(reg) c0.add(16 * n + 16),
-                        s = in(reg) n * 4,
-                        options(nostack, readonly),
-                    );
-                } else {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    );
-                }
-                for kk in (0..kp).step_by(KSTEP) {
-                    // B streams from memory once (decoding reads every weight once per step):
-                    // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
-                    // do for tile loads by itself.
-                    for line in (0..1024).step_by(64) {
-                        let ahead = (kk + PREFETCH * KSTEP) * 32 + line;
-                        _mm_prefetch::<_MM_HINT_T0>((b0 as *const i8).wrapping_add(ahead));
-                        _mm_prefetch::<_MM_HINT_T0>((b1 as *const i8).wrapping_add(ahead));
-                    }
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {sa}*1]",
-                        "tileloadd tmm5, [{a1} + {sa}*1]",
-                        "tileloadd tmm6, [{b0} + {sb}*1]",
-                        "tileloadd tmm7, [{b1} + {sb}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(kk),
-                        a1 = in(reg) a1.add(kk),
-                        b0 = in(reg) b0.add(kk * 16),
-                        b1 = in(reg) b1.add(kk * 16),
-                        sa = in(reg) a_stride,
-                        sb = in(reg) 64usize,
-                        options(nostack, readonly),
-                    );
-                }
-                if whole {
-                    store_block(c0, n);
-                    continue;
-                }
-                store_block(buf.0.as_mut_ptr(), BLOCK);
-                for i in 0..h {
-                    let dst = out.0.add((mb + i) * n + nb);
-                    let src = &buf.0[i * BLOCK..][..w];
-                    if accumulate {
-                        let dst = std::slice::from_raw_parts_mut(dst, w);
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+        // unsafe operation below.
+        unsafe {
+            #[repr(C, align(64))]
+            struct Buf([f32; BLOCK * BLOCK]);
+            let mut buf = Buf([0.0; BLOCK * BLOCK]);
+            let a_stride = kp * 2;
+            let panel = kp * 16; // u16 values per 16-column panel of B
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
+            for nb in cols.clone().step_by(BLOCK) {
+                let b0 = pb.as_ptr().add((nb / 16) * panel);
+                let b1 = b0.add(panel);
+                for mb in rows.clone().step_by(BLOCK) {
+                    let a0 = pa.as_ptr().add(mb * kp);
+                    let a1 = a0.add(16 * kp);
+                    let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
+                    // A whole block of `C` is loaded into (when accumulating) and stored from the
+                    // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
+                    let whole = h == BLOCK && w == BLOCK;
+                    let c0 = out.0.add(mb * n + nb);
+                    if whole && accumulate {
+                        asm!(
+                            "tileloadd tmm0, [{p0} + {s}*1]",
+                            "tileloadd tmm1, [{p1} + {s}*1]",
+                            "tileloadd tmm2, [{p2} + {s}*1]",
+                            "tileloadd tmm3, [{p3} + {s}*1]",
+                            p0 = in(reg) c0,
+                            p1 = in(reg) c0.add(16),
+                            p2 = in(reg) c0.add(16 * n),
+                            p3 = in(reg) c0.add(16 * n + 16),
+                            s = in(reg) n * 4,
+                            options(nostack, readonly),
+                        );
                     } else {
-                        // Raw copy: `C` may be uninitialised (no reference to it is formed).
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, w);
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack)
+                        );
+                    }
+                    for kk in (0..kp).step_by(KSTEP) {
+                        // B streams from memory once (decoding reads every weight once per step):
+                        // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
+                        // do for tile loads by itself.
+                        for line in (0..1024).step_by(64) {
+                            let ahead = (kk + PREFETCH * KSTEP) * 32 + line;
+                            _mm_prefetch::<_MM_HINT_T0>((b0 as *const i8).wrapping_add(ahead));
+                            _mm_prefetch::<_MM_HINT_T0>((b1 as *const i8).wrapping_add(ahead));
+                        }
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {sa}*1]",
+                            "tileloadd tmm5, [{a1} + {sa}*1]",
+                            "tileloadd tmm6, [{b0} + {sb}*1]",
+                            "tileloadd tmm7, [{b1} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0.add(kk),
+                            a1 = in(reg) a1.add(kk),
+                            b0 = in(reg) b0.add(kk * 16),
+                            b1 = in(reg) b1.add(kk * 16),
+                            sa = in(reg) a_stride,
+                            sb = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    }
+                    if whole {
+                        store_block(c0, n);
+                        continue;
+                    }
+                    store_block(buf.0.as_mut_ptr(), BLOCK);
+                    for i in 0..h {
+                        let dst = out.0.add((mb + i) * n + nb);
+                        let src = &buf.0[i * BLOCK..][..w];
+                        if accumulate {
+                            let dst = std::slice::from_raw_parts_mut(dst, w);
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                        } else {
+                            // Raw copy: `C` may be uninitialised (no reference to it is formed).
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, w);
+                        }
                     }
                 }
             }
+            asm!("tilerelease", options(nostack));
         }
-        asm!("tilerelease", options(nostack));
     }
 
     /// Stores the 2 x 2 accumulator tiles as a 32 x 32 f32 block at `p`, rows `row` values apart.
@@ -523,18 +558,22 @@ mod imp {
     /// AMX is configured and `p` has room for 32 rows of `row` values (the last 32 of each used).
     #[inline(always)]
     unsafe fn store_block(p: *mut f32, row: usize) {
-        asm!(
-            "tilestored [{p0} + {s}*1], tmm0",
-            "tilestored [{p1} + {s}*1], tmm1",
-            "tilestored [{p2} + {s}*1], tmm2",
-            "tilestored [{p3} + {s}*1], tmm3",
-            p0 = in(reg) p,
-            p1 = in(reg) p.add(16),
-            p2 = in(reg) p.add(16 * row),
-            p3 = in(reg) p.add(16 * row + 16),
-            s = in(reg) row * 4,
-            options(nostack),
-        );
+        // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+        // unsafe operation below.
+        unsafe {
+            asm!(
+                "tilestored [{p0} + {s}*1], tmm0",
+                "tilestored [{p1} + {s}*1], tmm1",
+                "tilestored [{p2} + {s}*1], tmm2",
+                "tilestored [{p3} + {s}*1], tmm3",
+                p0 = in(reg) p,
+                p1 = in(reg) p.add(16),
+                p2 = in(reg) p.add(16 * row),
+                p3 = in(reg) p.add(16 * row + 16),
+                s = in(reg) row * 4,
+                options(nostack),
+            );
+        }
     }
 
     /// The AVX-512 BF16 kernel: `vdpbf16ps` adds, in each of 16 f32 lanes, the dot product of
@@ -569,39 +608,43 @@ mod imp {
             out: *mut f32,
             accumulate: bool,
         ) {
-            let steps = kp / 2; // pairs along k; one 64-byte row of a panel per pair
-            let mask = |w: usize| ((1u32 << w.min(16)) - 1) as u16;
-            for nb in cols.clone().step_by(32) {
-                let b0 = pb.as_ptr().add((nb / 16) * kp * 16) as *const __m512i;
-                let b1 = b0.add(steps);
-                let w = (cols.end - nb).min(32);
-                let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
-                for mb in rows.clone().step_by(MR) {
-                    // Pairs of A as i32; a `Vec<u16>` promises only 2-byte alignment.
-                    let a = pa.as_ptr().add(mb * kp) as *const i32;
-                    let mut acc = [_mm512_setzero_ps(); 2 * MR];
-                    for q in 0..steps {
-                        let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(q)));
-                        let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(q)));
-                        for i in 0..MR {
-                            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                                a.add(i * steps + q).read_unaligned(),
-                            ));
-                            acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], x, v0);
-                            acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], x, v1);
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                let steps = kp / 2; // pairs along k; one 64-byte row of a panel per pair
+                let mask = |w: usize| ((1u32 << w.min(16)) - 1) as u16;
+                for nb in cols.clone().step_by(32) {
+                    let b0 = pb.as_ptr().add((nb / 16) * kp * 16) as *const __m512i;
+                    let b1 = b0.add(steps);
+                    let w = (cols.end - nb).min(32);
+                    let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+                    for mb in rows.clone().step_by(MR) {
+                        // Pairs of A as i32; a `Vec<u16>` promises only 2-byte alignment.
+                        let a = pa.as_ptr().add(mb * kp) as *const i32;
+                        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+                        for q in 0..steps {
+                            let v0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(q)));
+                            let v1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(q)));
+                            for i in 0..MR {
+                                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                                    a.add(i * steps + q).read_unaligned(),
+                                ));
+                                acc[2 * i] = _mm512_dpbf16_ps(acc[2 * i], x, v0);
+                                acc[2 * i + 1] = _mm512_dpbf16_ps(acc[2 * i + 1], x, v1);
+                            }
                         }
-                    }
-                    for i in 0..(rows.end - mb).min(MR) {
-                        let c = out.add((mb + i) * n + nb);
-                        for (h, m) in [(0, m0), (1, m1)] {
-                            if m == 0 {
-                                continue;
+                        for i in 0..(rows.end - mb).min(MR) {
+                            let c = out.add((mb + i) * n + nb);
+                            for (h, m) in [(0, m0), (1, m1)] {
+                                if m == 0 {
+                                    continue;
+                                }
+                                let (c, mut v) = (c.add(16 * h), acc[2 * i + h]);
+                                if accumulate {
+                                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c));
+                                }
+                                _mm512_mask_storeu_ps(c, m, v);
                             }
-                            let (c, mut v) = (c.add(16 * h), acc[2 * i + h]);
-                            if accumulate {
-                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c));
-                            }
-                            _mm512_mask_storeu_ps(c, m, v);
                         }
                     }
                 }
@@ -687,10 +730,14 @@ mod imp {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn load(p: *const f32, n: usize) -> __m512 {
-            match n {
-                16.. => _mm512_loadu_ps(p),
-                0 => _mm512_setzero_ps(),
-                _ => _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p),
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                match n {
+                    16.. => _mm512_loadu_ps(p),
+                    0 => _mm512_setzero_ps(),
+                    _ => _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p),
+                }
             }
         }
 
@@ -702,13 +749,17 @@ mod imp {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn row_chunk(v: View, i: usize, k: usize) -> __m512i {
-            // `wrapping_add`: past the last column the pointer is never read.
-            let p = v.data.as_ptr().wrapping_add(i * v.rs + k);
-            let n = v.cols.saturating_sub(k);
-            round_row(
-                load(p, n),
-                load(p.wrapping_add(16.min(n)), n.saturating_sub(16)),
-            )
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                // `wrapping_add`: past the last column the pointer is never read.
+                let p = v.data.as_ptr().wrapping_add(i * v.rs + k);
+                let n = v.cols.saturating_sub(k);
+                round_row(
+                    load(p, n),
+                    load(p.wrapping_add(16.min(n)), n.saturating_sub(16)),
+                )
+            }
         }
 
         /// Values `(i0..i0 + 16, k)` of a view with `rs == 1` (zeros beyond its rows/columns).
@@ -719,10 +770,14 @@ mod imp {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
         unsafe fn column_chunk(v: View, i0: usize, k: usize) -> __m512 {
-            if k >= v.cols || i0 >= v.rows {
-                return _mm512_setzero_ps();
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                if k >= v.cols || i0 >= v.rows {
+                    return _mm512_setzero_ps();
+                }
+                load(v.data.as_ptr().add(i0 + k * v.cs), v.rows - i0)
             }
-            load(v.data.as_ptr().add(i0 + k * v.cs), v.rows - i0)
         }
 
         /// Rows `i0..i0 + 32` of `A` packed at `dst` (32 rows of `kp`).
@@ -733,44 +788,48 @@ mod imp {
         /// `a.rows` are written as zeros, never read).
         #[target_feature(enable = "avx512f,avx512bw")]
         pub(super) unsafe fn pack_a_block(a: View, i0: usize, kp: usize, dst: *mut u16) {
-            let store = |ii: usize, k: usize, v: __m512i| {
-                _mm512_storeu_si512(dst.add(ii * kp + k) as *mut __m512i, v)
-            };
-            if a.cs == 1 {
-                for ii in 0..BLOCK {
-                    for k in (0..kp).step_by(KSTEP) {
-                        let v = match i0 + ii < a.rows {
-                            true => row_chunk(a, i0 + ii, k),
-                            false => _mm512_setzero_si512(),
-                        };
-                        store(ii, k, v);
-                    }
-                }
-            } else if a.rs == 1 {
-                // A transposed source (backward's dy^T): pairs of columns k, k + 1 for 16 rows at
-                // a time, then a 16 x 16 transpose of the pairs gives 16 rows of 32 values.
-                for k0 in (0..kp).step_by(KSTEP) {
-                    for half in 0..2 {
-                        let r0 = i0 + 16 * half;
-                        let mut p = [_mm512_setzero_si512(); 16];
-                        for (q, pq) in p.iter_mut().enumerate() {
-                            let k = k0 + 2 * q;
-                            *pq = pairs(column_chunk(a, r0, k), column_chunk(a, r0, k + 1));
-                        }
-                        transpose16(&mut p);
-                        for (ii, v) in p.into_iter().enumerate() {
-                            store(16 * half + ii, k0, v);
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                let store = |ii: usize, k: usize, v: __m512i| {
+                    _mm512_storeu_si512(dst.add(ii * kp + k) as *mut __m512i, v)
+                };
+                if a.cs == 1 {
+                    for ii in 0..BLOCK {
+                        for k in (0..kp).step_by(KSTEP) {
+                            let v = match i0 + ii < a.rows {
+                                true => row_chunk(a, i0 + ii, k),
+                                false => _mm512_setzero_si512(),
+                            };
+                            store(ii, k, v);
                         }
                     }
-                }
-            } else {
-                for ii in 0..BLOCK {
-                    for k in 0..kp {
-                        let v = match i0 + ii < a.rows && k < a.cols {
-                            true => super::bf16_bits(a.get(i0 + ii, k)),
-                            false => 0,
-                        };
-                        dst.add(ii * kp + k).write(v);
+                } else if a.rs == 1 {
+                    // A transposed source (backward's dy^T): pairs of columns k, k + 1 for 16 rows at
+                    // a time, then a 16 x 16 transpose of the pairs gives 16 rows of 32 values.
+                    for k0 in (0..kp).step_by(KSTEP) {
+                        for half in 0..2 {
+                            let r0 = i0 + 16 * half;
+                            let mut p = [_mm512_setzero_si512(); 16];
+                            for (q, pq) in p.iter_mut().enumerate() {
+                                let k = k0 + 2 * q;
+                                *pq = pairs(column_chunk(a, r0, k), column_chunk(a, r0, k + 1));
+                            }
+                            transpose16(&mut p);
+                            for (ii, v) in p.into_iter().enumerate() {
+                                store(16 * half + ii, k0, v);
+                            }
+                        }
+                    }
+                } else {
+                    for ii in 0..BLOCK {
+                        for k in 0..kp {
+                            let v = match i0 + ii < a.rows && k < a.cols {
+                                true => super::bf16_bits(a.get(i0 + ii, k)),
+                                false => 0,
+                            };
+                            dst.add(ii * kp + k).write(v);
+                        }
                     }
                 }
             }
@@ -789,50 +848,54 @@ mod imp {
             kp: usize,
             dst: *mut u16,
         ) {
-            let store = |p: usize, q: usize, v: __m512i| {
-                _mm512_storeu_si512(dst.add(p * kp * 16 + q * 32) as *mut __m512i, v)
-            };
-            if b.cs == 1 {
-                // Per 32 values of `k`: 16 rows of 16 pairs, transposed into 16 rows of pairs.
-                for p in 0..panels {
-                    let jp = j0 + 16 * p;
-                    for k0 in (0..kp).step_by(KSTEP) {
-                        let mut r = [_mm512_setzero_si512(); 16];
-                        for (jj, rj) in r.iter_mut().enumerate() {
-                            if jp + jj < b.rows {
-                                *rj = row_chunk(b, jp + jj, k0);
-                            }
-                        }
-                        transpose16(&mut r);
-                        for (q, v) in r.into_iter().enumerate() {
-                            store(p, k0 / 2 + q, v);
-                        }
-                    }
-                }
-            } else if b.rs == 1 {
-                // A transposed source (backward's W^T and x^T): 16 contiguous values of rows k
-                // and k + 1 make one row of pairs; the task's panels read 64 values of each row.
-                for k in (0..kp).step_by(2) {
+            // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+            // unsafe operation below.
+            unsafe {
+                let store = |p: usize, q: usize, v: __m512i| {
+                    _mm512_storeu_si512(dst.add(p * kp * 16 + q * 32) as *mut __m512i, v)
+                };
+                if b.cs == 1 {
+                    // Per 32 values of `k`: 16 rows of 16 pairs, transposed into 16 rows of pairs.
                     for p in 0..panels {
                         let jp = j0 + 16 * p;
-                        store(
-                            p,
-                            k / 2,
-                            pairs(column_chunk(b, jp, k), column_chunk(b, jp, k + 1)),
-                        );
+                        for k0 in (0..kp).step_by(KSTEP) {
+                            let mut r = [_mm512_setzero_si512(); 16];
+                            for (jj, rj) in r.iter_mut().enumerate() {
+                                if jp + jj < b.rows {
+                                    *rj = row_chunk(b, jp + jj, k0);
+                                }
+                            }
+                            transpose16(&mut r);
+                            for (q, v) in r.into_iter().enumerate() {
+                                store(p, k0 / 2 + q, v);
+                            }
+                        }
                     }
-                }
-            } else {
-                for p in 0..panels {
-                    for k in 0..kp {
-                        for jj in 0..16 {
-                            let j = j0 + 16 * p + jj;
-                            let v = match j < b.rows && k < b.cols {
-                                true => super::bf16_bits(b.get(j, k)),
-                                false => 0,
-                            };
-                            dst.add(p * kp * 16 + (k / 2) * 32 + jj * 2 + (k % 2))
-                                .write(v);
+                } else if b.rs == 1 {
+                    // A transposed source (backward's W^T and x^T): 16 contiguous values of rows k
+                    // and k + 1 make one row of pairs; the task's panels read 64 values of each row.
+                    for k in (0..kp).step_by(2) {
+                        for p in 0..panels {
+                            let jp = j0 + 16 * p;
+                            store(
+                                p,
+                                k / 2,
+                                pairs(column_chunk(b, jp, k), column_chunk(b, jp, k + 1)),
+                            );
+                        }
+                    }
+                } else {
+                    for p in 0..panels {
+                        for k in 0..kp {
+                            for jj in 0..16 {
+                                let j = j0 + 16 * p + jj;
+                                let v = match j < b.rows && k < b.cols {
+                                    true => super::bf16_bits(b.get(j, k)),
+                                    false => 0,
+                                };
+                                dst.add(p * kp * 16 + (k / 2) * 32 + jj * 2 + (k % 2))
+                                    .write(v);
+                            }
                         }
                     }
                 }
@@ -867,7 +930,9 @@ mod imp {
         _: *mut f32,
         _: bool,
     ) {
-        unreachable!("no bf16 instructions here")
+        // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+        // unsafe operation below.
+        unsafe { unreachable!("no bf16 instructions here") }
     }
 }
 

@@ -1,0 +1,17 @@
+//! preftune's CPU kernels, on plain slices: no tensors, no autograd, no candle. The model crate
+//! wraps them as candle ops (with hand-written backward where they train).
+//!
+//! - [`bf16gemm`]: bf16 products with f32 sums (Intel AMX, AVX-512 BF16; an f32 GEMM otherwise).
+//! - [`gemv`]: `x W^T` for a few rows of `x` (decoding), streaming each weight row once.
+//! - [`vmath`]: vectorised `exp`, max, sigmoid and softmax pieces over slices.
+//! - [`attention`]: decoding attention for one KV group, scores never stored.
+//!
+//! Each kernel picks its instruction set at run time and has a portable path; `benches/` holds one
+//! micro-benchmark per kernel (`cargo bench -p preftune-kernels`).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+pub mod attention;
+pub mod bf16gemm;
+pub mod gemv;
+pub mod vmath;
