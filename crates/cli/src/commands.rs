@@ -3,14 +3,12 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
 use preftune_model::{
-    generate as sample, parse_dtype, token_logprobs, LoadOptions, Message, Pretrained,
-    SamplingConfig,
+    generate as sample, parse_dtype, LoadOptions, Message, Pretrained, SamplingConfig,
 };
 use serde_json::json;
 
-use crate::{ModelArgs, PromptArgs, RunArgs, SamplingArgs};
+use crate::args::{ModelArgs, PromptArgs, RunArgs, SamplingArgs};
 
 pub fn load(args: &ModelArgs) -> Result<Pretrained> {
     let opts = LoadOptions {
@@ -57,36 +55,13 @@ pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfi
 pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
     let p = load(m)?;
     let ids = prompt_ids(&p, pa)?;
-    let x = Tensor::new(ids.as_slice(), p.model.device())?.unsqueeze(0)?;
-    let hidden = p.model.forward(&x, None, None, None)?;
-    let logits = p
-        .model
-        .logits(&hidden)?
-        .squeeze(0)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
-    let top_k: Vec<Vec<(u32, f32)>> = logits
-        .iter()
-        .map(|row| {
-            let mut idx: Vec<usize> = (0..row.len()).collect();
-            let k = k.min(row.len());
-            idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
-            idx.truncate(k);
-            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            idx.into_iter().map(|i| (i as u32, row[i])).collect()
-        })
-        .collect();
-    let mask = Tensor::ones((1, ids.len()), DType::U32, p.model.device())?;
-    let sum_logprob = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?
-        .sum
-        .to_vec1::<f32>()?[0];
-    let out = json!({
+    let r = preftune_model::logprobs::inspect(&p, &ids, k)?;
+    emit(&json!({
         "ids": ids,
-        "top_k": top_k.iter().map(|r| r.iter().map(|&(i, l)| json!([i, short(l)])).collect::<Vec<_>>()).collect::<Vec<_>>(),
-        "last_logits": logits.last().map(|r| shorts(r)),
-        "sum_logprob": short(sum_logprob),
-    });
-    emit(&out);
+        "top_k": r.top_k.iter().map(|r| r.iter().map(|&(i, l)| json!([i, short(l)])).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "last_logits": shorts(&r.last_logits),
+        "sum_logprob": short(r.sum_logprob),
+    }));
     Ok(())
 }
 
@@ -136,52 +111,14 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         );
         return Ok(());
     };
-    anyhow::ensure!(
-        a.n > 0 && a.batch_size > 0,
-        "--n and --batch-size must be > 0"
-    );
-    let rows = preftune_data::read_rows(data)?;
-    let mut file = preftune_eval::sources::ResumableJsonl::open(out)?;
-    let start = file.done.min(rows.len());
     let settings = json!({"model": a.model.model.display().to_string(), "temperature": a.sampling.temperature,
                           "top_p": a.sampling.top_p, "top_k": a.sampling.top_k,
                           "max_new_tokens": a.sampling.max_new_tokens, "seed": a.sampling.seed});
-    for (b, chunk) in rows[start..].chunks(a.batch_size).enumerate() {
-        let mut batch = vec![];
-        for r in chunk {
-            let t = preftune_eval::sources::row_prompt(&r.value)
-                .map_err(|e| anyhow::anyhow!("{}: prompt: {e}", r.loc))?;
-            let ids = preftune_eval::sources::prompt_ids(&p, &t)?;
-            batch.extend(std::iter::repeat_n(ids, a.n));
-        }
-        let mut cfg = sampling_config(&p, &a.sampling);
-        cfg.seed = a
-            .sampling
-            .seed
-            .wrapping_add(((start + b * a.batch_size) as u64).wrapping_mul(1_000_003));
-        let g = sample(&p.model, &batch, &cfg)?;
-        let eos = p.eos_token_ids();
-        let lines = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let responses = (0..a.n)
-                    .map(|j| {
-                        let toks: Vec<u32> = g.tokens[i * a.n + j]
-                            .iter()
-                            .copied()
-                            .filter(|t| !eos.contains(t))
-                            .collect();
-                        p.tokenizer.decode(&toks, true)
-                    })
-                    .collect::<preftune_model::Result<Vec<_>>>()?;
-                Ok(json!({"prompt": r.value["prompt"], "responses": responses, "sampling": settings}))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        file.append(&lines)?;
-    }
+    let cfg = sampling_config(&p, &a.sampling);
+    let s =
+        preftune_eval::bon::sample_candidates(&p, data, out, a.n, a.batch_size, &cfg, &settings)?;
     emit(
-        &json!({"rows": rows.len(), "generated_now": rows.len() - start, "resumed_after": start,
+        &json!({"rows": s.rows, "generated_now": s.generated_now, "resumed_after": s.resumed_after,
                  "n": a.n, "out": out.display().to_string()}),
     );
     Ok(())
@@ -194,12 +131,7 @@ pub fn convert(input: &Path, out: &Path, dtype: &str) -> Result<()> {
     };
     let p = Pretrained::load(input, &opts)?;
     p.save(out)?;
-    let n: usize = p
-        .model
-        .named_params()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let n = p.num_parameters();
     emit(
         &json!({"out": out, "architecture": format!("{:?}", p.model.cfg.arch), "parameters": n, "tensors": p.model.named_params().len(), "dtype": dtype}),
     );
@@ -279,58 +211,27 @@ fn run_trainer<A: serde::de::DeserializeOwned>(
     Ok(())
 }
 
-pub fn sft(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::sft::defaults(),
-        preftune_train::sft::run,
-    )
+/// The trainers `preftune` runs from a config.
+#[derive(Clone, Copy, Debug)]
+pub enum Trainer {
+    Sft,
+    Dpo,
+    Rm,
+    Grpo,
+    Rloo,
+    Reinforce,
+    Ppo,
 }
 
-pub fn dpo(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::dpo::defaults(),
-        preftune_train::dpo::run,
-    )
-}
-
-pub fn rm(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::reward::defaults(),
-        preftune_train::reward::run,
-    )
-}
-
-pub fn grpo(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::grpo::defaults(),
-        preftune_train::grpo::run,
-    )
-}
-
-pub fn rloo(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::rloo::defaults(),
-        preftune_train::rloo::run,
-    )
-}
-
-pub fn ppo(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::ppo::defaults(),
-        preftune_train::ppo::run,
-    )
-}
-
-pub fn reinforce(run: &RunArgs) -> Result<()> {
-    run_trainer(
-        run,
-        preftune_train::rloo::reinforce_defaults(),
-        preftune_train::rloo::run_reinforce,
-    )
+pub fn train(t: Trainer, run: &RunArgs) -> Result<()> {
+    use preftune_train::{dpo, grpo, ppo, reward, rloo, sft};
+    match t {
+        Trainer::Sft => run_trainer(run, sft::defaults(), sft::run),
+        Trainer::Dpo => run_trainer(run, dpo::defaults(), dpo::run),
+        Trainer::Rm => run_trainer(run, reward::defaults(), reward::run),
+        Trainer::Grpo => run_trainer(run, grpo::defaults(), grpo::run),
+        Trainer::Rloo => run_trainer(run, rloo::defaults(), rloo::run),
+        Trainer::Reinforce => run_trainer(run, rloo::reinforce_defaults(), rloo::run_reinforce),
+        Trainer::Ppo => run_trainer(run, ppo::defaults(), ppo::run),
+    }
 }

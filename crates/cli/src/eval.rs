@@ -3,18 +3,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use preftune_data::read_rows;
+use preftune_eval::files::{reward_of_file, winrate_of_files};
 use preftune_eval::judge::Judge;
-use preftune_eval::stats::{lengths, mean_ci, win_rate};
-use preftune_eval::{RewardSource, Sample};
-use preftune_train::rollout::{
-    completion_logps, load_prompts, rollout, sampling_config, RolloutArgs,
-};
+use preftune_eval::stats::{lengths, mean_ci};
+use preftune_eval::RewardSource;
+use preftune_train::evaluate::{policy_samples, EvalSampling};
+use preftune_train::rollout::load_prompts;
 use serde_json::json;
 
+use crate::args::{ModelArgs, SamplingArgs};
 use crate::commands::{emit, load};
-use crate::rewards::sample_of;
-use crate::{ModelArgs, SamplingArgs};
 
 #[derive(Subcommand, Clone, Debug)]
 pub enum EvalCmd {
@@ -79,22 +77,10 @@ pub struct KlArgs {
     sampling: SamplingArgs,
 }
 
-fn samples(path: &std::path::Path) -> Result<Vec<Sample>> {
-    read_rows(path)?.iter().map(sample_of).collect()
-}
-
 pub fn run(cmd: &EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Reward { reward, data } => {
-            let src = RewardSource::parse(reward)?;
-            let s = samples(data)?;
-            anyhow::ensure!(!s.is_empty(), "{}: no rows", data.display());
-            let r = src.score(&s)?;
-            let resp: Vec<String> = s.iter().map(|x| x.response.clone()).collect();
-            emit(
-                &json!({"reward": mean_ci(&r), "length": lengths(&resp, Some(&r)),
-                         "data": data.display().to_string()}),
-            );
+            emit(&reward_of_file(&RewardSource::parse(reward)?, data)?)
         }
         EvalCmd::Frontier {
             config,
@@ -105,8 +91,8 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             let mut sets = set.clone();
             sets.push(format!("frontier_dpo_betas={dpo_betas:?}"));
             sets.push(format!("frontier_ppo_kl_coefs={ppo_kl_coefs:?}"));
-            let (out, _) = crate::pipeline::run(config, &sets, &[])?;
-            let points = crate::report::write_frontier(&out)?;
+            let (out, _) = preftune_pipeline::run(config, &sets, &[])?;
+            let points = preftune_pipeline::report::write_frontier(&out)?;
             emit(
                 &json!({"frontier": points, "svg": out.join("frontier.svg").display().to_string()}),
             );
@@ -118,40 +104,7 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             question,
         } => {
             let judge = Judge::parse(judge, question.as_deref())?;
-            let (a, b) = (read_rows(data)?, read_rows(baseline)?);
-            anyhow::ensure!(
-                a.len() == b.len(),
-                "{} has {} rows, {} has {}: pair samples of the same prompts row by row",
-                data.display(),
-                a.len(),
-                baseline.display(),
-                b.len()
-            );
-            for (x, y) in a.iter().zip(&b) {
-                anyhow::ensure!(
-                    x.value.get("prompt") == y.value.get("prompt"),
-                    "{} and {}: prompt differs (rows must pair up)",
-                    x.loc,
-                    y.loc
-                );
-            }
-            let sa = a.iter().map(sample_of).collect::<Result<Vec<_>>>()?;
-            let sb = b.iter().map(sample_of).collect::<Result<Vec<_>>>()?;
-            let (pref, rewards) = judge.compare(&sa, &sb)?;
-            let la: Vec<String> = sa.iter().map(|x| x.response.clone()).collect();
-            let lb: Vec<String> = sb.iter().map(|x| x.response.clone()).collect();
-            let other: Vec<f64> = pref.iter().map(|p| 1.0 - p).collect();
-            let mut out = json!({"win_rate": win_rate(&pref, &other),
-                                 "length": lengths(&la, rewards.as_ref().map(|r| r.0.as_slice())),
-                                 "baseline_length": lengths(&lb, rewards.as_ref().map(|r| r.1.as_slice()))});
-            match rewards {
-                Some((ra, rb)) => {
-                    out["reward"] = json!(mean_ci(&ra));
-                    out["baseline_reward"] = json!(mean_ci(&rb));
-                }
-                None => out["mean_preference"] = json!(mean_ci(&pref)),
-            }
-            emit(&out);
+            emit(&winrate_of_files(&judge, data, baseline)?);
         }
         EvalCmd::Kl(a) => {
             let policy = load(&a.model)?;
@@ -162,7 +115,14 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             })?;
             let (prompts, _) = load_prompts(&a.data, &policy.tokenizer, None)?;
             let none = RewardSource::Function(Box::new(|_| 0.0));
-            let s = policy_samples(&policy, &reference, &prompts, a.n, &a.sampling, &none)?;
+            let s = policy_samples(
+                &policy,
+                &reference,
+                &prompts,
+                a.n,
+                &eval_sampling(&a.sampling),
+                &none,
+            )?;
             anyhow::ensure!(!s.is_empty(), "{}: no prompts", a.data.display());
             let kls: Vec<f64> = s.iter().map(|x| x.kl).collect();
             let texts: Vec<String> = s.iter().map(|x| x.response.clone()).collect();
@@ -175,64 +135,12 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
     Ok(())
 }
 
-/// Prompts per sampling batch when each gets `n` samples: up to 32 rows decode together (8 rows
-/// ran at 0.4x the tokens/s of 32 here).
-pub fn prompts_per_batch(n: usize) -> usize {
-    (32 / n.max(1)).max(1)
-}
-
-/// One sample of a policy: its prompt index, response, reward and sequence KL to the reference.
-pub struct PolicySample {
-    pub prompt: usize,
-    pub response: String,
-    pub reward: f64,
-    pub kl: f64,
-}
-
-/// `n` samples per prompt from `policy`, each scored by `reward` and with its k1 sequence KL to
-/// `reference` (log-probs at T = 1), prompt-major; seeded per sampling batch.
-pub fn policy_samples(
-    policy: &preftune_model::Pretrained,
-    reference: &preftune_model::Pretrained,
-    prompts: &[preftune_train::rollout::Prompt],
-    n: usize,
-    sampling: &SamplingArgs,
-    reward: &RewardSource,
-) -> Result<Vec<PolicySample>> {
-    let args = RolloutArgs {
-        reward: "(eval)".into(),
-        num_generations: n,
-        max_completion_length: sampling.max_new_tokens,
-        temperature: sampling.temperature,
-        top_p: sampling.top_p,
-        top_k: sampling.top_k,
-        missing_eos_penalty: None,
-        reward_clip: None,
-    };
-    let mut out = vec![];
-    let per = prompts_per_batch(n);
-    for (b, chunk) in prompts.chunks(per).enumerate() {
-        let refs: Vec<_> = chunk.iter().collect();
-        let cfg = sampling_config(
-            &args,
-            policy.eos_token_ids(),
-            policy.pad_token_id(),
-            sampling.seed.wrapping_add(b as u64),
-        );
-        let r = rollout(&policy.model, &policy.tokenizer, &refs, &args, reward, &cfg)?;
-        let dev = policy.model.device();
-        let pad = policy.pad_token_id();
-        let (lp, _) = completion_logps(&policy.model.detached()?, &r, pad, 1.0, dev)?;
-        let (lr, _) = completion_logps(&reference.model, &r, pad, 1.0, dev)?;
-        let d: Vec<f32> = (lp.sum - lr.sum)?.to_vec1()?;
-        for (i, text) in r.texts.into_iter().enumerate() {
-            out.push(PolicySample {
-                prompt: b * per + i / n,
-                response: text,
-                reward: r.rewards[i],
-                kl: d[i] as f64,
-            });
-        }
+fn eval_sampling(s: &SamplingArgs) -> EvalSampling {
+    EvalSampling {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        seed: s.seed,
     }
-    Ok(out)
 }

@@ -3,9 +3,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use preftune_label::export::{export, write_jsonl, ExportOptions};
+use preftune_label::export::{export, ExportOptions};
 use preftune_label::stats::stats;
 use preftune_label::{ImportOptions, Mode, Store};
+use preftune_model::io::write_jsonl;
 use serde_json::json;
 
 use crate::commands::emit;
@@ -126,15 +127,7 @@ fn import(store: &mut Store, files: &[PathBuf], a: &ImportArgs) -> Result<()> {
     };
     for f in files {
         let r = store.import(f, &opts)?;
-        eprintln!(
-            "{}: {} rows, {} items added ({} overlapping), {} already there, {} unpaired responses",
-            f.display(),
-            r.rows,
-            r.items_added,
-            r.overlapping_items_added,
-            r.items_existing,
-            r.unpaired_responses
-        );
+        eprintln!("{}: {r}", f.display());
     }
     Ok(())
 }

@@ -1,14 +1,14 @@
 //! `preftune`: the command-line front end. Argument parsing and output only; the work happens in
 //! the library crates.
+mod args;
 mod bench;
 mod commands;
 mod eval;
 mod label;
-mod pipeline;
-mod report;
 mod rewards;
 
-use clap::{Args, Parser, Subcommand};
+use args::{ModelArgs, PromptArgs, RunArgs, SamplingArgs};
+use clap::{Parser, Subcommand};
 
 /// Training allocates and frees many large tensors per step. glibc hands large blocks back to the
 /// kernel on free, so each new one is page-faulted and zeroed again: a fifth of a SmolLM2 step,
@@ -74,7 +74,7 @@ fn tune_allocator() {
 #[command(
     name = "preftune",
     version,
-    about = "Align language models to human preferences: SFT (full or LoRA) and the DPO family, on Hugging Face and GGUF models"
+    about = "Align language models to human preferences: SFT, reward models, DPO and its family, PPO, GRPO, RLOO, Best-of-N and evaluation, on Hugging Face and GGUF models"
 )]
 struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
@@ -86,52 +86,6 @@ struct Cli {
     device: Option<preftune_model::DeviceSpec>,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Options shared by every command that loads a model.
-#[derive(Args, Clone, Debug)]
-pub struct ModelArgs {
-    /// An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
-    #[arg(long)]
-    pub model: std::path::PathBuf,
-    /// Weights dtype: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// A LoRA adapter folder in PEFT's layout to apply on top of the model.
-    #[arg(long)]
-    pub adapter: Option<std::path::PathBuf>,
-}
-
-/// How a prompt is turned into tokens.
-#[derive(Args, Clone, Debug)]
-pub struct PromptArgs {
-    #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt as a user message in the model's chat template (with the generation prompt).
-    #[arg(long)]
-    pub chat: bool,
-    /// A system message, with --chat.
-    #[arg(long, requires = "chat")]
-    pub system: Option<String>,
-}
-
-/// Sampling settings (TRL / transformers names).
-#[derive(Args, Clone, Debug)]
-pub struct SamplingArgs {
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 0)]
-    pub min_new_tokens: usize,
-    /// 0 means greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
-    /// 0 disables top-k.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -229,23 +183,6 @@ enum Command {
     Ppo(RunArgs),
 }
 
-/// How every trainer is started.
-#[derive(Args, Clone, Debug)]
-pub struct RunArgs {
-    /// TOML file with TRL's parameter names (see examples/).
-    #[arg(long)]
-    pub config: Option<std::path::PathBuf>,
-    /// Override a config key: `--set learning_rate=1e-4` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Continue from the newest checkpoint in output_dir.
-    #[arg(long)]
-    pub resume: bool,
-    /// Only evaluate on eval_file and print the metrics.
-    #[arg(long)]
-    pub eval_only: bool,
-}
-
 /// A device that cannot be had here (`device` in a config) exits 2, as `--device` does, however
 /// deep in a library's error it arrives.
 fn is_device_error(e: &anyhow::Error) -> bool {
@@ -255,6 +192,11 @@ fn is_device_error(e: &anyhow::Error) -> bool {
         || matches!(
             e.downcast_ref::<preftune_train::Error>(),
             Some(preftune_train::Error::Model(M::Device(_)))
+        )
+        || matches!(
+            e.downcast_ref::<preftune_pipeline::Error>()
+                .and_then(|e| e.model_error()),
+            Some(M::Device(_))
         )
 }
 
@@ -297,24 +239,26 @@ fn main() {
             sampling,
         } => commands::chat(&model, system.as_deref(), &sampling),
         Command::Bench(args) => bench::run(&args),
-        Command::Sft(run) => commands::sft(&run),
-        Command::Dpo(run) => commands::dpo(&run),
-        Command::Rm(run) => commands::rm(&run),
+        Command::Sft(run) => commands::train(commands::Trainer::Sft, &run),
+        Command::Dpo(run) => commands::train(commands::Trainer::Dpo, &run),
+        Command::Rm(run) => commands::train(commands::Trainer::Rm, &run),
         Command::Score(a) => rewards::score(&a),
         Command::Bon(a) => rewards::bon(&a),
         Command::NormalizeReward(a) => rewards::normalize(&a),
         Command::GoldTrain(a) => rewards::gold_train(&a),
         Command::Eval { cmd } => eval::run(&cmd),
         Command::Label { cmd } => label::run(&cmd),
-        Command::Pipeline { config, set, seeds } => {
-            pipeline::run(&config, &set, &seeds).map(|(_, summary)| commands::emit(&summary))
-        }
-        Command::Report { dir } => report::run(&dir),
+        Command::Pipeline { config, set, seeds } => preftune_pipeline::run(&config, &set, &seeds)
+            .map(|(_, summary)| commands::emit(&summary))
+            .map_err(Into::into),
+        Command::Report { dir } => preftune_pipeline::report::run(&dir)
+            .map(|v| commands::emit(&v))
+            .map_err(Into::into),
         Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
-        Command::Grpo(run) => commands::grpo(&run),
-        Command::Rloo(run) => commands::rloo(&run),
-        Command::Reinforce(run) => commands::reinforce(&run),
-        Command::Ppo(run) => commands::ppo(&run),
+        Command::Grpo(run) => commands::train(commands::Trainer::Grpo, &run),
+        Command::Rloo(run) => commands::train(commands::Trainer::Rloo, &run),
+        Command::Reinforce(run) => commands::train(commands::Trainer::Reinforce, &run),
+        Command::Ppo(run) => commands::train(commands::Trainer::Ppo, &run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -28,19 +28,6 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn fnv(parts: &[&str]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            h = (h ^ 0x1f).wrapping_mul(0x0100_0000_01b3);
-        }
-        for b in p.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
-}
-
 /// Feature indices of a text (unigrams and bigrams, each counted once) and their common value
 /// `1 / sqrt(n)`, so long and short reviews weigh alike.
 fn features(text: &str) -> (Vec<u32>, f32) {
@@ -48,8 +35,11 @@ fn features(text: &str) -> (Vec<u32>, f32) {
     let mask = (1u64 << BITS) - 1;
     let mut idx: Vec<u32> = w
         .iter()
-        .map(|a| (fnv(&[a]) & mask) as u32)
-        .chain(w.windows(2).map(|p| (fnv(&[&p[0], &p[1]]) & mask) as u32))
+        .map(|a| (preftune_model::io::fnv1a(&[a]) & mask) as u32)
+        .chain(
+            w.windows(2)
+                .map(|p| (preftune_model::io::fnv1a(&[&p[0], &p[1]]) & mask) as u32),
+        )
         .collect();
     idx.sort_unstable();
     idx.dedup();

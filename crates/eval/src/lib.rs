@@ -1,6 +1,8 @@
 //! Judging model outputs: reward sources every command shares (reward models, external commands,
 //! combinations, gold scorers), the gold IMDb sentiment classifier, and Best-of-N sampling.
+pub mod bon;
 pub mod error;
+pub mod files;
 pub mod gold;
 pub mod judge;
 pub mod sources;

@@ -435,6 +435,76 @@ impl Candidates {
     }
 }
 
+/// A prompt to sample from: its token ids, its text (what the reward source reads) and whether it
+/// is risky (for the piecewise safety rule).
+#[derive(Clone, Copy, Debug)]
+pub struct PromptRef<'a> {
+    pub ids: &'a [u32],
+    pub text: &'a Text,
+    pub risky: bool,
+}
+
+/// One sampled batch, prompt-major: each prompt's `n` samples in a row.
+#[derive(Clone, Debug, Default)]
+pub struct Scored {
+    /// New tokens per sample (EOS included when hit).
+    pub tokens: Vec<Vec<u32>>,
+    /// The decoded responses, EOS tokens left out.
+    pub texts: Vec<String>,
+    /// One per sample; empty when no reward source was given.
+    pub rewards: Vec<f64>,
+    /// Whether each sample ended with EOS.
+    pub finished: Vec<bool>,
+}
+
+/// The one sample-and-score engine: every prompt `n` times in one batch, decoded, and scored by
+/// `reward` when given. Rollouts, Best-of-N, evaluation, candidates for labelling and the pipeline
+/// all sample through it.
+pub fn sample_and_score_ids(
+    policy: &preftune_model::Model,
+    tokenizer: &preftune_model::Tokenizer,
+    prompts: &[PromptRef],
+    n: usize,
+    reward: Option<&RewardSource>,
+    sampling: &SamplingConfig,
+) -> Result<Scored> {
+    let batch: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.ids.to_vec(), n))
+        .collect();
+    let out = generate(policy, &batch, sampling)?;
+    let eos = &sampling.eos_token_ids;
+    let texts = out
+        .tokens
+        .iter()
+        .map(|t| {
+            let body: Vec<u32> = t.iter().copied().filter(|x| !eos.contains(x)).collect();
+            tokenizer.decode(&body, true)
+        })
+        .collect::<preftune_model::Result<Vec<_>>>()?;
+    let rewards = match reward {
+        Some(r) => {
+            let samples: Vec<Sample> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Sample {
+                    prompt: prompts[i / n].text.clone(),
+                    response: t.clone(),
+                    risky: prompts[i / n].risky,
+                })
+                .collect();
+            r.score(&samples)?
+        }
+        None => vec![],
+    };
+    Ok(Scored {
+        tokens: out.tokens,
+        texts,
+        rewards,
+        finished: out.finished,
+    })
+}
+
 /// Samples `n` responses for each prompt in one batch and scores them.
 pub fn sample_and_score(
     policy: &Pretrained,
@@ -447,34 +517,27 @@ pub fn sample_and_score(
         .iter()
         .map(|(p, _)| prompt_ids(policy, p))
         .collect::<Result<Vec<_>>>()?;
-    let batch: Vec<Vec<u32>> = ids
+    let refs: Vec<PromptRef> = prompts
         .iter()
-        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
-        .collect();
-    let out = generate(&policy.model, &batch, sampling)?;
-    let eos = &sampling.eos_token_ids;
-    let responses = out
-        .tokens
-        .iter()
-        .map(|t| {
-            let body: Vec<u32> = t.iter().copied().filter(|x| !eos.contains(x)).collect();
-            policy.tokenizer.decode(&body, true)
-        })
-        .collect::<preftune_model::Result<Vec<_>>>()?;
-    let samples: Vec<Sample> = responses
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Sample {
-            prompt: prompts[i / n].0.clone(),
-            response: r.clone(),
-            risky: prompts[i / n].1,
+        .zip(&ids)
+        .map(|((text, risky), ids)| PromptRef {
+            ids,
+            text,
+            risky: *risky,
         })
         .collect();
-    let rewards = reward.score(&samples)?;
+    let s = sample_and_score_ids(
+        &policy.model,
+        &policy.tokenizer,
+        &refs,
+        n,
+        Some(reward),
+        sampling,
+    )?;
     Ok((0..prompts.len())
         .map(|j| Candidates {
-            responses: responses[j * n..(j + 1) * n].to_vec(),
-            rewards: rewards[j * n..(j + 1) * n].to_vec(),
+            responses: s.texts[j * n..(j + 1) * n].to_vec(),
+            rewards: s.rewards[j * n..(j + 1) * n].to_vec(),
         })
         .collect())
 }

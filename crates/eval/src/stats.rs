@@ -151,6 +151,19 @@ pub fn over_runs(x: &[f64]) -> OverRuns {
     }
 }
 
+/// A statistic over runs as `mean{pm}std{open}low, high{close}` with three decimals, or `-` when
+/// no run had it: the terminal's and the report's rendering of one summary.
+pub fn fmt_over_runs(v: &serde_json::Value, pm: &str, open: &str, close: &str) -> String {
+    match (v["mean"].as_f64(), v["std"].as_f64()) {
+        (Some(m), Some(s)) => format!(
+            "{m:.3}{pm}{s:.3}{open}{:.3}, {:.3}{close}",
+            v["ci95_low"].as_f64().unwrap_or(f64::NAN),
+            v["ci95_high"].as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => "-".into(),
+    }
+}
+
 /// A policy's mean response length against SFT's, as a reward-hacking sign: `Some("longer")` or
 /// `Some("shorter")` when it moved by more than `LENGTH_FLAG_FRACTION` of SFT's length.
 pub fn length_flag(mean_words: f64, sft_mean_words: f64) -> Option<&'static str> {

@@ -404,9 +404,7 @@ mod imp {
         let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
             match backend {
                 Backend::Amx => blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate),
-                Backend::Avx512Bf16 => {
-                    dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate)
-                }
+                Backend::Avx512Bf16 => dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate),
                 Backend::F32 => unreachable!("gemm: the f32 fallback packs no pairs"),
             }
         };

@@ -1,13 +1,10 @@
 //! Judgements out as training data: preference rows (`prompt`, `chosen`, `rejected`, `margin`)
 //! for `rm` and `dpo`, or ranking rows (`prompt`, `responses` best first) for `rm` and PRO.
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
 use crate::store::{Label, Mode};
 
 #[derive(Clone, Debug, Default)]
@@ -134,31 +131,6 @@ pub fn export(labels: &[Label], opts: &ExportOptions) -> (Vec<Value>, ExportRepo
     }
     report.rows = rows.len();
     (rows, report)
-}
-
-/// Writes JSONL through a temporary file in the same folder and a rename: a crash leaves either
-/// the old file or the whole new one.
-pub fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        for r in rows {
-            writeln!(w, "{r}").map_err(|e| Error::io(path, e))?;
-        }
-        w.flush().map_err(|e| Error::io(path, e))?;
-    }
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    // The rename itself survives a power cut only once the folder is synced.
-    #[cfg(unix)]
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))?;
-    Ok(())
 }
 
 #[cfg(test)]

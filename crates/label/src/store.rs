@@ -87,6 +87,21 @@ pub struct ImportReport {
     pub unpaired_responses: usize,
 }
 
+impl std::fmt::Display for ImportReport {
+    /// One line: `12 rows, 10 items added (2 overlapping), 2 already there, 0 unpaired responses`.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rows, {} items added ({} overlapping), {} already there, {} unpaired responses",
+            self.rows,
+            self.items_added,
+            self.overlapping_items_added,
+            self.items_existing,
+            self.unpaired_responses
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Annotator {
     pub id: i64,

@@ -104,7 +104,7 @@ pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(crate::weights::read_json(path)?, path)
+        Self::from_json(crate::io::read_json(path)?, path)
     }
 
     /// Parses a config.json value; `path` is only used in error messages.

@@ -347,3 +347,44 @@ mod tests {
         }
     }
 }
+
+/// What `preftune inspect` prints of one prompt: per position the `k` most likely next tokens
+/// with their logits (best first), the last position's logits and the sequence log-probability.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    pub top_k: Vec<Vec<(u32, f32)>>,
+    pub last_logits: Vec<f32>,
+    pub sum_logprob: f32,
+}
+
+/// Runs `ids` through `p` once and reads off an [`Inspection`].
+pub fn inspect(p: &crate::Pretrained, ids: &[u32], k: usize) -> Result<Inspection> {
+    let x = Tensor::new(ids, p.model.device())?.unsqueeze(0)?;
+    let hidden = p.model.forward(&x, None, None, None)?;
+    let logits = p
+        .model
+        .logits(&hidden)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let top_k = logits
+        .iter()
+        .map(|row| {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            let k = k.min(row.len());
+            idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
+            idx.truncate(k);
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            idx.into_iter().map(|i| (i as u32, row[i])).collect()
+        })
+        .collect();
+    let mask = Tensor::ones((1, ids.len()), DType::U32, p.model.device())?;
+    let sum_logprob = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?
+        .sum
+        .to_vec1::<f32>()?[0];
+    Ok(Inspection {
+        top_k,
+        last_logits: logits.last().cloned().unwrap_or_default(),
+        sum_logprob,
+    })
+}

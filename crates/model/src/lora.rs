@@ -12,8 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::io::write_json;
 use crate::model::Model;
-use crate::weights::write_json;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -300,7 +300,7 @@ impl Model {
     /// Loads a PEFT LoRA adapter folder onto this model; `trainable` makes the adapters `Var`s.
     pub fn load_lora(&mut self, dir: &Path, trainable: bool) -> Result<LoraConfig> {
         let cp = dir.join("adapter_config.json");
-        let v = crate::weights::read_json(&cp)?;
+        let v = crate::io::read_json(&cp)?;
         if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
             return Err(Error::invalid(
                 &cp,

@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::load_gguf;
+use crate::io::{read_json, write_json};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{load_hf_weights_as, read_json, save_safetensors, write_json};
+use crate::weights::{load_hf_weights_as, save_safetensors};
 
 pub struct Pretrained {
     pub model: Model,
@@ -73,6 +74,15 @@ fn generation_config_from(cfg: &ModelConfig, tok: &Tokenizer) -> Value {
 }
 
 impl Pretrained {
+    /// The number of parameters (a tied LM head counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.model
+            .named_params()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
+    }
+
     /// Loads `path`: a folder with config.json, safetensors and tokenizer files, or a `.gguf` file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         if !path.exists() {

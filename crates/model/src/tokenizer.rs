@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::weights::{atomic_write, write_json};
+use crate::io::{atomic_write, write_json};
 
 /// One chat message; `role` is `system`, `user` or `assistant`.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -60,7 +60,7 @@ impl Tokenizer {
             .map_err(|e| Error::invalid(&tj, "tokenizer", e.to_string()))?;
         let tc = dir.join("tokenizer_config.json");
         let mut config = if tc.exists() {
-            crate::weights::read_json(&tc)?
+            crate::io::read_json(&tc)?
         } else {
             json!({})
         };

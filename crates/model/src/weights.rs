@@ -1,4 +1,4 @@
-//! Hugging Face safetensors in (single file or sharded) and out, plus atomic file writes.
+//! Hugging Face safetensors in (single file or sharded) and out.
 //!
 //! The only layout difference between the HF files and our internal tensors is GPT-2's `Conv1D`,
 //! which stores weights `[in, out]`; we transpose on the way in and back on the way out.
@@ -9,51 +9,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
+use crate::io::{parent_of, read_json, sync_dir, tmp_path};
+
 use crate::config::Arch;
 use crate::error::{Error, Result};
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
-/// never leaves a half-written file under the final name.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(parent_of(path))
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-/// Makes a rename or creation in `dir` durable: fsync of the directory itself (on Unix; a no-op
-/// elsewhere, where directories cannot be opened).
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// The folder holding `path` (`.` for a bare file name).
-fn parent_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
 
 /// GPT-2 checkpoints exist with and without the `transformer.` prefix; we use the prefixed names.
 fn canonical_name(arch: Arch, name: &str) -> String {
@@ -344,18 +303,4 @@ pub fn write_safetensors(
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
-}
-
-/// Pretty JSON, written atomically.
-/// Reads a JSON file; a parse error names the file and line.
-pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::invalid(path, format!("line {}", e.line()), e.to_string()))
-}
-
-pub fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
-    s.push('\n');
-    atomic_write(path, s.as_bytes())
 }

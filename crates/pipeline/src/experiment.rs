@@ -7,12 +7,13 @@
 //! an evaluation of every policy (and Best-of-N over SFT samples) on held-out prefixes.
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{bail, ensure, Context, Error, Result};
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
 use preftune_eval::sources::{sample_and_score, text_json};
-use preftune_eval::stats::{length_flag, lengths, mean_ci, over_runs, win_rate};
+use preftune_eval::stats::{fmt_over_runs, length_flag, lengths, mean_ci, over_runs, win_rate};
 use preftune_eval::RewardSource;
+use preftune_model::io::write_jsonl;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use preftune_train::config::{apply_set, load};
 use preftune_train::rollout::load_prompts;
@@ -21,8 +22,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::eval::policy_samples;
-use crate::SamplingArgs;
+use preftune_train::evaluate::{policy_samples, prompts_per_batch, EvalSampling};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,13 +165,7 @@ fn done(dir: &Path) -> bool {
 
 fn mark_done(dir: &Path, v: &Value) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    preftune_model::weights::write_json(&dir.join("done.json"), v)?;
-    Ok(())
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    preftune_model::weights::atomic_write(path, text.as_bytes())?;
+    preftune_model::io::write_json(&dir.join("done.json"), v)?;
     Ok(())
 }
 
@@ -299,7 +293,7 @@ fn review_pairs(
     }
     let start = d.sft_reviews + d.prompts + d.eval_prompts;
     let want = 2 * d.rm_review_pairs;
-    anyhow::ensure!(
+    ensure!(
         start + want <= reviews.len(),
         "data.rm_review_pairs: {} pairs need {want} reviews beyond the {start} used, of {}",
         d.rm_review_pairs,
@@ -344,7 +338,7 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let mut table: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+        toml::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", config.display())))?;
     for s in overrides {
         apply_set(&mut table, s)?;
     }
@@ -358,10 +352,10 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
                     .collect::<Option<Vec<u64>>>()
             })
             .ok_or_else(|| {
-                anyhow::anyhow!(
+                Error::msg(format!(
                     "{}: seeds: expected a list of seeds >= 0, like [1, 2, 3], found {v}",
                     config.display()
-                )
+                ))
             })?,
     };
     let seeds = if seeds.is_empty() {
@@ -375,7 +369,7 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
     let mut unique = seeds.clone();
     unique.sort_unstable();
     unique.dedup();
-    anyhow::ensure!(
+    ensure!(
         unique.len() == seeds.len(),
         "{}: seeds: {seeds:?} repeats a seed",
         config.display()
@@ -384,7 +378,7 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
         table
             .get("output_dir")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| anyhow::anyhow!("{}: output_dir: required", config.display()))?,
+            .ok_or_else(|| Error::msg(format!("{}: output_dir: required", config.display())))?,
     );
     let mut runs = vec![];
     for (i, &seed) in seeds.iter().enumerate() {
@@ -401,7 +395,7 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
         runs.push((seed, run_one(config, t)?.1));
     }
     let summary = over_seeds(&runs);
-    preftune_model::weights::write_json(&out.join("results.json"), &summary)?;
+    preftune_model::io::write_json(&out.join("results.json"), &summary)?;
     eprintln!("\nover seeds {seeds:?}: mean, standard deviation and 95% interval (Student t)");
     eprintln!(
         "gold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
@@ -448,19 +442,6 @@ fn seed_flags(r: &Value) -> String {
 /// `0.812 +- 0.040 [0.713, 0.911]`, or `-` for a statistic no run had.
 fn fmt_runs(v: &Value) -> String {
     fmt_over_runs(v, " +- ", " [", "]")
-}
-
-/// A statistic over runs as `mean{pm}std{open}low, high{close}` with three decimals, or `-` when
-/// no run had it: the terminal's and the report's rendering of one summary.
-pub(crate) fn fmt_over_runs(v: &Value, pm: &str, open: &str, close: &str) -> String {
-    match (v["mean"].as_f64(), v["std"].as_f64()) {
-        (Some(m), Some(s)) => format!(
-            "{m:.3}{pm}{s:.3}{open}{:.3}, {:.3}{close}",
-            v["ci95_low"].as_f64().unwrap_or(f64::NAN),
-            v["ci95_high"].as_f64().unwrap_or(f64::NAN)
-        ),
-        _ => "-".into(),
-    }
 }
 
 /// The summary over seeds of single runs' `results.json` values: per method, the win rate against
@@ -527,16 +508,16 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
 fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     let cfg: PipelineConfig = table
         .try_into()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+        .map_err(|e| Error::msg(format!("{}: {e}", config.display())))?;
     for m in &cfg.methods {
-        anyhow::ensure!(
+        ensure!(
             METHODS.contains(&m.as_str()),
             "{}: methods: unknown method `{m}` ({})",
             config.display(),
             METHODS.join(", ")
         );
     }
-    anyhow::ensure!(
+    ensure!(
         matches!(cfg.data.rm_pairs.as_str(), "best_worst" | "rankings"),
         "{}: data.rm_pairs: expected `best_worst` or `rankings`, found `{}`",
         config.display(),
@@ -545,7 +526,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     let bf16 = match &cfg.bf16 {
         toml::Value::Boolean(b) => *b,
         toml::Value::String(s) if s == "auto" => preftune_model::ops::bf16_gemm_available(),
-        other => anyhow::bail!(
+        other => bail!(
             "{}: bf16: expected true, false or \"auto\", found {other}",
             config.display()
         ),
@@ -611,7 +592,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         let tok = Pretrained::load(&base, &LoadOptions::default())?.tokenizer;
         let (idx, mut rng) = review_order(reviews.len(), cfg.seed);
         let d = &cfg.data;
-        anyhow::ensure!(
+        ensure!(
             d.sft_reviews + d.prompts + d.eval_prompts <= idx.len(),
             "data: asks for more reviews than the {} available",
             idx.len()
@@ -728,7 +709,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     let rm_data = p("rm-data");
     let rankings = cfg.data.rm_pairs == "rankings";
     cached(&rm_data, "reward-model data", || {
-        let mut rows = crate::report::read_jsonl(&p(if rankings {
+        let mut rows = preftune_model::io::read_jsonl(&p(if rankings {
             "pairs/rankings.jsonl"
         } else {
             "pairs/rm-pairs.jsonl"
@@ -877,9 +858,8 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
     let gold = RewardSource::parse(&gold_spec)?;
     let (eval_prompts, _) = load_prompts(&p("data/eval_prompts.jsonl"), &sft.tokenizer, None)?;
-    let sampling = SamplingArgs {
+    let sampling = EvalSampling {
         max_new_tokens: cfg.data.max_new_tokens,
-        min_new_tokens: 0,
         temperature: 1.0,
         top_k: 0,
         top_p: 1.0,
@@ -909,10 +889,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
             let mut r = vec![];
             let mut t = vec![];
             let mut rows = vec![];
-            for (b, chunk) in eval_prompts
-                .chunks(crate::eval::prompts_per_batch(k))
-                .enumerate()
-            {
+            for (b, chunk) in eval_prompts.chunks(prompts_per_batch(k)).enumerate() {
                 let batch: Vec<(Text, bool)> =
                     chunk.iter().map(|x| (x.text.clone(), false)).collect();
                 let s = SamplingConfig {
@@ -1017,7 +994,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
                          "reward_model_data": read_done(&rm_data)?, "bf16": bf16,
                          "stage_seconds": seconds, "output_dir": out.display().to_string(),
                          "seed": cfg.seed});
-    preftune_model::weights::write_json(&p("results.json"), &summary)?;
+    preftune_model::io::write_json(&p("results.json"), &summary)?;
     eprintln!(
         "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
         gold_report["heldout_accuracy"], summary["reward_model_heldout"]["eval_accuracy"]

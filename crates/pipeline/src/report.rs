@@ -4,11 +4,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{ensure, Context, Error, Result};
 use plotters::prelude::*;
 use serde_json::Value;
-
-use crate::commands::emit;
 
 /// Metrics worth a curve, in this order, when a run logged them.
 const CURVES: [&str; 10] = [
@@ -31,20 +29,6 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The rows of a JSONL file (blank lines skipped), naming file and line on bad JSON.
-pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
-        })
-        .collect()
-}
-
 /// An SVG line chart of `(x, y)` points.
 fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
@@ -58,24 +42,24 @@ fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) 
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (480, 300)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.fill(&WHITE).map_err(|e| Error::msg(format!("{e}")))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
             .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| Error::msg(format!("{e}")))?;
         chart
             .configure_mesh()
             .x_desc(x_label)
             .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| Error::msg(format!("{e}")))?;
         for (i, (name, p)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
                 .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .map_err(|e| Error::msg(format!("{e}")))?
                 .label(name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
         }
@@ -85,9 +69,9 @@ fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) 
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| Error::msg(format!("{e}")))?;
         }
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| Error::msg(format!("{e}")))?;
     }
     Ok(svg)
 }
@@ -103,34 +87,34 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (480, 320)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.fill(&WHITE).map_err(|e| Error::msg(format!("{e}")))?;
         let mut chart = ChartBuilder::on(&root)
             .caption("gold reward vs KL to the SFT policy", ("sans-serif", 16))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
             .build_cartesian_2d(-0.05 * x1..x1 * 1.15, (y0 - pad)..(y1 + pad))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| Error::msg(format!("{e}")))?;
         chart
             .configure_mesh()
             .x_desc("KL(policy || SFT), nats per response")
             .y_desc("gold reward")
             .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| Error::msg(format!("{e}")))?;
         for (i, (name, kl, r)) in methods.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
                 .draw_series(std::iter::once(Circle::new((*kl, *r), 5, color.filled())))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| Error::msg(format!("{e}")))?;
             chart
                 .draw_series(std::iter::once(Text::new(
                     name.clone(),
                     (*kl, *r),
                     ("sans-serif", 13).into_font().color(&BLACK),
                 )))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| Error::msg(format!("{e}")))?;
         }
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| Error::msg(format!("{e}")))?;
     }
     Ok(svg)
 }
@@ -178,8 +162,9 @@ fn run_results(html: &mut String, v: &Value) -> Result<usize> {
 /// a length flag where a policy's responses grew or shrank against SFT's, and the reward-vs-KL
 /// plane with every seed's point. Returns the number of plots drawn.
 fn seeds_results(html: &mut String, dir: &Path, v: &Value) -> Result<usize> {
-    let cell =
-        |x: &Value| crate::pipeline::fmt_over_runs(x, " &plusmn; ", "<br><small>[", "]</small>");
+    let cell = |x: &Value| {
+        preftune_eval::stats::fmt_over_runs(x, " &plusmn; ", "<br><small>[", "]</small>")
+    };
     let seeds: Vec<String> = v["seeds"]
         .as_array()
         .into_iter()
@@ -278,13 +263,13 @@ pub fn write_frontier(dir: &Path) -> Result<Value> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
         .with_context(|| format!("{}: not JSON", results.display()))?;
     let pts = frontier_points(&v);
-    anyhow::ensure!(!pts.is_empty(), "{}: no methods to plot", results.display());
-    preftune_model::weights::atomic_write(&dir.join("frontier.svg"), frontier(&pts)?.as_bytes())?;
+    ensure!(!pts.is_empty(), "{}: no methods to plot", results.display());
+    preftune_model::io::atomic_write(&dir.join("frontier.svg"), frontier(&pts)?.as_bytes())?;
     let json: Value = pts
         .iter()
         .map(|(m, kl, r)| serde_json::json!({"method": m, "kl_to_sft": kl, "gold_reward": r}))
         .collect();
-    preftune_model::weights::write_json(&dir.join("frontier.json"), &json)?;
+    preftune_model::io::write_json(&dir.join("frontier.json"), &json)?;
     Ok(json)
 }
 
@@ -347,8 +332,8 @@ fn runs_in(dir: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-pub fn run(dir: &Path) -> Result<()> {
-    anyhow::ensure!(dir.is_dir(), "{}: not a run folder", dir.display());
+pub fn run(dir: &Path) -> Result<Value> {
+    ensure!(dir.is_dir(), "{}: not a run folder", dir.display());
     let mut html = String::new();
     let title = format!("preftune report: {}", dir.display());
     let _ = write!(
@@ -376,7 +361,7 @@ pub fn run(dir: &Path) -> Result<()> {
         html.push_str("<h2>Training curves</h2>");
     }
     for (name, path) in &found {
-        let rows = read_jsonl(path)?;
+        let rows = preftune_model::io::read_jsonl(path)?;
         let _ = write!(html, "<h3>{}</h3><div class=\"plots\">", esc(name));
         let before = plots;
         for key in CURVES {
@@ -418,7 +403,7 @@ pub fn run(dir: &Path) -> Result<()> {
         html.push_str("<h2>Samples</h2>");
     }
     for path in &samples {
-        let rows = read_jsonl(path)?;
+        let rows = preftune_model::io::read_jsonl(path)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -449,10 +434,9 @@ pub fn run(dir: &Path) -> Result<()> {
     }
     html.push_str("</body></html>\n");
     let out = dir.join("report.html");
-    preftune_model::weights::atomic_write(&out, html.as_bytes())?;
-    emit(
-        &serde_json::json!({"report": out.display().to_string(), "plots": plots,
-                             "runs": found.len(), "sample_files": samples.len()}),
-    );
-    Ok(())
+    preftune_model::io::atomic_write(&out, html.as_bytes())?;
+    Ok(
+        serde_json::json!({"report": out.display().to_string(), "plots": plots,
+                          "runs": found.len(), "sample_files": samples.len()}),
+    )
 }

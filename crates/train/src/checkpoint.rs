@@ -106,7 +106,7 @@ pub fn save(
     }
     written?;
     replace_dir(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    preftune_model::weights::sync_dir(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    preftune_model::io::sync_dir(output_dir).map_err(|e| Error::io(output_dir, e))?;
     Ok(final_dir)
 }
 
@@ -202,17 +202,17 @@ fn write_into(
     let opt_state = serde_json::json!({"step": opt.t});
     let mut st = serde_json::to_value(state).map_err(|e| Error::Msg(e.to_string()))?;
     st["optimizer"] = opt_state;
-    preftune_model::weights::atomic_write(
+    preftune_model::io::atomic_write(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(&st)
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    preftune_model::weights::atomic_write(
+    preftune_model::io::atomic_write(
         &tmp.join("config.toml"),
         toml::to_string(config).unwrap_or_default().as_bytes(),
     )?;
-    preftune_model::weights::sync_dir(tmp).map_err(|e| Error::io(tmp, e))
+    preftune_model::io::sync_dir(tmp).map_err(|e| Error::io(tmp, e))
 }
 
 /// Keys a resumed run may change without breaking exactness: where and how often it logs, saves

@@ -458,40 +458,16 @@ impl Algorithm for Dpo {
     }
 }
 
-/// FNV-1a: stable across runs and platforms, unlike std's hasher; fed as it goes, so hashing a
-/// large tokenized dataset builds no text.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf29ce484222325)
-    }
-    fn bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x100000001b3);
-        }
-    }
-    fn words(&mut self, words: impl IntoIterator<Item = u32>) {
-        for w in words {
-            self.bytes(&w.to_le_bytes());
-        }
-    }
-    fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
-
 /// A fingerprint of what reference log-probs depend on, for the cache file name.
 fn fingerprint(parts: &[String]) -> String {
-    let mut h = Fnv::new();
+    let mut h = preftune_model::io::Fnv::new();
     h.bytes(parts.join("\u{1f}").as_bytes());
     h.hex()
 }
 
 /// A fingerprint of every row's tokens, loss mask and positions.
 fn tokens_fingerprint(items: &[Item]) -> String {
-    let mut h = Fnv::new();
+    let mut h = preftune_model::io::Fnv::new();
     for r in items.iter().flat_map(|it| &it.rows) {
         // Lengths first, so that no two different row sets give the same stream of words.
         h.words([r.input_ids.len() as u32, r.position_ids.is_some() as u32]);

@@ -491,7 +491,7 @@ impl Algorithm for Ppo {
                 &[("value_head.weight".into(), h.as_tensor().clone())],
             )?,
         }
-        preftune_model::weights::write_json(
+        preftune_model::io::write_json(
             &dir.join("ppo_state.json"),
             &serde_json::json!({"kl_coef": self.kl_coef}),
         )?;

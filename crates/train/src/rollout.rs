@@ -7,12 +7,12 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use preftune_data::{collate, read_rows, Text, TokenizedExample};
-use preftune_model::{generate, token_logprobs, Model, SamplingConfig, TokenLogprobs, Tokenizer};
+use preftune_model::{token_logprobs, Model, SamplingConfig, TokenLogprobs, Tokenizer};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::trainer::Metrics;
-use preftune_eval::sources::{row_prompt, RewardSource, Sample};
+use preftune_eval::sources::{row_prompt, sample_and_score_ids, PromptRef, RewardSource};
 
 /// What the rollout engine needs (from [`crate::online::OnlineArgs`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -159,39 +159,34 @@ pub fn rollout(
     sampling: &SamplingConfig,
 ) -> Result<Rollout> {
     let n = args.num_generations;
-    let batch: Vec<Vec<u32>> = prompts
+    let refs: Vec<PromptRef> = prompts
         .iter()
-        .flat_map(|p| std::iter::repeat_n(p.ids.clone(), n))
-        .collect();
-    let out = generate(&model.detached()?, &batch, sampling)?;
-    let mut seqs = vec![];
-    let mut texts = vec![];
-    let mut samples = vec![];
-    for (i, toks) in out.tokens.iter().enumerate() {
-        let p = prompts[i / n];
-        let body: Vec<u32> = toks
-            .iter()
-            .copied()
-            .filter(|t| !sampling.eos_token_ids.contains(t))
-            .collect();
-        let text = tok.decode(&body, true)?;
-        let ids: Vec<u32> = p.ids.iter().chain(toks).copied().collect();
-        let mut mask = vec![0u8; ids.len()];
-        mask[p.ids.len()..].iter_mut().for_each(|m| *m = 1);
-        seqs.push(TokenizedExample {
-            input_ids: ids,
-            loss_mask: mask,
-            position_ids: None,
-            truncated: false,
-        });
-        samples.push(Sample {
-            prompt: p.text.clone(),
-            response: text.clone(),
+        .map(|p| PromptRef {
+            ids: &p.ids,
+            text: &p.text,
             risky: p.risky,
-        });
-        texts.push(text);
-    }
-    let mut rewards = reward.score(&samples)?;
+        })
+        .collect();
+    let out = sample_and_score_ids(model, tok, &refs, n, Some(reward), sampling)?;
+    let seqs = out
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, toks)| {
+            let p = prompts[i / n];
+            let ids: Vec<u32> = p.ids.iter().chain(toks).copied().collect();
+            let mut mask = vec![0u8; ids.len()];
+            mask[p.ids.len()..].iter_mut().for_each(|m| *m = 1);
+            TokenizedExample {
+                input_ids: ids,
+                loss_mask: mask,
+                position_ids: None,
+                truncated: false,
+            }
+        })
+        .collect();
+    let texts = out.texts;
+    let mut rewards = out.rewards;
     for (r, fin) in rewards.iter_mut().zip(&out.finished) {
         if let (Some(pen), false) = (args.missing_eos_penalty, fin) {
             *r -= pen;

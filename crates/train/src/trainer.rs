@@ -300,7 +300,7 @@ impl MetricsLog {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            preftune_model::weights::atomic_write(&path, kept.as_bytes())?;
+            preftune_model::io::atomic_write(&path, kept.as_bytes())?;
         } else if path.exists() {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         }
@@ -553,7 +553,7 @@ pub fn train(
         algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());
     }
-    preftune_model::weights::atomic_write(
+    preftune_model::io::atomic_write(
         &out.join("config.toml"),
         toml::to_string(config).unwrap_or_default().as_bytes(),
     )?;
@@ -753,7 +753,7 @@ pub fn train_with_report<R: serde::Serialize>(
 ) -> Result<serde_json::Value> {
     let reports = serde_json::to_value(reports).unwrap_or_default();
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-    preftune_model::weights::write_json(&args.output_dir.join("data_report.json"), &reports)?;
+    preftune_model::io::write_json(&args.output_dir.join("data_report.json"), &reports)?;
     let summary = train(args, config, policy, lora, ckpt, algo)?;
     let mut v = serde_json::to_value(&summary).unwrap_or_default();
     v["data"] = reports;

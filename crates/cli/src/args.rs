@@ -1,0 +1,65 @@
+//! The options several commands share.
+use clap::Args;
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Weights dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// A LoRA adapter folder in PEFT's layout to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+/// How a prompt is turned into tokens.
+#[derive(Args, Clone, Debug)]
+pub struct PromptArgs {
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template (with the generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message, with --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+}
+
+/// Sampling settings (TRL / transformers names).
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// How every trainer is started.
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// TOML file with TRL's parameter names (see examples/).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override a config key: `--set learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Only evaluate on eval_file and print the metrics.
+    #[arg(long)]
+    pub eval_only: bool,
+}

@@ -1,0 +1,267 @@
+//! The model-layer workloads of `preftune bench` (BENCHMARKS.md): the GEMM rate, a
+//! forward+backward step and batched sampling, each reported as one JSON object.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::{generate, parse_dtype, token_logprobs, LoadOptions, Pretrained, SamplingConfig};
+
+/// What a bench run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// The f32 (or bf16) 2048^3 GEMM rate: the yardstick for model FLOP utilisation.
+    Matmul,
+    /// One forward+backward step of mean token NLL.
+    FwdBwd,
+    /// Batched sampling with a KV cache.
+    Generate,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [Workload::Matmul, Workload::FwdBwd, Workload::Generate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Matmul => "matmul",
+            Workload::FwdBwd => "fwd-bwd",
+            Workload::Generate => "generate",
+        }
+    }
+}
+
+/// The settings of a bench run (the `preftune bench` flags).
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub model: PathBuf,
+    pub dtype: String,
+    /// Sequences per forward+backward step, and their length in tokens.
+    pub train_batch: usize,
+    pub seq_len: usize,
+    /// Timed steps, after one warm-up step.
+    pub steps: usize,
+    /// Prompts sampled at once, and new tokens per prompt.
+    pub gen_batch: usize,
+    pub new_tokens: usize,
+    /// JSONL with a `prompt` per line (the reference scripts read the same file).
+    pub prompts: PathBuf,
+    pub composed_ops: bool,
+    pub bf16: bool,
+    pub gradient_checkpointing: bool,
+    /// LoRA rank on every linear (0: full fine-tuning), on the top `lora_layers` layers (0: all).
+    pub lora_r: usize,
+    pub lora_layers: usize,
+}
+
+/// Runs one workload and returns its JSON line.
+pub fn run(w: Workload, o: &BenchOptions) -> Result<Value> {
+    match w {
+        Workload::Matmul => matmul(o.bf16),
+        Workload::FwdBwd => fwd_bwd(o),
+        Workload::Generate => sample(o),
+    }
+}
+
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?;
+    let mut out = vec![];
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::Msg(format!("{}:{}: not JSON: {e}", path.display(), i + 1)))?;
+        let p = v["prompt"].as_str().ok_or_else(|| {
+            Error::Msg(format!(
+                "{}:{}: prompt: missing or not a string",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        out.push(p.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::Msg(format!("{}: no prompts", path.display())));
+    }
+    Ok(out)
+}
+
+/// The process's peak resident set (`VmHWM`) in MiB; 0 where /proc is missing.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn threads() -> Option<usize> {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+}
+
+/// Training FLOPs per token as PaLM counts them: `6 N` for the weights (the tied LM head counted
+/// once, as a matmul; embedding lookups are free) plus `12 L d T` for attention scores and mixing.
+fn train_flops_per_token(p: &Pretrained, seq_len: usize) -> f64 {
+    let n = p.num_parameters();
+    let c = &p.model.cfg;
+    6.0 * n as f64 + 12.0 * (c.num_layers * c.num_heads * c.head_dim * seq_len) as f64
+}
+
+fn matmul(bf16: bool) -> Result<Value> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let _bf16 = crate::ops::Bf16Scope::new(bf16);
+    let mm = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+        if bf16 {
+            // The product the bf16 linears run (`x W^T`, both operands row-major).
+            crate::ops::bf16_matmul(a, b)
+        } else {
+            a.matmul(b)
+        }
+    };
+    mm(&a, &b)?;
+    let times = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            mm(&a, &b).map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let gflops = 2.0 * (n as f64).powi(3) / median(times) / 1e9;
+    Ok(
+        json!({"workload": "matmul", "impl": "preftune", "n": n, "threads": threads(), "gflops": gflops,
+                "bf16": bf16, "bf16_gemm": crate::ops::bf16_gemm_name()}),
+    )
+}
+
+/// Sets the kernels' switches for a model workload; returns the ops label.
+fn ops_label(o: &BenchOptions, dtype: DType) -> &'static str {
+    crate::kernels::set_fused(!o.composed_ops);
+    // The kernels run in f32/f64 only; other dtypes take the composed ops.
+    if o.composed_ops || !matches!(dtype, DType::F32 | DType::F64) {
+        "composed"
+    } else {
+        "fused"
+    }
+}
+
+fn fwd_bwd(o: &BenchOptions) -> Result<Value> {
+    let dtype = parse_dtype(&o.dtype)?;
+    let prompts = read_prompts(&o.prompts)?;
+    let ops = ops_label(o, dtype);
+    let _bf16 = crate::ops::Bf16Scope::new(o.bf16);
+    let opts = LoadOptions {
+        dtype,
+        trainable: o.lora_r == 0,
+        ..Default::default()
+    };
+    let mut p = Pretrained::load(&o.model, &opts)?;
+    if o.lora_r > 0 {
+        let layers = p.model.cfg.num_layers;
+        let top = if o.lora_layers == 0 {
+            layers
+        } else {
+            o.lora_layers.min(layers)
+        };
+        let cfg = crate::lora::LoraConfig {
+            r: o.lora_r,
+            alpha: 2.0 * o.lora_r as f64,
+            dropout: 0.0,
+            target_modules: Some(vec!["all-linear".into()]),
+            layers_to_transform: Some((layers - top..layers).collect()),
+        };
+        p.model.add_lora(&cfg, 0)?;
+    }
+    p.model.set_gradient_checkpointing(o.gradient_checkpointing);
+    let text = prompts.join(". ").repeat(1 + o.seq_len / 60);
+    let ids = p.tokenizer.encode(&text, false)?;
+    if ids.len() < o.seq_len {
+        return Err(Error::Msg("bench text too short for --seq-len".into()));
+    }
+    let row = &ids[..o.seq_len];
+    let dev = p.model.device().clone();
+    let x = Tensor::from_vec(row.repeat(o.train_batch), (o.train_batch, o.seq_len), &dev)?;
+    let mask = Tensor::ones((o.train_batch, o.seq_len), DType::U32, &dev)?;
+    let mut times = vec![];
+    for step in 0..=o.steps {
+        let t = Instant::now();
+        let hidden = p.model.forward(&x, None, None, None)?;
+        let lp = token_logprobs(&p.model, &hidden, &x, &mask, 1.0)?;
+        let loss = (lp.sum.sum_all()? * (-1.0 / (o.train_batch * o.seq_len) as f64))?;
+        let grads = p.model.backward(&loss)?;
+        drop(grads);
+        // GPU work is queued: wait for it before reading the clock.
+        dev.synchronize()?;
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let s = median(times);
+    let tokens = (o.train_batch * o.seq_len) as f64;
+    let gflops = train_flops_per_token(&p, o.seq_len) * tokens / s / 1e9;
+    Ok(
+        json!({"workload": "fwd-bwd", "model_gflops_per_s": gflops, "impl": "preftune", "ops": ops,
+               "gradient_checkpointing": o.gradient_checkpointing, "lora_r": o.lora_r,
+               "lora_layers": o.lora_layers, "dtype": o.dtype, "bf16": o.bf16, "batch": o.train_batch,
+               "seq_len": o.seq_len, "threads": threads(), "seconds_per_step": s,
+               "tokens_per_s": tokens / s, "peak_rss_mib": peak_rss_mib()}),
+    )
+}
+
+fn sample(o: &BenchOptions) -> Result<Value> {
+    let dtype = parse_dtype(&o.dtype)?;
+    let prompts = read_prompts(&o.prompts)?;
+    let ops = ops_label(o, dtype);
+    let _bf16 = crate::ops::Bf16Scope::new(o.bf16);
+    let p = Pretrained::load(
+        &o.model,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )?;
+    let prompts: Vec<Vec<u32>> = (0..o.gen_batch)
+        .map(|i| p.tokenizer.encode(&prompts[i % prompts.len()], true))
+        .collect::<Result<_>>()?;
+    let cfg = SamplingConfig {
+        max_new_tokens: o.new_tokens,
+        min_new_tokens: o.new_tokens,
+        temperature: 1.0,
+        eos_token_ids: p.eos_token_ids(),
+        pad_token_id: p.pad_token_id(),
+        ..Default::default()
+    };
+    // Warm-up as the reference does: 4 tokens.
+    generate(
+        &p.model,
+        &prompts,
+        &SamplingConfig {
+            max_new_tokens: 4,
+            min_new_tokens: 4,
+            ..cfg.clone()
+        },
+    )?;
+    let t = Instant::now();
+    let out = generate(&p.model, &prompts, &cfg)?;
+    let s = t.elapsed().as_secs_f64();
+    let n: usize = out.tokens.iter().map(Vec::len).sum();
+    Ok(
+        json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
+               "batch": o.gen_batch, "new_tokens": o.new_tokens, "threads": threads(), "seconds": s,
+               "tokens_per_s": n as f64 / s, "peak_rss_mib": peak_rss_mib()}),
+    )
+}
