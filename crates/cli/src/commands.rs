@@ -224,7 +224,8 @@ pub enum Trainer {
 }
 
 pub fn train(t: Trainer, run: &RunArgs) -> Result<()> {
-    use preftune_train::{dpo, grpo, ppo, reward, rloo, sft};
+    use preftune_train::rl::{grpo, ppo, rloo};
+    use preftune_train::{dpo, reward, sft};
     match t {
         Trainer::Sft => run_trainer(run, sft::defaults(), sft::run),
         Trainer::Dpo => run_trainer(run, dpo::defaults(), dpo::run),

@@ -8,7 +8,7 @@ use preftune_eval::judge::Judge;
 use preftune_eval::stats::{lengths, mean_ci};
 use preftune_eval::RewardSource;
 use preftune_train::evaluate::{policy_samples, EvalSampling};
-use preftune_train::rollout::load_prompts;
+use preftune_train::rl::rollout::load_prompts;
 use serde_json::json;
 
 use crate::args::{ModelArgs, SamplingArgs};

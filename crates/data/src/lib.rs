@@ -142,11 +142,23 @@ pub struct ColumnMap {
     pub map: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which end of a sequence longer than `max_length` is kept (`truncation_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TruncationMode {
     #[default]
     KeepStart,
     KeepEnd,
+}
+
+impl std::fmt::Display for TruncationMode {
+    /// The config spelling, `keep_start` or `keep_end`.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            TruncationMode::KeepStart => "keep_start",
+            TruncationMode::KeepEnd => "keep_end",
+        })
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use preftune_eval::RewardSource;
 use preftune_model::io::write_jsonl;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use preftune_train::config::{apply_set, load};
-use preftune_train::rollout::load_prompts;
+use preftune_train::rl::rollout::load_prompts;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -778,7 +778,8 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         v.extend(extra);
         v
     };
-    use preftune_train::{dpo, grpo, ppo};
+    use preftune_train::dpo;
+    use preftune_train::rl::{grpo, ppo};
     // One DPO or PPO stage in `dir`, with an extra `key=value` (a swept beta or KL coefficient).
     let dpo_stage = |dir: &str, label: &str, extra: Option<String>| -> Result<()> {
         let mut sets = vec![

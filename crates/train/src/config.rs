@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use preftune_data::TruncationMode;
+
 use crate::error::{Error, Result};
 
 /// The order training rows are drawn in (transformers' `train_sampling_strategy`).
@@ -18,6 +20,55 @@ pub enum SamplingStrategy {
     /// The training file's order, every epoch.
     Sequential,
 }
+
+/// transformers' `lr_scheduler_type`: how the learning rate moves after warm-up.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    /// Down to 0 at the last step.
+    #[default]
+    Linear,
+    /// Half a cosine down to 0 at the last step.
+    Cosine,
+    /// The base rate throughout, without warm-up.
+    Constant,
+    /// The base rate after warm-up.
+    ConstantWithWarmup,
+}
+
+/// The dtype model weights are loaded and trained in.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Dtype {
+    #[default]
+    #[serde(rename = "f32", alias = "float32")]
+    F32,
+    #[serde(rename = "bf16", alias = "bfloat16")]
+    Bf16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// The config spelling (`linear`, `keep_end`, `bf16`, ...): cache keys and messages use it.
+macro_rules! display_as_serde {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                match serde_json::to_value(self) {
+                    Ok(serde_json::Value::String(s)) => f.write_str(&s),
+                    _ => write!(f, "{self:?}"),
+                }
+            }
+        }
+    )*};
+}
+display_as_serde!(LrSchedulerType, Dtype, SamplingStrategy);
 
 /// Options every trainer shares (transformers' `TrainingArguments` names, and TRL's `ModelConfig`
 /// names for LoRA).
@@ -36,7 +87,7 @@ pub struct TrainingArguments {
     /// Overrides `num_train_epochs` when > 0.
     pub max_steps: i64,
     /// `linear`, `cosine`, `constant` or `constant_with_warmup`.
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: LrSchedulerType,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
@@ -57,9 +108,9 @@ pub struct TrainingArguments {
     pub eval_steps: Option<usize>,
     pub max_length: Option<usize>,
     /// `keep_start` or `keep_end`.
-    pub truncation_mode: String,
+    pub truncation_mode: TruncationMode,
     /// `f32` or `bf16`.
-    pub dtype: String,
+    pub dtype: Dtype,
     /// Skip rows that fail validation (and report how many and why) instead of refusing the data.
     pub skip_invalid_rows: bool,
     /// Canonical column name -> the dataset's column name.
@@ -98,7 +149,7 @@ impl Default for TrainingArguments {
             gradient_accumulation_steps: 1,
             num_train_epochs: 3.0,
             max_steps: -1,
-            lr_scheduler_type: "linear".into(),
+            lr_scheduler_type: LrSchedulerType::Linear,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             weight_decay: 0.0,
@@ -113,8 +164,8 @@ impl Default for TrainingArguments {
             save_total_limit: None,
             eval_steps: None,
             max_length: Some(1024),
-            truncation_mode: "keep_start".into(),
-            dtype: "f32".into(),
+            truncation_mode: TruncationMode::KeepStart,
+            dtype: Dtype::F32,
             skip_invalid_rows: false,
             columns: BTreeMap::new(),
             use_peft: false,
@@ -147,24 +198,13 @@ impl TrainingArguments {
         if !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()) {
             return bad("learning_rate", "must be a finite number >= 0");
         }
-        if !["linear", "cosine", "constant", "constant_with_warmup"]
-            .contains(&self.lr_scheduler_type.as_str())
-        {
-            return bad(
-                "lr_scheduler_type",
-                "must be linear, cosine, constant or constant_with_warmup",
-            );
-        }
-        if !["keep_start", "keep_end"].contains(&self.truncation_mode.as_str()) {
-            return bad("truncation_mode", "must be keep_start or keep_end");
-        }
         if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
             return bad(
                 "logging_steps",
                 "logging_steps, save_steps and eval_steps must be > 0",
             );
         }
-        if self.bf16 && self.dtype != "f32" {
+        if self.bf16 && self.dtype != Dtype::F32 {
             return bad(
                 "bf16",
                 "mixed precision keeps f32 master weights: set dtype = \"f32\" (dtype = \"bf16\" \
@@ -231,13 +271,42 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// Deserialises the merged `table`, noting keys `T` does not know in `unknown`. A value of the
+/// wrong type or spelling is an error naming its key and, when it came from the file, its line.
 fn deserialize_noting_unknown<T: DeserializeOwned>(
     table: &toml::Table,
     unknown: &mut Vec<String>,
-) -> std::result::Result<T, toml::de::Error> {
+    file_text: &str,
+    origin: &str,
+    from_file: bool,
+) -> Result<T> {
     let text = toml::to_string(table).expect("a toml::Table always serialises");
-    let de = toml::Deserializer::parse(&text)?;
-    serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+    let fail = |e: toml::de::Error| {
+        // The span points into the merged text; the key on that line names the field.
+        let key = e.span().and_then(|sp| {
+            let line = text[..sp.start.min(text.len())]
+                .rsplit('\n')
+                .next()
+                .unwrap_or("");
+            let line_end = text[sp.start.min(text.len())..]
+                .split('\n')
+                .next()
+                .unwrap_or("");
+            let whole = format!("{line}{line_end}");
+            whole
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        });
+        let place = match key.as_deref().and_then(|k| line_of(file_text, k)) {
+            Some(l) if from_file => format!("{origin}:{l}"),
+            _ if key.is_some() => format!("{origin} or --set"),
+            _ => origin.to_string(),
+        };
+        let field = key.map(|k| format!("{k}: ")).unwrap_or_default();
+        Error::Config(format!("{place}: {field}{}", e.message()))
+    };
+    let de = toml::Deserializer::parse(&text).map_err(fail)?;
+    serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(fail)
 }
 
 /// Loads `path` (TOML) over the algorithm's `defaults`, applies `sets`, and deserialises both the
@@ -282,10 +351,9 @@ pub fn load_with_sections<A: DeserializeOwned>(
         }
     }
     let (mut u1, mut u2) = (vec![], vec![]);
-    let args: TrainingArguments = deserialize_noting_unknown(&table, &mut u1)
-        .map_err(|e| Error::Config(format!("{origin}: {}", e.message())))?;
-    let algo: A = deserialize_noting_unknown(&table, &mut u2)
-        .map_err(|e| Error::Config(format!("{origin}: {}", e.message())))?;
+    let args: TrainingArguments =
+        deserialize_noting_unknown(&table, &mut u1, &text, &origin, path.is_some())?;
+    let algo: A = deserialize_noting_unknown(&table, &mut u2, &text, &origin, path.is_some())?;
     // The shared struct ignores the algorithm's keys and vice versa: only keys both ignore are unknown.
     // Keys inside `columns` are free-form.
     if let Some(key) = u1
@@ -427,5 +495,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("lr_scheduler_type"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_closed_set_value_names_its_key_and_line() {
+        let f = write(
+            "model_name_or_path = \"m\"\nlearning_rate = 1e-4\ntruncation_mode = \"keep_middle\"\n",
+        );
+        let e = load::<Algo>(Some(f.path()), Default::default(), &[])
+            .unwrap_err()
+            .to_string();
+        let at = format!("{}:3: truncation_mode: ", f.path().display());
+        assert!(e.starts_with(&at) && e.contains("keep_middle"), "{e}");
+        // The closed sets deserialise to their enums, spelled as transformers spells them.
+        let cfg = load::<Algo>(
+            Some(f.path()),
+            Default::default(),
+            &[
+                "truncation_mode=keep_end".into(),
+                "lr_scheduler_type=constant_with_warmup".into(),
+                "dtype=bfloat16".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.args.truncation_mode, TruncationMode::KeepEnd);
+        assert_eq!(
+            cfg.args.lr_scheduler_type,
+            LrSchedulerType::ConstantWithWarmup
+        );
+        assert_eq!(cfg.args.dtype, Dtype::Bf16);
+        assert_eq!(cfg.args.dtype.to_string(), "bf16");
+        assert_eq!(cfg.args.truncation_mode.to_string(), "keep_end");
     }
 }

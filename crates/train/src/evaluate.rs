@@ -4,7 +4,7 @@ use preftune_eval::RewardSource;
 use preftune_model::Pretrained;
 
 use crate::error::Result;
-use crate::rollout::{completion_logps, rollout, sampling_config, Prompt, RolloutArgs};
+use crate::rl::rollout::{completion_logps, rollout, sampling_config, Prompt, RolloutArgs};
 
 /// How evaluation samples (transformers' names).
 #[derive(Clone, Debug)]

@@ -4,19 +4,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dpo;
-pub mod dpo_loss;
 pub mod error;
 pub mod evaluate;
-pub mod grpo;
-pub mod online;
 mod ops_ext;
 pub mod optim;
-pub mod ppo;
 pub mod rejection;
 pub mod reward;
-pub mod rl_loss;
-pub mod rloo;
-pub mod rollout;
+pub mod rl;
 pub mod sft;
 pub mod trainer;
 

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 
+use crate::config::LrSchedulerType;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -404,18 +405,18 @@ fn sum_sq(g: &[f32]) -> f64 {
 }
 
 /// Learning rate at optimiser step `step` (0-based), as transformers' schedulers compute it.
-pub fn lr_at(kind: &str, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+pub fn lr_at(kind: LrSchedulerType, base: f64, step: usize, warmup: usize, total: usize) -> f64 {
     let (s, w, t) = (step as f64, warmup as f64, total.max(1) as f64);
-    if kind != "constant" && step < warmup {
+    if kind != LrSchedulerType::Constant && step < warmup {
         return base * s / w.max(1.0);
     }
     match kind {
-        "linear" => base * ((t - s) / (t - w).max(1.0)).max(0.0),
-        "cosine" => {
+        LrSchedulerType::Linear => base * ((t - s) / (t - w).max(1.0)).max(0.0),
+        LrSchedulerType::Cosine => {
             let progress = (s - w) / (t - w).max(1.0);
             base * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
         }
-        _ => base,
+        LrSchedulerType::Constant | LrSchedulerType::ConstantWithWarmup => base,
     }
 }
 
@@ -565,18 +566,22 @@ mod tests {
     #[test]
     fn schedules_match_transformers() {
         // linear with 10 warmup of 110 total: 0 -> base at step 10, then to 0 at 110.
-        assert_eq!(lr_at("linear", 1.0, 0, 10, 110), 0.0);
-        assert!((lr_at("linear", 1.0, 5, 10, 110) - 0.5).abs() < 1e-12);
-        assert!((lr_at("linear", 1.0, 10, 10, 110) - 1.0).abs() < 1e-12);
-        assert!((lr_at("linear", 1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
-        assert!((lr_at("cosine", 1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_at(LrSchedulerType::Linear, 1.0, 0, 10, 110), 0.0);
+        assert!((lr_at(LrSchedulerType::Linear, 1.0, 5, 10, 110) - 0.5).abs() < 1e-12);
+        assert!((lr_at(LrSchedulerType::Linear, 1.0, 10, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((lr_at(LrSchedulerType::Linear, 1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
+        assert!((lr_at(LrSchedulerType::Cosine, 1.0, 60, 10, 110) - 0.5).abs() < 1e-12);
         assert!(
-            (lr_at("cosine", 1.0, 35, 10, 110) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()))
-                .abs()
+            (lr_at(LrSchedulerType::Cosine, 1.0, 35, 10, 110)
+                - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()))
+            .abs()
                 < 1e-12
         );
-        assert_eq!(lr_at("constant", 1.0, 0, 10, 110), 1.0);
-        assert!((lr_at("constant_with_warmup", 1.0, 5, 10, 110) - 0.5).abs() < 1e-12);
-        assert_eq!(lr_at("constant_with_warmup", 1.0, 100, 10, 110), 1.0);
+        assert_eq!(lr_at(LrSchedulerType::Constant, 1.0, 0, 10, 110), 1.0);
+        assert!((lr_at(LrSchedulerType::ConstantWithWarmup, 1.0, 5, 10, 110) - 0.5).abs() < 1e-12);
+        assert_eq!(
+            lr_at(LrSchedulerType::ConstantWithWarmup, 1.0, 100, 10, 110),
+            1.0
+        );
     }
 }

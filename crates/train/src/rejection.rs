@@ -92,7 +92,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, rs: &RsOptions, resume: bool) -> Result<Val
         let policy = Pretrained::load(
             std::path::Path::new(&model),
             &LoadOptions {
-                dtype: preftune_model::parse_dtype(&cfg.args.dtype)?,
+                dtype: cfg.args.dtype.candle(),
                 ..Default::default()
             },
         )?;

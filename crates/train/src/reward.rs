@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use preftune_data::{
     parse_examples, read_rows, tokenize_preference, ColumnMap, Example, Format, RowError,
 };
-use preftune_model::{parse_dtype, LoadOptions, Model, Pretrained, Tokenizer};
+use preftune_model::{LoadOptions, Model, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RunConfig, TrainingArguments};
@@ -279,7 +279,7 @@ pub fn run(
             return Err(Error::Config("--eval-only needs eval_file".into()));
         }
         let opts = LoadOptions {
-            dtype: parse_dtype(&args.dtype)?,
+            dtype: args.dtype.candle(),
             device: crate::trainer::run_device(args)?,
             ..Default::default()
         };

@@ -5,9 +5,9 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use preftune_data::{
     collate, pack, parse_examples, read_rows, tokenize_sft, ColumnMap, Example, Format, RowError,
-    SftTokenizeOptions, TokenizedExample, TruncationMode,
+    SftTokenizeOptions, TokenizedExample,
 };
-use preftune_model::{parse_dtype, token_logprobs, LoadOptions, Model, Pretrained, Tokenizer};
+use preftune_model::{token_logprobs, LoadOptions, Model, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RunConfig, TrainingArguments};
@@ -70,11 +70,7 @@ pub fn load_split(
     let (examples, mut errors) = parse_examples(&rows, format, &columns);
     let opts = SftTokenizeOptions {
         max_length: args.max_length,
-        truncation_mode: if args.truncation_mode == "keep_end" {
-            TruncationMode::KeepEnd
-        } else {
-            TruncationMode::KeepStart
-        },
+        truncation_mode: args.truncation_mode,
         completion_only_loss: sft.completion_only_loss.unwrap_or(true),
         assistant_only_loss: sft.assistant_only_loss,
     };
@@ -177,7 +173,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<se
             .as_ref()
             .ok_or_else(|| Error::Config("--eval-only needs eval_file".into()))?;
         let opts = LoadOptions {
-            dtype: parse_dtype(&args.dtype)?,
+            dtype: args.dtype.candle(),
             device: crate::trainer::run_device(args)?,
             ..Default::default()
         };

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use preftune_model::{parse_dtype, LoadOptions, LoraConfig, Model, Pretrained};
+use preftune_model::{LoadOptions, LoraConfig, Model, Pretrained};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -147,7 +147,7 @@ pub fn load_policy(
     args: &TrainingArguments,
     resume_from: Option<&Path>,
 ) -> Result<(Pretrained, Option<LoraConfig>)> {
-    let dtype = parse_dtype(&args.dtype)?;
+    let dtype = args.dtype.candle();
     let base = Path::new(&args.model_name_or_path);
     if args.use_peft {
         let mut p = Pretrained::load(
@@ -222,7 +222,7 @@ pub fn load_model(args: &TrainingArguments, path: &str, trainable: bool) -> Resu
     Ok(Pretrained::load(
         Path::new(path),
         &LoadOptions {
-            dtype: parse_dtype(&args.dtype)?,
+            dtype: args.dtype.candle(),
             trainable,
             device: run_device(args)?,
         },
@@ -637,7 +637,7 @@ pub fn train(
                 });
             }
             lr = lr_at(
-                &args.lr_scheduler_type,
+                args.lr_scheduler_type,
                 args.learning_rate,
                 step,
                 warmup,

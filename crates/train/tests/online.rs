@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use preftune_eval::sources::RewardSource;
 use preftune_model::Pretrained;
 use preftune_train::config::load;
-use preftune_train::online::{Objective, OnlineReference, OnlineTrainer};
-use preftune_train::rl_loss::{GrpoLossType, GrpoParams, ScaleRewards};
-use preftune_train::rollout::{load_prompts, RolloutArgs};
+use preftune_train::rl::grpo_loss::{GrpoLossType, GrpoParams, ScaleRewards};
+use preftune_train::rl::online::{Objective, OnlineReference, OnlineTrainer};
+use preftune_train::rl::rollout::{load_prompts, RolloutArgs};
 use preftune_train::trainer::{load_policy, train};
 use preftune_train::TrainingArguments;
 use serde_json::Value;
@@ -178,9 +178,9 @@ fn reinforce_raises_the_reward() {
 /// The config names (TRL's) parse, and an unknown key is still refused with flattened options.
 #[test]
 fn grpo_config_keys_and_unknown_keys() {
-    let cfg = load::<preftune_train::online::OnlineArgs>(
+    let cfg = load::<preftune_train::rl::online::OnlineArgs>(
         None,
-        preftune_train::grpo::defaults(),
+        preftune_train::rl::grpo::defaults(),
         &[
             format!("model_name_or_path={}", tiny()),
             "num_generations=4".into(),
@@ -191,16 +191,16 @@ fn grpo_config_keys_and_unknown_keys() {
     .unwrap();
     assert_eq!(cfg.algo.num_generations, 4);
     assert_eq!(cfg.algo.loss_type.as_deref(), Some("dr_grpo"));
-    let rloo = load::<preftune_train::online::OnlineArgs>(
+    let rloo = load::<preftune_train::rl::online::OnlineArgs>(
         None,
-        preftune_train::rloo::defaults(),
+        preftune_train::rl::rloo::defaults(),
         &[format!("model_name_or_path={}", tiny())],
     )
     .unwrap();
     assert_eq!((rloo.algo.beta, rloo.algo.num_generations), (0.05, 2));
-    let err = load::<preftune_train::online::OnlineArgs>(
+    let err = load::<preftune_train::rl::online::OnlineArgs>(
         None,
-        preftune_train::grpo::defaults(),
+        preftune_train::rl::grpo::defaults(),
         &[
             format!("model_name_or_path={}", tiny()),
             "num_generation=4".into(),
@@ -219,7 +219,7 @@ fn ppo_run(
     shared: bool,
     mini_batches: usize,
 ) -> Vec<Value> {
-    use preftune_train::ppo::{Ppo, PpoArgs};
+    use preftune_train::rl::ppo::{Ppo, PpoArgs};
     let prompts = dir.join("prompts.jsonl");
     let rows: Vec<String> = [
         "The movie was",
@@ -288,9 +288,9 @@ fn ppo_run(
                 &candle_core::Device::Cpu,
             )
             .unwrap();
-            preftune_train::ppo::ValueModel::Shared(candle_core::Var::from_tensor(&h).unwrap())
+            preftune_train::rl::ppo::ValueModel::Shared(candle_core::Var::from_tensor(&h).unwrap())
         } else {
-            preftune_train::ppo::ValueModel::Separate(Box::new(value))
+            preftune_train::rl::ppo::ValueModel::Separate(Box::new(value))
         },
         train_prompts,
         3,

@@ -1,6 +1,6 @@
 //! Online training on the shared loop: each micro-batch of prompts is a fresh rollout (sampled
 //! from the current policy, scored), then one policy-gradient update. GRPO and RLOO differ only in
-//! their advantages and loss (`rl_loss.rs`); `grpo.rs` and `rloo.rs` hold their options.
+//! their advantages and loss (`grpo_loss.rs`, `rloo_loss.rs`); `grpo.rs` and `rloo.rs` hold their options.
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -8,11 +8,9 @@ use preftune_model::{Model, Tokenizer};
 
 use crate::config::TrainingArguments;
 use crate::error::{Error, Result};
-use crate::rl_loss::{
-    grpo_advantages, grpo_loss, reinforce_advantages, rloo_advantages, rloo_loss, GrpoParams,
-    ScaleRewards,
-};
-use crate::rollout::{completion_logps, rollout_metrics, Prompt, RolloutArgs, Sampler};
+use crate::rl::grpo_loss::{grpo_advantages, grpo_loss, GrpoParams, ScaleRewards};
+use crate::rl::rloo_loss::{reinforce_advantages, rloo_advantages, rloo_loss};
+use crate::rl::rollout::{completion_logps, rollout_metrics, Prompt, RolloutArgs, Sampler};
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
@@ -318,8 +316,12 @@ pub fn run_online(
         },
         (o, false) => o,
     };
-    let (train, eval, reports) =
-        crate::rollout::load_prompt_splits(args, &policy.tokenizer, max_prompt_length, eval_only)?;
+    let (train, eval, reports) = crate::rl::rollout::load_prompt_splits(
+        args,
+        &policy.tokenizer,
+        max_prompt_length,
+        eval_only,
+    )?;
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut algo = OnlineTrainer {
         train,

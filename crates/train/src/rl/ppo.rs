@@ -7,7 +7,7 @@
 //! per rollout, and a fixed or adaptive KL coefficient. `loss_variant = "kl_penalty"` swaps the
 //! clipping for a KL term to the rollout policy (`kl_penalty_coef`).
 //!
-//! The maths lives in `rl_loss.rs`; this module only gathers what it needs per response position.
+//! The maths lives in `ppo_loss.rs`; this module only gathers what it needs per response position.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::online::OnlineReference;
-use crate::rl_loss::{ppo_batch, ppo_loss, KlEstimator, PpoBatch, PpoRollout};
-use crate::rollout::{batch_seed, Prompt, Rollout, RolloutArgs, Sampler};
+use crate::rl::kl::KlEstimator;
+use crate::rl::online::OnlineReference;
+use crate::rl::ppo_loss::{ppo_batch, ppo_loss, PpoBatch, PpoRollout};
+use crate::rl::rollout::{batch_seed, Prompt, Rollout, RolloutArgs, Sampler};
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
@@ -637,7 +638,7 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
         }
         ValueModel::Separate(Box::new(value))
     };
-    let (train, eval, reports) = crate::rollout::load_prompt_splits(
+    let (train, eval, reports) = crate::rl::rollout::load_prompt_splits(
         args,
         &policy.tokenizer,
         a.max_prompt_length,

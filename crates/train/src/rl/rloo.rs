@@ -5,7 +5,7 @@
 //! swaps the leave-one-out baseline for the batch mean (one sample per prompt is enough).
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::online::{run_online, Objective, OnlineArgs};
+use crate::rl::online::{run_online, Objective, OnlineArgs};
 
 /// TRL's `RLOOConfig` defaults over the shared ones.
 pub fn defaults() -> toml::Table {

@@ -3,8 +3,8 @@
 //! the loss aggregations `grpo`, `bnpo`, `dr_grpo`, `dapo`. One update per rollout.
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::online::{run_online, Objective, OnlineArgs};
-use crate::rl_loss::GrpoParams;
+use crate::rl::grpo_loss::GrpoParams;
+use crate::rl::online::{run_online, Objective, OnlineArgs};
 
 /// TRL's `GRPOConfig` defaults over the shared ones.
 pub fn defaults() -> toml::Table {

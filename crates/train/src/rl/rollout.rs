@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::trainer::Metrics;
 use preftune_eval::sources::{row_prompt, sample_and_score_ids, PromptRef, RewardSource};
 
-/// What the rollout engine needs (from [`crate::online::OnlineArgs`]).
+/// What the rollout engine needs (from [`crate::rl::online::OnlineArgs`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RolloutArgs {
     /// A reward source spec, for messages (the source itself is parsed once by the caller).

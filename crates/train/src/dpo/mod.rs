@@ -1,6 +1,8 @@
 //! DPO and its family on the shared loop: pairwise losses (TRL's `loss_type`s, R-DPO, combined with
 //! `loss_weights`), PRO on rankings, `rpo_alpha`, and the reference model as a separate frozen model,
 //! the LoRA base (no second copy of the weights), precomputed log-probs, or none.
+pub mod loss;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,9 @@ use preftune_model::{token_logprobs, Model, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RunConfig, TrainingArguments};
-use crate::dpo_loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
 use crate::error::{Error, Result};
 use crate::trainer::{evaluate, train_with_report, Algorithm, Metrics, Split};
+use loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
 
 /// One loss type or several (TRL accepts both).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -176,7 +178,7 @@ pub fn load_split(
         Format::Preference
     };
     let (examples, mut errors) = parse_examples(&rows, format, &columns);
-    let keep_end = args.truncation_mode == "keep_end";
+    let keep_end = args.truncation_mode == preftune_data::TruncationMode::KeepEnd;
     let mut items = vec![];
     let (mut truncated, mut dropped) = (0, 0);
     for (loc, ex) in &examples {
