@@ -196,7 +196,7 @@ pub(crate) fn use_config_device(spec: Option<preftune_model::DeviceSpec>) -> Res
 }
 
 /// Loads a trainer's config (its defaults, the file, `--set`) and prints what the trainer returns.
-fn run_trainer<A: serde::de::DeserializeOwned>(
+fn run_trainer<A: preftune_train::Options>(
     run: &RunArgs,
     defaults: toml::Table,
     trainer: fn(
@@ -205,7 +205,7 @@ fn run_trainer<A: serde::de::DeserializeOwned>(
         bool,
     ) -> preftune_train::Result<serde_json::Value>,
 ) -> Result<()> {
-    let cfg = preftune_train::config::load::<A>(run.config.as_deref(), defaults, &run.set)?;
+    let cfg = A::load_config(run.config.as_deref(), defaults, &run.set)?;
     use_config_device(cfg.args.device)?;
     emit(&trainer(&cfg, run.resume, run.eval_only)?);
     Ok(())

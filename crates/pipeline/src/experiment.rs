@@ -15,7 +15,7 @@ use preftune_eval::stats::{fmt_over_runs, length_flag, lengths, mean_ci, over_ru
 use preftune_eval::RewardSource;
 use preftune_model::io::write_jsonl;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
-use preftune_train::config::{apply_set, load};
+use preftune_train::config::apply_set;
 use preftune_train::rl::rollout::load_prompts;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -171,7 +171,7 @@ fn mark_done(dir: &Path, v: &Value) -> Result<()> {
 
 /// Runs one of the shared-loop trainers with the pipeline's table for it, over the trainer's
 /// defaults, plus the paths the pipeline decides.
-fn train<A: serde::de::DeserializeOwned>(
+fn train<A: preftune_train::Options>(
     defaults: toml::Table,
     table: &toml::Table,
     sets: &[String],
@@ -181,7 +181,7 @@ fn train<A: serde::de::DeserializeOwned>(
     for (k, v) in table {
         merged.insert(k.clone(), v.clone());
     }
-    let cfg = load::<A>(None, merged, sets)?;
+    let cfg = A::load_config(None, merged, sets)?;
     Ok(run(&cfg, true, false)?)
 }
 
@@ -210,7 +210,7 @@ fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Resul
 /// state, 1.6 GB each for SmolLM2) are deleted unless `keep_checkpoints`: the final model stays,
 /// and nothing resumes a finished stage.
 #[allow(clippy::too_many_arguments)]
-fn stage<A: serde::de::DeserializeOwned>(
+fn stage<A: preftune_train::Options>(
     dir: &Path,
     label: &str,
     defaults: toml::Table,

@@ -327,47 +327,163 @@ pub fn load_with_sections<A: DeserializeOwned>(
     sets: &[String],
     sections: &[&str],
 ) -> Result<(RunConfig<A>, toml::Table)> {
-    let (text, origin) = match path {
-        Some(p) => (
-            std::fs::read_to_string(p)
-                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
-            p.display().to_string(),
-        ),
-        None => (String::new(), "<no config file>".to_string()),
-    };
-    let file: toml::Table =
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
-    let mut table = defaults;
-    for (k, v) in file {
-        table.insert(k, v);
-    }
-    for s in sets {
-        apply_set(&mut table, s)?;
-    }
-    let mut taken = toml::Table::new();
-    for name in sections {
-        if let Some(v) = table.remove(*name) {
-            taken.insert(name.to_string(), v);
-        }
-    }
+    let (src, taken) = Source::merge(path, defaults, sets, sections)?;
     let (mut u1, mut u2) = (vec![], vec![]);
-    let args: TrainingArguments =
-        deserialize_noting_unknown(&table, &mut u1, &text, &origin, path.is_some())?;
-    let algo: A = deserialize_noting_unknown(&table, &mut u2, &text, &origin, path.is_some())?;
-    // The shared struct ignores the algorithm's keys and vice versa: only keys both ignore are unknown.
-    // Keys inside `columns` are free-form.
-    if let Some(key) = u1
-        .iter()
-        .find(|k| u2.contains(k) && !k.starts_with("columns."))
-    {
-        let place = match line_of(&text, key) {
-            Some(l) if path.is_some() => format!("{origin}:{l}"),
-            _ => format!("{origin} or --set"),
-        };
-        return Err(Error::Config(format!("{place}: unknown key `{key}`")));
+    let args: TrainingArguments = src.read(&mut u1)?;
+    let algo: A = src.read(&mut u2)?;
+    src.refuse_unknown(&[u1, u2])?;
+    args.validate(&src.origin)?;
+    Ok((
+        RunConfig {
+            args,
+            algo,
+            table: src.table,
+        },
+        taken,
+    ))
+}
+
+/// An algorithm's options in two structs read from the same keys: the part it shares with sibling
+/// trainers (GRPO and RLOO share [`crate::rl::online::OnlineArgs`]) and its own. Not
+/// `#[serde(flatten)]`: through a flattened struct a misspelt key goes unreported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parts<C, X> {
+    pub common: C,
+    pub own: X,
+}
+
+/// [`load`] for options in [`Parts`]: a key that none of the three structs knows is an error.
+pub fn load_parts<C: DeserializeOwned, X: DeserializeOwned>(
+    path: Option<&Path>,
+    defaults: toml::Table,
+    sets: &[String],
+) -> Result<RunConfig<Parts<C, X>>> {
+    let (src, _) = Source::merge(path, defaults, sets, &[])?;
+    let (mut u1, mut u2, mut u3) = (vec![], vec![], vec![]);
+    let args: TrainingArguments = src.read(&mut u1)?;
+    let common: C = src.read(&mut u2)?;
+    let own: X = src.read(&mut u3)?;
+    src.refuse_unknown(&[u1, u2, u3])?;
+    args.validate(&src.origin)?;
+    Ok(RunConfig {
+        args,
+        algo: Parts { common, own },
+        table: src.table,
+    })
+}
+
+/// A trainer's options, loadable from a config file and `--set` overrides.
+pub trait Options: Sized {
+    fn load_config(
+        path: Option<&Path>,
+        defaults: toml::Table,
+        sets: &[String],
+    ) -> Result<RunConfig<Self>>;
+}
+
+impl<C: DeserializeOwned, X: DeserializeOwned> Options for Parts<C, X> {
+    fn load_config(
+        path: Option<&Path>,
+        defaults: toml::Table,
+        sets: &[String],
+    ) -> Result<RunConfig<Self>> {
+        load_parts(path, defaults, sets)
     }
-    args.validate(&origin)?;
-    Ok((RunConfig { args, algo, table }, taken))
+}
+
+/// [`Options`] for options in one struct.
+#[macro_export]
+macro_rules! one_struct_options {
+    ($($t:ty),*) => {$(
+        impl $crate::config::Options for $t {
+            fn load_config(
+                path: Option<&std::path::Path>,
+                defaults: toml::Table,
+                sets: &[String],
+            ) -> $crate::Result<$crate::config::RunConfig<Self>> {
+                $crate::config::load(path, defaults, sets)
+            }
+        }
+    )*};
+}
+
+/// The merged configuration (defaults, then the file, then `--set`) and where it came from.
+struct Source {
+    table: toml::Table,
+    /// The file's text (empty without a file), to find a key's line.
+    text: String,
+    origin: String,
+    from_file: bool,
+}
+
+impl Source {
+    /// Merges the layers; the named top-level tables are taken out and returned as they are.
+    fn merge(
+        path: Option<&Path>,
+        defaults: toml::Table,
+        sets: &[String],
+        sections: &[&str],
+    ) -> Result<(Source, toml::Table)> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<no config file>".to_string()),
+        };
+        let file: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        let mut table = defaults;
+        for (k, v) in file {
+            table.insert(k, v);
+        }
+        for s in sets {
+            apply_set(&mut table, s)?;
+        }
+        let mut taken = toml::Table::new();
+        for name in sections {
+            if let Some(v) = table.remove(*name) {
+                taken.insert(name.to_string(), v);
+            }
+        }
+        let src = Source {
+            table,
+            text,
+            origin,
+            from_file: path.is_some(),
+        };
+        Ok((src, taken))
+    }
+
+    fn read<T: DeserializeOwned>(&self, unknown: &mut Vec<String>) -> Result<T> {
+        deserialize_noting_unknown(
+            &self.table,
+            unknown,
+            &self.text,
+            &self.origin,
+            self.from_file,
+        )
+    }
+
+    /// Each struct ignores the others' keys: only a key that all of them ignore is unknown. Keys
+    /// inside `columns` are free-form.
+    fn refuse_unknown(&self, ignored: &[Vec<String>]) -> Result<()> {
+        let Some((first, rest)) = ignored.split_first() else {
+            return Ok(());
+        };
+        if let Some(key) = first
+            .iter()
+            .find(|k| rest.iter().all(|u| u.contains(k)) && !k.starts_with("columns."))
+        {
+            let place = match line_of(&self.text, key) {
+                Some(l) if self.from_file => format!("{}:{l}", self.origin),
+                _ => format!("{} or --set", self.origin),
+            };
+            return Err(Error::Config(format!("{place}: unknown key `{key}`")));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

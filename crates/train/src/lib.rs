@@ -14,6 +14,13 @@ pub mod rl;
 pub mod sft;
 pub mod trainer;
 
-pub use config::{RunConfig, TrainingArguments};
+pub use config::{Options, Parts, RunConfig, TrainingArguments};
+
+one_struct_options!(
+    sft::SftArgs,
+    dpo::DpoArgs,
+    reward::RewardArgs,
+    rl::ppo::PpoArgs
+);
 pub use error::{Error, Result};
 pub use trainer::{evaluate, train, Algorithm, Metrics, Split, TrainSummary};

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use preftune_eval::sources::RewardSource;
 use preftune_model::Pretrained;
-use preftune_train::config::load;
 use preftune_train::rl::grpo_loss::{GrpoLossType, GrpoParams, ScaleRewards};
 use preftune_train::rl::online::{Objective, OnlineReference, OnlineTrainer};
 use preftune_train::rl::rollout::{load_prompts, RolloutArgs};
@@ -175,32 +174,40 @@ fn reinforce_raises_the_reward() {
     assert!(kl.iter().all(|k| k.is_finite()), "{kl:?}");
 }
 
-/// The config names (TRL's) parse, and an unknown key is still refused with flattened options.
+/// The config names (TRL's) parse into GRPO's and RLOO's options; a misspelt key is refused, and
+/// so is a GRPO-only key given to RLOO, as an unknown key.
 #[test]
 fn grpo_config_keys_and_unknown_keys() {
-    let cfg = load::<preftune_train::rl::online::OnlineArgs>(
+    use preftune_train::rl::{grpo, rloo};
+    use preftune_train::Options;
+    let cfg = grpo::GrpoArgs::load_config(
         None,
-        preftune_train::rl::grpo::defaults(),
+        grpo::defaults(),
         &[
             format!("model_name_or_path={}", tiny()),
             "num_generations=4".into(),
             "loss_type=\"dr_grpo\"".into(),
+            "scale_rewards=\"batch\"".into(),
             "reward=\"command:echo 1\"".into(),
         ],
     )
     .unwrap();
-    assert_eq!(cfg.algo.num_generations, 4);
-    assert_eq!(cfg.algo.loss_type.as_deref(), Some("dr_grpo"));
-    let rloo = load::<preftune_train::rl::online::OnlineArgs>(
+    assert_eq!(cfg.algo.common.num_generations, 4);
+    assert_eq!(cfg.algo.own.loss_type, GrpoLossType::DrGrpo);
+    assert_eq!(cfg.algo.own.scale_rewards, ScaleRewards::Batch);
+    let rloo = rloo::RlooArgs::load_config(
         None,
-        preftune_train::rl::rloo::defaults(),
+        rloo::defaults(),
         &[format!("model_name_or_path={}", tiny())],
     )
     .unwrap();
-    assert_eq!((rloo.algo.beta, rloo.algo.num_generations), (0.05, 2));
-    let err = load::<preftune_train::rl::online::OnlineArgs>(
+    assert_eq!(
+        (rloo.algo.common.beta, rloo.algo.common.num_generations),
+        (0.05, 2)
+    );
+    let err = grpo::GrpoArgs::load_config(
         None,
-        preftune_train::rl::grpo::defaults(),
+        grpo::defaults(),
         &[
             format!("model_name_or_path={}", tiny()),
             "num_generation=4".into(),
@@ -210,6 +217,30 @@ fn grpo_config_keys_and_unknown_keys() {
     .unwrap()
     .to_string();
     assert!(err.contains("unknown key `num_generation`"), "{err}");
+    let err = rloo::RlooArgs::load_config(
+        None,
+        rloo::defaults(),
+        &[
+            format!("model_name_or_path={}", tiny()),
+            "loss_type=\"dapo\"".into(),
+        ],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("unknown key `loss_type`"), "{err}");
+    let err = grpo::GrpoArgs::load_config(
+        None,
+        grpo::defaults(),
+        &[
+            format!("model_name_or_path={}", tiny()),
+            "loss_type=\"drgrpo\"".into(),
+        ],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("loss_type: unknown variant `drgrpo`"), "{err}");
 }
 
 fn ppo_run(

@@ -4,15 +4,18 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::rl::{mean, std_unbiased};
 
-// GRPO
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// GRPO's `scale_rewards`: what the group-centred rewards are divided by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ScaleRewards {
     /// Divide by each group's std.
+    #[default]
+    #[serde(alias = "true")]
     Group,
     /// Divide by the whole batch's std (the mean is still per group).
     Batch,
     /// Do not divide (Dr. GRPO).
+    #[serde(alias = "false")]
     None,
 }
 
@@ -48,7 +51,9 @@ pub fn grpo_advantages(rewards: &[f64], g: usize, scale: ScaleRewards) -> Vec<f6
         .collect()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// GRPO's `loss_type`: how per-token losses are aggregated (TRL 1.16's default is `dapo`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GrpoLossType {
     /// Mean over sequences of each sequence's token mean.
     Grpo,
@@ -57,6 +62,7 @@ pub enum GrpoLossType {
     /// Sum over tokens / (sequences * max_completion_length).
     DrGrpo,
     /// Token mean over the batch (over all processes in TRL; one process here).
+    #[default]
     Dapo,
 }
 

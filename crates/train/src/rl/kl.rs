@@ -2,9 +2,12 @@
 /// Log-prob TRL writes at padding positions, so the KL there is exactly 0.
 pub const INVALID_LOGPROB: f64 = 1.0;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// PPO's `kl_estimator`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KlEstimator {
     /// `logp - ref_logp`: unbiased, can be negative.
+    #[default]
     K1,
     /// `exp(ref - logp) - 1 - (ref - logp)`: non-negative, lower variance.
     K3,

@@ -14,13 +14,14 @@ use crate::rl::rollout::{completion_logps, rollout_metrics, Prompt, RolloutArgs,
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
-/// The options of the online trainers, flat as TRL names them (`GRPOConfig`, `RLOOConfig`); each
-/// trainer's `defaults()` sets its own defaults (RLOO: `beta = 0.05`, `num_generations = 2`), and
-/// RLOO refuses GRPO-only keys.
+/// The options GRPO, RLOO and REINFORCE share, flat as TRL names them (`GRPOConfig`,
+/// `RLOOConfig`); each trainer's own are in `GrpoOwn` and `RlooOwn`, read from the same keys
+/// ([`crate::config::Parts`]), and each trainer's `defaults()` sets its own defaults (RLOO:
+/// `beta = 0.05`, `num_generations = 2`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
 pub struct OnlineArgs {
-    /// A reward source: `model:PATH`, `command:CMD` or `combine:FILE.toml`.
+    /// A reward source: `model:PATH`, `command:CMD`, `combine:FILE.toml` or `gold:sentiment`.
     pub reward: String,
     pub num_generations: usize,
     pub max_completion_length: usize,
@@ -35,14 +36,6 @@ pub struct OnlineArgs {
     /// KL coefficient (GRPO: k3 per token; RLOO: k1 per sequence, off the reward).
     pub beta: f64,
     pub epsilon: f64,
-    /// GRPO: upper clip (DAPO's clip-higher); defaults to `epsilon`.
-    pub epsilon_high: Option<f64>,
-    /// GRPO: `grpo`, `bnpo`, `dr_grpo` or `dapo` (TRL 1.16's default).
-    pub loss_type: Option<String>,
-    /// GRPO: `group`, `batch` or `none`.
-    pub scale_rewards: Option<String>,
-    /// RLOO: whiten advantages over the batch.
-    pub normalize_advantages: bool,
     pub ref_model: Option<String>,
 }
 
@@ -60,10 +53,6 @@ impl Default for OnlineArgs {
             reward_clip: None,
             beta: 0.0,
             epsilon: 0.2,
-            epsilon_high: None,
-            loss_type: None,
-            scale_rewards: None,
-            normalize_advantages: false,
             ref_model: None,
         }
     }

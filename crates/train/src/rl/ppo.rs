@@ -24,6 +24,15 @@ use crate::rl::rollout::{batch_seed, Prompt, Rollout, RolloutArgs, Sampler};
 use crate::trainer::{Algorithm, Metrics, Split};
 use preftune_eval::sources::RewardSource;
 
+/// PPO's policy loss: the clipped surrogate, or the KL-penalised one (`kl_penalty_coef`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossVariant {
+    #[default]
+    Clip,
+    KlPenalty,
+}
+
 /// PPO's options (TRL's `PPOConfig` names where it has them).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -43,7 +52,7 @@ pub struct PpoArgs {
     /// Initial KL coefficient (fixed unless `adap_kl_ctrl`).
     pub kl_coef: f64,
     /// `k1` or `k3`.
-    pub kl_estimator: String,
+    pub kl_estimator: KlEstimator,
     /// Adaptive KL controller (Ziegler et al.): moves `kl_coef` towards `kl_target` over
     /// `kl_horizon` samples.
     pub adap_kl_ctrl: bool,
@@ -56,7 +65,7 @@ pub struct PpoArgs {
     pub vf_coef: f64,
     pub whiten_rewards: bool,
     /// `clip` (PPO-clip) or `kl_penalty` (PPO with a KL term to the rollout policy, no clipping).
-    pub loss_variant: String,
+    pub loss_variant: LossVariant,
     pub kl_penalty_coef: f64,
     /// Value model initialisation; default: the reward model (for `model:` rewards) or the policy.
     pub value_model_path: Option<String>,
@@ -80,7 +89,7 @@ impl Default for PpoArgs {
             num_ppo_epochs: 4,
             num_mini_batches: 1,
             kl_coef: 0.05,
-            kl_estimator: "k1".into(),
+            kl_estimator: KlEstimator::K1,
             adap_kl_ctrl: false,
             kl_target: 6.0,
             kl_horizon: 10000.0,
@@ -90,7 +99,7 @@ impl Default for PpoArgs {
             cliprange_value: 0.2,
             vf_coef: 0.1,
             whiten_rewards: false,
-            loss_variant: "clip".into(),
+            loss_variant: LossVariant::Clip,
             kl_penalty_coef: 0.05,
             value_model_path: None,
             shared_value_head: false,
@@ -291,7 +300,7 @@ impl Ppo {
             .iter()
             .map(|l| l.saturating_sub(1))
             .collect();
-        let est: KlEstimator = self.args.kl_estimator.parse().map_err(Error::Config)?;
+        let est = self.args.kl_estimator;
         let batch = ppo_batch(
             &PpoRollout {
                 logprobs: &old_logprobs,
@@ -375,7 +384,7 @@ impl Algorithm for Ppo {
         let (new, vpred) =
             self.response_stats(model, Some(values), &sub_rollout, &sub_plens, width)?;
         let vpred = vpred.expect("values requested");
-        let kl_penalty = self.args.loss_variant == "kl_penalty";
+        let kl_penalty = self.args.loss_variant == LossVariant::KlPenalty;
         let cliprange = if kl_penalty {
             f64::INFINITY
         } else {
@@ -596,15 +605,6 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
             "reward is required (model:PATH, command:CMD or combine:FILE.toml)".into(),
         ));
     }
-    if !matches!(a.loss_variant.as_str(), "clip" | "kl_penalty") {
-        return Err(Error::Config(format!(
-            "loss_variant `{}`: use clip or kl_penalty",
-            a.loss_variant
-        )));
-    }
-    a.kl_estimator
-        .parse::<KlEstimator>()
-        .map_err(Error::Config)?;
     let reward = RewardSource::parse(&a.reward)?;
     let load = |path: &str, trainable: bool| crate::trainer::load_model(args, path, trainable);
     let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;

@@ -3,9 +3,24 @@
 //! comes off its reward (`beta`); a clipped sequence-level ratio (`epsilon`). REINFORCE with this
 //! baseline is RLOO with one update per rollout, which is what runs here; `preftune reinforce`
 //! swaps the leave-one-out baseline for the batch mean (one sample per prompt is enough).
-use crate::config::RunConfig;
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Parts, RunConfig};
+use crate::error::Result;
 use crate::rl::online::{run_online, Objective, OnlineArgs};
+
+/// RLOO's (and REINFORCE's) own options, beside the shared [`OnlineArgs`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RlooOwn {
+    /// Whiten advantages over the batch.
+    pub normalize_advantages: bool,
+}
+
+/// Everything `preftune rloo` and `reinforce` read besides the training arguments. GRPO's own
+/// keys (`loss_type`, `scale_rewards`, `epsilon_high`) are unknown here, so a config that sets
+/// them is refused with their line.
+pub type RlooArgs = Parts<OnlineArgs, RlooOwn>;
 
 /// TRL's `RLOOConfig` defaults over the shared ones.
 pub fn defaults() -> toml::Table {
@@ -14,27 +29,12 @@ pub fn defaults() -> toml::Table {
 }
 
 /// `preftune rloo`.
-pub fn run(
-    cfg: &RunConfig<OnlineArgs>,
-    resume: bool,
-    eval_only: bool,
-) -> Result<serde_json::Value> {
-    let a = &cfg.algo;
-    for (key, set) in [
-        ("loss_type", a.loss_type.is_some()),
-        ("scale_rewards", a.scale_rewards.is_some()),
-        ("epsilon_high", a.epsilon_high.is_some()),
-    ] {
-        if set {
-            return Err(Error::Config(format!(
-                "{key} is a GRPO option; RLOO does not use it"
-            )));
-        }
-    }
+pub fn run(cfg: &RunConfig<RlooArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
+    let a = &cfg.algo.common;
     let objective = Objective::Rloo {
         beta: a.beta,
         epsilon: a.epsilon,
-        normalize_advantages: a.normalize_advantages,
+        normalize_advantages: cfg.algo.own.normalize_advantages,
         leave_one_out: true,
     };
     run_online(&cfg.args, &cfg.table, a, objective, resume, eval_only)
@@ -48,15 +48,15 @@ pub fn reinforce_defaults() -> toml::Table {
 
 /// `preftune reinforce`: REINFORCE with the batch-mean baseline, on RLOO's machinery.
 pub fn run_reinforce(
-    cfg: &RunConfig<OnlineArgs>,
+    cfg: &RunConfig<RlooArgs>,
     resume: bool,
     eval_only: bool,
 ) -> Result<serde_json::Value> {
-    let a = &cfg.algo;
+    let a = &cfg.algo.common;
     let objective = Objective::Rloo {
         beta: a.beta,
         epsilon: a.epsilon,
-        normalize_advantages: a.normalize_advantages,
+        normalize_advantages: cfg.algo.own.normalize_advantages,
         leave_one_out: false,
     };
     run_online(&cfg.args, &cfg.table, a, objective, resume, eval_only)
