@@ -7,7 +7,8 @@
 //! an evaluation of every policy (and Best-of-N over SFT samples) on held-out prefixes.
 use std::path::{Path, PathBuf};
 
-use crate::error::{bail, ensure, Context, Error, Result};
+use crate::config::{Bf16Setting, Method, PipelineConfig, RmPairs};
+use crate::error::{ensure, Context, Error, Result};
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
 use preftune_eval::sources::{sample_and_score, text_json};
@@ -19,145 +20,9 @@ use preftune_train::config::apply_set;
 use preftune_train::rl::rollout::load_prompts;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use preftune_train::evaluate::{policy_samples, prompts_per_batch, EvalSampling};
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DataCfg {
-    #[serde(default = "d_sft_reviews")]
-    sft_reviews: usize,
-    /// Words of each review kept for SFT.
-    #[serde(default = "d_sft_words")]
-    sft_words: usize,
-    #[serde(default = "d_prompts")]
-    prompts: usize,
-    #[serde(default = "d_eval_prompts")]
-    eval_prompts: usize,
-    #[serde(default = "d_prefix_min")]
-    prefix_min_tokens: usize,
-    #[serde(default = "d_prefix_max")]
-    prefix_max_tokens: usize,
-    /// Continuations sampled per prompt to build preference pairs.
-    #[serde(default = "d_samples")]
-    samples_per_prompt: usize,
-    #[serde(default = "d_new")]
-    max_new_tokens: usize,
-    /// The last this many prompts' scored samples are held out to measure the reward model's
-    /// accuracy against the gold labels (the proxy-vs-gold gap); DPO still uses their pairs.
-    #[serde(default = "d_rm_eval")]
-    rm_eval_prompts: usize,
-    /// What the reward model trains on: `best_worst` (each prompt's best and worst sample, the
-    /// pairs DPO gets) or `rankings` (every ordered pair of the samples, weighted once per prompt;
-    /// more pairs, but close ones are mostly judge noise).
-    #[serde(default = "d_rm_pairs")]
-    rm_pairs: String,
-    /// Gold-labelled pairs of real review openings added to the reward model's training data
-    /// (reviews disjoint from the others; the higher-scored half paired at random with the lower).
-    /// The gold judge labels any text, and ~150 sampled pairs alone teach a 135M reward model no
-    /// sentiment that carries to new prefixes.
-    #[serde(default)]
-    rm_review_pairs: usize,
-}
-
-fn d_rm_pairs() -> String {
-    "best_worst".into()
-}
-
-fn d_rm_eval() -> usize {
-    16
-}
-
-fn d_sft_reviews() -> usize {
-    2000
-}
-fn d_sft_words() -> usize {
-    48
-}
-fn d_prompts() -> usize {
-    256
-}
-fn d_eval_prompts() -> usize {
-    64
-}
-fn d_prefix_min() -> usize {
-    2
-}
-fn d_prefix_max() -> usize {
-    8
-}
-fn d_samples() -> usize {
-    4
-}
-fn d_new() -> usize {
-    32
-}
-fn d_n() -> usize {
-    4
-}
-/// Every method the pipeline knows, in the order results are reported.
-const METHODS: [&str; 6] = ["sft", "dpo", "ppo", "ppo-gt", "grpo", "bon"];
-
-fn d_methods() -> Vec<String> {
-    ["sft", "dpo", "ppo", "grpo", "bon"]
-        .map(String::from)
-        .to_vec()
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PipelineConfig {
-    output_dir: PathBuf,
-    /// An HF folder or a .gguf file (converted once into `output_dir/base`).
-    model: PathBuf,
-    reviews_csv: Option<PathBuf>,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default = "d_methods")]
-    methods: Vec<String>,
-    data: DataCfg,
-    /// Each trainer's table holds its own config keys (TRL's names); paths are set by the pipeline.
-    #[serde(default)]
-    sft: toml::Table,
-    #[serde(default)]
-    rm: toml::Table,
-    #[serde(default)]
-    dpo: toml::Table,
-    #[serde(default)]
-    ppo: toml::Table,
-    #[serde(default)]
-    grpo: toml::Table,
-    /// Best-of-N over SFT samples, chosen by the reward model.
-    #[serde(default = "d_n")]
-    bon_n: usize,
-    /// Samples per held-out prompt in the evaluation.
-    #[serde(default = "d_eval_n")]
-    eval_samples_per_prompt: usize,
-    /// Extra DPO runs at these betas and PPO runs at these KL coefficients, evaluated like the
-    /// others: the points of the reward-vs-KL frontier (`dpo-beta-B`, `ppo-kl-C`).
-    #[serde(default)]
-    frontier_dpo_betas: Vec<f64>,
-    #[serde(default)]
-    frontier_ppo_kl_coefs: Vec<f64>,
-    /// Mixed precision for every trainer that does not set its own `bf16`: `"auto"` (on where the
-    /// CPU has AMX or AVX-512 BF16, where it is faster), `true` or `false`.
-    #[serde(default = "d_bf16")]
-    bf16: toml::Value,
-    /// Keep each finished trainer stage's `checkpoint-*` folders (deleted by default; the final
-    /// model is what later stages and the evaluation read).
-    #[serde(default)]
-    keep_checkpoints: bool,
-}
-
-fn d_bf16() -> toml::Value {
-    toml::Value::String("auto".into())
-}
-
-fn d_eval_n() -> usize {
-    2
-}
 
 fn done(dir: &Path) -> bool {
     dir.join("done.json").exists()
@@ -506,32 +371,49 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
 
 /// One run of the pipeline from its merged config table.
 fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
-    let cfg: PipelineConfig = table
+    let cfg = resolve(config, table)?;
+    let r = Run {
+        out: cfg.output_dir.clone(),
+        cfg: &cfg,
+    };
+    std::fs::create_dir_all(&r.out)?;
+    let base = r.base_model()?;
+    let csv = cfg.reviews_csv.clone().unwrap_or_else(default_csv);
+    let reviews = read_imdb_csv(&csv)?;
+    let gold_spec = r.gold_judge(&reviews)?;
+    r.data(&base, &reviews)?;
+    let sft_dir = r.sft(&base)?;
+    r.pairs(&sft_dir, &gold_spec)?;
+    r.rm_data(&base, &reviews, &gold_spec)?;
+    let rm_spec = r.reward_model(&sft_dir)?;
+    let sweep = r.policies(&sft_dir, &rm_spec, &gold_spec)?;
+    let eval_start = std::time::Instant::now();
+    let e = r.evaluate(&sft_dir, &rm_spec, &gold_spec, sweep)?;
+    let summary = r.summarise(e.results, &e.order, eval_start.elapsed().as_secs_f64())?;
+    eprintln!(
+        "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
+        summary["gold_accuracy"], summary["reward_model_heldout"]["eval_accuracy"]
+    );
+    eprintln!("method  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
+    for l in &e.table {
+        eprintln!("{l}");
+    }
+    Ok((r.out, summary))
+}
+
+/// The config with its `bf16` resolved, and every trainer's table given the pipeline's `bf16` and
+/// `seed` unless it sets its own.
+fn resolve(config: &Path, table: toml::Table) -> Result<PipelineConfig> {
+    let mut cfg: PipelineConfig = table
         .try_into()
         .map_err(|e| Error::msg(format!("{}: {e}", config.display())))?;
-    for m in &cfg.methods {
-        ensure!(
-            METHODS.contains(&m.as_str()),
-            "{}: methods: unknown method `{m}` ({})",
-            config.display(),
-            METHODS.join(", ")
-        );
-    }
-    ensure!(
-        matches!(cfg.data.rm_pairs.as_str(), "best_worst" | "rankings"),
-        "{}: data.rm_pairs: expected `best_worst` or `rankings`, found `{}`",
-        config.display(),
-        cfg.data.rm_pairs
-    );
-    let bf16 = match &cfg.bf16 {
-        toml::Value::Boolean(b) => *b,
-        toml::Value::String(s) if s == "auto" => preftune_model::ops::bf16_gemm_available(),
-        other => bail!(
-            "{}: bf16: expected true, false or \"auto\", found {other}",
-            config.display()
-        ),
+    let bf16 = cfg.bf16.resolve();
+    cfg.bf16 = if bf16 {
+        Bf16Setting::On
+    } else {
+        Bf16Setting::Off
     };
-    let mut cfg = cfg;
+    let seed = cfg.seed as i64;
     for t in [
         &mut cfg.sft,
         &mut cfg.rm,
@@ -541,19 +423,48 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     ] {
         t.entry("bf16").or_insert(toml::Value::Boolean(bf16));
         // Each trainer follows the pipeline's seed unless its table sets its own.
-        t.entry("seed")
-            .or_insert(toml::Value::Integer(cfg.seed as i64));
+        t.entry("seed").or_insert(toml::Value::Integer(seed));
     }
-    let cfg = cfg;
-    let out = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out)?;
-    let has = |m: &str| cfg.methods.iter().any(|x| x == m);
-    let p = |s: &str| out.join(s);
-    let ps = |s: &str| out.join(s).display().to_string();
+    Ok(cfg)
+}
 
-    // Base model: a GGUF becomes an HF folder once.
-    let base = if cfg.model.is_file() {
-        let dir = p("base");
+/// What the evaluation found: results per policy, the table's lines, the policies in order.
+struct Evaluation {
+    results: serde_json::Map<String, Value>,
+    table: Vec<String>,
+    order: Vec<String>,
+}
+
+/// One run of the pipeline in `out`: each stage below is a method, cached in its own folder.
+struct Run<'a> {
+    cfg: &'a PipelineConfig,
+    out: PathBuf,
+}
+
+impl Run<'_> {
+    fn p(&self, s: &str) -> PathBuf {
+        self.out.join(s)
+    }
+
+    fn ps(&self, s: &str) -> String {
+        self.out.join(s).display().to_string()
+    }
+
+    fn has(&self, m: Method) -> bool {
+        self.cfg.methods.contains(&m)
+    }
+
+    fn bf16(&self) -> bool {
+        self.cfg.bf16 == Bf16Setting::On
+    }
+
+    /// The base model: a GGUF becomes an HF folder once.
+    fn base_model(&self) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        if !cfg.model.is_file() {
+            return Ok(cfg.model.clone());
+        }
+        let dir = self.p("base");
         if !done(&dir) {
             eprintln!(
                 "[pipeline] converting {} into {}",
@@ -563,33 +474,34 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
             Pretrained::load(&cfg.model, &LoadOptions::default())?.save(&dir)?;
             mark_done(&dir, &json!({"from": cfg.model.display().to_string()}))?;
         }
-        dir
-    } else {
-        cfg.model.clone()
-    };
+        Ok(dir)
+    }
 
-    // The gold judge, trained on the labelled reviews (held-out accuracy recorded).
-    let csv = cfg.reviews_csv.clone().unwrap_or_else(default_csv);
-    let gold_dir = p("gold");
-    let gold_file = gold_dir.join("gold-sentiment.safetensors");
-    let reviews = read_imdb_csv(&csv)?;
-    cached(
-        &gold_dir,
-        &format!("training the gold judge on {} reviews", reviews.len()),
-        || {
-            let (g, report) = GoldSentiment::train(&reviews, cfg.seed)?;
-            std::fs::create_dir_all(&gold_dir)?;
-            g.save(&gold_file)?;
-            Ok(serde_json::to_value(&report)?)
-        },
-    )?;
-    let gold_report = read_done(&gold_dir)?;
-    let gold_spec = format!("gold:sentiment={}", gold_file.display());
+    /// The gold judge, trained on the labelled reviews (held-out accuracy recorded); returns its
+    /// reward source.
+    fn gold_judge(&self, reviews: &[(String, bool)]) -> Result<String> {
+        let gold_dir = self.p("gold");
+        let gold_file = gold_dir.join("gold-sentiment.safetensors");
+        cached(
+            &gold_dir,
+            &format!("training the gold judge on {} reviews", reviews.len()),
+            || {
+                let (g, report) = GoldSentiment::train(reviews, self.cfg.seed)?;
+                std::fs::create_dir_all(&gold_dir)?;
+                g.save(&gold_file)?;
+                Ok(serde_json::to_value(&report)?)
+            },
+        )?;
+        Ok(format!("gold:sentiment={}", gold_file.display()))
+    }
 
-    // Data: SFT text and prompts from disjoint reviews.
-    let data_dir = p("data");
-    if !done(&data_dir) {
-        let tok = Pretrained::load(&base, &LoadOptions::default())?.tokenizer;
+    /// Data: SFT text and prompts from disjoint reviews.
+    fn data(&self, base: &Path, reviews: &[(String, bool)]) -> Result<()> {
+        let (cfg, data_dir) = (self.cfg, self.p("data"));
+        if done(&data_dir) {
+            return Ok(());
+        }
+        let tok = Pretrained::load(base, &LoadOptions::default())?.tokenizer;
         let (idx, mut rng) = review_order(reviews.len(), cfg.seed);
         let d = &cfg.data;
         ensure!(
@@ -626,385 +538,425 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         mark_done(
             &data_dir,
             &json!({"sft": sft.len(), "prompts": prompts.len(), "eval_prompts": eval.len()}),
-        )?;
+        )
     }
 
-    // SFT so the model writes reviews.
-    let sft_dir = p("sft");
-    stage(
-        &sft_dir,
-        "SFT",
-        preftune_train::sft::defaults(),
-        &cfg.sft,
-        &[
-            format!("model_name_or_path={}", base.display()),
-            format!("train_file={}", ps("data/sft.jsonl")),
-            format!("output_dir={}", sft_dir.display()),
-        ],
-        preftune_train::sft::run,
-        cfg.keep_checkpoints,
-    )?;
-    let sft_path = sft_dir.display().to_string();
-
-    // Preference data from several SFT samples per prefix, scored by the gold judge: best vs
-    // worst pairs for DPO, and the scored samples as rankings (every ordered pair) for the reward
-    // model, whose last `rm_eval_prompts` prompts are held out to measure its accuracy.
-    let pairs_dir = p("pairs");
-    cached(&pairs_dir, "sampling and labelling pairs", || {
-        // Training data, so sampled as the trainers run: in bf16 when the run is (the evaluation
-        // below stays f32).
-        let _bf16 = preftune_model::ops::Bf16Scope::new(bf16);
-        let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
-        let gold = RewardSource::parse(&gold_spec)?;
-        let (prompts, _) = load_prompts(&p("data/prompts.jsonl"), &sft.tokenizer, None)?;
-        let mut pairs = vec![];
-        let mut all = vec![];
-        // A sample that is only EOS has no text to prefer or learn from; such samples are
-        // dropped from the pairs and rankings and counted.
-        let mut empty = 0;
-        for (b, chunk) in prompts.chunks(8).enumerate() {
-            let batch: Vec<(Text, bool)> = chunk.iter().map(|x| (x.text.clone(), false)).collect();
-            let s = SamplingConfig {
-                max_new_tokens: cfg.data.max_new_tokens,
-                temperature: 1.0,
-                seed: cfg.seed.wrapping_add(b as u64),
-                eos_token_ids: sft.eos_token_ids(),
-                pad_token_id: sft.pad_token_id(),
-                ..Default::default()
-            };
-            let cands = sample_and_score(&sft, &gold, &batch, cfg.data.samples_per_prompt, &s)?;
-            for ((prompt, _), c) in batch.iter().zip(cands) {
-                let Text::Plain(prompt) = prompt else {
-                    continue;
-                };
-                let (pair, ranking, dropped) = label_samples(prompt, c.responses, c.rewards);
-                empty += dropped;
-                pairs.extend(pair);
-                all.extend(ranking);
-            }
-        }
-        let held = cfg.data.rm_eval_prompts.min(all.len() / 2);
-        let (rm_train, rm_eval) = all.split_at(all.len() - held);
-        let eval_prompts: std::collections::HashSet<&Value> =
-            rm_eval.iter().map(|r| &r["prompt"]).collect();
-        let rm_pairs: Vec<Value> = pairs
-            .iter()
-            .filter(|r| !eval_prompts.contains(&r["prompt"]))
-            .cloned()
-            .collect();
-        std::fs::create_dir_all(&pairs_dir)?;
-        write_jsonl(&pairs_dir.join("pairs.jsonl"), &pairs)?;
-        write_jsonl(&pairs_dir.join("rm-pairs.jsonl"), &rm_pairs)?;
-        write_jsonl(&pairs_dir.join("rankings.jsonl"), rm_train)?;
-        write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
-        Ok(
-            json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
-                  "rm_eval_prompts": rm_eval.len(), "empty_responses_dropped": empty}),
-        )
-    })?;
-    let pairs_file = ps("pairs/pairs.jsonl");
-
-    // The reward model's training file: its share of the sampled pairs (or rankings), plus
-    // gold-labelled pairs of real review openings when `rm_review_pairs` asks for them.
-    let rm_data = p("rm-data");
-    let rankings = cfg.data.rm_pairs == "rankings";
-    cached(&rm_data, "reward-model data", || {
-        let mut rows = preftune_model::io::read_jsonl(&p(if rankings {
-            "pairs/rankings.jsonl"
-        } else {
-            "pairs/rm-pairs.jsonl"
-        }))?;
-        let sampled = rows.len();
-        let review_pairs = review_pairs(&cfg, &base, &reviews, &gold_spec)?;
-        let n_review = review_pairs.len();
-        rows.extend(review_pairs.into_iter().map(|(hi, lo)| {
-            if rankings {
-                json!({"prompt": "", "responses": [hi.0, lo.0], "scores": [hi.1, lo.1]})
-            } else {
-                json!({"prompt": "", "chosen": hi.0, "rejected": lo.0})
-            }
-        }));
-        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
-        std::fs::create_dir_all(&rm_data)?;
-        write_jsonl(&rm_data.join("train.jsonl"), &rows)?;
-        Ok(json!({"sampled": sampled, "review_pairs": n_review, "rows": rows.len()}))
-    })?;
-
-    // The reward model on the gold-labelled pairs (the proxy PPO and Best-of-N optimise).
-    let rm_dir = p("rm");
-    if has("ppo") || has("bon") || has("grpo") {
+    /// SFT so the model writes reviews.
+    fn sft(&self, base: &Path) -> Result<PathBuf> {
+        let sft_dir = self.p("sft");
         stage(
-            &rm_dir,
-            "reward model",
-            preftune_train::reward::defaults(),
-            &cfg.rm,
+            &sft_dir,
+            "SFT",
+            preftune_train::sft::defaults(),
+            &self.cfg.sft,
             &[
-                format!("model_name_or_path={sft_path}"),
-                format!("train_file={}", ps("rm-data/train.jsonl")),
-                format!("output_dir={}", rm_dir.display()),
-            ]
-            .into_iter()
-            .chain(
-                std::fs::metadata(p("pairs/rankings-eval.jsonl"))
-                    .is_ok_and(|m| m.len() > 0)
-                    .then(|| format!("eval_file={}", ps("pairs/rankings-eval.jsonl"))),
-            )
-            .collect::<Vec<_>>(),
-            preftune_train::reward::run,
-            cfg.keep_checkpoints,
+                format!("model_name_or_path={}", base.display()),
+                format!("train_file={}", self.ps("data/sft.jsonl")),
+                format!("output_dir={}", sft_dir.display()),
+            ],
+            preftune_train::sft::run,
+            self.cfg.keep_checkpoints,
         )?;
-    }
-    let rm_spec = format!("model:{}", rm_dir.display());
-    let reward_of = |t: &toml::Table| -> Vec<String> {
-        // `reward` in a method's table may name "rm" or "gold"; the default is the reward model.
-        let r = t.get("reward").and_then(|v| v.as_str()).unwrap_or("rm");
-        let spec = match r {
-            "rm" => rm_spec.clone(),
-            "gold" => gold_spec.clone(),
-            other => other.to_string(),
-        };
-        vec![format!("reward=\"{}\"", spec.replace('"', "\\\""))]
-    };
-
-    // DPO on the pairs; PPO and GRPO on the prompts with the reward model (or gold); the frontier
-    // sweeps repeat DPO and PPO at other betas / KL coefficients.
-    let online_sets = |dir: &str, table: &toml::Table, extra: Option<String>| -> Vec<String> {
-        let mut v = vec![
-            format!("model_name_or_path={sft_path}"),
-            format!("train_file={}", ps("data/prompts.jsonl")),
-            format!("output_dir={}", ps(dir)),
-        ];
-        v.extend(reward_of(table));
-        v.extend(extra);
-        v
-    };
-    use preftune_train::dpo;
-    use preftune_train::rl::{grpo, ppo};
-    // One DPO or PPO stage in `dir`, with an extra `key=value` (a swept beta or KL coefficient).
-    let dpo_stage = |dir: &str, label: &str, extra: Option<String>| -> Result<()> {
-        let mut sets = vec![
-            format!("model_name_or_path={sft_path}"),
-            format!("train_file={pairs_file}"),
-            format!("output_dir={}", ps(dir)),
-        ];
-        sets.extend(extra);
-        stage(
-            &p(dir),
-            label,
-            dpo::defaults(),
-            &cfg.dpo,
-            &sets,
-            dpo::run,
-            cfg.keep_checkpoints,
-        )
-    };
-    let ppo_stage =
-        |dir: &str, label: &str, table: &toml::Table, extra: Option<String>| -> Result<()> {
-            let sets = online_sets(dir, table, extra);
-            stage(
-                &p(dir),
-                label,
-                ppo::defaults(),
-                table,
-                &sets,
-                ppo::run,
-                cfg.keep_checkpoints,
-            )
-        };
-    if has("dpo") {
-        dpo_stage("dpo", "DPO", None)?;
-    }
-    let mut sweep: Vec<String> = vec![];
-    for beta in &cfg.frontier_dpo_betas {
-        let name = format!("dpo-beta-{beta}");
-        dpo_stage(
-            &name,
-            &format!("DPO, beta {beta}"),
-            Some(format!("beta={beta}")),
-        )?;
-        sweep.push(name);
-    }
-    for kl in &cfg.frontier_ppo_kl_coefs {
-        let name = format!("ppo-kl-{kl}");
-        let label = format!("PPO, kl_coef {kl}");
-        ppo_stage(&name, &label, &cfg.ppo, Some(format!("kl_coef={kl}")))?;
-        sweep.push(name);
-    }
-    if has("ppo") {
-        ppo_stage("ppo", "PPO", &cfg.ppo, None)?;
-    }
-    // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
-    // what PPO gets from a perfect reward model.
-    if has("ppo-gt") {
-        let mut table = cfg.ppo.clone();
-        table.insert("reward".into(), "gold".into());
-        ppo_stage("ppo-gt", "PPO with the gold reward (PPO-GT)", &table, None)?;
-    }
-    if has("grpo") {
-        let sets = online_sets("grpo", &cfg.grpo, None);
-        stage(
-            &p("grpo"),
-            "GRPO",
-            grpo::defaults(),
-            &cfg.grpo,
-            &sets,
-            grpo::run,
-            cfg.keep_checkpoints,
-        )?;
+        Ok(sft_dir)
     }
 
-    // Evaluation on held-out prefixes: gold reward, KL to SFT, win rate against SFT, lengths.
-    eprintln!("[pipeline] evaluating");
-    let eval_start = std::time::Instant::now();
-    let sft = Pretrained::load(&sft_dir, &LoadOptions::default())?;
-    let gold = RewardSource::parse(&gold_spec)?;
-    let (eval_prompts, _) = load_prompts(&p("data/eval_prompts.jsonl"), &sft.tokenizer, None)?;
-    let sampling = EvalSampling {
-        max_new_tokens: cfg.data.max_new_tokens,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: cfg.seed.wrapping_add(7),
-    };
-    let n = cfg.eval_samples_per_prompt;
-    let mut results = serde_json::Map::new();
-    let mut table = vec![];
-    let mut sft_gold: Vec<f64> = vec![];
-    let mut sft_words: Option<f64> = None;
-    // Trained policies in METHODS order, then the sweeps, then Best-of-N.
-    let mut order: Vec<String> = METHODS
-        .iter()
-        .filter(|m| **m != "bon" && has(m))
-        .map(|m| m.to_string())
-        .collect();
-    order.extend(sweep);
-    if has("bon") {
-        order.push("bon".into());
-    }
-    for m in order.iter().map(String::as_str) {
-        let (rewards, kls, texts): (Vec<f64>, Vec<f64>, Vec<String>) = if m == "bon" {
-            // Best of `bon_n` SFT samples by the reward model, judged by gold; KL as the DPO paper
-            // bounds it: log N - (N - 1) / N.
-            let proxy = RewardSource::parse(&rm_spec)?;
-            let k = cfg.bon_n;
-            let mut r = vec![];
-            let mut t = vec![];
-            let mut rows = vec![];
-            for (b, chunk) in eval_prompts.chunks(prompts_per_batch(k)).enumerate() {
+    /// Preference data from several SFT samples per prefix, scored by the gold judge: best vs
+    /// worst pairs for DPO, and the scored samples as rankings (every ordered pair) for the reward
+    /// model, whose last `rm_eval_prompts` prompts are held out to measure its accuracy.
+    fn pairs(&self, sft_dir: &Path, gold_spec: &str) -> Result<()> {
+        let (cfg, pairs_dir) = (self.cfg, self.p("pairs"));
+        cached(&pairs_dir, "sampling and labelling pairs", || {
+            // Training data, so sampled as the trainers run: in bf16 when the run is (the
+            // evaluation stays f32).
+            let _bf16 = preftune_model::ops::Bf16Scope::new(self.bf16());
+            let sft = Pretrained::load(sft_dir, &LoadOptions::default())?;
+            let gold = RewardSource::parse(gold_spec)?;
+            let (prompts, _) = load_prompts(&self.p("data/prompts.jsonl"), &sft.tokenizer, None)?;
+            let mut pairs = vec![];
+            let mut all = vec![];
+            // A sample that is only EOS has no text to prefer or learn from; such samples are
+            // dropped from the pairs and rankings and counted.
+            let mut empty = 0;
+            for (b, chunk) in prompts.chunks(8).enumerate() {
                 let batch: Vec<(Text, bool)> =
                     chunk.iter().map(|x| (x.text.clone(), false)).collect();
                 let s = SamplingConfig {
                     max_new_tokens: cfg.data.max_new_tokens,
                     temperature: 1.0,
-                    seed: cfg.seed.wrapping_add(1000 + b as u64),
+                    seed: cfg.seed.wrapping_add(b as u64),
                     eos_token_ids: sft.eos_token_ids(),
                     pad_token_id: sft.pad_token_id(),
                     ..Default::default()
                 };
-                for rep in 0..n {
-                    let s = SamplingConfig {
-                        seed: s.seed.wrapping_mul(31).wrapping_add(rep as u64),
-                        ..s.clone()
+                let cands = sample_and_score(&sft, &gold, &batch, cfg.data.samples_per_prompt, &s)?;
+                for ((prompt, _), c) in batch.iter().zip(cands) {
+                    let Text::Plain(prompt) = prompt else {
+                        continue;
                     };
-                    let cands = sample_and_score(&sft, &proxy, &batch, k, &s)?;
-                    for ((prompt, _), c) in batch.iter().zip(cands) {
-                        let best = c.responses[c.best()].clone();
-                        let g = gold.score(&[preftune_eval::Sample {
-                            prompt: prompt.clone(),
-                            response: best.clone(),
-                            risky: false,
-                        }])?[0];
-                        rows.push(json!({"prompt": text_json(prompt), "response": best, "gold_reward": g}));
-                        r.push(g);
-                        t.push(best);
-                    }
+                    let (pair, ranking, dropped) = label_samples(prompt, c.responses, c.rewards);
+                    empty += dropped;
+                    pairs.extend(pair);
+                    all.extend(ranking);
                 }
             }
-            write_jsonl(&p("samples-bon.jsonl"), &rows)?;
-            let kl = (k as f64).ln() - (k as f64 - 1.0) / k as f64;
-            let kls = vec![kl; r.len()];
-            (r, kls, t)
-        } else {
-            let dir = p(m);
-            let policy = Pretrained::load(&dir, &LoadOptions::default())?;
-            let s = policy_samples(&policy, &sft, &eval_prompts, n, &sampling, &gold)?;
-            let rows: Vec<Value> = s
+            let held = cfg.data.rm_eval_prompts.min(all.len() / 2);
+            let (rm_train, rm_eval) = all.split_at(all.len() - held);
+            let eval_prompts: std::collections::HashSet<&Value> =
+                rm_eval.iter().map(|r| &r["prompt"]).collect();
+            let rm_pairs: Vec<Value> = pairs
                 .iter()
-                .map(|x| json!({"prompt": text_json(&eval_prompts[x.prompt].text), "response": x.response,
-                                "gold_reward": x.reward, "kl_to_sft": x.kl}))
+                .filter(|r| !eval_prompts.contains(&r["prompt"]))
+                .cloned()
                 .collect();
-            write_jsonl(&p(&format!("samples-{m}.jsonl")), &rows)?;
-            (
-                s.iter().map(|x| x.reward).collect(),
-                s.iter().map(|x| x.kl).collect(),
-                s.iter().map(|x| x.response.clone()).collect(),
+            std::fs::create_dir_all(&pairs_dir)?;
+            write_jsonl(&pairs_dir.join("pairs.jsonl"), &pairs)?;
+            write_jsonl(&pairs_dir.join("rm-pairs.jsonl"), &rm_pairs)?;
+            write_jsonl(&pairs_dir.join("rankings.jsonl"), rm_train)?;
+            write_jsonl(&pairs_dir.join("rankings-eval.jsonl"), rm_eval)?;
+            Ok(
+                json!({"pairs": pairs.len(), "prompts": all.len(), "rm_train_prompts": rm_train.len(),
+                      "rm_eval_prompts": rm_eval.len(), "empty_responses_dropped": empty}),
+            )
+        })
+    }
+
+    /// The reward model's training file: its share of the sampled pairs (or rankings), plus
+    /// gold-labelled pairs of real review openings when `rm_review_pairs` asks for them.
+    fn rm_data(&self, base: &Path, reviews: &[(String, bool)], gold_spec: &str) -> Result<()> {
+        let (cfg, rm_data) = (self.cfg, self.p("rm-data"));
+        let rankings = cfg.data.rm_pairs == RmPairs::Rankings;
+        cached(&rm_data, "reward-model data", || {
+            let mut rows = preftune_model::io::read_jsonl(&self.p(if rankings {
+                "pairs/rankings.jsonl"
+            } else {
+                "pairs/rm-pairs.jsonl"
+            }))?;
+            let sampled = rows.len();
+            let review_pairs = review_pairs(cfg, base, reviews, gold_spec)?;
+            let n_review = review_pairs.len();
+            rows.extend(review_pairs.into_iter().map(|(hi, lo)| {
+                if rankings {
+                    json!({"prompt": "", "responses": [hi.0, lo.0], "scores": [hi.1, lo.1]})
+                } else {
+                    json!({"prompt": "", "chosen": hi.0, "rejected": lo.0})
+                }
+            }));
+            rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
+            std::fs::create_dir_all(&rm_data)?;
+            write_jsonl(&rm_data.join("train.jsonl"), &rows)?;
+            Ok(json!({"sampled": sampled, "review_pairs": n_review, "rows": rows.len()}))
+        })
+    }
+
+    /// The reward model on the gold-labelled pairs (the proxy PPO, GRPO and Best-of-N optimise),
+    /// when one of them runs; returns its reward source.
+    fn reward_model(&self, sft_dir: &Path) -> Result<String> {
+        let rm_dir = self.p("rm");
+        if self.has(Method::Ppo) || self.has(Method::Bon) || self.has(Method::Grpo) {
+            stage(
+                &rm_dir,
+                "reward model",
+                preftune_train::reward::defaults(),
+                &self.cfg.rm,
+                &[
+                    format!("model_name_or_path={}", sft_dir.display()),
+                    format!("train_file={}", self.ps("rm-data/train.jsonl")),
+                    format!("output_dir={}", rm_dir.display()),
+                ]
+                .into_iter()
+                .chain(
+                    std::fs::metadata(self.p("pairs/rankings-eval.jsonl"))
+                        .is_ok_and(|m| m.len() > 0)
+                        .then(|| format!("eval_file={}", self.ps("pairs/rankings-eval.jsonl"))),
+                )
+                .collect::<Vec<_>>(),
+                preftune_train::reward::run,
+                self.cfg.keep_checkpoints,
+            )?;
+        }
+        Ok(format!("model:{}", rm_dir.display()))
+    }
+
+    /// DPO on the pairs; PPO and GRPO on the prompts with the reward model (or gold); the frontier
+    /// sweeps repeat DPO and PPO at other betas / KL coefficients. Returns the sweeps' folders.
+    fn policies(&self, sft_dir: &Path, rm_spec: &str, gold_spec: &str) -> Result<Vec<String>> {
+        use preftune_train::dpo;
+        use preftune_train::rl::{grpo, ppo};
+        let cfg = self.cfg;
+        let sft_path = sft_dir.display().to_string();
+        let reward_of = |t: &toml::Table| -> Vec<String> {
+            // `reward` in a method's table may name "rm" or "gold"; the default is the reward model.
+            let r = t.get("reward").and_then(|v| v.as_str()).unwrap_or("rm");
+            let spec = match r {
+                "rm" => rm_spec,
+                "gold" => gold_spec,
+                other => other,
+            };
+            vec![format!("reward=\"{}\"", spec.replace('"', "\\\""))]
+        };
+        let online_sets = |dir: &str, table: &toml::Table, extra: Option<String>| -> Vec<String> {
+            let mut v = vec![
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={}", self.ps("data/prompts.jsonl")),
+                format!("output_dir={}", self.ps(dir)),
+            ];
+            v.extend(reward_of(table));
+            v.extend(extra);
+            v
+        };
+        // One DPO or PPO stage in `dir`, with an extra `key=value` (a swept beta or KL coefficient).
+        let dpo_stage = |dir: &str, label: &str, extra: Option<String>| -> Result<()> {
+            let mut sets = vec![
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={}", self.ps("pairs/pairs.jsonl")),
+                format!("output_dir={}", self.ps(dir)),
+            ];
+            sets.extend(extra);
+            stage(
+                &self.p(dir),
+                label,
+                dpo::defaults(),
+                &cfg.dpo,
+                &sets,
+                dpo::run,
+                cfg.keep_checkpoints,
             )
         };
-        if m == "sft" {
-            sft_gold = rewards.clone();
+        let ppo_stage =
+            |dir: &str, label: &str, table: &toml::Table, extra: Option<String>| -> Result<()> {
+                let sets = online_sets(dir, table, extra);
+                stage(
+                    &self.p(dir),
+                    label,
+                    ppo::defaults(),
+                    table,
+                    &sets,
+                    ppo::run,
+                    cfg.keep_checkpoints,
+                )
+            };
+        if self.has(Method::Dpo) {
+            dpo_stage("dpo", "DPO", None)?;
         }
-        let wr =
-            (m != "sft" && sft_gold.len() == rewards.len()).then(|| win_rate(&rewards, &sft_gold));
-        let gr = mean_ci(&rewards);
-        let kl = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
-        let len = lengths(&texts, Some(&rewards));
-        if m == "sft" {
-            sft_words = Some(len.mean_words);
+        let mut sweep: Vec<String> = vec![];
+        for beta in &cfg.frontier_dpo_betas {
+            let name = format!("dpo-beta-{beta}");
+            dpo_stage(
+                &name,
+                &format!("DPO, beta {beta}"),
+                Some(format!("beta={beta}")),
+            )?;
+            sweep.push(name);
         }
-        let flag = sft_words
-            .filter(|_| m != "sft")
-            .and_then(|s| length_flag(len.mean_words, s));
-        table.push(format!(
-            "{m:<5} gold {:>7.3}  KL {:>7.3}  win vs SFT {}  words {:.1}{}",
-            gr.mean,
-            kl,
-            wr.as_ref()
-                .map_or("   -  ".to_string(), |w| format!("{:.3}", w.win_rate)),
-            len.mean_words,
-            flag.map_or(String::new(), |f| format!(
-                "  [{f} than SFT: reward hacking?]"
-            ))
-        ));
-        results.insert(
-            m.to_string(),
-            json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len,
-                   "length_flag": flag}),
-        );
+        for kl in &cfg.frontier_ppo_kl_coefs {
+            let name = format!("ppo-kl-{kl}");
+            let label = format!("PPO, kl_coef {kl}");
+            ppo_stage(&name, &label, &cfg.ppo, Some(format!("kl_coef={kl}")))?;
+            sweep.push(name);
+        }
+        if self.has(Method::Ppo) {
+            ppo_stage("ppo", "PPO", &cfg.ppo, None)?;
+        }
+        // The DPO paper's PPO-GT: the same PPO against the gold judge itself, the upper bound of
+        // what PPO gets from a perfect reward model.
+        if self.has(Method::PpoGt) {
+            let mut table = cfg.ppo.clone();
+            table.insert("reward".into(), "gold".into());
+            ppo_stage("ppo-gt", "PPO with the gold reward (PPO-GT)", &table, None)?;
+        }
+        if self.has(Method::Grpo) {
+            let sets = online_sets("grpo", &cfg.grpo, None);
+            stage(
+                &self.p("grpo"),
+                "GRPO",
+                grpo::defaults(),
+                &cfg.grpo,
+                &sets,
+                grpo::run,
+                cfg.keep_checkpoints,
+            )?;
+        }
+        Ok(sweep)
     }
-    // Seconds per stage (from each stage's done.json: cached stages keep their first timing;
-    // Best-of-N has no stage of its own, its sampling is part of the evaluation).
-    let mut seconds = serde_json::Map::new();
-    for name in ["gold", "pairs", "sft", "rm-data", "rm"]
-        .into_iter()
-        .chain(order.iter().map(String::as_str))
-    {
-        if let Some(x) = read_done(&p(name))
-            .ok()
-            .and_then(|v| v.get("stage_seconds").cloned())
+
+    /// Best of `bon_n` SFT samples by the reward model, judged by gold: the rewards and responses.
+    fn best_of_n(
+        &self,
+        sft: &Pretrained,
+        eval_prompts: &[preftune_train::rl::rollout::Prompt],
+        rm_spec: &str,
+        gold: &RewardSource,
+    ) -> Result<(Vec<f64>, Vec<String>)> {
+        let cfg = self.cfg;
+        let proxy = RewardSource::parse(rm_spec)?;
+        let (k, n) = (cfg.bon_n, cfg.eval_samples_per_prompt);
+        let mut r = vec![];
+        let mut t = vec![];
+        let mut rows = vec![];
+        for (b, chunk) in eval_prompts.chunks(prompts_per_batch(k)).enumerate() {
+            let batch: Vec<(Text, bool)> = chunk.iter().map(|x| (x.text.clone(), false)).collect();
+            let s = SamplingConfig {
+                max_new_tokens: cfg.data.max_new_tokens,
+                temperature: 1.0,
+                seed: cfg.seed.wrapping_add(1000 + b as u64),
+                eos_token_ids: sft.eos_token_ids(),
+                pad_token_id: sft.pad_token_id(),
+                ..Default::default()
+            };
+            for rep in 0..n {
+                let s = SamplingConfig {
+                    seed: s.seed.wrapping_mul(31).wrapping_add(rep as u64),
+                    ..s.clone()
+                };
+                let cands = sample_and_score(sft, &proxy, &batch, k, &s)?;
+                for ((prompt, _), c) in batch.iter().zip(cands) {
+                    let best = c.responses[c.best()].clone();
+                    let g = gold.score(&[preftune_eval::Sample {
+                        prompt: prompt.clone(),
+                        response: best.clone(),
+                        risky: false,
+                    }])?[0];
+                    rows.push(
+                        json!({"prompt": text_json(prompt), "response": best, "gold_reward": g}),
+                    );
+                    r.push(g);
+                    t.push(best);
+                }
+            }
+        }
+        write_jsonl(&self.p("samples-bon.jsonl"), &rows)?;
+        Ok((r, t))
+    }
+
+    /// Evaluation on held-out prefixes: gold reward, KL to SFT, win rate against SFT, lengths.
+    fn evaluate(
+        &self,
+        sft_dir: &Path,
+        rm_spec: &str,
+        gold_spec: &str,
+        sweep: Vec<String>,
+    ) -> Result<Evaluation> {
+        eprintln!("[pipeline] evaluating");
+        let cfg = self.cfg;
+        let sft = Pretrained::load(sft_dir, &LoadOptions::default())?;
+        let gold = RewardSource::parse(gold_spec)?;
+        let (eval_prompts, _) =
+            load_prompts(&self.p("data/eval_prompts.jsonl"), &sft.tokenizer, None)?;
+        let sampling = EvalSampling {
+            max_new_tokens: cfg.data.max_new_tokens,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: cfg.seed.wrapping_add(7),
+        };
+        let n = cfg.eval_samples_per_prompt;
+        let mut results = serde_json::Map::new();
+        let mut table = vec![];
+        let mut sft_gold: Vec<f64> = vec![];
+        let mut sft_words: Option<f64> = None;
+        // Trained policies in `Method::ALL` order, then the sweeps, then Best-of-N.
+        let mut order: Vec<String> = Method::ALL
+            .iter()
+            .filter(|m| **m != Method::Bon && self.has(**m))
+            .map(|m| m.name().to_string())
+            .collect();
+        order.extend(sweep);
+        if self.has(Method::Bon) {
+            order.push(Method::Bon.name().into());
+        }
+        for m in order.iter().map(String::as_str) {
+            let (rewards, kls, texts): (Vec<f64>, Vec<f64>, Vec<String>) = if m == "bon" {
+                let (r, t) = self.best_of_n(&sft, &eval_prompts, rm_spec, &gold)?;
+                // KL as the DPO paper bounds it: log N - (N - 1) / N.
+                let k = cfg.bon_n as f64;
+                let kl = k.ln() - (k - 1.0) / k;
+                (r.clone(), vec![kl; r.len()], t)
+            } else {
+                let policy = Pretrained::load(&self.p(m), &LoadOptions::default())?;
+                let s = policy_samples(&policy, &sft, &eval_prompts, n, &sampling, &gold)?;
+                let rows: Vec<Value> = s
+                    .iter()
+                    .map(|x| json!({"prompt": text_json(&eval_prompts[x.prompt].text), "response": x.response,
+                                    "gold_reward": x.reward, "kl_to_sft": x.kl}))
+                    .collect();
+                write_jsonl(&self.p(&format!("samples-{m}.jsonl")), &rows)?;
+                (
+                    s.iter().map(|x| x.reward).collect(),
+                    s.iter().map(|x| x.kl).collect(),
+                    s.iter().map(|x| x.response.clone()).collect(),
+                )
+            };
+            if m == "sft" {
+                sft_gold = rewards.clone();
+            }
+            let wr = (m != "sft" && sft_gold.len() == rewards.len())
+                .then(|| win_rate(&rewards, &sft_gold));
+            let gr = mean_ci(&rewards);
+            let kl = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
+            let len = lengths(&texts, Some(&rewards));
+            if m == "sft" {
+                sft_words = Some(len.mean_words);
+            }
+            let flag = sft_words
+                .filter(|_| m != "sft")
+                .and_then(|s| length_flag(len.mean_words, s));
+            table.push(format!(
+                "{m:<5} gold {:>7.3}  KL {:>7.3}  win vs SFT {}  words {:.1}{}",
+                gr.mean,
+                kl,
+                wr.as_ref()
+                    .map_or("   -  ".to_string(), |w| format!("{:.3}", w.win_rate)),
+                len.mean_words,
+                flag.map_or(String::new(), |f| format!(
+                    "  [{f} than SFT: reward hacking?]"
+                ))
+            ));
+            results.insert(
+                m.to_string(),
+                json!({"gold_reward": gr, "kl_to_sft": kl, "win_rate_vs_sft": wr, "length": len,
+                       "length_flag": flag}),
+            );
+        }
+        Ok(Evaluation {
+            results,
+            table,
+            order,
+        })
+    }
+
+    /// `results.json`: every policy's results, the gold judge's and the reward model's held-out
+    /// accuracy, and the seconds per stage.
+    fn summarise(
+        &self,
+        results: serde_json::Map<String, Value>,
+        order: &[String],
+        eval_seconds: f64,
+    ) -> Result<Value> {
+        // Seconds per stage (from each stage's done.json: cached stages keep their first timing;
+        // Best-of-N has no stage of its own, its sampling is part of the evaluation).
+        let mut seconds = serde_json::Map::new();
+        for name in ["gold", "pairs", "sft", "rm-data", "rm"]
+            .into_iter()
+            .chain(order.iter().map(String::as_str))
         {
-            seconds.insert(name.to_string(), x);
+            if let Some(x) = read_done(&self.p(name))
+                .ok()
+                .and_then(|v| v.get("stage_seconds").cloned())
+            {
+                seconds.insert(name.to_string(), x);
+            }
         }
+        seconds.insert("evaluation".into(), json!(eval_seconds));
+        let gold_report = read_done(&self.p("gold"))?;
+        let rm_eval = read_done(&self.p("rm")).map_or(Value::Null, |v| v["eval"].clone());
+        let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
+                             "reward_model_heldout": rm_eval, "methods": results,
+                             "reward_model_data": read_done(&self.p("rm-data"))?, "bf16": self.bf16(),
+                             "stage_seconds": seconds, "output_dir": self.out.display().to_string(),
+                             "seed": self.cfg.seed});
+        preftune_model::io::write_json(&self.p("results.json"), &summary)?;
+        Ok(summary)
     }
-    seconds.insert(
-        "evaluation".into(),
-        json!(eval_start.elapsed().as_secs_f64()),
-    );
-    let rm_eval = read_done(&rm_dir).map_or(Value::Null, |v| v["eval"].clone());
-    let summary = json!({"gold_accuracy": gold_report["heldout_accuracy"], "gold": gold_report,
-                         "reward_model_heldout": rm_eval, "methods": results,
-                         "reward_model_data": read_done(&rm_data)?, "bf16": bf16,
-                         "stage_seconds": seconds, "output_dir": out.display().to_string(),
-                         "seed": cfg.seed});
-    preftune_model::io::write_json(&p("results.json"), &summary)?;
-    eprintln!(
-        "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
-        gold_report["heldout_accuracy"], summary["reward_model_heldout"]["eval_accuracy"]
-    );
-    eprintln!("method  gold reward, KL to SFT, win rate vs SFT (gold judge), mean words");
-    for l in &table {
-        eprintln!("{l}");
-    }
-    Ok((out, summary))
 }
 
 #[cfg(test)]
