@@ -276,9 +276,7 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 fn deserialize_noting_unknown<T: DeserializeOwned>(
     table: &toml::Table,
     unknown: &mut Vec<String>,
-    file_text: &str,
-    origin: &str,
-    from_file: bool,
+    src: &Source,
 ) -> Result<T> {
     let text = toml::to_string(table).expect("a toml::Table always serialises");
     let fail = |e: toml::de::Error| {
@@ -297,10 +295,9 @@ fn deserialize_noting_unknown<T: DeserializeOwned>(
                 .split_once('=')
                 .map(|(k, _)| k.trim().trim_matches('"').to_string())
         });
-        let place = match key.as_deref().and_then(|k| line_of(file_text, k)) {
-            Some(l) if from_file => format!("{origin}:{l}"),
-            _ if key.is_some() => format!("{origin} or --set"),
-            _ => origin.to_string(),
+        let place = match &key {
+            Some(k) => src.place_of(k),
+            None => src.origin.clone(),
         };
         let field = key.map(|k| format!("{k}: ")).unwrap_or_default();
         Error::Config(format!("{place}: {field}{}", e.message()))
@@ -410,6 +407,8 @@ macro_rules! one_struct_options {
 /// The merged configuration (defaults, then the file, then `--set`) and where it came from.
 struct Source {
     table: toml::Table,
+    /// The `--set` overrides, as given.
+    sets: Vec<String>,
     /// The file's text (empty without a file), to find a key's line.
     text: String,
     origin: String,
@@ -449,6 +448,7 @@ impl Source {
         }
         let src = Source {
             table,
+            sets: sets.to_vec(),
             text,
             origin,
             from_file: path.is_some(),
@@ -457,13 +457,21 @@ impl Source {
     }
 
     fn read<T: DeserializeOwned>(&self, unknown: &mut Vec<String>) -> Result<T> {
-        deserialize_noting_unknown(
-            &self.table,
-            unknown,
-            &self.text,
-            &self.origin,
-            self.from_file,
-        )
+        deserialize_noting_unknown(&self.table, unknown, self)
+    }
+
+    /// Where `key` was set: `--set`, else `FILE:LINE`, else the file or `--set`.
+    fn place_of(&self, key: &str) -> String {
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        let by_set = self.sets.iter().any(|s| {
+            s.split_once('=')
+                .is_some_and(|(k, _)| k.trim() == key || k.trim() == leaf)
+        });
+        match line_of(&self.text, key) {
+            _ if by_set => "--set".to_string(),
+            Some(l) if self.from_file => format!("{}:{l}", self.origin),
+            _ => format!("{} or --set", self.origin),
+        }
     }
 
     /// Each struct ignores the others' keys: only a key that all of them ignore is unknown. Keys
@@ -476,10 +484,7 @@ impl Source {
             .iter()
             .find(|k| rest.iter().all(|u| u.contains(k)) && !k.starts_with("columns."))
         {
-            let place = match line_of(&self.text, key) {
-                Some(l) if self.from_file => format!("{}:{l}", self.origin),
-                _ => format!("{} or --set", self.origin),
-            };
+            let place = self.place_of(key);
             return Err(Error::Config(format!("{place}: unknown key `{key}`")));
         }
         Ok(())

@@ -6,7 +6,8 @@ use candle_core::{Result, Tensor};
 use crate::ops_ext::{log_sigmoid, sigmoid};
 
 /// TRL's `loss_type` names, plus `pro` (listwise ranking) and `sft` (NLL on chosen).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossType {
     Sigmoid,
     Hinge,

@@ -21,11 +21,32 @@ use crate::trainer::{evaluate, train_with_report, Algorithm, Metrics, Split};
 use loss::{implicit_rewards, pair_loss, pro_loss, LossType, PairLogps, PairParams};
 
 /// One loss type or several (TRL accepts both).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+    One(LossType),
+    Many(Vec<LossType>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    /// A name or a list of names; an unknown one is named with the list of known ones.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let parse = |s: &str| s.parse::<LossType>().map_err(serde::de::Error::custom);
+        Ok(match Raw::deserialize(d)? {
+            Raw::One(s) => OneOrMany::One(parse(&s)?),
+            Raw::Many(v) => OneOrMany::Many(
+                v.iter()
+                    .map(|s| parse(s))
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
+        })
+    }
 }
 
 /// DPO's own options (TRL's `DPOConfig` names, plus `length_alpha`, `rpo_alpha`, `reference_free`).
@@ -54,7 +75,7 @@ impl Default for DpoArgs {
     fn default() -> Self {
         DpoArgs {
             beta: 0.1,
-            loss_type: OneOrMany::One("sigmoid".into()),
+            loss_type: OneOrMany::One(LossType::Sigmoid),
             loss_weights: None,
             label_smoothing: 0.0,
             length_alpha: 0.0,
@@ -76,14 +97,10 @@ pub fn defaults() -> toml::Table {
 impl DpoArgs {
     /// The loss types with their weights, validated.
     pub fn losses(&self) -> Result<Vec<(LossType, f64)>> {
-        let names = match &self.loss_type {
-            OneOrMany::One(s) => vec![s.clone()],
+        let kinds = match &self.loss_type {
+            OneOrMany::One(k) => vec![*k],
             OneOrMany::Many(v) => v.clone(),
         };
-        let kinds: Vec<LossType> = names
-            .iter()
-            .map(|n| n.parse().map_err(Error::Config))
-            .collect::<Result<_>>()?;
         let weights = self
             .loss_weights
             .clone()
