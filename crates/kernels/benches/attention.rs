@@ -2,7 +2,7 @@
 //! against 64 to 1,024 cached positions.
 //! `cargo bench -p preftune-kernels --bench attention`
 mod common;
-use preftune_kernels::attention::attend;
+use preftune_kernels::attention::{attend, Group};
 
 fn main() {
     let (rows, dh) = (3, 64);
@@ -14,7 +14,16 @@ fn main() {
         let reps = 1000;
         let s = common::median_secs(9, || {
             for _ in 0..reps {
-                attend(&q, &k, &v, None, 0.125, tk, dh, &mut out);
+                let g = Group {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    mask: None,
+                    scale: 0.125,
+                    tk,
+                    dh,
+                };
+                attend(&g, &mut out);
             }
         }) / reps as f64;
         println!(

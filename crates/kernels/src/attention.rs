@@ -1,53 +1,52 @@
 //! Attention for one KV group without a graph (decoding): every query row against the cached
 //! keys and values, in f32, without storing scores or probabilities.
 
-/// `out[r] = softmax(scale * q[r] K^T + mask[r % t]) V` for every query row `r` of `q`
-/// (`[rows, dh]`), with `k`, `v` laid out `[tk, dh]`. `mask`, when given, is the group's batch row
-/// of an additive mask with its number of rows `t`: query row `r` reads mask row `r % t` (the
-/// query heads sharing a KV group are stacked along time). `out` holds `rows * dh` values.
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<(&[f32], usize)>,
-    scale: f32,
-    tk: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
+/// One KV group's inputs: query rows `q` (`[rows, dh]`) against keys and values `k`, `v` (`[tk,
+/// dh]`). `mask`, when given, is the group's batch row of an additive mask with its number of rows
+/// `t`: query row `r` reads mask row `r % t` (the query heads sharing a KV group are stacked along
+/// time).
+#[derive(Clone, Copy, Debug)]
+pub struct Group<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub mask: Option<(&'a [f32], usize)>,
+    pub scale: f32,
+    pub tk: usize,
+    pub dh: usize,
+}
+
+/// `out[r] = softmax(scale * q[r] K^T + mask[r % t]) V` for every query row `r` of the group;
+/// `out` holds `rows * dh` values.
+pub fn attend(g: &Group, out: &mut [f32]) {
+    let (tk, dh) = (g.tk, g.dh);
     assert!(
-        k.len() >= tk * dh && v.len() >= tk * dh,
+        g.k.len() >= tk * dh && g.v.len() >= tk * dh,
         "attend: k, v hold fewer than {tk} rows"
     );
-    assert_eq!(q.len(), out.len(), "attend: q and out differ in size");
+    assert_eq!(g.q.len(), out.len(), "attend: q and out differ in size");
     #[cfg(target_arch = "x86_64")]
     if crate::vmath::available() {
         // SAFETY: `vmath::available` checked that the CPU has AVX-512F, the only requirement of
         // `attend_avx512`.
-        return unsafe { attend_avx512(q, k, v, mask, scale, tk, dh, out) };
+        return unsafe { attend_avx512(g, out) };
     }
-    attend_generic(q, k, v, mask, scale, tk, dh, out)
+    attend_generic(g, out)
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_generic(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<(&[f32], usize)>,
-    scale: f32,
-    tk: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
+fn attend_generic(g: &Group, out: &mut [f32]) {
+    let (k, v, tk, dh) = (g.k, g.v, g.tk, g.dh);
     let mut s = vec![0f32; tk];
-    for (r, (qr, or)) in q.chunks_exact(dh).zip(out.chunks_exact_mut(dh)).enumerate() {
+    for (r, (qr, or)) in
+        g.q.chunks_exact(dh)
+            .zip(out.chunks_exact_mut(dh))
+            .enumerate()
+    {
         for (j, sj) in s.iter_mut().enumerate() {
-            *sj = scale * dot(qr, &k[j * dh..][..dh]);
+            *sj = g.scale * dot(qr, &k[j * dh..][..dh]);
         }
-        if let Some((m, t)) = mask {
+        if let Some((m, t)) = g.mask {
             s.iter_mut()
                 .zip(&m[(r % t) * tk..][..tk])
                 .for_each(|(sj, mj)| *sj += mj);
@@ -68,20 +67,10 @@ fn attend_generic(
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
-#[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: Option<(&[f32], usize)>,
-    scale: f32,
-    tk: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
-    attend_generic(q, k, v, mask, scale, tk, dh, out)
+unsafe fn attend_avx512(g: &Group, out: &mut [f32]) {
+    attend_generic(g, out)
 }
 
 /// A dot product in 16 independent lanes (so that it vectorises), summed at the end.
@@ -120,7 +109,16 @@ mod tests {
             .iter_mut()
             .for_each(|m| *m = f32::NEG_INFINITY);
         let mut out = vec![0f32; rows * dh];
-        attend(&q, &k, &v, Some((&mask, t)), 0.25, tk, dh, &mut out);
+        let g = Group {
+            q: &q,
+            k: &k,
+            v: &v,
+            mask: Some((&mask, t)),
+            scale: 0.25,
+            tk,
+            dh,
+        };
+        attend(&g, &mut out);
         for r in 0..rows {
             let s: Vec<f64> = (0..tk)
                 .map(|j| {

@@ -726,7 +726,16 @@ impl CustomOp3 for AttnUntracked {
                 .as_ref()
                 .map(|m| (&m.data[(grp / g) * self.t * tk..], self.t));
             let qg = &q[grp * rt * dh..][..rt * dh];
-            preftune_kernels::attention::attend(qg, kg, vg, mask, self.scale, tk, dh, o)
+            let g = preftune_kernels::attention::Group {
+                q: qg,
+                k: kg,
+                v: vg,
+                mask,
+                scale: self.scale,
+                tk,
+                dh,
+            };
+            preftune_kernels::attention::attend(&g, o)
         };
         use rayon::prelude::*;
         if b * g * rt * tk * dh < 1 << 16 {
