@@ -36,8 +36,8 @@ pub struct BenchArgs {
     /// Use the ops composed from candle primitives instead of the fused kernels (for comparison).
     #[arg(long)]
     composed_ops: bool,
-    /// Mixed precision as `bf16 = true` runs it: linears' products in bf16 with f32 sums (AMX
-    /// where present); `matmul` then times the bf16 GEMM.
+    /// Mixed precision as `bf16 = true` runs it: linears' products in bf16 with f32 sums (AMX or
+    /// AVX-512 BF16 where present); `matmul` then times the bf16 GEMM.
     #[arg(long)]
     bf16: bool,
     /// Recompute decoder layers in backward (fwd-bwd).

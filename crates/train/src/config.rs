@@ -125,8 +125,8 @@ pub struct TrainingArguments {
     /// Recompute each decoder layer in backward instead of storing its activations: less memory
     /// for about a third more compute.
     pub gradient_checkpointing: bool,
-    /// Mixed precision (transformers' `bf16`): linears multiply in bf16 with f32 sums, on AMX
-    /// where the CPU has it; master weights, gradients, optimiser state, norms and softmax stay
+    /// Mixed precision (transformers' `bf16`): linears multiply in bf16 with f32 sums, on AMX or
+    /// AVX-512 BF16 where the CPU has them; master weights, gradients, optimiser state, norms and softmax stay
     /// f32. Needs `dtype = "f32"`.
     pub bf16: bool,
     /// `cpu`, `cuda`, `cuda:N` or `auto`; the command line's `--device` overrides it.
