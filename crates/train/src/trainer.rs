@@ -75,6 +75,12 @@ pub trait Algorithm {
     fn lr_scale(&self, _name: &str) -> f64 {
         1.0
     }
+    /// Before a step's updates, with the policy as it stands and the step's micro-batches:
+    /// whatever the updates need from the current policy (PPO samples its rollout here). LoRA
+    /// dropout is off while it runs.
+    fn prepare(&mut self, _model: &Model, _batches: &[Vec<usize>]) -> Result<()> {
+        Ok(())
+    }
     /// Optimiser updates per batch of prompts (PPO's `num_ppo_epochs` over one rollout).
     fn updates_per_batch(&self) -> usize {
         1
@@ -578,6 +584,8 @@ pub fn train(
                 "step {step}: the batch has nothing to learn from (zero weight)"
             )));
         }
+        policy.model.set_lora_dropout_seed(None);
+        algo.prepare(&policy.model, &batches)?;
         let updates = algo.updates_per_batch().max(1);
         let mut step_metrics = Metrics::default();
         let (mut grad_norm, mut lr) = (0.0, 0.0);

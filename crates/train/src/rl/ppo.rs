@@ -336,24 +336,30 @@ impl Algorithm for Ppo {
         idx.len() as f64
     }
 
+    /// The step's rollout: samples, rewards, old log-probs, values and advantages of every
+    /// micro-batch, from the policy before this step's updates.
+    fn prepare(&mut self, model: &Model, batches: &[Vec<usize>]) -> Result<()> {
+        self.cache.clear();
+        self.step_kl.clear();
+        for b in batches {
+            let c = self.new_rollout(model, Split::Train, b)?;
+            self.cache.insert(b.clone(), c);
+        }
+        Ok(())
+    }
+
     fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
-        let key = idx.to_vec();
-        let fresh = split == Split::Eval || !self.cache.contains_key(&key);
-        let c = if fresh {
+        if split == Split::Eval {
+            // Evaluation: rewards and KL of fresh samples; nothing to optimise.
             let c = self.new_rollout(model, split, idx)?;
-            if split == Split::Train {
-                self.cache.insert(key.clone(), c);
-                self.cache.get(&key).expect("just inserted")
-            } else {
-                // Evaluation: rewards and KL of fresh samples; nothing to optimise.
-                return Ok((
-                    Tensor::zeros((), candle_core::DType::F32, &self.device)?,
-                    rollout_metrics(&c, self.kl_coef),
-                ));
-            }
-        } else {
-            self.cache.get(&key).expect("checked")
-        };
+            return Ok((
+                Tensor::zeros((), candle_core::DType::F32, &self.device)?,
+                rollout_metrics(&c, self.kl_coef),
+            ));
+        }
+        let c = self.cache.get(idx).ok_or_else(|| {
+            Error::Msg("PPO: no rollout for this micro-batch (prepare did not run)".into())
+        })?;
         let width = c.old_logprobs.first().map_or(1, Vec::len);
         // This update's minibatch: a seeded shuffle of the rollout per epoch, cut in
         // `num_mini_batches` parts (all rows when 1).
@@ -434,7 +440,8 @@ impl Algorithm for Ppo {
         m.add("val/ratio", l.ratio_mean * n, n);
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         m.add("loss", value * n, n);
-        if fresh {
+        // Each rollout's KL, once (at the first of its updates), for the adaptive controller.
+        if self.update == 0 {
             let kl: f64 = c
                 .batch
                 .rewards
@@ -465,10 +472,6 @@ impl Algorithm for Ppo {
 
     fn on_update(&mut self, update: usize) -> Result<()> {
         self.update = update;
-        if update == 0 {
-            self.cache.clear();
-            self.step_kl.clear();
-        }
         if update == self.updates_per_batch() && self.args.adap_kl_ctrl && !self.step_kl.is_empty()
         {
             // Ziegler et al.'s controller, as TRL's AdaptiveKLController.
