@@ -30,12 +30,22 @@ pub fn defaults() -> toml::Table {
 
 /// `preftune rloo`.
 pub fn run(cfg: &RunConfig<RlooArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
+    run_with(cfg, resume, eval_only, true)
+}
+
+/// RLOO's loop with the leave-one-out baseline, or with the batch mean (REINFORCE).
+fn run_with(
+    cfg: &RunConfig<RlooArgs>,
+    resume: bool,
+    eval_only: bool,
+    leave_one_out: bool,
+) -> Result<serde_json::Value> {
     let a = &cfg.algo.common;
     let objective = Objective::Rloo {
         beta: a.beta,
         epsilon: a.epsilon,
         normalize_advantages: cfg.algo.own.normalize_advantages,
-        leave_one_out: true,
+        leave_one_out,
     };
     run_online(&cfg.args, &cfg.table, a, objective, resume, eval_only)
 }
@@ -52,12 +62,5 @@ pub fn run_reinforce(
     resume: bool,
     eval_only: bool,
 ) -> Result<serde_json::Value> {
-    let a = &cfg.algo.common;
-    let objective = Objective::Rloo {
-        beta: a.beta,
-        epsilon: a.epsilon,
-        normalize_advantages: cfg.algo.own.normalize_advantages,
-        leave_one_out: false,
-    };
-    run_online(&cfg.args, &cfg.table, a, objective, resume, eval_only)
+    run_with(cfg, resume, eval_only, false)
 }
