@@ -1,0 +1,311 @@
+//! Which product a matmul runs: bf16 mixed precision (`Bf16Scope`), a training forward's products
+//! (`TrainingProducts`), weights packed once for a sampling loop (`PackedWeights`), and the bf16
+//! matmul op with its backward.
+use super::*;
+
+thread_local! {
+    static BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Mixed precision on this thread while the guard lives (`bf16 = true` in a run's config):
+/// linears' products round both operands to bf16 and sum in f32 ([`preftune_kernels::bf16gemm`]); weights,
+/// gradients, optimiser state, norms and softmax stay f32. Per thread, so one run's setting never
+/// leaks into another's (tests run in parallel); dropping the guard restores the previous one.
+#[must_use = "bf16 applies only while the guard lives"]
+pub struct Bf16Scope(bool);
+
+/// Whether this CPU multiplies in bf16 natively (AMX or AVX-512 BF16). Without it `bf16 = true`
+/// still gives bf16 numbers, through an f32 GEMM on rounded operands, but no speed.
+pub fn bf16_gemm_available() -> bool {
+    preftune_kernels::bf16gemm::available()
+}
+
+/// The bf16 product in use: `amx`, `avx512-bf16` or `f32-fallback` (benchmarks print it).
+pub fn bf16_gemm_name() -> &'static str {
+    preftune_kernels::bf16gemm::backend().name()
+}
+
+impl Bf16Scope {
+    pub fn new(on: bool) -> Self {
+        Bf16Scope(BF16.with(|c| c.replace(on)))
+    }
+}
+
+impl Drop for Bf16Scope {
+    fn drop(&mut self) {
+        BF16.with(|c| c.set(self.0));
+    }
+}
+
+thread_local! {
+    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, this thread's untracked linears pick the product a tracked one would
+/// (bf16 at any row count under [`Bf16Scope`], no decoding kernels), so that a checkpointed
+/// forward pass, which runs outside autograd, rounds as its recomputation will. Other untracked
+/// paths (attention, stacked q/k/v) still differ from the tracked ones by f32 summation order.
+#[must_use = "applies only while the guard lives"]
+pub(crate) struct TrainingProducts(bool);
+
+impl TrainingProducts {
+    pub(crate) fn new() -> Self {
+        TrainingProducts(TRAINING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for TrainingProducts {
+    fn drop(&mut self) {
+        TRAINING.with(|c| c.set(self.0));
+    }
+}
+
+pub(super) fn training_products() -> bool {
+    TRAINING.with(|c| c.get())
+}
+
+/// Whether a [`Bf16Scope`] has switched bf16 products on for this thread.
+pub fn bf16_enabled() -> bool {
+    BF16.with(|c| c.get())
+}
+
+pub(super) fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
+    bf16_enabled()
+        && kernels::cpu_kernels(x.device())
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+}
+
+/// `x W^T` with both operands cast to bf16 and the product cast back to f32, from candle ops: the
+/// bf16 product on devices without our GEMMs (cuBLAS sums bf16 products in f32). The gradients
+/// flow through the casts, so backward's products are bf16 too.
+pub(super) fn bf16_composed_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::BF16)?
+        .matmul(&w.to_dtype(DType::BF16)?.t()?)?
+        .to_dtype(DType::F32)
+}
+
+/// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s
+/// gradient is computed only when `W` takes one.
+pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Bf16Matmul { unread: false })
+}
+
+/// `x W^T` with the backward [`Linear::forward`] would give it, and zeros as its value.
+pub(super) fn unread_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if bf16_applies(x, w) {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, Bf16Matmul { unread: true });
+    }
+    if !w.track_op() {
+        return x.apply_op1(FrozenMatmul {
+            x: x.detach(),
+            w: w.detach(),
+            unread: true,
+        });
+    }
+    x.apply_op2(w, UnreadMatmul)
+}
+
+/// The value of an unread `m x n` product: zeros, which nothing reads.
+pub(super) fn unread_value(m: usize, n: usize) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n)))
+}
+
+/// The f32 product of [`unread_matmul`]: backward as candle's `x.matmul(&w.t())` computes it.
+pub(super) struct UnreadMatmul;
+
+impl candle_core::CustomOp2 for UnreadMatmul {
+    fn name(&self) -> &'static str {
+        "preftune-unread-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        Ok(unread_value(m, n))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached: a gradient computed from tracked tensors records their graph, and the
+        // weight's gradient, which backward never consumes, would keep the whole layer alive.
+        let wants_dx = x.track_op();
+        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
+        let dx = wants_dx.then(|| grad.matmul(&w)).transpose()?;
+        let dw = x.t()?.matmul(&grad)?.t()?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// `unread`: the value is zeros and the product is skipped (see [`Linear::forward_unread`]).
+pub(super) struct Bf16Matmul {
+    unread: bool,
+}
+
+thread_local! {
+    pub(super) static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
+}
+
+type PackedMap = std::collections::HashMap<
+    candle_core::TensorId,
+    std::rc::Rc<preftune_kernels::bf16gemm::PackedB>,
+>;
+
+/// While the guard lives, this thread's untracked bf16 products (AMX or AVX-512 BF16) pack each
+/// weight once and reuse it. Sampling multiplies the same weights at every step with a few rows,
+/// where packing per call would cost more than the product; packed once, a step streams the
+/// weights as bf16, half the bytes of f32. Weights must not change in place while it lives (a sampling loop does
+/// not change them); the packs are freed with the guard.
+#[must_use = "weights are packed only while the guard lives"]
+pub struct PackedWeights(Option<PackedMap>);
+
+impl PackedWeights {
+    /// Active only under a [`Bf16Scope`] on a CPU with a bf16 GEMM; otherwise a guard that does
+    /// nothing.
+    pub fn new() -> Self {
+        let on = bf16_enabled() && preftune_kernels::bf16gemm::available();
+        PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
+    }
+}
+
+impl Default for PackedWeights {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PackedWeights {
+    fn drop(&mut self) {
+        PACKED.with(|c| *c.borrow_mut() = self.0.take());
+    }
+}
+
+/// Whether a [`PackedWeights`] guard is packing on this thread.
+pub(super) fn packing() -> bool {
+    PACKED.with(|c| c.borrow().is_some())
+}
+
+/// `x W^T` with `W` from this thread's [`PackedWeights`] (packed on first use), when one is active
+/// and the product is untracked f32 on the CPU.
+pub(super) fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let applies = packing() && !x.track_op() && !w.track_op() && bf16_applies(x, w);
+    if !applies {
+        return Ok(None);
+    }
+    let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+    let cached = PACKED.with(|c| c.borrow().as_ref().and_then(|p| p.get(&w.id()).cloned()));
+    let packed = match cached {
+        Some(p) => p,
+        None => {
+            let p = std::rc::Rc::new(with_f32(w, |wv| {
+                preftune_kernels::bf16gemm::PackedB::new(preftune_kernels::bf16gemm::View::rows(
+                    wv, n, k,
+                ))
+            })?);
+            PACKED.with(|c| {
+                if let Some(map) = c.borrow_mut().as_mut() {
+                    map.insert(w.id(), p.clone());
+                }
+            });
+            p
+        }
+    };
+    let y = with_f32(x, |xv| {
+        preftune_kernels::bf16gemm::gemm_packed_new(
+            preftune_kernels::bf16gemm::View::rows(xv, m, k),
+            &packed,
+        )
+    })?;
+    Tensor::from_vec(y, (m, n), x.device()).map(Some)
+}
+
+/// Runs `f` on the f32 values of `t` (a contiguous copy only if `t` is not contiguous).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*s else {
+        candle_core::bail!("with_f32: CPU tensors only")
+    };
+    Ok(f(kernels::slice::<f32>(c, l, "with_f32")?))
+}
+
+/// `f(a, b)` over the f32 values of two tensors.
+pub(super) fn product_of(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+) -> Result<Vec<f32>> {
+    with_f32(a, |av| with_f32(b, |bv| f(av, bv)))?
+}
+
+impl candle_core::CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "preftune-bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), (n, k2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("bf16_matmul: inner dimensions {k} and {k2} differ")
+        }
+        if self.unread {
+            return Ok(unread_value(m, n));
+        }
+        let x = kernels::slice::<f32>(s1, l1, self.name())?;
+        let w = kernels::slice::<f32>(s2, l2, self.name())?;
+        let y = preftune_kernels::bf16gemm::gemm_nt_new(
+            preftune_kernels::bf16gemm::View::rows(x, m, k),
+            preftune_kernels::bf16gemm::View::rows(w, n, k),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use preftune_kernels::bf16gemm::{gemm_nt_new, View};
+        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+        // dx = dy W: rows of dy against columns of W; none for an input that takes no gradient
+        // (the first layer's under LoRA).
+        let dx = x
+            .track_op()
+            .then(|| {
+                let dx = product_of(grad, w, |g, wv| {
+                    gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
+                })?;
+                Tensor::from_vec(dx, (m, k), x.device())
+            })
+            .transpose()?;
+        if !w.track_op() {
+            return Ok((dx, None));
+        }
+        // dW = dy^T x: columns of dy against columns of x.
+        let dw = product_of(grad, x, |g, xv| {
+            gemm_nt_new(View::transposed(g, n, m), View::transposed(xv, k, m))
+        })?;
+        Ok((dx, Some(Tensor::from_vec(dw, (n, k), w.device())?)))
+    }
+}
