@@ -5,6 +5,8 @@
 //! - [`gemv`]: `x W^T` for a few rows of `x` (decoding), streaming each weight row once.
 //! - [`vmath`]: vectorised `exp`, max, sigmoid and softmax pieces over slices.
 //! - [`attention`]: decoding attention for one KV group, scores never stored.
+//! - [`fused`]: the inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention
+//!   probabilities, softmax backward), generic over f32 and f64.
 //!
 //! Each kernel picks its instruction set at run time and has a portable path; `benches/` holds one
 //! micro-benchmark per kernel (`cargo bench -p preftune-kernels`).
@@ -13,5 +15,6 @@
 
 pub mod attention;
 pub mod bf16gemm;
+pub mod fused;
 pub mod gemv;
 pub mod vmath;

@@ -13,37 +13,13 @@ use std::sync::Arc;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, WithDType,
 };
-use num_traits::{Float, One, Zero};
+use num_traits::Zero;
+use preftune_kernels::fused;
 
-/// The element types the kernels are written for.
-pub trait Real: WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign {
-    /// `row[i] = exp(row[i] - max(row))` in place; returns the sum (softmax before normalising).
-    fn exp_minus_max(row: &mut [Self]) -> Self {
-        let max = row.iter().copied().fold(Self::neg_infinity(), Float::max);
-        let mut sum = Self::zero();
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        sum
-    }
-
-    /// `out[i] = sigmoid(x[i])`.
-    fn sigmoid_into(x: &[Self], out: &mut [Self]) {
-        out.iter_mut().zip(x).for_each(|(o, &v)| *o = sigmoid(v));
-    }
-}
-impl Real for f32 {
-    fn exp_minus_max(row: &mut [f32]) -> f32 {
-        let max = preftune_kernels::vmath::max(row);
-        preftune_kernels::vmath::exp_shifted(row, max) as f32
-    }
-
-    fn sigmoid_into(x: &[f32], out: &mut [f32]) {
-        preftune_kernels::vmath::sigmoid_into(x, out)
-    }
-}
-impl Real for f64 {}
+/// The element types the kernels are written for: those of the slice loops
+/// ([`preftune_kernels::fused::Real`]) that candle stores.
+pub trait Real: preftune_kernels::fused::Real + WithDType {}
+impl<T: preftune_kernels::fused::Real + WithDType> Real for T {}
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -95,27 +71,6 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -
     }
 }
 
-/// Runs `f(first_row, rows)` over `out` split into whole rows of `row` values, one part per
-/// thread; each part's result is returned in order. Small buffers stay on the calling thread.
-fn par_rows<T: Send, R: Send>(
-    out: &mut [T],
-    row: usize,
-    f: impl Fn(usize, &mut [T]) -> R + Sync,
-) -> Vec<R> {
-    let rows = out.len() / row.max(1);
-    let threads = rayon::current_num_threads().clamp(1, rows.max(1));
-    if threads == 1 || out.len() < 1 << 14 {
-        return vec![f(0, out)];
-    }
-    // rayon's pool, not fresh threads: a decoding step calls these kernels hundreds of times.
-    use rayon::prelude::*;
-    let per = rows.div_ceil(threads);
-    out.par_chunks_mut(per * row)
-        .enumerate()
-        .map(|(i, part)| f(i * per, part))
-        .collect()
-}
-
 /// Dispatches a kernel generic over `Real` on the dtype of the first storage.
 macro_rules! dispatch {
     ($s:expr, $name:expr, |$t:ident| $body:expr) => {
@@ -149,11 +104,6 @@ struct RmsNorm {
     eps: f64,
 }
 
-fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
-    let ms = x.iter().map(|&v| v * v).sum::<T>() / T::from_f64(x.len() as f64);
-    (ms + T::from_f64(eps)).sqrt().recip()
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "preftune-rms-norm"
@@ -169,17 +119,8 @@ impl CustomOp2 for RmsNorm {
         dispatch!(s1, self.name(), |T| {
             let x = slice::<T>(s1, l1, self.name())?;
             let w = slice::<T>(s2, l2, self.name())?;
-            let d = w.len();
             let mut out = vec![T::zero(); x.len()];
-            par_rows(&mut out, d, |r0, part| {
-                for (i, o) in part.chunks_mut(d).enumerate() {
-                    let xr = &x[(r0 + i) * d..][..d];
-                    let inv = inv_rms(xr, self.eps);
-                    for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
-                        *o = xv * inv * wv;
-                    }
-                }
-            });
+            fused::rms_norm(x, w, self.eps, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
     }
@@ -230,34 +171,9 @@ impl CustomOp3 for RmsNormBwd {
             let x = slice::<T>(s1, l1, self.name())?;
             let w = slice::<T>(s2, l2, self.name())?;
             let dy = slice::<T>(s3, l3, self.name())?;
-            let d = w.len();
-            let n = x.len();
+            let (n, d) = (x.len(), w.len());
             let mut out = vec![T::zero(); n + d];
-            let (dx, dw) = out.split_at_mut(n);
-            let partial_dw = par_rows(dx, d, |r0, part| {
-                let mut dw = vec![T::zero(); d];
-                for (i, o) in part.chunks_mut(d).enumerate() {
-                    let xr = &x[(r0 + i) * d..][..d];
-                    let gr = &dy[(r0 + i) * d..][..d];
-                    let inv = inv_rms(xr, self.eps);
-                    let mut dot = T::zero();
-                    for j in 0..d {
-                        let nj = xr[j] * inv;
-                        dot += gr[j] * w[j] * nj;
-                        dw[j] += gr[j] * nj;
-                    }
-                    let mean = dot / T::from_f64(d as f64);
-                    for j in 0..d {
-                        o[j] = inv * (gr[j] * w[j] - xr[j] * inv * mean);
-                    }
-                }
-                dw
-            });
-            for part in partial_dw {
-                for (a, b) in dw.iter_mut().zip(part) {
-                    *a += b;
-                }
-            }
+            fused::rms_norm_bwd(x, w, dy, self.eps, &mut out);
             Ok((storage(out), Shape::from(n + d)))
         })
     }
@@ -272,10 +188,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 struct SwiGlu;
-
-fn sigmoid<T: Real>(x: T) -> T {
-    (T::one() + (-x).exp()).recip()
-}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -297,14 +209,7 @@ impl CustomOp2 for SwiGlu {
             let u = slice::<T>(s2, l2, self.name())?;
             let mut out = vec![T::zero(); g.len()];
             let row = *l1.dims().last().unwrap_or(&1);
-            par_rows(&mut out, row, |r0, part| {
-                let off = r0 * row;
-                let (g, u) = (&g[off..][..part.len()], &u[off..][..part.len()]);
-                T::sigmoid_into(g, part);
-                for ((o, &gv), &uv) in part.iter_mut().zip(g).zip(u) {
-                    *o = gv * *o * uv;
-                }
-            });
+            fused::swiglu(g, u, row, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
     }
@@ -348,28 +253,8 @@ impl CustomOp3 for SwiGluBwd {
             let dy = slice::<T>(s3, l3, self.name())?;
             let n = g.len();
             let mut out = vec![T::zero(); 2 * n];
-            let (dg, du) = out.split_at_mut(n);
             let row = *l1.dims().last().unwrap_or(&1);
-            // Two passes so each splits into rows on its own.
-            par_rows(dg, row, |r0, part| {
-                let off = r0 * row;
-                let len = part.len();
-                let (g, u, dy) = (&g[off..][..len], &u[off..][..len], &dy[off..][..len]);
-                T::sigmoid_into(g, part);
-                for (j, o) in part.iter_mut().enumerate() {
-                    let s = *o;
-                    *o = dy[j] * u[j] * s * (T::one() + g[j] * (T::one() - s));
-                }
-            });
-            par_rows(du, row, |r0, part| {
-                let off = r0 * row;
-                let len = part.len();
-                let (g, dy) = (&g[off..][..len], &dy[off..][..len]);
-                T::sigmoid_into(g, part);
-                for (j, o) in part.iter_mut().enumerate() {
-                    *o *= dy[j] * g[j];
-                }
-            });
+            fused::swiglu_bwd(g, u, dy, row, &mut out);
             Ok((storage(out), Shape::from(2 * n)))
         })
     }
@@ -414,21 +299,7 @@ impl CustomOp3 for Rope {
             let cos = slice::<T>(s2, l2, self.name())?;
             let sin = slice::<T>(s3, l3, self.name())?;
             let mut out = vec![T::zero(); x.len()];
-            par_rows(&mut out, dh, |r0, part| {
-                for (i, o) in part.chunks_mut(dh).enumerate() {
-                    let r = r0 + i; // row index over (b, h, t)
-                    let (bi, ti) = (r / (h * t), r % t);
-                    let tab = (bi * t + ti) * half;
-                    let (c, s) = (&cos[tab..tab + half], &sin[tab..tab + half]);
-                    let xr = &x[r * dh..(r + 1) * dh];
-                    let (x1, x2) = xr.split_at(half);
-                    let (o1, o2) = o.split_at_mut(half);
-                    for j in 0..half {
-                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
-                        o2[j] = x2[j] * c[j] + x1[j] * s[j];
-                    }
-                }
-            });
+            fused::rope(x, cos, sin, h, t, dh, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
     }
@@ -546,49 +417,16 @@ impl CustomOp2 for AttnProbs {
             let q = slice::<T>(s1, l1, self.name())?;
             let k = &s2.as_slice::<T>()?[l2.start_offset()..];
             let mut out = vec![T::zero(); b * g * rt * tk];
-            let scale = T::from_f64(self.scale);
-            par_rows(&mut out, rt * tk, |grp0, part| {
-                for (gi, p) in part.chunks_mut(rt * tk).enumerate() {
-                    let grp = grp0 + gi; // index over (b, g)
-                    let qg = &q[grp * rt * dh..][..rt * dh];
-                    let kg = &k[(grp / g) * ks0 + (grp % g) * ks1..][..tk * dh];
-                    // SAFETY: the slices hold rt x dh, tk x dh and rt x tk values with the strides given.
-                    unsafe {
-                        gemm::gemm(
-                            rt,
-                            tk,
-                            dh,
-                            p.as_mut_ptr(),
-                            1,
-                            tk as isize,
-                            false,
-                            qg.as_ptr(),
-                            1,
-                            dh as isize,
-                            kg.as_ptr(),
-                            dh as isize,
-                            1,
-                            T::zero(),
-                            scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    let bi = grp / g;
-                    for (r, row) in p.chunks_mut(tk).enumerate() {
-                        if let Some(m) = &self.mask {
-                            let mrow = &m.data[(bi * self.t + r % self.t) * tk..][..tk];
-                            for (s, &mv) in row.iter_mut().zip(mrow) {
-                                *s += T::from_f64(mv as f64);
-                            }
-                        }
-                        let inv = T::exp_minus_max(row).recip();
-                        row.iter_mut().for_each(|s| *s *= inv);
-                    }
-                }
-            });
+            let shape = fused::ProbsShape {
+                g,
+                rt,
+                tk,
+                dh,
+                ks0,
+                ks1,
+            };
+            let mask = self.mask.as_ref().map(|m| (&m.data[..], self.t));
+            fused::attention_probs(q, k, shape, self.scale, mask, &mut out);
             Ok((storage(out), Shape::from((b, g, rt, tk))))
         })
     }
@@ -629,18 +467,8 @@ impl CustomOp2 for SoftmaxBwd {
         dispatch!(s1, self.name(), |T| {
             let p = slice::<T>(s1, l1, self.name())?;
             let dp = slice::<T>(s2, l2, self.name())?;
-            let scale = T::from_f64(self.scale);
             let mut out = vec![T::zero(); p.len()];
-            par_rows(&mut out, row, |r0, part| {
-                for (i, o) in part.chunks_mut(row).enumerate() {
-                    let off = (r0 + i) * row;
-                    let (pr, dr) = (&p[off..off + row], &dp[off..off + row]);
-                    let dot: T = pr.iter().zip(dr).map(|(&a, &b)| a * b).sum();
-                    for j in 0..row {
-                        o[j] = scale * pr[j] * (dr[j] - dot);
-                    }
-                }
-            });
+            fused::softmax_bwd(p, dp, row, self.scale, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
     }

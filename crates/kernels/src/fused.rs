@@ -1,0 +1,282 @@
+//! The inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention probabilities and
+//! the softmax backward), on plain slices and generic over f32 and f64. The model crate wraps them
+//! as candle ops with hand-written backward passes, checked there against finite differences and
+//! against the ops composed from candle primitives.
+use num_traits::Float;
+
+/// The element types the fused loops are written for.
+pub trait Real:
+    Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + std::ops::MulAssign + 'static
+{
+    /// `x` in this type (`as` conversion).
+    fn of(x: f64) -> Self;
+
+    /// `row[i] = exp(row[i] - max(row))` in place; returns the sum (softmax before normalising).
+    fn exp_minus_max(row: &mut [Self]) -> Self {
+        let max = row.iter().copied().fold(Self::neg_infinity(), Float::max);
+        let mut sum = Self::zero();
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        sum
+    }
+
+    /// `out[i] = sigmoid(x[i])`.
+    fn sigmoid_into(x: &[Self], out: &mut [Self]) {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = sigmoid(v));
+    }
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+
+    fn exp_minus_max(row: &mut [f32]) -> f32 {
+        let max = crate::vmath::max(row);
+        crate::vmath::exp_shifted(row, max) as f32
+    }
+
+    fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+        crate::vmath::sigmoid_into(x, out)
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+pub fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+/// Runs `f(first_row, rows)` over `out` split into whole rows of `row` values, one part per
+/// thread; each part's result is returned in order. Small buffers stay on the calling thread.
+pub fn par_rows<T: Send, R: Send>(
+    out: &mut [T],
+    row: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let rows = out.len() / row.max(1);
+    let threads = rayon::current_num_threads().clamp(1, rows.max(1));
+    if threads == 1 || out.len() < 1 << 14 {
+        return vec![f(0, out)];
+    }
+    // rayon's pool, not fresh threads: a decoding step calls these kernels hundreds of times.
+    use rayon::prelude::*;
+    let per = rows.div_ceil(threads);
+    out.par_chunks_mut(per * row)
+        .enumerate()
+        .map(|(i, part)| f(i * per, part))
+        .collect()
+}
+
+fn inv_rms<T: Real>(x: &[T], eps: f64) -> T {
+    let ms = x.iter().map(|&v| v * v).sum::<T>() / T::of(x.len() as f64);
+    (ms + T::of(eps)).sqrt().recip()
+}
+
+/// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w` over rows of `w.len()` values.
+pub fn rms_norm<T: Real>(x: &[T], w: &[T], eps: f64, out: &mut [T]) {
+    let d = w.len();
+    par_rows(out, d, |r0, part| {
+        for (i, o) in part.chunks_mut(d).enumerate() {
+            let xr = &x[(r0 + i) * d..][..d];
+            let inv = inv_rms(xr, eps);
+            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = xv * inv * wv;
+            }
+        }
+    });
+}
+
+/// RMSNorm's backward. With `n = x * inv` and `g = dy * w`: `dx = inv * (g - n * mean(g * n))`,
+/// `dw = sum_rows(dy * n)`. `out` holds `dx` (as many values as `x`), then `dw`.
+pub fn rms_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64, out: &mut [T]) {
+    let d = w.len();
+    let (dx, dw) = out.split_at_mut(x.len());
+    let partial_dw = par_rows(dx, d, |r0, part| {
+        let mut dw = vec![T::zero(); d];
+        for (i, o) in part.chunks_mut(d).enumerate() {
+            let xr = &x[(r0 + i) * d..][..d];
+            let gr = &dy[(r0 + i) * d..][..d];
+            let inv = inv_rms(xr, eps);
+            let mut dot = T::zero();
+            for j in 0..d {
+                let nj = xr[j] * inv;
+                dot += gr[j] * w[j] * nj;
+                dw[j] += gr[j] * nj;
+            }
+            let mean = dot / T::of(d as f64);
+            for j in 0..d {
+                o[j] = inv * (gr[j] * w[j] - xr[j] * inv * mean);
+            }
+        }
+        dw
+    });
+    for part in partial_dw {
+        for (a, b) in dw.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+}
+
+/// SwiGLU: `out = silu(g) * u`, elementwise, split over rows of `row` values.
+pub fn swiglu<T: Real>(g: &[T], u: &[T], row: usize, out: &mut [T]) {
+    par_rows(out, row, |r0, part| {
+        let off = r0 * row;
+        let (g, u) = (&g[off..][..part.len()], &u[off..][..part.len()]);
+        T::sigmoid_into(g, part);
+        for ((o, &gv), &uv) in part.iter_mut().zip(g).zip(u) {
+            *o = gv * *o * uv;
+        }
+    });
+}
+
+/// SwiGLU's backward: `d g = dy * u * s * (1 + g * (1 - s))`, `d u = dy * g * s` with
+/// `s = sigmoid(g)`. `out` holds `d g`, then `d u`.
+pub fn swiglu_bwd<T: Real>(g: &[T], u: &[T], dy: &[T], row: usize, out: &mut [T]) {
+    let (dg, du) = out.split_at_mut(g.len());
+    // Two passes so each splits into rows on its own.
+    par_rows(dg, row, |r0, part| {
+        let off = r0 * row;
+        let len = part.len();
+        let (g, u, dy) = (&g[off..][..len], &u[off..][..len], &dy[off..][..len]);
+        T::sigmoid_into(g, part);
+        for (j, o) in part.iter_mut().enumerate() {
+            let s = *o;
+            *o = dy[j] * u[j] * s * (T::one() + g[j] * (T::one() - s));
+        }
+    });
+    par_rows(du, row, |r0, part| {
+        let off = r0 * row;
+        let len = part.len();
+        let (g, dy) = (&g[off..][..len], &dy[off..][..len]);
+        T::sigmoid_into(g, part);
+        for (j, o) in part.iter_mut().enumerate() {
+            *o *= dy[j] * g[j];
+        }
+    });
+}
+
+/// Rotate-half RoPE over `x` laid out `[B, H, T, dh]` with `cos`, `sin` laid out `[B, T, dh/2]`.
+/// Its backward is the same rotation by `-sin`.
+pub fn rope<T: Real>(x: &[T], cos: &[T], sin: &[T], h: usize, t: usize, dh: usize, out: &mut [T]) {
+    let half = dh / 2;
+    par_rows(out, dh, |r0, part| {
+        for (i, o) in part.chunks_mut(dh).enumerate() {
+            let r = r0 + i; // row index over (b, h, t)
+            let (bi, ti) = (r / (h * t), r % t);
+            let tab = (bi * t + ti) * half;
+            let (c, s) = (&cos[tab..tab + half], &sin[tab..tab + half]);
+            let xr = &x[r * dh..(r + 1) * dh];
+            let (x1, x2) = xr.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for j in 0..half {
+                o1[j] = x1[j] * c[j] - x2[j] * s[j];
+                o2[j] = x2[j] * c[j] + x1[j] * s[j];
+            }
+        }
+    });
+}
+
+/// The shape of [`attention_probs`]'s inputs: `q` holds `B x G` groups of `rt` rows of `dh`
+/// (the `R` query heads of a KV group stacked along time, `rt = R * t`); group `(b, g)` of `k`
+/// starts at `b * ks0 + g * ks1` and holds `tk` rows of `dh`.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbsShape {
+    pub g: usize,
+    pub rt: usize,
+    pub tk: usize,
+    pub dh: usize,
+    pub ks0: usize,
+    pub ks1: usize,
+}
+
+/// `out = softmax(scale * Q K^T + mask)` per group, `[B, G, rt, tk]`. `mask`, when given, is
+/// `[B, t, tk]` (additive), and query row `r` of a group reads mask row `r % t`.
+pub fn attention_probs<T: Real>(
+    q: &[T],
+    k: &[T],
+    s: ProbsShape,
+    scale: f64,
+    mask: Option<(&[f32], usize)>,
+    out: &mut [T],
+) {
+    let ProbsShape {
+        g,
+        rt,
+        tk,
+        dh,
+        ks0,
+        ks1,
+    } = s;
+    assert_eq!(
+        q.len() % (rt * dh),
+        0,
+        "attention_probs: q is not whole groups"
+    );
+    assert_eq!(out.len(), q.len() / dh * tk, "attention_probs: out size");
+    let scale = T::of(scale);
+    par_rows(out, rt * tk, |grp0, part| {
+        for (gi, p) in part.chunks_mut(rt * tk).enumerate() {
+            let grp = grp0 + gi; // index over (b, g)
+            let qg = &q[grp * rt * dh..][..rt * dh];
+            let kg = &k[(grp / g) * ks0 + (grp % g) * ks1..][..tk * dh];
+            // SAFETY: the slices hold rt x dh, tk x dh and rt x tk values (checked by the
+            // slicing above and the asserts) with the strides given; `p` aliases neither input.
+            unsafe {
+                gemm::gemm(
+                    rt,
+                    tk,
+                    dh,
+                    p.as_mut_ptr(),
+                    1,
+                    tk as isize,
+                    false,
+                    qg.as_ptr(),
+                    1,
+                    dh as isize,
+                    kg.as_ptr(),
+                    dh as isize,
+                    1,
+                    T::zero(),
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            let bi = grp / g;
+            for (r, row) in p.chunks_mut(tk).enumerate() {
+                if let Some((m, t)) = mask {
+                    let mrow = &m[(bi * t + r % t) * tk..][..tk];
+                    for (s, &mv) in row.iter_mut().zip(mrow) {
+                        *s += T::of(mv as f64);
+                    }
+                }
+                let inv = T::exp_minus_max(row).recip();
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+        }
+    });
+}
+
+/// Softmax's backward over rows of `row` values: `out = scale * P * (dP - rowsum(dP * P))`.
+pub fn softmax_bwd<T: Real>(p: &[T], dp: &[T], row: usize, scale: f64, out: &mut [T]) {
+    let scale = T::of(scale);
+    par_rows(out, row, |r0, part| {
+        for (i, o) in part.chunks_mut(row).enumerate() {
+            let off = (r0 + i) * row;
+            let (pr, dr) = (&p[off..off + row], &dp[off..off + row]);
+            let dot: T = pr.iter().zip(dr).map(|(&a, &b)| a * b).sum();
+            for j in 0..row {
+                o[j] = scale * pr[j] * (dr[j] - dot);
+            }
+        }
+    });
+}
