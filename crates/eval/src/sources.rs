@@ -205,8 +205,22 @@ impl RewardSource {
                 .collect::<Result<_>>()?;
             return Ok(RewardSource::Combined { rule, parts });
         }
+        if spec == "refusal" {
+            let f = |s: &Sample| f64::from(u8::from(crate::safety::is_refusal(&s.response)));
+            return Ok(RewardSource::Function(Box::new(f)));
+        }
+        if spec == "toxicity" || spec.starts_with("toxicity=") {
+            let path = spec
+                .strip_prefix("toxicity=")
+                .map_or_else(crate::safety::default_profanity_csv, PathBuf::from);
+            let t = crate::safety::Toxicity::load(&path)?;
+            return Ok(RewardSource::Function(Box::new(move |s: &Sample| {
+                t.score(&s.response)
+            })));
+        }
         Err(Error::Config(format!(
-            "reward source `{spec}`: use model:PATH, command:CMD, combine:FILE.toml or gold:sentiment"
+            "reward source `{spec}`: use model:PATH, command:CMD, combine:FILE.toml, gold:sentiment, \
+             refusal or toxicity[=CSV]"
         )))
     }
 
