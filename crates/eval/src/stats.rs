@@ -12,6 +12,40 @@ pub struct MeanCi {
     pub ci95_high: f64,
 }
 
+/// A rate `k / n` with its Wilson 95% interval (sound near 0 and 1, where a normal interval is not).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Rate {
+    pub n: usize,
+    pub count: usize,
+    pub rate: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+}
+
+pub fn rate_ci(count: usize, n: usize) -> Rate {
+    if n == 0 {
+        return Rate {
+            n,
+            count,
+            rate: f64::NAN,
+            ci95_low: f64::NAN,
+            ci95_high: f64::NAN,
+        };
+    }
+    let (k, nf, z) = (count as f64, n as f64, 1.96f64);
+    let p = k / nf;
+    let denom = 1.0 + z * z / nf;
+    let centre = (p + z * z / (2.0 * nf)) / denom;
+    let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / denom;
+    Rate {
+        n,
+        count,
+        rate: p,
+        ci95_low: (centre - half).max(0.0),
+        ci95_high: (centre + half).min(1.0),
+    }
+}
+
 pub fn mean_ci(x: &[f64]) -> MeanCi {
     let n = x.len();
     let mean = x.iter().sum::<f64>() / n.max(1) as f64;
@@ -183,6 +217,17 @@ pub const LENGTH_FLAG_FRACTION: f64 = 0.2;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wilson_intervals_match_published_values() {
+        // Wilson 95% for 0/10 and 5/10 (Newcombe 1998's examples round to these).
+        let r = rate_ci(0, 10);
+        assert_eq!((r.rate, r.ci95_low), (0.0, 0.0));
+        assert!((r.ci95_high - 0.2775).abs() < 1e-4, "{r:?}");
+        let r = rate_ci(5, 10);
+        assert!((r.ci95_low - 0.2366).abs() < 1e-4 && (r.ci95_high - 0.7634).abs() < 1e-4);
+        assert!(rate_ci(0, 0).rate.is_nan());
+    }
 
     #[test]
     fn mean_interval_win_rate_and_lengths() {

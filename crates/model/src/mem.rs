@@ -1,7 +1,47 @@
 //! Heap accounting for memory work: the binary's allocator adds to these counters, and
 //! `PREFTUNE_MEM_TRACE=1` makes the trainer print them per phase. Only a binary with a counting
 //! allocator turns this on ([`enable_from_env`]); library users and tests never trace.
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+/// A global allocator that forwards to `A` and adds every size to the counters below
+/// (`#[global_allocator] static A: Counting<mimalloc::MiMalloc> = Counting(mimalloc::MiMalloc);`).
+pub struct Counting<A>(pub A);
+
+// SAFETY: every call is forwarded to `A` unchanged; the counters only observe sizes.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
+        let p = unsafe { self.0.alloc(l) };
+        if !p.is_null() {
+            on_alloc(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
+        let p = unsafe { self.0.alloc_zeroed(l) };
+        if !p.is_null() {
+            on_alloc(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        on_free(l.size());
+        // SAFETY: the caller's contract for this method, passed on unchanged.
+        unsafe { self.0.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for this method, passed on unchanged.
+        let q = unsafe { self.0.realloc(p, l, new) };
+        // On failure the old block stays allocated and the counts stay as they were.
+        if !q.is_null() {
+            on_free(l.size());
+            on_alloc(new);
+        }
+        q
+    }
+}
 
 /// Counting and tracing, off unless [`enable_from_env`] found `PREFTUNE_MEM_TRACE=1`: counting
 /// costs shared atomics on every allocation of every thread.

