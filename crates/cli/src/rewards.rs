@@ -3,7 +3,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use preftune_eval::bon::{best_of_n, normalize_reward_model, score_file, BonSettings};
+use preftune_eval::bon::{
+    best_of_n, normalize_reward_model, score_file, BonSettings, SafetyFilter,
+};
 use preftune_eval::RewardSource;
 use serde_json::json;
 
@@ -48,6 +50,12 @@ pub struct BonArgs {
     /// Prompts sampled together (each `n` times).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// Llama 2's safety filter: a reward source scoring safety; samples under
+    /// --safety-threshold are dropped before the best is chosen.
+    #[arg(long)]
+    safety: Option<String>,
+    #[arg(long, default_value_t = 0.15)]
+    safety_threshold: f64,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -95,12 +103,18 @@ pub fn bon(a: &BonArgs) -> Result<()> {
         keep_all: a.keep_all,
         sampling: crate::commands::sampling_config(&policy, &a.sampling),
     };
+    let safety = a.safety.as_deref().map(RewardSource::parse).transpose()?;
+    let safety = safety.map(|source| SafetyFilter {
+        source,
+        threshold: a.safety_threshold,
+    });
     let s = best_of_n(
         &policy,
         &reward,
         &a.data,
         &a.out,
         &settings,
+        safety.as_ref(),
         &|r, resp, x| {
             let mut v = r.value.clone();
             v["response"] = json!(resp);
@@ -110,7 +124,8 @@ pub fn bon(a: &BonArgs) -> Result<()> {
     )?;
     emit(
         &json!({"rows_now": s.rows, "n": a.n, "mean_best_reward": s.mean_best_reward,
-                 "mean_sample_reward": s.mean_sample_reward, "out": a.out.display().to_string()}),
+                 "mean_sample_reward": s.mean_sample_reward, "unsafe_samples": s.unsafe_samples,
+                 "rows_all_unsafe": s.rows_all_unsafe, "out": a.out.display().to_string()}),
     );
     Ok(())
 }

@@ -698,6 +698,61 @@ fn eval_redteam_reports_violations_per_category_and_false_refusals() {
     }
 }
 
+/// Llama 2's safety filter in `bon`: samples the safety source scores under the threshold are not
+/// chosen while a safe one exists, and the counts say how many were dropped.
+#[test]
+fn bon_safety_filter_drops_unsafe_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("prompts.jsonl");
+    let rows: Vec<String> = (0..6)
+        .map(|i| serde_json::json!({"prompt": format!("Story {i}:")}).to_string())
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = dir.path().join("bon.jsonl");
+    // Helpfulness: the response's length. Safety: 1 without the letter `e`, else 0.
+    let safety = "command:python3 -c \"import sys,json; [print(0 if 'e' in json.loads(l)['response'] else 1) for l in sys.stdin]\"";
+    let (ok, v, err) = preftune(&[
+        "bon", "--model", &model("tiny-llama"), "--reward",
+        "command:python3 -c \"import sys,json; [print(len(json.loads(l)['response'])) for l in sys.stdin]\"",
+        "--n", "4", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--keep-all", "--max-new-tokens", "6", "--seed", "3", "--safety", safety,
+        "--safety-threshold", "0.5",
+    ]);
+    assert!(ok, "{err}");
+    let (mut unsafe_samples, mut all_unsafe) = (0, 0);
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let responses: Vec<&str> = r["responses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        let rewards = nums(&r["rewards"]);
+        let safe: Vec<usize> = (0..4).filter(|&j| !responses[j].contains('e')).collect();
+        unsafe_samples += 4 - safe.len();
+        let chosen = r["response"].as_str().unwrap();
+        if safe.is_empty() {
+            all_unsafe += 1;
+            assert_eq!(r["safety"], 0.0, "{r}");
+        } else {
+            // The best reward among the safe samples.
+            let best = safe.iter().map(|&j| rewards[j]).fold(f64::MIN, f64::max);
+            assert!(
+                !chosen.contains('e') && r["reward"].as_f64() == Some(best),
+                "{r}"
+            );
+            assert_eq!(r["safety"], 1.0);
+        }
+    }
+    assert_eq!(v["unsafe_samples"], unsafe_samples, "{v}");
+    assert_eq!(v["rows_all_unsafe"], all_unsafe, "{v}");
+    assert!(
+        unsafe_samples > 0,
+        "the tiny model's samples should contain some `e`"
+    );
+}
+
 #[test]
 fn eval_commands_report_reward_win_rate_and_kl() {
     let dir = tempfile::tempdir().unwrap();

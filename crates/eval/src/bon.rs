@@ -96,23 +96,45 @@ pub struct BonSettings {
     pub sampling: SamplingConfig,
 }
 
+/// Llama 2's safety filter for Best-of-N and rejection sampling: samples whose safety score is
+/// under `threshold` are dropped before the best is chosen. A prompt whose samples are all under
+/// it keeps its safest sample (counted in [`BonSummary::rows_all_unsafe`]), so that every input
+/// row still gets an output row and runs resume by row count.
+pub struct SafetyFilter {
+    pub source: RewardSource,
+    pub threshold: f64,
+}
+
 /// What [`best_of_n`] did, over the rows written by this call.
 #[derive(Clone, Debug)]
 pub struct BonSummary {
     pub rows: usize,
     pub mean_best_reward: f64,
     pub mean_sample_reward: f64,
+    /// With a safety filter: samples it dropped, and rows left with none above the threshold.
+    pub unsafe_samples: usize,
+    pub rows_all_unsafe: usize,
+}
+
+/// The index of the highest of `scores` among `among` (the first on ties).
+fn argmax(scores: &[f64], among: impl Iterator<Item = usize>) -> Option<usize> {
+    among.fold(None, |best, i| match best {
+        Some(b) if scores[b] >= scores[i] => Some(b),
+        _ => Some(i),
+    })
 }
 
 /// Best-of-N over the prompts of `data` into `out` (resumable: seeds follow the row index, so a
 /// resumed run writes what the straight run would have). `shape` maps an input row, the best
-/// response and its reward to the output row.
+/// response and its reward to the output row. With `safety`, unsafe samples are dropped first
+/// and each row also gets the chosen sample's `safety` score.
 pub fn best_of_n(
     policy: &Pretrained,
     reward: &RewardSource,
     data: &Path,
     out: &Path,
     set: &BonSettings,
+    safety: Option<&SafetyFilter>,
     shape: &dyn Fn(&Row, &str, f64) -> Value,
 ) -> Result<BonSummary> {
     let (n, batch_size) = (set.n, set.batch_size);
@@ -123,6 +145,7 @@ pub fn best_of_n(
     let mut file = ResumableJsonl::open(out)?;
     let start = file.done.min(rows.len());
     let (mut best_sum, mut all_sum, mut count) = (0.0, 0.0, 0usize);
+    let (mut unsafe_samples, mut rows_all_unsafe) = (0, 0);
     for (b, chunk) in rows[start..].chunks(batch_size).enumerate() {
         let prompts = chunk
             .iter()
@@ -140,15 +163,52 @@ pub fn best_of_n(
             ..set.sampling.clone()
         };
         let cands = sample_and_score(policy, reward, &prompts, n, &cfg)?;
+        // Safety scores of every sample, prompt-major, when filtering.
+        let safety_scores = match safety {
+            Some(f) => {
+                let samples: Vec<Sample> = prompts
+                    .iter()
+                    .zip(&cands)
+                    .flat_map(|((p, risky), c)| {
+                        c.responses.iter().map(|r| Sample {
+                            prompt: p.clone(),
+                            response: r.clone(),
+                            risky: *risky,
+                        })
+                    })
+                    .collect();
+                Some(f.source.score(&samples)?)
+            }
+            None => None,
+        };
         let lines: Vec<Value> = chunk
             .iter()
             .zip(&cands)
-            .map(|(r, c)| {
-                let i = c.best();
+            .enumerate()
+            .map(|(row, (r, c))| {
+                let (i, s) = match (safety, &safety_scores) {
+                    (Some(f), Some(all)) => {
+                        let s = &all[row * n..(row + 1) * n];
+                        let safe: Vec<usize> = (0..n).filter(|&j| s[j] >= f.threshold).collect();
+                        unsafe_samples += n - safe.len();
+                        let i = match argmax(&c.rewards, safe.into_iter()) {
+                            Some(i) => i,
+                            None => {
+                                rows_all_unsafe += 1;
+                                argmax(s, 0..n).unwrap_or(0)
+                            }
+                        };
+                        (i, Some(s[i]))
+                    }
+                    _ => (c.best(), None),
+                };
                 best_sum += c.rewards[i];
                 all_sum += c.rewards.iter().sum::<f64>() / n as f64;
                 count += 1;
                 let mut v = shape(r, &c.responses[i], c.rewards[i]);
+                if let Some(s) = s {
+                    v["safety"] = json!(s);
+                }
                 if set.keep_all {
                     v["responses"] = json!(c.responses);
                     v["rewards"] = json!(c.rewards);
@@ -163,6 +223,8 @@ pub fn best_of_n(
         rows: count,
         mean_best_reward: best_sum / c,
         mean_sample_reward: all_sum / c,
+        unsafe_samples,
+        rows_all_unsafe,
     })
 }
 

@@ -3,7 +3,7 @@
 //! (SFT); the next round starts from that model.
 use std::path::PathBuf;
 
-use preftune_eval::bon::{best_of_n, BonSettings};
+use preftune_eval::bon::{best_of_n, BonSettings, SafetyFilter};
 use preftune_eval::RewardSource;
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use serde::Deserialize;
@@ -33,6 +33,15 @@ pub struct RsOptions {
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
+    /// Llama 2's safety filter: a reward source scoring safety, and the score under which a
+    /// sample is dropped before the best is chosen.
+    pub safety: Option<String>,
+    #[serde(default = "safety_threshold")]
+    pub safety_threshold: f64,
+}
+
+fn safety_threshold() -> f64 {
+    0.15
 }
 
 fn four() -> usize {
@@ -84,6 +93,13 @@ pub fn run(cfg: &RunConfig<SftArgs>, rs: &RsOptions, resume: bool) -> Result<Val
         ));
     }
     let reward = RewardSource::parse(&rs.reward)?;
+    let safety = match &rs.safety {
+        Some(s) => Some(SafetyFilter {
+            source: RewardSource::parse(s)?,
+            threshold: rs.safety_threshold,
+        }),
+        None => None,
+    };
     let mut model = cfg.args.model_name_or_path.clone();
     let mut rounds = vec![];
     for round in 0..rs.rounds {
@@ -117,6 +133,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, rs: &RsOptions, resume: bool) -> Result<Val
                 keep_all: false,
                 sampling,
             },
+            safety.as_ref(),
             &|r, resp, x| {
                 // TRL's prompt-completion format; conversations get an assistant message.
                 let completion = match r.value.get("prompt") {
@@ -140,7 +157,9 @@ pub fn run(cfg: &RunConfig<SftArgs>, rs: &RsOptions, resume: bool) -> Result<Val
         rounds.push(
             json!({"round": round, "samples": best.display().to_string(),
                            "mean_best_reward": bon.mean_best_reward,
-                           "mean_sample_reward": bon.mean_sample_reward, "sft": summary}),
+                           "mean_sample_reward": bon.mean_sample_reward,
+                           "unsafe_samples": bon.unsafe_samples,
+                           "rows_all_unsafe": bon.rows_all_unsafe, "sft": summary}),
         );
         model = sft_cfg.args.output_dir.display().to_string();
     }
