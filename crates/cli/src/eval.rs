@@ -161,20 +161,17 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
                 dtype: a.model.dtype.clone(),
                 adapter: None,
             })?;
-            let s = eval_sampling(&a.sampling);
+            let s = &a.sampling;
+            let s = EvalSampling {
+                max_new_tokens: s.max_new_tokens,
+                temperature: s.temperature,
+                top_p: s.top_p,
+                top_k: s.top_k,
+                seed: s.seed,
+            };
             emit(&kl_report(&policy, &reference, &a.data, a.n, &s)?)
         }
         EvalCmd::Redteam(a) => redteam(a)?,
     }
     Ok(())
-}
-
-fn eval_sampling(s: &SamplingArgs) -> EvalSampling {
-    EvalSampling {
-        max_new_tokens: s.max_new_tokens,
-        temperature: s.temperature,
-        top_p: s.top_p,
-        top_k: s.top_k,
-        seed: s.seed,
-    }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use preftune_label::export::{export, ExportOptions};
+use preftune_label::net::ServeOptions;
 use preftune_label::stats::stats;
 use preftune_label::{ImportOptions, Mode, Store};
 use preftune_model::io::write_jsonl;
@@ -145,12 +146,7 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
         } => {
             // Refuse a public bind before touching the database.
             preftune_label::net::check_bind(*bind, *insecure)?;
-            if !(session_hours.is_finite()
-                && *session_hours > 0.0
-                && *session_hours <= 24.0 * 365.0)
-            {
-                anyhow::bail!("--session-hours: expected a number of hours in (0, 8760], found {session_hours}");
-            }
+            let opts = ServeOptions::new(*insecure, *session_hours, *max_connections)?;
             let mut store = open(db)?;
             import(&mut store, candidates, a)?;
             let p = store.progress()?;
@@ -160,12 +156,6 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
                     db.display()
                 );
             }
-            let mut opts = preftune_label::net::ServeOptions {
-                insecure: *insecure,
-                session_ttl: std::time::Duration::from_secs_f64(session_hours * 3600.0),
-                ..Default::default()
-            };
-            opts.limits.max_connections = *max_connections;
             preftune_label::server::serve(store, *bind, opts)
                 .with_context(|| format!("serving on {bind}"))?;
         }

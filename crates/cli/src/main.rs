@@ -135,6 +135,9 @@ enum Command {
     /// Rejection-sampling fine-tuning: Best-of-N over a prompt set, then SFT on the best, for
     /// one or more rounds (an SFT config plus a [rejection_sampling] table).
     RejectionSampling(RunArgs),
+    /// Safety context distillation: answers to risky prompts under a safety preprompt, then SFT
+    /// on them without it (an SFT config plus a [distill] table; `safety` makes it targeted).
+    Distill(RunArgs),
     /// GRPO (TRL's GRPOTrainer): group-normalised advantages over num_generations samples per
     /// prompt, rewards from any reward source.
     Grpo(RunArgs),
@@ -151,17 +154,11 @@ enum Command {
 /// deep in a library's error it arrives.
 fn is_device_error(e: &anyhow::Error) -> bool {
     use preftune_model::Error as M;
-    e.downcast_ref::<preftune_model::DeviceError>().is_some()
-        || matches!(e.downcast_ref::<M>(), Some(M::Device(_)))
-        || matches!(
-            e.downcast_ref::<preftune_train::Error>(),
-            Some(preftune_train::Error::Model(M::Device(_)))
-        )
-        || matches!(
-            e.downcast_ref::<preftune_pipeline::Error>()
-                .and_then(|e| e.model_error()),
-            Some(M::Device(_))
-        )
+    let inner = e.downcast_ref::<M>().or_else(|| match e.downcast_ref() {
+        Some(preftune_train::Error::Model(m)) => Some(m),
+        _ => e.downcast_ref::<preftune_pipeline::Error>()?.model_error(),
+    });
+    e.downcast_ref::<preftune_model::DeviceError>().is_some() || matches!(inner, Some(M::Device(_)))
 }
 
 fn main() {
@@ -218,7 +215,8 @@ fn main() {
         Command::Report { dir } => preftune_pipeline::report::run(&dir)
             .map(|v| commands::emit(&v))
             .map_err(Into::into),
-        Command::RejectionSampling(run) => rewards::rejection_sampling(&run),
+        Command::RejectionSampling(run) => rewards::sft_with_table(&run, false),
+        Command::Distill(run) => rewards::sft_with_table(&run, true),
         Command::Grpo(run) => commands::train(commands::Trainer::Grpo, &run),
         Command::Rloo(run) => commands::train(commands::Trainer::Rloo, &run),
         Command::Reinforce(run) => commands::train(commands::Trainer::Reinforce, &run),

@@ -142,10 +142,21 @@ pub fn normalize(a: &NormalizeArgs) -> Result<()> {
 
 /// Rejection-sampling fine-tuning: an SFT config plus a `[rejection_sampling]` table
 /// (`preftune_train::rejection`).
-pub fn rejection_sampling(run: &RunArgs) -> Result<()> {
-    anyhow::ensure!(!run.eval_only, "rejection-sampling has no --eval-only (evaluate the final model with `preftune sft --eval-only`)");
-    let (cfg, rs) = preftune_train::rejection::load_config(run.config.as_deref(), &run.set)?;
-    emit(&preftune_train::rejection::run(&cfg, &rs, run.resume)?);
+/// `rejection-sampling` or `distill`: an SFT config plus the command's own table.
+pub fn sft_with_table(run: &RunArgs, distill: bool) -> Result<()> {
+    use preftune_train::{distill as d, rejection as r};
+    anyhow::ensure!(
+        !run.eval_only,
+        "no --eval-only here (evaluate the final model with `preftune sft --eval-only`)"
+    );
+    let (file, set) = (run.config.as_deref(), &run.set);
+    emit(&if distill {
+        let (cfg, o) = d::load_config(file, set)?;
+        d::run(&cfg, &o, run.resume)?
+    } else {
+        let (cfg, o) = r::load_config(file, set)?;
+        r::run(&cfg, &o, run.resume)?
+    });
     Ok(())
 }
 

@@ -753,6 +753,65 @@ fn bon_safety_filter_drops_unsafe_samples() {
     );
 }
 
+/// Safety context distillation: answers under the preprompt, SFT without it; the targeted variant
+/// keeps an answer only when the safety source prefers it, and says so when it keeps none.
+#[test]
+fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("distill");
+    let config = root().join("examples/distill-tiny.toml");
+    let sets = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("output_dir={}", out.display()),
+            format!(
+                "prompts={}",
+                root().join("examples/data/risky-tiny.txt").display()
+            ),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // `prompts` lives in [distill]: set it there.
+    let sets = |extra: &[&str]| -> Vec<String> {
+        sets(extra)
+            .into_iter()
+            .map(|s| {
+                if s.starts_with("prompts=") {
+                    format!("distill.{s}")
+                } else {
+                    s
+                }
+            })
+            .collect()
+    };
+    let (ok, v, err) = run_with_sets("distill", &config, &sets(&[]));
+    assert!(ok, "{err}");
+    assert_eq!(
+        (v["prompts"].as_u64(), v["kept"].as_u64()),
+        (Some(4), Some(4)),
+        "{v}"
+    );
+    let rows = std::fs::read_to_string(out.join("distill.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    // The training rows hold the prompt without the preprompt.
+    assert_eq!(first["prompt"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["prompt"][0]["role"], "user");
+    assert!(out.join("sft/model.safetensors").exists());
+    // Targeted: a source preferring answers given a system message keeps them all; the opposite
+    // keeps none, which is an error.
+    let prefers = |with: u8| {
+        format!("distill.safety=\"command:python3 -c \\\"import sys,json; [print({with} if any(m['role']=='system' for m in json.loads(l)['prompt']) else {}) for l in sys.stdin]\\\"\"", 1 - with)
+    };
+    std::fs::remove_dir_all(&out).unwrap();
+    let (ok, v, err) = run_with_sets("distill", &config, &sets(&[&prefers(1)]));
+    assert!(ok, "{err}");
+    assert_eq!(v["kept"], 4, "{v}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let (ok, _, err) = run_with_sets("distill", &config, &sets(&[&prefers(0)]));
+    assert!(!ok && err.contains("no answer was kept"), "{err}");
+}
+
 #[test]
 fn eval_commands_report_reward_win_rate_and_kl() {
     let dir = tempfile::tempdir().unwrap();

@@ -55,6 +55,30 @@ pub struct ServeOptions {
     pub session_ttl: Duration,
 }
 
+impl ServeOptions {
+    /// Options for `label serve`: plain HTTP off loopback only with `insecure`, logins lasting
+    /// `session_hours` (in (0, 8760]), at most `max_connections` at once.
+    pub fn new(
+        insecure: bool,
+        session_hours: f64,
+        max_connections: usize,
+    ) -> std::io::Result<Self> {
+        if !(session_hours.is_finite() && session_hours > 0.0 && session_hours <= 24.0 * 365.0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("--session-hours: expected a number of hours in (0, 8760], found {session_hours}"),
+            ));
+        }
+        let mut o = ServeOptions {
+            insecure,
+            session_ttl: Duration::from_secs_f64(session_hours * 3600.0),
+            ..Default::default()
+        };
+        o.limits.max_connections = max_connections;
+        Ok(o)
+    }
+}
+
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {

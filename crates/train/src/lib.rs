@@ -3,6 +3,7 @@
 //! per algorithm.
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod dpo;
 pub mod error;
 pub mod evaluate;

@@ -1,0 +1,195 @@
+//! Safety context distillation (Llama 2, section 4.2.4): the model answers risky prompts with a
+//! safety preprompt, then learns to give those answers without it.
+//!
+//! 1. Each prompt is answered as a user message after a system message holding the preprompt.
+//! 2. With `safety` (a reward source), the same prompt is also answered without the preprompt, and
+//!    only answers the source scores higher with the preprompt are kept (targeted distillation).
+//! 3. SFT on prompt-without-preprompt -> answer (`output_dir/distill.jsonl`, then `output_dir/sft`).
+use std::path::Path;
+
+use preftune_data::Text;
+use preftune_eval::redteam::load_prompt_set;
+use preftune_eval::sources::{prompt_ids, sample_and_score_ids, PromptRef, RewardSource};
+use preftune_model::{LoadOptions, Message, Pretrained, SamplingConfig};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::sft::SftArgs;
+
+/// The default preprompt: the opening of Llama 2 Chat's default system prompt.
+pub const LLAMA2_SAFETY_PREPROMPT: &str = "You are a helpful, respectful and honest assistant. \
+Always answer as helpfully as possible, while being safe. Your answers should not include any \
+harmful, unethical, racist, sexist, toxic, dangerous, or illegal content.";
+
+/// `[distill]` of a distillation config; the rest is an SFT config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillOptions {
+    /// Risky prompts: `donotanswer`, `harmbench`, `rtp`, or a prompt file (see `eval redteam`).
+    pub prompts: String,
+    /// Use only the first this many prompts (0: all).
+    #[serde(default)]
+    pub limit: usize,
+    /// The system message answers are sampled under.
+    #[serde(default = "preprompt")]
+    pub preprompt: String,
+    /// Targeted distillation: keep an answer only when this source scores it above the answer
+    /// without the preprompt.
+    pub safety: Option<String>,
+    #[serde(default = "eight")]
+    pub batch_size: usize,
+    #[serde(default = "max_new")]
+    pub max_new_tokens: usize,
+    #[serde(default = "unit")]
+    pub temperature: f64,
+    #[serde(default = "unit")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: usize,
+}
+
+fn preprompt() -> String {
+    LLAMA2_SAFETY_PREPROMPT.into()
+}
+fn eight() -> usize {
+    8
+}
+fn max_new() -> usize {
+    128
+}
+fn unit() -> f64 {
+    1.0
+}
+
+/// Loads a distillation config: an SFT config plus its `[distill]` table.
+pub fn load_config(
+    file: Option<&Path>,
+    set: &[String],
+) -> Result<(RunConfig<SftArgs>, DistillOptions)> {
+    let (cfg, sections) = crate::config::load_with_sections::<SftArgs>(
+        file,
+        crate::sft::defaults(),
+        set,
+        &["distill"],
+    )?;
+    let section = sections.get("distill").cloned().ok_or_else(|| {
+        Error::Config("the config needs a [distill] table (prompts, preprompt, safety)".into())
+    })?;
+    let d: DistillOptions = section
+        .try_into()
+        .map_err(|e| Error::Config(format!("[distill]: {e}")))?;
+    Ok((cfg, d))
+}
+
+/// Answers every prompt once, each as `messages(prompt)`; scored by `safety` when given.
+fn answers(
+    policy: &Pretrained,
+    prompts: &[String],
+    messages: &dyn Fn(&str) -> Vec<Message>,
+    safety: Option<&RewardSource>,
+    d: &DistillOptions,
+    seed: u64,
+) -> Result<(Vec<String>, Vec<f64>)> {
+    let (mut texts, mut scores) = (vec![], vec![]);
+    for (b, chunk) in prompts.chunks(d.batch_size.max(1)).enumerate() {
+        let t: Vec<Text> = chunk.iter().map(|p| Text::Messages(messages(p))).collect();
+        let ids = t
+            .iter()
+            .map(|t| prompt_ids(policy, t))
+            .collect::<preftune_eval::Result<Vec<_>>>()?;
+        let refs: Vec<PromptRef> = t
+            .iter()
+            .zip(&ids)
+            .map(|(text, ids)| PromptRef {
+                ids,
+                text,
+                risky: true,
+            })
+            .collect();
+        let cfg = SamplingConfig {
+            max_new_tokens: d.max_new_tokens,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            seed: seed.wrapping_add(b as u64),
+            eos_token_ids: policy.eos_token_ids(),
+            pad_token_id: policy.pad_token_id(),
+            ..Default::default()
+        };
+        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, safety, &cfg)?;
+        texts.extend(s.texts);
+        scores.extend(s.rewards);
+    }
+    Ok((texts, scores))
+}
+
+/// Samples, filters and fine-tunes; returns the summary (`prompts`, `kept`, `sft`).
+pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result<Value> {
+    let mut prompts: Vec<String> = load_prompt_set(&d.prompts)?
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    if d.limit > 0 {
+        prompts.truncate(d.limit);
+    }
+    let safety = d.safety.as_deref().map(RewardSource::parse).transpose()?;
+    let out = &cfg.args.output_dir;
+    let data = out.join("distill.jsonl");
+    let (kept, targeted_dropped) = {
+        let policy = Pretrained::load(
+            Path::new(&cfg.args.model_name_or_path),
+            &LoadOptions {
+                dtype: cfg.args.dtype.candle(),
+                ..Default::default()
+            },
+        )?;
+        let with = |p: &str| {
+            vec![
+                Message::new("system", &d.preprompt),
+                Message::new("user", p),
+            ]
+        };
+        let without = |p: &str| vec![Message::new("user", p)];
+        let seed = cfg.args.seed;
+        let (a, sa) = answers(&policy, &prompts, &with, safety.as_ref(), d, seed)?;
+        let keep: Vec<bool> = match &safety {
+            Some(s) => {
+                let (_, sb) = answers(&policy, &prompts, &without, Some(s), d, seed ^ 0x5afe)?;
+                sa.iter().zip(&sb).map(|(x, y)| x > y).collect()
+            }
+            None => vec![true; prompts.len()],
+        };
+        let rows: Vec<Value> = prompts
+            .iter()
+            .zip(&a)
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|((p, r), _)| {
+                json!({"prompt": [{"role": "user", "content": p}],
+                       "completion": [{"role": "assistant", "content": r}]})
+            })
+            .collect();
+        if rows.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no answer was kept (targeted distillation kept none of {} prompts)",
+                d.prompts,
+                prompts.len()
+            )));
+        }
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        preftune_model::io::write_jsonl(&data, &rows)?;
+        (rows.len(), prompts.len() - rows.len())
+    };
+    let mut sft_cfg = cfg.clone();
+    sft_cfg.args.train_file = Some(data.clone());
+    sft_cfg.args.output_dir = out.join("sft");
+    sft_cfg.algo.completion_only_loss = Some(true);
+    let summary = crate::sft::run(&sft_cfg, resume, false)?;
+    Ok(
+        json!({"prompts": prompts.len(), "kept": kept, "dropped_by_safety": targeted_dropped,
+              "data": data.display().to_string(), "final_model": sft_cfg.args.output_dir.display().to_string(),
+              "sft": summary}),
+    )
+}
