@@ -8,13 +8,12 @@
 //! per line (the category is the file's name).
 use std::path::{Path, PathBuf};
 
-use preftune_data::Text;
 use preftune_model::{Message, Pretrained, SamplingConfig};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::safety::is_refusal;
-use crate::sources::{prompt_ids, sample_and_score_ids, PromptRef, RewardSource};
+use crate::sources::{answer_conversations, RewardSource};
 use crate::stats::rate_ci;
 
 /// An adversarial (or benign) prompt and the category it reports under.
@@ -136,42 +135,24 @@ pub struct RedteamSettings {
     pub worst: usize,
 }
 
-/// Each prompt as a user message (with the chat template's generation prompt when the model
-/// has one), answered once.
+/// Each prompt as a user message, answered once.
 fn answer(
     policy: &Pretrained,
     prompts: &[RedPrompt],
     set: &RedteamSettings,
     reward: Option<&RewardSource>,
 ) -> Result<(Vec<String>, Vec<f64>)> {
-    let (mut texts, mut scores) = (vec![], vec![]);
-    for (b, chunk) in prompts.chunks(set.batch_size.max(1)).enumerate() {
-        let t: Vec<Text> = chunk
-            .iter()
-            .map(|p| Text::Messages(vec![Message::new("user", &p.prompt)]))
-            .collect();
-        let ids = t
-            .iter()
-            .map(|t| prompt_ids(policy, t))
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<PromptRef> = t
-            .iter()
-            .zip(&ids)
-            .map(|(text, ids)| PromptRef {
-                ids,
-                text,
-                risky: true,
-            })
-            .collect();
-        let cfg = SamplingConfig {
-            seed: set.sampling.seed.wrapping_add(b as u64),
-            ..set.sampling.clone()
-        };
-        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, reward, &cfg)?;
-        texts.extend(s.texts);
-        scores.extend(s.rewards);
-    }
-    Ok((texts, scores))
+    let conversations: Vec<Vec<Message>> = prompts
+        .iter()
+        .map(|p| vec![Message::new("user", &p.prompt)])
+        .collect();
+    answer_conversations(
+        policy,
+        &conversations,
+        set.batch_size,
+        reward,
+        &set.sampling,
+    )
 }
 
 /// Answers `prompts` (and `benign`, when given) with `policy` and reports violations per category,

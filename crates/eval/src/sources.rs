@@ -449,6 +449,43 @@ impl Candidates {
     }
 }
 
+/// Each conversation answered once (the chat template's generation prompt after it), `batch_size`
+/// at a time, batch `b` seeded with `sampling.seed + b`; scored by `reward` when given (risky
+/// samples, for the piecewise rule). Red teaming and context distillation sample through it.
+pub fn answer_conversations(
+    policy: &Pretrained,
+    conversations: &[Vec<Message>],
+    batch_size: usize,
+    reward: Option<&RewardSource>,
+    sampling: &SamplingConfig,
+) -> Result<(Vec<String>, Vec<f64>)> {
+    let (mut texts, mut scores) = (vec![], vec![]);
+    for (b, chunk) in conversations.chunks(batch_size.max(1)).enumerate() {
+        let t: Vec<Text> = chunk.iter().map(|m| Text::Messages(m.clone())).collect();
+        let ids = t
+            .iter()
+            .map(|t| prompt_ids(policy, t))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<PromptRef> = t
+            .iter()
+            .zip(&ids)
+            .map(|(text, ids)| PromptRef {
+                ids,
+                text,
+                risky: true,
+            })
+            .collect();
+        let cfg = SamplingConfig {
+            seed: sampling.seed.wrapping_add(b as u64),
+            ..sampling.clone()
+        };
+        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, reward, &cfg)?;
+        texts.extend(s.texts);
+        scores.extend(s.rewards);
+    }
+    Ok((texts, scores))
+}
+
 /// A prompt to sample from: its token ids, its text (what the reward source reads) and whether it
 /// is risky (for the piecewise safety rule).
 #[derive(Clone, Copy, Debug)]

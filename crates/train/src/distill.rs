@@ -7,9 +7,8 @@
 //! 3. SFT on prompt-without-preprompt -> answer (`output_dir/distill.jsonl`, then `output_dir/sft`).
 use std::path::Path;
 
-use preftune_data::Text;
 use preftune_eval::redteam::load_prompt_set;
-use preftune_eval::sources::{prompt_ids, sample_and_score_ids, PromptRef, RewardSource};
+use preftune_eval::sources::{answer_conversations, RewardSource};
 use preftune_model::{LoadOptions, Message, Pretrained, SamplingConfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -68,22 +67,10 @@ pub fn load_config(
     file: Option<&Path>,
     set: &[String],
 ) -> Result<(RunConfig<SftArgs>, DistillOptions)> {
-    let (cfg, sections) = crate::config::load_with_sections::<SftArgs>(
-        file,
-        crate::sft::defaults(),
-        set,
-        &["distill"],
-    )?;
-    let section = sections.get("distill").cloned().ok_or_else(|| {
-        Error::Config("the config needs a [distill] table (prompts, preprompt, safety)".into())
-    })?;
-    let d: DistillOptions = section
-        .try_into()
-        .map_err(|e| Error::Config(format!("[distill]: {e}")))?;
-    Ok((cfg, d))
+    crate::sft::load_with_table(file, set, "distill", "prompts, preprompt, safety")
 }
 
-/// Answers every prompt once, each as `messages(prompt)`; scored by `safety` when given.
+/// Every prompt answered once as `messages(prompt)`; scored by `safety` when given.
 fn answers(
     policy: &Pretrained,
     prompts: &[String],
@@ -92,37 +79,24 @@ fn answers(
     d: &DistillOptions,
     seed: u64,
 ) -> Result<(Vec<String>, Vec<f64>)> {
-    let (mut texts, mut scores) = (vec![], vec![]);
-    for (b, chunk) in prompts.chunks(d.batch_size.max(1)).enumerate() {
-        let t: Vec<Text> = chunk.iter().map(|p| Text::Messages(messages(p))).collect();
-        let ids = t
-            .iter()
-            .map(|t| prompt_ids(policy, t))
-            .collect::<preftune_eval::Result<Vec<_>>>()?;
-        let refs: Vec<PromptRef> = t
-            .iter()
-            .zip(&ids)
-            .map(|(text, ids)| PromptRef {
-                ids,
-                text,
-                risky: true,
-            })
-            .collect();
-        let cfg = SamplingConfig {
-            max_new_tokens: d.max_new_tokens,
-            temperature: d.temperature,
-            top_p: d.top_p,
-            top_k: d.top_k,
-            seed: seed.wrapping_add(b as u64),
-            eos_token_ids: policy.eos_token_ids(),
-            pad_token_id: policy.pad_token_id(),
-            ..Default::default()
-        };
-        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, safety, &cfg)?;
-        texts.extend(s.texts);
-        scores.extend(s.rewards);
-    }
-    Ok((texts, scores))
+    let conversations: Vec<Vec<Message>> = prompts.iter().map(|p| messages(p)).collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: d.max_new_tokens,
+        temperature: d.temperature,
+        top_p: d.top_p,
+        top_k: d.top_k,
+        seed,
+        eos_token_ids: policy.eos_token_ids(),
+        pad_token_id: policy.pad_token_id(),
+        ..Default::default()
+    };
+    Ok(answer_conversations(
+        policy,
+        &conversations,
+        d.batch_size,
+        safety,
+        &cfg,
+    )?)
 }
 
 /// Samples, filters and fine-tunes; returns the summary (`prompts`, `kept`, `sft`).

@@ -63,22 +63,12 @@ pub fn load_config(
     file: Option<&std::path::Path>,
     set: &[String],
 ) -> Result<(RunConfig<SftArgs>, RsOptions)> {
-    let (cfg, sections) = crate::config::load_with_sections::<SftArgs>(
+    crate::sft::load_with_table(
         file,
-        crate::sft::defaults(),
         set,
-        &["rejection_sampling"],
-    )?;
-    let section = sections.get("rejection_sampling").cloned().ok_or_else(|| {
-        Error::Config(
-            "the config needs a [rejection_sampling] table (prompts_file, reward, n, rounds)"
-                .into(),
-        )
-    })?;
-    let rs: RsOptions = section
-        .try_into()
-        .map_err(|e| Error::Config(format!("[rejection_sampling]: {e}")))?;
-    Ok((cfg, rs))
+        "rejection_sampling",
+        "prompts_file, reward, n, rounds",
+    )
 }
 
 /// Runs every round: `output_dir/round-K/` holds `best.jsonl` and the SFT run (`sft/`). With

@@ -165,6 +165,26 @@ fn report(r: &DataReport) {
 }
 
 /// `preftune sft`: trains (or, with `eval_only`, evaluates) and returns the summary printed as JSON.
+/// An SFT config (defaults, the file, `--set`) plus the `[name]` table of a command that runs SFT
+/// as one of its steps (`keys`: what the table needs, for the error when it is missing).
+pub fn load_with_table<T: serde::de::DeserializeOwned>(
+    file: Option<&std::path::Path>,
+    set: &[String],
+    name: &str,
+    keys: &str,
+) -> Result<(RunConfig<SftArgs>, T)> {
+    let (cfg, sections) =
+        crate::config::load_with_sections::<SftArgs>(file, defaults(), set, &[name])?;
+    let section = sections
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::Config(format!("the config needs a [{name}] table ({keys})")))?;
+    let own: T = section
+        .try_into()
+        .map_err(|e| Error::Config(format!("[{name}]: {e}")))?;
+    Ok((cfg, own))
+}
+
 pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {
     let args = &cfg.args;
     if eval_only {
