@@ -16,8 +16,7 @@ use crate::sources::{
 /// A row with `prompt` (text or messages) and `response` (or `completion`) as a [`Sample`]; an
 /// optional boolean `risky` feeds the piecewise rule. Errors name the row's file and line.
 pub fn sample_of(row: &Row) -> Result<Sample> {
-    let prompt =
-        row_prompt(&row.value).map_err(|e| Error::Msg(format!("{}: prompt: {e}", row.loc)))?;
+    let prompt = row_prompt(row)?;
     let response = ["response", "completion"]
         .iter()
         .find_map(|k| row.value.get(*k).and_then(Value::as_str))
@@ -28,6 +27,11 @@ pub fn sample_of(row: &Row) -> Result<Sample> {
         response,
         risky: risky_of(row)?,
     })
+}
+
+/// Every row of `data` as a [`Sample`].
+pub fn samples_of_file(data: &Path) -> Result<Vec<Sample>> {
+    read_rows(data)?.iter().map(sample_of).collect()
 }
 
 fn risky_of(row: &Row) -> Result<bool> {
@@ -149,11 +153,7 @@ pub fn best_of_n(
     for (b, chunk) in rows[start..].chunks(batch_size).enumerate() {
         let prompts = chunk
             .iter()
-            .map(|r| {
-                let p = row_prompt(&r.value)
-                    .map_err(|e| Error::Msg(format!("{}: prompt: {e}", r.loc)))?;
-                Ok((p, risky_of(r)?))
-            })
+            .map(|r| Ok((row_prompt(r)?, risky_of(r)?)))
             .collect::<Result<Vec<(Text, bool)>>>()?;
         let cfg = SamplingConfig {
             seed: set
@@ -248,8 +248,7 @@ pub fn normalize_reward_model(model: &Path, data: &Path, out: &Path) -> Result<N
         )));
     }
     p.model.set_reward_normalization(1.0, 0.0);
-    let rows = read_rows(data)?;
-    let samples = rows.iter().map(sample_of).collect::<Result<Vec<_>>>()?;
+    let samples = samples_of_file(data)?;
     let src = RewardSource::Model(Box::new(p));
     let raw: Vec<f32> = src.score(&samples)?.iter().map(|&x| x as f32).collect();
     let RewardSource::Model(mut p) = src else {
@@ -295,8 +294,7 @@ pub fn sample_candidates(
         let prompts = chunk
             .iter()
             .map(|r| {
-                let t = row_prompt(&r.value)
-                    .map_err(|e| Error::Msg(format!("{}: prompt: {e}", r.loc)))?;
+                let t = row_prompt(r)?;
                 let ids = crate::sources::prompt_ids(policy, &t)?;
                 Ok((t, ids))
             })

@@ -5,7 +5,7 @@ use std::path::Path;
 use preftune_data::read_rows;
 use serde_json::{json, Value};
 
-use crate::bon::sample_of;
+use crate::bon::{sample_of, samples_of_file};
 use crate::error::{Error, Result};
 use crate::judge::Judge;
 use crate::stats::{lengths, mean_ci, win_rate};
@@ -13,10 +13,7 @@ use crate::RewardSource;
 
 /// The mean reward of the samples in `data` with a 95% interval, and their length statistics.
 pub fn reward_of_file(reward: &RewardSource, data: &Path) -> Result<Value> {
-    let s = read_rows(data)?
-        .iter()
-        .map(sample_of)
-        .collect::<Result<Vec<_>>>()?;
+    let s = samples_of_file(data)?;
     if s.is_empty() {
         return Err(Error::Msg(format!("{}: no rows", data.display())));
     }

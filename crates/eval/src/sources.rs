@@ -401,8 +401,13 @@ impl ResumableJsonl {
     }
 }
 
-/// The prompt of a row (`prompt`: a string or a list of messages).
-pub fn row_prompt(row: &Value) -> std::result::Result<Text, String> {
+/// The prompt of a row (`prompt`: a string or a list of messages); an error names the row's file
+/// and line.
+pub fn row_prompt(row: &preftune_data::Row) -> Result<Text> {
+    prompt_value(&row.value).map_err(|e| Error::Msg(format!("{}: prompt: {e}", row.loc)))
+}
+
+fn prompt_value(row: &Value) -> std::result::Result<Text, String> {
     match row.get("prompt") {
         Some(Value::String(s)) => Ok(Text::Plain(s.clone())),
         Some(Value::Array(a)) => a

@@ -271,41 +271,6 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-/// Deserialises the merged `table`, noting keys `T` does not know in `unknown`. A value of the
-/// wrong type or spelling is an error naming its key and, when it came from the file, its line.
-fn deserialize_noting_unknown<T: DeserializeOwned>(
-    table: &toml::Table,
-    unknown: &mut Vec<String>,
-    src: &Source,
-) -> Result<T> {
-    let text = toml::to_string(table).expect("a toml::Table always serialises");
-    let fail = |e: toml::de::Error| {
-        // The span points into the merged text; the key on that line names the field.
-        let key = e.span().and_then(|sp| {
-            let line = text[..sp.start.min(text.len())]
-                .rsplit('\n')
-                .next()
-                .unwrap_or("");
-            let line_end = text[sp.start.min(text.len())..]
-                .split('\n')
-                .next()
-                .unwrap_or("");
-            let whole = format!("{line}{line_end}");
-            whole
-                .split_once('=')
-                .map(|(k, _)| k.trim().trim_matches('"').to_string())
-        });
-        let place = match &key {
-            Some(k) => src.place_of(k),
-            None => src.origin.clone(),
-        };
-        let field = key.map(|k| format!("{k}: ")).unwrap_or_default();
-        Error::Config(format!("{place}: {field}{}", e.message()))
-    };
-    let de = toml::Deserializer::parse(&text).map_err(fail)?;
-    serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(fail)
-}
-
 /// Loads `path` (TOML) over the algorithm's `defaults`, applies `sets`, and deserialises both the
 /// shared and the algorithm arguments. A key that neither knows is an error naming it and its line.
 pub fn load<A: DeserializeOwned>(
@@ -407,6 +372,8 @@ macro_rules! one_struct_options {
 /// The merged configuration (defaults, then the file, then `--set`) and where it came from.
 struct Source {
     table: toml::Table,
+    /// `table` as TOML text, what each struct is read from (error spans point into it).
+    merged: String,
     /// The `--set` overrides, as given.
     sets: Vec<String>,
     /// The file's text (empty without a file), to find a key's line.
@@ -446,8 +413,10 @@ impl Source {
                 taken.insert(name.to_string(), v);
             }
         }
+        let merged = toml::to_string(&table).expect("a toml::Table always serialises");
         let src = Source {
             table,
+            merged,
             sets: sets.to_vec(),
             text,
             origin,
@@ -456,8 +425,30 @@ impl Source {
         Ok((src, taken))
     }
 
+    /// Deserialises the merged config into `T`, noting the keys `T` does not know in `unknown`.
+    /// A value of the wrong type or spelling is an error naming its key and, when it came from
+    /// the file, its line.
     fn read<T: DeserializeOwned>(&self, unknown: &mut Vec<String>) -> Result<T> {
-        deserialize_noting_unknown(&self.table, unknown, self)
+        let text = &self.merged;
+        let fail = |e: toml::de::Error| {
+            // The span points into the merged text; the key on that line names the field.
+            let key = e.span().and_then(|sp| {
+                let at = sp.start.min(text.len());
+                let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+                let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+                text[start..end]
+                    .split_once('=')
+                    .map(|(k, _)| k.trim().trim_matches('"').to_string())
+            });
+            let place = match &key {
+                Some(k) => self.place_of(k),
+                None => self.origin.clone(),
+            };
+            let field = key.map(|k| format!("{k}: ")).unwrap_or_default();
+            Error::Config(format!("{place}: {field}{}", e.message()))
+        };
+        let de = toml::Deserializer::parse(text).map_err(fail)?;
+        serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(fail)
     }
 
     /// Where `key` was set: `--set`, else `FILE:LINE`, else the file or `--set`.

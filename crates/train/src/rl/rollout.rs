@@ -64,8 +64,7 @@ pub fn load_prompts(
     let mut out = vec![];
     let mut truncated = 0;
     for r in &rows {
-        let text =
-            row_prompt(&r.value).map_err(|e| Error::Config(format!("{}: prompt: {e}", r.loc)))?;
+        let text = row_prompt(r)?;
         let risky = r
             .value
             .get("risky")
