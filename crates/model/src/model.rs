@@ -898,7 +898,11 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let untracked = !(q.track_op() || k.track_op() || v.track_op());
+        // Not in a training forward: a checkpointed layer's untracked pass must sum as its
+        // tracked recomputation will, or the two differ by rounding (bf16 flips it into 1% of a
+        // gradient on a CPU without AVX-512).
         let out = if untracked
+            && !crate::ops::training_products()
             && kernels::applies(&q)
             && q.dtype() == DType::F32
             && v.dtype() == DType::F32

@@ -60,7 +60,7 @@ impl Drop for TrainingProducts {
     }
 }
 
-pub(super) fn training_products() -> bool {
+pub(crate) fn training_products() -> bool {
     TRAINING.with(|c| c.get())
 }
 
