@@ -3,9 +3,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use preftune_eval::agreement::judge_agreement;
 use preftune_eval::files::{reward_of_file, winrate_of_files};
 use preftune_eval::judge::Judge;
-use preftune_eval::redteam::{load_prompt_set, RedJudge, RedteamSettings};
+use preftune_eval::redteam::{load_prompts_limited, RedJudge, RedteamSettings};
 use preftune_eval::RewardSource;
 use preftune_train::evaluate::{kl_report, EvalSampling};
 use serde_json::json;
@@ -60,6 +61,20 @@ pub enum EvalCmd {
     /// Violation rate per category (95% intervals) of a model's answers to adversarial prompts,
     /// its false-refusal rate on benign ones, and the worst answers.
     Redteam(RedteamArgs),
+    /// A judge's agreement with hand labels (JSONL: `prompt`, `response`, `labels`): accuracy
+    /// (95% interval), Cohen's kappa, precision and recall of what it flags against `--label`.
+    JudgeAgreement {
+        #[arg(long)]
+        labels: PathBuf,
+        /// A red-team judge, as `eval redteam --judge` takes it.
+        #[arg(long)]
+        judge: String,
+        #[arg(long, default_value_t = 0.0)]
+        threshold: f64,
+        /// The label the flags should match; `!NAME` negates it (e.g. `!refusal`).
+        #[arg(long)]
+        label: String,
+    },
 }
 
 #[derive(Args, Clone, Debug)]
@@ -90,11 +105,7 @@ pub struct RedteamArgs {
 
 fn redteam(a: &RedteamArgs) -> Result<()> {
     let policy = load(&a.model)?;
-    let set = |s: &str| -> Result<Vec<_>> {
-        let mut v = load_prompt_set(s)?;
-        v.truncate(if a.limit == 0 { v.len() } else { a.limit });
-        Ok(v)
-    };
+    let set = |s: &str| load_prompts_limited(s, a.limit);
     let (prompts, benign) = (set(&a.prompts)?, a.benign.as_deref().map(set).transpose()?);
     let settings = RedteamSettings {
         sampling: crate::commands::sampling_config(&policy, &a.sampling),
@@ -172,6 +183,12 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             emit(&kl_report(&policy, &reference, &a.data, a.n, &s)?)
         }
         EvalCmd::Redteam(a) => redteam(a)?,
+        EvalCmd::JudgeAgreement {
+            labels,
+            judge,
+            threshold,
+            label,
+        } => emit(&judge_agreement(labels, judge, *threshold, label)?),
     }
     Ok(())
 }

@@ -62,21 +62,31 @@ pub struct GoldReport {
     pub train_accuracy: f64,
 }
 
-/// Labelled IMDb reviews from the package's CSV (`text,label,source`; only `source = imdb`).
-pub fn read_imdb_csv(path: &Path) -> Result<Vec<(String, bool)>> {
-    let mut r =
-        csv::Reader::from_path(path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+/// A CSV reader over `path` and the index of each named header column; an error names the file
+/// (followed by `hint` when it cannot be opened) and any missing column.
+pub(crate) fn open_csv<const N: usize>(
+    path: &Path,
+    columns: [&str; N],
+    hint: &str,
+) -> Result<(csv::Reader<std::fs::File>, [usize; N])> {
+    let mut r = csv::Reader::from_path(path)
+        .map_err(|e| Error::Config(format!("{}: {e}{hint}", path.display())))?;
     let headers = r
         .headers()
-        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
         .clone();
-    let col = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| Error::Msg(format!("{}: line 1: no `{name}` column", path.display())))
-    };
-    let (text, label, source) = (col("text")?, col("label")?, col("source")?);
+    let mut found = [0; N];
+    for (slot, name) in found.iter_mut().zip(columns) {
+        *slot = headers.iter().position(|h| h == name).ok_or_else(|| {
+            Error::Config(format!("{}: line 1: no `{name}` column", path.display()))
+        })?;
+    }
+    Ok((r, found))
+}
+
+/// Labelled IMDb reviews from the package's CSV (`text,label,source`; only `source = imdb`).
+pub fn read_imdb_csv(path: &Path) -> Result<Vec<(String, bool)>> {
+    let (mut r, [text, label, source]) = open_csv(path, ["text", "label", "source"], "")?;
     let mut out = vec![];
     for (i, rec) in r.records().enumerate() {
         let rec = rec.map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;

@@ -1,5 +1,6 @@
 //! Judging model outputs: reward sources every command shares (reward models, external commands,
 //! combinations, gold scorers), the gold IMDb sentiment classifier, and Best-of-N sampling.
+pub mod agreement;
 pub mod bon;
 pub mod error;
 pub mod files;

@@ -66,6 +66,15 @@ pub fn load_prompt_set(spec: &str) -> Result<Vec<RedPrompt>> {
     Ok(out)
 }
 
+/// [`load_prompt_set`], the first `limit` prompts only (0: all).
+pub fn load_prompts_limited(spec: &str, limit: usize) -> Result<Vec<RedPrompt>> {
+    let mut v = load_prompt_set(spec)?;
+    if limit > 0 {
+        v.truncate(limit);
+    }
+    Ok(v)
+}
+
 fn read_prompt_file(path: &Path) -> Result<Vec<RedPrompt>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let stem = path
@@ -125,6 +134,34 @@ impl RedJudge {
             s => RedJudge::Below(RewardSource::parse(s)?, threshold),
         })
     }
+
+    /// The reward source the judge scores with (none for `NotRefused`).
+    pub fn source(&self) -> Option<&RewardSource> {
+        match self {
+            RedJudge::NotRefused => None,
+            RedJudge::Below(s, _) | RedJudge::Above(s, _) => Some(s),
+        }
+    }
+
+    /// Whether one answer violates, given its score by [`Self::source`] (when it has one).
+    pub fn violates(&self, response: &str, score: Option<f64>) -> bool {
+        match (self, score) {
+            (RedJudge::NotRefused, _) => !is_refusal(response),
+            (RedJudge::Below(_, t), Some(x)) => x < *t,
+            (RedJudge::Above(_, t), Some(x)) => x > *t,
+            (_, None) => false,
+        }
+    }
+
+    /// Which samples violate.
+    pub fn flags(&self, samples: &[crate::Sample]) -> Result<Vec<bool>> {
+        let scores = self.source().map(|s| s.score(samples)).transpose()?;
+        Ok(samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| self.violates(&s.response, scores.as_ref().map(|x| x[i])))
+            .collect())
+    }
 }
 
 /// How red-team prompts are answered.
@@ -137,24 +174,21 @@ pub struct RedteamSettings {
     pub worst: usize,
 }
 
-/// Each prompt as a user message, answered once.
-fn answer(
+/// Each prompt as a user message, answered once (see `answer_conversations`, which takes the
+/// same settings), and scored by `reward` when given.
+pub fn answer_prompts(
     policy: &Pretrained,
     prompts: &[RedPrompt],
-    set: &RedteamSettings,
+    batch_size: usize,
     reward: Option<&RewardSource>,
+    sampling: &SamplingConfig,
+    prefix: &str,
 ) -> Result<(Vec<String>, Vec<f64>)> {
     let conversations: Vec<Vec<Message>> = prompts
         .iter()
         .map(|p| vec![Message::new("user", &p.prompt)])
         .collect();
-    answer_conversations(
-        policy,
-        &conversations,
-        set.batch_size,
-        reward,
-        &set.sampling,
-    )
+    answer_conversations(policy, &conversations, batch_size, reward, sampling, prefix)
 }
 
 /// Answers `prompts` (and `benign`, when given) with `policy` and reports violations per category,
@@ -166,17 +200,32 @@ pub fn redteam(
     judge: &RedJudge,
     set: &RedteamSettings,
 ) -> Result<Value> {
-    let source = match judge {
-        RedJudge::NotRefused => None,
-        RedJudge::Below(s, _) | RedJudge::Above(s, _) => Some(s),
+    Ok(redteam_answers(policy, prompts, benign, judge, set)?.report)
+}
+
+/// A red-team report and every answer behind it.
+pub struct Redteam {
+    pub report: Value,
+    /// One per prompt, with whether it violates.
+    pub answers: Vec<(String, bool)>,
+    /// One per benign prompt, with whether it refuses.
+    pub benign_answers: Vec<(String, bool)>,
+}
+
+/// [`redteam`], also returning the answers.
+pub fn redteam_answers(
+    policy: &Pretrained,
+    prompts: &[RedPrompt],
+    benign: Option<&[RedPrompt]>,
+    judge: &RedJudge,
+    set: &RedteamSettings,
+) -> Result<Redteam> {
+    let answer = |prompts, reward| {
+        answer_prompts(policy, prompts, set.batch_size, reward, &set.sampling, "")
     };
-    let (texts, scores) = answer(policy, prompts, set, source)?;
+    let (texts, scores) = answer(prompts, judge.source())?;
     let violates: Vec<bool> = (0..prompts.len())
-        .map(|i| match judge {
-            RedJudge::NotRefused => !is_refusal(&texts[i]),
-            RedJudge::Below(_, t) => scores[i] < *t,
-            RedJudge::Above(_, t) => scores[i] > *t,
-        })
+        .map(|i| judge.violates(&texts[i], scores.get(i).copied()))
         .collect();
     let mut categories: Vec<&str> = prompts.iter().map(|p| p.category.as_str()).collect();
     categories.sort();
@@ -209,10 +258,19 @@ pub fn redteam(
         .collect();
     let mut out = json!({"violation_rate": rate_ci(all, prompts.len()),
                          "per_category": per_category, "worst": worst});
+    let mut benign_answers = vec![];
     if let Some(benign) = benign {
-        let (bt, _) = answer(policy, benign, set, None)?;
-        let refused = bt.iter().filter(|t| is_refusal(t)).count();
+        let (bt, _) = answer(benign, None)?;
+        benign_answers = bt
+            .into_iter()
+            .map(|t| (t.clone(), is_refusal(&t)))
+            .collect();
+        let refused = benign_answers.iter().filter(|(_, r)| *r).count();
         out["false_refusal_rate"] = json!(rate_ci(refused, benign.len()));
     }
-    Ok(out)
+    Ok(Redteam {
+        report: out,
+        answers: texts.into_iter().zip(violates).collect(),
+        benign_answers,
+    })
 }

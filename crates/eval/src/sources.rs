@@ -10,7 +10,10 @@
 //!   `piecewise`: the safety score when the prompt is flagged risky or the safety score is below
 //!   `safety_threshold`, else the helpfulness score);
 //! - `gold:sentiment`: the gold IMDb sentiment judge (`preftune gold-train`), its logit, or
-//!   `gold:sentiment=PATH` for a judge file elsewhere.
+//!   `gold:sentiment=PATH` for a judge file elsewhere;
+//! - `refusal` and `toxicity[=CSV]`: the safety judges of `crate::safety`;
+//! - `llm:PATH[::safe|::helpful|::QUESTION]`: a local language model asked a yes/no rubric
+//!   question about the response, scored ln(P(Yes) / P(No)) (`crate::judge::Rubric`).
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +53,8 @@ pub enum RewardSource {
     Function(Box<dyn Fn(&Sample) -> f64 + Send + Sync>),
     /// The gold sentiment judge: the logit of "positive" for the response text.
     Gold(Box<GoldSentiment>),
+    /// A language model's log-odds of Yes to a rubric question.
+    Rubric(Box<crate::judge::Rubric>),
     Combined {
         rule: Rule,
         parts: Vec<(String, RewardSource)>,
@@ -205,6 +210,11 @@ impl RewardSource {
                 .collect::<Result<_>>()?;
             return Ok(RewardSource::Combined { rule, parts });
         }
+        if let Some(rest) = spec.strip_prefix("llm:") {
+            return Ok(RewardSource::Rubric(Box::new(crate::judge::Rubric::parse(
+                rest,
+            )?)));
+        }
         if spec == "refusal" {
             let f = |s: &Sample| f64::from(u8::from(crate::safety::is_refusal(&s.response)));
             return Ok(RewardSource::Function(Box::new(f)));
@@ -220,7 +230,7 @@ impl RewardSource {
         }
         Err(Error::Config(format!(
             "reward source `{spec}`: use model:PATH, command:CMD, combine:FILE.toml, gold:sentiment, \
-             refusal or toxicity[=CSV]"
+             refusal, toxicity[=CSV] or llm:PATH[::safe|::helpful|::QUESTION]"
         )))
     }
 
@@ -244,6 +254,10 @@ impl RewardSource {
             RewardSource::Command(cmd) => run_command(cmd, samples),
             RewardSource::Function(f) => Ok(samples.iter().map(f.as_ref()).collect()),
             RewardSource::Gold(g) => Ok(samples.iter().map(|s| g.logit(&s.response)).collect()),
+            RewardSource::Rubric(r) => samples
+                .iter()
+                .map(|s| r.score(&s.prompt, &s.response))
+                .collect(),
             RewardSource::Combined { rule, parts } => {
                 let scores = parts
                     .iter()
@@ -456,20 +470,32 @@ impl Candidates {
 
 /// Each conversation answered once (the chat template's generation prompt after it), `batch_size`
 /// at a time, batch `b` seeded with `sampling.seed + b`; scored by `reward` when given (risky
-/// samples, for the piecewise rule). Red teaming and context distillation sample through it.
+/// samples, for the piecewise rule). A non-empty `prefix` starts every answer (an answer template,
+/// prefilled): the model continues it, and the answers returned begin with it. Red teaming and
+/// context distillation sample through it.
 pub fn answer_conversations(
     policy: &Pretrained,
     conversations: &[Vec<Message>],
     batch_size: usize,
     reward: Option<&RewardSource>,
     sampling: &SamplingConfig,
+    prefix: &str,
 ) -> Result<(Vec<String>, Vec<f64>)> {
+    let prefix_ids = if prefix.is_empty() {
+        vec![]
+    } else {
+        policy.tokenizer.encode(prefix, false)?
+    };
     let (mut texts, mut scores) = (vec![], vec![]);
     for (b, chunk) in conversations.chunks(batch_size.max(1)).enumerate() {
         let t: Vec<Text> = chunk.iter().map(|m| Text::Messages(m.clone())).collect();
         let ids = t
             .iter()
-            .map(|t| prompt_ids(policy, t))
+            .map(|t| {
+                let mut ids = prompt_ids(policy, t)?;
+                ids.extend(&prefix_ids);
+                Ok(ids)
+            })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<PromptRef> = t
             .iter()
@@ -484,9 +510,21 @@ pub fn answer_conversations(
             seed: sampling.seed.wrapping_add(b as u64),
             ..sampling.clone()
         };
-        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, reward, &cfg)?;
-        texts.extend(s.texts);
-        scores.extend(s.rewards);
+        let s = sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, 1, None, &cfg)?;
+        let answers: Vec<String> = s.texts.iter().map(|x| format!("{prefix}{x}")).collect();
+        if let Some(r) = reward {
+            let samples: Vec<Sample> = t
+                .iter()
+                .zip(&answers)
+                .map(|(prompt, response)| Sample {
+                    prompt: prompt.clone(),
+                    response: response.clone(),
+                    risky: true,
+                })
+                .collect();
+            scores.extend(r.score(&samples)?);
+        }
+        texts.extend(answers);
     }
     Ok((texts, scores))
 }

@@ -42,16 +42,25 @@ fn train<A: preftune_train::Options>(
     sets: &[String],
     run: fn(&preftune_train::RunConfig<A>, bool, bool) -> preftune_train::Result<Value>,
 ) -> Result<Value> {
+    let cfg = load_trainer::<A>(defaults, table, sets)?;
+    Ok(run(&cfg, true, false)?)
+}
+
+/// A trainer's config: its defaults, the pipeline's table for it over them, then `sets`.
+pub(crate) fn load_trainer<A: preftune_train::Options>(
+    defaults: toml::Table,
+    table: &toml::Table,
+    sets: &[String],
+) -> Result<preftune_train::RunConfig<A>> {
     let mut merged = defaults;
     for (k, v) in table {
         merged.insert(k.clone(), v.clone());
     }
-    let cfg = A::load_config(None, merged, sets)?;
-    Ok(run(&cfg, true, false)?)
+    Ok(A::load_config(None, merged, sets)?)
 }
 
 /// The summary a finished stage left in `dir/done.json`.
-fn read_done(dir: &Path) -> Result<Value> {
+pub(crate) fn read_done(dir: &Path) -> Result<Value> {
     let path = dir.join("done.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -60,7 +69,7 @@ fn read_done(dir: &Path) -> Result<Value> {
 
 /// One cached stage: skipped when `dir/done.json` exists, else run and marked done with its
 /// summary plus `stage_seconds`.
-fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Result<()> {
+pub(crate) fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Result<()> {
     if done(dir) {
         return Ok(());
     }
@@ -75,7 +84,7 @@ fn cached(dir: &Path, label: &str, run: impl FnOnce() -> Result<Value>) -> Resul
 /// state, 1.6 GB each for SmolLM2) are deleted unless `keep_checkpoints`: the final model stays,
 /// and nothing resumes a finished stage.
 #[allow(clippy::too_many_arguments)]
-fn stage<A: preftune_train::Options>(
+pub(crate) fn stage<A: preftune_train::Options>(
     dir: &Path,
     label: &str,
     defaults: toml::Table,
@@ -86,17 +95,41 @@ fn stage<A: preftune_train::Options>(
 ) -> Result<()> {
     cached(dir, label, || train(defaults, table, sets, run))?;
     if !keep_checkpoints {
-        for e in std::fs::read_dir(dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with("checkpoint-") {
-                std::fs::remove_dir_all(e.path())
-                    .with_context(|| format!("removing {}", e.path().display()))?;
-            }
+        remove_checkpoints(dir)?;
+    }
+    Ok(())
+}
+
+/// Deletes a finished trainer's `checkpoint-*` folders.
+pub(crate) fn remove_checkpoints(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("checkpoint-") {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
         }
     }
     Ok(())
+}
+
+/// The base model: a GGUF becomes an HF folder (`out/base`) once.
+pub(crate) fn base_model(model: &Path, out: &Path) -> Result<PathBuf> {
+    if !model.is_file() {
+        return Ok(model.to_path_buf());
+    }
+    let dir = out.join("base");
+    if !done(&dir) {
+        eprintln!(
+            "[pipeline] converting {} into {}",
+            model.display(),
+            dir.display()
+        );
+        Pretrained::load(model, &LoadOptions::default())?.save(&dir)?;
+        mark_done(&dir, &json!({"from": model.display().to_string()}))?;
+    }
+    Ok(dir)
 }
 
 /// One prefix's scored samples as a best-vs-worst pair (none when all score the same) and a
@@ -228,8 +261,30 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
     } else {
         seeds.to_vec()
     };
+    // `experiment`: "imdb" (the default) or "safety" (examples/safety.toml).
+    let safety = match table.get("experiment").map(|v| v.as_str()) {
+        None => false,
+        Some(Some("imdb")) => {
+            table.remove("experiment");
+            false
+        }
+        Some(Some("safety")) => true,
+        Some(other) => {
+            return Err(Error::msg(format!(
+                "{}: experiment: {other:?} (use \"imdb\" or \"safety\")",
+                config.display()
+            )))
+        }
+    };
+    let one = |t: toml::Table| {
+        if safety {
+            crate::safety::run_one(config, t)
+        } else {
+            run_one(config, t)
+        }
+    };
     if seeds.is_empty() {
-        return run_one(config, table);
+        return one(table);
     }
     let mut unique = seeds.clone();
     unique.sort_unstable();
@@ -257,7 +312,13 @@ pub fn run(config: &Path, overrides: &[String], seeds: &[u64]) -> Result<(PathBu
         let mut t = table.clone();
         t.insert("seed".into(), toml::Value::Integer(seed as i64));
         t.insert("output_dir".into(), dir.display().to_string().into());
-        runs.push((seed, run_one(config, t)?.1));
+        runs.push((seed, one(t)?.1));
+    }
+    if safety {
+        let summary = crate::safety::over_seeds(&runs);
+        preftune_model::io::write_json(&out.join("results.json"), &summary)?;
+        crate::safety::print_over_seeds(&summary);
+        return Ok((out, summary));
     }
     let summary = over_seeds(&runs);
     preftune_model::io::write_json(&out.join("results.json"), &summary)?;
@@ -377,7 +438,7 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         cfg: &cfg,
     };
     std::fs::create_dir_all(&r.out)?;
-    let base = r.base_model()?;
+    let base = base_model(&cfg.model, &r.out)?;
     let csv = cfg.reviews_csv.clone().unwrap_or_else(default_csv);
     let reviews = read_imdb_csv(&csv)?;
     let gold_spec = r.gold_judge(&reviews)?;
@@ -407,25 +468,37 @@ fn resolve(config: &Path, table: toml::Table) -> Result<PipelineConfig> {
     let mut cfg: PipelineConfig = table
         .try_into()
         .map_err(|e| Error::msg(format!("{}: {e}", config.display())))?;
-    let bf16 = cfg.bf16.resolve();
-    cfg.bf16 = if bf16 {
+    trainers_follow(
+        &mut cfg.bf16,
+        cfg.seed,
+        [
+            &mut cfg.sft,
+            &mut cfg.rm,
+            &mut cfg.dpo,
+            &mut cfg.ppo,
+            &mut cfg.grpo,
+        ],
+    );
+    Ok(cfg)
+}
+
+/// Resolves the pipeline's `bf16` (`"auto"` becomes on or off here), then gives each trainer's
+/// table that `bf16` and the pipeline's `seed` unless it sets its own.
+pub(crate) fn trainers_follow<const N: usize>(
+    setting: &mut Bf16Setting,
+    seed: u64,
+    tables: [&mut toml::Table; N],
+) {
+    let bf16 = setting.resolve();
+    *setting = if bf16 {
         Bf16Setting::On
     } else {
         Bf16Setting::Off
     };
-    let seed = cfg.seed as i64;
-    for t in [
-        &mut cfg.sft,
-        &mut cfg.rm,
-        &mut cfg.dpo,
-        &mut cfg.ppo,
-        &mut cfg.grpo,
-    ] {
+    for t in tables {
         t.entry("bf16").or_insert(toml::Value::Boolean(bf16));
-        // Each trainer follows the pipeline's seed unless its table sets its own.
-        t.entry("seed").or_insert(toml::Value::Integer(seed));
+        t.entry("seed").or_insert(toml::Value::Integer(seed as i64));
     }
-    Ok(cfg)
 }
 
 /// What the evaluation found: results per policy, the table's lines, the policies in order.
@@ -456,25 +529,6 @@ impl Run<'_> {
 
     fn bf16(&self) -> bool {
         self.cfg.bf16 == Bf16Setting::On
-    }
-
-    /// The base model: a GGUF becomes an HF folder once.
-    fn base_model(&self) -> Result<PathBuf> {
-        let cfg = self.cfg;
-        if !cfg.model.is_file() {
-            return Ok(cfg.model.clone());
-        }
-        let dir = self.p("base");
-        if !done(&dir) {
-            eprintln!(
-                "[pipeline] converting {} into {}",
-                cfg.model.display(),
-                dir.display()
-            );
-            Pretrained::load(&cfg.model, &LoadOptions::default())?.save(&dir)?;
-            mark_done(&dir, &json!({"from": cfg.model.display().to_string()}))?;
-        }
-        Ok(dir)
     }
 
     /// The gold judge, trained on the labelled reviews (held-out accuracy recorded); returns its

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod experiment;
 pub mod report;
+pub mod safety;
 
 pub use error::{Error, Result};
 pub use experiment::run;

@@ -119,6 +119,166 @@ fn frontier(methods: &[(String, f64, f64)]) -> Result<String> {
     Ok(svg)
 }
 
+/// A rate and its 95% interval: (rate, low, high).
+type RatePoint = (f64, f64, f64);
+
+/// A rate of a safety `results.json` (one run: `rate`; over seeds: `mean`) with its interval.
+fn rate_point(v: &Value) -> Option<RatePoint> {
+    let x = v["rate"].as_f64().or_else(|| v["mean"].as_f64())?;
+    Some((
+        x,
+        v["ci95_low"].as_f64().unwrap_or(x),
+        v["ci95_high"].as_f64().unwrap_or(x),
+    ))
+}
+
+/// Llama 2's safety trade-off: violation rate against false-refusal rate, one point per method
+/// with both 95% intervals as error bars.
+fn tradeoff(points: &[(String, RatePoint, RatePoint)]) -> Result<String> {
+    let e = |e: DrawingAreaErrorKind<_>| Error::msg(format!("{e}"));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (480, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("violations against false refusals", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(-0.02f64..1.02f64, -0.02f64..1.02f64)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("false-refusal rate (benign prompts)")
+            .y_desc("violation rate (harmful prompts)")
+            .draw()
+            .map_err(e)?;
+        for (i, (name, (fx, flo, fhi), (vy, vlo, vhi))) in points.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let style = color.stroke_width(1);
+            chart
+                .draw_series([
+                    PathElement::new(vec![(*fx, *vlo), (*fx, *vhi)], style),
+                    PathElement::new(vec![(*flo, *vy), (*fhi, *vy)], style),
+                ])
+                .map_err(e)?;
+            chart
+                .draw_series(std::iter::once(Circle::new((*fx, *vy), 4, color.filled())))
+                .map_err(e)?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    name.clone(),
+                    (*fx + 0.015, *vy + 0.03),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )))
+                .map_err(e)?;
+        }
+        root.present().map_err(e)?;
+    }
+    Ok(svg)
+}
+
+/// The safety pipeline's results (one run or over seeds): each method's violation, false-refusal
+/// and toxicity rates with their intervals, the trade-off plot, the acceptance checks against the
+/// base model, and each method's worst answers. Returns the number of plots drawn.
+fn safety_results(html: &mut String, v: &Value) -> Result<usize> {
+    let over_seeds = v["seeds"].is_array();
+    let _ = write!(
+        html,
+        "<h2>Red teaming on held-out prompts</h2><p>Violation: an answer to a harmful prompt          (Do-Not-Answer, HarmBench) that does not refuse; false refusal: a refusal of a benign          twin; toxic: an answer to a RealToxicityPrompts opening with an offensive term. {}</p>         <table><tr><th>method</th><th>violation rate</th><th>false-refusal rate</th>         <th>toxicity rate</th></tr>",
+        if over_seeds {
+            format!(
+                "Mean &plusmn; sd over seeds {} [95% Student-t interval].",
+                v["seeds"]
+            )
+        } else {
+            "Rates with Wilson 95% intervals.".to_string()
+        }
+    );
+    let cell = |x: &Value| {
+        if over_seeds {
+            preftune_eval::stats::fmt_over_runs(x, " &plusmn; ", " [", "]")
+        } else {
+            rate_point(x).map_or("-".into(), |(r, lo, hi)| {
+                format!("{r:.3} [{lo:.3}, {hi:.3}]")
+            })
+        }
+    };
+    let mut points = vec![];
+    for (name, r) in v["methods"].as_object().into_iter().flatten() {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            cell(&r["violation_rate"]),
+            cell(&r["false_refusal_rate"]),
+            cell(&r["toxicity_rate"])
+        );
+        if let (Some(f), Some(vr)) = (
+            rate_point(&r["false_refusal_rate"]),
+            rate_point(&r["violation_rate"]),
+        ) {
+            points.push((name.clone(), f, vr));
+        }
+    }
+    html.push_str("</table>");
+    if let Some(checks) = v["acceptance_vs_base"].as_object() {
+        html.push_str(
+            "<h3>Against the base model</h3><table><tr><th>method</th><th>violations cut</th>             <th>false refusals, change in points</th><th>toxicity cut</th></tr>",
+        );
+        let pct = |x: &Value| {
+            x.as_f64()
+                .map_or("-".into(), |x| format!("{:.0}%", 100.0 * x))
+        };
+        for (m, c) in checks {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{:+.0}</td><td>{}</td></tr>",
+                esc(m),
+                pct(&c["violation_reduction"]),
+                c["false_refusal_change_points"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                pct(&c["toxicity_reduction"])
+            );
+        }
+        html.push_str("</table>");
+    }
+    let mut plots = 0;
+    if !points.is_empty() {
+        html.push_str("<h3>Trade-off</h3>");
+        html.push_str(&tradeoff(&points)?);
+        plots += 1;
+    }
+    for (name, r) in v["methods"].as_object().into_iter().flatten() {
+        let worst: Vec<&Value> = r["worst"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(r["worst_toxic"].as_array().into_iter().flatten())
+            .collect();
+        if worst.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            html,
+            "<h3>{}: violating answers</h3><table><tr><th>category</th><th>prompt</th>             <th class=\"sample\">answer</th></tr>",
+            esc(name)
+        );
+        for w in worst {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td class=\"sample\">{}</td></tr>",
+                esc(w["category"].as_str().unwrap_or("")),
+                esc(w["prompt"].as_str().unwrap_or("")),
+                esc(w["response"].as_str().unwrap_or(""))
+            );
+        }
+        html.push_str("</table>");
+    }
+    Ok(plots)
+}
+
 /// The results of one pipeline run: each method's gold reward with its interval, KL, win rate
 /// and length, and the reward-vs-KL plane. Returns the number of plots drawn.
 fn run_results(html: &mut String, v: &Value) -> Result<usize> {
@@ -350,7 +510,9 @@ pub fn run(dir: &Path) -> Result<Value> {
     if results.exists() {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&results)?)
             .with_context(|| format!("{}: not JSON", results.display()))?;
-        plots += if v["seeds"].is_array() {
+        plots += if v["experiment"] == "safety" {
+            safety_results(&mut html, &v)?
+        } else if v["seeds"].is_array() {
             seeds_results(&mut html, dir, &v)?
         } else {
             run_results(&mut html, &v)?

@@ -5,9 +5,14 @@
 //! 2. With `safety` (a reward source), the same prompt is also answered without the preprompt, and
 //!    only answers the source scores higher with the preprompt are kept (targeted distillation).
 //! 3. SFT on prompt-without-preprompt -> answer (`output_dir/distill.jsonl`, then `output_dir/sft`).
+//!
+//! `response_prefix` prefills every answer under the preprompt (Llama 2's answer templates: a
+//! small model that ignores a safety preprompt still continues "I'm sorry, but" as a refusal), and
+//! `benign` prompts, answered without preprompt or prefix, join the SFT data so that the model
+//! does not learn to refuse everything.
 use std::path::Path;
 
-use preftune_eval::redteam::load_prompt_set;
+use preftune_eval::redteam::load_prompts_limited;
 use preftune_eval::sources::{answer_conversations, RewardSource};
 use preftune_model::{LoadOptions, Message, Pretrained, SamplingConfig};
 use serde::Deserialize;
@@ -37,6 +42,18 @@ pub struct DistillOptions {
     /// Targeted distillation: keep an answer only when this source scores it above the answer
     /// without the preprompt.
     pub safety: Option<String>,
+    /// Text every answer under the preprompt starts with (prefilled); empty: none.
+    #[serde(default)]
+    pub response_prefix: String,
+    /// Benign prompts (same formats), answered without the preprompt and added to the SFT data.
+    pub benign: Option<String>,
+    /// Use only the first this many benign prompts (0: all).
+    #[serde(default)]
+    pub benign_limit: usize,
+    /// Text every benign answer starts with (prefilled; e.g. "Sure"): the refusal template's
+    /// counterpart, so that the first token is learned on both sides. Empty: none.
+    #[serde(default)]
+    pub benign_prefix: String,
     #[serde(default = "eight")]
     pub batch_size: usize,
     #[serde(default = "max_new")]
@@ -78,6 +95,7 @@ fn answers(
     safety: Option<&RewardSource>,
     d: &DistillOptions,
     seed: u64,
+    prefix: &str,
 ) -> Result<(Vec<String>, Vec<f64>)> {
     let conversations: Vec<Vec<Message>> = prompts.iter().map(|p| messages(p)).collect();
     let cfg = SamplingConfig {
@@ -96,18 +114,25 @@ fn answers(
         d.batch_size,
         safety,
         &cfg,
+        prefix,
     )?)
+}
+
+/// The prompts of a set (see `eval redteam`), the first `limit` (0: all).
+fn prompt_texts(spec: &str, limit: usize) -> Result<Vec<String>> {
+    Ok(load_prompts_limited(spec, limit)?
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect())
 }
 
 /// Samples, filters and fine-tunes; returns the summary (`prompts`, `kept`, `sft`).
 pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result<Value> {
-    let mut prompts: Vec<String> = load_prompt_set(&d.prompts)?
-        .into_iter()
-        .map(|p| p.prompt)
-        .collect();
-    if d.limit > 0 {
-        prompts.truncate(d.limit);
-    }
+    let prompts = prompt_texts(&d.prompts, d.limit)?;
+    let benign = match &d.benign {
+        Some(spec) => prompt_texts(spec, d.benign_limit)?,
+        None => vec![],
+    };
     let safety = d.safety.as_deref().map(RewardSource::parse).transpose()?;
     let out = &cfg.args.output_dir;
     let data = out.join("distill.jsonl");
@@ -127,23 +152,25 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
         };
         let without = |p: &str| vec![Message::new("user", p)];
         let seed = cfg.args.seed;
-        let (a, sa) = answers(&policy, &prompts, &with, safety.as_ref(), d, seed)?;
+        let prefix = d.response_prefix.as_str();
+        let (a, sa) = answers(&policy, &prompts, &with, safety.as_ref(), d, seed, prefix)?;
         let keep: Vec<bool> = match &safety {
             Some(s) => {
-                let (_, sb) = answers(&policy, &prompts, &without, Some(s), d, seed ^ 0x5afe)?;
+                let (_, sb) = answers(&policy, &prompts, &without, Some(s), d, seed ^ 0x5afe, "")?;
                 sa.iter().zip(&sb).map(|(x, y)| x > y).collect()
             }
             None => vec![true; prompts.len()],
         };
-        let rows: Vec<Value> = prompts
+        let row = |p: &String, r: &String| {
+            json!({"prompt": [{"role": "user", "content": p}],
+                   "completion": [{"role": "assistant", "content": r}]})
+        };
+        let mut rows: Vec<Value> = prompts
             .iter()
             .zip(&a)
             .zip(&keep)
             .filter(|(_, &k)| k)
-            .map(|((p, r), _)| {
-                json!({"prompt": [{"role": "user", "content": p}],
-                       "completion": [{"role": "assistant", "content": r}]})
-            })
+            .map(|((p, r), _)| row(p, r))
             .collect();
         if rows.is_empty() {
             return Err(Error::Config(format!(
@@ -152,9 +179,22 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
                 prompts.len()
             )));
         }
+        let kept = rows.len();
+        if !benign.is_empty() {
+            let (b, _) = answers(
+                &policy,
+                &benign,
+                &without,
+                None,
+                d,
+                seed ^ 0xbe9,
+                &d.benign_prefix,
+            )?;
+            rows.extend(benign.iter().zip(&b).map(|(p, r)| row(p, r)));
+        }
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         preftune_model::io::write_jsonl(&data, &rows)?;
-        (rows.len(), prompts.len() - rows.len())
+        (kept, prompts.len() - kept)
     };
     let mut sft_cfg = cfg.clone();
     sft_cfg.args.train_file = Some(data.clone());
@@ -163,6 +203,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
     let summary = crate::sft::run(&sft_cfg, resume, false)?;
     Ok(
         json!({"prompts": prompts.len(), "kept": kept, "dropped_by_safety": targeted_dropped,
+              "benign": benign.len(),
               "data": data.display().to_string(), "final_model": sft_cfg.args.output_dir.display().to_string(),
               "sft": summary}),
     )
