@@ -236,3 +236,59 @@ pub fn train(t: Trainer, run: &RunArgs) -> Result<()> {
         Trainer::Ppo => run_trainer(run, ppo::defaults(), ppo::run),
     }
 }
+
+/// `preftune serve`: an OpenAI-compatible server (docs/serve.md).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on; off loopback only with --api-key-file.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub bind: std::net::SocketAddr,
+    /// API keys, one per line (16 characters or more): every request must send one as
+    /// `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// The model's name in /v1/models (default: the model path's last component).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Sequences running or queued, past which requests get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+}
+
+pub fn serve(a: &ServeArgs) -> Result<()> {
+    let keys = match &a.api_key_file {
+        Some(f) => preftune_serve::read_keys(f)?,
+        None => vec![],
+    };
+    // Refuse an open public bind before loading the model.
+    preftune_serve::check_bind(a.bind, &keys)?;
+    let p = load(&a.model)?;
+    let name = a
+        .model
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned());
+    let opts = preftune_serve::ServeOptions {
+        limits: preftune_serve::Limits {
+            max_tokens: a.max_tokens,
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            ..Default::default()
+        },
+        keys,
+        model_id: a
+            .model_id
+            .clone()
+            .or(name)
+            .unwrap_or_else(|| "preftune".into()),
+    };
+    Ok(preftune_serve::serve(p, a.bind, opts)?)
+}

@@ -67,6 +67,8 @@ enum Command {
     },
     /// Sample a continuation; prints `ids`, `text` and `logprobs` as one JSON object.
     Generate(commands::GenerateArgs),
+    /// Serve a model over OpenAI's API (chat and text completions, streaming, batched).
+    Serve(commands::ServeArgs),
     /// Convert a model (e.g. a GGUF file) into a Hugging Face folder that transformers loads.
     Convert {
         #[arg(long = "in")]
@@ -193,6 +195,7 @@ fn main() {
             top_k,
         } => commands::inspect(&model, &prompt, top_k),
         Command::Generate(a) => commands::generate(&a),
+        Command::Serve(a) => commands::serve(&a),
         Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),
         Command::Chat {
             model,

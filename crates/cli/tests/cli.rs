@@ -1909,3 +1909,59 @@ fn judge_agreement_scores_a_judge_against_hand_labels() {
     let (ok, _, err) = run("llm:/no/such/model", "refusal");
     assert!(!ok && err.contains("llm:/no/such/model"), "{err}");
 }
+
+/// `serve` refuses a public bind without keys, and a key file it cannot use, before loading the
+/// model; on loopback it answers a request (the routes are tested in crates/serve).
+#[test]
+fn serve_checks_its_bind_and_keys_then_answers() {
+    let tiny = model("tiny-llama");
+    let (ok, _, err) = preftune(&["serve", "--model", &tiny, "--bind", "0.0.0.0:0"]);
+    assert!(!ok && err.contains("--api-key-file"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "# keys\nshort\n").unwrap();
+    let k = keys.to_string_lossy();
+    let (ok, _, err) = preftune(&["serve", "--model", &tiny, "--api-key-file", &k]);
+    assert!(
+        !ok && err.contains("keys.txt") && err.contains("key 1"),
+        "{err}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_preftune"))
+        .args([
+            "serve",
+            "--model",
+            &tiny,
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let body = r#"{"prompt": "hello", "max_tokens": 3, "temperature": 0}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            s.write_all(request.as_bytes()).unwrap();
+            s.read_to_string(&mut answer).unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(json["usage"]["completion_tokens"], 3, "{json}");
+}

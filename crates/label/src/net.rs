@@ -139,7 +139,17 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = crate::server::router(store, &opts);
-    let limits = opts.limits;
+    serve_router(app, listener, opts.limits, shutdown).await
+}
+
+/// Serves `app` on `listener` within `limits` (the accept loop of every preftune server) until
+/// `shutdown` resolves, then lets open requests finish, each within the request timeout.
+pub async fn serve_router(
+    app: axum::Router,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let cap = connection_cap(limits.max_connections);
     let slots = Arc::new(Semaphore::new(cap));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -155,7 +165,7 @@ pub async fn serve_on(
                 Ok((s, _)) => s,
                 Err(e) => {
                     // Out of descriptors or a connection reset before accept: not fatal.
-                    eprintln!("label server: accept failed: {e}");
+                    eprintln!("server: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -53,7 +53,7 @@ pub struct Generation {
 }
 
 impl SamplingConfig {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::Msg(format!(
                 "temperature must be >= 0, got {}",
@@ -208,7 +208,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
 /// Draws one token from `logits` (modified in place) with the uniform draw `r` in [0, 1) and
 /// returns it with its log-probability under the filtered, renormalised distribution. Temperature 0
 /// takes the argmax of the raw distribution (and ignores `r`).
-fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) {
+pub(crate) fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) {
     if cfg.temperature == 0.0 {
         let (best, _) = logits
             .iter()

@@ -275,6 +275,60 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps the batch rows `rows` (in that order) and forgets the first `drop` positions of
+    /// every row (continuous batching: finished sequences leave, and the left padding no row
+    /// still reads goes with them).
+    pub fn select(&mut self, rows: &[u32], drop: usize) -> candle_core::Result<()> {
+        for c in self.layers.iter_mut().flatten() {
+            let keep = c.len.saturating_sub(drop);
+            let idx = Tensor::new(rows, c.k.device())?;
+            let pick = |t: &Tensor| -> candle_core::Result<Tensor> {
+                t.narrow(2, c.len - keep, keep)?
+                    .contiguous()?
+                    .index_select(&idx, 0)?
+                    .contiguous()
+            };
+            *c = LayerCache {
+                k: pick(&c.k)?,
+                v: pick(&c.v)?,
+                len: keep,
+            };
+        }
+        Ok(())
+    }
+
+    /// Appends `other`'s batch rows after this cache's. The one holding fewer positions is padded
+    /// on the left with zeros, which the caller's attention mask must cover.
+    pub fn join(&mut self, other: &KvCache) -> candle_core::Result<()> {
+        if self.layers.iter().all(Option::is_none) {
+            *self = other.clone();
+            return Ok(());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let (Some(a), Some(b)) = (mine.as_mut(), theirs.as_ref()) else {
+                candle_core::bail!("KvCache::join: a cache without every layer");
+            };
+            let t = a.len.max(b.len);
+            let padded = |x: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+                let x = x.narrow(2, 0, len)?;
+                if len == t {
+                    return Ok(x);
+                }
+                let (bb, h, _, d) = x.dims4()?;
+                let z = Tensor::zeros((bb, h, t - len, d), x.dtype(), x.device())?;
+                Tensor::cat(&[&z, &x], 2)
+            };
+            let k = Tensor::cat(&[padded(&a.k, a.len)?, padded(&b.k, b.len)?], 0)?;
+            let v = Tensor::cat(&[padded(&a.v, a.len)?, padded(&b.v, b.len)?], 0)?;
+            *a = LayerCache {
+                k: k.contiguous()?,
+                v: v.contiguous()?,
+                len: t,
+            };
+        }
+        Ok(())
+    }
 }
 
 /// A causal LM backbone with its LM head, and optionally the scalar head of a reward or value model

@@ -1,0 +1,451 @@
+//! Continuous batching: sequences join a running decode batch at any step and leave it as soon as
+//! they finish, so a server answers many clients with one forward pass per token.
+//!
+//! Each sequence has its own sampling settings and its own random stream, seeded per sequence:
+//! what it draws does not depend on which others share the batch. A sequence that joins is
+//! prefilled on its own batch and its keys and values appended to the running cache
+//! ([`KvCache::join`]); the one holding fewer positions is padded on the left and masked. When
+//! sequences leave, their rows go ([`KvCache::select`]) and so do leading positions that only
+//! padding held.
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::generate::{sample_token, SamplingConfig};
+use crate::model::{KvCache, Model};
+
+/// One sequence's sampling settings.
+#[derive(Clone, Debug)]
+pub struct RowSampling {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 1 disables nucleus sampling.
+    pub top_p: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    pub seed: u64,
+    /// The sequence ends after any of these.
+    pub eos_token_ids: Vec<u32>,
+    /// How many of the most likely tokens to report at each step, with their log-probabilities.
+    pub top_logprobs: usize,
+}
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// One token of one sequence. Log-probabilities are the model's own (temperature 1, no
+/// filtering), as OpenAI's `logprobs` report them.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub id: u64,
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+    /// Set on the sequence's last token.
+    pub finish: Option<Finish>,
+}
+
+struct Row {
+    id: u64,
+    cfg: SamplingConfig,
+    top_logprobs: usize,
+    rng: rand::rngs::StdRng,
+    /// Position of the next token.
+    pos: u32,
+    made: usize,
+    /// The distribution of the next token.
+    logits: Vec<f32>,
+    /// 1 for this row's cached positions, 0 for padding; as wide as the cache.
+    mask: Vec<u32>,
+}
+
+/// A running decode batch.
+pub struct Batcher {
+    model: Model,
+    pad: u32,
+    rows: Vec<Row>,
+    cache: KvCache,
+}
+
+impl Batcher {
+    /// A batch over `model` (sampled outside autograd); `pad` fills positions no row reads.
+    pub fn new(model: &Model, pad: u32) -> Result<Self> {
+        let model = if model.is_trainable() {
+            model.detached()?
+        } else {
+            model.clone()
+        };
+        let layers = model.cfg.num_layers;
+        Ok(Batcher {
+            model,
+            pad,
+            rows: vec![],
+            cache: KvCache::new(layers),
+        })
+    }
+
+    /// Sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Positions each row holds, padding included.
+    pub fn width(&self) -> usize {
+        self.rows.first().map_or(0, |r| r.mask.len())
+    }
+
+    /// Adds sequences `(id, prompt ids, settings)`: one prefill over them, then they decode with
+    /// the rest from the next [`Batcher::step`].
+    pub fn admit(&mut self, seqs: Vec<(u64, Vec<u32>, RowSampling)>) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut fresh = Vec::with_capacity(seqs.len());
+        for (id, prompt, s) in &seqs {
+            if prompt.is_empty() {
+                return Err(Error::Msg(format!("sequence {id}: empty prompt")));
+            }
+            let cfg = SamplingConfig {
+                max_new_tokens: s.max_new_tokens,
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                seed: s.seed,
+                eos_token_ids: s.eos_token_ids.clone(),
+                pad_token_id: self.pad,
+                ..Default::default()
+            };
+            cfg.validate()?;
+            fresh.push(cfg);
+        }
+        let dev = self.model.device().clone();
+        let t = seqs.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
+        let (mut ids, mut mask) = (vec![], vec![]);
+        for (_, p, _) in &seqs {
+            let padding = t - p.len();
+            ids.extend(std::iter::repeat_n(self.pad, padding).chain(p.iter().copied()));
+            mask.push(
+                std::iter::repeat_n(0u32, padding)
+                    .chain(std::iter::repeat_n(1, p.len()))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let b = seqs.len();
+        let mut cache = KvCache::new(self.model.cfg.num_layers);
+        let hidden = self.model.forward(
+            &Tensor::from_vec(ids, (b, t), &dev)?,
+            Some(&Tensor::from_vec(mask.concat(), (b, t), &dev)?),
+            None,
+            Some(&mut cache),
+        )?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let logits = self
+            .model
+            .logits(&last)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        // Pad the narrower side on the left, in the masks as in the caches.
+        let width = self.width().max(t);
+        let grow = |m: &mut Vec<u32>| {
+            let extra = width - m.len();
+            m.splice(0..0, std::iter::repeat_n(0, extra));
+        };
+        self.rows.iter_mut().for_each(|r| grow(&mut r.mask));
+        self.cache.join(&cache)?;
+        for (((id, p, s), cfg), (mut m, lg)) in seqs
+            .into_iter()
+            .zip(fresh)
+            .zip(mask.into_iter().zip(logits))
+        {
+            grow(&mut m);
+            self.rows.push(Row {
+                id,
+                rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+                cfg,
+                top_logprobs: s.top_logprobs,
+                pos: p.len() as u32,
+                made: 0,
+                logits: lg,
+                mask: m,
+            });
+        }
+        Ok(())
+    }
+
+    /// Draws one token for every sequence, drops the sequences that finished, and runs the
+    /// forward pass of the rest. Sequences with `max_new_tokens` 0 finish without a token.
+    pub fn step(&mut self) -> Result<Vec<Step>> {
+        let steps: Vec<Option<Step>> = {
+            use rayon::prelude::*;
+            self.rows
+                .par_iter_mut()
+                .map(|r| {
+                    if r.cfg.max_new_tokens == 0 {
+                        return None;
+                    }
+                    let draw: f32 = if r.cfg.temperature > 0.0 {
+                        r.rng.gen()
+                    } else {
+                        0.0
+                    };
+                    let raw = &r.logits;
+                    let max = preftune_kernels::vmath::max(raw);
+                    let lse = max + preftune_kernels::vmath::sum_exp_shifted(raw, max).ln() as f32;
+                    let top = top_n(raw, r.top_logprobs)
+                        .into_iter()
+                        .map(|i| (i as u32, raw[i] - lse))
+                        .collect();
+                    let mut work = raw.clone();
+                    let (token, _) = sample_token(&mut work, &r.cfg, draw);
+                    let logprob = raw[token as usize] - lse;
+                    r.made += 1;
+                    let finish = if r.cfg.eos_token_ids.contains(&token) {
+                        Some(Finish::Stop)
+                    } else if r.made >= r.cfg.max_new_tokens {
+                        Some(Finish::Length)
+                    } else {
+                        None
+                    };
+                    Some(Step {
+                        id: r.id,
+                        token,
+                        logprob,
+                        top,
+                        finish,
+                    })
+                })
+                .collect()
+        };
+        let live: Vec<bool> = steps
+            .iter()
+            .map(|s| s.as_ref().is_some_and(|s| s.finish.is_none()))
+            .collect();
+        let tokens: Vec<u32> = steps
+            .iter()
+            .zip(&live)
+            .filter(|(_, &l)| l)
+            .filter_map(|(s, _)| s.as_ref().map(|s| s.token))
+            .collect();
+        self.keep(&live)?;
+        let steps: Vec<Step> = steps.into_iter().flatten().collect();
+        if self.rows.is_empty() {
+            return Ok(steps);
+        }
+        let dev = self.model.device().clone();
+        let b = self.rows.len();
+        for r in &mut self.rows {
+            r.mask.push(1);
+        }
+        let pos: Vec<u32> = self.rows.iter().map(|r| r.pos).collect();
+        let mask: Vec<u32> = self.rows.iter().flat_map(|r| r.mask.clone()).collect();
+        let w = self.width();
+        let hidden = self.model.forward(
+            &Tensor::from_vec(tokens, (b, 1), &dev)?,
+            Some(&Tensor::from_vec(mask, (b, w), &dev)?),
+            Some(&Tensor::from_vec(pos, (b, 1), &dev)?),
+            Some(&mut self.cache),
+        )?;
+        let logits = self
+            .model
+            .logits(&hidden.squeeze(1)?)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (r, lg) in self.rows.iter_mut().zip(logits) {
+            r.logits = lg;
+            r.pos += 1;
+        }
+        Ok(steps)
+    }
+
+    /// Removes a sequence (its client went away); unknown ids are ignored.
+    pub fn cancel(&mut self, id: u64) -> Result<()> {
+        let keep: Vec<bool> = self.rows.iter().map(|r| r.id != id).collect();
+        self.keep(&keep)
+    }
+
+    /// Keeps the rows marked true, and drops leading positions that are padding in every row kept.
+    fn keep(&mut self, keep: &[bool]) -> Result<()> {
+        if keep.iter().all(|&k| k) {
+            return Ok(());
+        }
+        let idx: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&i| keep[i as usize])
+            .collect();
+        let mut i = 0;
+        self.rows.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        if self.rows.is_empty() {
+            self.cache = KvCache::new(self.model.cfg.num_layers);
+            return Ok(());
+        }
+        let drop = self
+            .rows
+            .iter()
+            .map(|r| r.mask.iter().take_while(|&&m| m == 0).count())
+            .min()
+            .unwrap_or(0);
+        for r in &mut self.rows {
+            r.mask.drain(..drop);
+        }
+        self.cache.select(&idx, drop)?;
+        Ok(())
+    }
+}
+
+/// Indices of the `n` largest values, largest first.
+fn top_n(x: &[f32], n: usize) -> Vec<usize> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    let n = n.min(x.len());
+    idx.select_nth_unstable_by(n - 1, |&a, &b| x[b].total_cmp(&x[a]));
+    idx.truncate(n);
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{generate, LoadOptions, Pretrained};
+
+    fn tiny() -> Pretrained {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-llama");
+        Pretrained::load(&dir, &LoadOptions::default()).unwrap()
+    }
+
+    fn settings(n: usize, temperature: f64, seed: u64) -> RowSampling {
+        RowSampling {
+            max_new_tokens: n,
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            seed,
+            eos_token_ids: vec![],
+            top_logprobs: 3,
+        }
+    }
+
+    /// Sequences that join a running batch at different steps, with different lengths, and
+    /// leave it at different steps, get the tokens each gets when sampled alone.
+    #[test]
+    fn joining_and_leaving_matches_sampling_alone() {
+        let p = tiny();
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![5, 9, 13, 200, 7],
+            vec![3, 4],
+            vec![100, 101, 102, 103, 104, 105, 106, 107, 108],
+            vec![42],
+        ];
+        // (joins at step, new tokens, temperature)
+        let plan = [(0, 12, 0.0), (0, 5, 0.9), (3, 10, 0.0), (6, 8, 0.7)];
+        let mut b = Batcher::new(&p.model, 0).unwrap();
+        let mut got: Vec<Vec<(u32, f32)>> = vec![vec![]; prompts.len()];
+        let mut finishes = vec![None; prompts.len()];
+        for step in 0..40 {
+            let joining: Vec<_> = plan
+                .iter()
+                .enumerate()
+                .filter(|(_, (at, _, _))| *at == step)
+                .map(|(i, &(_, n, t))| {
+                    (i as u64, prompts[i].clone(), settings(n, t, 17 + i as u64))
+                })
+                .collect();
+            b.admit(joining).unwrap();
+            if b.is_empty() && step > 6 {
+                break;
+            }
+            for s in b.step().unwrap() {
+                assert_eq!(s.top.len(), 3);
+                assert!(s.top[0].1 >= s.top[1].1 && s.top[1].1 >= s.top[2].1);
+                if s.token == s.top[0].0 {
+                    assert!((s.logprob - s.top[0].1).abs() < 1e-6);
+                }
+                got[s.id as usize].push((s.token, s.logprob));
+                if let Some(f) = s.finish {
+                    finishes[s.id as usize] = Some(f);
+                }
+            }
+        }
+        assert!(b.is_empty());
+        for (i, &(_, n, t)) in plan.iter().enumerate() {
+            let alone = generate(
+                &p.model,
+                &prompts[i..=i],
+                &SamplingConfig {
+                    max_new_tokens: n,
+                    temperature: t,
+                    seed: 17 + i as u64,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let tokens: Vec<u32> = got[i].iter().map(|x| x.0).collect();
+            assert_eq!(tokens, alone.tokens[0], "sequence {i}");
+            assert_eq!(finishes[i], Some(Finish::Length));
+            if t == 0.0 {
+                // Greedy: generate's log-probs are the model's own too.
+                for (a, b) in got[i].iter().zip(&alone.logprobs[0]) {
+                    assert!((a.1 - b).abs() < 1e-4, "sequence {i}: {} vs {b}", a.1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eos_and_cancel_end_sequences() {
+        let p = tiny();
+        let mut b = Batcher::new(&p.model, 0).unwrap();
+        let first = generate(
+            &p.model,
+            &[vec![5, 9, 13]],
+            &SamplingConfig {
+                max_new_tokens: 3,
+                temperature: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut s = settings(50, 0.0, 0);
+        // The second greedy token is an end of sequence: it ends there, as "stop".
+        s.eos_token_ids = vec![first.tokens[0][1]];
+        b.admit(vec![
+            (1, vec![5, 9, 13], s),
+            (2, vec![8, 8], settings(50, 0.0, 0)),
+        ])
+        .unwrap();
+        let a = b.step().unwrap();
+        assert_eq!(a.len(), 2);
+        let a = b.step().unwrap();
+        assert_eq!(a[0].finish, Some(Finish::Stop));
+        assert_eq!(b.len(), 1);
+        b.cancel(2).unwrap();
+        assert!(b.is_empty());
+        assert!(b.step().unwrap().is_empty());
+    }
+}
