@@ -116,9 +116,10 @@ pub struct SafetyData {
     /// over refusal) against 160 harmful ones, DPO learnt never to refuse (violations 0.99).
     #[serde(default = "d_true")]
     pub balance_pairs: bool,
-    /// Start the harmful pairs' rejected answers with `helpful_prefix` too (see `pairs`). Off
-    /// by default until measured over seeds (RESULTS.md: DPO learnt never to refuse without it).
-    #[serde(default)]
+    /// Start the harmful pairs' rejected answers with `helpful_prefix` too (see `pairs`). Without
+    /// it DPO learnt never to refuse on seeds 1-3; with it seed 0 cut violations to 0.41-0.52
+    /// (RESULTS.md). Seeds 1-3 are not yet run with it.
+    #[serde(default = "d_true")]
     pub pair_templates: bool,
     /// The helpfulness source of PPO's piecewise reward; `{base}` is the base model's folder.
     #[serde(default = "d_helpfulness")]
