@@ -26,8 +26,9 @@ pub enum EvalCmd {
         data: PathBuf,
     },
     /// Win rate of samples against baseline samples of the same prompts (row by row), by a judge:
-    /// any reward source (the higher score wins, ties count half), or `llm:PATH`, a local model
-    /// asked which response is better in both orders (the order-averaged probability decides).
+    /// any reward source (the higher score wins, ties count half), `llm:PATH`, a local model
+    /// asked which response is better in both orders (the order-averaged probability decides),
+    /// or `openai:URL#MODEL`, the same question to an OpenAI-compatible server.
     Winrate {
         #[arg(long)]
         judge: String,

@@ -91,6 +91,26 @@ pub enum LabelCmd {
         #[arg(long)]
         drop_unsafe: bool,
     },
+    /// Label candidates with a judge instead of people: every pair of a row's responses, asked
+    /// in both orders by `llm:` and `openai:URL#MODEL` judges, becomes a preference row
+    /// (`prompt`, `chosen`, `rejected`, `margin` = 2p - 1, `judge_p`); prints the counts and the
+    /// judge's position-bias rate.
+    Judge {
+        /// Candidates JSONL (`prompt`, `responses`), as `preftune generate --n` writes it.
+        #[arg(long)]
+        candidates: PathBuf,
+        /// `llm:PATH`, `openai:URL#MODEL` or any reward source.
+        #[arg(long)]
+        judge: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// The judge's question (default: "Which response is better?").
+        #[arg(long)]
+        question: Option<String>,
+        /// Pairs whose preference is within this of 0.5 are ties, left out.
+        #[arg(long, default_value_t = 0.0)]
+        tie: f64,
+    },
     /// Items done per annotator, agreement (pairwise, Cohen's and Fleiss' kappa) on the
     /// overlapping items, and how often the response shown first wins.
     Stats {
@@ -177,6 +197,22 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             let token = open(db)?.rotate_token(name)?;
             println!("{token}");
             eprintln!("annotator `{name}` has a new token (above); the old one no longer works");
+        }
+        LabelCmd::Judge {
+            candidates,
+            judge,
+            out,
+            question,
+            tie,
+        } => {
+            let rows = preftune_data::read_rows(candidates)?;
+            let j = preftune_eval::judge::Judge::parse(judge, question.as_deref())?;
+            let l = preftune_eval::judge::label_candidates(&j, &rows, *tie)?;
+            write_jsonl(out, &l.rows)?;
+            emit(
+                &json!({"out": out, "rows": l.rows.len(), "pairs": l.pairs, "ties": l.ties,
+                         "skipped_rows": l.skipped_rows, "position_bias": l.position_bias}),
+            );
         }
         LabelCmd::RevokeToken { name, db } => {
             open(db)?.revoke_token(name)?;

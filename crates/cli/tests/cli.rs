@@ -1965,3 +1965,63 @@ fn serve_checks_its_bind_and_keys_then_answers() {
     let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(json["usage"]["completion_tokens"], 3, "{json}");
 }
+
+/// `label judge`: every pair of a row's distinct responses becomes a preference row, judged in
+/// both orders; rows with one distinct response are counted and skipped; a bad row is named.
+#[test]
+fn label_judge_writes_preference_rows_with_margins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cands = dir.path().join("cands.jsonl");
+    std::fs::write(
+        &cands,
+        "{\"prompt\": \"Say hi.\", \"responses\": [\"Hello!\", \"Go away.\", \"Hi there, friend.\"]}\n\
+         {\"prompt\": [{\"role\": \"user\", \"content\": \"2+2?\"}], \"responses\": [\"4\", \"4\"]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let judge = format!("llm:{}", model("tiny-llama"));
+    let (c, o) = (cands.to_string_lossy(), out.to_string_lossy());
+    let args = [
+        "label",
+        "judge",
+        "--candidates",
+        &c,
+        "--judge",
+        &judge,
+        "--out",
+        &o,
+    ];
+    let (ok, v, err) = preftune(&args);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (v["pairs"].as_u64(), v["skipped_rows"].as_u64()),
+        (Some(3), Some(1)),
+        "{v}"
+    );
+    let bias = v["position_bias"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&bias));
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, 3 - v["ties"].as_u64().unwrap());
+    for r in &rows {
+        let (m, p) = (
+            r["margin"].as_f64().unwrap(),
+            r["judge_p"].as_f64().unwrap(),
+        );
+        assert!(
+            p > 0.5 && p < 1.0 && (m - (2.0 * p - 1.0)).abs() < 1e-12,
+            "{r}"
+        );
+        assert_ne!(r["chosen"], r["rejected"]);
+        assert_eq!(r["prompt"], "Say hi.");
+    }
+    std::fs::write(&cands, "{\"prompt\": \"x\", \"responses\": \"oops\"}\n").unwrap();
+    let (ok, _, err) = preftune(&args);
+    assert!(
+        !ok && err.contains("cands.jsonl:1") && err.contains("responses"),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
-//! Pairwise judges for win rates: any reward source (the higher score wins), or a local language
-//! model asked which of two responses is better (`llm:PATH`); and the pointwise rubric judge, a
+//! Pairwise judges for win rates: any reward source (the higher score wins), a local language
+//! model asked which of two responses is better (`llm:PATH`), or the same question to an
+//! OpenAI-compatible server (`openai:URL#MODEL`); and the pointwise rubric judge, a
 //! local language model asked a yes/no question about one response (`Rubric`, the reward source
 //! `llm:PATH`).
 //!
@@ -27,6 +28,102 @@ pub enum Judge {
         model: Box<Pretrained>,
         question: String,
     },
+    /// A model behind any OpenAI-compatible server (`openai:URL#MODEL`): ours, vLLM, llama.cpp's
+    /// server, Ollama.
+    Api(ApiJudge),
+}
+
+/// `openai:URL#MODEL`: the same question as the local LLM judge, sent to `URL/chat/completions`
+/// with one answer token at temperature 0. The probability of "A" comes from the answer's top
+/// log-probabilities where the server gives them, else from the answer itself (1, 0). The key
+/// is `$OPENAI_API_KEY`, as OpenAI's clients read it. Plain `http://` only: put a TLS endpoint
+/// behind a local proxy.
+pub struct ApiJudge {
+    pub url: String,
+    pub model: String,
+    pub question: String,
+    key: Option<String>,
+    client: reqwest::blocking::Client,
+}
+
+impl ApiJudge {
+    pub fn parse(spec: &str, question: &str) -> Result<ApiJudge> {
+        let (url, model) = spec.rsplit_once('#').ok_or_else(|| {
+            Error::Config(format!(
+                "judge openai:{spec}: expected openai:URL#MODEL, e.g. \
+                 openai:http://127.0.0.1:8000/v1#smollm2"
+            ))
+        })?;
+        if !url.starts_with("http://") {
+            return Err(Error::Config(format!(
+                "judge openai:{spec}: only http:// URLs are supported (no TLS in this build)"
+            )));
+        }
+        let client = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| Error::Config(format!("judge openai:{spec}: {e}")))?;
+        Ok(ApiJudge {
+            url: url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+            question: question.to_string(),
+            key: std::env::var("OPENAI_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            client,
+        })
+    }
+
+    /// The probability that the server's model answers "A" to `text`.
+    fn first_wins(&self, text: &str) -> Result<f64> {
+        let at = format!("{}/chat/completions", self.url);
+        let fail = |what: String| Error::Msg(format!("judge {at} (model {}): {what}", self.model));
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1, "temperature": 0, "logprobs": true, "top_logprobs": 20,
+        });
+        let mut req = self.client.post(&at).json(&body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp
+            .json()
+            .map_err(|e| fail(format!("HTTP {status}, not JSON: {e}")))?;
+        if !status.is_success() {
+            return Err(fail(format!("HTTP {status}: {}", v["error"]["message"])));
+        }
+        answer_from_response(&v).map_err(fail)
+    }
+}
+
+/// P("A") from a chat completion: the top log-probabilities of its first token when present
+/// (tokens "A" and "B", spaces trimmed), else its text (A: 1, B: 0).
+pub fn answer_from_response(v: &serde_json::Value) -> std::result::Result<f64, String> {
+    let choice = &v["choices"][0];
+    if let Some(top) = choice["logprobs"]["content"][0]["top_logprobs"].as_array() {
+        let mass = |w: &str| -> f64 {
+            top.iter()
+                .filter(|t| t["token"].as_str().is_some_and(|s| s.trim() == w))
+                .filter_map(|t| t["logprob"].as_f64())
+                .map(f64::exp)
+                .sum()
+        };
+        let (a, b) = (mass("A"), mass("B"));
+        if a + b > 0.0 {
+            return Ok(a / (a + b));
+        }
+    }
+    let text = choice["message"]["content"]
+        .as_str()
+        .ok_or_else(|| format!("no choices[0].message.content in {v}"))?;
+    match text.trim_start().chars().next() {
+        Some('A') => Ok(1.0),
+        Some('B') => Ok(0.0),
+        _ => Err(format!("answered {text:?}, neither A nor B")),
+    }
 }
 
 /// Token ids that begin the answer `word` ("A" or " A").
@@ -61,10 +158,14 @@ fn prompt_text(t: &Text) -> String {
 impl Judge {
     /// `llm:PATH` (a causal LM, prompted with `question`), else any reward source spec.
     pub fn parse(spec: &str, question: Option<&str>) -> Result<Judge> {
+        let question = question.unwrap_or(DEFAULT_QUESTION);
+        if let Some(rest) = spec.strip_prefix("openai:") {
+            return Ok(Judge::Api(ApiJudge::parse(rest, question)?));
+        }
         match spec.strip_prefix("llm:") {
             Some(path) => Ok(Judge::Llm {
                 model: Box::new(Pretrained::load(Path::new(path), &Default::default())?),
-                question: question.unwrap_or(DEFAULT_QUESTION).to_string(),
+                question: question.to_string(),
             }),
             None => Ok(Judge::Reward(RewardSource::parse(spec)?)),
         }
@@ -88,54 +189,53 @@ impl Judge {
                     .collect();
                 Ok((p, Some((ra, rb))))
             }
-            Judge::Llm { model, question } => {
-                let ids_a = answer_ids(model, "A")?;
-                let ids_b = answer_ids(model, "B")?;
-                let mut out = Vec::with_capacity(a.len());
-                for (x, y) in a.iter().zip(b) {
-                    // P(first listed wins) with x first, and P(second listed wins) with y first.
-                    let first = llm_first_wins(
-                        model,
-                        question,
-                        &x.prompt,
-                        &x.response,
-                        &y.response,
-                        &ids_a,
-                        &ids_b,
-                    )?;
-                    let second = llm_first_wins(
-                        model,
-                        question,
-                        &x.prompt,
-                        &y.response,
-                        &x.response,
-                        &ids_a,
-                        &ids_b,
-                    )?;
-                    out.push((first + (1.0 - second)) / 2.0);
-                }
-                Ok((out, None))
+            Judge::Api(_) | Judge::Llm { .. } => {
+                let orders = self.orders(a, b)?;
+                Ok((
+                    orders.iter().map(|(f, s)| (f + (1.0 - s)) / 2.0).collect(),
+                    None,
+                ))
             }
         }
     }
+
+    /// For a judge that reads two listed responses (`llm:`, `openai:`): per pair, P(the first
+    /// listed wins) with `a[i]` first, and the same with `b[i]` first. Their mean preference for
+    /// `a[i]` is `(first + 1 - second) / 2`; a judge that picks the same position both times
+    /// (`first` and `second` on the same side of 0.5) shows position bias.
+    pub fn orders(&self, a: &[Sample], b: &[Sample]) -> Result<Vec<(f64, f64)>> {
+        let ask = |prompt: &Text, ra: &str, rb: &str| -> Result<f64> {
+            match self {
+                Judge::Api(api) => api.first_wins(&pairwise_text(&api.question, prompt, ra, rb)),
+                Judge::Llm { model, question } => {
+                    let text = pairwise_text(question, prompt, ra, rb);
+                    let (ids_a, ids_b) = (answer_ids(model, "A")?, answer_ids(model, "B")?);
+                    answer_probability(model, &text, &ids_a, &ids_b, "A and B")
+                }
+                Judge::Reward(_) => Err(Error::Config(
+                    "a reward judge scores responses one at a time: it has no order".into(),
+                )),
+            }
+        };
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                Ok((
+                    ask(&x.prompt, &x.response, &y.response)?,
+                    ask(&x.prompt, &y.response, &x.response)?,
+                ))
+            })
+            .collect()
+    }
 }
 
-/// The probability, among the answers "A" and "B", that the model names response A.
-fn llm_first_wins(
-    p: &Pretrained,
-    question: &str,
-    prompt: &Text,
-    ra: &str,
-    rb: &str,
-    ids_a: &[u32],
-    ids_b: &[u32],
-) -> Result<f64> {
-    let text = format!(
+/// The pairwise judges' question, the same for a local model and a server.
+fn pairwise_text(question: &str, prompt: &Text, ra: &str, rb: &str) -> String {
+    format!(
         "You compare two responses to the same prompt.\n\nPrompt:\n{}\n\nResponse A:\n{ra}\n\n\
          Response B:\n{rb}\n\n{question} Answer with the single letter A or B.",
         prompt_text(prompt)
-    );
-    answer_probability(p, &text, ids_a, ids_b, "A and B")
+    )
 }
 
 /// Asks `text` as a user message (the chat template's generation prompt after it; plain models
@@ -231,4 +331,100 @@ impl Rubric {
         let p = p.clamp(1e-12, 1.0 - 1e-12);
         Ok((p / (1.0 - p)).ln())
     }
+}
+
+/// What [`label_candidates`] made.
+#[derive(Debug, Default)]
+pub struct Labelled {
+    /// Preference rows: `prompt`, `chosen`, `rejected`, `margin` (2p - 1 for the judge's
+    /// order-averaged preference p of the chosen response), `judge_p`.
+    pub rows: Vec<serde_json::Value>,
+    /// Pairs asked (each in both orders where the judge has an order).
+    pub pairs: usize,
+    /// Pairs within the tie band, left out.
+    pub ties: usize,
+    /// Candidate rows with fewer than two distinct responses, left out.
+    pub skipped_rows: usize,
+    /// Share of pairs where the judge picked the same position in both orders.
+    pub position_bias: Option<f64>,
+}
+
+/// Preference rows from candidate rows (`prompt`, `responses`): every pair of a row's distinct
+/// responses, judged (in both orders by `llm:` and `openai:` judges); a pair whose preference p
+/// is within `tie` of 0.5 is a tie and left out.
+pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) -> Result<Labelled> {
+    let mut out = Labelled::default();
+    let (mut a, mut b) = (vec![], vec![]);
+    for row in rows {
+        let prompt = crate::sources::row_prompt(row)?;
+        let responses = row.value["responses"].as_array().ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: responses: expected a list of strings",
+                row.loc
+            ))
+        })?;
+        let mut texts: Vec<&str> = vec![];
+        for r in responses {
+            let t = r.as_str().ok_or_else(|| {
+                Error::Msg(format!(
+                    "{}: responses: expected strings, found {r}",
+                    row.loc
+                ))
+            })?;
+            if !texts.contains(&t) {
+                texts.push(t);
+            }
+        }
+        if texts.len() < 2 {
+            out.skipped_rows += 1;
+            continue;
+        }
+        for i in 0..texts.len() {
+            for j in i + 1..texts.len() {
+                let s = |t: &str| Sample {
+                    prompt: prompt.clone(),
+                    response: t.to_string(),
+                    risky: false,
+                };
+                a.push(s(texts[i]));
+                b.push(s(texts[j]));
+            }
+        }
+    }
+    out.pairs = a.len();
+    let (p, biased) = match judge {
+        Judge::Reward(_) => (judge.compare(&a, &b)?.0, None),
+        _ => {
+            let orders = judge.orders(&a, &b)?;
+            let biased = orders
+                .iter()
+                .filter(|(f, s)| (*f > 0.5) == (*s > 0.5) && *f != 0.5 && *s != 0.5)
+                .count();
+            let p = orders.iter().map(|(f, s)| (f + (1.0 - s)) / 2.0).collect();
+            (p, Some(biased))
+        }
+    };
+    if let Some(n) = biased {
+        out.position_bias = Some(if out.pairs == 0 {
+            0.0
+        } else {
+            n as f64 / out.pairs as f64
+        });
+    }
+    for ((x, y), p) in a.iter().zip(&b).zip(p) {
+        if (p - 0.5).abs() <= tie {
+            out.ties += 1;
+            continue;
+        }
+        let (chosen, rejected, pc) = if p > 0.5 { (x, y, p) } else { (y, x, 1.0 - p) };
+        let prompt = match &x.prompt {
+            Text::Plain(s) => serde_json::json!(s),
+            Text::Messages(m) => serde_json::json!(m),
+        };
+        out.rows.push(serde_json::json!({
+            "prompt": prompt, "chosen": chosen.response, "rejected": rejected.response,
+            "margin": 2.0 * pc - 1.0, "judge_p": pc,
+        }));
+    }
+    Ok(out)
 }
