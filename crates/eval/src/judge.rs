@@ -189,13 +189,10 @@ impl Judge {
                     .collect();
                 Ok((p, Some((ra, rb))))
             }
-            Judge::Api(_) | Judge::Llm { .. } => {
-                let orders = self.orders(a, b)?;
-                Ok((
-                    orders.iter().map(|(f, s)| (f + (1.0 - s)) / 2.0).collect(),
-                    None,
-                ))
-            }
+            Judge::Api(_) | Judge::Llm { .. } => Ok((
+                self.orders(a, b)?.into_iter().map(order_mean).collect(),
+                None,
+            )),
         }
     }
 
@@ -204,15 +201,20 @@ impl Judge {
     /// `a[i]` is `(first + 1 - second) / 2`; a judge that picks the same position both times
     /// (`first` and `second` on the same side of 0.5) shows position bias.
     pub fn orders(&self, a: &[Sample], b: &[Sample]) -> Result<Vec<(f64, f64)>> {
+        let letters = match self {
+            Judge::Llm { model, .. } => Some((answer_ids(model, "A")?, answer_ids(model, "B")?)),
+            _ => None,
+        };
         let ask = |prompt: &Text, ra: &str, rb: &str| -> Result<f64> {
-            match self {
-                Judge::Api(api) => api.first_wins(&pairwise_text(&api.question, prompt, ra, rb)),
-                Judge::Llm { model, question } => {
-                    let text = pairwise_text(question, prompt, ra, rb);
-                    let (ids_a, ids_b) = (answer_ids(model, "A")?, answer_ids(model, "B")?);
-                    answer_probability(model, &text, &ids_a, &ids_b, "A and B")
+            match (self, &letters) {
+                (Judge::Api(api), _) => {
+                    api.first_wins(&pairwise_text(&api.question, prompt, ra, rb))
                 }
-                Judge::Reward(_) => Err(Error::Config(
+                (Judge::Llm { model, question }, Some((ids_a, ids_b))) => {
+                    let text = pairwise_text(question, prompt, ra, rb);
+                    answer_probability(model, &text, ids_a, ids_b, "A and B")
+                }
+                _ => Err(Error::Config(
                     "a reward judge scores responses one at a time: it has no order".into(),
                 )),
             }
@@ -227,6 +229,12 @@ impl Judge {
             })
             .collect()
     }
+}
+
+/// The preference for the response listed first in the first order, from P(first listed wins)
+/// in each order ([`Judge::orders`]).
+fn order_mean((first, second): (f64, f64)) -> f64 {
+    (first + (1.0 - second)) / 2.0
 }
 
 /// The pairwise judges' question, the same for a local model and a server.
@@ -354,7 +362,8 @@ pub struct Labelled {
 /// is within `tie` of 0.5 is a tie and left out.
 pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) -> Result<Labelled> {
     let mut out = Labelled::default();
-    let (mut a, mut b) = (vec![], vec![]);
+    // Per pair: both sides, and the prompt as the candidates file had it.
+    let (mut a, mut b, mut prompts) = (vec![], vec![], vec![]);
     for row in rows {
         let prompt = crate::sources::row_prompt(row)?;
         let responses = row.value["responses"].as_array().ok_or_else(|| {
@@ -388,6 +397,7 @@ pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) ->
                 };
                 a.push(s(texts[i]));
                 b.push(s(texts[j]));
+                prompts.push(&row.value["prompt"]);
             }
         }
     }
@@ -400,7 +410,7 @@ pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) ->
                 .iter()
                 .filter(|(f, s)| (*f > 0.5) == (*s > 0.5) && *f != 0.5 && *s != 0.5)
                 .count();
-            let p = orders.iter().map(|(f, s)| (f + (1.0 - s)) / 2.0).collect();
+            let p = orders.into_iter().map(order_mean).collect();
             (p, Some(biased))
         }
     };
@@ -411,16 +421,12 @@ pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) ->
             n as f64 / out.pairs as f64
         });
     }
-    for ((x, y), p) in a.iter().zip(&b).zip(p) {
+    for (((x, y), prompt), p) in a.iter().zip(&b).zip(prompts).zip(p) {
         if (p - 0.5).abs() <= tie {
             out.ties += 1;
             continue;
         }
         let (chosen, rejected, pc) = if p > 0.5 { (x, y, p) } else { (y, x, 1.0 - p) };
-        let prompt = match &x.prompt {
-            Text::Plain(s) => serde_json::json!(s),
-            Text::Messages(m) => serde_json::json!(m),
-        };
         out.rows.push(serde_json::json!({
             "prompt": prompt, "chosen": chosen.response, "rejected": rejected.response,
             "margin": 2.0 * pc - 1.0, "judge_p": pc,

@@ -172,7 +172,7 @@ impl Batcher {
             m.splice(0..0, std::iter::repeat_n(0, extra));
         };
         self.rows.iter_mut().for_each(|r| grow(&mut r.mask));
-        self.cache.join(&cache)?;
+        self.cache.join(cache)?;
         for (((id, p, s), cfg), (mut m, lg)) in seqs
             .into_iter()
             .zip(fresh)

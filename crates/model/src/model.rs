@@ -300,9 +300,9 @@ impl KvCache {
 
     /// Appends `other`'s batch rows after this cache's. The one holding fewer positions is padded
     /// on the left with zeros, which the caller's attention mask must cover.
-    pub fn join(&mut self, other: &KvCache) -> candle_core::Result<()> {
+    pub fn join(&mut self, other: KvCache) -> candle_core::Result<()> {
         if self.layers.iter().all(Option::is_none) {
-            *self = other.clone();
+            *self = other;
             return Ok(());
         }
         for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {

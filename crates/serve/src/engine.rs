@@ -8,16 +8,13 @@ use preftune_model::batcher::{Batcher, RowSampling, Step};
 use preftune_model::Model;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// One sequence to sample: its prompt, its settings, and where its tokens go. Dropping the
+/// One sequence to sample: its prompt, its settings, and where its tokens go (a request's
+/// sequences may share one channel: each token carries its sequence's id). Dropping the
 /// receiving end cancels it at its next token.
 pub struct Job {
     pub prompt: Vec<u32>,
     pub sampling: RowSampling,
     pub tokens: UnboundedSender<Step>,
-}
-
-enum Msg {
-    Submit(Vec<(u64, Job)>),
 }
 
 /// The server is full: running and queued sequences would exceed the capacity.
@@ -29,7 +26,7 @@ pub struct Full {
 /// A handle on the decode thread (cheap to clone).
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::Sender<Vec<(u64, Job)>>,
     load: Arc<AtomicUsize>,
     next_id: Arc<AtomicU64>,
     capacity: usize,
@@ -54,8 +51,9 @@ impl Engine {
         }
     }
 
-    /// Queues `jobs` together (all or none), or says the server is full.
-    pub fn submit(&self, jobs: Vec<Job>) -> Result<(), Full> {
+    /// Queues `jobs` together (all or none) and returns their ids, in order, or says the server
+    /// is full.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<Vec<u64>, Full> {
         let n = jobs.len();
         let capacity = self.capacity;
         self.load
@@ -63,16 +61,17 @@ impl Engine {
                 (l + n <= capacity).then_some(l + n)
             })
             .map_err(|_| Full { capacity })?;
-        let jobs = jobs
+        let jobs: Vec<(u64, Job)> = jobs
             .into_iter()
             .map(|j| (self.next_id.fetch_add(1, Ordering::Relaxed), j))
             .collect();
-        if self.tx.send(Msg::Submit(jobs)).is_err() {
+        let ids = jobs.iter().map(|(id, _)| *id).collect();
+        if self.tx.send(jobs).is_err() {
             // The decode thread is gone (a panic): nothing will answer.
             self.load.fetch_sub(n, Ordering::SeqCst);
             return Err(Full { capacity });
         }
-        Ok(())
+        Ok(ids)
     }
 
     /// Sequences running or queued.
@@ -81,7 +80,13 @@ impl Engine {
     }
 }
 
-fn run(model: Model, pad: u32, max_batch: usize, rx: mpsc::Receiver<Msg>, load: &AtomicUsize) {
+fn run(
+    model: Model,
+    pad: u32,
+    max_batch: usize,
+    rx: mpsc::Receiver<Vec<(u64, Job)>>,
+    load: &AtomicUsize,
+) {
     let mut batch = match Batcher::new(&model, pad) {
         Ok(b) => b,
         Err(e) => {
@@ -97,11 +102,11 @@ fn run(model: Model, pad: u32, max_batch: usize, rx: mpsc::Receiver<Msg>, load: 
     loop {
         if batch.is_empty() && queue.is_empty() {
             match rx.recv() {
-                Ok(Msg::Submit(j)) => queue.extend(j),
+                Ok(j) => queue.extend(j),
                 Err(_) => return,
             }
         }
-        while let Ok(Msg::Submit(j)) = rx.try_recv() {
+        while let Ok(j) = rx.try_recv() {
             queue.extend(j);
         }
         // Sequences whose client left while they queued go now.

@@ -243,28 +243,36 @@ fn plan(
     })
 }
 
-/// Queues a plan's sequences; their tokens arrive on one channel, tagged by choice index.
-fn submit(app: &App, p: &Plan) -> Result<UnboundedReceiver<(usize, Step)>, ApiError> {
+/// A request's tokens: one channel for all its choices, each token told apart by its
+/// sequence's id.
+struct Tokens {
+    rx: UnboundedReceiver<Step>,
+    /// Sequence ids, by choice index.
+    ids: Vec<u64>,
+}
+
+impl Tokens {
+    /// The next token with its choice index; `None` once decoding stopped.
+    async fn next(&mut self) -> Option<(usize, Step)> {
+        let s = self.rx.recv().await?;
+        let i = self.ids.iter().position(|&id| id == s.id)?;
+        Some((i, s))
+    }
+}
+
+/// Queues a plan's sequences.
+fn submit(app: &App, p: &Plan) -> Result<Tokens, ApiError> {
     let (tx, rx) = unbounded_channel();
-    let mut jobs = vec![];
-    let mut forwards = vec![];
-    for (i, s) in p.settings.iter().enumerate() {
-        let (jtx, mut jrx) = unbounded_channel::<Step>();
-        jobs.push(Job {
+    let jobs = p
+        .settings
+        .iter()
+        .map(|s| Job {
             prompt: p.prompt.clone(),
             sampling: s.clone(),
-            tokens: jtx,
-        });
-        let tx = tx.clone();
-        forwards.push(async move {
-            while let Some(s) = jrx.recv().await {
-                if tx.send((i, s)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    app.engine.submit(jobs).map_err(|f| ApiError {
+            tokens: tx.clone(),
+        })
+        .collect();
+    let ids = app.engine.submit(jobs).map_err(|f| ApiError {
         status: StatusCode::TOO_MANY_REQUESTS,
         message: format!(
             "the server is full ({} sequences running or queued); retry later",
@@ -273,17 +281,14 @@ fn submit(app: &App, p: &Plan) -> Result<UnboundedReceiver<(usize, Step)>, ApiEr
         kind: "rate_limit_error",
         param: None,
     })?;
-    for f in forwards {
-        tokio::spawn(f);
-    }
-    Ok(rx)
+    Ok(Tokens { rx, ids })
 }
 
 /// What differs between the two routes' bodies.
 #[derive(Clone, Copy, PartialEq)]
 enum Route {
     Chat { logprobs: bool },
-    Text { logprobs: bool, echo_len: usize },
+    Text { logprobs: bool },
 }
 
 async fn chat(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
@@ -304,8 +309,8 @@ async fn respond(app: App, headers: HeaderMap, body: Bytes, is_chat: bool) -> Re
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let rx = match submit(&app, &plan) {
-        Ok(rx) => rx,
+    let tokens = match submit(&app, &plan) {
+        Ok(t) => t,
         Err(e) => return e.into_response(),
     };
     let id = format!(
@@ -314,9 +319,9 @@ async fn respond(app: App, headers: HeaderMap, body: Bytes, is_chat: bool) -> Re
         rand::random::<u64>()
     );
     if plan.stream {
-        Sse::new(stream_events(app, plan, route, rx, id)).into_response()
+        Sse::new(stream_events(app, plan, route, tokens, id)).into_response()
     } else {
-        match collect(&app, &plan, route, rx).await {
+        match collect(&app, &plan, route, tokens).await {
             Ok(choices) => Json(body_of(&app, &plan, route, &choices, &id, &echo)).into_response(),
             Err(e) => e.into_response(),
         }
@@ -395,12 +400,10 @@ fn build_text(
         16,
         lp.unwrap_or(0),
     )?;
-    let echo_len = echo.len();
     Ok((
         plan,
         Route::Text {
             logprobs: lp.is_some(),
-            echo_len,
         },
         echo,
     ))
@@ -416,12 +419,12 @@ async fn collect(
     app: &App,
     p: &Plan,
     route: Route,
-    mut rx: UnboundedReceiver<(usize, Step)>,
+    mut tokens: Tokens,
 ) -> Result<Vec<Choice>, ApiError> {
     let mut choices: Vec<Choice> = (0..p.settings.len()).map(|_| Choice::default()).collect();
     let mut open = choices.len();
     while open > 0 {
-        let Some((i, s)) = rx.recv().await else {
+        let Some((i, s)) = tokens.next().await else {
             return Err(ApiError::internal(
                 "decoding stopped before the answer was complete",
             ));
@@ -455,10 +458,10 @@ fn body_of(app: &App, p: &Plan, route: Route, choices: &[Choice], id: &str, echo
                 "logprobs": if logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
                 "finish_reason": c.finish,
             }),
-            Route::Text { logprobs, echo_len } => json!({
+            Route::Text { logprobs } => json!({
                 "index": i,
                 "text": format!("{echo}{}", c.text),
-                "logprobs": if logprobs { completion_logprobs(&c.logprobs, echo_len) } else { Value::Null },
+                "logprobs": if logprobs { completion_logprobs(&c.logprobs, echo.len()) } else { Value::Null },
                 "finish_reason": c.finish,
             }),
         })
@@ -477,7 +480,7 @@ fn stream_events(
     app: App,
     p: Plan,
     route: Route,
-    rx: UnboundedReceiver<(usize, Step)>,
+    tokens: Tokens,
     id: String,
 ) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
     let n = p.settings.len();
@@ -506,14 +509,14 @@ fn stream_events(
     struct St {
         choices: Vec<Choice>,
         open: usize,
-        rx: UnboundedReceiver<(usize, Step)>,
+        tokens: Tokens,
         started: Vec<bool>,
         done: bool,
     }
     let st = St {
         choices: (0..n).map(|_| Choice::default()).collect(),
         open: n,
-        rx,
+        tokens,
         started: vec![false; n],
         done: false,
     };
@@ -528,7 +531,7 @@ fn stream_events(
                     st.done = true;
                     return Some((vec![Event::default().data("[DONE]")], (st, app, p)));
                 }
-                let Some((i, s)) = st.rx.recv().await else {
+                let Some((i, s)) = st.tokens.next().await else {
                     // Decoding failed: end the stream without [DONE], as a broken one.
                     return None;
                 };
