@@ -96,6 +96,10 @@ enum Command {
     /// Direct preference optimisation and its family (TRL's DPOTrainer loss types, R-DPO, PRO)
     /// against a frozen reference model.
     Dpo(RunArgs),
+    /// Online / iterative DPO (TRL's OnlineDPOTrainer): rounds of sampling from the policy,
+    /// labelling by a reward source or a pairwise judge, and DPO (a DPO config plus an
+    /// [online_dpo] table).
+    OnlineDpo(RunArgs),
     /// Train a reward model (TRL's RewardTrainer): Bradley–Terry on preference pairs, with
     /// `margin` (Llama 2) and `center_rewards_coefficient`; rankings become all ordered pairs.
     Rm(RunArgs),
@@ -205,6 +209,7 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::Sft(run) => commands::train(commands::Trainer::Sft, &run),
         Command::Dpo(run) => commands::train(commands::Trainer::Dpo, &run),
+        Command::OnlineDpo(run) => rewards::online_dpo(&run),
         Command::Rm(run) => commands::train(commands::Trainer::Rm, &run),
         Command::Score(a) => rewards::score(&a),
         Command::Bon(a) => rewards::bon(&a),

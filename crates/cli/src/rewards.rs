@@ -160,6 +160,19 @@ pub fn sft_with_table(run: &RunArgs, distill: bool) -> Result<()> {
     Ok(())
 }
 
+/// `preftune online-dpo`: every round of online DPO; prints the rounds' metrics.
+pub fn online_dpo(run: &RunArgs) -> Result<()> {
+    use preftune_train::dpo::online;
+    anyhow::ensure!(
+        !run.eval_only,
+        "no --eval-only here (evaluate the final model with `preftune dpo --eval-only`)"
+    );
+    let (cfg, o) = online::load_config(run.config.as_deref(), &run.set)?;
+    crate::commands::use_config_device(cfg.args.device)?;
+    emit(&online::run(&cfg, &o, run.resume)?);
+    Ok(())
+}
+
 /// Trains the gold sentiment judge on the IMDb reviews and reports its held-out accuracy.
 pub fn gold_train(a: &GoldTrainArgs) -> Result<()> {
     emit(&preftune_eval::gold::train_and_save(

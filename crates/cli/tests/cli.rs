@@ -972,6 +972,12 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "bon_n=2".into(),
         "eval_samples_per_prompt=1".into(),
         "frontier_dpo_betas=[0.5]".into(),
+        r#"methods=["sft", "dpo", "online-dpo", "ppo", "grpo", "bon"]"#.into(),
+        "online_dpo.labels=\"rm\"".into(),
+        "online_dpo.rounds=2".into(),
+        "online_dpo.prompts_per_round=4".into(),
+        "online_dpo.max_steps=1".into(),
+        "online_dpo.save_steps=1".into(),
     ]
     .to_vec();
     let mut args = vec![
@@ -989,7 +995,26 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     let (ok, v, err) = preftune(&argv);
     assert!(ok, "{err}");
     assert!(v["gold_accuracy"].as_f64().unwrap() >= 0.85, "{v}");
-    for m in ["sft", "dpo", "ppo", "grpo", "dpo-beta-0.5", "bon"] {
+    // Online DPO: two rounds from the SFT policy, labelled by the reward model, measured by gold.
+    let rounds = v["methods"]["online-dpo"]["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{v}");
+    for r in rounds {
+        assert!(r["labels/pairs"].as_u64().unwrap() >= 1, "{r}");
+        let a = r["labels/agreement_with_gold"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{r}");
+    }
+    assert!(out
+        .join("online-dpo/round-1/dpo/model.safetensors")
+        .exists());
+    for m in [
+        "sft",
+        "dpo",
+        "online-dpo",
+        "ppo",
+        "grpo",
+        "dpo-beta-0.5",
+        "bon",
+    ] {
         let r = &v["methods"][m];
         assert!(r["gold_reward"]["mean"].is_f64(), "{m}: {v}");
         assert!(out.join(format!("samples-{m}.jsonl")).exists(), "{m}");
@@ -2024,4 +2049,135 @@ fn label_judge_writes_preference_rows_with_margins() {
         !ok && err.contains("cands.jsonl:1") && err.contains("responses"),
         "{err}"
     );
+}
+
+/// `online-dpo`: two rounds labelled by a reward model (the second starts from the first's policy,
+/// the reference stays the initial model), the final model in output_dir, metrics per round, a
+/// resumed run that redoes only the unfinished round, `ref_update = "round"`, a pairwise LLM
+/// judge, and the errors for a missing labeller and a missing prompts file.
+#[test]
+fn online_dpo_rounds_resume_and_judges() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p);
+    let pairs = root().join("examples/data/pairs-tiny.jsonl");
+    let (ok, _, err) = run_with_sets(
+        "rm",
+        &root().join("examples/rm-tiny.toml"),
+        &[
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("train_file={}", pairs.display()),
+            format!("eval_file={}", pairs.display()),
+            format!("output_dir={}", d("rm").display()),
+        ],
+    );
+    assert!(ok, "{err}");
+    let config = root().join("examples/online-dpo-tiny.toml");
+    let sets = |out: &str, extra: &[String]| -> Vec<String> {
+        let mut v = vec![
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("output_dir={}", d(out).display()),
+            format!("online_dpo.prompts_file={}", pairs.display()),
+            format!("online_dpo.reward=model:{}", d("rm").display()),
+            format!("online_dpo.gold=model:{}", d("rm").display()),
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    let (ok, v, err) = run_with_sets("online-dpo", &config, &sets("run", &[]));
+    assert!(ok, "{err}");
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{v}");
+    let round1 = d("run/round-0/dpo").display().to_string();
+    assert_eq!(rounds[0]["model"], model("tiny-llama"));
+    assert_eq!(rounds[1]["model"], round1.as_str());
+    assert_eq!(rounds[1]["reference"], model("tiny-llama"));
+    for r in rounds {
+        assert_eq!(r["labels/pairs"], 8, "{r}");
+        assert_eq!(r["dpo"]["global_step"], 4, "{r}");
+        // The labeller and the gold are the same model: they agree on every pair.
+        assert_eq!(r["labels/agreement_with_gold"], 1.0, "{r}");
+        assert!(r["objective/scores_margin"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["rewards/accuracies"].is_number(), "{r}");
+    }
+    // Chosen responses score higher than rejected ones under the labeller, by the row's margin.
+    let pairs1: Vec<Value> = std::fs::read_to_string(d("run/round-1/pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(pairs1.iter().all(|p| p["chosen"] != p["rejected"]));
+    // The final model is the last round's, in output_dir.
+    let bytes = |p: &str| std::fs::read(d(p)).unwrap();
+    assert!(bytes("run/model.safetensors") == bytes("run/round-1/dpo/model.safetensors"));
+    assert!(bytes("run/model.safetensors") != bytes("run/round-0/dpo/model.safetensors"));
+    assert_eq!(
+        std::fs::read_to_string(d("run/rounds.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    let run = d("run").display().to_string();
+    let (ok, _, err) = preftune(&["inspect", "--model", &run, "--prompt", "a"]);
+    assert!(ok, "{err}");
+
+    // Again without --resume: refused, nothing touched.
+    let (ok, _, err) = run_with_sets("online-dpo", &config, &sets("run", &[]));
+    assert!(!ok && err.contains("--resume"), "{err}");
+    // Round 1 unfinished: --resume keeps round 0 as it was and redoes round 1 the same way.
+    let samples0 = bytes("run/round-0/samples.jsonl");
+    let pairs_before = bytes("run/round-1/pairs.jsonl");
+    std::fs::remove_file(d("run/round-1/done.json")).unwrap();
+    std::fs::remove_file(d("run/round-1/labels.json")).unwrap();
+    let mut args = vec![
+        "online-dpo".to_string(),
+        "--resume".into(),
+        "--config".into(),
+    ];
+    args.push(config.display().to_string());
+    for s in sets("run", &[]) {
+        args.extend(["--set".to_string(), s]);
+    }
+    let (ok, v, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(!err.contains("round 0:"), "round 0 ran again: {err}");
+    assert!(err.contains("round 1:"), "{err}");
+    assert_eq!(v["rounds"].as_array().unwrap().len(), 2);
+    assert!(bytes("run/round-0/samples.jsonl") == samples0);
+    assert!(bytes("run/round-1/pairs.jsonl") == pairs_before);
+
+    // The reference moves with the rounds.
+    let (ok, v, err) = run_with_sets(
+        "online-dpo",
+        &config,
+        &sets("moving", &["online_dpo.ref_update=\"round\"".into()]),
+    );
+    assert!(ok, "{err}");
+    let moving = d("moving/round-0/dpo").display().to_string();
+    assert_eq!(v["rounds"][1]["reference"], moving.as_str(), "{v}");
+
+    // A pairwise LLM judge (asked in both orders): one round.
+    let mut judged = sets("judged", &["online_dpo.rounds=1".into()]);
+    judged.push("online_dpo.reward=\"\"".into());
+    judged.push(format!("online_dpo.judge=llm:{}", model("tiny-llama")));
+    let (ok, v, err) = run_with_sets("online-dpo", &config, &judged);
+    assert!(ok, "{err}");
+    let r = &v["rounds"][0];
+    assert_eq!(r["labels/pairs_judged"], 8, "{r}");
+    let bias = r["labels/position_bias"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&bias), "{r}");
+    assert!(r["labels/pairs"].as_u64().unwrap() >= 1, "{r}");
+
+    // Bad input: no labeller; a prompts file that is not there.
+    let mut none = sets("none", &[]);
+    none.push("online_dpo.reward=\"\"".into());
+    let (ok, _, err) = run_with_sets("online-dpo", &config, &none);
+    assert!(
+        !ok && err.contains("reward") && err.contains("judge"),
+        "{err}"
+    );
+    let mut missing = sets("missing", &[]);
+    missing.push("online_dpo.prompts_file=\"/nonexistent/prompts.jsonl\"".into());
+    let (ok, _, err) = run_with_sets("online-dpo", &config, &missing);
+    assert!(!ok && err.contains("/nonexistent/prompts.jsonl"), "{err}");
 }

@@ -34,7 +34,7 @@ pub fn samples_of_file(data: &Path) -> Result<Vec<Sample>> {
     read_rows(data)?.iter().map(sample_of).collect()
 }
 
-fn risky_of(row: &Row) -> Result<bool> {
+pub fn risky_of(row: &Row) -> Result<bool> {
     match row.value.get("risky") {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),

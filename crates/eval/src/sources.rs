@@ -468,6 +468,16 @@ impl Candidates {
     }
 }
 
+/// The highest- and lowest-scored of `scores` (the last highest, the first lowest), when the
+/// highest is strictly higher: the best-versus-worst pair preference data keeps of a prompt's
+/// samples.
+pub fn best_and_worst(scores: &[f64]) -> Option<(usize, usize)> {
+    let by_score = |&a: &usize, &b: &usize| scores[a].total_cmp(&scores[b]);
+    let best = (0..scores.len()).max_by(by_score)?;
+    let worst = (0..scores.len()).min_by(by_score)?;
+    (scores[best] > scores[worst]).then_some((best, worst))
+}
+
 /// Each conversation answered once (the chat template's generation prompt after it), `batch_size`
 /// at a time, batch `b` seeded with `sampling.seed + b`; scored by `reward` when given (risky
 /// samples, for the piecewise rule). A non-empty `prefix` starts every answer (an answer template,

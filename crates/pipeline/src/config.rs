@@ -10,6 +10,8 @@ use serde::{Deserialize, Deserializer};
 pub enum Method {
     Sft,
     Dpo,
+    /// Online DPO (`[online_dpo]`): rounds of sampling from the policy, labelling and DPO.
+    OnlineDpo,
     Ppo,
     /// PPO against the gold judge itself (the DPO paper's PPO-GT).
     PpoGt,
@@ -19,9 +21,10 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::Sft,
         Method::Dpo,
+        Method::OnlineDpo,
         Method::Ppo,
         Method::PpoGt,
         Method::Grpo,
@@ -33,10 +36,40 @@ impl Method {
         match self {
             Method::Sft => "sft",
             Method::Dpo => "dpo",
+            Method::OnlineDpo => "online-dpo",
             Method::Ppo => "ppo",
             Method::PpoGt => "ppo-gt",
             Method::Grpo => "grpo",
             Method::Bon => "bon",
+        }
+    }
+}
+
+/// Who labels online DPO's pairs (`online_dpo.labels`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Labels {
+    /// The gold judge itself.
+    Gold,
+    /// The reward model trained on the gold-labelled pairs.
+    Rm,
+    /// A judge: a pairwise one (`llm:PATH`, `openai:URL#MODEL`) or any reward source; `{base}`
+    /// and `{sft}` in it name the base and SFT models.
+    Judge(String),
+}
+
+impl std::str::FromStr for Labels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gold" => Ok(Labels::Gold),
+            "rm" => Ok(Labels::Rm),
+            _ => match s.strip_prefix("judge:") {
+                Some(spec) if !spec.is_empty() => Ok(Labels::Judge(spec.to_string())),
+                _ => Err(format!(
+                    "online_dpo.labels: {s:?} (use \"gold\", \"rm\" or \"judge:SPEC\", e.g. \
+                     \"judge:llm:{{base}}\")"
+                )),
+            },
         }
     }
 }
@@ -192,6 +225,11 @@ pub struct PipelineConfig {
     pub ppo: toml::Table,
     #[serde(default)]
     pub grpo: toml::Table,
+    /// Online DPO: `labels` ("gold", "rm" or "judge:SPEC"), the `[online_dpo]` options of
+    /// `preftune online-dpo` (rounds, prompts_per_round, num_generations, ref_update...) and any
+    /// DPO key, over `[dpo]`'s.
+    #[serde(default)]
+    pub online_dpo: toml::Table,
     /// Best-of-N over SFT samples, chosen by the reward model.
     #[serde(default = "d_n")]
     pub bon_n: usize,

@@ -7,7 +7,7 @@
 //! an evaluation of every policy (and Best-of-N over SFT samples) on held-out prefixes.
 use std::path::{Path, PathBuf};
 
-use crate::config::{Bf16Setting, Method, PipelineConfig, RmPairs};
+use crate::config::{Bf16Setting, Labels, Method, PipelineConfig, RmPairs};
 use crate::error::{ensure, Context, Error, Result};
 use preftune_data::Text;
 use preftune_eval::gold::{default_csv, read_imdb_csv, GoldSentiment};
@@ -102,16 +102,7 @@ pub(crate) fn stage<A: preftune_train::Options>(
 
 /// Deletes a finished trainer's `checkpoint-*` folders.
 pub(crate) fn remove_checkpoints(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().starts_with("checkpoint-") {
-            std::fs::remove_dir_all(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
-        }
-    }
-    Ok(())
+    Ok(preftune_train::checkpoint::remove_all(dir)?)
 }
 
 /// The base model: a GGUF becomes an HF folder (`out/base`) once.
@@ -149,14 +140,26 @@ fn label_samples(
     if responses.len() < 2 {
         return (None, None, dropped);
     }
-    let by_score = |&a: &usize, &b: &usize| scores[a].total_cmp(&scores[b]);
-    let best = (0..scores.len()).max_by(by_score).unwrap_or(0);
-    let worst = (0..scores.len()).min_by(by_score).unwrap_or(0);
-    let pair = (scores[best] > scores[worst]).then(
-        || json!({"prompt": prompt, "chosen": responses[best], "rejected": responses[worst]}),
+    let pair = preftune_eval::sources::best_and_worst(&scores).map(
+        |(best, worst)| json!({"prompt": prompt, "chosen": responses[best], "rejected": responses[worst]}),
     );
     let ranking = json!({"prompt": prompt, "responses": responses, "scores": scores});
     (pair, Some(ranking), dropped)
+}
+
+/// The mean of `key` over the rounds that have it, or null.
+fn mean_over(rounds: &Value, key: &str) -> Value {
+    let x: Vec<f64> = rounds
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r[key].as_f64())
+        .collect();
+    if x.is_empty() {
+        Value::Null
+    } else {
+        json!(x.iter().sum::<f64>() / x.len() as f64)
+    }
 }
 
 /// A review's text with the IMDb files' HTML line breaks as spaces.
@@ -417,6 +420,7 @@ fn over_seeds(runs: &[(u64, Value)]) -> Value {
                 "length_change_vs_sft": if m == "sft" { Value::Null } else { change },
                 "length_flag": flag,
                 "length_flags_per_run": per_run,
+                "labels_agreement_with_gold": stat(&|v| get(v, &["labels_agreement_with_gold"])),
             }),
         );
     }
@@ -448,8 +452,16 @@ fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
     r.rm_data(&base, &reviews, &gold_spec)?;
     let rm_spec = r.reward_model(&sft_dir)?;
     let sweep = r.policies(&sft_dir, &rm_spec, &gold_spec)?;
+    if cfg.methods.contains(&Method::OnlineDpo) {
+        r.online_dpo(&base, &sft_dir, &rm_spec, &gold_spec)?;
+    }
     let eval_start = std::time::Instant::now();
-    let e = r.evaluate(&sft_dir, &rm_spec, &gold_spec, sweep)?;
+    let mut e = r.evaluate(&sft_dir, &rm_spec, &gold_spec, sweep)?;
+    if let Some(m) = e.results.get_mut(Method::OnlineDpo.name()) {
+        m["rounds"] = r.online_rounds()?;
+        m["labels_agreement_with_gold"] =
+            json!(mean_over(&m["rounds"], "labels/agreement_with_gold"));
+    }
     let summary = r.summarise(e.results, &e.order, eval_start.elapsed().as_secs_f64())?;
     eprintln!(
         "\ngold judge held-out accuracy {}; reward model held-out accuracy vs gold {}",
@@ -477,6 +489,7 @@ fn resolve(config: &Path, table: toml::Table) -> Result<PipelineConfig> {
             &mut cfg.dpo,
             &mut cfg.ppo,
             &mut cfg.grpo,
+            &mut cfg.online_dpo,
         ],
     );
     Ok(cfg)
@@ -706,7 +719,8 @@ impl Run<'_> {
     /// when one of them runs; returns its reward source.
     fn reward_model(&self, sft_dir: &Path) -> Result<String> {
         let rm_dir = self.p("rm");
-        if self.has(Method::Ppo) || self.has(Method::Bon) || self.has(Method::Grpo) {
+        let online_rm = self.has(Method::OnlineDpo) && self.online_labels()? == Labels::Rm;
+        if self.has(Method::Ppo) || self.has(Method::Bon) || self.has(Method::Grpo) || online_rm {
             stage(
                 &rm_dir,
                 "reward model",
@@ -831,6 +845,109 @@ impl Run<'_> {
             )?;
         }
         Ok(sweep)
+    }
+
+    /// Online DPO's metrics per round, as results.json keeps them.
+    fn online_rounds(&self) -> Result<Value> {
+        let keep = [
+            "round",
+            "labels/pairs",
+            "labels/agreement_with_gold",
+            "labels/position_bias",
+            "labels/ties",
+            "gold/mean_score",
+            "objective/scores",
+            "val/contain_eos_token",
+            "rewards/accuracies",
+            "rewards/margins",
+            "round_seconds",
+        ];
+        let done = read_done(&self.p(Method::OnlineDpo.name()))?;
+        Ok(done["rounds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                keep.iter()
+                    .filter_map(|k| r.get(*k).map(|v| (k.to_string(), v.clone())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            })
+            .collect::<Vec<Value>>()
+            .into())
+    }
+
+    /// `online_dpo.labels`: gold (the default), the reward model or a judge.
+    fn online_labels(&self) -> Result<Labels> {
+        match self.cfg.online_dpo.get("labels") {
+            None => Ok(Labels::Gold),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| {
+                    Error::msg(format!("online_dpo.labels: expected a string, found {v}"))
+                })?
+                .parse()
+                .map_err(Error::Msg),
+        }
+    }
+
+    /// Online DPO from the SFT policy on the training prompts: `[online_dpo]`'s options (by
+    /// default as many samples per prompt, as long and at the temperature the offline pairs
+    /// were sampled at), DPO's keys from `[dpo]` under `[online_dpo]`'s, the pairs labelled by
+    /// `labels`, and every round's labels measured against gold.
+    fn online_dpo(
+        &self,
+        base: &Path,
+        sft_dir: &Path,
+        rm_spec: &str,
+        gold_spec: &str,
+    ) -> Result<()> {
+        use preftune_train::dpo::{self, online};
+        let (cfg, dir) = (self.cfg, self.p("online-dpo"));
+        cached(&dir, "online DPO", || {
+            let mut own = toml::Table::new();
+            own.insert(
+                "num_generations".into(),
+                (cfg.data.samples_per_prompt as i64).into(),
+            );
+            own.insert(
+                "max_new_tokens".into(),
+                (cfg.data.max_new_tokens as i64).into(),
+            );
+            own.insert("temperature".into(), 1.0.into());
+            let mut dpo_table = cfg.dpo.clone();
+            for (k, v) in &cfg.online_dpo {
+                if online::OnlineDpoOptions::KEYS.contains(&k.as_str()) {
+                    own.insert(k.clone(), v.clone());
+                } else if k != "labels" {
+                    dpo_table.insert(k.clone(), v.clone());
+                }
+            }
+            own.insert("prompts_file".into(), self.ps("data/prompts.jsonl").into());
+            own.insert("gold".into(), gold_spec.into());
+            let (key, spec) = match self.online_labels()? {
+                Labels::Gold => ("reward", gold_spec.to_string()),
+                Labels::Rm => ("reward", rm_spec.to_string()),
+                Labels::Judge(s) => (
+                    "judge",
+                    s.replace("{base}", &base.display().to_string())
+                        .replace("{sft}", &sft_dir.display().to_string()),
+                ),
+            };
+            own.insert(key.into(), spec.into());
+            let o: online::OnlineDpoOptions = toml::Value::Table(own)
+                .try_into()
+                .map_err(|e| Error::msg(format!("online_dpo: {e}")))?;
+            let run = load_trainer::<dpo::DpoArgs>(
+                dpo::defaults(),
+                &dpo_table,
+                &[
+                    format!("model_name_or_path={}", sft_dir.display()),
+                    format!("output_dir={}", dir.display()),
+                ],
+            )?;
+            Ok(online::run(&run, &o, true)?)
+        })
     }
 
     /// Best of `bon_n` SFT samples by the reward model, judged by gold: the rewards and responses.

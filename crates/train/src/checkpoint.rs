@@ -41,6 +41,15 @@ fn checkpoints(output_dir: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
     Ok(all)
 }
 
+/// Deletes a finished run's `checkpoint-N` folders (weights plus optimizer state): once a run is
+/// done its final model stays, and nothing resumes it.
+pub fn remove_all(output_dir: &Path) -> crate::error::Result<()> {
+    for (_, dir) in checkpoints(output_dir).map_err(|e| Error::io(output_dir, e))? {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    Ok(())
+}
+
 /// The newest complete `checkpoint-N` in `output_dir`: a trainer state that parses, for step N,
 /// the optimiser state and the weights (a model or an adapter). An incomplete one (emptied,
 /// copied in part) is skipped with a warning, so resuming never takes up half a checkpoint.

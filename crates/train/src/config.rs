@@ -305,6 +305,27 @@ pub fn load_with_sections<A: DeserializeOwned>(
     ))
 }
 
+/// A trainer's config (its defaults, the file, `--set`) plus the `[name]` table of a command that
+/// runs the trainer as one of its steps (`keys`: what the table needs, for the error when it is
+/// missing).
+pub fn load_with_table<A: DeserializeOwned, T: DeserializeOwned>(
+    file: Option<&Path>,
+    defaults: toml::Table,
+    set: &[String],
+    name: &str,
+    keys: &str,
+) -> Result<(RunConfig<A>, T)> {
+    let (cfg, sections) = load_with_sections::<A>(file, defaults, set, &[name])?;
+    let section = sections
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::Config(format!("the config needs a [{name}] table ({keys})")))?;
+    let own: T = section
+        .try_into()
+        .map_err(|e| Error::Config(format!("[{name}]: {e}")))?;
+    Ok((cfg, own))
+}
+
 /// An algorithm's options in two structs read from the same keys: the part it shares with sibling
 /// trainers (GRPO and RLOO share [`crate::rl::online::OnlineArgs`]) and its own. Not
 /// `#[serde(flatten)]`: through a flattened struct a misspelt key goes unreported.

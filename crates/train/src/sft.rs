@@ -173,16 +173,7 @@ pub fn load_with_table<T: serde::de::DeserializeOwned>(
     name: &str,
     keys: &str,
 ) -> Result<(RunConfig<SftArgs>, T)> {
-    let (cfg, sections) =
-        crate::config::load_with_sections::<SftArgs>(file, defaults(), set, &[name])?;
-    let section = sections
-        .get(name)
-        .cloned()
-        .ok_or_else(|| Error::Config(format!("the config needs a [{name}] table ({keys})")))?;
-    let own: T = section
-        .try_into()
-        .map_err(|e| Error::Config(format!("[{name}]: {e}")))?;
-    Ok((cfg, own))
+    crate::config::load_with_table(file, defaults(), set, name, keys)
 }
 
 pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<serde_json::Value> {

@@ -425,7 +425,7 @@ pub fn resume_point(
 /// new ones, and a later `--resume` took up the old run). With `overwrite_output_dir` (TRL's
 /// name) the old run's checkpoints, logs, samples and final model are deleted first, so two runs
 /// never mix.
-fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
+pub(crate) fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
     let dir = &args.output_dir;
     let entries: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd.flatten().map(|e| e.path()).collect(),

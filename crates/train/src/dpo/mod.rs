@@ -2,6 +2,7 @@
 //! `loss_weights`), PRO on rankings, `rpo_alpha`, and the reference model as a separate frozen model,
 //! the LoRA base (no second copy of the weights), precomputed log-probs, or none.
 pub mod loss;
+pub mod online;
 
 use std::collections::BTreeMap;
 use std::io::Write;
