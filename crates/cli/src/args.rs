@@ -63,3 +63,26 @@ pub struct RunArgs {
     #[arg(long)]
     pub eval_only: bool,
 }
+
+/// What a pairwise judge (`llm:PATH`, `openai:URL#MODEL`) is asked.
+#[derive(Args, Clone, Debug)]
+pub struct JudgeAsk {
+    /// The judge's question (default: "Which response is better?").
+    #[arg(long)]
+    pub question: Option<String>,
+    /// A Jinja template for the judge's message (a rubric) with `prompt`, `response_a`,
+    /// `response_b` and `question`; the judge answers A or B (docs/labelling.md).
+    #[arg(long)]
+    pub rubric: Option<std::path::PathBuf>,
+}
+
+impl JudgeAsk {
+    /// The judge `spec` asked this way.
+    pub fn judge(&self, spec: &str) -> anyhow::Result<preftune_eval::judge::Judge> {
+        let ask = preftune_eval::judge::PairwisePrompt::new(
+            self.question.as_deref(),
+            self.rubric.as_deref(),
+        )?;
+        Ok(preftune_eval::judge::Judge::parse_with(spec, ask)?)
+    }
+}

@@ -5,7 +5,6 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use preftune_eval::agreement::judge_agreement;
 use preftune_eval::files::{reward_of_file, winrate_of_files};
-use preftune_eval::judge::Judge;
 use preftune_eval::redteam::{load_prompts_limited, RedJudge, RedteamSettings};
 use preftune_eval::RewardSource;
 use preftune_train::evaluate::{kl_report, EvalSampling};
@@ -36,9 +35,8 @@ pub enum EvalCmd {
         data: PathBuf,
         #[arg(long)]
         baseline: PathBuf,
-        /// The LLM judge's question (default: "Which response is better?").
-        #[arg(long)]
-        question: Option<String>,
+        #[command(flatten)]
+        ask: crate::args::JudgeAsk,
     },
     /// The reward-vs-KL frontier (the DPO paper's figure): runs a pipeline config with DPO at
     /// each beta and PPO at each KL coefficient (cached stages are reused), evaluates every
@@ -161,9 +159,9 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             judge,
             data,
             baseline,
-            question,
+            ask,
         } => {
-            let judge = Judge::parse(judge, question.as_deref())?;
+            let judge = ask.judge(judge)?;
             emit(&winrate_of_files(&judge, data, baseline)?);
         }
         EvalCmd::Kl(a) => {

@@ -104,18 +104,27 @@ pub enum LabelCmd {
         judge: String,
         #[arg(long)]
         out: PathBuf,
-        /// The judge's question (default: "Which response is better?").
-        #[arg(long)]
-        question: Option<String>,
+        #[command(flatten)]
+        ask: crate::args::JudgeAsk,
         /// Pairs whose preference is within this of 0.5 are ties, left out.
         #[arg(long, default_value_t = 0.0)]
         tie: f64,
     },
     /// Items done per annotator, agreement (pairwise, Cohen's and Fleiss' kappa) on the
-    /// overlapping items, and how often the response shown first wins.
+    /// overlapping items, and how often the response shown first wins; with --judge, the judge's
+    /// agreement and kappa against the humans' pairwise labels and its position bias.
     Stats {
         #[arg(long)]
         db: PathBuf,
+        /// A judge to measure against the human labels: `llm:PATH`, `openai:URL#MODEL` (asked
+        /// in both orders) or any reward source.
+        #[arg(long)]
+        judge: Option<String>,
+        #[command(flatten)]
+        ask: crate::args::JudgeAsk,
+        /// The judge's preferences within this of 0.5 count as "about the same".
+        #[arg(long, default_value_t = 0.0, requires = "judge")]
+        tie: f64,
     },
 }
 
@@ -202,11 +211,11 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             candidates,
             judge,
             out,
-            question,
+            ask,
             tie,
         } => {
             let rows = preftune_data::read_rows(candidates)?;
-            let j = preftune_eval::judge::Judge::parse(judge, question.as_deref())?;
+            let j = ask.judge(judge)?;
             let l = preftune_eval::judge::label_candidates(&j, &rows, *tie)?;
             write_jsonl(out, &l.rows)?;
             emit(
@@ -237,11 +246,70 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
                 &json!({"out": out.display().to_string(), "mode": store.mode()?, "report": report}),
             );
         }
-        LabelCmd::Stats { db } => {
+        LabelCmd::Stats {
+            db,
+            judge,
+            ask,
+            tie,
+        } => {
             let store = open(db)?;
             let mode = store.mode()?.unwrap_or(Mode::Pair);
-            emit(&json!({"progress": store.progress()?, "stats": stats(&store.labels()?, mode)}));
+            let labels = store.labels()?;
+            let mut v = json!({"progress": store.progress()?, "stats": stats(&labels, mode)});
+            if let Some(spec) = judge {
+                anyhow::ensure!(
+                    mode == Mode::Pair,
+                    "{}: --judge compares pairwise labels; this database holds rankings",
+                    db.display()
+                );
+                let j = ask.judge(spec)?;
+                let orders = judge_orders(&j, &labels, db)?;
+                let a = preftune_label::stats::judge_agreement(&labels, &orders, *tie);
+                v["judge"] = json!({"judge": spec, "agreement": a});
+            }
+            emit(&v);
         }
     }
     Ok(())
+}
+
+/// The judge's answers on every human-labelled pair item: P(the first listed wins) with the
+/// item's first response listed first, and with its second listed first. A reward judge has no
+/// order: its answer is the same either way.
+fn judge_orders(
+    judge: &preftune_eval::judge::Judge,
+    labels: &[preftune_label::Label],
+    db: &std::path::Path,
+) -> Result<std::collections::BTreeMap<i64, (f64, f64)>> {
+    use preftune_eval::judge::Judge;
+    use preftune_eval::Sample;
+    let items = preftune_label::stats::pair_items(labels);
+    let (mut a, mut b) = (vec![], vec![]);
+    for l in &items {
+        let row = preftune_data::Row {
+            loc: preftune_data::Location {
+                file: std::sync::Arc::new(db.to_path_buf()),
+                line: l.item_id as usize,
+            },
+            value: json!({"prompt": l.prompt}),
+        };
+        let prompt = preftune_eval::sources::row_prompt(&row)?;
+        for (side, r) in [(&mut a, &l.responses[0]), (&mut b, &l.responses[1])] {
+            side.push(Sample {
+                prompt: prompt.clone(),
+                response: r.clone(),
+                risky: false,
+            });
+        }
+    }
+    let answers: Vec<(f64, f64)> = match judge {
+        Judge::Reward(_) => judge
+            .compare(&a, &b)?
+            .0
+            .into_iter()
+            .map(|p| (p, 1.0 - p))
+            .collect(),
+        _ => judge.orders(&a, &b)?,
+    };
+    Ok(items.iter().map(|l| l.item_id).zip(answers).collect())
 }

@@ -1312,6 +1312,25 @@ fn label_export_round_trips_into_a_dpo_run() {
     assert!(ok, "{err}");
     assert_eq!(st["stats"]["overlapping_items"], 8);
     assert_eq!(st["stats"]["pairwise_agreement"], 1.0);
+    // A judge against the humans: one that prefers "great" agrees on every item; a pairwise LLM
+    // judge answers every item in both orders.
+    let great = "command:python3 -c \"import sys,json; [print(int('great' in json.loads(l)['response'])) for l in sys.stdin]\"";
+    let (ok, st, err) = preftune(&["label", "stats", "--db", dbs, "--judge", great]);
+    assert!(ok, "{err}");
+    let a = &st["judge"]["agreement"];
+    assert_eq!(
+        (a["items"].as_u64(), a["agreement"].as_f64()),
+        (Some(8), Some(1.0)),
+        "{st}"
+    );
+    assert_eq!(a["position_bias"], 0.0, "{st}");
+    let llm = format!("llm:{}", model("tiny-llama"));
+    let (ok, st, err) = preftune(&["label", "stats", "--db", dbs, "--judge", &llm]);
+    assert!(ok, "{err}");
+    let a = &st["judge"]["agreement"];
+    assert_eq!(a["items"], 8, "{st}");
+    let bias = a["position_bias"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&bias), "{st}");
     let out = dir.path().join("prefs.jsonl");
     let (ok, e, err) = preftune(&[
         "label",
@@ -2043,6 +2062,31 @@ fn label_judge_writes_preference_rows_with_margins() {
         assert_ne!(r["chosen"], r["rejected"]);
         assert_eq!(r["prompt"], "Say hi.");
     }
+    // A rubric (a Jinja template) is what the judge reads: another message, other preferences.
+    let rubric = dir.path().join("rubric.j2");
+    std::fs::write(
+        &rubric,
+        "Prompt: {{ prompt }}\nA) {{ response_a }}\nB) {{ response_b }}\nWhich is more polite? A or B.",
+    )
+    .unwrap();
+    let r = rubric.to_string_lossy();
+    let mut with_rubric = args.to_vec();
+    with_rubric.extend(["--rubric", &r]);
+    let (ok, v2, err) = preftune(&with_rubric);
+    assert!(ok, "{err}");
+    let ps = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["judge_p"].to_string())
+            .collect()
+    };
+    assert_eq!(v2["pairs"], 3);
+    assert_ne!(ps(&out), rows.iter().map(|r| r["judge_p"].to_string()).collect::<Vec<_>>());
+    std::fs::write(&rubric, "{{ response_a }} only").unwrap();
+    let (ok, _, err) = preftune(&with_rubric);
+    assert!(!ok && err.contains("rubric.j2") && err.contains("both responses"), "{err}");
+
     std::fs::write(&cands, "{\"prompt\": \"x\", \"responses\": \"oops\"}\n").unwrap();
     let (ok, _, err) = preftune(&args);
     assert!(

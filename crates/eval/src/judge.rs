@@ -19,6 +19,70 @@ use crate::sources::{RewardSource, Sample};
 /// The question the LLM judge answers unless told otherwise.
 pub const DEFAULT_QUESTION: &str = "Which response is better?";
 
+/// The pairwise judges' message unless a rubric replaces it: a Jinja template of `prompt`,
+/// `response_a`, `response_b` and `question`.
+pub const DEFAULT_TEMPLATE: &str = "You compare two responses to the same prompt.\n\n\
+Prompt:\n{{ prompt }}\n\nResponse A:\n{{ response_a }}\n\nResponse B:\n{{ response_b }}\n\n\
+{{ question }} Answer with the single letter A or B.";
+
+/// What a pairwise judge is asked: a Jinja template (a rubric) rendered with the prompt, both
+/// responses and the question. The answer is read as the letter A or B.
+#[derive(Clone, Debug)]
+pub struct PairwisePrompt {
+    pub question: String,
+    pub template: String,
+}
+
+impl Default for PairwisePrompt {
+    fn default() -> Self {
+        PairwisePrompt {
+            question: DEFAULT_QUESTION.into(),
+            template: DEFAULT_TEMPLATE.into(),
+        }
+    }
+}
+
+impl PairwisePrompt {
+    /// The question (default [`DEFAULT_QUESTION`]) and a rubric file (default
+    /// [`DEFAULT_TEMPLATE`]); a rubric that does not render is an error naming its file.
+    pub fn new(question: Option<&str>, rubric: Option<&Path>) -> Result<PairwisePrompt> {
+        let template = match rubric {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("rubric {}: {e}", path.display())))?,
+            None => DEFAULT_TEMPLATE.to_string(),
+        };
+        let p = PairwisePrompt {
+            question: question.unwrap_or(DEFAULT_QUESTION).to_string(),
+            template,
+        };
+        let name = rubric.map_or("the default rubric".into(), |r| r.display().to_string());
+        let probe = p
+            .render(&Text::Plain("P".into()), "X", "Y")
+            .map_err(|e| Error::Config(format!("rubric {name}: {e}")))?;
+        if !probe.contains('X') || !probe.contains('Y') {
+            return Err(Error::Config(format!(
+                "rubric {name}: it must show both responses ({{{{ response_a }}}} and \
+                 {{{{ response_b }}}})"
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The message for one pair.
+    pub fn render(&self, prompt: &Text, ra: &str, rb: &str) -> std::result::Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.render_str(
+            &self.template,
+            minijinja::context! {
+                prompt => prompt_text(prompt), response_a => ra, response_b => rb,
+                question => self.question,
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// Per pair, the preference for the first side; for reward judges also both sides' rewards.
 pub type Comparison = (Vec<f64>, Option<(Vec<f64>, Vec<f64>)>);
 
@@ -26,7 +90,7 @@ pub enum Judge {
     Reward(RewardSource),
     Llm {
         model: Box<Pretrained>,
-        question: String,
+        ask: PairwisePrompt,
     },
     /// A model behind any OpenAI-compatible server (`openai:URL#MODEL`): ours, vLLM, llama.cpp's
     /// server, Ollama.
@@ -41,13 +105,13 @@ pub enum Judge {
 pub struct ApiJudge {
     pub url: String,
     pub model: String,
-    pub question: String,
+    pub ask: PairwisePrompt,
     key: Option<String>,
     client: reqwest::blocking::Client,
 }
 
 impl ApiJudge {
-    pub fn parse(spec: &str, question: &str) -> Result<ApiJudge> {
+    pub fn parse(spec: &str, ask: PairwisePrompt) -> Result<ApiJudge> {
         let (url, model) = spec.rsplit_once('#').ok_or_else(|| {
             Error::Config(format!(
                 "judge openai:{spec}: expected openai:URL#MODEL, e.g. \
@@ -66,7 +130,7 @@ impl ApiJudge {
         Ok(ApiJudge {
             url: url.trim_end_matches('/').to_string(),
             model: model.to_string(),
-            question: question.to_string(),
+            ask,
             key: std::env::var("OPENAI_API_KEY")
                 .ok()
                 .filter(|k| !k.is_empty()),
@@ -158,14 +222,19 @@ fn prompt_text(t: &Text) -> String {
 impl Judge {
     /// `llm:PATH` (a causal LM, prompted with `question`), else any reward source spec.
     pub fn parse(spec: &str, question: Option<&str>) -> Result<Judge> {
-        let question = question.unwrap_or(DEFAULT_QUESTION);
+        Judge::parse_with(spec, PairwisePrompt::new(question, None)?)
+    }
+
+    /// `llm:PATH` or `openai:URL#MODEL` asked `ask` (a question in a rubric), else any reward
+    /// source spec.
+    pub fn parse_with(spec: &str, ask: PairwisePrompt) -> Result<Judge> {
         if let Some(rest) = spec.strip_prefix("openai:") {
-            return Ok(Judge::Api(ApiJudge::parse(rest, question)?));
+            return Ok(Judge::Api(ApiJudge::parse(rest, ask)?));
         }
         match spec.strip_prefix("llm:") {
             Some(path) => Ok(Judge::Llm {
                 model: Box::new(Pretrained::load(Path::new(path), &Default::default())?),
-                question: question.to_string(),
+                ask,
             }),
             None => Ok(Judge::Reward(RewardSource::parse(spec)?)),
         }
@@ -207,11 +276,9 @@ impl Judge {
         };
         let ask = |prompt: &Text, ra: &str, rb: &str| -> Result<f64> {
             match (self, &letters) {
-                (Judge::Api(api), _) => {
-                    api.first_wins(&pairwise_text(&api.question, prompt, ra, rb))
-                }
-                (Judge::Llm { model, question }, Some((ids_a, ids_b))) => {
-                    let text = pairwise_text(question, prompt, ra, rb);
+                (Judge::Api(api), _) => api.first_wins(&render(&api.ask, prompt, ra, rb)?),
+                (Judge::Llm { model, ask }, Some((ids_a, ids_b))) => {
+                    let text = render(ask, prompt, ra, rb)?;
                     answer_probability(model, &text, ids_a, ids_b, "A and B")
                 }
                 _ => Err(Error::Config(
@@ -237,13 +304,10 @@ fn order_mean((first, second): (f64, f64)) -> f64 {
     (first + (1.0 - second)) / 2.0
 }
 
-/// The pairwise judges' question, the same for a local model and a server.
-fn pairwise_text(question: &str, prompt: &Text, ra: &str, rb: &str) -> String {
-    format!(
-        "You compare two responses to the same prompt.\n\nPrompt:\n{}\n\nResponse A:\n{ra}\n\n\
-         Response B:\n{rb}\n\n{question} Answer with the single letter A or B.",
-        prompt_text(prompt)
-    )
+/// The pairwise judges' message, the same for a local model and a server.
+fn render(ask: &PairwisePrompt, prompt: &Text, ra: &str, rb: &str) -> Result<String> {
+    ask.render(prompt, ra, rb)
+        .map_err(|e| Error::Msg(format!("judge rubric: {e}")))
 }
 
 /// Asks `text` as a user message (the chat template's generation prompt after it; plain models
@@ -433,4 +497,58 @@ pub fn label_candidates(judge: &Judge, rows: &[preftune_data::Row], tie: f64) ->
         }));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_rubric_asks_the_question_it_always_asked() {
+        let p = PairwisePrompt::new(Some("Which is kinder?"), None).unwrap();
+        let text = p
+            .render(&Text::Plain("Say hi.".into()), "Hello!", "Go {{ away }}.")
+            .unwrap();
+        assert_eq!(
+            text,
+            "You compare two responses to the same prompt.\n\nPrompt:\nSay hi.\n\nResponse A:\n\
+             Hello!\n\nResponse B:\nGo {{ away }}.\n\nWhich is kinder? Answer with the single \
+             letter A or B."
+        );
+    }
+
+    #[test]
+    fn a_rubric_file_replaces_the_message_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.j2");
+        std::fs::write(
+            &good,
+            "Rate for {{ question|lower }}\n{% for r in [response_a, response_b] %}[{{ loop.index }}] {{ r }}\n{% endfor %}Prompt: {{ prompt }}",
+        )
+        .unwrap();
+        let p = PairwisePrompt::new(Some("Honesty"), Some(&good)).unwrap();
+        let msgs = vec![Message::new("user", "hi")];
+        assert_eq!(
+            p.render(&Text::Messages(msgs), "a", "b").unwrap(),
+            "Rate for honesty\n[1] a\n[2] b\nPrompt: user: hi"
+        );
+        for (name, body, why) in [
+            ("broken.j2", "{{ response_a ", "rubric"),
+            (
+                "unknown.j2",
+                "{{ response_a }} {{ response_b }} {{ nope }}",
+                "undefined",
+            ),
+            ("one-sided.j2", "{{ response_a }}", "both responses"),
+        ] {
+            let f = dir.path().join(name);
+            std::fs::write(&f, body).unwrap();
+            let e = PairwisePrompt::new(None, Some(&f)).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains(why), "{name}: {e}");
+        }
+        let e = PairwisePrompt::new(None, Some(&dir.path().join("missing.j2")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.j2"), "{e}");
+    }
 }

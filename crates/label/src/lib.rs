@@ -10,4 +10,4 @@ pub mod stats;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use store::{ImportOptions, Mode, Store};
+pub use store::{ImportOptions, Label, Mode, Store};

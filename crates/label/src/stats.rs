@@ -258,6 +258,93 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
     }
 }
 
+/// A judge against the human labels: agreement and Cohen's kappa on the direction category
+/// (first better, about the same, second better) of each pairwise item, and how often the judge
+/// picked the same position in both orders.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JudgeAgreement {
+    /// Items with a human majority and a judge's answer.
+    pub items: usize,
+    /// Items whose human votes split with no majority, left out.
+    pub split_items: usize,
+    pub agreement: Option<f64>,
+    pub kappa: Option<f64>,
+    /// Rows: human category; columns: the judge's (first better, same, second better).
+    pub confusion: [[usize; 3]; 3],
+    /// Share of items where the judge picked the same position in both orders.
+    pub position_bias: Option<f64>,
+}
+
+/// The direction category of a preference `p` for the first response, with ties within `tie`
+/// of 1/2.
+fn judge_category(p: f64, tie: f64) -> usize {
+    if p > 0.5 + tie {
+        0
+    } else if p < 0.5 - tie {
+        2
+    } else {
+        1
+    }
+}
+
+/// The items a judge has to answer to be compared with the human pairwise labels: one label per
+/// item (its prompt and both responses), in item order.
+pub fn pair_items(labels: &[Label]) -> Vec<&Label> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out: Vec<&Label> = labels
+        .iter()
+        .filter(|l| l.mode == Mode::Pair && l.choice.is_some() && l.responses.len() == 2)
+        .filter(|l| seen.insert(l.item_id))
+        .collect();
+    out.sort_by_key(|l| l.item_id);
+    out
+}
+
+/// Compares a judge with the humans. `orders` maps an item to the judge's P(the first listed
+/// wins) with `responses[0]` listed first and with `responses[1]` listed first; the judge's
+/// preference for `responses[0]` is their mean. The humans' category per item is the majority of
+/// its annotators' (items whose votes split evenly are left out).
+pub fn judge_agreement(
+    labels: &[Label],
+    orders: &BTreeMap<i64, (f64, f64)>,
+    tie: f64,
+) -> JudgeAgreement {
+    let mut votes: BTreeMap<i64, [usize; 3]> = BTreeMap::new();
+    for l in labels.iter().filter(|l| l.mode == Mode::Pair) {
+        if let Some((c, _)) = category(l) {
+            votes.entry(l.item_id).or_default()[c] += 1;
+        }
+    }
+    let (mut human, mut judge, mut split, mut biased) = (vec![], vec![], 0, 0);
+    let mut confusion = [[0usize; 3]; 3];
+    for (item, v) in &votes {
+        let Some(&(first, second)) = orders.get(item) else {
+            continue;
+        };
+        let top = *v.iter().max().unwrap_or(&0);
+        if v.iter().filter(|&&x| x == top).count() > 1 {
+            split += 1;
+            continue;
+        }
+        let h = v.iter().position(|&x| x == top).unwrap_or(1);
+        let j = judge_category((first + 1.0 - second) / 2.0, tie);
+        confusion[h][j] += 1;
+        human.push(h);
+        judge.push(j);
+        biased += usize::from((first > 0.5) == (second > 0.5) && first != 0.5 && second != 0.5);
+    }
+    let n = human.len();
+    JudgeAgreement {
+        items: n,
+        split_items: split,
+        agreement: (n > 0)
+            .then(|| human.iter().zip(&judge).filter(|(a, b)| a == b).count() as f64 / n as f64),
+        kappa: cohen_kappa(&human, &judge, 3),
+        confusion,
+        position_bias: (n > 0).then(|| biased as f64 / n as f64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +410,40 @@ mod tests {
             (6, 3)
         );
         assert_eq!(s.annotators[0].ties, 1);
+    }
+
+    /// Two annotators on items 1-3 (majority on 1 and 3, a split on 2), one on item 4; the judge
+    /// agrees on items 1 and 4, calls item 3 a tie, and answers by position on item 4.
+    #[test]
+    fn judge_agreement_against_the_human_majority() {
+        let labels = vec![
+            Label::test_pair(1, "ann", 2, 0),
+            Label::test_pair(1, "bob", 3, 1),
+            Label::test_pair(2, "ann", 2, 0),
+            Label::test_pair(2, "bob", -1, 0),
+            Label::test_pair(3, "ann", -2, 0),
+            Label::test_pair(3, "bob", -3, 0),
+            Label::test_pair(4, "ann", -1, 0),
+        ];
+        let orders: BTreeMap<i64, (f64, f64)> = [
+            (1, (0.9, 0.2)), // first better in both orders
+            (2, (0.9, 0.1)),
+            (3, (0.55, 0.5)), // 0.525: a tie within 0.05
+            (4, (0.8, 0.7)),  // picks the first listed both times: 0.55, a tie
+        ]
+        .into();
+        let a = judge_agreement(&labels, &orders, 0.05);
+        assert_eq!(a.items, 3);
+        assert_eq!(a.split_items, 1);
+        // Humans: item 1 first better (0), item 3 second better (2), item 4 second better (2).
+        // Judge: item 1 -> 0, item 3 -> 1 (tie), item 4 -> 0.55 -> 1 (tie).
+        assert_eq!(a.confusion[0][0], 1);
+        assert_eq!(a.confusion[2][1], 2);
+        assert!((a.agreement.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        // po = 1/3; human marginals (1/3, 0, 2/3), judge (1/3, 2/3, 0): pe = 1/9.
+        let k = (1.0 / 3.0 - 1.0 / 9.0) / (1.0 - 1.0 / 9.0);
+        assert!((a.kappa.unwrap() - k).abs() < 1e-12, "{a:?}");
+        assert!((a.position_bias.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(pair_items(&labels).len(), 4);
     }
 }

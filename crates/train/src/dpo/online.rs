@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use preftune_data::{read_rows, Location, Row, Text};
-use preftune_eval::judge::{label_candidates, Judge};
+use preftune_eval::judge::{label_candidates, Judge, PairwisePrompt};
 use preftune_eval::sources::{best_and_worst, prompt_ids, row_prompt, PromptRef};
 use preftune_eval::{RewardSource, Sample};
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
@@ -54,6 +54,9 @@ pub struct OnlineDpoOptions {
     /// The pairwise judge's question.
     #[serde(default)]
     pub judge_question: Option<String>,
+    /// A Jinja template for the pairwise judge's message (a rubric; see `preftune label judge`).
+    #[serde(default)]
+    pub judge_rubric: Option<PathBuf>,
     /// A judged pair whose preference is within `tie` of 0.5 is a tie, left out.
     #[serde(default)]
     pub tie: f64,
@@ -89,11 +92,12 @@ pub struct OnlineDpoOptions {
 
 impl OnlineDpoOptions {
     /// The table's keys, for configs that keep them beside DPO's in one table.
-    pub const KEYS: [&'static str; 16] = [
+    pub const KEYS: [&'static str; 17] = [
         "prompts_file",
         "reward",
         "judge",
         "judge_question",
+        "judge_rubric",
         "tie",
         "rounds",
         "prompts_per_round",
@@ -163,7 +167,10 @@ impl Labeller {
         let given = |x: &Option<String>| x.clone().filter(|s| !s.is_empty());
         match (given(&o.reward), given(&o.judge)) {
             (Some(r), None) => Ok(Labeller::Score(RewardSource::parse(&r)?)),
-            (None, Some(j)) => match Judge::parse(&j, o.judge_question.as_deref())? {
+            (None, Some(j)) => match Judge::parse_with(
+                &j,
+                PairwisePrompt::new(o.judge_question.as_deref(), o.judge_rubric.as_deref())?,
+            )? {
                 Judge::Reward(r) => Ok(Labeller::Score(r)),
                 judge => Ok(Labeller::Compare(judge)),
             },
