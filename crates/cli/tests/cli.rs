@@ -974,6 +974,7 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "frontier_dpo_betas=[0.5]".into(),
         r#"methods=["sft", "dpo", "online-dpo", "ppo", "grpo", "bon"]"#.into(),
         "online_dpo.labels=\"rm\"".into(),
+        "online_dpo.rm_labels=\"gold\"".into(),
         "online_dpo.rounds=2".into(),
         "online_dpo.prompts_per_round=4".into(),
         "online_dpo.max_steps=1".into(),
@@ -1006,6 +1007,8 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(out
         .join("online-dpo/round-1/dpo/model.safetensors")
         .exists());
+    // The reward model was refreshed on each round's gold-labelled samples.
+    assert!(out.join("online-dpo/round-1/rm/model.safetensors").exists());
     for m in [
         "sft",
         "dpo",
@@ -2082,10 +2085,18 @@ fn label_judge_writes_preference_rows_with_margins() {
             .collect()
     };
     assert_eq!(v2["pairs"], 3);
-    assert_ne!(ps(&out), rows.iter().map(|r| r["judge_p"].to_string()).collect::<Vec<_>>());
+    assert_ne!(
+        ps(&out),
+        rows.iter()
+            .map(|r| r["judge_p"].to_string())
+            .collect::<Vec<_>>()
+    );
     std::fs::write(&rubric, "{{ response_a }} only").unwrap();
     let (ok, _, err) = preftune(&with_rubric);
-    assert!(!ok && err.contains("rubric.j2") && err.contains("both responses"), "{err}");
+    assert!(
+        !ok && err.contains("rubric.j2") && err.contains("both responses"),
+        "{err}"
+    );
 
     std::fs::write(&cands, "{\"prompt\": \"x\", \"responses\": \"oops\"}\n").unwrap();
     let (ok, _, err) = preftune(&args);
@@ -2200,6 +2211,37 @@ fn online_dpo_rounds_resume_and_judges() {
     let moving = d("moving/round-0/dpo").display().to_string();
     assert_eq!(v["rounds"][1]["reference"], moving.as_str(), "{v}");
 
+    // Llama 2's refresh: each round's samples, labelled by `rm_labels` (here a source that likes
+    // long answers), train the reward model further before it labels the round's pairs.
+    let long = "command:python3 -c \"import sys,json; [print(len(json.loads(l)['response'])) for l in sys.stdin]\"";
+    let (ok, v, err) = run_with_sets(
+        "online-dpo",
+        &config,
+        &sets(
+            "refresh",
+            &[
+                format!("online_dpo.rm_labels={long:?}"),
+                "online_dpo.rm={max_steps = 2, save_steps = 2, learning_rate = 1e-3}".into(),
+            ],
+        ),
+    );
+    assert!(ok, "{err}");
+    for k in 0..2 {
+        let rm_k = d(&format!("refresh/round-{k}/rm"));
+        assert_eq!(
+            v["rounds"][k]["rm/model"],
+            rm_k.display().to_string().as_str(),
+            "{v}"
+        );
+        assert!(v["rounds"][k]["rm/train_loss"].is_number(), "{v}");
+        assert!(rm_k.join("model.safetensors").exists());
+    }
+    assert!(bytes("refresh/round-0/rm/model.safetensors") != bytes("rm/model.safetensors"));
+    assert!(
+        bytes("refresh/round-1/rm/model.safetensors")
+            != bytes("refresh/round-0/rm/model.safetensors")
+    );
+
     // A pairwise LLM judge (asked in both orders): one round.
     let mut judged = sets("judged", &["online_dpo.rounds=1".into()]);
     judged.push("online_dpo.reward=\"\"".into());
@@ -2218,6 +2260,13 @@ fn online_dpo_rounds_resume_and_judges() {
     let (ok, _, err) = run_with_sets("online-dpo", &config, &none);
     assert!(
         !ok && err.contains("reward") && err.contains("judge"),
+        "{err}"
+    );
+    let mut judged_refresh = judged.clone();
+    judged_refresh.push(format!("online_dpo.rm_labels={long:?}"));
+    let (ok, _, err) = run_with_sets("online-dpo", &config, &judged_refresh);
+    assert!(
+        !ok && err.contains("rm_labels") && err.contains("model:PATH"),
         "{err}"
     );
     let mut missing = sets("missing", &[]);

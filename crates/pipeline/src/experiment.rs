@@ -925,6 +925,14 @@ impl Run<'_> {
             }
             own.insert("prompts_file".into(), self.ps("data/prompts.jsonl").into());
             own.insert("gold".into(), gold_spec.into());
+            // Llama 2's refresh of the reward model: `rm_labels = "gold"` names the gold judge,
+            // and the refresh trains with `[rm]`'s options unless `[online_dpo]` sets `rm`.
+            if own.get("rm_labels").and_then(|v| v.as_str()) == Some("gold") {
+                own.insert("rm_labels".into(), gold_spec.into());
+            }
+            if own.contains_key("rm_labels") && !own.contains_key("rm") {
+                own.insert("rm".into(), cfg.rm.clone().into());
+            }
             let (key, spec) = match self.online_labels()? {
                 Labels::Gold => ("reward", gold_spec.to_string()),
                 Labels::Rm => ("reward", rm_spec.to_string()),

@@ -88,11 +88,19 @@ pub struct OnlineDpoOptions {
     /// round's samples by (`gold/mean_score`).
     #[serde(default)]
     pub gold: Option<String>,
+    /// Llama 2's reward-model refresh: a source (people's stand-in: gold, a judge) that labels
+    /// each round's samples for the reward model `reward` names (`model:PATH`), which trains on
+    /// them from its previous weights before it labels the round's DPO pairs.
+    #[serde(default)]
+    pub rm_labels: Option<String>,
+    /// The reward trainer's options for each refresh (TRL's RewardConfig names).
+    #[serde(default)]
+    pub rm: Option<toml::Table>,
 }
 
 impl OnlineDpoOptions {
     /// The table's keys, for configs that keep them beside DPO's in one table.
-    pub const KEYS: [&'static str; 17] = [
+    pub const KEYS: [&'static str; 19] = [
         "prompts_file",
         "reward",
         "judge",
@@ -110,6 +118,8 @@ impl OnlineDpoOptions {
         "missing_eos_penalty",
         "ref_update",
         "gold",
+        "rm_labels",
+        "rm",
     ];
 }
 
@@ -439,6 +449,52 @@ fn gold_metrics(
     }))
 }
 
+/// Llama 2's refresh: the round's samples labelled by `labeller` (best over worst per prompt)
+/// train the reward model from `from` into `dir/rm`. Returns the `rm/*` metrics.
+fn refresh_reward_model(
+    cfg: &RunConfig<DpoArgs>,
+    o: &OnlineDpoOptions,
+    labeller: &Labeller,
+    cands: &[Candidates],
+    from: &str,
+    dir: &Path,
+) -> Result<Value> {
+    use crate::Options;
+    let rm_dir = dir.join("rm");
+    let (pairs, m) = label(labeller, cands, o)?;
+    if pairs.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: rm_labels made no pairs to refresh the reward model with",
+            dir.display()
+        )));
+    }
+    let file = dir.join("rm-pairs.jsonl");
+    preftune_model::io::write_jsonl(&file, &pairs)?;
+    let mut table = crate::reward::defaults();
+    table.insert("bf16".into(), cfg.args.bf16.into());
+    table.insert("seed".into(), (cfg.args.seed as i64).into());
+    for (k, v) in o.rm.iter().flatten() {
+        table.insert(k.clone(), v.clone());
+    }
+    let rm_cfg = crate::reward::RewardArgs::load_config(
+        None,
+        table,
+        &[
+            format!("model_name_or_path=\"{from}\""),
+            format!("train_file=\"{}\"", file.display()),
+            format!("output_dir=\"{}\"", rm_dir.display()),
+        ],
+    )?;
+    let summary = crate::reward::run(&rm_cfg, rm_dir.exists(), false)?;
+    crate::checkpoint::remove_all(&rm_dir)?;
+    Ok(json!({
+        "rm/pairs": pairs.len(),
+        "rm/objective/scores": m["objective/scores"],
+        "rm/train_loss": summary["train_loss"],
+        "rm/model": rm_dir.display().to_string(),
+    }))
+}
+
 /// Links (or copies, across file systems) the final model's files into `out`.
 fn link_final(from: &Path, out: &Path) -> Result<()> {
     let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
@@ -480,7 +536,28 @@ pub fn run(cfg: &RunConfig<DpoArgs>, o: &OnlineDpoOptions, resume: bool) -> Resu
                 .into(),
         ));
     }
-    let labeller = Labeller::parse(o)?;
+    let mut labeller = Labeller::parse(o)?;
+    // With a refresh, the reward model's folder as it stands (the labeller is reloaded from it).
+    let (rm_labeller, mut rm_path) = match &o.rm_labels {
+        None => (None, None),
+        Some(spec) => {
+            let path = o
+                .reward
+                .as_deref()
+                .and_then(|r| r.strip_prefix("model:"))
+                .ok_or_else(|| {
+                    Error::Config(
+                        "[online_dpo]: rm_labels refreshes the reward model: reward must name it \
+                         (model:PATH)"
+                            .into(),
+                    )
+                })?;
+            (
+                Some(Labeller::Score(RewardSource::parse(spec)?)),
+                Some(path.to_string()),
+            )
+        }
+    };
     let gold = o.gold.as_deref().map(RewardSource::parse).transpose()?;
     let rows = read_rows(&o.prompts_file)?;
     if rows.is_empty() {
@@ -500,9 +577,13 @@ pub fn run(cfg: &RunConfig<DpoArgs>, o: &OnlineDpoOptions, resume: bool) -> Resu
         let dir = out.join(format!("round-{round}"));
         let dpo_dir = dir.join("dpo");
         let done = dir.join("done.json");
+        let rm_dir = dir.join("rm");
         if done.exists() {
             rounds.push(read_json(&done)?);
             model = dpo_dir.display().to_string();
+            if rm_path.is_some() {
+                rm_path = Some(rm_dir.display().to_string());
+            }
             continue;
         }
         let t = std::time::Instant::now();
@@ -525,7 +606,19 @@ pub fn run(cfg: &RunConfig<DpoArgs>, o: &OnlineDpoOptions, resume: bool) -> Resu
                 .map(|c| json!({"prompt": c.row.value["prompt"], "responses": c.responses, "finished": c.finished}))
                 .collect();
             preftune_model::io::write_jsonl(&dir.join("samples.jsonl"), &samples)?;
+            let mut refresh = None;
+            if let (Some(rl), Some(from)) = (&rm_labeller, &rm_path) {
+                let summary = refresh_reward_model(cfg, o, rl, &cands, from, &dir)?;
+                labeller =
+                    Labeller::Score(RewardSource::parse(&format!("model:{}", rm_dir.display()))?);
+                refresh = Some(summary);
+            }
             let (pairs, mut metrics) = label(&labeller, &cands, o)?;
+            if let Some(r) = refresh {
+                for (k, v) in r.as_object().into_iter().flatten() {
+                    metrics[k] = v.clone();
+                }
+            }
             if let Some(g) = &gold {
                 for (k, v) in gold_metrics(g, &cands, &pairs, &o.prompts_file)?
                     .as_object()
@@ -545,6 +638,10 @@ pub fn run(cfg: &RunConfig<DpoArgs>, o: &OnlineDpoOptions, resume: bool) -> Resu
             preftune_model::io::write_jsonl(&pairs_file, &pairs)?;
             // Written last: the round's labelling is complete when it exists.
             preftune_model::io::write_json(&labels_file, &metrics)?;
+        }
+        if rm_path.is_some() {
+            // This round refreshed the reward model; later rounds start from it.
+            rm_path = Some(rm_dir.display().to_string());
         }
         let mut c = cfg.clone();
         c.args.model_name_or_path = model.clone();
