@@ -19,6 +19,7 @@ use candle_core::Tensor;
 use preftune_model::Message;
 use serde_json::Value;
 
+pub mod agreement;
 mod batch;
 pub mod clip;
 mod format;

@@ -92,10 +92,7 @@ pub fn agreement(flags: &[bool], truth: &[bool]) -> Agreement {
         count(false, false),
     );
     let n = flags.len();
-    let nf = n as f64;
-    let observed = (tp + tn) as f64 / nf;
-    let expected =
-        ((tp + fp) as f64 * (tp + fn_) as f64 + (fn_ + tn) as f64 * (fp + tn) as f64) / (nf * nf);
+    let class = |x: &[bool]| -> Vec<usize> { x.iter().map(|&b| usize::from(b)).collect() };
     let ratio = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     Agreement {
         n,
@@ -104,7 +101,7 @@ pub fn agreement(flags: &[bool], truth: &[bool]) -> Agreement {
         false_negative: fn_,
         true_negative: tn,
         accuracy: rate_ci(tp + tn, n),
-        cohen_kappa: (expected < 1.0).then(|| (observed - expected) / (1.0 - expected)),
+        cohen_kappa: preftune_data::agreement::cohen_kappa(&class(flags), &class(truth), 2),
         precision: ratio(tp, tp + fp),
         recall: ratio(tp, tp + fn_),
     }

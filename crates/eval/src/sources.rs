@@ -609,14 +609,15 @@ pub fn sample_and_score_ids(
     })
 }
 
-/// Samples `n` responses for each prompt in one batch and scores them.
-pub fn sample_and_score(
+/// Samples `n` responses for each prompt (text and whether it is risky) in one batch, scored by
+/// `reward` when given.
+pub fn sample_prompts(
     policy: &Pretrained,
-    reward: &RewardSource,
+    reward: Option<&RewardSource>,
     prompts: &[(Text, bool)],
     n: usize,
     sampling: &SamplingConfig,
-) -> Result<Vec<Candidates>> {
+) -> Result<Scored> {
     let ids = prompts
         .iter()
         .map(|(p, _)| prompt_ids(policy, p))
@@ -630,14 +631,18 @@ pub fn sample_and_score(
             risky: *risky,
         })
         .collect();
-    let s = sample_and_score_ids(
-        &policy.model,
-        &policy.tokenizer,
-        &refs,
-        n,
-        Some(reward),
-        sampling,
-    )?;
+    sample_and_score_ids(&policy.model, &policy.tokenizer, &refs, n, reward, sampling)
+}
+
+/// Samples `n` responses for each prompt in one batch and scores them.
+pub fn sample_and_score(
+    policy: &Pretrained,
+    reward: &RewardSource,
+    prompts: &[(Text, bool)],
+    n: usize,
+    sampling: &SamplingConfig,
+) -> Result<Vec<Candidates>> {
+    let s = sample_prompts(policy, Some(reward), prompts, n, sampling)?;
     Ok((0..prompts.len())
         .map(|j| Candidates {
             responses: s.texts[j * n..(j + 1) * n].to_vec(),

@@ -305,6 +305,30 @@ pub fn load_with_sections<A: DeserializeOwned>(
     ))
 }
 
+/// Defaults of the fields that several options tables share (`#[serde(default = "...")]`).
+pub(crate) mod default {
+    pub fn one() -> usize {
+        1
+    }
+    pub fn two() -> usize {
+        2
+    }
+    pub fn four() -> usize {
+        4
+    }
+    pub fn eight() -> usize {
+        8
+    }
+    pub fn unit() -> f64 {
+        1.0
+    }
+    /// `max_new_tokens` of the commands that sample before they train (transformers' 128 is
+    /// theirs too).
+    pub fn max_new_tokens() -> usize {
+        128
+    }
+}
+
 /// A trainer's config (its defaults, the file, `--set`) plus the `[name]` table of a command that
 /// runs the trainer as one of its steps (`keys`: what the table needs, for the error when it is
 /// missing).

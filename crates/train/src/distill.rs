@@ -54,13 +54,13 @@ pub struct DistillOptions {
     /// counterpart, so that the first token is learned on both sides. Empty: none.
     #[serde(default)]
     pub benign_prefix: String,
-    #[serde(default = "eight")]
+    #[serde(default = "crate::config::default::eight")]
     pub batch_size: usize,
-    #[serde(default = "max_new")]
+    #[serde(default = "crate::config::default::max_new_tokens")]
     pub max_new_tokens: usize,
-    #[serde(default = "unit")]
+    #[serde(default = "crate::config::default::unit")]
     pub temperature: f64,
-    #[serde(default = "unit")]
+    #[serde(default = "crate::config::default::unit")]
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
@@ -68,15 +68,6 @@ pub struct DistillOptions {
 
 fn preprompt() -> String {
     LLAMA2_SAFETY_PREPROMPT.into()
-}
-fn eight() -> usize {
-    8
-}
-fn max_new() -> usize {
-    128
-}
-fn unit() -> f64 {
-    1.0
 }
 
 /// Loads a distillation config: an SFT config plus its `[distill]` table.

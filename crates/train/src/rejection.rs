@@ -19,17 +19,17 @@ use crate::sft::SftArgs;
 pub struct RsOptions {
     pub prompts_file: PathBuf,
     pub reward: String,
-    #[serde(default = "four")]
+    #[serde(default = "crate::config::default::four")]
     pub n: usize,
-    #[serde(default = "one")]
+    #[serde(default = "crate::config::default::one")]
     pub rounds: usize,
-    #[serde(default = "four")]
+    #[serde(default = "crate::config::default::four")]
     pub batch_size: usize,
-    #[serde(default = "max_new")]
+    #[serde(default = "crate::config::default::max_new_tokens")]
     pub max_new_tokens: usize,
-    #[serde(default = "unit")]
+    #[serde(default = "crate::config::default::unit")]
     pub temperature: f64,
-    #[serde(default = "unit")]
+    #[serde(default = "crate::config::default::unit")]
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
@@ -42,19 +42,6 @@ pub struct RsOptions {
 
 fn safety_threshold() -> f64 {
     0.15
-}
-
-fn four() -> usize {
-    4
-}
-fn one() -> usize {
-    1
-}
-fn max_new() -> usize {
-    128
-}
-fn unit() -> f64 {
-    1.0
 }
 
 /// Loads a rejection-sampling config: an SFT config (defaults, the file, `--set` overrides) plus

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use preftune_data::{read_rows, Location, Row, Text};
 use preftune_eval::judge::{label_candidates, Judge, PairwisePrompt};
-use preftune_eval::sources::{best_and_worst, prompt_ids, row_prompt, PromptRef};
+use preftune_eval::sources::{best_and_worst, row_prompt};
 use preftune_eval::{RewardSource, Sample};
 use preftune_model::{LoadOptions, Pretrained, SamplingConfig};
 use serde::{Deserialize, Serialize};
@@ -60,24 +60,24 @@ pub struct OnlineDpoOptions {
     /// A judged pair whose preference is within `tie` of 0.5 is a tie, left out.
     #[serde(default)]
     pub tie: f64,
-    #[serde(default = "one")]
+    #[serde(default = "crate::config::default::one")]
     pub rounds: usize,
     /// Prompts per round, taken in turn from the file (wrapping around); default: all of them.
     #[serde(default)]
     pub prompts_per_round: Option<usize>,
     /// Samples per prompt (TRL's OnlineDPO samples 2).
-    #[serde(default = "two")]
+    #[serde(default = "crate::config::default::two")]
     pub num_generations: usize,
     #[serde(default = "max_new_tokens")]
     pub max_new_tokens: usize,
     #[serde(default = "temperature")]
     pub temperature: f64,
-    #[serde(default = "unit")]
+    #[serde(default = "crate::config::default::unit")]
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
     /// Prompts sampled together.
-    #[serde(default = "eight")]
+    #[serde(default = "crate::config::default::eight")]
     pub batch_size: usize,
     /// Subtracted from the score of a sample that ends without EOS (reward labels only).
     #[serde(default)]
@@ -123,23 +123,11 @@ impl OnlineDpoOptions {
     ];
 }
 
-fn one() -> usize {
-    1
-}
-fn two() -> usize {
-    2
-}
-fn eight() -> usize {
-    8
-}
 fn max_new_tokens() -> usize {
     64
 }
 fn temperature() -> f64 {
     0.9
-}
-fn unit() -> f64 {
-    1.0
 }
 
 /// Loads an online-DPO config: a DPO config (defaults, the file, `--set`) plus `[online_dpo]`.
@@ -214,19 +202,6 @@ fn sample(
             .iter()
             .map(|r| Ok((row_prompt(r)?, preftune_eval::bon::risky_of(r)?)))
             .collect::<Result<Vec<(Text, bool)>>>()?;
-        let ids = prompts
-            .iter()
-            .map(|(p, _)| prompt_ids(policy, p))
-            .collect::<preftune_eval::Result<Vec<_>>>()?;
-        let refs: Vec<PromptRef> = prompts
-            .iter()
-            .zip(&ids)
-            .map(|((text, risky), ids)| PromptRef {
-                ids,
-                text,
-                risky: *risky,
-            })
-            .collect();
         let sampling = SamplingConfig {
             max_new_tokens: o.max_new_tokens,
             temperature: o.temperature,
@@ -238,14 +213,7 @@ fn sample(
             ..Default::default()
         };
         let k = o.num_generations;
-        let s = preftune_eval::sources::sample_and_score_ids(
-            &policy.model,
-            &policy.tokenizer,
-            &refs,
-            k,
-            None,
-            &sampling,
-        )?;
+        let s = preftune_eval::sources::sample_prompts(policy, None, &prompts, k, &sampling)?;
         for (j, (row, (prompt, risky))) in chunk.iter().zip(prompts).enumerate() {
             out.push(Candidates {
                 row: row.clone(),
