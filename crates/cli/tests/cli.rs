@@ -1111,6 +1111,11 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "{r}"
     );
     assert!(html.contains("gold reward vs KL") && html.contains("samples-dpo.jsonl"));
+    // Curves of runs inside a stage too: each online-DPO round's DPO.
+    assert!(
+        html.contains("online-dpo/round-1/dpo"),
+        "no online-DPO round curves"
+    );
     assert!(!html.contains("<script"), "self-contained, no scripts");
 }
 

@@ -469,26 +469,37 @@ fn seed_dirs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Runs in `dir` and up to three folders down, named by their path below `dir`: a stage
+/// (`dpo`), a stage's own run (`distill/sft`) or an online-DPO round (`online-dpo/round-0/dpo`).
+/// Checkpoints and the seeds' folders are left to their own walks.
 fn runs_in(dir: &Path) -> Vec<(String, PathBuf)> {
+    fn walk(p: &Path, name: &str, depth: usize, out: &mut Vec<(String, PathBuf)>) {
+        if p.join("metrics.jsonl").exists() {
+            let label = if name.is_empty() { "." } else { name };
+            out.push((label.to_string(), p.join("metrics.jsonl")));
+        }
+        if depth == 0 {
+            return;
+        }
+        let mut subs: Vec<(String, PathBuf)> = std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .filter(|(n, p)| p.is_dir() && !n.starts_with("checkpoint-") && !n.starts_with("seed-"))
+            .collect();
+        subs.sort();
+        for (n, sub) in subs {
+            let child = if name.is_empty() {
+                n
+            } else {
+                format!("{name}/{n}")
+            };
+            walk(&sub, &child, depth - 1, out);
+        }
+    }
     let mut out = vec![];
-    if dir.join("metrics.jsonl").exists() {
-        out.push((".".to_string(), dir.join("metrics.jsonl")));
-    }
-    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("metrics.jsonl").exists())
-        .collect();
-    subs.sort();
-    for p in subs {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        out.push((name, p.join("metrics.jsonl")));
-    }
+    walk(dir, "", 3, &mut out);
     out
 }
 
