@@ -249,6 +249,7 @@ fn ppo_run(
     resume_from: Option<(usize, PathBuf)>,
     shared: bool,
     mini_batches: usize,
+    tweak: &dyn Fn(&mut preftune_train::rl::ppo::PpoArgs),
 ) -> Vec<Value> {
     use preftune_train::rl::ppo::{Ppo, PpoArgs};
     let prompts = dir.join("prompts.jsonl");
@@ -296,7 +297,7 @@ fn ppo_run(
     .model;
     value.add_score_head(3).unwrap();
     let (train_prompts, _) = load_prompts(&prompts, &policy.tokenizer, None).unwrap();
-    let ppo_args = PpoArgs {
+    let mut ppo_args = PpoArgs {
         max_completion_length: 8,
         temperature: 1.0,
         num_ppo_epochs: 4,
@@ -305,6 +306,7 @@ fn ppo_run(
         vf_coef: 1.0,
         ..Default::default()
     };
+    tweak(&mut ppo_args);
     let mut algo = Ppo::new(
         &policy,
         ppo_args,
@@ -345,7 +347,7 @@ fn ppo_run(
 #[test]
 fn ppo_raises_the_reward_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let m = ppo_run(dir.path(), 60, None, false, 1);
+    let m = ppo_run(dir.path(), 60, None, false, 1, &|_| {});
     for key in [
         "objective/kl",
         "objective/entropy",
@@ -373,7 +375,7 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
     // minibatches per epoch.
     for (shared, mini) in [(false, 1), (true, 1), (false, 2)] {
         let straight = tempfile::tempdir().unwrap();
-        let m = ppo_run(straight.path(), 4, None, shared, mini);
+        let m = ppo_run(straight.path(), 4, None, shared, mini, &|_| {});
         assert!(m
             .iter()
             .all(|r| r["loss/value_avg"].as_f64().is_none_or(f64::is_finite)));
@@ -385,7 +387,7 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
         };
         assert!(ck.join(value_file).exists() && ck.join("ppo_state.json").exists());
         let split = tempfile::tempdir().unwrap();
-        ppo_run(split.path(), 4, Some((2, ck)), shared, mini);
+        ppo_run(split.path(), 4, Some((2, ck)), shared, mini, &|_| {});
         for file in ["model.safetensors", value_file] {
             let a = candle_core::safetensors::load(
                 straight.path().join("run").join(file),
@@ -413,4 +415,75 @@ fn ppo_raises_the_reward_and_resumes_exactly() {
             }
         }
     }
+}
+
+/// The adaptive KL controller: each step's logged `kl_coef` is the last one moved by TRL's rule
+/// from the step's observed KL (16 rollouts a step over a horizon of 64).
+#[test]
+fn ppo_adaptive_kl_controller_moves_the_coefficient() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, horizon) = (0.002, 64.0);
+    let m = ppo_run(dir.path(), 6, None, true, 1, &|a| {
+        a.adap_kl_ctrl = true;
+        a.kl_target = target;
+        a.kl_horizon = horizon;
+    });
+    let col = |k: &str| -> Vec<f64> { m.iter().map(|r| r[k].as_f64().unwrap()).collect() };
+    let (coef, kl) = (col("kl_coef"), col("objective/kl"));
+    assert_eq!(coef[0], 0.01);
+    for t in 0..coef.len() - 1 {
+        let want =
+            preftune_train::rl::ppo_loss::adaptive_kl_coef(coef[t], kl[t], target, 16.0, horizon);
+        assert!(
+            (coef[t + 1] - want).abs() < 1e-12 * want,
+            "step {}: kl_coef {} after KL {}, want {want}",
+            t + 2,
+            coef[t + 1],
+            kl[t]
+        );
+    }
+    assert!(coef.windows(2).any(|w| w[0] != w[1]), "{coef:?}");
+    // Fixed unless asked: the coefficient stays.
+    let fixed = tempfile::tempdir().unwrap();
+    let m = ppo_run(fixed.path(), 3, None, true, 1, &|_| {});
+    assert!(m.iter().all(|r| r["kl_coef"] == 0.01));
+}
+
+/// `loss_variant = "kl_penalty"`: no clipping (clip fraction 0), and the KL term to the rollout
+/// policy changes the update (its coefficient matters).
+#[test]
+fn ppo_kl_penalty_variant_replaces_clipping() {
+    use preftune_train::rl::ppo::LossVariant;
+    let run = |coef: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ppo_run(dir.path(), 3, None, true, 1, &|a| {
+            a.loss_variant = LossVariant::KlPenalty;
+            a.kl_penalty_coef = coef;
+            a.cliprange = 1e-6;
+        });
+        let w = candle_core::safetensors::load(
+            dir.path().join("run/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        (m, w)
+    };
+    let (m, a) = run(5.0);
+    for r in &m {
+        assert_eq!(r["policy/clipfrac_avg"], 0.0, "{r}");
+        assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    let (_, b) = run(0.0);
+    let moved = a.iter().any(|(k, t)| {
+        (t - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-6
+    });
+    assert!(moved, "kl_penalty_coef changed nothing");
 }

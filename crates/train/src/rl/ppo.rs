@@ -476,13 +476,18 @@ impl Algorithm for Ppo {
         {
             // Ziegler et al.'s controller, as TRL's AdaptiveKLController.
             let kl = self.step_kl.iter().sum::<f64>() / self.step_kl.len() as f64;
-            let err = (kl / self.args.kl_target - 1.0).clamp(-0.2, 0.2);
             let n_steps = self
                 .cache
                 .values()
                 .map(|c| c.rollout.rewards.len())
                 .sum::<usize>() as f64;
-            self.kl_coef *= 1.0 + err * n_steps / self.args.kl_horizon;
+            self.kl_coef = crate::rl::ppo_loss::adaptive_kl_coef(
+                self.kl_coef,
+                kl,
+                self.args.kl_target,
+                n_steps,
+                self.args.kl_horizon,
+            );
         }
         Ok(())
     }

@@ -8,6 +8,14 @@ use crate::rl::{mask_table, masked_mean, mean, table};
 // PPO
 
 /// Index of each response's last real token: the first `pad` minus one (`T - 1` without padding).
+/// Ziegler et al.'s adaptive KL controller, as TRL's `AdaptiveKLController.update`: the
+/// coefficient moves by the proportional error of the observed KL against the target (clipped to
+/// +-20%), scaled by the samples seen (`n_steps`) over the horizon.
+pub fn adaptive_kl_coef(coef: f64, kl: f64, target: f64, n_steps: f64, horizon: f64) -> f64 {
+    let err = (kl / target - 1.0).clamp(-0.2, 0.2);
+    coef * (1.0 + err * n_steps / horizon)
+}
+
 pub fn sequence_lengths(responses: &[Vec<u32>], pad: u32) -> Vec<usize> {
     responses
         .iter()
@@ -311,6 +319,21 @@ pub fn ppo_loss(
 
 #[cfg(test)]
 mod tests {
+    /// TRL's AdaptiveKLController(init_kl_coef=0.2, target=6, horizon=10000): update(8, 256)
+    /// (error clipped to +0.2), then update(3, 256) (clipped to -0.2), then update(6.6, 256).
+    #[test]
+    fn adaptive_kl_controller_follows_trl() {
+        let mut c = 0.2;
+        for (kl, want) in [
+            (8.0, 0.2 * 1.00512),
+            (3.0, 0.2 * 1.00512 * 0.99488),
+            (6.6, 0.2 * 1.00512 * 0.99488 * 1.00256),
+        ] {
+            c = super::adaptive_kl_coef(c, kl, 6.0, 256.0, 10000.0);
+            assert!((c - want).abs() < 1e-15, "{c} vs {want}");
+        }
+    }
+
     use super::*;
     use crate::rl::golden::*;
     use candle_core::Var;
