@@ -394,3 +394,139 @@ fn dpo_gradients_through_the_model_match_finite_differences() {
         }
     }
 }
+
+/// `reference_free` and `rpo_alpha` on one pair, in closed form from the evaluation's own
+/// metrics: without a reference the implicit rewards are `beta` times the policy's log-probs and
+/// the loss is `softplus(-margin)`; `rpo_alpha` adds `alpha` times the chosen tokens' mean NLL.
+#[test]
+fn reference_free_and_rpo_alpha_in_closed_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.jsonl");
+    let first = std::fs::read_to_string(fixtures().join("data/pairs-standard.jsonl")).unwrap();
+    std::fs::write(&one, first.lines().next().unwrap()).unwrap();
+    let beta = 0.3;
+    let eval = |extra: &[&str]| -> Value {
+        let mut sets = vec![
+            format!("model_name_or_path={}", tiny("tiny-llama")),
+            format!("ref_model={}", tiny("tiny-qwen2")),
+            format!("eval_file={}", one.display()),
+            format!("beta={beta}"),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        dpo(&sets, true)
+    };
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let free = eval(&["reference_free=true"]);
+    for side in ["chosen", "rejected"] {
+        let (r, lp) = (
+            f(&free, &format!("eval_rewards/{side}")),
+            f(&free, &format!("eval_logps/{side}")),
+        );
+        assert!(
+            (r - beta * lp).abs() < 1e-4 * (1.0 + r.abs()),
+            "{side}: {r} vs {lp}"
+        );
+    }
+    let margin = f(&free, "eval_rewards/margins");
+    let softplus = (1.0 + (-margin).exp()).ln();
+    assert!((f(&free, "eval_loss") - softplus).abs() < 1e-4, "{free}");
+    // With the reference the rewards differ: the reference was not ignored before.
+    let with_ref = eval(&[]);
+    assert!((f(&with_ref, "eval_rewards/chosen") - f(&free, "eval_rewards/chosen")).abs() > 1e-3);
+
+    let alpha = 0.7;
+    let rpo = eval(&[&format!("rpo_alpha={alpha}")]);
+    let tokens = rpo["data"][0]["mean_chosen_tokens"].as_f64().unwrap();
+    let nll = -f(&rpo, "eval_logps/chosen") / tokens;
+    let added = f(&rpo, "eval_loss") - f(&with_ref, "eval_loss");
+    assert!(
+        (added - alpha * nll).abs() < 1e-4 * (1.0 + added.abs()),
+        "rpo term {added}, alpha * NLL {}",
+        alpha * nll
+    );
+}
+
+/// PRO end to end on rankings (best first): the best response's rate rises and the worst's falls
+/// on fresh samples; with `rpo_alpha`, PRO's SFT term adds `alpha` times the best response's
+/// mean NLL to the loss (closed form from a reference-free evaluation of one ranking).
+#[test]
+fn pro_trains_on_rankings_with_its_sft_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, fresh) = synthetic_pairs(dir.path());
+    let ranking = [" good.", " bad.", " film."];
+    let ids: Vec<u32> = ranking.iter().map(|t| first_token(t)).collect();
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
+    let rows: Vec<String> = fresh
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p, "responses": ranking}).to_string())
+        .collect();
+    let data = dir.path().join("rankings.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = dir.path().join("pro");
+    let s = dpo(
+        &[
+            format!("model_name_or_path={}", tiny("tiny-llama")),
+            format!("train_file={}", data.display()),
+            format!("output_dir={}", out.display()),
+            "loss_type=pro".into(),
+            "max_steps=30".into(),
+            "learning_rate=3e-3".into(),
+            "per_device_train_batch_size=4".into(),
+            "logging_steps=10".into(),
+            "save_steps=1000".into(),
+        ],
+        false,
+    );
+    assert!(s["train_loss"].as_f64().unwrap().is_finite(), "{s}");
+    let base = Path::new(&tiny("tiny-llama")).to_path_buf();
+    let (good0, good1) = (
+        rate(&base, None, &fresh, ids[0]),
+        rate(&out, None, &fresh, ids[0]),
+    );
+    let (film0, film1) = (
+        rate(&base, None, &fresh, ids[2]),
+        rate(&out, None, &fresh, ids[2]),
+    );
+    assert!(
+        good1 > good0 + 0.08 && good1 > 5.0 * good0,
+        "best: {good0} -> {good1}"
+    );
+    assert!(film1 < film0, "worst: {film0} -> {film1}");
+    let last: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(last["rewards/accuracies"].as_f64().unwrap() > 0.9, "{last}");
+
+    let one = dir.path().join("one.jsonl");
+    std::fs::write(&one, &rows[0]).unwrap();
+    let beta = 0.5;
+    let eval = |extra: Option<&str>| -> Value {
+        let mut sets = vec![
+            format!("model_name_or_path={}", tiny("tiny-llama")),
+            format!("ref_model={}", tiny("tiny-llama")),
+            format!("eval_file={}", one.display()),
+            "loss_type=pro".into(),
+            "reference_free=true".into(),
+            format!("beta={beta}"),
+        ];
+        sets.extend(extra.map(String::from));
+        dpo(&sets, true)
+    };
+    let (plain, sft) = (eval(None), eval(Some("rpo_alpha=0.4")));
+    let best_logp = plain["eval_rewards/best"].as_f64().unwrap() / beta;
+    let tokens = plain["data"][0]["mean_chosen_tokens"].as_f64().unwrap();
+    let added = sft["eval_loss"].as_f64().unwrap() - plain["eval_loss"].as_f64().unwrap();
+    assert!(
+        (added - 0.4 * (-best_logp / tokens)).abs() < 1e-4 * (1.0 + added.abs()),
+        "SFT term {added}, want {}",
+        0.4 * (-best_logp / tokens)
+    );
+}

@@ -383,8 +383,12 @@ impl Algorithm for Dpo {
         let loss = if self.listwise() {
             let mut total = Tensor::zeros((), DType::F32, &self.device)?;
             let mut start = 0;
+            // PRO's SFT term (with `rpo_alpha`): the NLL of each ranking's best response.
+            let (mut best_logps, mut best_lens) = (vec![], vec![]);
             for it in &items {
                 let k = it.rows.len();
+                best_logps.push(pol.logps.narrow(0, start, 1)?);
+                best_lens.push(pol.lens[start]);
                 let mut r = ((pol.logps.narrow(0, start, k)? - reference.narrow(0, start, k)?)?
                     * self.params.beta)?;
                 if self.pro_length_normalize {
@@ -400,6 +404,11 @@ impl Algorithm for Dpo {
                 );
                 total = (total + pro_loss(&r)?)?;
                 start += k;
+            }
+            if let Some(a) = self.rpo_alpha {
+                let tokens = best_lens.iter().sum::<f32>().max(1.0) as f64;
+                let nll = (Tensor::cat(&best_logps, 0)?.sum_all()?.neg()? / tokens)?;
+                total = (total + (nll * (a * b as f64))?)?;
             }
             total
         } else {
