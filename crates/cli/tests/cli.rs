@@ -2279,3 +2279,84 @@ fn online_dpo_rounds_resume_and_judges() {
     let (ok, _, err) = run_with_sets("online-dpo", &config, &missing);
     assert!(!ok && err.contains("/nonexistent/prompts.jsonl"), "{err}");
 }
+
+/// LoRA with the RL trainers: PPO, GRPO, RLOO and REINFORCE train adapters only (no full model
+/// saved), their reference is the base (KL 0 at the first step, when the adapters are still
+/// zero, and not afterwards), and the adapter changes the model's logits.
+#[test]
+fn lora_trains_ppo_grpo_rloo_and_reinforce_against_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = ["--prompt", "The movie was"];
+    let tiny = model("tiny-llama");
+    let (ok, base, err) = preftune(&[&["inspect", "--model", tiny.as_str()][..], &prompt].concat());
+    assert!(ok, "{err}");
+    for (cmd, config, kl_key) in [
+        ("ppo", "ppo-tiny", "objective/kl"),
+        ("grpo", "grpo-tiny", "kl"),
+        ("rloo", "rloo-tiny", "kl"),
+        ("reinforce", "rloo-tiny", "kl"),
+    ] {
+        let out = dir.path().join(cmd);
+        let (ok, _, err) = run_with_sets(
+            cmd,
+            &root().join(format!("examples/{config}.toml")),
+            &[
+                format!("model_name_or_path={tiny}"),
+                format!("output_dir={}", out.display()),
+                format!(
+                    "train_file={}",
+                    root().join("examples/data/pairs-tiny.jsonl").display()
+                ),
+                format!(
+                    "reward=\"command:python3 {}\"",
+                    root().join("examples/rewards/count_digits.py").display()
+                ),
+                "use_peft=true".into(),
+                "learning_rate=1e-2".into(),
+                "max_steps=4".into(),
+                "logging_steps=1".into(),
+                "save_steps=4".into(),
+            ],
+        );
+        assert!(ok, "{cmd}: {err}");
+        assert!(out.join("adapter_model.safetensors").exists(), "{cmd}");
+        assert!(
+            !out.join("model.safetensors").exists(),
+            "{cmd}: a full model was saved"
+        );
+        let kl: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()[kl_key]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(kl.len(), 4, "{cmd}");
+        assert!(kl[0].abs() < 1e-4, "{cmd}: KL at the first step {kl:?}");
+        assert!(
+            kl[1..].iter().any(|k| k.abs() > 1e-6),
+            "{cmd}: KL stays 0 {kl:?}"
+        );
+        let adapter = out.display().to_string();
+        let (ok, tuned, err) = preftune(
+            &[
+                &[
+                    "inspect",
+                    "--model",
+                    tiny.as_str(),
+                    "--adapter",
+                    adapter.as_str(),
+                ][..],
+                &prompt,
+            ]
+            .concat(),
+        );
+        assert!(ok, "{cmd}: {err}");
+        assert_ne!(
+            tuned["last_logits"], base["last_logits"],
+            "{cmd}: the adapter changes nothing"
+        );
+    }
+}
