@@ -2360,3 +2360,111 @@ fn lora_trains_ppo_grpo_rloo_and_reinforce_against_the_base() {
         );
     }
 }
+
+/// The names of the tensors in a safetensors file (its JSON header).
+fn safetensors_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
+}
+
+/// `rm` with `use_peft`: adapters on the backbone and the score head trained in full beside them,
+/// saved as PEFT's `modules_to_save` (`task_type = SEQ_CLS`); the adapter folder is a reward
+/// model wherever one is read (`--eval-only`, `model:` sources), with the same scores.
+#[test]
+fn reward_model_trains_with_lora_and_saves_its_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = root().join("examples/data/pairs-tiny.jsonl");
+    let out = dir.path().join("rm");
+    let (ok, v, err) = run_with_sets(
+        "rm",
+        &root().join("examples/rm-tiny.toml"),
+        &[
+            format!("model_name_or_path={}", model("tiny-llama")),
+            format!("train_file={}", pairs.display()),
+            format!("eval_file={}", pairs.display()),
+            format!("output_dir={}", out.display()),
+            "use_peft=true".into(),
+            "learning_rate=1e-2".into(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(v["eval"]["eval_accuracy"], 1.0, "{v}");
+    assert!(!out.join("model.safetensors").exists());
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let names = safetensors_names(&out.join("adapter_model.safetensors"));
+    assert!(
+        names.iter().any(|n| n == "base_model.model.score.weight"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.ends_with(".lora_A.weight")),
+        "{names:?}"
+    );
+    // Read back from the adapter folder: the same evaluation.
+    let mut args = vec!["rm".to_string(), "--eval-only".into(), "--config".into()];
+    args.push(root().join("examples/rm-tiny.toml").display().to_string());
+    for s in [
+        format!("model_name_or_path={}", out.display()),
+        format!("eval_file={}", pairs.display()),
+    ] {
+        args.extend(["--set".to_string(), s]);
+    }
+    let (ok, e2, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    for k in ["eval_accuracy", "eval_loss", "eval_margin"] {
+        assert_eq!(e2[k], v["eval"][k], "{k}: {e2} vs {v}");
+    }
+    // As a reward source: a chosen response outscores its rejected one.
+    let rows = dir.path().join("rows.jsonl");
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&pairs)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        &rows,
+        ["chosen", "rejected"]
+            .map(|k| {
+                serde_json::json!({"prompt": first["prompt"], "response": first[k]}).to_string()
+            })
+            .join("\n"),
+    )
+    .unwrap();
+    let scored = dir.path().join("scored.jsonl");
+    let reward = format!("model:{}", out.display());
+    let (ok, _, err) = preftune(&[
+        "score",
+        "--reward",
+        &reward,
+        "--data",
+        rows.to_str().unwrap(),
+        "--out",
+        scored.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let r: Vec<f64> = std::fs::read_to_string(&scored)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(r[0] > r[1], "{r:?}");
+}

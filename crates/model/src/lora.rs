@@ -241,7 +241,8 @@ impl Model {
         Ok(())
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does (with the score
+    /// head of a reward model as a module to save).
     pub fn save_lora(
         &self,
         dir: &Path,
@@ -255,6 +256,9 @@ impl Model {
                 "save_lora: the model has no LoRA adapters".into(),
             ));
         }
+        // A reward model's score head trains in full beside the adapters and is saved with them,
+        // as PEFT's `modules_to_save` does for sequence classifiers.
+        let score = self.score.clone();
         let mut modules: Vec<String> = params
             .iter()
             .filter_map(|(n, _)| n.strip_suffix(".lora_A.weight"))
@@ -264,7 +268,7 @@ impl Model {
         modules.dedup();
         let config = json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": if score.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
             "base_model_name_or_path": base_model_name_or_path,
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
@@ -275,7 +279,7 @@ impl Model {
             "fan_in_fan_out": self.cfg.arch == crate::Arch::Gpt2,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": if score.is_some() { json!(["score"]) } else { Value::Null },
             "use_rslora": false,
             "use_dora": false,
             "layers_to_transform": cfg.layers_to_transform,
@@ -286,10 +290,13 @@ impl Model {
         });
         write_json(&dir.join("adapter_config.json"), &config)?;
         let metadata = crate::weights::pt_metadata();
-        let entries: Vec<(&str, crate::weights::Data)> = params
+        let mut entries: Vec<(&str, crate::weights::Data)> = params
             .iter()
             .map(|(n, t)| (n.as_str(), crate::weights::Data::Tensor(t)))
             .collect();
+        if let Some(t) = &score {
+            entries.push((SCORE_KEY, crate::weights::Data::Tensor(t)));
+        }
         crate::weights::write_safetensors(
             &dir.join("adapter_model.safetensors"),
             &entries,
@@ -377,6 +384,23 @@ impl Model {
             };
             Ok((take("A", [cfg.r, in_dim])?, take("B", [out_dim, cfg.r])?))
         })?;
+        if let Some(t) = tensors.remove(SCORE_KEY) {
+            let h = self.cfg.hidden_size;
+            if t.dims() != [1, h] {
+                return Err(Error::Shape {
+                    path: wp.clone(),
+                    name: SCORE_KEY.into(),
+                    expected: vec![1, h],
+                    found: t.dims().to_vec(),
+                });
+            }
+            let t = t.to_dtype(self.dtype())?;
+            self.score = Some(if trainable {
+                candle_core::Var::from_tensor(&t)?.as_tensor().clone()
+            } else {
+                t
+            });
+        }
         if let Some(extra) = tensors.keys().next() {
             return Err(Error::invalid(
                 &wp,
@@ -395,6 +419,10 @@ impl Model {
         Ok(cfg)
     }
 }
+
+/// A reward model's score head in a PEFT adapter file (`modules_to_save = ["score"]`: PEFT drops
+/// the `modules_to_save.default` part of the name when it saves).
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
 #[cfg(test)]
 mod tests {

@@ -38,16 +38,30 @@ impl Model {
 
     /// Adds a fresh score head drawn from `N(0, initializer_range)` (seeded), as transformers
     /// initialises the `score` layer of `AutoModelForSequenceClassification` (what TRL's reward
-    /// and value models are); trainable when the backbone is; replaces any head already there.
+    /// and value models are); trainable when the backbone or its adapters are; replaces any head
+    /// already there.
     pub fn add_score_head(&mut self, seed: u64) -> Result<()> {
         let std = self.cfg.initializer_range();
         let t = init_score_head(self.cfg.hidden_size, std, seed, self.dtype(), self.device())?;
-        let trainable = self.named_params().iter().any(|(_, t)| t.is_variable());
+        // Trainable when anything else is: the backbone, or its LoRA adapters (the head then
+        // trains in full beside them, as PEFT's `modules_to_save`).
+        let trainable = self.is_trainable();
         self.score = Some(if trainable {
             Var::from_tensor(&t)?.as_tensor().clone()
         } else {
             t
         });
+        Ok(())
+    }
+
+    /// Makes the score head trainable (a `Var`) if it is not: a reward model fine-tuned with LoRA
+    /// trains its head in full beside the adapters.
+    pub fn train_score_head(&mut self) -> Result<()> {
+        if let Some(t) = &self.score {
+            if !t.is_variable() {
+                self.score = Some(Var::from_tensor(t)?.as_tensor().clone());
+            }
+        }
         Ok(())
     }
 

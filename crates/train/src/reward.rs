@@ -255,13 +255,6 @@ pub fn run(
     eval_only: bool,
 ) -> Result<serde_json::Value> {
     let args = &cfg.args;
-    if args.use_peft {
-        return Err(Error::Config(
-            "use_peft: LoRA reward models are not supported yet (the score head must be saved \
-             alongside the adapter); train the reward model fully"
-                .into(),
-        ));
-    }
     let mut reports = vec![];
     let load_eval = |tok: &Tokenizer, reports: &mut Vec<DataReport>| -> Result<Vec<RewardPair>> {
         match &args.eval_file {
@@ -312,6 +305,9 @@ pub fn run(
     if !policy.model.has_score_head() {
         policy.model.add_score_head(args.seed)?;
     }
+    // Under LoRA the head of a reward model it starts from trains in full beside the adapters
+    // (PEFT's `modules_to_save`); it is saved in the adapter file.
+    policy.model.train_score_head()?;
     let (train, tr) = load_split(train_file, args, &policy.tokenizer)?;
     report(&tr);
     reports.push(tr);
