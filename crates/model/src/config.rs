@@ -1,7 +1,7 @@
 //! Model hyper-parameters read from a Hugging Face `config.json`.
 //!
-//! Two families cover the models we support: the Llama family (Llama 2/3, Mistral, Qwen2,
-//! SmolLM), which differ only in biases, RoPE settings and tying; and GPT-2.
+//! Two families cover the models we support: the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3,
+//! SmolLM), which differ only in biases, RoPE settings, tying and Qwen3's q/k norms; and GPT-2.
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -53,6 +53,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
+    /// Qwen3's RMSNorm of each query and key head (`q_norm`, `k_norm`, weights `[head_dim]`),
+    /// before RoPE.
+    pub qk_norm: bool,
     /// Mistral's local attention: a query sees at most this many most recent keys (itself included).
     pub sliding_window: Option<usize>,
     pub activation: Activation,
@@ -115,7 +118,7 @@ impl ModelConfig {
             .unwrap_or("")
             .to_string();
         let arch = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => Arch::Llama,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             _ => {
                 return Err(Error::UnknownArch {
@@ -229,11 +232,11 @@ impl ModelConfig {
             "mistral" => get(&raw, &["sliding_window"])
                 .and_then(Value::as_u64)
                 .map(|w| w as usize),
-            "qwen2" if bool_of("use_sliding_window", false) => {
+            "qwen2" | "qwen3" if bool_of("use_sliding_window", false) => {
                 return Err(Error::invalid(
                     path,
                     "use_sliding_window",
-                    "Qwen2 sliding-window attention is not supported",
+                    "Qwen2/Qwen3 sliding-window attention is not supported",
                 ))
             }
             _ => None,
@@ -265,6 +268,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2),
+            qk_norm: model_type == "qwen3",
             sliding_window,
             activation,
             bos_token_id: token_ids(get(&raw, &["bos_token_id"])).first().copied(),

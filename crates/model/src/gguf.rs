@@ -132,6 +132,8 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
                 "attn_k" => "self_attn.k_proj",
                 "attn_v" => "self_attn.v_proj",
                 "attn_output" => "self_attn.o_proj",
+                "attn_q_norm" => "self_attn.q_norm",
+                "attn_k_norm" => "self_attn.k_norm",
                 "ffn_gate" => "mlp.gate_proj",
                 "ffn_up" => "mlp.up_proj",
                 "ffn_down" => "mlp.down_proj",
@@ -144,7 +146,15 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
     })
 }
 
-/// Reads a llama-architecture GGUF file, dequantising every tensor to f32.
+/// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
+/// weights permuted for its interleaved RoPE; Qwen2/Qwen3 (NeoX RoPE) keep Hugging Face's layout.
+const ARCHS: [(&str, &str); 3] = [
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+];
+
+/// Reads a Llama-, Qwen2- or Qwen3-architecture GGUF file, dequantising every tensor to f32.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content =
@@ -154,12 +164,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         md: &content.metadata,
     };
     let arch = m.string("general.architecture")?;
-    if arch != "llama" {
+    let Some(&(_, hf_class)) = ARCHS.iter().find(|(a, _)| *a == arch) else {
         return Err(Error::UnknownArch {
             path: path.into(),
             arch: format!("gguf:{arch}"),
         });
-    }
+    };
+    let permuted = arch == "llama";
     let k = |s: &str| format!("{arch}.{s}");
     // Every size is checked before use: a crafted head count of 0 divided by zero, and a huge
     // one overflowed a product (panics, exit 101).
@@ -187,9 +198,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         let bad = |e: candle_core::Error| Error::invalid(path, name.as_str(), e.to_string());
         let q = content.tensor(&mut file, name, &Device::Cpu).map_err(bad)?;
         let mut t = q.dequantize(&Device::Cpu).map_err(bad)?;
-        if name.starts_with("blk.") && name.ends_with("attn_q.weight") {
+        if permuted && name.starts_with("blk.") && name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_head)?;
-        } else if name.starts_with("blk.") && name.ends_with("attn_k.weight") {
+        } else if permuted && name.starts_with("blk.") && name.ends_with("attn_k.weight") {
             t = unpermute(&t, n_kv)?;
         }
         tensors.insert(hf_name(path, name)?, t.to_device(device).map_err(bad)?);
@@ -204,7 +215,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let pad = id("tokenizer.ggml.padding_token_id")?.or(eos);
     let context = m.dim(&k("context_length"), limits::POSITIONS)?;
     let hidden = m.dim(&k("embedding_length"), limits::DIM)?;
-    if !hidden.is_multiple_of(n_head) {
+    // Qwen3's heads are wider than hidden / heads: llama.cpp stores their size.
+    let head_dim = match m.opt_num(&k("attention.key_length"))? {
+        Some(_) => Some(m.dim(&k("attention.key_length"), limits::DIM)?),
+        None => None,
+    };
+    if head_dim.is_none() && !hidden.is_multiple_of(n_head) {
         return Err(Error::invalid(
             path,
             k("attention.head_count"),
@@ -222,7 +238,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         Some(t) => finite(path, &theta_key, t, true)?,
         None => 10_000.0,
     };
-    let config = ModelConfig::llama_json(
+    let mut config = ModelConfig::llama_json(
         hidden,
         m.dim(&k("block_count"), limits::LAYERS)?,
         n_head,
@@ -237,6 +253,11 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         eos,
         pad,
     );
+    config["model_type"] = Value::String(arch.clone());
+    config["architectures"] = json!([hf_class]);
+    if let Some(hd) = head_dim {
+        config["head_dim"] = json!(hd);
+    }
     let tokenizer = build_tokenizer(&m, &tokens, bos, eos, pad, unk, context)?;
     Ok(GgufModel {
         config,

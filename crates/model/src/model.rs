@@ -57,6 +57,8 @@ enum Qkv {
 struct Attention {
     qkv: Qkv,
     o: Linear,
+    /// Qwen3: RMSNorm of each query and key head before RoPE.
+    qk_norm: Option<(Norm, Norm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -184,6 +186,10 @@ impl Block {
             .linears_mut()
             .into_iter()
             .for_each(|l| l.visit_mut(f));
+        if let Some((qn, kn)) = &mut self.attn.qk_norm {
+            qn.visit_mut(f);
+            kn.visit_mut(f);
+        }
         self.norm2.visit_mut(f);
         self.mlp
             .linears_mut()
@@ -471,6 +477,14 @@ impl Model {
                                 v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
                             },
                             o: p.linear(&format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
+                            qk_norm: if cfg.qk_norm {
+                                Some((
+                                    p.norm(&format!("{a}.q_norm"), hd, cfg.arch, cfg.norm_eps)?,
+                                    p.norm(&format!("{a}.k_norm"), hd, cfg.arch, cfg.norm_eps)?,
+                                ))
+                            } else {
+                                None
+                            },
                             num_heads: nh,
                             num_kv_heads: nkv,
                             head_dim: hd,
@@ -517,6 +531,7 @@ impl Model {
                                 true,
                             )?),
                             o: p.linear(&format!("{pre}.attn.c_proj"), h, h, true)?,
+                            qk_norm: None,
                             num_heads: nh,
                             num_kv_heads: nh,
                             head_dim: hd,
@@ -938,6 +953,10 @@ impl Attention {
         };
         let heads = |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         if let Some((cos, sin)) = rope_tables {
             q = rope(&q, cos, sin)?;
             k = rope(&k, cos, sin)?;

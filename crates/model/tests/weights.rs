@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use preftune_model::{token_logprobs, LoadOptions, Pretrained};
 
-const MODELS: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"];
+const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3"];
 
 fn logits_of(p: &Pretrained, ids: &[u32]) -> Vec<f32> {
     let h = p.model.forward(&row(ids), None, None, None).unwrap();
@@ -305,6 +305,13 @@ fn bad_input_errors_name_file_and_field() {
         "a Qwen2 file read as Llama must not drop its biases: {e}"
     );
 
+    let d = edited("tiny-qwen3", |c| c["model_type"] = "qwen2".into());
+    let e = load_err(d.path());
+    assert!(
+        e.contains("q_norm") || e.contains("k_norm") || e.contains("q_proj"),
+        "a Qwen3 file read as Qwen2 must not drop its q/k norms: {e}"
+    );
+
     let d = edited("tiny-llama", |c| {
         c.as_object_mut().unwrap().remove("num_hidden_layers");
     });
@@ -326,52 +333,64 @@ fn bad_input_errors_name_file_and_field() {
 
 #[test]
 fn gguf_loads_with_unpermuted_qk_and_rebuilt_tokenizer() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny-llama.gguf");
-    write_tiny_llama_gguf(&path, GgmlDType::F32);
-    let g = Pretrained::load(&path, &LoadOptions::default()).unwrap();
-    let golden = golden("logits-tiny-llama.json");
-    for case in golden["cases"].as_array().unwrap() {
-        let ids = g
-            .tokenizer
-            .encode(case["text"].as_str().unwrap(), false)
-            .unwrap();
+    // Llama (Q/K permuted by llama.cpp), Qwen2 (biases, tied) and Qwen3 (q/k norms, wide heads).
+    for (model, class, tied) in [
+        ("tiny-llama", "LlamaForCausalLM", false),
+        ("tiny-qwen2", "Qwen2ForCausalLM", true),
+        ("tiny-qwen3", "Qwen3ForCausalLM", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{model}.gguf"));
+        let (md, qt) = common::tiny_gguf_parts(model, GgmlDType::F32);
+        common::write_gguf(&path, &md, &qt);
+        let g = Pretrained::load(&path, &LoadOptions::default()).unwrap();
+        let golden = golden(&format!("logits-{model}.json"));
+        for case in golden["cases"].as_array().unwrap() {
+            let ids = g
+                .tokenizer
+                .encode(case["text"].as_str().unwrap(), false)
+                .unwrap();
+            assert_eq!(
+                ids,
+                ids_of(&case["input_ids"]),
+                "{model}: tokenizer rebuilt from GGUF metadata"
+            );
+            let logits = logits_of(&g, &ids);
+            let want: Vec<f32> = case["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(floats)
+                .collect();
+            let d = max_abs_diff(&logits, &want);
+            assert!(
+                d < 1e-4,
+                "{model}: GGUF f32 logits differ from transformers by {d}"
+            );
+        }
+        assert_eq!(g.eos_token_ids(), vec![2]);
+        assert_eq!(g.pad_token_id(), 3);
+        let gr = &golden["greedy"];
+        let msgs: Vec<preftune_model::Message> =
+            serde_json::from_value(gr["messages"].clone()).unwrap();
         assert_eq!(
-            ids,
-            ids_of(&case["input_ids"]),
-            "tokenizer rebuilt from GGUF metadata"
+            g.tokenizer.encode_chat(&msgs, true).unwrap(),
+            ids_of(&gr["prompt_ids"]),
+            "{model}: chat template from GGUF"
         );
-        let logits = logits_of(&g, &ids);
-        let want: Vec<f32> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(floats)
-            .collect();
-        let d = max_abs_diff(&logits, &want);
-        assert!(d < 1e-4, "GGUF f32 logits differ from transformers by {d}");
-    }
-    assert_eq!(g.eos_token_ids(), vec![2]);
-    assert_eq!(g.pad_token_id(), 3);
-    let gr = &golden["greedy"];
-    let msgs: Vec<preftune_model::Message> =
-        serde_json::from_value(gr["messages"].clone()).unwrap();
-    assert_eq!(
-        g.tokenizer.encode_chat(&msgs, true).unwrap(),
-        ids_of(&gr["prompt_ids"]),
-        "chat template from GGUF"
-    );
 
-    // Converted to an HF folder, it reloads with the same logits.
-    let out = dir.path().join("hf");
-    g.save(&out).unwrap();
-    let back = Pretrained::load(&out, &LoadOptions::default()).unwrap();
-    let ids = ids_of(&golden["cases"][1]["input_ids"]);
-    assert_eq!(logits_of(&g, &ids), logits_of(&back, &ids));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
-    assert_eq!(cfg["tie_word_embeddings"], false);
+        // Converted to an HF folder, it reloads with the same logits.
+        let out = dir.path().join("hf");
+        g.save(&out).unwrap();
+        let back = Pretrained::load(&out, &LoadOptions::default()).unwrap();
+        let ids = ids_of(&golden["cases"][1]["input_ids"]);
+        assert_eq!(logits_of(&g, &ids), logits_of(&back, &ids));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["architectures"][0], class);
+        assert_eq!(cfg["tie_word_embeddings"], tied);
+    }
 }
 
 #[test]

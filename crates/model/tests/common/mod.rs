@@ -163,7 +163,19 @@ pub type GgufTensors = Vec<(String, QTensor)>;
 /// tiny-llama as llama.cpp would store it: metadata (the tokenizer included) and tensors renamed,
 /// with Q/K permuted.
 pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
-    let src = tiny("tiny-llama");
+    tiny_gguf_parts("tiny-llama", dtype)
+}
+
+/// A tiny model as llama.cpp's converter stores it: `tiny-llama` (arch `llama`, Q/K permuted for
+/// interleaved RoPE), `tiny-qwen2` (Hugging Face's layout, q/k/v biases, tied head) or
+/// `tiny-qwen3` (q/k norms as `attn_q_norm` / `attn_k_norm`, the head size as
+/// `attention.key_length`).
+pub fn tiny_gguf_parts(model: &str, dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
+    let src = tiny(model);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let arch = cfg["model_type"].as_str().unwrap().to_string();
+    let u = |k: &str| GValue::U32(cfg[k].as_u64().unwrap() as u32);
     let st = read_st(&src.join("model.safetensors"));
     let tj: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
@@ -197,16 +209,26 @@ pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
     let types: Vec<GValue> = (0..tokens.len())
         .map(|i| GValue::I32(if special.contains(&(i as u64)) { 3 } else { 1 }))
         .collect();
-    let md: Vec<(&str, GValue)> = vec![
-        ("general.architecture", GValue::String("llama".into())),
-        ("llama.block_count", GValue::U32(2)),
-        ("llama.embedding_length", GValue::U32(64)),
-        ("llama.attention.head_count", GValue::U32(4)),
-        ("llama.attention.head_count_kv", GValue::U32(2)),
-        ("llama.feed_forward_length", GValue::U32(128)),
-        ("llama.context_length", GValue::U32(256)),
-        ("llama.attention.layer_norm_rms_epsilon", GValue::F32(1e-5)),
-        ("llama.rope.freq_base", GValue::F32(10000.0)),
+    let a = |k: &str| format!("{arch}.{k}");
+    let mut md: Vec<(String, GValue)> = vec![
+        ("general.architecture".into(), GValue::String(arch.clone())),
+        (a("block_count"), u("num_hidden_layers")),
+        (a("embedding_length"), u("hidden_size")),
+        (a("attention.head_count"), u("num_attention_heads")),
+        (a("attention.head_count_kv"), u("num_key_value_heads")),
+        (a("feed_forward_length"), u("intermediate_size")),
+        (a("context_length"), u("max_position_embeddings")),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            GValue::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (a("rope.freq_base"), GValue::F32(10000.0)),
+    ];
+    if arch == "qwen3" {
+        md.push((a("attention.key_length"), u("head_dim")));
+        md.push((a("attention.value_length"), u("head_dim")));
+    }
+    let tok: Vec<(&str, GValue)> = vec![
         ("tokenizer.ggml.model", GValue::String("gpt2".into())),
         ("tokenizer.ggml.pre", GValue::String("gpt2".into())),
         (
@@ -237,6 +259,8 @@ pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
                     ("self_attn.k_proj", "attn_k"),
                     ("self_attn.v_proj", "attn_v"),
                     ("self_attn.o_proj", "attn_output"),
+                    ("self_attn.q_norm", "attn_q_norm"),
+                    ("self_attn.k_norm", "attn_k_norm"),
                     ("mlp.gate_proj", "ffn_gate"),
                     ("mlp.up_proj", "ffn_up"),
                     ("mlp.down_proj", "ffn_down"),
@@ -247,12 +271,14 @@ pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
                 .find(|(hf, _)| rest.starts_with(hf))
                 .unwrap()
                 .1;
-                format!("blk.{layer}.{g}.weight")
+                let kind = rest.rsplit('.').next().unwrap();
+                format!("blk.{layer}.{g}.{kind}")
             }
         };
-        let t = if gname.ends_with("attn_q.weight") {
+        let permuted = arch == "llama";
+        let t = if permuted && gname.ends_with("attn_q.weight") {
             permute(t, 4)
-        } else if gname.ends_with("attn_k.weight") {
+        } else if permuted && gname.ends_with("attn_k.weight") {
             permute(t, 2)
         } else {
             t.clone()
@@ -261,7 +287,7 @@ pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
         let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
         qt.push((gname, QTensor::quantize(&t, d).unwrap()));
     }
-    let md = md.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    md.extend(tok.into_iter().map(|(k, v)| (k.to_string(), v)));
     (md, qt)
 }
 
