@@ -1,6 +1,6 @@
 //! The model commands: inspect, generate, convert, chat.
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use preftune_model::{
@@ -134,6 +134,40 @@ pub fn convert(input: &Path, out: &Path, dtype: &str) -> Result<()> {
     let n = p.num_parameters();
     emit(
         &json!({"out": out, "architecture": format!("{:?}", p.model.cfg.arch), "parameters": n, "tensors": p.model.named_params().len(), "dtype": dtype}),
+    );
+    Ok(())
+}
+
+/// `preftune merge`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MergeArgs {
+    /// The base model: an HF folder or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The LoRA adapter folder (PEFT's layout).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weights dtype to merge in and save: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Folds the adapter into the base weights (`W + scale * B A`, as PEFT's `merge_and_unload`),
+/// keeping a reward model's score head, and saves an HF folder.
+pub fn merge(a: &MergeArgs) -> Result<()> {
+    let mut p = load(&ModelArgs {
+        model: a.model.clone(),
+        dtype: a.dtype.clone(),
+        adapter: Some(a.adapter.clone()),
+    })?;
+    let adapters = p.model.lora_params().len() / 2;
+    p.model.merge_lora()?;
+    p.save(&a.out)?;
+    emit(
+        &json!({"out": a.out, "merged_modules": adapters, "reward_model": p.model.has_score_head(),
+                 "dtype": a.dtype}),
     );
     Ok(())
 }

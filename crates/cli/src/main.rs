@@ -79,6 +79,9 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Fold a LoRA adapter into its base model (PEFT's `merge_and_unload`) and save the result as
+    /// a Hugging Face folder.
+    Merge(commands::MergeArgs),
     /// Chat with a model in the terminal (one user message per line; an empty line or EOF quits).
     Chat {
         #[command(flatten)]
@@ -201,6 +204,7 @@ fn main() {
         Command::Generate(a) => commands::generate(&a),
         Command::Serve(a) => commands::serve(&a),
         Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),
+        Command::Merge(a) => commands::merge(&a),
         Command::Chat {
             model,
             system,

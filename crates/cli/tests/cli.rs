@@ -2468,3 +2468,73 @@ fn reward_model_trains_with_lora_and_saves_its_head() {
         .collect();
     assert!(r[0] > r[1], "{r:?}");
 }
+
+/// `merge`: a LoRA SFT adapter folded into its base gives the adapted model's logits as a plain
+/// HF folder; a LoRA reward model merges into a sequence classifier; a missing adapter is named.
+#[test]
+fn merge_folds_an_adapter_into_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = model("tiny-llama");
+    let adapter = dir.path().join("adapter");
+    let (ok, _, err) = run_with_sets(
+        "sft",
+        &root().join("examples/sft-tiny.toml"),
+        &[
+            format!("model_name_or_path={tiny}"),
+            format!("output_dir={}", adapter.display()),
+            format!(
+                "train_file={}",
+                root().join("examples/data/chat-tiny.jsonl").display()
+            ),
+            format!(
+                "eval_file={}",
+                root().join("examples/data/chat-tiny.jsonl").display()
+            ),
+            "use_peft=true".into(),
+            "learning_rate=1e-2".into(),
+            "max_steps=6".into(),
+            "save_steps=6".into(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let merged = dir.path().join("merged");
+    let (a, m) = (adapter.display().to_string(), merged.display().to_string());
+    let (ok, v, err) = preftune(&["merge", "--model", &tiny, "--adapter", &a, "--out", &m]);
+    assert!(ok, "{err}");
+    assert!(v["merged_modules"].as_u64().unwrap() > 0, "{v}");
+    assert!(merged.join("model.safetensors").exists());
+    assert!(!merged.join("adapter_config.json").exists());
+    let prompt = ["--prompt", "The movie was"];
+    let inspect = |args: &[&str]| -> Vec<f64> {
+        let (ok, v, err) = preftune(&[&["inspect"][..], args, &prompt].concat());
+        assert!(ok, "{err}");
+        nums(&v["last_logits"])
+    };
+    let (adapted, folded, base) = (
+        inspect(&["--model", &tiny, "--adapter", &a]),
+        inspect(&["--model", &m]),
+        inspect(&["--model", &tiny]),
+    );
+    let diff = |x: &[f64], y: &[f64]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        diff(&adapted, &folded) < 1e-4,
+        "{}",
+        diff(&adapted, &folded)
+    );
+    assert!(diff(&base, &folded) > 1e-3, "the adapter moved nothing");
+    let (ok, _, err) = preftune(&[
+        "merge",
+        "--model",
+        &tiny,
+        "--adapter",
+        "/nonexistent/a",
+        "--out",
+        &m,
+    ]);
+    assert!(!ok && err.contains("/nonexistent/a"), "{err}");
+}
