@@ -172,6 +172,28 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `preftune export-gguf`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExportGgufArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tensor type: f32, f16, bf16, q8_0 or q4_k_m (llama.cpp's recipe).
+    #[arg(long = "type", default_value = "f16")]
+    pub ty: String,
+}
+
+pub fn export_gguf(a: &ExportGgufArgs) -> Result<()> {
+    let ty: preftune_model::gguf_export::GgufType =
+        a.ty.parse()
+            .map_err(|e: String| anyhow::anyhow!("--type {e}"))?;
+    let p = load(&a.model)?;
+    let s = preftune_model::gguf_export::export_gguf(&p, &a.out, ty)?;
+    emit(&json!({"out": a.out, "type": a.ty, "summary": s}));
+    Ok(())
+}
+
 pub fn chat(m: &ModelArgs, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
     let p = load(m)?;
     let mut cfg = sampling_config(&p, s);

@@ -79,6 +79,9 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Write a model (with `--adapter`, merged) as a llama.cpp GGUF file, for llama.cpp, Ollama
+    /// and LM Studio.
+    ExportGguf(commands::ExportGgufArgs),
     /// Fold a LoRA adapter into its base model (PEFT's `merge_and_unload`) and save the result as
     /// a Hugging Face folder.
     Merge(commands::MergeArgs),
@@ -205,6 +208,7 @@ fn main() {
         Command::Serve(a) => commands::serve(&a),
         Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),
         Command::Merge(a) => commands::merge(&a),
+        Command::ExportGguf(a) => commands::export_gguf(&a),
         Command::Chat {
             model,
             system,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod io;
 pub mod kernels;
 pub mod logprobs;
