@@ -86,7 +86,7 @@ fn tensor_type(ty: GgufType, name: &str, dims: &[usize], layers: usize) -> GgmlD
         }
     };
     let cols = dims[dims.len() - 1];
-    let fits = |t: GgmlDType| cols % t.block_size() == 0;
+    let fits = |t: GgmlDType| cols.is_multiple_of(t.block_size());
     let fallback = match want {
         GgmlDType::Q4K => GgmlDType::Q5_0,
         GgmlDType::Q6K => GgmlDType::Q8_0,
