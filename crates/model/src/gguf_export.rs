@@ -276,10 +276,12 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         "llama" | "mistral" | "smollm" | "smollm2" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
-        other => return refuse(format!(
+        other => {
+            return refuse(format!(
             "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3) \
                  is exported"
-        )),
+        ))
+        }
     };
     if cfg.sliding_window.is_some() {
         return refuse("sliding-window attention has no llama-architecture equivalent".into());

@@ -558,8 +558,13 @@ impl Model {
             }
             None => None,
         };
+        // A checkpoint that says it is tied but carries its own head keeps that head, as
+        // transformers 5 does (its weights then differ from the embedding's).
+        let mut cfg = cfg;
+        if cfg.tie_word_embeddings && p.tensors.contains_key("lm_head.weight") {
+            cfg.tie_word_embeddings = false;
+        }
         let lm_head = if cfg.tie_word_embeddings {
-            p.tensors.remove("lm_head.weight");
             embed.clone()
         } else if score.is_some() && !p.tensors.contains_key("lm_head.weight") {
             // A sequence-classification checkpoint has no LM head; the embedding stands in, unused.

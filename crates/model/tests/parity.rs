@@ -322,10 +322,10 @@ fn mistral_sliding_window_limits_the_receptive_field() {
 
 #[test]
 fn llama3_rope_scaling_and_mistral_window_match_transformers() {
+    // Also Llama 3.2's shape (tied head + Llama 3 RoPE) and Qwen2.5's config keys.
     let g = golden("logits-tiny-variants.json");
     let ids = ids_of(&g["input_ids"]);
-    let plain = {
-        let p = load("tiny-llama");
+    let logits_of = |p: &preftune_model::Pretrained| {
         let h = p.model.forward(&row(&ids), None, None, None).unwrap();
         p.model
             .logits(&h)
@@ -336,8 +336,10 @@ fn llama3_rope_scaling_and_mistral_window_match_transformers() {
             .unwrap()
     };
     for (name, v) in g["variants"].as_object().unwrap() {
+        let base = v["base"].as_str().unwrap_or("tiny-llama");
+        let plain = logits_of(&load(base));
         let edit = v["config_edit"].as_object().unwrap().clone();
-        let dir = edited("tiny-llama", |c| {
+        let dir = edited(base, |c| {
             for (k, x) in &edit {
                 c[k] = x.clone();
             }
@@ -345,15 +347,7 @@ fn llama3_rope_scaling_and_mistral_window_match_transformers() {
         let p =
             preftune_model::Pretrained::load(dir.path(), &preftune_model::LoadOptions::default())
                 .unwrap();
-        let h = p.model.forward(&row(&ids), None, None, None).unwrap();
-        let got = p
-            .model
-            .logits(&h)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let got = logits_of(&p);
         let want = v["logits"].as_array().unwrap();
         let mut worst = 0f32;
         for (t, w) in want.iter().enumerate() {

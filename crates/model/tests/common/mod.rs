@@ -136,6 +136,14 @@ pub fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::Te
         serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
     edit(&mut cfg);
     std::fs::write(&cp, cfg.to_string()).unwrap();
+    if cfg["tie_word_embeddings"] == true {
+        // A tied checkpoint has no head of its own (transformers keeps one that is there untied).
+        let wp = dir.path().join("model.safetensors");
+        let mut w = read_st(&wp);
+        if w.remove("lm_head.weight").is_some() {
+            candle_core::safetensors::save(&w, &wp).unwrap();
+        }
+    }
     dir
 }
 
