@@ -3,7 +3,8 @@ shared/parity/make_tiny_models.py, in the repo, with the architectures added sin
 
 Usage:  python scripts/parity/make_tiny_models.py OUT_DIR [NAME...]
 Writes OUT_DIR/NAME for each model named (default: all): tiny-llama, tiny-qwen2, tiny-gpt2 (the
-originals, bit for bit), tiny-qwen3 (q/k RMSNorm, head_dim 32 != hidden / heads), each with config.json,
+originals, bit for bit), tiny-qwen3 (q/k RMSNorm, head_dim 32 != hidden / heads), tiny-phi3 (fused qkv and gate_up),
+each with config.json,
 model.safetensors (float32), tokenizer.json, tokenizer_config.json (ChatML chat_template),
 generation_config.json.  Deterministic: torch.manual_seed(0) before each model is built.
 
@@ -18,7 +19,8 @@ import sys
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 CORPUS = """
 The movie opens with a long shot of a quiet city at night. A young director wanted to make a film about memory,
@@ -119,6 +121,12 @@ def main(root, names=()):
             intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
             max_position_embeddings=256, hidden_act="silu", attention_bias=False, use_sliding_window=False,
             **common)),
+        # Phi-3: fused qkv_proj and gate_up_proj.
+        "tiny-phi3": (Phi3ForCausalLM, Phi3Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            max_position_embeddings=256, original_max_position_embeddings=256, hidden_act="silu",
+            sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common)),
     }
     for name, (cls, cfg) in specs.items():
         if names and name not in names:

@@ -1,7 +1,8 @@
 //! Model hyper-parameters read from a Hugging Face `config.json`.
 //!
 //! Two families cover the models we support: the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3,
-//! SmolLM), which differ only in biases, RoPE settings, tying and Qwen3's q/k norms; and GPT-2.
+//! Phi-3, SmolLM), which differ only in biases, RoPE settings, tying, Qwen3's q/k norms and
+//! Phi-3's fused projections; and GPT-2.
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -53,6 +54,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
+    /// Phi-3's fused projections: `qkv_proj` (`[q | k | v]`) and `gate_up_proj` (`[gate | up]`).
+    pub fused_projections: bool,
     /// Qwen3's RMSNorm of each query and key head (`q_norm`, `k_norm`, weights `[head_dim]`),
     /// before RoPE.
     pub qk_norm: bool,
@@ -118,7 +121,7 @@ impl ModelConfig {
             .unwrap_or("")
             .to_string();
         let arch = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" => Arch::Llama,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "smollm" | "smollm2" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             _ => {
                 return Err(Error::UnknownArch {
@@ -228,8 +231,19 @@ impl ModelConfig {
                 (b, b, bool_of("mlp_bias", false))
             }
         };
+        let partial = rope
+            .and_then(|r| r.get("partial_rotary_factor"))
+            .or_else(|| get(&raw, &["partial_rotary_factor"]))
+            .and_then(Value::as_f64);
+        if partial.is_some_and(|f| f != 1.0) {
+            return Err(Error::invalid(
+                path,
+                "partial_rotary_factor",
+                "RoPE on part of each head is not supported",
+            ));
+        }
         let sliding_window = match model_type.as_str() {
-            "mistral" => get(&raw, &["sliding_window"])
+            "mistral" | "phi3" => get(&raw, &["sliding_window"])
                 .and_then(Value::as_u64)
                 .map(|w| w as usize),
             "qwen2" | "qwen3" if bool_of("use_sliding_window", false) => {
@@ -269,6 +283,7 @@ impl ModelConfig {
             mlp_bias,
             tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2),
             qk_norm: model_type == "qwen3",
+            fused_projections: model_type == "phi3",
             sliding_window,
             activation,
             bos_token_id: token_ids(get(&raw, &["bos_token_id"])).first().copied(),

@@ -15,7 +15,7 @@ pub enum Error {
         msg: String,
     },
     #[error(
-        "{path}: unknown architecture {arch:?} (supported: llama, mistral, qwen2, smollm, gpt2)"
+        "{path}: unknown architecture {arch:?} (supported: llama, mistral, qwen2, qwen3, phi3, smollm, gpt2)"
     )]
     UnknownArch { path: PathBuf, arch: String },
     #[error("{path}: tensor {name}: expected shape {expected:?}, found {found:?}")]

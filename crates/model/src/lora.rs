@@ -32,6 +32,9 @@ pub struct LoraConfig {
 pub fn default_target_modules(model_type: &str) -> Vec<String> {
     let v: &[&str] = match model_type {
         "gpt2" => &["c_attn"],
+        // PEFT has no default for Phi-3; its fused attention projection and output are the
+        // usual choice.
+        "phi3" => &["qkv_proj", "o_proj"],
         _ => &["q_proj", "v_proj"],
     };
     v.iter().map(|s| s.to_string()).collect()

@@ -49,7 +49,7 @@ enum Qkv {
         k: Linear,
         v: Linear,
     },
-    /// GPT-2's `c_attn`: one projection whose output is `[q | k | v]`.
+    /// GPT-2's `c_attn` and Phi-3's `qkv_proj`: one projection whose output is `[q | k | v]`.
     Fused(Linear),
 }
 
@@ -71,6 +71,12 @@ enum Mlp {
         gate: Linear,
         up: Linear,
         down: Linear,
+    },
+    /// Phi-3's SwiGLU with one projection whose output is `[gate | up]`.
+    GatedFused {
+        gate_up: Linear,
+        down: Linear,
+        inter: usize,
     },
     Plain {
         fc: Linear,
@@ -99,6 +105,7 @@ impl Mlp {
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
             Mlp::Gated { gate, up, down } => vec![gate, up, down],
+            Mlp::GatedFused { gate_up, down, .. } => vec![gate_up, down],
             Mlp::Plain { fc, proj } => vec![fc, proj],
         }
     }
@@ -471,10 +478,19 @@ impl Model {
                             cfg.norm_eps,
                         )?,
                         attn: Attention {
-                            qkv: Qkv::Split {
-                                q: p.linear(&format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-                                k: p.linear(&format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                                v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                            qkv: if cfg.fused_projections {
+                                Qkv::Fused(p.linear(
+                                    &format!("{a}.qkv_proj"),
+                                    (nh + 2 * nkv) * hd,
+                                    h,
+                                    cfg.qkv_bias,
+                                )?)
+                            } else {
+                                Qkv::Split {
+                                    q: p.linear(&format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                                    k: p.linear(&format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                                    v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                                }
                             },
                             o: p.linear(&format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
                             qk_norm: if cfg.qk_norm {
@@ -495,20 +511,43 @@ impl Model {
                             cfg.arch,
                             cfg.norm_eps,
                         )?,
-                        mlp: Mlp::Gated {
-                            gate: p.linear(
-                                &format!("{pre}.mlp.gate_proj"),
+                        mlp: if cfg.fused_projections {
+                            Mlp::GatedFused {
+                                gate_up: p.linear(
+                                    &format!("{pre}.mlp.gate_up_proj"),
+                                    2 * inter,
+                                    h,
+                                    cfg.mlp_bias,
+                                )?,
+                                down: p.linear(
+                                    &format!("{pre}.mlp.down_proj"),
+                                    h,
+                                    inter,
+                                    cfg.mlp_bias,
+                                )?,
                                 inter,
-                                h,
-                                cfg.mlp_bias,
-                            )?,
-                            up: p.linear(&format!("{pre}.mlp.up_proj"), inter, h, cfg.mlp_bias)?,
-                            down: p.linear(
-                                &format!("{pre}.mlp.down_proj"),
-                                h,
-                                inter,
-                                cfg.mlp_bias,
-                            )?,
+                            }
+                        } else {
+                            Mlp::Gated {
+                                gate: p.linear(
+                                    &format!("{pre}.mlp.gate_proj"),
+                                    inter,
+                                    h,
+                                    cfg.mlp_bias,
+                                )?,
+                                up: p.linear(
+                                    &format!("{pre}.mlp.up_proj"),
+                                    inter,
+                                    h,
+                                    cfg.mlp_bias,
+                                )?,
+                                down: p.linear(
+                                    &format!("{pre}.mlp.down_proj"),
+                                    h,
+                                    inter,
+                                    cfg.mlp_bias,
+                                )?,
+                            }
                         },
                     });
                 }
@@ -951,8 +990,8 @@ impl Attention {
                 let y = l.forward(x)?;
                 (
                     y.narrow(2, 0, nh * hd)?,
-                    y.narrow(2, nh * hd, nh * hd)?,
-                    y.narrow(2, 2 * nh * hd, nh * hd)?,
+                    y.narrow(2, nh * hd, nkv * hd)?,
+                    y.narrow(2, (nh + nkv) * hd, nkv * hd)?,
                 )
             }
         };
@@ -1033,6 +1072,21 @@ impl Mlp {
             }
             Mlp::Gated { gate, up, down } => {
                 last(down, &(act(gate.forward(x)?)? * up.forward(x)?)?)
+            }
+            Mlp::GatedFused {
+                gate_up,
+                down,
+                inter,
+            } => {
+                let y = gate_up.forward(x)?;
+                let d = y.rank() - 1;
+                let (g, u) = (y.narrow(d, 0, *inter)?, y.narrow(d, *inter, *inter)?);
+                let h = if matches!(act_kind, Activation::Silu) {
+                    swiglu(&g.contiguous()?, &u.contiguous()?)?
+                } else {
+                    (act(g)? * u)?
+                };
+                last(down, &h)
             }
             Mlp::Plain { fc, proj } => last(proj, &act(fc.forward(x)?)?),
         }

@@ -33,7 +33,13 @@ fn argmax(xs: &[f32]) -> u32 {
 
 #[test]
 fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-gpt2",
+        "tiny-qwen3",
+        "tiny-phi3",
+    ] {
         let p = common::load(name);
         let fused = last_logits(&p, &[5]);
         let composed = {
@@ -71,7 +77,13 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
 #[test]
 fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
     use preftune_model::{LoadOptions, Pretrained};
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-gpt2",
+        "tiny-qwen3",
+        "tiny-phi3",
+    ] {
         let opts = LoadOptions {
             trainable: true,
             ..Default::default()

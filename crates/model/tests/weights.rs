@@ -10,7 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use preftune_model::{token_logprobs, LoadOptions, Pretrained};
 
-const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3"];
+const MODELS: [&str; 5] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-gpt2",
+    "tiny-qwen3",
+    "tiny-phi3",
+];
 
 fn logits_of(p: &Pretrained, ids: &[u32]) -> Vec<f32> {
     let h = p.model.forward(&row(ids), None, None, None).unwrap();
