@@ -2361,6 +2361,91 @@ fn lora_trains_ppo_grpo_rloo_and_reinforce_against_the_base() {
     }
 }
 
+/// PPO-ptx: `ptx_coef` mixes the NLL of `ptx_file` into every update. At the first update the
+/// logged `loss/ptx` is the SFT loss of those rows under the initial policy (the same number as
+/// `sft --eval-only`), it falls as PPO trains with a large coefficient, and `ptx_coef` without
+/// data is refused.
+#[test]
+fn ppo_ptx_mixes_the_sft_loss_of_its_data_into_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = model("tiny-llama");
+    let chat = root().join("examples/data/chat-tiny.jsonl");
+    let mut args: Vec<String> = vec![
+        "sft".into(),
+        "--config".into(),
+        root().join("examples/sft-tiny.toml").display().to_string(),
+        "--eval-only".into(),
+    ];
+    for s in [
+        format!("model_name_or_path={tiny}"),
+        format!("output_dir={}", dir.path().join("sft").display()),
+        format!("eval_file={}", chat.display()),
+        format!("train_file={}", chat.display()),
+        "assistant_only_loss=false".into(),
+    ] {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let (ok, sft, err) = preftune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let sft_loss = sft["eval_loss"].as_f64().unwrap();
+    let ppo = |out: &str, extra: &[String]| {
+        let mut sets = vec![
+            format!("model_name_or_path={tiny}"),
+            format!("output_dir={}", dir.path().join(out).display()),
+            format!(
+                "train_file={}",
+                root().join("examples/data/pairs-tiny.jsonl").display()
+            ),
+            format!(
+                "reward=\"command:python3 {}\"",
+                root().join("examples/rewards/count_digits.py").display()
+            ),
+            "num_ppo_epochs=1".into(),
+            "gradient_accumulation_steps=1".into(),
+            "max_steps=6".into(),
+            "logging_steps=1".into(),
+            "save_steps=6".into(),
+        ];
+        sets.extend(extra.iter().cloned());
+        run_with_sets("ppo", &root().join("examples/ppo-tiny.toml"), &sets)
+    };
+    let (ok, _, err) = ppo(
+        "ptx",
+        &[
+            format!("ptx_file={}", chat.display()),
+            "ptx_coef=5.0".into(),
+            "ptx_batch_size=4".into(),
+            "learning_rate=3e-3".into(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("ptx data"), "{err}");
+    let ptx: Vec<f64> = std::fs::read_to_string(dir.path().join("ptx/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["loss/ptx"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ptx.len(), 6);
+    assert!(
+        (ptx[0] - sft_loss).abs() < 1e-3 * sft_loss,
+        "first loss/ptx {} vs sft eval_loss {sft_loss}",
+        ptx[0]
+    );
+    assert!(ptx[5] < 0.8 * ptx[0], "loss/ptx does not fall: {ptx:?}");
+    // Without ptx the metric is absent; ptx_coef without data is refused.
+    let (ok, _, err) = ppo("plain", &["max_steps=1".into(), "save_steps=1".into()]);
+    assert!(ok, "{err}");
+    let plain = std::fs::read_to_string(dir.path().join("plain/metrics.jsonl")).unwrap();
+    assert!(!plain.contains("loss/ptx"), "{plain}");
+    let (ok, _, err) = ppo("bad", &["ptx_coef=1.0".into()]);
+    assert!(!ok && err.contains("ptx_coef needs ptx_file"), "{err}");
+}
+
 /// The names of the tensors in a safetensors file (its JSON header).
 fn safetensors_names(path: &Path) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();

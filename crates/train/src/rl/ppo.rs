@@ -73,6 +73,12 @@ pub struct PpoArgs {
     /// backbone less in memory and one forward pass less per update.
     pub shared_value_head: bool,
     pub ref_model: Option<String>,
+    /// PPO-ptx (InstructGPT): adds `ptx_coef` times the mean token NLL of a batch of `ptx_file`
+    /// (pretraining or SFT data, read as `preftune sft` reads it) to every update's loss.
+    pub ptx_coef: f64,
+    pub ptx_file: Option<PathBuf>,
+    /// Rows of `ptx_file` per update (default: `per_device_train_batch_size`).
+    pub ptx_batch_size: Option<usize>,
 }
 
 impl Default for PpoArgs {
@@ -104,6 +110,9 @@ impl Default for PpoArgs {
             value_model_path: None,
             shared_value_head: false,
             ref_model: None,
+            ptx_coef: 0.0,
+            ptx_file: None,
+            ptx_batch_size: None,
         }
     }
 }
@@ -155,6 +164,9 @@ pub struct Ppo {
     step_kl: Vec<f64>,
     /// The update under way within the step (`epoch * num_mini_batches + minibatch`).
     update: usize,
+    /// PPO-ptx's data (tokenized as SFT) and rows per update.
+    pub ptx: Vec<preftune_data::TokenizedExample>,
+    pub ptx_batch: usize,
 }
 
 /// `rows[i][t] = per_token[i, offset_i + t]` for `t < width` (positions past a row's end read its
@@ -203,7 +215,41 @@ impl Ppo {
             cache: HashMap::new(),
             step_kl: vec![],
             update: 0,
+            ptx: vec![],
+            ptx_batch: 0,
         }
+    }
+
+    /// PPO-ptx: the mean token NLL of this update's rows of the ptx data (a deterministic choice
+    /// of the micro-batch and the update, so a resumed run takes the same rows), or `None`.
+    fn ptx_nll(&self, model: &Model, idx: &[usize]) -> Result<Option<Tensor>> {
+        if self.ptx.is_empty() || self.args.ptx_coef == 0.0 {
+            return Ok(None);
+        }
+        let (len, k) = (self.ptx.len(), self.ptx_batch.max(1));
+        let start = (batch_seed(self.seed, idx) as usize).wrapping_add(self.update * k) % len;
+        let refs: Vec<&preftune_data::TokenizedExample> = (0..k.min(len))
+            .map(|i| &self.ptx[(start + i) % len])
+            .collect();
+        let batch = preftune_data::collate(&refs, self.pad_token_id, &self.device)?;
+        let hidden = model.forward(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            batch.position_ids.as_ref(),
+            None,
+        )?;
+        let lp = preftune_model::token_logprobs(
+            model,
+            &hidden,
+            &batch.input_ids,
+            &batch.loss_mask,
+            1.0,
+        )?;
+        let tokens: f64 = refs
+            .iter()
+            .map(|r| r.loss_mask.iter().map(|&m| m as f64).sum::<f64>())
+            .sum();
+        Ok(Some((lp.sum.sum_all()?.neg()? / tokens.max(1.0))?))
     }
 
     fn rollout_args(&self) -> RolloutArgs {
@@ -431,7 +477,14 @@ impl Algorithm for Ppo {
             loss = (loss + (kl * self.args.kl_penalty_coef)?)?;
         }
         let n = idx.len() as f64;
+        let ptx = self.ptx_nll(model, idx)?;
+        if let Some(nll) = &ptx {
+            loss = (loss + (nll * self.args.ptx_coef)?)?;
+        }
         let mut m = rollout_metrics(c, self.kl_coef);
+        if let Some(nll) = ptx {
+            m.add("loss/ptx", nll.to_scalar::<f32>()? as f64 * n, n);
+        }
         m.add("policy/approxkl_avg", l.approxkl * n, n);
         m.add("policy/clipfrac_avg", l.pg_clipfrac * n, n);
         m.add("loss/policy_avg", l.pg_loss * n, n);
@@ -664,6 +717,33 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
     );
     algo.eval = eval;
     algo.samples_path = (!eval_only).then(|| args.output_dir.join("samples.jsonl"));
+    let mut reports = reports;
+    match (&a.ptx_file, a.ptx_coef) {
+        (Some(f), c) if c != 0.0 => {
+            let (ptx, r) = crate::sft::load_split(
+                f,
+                args,
+                &crate::sft::SftArgs::default(),
+                &policy.tokenizer,
+            )?;
+            if ptx.is_empty() {
+                return Err(Error::Config(format!(
+                    "{}: ptx_file has no rows",
+                    f.display()
+                )));
+            }
+            eprintln!("ptx data {}: {} examples", f.display(), ptx.len());
+            reports.push(serde_json::to_value(&r).unwrap_or_default());
+            algo.ptx = ptx;
+            algo.ptx_batch = a.ptx_batch_size.unwrap_or(args.per_device_train_batch_size);
+        }
+        (None, c) if c != 0.0 => {
+            return Err(Error::Config(
+                "ptx_coef needs ptx_file (the pretraining or SFT data to mix in)".into(),
+            ))
+        }
+        _ => {}
+    }
     if eval_only {
         let mut v =
             serde_json::to_value(evaluate(args, &policy.model, &mut algo)?).unwrap_or_default();
