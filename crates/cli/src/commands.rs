@@ -272,6 +272,9 @@ fn run_trainer<A: preftune_train::Options>(
 pub enum Trainer {
     Sft,
     Dpo,
+    Kto,
+    Cpo,
+    Orpo,
     Rm,
     Grpo,
     Rloo,
@@ -285,6 +288,9 @@ pub fn train(t: Trainer, run: &RunArgs) -> Result<()> {
     match t {
         Trainer::Sft => run_trainer(run, sft::defaults(), sft::run),
         Trainer::Dpo => run_trainer(run, dpo::defaults(), dpo::run),
+        Trainer::Kto => run_trainer(run, dpo::kto::defaults(), dpo::kto::run),
+        Trainer::Cpo => run_trainer(run, dpo::cpo::cpo_defaults(), dpo::cpo::run_cpo),
+        Trainer::Orpo => run_trainer(run, dpo::cpo::orpo_defaults(), dpo::cpo::run_orpo),
         Trainer::Rm => run_trainer(run, reward::defaults(), reward::run),
         Trainer::Grpo => run_trainer(run, grpo::defaults(), grpo::run),
         Trainer::Rloo => run_trainer(run, rloo::defaults(), rloo::run),

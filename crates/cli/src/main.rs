@@ -102,6 +102,15 @@ enum Command {
     /// Direct preference optimisation and its family (TRL's DPOTrainer loss types, R-DPO, PRO)
     /// against a frozen reference model.
     Dpo(RunArgs),
+    /// KTO (TRL's KTOTrainer): thumbs-up / thumbs-down rows (`prompt`, `completion`, `label`), or
+    /// preference pairs unpaired, against a frozen reference.
+    Kto(RunArgs),
+    /// CPO (TRL's CPOTrainer) and, with `loss_type = "simpo"` or `"alphapo"`, SimPO and AlphaPO:
+    /// preference pairs, no reference model.
+    Cpo(RunArgs),
+    /// ORPO (TRL's ORPOTrainer): NLL plus an odds-ratio term on preference pairs, no reference
+    /// model.
+    Orpo(RunArgs),
     /// Online / iterative DPO (TRL's OnlineDPOTrainer): rounds of sampling from the policy,
     /// labelling by a reward source or a pairwise judge, and DPO (a DPO config plus an
     /// [online_dpo] table).
@@ -217,6 +226,9 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::Sft(run) => commands::train(commands::Trainer::Sft, &run),
         Command::Dpo(run) => commands::train(commands::Trainer::Dpo, &run),
+        Command::Kto(run) => commands::train(commands::Trainer::Kto, &run),
+        Command::Cpo(run) => commands::train(commands::Trainer::Cpo, &run),
+        Command::Orpo(run) => commands::train(commands::Trainer::Orpo, &run),
         Command::OnlineDpo(run) => rewards::online_dpo(&run),
         Command::Rm(run) => commands::train(commands::Trainer::Rm, &run),
         Command::Score(a) => rewards::score(&a),

@@ -20,6 +20,9 @@ pub use config::{Options, Parts, RunConfig, TrainingArguments};
 one_struct_options!(
     sft::SftArgs,
     dpo::DpoArgs,
+    dpo::kto::KtoArgs,
+    dpo::cpo::CpoArgs,
+    dpo::cpo::OrpoArgs,
     reward::RewardArgs,
     rl::ppo::PpoArgs
 );

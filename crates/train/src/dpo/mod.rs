@@ -1,6 +1,8 @@
 //! DPO and its family on the shared loop: pairwise losses (TRL's `loss_type`s, R-DPO, combined with
 //! `loss_weights`), PRO on rankings, `rpo_alpha`, and the reference model as a separate frozen model,
 //! the LoRA base (no second copy of the weights), precomputed log-probs, or none.
+pub mod cpo;
+pub mod kto;
 pub mod loss;
 pub mod online;
 
@@ -179,12 +181,24 @@ pub struct DataReport {
     pub mean_rejected_tokens: f64,
 }
 
-/// Reads preference (or, for `pro`, ranking) data and tokenizes it as TRL does.
+/// Reads preference (or, for `pro`, ranking) data and tokenizes it as TRL's DPOTrainer does.
 pub fn load_split(
     path: &Path,
     args: &TrainingArguments,
     listwise: bool,
     tok: &Tokenizer,
+) -> Result<(Vec<Item>, DataReport)> {
+    load_split_with(path, args, listwise, tok, false)
+}
+
+/// [`load_split`]; with `legacy_specials`, as TRL's CPO and ORPO trainers tokenize: the
+/// tokenizer's BOS before the prompt and its EOS after each completion, unless already there.
+pub(crate) fn load_split_with(
+    path: &Path,
+    args: &TrainingArguments,
+    listwise: bool,
+    tok: &Tokenizer,
+    legacy_specials: bool,
 ) -> Result<(Vec<Item>, DataReport)> {
     let rows = read_rows(path)?;
     let columns = ColumnMap {
@@ -200,7 +214,7 @@ pub fn load_split(
     let mut items = vec![];
     let (mut truncated, mut dropped) = (0, 0);
     for (loc, ex) in &examples {
-        let r = match tokenize_preference(ex, tok, args.max_length, keep_end) {
+        let mut r = match tokenize_preference(ex, tok, args.max_length, keep_end) {
             Ok(r) => r,
             Err(msg) => {
                 errors.push(RowError {
@@ -211,6 +225,20 @@ pub fn load_split(
                 continue;
             }
         };
+        if legacy_specials {
+            if let Some(bos) = tok.bos_token_id {
+                if r.prompt_ids.first() != Some(&bos) {
+                    r.prompt_ids.insert(0, bos);
+                }
+            }
+            if let Some(eos) = tok.eos_token_id {
+                for c in &mut r.completions {
+                    if c.last() != Some(&eos) {
+                        c.push(eos);
+                    }
+                }
+            }
+        }
         let mut out = vec![];
         let mut cut = false;
         for c in &r.completions {
@@ -259,15 +287,18 @@ pub fn load_split(
 }
 
 /// Summed log-probs and statistics of a set of sequences under `model` (chunked by the caller).
-struct SeqStats {
-    logps: Tensor,
-    lens: Vec<f32>,
-    hits: Vec<usize>,
-    mean_logit_sum: Vec<f32>,
-    tokens: usize,
+pub(crate) struct SeqStats {
+    pub logps: Tensor,
+    pub lens: Vec<f32>,
+    pub hits: Vec<usize>,
+    pub mean_logit_sum: Vec<f32>,
+    pub tokens: usize,
+    /// The final hidden states and the batch, for a second loss over the same forward pass.
+    pub hidden: Tensor,
+    pub batch: preftune_data::Batch,
 }
 
-fn seq_logps(
+pub(crate) fn seq_logps(
     model: &Model,
     rows: &[&TokenizedExample],
     pad: u32,
@@ -286,6 +317,8 @@ fn seq_logps(
         hits: lp.row_hits,
         mean_logit_sum: lp.row_mean_logit_sum,
         tokens: batch.num_tokens,
+        hidden,
+        batch,
     })
 }
 
@@ -585,7 +618,7 @@ fn precompute(
     Ok(cache)
 }
 
-fn report(r: &DataReport) {
+pub(crate) fn report(r: &DataReport) {
     r.counts.print(&format!(
         "{} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens chosen {:.1} rejected {:.1}",
         r.truncated, r.dropped_prompt_too_long, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
