@@ -74,7 +74,7 @@ pub enum LabelCmd {
     },
     /// Write the judgements as training data: preference rows (`prompt`, `chosen`, `rejected`,
     /// `margin` from the scale) in pair mode, ranking rows (`prompt`, `responses` best first) in
-    /// rank mode.
+    /// rank mode, KTO rows (`prompt`, `completion`, `label`) in thumbs mode.
     Export {
         #[arg(long)]
         db: PathBuf,
@@ -130,8 +130,9 @@ pub enum LabelCmd {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ImportArgs {
-    /// `pair` (two responses on a 7-step scale; responses pair up in order) or `rank` (order
-    /// all responses of a row). Fixed by the first import.
+    /// `pair` (two responses on a 7-step scale; responses pair up in order), `rank` (order all
+    /// responses of a row) or `thumbs` (each response alone, thumbs up or down: KTO's data).
+    /// Fixed by the first import.
     #[arg(long, default_value = "pair")]
     mode: String,
     /// Share of items labelled by several annotators, to measure agreement.

@@ -2446,6 +2446,46 @@ fn ppo_ptx_mixes_the_sft_loss_of_its_data_into_updates() {
     assert!(!ok && err.contains("ptx_coef needs ptx_file"), "{err}");
 }
 
+/// The KTO, CPO and ORPO example configs run from the command line and separate the rewards on
+/// their eval data; KTO reads the thumbs file's unbalanced labels.
+#[test]
+fn kto_cpo_and_orpo_example_configs_train() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["kto", "cpo", "orpo"] {
+        let (ok, v, err) = run_with_sets(
+            cmd,
+            &root().join(format!("examples/{cmd}-tiny.toml")),
+            &[
+                format!("model_name_or_path={}", model("tiny-llama")),
+                format!("output_dir={}", dir.path().join(cmd).display()),
+                format!(
+                    "train_file={}",
+                    root()
+                        .join(format!(
+                            "examples/data/{}-tiny.jsonl",
+                            if cmd == "kto" { "thumbs" } else { "pairs" }
+                        ))
+                        .display()
+                ),
+                format!(
+                    "eval_file={}",
+                    root().join("examples/data/pairs-tiny.jsonl").display()
+                ),
+                // One eval batch: KTO unpairs all chosen rows first, and as in TRL a batch of one
+                // side logs no margin.
+                "per_device_eval_batch_size=16".into(),
+            ],
+        );
+        assert!(ok, "{cmd}: {err}");
+        assert_eq!(v["global_step"], 30, "{cmd}");
+        let margin = v["eval"]["eval_rewards/margins"].as_f64().unwrap();
+        assert!(margin > 0.3, "{cmd}: eval margin {margin}: {v}");
+        if cmd == "kto" {
+            assert_eq!(v["data"][0]["examples"], 13, "{v}");
+        }
+    }
+}
+
 /// The names of the tensors in a safetensors file (its JSON header).
 fn safetensors_names(path: &Path) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();

@@ -64,11 +64,15 @@ function render(next) {
   if (!item) return;
   renderPrompt(item.prompt);
   const pair = item.mode === 'pair';
+  const thumbs = item.mode === 'thumbs';
   $('pairview').classList.toggle('hidden', !pair);
-  $('rankview').classList.toggle('hidden', pair);
+  $('thumbsview').classList.toggle('hidden', !thumbs);
+  $('rankview').classList.toggle('hidden', pair || thumbs);
   if (pair) {
     $('left').textContent = item.responses[0];
     $('right').textContent = item.responses[1];
+  } else if (thumbs) {
+    $('single').textContent = item.responses[0];
   } else {
     rankOrder = [];
     renderRank();
@@ -129,6 +133,8 @@ function setupLabel() {
     b.addEventListener('click', () => submit({ scale: s.scale }));
     scale.append(b);
   });
+  $('thumbup').addEventListener('click', () => submit({ up: true }));
+  $('thumbdown').addEventListener('click', () => submit({ up: false }));
   document.addEventListener('keydown', (e) => {
     if (e.target === $('comment')) {
       if (e.key === 'Escape') $('comment').blur();
@@ -140,6 +146,8 @@ function setupLabel() {
     const n = parseInt(e.key, 10);
     if (item.mode === 'pair') {
       if (n >= 1 && n <= 7) submit({ scale: me.scale[n - 1].scale });
+    } else if (item.mode === 'thumbs') {
+      if (n === 1 || n === 2) submit({ up: n === 1 });
     } else {
       if (n >= 1 && n <= item.responses.length) pick(n - 1);
       else if (e.key === 'Backspace') { rankOrder.pop(); renderRank(); }

@@ -1,5 +1,6 @@
 //! Judgements out as training data: preference rows (`prompt`, `chosen`, `rejected`, `margin`)
-//! for `rm` and `dpo`, or ranking rows (`prompt`, `responses` best first) for `rm` and PRO.
+//! for `rm` and `dpo`, ranking rows (`prompt`, `responses` best first) for `rm` and PRO, or
+//! unpaired rows (`prompt`, `completion`, `label`) for KTO.
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -97,6 +98,26 @@ pub fn export(labels: &[Label], opts: &ExportOptions) -> (Vec<Value>, ExportRepo
                     }
                     rows.push(row);
                 }
+                Mode::Thumbs => {
+                    // Votes +1 / -1; with several judgements (aggregate) the majority decides.
+                    let votes: Vec<i64> = unit.iter().filter_map(|l| l.choice).collect();
+                    if votes.is_empty() {
+                        continue;
+                    }
+                    let sum: i64 = votes.iter().sum();
+                    if sum == 0 {
+                        // An even split says nothing either way; KTO rows have no tie.
+                        report.ties_dropped += unit.len();
+                        continue;
+                    }
+                    rows.push(json!({
+                        "prompt": first.prompt,
+                        "completion": completion(&first.prompt, &first.responses[0]),
+                        "label": sum > 0,
+                        "annotator": who,
+                        "unsafe": unsafe_flag,
+                    }));
+                }
                 Mode::Rank => {
                     let k = first.responses.len();
                     // Mean rank of each response over the unit's judgements; stable on ties.
@@ -177,6 +198,39 @@ mod tests {
         assert_eq!(rows[0]["margin"], json!(0.5));
         assert_eq!(rows[0]["annotator"], json!(["ann", "bob"]));
         assert_eq!(rows[1]["tie"], json!(true));
+    }
+
+    /// Thumbs become KTO rows; aggregated, the majority decides and an even split is dropped.
+    #[test]
+    fn thumbs_become_kto_rows() {
+        let thumb = |item: i64, who: &str, up: bool| Label {
+            mode: Mode::Thumbs,
+            responses: vec!["A".into()],
+            ..pair(item, who, if up { 1 } else { -1 }, false)
+        };
+        let labels = vec![
+            thumb(1, "ann", true),
+            thumb(1, "bob", true),
+            thumb(2, "ann", false),
+            thumb(3, "ann", true),
+            thumb(3, "bob", false),
+        ];
+        let (rows, rep) = export(&labels, &ExportOptions::default());
+        assert_eq!((rows.len(), rep.ties_dropped), (5, 0));
+        assert_eq!(
+            (&rows[0]["completion"], &rows[0]["label"], &rows[2]["label"]),
+            (&json!("A"), &json!(true), &json!(false))
+        );
+        let agg = ExportOptions {
+            aggregate: true,
+            ..Default::default()
+        };
+        let (rows, rep) = export(&labels, &agg);
+        assert_eq!((rows.len(), rep.ties_dropped), (2, 2));
+        assert_eq!(
+            (&rows[0]["label"], &rows[1]["label"]),
+            (&json!(true), &json!(false))
+        );
     }
 
     #[test]

@@ -296,6 +296,8 @@ struct LabelBody {
     scale: Option<i64>,
     /// Ranking: display positions, best first.
     ranking: Option<Vec<usize>>,
+    /// Thumbs: up (true) or down.
+    up: Option<bool>,
     #[serde(default, rename = "unsafe")]
     unsafe_flag: bool,
     #[serde(default)]
@@ -310,13 +312,14 @@ async fn submit(
 ) -> Reply {
     // axum's codes: 400 malformed JSON, 413 too large, 415 not JSON, 422 wrong fields.
     let Json(b) = body.map_err(|e| error(e.status(), e.body_text()))?;
-    let judgement = match (b.scale, b.ranking) {
-        (Some(scale), None) => Judgement::Pair { scale },
-        (None, Some(order)) => Judgement::Rank { order },
+    let judgement = match (b.scale, b.ranking, b.up) {
+        (Some(scale), None, None) => Judgement::Pair { scale },
+        (None, Some(order), None) => Judgement::Rank { order },
+        (None, None, Some(up)) => Judgement::Thumbs { up },
         _ => {
             return Err(error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "send exactly one of `scale` (pairs) or `ranking` (rankings)",
+                "send exactly one of `scale` (pairs), `ranking` (rankings) or `up` (thumbs)",
             ))
         }
     };

@@ -79,6 +79,7 @@ fn category(l: &Label) -> Option<(usize, usize)> {
             .ranking
             .as_ref()
             .and_then(|r| r.first().map(|&b| (b, l.responses.len()))),
+        Mode::Thumbs => l.choice.map(|c| ((c < 0) as usize, 2)),
     }
 }
 

@@ -12,13 +12,15 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// What annotators do with an item: pick the better of two responses on a nuanced scale, or
-/// order k responses best to worst. Fixed per database when the first candidates are imported.
+/// What annotators do with an item: pick the better of two responses on a nuanced scale, order
+/// k responses best to worst, or give one response a thumbs up or down (KTO's data). Fixed per
+/// database when the first candidates are imported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Pair,
     Rank,
+    Thumbs,
 }
 
 impl Mode {
@@ -26,8 +28,9 @@ impl Mode {
         match s {
             "pair" | "pairwise" => Ok(Mode::Pair),
             "rank" | "ranking" => Ok(Mode::Rank),
+            "thumbs" | "thumb" => Ok(Mode::Thumbs),
             other => Err(Error::Input(format!(
-                "mode: expected `pair` or `rank`, found `{other}`"
+                "mode: expected `pair`, `rank` or `thumbs`, found `{other}`"
             ))),
         }
     }
@@ -36,6 +39,16 @@ impl Mode {
         match self {
             Mode::Pair => "pair",
             Mode::Rank => "rank",
+            Mode::Thumbs => "thumbs",
+        }
+    }
+
+    /// The submission field of this mode's judgements.
+    pub fn field(self) -> &'static str {
+        match self {
+            Mode::Pair => "scale",
+            Mode::Rank => "ranking",
+            Mode::Thumbs => "up",
         }
     }
 }
@@ -132,6 +145,18 @@ pub enum Judgement {
     Pair { scale: i64 },
     /// Display indices, best first: a permutation of 0..k.
     Rank { order: Vec<usize> },
+    /// Thumbs up (true) or down on the item's one response.
+    Thumbs { up: bool },
+}
+
+impl Judgement {
+    pub fn mode(&self) -> Mode {
+        match self {
+            Judgement::Pair { .. } => Mode::Pair,
+            Judgement::Rank { .. } => Mode::Rank,
+            Judgement::Thumbs { .. } => Mode::Thumbs,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +185,7 @@ pub struct Label {
     pub responses: Vec<String>,
     pub mode: Mode,
     /// Pairwise: response 0 minus response 1 on the scale (positive: the first is better).
+    /// Thumbs: 1 up, -1 down.
     pub choice: Option<i64>,
     /// Ranking: response indices, best first.
     pub ranking: Option<Vec<usize>>,
@@ -450,16 +476,28 @@ impl Store {
                 Some(_) => return Err(bad("responses", "expected a list of strings")),
                 None => return Err(bad("responses", "missing field")),
             };
-            if responses.len() < 2 {
+            let least = if opts.mode == Mode::Thumbs { 1 } else { 2 };
+            if responses.len() < least {
                 return Err(bad(
                     "responses",
-                    &format!("needs at least 2 responses, found {}", responses.len()),
+                    &format!(
+                        "needs at least {least} response{} in {} mode, found {}",
+                        if least == 1 { "" } else { "s" },
+                        opts.mode.as_str(),
+                        responses.len()
+                    ),
                 ));
             }
             let source = json!({"file": row.loc.file.display().to_string(), "line": row.loc.line,
                                 "sampling": row.value.get("sampling")});
             match opts.mode {
                 Mode::Rank => items.push((prompt.clone(), responses, source)),
+                // Each response is an item of its own.
+                Mode::Thumbs => {
+                    for r in responses {
+                        items.push((prompt.clone(), vec![r], source.clone()));
+                    }
+                }
                 Mode::Pair => {
                     report.unpaired_responses += responses.len() % 2;
                     for pair in responses.chunks_exact(2) {
@@ -784,17 +822,15 @@ impl Store {
             ));
         }
         let mode = self.mode()?.unwrap_or(Mode::Pair);
+        if s.judgement.mode() != mode {
+            return Ok(Submitted::Invalid(format!(
+                "this item is labelled in {} mode: send `{}`",
+                mode.as_str(),
+                mode.field()
+            )));
+        }
         let (choice, ranking) = match &s.judgement {
-            Judgement::Pair { .. } if mode == Mode::Rank => {
-                return Ok(Submitted::Invalid(
-                    "this item is a ranking: send `ranking`".into(),
-                ))
-            }
-            Judgement::Rank { .. } if mode == Mode::Pair => {
-                return Ok(Submitted::Invalid(
-                    "this item is a pair: send `scale`".into(),
-                ))
-            }
+            Judgement::Thumbs { up } => (Some(if *up { 1 } else { -1 }), None),
             Judgement::Pair { scale } => {
                 if !(-3..=3).contains(scale) {
                     return Ok(Submitted::Invalid(format!(

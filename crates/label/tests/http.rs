@@ -366,6 +366,52 @@ async fn a_restart_loses_nothing() {
     assert_eq!(Store::open(&db).unwrap().labels().unwrap().len(), 3);
 }
 
+/// Thumbs: each response is an item of its own; up and down export as KTO rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbs_label_single_responses_and_export_kto_rows() {
+    let (_dir, db, t) = fresh(2, 3, Mode::Thumbs, 0.0, &["admin"]);
+    let srv = Server::start(&db).await;
+    let c = client();
+    let mut seen = 0;
+    loop {
+        let n = next(&c, &srv.url, &t[0]).await;
+        if n["done"] == true {
+            break;
+        }
+        let item = &n["item"];
+        assert_eq!(item["mode"], "thumbs");
+        let text = item["responses"][0].as_str().unwrap().to_string();
+        assert_eq!(item["responses"].as_array().unwrap().len(), 1);
+        let id = item["item_id"].as_i64().unwrap();
+        let url = format!("{}/api/items/{id}/label", srv.url);
+        for bad in [
+            json!({"scale": 1}),
+            json!({"up": true, "scale": 1}),
+            json!({"up": 1}),
+        ] {
+            assert_eq!(
+                post(&c, &url, &t[0], bad).await.status(),
+                StatusCode::UNPROCESSABLE_ENTITY
+            );
+        }
+        // Up for the first response of each row ("response 0 ..."), down for the others.
+        let up = text.starts_with("response 0");
+        let r = post(&c, &url, &t[0], json!({"up": up})).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        seen += 1;
+    }
+    srv.stop().await;
+    assert_eq!(seen, 6, "2 rows x 3 responses, one item each");
+    let labels = Store::open(&db).unwrap().labels().unwrap();
+    let (rows, rep) = export(&labels, &ExportOptions::default());
+    assert_eq!((rows.len(), rep.rows), (6, 6));
+    for r in &rows {
+        let text = r["completion"].as_str().unwrap();
+        assert_eq!(r["label"], json!(text.starts_with("response 0")), "{r}");
+        assert!(r["prompt"].is_string());
+    }
+}
+
 /// Rankings: positions sent in display order come back out in the items' own order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rankings_map_display_positions_back_to_responses() {

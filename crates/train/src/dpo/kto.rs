@@ -351,7 +351,6 @@ impl Algorithm for Kto {
                 sel.iter().map(|&i| pol.mean_logit_sum[i] as f64).sum(),
                 tokens,
             );
-            m.add(&format!("count/{side}"), n, 1.0);
         }
         if let [Some(r), Some(c)] = means {
             m.add("rewards/margins", c - r, 1.0);
