@@ -963,6 +963,12 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "rm.save_steps=2".into(),
         "dpo.max_steps=2".into(),
         "dpo.save_steps=2".into(),
+        "kto.max_steps=1".into(),
+        "kto.save_steps=1".into(),
+        "orpo.max_steps=1".into(),
+        "orpo.save_steps=1".into(),
+        "simpo.max_steps=1".into(),
+        "simpo.save_steps=1".into(),
         "ppo.max_steps=1".into(),
         "ppo.save_steps=1".into(),
         "ppo.max_completion_length=6".into(),
@@ -972,7 +978,8 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
         "bon_n=2".into(),
         "eval_samples_per_prompt=1".into(),
         "frontier_dpo_betas=[0.5]".into(),
-        r#"methods=["sft", "dpo", "online-dpo", "ppo", "grpo", "bon"]"#.into(),
+        r#"methods=["sft", "dpo", "kto", "orpo", "simpo", "online-dpo", "ppo", "grpo", "bon"]"#
+            .into(),
         "online_dpo.labels=\"rm\"".into(),
         "online_dpo.rm_labels=\"gold\"".into(),
         "online_dpo.rounds=2".into(),
@@ -1012,6 +1019,9 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     for m in [
         "sft",
         "dpo",
+        "kto",
+        "orpo",
+        "simpo",
         "online-dpo",
         "ppo",
         "grpo",
@@ -1029,7 +1039,17 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     assert!(v["reward_model_heldout"]["eval_accuracy"].is_f64(), "{v}");
     assert!(v["stage_seconds"]["dpo"].as_f64().unwrap() > 0.0, "{v}");
     // Finished trainer stages keep their final model but not their checkpoints.
-    for stage in ["sft", "rm", "dpo", "ppo", "grpo", "dpo-beta-0.5"] {
+    for stage in [
+        "sft",
+        "rm",
+        "dpo",
+        "kto",
+        "orpo",
+        "simpo",
+        "ppo",
+        "grpo",
+        "dpo-beta-0.5",
+    ] {
         let names: Vec<String> = std::fs::read_dir(out.join(stage))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

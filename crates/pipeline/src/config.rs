@@ -10,6 +10,12 @@ use serde::{Deserialize, Deserializer};
 pub enum Method {
     Sft,
     Dpo,
+    /// KTO (`[kto]`) on the same pairs, unpaired: chosen desirable, rejected undesirable.
+    Kto,
+    /// ORPO (`[orpo]`) on the same pairs, no reference model.
+    Orpo,
+    /// SimPO (`[simpo]`: `preftune cpo` with `loss_type = "simpo"`) on the same pairs.
+    Simpo,
     /// Online DPO (`[online_dpo]`): rounds of sampling from the policy, labelling and DPO.
     OnlineDpo,
     Ppo,
@@ -21,9 +27,12 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 10] = [
         Method::Sft,
         Method::Dpo,
+        Method::Kto,
+        Method::Orpo,
+        Method::Simpo,
         Method::OnlineDpo,
         Method::Ppo,
         Method::PpoGt,
@@ -36,6 +45,9 @@ impl Method {
         match self {
             Method::Sft => "sft",
             Method::Dpo => "dpo",
+            Method::Kto => "kto",
+            Method::Orpo => "orpo",
+            Method::Simpo => "simpo",
             Method::OnlineDpo => "online-dpo",
             Method::Ppo => "ppo",
             Method::PpoGt => "ppo-gt",
@@ -221,6 +233,13 @@ pub struct PipelineConfig {
     pub rm: toml::Table,
     #[serde(default)]
     pub dpo: toml::Table,
+    /// KTO, ORPO and SimPO on the DPO pairs (`preftune kto`, `orpo`, `cpo`'s keys).
+    #[serde(default)]
+    pub kto: toml::Table,
+    #[serde(default)]
+    pub orpo: toml::Table,
+    #[serde(default)]
+    pub simpo: toml::Table,
     #[serde(default)]
     pub ppo: toml::Table,
     #[serde(default)]

@@ -487,6 +487,9 @@ fn resolve(config: &Path, table: toml::Table) -> Result<PipelineConfig> {
             &mut cfg.sft,
             &mut cfg.rm,
             &mut cfg.dpo,
+            &mut cfg.kto,
+            &mut cfg.orpo,
+            &mut cfg.simpo,
             &mut cfg.ppo,
             &mut cfg.grpo,
             &mut cfg.online_dpo,
@@ -805,6 +808,52 @@ impl Run<'_> {
             };
         if self.has(Method::Dpo) {
             dpo_stage("dpo", "DPO", None)?;
+        }
+        // The offline methods without DPO's loss, on the same pairs from the same SFT policy.
+        let pair_sets = |dir: &str| -> Vec<String> {
+            vec![
+                format!("model_name_or_path={sft_path}"),
+                format!("train_file={}", self.ps("pairs/pairs.jsonl")),
+                format!("output_dir={}", self.ps(dir)),
+            ]
+        };
+        if self.has(Method::Kto) {
+            stage(
+                &self.p("kto"),
+                "KTO",
+                dpo::kto::defaults(),
+                &cfg.kto,
+                &pair_sets("kto"),
+                dpo::kto::run,
+                cfg.keep_checkpoints,
+            )?;
+        }
+        if self.has(Method::Orpo) {
+            stage(
+                &self.p("orpo"),
+                "ORPO",
+                dpo::cpo::orpo_defaults(),
+                &cfg.orpo,
+                &pair_sets("orpo"),
+                dpo::cpo::run_orpo,
+                cfg.keep_checkpoints,
+            )?;
+        }
+        if self.has(Method::Simpo) {
+            let mut sets = pair_sets("simpo");
+            // SimPO is CPO's `simpo` loss; the table may set the rest (cpo_alpha, simpo_gamma).
+            if !cfg.simpo.contains_key("loss_type") {
+                sets.push("loss_type=\"simpo\"".into());
+            }
+            stage(
+                &self.p("simpo"),
+                "SimPO",
+                dpo::cpo::cpo_defaults(),
+                &cfg.simpo,
+                &sets,
+                dpo::cpo::run_cpo,
+                cfg.keep_checkpoints,
+            )?;
         }
         let mut sweep: Vec<String> = vec![];
         for beta in &cfg.frontier_dpo_betas {
