@@ -4,6 +4,9 @@ shared/parity/make_tiny_models.py, in the repo, with the architectures added sin
 Usage:  python scripts/parity/make_tiny_models.py OUT_DIR [NAME...]
 Writes OUT_DIR/NAME for each model named (default: all): tiny-llama, tiny-qwen2, tiny-gpt2 (the
 originals, bit for bit), tiny-qwen3 (q/k RMSNorm, head_dim 32 != hidden / heads), tiny-phi3 (fused qkv and gate_up),
+tiny-olmo2 (norms after each sublayer, q/k RMSNorm over all heads), tiny-gemma2 (1 + w norms on both sides of each
+sublayer, GeGLU, scaled embeddings, attention and logit soft-capping, alternating sliding-window layers),
+tiny-gemma3 (as Gemma 2 without soft-capping, with per-head q/k norms and local layers on their own RoPE base),
 each with config.json,
 model.safetensors (float32), tokenizer.json, tokenizer_config.json (ChatML chat_template),
 generation_config.json.  Deterministic: torch.manual_seed(0) before each model is built.
@@ -18,9 +21,10 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 CORPUS = """
 The movie opens with a long shot of a quiet city at night. A young director wanted to make a film about memory,
@@ -127,6 +131,27 @@ def main(root, names=()):
             intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
             max_position_embeddings=256, original_max_position_embeddings=256, hidden_act="silu",
             sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **common)),
+        # OLMo 2: post-sublayer norms, q/k RMSNorm over all heads.
+        "tiny-olmo2": (Olmo2ForCausalLM, Olmo2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            max_position_embeddings=256, hidden_act="silu", attention_bias=False, **common)),
+        # Gemma 2: 4 layers alternating local (window 4, shorter than the golden texts) and global,
+        # soft-capping at values the random logits reach, query_pre_attn_scalar != head_dim.
+        "tiny-gemma2": (Gemma2ForCausalLM, Gemma2Config(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=256,
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24, sliding_window=4,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, attention_bias=False, **common)),
+        # Gemma 3: local layers (window 4, RoPE base 10000) and a global one (base 1e6, linear scaling 2).
+        "tiny-gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(
+            hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            intermediate_size=128, rms_norm_eps=1e-6, max_position_embeddings=256,
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32, sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}},
+            attention_bias=False, **common)),
     }
     for name, (cls, cfg) in specs.items():
         if names and name not in names:

@@ -12,8 +12,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::kernels::AttnMask;
-use crate::model::Model;
+use crate::model::{LayerInputs, Model};
 
 type Rng = Option<rand::rngs::StdRng>;
 
@@ -32,8 +31,8 @@ pub(crate) struct Segment {
     end_rng: Rng,
     /// The last layer's output as an autograd leaf.
     leaf: Tensor,
-    rope: Option<(Tensor, Tensor)>,
-    mask: Option<(AttnMask, Option<Tensor>)>,
+    /// RoPE tables and masks of the pass, for full and local layers.
+    attn: LayerInputs,
 }
 
 /// Segments recorded by checkpointed forward passes since the last backward.
@@ -62,8 +61,7 @@ impl Model {
         &self,
         x: Tensor,
         lookup: Option<Tensor>,
-        rope: Option<(Tensor, Tensor)>,
-        mask: Option<(AttnMask, Option<Tensor>)>,
+        attn: LayerInputs,
     ) -> Result<Tensor> {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut rngs = Vec::with_capacity(self.blocks.len());
@@ -73,13 +71,10 @@ impl Model {
         for block in &self.blocks {
             inputs.push(h.clone());
             rngs.push(self.lora_dropout.snapshot());
-            h = block.detached().forward(
-                &h,
-                rope.as_ref(),
-                mask.as_ref(),
-                None,
-                self.cfg.activation,
-            )?;
+            let (rope, mask) = attn.get(block.sliding);
+            h = block
+                .detached()
+                .forward(&h, rope, mask, None, self.cfg.activation)?;
         }
         let leaf = Var::from_tensor(&h)?.as_tensor().clone();
         self.tape
@@ -92,8 +87,7 @@ impl Model {
                 rngs,
                 end_rng: self.lora_dropout.snapshot(),
                 leaf: leaf.clone(),
-                rope,
-                mask,
+                attn,
             });
         Ok(leaf)
     }
@@ -117,12 +111,9 @@ impl Model {
                 let x = Var::from_tensor(&input)?;
                 drop(input);
                 // Only the gradient of `out` matters, so its last projection is skipped.
-                let out = block.forward_for_backward(
-                    x.as_tensor(),
-                    seg.rope.as_ref(),
-                    seg.mask.as_ref(),
-                    self.cfg.activation,
-                )?;
+                let (rope, mask) = seg.attn.get(block.sliding);
+                let out =
+                    block.forward_for_backward(x.as_tensor(), rope, mask, self.cfg.activation)?;
                 let layer = (out * g.detach())?.sum_all()?.backward()?;
                 for t in block.tensors().iter().filter(|t| t.is_variable()) {
                     if let Some(d) = layer.get(t) {

@@ -1,8 +1,10 @@
 //! Model hyper-parameters read from a Hugging Face `config.json`.
 //!
 //! Two families cover the models we support: the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3,
-//! Phi-3, SmolLM), which differ only in biases, RoPE settings, tying, Qwen3's q/k norms and
-//! Phi-3's fused projections; and GPT-2.
+//! Phi-3, SmolLM, OLMo 2, Gemma 2 and 3), which differ in biases, RoPE settings, tying, q/k norms,
+//! Phi-3's fused projections, where the norms sit (OLMo 2 after each sublayer, Gemma on both
+//! sides), Gemma's `1 + w` norms, scaled embeddings, soft-capping and alternating local layers;
+//! and GPT-2.
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -25,6 +27,27 @@ pub enum Activation {
     /// Exact erf GELU.
     Gelu,
     Relu,
+}
+
+/// RMSNorm of queries and keys before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head (`[head_dim]` weights): Qwen3, Gemma 3.
+    PerHead,
+    /// Over all heads at once (`[heads * head_dim]` weights), before the split: OLMo 2.
+    Full,
+}
+
+/// Where a block's norms sit around its attention and MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `x + f(norm(x))`: Llama, GPT-2 and most others.
+    Pre,
+    /// `x + norm(f(x))`: OLMo 2 (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    Post,
+    /// `x + post_norm(f(pre_norm(x)))`: Gemma 2 and 3.
+    Both,
 }
 
 /// Llama 3.x frequency scaling (`rope_type = "llama3"`).
@@ -50,17 +73,33 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// `rope_type = "linear"`: positions divided by this factor (Gemma 3's global layers).
+    pub rope_linear_factor: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers (the others use `rope_theta`).
+    pub rope_local_theta: Option<f64>,
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
     /// Phi-3's fused projections: `qkv_proj` (`[q | k | v]`) and `gate_up_proj` (`[gate | up]`).
     pub fused_projections: bool,
-    /// Qwen3's RMSNorm of each query and key head (`q_norm`, `k_norm`, weights `[head_dim]`),
-    /// before RoPE.
-    pub qk_norm: bool,
-    /// Mistral's local attention: a query sees at most this many most recent keys (itself included).
+    /// RMSNorm of queries and keys (`q_norm`, `k_norm`) before RoPE.
+    pub qk_norm: QkNorm,
+    pub norm_placement: NormPlacement,
+    /// Gemma's RMSNorm multiplies by `1 + w`: 1.0 there, 0.0 elsewhere.
+    pub norm_offset: f64,
+    /// Gemma: embeddings multiplied by `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    /// Attention scores scale: `1 / sqrt(this)`; Gemma's `query_pre_attn_scalar`, else head_dim.
+    pub query_pre_attn_scalar: f64,
+    /// Gemma 2: scores become `c * tanh(scores / c)` before the mask and softmax.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: logits become `c * tanh(logits / c)`.
+    pub final_logit_softcapping: Option<f64>,
+    /// Local attention: a query sees at most this many most recent keys (itself included), in the
+    /// layers `sliding_layers` marks (every layer for Mistral, alternating ones for Gemma).
     pub sliding_window: Option<usize>,
+    pub sliding_layers: Vec<bool>,
     pub activation: Activation,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -121,7 +160,8 @@ impl ModelConfig {
             .unwrap_or("")
             .to_string();
         let arch = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "smollm" | "smollm2" => Arch::Llama,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "smollm" | "smollm2" | "olmo2"
+            | "gemma2" | "gemma3_text" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             _ => {
                 return Err(Error::UnknownArch {
@@ -170,7 +210,13 @@ impl ModelConfig {
                 "must divide num_attention_heads",
             ));
         }
-        let act_name = get(&raw, &["hidden_act", "activation_function"])
+        let gemma = matches!(model_type.as_str(), "gemma2" | "gemma3_text");
+        let act_keys: &[&str] = if gemma {
+            &["hidden_activation", "hidden_act"]
+        } else {
+            &["hidden_act", "activation_function"]
+        };
+        let act_name = get(&raw, act_keys)
             .and_then(Value::as_str)
             .unwrap_or("silu");
         let activation = match act_name {
@@ -186,8 +232,33 @@ impl ModelConfig {
                 ))
             }
         };
-        // transformers v5 nests RoPE settings in `rope_parameters`; v4 used `rope_theta`/`rope_scaling`.
-        let rope = get(&raw, &["rope_parameters", "rope_scaling"]);
+        // transformers v5 nests RoPE settings in `rope_parameters` (per layer type for Gemma 3:
+        // `full_attention`, `sliding_attention`); v4 used `rope_theta` / `rope_scaling`, and Gemma 3
+        // `rope_local_base_freq`.
+        let nested = get(&raw, &["rope_parameters"]).filter(|r| r.get("full_attention").is_some());
+        let rope = match nested {
+            Some(r) => r.get("full_attention"),
+            None => get(&raw, &["rope_parameters", "rope_scaling"]),
+        };
+        let rope_local_theta = match nested {
+            Some(r) => r
+                .get("sliding_attention")
+                .and_then(|l| l.get("rope_theta"))
+                .and_then(Value::as_f64),
+            None => get(&raw, &["rope_local_base_freq"]).and_then(Value::as_f64),
+        };
+        if nested.is_some_and(|r| {
+            r.get("sliding_attention")
+                .and_then(|l| get(l, &["rope_type", "type"]))
+                .and_then(Value::as_str)
+                .is_some_and(|t| t != "default")
+        }) {
+            return Err(Error::invalid(
+                path,
+                "rope_parameters.sliding_attention.rope_type",
+                "only the default RoPE is supported on local layers",
+            ));
+        }
         let rope_theta = match rope
             .and_then(|r| r.get("rope_theta"))
             .and_then(Value::as_f64)
@@ -199,8 +270,17 @@ impl ModelConfig {
             .and_then(|r| get(r, &["rope_type", "type"]))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        let mut rope_linear_factor = None;
         let rope_scaling = match rope_type {
             "default" => None,
+            "linear" => {
+                let f = rope
+                    .and_then(|r| r.get("factor"))
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| Error::invalid(path, "rope_scaling.factor", "missing"))?;
+                rope_linear_factor = Some(finite(path, "rope_scaling.factor", f, true)?);
+                None
+            }
             "llama3" => {
                 let r = rope.expect("rope_type came from it");
                 let num = |k: &str| {
@@ -242,8 +322,9 @@ impl ModelConfig {
                 "RoPE on part of each head is not supported",
             ));
         }
+        let num_layers = usize_of(&["num_hidden_layers", "n_layer"])?;
         let sliding_window = match model_type.as_str() {
-            "mistral" | "phi3" => get(&raw, &["sliding_window"])
+            "mistral" | "phi3" | "gemma2" | "gemma3_text" => get(&raw, &["sliding_window"])
                 .and_then(Value::as_u64)
                 .map(|w| w as usize),
             "qwen2" | "qwen3" if bool_of("use_sliding_window", false) => {
@@ -255,6 +336,53 @@ impl ModelConfig {
             }
             _ => None,
         };
+        // Which layers are local: `layer_types` where the config has it, else every layer
+        // (Mistral) or the model's default pattern (Gemma 2 every other, Gemma 3 five of six).
+        let sliding_layers: Vec<bool> = match get(&raw, &["layer_types"]).and_then(Value::as_array)
+        {
+            Some(types) if sliding_window.is_some() => {
+                if types.len() != num_layers {
+                    return Err(Error::invalid(
+                        path,
+                        "layer_types",
+                        format!("has {} entries for {num_layers} layers", types.len()),
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(Error::invalid(
+                            path,
+                            "layer_types",
+                            format!("expected sliding_attention or full_attention, found {t}"),
+                        )),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            _ if sliding_window.is_none() => vec![false; num_layers],
+            _ => match model_type.as_str() {
+                "gemma2" => (0..num_layers).map(|i| i % 2 == 0).collect(),
+                "gemma3_text" => {
+                    let every = get(&raw, &["sliding_window_pattern", "_sliding_window_pattern"])
+                        .and_then(Value::as_u64)
+                        .unwrap_or(6)
+                        .max(1) as usize;
+                    (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+                }
+                _ => vec![true; num_layers],
+            },
+        };
+        let head_dim = get(&raw, &["head_dim"])
+            .and_then(Value::as_u64)
+            .map_or(hidden_size / num_heads, |x| x as usize);
+        let softcap = |key: &str| -> Result<Option<f64>> {
+            match get(&raw, &[key]).and_then(Value::as_f64) {
+                Some(c) => Ok(Some(finite(path, key, c, true)?)),
+                None => Ok(None),
+            }
+        };
         let cfg = ModelConfig {
             arch,
             vocab_size: usize_of(&["vocab_size"])?,
@@ -265,12 +393,10 @@ impl ModelConfig {
                     .and_then(Value::as_u64)
                     .map_or(hidden_size.saturating_mul(4), |x| x as usize),
             },
-            num_layers: usize_of(&["num_hidden_layers", "n_layer"])?,
+            num_layers,
             num_heads,
             num_kv_heads,
-            head_dim: get(&raw, &["head_dim"])
-                .and_then(Value::as_u64)
-                .map_or(hidden_size / num_heads, |x| x as usize),
+            head_dim,
             max_position_embeddings: usize_of(&["max_position_embeddings", "n_positions"])?,
             norm_eps: f64_of(
                 &["rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"],
@@ -278,13 +404,43 @@ impl ModelConfig {
             )?,
             rope_theta,
             rope_scaling,
+            rope_linear_factor,
+            rope_local_theta,
             qkv_bias,
             o_bias,
             mlp_bias,
-            tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2),
-            qk_norm: model_type == "qwen3",
+            tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2 || gemma),
+            qk_norm: match model_type.as_str() {
+                "qwen3" | "gemma3_text" => QkNorm::PerHead,
+                "olmo2" => QkNorm::Full,
+                _ => QkNorm::None,
+            },
+            norm_placement: match model_type.as_str() {
+                "olmo2" => NormPlacement::Post,
+                _ if gemma => NormPlacement::Both,
+                _ => NormPlacement::Pre,
+            },
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            query_pre_attn_scalar: match get(&raw, &["query_pre_attn_scalar"])
+                .and_then(Value::as_f64)
+            {
+                Some(s) if gemma => finite(path, "query_pre_attn_scalar", s, true)?,
+                _ => head_dim as f64,
+            },
+            attn_logit_softcapping: if gemma {
+                softcap("attn_logit_softcapping")?
+            } else {
+                None
+            },
+            final_logit_softcapping: if gemma {
+                softcap("final_logit_softcapping")?
+            } else {
+                None
+            },
             fused_projections: model_type == "phi3",
             sliding_window,
+            sliding_layers,
             activation,
             bos_token_id: token_ids(get(&raw, &["bos_token_id"])).first().copied(),
             eos_token_ids: token_ids(get(&raw, &["eos_token_id"])),
@@ -338,6 +494,9 @@ impl ModelConfig {
         }
         finite(path, "rms_norm_eps", self.norm_eps, false)?;
         finite(path, "rope_theta", self.rope_theta, true)?;
+        if let Some(t) = self.rope_local_theta {
+            finite(path, "rope_local_base_freq", t, true)?;
+        }
         if let Some(r) = &self.rope_scaling {
             finite(path, "rope_scaling.factor", r.factor, true)?;
             finite(

@@ -81,11 +81,14 @@ pub fn token_logprobs(
         let flat = hidden.reshape((b * t, h))?;
         let idx = Tensor::from_slice(&src, src.len(), dev)?;
         let rows = flat.index_select(&idx, 0)?;
-        let (lp, hits, means) = if dtype == DType::F64 || !crate::kernels::cpu_kernels(dev) {
-            composed(model, &rows, &labels, temperature, dtype)?
-        } else {
-            fused(model, &rows, &labels, temperature)?
-        };
+        // The fused LM-head op knows no soft-capping (Gemma 2): those logits compose.
+        let composed_only = model.cfg.final_logit_softcapping.is_some();
+        let (lp, hits, means) =
+            if dtype == DType::F64 || composed_only || !crate::kernels::cpu_kernels(dev) {
+                composed(model, &rows, &labels, temperature, dtype)?
+            } else {
+                fused(model, &rows, &labels, temperature)?
+            };
         for (k, (&hit, &mu)) in hits.iter().zip(&means).enumerate() {
             let row = dst[k] as usize / t;
             row_hits[row] += hit as usize;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::{Activation, Arch, ModelConfig};
+use crate::config::{Activation, Arch, ModelConfig, NormPlacement, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
 use crate::ops::{layer_norm, linear_group, rms_norm, rope, softmax_last, swiglu, Linear};
@@ -24,13 +24,23 @@ struct Norm {
     weight: Tensor,
     bias: Option<Tensor>,
     eps: f64,
+    /// Gemma's RMSNorm scales by `1 + weight` (1.0), the others by `weight` (0.0).
+    offset: f64,
 }
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
+            None if self.offset != 0.0 => rms_norm(x, &(&self.weight + self.offset)?, self.eps),
             None => rms_norm(x, &self.weight, self.eps),
             Some(b) => layer_norm(x, &self.weight, b, self.eps),
+        }
+    }
+
+    fn apply(norm: &Option<Norm>, x: Tensor) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
         }
     }
 
@@ -57,11 +67,17 @@ enum Qkv {
 struct Attention {
     qkv: Qkv,
     o: Linear,
-    /// Qwen3: RMSNorm of each query and key head before RoPE.
+    /// RMSNorm of queries and keys before RoPE: per head (Qwen3, Gemma 3) or over all heads
+    /// (OLMo 2, `qk_norm_full`).
     qk_norm: Option<(Norm, Norm)>,
+    qk_norm_full: bool,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Scores are multiplied by this (`1 / sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar`).
+    scale: f64,
+    /// Gemma 2: `c * tanh(scores / c)` before the mask.
+    softcap: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -84,12 +100,18 @@ enum Mlp {
     },
 }
 
+/// A decoder layer. Norms before (`norm1`, `norm2`) and after (`post1`, `post2`) the attention
+/// and the MLP, as the architecture places them ([`NormPlacement`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Block {
-    norm1: Norm,
+    norm1: Option<Norm>,
     attn: Attention,
-    norm2: Norm,
+    post1: Option<Norm>,
+    norm2: Option<Norm>,
     mlp: Mlp,
+    post2: Option<Norm>,
+    /// Local (sliding-window) attention with its own RoPE base, where the model has such layers.
+    pub(crate) sliding: bool,
 }
 
 impl Attention {
@@ -112,7 +134,8 @@ impl Mlp {
 }
 
 impl Block {
-    /// Pre-norm residual block: `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
+    /// Residual block: `x + post1(attn(norm1(x)))`, then `+ post2(mlp(norm2(.)))`, each norm
+    /// where the architecture has one.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -146,11 +169,16 @@ impl Block {
         act: Activation,
         unread: bool,
     ) -> candle_core::Result<Tensor> {
-        let a = self
-            .attn
-            .forward(&self.norm1.forward(x)?, rope_tables, mask, cache)?;
+        let h = Norm::apply(&self.norm1, x.clone())?;
+        let a = Norm::apply(
+            &self.post1,
+            self.attn.forward(&h, rope_tables, mask, cache)?,
+        )?;
         let x = (x + a)?;
-        let m = self.mlp.forward(&self.norm2.forward(&x)?, act, unread)?;
+        let h = Norm::apply(&self.norm2, x.clone())?;
+        // The MLP's last projection feeds a norm after it: no longer a value nobody reads.
+        let unread = unread && self.post2.is_none();
+        let m = Norm::apply(&self.post2, self.mlp.forward(&h, act, unread)?)?;
         x + m
     }
 
@@ -186,9 +214,11 @@ impl Block {
         v
     }
 
-    /// Visits parameters in load order: norm1, attention, norm2, MLP.
+    /// Visits parameters in load order: norm1, attention, post1, norm2, MLP, post2.
     fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        self.norm1.visit_mut(f);
+        if let Some(n) = &mut self.norm1 {
+            n.visit_mut(f);
+        }
         self.attn
             .linears_mut()
             .into_iter()
@@ -197,11 +227,16 @@ impl Block {
             qn.visit_mut(f);
             kn.visit_mut(f);
         }
-        self.norm2.visit_mut(f);
+        for n in [&mut self.post1, &mut self.norm2].into_iter().flatten() {
+            n.visit_mut(f);
+        }
         self.mlp
             .linears_mut()
             .into_iter()
             .for_each(|l| l.visit_mut(f));
+        if let Some(n) = &mut self.post2 {
+            n.visit_mut(f);
+        }
     }
 }
 
@@ -357,6 +392,8 @@ pub struct Model {
     /// `[1, H]`: the reward/value head; such a model is saved without an LM head.
     pub(crate) score: Option<Tensor>,
     inv_freq: Vec<f32>,
+    /// Gemma 3's local layers' RoPE frequencies (their own base).
+    inv_freq_local: Option<Vec<f32>>,
     dtype: DType,
     /// Shared by every LoRA adapter of this model: seeded during training steps, off otherwise.
     pub(crate) lora_dropout: crate::lora::DropoutRng,
@@ -415,9 +452,9 @@ impl Params<'_> {
         Ok(Linear::new(prefix, weight, bias))
     }
 
-    fn norm(&mut self, prefix: &str, dim: usize, arch: Arch, eps: f64) -> Result<Norm> {
+    fn norm(&mut self, prefix: &str, dim: usize, cfg: &ModelConfig) -> Result<Norm> {
         let weight = self.take(&format!("{prefix}.weight"), &[dim])?;
-        let bias = match arch {
+        let bias = match cfg.arch {
             Arch::Llama => None,
             Arch::Gpt2 => Some(self.take(&format!("{prefix}.bias"), &[dim])?),
         };
@@ -425,7 +462,8 @@ impl Params<'_> {
             name: prefix.to_string(),
             weight,
             bias,
-            eps,
+            eps: cfg.norm_eps,
+            offset: cfg.norm_offset,
         })
     }
 }
@@ -470,89 +508,114 @@ impl Model {
                 for i in 0..cfg.num_layers {
                     let pre = format!("model.layers.{i}");
                     let a = format!("{pre}.self_attn");
-                    bs.push(Block {
-                        norm1: p.norm(
-                            &format!("{pre}.input_layernorm"),
+                    let hf = |name: &str| format!("{pre}.{name}");
+                    // Norms by placement: HF names them by position, so one name can be either.
+                    let (pre1, post1, pre2, post2) = match cfg.norm_placement {
+                        NormPlacement::Pre => (
+                            Some("input_layernorm"),
+                            None,
+                            Some("post_attention_layernorm"),
+                            None,
+                        ),
+                        NormPlacement::Post => (
+                            None,
+                            Some("post_attention_layernorm"),
+                            None,
+                            Some("post_feedforward_layernorm"),
+                        ),
+                        NormPlacement::Both => (
+                            Some("input_layernorm"),
+                            Some("post_attention_layernorm"),
+                            Some("pre_feedforward_layernorm"),
+                            Some("post_feedforward_layernorm"),
+                        ),
+                    };
+                    let mut norm = |name: Option<&str>| -> Result<Option<Norm>> {
+                        name.map(|n| p.norm(&hf(n), h, &cfg)).transpose()
+                    };
+                    let (norm1, post1) = (norm(pre1)?, norm(post1)?);
+                    let (norm2, post2) = (norm(pre2)?, norm(post2)?);
+                    let qkv = if cfg.fused_projections {
+                        Qkv::Fused(p.linear(
+                            &format!("{a}.qkv_proj"),
+                            (nh + 2 * nkv) * hd,
                             h,
-                            cfg.arch,
-                            cfg.norm_eps,
-                        )?,
+                            cfg.qkv_bias,
+                        )?)
+                    } else {
+                        Qkv::Split {
+                            q: p.linear(&format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                            k: p.linear(&format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                            v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                        }
+                    };
+                    let o = p.linear(&format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?;
+                    let qk_norm = match cfg.qk_norm {
+                        QkNorm::None => None,
+                        QkNorm::PerHead => Some((
+                            p.norm(&format!("{a}.q_norm"), hd, &cfg)?,
+                            p.norm(&format!("{a}.k_norm"), hd, &cfg)?,
+                        )),
+                        QkNorm::Full => Some((
+                            p.norm(&format!("{a}.q_norm"), nh * hd, &cfg)?,
+                            p.norm(&format!("{a}.k_norm"), nkv * hd, &cfg)?,
+                        )),
+                    };
+                    let mlp = if cfg.fused_projections {
+                        Mlp::GatedFused {
+                            gate_up: p.linear(
+                                &format!("{pre}.mlp.gate_up_proj"),
+                                2 * inter,
+                                h,
+                                cfg.mlp_bias,
+                            )?,
+                            down: p.linear(
+                                &format!("{pre}.mlp.down_proj"),
+                                h,
+                                inter,
+                                cfg.mlp_bias,
+                            )?,
+                            inter,
+                        }
+                    } else {
+                        Mlp::Gated {
+                            gate: p.linear(
+                                &format!("{pre}.mlp.gate_proj"),
+                                inter,
+                                h,
+                                cfg.mlp_bias,
+                            )?,
+                            up: p.linear(&format!("{pre}.mlp.up_proj"), inter, h, cfg.mlp_bias)?,
+                            down: p.linear(
+                                &format!("{pre}.mlp.down_proj"),
+                                h,
+                                inter,
+                                cfg.mlp_bias,
+                            )?,
+                        }
+                    };
+                    bs.push(Block {
+                        norm1,
                         attn: Attention {
-                            qkv: if cfg.fused_projections {
-                                Qkv::Fused(p.linear(
-                                    &format!("{a}.qkv_proj"),
-                                    (nh + 2 * nkv) * hd,
-                                    h,
-                                    cfg.qkv_bias,
-                                )?)
-                            } else {
-                                Qkv::Split {
-                                    q: p.linear(&format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-                                    k: p.linear(&format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                                    v: p.linear(&format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                                }
-                            },
-                            o: p.linear(&format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
-                            qk_norm: if cfg.qk_norm {
-                                Some((
-                                    p.norm(&format!("{a}.q_norm"), hd, cfg.arch, cfg.norm_eps)?,
-                                    p.norm(&format!("{a}.k_norm"), hd, cfg.arch, cfg.norm_eps)?,
-                                ))
-                            } else {
-                                None
-                            },
+                            qkv,
+                            o,
+                            qk_norm,
+                            qk_norm_full: cfg.qk_norm == QkNorm::Full,
                             num_heads: nh,
                             num_kv_heads: nkv,
                             head_dim: hd,
+                            scale: 1.0 / cfg.query_pre_attn_scalar.sqrt(),
+                            softcap: cfg.attn_logit_softcapping,
                         },
-                        norm2: p.norm(
-                            &format!("{pre}.post_attention_layernorm"),
-                            h,
-                            cfg.arch,
-                            cfg.norm_eps,
-                        )?,
-                        mlp: if cfg.fused_projections {
-                            Mlp::GatedFused {
-                                gate_up: p.linear(
-                                    &format!("{pre}.mlp.gate_up_proj"),
-                                    2 * inter,
-                                    h,
-                                    cfg.mlp_bias,
-                                )?,
-                                down: p.linear(
-                                    &format!("{pre}.mlp.down_proj"),
-                                    h,
-                                    inter,
-                                    cfg.mlp_bias,
-                                )?,
-                                inter,
-                            }
-                        } else {
-                            Mlp::Gated {
-                                gate: p.linear(
-                                    &format!("{pre}.mlp.gate_proj"),
-                                    inter,
-                                    h,
-                                    cfg.mlp_bias,
-                                )?,
-                                up: p.linear(
-                                    &format!("{pre}.mlp.up_proj"),
-                                    inter,
-                                    h,
-                                    cfg.mlp_bias,
-                                )?,
-                                down: p.linear(
-                                    &format!("{pre}.mlp.down_proj"),
-                                    h,
-                                    inter,
-                                    cfg.mlp_bias,
-                                )?,
-                            }
-                        },
+                        post1,
+                        norm2,
+                        mlp,
+                        post2,
+                        sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
                     });
                 }
                 blocks = bs;
-                norm_f = p.norm("model.norm", h, cfg.arch, cfg.norm_eps)?;
+                norm_f = p.norm("model.norm", h, &cfg)?;
             }
             Arch::Gpt2 => {
                 embed = p.take("transformer.wte.weight", &[cfg.vocab_size, h])?;
@@ -561,7 +624,7 @@ impl Model {
                 for i in 0..cfg.num_layers {
                     let pre = format!("transformer.h.{i}");
                     bs.push(Block {
-                        norm1: p.norm(&format!("{pre}.ln_1"), h, cfg.arch, cfg.norm_eps)?,
+                        norm1: Some(p.norm(&format!("{pre}.ln_1"), h, &cfg)?),
                         attn: Attention {
                             qkv: Qkv::Fused(p.linear(
                                 &format!("{pre}.attn.c_attn"),
@@ -571,19 +634,25 @@ impl Model {
                             )?),
                             o: p.linear(&format!("{pre}.attn.c_proj"), h, h, true)?,
                             qk_norm: None,
+                            qk_norm_full: false,
                             num_heads: nh,
                             num_kv_heads: nh,
                             head_dim: hd,
+                            scale: 1.0 / (hd as f64).sqrt(),
+                            softcap: None,
                         },
-                        norm2: p.norm(&format!("{pre}.ln_2"), h, cfg.arch, cfg.norm_eps)?,
+                        post1: None,
+                        norm2: Some(p.norm(&format!("{pre}.ln_2"), h, &cfg)?),
                         mlp: Mlp::Plain {
                             fc: p.linear(&format!("{pre}.mlp.c_fc"), inter, h, true)?,
                             proj: p.linear(&format!("{pre}.mlp.c_proj"), h, inter, true)?,
                         },
+                        post2: None,
+                        sliding: false,
                     });
                 }
                 blocks = bs;
-                norm_f = p.norm("transformer.ln_f", h, cfg.arch, cfg.norm_eps)?;
+                norm_f = p.norm("transformer.ln_f", h, &cfg)?;
             }
         }
         let score = match p.tensors.get("score.weight").map(|t| t.dims().to_vec()) {
@@ -629,10 +698,13 @@ impl Model {
             ));
         }
         let inv_freq = if cfg.arch == Arch::Llama {
-            rope_inv_freq(&cfg)
+            rope_inv_freq(&cfg, cfg.rope_theta, true)
         } else {
             vec![]
         };
+        let inv_freq_local = cfg
+            .rope_local_theta
+            .map(|theta| rope_inv_freq(&cfg, theta, false));
         Ok(Model {
             cfg,
             embed,
@@ -642,6 +714,7 @@ impl Model {
             lm_head,
             score,
             inv_freq,
+            inv_freq_local,
             dtype,
             lora_dropout: Default::default(),
             checkpointing: false,
@@ -799,24 +872,40 @@ impl Model {
                 .collect()
         });
         let dev = self.device();
-        let attn_mask =
-            causal_padding_mask(&mask, segments.as_deref(), t, past, self.cfg.sliding_window);
-        // The composed attention adds the mask as a `[B, 1, T, Tk]` tensor; the kernel reads it as is.
-        let fused = kernels::applies(&self.embed);
-        let mask_tensor = match (&attn_mask, fused) {
-            (Some(m), false) => Some(
-                Tensor::from_vec(m.data.to_vec(), (m.b, 1, m.t, m.tk), dev)?
-                    .to_dtype(self.dtype)?,
-            ),
-            _ => None,
+        // The composed attention adds the mask as a `[B, 1, T, Tk]` tensor; the kernel reads it as
+        // is. Soft-capped attention always composes.
+        let fused = kernels::applies(&self.embed) && self.cfg.attn_logit_softcapping.is_none();
+        let mask_for = |window: Option<usize>| -> Result<Option<(AttnMask, Option<Tensor>)>> {
+            let Some(m) = causal_padding_mask(&mask, segments.as_deref(), t, past, window) else {
+                return Ok(None);
+            };
+            let tensor = match fused {
+                false => Some(
+                    Tensor::from_vec(m.data.to_vec(), (m.b, 1, m.t, m.tk), dev)?
+                        .to_dtype(self.dtype)?,
+                ),
+                true => None,
+            };
+            Ok(Some((m, tensor)))
         };
-        let attn_mask = attn_mask.map(|m| (m, mask_tensor));
+        let any_local = self.blocks.iter().any(|b| b.sliding);
+        let any_full = self.blocks.iter().any(|b| !b.sliding);
+        let full_mask = if any_full { mask_for(None)? } else { None };
+        let local_mask = if any_local {
+            mask_for(self.cfg.sliding_window)?
+        } else {
+            None
+        };
 
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
             .embed
             .index_select(&flat_ids, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(scale) = self.cfg.embed_scale {
+            // Gemma: the scale rounded to the weights' dtype first, as transformers multiplies.
+            x = (x * round_to(scale, self.dtype))?;
+        }
         let pos_flat: Vec<u32> = positions.iter().flatten().copied().collect();
         if let Some(wpe) = &self.wpe {
             if let Some(&p) = pos_flat
@@ -835,10 +924,18 @@ impl Model {
                 self.cfg.hidden_size,
             ))?)?;
         }
-        let rope_tables = if self.inv_freq.is_empty() {
+        let rope_full = if self.inv_freq.is_empty() {
             None
         } else {
-            Some(self.rope_tables(&pos_flat, b, t)?)
+            Some(self.rope_tables(&self.inv_freq, &pos_flat, b, t)?)
+        };
+        let rope_local = match &self.inv_freq_local {
+            Some(f) if any_local => Some(self.rope_tables(f, &pos_flat, b, t)?),
+            _ => rope_full.clone(),
+        };
+        let inputs = LayerInputs {
+            full: (rope_full, full_mask),
+            local: (rope_local, local_mask),
         };
 
         let training = cache.is_none() && self.is_trainable();
@@ -850,8 +947,8 @@ impl Model {
         if self.checkpointing && training {
             // `x` is the bare lookup when there are no learned positions: backward can then add its
             // gradient to the embedding's rows directly.
-            let lookup = self.wpe.is_none().then_some(flat_ids);
-            x = self.forward_checkpointed(x, lookup, rope_tables, attn_mask)?;
+            let lookup = (self.wpe.is_none() && self.cfg.embed_scale.is_none()).then_some(flat_ids);
+            x = self.forward_checkpointed(x, lookup, inputs)?;
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {
@@ -860,13 +957,8 @@ impl Model {
                     }
                     &mut c.layers[i]
                 });
-                x = block.forward(
-                    &x,
-                    rope_tables.as_ref(),
-                    attn_mask.as_ref(),
-                    layer_cache,
-                    self.cfg.activation,
-                )?;
+                let (rope, mask) = inputs.get(block.sliding);
+                x = block.forward(&x, rope, mask, layer_cache, self.cfg.activation)?;
             }
         }
         Ok(self.norm_f.forward(&x)?)
@@ -874,7 +966,11 @@ impl Model {
 
     /// Logits `[.., V]` from hidden states `[.., H]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(Linear::new("lm_head", self.lm_head.clone(), None).forward(hidden)?)
+        let logits = Linear::new("lm_head", self.lm_head.clone(), None).forward(hidden)?;
+        Ok(match self.cfg.final_logit_softcapping {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
     }
 
     /// The LM head weight `[V, H]` (the embedding when tied).
@@ -883,12 +979,18 @@ impl Model {
     }
 
     /// `cos`, `sin` tables `[B, 1, T, Dh/2]` for the given positions, computed in f32 as transformers does.
-    fn rope_tables(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    fn rope_tables(
+        &self,
+        inv_freq: &[f32],
+        positions: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &self.inv_freq {
+            for &f in inv_freq {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -901,15 +1003,50 @@ impl Model {
     }
 }
 
-/// RoPE inverse frequencies, including Llama 3's long-context rescaling.
-fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+/// `x` as the nearest value of `dtype` (transformers multiplies by a scalar tensor of that dtype).
+fn round_to(x: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => x,
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+        _ => x as f32 as f64,
+    }
+}
+
+/// What a forward pass gives each layer's attention: RoPE tables and the mask, for the full and
+/// the sliding-window (local) layers.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerInputs {
+    full: RopeAndMask,
+    local: RopeAndMask,
+}
+
+type RopeAndMask = (Option<(Tensor, Tensor)>, Option<(AttnMask, Option<Tensor>)>);
+type RopeAndMaskRef<'a> = (
+    Option<&'a (Tensor, Tensor)>,
+    Option<&'a (AttnMask, Option<Tensor>)>,
+);
+
+impl LayerInputs {
+    pub(crate) fn get(&self, sliding: bool) -> RopeAndMaskRef<'_> {
+        let (r, m) = if sliding { &self.local } else { &self.full };
+        (r.as_ref(), m.as_ref())
+    }
+}
+
+/// RoPE inverse frequencies of base `theta`, with the config's rescaling (Llama 3's long-context
+/// one, or linear) when `scaled` (Gemma 3's local layers take none).
+fn rope_inv_freq(cfg: &ModelConfig, theta: f64, scaled: bool) -> Vec<f32> {
     let hd = cfg.head_dim;
-    let base = cfg.rope_theta as f32;
+    let base = theta as f32;
     let mut inv: Vec<f32> = (0..hd)
         .step_by(2)
         .map(|i| 1.0 / base.powf(i as f32 / hd as f32))
         .collect();
-    if let Some(s) = &cfg.rope_scaling {
+    if let (Some(f), true) = (cfg.rope_linear_factor, scaled) {
+        inv.iter_mut().for_each(|x| *x /= f as f32);
+    }
+    if let (Some(s), true) = (&cfg.rope_scaling, scaled) {
         let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
         let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
         for f in inv.iter_mut() {
@@ -995,9 +1132,16 @@ impl Attention {
                 )
             }
         };
+        let (q, k) = match (&self.qk_norm, self.qk_norm_full) {
+            // OLMo 2: over all heads, before the split.
+            (Some((qn, kn)), true) => {
+                (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?)
+            }
+            _ => (q, k),
+        };
         let heads = |x: Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let (mut q, mut k, mut v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-        if let Some((qn, kn)) = &self.qk_norm {
+        if let (Some((qn, kn)), false) = (&self.qk_norm, self.qk_norm_full) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
@@ -1012,25 +1156,31 @@ impl Attention {
         // Grouped-query attention without copying K/V per head: the `rep` query heads that share a
         // KV head are stacked along the time axis (query head h uses KV head h / rep, as repeat_kv).
         let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.scale;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let untracked = !(q.track_op() || k.track_op() || v.track_op());
         // Not in a training forward: a checkpointed layer's untracked pass must sum as its
         // tracked recomputation will, or the two differ by rounding (bf16 flips it into 1% of a
         // gradient on a CPU without AVX-512).
+        // Soft-capped scores (Gemma 2) take the composed path: the kernels do not cap.
+        let kernel = kernels::applies(&q) && self.softcap.is_none();
         let out = if untracked
+            && kernel
             && !crate::ops::training_products()
-            && kernels::applies(&q)
             && q.dtype() == DType::F32
             && v.dtype() == DType::F32
             && rep * t <= kernels::UNTRACKED_MAX_ROWS
         {
             kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
         } else {
-            let probs = if kernels::applies(&q) {
+            let probs = if kernel {
                 kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
             } else {
-                let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+                let mut scores =
+                    (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+                if let Some(c) = self.softcap {
+                    scores = ((scores / c)?.tanh()? * c)?;
+                }
                 let scores = match mask.and_then(|(_, t)| t.as_ref()) {
                     Some(m) => scores.broadcast_add(m)?,
                     None => scores,

@@ -33,13 +33,7 @@ fn argmax(xs: &[f32]) -> u32 {
 
 #[test]
 fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
-    for name in [
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-gpt2",
-        "tiny-qwen3",
-        "tiny-phi3",
-    ] {
+    for name in common::MODELS {
         let p = common::load(name);
         let fused = last_logits(&p, &[5]);
         let composed = {
@@ -77,13 +71,7 @@ fn one_token_prompts_run_on_every_architecture_and_match_the_composed_ops() {
 #[test]
 fn a_full_context_scores_trains_and_decodes_on_every_architecture() {
     use preftune_model::{LoadOptions, Pretrained};
-    for name in [
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-gpt2",
-        "tiny-qwen3",
-        "tiny-phi3",
-    ] {
+    for name in common::MODELS {
         let opts = LoadOptions {
             trainable: true,
             ..Default::default()

@@ -236,13 +236,7 @@ fn no_config_json_panics_the_loader() {
         "attention_bias",
     ];
     let mut failures = vec![];
-    for model in [
-        "tiny-llama",
-        "tiny-gpt2",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-phi3",
-    ] {
+    for model in MODELS {
         let src = tiny(model);
         let dir = tempfile::tempdir().unwrap();
         // The folder: every file but config.json linked from the fixture.

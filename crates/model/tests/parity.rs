@@ -6,14 +6,6 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use preftune_model::{generate, token_logprobs, Message, SamplingConfig};
 
-const MODELS: [&str; 5] = [
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-gpt2",
-    "tiny-qwen3",
-    "tiny-phi3",
-];
-
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
     for name in MODELS {

@@ -10,14 +10,6 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use preftune_model::{token_logprobs, LoadOptions, Pretrained};
 
-const MODELS: [&str; 5] = [
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-gpt2",
-    "tiny-qwen3",
-    "tiny-phi3",
-];
-
 fn logits_of(p: &Pretrained, ids: &[u32]) -> Vec<f32> {
     let h = p.model.forward(&row(ids), None, None, None).unwrap();
     p.model
@@ -168,8 +160,16 @@ fn bf16_forward_tracks_f32() {
             .unwrap();
         let (a, b) = (logits_of(&f32m, &ids), logits_of(&bf, &ids));
         let d = max_abs_diff(&a, &b);
-        // Logits have std ~1.6 here; bf16 keeps 8 bits of mantissa.
-        assert!(d < 0.25, "{name}: bf16 logits differ from f32 by {d}");
+        // bf16 keeps 8 bits of mantissa: the gap grows with the logits' spread (std 1.6 for
+        // tiny-llama, 2.4 / 3.3 for the deeper Gemmas, where transformers' own bf16 logits differ
+        // from its f32 ones by 0.48 / 0.51).
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let std =
+            (a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+        assert!(
+            (d as f64) < 0.25 * std.max(1.0),
+            "{name}: bf16 logits differ from f32 by {d} (logit std {std})"
+        );
     }
 }
 

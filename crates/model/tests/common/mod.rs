@@ -312,3 +312,16 @@ pub fn write_tiny_llama_gguf(path: &Path, dtype: GgmlDType) {
     let (md, qt) = tiny_llama_gguf_parts(dtype);
     write_gguf(path, &md, &qt);
 }
+
+/// Every tiny architecture in fixtures/models, each with its goldens in fixtures/golden.
+#[allow(dead_code)]
+pub const MODELS: [&str; 8] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-gpt2",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-olmo2",
+    "tiny-gemma2",
+    "tiny-gemma3",
+];
