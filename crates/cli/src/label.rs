@@ -260,8 +260,9 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             if let Some(spec) = judge {
                 anyhow::ensure!(
                     mode == Mode::Pair,
-                    "{}: --judge compares pairwise labels; this database holds rankings",
-                    db.display()
+                    "{}: --judge compares pairwise labels; this database is in {} mode",
+                    db.display(),
+                    mode.as_str()
                 );
                 let j = ask.judge(spec)?;
                 let orders = judge_orders(&j, &labels, db)?;

@@ -61,7 +61,8 @@ pub struct Stats {
     pub cohen: Vec<CohenPair>,
     pub mean_cohen_kappa: Option<f64>,
     pub fleiss: Option<Fleiss>,
-    pub position_bias: PositionBias,
+    /// Pairs and rankings; thumbs show one response, so there is no position to favour.
+    pub position_bias: Option<PositionBias>,
 }
 
 /// The category a judgement falls in (see the module doc) and how many there are.
@@ -234,14 +235,14 @@ pub fn stats(labels: &[Label], mode: Mode) -> Stats {
             .then(|| kappas.iter().sum::<f64>() / kappas.len() as f64),
         cohen,
         fleiss,
-        position_bias: PositionBias {
+        position_bias: (mode != Mode::Thumbs).then(|| PositionBias {
             judgements: n,
             first_shown_wins: wins,
             rate,
             ci95_low: (rate - half).max(0.0),
             ci95_high: (rate + half).min(1.0),
             expected: if n > 0 { expected_sum / n as f64 } else { 0.5 },
-        },
+        }),
     }
 }
 
@@ -380,7 +381,10 @@ mod tests {
         // Non-tie judgements: 6; the first-shown response won in: (1,ann) yes, (1,bob) no,
         // (2,ann) yes, (2,bob) no, (3,bob) yes, (4,ann) no.
         assert_eq!(
-            (s.position_bias.judgements, s.position_bias.first_shown_wins),
+            (
+                s.position_bias.as_ref().unwrap().judgements,
+                s.position_bias.as_ref().unwrap().first_shown_wins
+            ),
             (6, 3)
         );
         assert_eq!(s.annotators[0].ties, 1);

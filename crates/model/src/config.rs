@@ -322,6 +322,13 @@ impl ModelConfig {
                 "RoPE on part of each head is not supported",
             ));
         }
+        if bool_of("use_bidirectional_attention", false) {
+            return Err(Error::invalid(
+                path,
+                "use_bidirectional_attention",
+                "bidirectional attention (an encoder) is not a causal LM",
+            ));
+        }
         let num_layers = usize_of(&["num_hidden_layers", "n_layer"])?;
         let sliding_window = match model_type.as_str() {
             "mistral" | "phi3" | "gemma2" | "gemma3_text" => get(&raw, &["sliding_window"])

@@ -26,11 +26,18 @@ struct Norm {
     eps: f64,
     /// Gemma's RMSNorm scales by `1 + weight` (1.0), the others by `weight` (0.0).
     offset: f64,
+    /// Gemma and OLMo 2 scale in f32 and round once (Llama rounds, then scales): the same in
+    /// f32, one rounding less in bf16.
+    scale_in_f32: bool,
 }
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
+            None if self.scale_in_f32 && x.dtype() != DType::F32 && x.dtype() != DType::F64 => {
+                let w = (self.weight.to_dtype(DType::F32)? + self.offset)?;
+                rms_norm(&x.to_dtype(DType::F32)?, &w, self.eps)?.to_dtype(x.dtype())
+            }
             None if self.offset != 0.0 => rms_norm(x, &(&self.weight + self.offset)?, self.eps),
             None => rms_norm(x, &self.weight, self.eps),
             Some(b) => layer_norm(x, &self.weight, b, self.eps),
@@ -464,6 +471,7 @@ impl Params<'_> {
             bias,
             eps: cfg.norm_eps,
             offset: cfg.norm_offset,
+            scale_in_f32: cfg.norm_offset != 0.0 || cfg.norm_placement == NormPlacement::Post,
         })
     }
 }

@@ -239,6 +239,9 @@ pub struct Kto {
     pub eval: Vec<KtoItem>,
     pub reference: KtoReference,
     pub max_length: Option<usize>,
+    pub keep_end: bool,
+    /// The last KL estimate, for a batch of one row (whose only mismatched pair is itself).
+    pub last_kl: f64,
     pub pad_token_id: u32,
     pub device: Device,
 }
@@ -261,20 +264,25 @@ impl Kto {
     }
 
     /// TRL's mismatched pairs: row `i`'s prompt with row `i - 1`'s completion (row 0 takes the
-    /// last row's), truncated as the rows are.
+    /// last row's), truncated as the rows are. As in TRL, two rows of one prompt next to each
+    /// other pair the prompt with its own other response.
     fn kl_rows(&self, items: &[&KtoItem]) -> Vec<TokenizedExample> {
         let n = items.len();
         (0..n)
             .filter_map(|i| {
                 let other = items[(i + n - 1) % n];
-                join_truncated(&items[i].prompt, &other.completion, self.max_length, false).map(
-                    |(ids, mask)| TokenizedExample {
-                        input_ids: ids,
-                        loss_mask: mask,
-                        position_ids: None,
-                        truncated: false,
-                    },
+                join_truncated(
+                    &items[i].prompt,
+                    &other.completion,
+                    self.max_length,
+                    self.keep_end,
                 )
+                .map(|(ids, mask)| TokenizedExample {
+                    input_ids: ids,
+                    loss_mask: mask,
+                    position_ids: None,
+                    truncated: false,
+                })
             })
             .collect()
     }
@@ -304,6 +312,8 @@ impl Algorithm for Kto {
         let pol = seq_logps(model, &rows, self.pad_token_id, &self.device)?;
         let reference = self.ref_logps(model, &rows)?;
         let kl = match self.params.loss_type {
+            // A lone row's mismatched pair would be itself: keep the last batch's estimate.
+            KtoLoss::Kto if items.len() < 2 => self.last_kl,
             KtoLoss::Kto => {
                 let kl_rows = self.kl_rows(&items);
                 let kl_refs: Vec<&TokenizedExample> = kl_rows.iter().collect();
@@ -323,6 +333,7 @@ impl Algorithm for Kto {
             }
             KtoLoss::ApoZeroUnpaired => 0.0,
         };
+        self.last_kl = kl;
         let (losses, rewards) = kto_loss(&pol.logps, &reference, &labels, kl, &self.params)?;
         let total = losses.sum_all()?;
         let mut m = Metrics::default();
@@ -330,6 +341,7 @@ impl Algorithm for Kto {
         m.add("kl", kl, 1.0);
         let rewards: Vec<f32> = rewards.to_vec1()?;
         let logps: Vec<f32> = pol.logps.to_vec1()?;
+        // As TRL logs them: each side's per-batch mean, averaged over the batches that have it.
         let mut means = [None, None];
         for (side, want) in [("chosen", true), ("rejected", false)] {
             let sel: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == want).collect();
@@ -337,20 +349,16 @@ impl Algorithm for Kto {
                 continue;
             }
             let n = sel.len() as f64;
-            let r: f64 = sel.iter().map(|&i| rewards[i] as f64).sum();
-            means[want as usize] = Some(r / n);
-            m.add(&format!("rewards/{side}"), r, n);
-            m.add(
-                &format!("logps/{side}"),
-                sel.iter().map(|&i| logps[i] as f64).sum(),
-                n,
-            );
+            let r: f64 = sel.iter().map(|&i| rewards[i] as f64).sum::<f64>() / n;
+            means[want as usize] = Some(r);
+            m.add(&format!("rewards/{side}"), r, 1.0);
+            let lp: f64 = sel.iter().map(|&i| logps[i] as f64).sum::<f64>() / n;
+            m.add(&format!("logps/{side}"), lp, 1.0);
             let tokens: f64 = sel.iter().map(|&i| pol.lens[i] as f64).sum();
-            m.add(
-                &format!("logits/{side}"),
-                sel.iter().map(|&i| pol.mean_logit_sum[i] as f64).sum(),
-                tokens,
-            );
+            if tokens > 0.0 {
+                let logits: f64 = sel.iter().map(|&i| pol.mean_logit_sum[i] as f64).sum();
+                m.add(&format!("logits/{side}"), logits / tokens, 1.0);
+            }
         }
         if let [Some(r), Some(c)] = means {
             m.add("rewards/margins", c - r, 1.0);
@@ -372,9 +380,12 @@ pub fn run(cfg: &RunConfig<KtoArgs>, resume: bool, eval_only: bool) -> Result<se
             "desirable_weight and undesirable_weight must be >= 0".into(),
         ));
     }
-    if k.loss_type == KtoLoss::Kto && args.per_device_train_batch_size < 2 && !eval_only {
+    if k.loss_type == KtoLoss::Kto
+        && (args.per_device_train_batch_size < 2 || args.per_device_eval_batch_size < 2)
+    {
         return Err(Error::Config(
-            "KTO estimates its KL from other rows of the batch: per_device_train_batch_size must be >= 2"
+            "KTO estimates its KL from other rows of the batch: per_device_train_batch_size and \
+             per_device_eval_batch_size must be >= 2"
                 .into(),
         ));
     }
@@ -407,6 +418,8 @@ pub fn run(cfg: &RunConfig<KtoArgs>, resume: bool, eval_only: bool) -> Result<se
         eval: vec![],
         reference,
         max_length: args.max_length,
+        keep_end: args.truncation_mode == preftune_data::TruncationMode::KeepEnd,
+        last_kl: 0.0,
         pad_token_id: policy.pad_token_id(),
         device: policy.model.device().clone(),
     };

@@ -718,11 +718,21 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
     algo.eval = eval;
     algo.samples_path = (!eval_only).then(|| args.output_dir.join("samples.jsonl"));
     let mut reports = reports;
+    if !a.ptx_coef.is_finite() || a.ptx_coef < 0.0 {
+        return Err(Error::Config(format!(
+            "ptx_coef must be a finite number >= 0, found {}",
+            a.ptx_coef
+        )));
+    }
     match (&a.ptx_file, a.ptx_coef) {
         (Some(f), c) if c != 0.0 => {
+            // Read as `preftune sft` reads data, without PPO's column mapping (that names the
+            // prompt data's columns).
+            let mut ptx_args = args.clone();
+            ptx_args.columns.clear();
             let (ptx, r) = crate::sft::load_split(
                 f,
-                args,
+                &ptx_args,
                 &crate::sft::SftArgs::default(),
                 &policy.tokenizer,
             )?;
@@ -737,6 +747,10 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
             algo.ptx = ptx;
             algo.ptx_batch = a.ptx_batch_size.unwrap_or(args.per_device_train_batch_size);
         }
+        (Some(f), _) => eprintln!(
+            "warning: ptx_file {} is not used: ptx_coef is 0",
+            f.display()
+        ),
         (None, c) if c != 0.0 => {
             return Err(Error::Config(
                 "ptx_coef needs ptx_file (the pretraining or SFT data to mix in)".into(),
