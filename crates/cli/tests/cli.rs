@@ -2300,6 +2300,22 @@ fn online_dpo_rounds_resume_and_judges() {
     assert!(!ok && err.contains("/nonexistent/prompts.jsonl"), "{err}");
 }
 
+/// The RL trainers' tiny setup: the tiny Llama on the tiny pairs' prompts, rewarded for digits.
+fn rl_tiny_sets(out: &Path) -> Vec<String> {
+    vec![
+        format!("model_name_or_path={}", model("tiny-llama")),
+        format!("output_dir={}", out.display()),
+        format!(
+            "train_file={}",
+            root().join("examples/data/pairs-tiny.jsonl").display()
+        ),
+        format!(
+            "reward=\"command:python3 {}\"",
+            root().join("examples/rewards/count_digits.py").display()
+        ),
+    ]
+}
+
 /// LoRA with the RL trainers: PPO, GRPO, RLOO and REINFORCE train adapters only (no full model
 /// saved), their reference is the base (KL 0 at the first step, when the adapters are still
 /// zero, and not afterwards), and the adapter changes the model's logits.
@@ -2321,22 +2337,16 @@ fn lora_trains_ppo_grpo_rloo_and_reinforce_against_the_base() {
             cmd,
             &root().join(format!("examples/{config}.toml")),
             &[
-                format!("model_name_or_path={tiny}"),
-                format!("output_dir={}", out.display()),
-                format!(
-                    "train_file={}",
-                    root().join("examples/data/pairs-tiny.jsonl").display()
-                ),
-                format!(
-                    "reward=\"command:python3 {}\"",
-                    root().join("examples/rewards/count_digits.py").display()
-                ),
-                "use_peft=true".into(),
-                "learning_rate=1e-2".into(),
-                "max_steps=4".into(),
-                "logging_steps=1".into(),
-                "save_steps=4".into(),
-            ],
+                rl_tiny_sets(&out),
+                vec![
+                    "use_peft=true".into(),
+                    "learning_rate=1e-2".into(),
+                    "max_steps=4".into(),
+                    "logging_steps=1".into(),
+                    "save_steps=4".into(),
+                ],
+            ]
+            .concat(),
         );
         assert!(ok, "{cmd}: {err}");
         assert!(out.join("adapter_model.safetensors").exists(), "{cmd}");
@@ -2410,23 +2420,14 @@ fn ppo_ptx_mixes_the_sft_loss_of_its_data_into_updates() {
     assert!(ok, "{err}");
     let sft_loss = sft["eval_loss"].as_f64().unwrap();
     let ppo = |out: &str, extra: &[String]| {
-        let mut sets = vec![
-            format!("model_name_or_path={tiny}"),
-            format!("output_dir={}", dir.path().join(out).display()),
-            format!(
-                "train_file={}",
-                root().join("examples/data/pairs-tiny.jsonl").display()
-            ),
-            format!(
-                "reward=\"command:python3 {}\"",
-                root().join("examples/rewards/count_digits.py").display()
-            ),
-            "num_ppo_epochs=1".into(),
+        let mut sets = rl_tiny_sets(&dir.path().join(out));
+        sets.extend([
+            "num_ppo_epochs=1".to_string(),
             "gradient_accumulation_steps=1".into(),
             "max_steps=6".into(),
             "logging_steps=1".into(),
             "save_steps=6".into(),
-        ];
+        ]);
         sets.extend(extra.iter().cloned());
         run_with_sets("ppo", &root().join("examples/ppo-tiny.toml"), &sets)
     };

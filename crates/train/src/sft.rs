@@ -139,22 +139,33 @@ impl Algorithm for Sft {
     fn loss(&mut self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, Metrics)> {
         let data = self.split(split);
         let refs: Vec<&TokenizedExample> = idx.iter().map(|&i| &data[i]).collect();
-        let batch = collate(&refs, self.pad_token_id, &self.device)?;
-        let hidden = model.forward(
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-            batch.position_ids.as_ref(),
-            None,
-        )?;
-        let lp = token_logprobs(model, &hidden, &batch.input_ids, &batch.loss_mask, 1.0)?;
-        let loss = lp.sum.sum_all()?.neg()?;
+        let (loss, lp, tokens) = nll_sum(model, &refs, self.pad_token_id, &self.device)?;
         let n = self.weight(split, idx);
         let mut m = Metrics::default();
         m.add("loss", loss.to_scalar::<f32>()? as f64, n);
         m.add("mean_token_accuracy", lp.argmax_hits() as f64, n);
-        m.tokens = batch.num_tokens;
+        m.tokens = tokens;
         Ok((loss, m))
     }
+}
+
+/// The summed NLL of the loss-masked tokens of `rows` (one padded batch), their log-prob
+/// details, and the batch's token count: SFT's loss, and PPO-ptx's.
+pub(crate) fn nll_sum(
+    model: &Model,
+    rows: &[&TokenizedExample],
+    pad_token_id: u32,
+    device: &candle_core::Device,
+) -> Result<(Tensor, preftune_model::TokenLogprobs, usize)> {
+    let batch = collate(rows, pad_token_id, device)?;
+    let hidden = model.forward(
+        &batch.input_ids,
+        Some(&batch.attention_mask),
+        batch.position_ids.as_ref(),
+        None,
+    )?;
+    let lp = token_logprobs(model, &hidden, &batch.input_ids, &batch.loss_mask, 1.0)?;
+    Ok((lp.sum.sum_all()?.neg()?, lp, batch.num_tokens))
 }
 
 fn report(r: &DataReport) {

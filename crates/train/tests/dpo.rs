@@ -3,22 +3,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use preftune_model::{generate, token_logprobs, LoadOptions, Pretrained, SamplingConfig};
+use preftune_model::{token_logprobs, LoadOptions, Pretrained};
 use preftune_train::config::load;
 use preftune_train::dpo::{defaults, run, DpoArgs};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn tiny(name: &str) -> String {
-    fixtures()
-        .join("models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
+mod common;
+use common::*;
 
 fn dpo(sets: &[String], eval_only: bool) -> Value {
     let cfg = load::<DpoArgs>(None, defaults(), sets).unwrap();
@@ -79,62 +70,6 @@ fn eval_only_matches_trl_evaluate() {
         }
         assert_eq!(compared, 10, "{what}: every metric compared");
     }
-}
-
-/// Rate at which sampled continuations of the prompts start with `token`.
-fn rate(model_dir: &Path, adapter: Option<&Path>, prompts: &[String], token: u32) -> f64 {
-    let mut p = Pretrained::load(model_dir, &LoadOptions::default()).unwrap();
-    if let Some(a) = adapter {
-        p.model.load_lora(a, false).unwrap();
-    }
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|t| p.tokenizer.encode(t, false).unwrap())
-        .collect();
-    let (mut hit, mut n) = (0, 0);
-    for seed in 0..40 {
-        let cfg = SamplingConfig {
-            max_new_tokens: 1,
-            temperature: 1.0,
-            seed,
-            pad_token_id: p.pad_token_id(),
-            ..Default::default()
-        };
-        let out = generate(&p.model, &ids, &cfg).unwrap();
-        hit += out.tokens.iter().filter(|t| t[0] == token).count();
-        n += out.tokens.len();
-    }
-    hit as f64 / n as f64
-}
-
-fn synthetic_pairs(dir: &Path) -> (PathBuf, Vec<String>) {
-    // Prefer " good." over " film.": single tokens in the tiny vocabulary, so the pair differs exactly
-    // at the first completion token (the property measured).
-    let subjects = [
-        "The movie",
-        "The film",
-        "This story",
-        "The acting",
-        "The music",
-        "The ending",
-        "The plot",
-        "The cast",
-    ];
-    let rows: Vec<String> = subjects
-        .iter()
-        .map(|s| serde_json::json!({"prompt": format!("{s} was"), "chosen": " good.", "rejected": " film."}).to_string())
-        .collect();
-    let path = dir.join("pairs.jsonl");
-    std::fs::write(&path, rows.join("\n")).unwrap();
-    // Fresh samples (40 seeds per prompt) from the training prompts: the tiny random model does not
-    // generalise to unseen prompts, so that would test the model, not DPO.
-    let prompts = subjects.iter().map(|s| format!("{s} was")).collect();
-    (path, prompts)
-}
-
-fn first_token(text: &str) -> u32 {
-    let p = Pretrained::load(Path::new(&tiny("tiny-llama")), &LoadOptions::default()).unwrap();
-    p.tokenizer.encode(text, false).unwrap()[0]
 }
 
 #[test]

@@ -1,21 +1,15 @@
 //! KTO, CPO (with SimPO) and ORPO end to end: TRL 1.16's own evaluate() numbers on the tiny
 //! models (fixtures/golden/po-eval.json, from scripts/golden_po_eval.py), and each trainer
 //! learning a synthetic preference on fresh samples.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use preftune_model::{generate, LoadOptions, Pretrained, SamplingConfig};
 use preftune_train::config::load;
 use preftune_train::dpo::cpo::{cpo_defaults, orpo_defaults, run_cpo, run_orpo, CpoArgs, OrpoArgs};
 use preftune_train::dpo::kto::{self, KtoArgs};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn tiny(name: &str) -> String {
-    fixtures().join("models").join(name).display().to_string()
-}
+mod common;
+use common::*;
 
 /// Runs one trainer (`kto`, `cpo`, `orpo`) with `--set`s.
 fn run(trainer: &str, sets: &[String], eval_only: bool) -> Value {
@@ -116,57 +110,14 @@ fn eval_only_matches_trl_evaluate() {
     assert!(positive_kl >= 2, "{positive_kl} cases with a positive KL");
 }
 
-/// Rate at which one-token samples of the prompts are `token`.
-fn rate(model_dir: &Path, prompts: &[String], token: u32) -> f64 {
-    let p = Pretrained::load(model_dir, &LoadOptions::default()).unwrap();
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|t| p.tokenizer.encode(t, false).unwrap())
-        .collect();
-    let (mut hit, mut n) = (0, 0);
-    for seed in 0..40 {
-        let cfg = SamplingConfig {
-            max_new_tokens: 1,
-            temperature: 1.0,
-            seed,
-            pad_token_id: p.pad_token_id(),
-            ..Default::default()
-        };
-        let out = generate(&p.model, &ids, &cfg).unwrap();
-        hit += out.tokens.iter().filter(|t| t[0] == token).count();
-        n += out.tokens.len();
-    }
-    hit as f64 / n as f64
-}
-
 /// Each trainer learns "good" over "film" as the first completion token: on the training prompts
 /// the preferred token's sampling rate rises many-fold, and the run's rewards separate.
 #[test]
 fn kto_cpo_simpo_and_orpo_learn_a_synthetic_preference() {
     let dir = tempfile::tempdir().unwrap();
-    let subjects = [
-        "The movie",
-        "The film",
-        "This story",
-        "The acting",
-        "The music",
-        "The ending",
-        "The plot",
-        "The cast",
-    ];
-    let rows: Vec<String> = subjects
-        .iter()
-        .map(|s| {
-            serde_json::json!({"prompt": format!("{s} was"), "chosen": " good.", "rejected": " film."})
-                .to_string()
-        })
-        .collect();
-    let pairs = dir.path().join("pairs.jsonl");
-    std::fs::write(&pairs, rows.join("\n")).unwrap();
-    let prompts: Vec<String> = subjects.iter().map(|s| format!("{s} was")).collect();
-    let base = Pretrained::load(Path::new(&tiny("tiny-llama")), &LoadOptions::default()).unwrap();
-    let good = base.tokenizer.encode(" good.", false).unwrap()[0];
-    let before = rate(Path::new(&tiny("tiny-llama")), &prompts, good);
+    let (pairs, prompts) = synthetic_pairs(dir.path());
+    let good = first_token(" good.");
+    let before = rate(Path::new(&tiny("tiny-llama")), None, &prompts, good);
     for (trainer, extra, lr) in [
         ("kto", vec![], "3e-3"),
         ("cpo", vec![], "3e-3"),
@@ -188,7 +139,7 @@ fn kto_cpo_simpo_and_orpo_learn_a_synthetic_preference() {
         ];
         sets.extend(extra.iter().map(|s| s.to_string()));
         run(trainer, &sets, false);
-        let after = rate(&out, &prompts, good);
+        let after = rate(&out, None, &prompts, good);
         assert!(
             after > before + 0.08 && after > 10.0 * before,
             "{trainer} {extra:?}: P(first token = good): {before} -> {after}"

@@ -11,13 +11,8 @@ use preftune_train::reward::{defaults, load_split, run, RewardArgs};
 use preftune_train::TrainingArguments;
 use serde_json::{json, Value};
 
-fn tiny(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
+mod common;
+use common::tiny;
 
 fn write_pairs(path: &Path, subjects: &[&str]) {
     let rows: Vec<String> = subjects

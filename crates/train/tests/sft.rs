@@ -8,13 +8,8 @@ use preftune_train::config::load;
 use preftune_train::sft::{defaults, run, SftArgs};
 use serde_json::Value;
 
-fn tiny(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
+mod common;
+use common::tiny;
 
 /// A small prompt-completion set the tiny models can memorise.
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {

@@ -7,11 +7,11 @@ use preftune_data::TokenizedExample;
 use preftune_model::{token_logprobs, Model};
 use serde::{Deserialize, Serialize};
 
-use super::{load_split_with, report, seq_logps, Item};
+use super::{eval_summary, load_split_with, load_splits, report, seq_logps, Item};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::ops_ext::log_sigmoid;
-use crate::trainer::{evaluate, train_with_report, Algorithm, Metrics, Split};
+use crate::trainer::{train_with_report, Algorithm, Metrics, Split};
 
 /// CPO's `loss_type` (TRL's names; `alphapo` is TRL's shorthand for `simpo` with `cpo_alpha = 0`
 /// and a non-zero `alpha`).
@@ -330,32 +330,15 @@ fn run_objective<A>(
         pad_token_id: policy.pad_token_id(),
         device: policy.model.device().clone(),
     };
-    let mut reports = vec![];
-    if !eval_only {
-        let path = args
-            .train_file
-            .clone()
-            .ok_or_else(|| Error::Config("train_file is required".into()))?;
-        let (items, r) = load_split_with(&path, args, false, &policy.tokenizer, true)?;
-        report(&r);
-        reports.push(r);
-        algo.train = items;
-    }
-    match (&args.eval_file, eval_only) {
-        (Some(f), _) => {
-            let (items, r) = load_split_with(f, args, false, &policy.tokenizer, true)?;
-            report(&r);
-            reports.push(r);
-            algo.eval = items;
-        }
-        (None, true) => return Err(Error::Config("--eval-only needs eval_file".into())),
-        (None, false) => {}
-    }
+    let (train, eval, reports) = load_splits(
+        args,
+        eval_only,
+        |path| load_split_with(path, args, false, &policy.tokenizer, true),
+        report,
+    )?;
+    (algo.train, algo.eval) = (train, eval);
     if eval_only {
-        let mut v =
-            serde_json::to_value(evaluate(args, &policy.model, &mut algo)?).unwrap_or_default();
-        v["data"] = serde_json::to_value(&reports).unwrap_or_default();
-        return Ok(v);
+        return eval_summary(args, &policy.model, &mut algo, &reports);
     }
     train_with_report(args, &cfg.table, policy, lora, ckpt, &mut algo, &reports)
 }

@@ -15,7 +15,7 @@ use super::{seq_logps, DataReport};
 use crate::config::{RunConfig, TrainingArguments};
 use crate::error::{Error, Result};
 use crate::ops_ext::sigmoid;
-use crate::trainer::{evaluate, train_with_report, Algorithm, Metrics, Split};
+use crate::trainer::{train_with_report, Algorithm, Metrics, Split};
 
 /// KTO's `loss_type` (TRL's names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,38 +423,21 @@ pub fn run(cfg: &RunConfig<KtoArgs>, resume: bool, eval_only: bool) -> Result<se
         pad_token_id: policy.pad_token_id(),
         device: policy.model.device().clone(),
     };
-    let mut reports = vec![];
     let print = |r: &DataReport| {
         r.counts.print(&format!(
             "{} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens desirable {:.1} undesirable {:.1}",
             r.truncated, r.dropped_prompt_too_long, r.examples, r.mean_chosen_tokens, r.mean_rejected_tokens
         ))
     };
-    if !eval_only {
-        let path = args
-            .train_file
-            .clone()
-            .ok_or_else(|| Error::Config("train_file is required".into()))?;
-        let (items, r) = load_split(&path, args, &policy.tokenizer)?;
-        print(&r);
-        reports.push(r);
-        kto.train = items;
-    }
-    match (&args.eval_file, eval_only) {
-        (Some(f), _) => {
-            let (items, r) = load_split(f, args, &policy.tokenizer)?;
-            print(&r);
-            reports.push(r);
-            kto.eval = items;
-        }
-        (None, true) => return Err(Error::Config("--eval-only needs eval_file".into())),
-        (None, false) => {}
-    }
+    let (train, eval, reports) = super::load_splits(
+        args,
+        eval_only,
+        |path| load_split(path, args, &policy.tokenizer),
+        print,
+    )?;
+    (kto.train, kto.eval) = (train, eval);
     if eval_only {
-        let mut v =
-            serde_json::to_value(evaluate(args, &policy.model, &mut kto)?).unwrap_or_default();
-        v["data"] = serde_json::to_value(&reports).unwrap_or_default();
-        return Ok(v);
+        return super::eval_summary(args, &policy.model, &mut kto, &reports);
     }
     train_with_report(args, &cfg.table, policy, lora, ckpt, &mut kto, &reports)
 }

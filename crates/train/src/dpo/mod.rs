@@ -618,6 +618,46 @@ fn precompute(
     Ok(cache)
 }
 
+/// The splits a run reads: `train_file` (unless `eval_only`) and `eval_file` (required with
+/// `eval_only`), each through `load`, with its report printed by `print`.
+pub(crate) fn load_splits<T>(
+    args: &TrainingArguments,
+    eval_only: bool,
+    load: impl Fn(&Path) -> Result<(Vec<T>, DataReport)>,
+    print: impl Fn(&DataReport),
+) -> Result<(Vec<T>, Vec<T>, Vec<DataReport>)> {
+    let mut reports = vec![];
+    let mut read = |path: &Path| -> Result<Vec<T>> {
+        let (items, r) = load(path)?;
+        print(&r);
+        reports.push(r);
+        Ok(items)
+    };
+    let train = match (&args.train_file, eval_only) {
+        (_, true) => vec![],
+        (Some(f), false) => read(f)?,
+        (None, false) => return Err(Error::Config("train_file is required".into())),
+    };
+    let eval = match (&args.eval_file, eval_only) {
+        (Some(f), _) => read(f)?,
+        (None, true) => return Err(Error::Config("--eval-only needs eval_file".into())),
+        (None, false) => vec![],
+    };
+    Ok((train, eval, reports))
+}
+
+/// Evaluates (`--eval-only`) and returns the summary with the data reports.
+pub(crate) fn eval_summary(
+    args: &TrainingArguments,
+    model: &Model,
+    algo: &mut dyn Algorithm,
+    reports: &[DataReport],
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(evaluate(args, model, algo)?).unwrap_or_default();
+    v["data"] = serde_json::to_value(reports).unwrap_or_default();
+    Ok(v)
+}
+
 pub(crate) fn report(r: &DataReport) {
     r.counts.print(&format!(
         "{} truncated, {} dropped (prompt fills max_length), {} examples, mean completion tokens chosen {:.1} rejected {:.1}",

@@ -231,25 +231,12 @@ impl Ppo {
         let refs: Vec<&preftune_data::TokenizedExample> = (0..k.min(len))
             .map(|i| &self.ptx[(start + i) % len])
             .collect();
-        let batch = preftune_data::collate(&refs, self.pad_token_id, &self.device)?;
-        let hidden = model.forward(
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-            batch.position_ids.as_ref(),
-            None,
-        )?;
-        let lp = preftune_model::token_logprobs(
-            model,
-            &hidden,
-            &batch.input_ids,
-            &batch.loss_mask,
-            1.0,
-        )?;
+        let (nll, _, _) = crate::sft::nll_sum(model, &refs, self.pad_token_id, &self.device)?;
         let tokens: f64 = refs
             .iter()
             .map(|r| r.loss_mask.iter().map(|&m| m as f64).sum::<f64>())
             .sum();
-        Ok(Some((lp.sum.sum_all()?.neg()? / tokens.max(1.0))?))
+        Ok(Some((nll / tokens.max(1.0))?))
     }
 
     fn rollout_args(&self) -> RolloutArgs {
