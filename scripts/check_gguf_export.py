@@ -13,7 +13,9 @@ from safetensors.numpy import load_file
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
       "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
       "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-      "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+      "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+      # OLMo 2: norms after the attention and the MLP
+      "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 # Worst |difference| relative to the tensor's largest |value| that each type may give.
 TOL = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1e-2, "Q6_K": 3e-2, "Q5_0": 6e-2, "Q4_K": 0.15}
 

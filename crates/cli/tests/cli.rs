@@ -2685,7 +2685,7 @@ fn merge_folds_an_adapter_into_its_base() {
     assert!(!ok && err.contains("/nonexistent/a"), "{err}");
 }
 
-/// `export-gguf`: Llama (Q/K permuted), Qwen2 and Qwen3 files load back with the same token ids
+/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3 and OLMo 2 files load back with the same token ids
 /// and, at f32, exactly the same logits; f16 from f16 is lossless; q8_0 and q4_k_m stay within
 /// their bounds; models llama.cpp has no reading for are refused.
 #[test]
@@ -2710,7 +2710,7 @@ fn export_gguf_round_trips() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max)
     };
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2"] {
         let m = model(name);
         let hf = inspect(&m);
         let f32_file = dir.path().join(format!("{name}-f32.gguf"));

@@ -139,6 +139,9 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
                 "ffn_down" => "mlp.down_proj",
                 "attn_norm" => "input_layernorm",
                 "ffn_norm" => "post_attention_layernorm",
+                // OLMo 2: norms after the attention and the MLP.
+                "post_attention_norm" => "post_attention_layernorm",
+                "post_ffw_norm" => "post_feedforward_layernorm",
                 _ => return Err(Error::invalid(path, gguf, "unsupported GGUF tensor")),
             };
             format!("model.layers.{layer}.{hf}.{kind}")
@@ -147,14 +150,16 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
 }
 
 /// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
-/// weights permuted for its interleaved RoPE; Qwen2/Qwen3 (NeoX RoPE) keep Hugging Face's layout.
-const ARCHS: [(&str, &str); 3] = [
+/// weights permuted for its interleaved RoPE; Qwen2/Qwen3/OLMo 2 (NeoX RoPE) keep Hugging Face's
+/// layout.
+const ARCHS: [(&str, &str); 4] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
 ];
 
-/// Reads a Llama-, Qwen2- or Qwen3-architecture GGUF file, dequantising every tensor to f32.
+/// Reads a Llama-, Qwen2-, Qwen3- or OLMo 2-architecture GGUF file, dequantising every tensor to f32.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content =
@@ -294,7 +299,8 @@ fn build_tokenizer(
         "smollm" => {
             json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
         }
-        "gpt2" | "default" => byte_level,
+        // "gpt-2" is llama.cpp's name; "gpt2" is what preftune 0.1 wrote before it knew.
+        "gpt-2" | "gpt2" | "default" => byte_level,
         other => {
             return Err(Error::invalid(
                 m.path,

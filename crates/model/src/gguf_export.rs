@@ -101,8 +101,8 @@ fn tensor_type(ty: GgufType, name: &str, dims: &[usize], layers: usize) -> GgmlD
     }
 }
 
-/// The GGUF name of a Llama-family tensor.
-fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF name of a Llama-family tensor (OLMo 2's norms follow its sublayers).
+fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     Some(match hf {
         "model.embed_tokens.weight" => "token_embd.weight".into(),
         "model.norm.weight" => "output_norm.weight".into(),
@@ -122,6 +122,8 @@ fn gguf_name(hf: &str) -> Option<String> {
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
                 "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" if arch == "olmo2" => "post_attention_norm",
+                "post_feedforward_layernorm" if arch == "olmo2" => "post_ffw_norm",
                 "post_attention_layernorm" => "ffn_norm",
                 _ => return None,
             };
@@ -140,7 +142,7 @@ fn permute(w: &Tensor, n_head: usize) -> Result<Tensor> {
 }
 
 /// The tokenizer as GGUF metadata: tokens (padded to the embedding's rows), types, merges, the
-/// special ids, the pre-tokenizer (the two the loader reads back: `gpt2`, `smollm`) and the chat
+/// special ids, the pre-tokenizer (the two the loader reads back: `gpt-2`, `smollm`) and the chat
 /// template.
 fn tokenizer_metadata(p: &Pretrained, vocab_rows: usize) -> Result<Vec<(String, GValue)>> {
     let bad = |what: String| Error::Msg(format!("export-gguf: tokenizer: {what}"));
@@ -159,7 +161,8 @@ fn tokenizer_metadata(p: &Pretrained, vocab_rows: usize) -> Result<Vec<(String, 
     }
     let byte_level = |v: &Value| v["type"] == "ByteLevel";
     let pre = match &tj["pre_tokenizer"] {
-        v if byte_level(v) => "gpt2",
+        // llama.cpp's name for GPT-2's byte-level regex ("gpt2" is the tokenizer model).
+        v if byte_level(v) => "gpt-2",
         v if v["type"] == "Sequence"
             && v["pretokenizers"].as_array().is_some_and(|a| {
                 a.len() == 2
@@ -276,9 +279,10 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         "llama" | "mistral" | "smollm" | "smollm2" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "olmo2" => "olmo2",
         other => {
             return refuse(format!(
-            "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3) \
+            "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3, OLMo 2) \
                  is exported"
         ))
         }
@@ -331,7 +335,7 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     let mut qt: Vec<(String, QTensor)> = vec![];
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
     for (hf, t) in model.named_params() {
-        let name = gguf_name(&hf)
+        let name = gguf_name(&hf, arch)
             .ok_or_else(|| Error::Msg(format!("export-gguf: tensor {hf} has no GGUF name")))?;
         let mut t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         if arch == "llama" && name.ends_with("attn_q.weight") {
