@@ -131,6 +131,23 @@ impl Driver {
         }
     }
 
+    /// Opens the page, is sent to the login form (not logged in), and logs in with `token`.
+    async fn log_in(&self, url: &str, token: &str) {
+        self.s("POST", "/url", json!({"url": format!("{url}/")}))
+            .await;
+        self.wait_for("return location.pathname === '/login'").await;
+        let input = self.find("#token").await;
+        self.s(
+            "POST",
+            &format!("/element/{input}/value"),
+            json!({"text": token}),
+        )
+        .await;
+        let button = self.find("#login").await;
+        self.s("POST", &format!("/element/{button}/click"), json!({}))
+            .await;
+    }
+
     async fn press(&self, key: &str) {
         self.s(
             "POST",
@@ -143,19 +160,22 @@ impl Driver {
 }
 
 fn chromedriver() -> Option<std::path::PathBuf> {
-    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+    let found = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
         .iter()
         .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
+        .find(|p| p.exists());
+    if found.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("chromedriver not found: CI needs Debian's chromium and chromium-driver (scripts/install-browser.sh)");
+        }
+        eprintln!("SKIPPED: no chromedriver (apt-get install chromium chromium-driver)");
+    }
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn label_a_pair_with_the_keyboard_in_chromium() {
     let Some(driver_bin) = chromedriver() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("chromedriver not found: CI needs Debian's chromium and chromium-driver (scripts/install-browser.sh)");
-        }
-        eprintln!("SKIPPED: no chromedriver (apt-get install chromium chromium-driver)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -188,20 +208,7 @@ async fn label_a_pair_with_the_keyboard_in_chromium() {
     let srv = Server::start(&db).await;
     let d = Driver::start(&driver_bin).await;
 
-    d.s("POST", "/url", json!({"url": format!("{}/", srv.url)}))
-        .await;
-    // Not logged in: the page sends us to the login form.
-    d.wait_for("return location.pathname === '/login'").await;
-    let input = d.find("#token").await;
-    d.s(
-        "POST",
-        &format!("/element/{input}/value"),
-        json!({"text": token}),
-    )
-    .await;
-    let button = d.find("#login").await;
-    d.s("POST", &format!("/element/{button}/click"), json!({}))
-        .await;
+    d.log_in(&srv.url, &token).await;
     d.wait_for(
         "return document.getElementById('left') && document.getElementById('left').textContent",
     )
@@ -264,6 +271,61 @@ async fn label_a_pair_with_the_keyboard_in_chromium() {
         "{p}"
     );
 
+    d.s("DELETE", "", json!({})).await;
+    srv.stop().await;
+}
+
+/// Thumbs mode in the page: one response at a time, "1" saves a thumbs up and "2" a thumbs down,
+/// each response of a row being an item of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbs_up_and_down_with_the_keyboard_in_chromium() {
+    let Some(driver_bin) = chromedriver() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("labels.sqlite");
+    let cands = dir.path().join("candidates.jsonl");
+    let row = json!({"prompt": "Is Casablanca worth watching?",
+                     "responses": ["Yes: it is sharp, funny and sad.", "No."]});
+    std::fs::write(&cands, format!("{row}\n")).unwrap();
+    let token = {
+        let mut s = Store::open(&db).unwrap();
+        let opts = ImportOptions {
+            mode: Mode::Thumbs,
+            ..Default::default()
+        };
+        s.import(&cands, &opts).unwrap();
+        s.add_annotator("ann", false).unwrap()
+    };
+    let srv = Server::start(&db).await;
+    let d = Driver::start(&driver_bin).await;
+    d.log_in(&srv.url, &token).await;
+    let single = "return document.getElementById('thumbsview') \
+                  && !document.getElementById('thumbsview').classList.contains('hidden') \
+                  && document.getElementById('single').textContent";
+    let first = d.wait_for(single).await.as_str().unwrap().to_string();
+    // Good when it is the long answer, bad when it is "No.", whichever comes first.
+    let key = |text: &str| if text.starts_with("Yes") { "1" } else { "2" };
+    d.press(key(&first)).await;
+    let second = d
+        .wait_for(&format!(
+            "const t = document.getElementById('single').textContent; return t !== {} && t",
+            json!(first)
+        ))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.press(key(&second)).await;
+    d.wait_for("return !document.getElementById('done').classList.contains('hidden')")
+        .await;
+    let labels = Store::open(&db).unwrap().labels().unwrap();
+    assert_eq!(labels.len(), 2);
+    for l in &labels {
+        assert_eq!(l.responses.len(), 1);
+        let up = l.responses[0].starts_with("Yes");
+        assert_eq!(l.choice, Some(if up { 1 } else { -1 }), "{l:?}");
+    }
     d.s("DELETE", "", json!({})).await;
     srv.stop().await;
 }
