@@ -14,16 +14,19 @@ HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "sel
       "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
       "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
       "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-      # OLMo 2: norms after the attention and the MLP
+      # Phi-3's fused projections; OLMo 2: norms after the attention and the MLP
+      "attn_qkv": "self_attn.qkv_proj",
       "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 # Worst |difference| relative to the tensor's largest |value| that each type may give.
 TOL = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1e-2, "Q6_K": 3e-2, "Q5_0": 6e-2, "Q4_K": 0.15}
 
-def hf_name(n):
+def hf_name(n, arch=None):
     if n == "token_embd.weight": return "model.embed_tokens.weight"
     if n == "output_norm.weight": return "model.norm.weight"
     if n == "output.weight": return "lm_head.weight"
     _, layer, g, kind = n.split(".")
+    if g == "ffn_up" and arch == "phi3":
+        return f"model.layers.{layer}.mlp.gate_up_proj.{kind}"
     return f"model.layers.{layer}.{HF[g]}.{kind}"
 
 def unpermute(w, n_head):
@@ -42,7 +45,7 @@ for t in r.tensors:
         w = unpermute(w, cfg["num_attention_heads"])
     elif arch == "llama" and t.name.endswith("attn_k.weight"):
         w = unpermute(w, cfg["num_key_value_heads"])
-    ref = weights[hf_name(t.name)].astype(np.float32)
+    ref = weights[hf_name(t.name, arch)].astype(np.float32)
     rel = float(np.abs(w - ref).max() / max(np.abs(ref).max(), 1e-12))
     ok = w.shape == ref.shape and rel <= TOL[t.tensor_type.name]
     worst_ok &= ok

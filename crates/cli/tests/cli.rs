@@ -2685,7 +2685,7 @@ fn merge_folds_an_adapter_into_its_base() {
     assert!(!ok && err.contains("/nonexistent/a"), "{err}");
 }
 
-/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3 and OLMo 2 files load back with the same token ids
+/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3, OLMo 2 and Phi-3 files load back with the same token ids
 /// and, at f32, exactly the same logits; f16 from f16 is lossless; q8_0 and q4_k_m stay within
 /// their bounds; models llama.cpp has no reading for are refused.
 #[test]
@@ -2710,7 +2710,13 @@ fn export_gguf_round_trips() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max)
     };
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-olmo2"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-olmo2",
+        "tiny-phi3",
+    ] {
         let m = model(name);
         let hf = inspect(&m);
         let f32_file = dir.path().join(format!("{name}-f32.gguf"));
@@ -2719,9 +2725,9 @@ fn export_gguf_round_trips() {
         assert_eq!(back["ids"], hf["ids"], "{name}: tokenizer");
         assert_eq!(back["last_logits"], hf["last_logits"], "{name}: f32 logits");
         // Bounds on the tiny random models (weights of std 0.2, nothing averages the rounding
-        // out), measured 0.17-0.18 and 1.2-2.7 of logits up to 5.7; SmolLM2's are in
+        // out), measured 0.17-0.27 and 1.2-2.7 of logits up to 5.7; SmolLM2's are in
         // docs/export.md.
-        for (ty, bound) in [("q8_0", 0.25), ("q4_k_m", 4.0)] {
+        for (ty, bound) in [("q8_0", 0.35), ("q4_k_m", 4.0)] {
             let f = dir.path().join(format!("{name}-{ty}.gguf"));
             let v = export(&m, ty, &f);
             let d = diff(&inspect(&f.display().to_string()), &hf);

@@ -116,7 +116,7 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-fn hf_name(path: &Path, gguf: &str) -> Result<String> {
+fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
     Ok(match gguf {
         "token_embd.weight" => "model.embed_tokens.weight".into(),
         "output_norm.weight" => "model.norm.weight".into(),
@@ -129,6 +129,9 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
             };
             let hf = match name {
                 "attn_q" => "self_attn.q_proj",
+                // Phi-3's fused projections.
+                "attn_qkv" => "self_attn.qkv_proj",
+                "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
                 "attn_k" => "self_attn.k_proj",
                 "attn_v" => "self_attn.v_proj",
                 "attn_output" => "self_attn.o_proj",
@@ -152,14 +155,16 @@ fn hf_name(path: &Path, gguf: &str) -> Result<String> {
 /// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
 /// weights permuted for its interleaved RoPE; Qwen2/Qwen3/OLMo 2 (NeoX RoPE) keep Hugging Face's
 /// layout.
-const ARCHS: [(&str, &str); 4] = [
+const ARCHS: [(&str, &str); 5] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 ];
 
-/// Reads a Llama-, Qwen2-, Qwen3- or OLMo 2-architecture GGUF file, dequantising every tensor to f32.
+/// Reads a Llama-, Qwen2-, Qwen3-, OLMo 2- or Phi-3-architecture GGUF file, dequantising every
+/// tensor to f32.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content =
@@ -208,7 +213,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         } else if permuted && name.starts_with("blk.") && name.ends_with("attn_k.weight") {
             t = unpermute(&t, n_kv)?;
         }
-        tensors.insert(hf_name(path, name)?, t.to_device(device).map_err(bad)?);
+        tensors.insert(
+            hf_name(path, name, &arch)?,
+            t.to_device(device).map_err(bad)?,
+        );
     }
 
     let id = |key: &str| m.token_id(key, tokens.len());

@@ -113,6 +113,9 @@ fn gguf_name(hf: &str, arch: &str) -> Option<String> {
             let (module, kind) = rest.rsplit_once('.')?;
             let g = match module {
                 "self_attn.q_proj" => "attn_q",
+                // Phi-3's fused projections, in the same row order.
+                "self_attn.qkv_proj" => "attn_qkv",
+                "mlp.gate_up_proj" => "ffn_up",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
                 "self_attn.o_proj" => "attn_output",
@@ -280,14 +283,17 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
         "olmo2" => "olmo2",
+        "phi3" => "phi3",
         other => {
             return refuse(format!(
-            "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3, OLMo 2) \
+            "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3, OLMo 2, Phi-3) \
                  is exported"
         ))
         }
     };
-    if cfg.sliding_window.is_some() {
+    // llama.cpp runs Phi-3 without its sliding window (it switches it off), so the file is
+    // exported and equals the model within the window; elsewhere a window has no equivalent.
+    if cfg.sliding_window.is_some() && arch != "phi3" {
         return refuse("sliding-window attention has no llama-architecture equivalent".into());
     }
     if cfg.rope_scaling.is_some() {
