@@ -13,8 +13,15 @@ SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/preftune/wheels
 mkdir -p "$CACHE"
 if [ ! -f "$CACHE/$SDIST" ]; then
-  (cd "$CACHE" && python3 -m pip download --no-deps --no-binary :all: --no-build-isolation \
-     "llama-cpp-python==0.3.36" >/dev/null 2>&1 || true)
+  # The sdist's address from PyPI's JSON API (pip download would build its metadata first).
+  python3 - "$CACHE/$SDIST" <<'PY'
+import json, sys, urllib.parse, urllib.request
+api = "https://pypi.org/pypi/llama-cpp-python/json"
+d = json.load(urllib.request.urlopen(api))
+files = d.get("releases", {}).get("0.3.36") or d["urls"]
+url = next(f["url"] for f in files if f["packagetype"] == "sdist" and "0.3.36" in f["filename"])
+urllib.request.urlretrieve(urllib.parse.urljoin(api, url), sys.argv[1])
+PY
 fi
 echo "$SHA  $CACHE/$SDIST" | sha256sum -c - >/dev/null
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
