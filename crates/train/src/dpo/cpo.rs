@@ -276,38 +276,8 @@ impl Algorithm for Cpo {
                 (total, rw, rl)
             }
         };
-        let (rw, rl): (Vec<f32>, Vec<f32>) = (rw.to_vec1()?, rl.to_vec1()?);
-        m.add("rewards/chosen", rw.iter().map(|&x| x as f64).sum(), bf);
-        m.add("rewards/rejected", rl.iter().map(|&x| x as f64).sum(), bf);
-        m.add(
-            "rewards/accuracies",
-            rw.iter().zip(&rl).filter(|(a, b)| a > b).count() as f64,
-            bf,
-        );
-        m.add(
-            "rewards/margins",
-            rw.iter().zip(&rl).map(|(a, b)| (a - b) as f64).sum(),
-            bf,
-        );
-        let sum =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum()) };
-        m.add("logps/chosen", sum(&pc)?, bf);
-        m.add("logps/rejected", sum(&pr)?, bf);
-        // Mean logit over completion tokens (TRL averages over the padded batch instead).
-        let (clen, rlen): (f64, f64) = (
-            pol.lens[..b].iter().map(|&x| x as f64).sum(),
-            pol.lens[b..].iter().map(|&x| x as f64).sum(),
-        );
-        m.add(
-            "logits/chosen",
-            pol.mean_logit_sum[..b].iter().map(|&x| x as f64).sum(),
-            clen,
-        );
-        m.add(
-            "logits/rejected",
-            pol.mean_logit_sum[b..].iter().map(|&x| x as f64).sum(),
-            rlen,
-        );
+        // TRL averages logits/* over the padded batch; here over completion tokens.
+        super::pair_metrics(&mut m, &rw, &rl, &pc, &pr, &pol, b)?;
         m.add("loss", total.to_scalar::<f32>()? as f64, bf);
         Ok((total, m))
     }

@@ -473,39 +473,9 @@ impl Algorithm for Dpo {
                 total = (total + (nll * (a * b as f64))?)?;
             }
             let (rw, rl) = implicit_rewards(&p, &self.params)?;
-            let (rw, rl): (Vec<f32>, Vec<f32>) = (rw.to_vec1()?, rl.to_vec1()?);
-            let bf = b as f64;
-            m.add("rewards/chosen", rw.iter().map(|&x| x as f64).sum(), bf);
-            m.add("rewards/rejected", rl.iter().map(|&x| x as f64).sum(), bf);
-            m.add(
-                "rewards/accuracies",
-                rw.iter().zip(&rl).filter(|(a, b)| a > b).count() as f64,
-                bf,
-            );
-            m.add(
-                "rewards/margins",
-                rw.iter().zip(&rl).map(|(a, b)| (a - b) as f64).sum(),
-                bf,
-            );
-            let sum = |t: &Tensor| -> Result<f64> {
-                Ok(t.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum())
-            };
-            m.add("logps/chosen", sum(&pc)?, bf);
-            m.add("logps/rejected", sum(&pr)?, bf);
-            let (clen, rlen): (f64, f64) = (
-                pol.lens[..b].iter().map(|&x| x as f64).sum(),
-                pol.lens[b..].iter().map(|&x| x as f64).sum(),
-            );
-            m.add(
-                "logits/chosen",
-                pol.mean_logit_sum[..b].iter().map(|&x| x as f64).sum(),
-                clen,
-            );
-            m.add(
-                "logits/rejected",
-                pol.mean_logit_sum[b..].iter().map(|&x| x as f64).sum(),
-                rlen,
-            );
+            pair_metrics(&mut m, &rw, &rl, &pc, &pr, &pol, b)?;
+            let len = |r: &[f32]| r.iter().map(|&x| x as f64).sum::<f64>();
+            let (clen, rlen, bf) = (len(&pol.lens[..b]), len(&pol.lens[b..]), b as f64);
             m.add(
                 "mean_token_accuracy",
                 pol.hits[..b].iter().sum::<usize>() as f64,
@@ -518,6 +488,53 @@ impl Algorithm for Dpo {
         m.add("loss", loss.to_scalar::<f32>()? as f64, b as f64);
         Ok((loss, m))
     }
+}
+
+/// TRL's pairwise metrics of a batch of `b` pairs (chosen rows first in `pol`): rewards `rw`, `rl`
+/// (chosen, rejected), their accuracy and margin, the policy's log-probs `pc`, `pr`, and the mean
+/// logit over completion tokens.
+pub(crate) fn pair_metrics(
+    m: &mut Metrics,
+    rw: &Tensor,
+    rl: &Tensor,
+    pc: &Tensor,
+    pr: &Tensor,
+    pol: &SeqStats,
+    b: usize,
+) -> Result<()> {
+    let (rw, rl): (Vec<f32>, Vec<f32>) = (rw.to_vec1()?, rl.to_vec1()?);
+    let bf = b as f64;
+    m.add("rewards/chosen", rw.iter().map(|&x| x as f64).sum(), bf);
+    m.add("rewards/rejected", rl.iter().map(|&x| x as f64).sum(), bf);
+    m.add(
+        "rewards/accuracies",
+        rw.iter().zip(&rl).filter(|(a, b)| a > b).count() as f64,
+        bf,
+    );
+    m.add(
+        "rewards/margins",
+        rw.iter().zip(&rl).map(|(a, b)| (a - b) as f64).sum(),
+        bf,
+    );
+    let sum =
+        |t: &Tensor| -> Result<f64> { Ok(t.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum()) };
+    m.add("logps/chosen", sum(pc)?, bf);
+    m.add("logps/rejected", sum(pr)?, bf);
+    let (clen, rlen): (f64, f64) = (
+        pol.lens[..b].iter().map(|&x| x as f64).sum(),
+        pol.lens[b..].iter().map(|&x| x as f64).sum(),
+    );
+    m.add(
+        "logits/chosen",
+        pol.mean_logit_sum[..b].iter().map(|&x| x as f64).sum(),
+        clen,
+    );
+    m.add(
+        "logits/rejected",
+        pol.mean_logit_sum[b..].iter().map(|&x| x as f64).sum(),
+        rlen,
+    );
+    Ok(())
 }
 
 /// A fingerprint of what reference log-probs depend on, for the cache file name.
