@@ -41,33 +41,7 @@ fn eval_only_matches_trl_evaluate() {
             "{} {} beta {} max_length {}",
             case["data"], case["loss_type"], case["beta"], max_length
         );
-        let want = case["metrics"].as_object().unwrap();
-        let mut compared = 0;
-        for (k, w) in want {
-            // Timing, TRL's train-token counter and entropy (not computed here) are not model outputs.
-            if [
-                "eval_runtime",
-                "eval_samples_per_second",
-                "eval_steps_per_second",
-                "eval_num_tokens",
-                "eval_entropy",
-            ]
-            .contains(&k.as_str())
-            {
-                continue;
-            }
-            let (w, v) = (
-                w.as_f64().unwrap(),
-                got[k]
-                    .as_f64()
-                    .unwrap_or_else(|| panic!("{what}: {k} missing in {got}")),
-            );
-            assert!(
-                (w - v).abs() < 1e-4 * (1.0 + w.abs()),
-                "{what}: {k} = {v}, TRL {w}"
-            );
-            compared += 1;
-        }
+        let compared = compare_to_trl(&what, &case["metrics"], &got, |_| false);
         assert_eq!(compared, 10, "{what}: every metric compared");
     }
 }

@@ -72,3 +72,42 @@ pub fn first_token(text: &str) -> u32 {
     let p = Pretrained::load(Path::new(&tiny("tiny-llama")), &LoadOptions::default()).unwrap();
     p.tokenizer.encode(text, false).unwrap()[0]
 }
+
+/// Compares preftune's `--eval-only` summary `got` with TRL's `evaluate()` metrics `want` to 1e-4
+/// (relative above 1), leaving out what is not a model output (timing, TRL's token counter,
+/// entropy, which preftune does not compute) and whatever `skip` names; returns how many were
+/// compared.
+pub fn compare_to_trl(
+    what: &str,
+    want: &serde_json::Value,
+    got: &serde_json::Value,
+    skip: impl Fn(&str) -> bool,
+) -> usize {
+    let mut compared = 0;
+    for (k, w) in want.as_object().unwrap() {
+        let not_output = [
+            "runtime",
+            "per_second",
+            "num_tokens",
+            "entropy",
+            "preparation_time",
+        ]
+        .iter()
+        .any(|s| k.contains(s));
+        if not_output || skip(k) {
+            continue;
+        }
+        let (w, v) = (
+            w.as_f64().unwrap(),
+            got[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{what}: {k} missing in {got}")),
+        );
+        assert!(
+            (w - v).abs() < 1e-4 * (1.0 + w.abs()),
+            "{what}: {k} = {v}, TRL {w}"
+        );
+        compared += 1;
+    }
+    compared
+}
