@@ -404,14 +404,7 @@ fn pro_trains_on_rankings_with_its_sft_term() {
         "best: {good0} -> {good1}"
     );
     assert!(film1 < film0, "worst: {film0} -> {film1}");
-    let last: Value = serde_json::from_str(
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let last = last_metrics(&out);
     assert!(last["rewards/accuracies"].as_f64().unwrap() > 0.9, "{last}");
 
     let one = dir.path().join("one.jsonl");

@@ -119,14 +119,7 @@ fn kto_cpo_simpo_and_orpo_learn_a_synthetic_preference() {
             after > before + 0.08 && after > 10.0 * before,
             "{trainer} {extra:?}: P(first token = good): {before} -> {after}"
         );
-        let last: Value = serde_json::from_str(
-            std::fs::read_to_string(out.join("metrics.jsonl"))
-                .unwrap()
-                .lines()
-                .last()
-                .unwrap(),
-        )
-        .unwrap();
+        let last = last_metrics(&out);
         assert!(
             last["rewards/margins"].as_f64().unwrap() > 0.0,
             "{trainer} {extra:?}: {last}"

@@ -226,18 +226,13 @@ pub fn load_split(
     Ok((items, report))
 }
 
-/// Where reference log-probs come from.
-pub enum KtoReference {
-    Model(Box<Model>),
-    /// The policy without its LoRA adapters.
-    LoraBase,
-}
-
 pub struct Kto {
     pub params: KtoParams,
     pub train: Vec<KtoItem>,
     pub eval: Vec<KtoItem>,
-    pub reference: KtoReference,
+    /// A frozen model or the LoRA base (the KL pairs change with each batch, so nothing is
+    /// precomputed).
+    pub reference: super::Reference,
     pub max_length: Option<usize>,
     pub keep_end: bool,
     /// The last KL estimate, for a batch of one row (whose only mismatched pair is itself).
@@ -248,19 +243,8 @@ pub struct Kto {
 
 impl Kto {
     fn ref_logps(&self, model: &Model, rows: &[&TokenizedExample]) -> Result<Tensor> {
-        let lp = match &self.reference {
-            KtoReference::Model(m) => seq_logps(m, rows, self.pad_token_id, &self.device)?.logps,
-            KtoReference::LoraBase => {
-                seq_logps(
-                    &model.without_lora().detached()?,
-                    rows,
-                    self.pad_token_id,
-                    &self.device,
-                )?
-                .logps
-            }
-        };
-        Ok(lp.detach())
+        self.reference
+            .live_logps(model, rows, self.pad_token_id, &self.device)
     }
 
     /// TRL's mismatched pairs: row `i`'s prompt with row `i - 1`'s completion (row 0 takes the
@@ -391,15 +375,15 @@ pub fn run(cfg: &RunConfig<KtoArgs>, resume: bool, eval_only: bool) -> Result<se
     }
     let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
     let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
-    let frozen = |path: &str| -> Result<KtoReference> {
-        Ok(KtoReference::Model(Box::new(
+    let frozen = |path: &str| -> Result<super::Reference> {
+        Ok(super::Reference::Model(Box::new(
             crate::trainer::load_model(args, path, false)?.model,
         )))
     };
     let reference = if let Some(r) = &k.ref_model {
         frozen(r)?
     } else if lora.is_some() {
-        KtoReference::LoraBase
+        super::Reference::LoraBase
     } else if eval_only {
         return Err(Error::Config(
             "--eval-only needs ref_model (the policy would be its own reference)".into(),

@@ -155,6 +155,36 @@ pub enum Reference {
     Free,
 }
 
+impl Reference {
+    /// Log-probs of `rows` under a reference that scores as it goes: a frozen model, or `policy`
+    /// without its adapters; without gradient.
+    pub(crate) fn live_logps(
+        &self,
+        policy: &Model,
+        rows: &[&TokenizedExample],
+        pad: u32,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let lp = match self {
+            Reference::Model(m) => seq_logps(m, rows, pad, device)?.logps,
+            Reference::LoraBase => {
+                seq_logps(&policy.without_lora().detached()?, rows, pad, device)?.logps
+            }
+            Reference::Unloaded(p) => {
+                return Err(Error::Msg(format!(
+                    "the reference model {p} is used before it was loaded"
+                )))
+            }
+            Reference::Precomputed | Reference::Free => {
+                return Err(Error::Msg(
+                    "this reference has no model to score with".into(),
+                ))
+            }
+        };
+        Ok(lp.detach())
+    }
+}
+
 pub struct Dpo {
     pub losses: Vec<(LossType, f64)>,
     pub params: PairParams,
@@ -363,20 +393,7 @@ impl Dpo {
                 };
                 Ok(Tensor::from_vec(v, n, &self.device)?)
             }
-            Reference::Model(m) => Ok(seq_logps(m, rows, self.pad_token_id, &self.device)?
-                .logps
-                .detach()),
-            Reference::Unloaded(p) => Err(Error::Msg(format!(
-                "the reference model {p} is used before it was loaded"
-            ))),
-            Reference::LoraBase => Ok(seq_logps(
-                &model.without_lora().detached()?,
-                rows,
-                self.pad_token_id,
-                &self.device,
-            )?
-            .logps
-            .detach()),
+            live => live.live_logps(model, rows, self.pad_token_id, &self.device),
         }
     }
 

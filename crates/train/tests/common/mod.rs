@@ -111,3 +111,9 @@ pub fn compare_to_trl(
     }
     compared
 }
+
+/// The last line of a run's `metrics.jsonl`.
+pub fn last_metrics(run: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
