@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::config::{finite, ModelConfig};
 use crate::error::{Error, Result};
@@ -15,6 +17,8 @@ use crate::tokenizer::Tokenizer;
 pub struct GgufModel {
     pub config: Value,
     pub tensors: HashMap<String, Tensor>,
+    /// Quantised linear weights kept as stored ([`load_gguf_with`]), rows in our layout.
+    pub quantized: HashMap<String, Arc<QTensor>>,
     pub tokenizer: Tokenizer,
 }
 
@@ -166,6 +170,24 @@ const ARCHS: [(&str, &str); 5] = [
 /// Reads a Llama-, Qwen2-, Qwen3-, OLMo 2- or Phi-3-architecture GGUF file, dequantising every
 /// tensor to f32.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+    load_gguf_with(path, device, false)
+}
+
+/// The rows of llama.cpp's interleaved Q/K weight in transformers' order: row `i` of the result
+/// is row `rows[i]` of the stored weight ([`unpermute`] as a row map).
+fn unpermute_rows(out: usize, n_head: usize) -> Vec<usize> {
+    let hd = out / n_head;
+    (0..out)
+        .map(|r| {
+            let (h, j, i) = (r / hd, (r % hd) / (hd / 2), r % (hd / 2));
+            h * hd + 2 * i + j
+        })
+        .collect()
+}
+
+/// [`load_gguf`]; with `keep_quantized`, the decoder layers' block-quantised weights stay
+/// quantised (in `quantized`), for LoRA on a quantised base, and only the rest is dequantised.
+pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content =
         Content::read(&mut file).map_err(|e| Error::invalid(path, "gguf", e.to_string()))?;
@@ -200,6 +222,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let tokens = m.strings("tokenizer.ggml.tokens")?;
 
     let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -207,6 +230,35 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         // the one tested against llama.cpp's layout (and candle's CUDA one builds no MMQ here).
         let bad = |e: candle_core::Error| Error::invalid(path, name.as_str(), e.to_string());
         let q = content.tensor(&mut file, name, &Device::Cpu).map_err(bad)?;
+        if keep_quantized
+            && name.starts_with("blk.")
+            && q.rank() == 2
+            && crate::ops::is_block_quantized(q.dtype())
+        {
+            let out = q.shape().dims2().map_err(bad)?.0;
+            let heads = if name.ends_with("attn_q.weight") {
+                Some(n_head)
+            } else if name.ends_with("attn_k.weight") {
+                Some(n_kv)
+            } else {
+                None
+            };
+            let q = match heads {
+                Some(n) if permuted => {
+                    if !out.is_multiple_of(2 * n) {
+                        return Err(Error::invalid(
+                            path,
+                            name.as_str(),
+                            format!("{out} rows do not split into {n} heads of even size"),
+                        ));
+                    }
+                    crate::ops::permute_rows(&q, &unpermute_rows(out, n)).map_err(bad)?
+                }
+                _ => q,
+            };
+            quantized.insert(hf_name(path, name, &arch)?, Arc::new(q));
+            continue;
+        }
         let mut t = q.dequantize(&Device::Cpu).map_err(bad)?;
         if permuted && name.starts_with("blk.") && name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_head)?;
@@ -261,7 +313,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         context,
         eps,
         theta,
-        !tensors.contains_key("lm_head.weight"),
+        !tensors.contains_key("lm_head.weight") && !quantized.contains_key("lm_head.weight"),
         bos,
         eos,
         pad,
@@ -275,6 +327,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     Ok(GgufModel {
         config,
         tensors,
+        quantized,
         tokenizer,
     })
 }

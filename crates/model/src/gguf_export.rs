@@ -338,6 +338,11 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     }
     md.extend(tokenizer_metadata(p, cfg.vocab_size)?);
 
+    if model.is_quantized() {
+        return Err(Error::Msg(
+            "export-gguf: the model was loaded with a quantised base; load it dense".into(),
+        ));
+    }
     let mut qt: Vec<(String, QTensor)> = vec![];
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
     for (hf, t) in model.named_params() {

@@ -236,6 +236,10 @@ impl Model {
     pub fn merge_lora(&mut self) -> Result<()> {
         for l in self.linears_mut() {
             if let Some(a) = l.lora.take() {
+                if l.quant.is_some() {
+                    l.weight = l.dense_weight()?;
+                    l.quant = None;
+                }
                 let delta =
                     (a.b.detach().matmul(&a.a.detach())? * a.scale)?.to_dtype(l.weight.dtype())?;
                 l.weight = (l.weight.detach() + delta)?;

@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::{Activation, Arch, ModelConfig, NormPlacement, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
-use crate::ops::{layer_norm, linear_group, rms_norm, rope, softmax_last, swiglu, Linear};
+use crate::ops::{
+    layer_norm, linear_group, rms_norm, rope, softmax_last, swiglu, BaseQuant, Linear,
+};
 
 /// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
 const MASKED: f32 = -1e9;
@@ -413,6 +416,10 @@ pub struct Model {
 /// Hands out named tensors from a weight map, checking shapes.
 struct Params<'a> {
     tensors: HashMap<String, Tensor>,
+    /// Linear weights already quantised (a GGUF file's blocks), kept as they are.
+    quantized: HashMap<String, Arc<QTensor>>,
+    /// Quantise the other linear weights at load (LoRA on a quantised base).
+    quantize: Option<BaseQuant>,
     origin: &'a Path,
     dtype: DType,
     trainable: bool,
@@ -420,6 +427,17 @@ struct Params<'a> {
 
 impl Params<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.take_raw(name, shape)?;
+        let t = t.to_dtype(self.dtype)?;
+        Ok(if self.trainable {
+            Var::from_tensor(&t)?.as_tensor().clone()
+        } else {
+            t
+        })
+    }
+
+    /// The tensor as stored, its shape checked.
+    fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self
             .tensors
             .remove(name)
@@ -435,12 +453,32 @@ impl Params<'_> {
                 found: t.dims().to_vec(),
             });
         }
-        let t = t.to_dtype(self.dtype)?;
-        Ok(if self.trainable {
-            Var::from_tensor(&t)?.as_tensor().clone()
-        } else {
-            t
-        })
+        Ok(t)
+    }
+
+    /// A linear's weight, quantised when the base is: as stored in a GGUF file, or quantised
+    /// here (rows that do not split into blocks stay dense).
+    fn quantized_weight(&mut self, name: &str, shape: [usize; 2]) -> Result<Option<Arc<QTensor>>> {
+        if let Some(q) = self.quantized.remove(name) {
+            if q.shape().dims() != shape {
+                return Err(Error::Shape {
+                    path: self.origin.into(),
+                    name: name.into(),
+                    expected: shape.to_vec(),
+                    found: q.shape().dims().to_vec(),
+                });
+            }
+            return Ok(Some(q));
+        }
+        let Some(quant) = self.quantize else {
+            return Ok(None);
+        };
+        if quant.ggml_type(shape[1]).is_none() {
+            return Ok(None);
+        }
+        let t = self.take_raw(name, &shape)?;
+        crate::ops::quantize_weight(&t, quant)
+            .map_err(|e| Error::invalid(self.origin, name, e.to_string()))
     }
 
     fn linear(
@@ -450,12 +488,22 @@ impl Params<'_> {
         in_dim: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let weight = self.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let name = format!("{prefix}.weight");
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
+        if let Some(q) = self.quantized_weight(&name, [out_dim, in_dim])? {
+            return Ok(Linear::quantized(
+                prefix,
+                q,
+                bias,
+                self.dtype,
+                &candle_core::Device::Cpu,
+            )?);
+        }
+        let weight = self.take(&name, &[out_dim, in_dim])?;
         Ok(Linear::new(prefix, weight, bias))
     }
 
@@ -476,6 +524,15 @@ impl Params<'_> {
     }
 }
 
+/// Where a quantised base's linear weights come from ([`Model::from_parts`]).
+#[derive(Default)]
+pub struct QuantizedBase {
+    /// Already-quantised weights by Hugging Face name (a GGUF file's blocks, rows in our layout).
+    pub quantized: HashMap<String, Arc<QTensor>>,
+    /// Quantise the remaining linear weights to this at load.
+    pub quantize: Option<BaseQuant>,
+}
+
 /// Tensors that Hugging Face checkpoints carry but that are buffers, not parameters.
 fn is_ignorable_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias")
@@ -494,8 +551,46 @@ impl Model {
         dtype: DType,
         trainable: bool,
     ) -> Result<Self> {
+        Self::from_parts(
+            cfg,
+            tensors,
+            QuantizedBase::default(),
+            origin,
+            dtype,
+            trainable,
+        )
+    }
+
+    /// [`Model::from_tensors`] with a quantised base: linear weights from `base.quantized` stay
+    /// quantised, and with `base.quantize` the dense ones are quantised here. Such a model is
+    /// frozen (train it with LoRA) and lives on the CPU.
+    pub fn from_parts(
+        cfg: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        base: QuantizedBase,
+        origin: &Path,
+        dtype: DType,
+        trainable: bool,
+    ) -> Result<Self> {
+        let quantizing = base.quantize.is_some() || !base.quantized.is_empty();
+        if quantizing && trainable {
+            return Err(Error::invalid(
+                origin,
+                "load_in_4bit",
+                "a quantised base is frozen: train LoRA adapters on it (use_peft = true)",
+            ));
+        }
+        if quantizing && tensors.values().any(|t| !t.device().is_cpu()) {
+            return Err(Error::invalid(
+                origin,
+                "load_in_4bit",
+                "a quantised base runs on the CPU only (use --device cpu)",
+            ));
+        }
         let mut p = Params {
             tensors,
+            quantized: base.quantized,
+            quantize: base.quantize,
             origin,
             dtype,
             trainable,
@@ -691,6 +786,7 @@ impl Model {
         let mut left: Vec<&String> = p
             .tensors
             .keys()
+            .chain(p.quantized.keys())
             .filter(|k| !is_ignorable_buffer(k))
             .collect();
         left.sort();
@@ -769,6 +865,21 @@ impl Model {
             .iter_mut()
             .flat_map(Block::linears_mut)
             .collect()
+    }
+
+    /// Whether some linear keeps a quantised weight (LoRA on a quantised base).
+    pub fn is_quantized(&self) -> bool {
+        self.clone().linears_mut().iter().any(|l| l.quant.is_some())
+    }
+
+    /// Bytes held by quantised linear weights (0 for a dense model).
+    pub fn quantized_bytes(&self) -> usize {
+        self.clone()
+            .linears_mut()
+            .iter()
+            .filter_map(|l| l.quant.as_ref())
+            .map(|q| q.storage_size_in_bytes())
+            .sum()
     }
 
     /// The trainable tensors as named `Var`s: base parameters (HF names) when built `trainable`, and

@@ -7,9 +7,10 @@ use serde_json::{json, Value};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::gguf::load_gguf;
+use crate::gguf::load_gguf_with;
 use crate::io::{read_json, write_json};
-use crate::model::Model;
+use crate::model::{Model, QuantizedBase};
+use crate::ops::BaseQuant;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{load_hf_weights_as, save_safetensors};
 
@@ -85,6 +86,18 @@ impl Pretrained {
 
     /// Loads `path`: a folder with config.json, safetensors and tokenizer files, or a `.gguf` file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(path, opts, None)
+    }
+
+    /// [`Pretrained::load`] with the linear weights kept quantised, for LoRA on a quantised base:
+    /// a GGUF file's quantised blocks stay as stored, and dense weights (an HF folder, a GGUF
+    /// file's f16/f32 tensors) are quantised to `quant`. Embeddings, norms and the LM head stay
+    /// dense. The model is frozen and on the CPU.
+    pub fn load_quantized(path: &Path, opts: &LoadOptions, quant: BaseQuant) -> Result<Self> {
+        Self::load_with(path, opts, Some(quant))
+    }
+
+    fn load_with(path: &Path, opts: &LoadOptions, quant: Option<BaseQuant>) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(
                 path,
@@ -92,10 +105,14 @@ impl Pretrained {
             ));
         }
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let g = load_gguf(path, &opts.device)?;
+            let g = load_gguf_with(path, &opts.device, quant.is_some())?;
             let cfg = ModelConfig::from_json(g.config, path)?;
             let generation_config = generation_config_from(&cfg, &g.tokenizer);
-            let model = Model::from_tensors(cfg, g.tensors, path, opts.dtype, opts.trainable)?;
+            let base = QuantizedBase {
+                quantized: g.quantized,
+                quantize: quant,
+            };
+            let model = Model::from_parts(cfg, g.tensors, base, path, opts.dtype, opts.trainable)?;
             return Ok(Pretrained {
                 model,
                 tokenizer: g.tokenizer,
@@ -110,6 +127,13 @@ impl Pretrained {
             ));
         }
         if !path.join("config.json").exists() && path.join("adapter_config.json").exists() {
+            if quant.is_some() {
+                return Err(Error::invalid(
+                    path,
+                    "model",
+                    "an adapter folder does not load on a quantised base; name its base model",
+                ));
+            }
             return Self::load_adapter_folder(path, opts);
         }
         let cfg = ModelConfig::from_file(&path.join("config.json"))?;
@@ -126,7 +150,11 @@ impl Pretrained {
             &opts.device,
             opts.trainable.then_some(opts.dtype),
         )?;
-        let model = Model::from_tensors(cfg, tensors, path, opts.dtype, opts.trainable)?;
+        let base = QuantizedBase {
+            quantized: Default::default(),
+            quantize: quant,
+        };
+        let model = Model::from_parts(cfg, tensors, base, path, opts.dtype, opts.trainable)?;
         Ok(Pretrained {
             model,
             tokenizer,
@@ -180,6 +208,14 @@ impl Pretrained {
     /// Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
     /// generation_config.json into `dir` (created if needed), each file atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.model.is_quantized() {
+            return Err(Error::invalid(
+                dir,
+                "model",
+                "a quantised base is not saved: save its LoRA adapter, then `preftune merge` it \
+                 into the full-precision base",
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut config = self.model.cfg.raw.clone();
         if self.model.has_score_head() {

@@ -122,6 +122,12 @@ pub struct TrainingArguments {
     pub lora_target_modules: Option<Vec<String>>,
     /// PEFT's `layers_to_transform`: the decoder layers that get adapters (default: all).
     pub lora_layers_to_transform: Option<Vec<usize>>,
+    /// TRL's `load_in_4bit` (QLoRA): the frozen base of a LoRA run stays 4-bit in memory
+    /// (llama.cpp's Q4_K, or Q4_0 for rows not a multiple of 256; a GGUF file's quantised
+    /// weights stay as stored), dequantised one layer at a time. CPU only.
+    pub load_in_4bit: bool,
+    /// TRL's `load_in_8bit`: the same with llama.cpp's Q8_0.
+    pub load_in_8bit: bool,
     /// Recompute each decoder layer in backward instead of storing its activations: less memory
     /// for about a third more compute.
     pub gradient_checkpointing: bool,
@@ -174,6 +180,8 @@ impl Default for TrainingArguments {
             lora_dropout: 0.05,
             lora_target_modules: None,
             lora_layers_to_transform: None,
+            load_in_4bit: false,
+            load_in_8bit: false,
             gradient_checkpointing: false,
             bf16: false,
             device: None,
@@ -214,7 +222,26 @@ impl TrainingArguments {
         if self.use_peft && (self.lora_r == 0 || !(0.0..1.0).contains(&self.lora_dropout)) {
             return bad("lora_r", "LoRA needs lora_r > 0 and 0 <= lora_dropout < 1");
         }
+        if self.load_in_4bit && self.load_in_8bit {
+            return bad("load_in_4bit", "set load_in_4bit or load_in_8bit, not both");
+        }
+        if self.base_quant().is_some() && !self.use_peft {
+            return bad(
+                "load_in_4bit",
+                "a quantised base is frozen: it trains LoRA adapters (set use_peft = true)",
+            );
+        }
         Ok(())
+    }
+
+    /// The quantised base `load_in_4bit` / `load_in_8bit` ask for.
+    pub fn base_quant(&self) -> Option<preftune_model::ops::BaseQuant> {
+        use preftune_model::ops::BaseQuant;
+        match (self.load_in_4bit, self.load_in_8bit) {
+            (true, _) => Some(BaseQuant::Q4),
+            (false, true) => Some(BaseQuant::Q8),
+            _ => None,
+        }
     }
 }
 

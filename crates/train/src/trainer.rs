@@ -156,14 +156,15 @@ pub fn load_policy(
     let dtype = args.dtype.candle();
     let base = Path::new(&args.model_name_or_path);
     if args.use_peft {
-        let mut p = Pretrained::load(
-            base,
-            &LoadOptions {
-                dtype,
-                trainable: false,
-                device: run_device(args)?,
-            },
-        )?;
+        let opts = LoadOptions {
+            dtype,
+            trainable: false,
+            device: run_device(args)?,
+        };
+        let mut p = match args.base_quant() {
+            Some(q) => Pretrained::load_quantized(base, &opts, q)?,
+            None => Pretrained::load(base, &opts)?,
+        };
         let cfg = LoraConfig {
             r: args.lora_r,
             alpha: args.lora_alpha,

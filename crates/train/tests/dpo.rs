@@ -197,6 +197,65 @@ fn lora_dpo_uses_the_base_as_reference() {
     );
 }
 
+/// QLoRA: LoRA DPO on a base that stays 4-bit (`load_in_4bit`) learns the preference, and its
+/// adapter works on the full-precision base it was not trained on.
+#[test]
+fn lora_dpo_on_a_4bit_base_learns_and_transfers_to_the_full_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pairs, fresh) = synthetic_pairs(dir.path());
+    let out = dir.path().join("qlora");
+    let sets = vec![
+        format!("model_name_or_path={}", tiny("tiny-llama")),
+        format!("train_file={}", pairs.display()),
+        format!("eval_file={}", pairs.display()),
+        format!("output_dir={}", out.display()),
+        "use_peft=true".into(),
+        "load_in_4bit=true".into(),
+        "gradient_checkpointing=true".into(),
+        "lora_r=8".into(),
+        "lora_target_modules=[\"all-linear\"]".into(),
+        "lora_dropout=0.0".into(),
+        "max_steps=30".into(),
+        "learning_rate=5e-3".into(),
+        "per_device_train_batch_size=4".into(),
+        "save_steps=1000".into(),
+    ];
+    let s = dpo(&sets, false);
+    assert!(out.join("adapter_model.safetensors").exists());
+    assert!(
+        s["eval"]["eval_rewards/accuracies"].as_f64().unwrap() > 0.99,
+        "{s}"
+    );
+    let good = first_token(" good.");
+    let before = rate(Path::new(&tiny("tiny-llama")), None, &fresh, good);
+    let after = rate(Path::new(&tiny("tiny-llama")), Some(&out), &fresh, good);
+    assert!(
+        after > before + 0.08 && after > 10.0 * before,
+        "{before} -> {after}"
+    );
+
+    // A quantised base trains adapters only, and 4 and 8 bits are one choice.
+    for (extra, want) in [
+        (vec!["load_in_4bit=true"], "set use_peft = true"),
+        (
+            vec!["use_peft=true", "load_in_4bit=true", "load_in_8bit=true"],
+            "not both",
+        ),
+    ] {
+        let mut sets = vec![
+            format!("model_name_or_path={}", tiny("tiny-llama")),
+            format!("train_file={}", pairs.display()),
+            format!("output_dir={}", dir.path().join("bad").display()),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let e = load::<DpoArgs>(None, defaults(), &sets)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| run(&cfg, false, false).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(e.contains(want) && e.contains("load_in_4bit"), "{e}");
+    }
+}
+
 #[test]
 fn dpo_gradients_through_the_model_match_finite_differences() {
     // Sigmoid DPO of tiny-llama against tiny-qwen2, in f64: d loss / d (a few weights) by autograd

@@ -11,6 +11,10 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<crate::lora::LoraAdapter>,
+    /// A quantised base weight ([`super::quant`]): then `weight` is a placeholder of the right
+    /// shape and dtype with no storage of its own (a broadcast zero), and products dequantise
+    /// this one.
+    pub quant: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
 impl Linear {
@@ -20,6 +24,31 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            quant: None,
+        }
+    }
+
+    /// A linear over a quantised `[out, in]` weight, frozen; `dtype` is the model's.
+    pub fn quantized(
+        name: impl Into<String>,
+        q: std::sync::Arc<candle_core::quantized::QTensor>,
+        bias: Option<Tensor>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let shape = q.shape().dims2()?;
+        let placeholder = Tensor::zeros((1, 1), dtype, device)?.broadcast_as(shape)?;
+        Ok(Linear {
+            quant: Some(q),
+            ..Linear::new(name, placeholder, bias)
+        })
+    }
+
+    /// The dense weight: `weight`, or the quantised one dequantised to `weight`'s dtype.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => super::quant::dequantize(q, self.weight.dtype()),
+            None => Ok(self.weight.clone()),
         }
     }
 
@@ -40,12 +69,35 @@ impl Linear {
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
+        let mut y = match &self.quant {
+            Some(q) => super::quant::quant_matmul(
+                &x2,
+                q,
+                unread && x2.track_op() && x2.dtype() == DType::F32,
+            )?,
+            None => self.dense_matmul(&x2, unread)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.delta(&x2)?)?;
+        }
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
+        y.reshape(out_shape)
+    }
+
+    /// `x W^T` for `x: [N, in]` and a dense `W`, by the fastest product that applies.
+    fn dense_matmul(&self, x2: &Tensor, unread: bool) -> Result<Tensor> {
+        let lead = x2.dim(0)?;
+        let x2 = x2.clone();
         let unread = unread
             && (x2.track_op() || self.weight.track_op())
             && kernels::cpu_kernels(x2.device())
             && x2.dtype() == DType::F32
             && self.weight.dtype() == DType::F32;
-        let mut y = if unread {
+        Ok(if unread {
             unread_matmul(&x2, &self.weight)?
         } else if let Some(y) = packed_matmul(&x2, &self.weight)? {
             y
@@ -77,16 +129,7 @@ impl Linear {
             self.weight.matmul(&x2.t()?)?.t()?
         } else {
             x2.matmul(&self.weight.t()?)?
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            y = (y + l.delta(&x2)?)?;
-        }
-        let mut out_shape = dims.to_vec();
-        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
-        y.reshape(out_shape)
+        })
     }
 
     /// Visits `weight` then `bias` with their full names.
@@ -187,7 +230,7 @@ pub fn linear_group(x: &Tensor, ls: &[&Linear]) -> Result<Vec<Tensor>> {
     // Stacking copies the weights into a new tensor; under [`PackedWeights`] that would pack the
     // copy on every call instead of reusing each weight's pack.
     if lead <= SMALL_M
-        || ls.iter().any(|l| l.lora.is_some())
+        || ls.iter().any(|l| l.lora.is_some() || l.quant.is_some())
         || !same_bias
         || ls.len() < 2
         || packing()

@@ -7,6 +7,7 @@
 //! - `linear`: `x W^T + b` with LoRA, and the products it picks between;
 //! - `precision`: bf16 mixed precision, training products, packed weights, the bf16 matmul op;
 //! - `norm`: softmax, log-sum-exp, RMSNorm, LayerNorm;
+//! - `quant`: linears over quantised weights (LoRA on a quantised base);
 //! - `rope`, `activation`: rotary embeddings and SwiGLU.
 //!
 //! Attention's op (scores with their backward, decoding attention) is in `kernels.rs`.
@@ -26,12 +27,14 @@ mod activation;
 mod linear;
 mod norm;
 mod precision;
+mod quant;
 mod rope;
 
 pub use activation::*;
 pub use linear::*;
 pub use norm::*;
 pub use precision::*;
+pub use quant::*;
 pub use rope::*;
 
 #[cfg(test)]
