@@ -161,6 +161,20 @@ fn precomputed_reference_is_cached_resumable_and_equivalent() {
         3,
         "bf16 and max_length each key their own cache"
     );
+    // A LoRA policy's reference is its base: the same cache as the full model's, unless the base
+    // is quantised.
+    let lora = ["precompute_ref_log_probs=true", "use_peft=true"];
+    dpo(&base("lora", &lora), false);
+    assert_eq!(cache_files().len(), 3, "LoRA on the same base");
+    dpo(
+        &base("q8", &[&lora[..], &["load_in_8bit=true"]].concat()),
+        false,
+    );
+    assert_eq!(
+        cache_files().len(),
+        4,
+        "a quantised base keys its own cache"
+    );
 }
 
 #[test]

@@ -774,6 +774,11 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         // The numerics: bf16 products and the weights' dtype give other log-probs.
         format!("bf16={}:dtype={}", args.bf16, args.dtype),
     ];
+    // A LoRA policy's reference is its base: quantised under load_in_4bit / load_in_8bit.
+    let mut ref_key = ref_key;
+    if let (None, Some(q)) = (&d.ref_model, args.base_quant()) {
+        ref_key.push(format!("base={q:?}"));
+    }
     for (split, path) in splits {
         let (mut items, r) = load_split(&path, args, listwise, &policy.tokenizer)?;
         report(&r);
