@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-use crate::config::{finite, ModelConfig};
+use crate::config::{finite, limits, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -145,6 +145,8 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
                 "ffn_up" => "mlp.up_proj",
                 "ffn_down" => "mlp.down_proj",
                 "attn_norm" => "input_layernorm",
+                // Gemma: norms on both sides of each sublayer; its ffn_norm is the MLP's pre-norm.
+                "ffn_norm" if is_gemma(arch) => "pre_feedforward_layernorm",
                 "ffn_norm" => "post_attention_layernorm",
                 // OLMo 2: norms after the attention and the MLP.
                 "post_attention_norm" => "post_attention_layernorm",
@@ -159,13 +161,132 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
 /// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
 /// weights permuted for its interleaved RoPE; Qwen2/Qwen3/OLMo 2 (NeoX RoPE) keep Hugging Face's
 /// layout.
-const ARCHS: [(&str, &str); 5] = [
+const ARCHS: [(&str, &str); 7] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
 ];
+
+fn is_gemma(arch: &str) -> bool {
+    matches!(arch, "gemma2" | "gemma3")
+}
+
+/// Gemma's hyper-parameters as llama.cpp stores them (or assumes them when absent), into the
+/// Hugging Face config: attention scale, soft-caps, sliding-window layers, local RoPE base and
+/// linear RoPE scaling, GeGLU.
+fn gemma_config(m: &Meta, arch: &str, config: &mut Value, head_dim: usize) -> Result<()> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let layers = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let (hidden, heads) = (
+        config["hidden_size"].as_u64().unwrap_or(0) as usize,
+        config["num_attention_heads"].as_u64().unwrap_or(1).max(1) as usize,
+    );
+    config["model_type"] = json!(if arch == "gemma2" {
+        "gemma2"
+    } else {
+        "gemma3_text"
+    });
+    config["hidden_activation"] = json!("gelu_pytorch_tanh");
+    config["head_dim"] = json!(head_dim);
+    // llama.cpp does not store query_pre_attn_scalar: it scales by hidden / heads for the 27B
+    // models (46 layers for Gemma 2, 62 for Gemma 3) and by head_dim otherwise.
+    let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    config["query_pre_attn_scalar"] = json!(if big { hidden / heads } else { head_dim });
+    let num = |key: &str| m.opt_num(&k(key));
+    // Soft-caps: llama.cpp defaults Gemma 2's to 50 (attention) and 30 (logits); Gemma 3 has no
+    // attention cap, and a logit cap only when stored.
+    let (attn_cap, final_cap) = if arch == "gemma2" {
+        (
+            Some(num("attn_logit_softcapping")?.unwrap_or(50.0)),
+            Some(num("final_logit_softcapping")?.unwrap_or(30.0)),
+        )
+    } else {
+        (None, num("final_logit_softcapping")?.filter(|c| *c > 0.0))
+    };
+    config["attn_logit_softcapping"] = json!(attn_cap);
+    config["final_logit_softcapping"] = json!(final_cap);
+    // Sliding windows: Gemma 2 always (4096 by default), Gemma 3 when the window is stored.
+    let window = match num("attention.sliding_window")? {
+        Some(w) if w > 0.0 => Some(m.dim(&k("attention.sliding_window"), limits::POSITIONS)?),
+        Some(_) => None,
+        None if arch == "gemma2" => Some(4096),
+        None => None,
+    };
+    config["sliding_window"] = json!(window);
+    if window.is_some() {
+        // llama.cpp's pattern: a per-layer array, or every n-th layer global (n = 2 for Gemma 2,
+        // 6 for Gemma 3): layer i slides when i % n < n - 1.
+        let key = k("attention.sliding_window_pattern");
+        let sliding: Vec<bool> = match m.md.get(&key) {
+            Some(GValue::Array(a)) => {
+                if a.len() != layers {
+                    return Err(Error::invalid(
+                        m.path,
+                        &key,
+                        format!("{} entries for {layers} layers", a.len()),
+                    ));
+                }
+                a.iter()
+                    .map(|v| {
+                        v.to_bool()
+                            .map_err(|_| Error::invalid(m.path, &key, "not an array of bools"))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Some(_) => {
+                let n = m.dim(&key, layers.max(1))?;
+                (0..layers).map(|i| i % n < n - 1).collect()
+            }
+            None => {
+                let n = if arch == "gemma2" { 2 } else { 6 };
+                (0..layers).map(|i| i % n < n - 1).collect()
+            }
+        };
+        let types: Vec<&str> = sliding
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        config["layer_types"] = json!(types);
+    }
+    if arch == "gemma3" {
+        // Global layers: rope.freq_base, linearly scaled when stored so; local ones their own
+        // base (10000 when absent), unscaled.
+        let theta = config["rope_theta"].as_f64().unwrap_or(10_000.0);
+        let local = match num("rope.freq_base_swa")? {
+            Some(t) => finite(m.path, &k("rope.freq_base_swa"), t, true)?,
+            None => 10_000.0,
+        };
+        let linear = m.md.contains_key(&k("rope.scaling.type"))
+            && m.string(&k("rope.scaling.type"))? == "linear";
+        let mut full = json!({"rope_theta": theta, "rope_type": "default"});
+        if linear {
+            let f = m.num(&k("rope.scaling.factor"))?;
+            full = json!({
+                "rope_theta": theta,
+                "rope_type": "linear",
+                "factor": finite(m.path, &k("rope.scaling.factor"), f, true)?,
+            });
+        }
+        config["rope_parameters"] = json!({
+            "full_attention": full,
+            "sliding_attention": {"rope_theta": local, "rope_type": "default"},
+        });
+        if let Some(o) = config.as_object_mut() {
+            o.remove("rope_theta");
+        }
+    }
+    Ok(())
+}
 
 /// Reads a Llama-, Qwen2-, Qwen3-, OLMo 2- or Phi-3-architecture GGUF file, dequantising every
 /// tensor to f32.
@@ -260,6 +381,10 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
             continue;
         }
         let mut t = q.dequantize(&Device::Cpu).map_err(bad)?;
+        // llama.cpp stores Gemma's RMSNorm weights as 1 + w, the scale it multiplies by.
+        if is_gemma(&arch) && name.ends_with("norm.weight") {
+            t = (t - 1.0).map_err(bad)?;
+        }
         if permuted && name.starts_with("blk.") && name.ends_with("attn_q.weight") {
             t = unpermute(&t, n_head)?;
         } else if permuted && name.starts_with("blk.") && name.ends_with("attn_k.weight") {
@@ -323,7 +448,10 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
     if let Some(hd) = head_dim {
         config["head_dim"] = json!(hd);
     }
-    let tokenizer = build_tokenizer(&m, &tokens, bos, eos, pad, unk, context)?;
+    if is_gemma(&arch) {
+        gemma_config(&m, &arch, &mut config, head_dim.unwrap_or(hidden / n_head))?;
+    }
+    let tokenizer = build_tokenizer(&m, &arch, &tokens, bos, eos, pad, unk, context)?;
     Ok(GgufModel {
         config,
         tensors,
@@ -332,24 +460,83 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
     })
 }
 
-/// Rebuilds a byte-level BPE `tokenizer.json` from GGUF metadata, as `gguf_to_hf.py` does.
-fn build_tokenizer(
-    m: &Meta,
-    tokens: &[String],
-    bos: Option<u32>,
-    eos: Option<u32>,
-    pad: Option<u32>,
-    unk: Option<u32>,
-    context: usize,
-) -> Result<Tokenizer> {
-    let model = m.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::invalid(
-            m.path,
-            "tokenizer.ggml.model",
-            format!("{model:?} is not supported (only byte-level BPE, \"gpt2\")"),
-        ));
+/// BPE merges implied by a sentencepiece vocabulary that stores none, as transformers'
+/// `generate_merges` recovers them: every split of every token into two tokens, ranked by the
+/// token's score (higher first), then by the longer left piece, then the longer right one; within
+/// one token, by the pieces' ids.
+fn spm_merges(tokens: &[String], score: &dyn Fn(usize) -> f64) -> Vec<(String, String)> {
+    // Python's dict semantics: a repeated token keeps its last id, at its first position.
+    let mut id: HashMap<&str, usize> = HashMap::new();
+    let mut order: Vec<&str> = vec![];
+    for (i, t) in tokens.iter().enumerate() {
+        if id.insert(t.as_str(), i).is_none() {
+            order.push(t);
+        }
     }
+    let mut merges: Vec<(&str, &str, f64)> = vec![];
+    for t in order {
+        let sc = score(id[t]);
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| t.split_at(at))
+            .filter(|(l, r)| id.contains_key(l) && id.contains_key(r))
+            .map(|(l, r)| (l, r, sc))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (id[l], id[r]));
+        merges.extend(local);
+    }
+    // Python's stable sort with reverse=True: descending keys, equal keys in their order.
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.partial_cmp(&ka).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// Gemma's sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`, no merges) as the BPE
+/// `GemmaTokenizer` transformers rebuilds from a GGUF file: tokens of spaces respelled with `▁`,
+/// merges recovered from the tokens' order in the file, byte fallback, spaces normalised to `▁`.
+fn gemma_spm_json(tokens: &[String], unk: Option<&str>) -> Value {
+    let tokens: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let merges: Vec<Value> = spm_merges(&tokens, &|i| -(i as f64))
+        .into_iter()
+        .map(|(l, r)| json!([l, r]))
+        .collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    json!({
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk.unwrap_or("<unk>"),
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                  "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    })
+}
+
+/// A byte-level BPE (`tokenizer.ggml.model = "gpt2"`): its pre-tokenizer, vocabulary and merges.
+fn byte_level_json(m: &Meta, tokens: &[String]) -> Result<Value> {
     let pre = if m.md.contains_key("tokenizer.ggml.pre") {
         m.string("tokenizer.ggml.pre")?
     } else {
@@ -370,15 +557,6 @@ fn build_tokenizer(
             ))
         }
     };
-    let types: Vec<i64> = match m.md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|_| Error::invalid(m.path, "tokenizer.ggml.token_type", "not an array"))?
-            .iter()
-            .map(|x| x.to_i32().map(i64::from).unwrap_or(1))
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
     let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
@@ -392,21 +570,74 @@ fn build_tokenizer(
             json!([a, b])
         })
         .collect();
+    Ok(json!({
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// Rebuilds a `tokenizer.json` from GGUF metadata: byte-level BPE (`gpt2`), as `gguf_to_hf.py`
+/// does, or Gemma's sentencepiece vocabulary (`llama`), as transformers does.
+#[allow(clippy::too_many_arguments)]
+fn build_tokenizer(
+    m: &Meta,
+    arch: &str,
+    tokens: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+    pad: Option<u32>,
+    unk: Option<u32>,
+    context: usize,
+) -> Result<Tokenizer> {
+    let model = m.string("tokenizer.ggml.model")?;
+    let spm = model == "llama" && is_gemma(arch);
+    if model != "gpt2" && !spm {
+        return Err(Error::invalid(
+            m.path,
+            "tokenizer.ggml.model",
+            format!(
+                "{model:?} is not supported (byte-level BPE, \"gpt2\", or Gemma's sentencepiece, \
+                 \"llama\")"
+            ),
+        ));
+    }
+    let types: Vec<i64> = match m.md.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|_| Error::invalid(m.path, "tokenizer.ggml.token_type", "not an array"))?
+            .iter()
+            .map(|x| x.to_i32().map(i64::from).unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    let tok_str = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned();
+    let mut tj = if spm {
+        gemma_spm_json(tokens, tok_str(unk).as_deref())
+    } else {
+        byte_level_json(m, tokens)?
+    };
+    // Control tokens are special; a sentencepiece vocabulary's user-defined ones (`<think>`) are
+    // added whole too, not special, as transformers does.
     const CONTROL: i64 = 3;
+    const USER_DEFINED: i64 = 4;
     let added: Vec<Value> = tokens
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == CONTROL)
-        .map(|(i, (t, _))| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        .filter(|(_, (_, &ty))| ty == CONTROL || (spm && ty == USER_DEFINED))
+        .map(|(i, (t, &ty))| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": ty == CONTROL})
         })
         .collect();
+    // llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
     let add_bos =
         m.md.get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-    let tok_str = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned();
+            .unwrap_or(spm);
     let post_processor = match (add_bos, tok_str(bos)) {
         (true, Some(b)) => json!({
             "type": "TemplateProcessing",
@@ -416,14 +647,11 @@ fn build_tokenizer(
         }),
         _ => Value::Null,
     };
-    let tj = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
-    });
+    tj["version"] = json!("1.0");
+    tj["truncation"] = Value::Null;
+    tj["padding"] = Value::Null;
+    tj["added_tokens"] = json!(added);
+    tj["post_processor"] = post_processor;
     let inner: tokenizers::Tokenizer = tj
         .to_string()
         .parse()

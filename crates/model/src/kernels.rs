@@ -375,6 +375,16 @@ fn check_mask(mask: Option<&AttnMask>, b: usize, t: usize, tk: usize, op: &str) 
 }
 
 /// Batch and group strides of K (or V) laid out as [`rows_contiguous`] leaves it.
+/// Whether two layouts of one shape step through memory alike: strides of dimensions of extent 1
+/// never move, so they may differ (one key/value head: `k` made contiguous by RoPE, `v` a
+/// transposed view).
+fn same_strides(a: &Layout, b: &Layout) -> bool {
+    a.dims()
+        .iter()
+        .zip(a.stride().iter().zip(b.stride()))
+        .all(|(&n, (x, y))| n == 1 || x == y)
+}
+
 fn kv_strides(l: &Layout, dh: usize, op: &str) -> Result<(usize, usize)> {
     match l.stride() {
         [s0, s1, s2, 1] if *s2 == dh => Ok((*s0, *s1)),
@@ -531,7 +541,7 @@ impl CustomOp3 for AttnUntracked {
         if l2.shape() != l3.shape()
             || l2.shape().dims4()? != (b, g, tk, dh)
             || rt % self.t != 0
-            || l2.stride() != l3.stride()
+            || !same_strides(l2, l3)
         {
             return Err(Error::Msg(format!(
                 "{name}: q {:?}, k {:?}, v {:?} do not match",
