@@ -62,31 +62,6 @@ fn lora() -> LoraConfig {
     }
 }
 
-/// Adapter gradients of a log-likelihood loss, by PEFT name. `B` starts at zero, so it is set to
-/// small values first: then `A` gets a gradient too.
-fn adapter_grads(m: &mut Model) -> Vec<(String, Vec<f32>)> {
-    m.add_lora(&lora(), 7).unwrap();
-    let (ids, mask) = batch();
-    let h = m.forward(&ids, Some(&mask), None, None).unwrap();
-    let loss = token_logprobs(m, &h, &ids, &mask, 1.0)
-        .unwrap()
-        .sum
-        .sum_all()
-        .unwrap()
-        .neg()
-        .unwrap();
-    let grads = m.backward(&loss).unwrap();
-    m.trainable_params()
-        .into_iter()
-        .map(|(n, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{n} gets no gradient"));
-            (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect()
-}
-
 fn set_b(m: &mut Model) {
     // A fresh adapter is an exact no-op (B = 0): give B values so that A's gradient is not zero.
     let params = m.lora_params();
@@ -112,9 +87,13 @@ fn set_b(m: &mut Model) {
     *m = fresh;
 }
 
-fn grads_with_b(m: &mut Model) -> Vec<(String, Vec<f32>)> {
+/// Adapter gradients of a log-likelihood loss, by PEFT name, through `Model::backward`. With
+/// `nonzero_b`, `B` (zero in a fresh adapter) gets values first, so that `A` has a gradient too.
+fn adapter_grads(m: &mut Model, nonzero_b: bool) -> Vec<(String, Vec<f32>)> {
     m.add_lora(&lora(), 7).unwrap();
-    set_b(m);
+    if nonzero_b {
+        set_b(m);
+    }
     let (ids, mask) = batch();
     let h = m.forward(&ids, Some(&mask), None, None).unwrap();
     let loss = token_logprobs(m, &h, &ids, &mask, 1.0)
@@ -181,22 +160,26 @@ fn quantised_base_computes_what_its_dequantised_weights_compute() {
 
         // Adapter gradients: stored graph, recomputed layers, and bf16 products.
         let mut r = reference.clone();
-        let want = grads_with_b(&mut r);
+        let want = adapter_grads(&mut r, true);
         let mut m = q.model.clone();
-        assert_same_grads(&want, &grads_with_b(&mut m), &format!("{quant:?}"));
+        assert_same_grads(&want, &adapter_grads(&mut m, true), &format!("{quant:?}"));
         let mut m = q.model.clone();
         m.set_gradient_checkpointing(true);
         assert_same_grads(
             &want,
-            &grads_with_b(&mut m),
+            &adapter_grads(&mut m, true),
             &format!("{quant:?} checkpointed"),
         );
         let _bf16 = Bf16Scope::new(true);
         let mut r = reference.clone();
-        let want = grads_with_b(&mut r);
+        let want = adapter_grads(&mut r, true);
         let mut m = q.model.clone();
         m.set_gradient_checkpointing(true);
-        assert_same_grads(&want, &grads_with_b(&mut m), &format!("{quant:?} bf16"));
+        assert_same_grads(
+            &want,
+            &adapter_grads(&mut m, true),
+            &format!("{quant:?} bf16"),
+        );
     }
 }
 
@@ -205,7 +188,7 @@ fn every_adapter_of_a_quantised_base_gets_a_gradient() {
     let q = Pretrained::load_quantized(&tiny("tiny-llama"), &LoadOptions::default(), BaseQuant::Q4)
         .unwrap();
     let mut m = q.model.clone();
-    let grads = adapter_grads(&mut m);
+    let grads = adapter_grads(&mut m, false);
     // 2 layers x 7 linears x (A, B); with B = 0, only B's gradients are non-zero.
     assert_eq!(grads.len(), 28);
     for (n, g) in &grads {
