@@ -306,6 +306,38 @@ fn unpermute_rows(out: usize, n_head: usize) -> Vec<usize> {
         .collect()
 }
 
+/// BOS, EOS, padding (EOS when absent) and unknown token ids.
+#[allow(clippy::type_complexity)]
+fn special_ids(
+    m: &Meta,
+    vocab: usize,
+) -> Result<(Option<u32>, Option<u32>, Option<u32>, Option<u32>)> {
+    let id = |key: &str| m.token_id(key, vocab);
+    let (bos, eos, unk) = (
+        id("tokenizer.ggml.bos_token_id")?,
+        id("tokenizer.ggml.eos_token_id")?,
+        id("tokenizer.ggml.unknown_token_id")?,
+    );
+    let pad = id("tokenizer.ggml.padding_token_id")?.or(eos);
+    Ok((bos, eos, pad, unk))
+}
+
+/// The tokenizer of a GGUF file alone (its metadata; no tensor is read).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content =
+        Content::read(&mut file).map_err(|e| Error::invalid(path, "gguf", e.to_string()))?;
+    let m = Meta {
+        path,
+        md: &content.metadata,
+    };
+    let arch = m.string("general.architecture")?;
+    let tokens = m.strings("tokenizer.ggml.tokens")?;
+    let (bos, eos, pad, unk) = special_ids(&m, tokens.len())?;
+    let context = m.dim(&format!("{arch}.context_length"), limits::POSITIONS)?;
+    build_tokenizer(&m, &arch, &tokens, bos, eos, pad, unk, context)
+}
+
 /// [`load_gguf`]; with `keep_quantized`, the decoder layers' block-quantised weights stay
 /// quantised (in `quantized`), for LoRA on a quantised base, and only the rest is dequantised.
 pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel> {
@@ -396,13 +428,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         );
     }
 
-    let id = |key: &str| m.token_id(key, tokens.len());
-    let (bos, eos, unk) = (
-        id("tokenizer.ggml.bos_token_id")?,
-        id("tokenizer.ggml.eos_token_id")?,
-        id("tokenizer.ggml.unknown_token_id")?,
-    );
-    let pad = id("tokenizer.ggml.padding_token_id")?.or(eos);
+    let (bos, eos, pad, unk) = special_ids(&m, tokens.len())?;
     let context = m.dim(&k("context_length"), limits::POSITIONS)?;
     let hidden = m.dim(&k("embedding_length"), limits::DIM)?;
     // Qwen3's heads are wider than hidden / heads: llama.cpp stores their size.
@@ -498,41 +524,115 @@ fn spm_merges(tokens: &[String], score: &dyn Fn(usize) -> f64) -> Vec<(String, S
         .collect()
 }
 
-/// Gemma's sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`, no merges) as the BPE
-/// `GemmaTokenizer` transformers rebuilds from a GGUF file: tokens of spaces respelled with `▁`,
-/// merges recovered from the tokens' order in the file, byte fallback, spaces normalised to `▁`.
-fn gemma_spm_json(tokens: &[String], unk: Option<&str>) -> Value {
+/// How transformers rebuilds a sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`),
+/// by architecture.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Spm {
+    /// `GemmaTokenizer`: spaces normalised to `▁`, no prefix space; the file stores no merges and
+    /// its scores do not follow the merge order, so merges come from the tokens' order.
+    Gemma,
+    /// `LlamaTokenizer` (Llama 2, Mistral v0.1, TinyLlama, ...): `Metaspace` with a prefix `▁`
+    /// on the first section; merges ranked by the stored scores.
+    Llama,
+    /// Phi-3: as Llama, but the prefix `▁` comes from a normaliser.
+    Phi3,
+}
+
+impl Spm {
+    fn of(arch: &str) -> Self {
+        match arch {
+            "gemma2" | "gemma3" => Spm::Gemma,
+            "phi3" => Spm::Phi3,
+            _ => Spm::Llama,
+        }
+    }
+}
+
+/// A sentencepiece vocabulary as the BPE `tokenizer.json` transformers builds from a GGUF file:
+/// byte fallback, merges recovered from scores (or Gemma's token order) unless the file stores
+/// them, the normaliser / pre-tokenizer / decoder of the architecture's tokenizer class.
+fn spm_json(m: &Meta, tokens: &[String], flavour: Spm) -> Result<Value> {
+    // Gemma files store runs of spaces as spaces; GemmaTokenizer spells them with U+2581.
     let tokens: Vec<String> = tokens
         .iter()
         .map(|t| {
-            if t.contains(' ') && t.trim().is_empty() {
+            if flavour == Spm::Gemma && t.contains(' ') && t.trim().is_empty() {
                 "\u{2581}".repeat(t.chars().count())
             } else {
                 t.clone()
             }
         })
         .collect();
-    let merges: Vec<Value> = spm_merges(&tokens, &|i| -(i as f64))
-        .into_iter()
-        .map(|(l, r)| json!([l, r]))
-        .collect();
+    let merges: Vec<(String, String)> = if m.md.contains_key("tokenizer.ggml.merges") {
+        m.strings("tokenizer.ggml.merges")?
+            .iter()
+            .map(|s| {
+                let (a, b) = s.split_once(' ').unwrap_or((s.as_str(), ""));
+                (a.to_string(), b.to_string())
+            })
+            .collect()
+    } else if flavour == Spm::Gemma {
+        spm_merges(&tokens, &|i| -(i as f64))
+    } else {
+        let key = "tokenizer.ggml.scores";
+        let scores: Vec<f64> = m
+            .get(key)?
+            .to_vec()
+            .map_err(|_| Error::invalid(m.path, key, "not an array"))?
+            .iter()
+            .map(|v| v.to_f32().map(f64::from))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::invalid(m.path, key, "not an array of numbers"))?;
+        if scores.len() != tokens.len() {
+            return Err(Error::invalid(
+                m.path,
+                key,
+                format!("{} scores for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        spm_merges(&tokens, &|i| scores[i])
+    };
+    let merges: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
     let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    json!({
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"}
-        ]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk.unwrap_or("<unk>"),
+    let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    let mut decoders = vec![
+        replace("\u{2581}", " "),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    let (normalizer, pre_tokenizer, unk) = match flavour {
+        Spm::Gemma => (
+            replace(" ", "\u{2581}"),
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+            json!("<unk>"),
+        ),
+        Spm::Llama => (
+            Value::Null,
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+            Value::Null,
+        ),
+        Spm::Phi3 => (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, replace(" ", "\u{2581}")]}),
+            Value::Null,
+            Value::Null,
+        ),
+    };
+    if flavour != Spm::Gemma {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
                   "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
                   "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
-    })
+    }))
 }
 
 /// A byte-level BPE (`tokenizer.ggml.model = "gpt2"`): its pre-tokenizer, vocabulary and merges.
@@ -581,7 +681,7 @@ fn byte_level_json(m: &Meta, tokens: &[String]) -> Result<Value> {
 }
 
 /// Rebuilds a `tokenizer.json` from GGUF metadata: byte-level BPE (`gpt2`), as `gguf_to_hf.py`
-/// does, or Gemma's sentencepiece vocabulary (`llama`), as transformers does.
+/// does, or a sentencepiece vocabulary (`llama`), as transformers does.
 #[allow(clippy::too_many_arguments)]
 fn build_tokenizer(
     m: &Meta,
@@ -594,14 +694,13 @@ fn build_tokenizer(
     context: usize,
 ) -> Result<Tokenizer> {
     let model = m.string("tokenizer.ggml.model")?;
-    let spm = model == "llama" && is_gemma(arch);
+    let spm = model == "llama";
     if model != "gpt2" && !spm {
         return Err(Error::invalid(
             m.path,
             "tokenizer.ggml.model",
             format!(
-                "{model:?} is not supported (byte-level BPE, \"gpt2\", or Gemma's sentencepiece, \
-                 \"llama\")"
+                "{model:?} is not supported (byte-level BPE, \"gpt2\", or sentencepiece, \"llama\")"
             ),
         ));
     }
@@ -616,7 +715,7 @@ fn build_tokenizer(
     };
     let tok_str = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned();
     let mut tj = if spm {
-        gemma_spm_json(tokens, tok_str(unk).as_deref())
+        spm_json(m, tokens, Spm::of(arch))?
     } else {
         byte_level_json(m, tokens)?
     };

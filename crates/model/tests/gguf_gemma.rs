@@ -1,39 +1,51 @@
 //! Gemma 2 and Gemma 3 GGUF files as llama.cpp writes them (norms stored as 1 + w, a
 //! sentencepiece vocabulary without merges, hyper-parameters under llama.cpp's keys) load to the
-//! tokenizer and logits transformers 5.23 gets from the same files
-//! (`scripts/parity/make_gemma_gguf.py` made both files and the golden).
+//! tokenizer and logits transformers 5.23 gets from the same files; the sentencepiece
+//! vocabularies of Llama- and Phi-3-architecture files (merges ranked by scores) to its tokens
+//! (`scripts/parity/make_sentencepiece_gguf.py` made both files and the golden).
 mod common;
 
 use candle_core::DType;
 use common::*;
 use preftune_model::{LoadOptions, Pretrained};
+use serde_json::Value;
+
+/// Each text encodes to transformers' ids (BOS added) and decodes back to its text.
+fn assert_same_tokens(tok: &preftune_model::Tokenizer, golden: &Value, g: &Value, what: &str) {
+    for (i, text) in golden["texts"].as_array().unwrap().iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let got = tok.encode(text, true).unwrap();
+        assert_eq!(got, ids_of(&g["input_ids"][i]), "{what}: {text:?}");
+        let decoded = tok.decode(&got, true).unwrap();
+        assert_eq!(
+            decoded,
+            g["decoded"][i].as_str().unwrap(),
+            "{what}: {text:?}"
+        );
+    }
+}
+
+#[test]
+fn llama_and_phi3_sentencepiece_vocabularies_match_transformers() {
+    let golden = golden("gguf-gemma.json");
+    for arch in ["llama", "phi3"] {
+        let g = &golden["tokenizers"][arch];
+        let path = fixtures().join("models").join(g["file"].as_str().unwrap());
+        let tok = preftune_model::gguf::load_gguf_tokenizer(&path).unwrap();
+        assert_same_tokens(&tok, &golden, g, arch);
+    }
+}
 
 #[test]
 fn gemma_gguf_matches_transformers_tokens_and_logits() {
     let golden = golden("gguf-gemma.json");
-    let texts: Vec<&str> = golden["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
     for arch in ["gemma2", "gemma3"] {
         let g = &golden["models"][arch];
         let path = fixtures().join("models").join(g["file"].as_str().unwrap());
         let p = Pretrained::load(&path, &LoadOptions::default()).unwrap();
         // The sentencepiece vocabulary rebuilt as transformers does: respelled spaces, merges in
         // the file's order, byte fallback, BOS added, control and user-defined tokens whole.
-        for (i, text) in texts.iter().enumerate() {
-            let want = ids_of(&g["input_ids"][i]);
-            let got = p.tokenizer.encode(text, true).unwrap();
-            assert_eq!(got, want, "{arch}: {text:?}");
-            let decoded = p.tokenizer.decode(&got, true).unwrap();
-            assert_eq!(
-                decoded,
-                g["decoded"][i].as_str().unwrap(),
-                "{arch}: {text:?}"
-            );
-        }
+        assert_same_tokens(&p.tokenizer, &golden, g, arch);
         // The model: 1 + w norms undone, head size 256, soft-caps (Gemma 2) and the layer pattern.
         let cfg = &p.model.cfg;
         assert_eq!(cfg.query_pre_attn_scalar, 256.0, "{arch}");

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Tiny Gemma 2 and Gemma 3 GGUF files as llama.cpp's converter writes them, and what transformers
 makes of them: the golden for preftune's Gemma GGUF loading (crates/model/tests/gguf_gemma.rs).
+Also tokenizer-only files of the Llama and Phi-3 architectures with a sentencepiece vocabulary
+and scores (Llama 2, Mistral v0.1 and Phi-3 GGUFs look like this), with transformers' token ids.
 
 Each file has random f16 matrices and f32 norms, norms stored as 1 + w (llama.cpp's convention), and a
 sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`, no merges: llama.cpp's Gemma layout)
@@ -16,7 +18,7 @@ transformers' agree: head_dim 256, Gemma 2's default soft-caps written out, Gemm
 layers and no stored local base or scaling.
 
 Run from the repository root with the reference venv:
-    .venv/bin/python scripts/parity/make_gemma_gguf.py
+    .venv/bin/python scripts/parity/make_sentencepiece_gguf.py
 """
 import json
 import os
@@ -130,10 +132,44 @@ def write(path, arch, layers, tokens, types, rng):
         w.add_tensor(f"{b}.ffn_down.weight", t(hidden, inter))
         w.add_tensor(f"{b}.post_ffw_norm.weight", norm(hidden))
     w.add_tensor("output_norm.weight", norm(hidden))
+    finish(w)
+
+
+def finish(w):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_tokenizer_only(path, arch, tokens, types, scores):
+    """Sentencepiece with scores (merges ranked by them), BOS "<s>", no tensors."""
+    w = GGUFWriter(path, arch)
+    w.add_context_length(512)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    finish(w)
+
+
+def llama_vocabulary(rng):
+    """Llama-2-like: <unk> <s> </s>, byte tokens, pieces with scores that are not in file order."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    g, gt = vocabulary()
+    pieces = [p for p in g[264:] if p != "  "]
+    tokens += pieces
+    types += [TokenType.NORMAL] * len(pieces)
+    # Scores: longer pieces merge later (lower score), with noise so ties are rare.
+    scores = [0.0] * 259 + [float(-len(p) - rng.random()) for p in pieces]
+    return tokens, types, scores
 
 
 def main():
@@ -163,6 +199,19 @@ def main():
                         "attn_logit_softcapping", "head_dim"]},
         }
         print(arch, os.path.getsize(path), "bytes;", ids[1])
+    lt, ltypes, lscores = llama_vocabulary(rng)
+    golden["tokenizers"] = {}
+    for arch in ["llama", "phi3"]:
+        name = f"spm-{arch}.gguf"
+        write_tokenizer_only(os.path.join(OUT_MODELS, name), arch, lt, ltypes, lscores)
+        tok = AutoTokenizer.from_pretrained(OUT_MODELS, gguf_file=name)
+        ids = [tok(t)["input_ids"] for t in TEXTS]
+        golden["tokenizers"][arch] = {
+            "file": name,
+            "input_ids": ids,
+            "decoded": [tok.decode(i, skip_special_tokens=True) for i in ids],
+        }
+        print(arch, ids[1])
     with open(OUT_GOLDEN, "w") as f:
         json.dump(golden, f)
 
