@@ -13,6 +13,11 @@ pub struct ModelArgs {
     /// A LoRA adapter folder in PEFT's layout to apply on top of the model.
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
+    /// Keep the linear weights quantised in memory: a .gguf file's blocks as stored (an HF
+    /// folder's quantised to Q8_0). Decoding then multiplies them as llama.cpp does, with
+    /// int8-quantised activations (docs/qlora.md).
+    #[arg(long)]
+    pub keep_quantized: bool,
 }
 
 /// How a prompt is turned into tokens.

@@ -16,7 +16,11 @@ pub fn load(args: &ModelArgs) -> Result<Pretrained> {
         ..Default::default()
     };
     // Our load errors already name the file, tensor or field.
-    let mut p = Pretrained::load(&args.model, &opts)?;
+    let mut p = if args.keep_quantized {
+        Pretrained::load_quantized(&args.model, &opts, preftune_model::ops::BaseQuant::Q8)?
+    } else {
+        Pretrained::load(&args.model, &opts)?
+    };
     if let Some(dir) = &args.adapter {
         p.model.load_lora(dir, false)?;
     }
@@ -161,6 +165,7 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
         model: a.model.clone(),
         dtype: a.dtype.clone(),
         adapter: Some(a.adapter.clone()),
+        keep_quantized: false,
     })?;
     let adapters = p.model.lora_params().len() / 2;
     p.model.merge_lora()?;

@@ -170,6 +170,7 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
                 model: a.ref_model.clone(),
                 dtype: a.model.dtype.clone(),
                 adapter: None,
+                keep_quantized: a.model.keep_quantized,
             })?;
             let s = &a.sampling;
             let s = EvalSampling {
