@@ -108,12 +108,7 @@ impl Meta<'_> {
 /// rotate-half order: `w.reshape(n, hd/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    if n_head == 0 || !out.is_multiple_of(2 * n_head) {
-        return Err(Error::Msg(format!(
-            "a Q/K weight of {out} rows does not split into {n_head} heads of even size"
-        )));
-    }
-    let hd = out / n_head;
+    let hd = head_size(out, n_head)?;
     Ok(w.reshape((n_head, hd / 2, 2, inp))?
         .transpose(1, 2)?
         .contiguous()?
@@ -294,16 +289,26 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     load_gguf_with(path, device, false)
 }
 
+/// The head size of a Q/K weight of `out` rows in `n_head` heads, which must be even.
+fn head_size(out: usize, n_head: usize) -> Result<usize> {
+    if n_head == 0 || !out.is_multiple_of(2 * n_head) {
+        return Err(Error::Msg(format!(
+            "a Q/K weight of {out} rows does not split into {n_head} heads of even size"
+        )));
+    }
+    Ok(out / n_head)
+}
+
 /// The rows of llama.cpp's interleaved Q/K weight in transformers' order: row `i` of the result
 /// is row `rows[i]` of the stored weight ([`unpermute`] as a row map).
-fn unpermute_rows(out: usize, n_head: usize) -> Vec<usize> {
-    let hd = out / n_head;
-    (0..out)
+fn unpermute_rows(out: usize, n_head: usize) -> Result<Vec<usize>> {
+    let hd = head_size(out, n_head)?;
+    Ok((0..out)
         .map(|r| {
             let (h, j, i) = (r / hd, (r % hd) / (hd / 2), r % (hd / 2));
             h * hd + 2 * i + j
         })
-        .collect()
+        .collect())
 }
 
 /// BOS, EOS, padding (EOS when absent) and unknown token ids.
@@ -322,11 +327,17 @@ fn special_ids(
     Ok((bos, eos, pad, unk))
 }
 
-/// The tokenizer of a GGUF file alone (its metadata; no tensor is read).
-pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
+/// The open file and its header (metadata and tensor directory).
+fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content =
         Content::read(&mut file).map_err(|e| Error::invalid(path, "gguf", e.to_string()))?;
+    Ok((file, content))
+}
+
+/// The tokenizer of a GGUF file alone (its metadata; no tensor is read).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let (_, content) = read_header(path)?;
     let m = Meta {
         path,
         md: &content.metadata,
@@ -341,9 +352,7 @@ pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
 /// [`load_gguf`]; with `keep_quantized`, the decoder layers' block-quantised weights stay
 /// quantised (in `quantized`), for LoRA on a quantised base, and only the rest is dequantised.
 pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content =
-        Content::read(&mut file).map_err(|e| Error::invalid(path, "gguf", e.to_string()))?;
+    let (mut file, content) = read_header(path)?;
     let m = Meta {
         path,
         md: &content.metadata,
@@ -383,31 +392,25 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         // the one tested against llama.cpp's layout (and candle's CUDA one builds no MMQ here).
         let bad = |e: candle_core::Error| Error::invalid(path, name.as_str(), e.to_string());
         let q = content.tensor(&mut file, name, &Device::Cpu).map_err(bad)?;
+        // Llama's Q and K rows come interleaved, in heads of this many.
+        let permuted_heads = match name.as_str() {
+            n if !permuted || !n.starts_with("blk.") => None,
+            n if n.ends_with("attn_q.weight") => Some(n_head),
+            n if n.ends_with("attn_k.weight") => Some(n_kv),
+            _ => None,
+        };
         if keep_quantized
             && name.starts_with("blk.")
             && q.rank() == 2
             && crate::ops::is_block_quantized(q.dtype())
         {
-            let out = q.shape().dims2().map_err(bad)?.0;
-            let heads = if name.ends_with("attn_q.weight") {
-                Some(n_head)
-            } else if name.ends_with("attn_k.weight") {
-                Some(n_kv)
-            } else {
-                None
-            };
-            let q = match heads {
-                Some(n) if permuted => {
-                    if !out.is_multiple_of(2 * n) {
-                        return Err(Error::invalid(
-                            path,
-                            name.as_str(),
-                            format!("{out} rows do not split into {n} heads of even size"),
-                        ));
-                    }
-                    crate::ops::permute_rows(&q, &unpermute_rows(out, n)).map_err(bad)?
+            let q = match permuted_heads {
+                Some(n) => {
+                    let rows = unpermute_rows(q.shape().dims2().map_err(bad)?.0, n)
+                        .map_err(|e| Error::invalid(path, name.as_str(), e.to_string()))?;
+                    crate::ops::permute_rows(&q, &rows).map_err(bad)?
                 }
-                _ => q,
+                None => q,
             };
             quantized.insert(hf_name(path, name, &arch)?, Arc::new(q));
             continue;
@@ -417,10 +420,8 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         if is_gemma(&arch) && name.ends_with("norm.weight") {
             t = (t - 1.0).map_err(bad)?;
         }
-        if permuted && name.starts_with("blk.") && name.ends_with("attn_q.weight") {
-            t = unpermute(&t, n_head)?;
-        } else if permuted && name.starts_with("blk.") && name.ends_with("attn_k.weight") {
-            t = unpermute(&t, n_kv)?;
+        if let Some(n) = permuted_heads {
+            t = unpermute(&t, n)?;
         }
         tensors.insert(
             hf_name(path, name, &arch)?,
@@ -563,14 +564,8 @@ fn spm_json(m: &Meta, tokens: &[String], flavour: Spm) -> Result<Value> {
             }
         })
         .collect();
-    let merges: Vec<(String, String)> = if m.md.contains_key("tokenizer.ggml.merges") {
-        m.strings("tokenizer.ggml.merges")?
-            .iter()
-            .map(|s| {
-                let (a, b) = s.split_once(' ').unwrap_or((s.as_str(), ""));
-                (a.to_string(), b.to_string())
-            })
-            .collect()
+    let merges = if m.md.contains_key("tokenizer.ggml.merges") {
+        stored_merges(m)?
     } else if flavour == Spm::Gemma {
         spm_merges(&tokens, &|i| -(i as f64))
     } else {
@@ -592,12 +587,6 @@ fn spm_json(m: &Meta, tokens: &[String], flavour: Spm) -> Result<Value> {
         }
         spm_merges(&tokens, &|i| scores[i])
     };
-    let merges: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
     let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
     let mut decoders = vec![
         replace("\u{2581}", " "),
@@ -629,10 +618,38 @@ fn spm_json(m: &Meta, tokens: &[String], flavour: Spm) -> Result<Value> {
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                  "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+        "model": bpe_model(&tokens, merges, unk, true),
     }))
+}
+
+/// The merges a file stores, `"left right"` each.
+fn stored_merges(m: &Meta) -> Result<Vec<(String, String)>> {
+    Ok(m.strings("tokenizer.ggml.merges")?
+        .iter()
+        .map(|s| {
+            let (a, b) = s.split_once(' ').unwrap_or((s.as_str(), ""));
+            (a.to_string(), b.to_string())
+        })
+        .collect())
+}
+
+/// A `tokenizers` BPE model over `tokens` (ids in file order); `sentencepiece`: unknown pieces
+/// fall back to byte tokens and runs of unknowns fuse, as sentencepiece does.
+fn bpe_model(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    unk: Value,
+    sentencepiece: bool,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
+    json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+           "end_of_word_suffix": null, "fuse_unk": sentencepiece, "byte_fallback": sentencepiece,
+           "ignore_merges": false, "vocab": vocab, "merges": merges})
 }
 
 /// A byte-level BPE (`tokenizer.ggml.model = "gpt2"`): its pre-tokenizer, vocabulary and merges.
@@ -657,26 +674,11 @@ fn byte_level_json(m: &Meta, tokens: &[String]) -> Result<Value> {
             ))
         }
     };
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    let merges: Vec<Value> = m
-        .strings("tokenizer.ggml.merges")?
-        .iter()
-        .map(|s| {
-            let (a, b) = s.split_once(' ').unwrap_or((s.as_str(), ""));
-            json!([a, b])
-        })
-        .collect();
     Ok(json!({
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
+        "model": bpe_model(tokens, stored_merges(m)?, Value::Null, false),
     }))
 }
 

@@ -278,6 +278,9 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     let cfg = &p.model.cfg;
     let model_type = cfg.raw["model_type"].as_str().unwrap_or_default();
     let refuse = |why: String| Err(Error::Msg(format!("export-gguf: {why}")));
+    if p.model.is_quantized() {
+        return refuse("the model was loaded with a quantised base; load it dense".into());
+    }
     let arch = match model_type {
         "llama" | "mistral" | "smollm" | "smollm2" => "llama",
         "qwen2" => "qwen2",
@@ -338,11 +341,6 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     }
     md.extend(tokenizer_metadata(p, cfg.vocab_size)?);
 
-    if model.is_quantized() {
-        return Err(Error::Msg(
-            "export-gguf: the model was loaded with a quantised base; load it dense".into(),
-        ));
-    }
     let mut qt: Vec<(String, QTensor)> = vec![];
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
     for (hf, t) in model.named_params() {

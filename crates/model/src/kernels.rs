@@ -374,7 +374,6 @@ fn check_mask(mask: Option<&AttnMask>, b: usize, t: usize, tk: usize, op: &str) 
     }
 }
 
-/// Batch and group strides of K (or V) laid out as [`rows_contiguous`] leaves it.
 /// Whether two layouts of one shape step through memory alike: strides of dimensions of extent 1
 /// never move, so they may differ (one key/value head: `k` made contiguous by RoPE, `v` a
 /// transposed view).
@@ -385,6 +384,7 @@ fn same_strides(a: &Layout, b: &Layout) -> bool {
         .all(|(&n, (x, y))| n == 1 || x == y)
 }
 
+/// Batch and group strides of K (or V) laid out as [`rows_contiguous`] leaves it.
 fn kv_strides(l: &Layout, dh: usize, op: &str) -> Result<(usize, usize)> {
     match l.stride() {
         [s0, s1, s2, 1] if *s2 == dh => Ok((*s0, *s1)),

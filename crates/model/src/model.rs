@@ -445,29 +445,27 @@ impl Params<'_> {
                 path: self.origin.into(),
                 name: name.into(),
             })?;
-        if t.dims() != shape {
+        self.check_shape(name, shape, t.dims())?;
+        Ok(t)
+    }
+
+    fn check_shape(&self, name: &str, expected: &[usize], found: &[usize]) -> Result<()> {
+        if found != expected {
             return Err(Error::Shape {
                 path: self.origin.into(),
                 name: name.into(),
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
             });
         }
-        Ok(t)
+        Ok(())
     }
 
     /// A linear's weight, quantised when the base is: as stored in a GGUF file, or quantised
     /// here (rows that do not split into blocks stay dense).
     fn quantized_weight(&mut self, name: &str, shape: [usize; 2]) -> Result<Option<Arc<QTensor>>> {
         if let Some(q) = self.quantized.remove(name) {
-            if q.shape().dims() != shape {
-                return Err(Error::Shape {
-                    path: self.origin.into(),
-                    name: name.into(),
-                    expected: shape.to_vec(),
-                    found: q.shape().dims().to_vec(),
-                });
-            }
+            self.check_shape(name, &shape, q.shape().dims())?;
             return Ok(Some(q));
         }
         let Some(quant) = self.quantize else {

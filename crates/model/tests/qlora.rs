@@ -103,17 +103,7 @@ fn adapter_grads(m: &mut Model, nonzero_b: bool) -> Vec<(String, Vec<f32>)> {
         .unwrap()
         .neg()
         .unwrap();
-    let grads = m.backward(&loss).unwrap();
-    m.trainable_params()
-        .into_iter()
-        .map(|(n, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{n} gets no gradient"));
-            assert!(!g.track_op(), "{n}: its gradient records a graph");
-            (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect()
+    named_grads(m, &m.backward(&loss).unwrap())
 }
 
 fn assert_same_grads(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], what: &str) {

@@ -91,20 +91,7 @@ fn two_pass_grads(p: &Pretrained) -> Vec<(String, Vec<f32>)> {
     let loss = ((l1.sum.sum_all().unwrap() * 0.7).unwrap()
         - (l2.sum.sum_all().unwrap() * 1.3).unwrap())
     .unwrap();
-    let grads = p.model.backward(&loss).unwrap();
-    p.model
-        .trainable_params()
-        .into_iter()
-        .map(|(n, v)| {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{n} gets no gradient"));
-            // A gradient that records a graph keeps that graph's activations alive until the
-            // optimiser step (under checkpointing, a recomputed layer's worth per weight).
-            assert!(!g.track_op(), "{n}: its gradient records a graph");
-            (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        })
-        .collect()
+    named_grads(&p.model, &p.model.backward(&loss).unwrap())
 }
 
 /// Recomputation skips each layer's last projection (backward never reads its value); the

@@ -70,11 +70,7 @@ impl Linear {
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
         let mut y = match &self.quant {
-            Some(q) => super::quant::quant_matmul(
-                &x2,
-                q,
-                unread && x2.track_op() && x2.dtype() == DType::F32,
-            )?,
+            Some(q) => super::quant::quant_matmul(&x2, q, unread)?,
             None => self.dense_matmul(&x2, unread)?,
         };
         if let Some(b) = &self.bias {
@@ -91,37 +87,36 @@ impl Linear {
     /// `x W^T` for `x: [N, in]` and a dense `W`, by the fastest product that applies.
     fn dense_matmul(&self, x2: &Tensor, unread: bool) -> Result<Tensor> {
         let lead = x2.dim(0)?;
-        let x2 = x2.clone();
         let unread = unread
             && (x2.track_op() || self.weight.track_op())
             && kernels::cpu_kernels(x2.device())
             && x2.dtype() == DType::F32
             && self.weight.dtype() == DType::F32;
         Ok(if unread {
-            unread_matmul(&x2, &self.weight)?
-        } else if let Some(y) = packed_matmul(&x2, &self.weight)? {
+            unread_matmul(x2, &self.weight)?
+        } else if let Some(y) = packed_matmul(x2, &self.weight)? {
             y
         } else if let Some(y) = (!training_products())
-            .then(|| few_rows_matmul(&x2, &self.weight))
+            .then(|| few_rows_matmul(x2, &self.weight))
             .transpose()?
             .flatten()
         {
             y
         } else if (x2.track_op() || training_products() || lead >= BF16_MIN_ROWS)
-            && bf16_applies(&x2, &self.weight)
+            && bf16_applies(x2, &self.weight)
         {
-            bf16_matmul(&x2, &self.weight)?
+            bf16_matmul(x2, &self.weight)?
         } else if bf16_enabled()
             && !kernels::cpu_kernels(x2.device())
             && x2.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
         {
-            bf16_composed_matmul(&x2, &self.weight)?
+            bf16_composed_matmul(x2, &self.weight)?
         } else if x2.track_op()
             && !self.weight.track_op()
             && kernels::cpu_kernels(self.weight.device())
         {
-            frozen_matmul(&x2, &self.weight)?
+            frozen_matmul(x2, &self.weight)?
         } else if lead <= SMALL_M && kernels::cpu_kernels(self.weight.device()) {
             // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs
             // about twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight
@@ -191,16 +186,7 @@ impl CustomOp1 for FrozenMatmul {
         if self.unread {
             return Ok(unread_value(self.x.dim(0)?, self.w.dim(0)?));
         }
-        let y = self.x.matmul(&self.w.t()?)?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("frozen_matmul: CPU only")
-        };
-        let out = match layout.contiguous_offsets() {
-            Some((0, end)) if end == cpu_len(cpu) => cpu.clone(),
-            _ => candle_core::bail!("frozen_matmul: unexpected output layout"),
-        };
-        Ok((out, y.shape().clone()))
+        cpu_output(&self.x.matmul(&self.w.t()?)?, self.name())
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -208,7 +194,20 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-pub(super) fn cpu_len(s: &CpuStorage) -> usize {
+/// A product computed with tensor ops inside a custom op's forward, as the op's output storage.
+pub(super) fn cpu_output(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+    let y = y.contiguous()?;
+    let (storage, layout) = y.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: CPU only")
+    };
+    match layout.contiguous_offsets() {
+        Some((0, end)) if end == cpu_len(cpu) => Ok((cpu.clone(), y.shape().clone())),
+        _ => candle_core::bail!("{op}: unexpected output layout"),
+    }
+}
+
+fn cpu_len(s: &CpuStorage) -> usize {
     match s {
         CpuStorage::F32(v) => v.len(),
         CpuStorage::F64(v) => v.len(),

@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(packs(), None, "the packs go with the guard");
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    pub(super) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

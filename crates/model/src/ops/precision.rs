@@ -150,6 +150,16 @@ impl candle_core::CustomOp2 for UnreadMatmul {
     }
 }
 
+/// `dy W` (`dy`: `[m, n]`, `W`: `[n, k]`), the input's gradient of `x W^T`, in bf16 with f32 sums.
+pub(super) fn bf16_input_grad(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use preftune_kernels::bf16gemm::{gemm_nt_new, View};
+    let ((m, n), k) = (grad.dims2()?, w.dim(1)?);
+    let dx = product_of(grad, w, |g, wv| {
+        gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
+    })?;
+    Tensor::from_vec(dx, (m, k), grad.device())
+}
+
 /// `unread`: the value is zeros and the product is skipped (see [`Linear::forward_unread`]).
 pub(super) struct Bf16Matmul {
     unread: bool,
@@ -290,15 +300,7 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         // dx = dy W: rows of dy against columns of W; none for an input that takes no gradient
         // (the first layer's under LoRA).
-        let dx = x
-            .track_op()
-            .then(|| {
-                let dx = product_of(grad, w, |g, wv| {
-                    gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
-                })?;
-                Tensor::from_vec(dx, (m, k), x.device())
-            })
-            .transpose()?;
+        let dx = x.track_op().then(|| bf16_input_grad(grad, w)).transpose()?;
         if !w.track_op() {
             return Ok((dx, None));
         }

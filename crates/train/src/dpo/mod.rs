@@ -763,7 +763,7 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         (None, true) => return Err(Error::Config("--eval-only needs eval_file".into())),
         (None, false) => {}
     }
-    let ref_key = vec![
+    let mut ref_key = vec![
         d.ref_model
             .clone()
             .unwrap_or_else(|| args.model_name_or_path.clone()),
@@ -775,7 +775,6 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         format!("bf16={}:dtype={}", args.bf16, args.dtype),
     ];
     // A LoRA policy's reference is its base: quantised under load_in_4bit / load_in_8bit.
-    let mut ref_key = ref_key;
     if let (None, Some(q)) = (&d.ref_model, args.base_quant()) {
         ref_key.push(format!("base={q:?}"));
     }
