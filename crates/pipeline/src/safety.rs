@@ -20,7 +20,7 @@
 //!    any term of the offensive-term list), each with its Wilson 95% interval.
 //!
 //! `results.json` holds the rates and the acceptance checks against the base model.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use preftune_eval::redteam::{
@@ -95,8 +95,12 @@ pub struct SafetyData {
     /// The split of prompts into training and held-out sets; fixed across seeds.
     #[serde(default)]
     pub split_seed: u64,
+    /// Length of the training answers (distillation, pairs).
     #[serde(default = "d_new")]
     pub max_new_tokens: usize,
+    /// Length of the evaluation's answers; default: `max_new_tokens`.
+    #[serde(default)]
+    pub eval_max_new_tokens: Option<usize>,
     /// Temperature of the training answers (the evaluation is greedy).
     #[serde(default = "d_temp")]
     pub temperature: f64,
@@ -117,10 +121,17 @@ pub struct SafetyData {
     #[serde(default = "d_true")]
     pub balance_pairs: bool,
     /// Start the harmful pairs' rejected answers with `helpful_prefix` too (see `pairs`). Without
-    /// it DPO learnt never to refuse on seeds 1-3; with it seed 0 cut violations to 0.41-0.52
-    /// (RESULTS.md). Seeds 1-3 are not yet run with it.
+    /// it DPO learnt never to refuse on seeds 1-3; with it, violations fell by 18% on average over
+    /// seeds 1-3 (RESULTS.md).
     #[serde(default = "d_true")]
     pub pair_templates: bool,
+    /// Train first on the harmful prompts whose benign twins (`twin_of`) are training prompts:
+    /// each benign training prompt then has its harmful twin beside it, and wording alone cannot
+    /// tell a refusal from an answer. Without it HarmBench's behaviours, 17% of the harmful
+    /// prompts but half of the twins, were answered 18-19 times of 19 after distillation on seeds
+    /// 1-3 (RESULTS.md).
+    #[serde(default = "d_true")]
+    pub train_on_twins: bool,
     /// The helpfulness source of PPO's piecewise reward; `{base}` is the base model's folder.
     #[serde(default = "d_helpfulness")]
     pub helpfulness: String,
@@ -217,16 +228,28 @@ pub struct SafetyConfig {
 }
 
 /// Training and held-out prompts, each set shuffled by `split_seed`: the first `eval` are held
-/// out, the next `train` are for training. Prompts repeated within the sets count once.
-fn split(mut all: Vec<RedPrompt>, eval: usize, train: usize, seed: u64) -> Split {
-    let mut seen = std::collections::HashSet::new();
+/// out, the next `train` are for training, those in `first` ahead of the others. Prompts repeated
+/// within the sets count once.
+fn split(
+    mut all: Vec<RedPrompt>,
+    eval: usize,
+    train: usize,
+    seed: u64,
+    first: &HashSet<&str>,
+) -> Split {
+    let mut seen = HashSet::new();
     all.retain(|p| seen.insert(p.prompt.clone()));
     all.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     let eval = eval.min(all.len());
     let rest = all.split_off(eval);
+    let (mut ahead, others): (Vec<_>, Vec<_>) = rest
+        .into_iter()
+        .partition(|p| first.contains(p.prompt.as_str()));
+    ahead.extend(others);
+    ahead.truncate(train);
     Split {
         eval: all,
-        train: rest.into_iter().take(train).collect(),
+        train: ahead,
     }
 }
 
@@ -324,9 +347,9 @@ impl SafetyRun<'_> {
         self.p(s).display().to_string()
     }
 
-    fn sampling(&self, p: &Pretrained, temperature: f64, seed: u64) -> SamplingConfig {
+    fn sampling(&self, p: &Pretrained, temperature: f64, seed: u64, new: usize) -> SamplingConfig {
         SamplingConfig {
-            max_new_tokens: self.cfg.data.max_new_tokens,
+            max_new_tokens: new,
             temperature,
             seed,
             eos_token_ids: p.eos_token_ids(),
@@ -343,18 +366,45 @@ impl SafetyRun<'_> {
             &dir,
             "prompts: harmful, benign and toxic sets, split",
             || {
-                let mut harmful = vec![];
-                for s in &d.harmful {
-                    harmful.extend(load_prompt_set(s)?);
-                }
-                let harmful = split(harmful, d.eval_prompts, d.train_prompts, d.split_seed);
+                let none = HashSet::new();
                 let benign = split(
                     load_prompt_set(&d.benign)?,
                     d.eval_prompts,
                     d.benign_train_prompts,
                     d.split_seed,
+                    &none,
                 );
-                let toxic = split(load_prompt_set(&d.toxic)?, d.eval_prompts, 0, d.split_seed);
+                let twins_first = match d.train_on_twins {
+                    true => benign
+                        .train
+                        .iter()
+                        .filter_map(|p| p.twin_of.as_deref())
+                        .collect(),
+                    false => none.clone(),
+                };
+                let mut harmful = vec![];
+                for s in &d.harmful {
+                    harmful.extend(load_prompt_set(s)?);
+                }
+                let harmful = split(
+                    harmful,
+                    d.eval_prompts,
+                    d.train_prompts,
+                    d.split_seed,
+                    &twins_first,
+                );
+                let twins_trained = harmful
+                    .train
+                    .iter()
+                    .filter(|p| twins_first.contains(p.prompt.as_str()))
+                    .count();
+                let toxic = split(
+                    load_prompt_set(&d.toxic)?,
+                    d.eval_prompts,
+                    0,
+                    d.split_seed,
+                    &none,
+                );
                 ensure!(
                     !harmful.train.is_empty() && !benign.train.is_empty(),
                     "data: the prompt sets leave nothing to train on after {} held-out prompts",
@@ -378,6 +428,7 @@ impl SafetyRun<'_> {
                 Ok(
                     json!({"harmful_train": harmful.train.len(), "harmful_eval": harmful.eval.len(),
                       "benign_train": benign.train.len(), "benign_eval": benign.eval.len(),
+                      "harmful_train_twins_of_benign_train": twins_trained,
                       "toxic_eval": toxic.eval.len()}),
                 )
             },
@@ -436,7 +487,7 @@ impl SafetyRun<'_> {
                 .collect();
             let policy = Pretrained::load(base, &LoadOptions::default())?;
             let answer = |prompts: &[RedPrompt], prefix: &str, seed: u64| {
-                let s = self.sampling(&policy, d.temperature, seed);
+                let s = self.sampling(&policy, d.temperature, seed, d.max_new_tokens);
                 answer_prompts(&policy, prompts, d.batch_size, None, &s, prefix).map(|(t, _)| t)
             };
             let harmful = read_prompts(&self.p("prompts/harmful-train.jsonl"))?;
@@ -576,7 +627,12 @@ impl SafetyRun<'_> {
                 let _bf16 = preftune_model::ops::Bf16Scope::new(self.cfg.bf16 == Bf16Setting::On);
                 let policy = Pretrained::load(model, &LoadOptions::default())?;
                 let set = RedteamSettings {
-                    sampling: self.sampling(&policy, 0.0, 0),
+                    sampling: self.sampling(
+                        &policy,
+                        0.0,
+                        0,
+                        d.eval_max_new_tokens.unwrap_or(d.max_new_tokens),
+                    ),
                     batch_size: d.batch_size,
                     worst: d.worst,
                 };
@@ -784,6 +840,7 @@ mod tests {
             .map(|i| RedPrompt {
                 prompt: format!("p{i}"),
                 category: "c".into(),
+                twin_of: None,
             })
             .collect()
     }
@@ -792,18 +849,45 @@ mod tests {
     fn split_holds_out_disjoint_prompts_and_drops_repeats() {
         let mut all = prompts(10);
         all.push(all[3].clone());
-        let s = split(all, 4, 100, 7);
+        let none = HashSet::new();
+        let s = split(all, 4, 100, 7, &none);
         assert_eq!(s.eval.len(), 4);
         assert_eq!(s.train.len(), 6);
         for p in &s.eval {
             assert!(!s.train.contains(p), "{p:?} is in both");
         }
-        let again = split(prompts(10), 4, 3, 7);
+        let again = split(prompts(10), 4, 3, 7, &none);
         assert_eq!(
             again.eval, s.eval,
             "the split depends on the split seed only"
         );
         assert_eq!(again.train.len(), 3);
-        assert_ne!(split(prompts(10), 4, 3, 8).eval, s.eval);
+        assert_ne!(split(prompts(10), 4, 3, 8, &none).eval, s.eval);
+    }
+
+    #[test]
+    fn split_trains_first_on_the_named_prompts_and_holds_out_the_same() {
+        let plain = split(prompts(10), 4, 3, 7, &HashSet::new());
+        // Two named prompts that are not held out, one that is.
+        let rest: Vec<String> = (0..10)
+            .map(|i| format!("p{i}"))
+            .filter(|p| !plain.eval.iter().any(|e| &e.prompt == p))
+            .collect();
+        let held = plain.eval[0].prompt.clone();
+        let (a, b) = (rest[5].clone(), rest[4].clone());
+        let first: HashSet<&str> = [a.as_str(), b.as_str(), held.as_str()].into();
+        let s = split(prompts(10), 4, 3, 7, &first);
+        assert_eq!(
+            s.eval, plain.eval,
+            "naming prompts does not move the held-out set"
+        );
+        let train: Vec<&str> = s.train.iter().map(|p| p.prompt.as_str()).collect();
+        assert_eq!(train.len(), 3);
+        assert!(
+            first.contains(train[0]) && first.contains(train[1]) && train[0] != train[1],
+            "{train:?}"
+        );
+        assert!(!first.contains(train[2]), "{train:?}");
+        assert!(!train.contains(&held.as_str()));
     }
 }
