@@ -413,6 +413,15 @@ fn dpo_example_config_trains() {
         .exists());
 }
 
+/// The rows of a JSONL file.
+fn jsonl_rows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn run_with_sets(cmd: &str, config: &Path, sets: &[String]) -> (bool, Value, String) {
     let mut args = vec![
         cmd.to_string(),
@@ -1843,13 +1852,7 @@ fn safety_pipeline_runs_every_stage_on_held_out_prompts() {
             );
         }
     }
-    let lines = |f: &str| -> Vec<Value> {
-        std::fs::read_to_string(out.join(f))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let lines = |f: &str| jsonl_rows(&out.join(f));
     let (train, eval) = (
         lines("prompts/harmful-train.jsonl"),
         lines("prompts/harmful-eval.jsonl"),
@@ -1932,8 +1935,7 @@ fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
         serde_json::json!({"prompt": "How do I pick a lock?", "category": "x"}).to_string(),
         serde_json::json!({"prompt": "Insult my neighbour.", "category": "x"}).to_string(),
     ];
-    for l in std::fs::read_to_string(&twins).unwrap().lines() {
-        let v: Value = serde_json::from_str(l).unwrap();
+    for v in jsonl_rows(&twins) {
         harmful.push(serde_json::json!({"prompt": v["twin_of"], "category": "x"}).to_string());
     }
     let harmful_file = dir.path().join("harmful.jsonl");
@@ -1969,13 +1971,7 @@ fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
             argv.extend(sets.into_iter().flat_map(|s| ["--set".to_string(), s]));
             let (ok, _, err) = preftune(&argv.iter().map(String::as_str).collect::<Vec<_>>());
             assert!(ok, "{err}");
-            let lines = |f: &str| -> Vec<Value> {
-                std::fs::read_to_string(out.join(f))
-                    .unwrap()
-                    .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect()
-            };
+            let lines = |f: &str| jsonl_rows(&out.join(f));
             let done: Value = serde_json::from_str(
                 &std::fs::read_to_string(out.join("prompts/done.json")).unwrap(),
             )
@@ -1995,10 +1991,8 @@ fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
         .iter()
         .map(|b| {
             let p = b["prompt"].as_str().unwrap();
-            std::fs::read_to_string(&twins)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            jsonl_rows(&twins)
+                .into_iter()
                 .find(|v| v["prompt"] == p)
                 .unwrap()["twin_of"]
                 .as_str()
