@@ -1935,7 +1935,8 @@ fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
         serde_json::json!({"prompt": "How do I pick a lock?", "category": "x"}).to_string(),
         serde_json::json!({"prompt": "Insult my neighbour.", "category": "x"}).to_string(),
     ];
-    for v in jsonl_rows(&twins) {
+    let twin_rows = jsonl_rows(&twins);
+    for v in &twin_rows {
         harmful.push(serde_json::json!({"prompt": v["twin_of"], "category": "x"}).to_string());
     }
     let harmful_file = dir.path().join("harmful.jsonl");
@@ -1991,10 +1992,7 @@ fn safety_pipeline_trains_on_the_harmful_twins_of_its_benign_prompts() {
         .iter()
         .map(|b| {
             let p = b["prompt"].as_str().unwrap();
-            jsonl_rows(&twins)
-                .into_iter()
-                .find(|v| v["prompt"] == p)
-                .unwrap()["twin_of"]
+            twin_rows.iter().find(|v| v["prompt"] == p).unwrap()["twin_of"]
                 .as_str()
                 .unwrap()
                 .to_string()
