@@ -73,7 +73,8 @@ impl SamplingConfig {
     }
 }
 
-/// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch.
+/// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch; a long
+/// prefix they all share is run once.
 pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
     cfg.validate()?;
     if prompts.iter().any(Vec::is_empty) {
@@ -100,29 +101,41 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     let _packed = crate::ops::PackedWeights::new();
     let dev = model.device().clone();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let to_tensor = |rows: &[Vec<u32>]| -> Result<Tensor> {
+        let cols = rows.first().map_or(0, Vec::len);
+        Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), &dev)?)
+    };
+    let mut cache = KvCache::new(model.cfg.num_layers);
+    // A prefix every prompt shares (a system prompt, a preprompt) is run once and its keys and
+    // values copied to every row; each row then holds `[prefix][padding][rest]`.
+    let shared = match cfg.use_cache {
+        true => shared_prefix(&model, prompts, cfg.max_new_tokens),
+        false => 0,
+    };
+    if shared > 0 {
+        let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dev)?;
+        model.forward(&prefix, None, None, Some(&mut cache))?;
+        cache.select(&vec![0; b], 0)?;
+    }
     let mut ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
             std::iter::repeat_n(cfg.pad_token_id, max_len - p.len())
-                .chain(p.iter().copied())
+                .chain(p[shared..].iter().copied())
                 .collect()
         })
         .collect();
     let mut mask: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            std::iter::repeat_n(0, max_len - p.len())
-                .chain(std::iter::repeat_n(1, p.len()))
+            std::iter::repeat_n(1, shared)
+                .chain(std::iter::repeat_n(0, max_len - p.len()))
+                .chain(std::iter::repeat_n(1, p.len() - shared))
                 .collect()
         })
         .collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let mut cache = KvCache::new(model.cfg.num_layers);
-    let to_tensor = |rows: &[Vec<u32>]| -> Result<Tensor> {
-        let cols = rows.first().map_or(0, Vec::len);
-        Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), &dev)?)
-    };
 
     let last_logits = |hidden: &Tensor| -> Result<Vec<Vec<f32>>> {
         let t = hidden.dim(1)?;
@@ -204,6 +217,39 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     }
     Ok(out)
 }
+
+/// How many leading tokens every prompt shares, when it is worth running them once: at least
+/// [`MIN_SHARED_PREFIX`], leaving every prompt a token of its own, and where padding between the
+/// prefix and the rest cannot move a key out of a sliding window (which counts cache slots).
+fn shared_prefix(model: &Model, prompts: &[Vec<u32>], max_new_tokens: usize) -> usize {
+    if prompts.len() < 2 {
+        return 0;
+    }
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let common = common_prefix(prompts);
+    let windowed = model
+        .cfg
+        .sliding_window
+        .is_some_and(|w| max_len + max_new_tokens > w);
+    match common >= MIN_SHARED_PREFIX && !windowed {
+        true => common,
+        false => 0,
+    }
+}
+
+/// The length of the prefix every prompt shares, short of each prompt's last token.
+fn common_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    let min_len = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    (0..min_len.saturating_sub(1))
+        .take_while(|&i| prompts.iter().all(|p| p[i] == first[i]))
+        .count()
+}
+
+/// Shorter shared prefixes are left in the batch (an extra forward pass is not worth it).
+const MIN_SHARED_PREFIX: usize = 16;
 
 /// Draws one token from `logits` (modified in place) with the uniform draw `r` in [0, 1) and
 /// returns it with its log-probability under the filtered, renormalised distribution. Temperature 0
@@ -324,6 +370,17 @@ mod tests {
             seen.insert(sample_token(&mut base.clone(), &cfg, rng.gen()).0);
         }
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 4]);
+    }
+
+    #[test]
+    fn the_common_prefix_leaves_every_prompt_a_token() {
+        assert_eq!(common_prefix(&[vec![1, 2, 3, 4], vec![1, 2, 3, 5, 6]]), 3);
+        // Identical prompts keep their last token for the batch.
+        assert_eq!(common_prefix(&[vec![1, 2, 3], vec![1, 2, 3]]), 2);
+        assert_eq!(common_prefix(&[vec![1, 2, 3], vec![1, 2]]), 1);
+        assert_eq!(common_prefix(&[vec![7, 2], vec![1, 2]]), 0);
+        assert_eq!(common_prefix(&[vec![1, 2, 3]]), 2);
+        assert_eq!(common_prefix(&[]), 0);
     }
 
     #[test]

@@ -205,6 +205,48 @@ fn sampling_with_cache_equals_sampling_without() {
 }
 
 #[test]
+fn a_shared_prefix_run_once_samples_as_the_whole_batch_does() {
+    for name in MODELS {
+        let p = load(name);
+        let preprompt = "You are a careful assistant. Answer briefly, and refuse what is harmful. ";
+        let prompts: Vec<Vec<u32>> = ["The movie", "A young director wanted to", "We", "We"]
+            .iter()
+            .map(|t| {
+                p.tokenizer
+                    .encode(&format!("{preprompt}{t}"), false)
+                    .unwrap()
+            })
+            .collect();
+        let shared = (0..prompts[2].len())
+            .take_while(|&i| prompts.iter().all(|q| q[i] == prompts[0][i]))
+            .count();
+        assert!(shared >= 16, "{name}: the prompts share {shared} tokens");
+        let mut outs = vec![];
+        for (use_cache, temperature) in [(true, 0.9), (false, 0.9), (true, 0.0), (false, 0.0)] {
+            let cfg = SamplingConfig {
+                max_new_tokens: 12,
+                temperature,
+                seed: 5,
+                eos_token_ids: p.eos_token_ids(),
+                pad_token_id: p.pad_token_id(),
+                use_cache,
+                ..Default::default()
+            };
+            outs.push(generate(&p.model, &prompts, &cfg).unwrap());
+        }
+        for pair in outs.chunks(2) {
+            assert_eq!(pair[0].tokens, pair[1].tokens, "{name}: samples differ");
+            assert_eq!(pair[0].finished, pair[1].finished);
+            for (a, b) in pair[0].logprobs.iter().zip(&pair[1].logprobs) {
+                assert!(max_abs_diff(a, b) < 1e-4, "{name}: log-probs differ");
+            }
+        }
+        // The two identical prompts decode alike, greedily, however they were batched.
+        assert_eq!(outs[2].tokens[2], outs[2].tokens[3]);
+    }
+}
+
+#[test]
 fn sampling_is_seeded_and_logprobs_match_recomputation() {
     let p = load("tiny-llama");
     let prompts = vec![
