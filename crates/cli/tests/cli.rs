@@ -809,6 +809,7 @@ fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
             &format!("distill.benign=\"{}\"", benign.display()),
             "distill.response_prefix=\"I'm sorry\"",
             "distill.benign_prefix=\"Sure\"",
+            "distill.benign_repeats=2",
         ]),
     );
     assert!(ok, "{err}");
@@ -816,9 +817,10 @@ fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
         (
             v["prompts"].as_u64(),
             v["kept"].as_u64(),
-            v["benign"].as_u64()
+            v["benign"].as_u64(),
+            v["sft"]["data"][0]["rows"].as_u64()
         ),
-        (Some(4), Some(4), Some(2)),
+        (Some(4), Some(4), Some(2), Some(8)),
         "{v}"
     );
     let rows: Vec<Value> = std::fs::read_to_string(out.join("distill.jsonl"))
@@ -826,7 +828,10 @@ fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 6);
+    // Each benign answer twice (`benign_repeats = 2`), the same answer both times.
+    assert_eq!(rows.len(), 8);
+    assert_eq!(rows[4], rows[6]);
+    assert_eq!(rows[5], rows[7]);
     // The training rows hold the prompt without the preprompt.
     assert_eq!(
         rows[0]["prompt"].as_array().unwrap().len(),
@@ -842,6 +847,9 @@ fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
     }
     assert_eq!(rows[4]["prompt"][0]["content"], "Name a fruit.");
     assert!(out.join("sft/model.safetensors").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+    let (ok, _, err) = run_with_sets("distill", &config, &sets(&["distill.benign_repeats=0"]));
+    assert!(!ok && err.contains("benign_repeats"), "{err}");
     // Targeted: a source preferring answers given a system message keeps them all; the opposite
     // keeps none, which is an error.
     let prefers = |with: u8| {

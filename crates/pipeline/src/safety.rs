@@ -89,6 +89,9 @@ pub struct SafetyData {
     /// Benign prompts to train on.
     #[serde(default = "d_benign_train")]
     pub benign_train_prompts: usize,
+    /// How many times each benign answer appears in the distillation's SFT data.
+    #[serde(default = "d_one")]
+    pub benign_repeats: usize,
     /// Held-out harmful, benign and toxic prompts for the evaluation (each).
     #[serde(default = "d_eval")]
     pub eval_prompts: usize,
@@ -158,6 +161,9 @@ fn d_train() -> usize {
 }
 fn d_benign_train() -> usize {
     300
+}
+fn d_one() -> usize {
+    1
 }
 fn d_eval() -> usize {
     100
@@ -456,6 +462,7 @@ impl SafetyRun<'_> {
                 benign: Some(self.ps("prompts/benign-train.jsonl")),
                 benign_limit: 0,
                 benign_prefix: d.helpful_prefix.clone(),
+                benign_repeats: d.benign_repeats,
                 batch_size: d.batch_size,
                 max_new_tokens: d.max_new_tokens,
                 temperature: d.temperature,

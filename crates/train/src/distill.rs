@@ -54,6 +54,11 @@ pub struct DistillOptions {
     /// counterpart, so that the first token is learned on both sides. Empty: none.
     #[serde(default)]
     pub benign_prefix: String,
+    /// How many times each benign answer appears in the SFT data (1: once). More weight on the
+    /// benign side moves the distilled model from refusing benign prompts that resemble harmful
+    /// ones towards answering them.
+    #[serde(default = "one")]
+    pub benign_repeats: usize,
     #[serde(default = "crate::config::default::eight")]
     pub batch_size: usize,
     #[serde(default = "crate::config::default::max_new_tokens")]
@@ -64,6 +69,10 @@ pub struct DistillOptions {
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn preprompt() -> String {
@@ -119,6 +128,11 @@ fn prompt_texts(spec: &str, limit: usize) -> Result<Vec<String>> {
 
 /// Samples, filters and fine-tunes; returns the summary (`prompts`, `kept`, `sft`).
 pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result<Value> {
+    if d.benign_repeats == 0 {
+        return Err(Error::Config(
+            "[distill] benign_repeats: must be 1 or more (1: each benign answer once)".into(),
+        ));
+    }
     let prompts = prompt_texts(&d.prompts, d.limit)?;
     let benign = match &d.benign {
         Some(spec) => prompt_texts(spec, d.benign_limit)?,
@@ -181,7 +195,10 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
                 seed ^ 0xbe9,
                 &d.benign_prefix,
             )?;
-            rows.extend(benign.iter().zip(&b).map(|(p, r)| row(p, r)));
+            let benign_rows: Vec<Value> = benign.iter().zip(&b).map(|(p, r)| row(p, r)).collect();
+            for _ in 0..d.benign_repeats {
+                rows.extend(benign_rows.iter().cloned());
+            }
         }
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         preftune_model::io::write_jsonl(&data, &rows)?;
@@ -194,7 +211,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
     let summary = crate::sft::run(&sft_cfg, resume, false)?;
     Ok(
         json!({"prompts": prompts.len(), "kept": kept, "dropped_by_safety": targeted_dropped,
-              "benign": benign.len(),
+              "benign": benign.len(), "benign_repeats": d.benign_repeats,
               "data": data.display().to_string(), "final_model": sft_cfg.args.output_dir.display().to_string(),
               "sft": summary}),
     )
