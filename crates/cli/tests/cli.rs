@@ -847,7 +847,6 @@ fn distill_samples_under_a_preprompt_and_fine_tunes_without_it() {
     }
     assert_eq!(rows[4]["prompt"][0]["content"], "Name a fruit.");
     assert!(out.join("sft/model.safetensors").exists());
-    std::fs::remove_dir_all(&out).unwrap();
     let (ok, _, err) = run_with_sets("distill", &config, &sets(&["distill.benign_repeats=0"]));
     assert!(!ok && err.contains("benign_repeats"), "{err}");
     // Targeted: a source preferring answers given a system message keeps them all; the opposite
@@ -1905,6 +1904,7 @@ fn safety_pipeline_runs_every_stage_on_held_out_prompts() {
             format!("output_dir={}", out2.display()),
             "methods=[\"dpo\"]".into(),
             "data.pair_templates=true".into(),
+            "data.benign_repeats=2".into(),
         ]
         .into_iter()
         .flat_map(|s| ["--set".to_string(), s]),
@@ -1924,6 +1924,27 @@ fn safety_pipeline_runs_every_stage_on_held_out_prompts() {
         };
         assert!(rejected.starts_with(prefix), "{row}");
     }
+    // `benign_repeats = 2`: the distillation's data holds each benign answer twice, each harmful
+    // one once.
+    let distilled = jsonl_rows(&out2.join("distill/distill.jsonl"));
+    let mut seen: std::collections::HashMap<String, (usize, bool)> = Default::default();
+    for r in &distilled {
+        let benign = r["completion"][0]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Sure");
+        seen.entry(r["prompt"][0]["content"].to_string())
+            .or_insert((0, benign))
+            .0 += 1;
+    }
+    assert!(seen.values().any(|&(_, b)| b) && seen.values().any(|&(_, b)| !b));
+    for (p, (n, benign)) in &seen {
+        assert_eq!(*n, if *benign { 2 } else { 1 }, "{p}");
+    }
+    let mut zero = args.clone();
+    zero.extend(["--set".into(), "data.benign_repeats=0".into()]);
+    let (ok, _, err) = preftune(&zero.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("data.benign_repeats"), "{err}");
     // An unknown experiment names the key.
     let mut bad = args.clone();
     bad.extend(["--set".into(), "experiment=\"nope\"".into()]);

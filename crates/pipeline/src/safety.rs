@@ -295,6 +295,11 @@ pub fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         config.display(),
         cfg.experiment
     );
+    ensure!(
+        cfg.data.benign_repeats >= 1,
+        "{}: data.benign_repeats: must be 1 or more (1: each benign answer once)",
+        config.display()
+    );
     trainers_follow(
         &mut cfg.bf16,
         cfg.seed,
