@@ -91,7 +91,7 @@ pub struct SafetyData {
     pub benign_train_prompts: usize,
     /// How many times each benign answer appears in the distillation's SFT data.
     #[serde(default = "d_one")]
-    pub benign_repeats: usize,
+    pub benign_repeats: std::num::NonZeroUsize,
     /// Held-out harmful, benign and toxic prompts for the evaluation (each).
     #[serde(default = "d_eval")]
     pub eval_prompts: usize,
@@ -162,8 +162,8 @@ fn d_train() -> usize {
 fn d_benign_train() -> usize {
     300
 }
-fn d_one() -> usize {
-    1
+fn d_one() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::MIN
 }
 fn d_eval() -> usize {
     100
@@ -294,11 +294,6 @@ pub fn run_one(config: &Path, table: toml::Table) -> Result<(PathBuf, Value)> {
         "{}: experiment: `{}` (this runner is the safety experiment)",
         config.display(),
         cfg.experiment
-    );
-    ensure!(
-        cfg.data.benign_repeats >= 1,
-        "{}: data.benign_repeats: must be 1 or more (1: each benign answer once)",
-        config.display()
     );
     trainers_follow(
         &mut cfg.bf16,

@@ -58,7 +58,7 @@ pub struct DistillOptions {
     /// benign side moves the distilled model from refusing benign prompts that resemble harmful
     /// ones towards answering them.
     #[serde(default = "one")]
-    pub benign_repeats: usize,
+    pub benign_repeats: std::num::NonZeroUsize,
     #[serde(default = "crate::config::default::eight")]
     pub batch_size: usize,
     #[serde(default = "crate::config::default::max_new_tokens")]
@@ -71,8 +71,8 @@ pub struct DistillOptions {
     pub top_k: usize,
 }
 
-fn one() -> usize {
-    1
+fn one() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::MIN
 }
 
 fn preprompt() -> String {
@@ -128,11 +128,6 @@ fn prompt_texts(spec: &str, limit: usize) -> Result<Vec<String>> {
 
 /// Samples, filters and fine-tunes; returns the summary (`prompts`, `kept`, `sft`).
 pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result<Value> {
-    if d.benign_repeats == 0 {
-        return Err(Error::Config(
-            "[distill] benign_repeats: must be 1 or more (1: each benign answer once)".into(),
-        ));
-    }
     let prompts = prompt_texts(&d.prompts, d.limit)?;
     let benign = match &d.benign {
         Some(spec) => prompt_texts(spec, d.benign_limit)?,
@@ -196,7 +191,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, d: &DistillOptions, resume: bool) -> Result
                 &d.benign_prefix,
             )?;
             let benign_rows: Vec<Value> = benign.iter().zip(&b).map(|(p, r)| row(p, r)).collect();
-            for _ in 0..d.benign_repeats {
+            for _ in 0..d.benign_repeats.get() {
                 rows.extend(benign_rows.iter().cloned());
             }
         }
