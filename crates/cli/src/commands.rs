@@ -56,9 +56,16 @@ pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfi
     }
 }
 
-pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize) -> Result<()> {
+pub fn inspect(m: &ModelArgs, pa: &PromptArgs, k: usize, continuation: &[u32]) -> Result<()> {
     let p = load(m)?;
-    let ids = prompt_ids(&p, pa)?;
+    let mut ids = prompt_ids(&p, pa)?;
+    let vocab = p.model.cfg.vocab_size;
+    if let Some(&bad) = continuation.iter().find(|&&t| t as usize >= vocab) {
+        anyhow::bail!(
+            "--continuation-ids: token id {bad} is outside the model's vocabulary of {vocab}"
+        );
+    }
+    ids.extend_from_slice(continuation);
     let r = preftune_model::logprobs::inspect(&p, &ids, k)?;
     emit(&json!({
         "ids": ids,

@@ -64,6 +64,10 @@ enum Command {
         /// How many best tokens to list per position.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// Token ids to append after the prompt's, comma-separated: scores a continuation exactly
+        /// as another tool produced it, without decoding and re-tokenising its text.
+        #[arg(long, value_delimiter = ',')]
+        continuation_ids: Vec<u32>,
     },
     /// Sample a continuation; prints `ids`, `text` and `logprobs` as one JSON object.
     Generate(commands::GenerateArgs),
@@ -212,7 +216,8 @@ fn main() {
             model,
             prompt,
             top_k,
-        } => commands::inspect(&model, &prompt, top_k),
+            continuation_ids,
+        } => commands::inspect(&model, &prompt, top_k, &continuation_ids),
         Command::Generate(a) => commands::generate(&a),
         Command::Serve(a) => commands::serve(&a),
         Command::Convert { input, out, dtype } => commands::convert(&input, &out, &dtype),

@@ -115,6 +115,33 @@ fn inspect_prints_ids_topk_logits_and_logprob() {
 }
 
 #[test]
+fn inspect_scores_continuation_ids_as_given() {
+    let m = model("tiny-llama");
+    let inspect = |prompt: &str, extra: &[&str]| {
+        let mut args = vec!["inspect", "--model", &m, "--prompt", prompt];
+        args.extend_from_slice(extra);
+        preftune(&args)
+    };
+    let (_, whole, _) = inspect("The movie was good.", &[]);
+    let (_, head, _) = inspect("The movie was", &[]);
+    let ids = whole["ids"].as_array().unwrap();
+    let n = head["ids"].as_array().unwrap().len();
+    assert!(n < ids.len() && ids[..n] == head["ids"].as_array().unwrap()[..]);
+    let tail: Vec<String> = ids[n..].iter().map(|t| t.to_string()).collect();
+    let (ok, v, err) = inspect("The movie was", &["--continuation-ids", &tail.join(",")]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        v, whole,
+        "the prompt's ids and the continuation's score as one sequence"
+    );
+    let (ok, _, err) = inspect("The movie was", &["--continuation-ids", "5,512"]);
+    assert!(
+        !ok && err.contains("--continuation-ids") && err.contains("512"),
+        "{err}"
+    );
+}
+
+#[test]
 fn generate_greedy_chat_matches_transformers_until_eos() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
         let g = golden(&format!("logits-{name}.json"));
