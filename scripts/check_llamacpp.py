@@ -3,7 +3,7 @@ decode greedily in llama.cpp (through llama-cpp-python, built from its sdist, wh
 llama.cpp's source) and in preftune from the same GGUF file and from the original folder, on the
 same prompt token ids, and compare the tokens.
 
-f16 must agree token for token. On q8_0, llama.cpp's products quantise the activations to int8
+f32 and f16 must agree token for token. On q8_0, llama.cpp's products quantise the activations to int8
 too, and int8 rounding turns ulp-level differences of arithmetic into logit differences of the
 size of the quantisation noise: llama.cpp's own logits on the same file move by up to about 2
 between its two ways of reading a prompt (all at once, its default, or a token at a time with
@@ -41,6 +41,8 @@ NEW = 24
 # llama.cpp's default (the prompt in one batch) and token by token.
 MODES = {"batch": 512, "token_by_token": 1}
 SAME_ORDER = 2.0
+# Types whose products llama.cpp computes without quantising activations: tokens must be identical.
+FLOAT_TYPES = ("f32", "f16", "bf16")
 
 
 def preftune(binary, *args):
@@ -131,13 +133,11 @@ def main(binary, hf_dir, out_dir, types):
             rows.append(row)
         self_max = max(r["max_logit_diff_llama_cpp_vs_itself"] for r in rows)
         pt_max = max(r["max_logit_diff_preftune_vs_llama_cpp"] for r in rows)
+        quantised = ty not in FLOAT_TYPES
         for r in rows:
-            if ty == "f16":
-                good = r["same_as_preftune_gguf"]
-            else:
-                good = r["same_as_preftune_gguf"] or r["llama_cpp_logit_gap_there"] <= self_max
+            good = r["same_as_preftune_gguf"] or quantised and r["llama_cpp_logit_gap_there"] <= self_max
             ok &= good and r.get("tokenizer_same", True)
-        if ty != "f16":
+        if quantised:
             ok &= pt_max <= SAME_ORDER * self_max
         print(json.dumps({"type": ty, "file_bytes": os.path.getsize(path), "rows": rows}))
         summary.append({

@@ -7,6 +7,8 @@ originals, bit for bit), tiny-qwen3 (q/k RMSNorm, head_dim 32 != hidden / heads)
 tiny-olmo2 (norms after each sublayer, q/k RMSNorm over all heads), tiny-gemma2 (1 + w norms on both sides of each
 sublayer, GeGLU, scaled embeddings, attention and logit soft-capping, alternating sliding-window layers),
 tiny-gemma3 (as Gemma 2 without soft-capping, with per-head q/k norms and local layers on their own RoPE base),
+tiny-mixtral (mixture of experts: 4 experts, 2 a token, renormalised), tiny-qwen3moe (Qwen3's attention, 4 experts of
+width 48, 2 a token, renormalised, as the released Qwen3-MoE models are, so that llama.cpp runs it too),
 each with config.json,
 model.safetensors (float32), tokenizer.json, tokenizer_config.json (ChatML chat_template),
 generation_config.json.  Deterministic: torch.manual_seed(0) before each model is built.
@@ -23,8 +25,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          MixtralConfig, MixtralForCausalLM, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 CORPUS = """
 The movie opens with a long shot of a quiet city at night. A young director wanted to make a film about memory,
@@ -152,6 +155,19 @@ def main(root, names=()):
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                              "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}},
             attention_bias=False, **common)),
+        # Mixtral: every layer a mixture of 4 SwiGLU experts, the best 2 a token, weights renormalised.
+        "tiny-mixtral": (MixtralForCausalLM, MixtralConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, max_position_embeddings=256, hidden_act="silu", sliding_window=None,
+            router_jitter_noise=0.0, **common)),
+        # Qwen3-MoE: experts of their own width (not intermediate_size).
+        "tiny-qwen3moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            intermediate_size=128, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=10000.0,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256, hidden_act="silu",
+            attention_bias=False, use_sliding_window=False, **common)),
     }
     for name, (cls, cfg) in specs.items():
         if names and name not in names:

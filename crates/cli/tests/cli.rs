@@ -2859,7 +2859,8 @@ fn merge_folds_an_adapter_into_its_base() {
     assert!(!ok && err.contains("/nonexistent/a"), "{err}");
 }
 
-/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3, OLMo 2 and Phi-3 files load back with the same token ids
+/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3, OLMo 2, Phi-3, Mixtral and Qwen3-MoE (experts
+/// stacked per layer) files load back with the same token ids
 /// and, at f32, exactly the same logits; f16 from f16 is lossless; q8_0 and q4_k_m stay within
 /// their bounds; models llama.cpp has no reading for are refused.
 #[test]
@@ -2890,6 +2891,8 @@ fn export_gguf_round_trips() {
         "tiny-qwen3",
         "tiny-olmo2",
         "tiny-phi3",
+        "tiny-mixtral",
+        "tiny-qwen3moe",
     ] {
         let m = model(name);
         let hf = inspect(&m);
@@ -2973,4 +2976,25 @@ fn export_gguf_round_trips() {
         "q3",
     ]);
     assert!(!ok && err.contains("q4_k_m"), "{err}");
+    // Qwen3-MoE that llama.cpp would compute differently: weights not renormalised.
+    let plain = dir.path().join("qwen3moe-plain");
+    std::fs::create_dir(&plain).unwrap();
+    for f in std::fs::read_dir(model("tiny-qwen3moe")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, plain.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = plain.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["norm_topk_prob"] = false.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let (ok, _, err) = preftune(&[
+        "export-gguf",
+        "--model",
+        &plain.display().to_string(),
+        "--out",
+        &out,
+        "--type",
+        "f16",
+    ]);
+    assert!(!ok && err.contains("norm_topk_prob"), "{err}");
 }

@@ -3,8 +3,8 @@
 //! Two families cover the models we support: the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3,
 //! Phi-3, SmolLM, OLMo 2, Gemma 2 and 3), which differ in biases, RoPE settings, tying, q/k norms,
 //! Phi-3's fused projections, where the norms sit (OLMo 2 after each sublayer, Gemma on both
-//! sides), Gemma's `1 + w` norms, scaled embeddings, soft-capping and alternating local layers;
-//! and GPT-2.
+//! sides), Gemma's `1 + w` norms, scaled embeddings, soft-capping and alternating local layers,
+//! and mixtures of experts in place of the MLP (Mixtral, Qwen3-MoE); and GPT-2.
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -48,6 +48,34 @@ pub enum NormPlacement {
     Post,
     /// `x + post_norm(f(pre_norm(x)))`: Gemma 2 and 3.
     Both,
+}
+
+/// How a mixture-of-experts checkpoint names its router and experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeNames {
+    /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1` (gate), `w3` (up), `w2`
+    /// (down).
+    Mixtral,
+    /// Qwen3-MoE: `mlp.gate`, `mlp.experts.E.gate_proj`, `up_proj`, `down_proj`.
+    Qwen,
+}
+
+/// A sparse mixture of SwiGLU experts in place of the MLP: a linear router scores the experts,
+/// softmax in f32, each token goes to its `top_k` best, weighted by their probabilities
+/// (renormalised to sum to 1 with `norm_topk_prob`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// Each expert's hidden width (Qwen3-MoE's `moe_intermediate_size`, Mixtral's
+    /// `intermediate_size`).
+    pub expert_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    pub names: MoeNames,
+    /// Which layers hold experts (Qwen3-MoE's `mlp_only_layers` and `decoder_sparse_step` make
+    /// some dense, with the model's `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
 }
 
 /// Llama 3.x frequency scaling (`rope_type = "llama3"`).
@@ -100,6 +128,8 @@ pub struct ModelConfig {
     /// layers `sliding_layers` marks (every layer for Mistral, alternating ones for Gemma).
     pub sliding_window: Option<usize>,
     pub sliding_layers: Vec<bool>,
+    /// Mixture-of-experts layers (Mixtral, Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
     pub activation: Activation,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -116,6 +146,8 @@ pub mod limits {
     pub const LAYERS: usize = 1 << 12;
     pub const VOCAB: usize = 1 << 24;
     pub const POSITIONS: usize = 1 << 24;
+    /// Experts in one mixture-of-experts layer.
+    pub const EXPERTS: usize = 1 << 12;
 }
 
 /// `v` if it is finite and > 0 (`positive`) or >= 0; else an error naming `key` in `path`.
@@ -161,7 +193,7 @@ impl ModelConfig {
             .to_string();
         let arch = match model_type.as_str() {
             "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "smollm" | "smollm2" | "olmo2"
-            | "gemma2" | "gemma3_text" => Arch::Llama,
+            | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             _ => {
                 return Err(Error::UnknownArch {
@@ -331,10 +363,12 @@ impl ModelConfig {
         }
         let num_layers = usize_of(&["num_hidden_layers", "n_layer"])?;
         let sliding_window = match model_type.as_str() {
-            "mistral" | "phi3" | "gemma2" | "gemma3_text" => get(&raw, &["sliding_window"])
-                .and_then(Value::as_u64)
-                .map(|w| w as usize),
-            "qwen2" | "qwen3" if bool_of("use_sliding_window", false) => {
+            "mistral" | "mixtral" | "phi3" | "gemma2" | "gemma3_text" => {
+                get(&raw, &["sliding_window"])
+                    .and_then(Value::as_u64)
+                    .map(|w| w as usize)
+            }
+            "qwen2" | "qwen3" | "qwen3_moe" if bool_of("use_sliding_window", false) => {
                 return Err(Error::invalid(
                     path,
                     "use_sliding_window",
@@ -390,6 +424,51 @@ impl ModelConfig {
                 None => Ok(None),
             }
         };
+        let moe = match model_type.as_str() {
+            "mixtral" | "qwen3_moe" => {
+                let qwen = model_type == "qwen3_moe";
+                let num_experts = usize_of(&["num_local_experts", "num_experts"])?;
+                let step = get(&raw, &["decoder_sparse_step"])
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1) as usize;
+                if qwen && step == 0 {
+                    return Err(Error::invalid(path, "decoder_sparse_step", "must be >= 1"));
+                }
+                let dense: Vec<u64> = match get(&raw, &["mlp_only_layers"]) {
+                    None => vec![],
+                    Some(v) => v
+                        .as_array()
+                        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<_>>())
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                path,
+                                "mlp_only_layers",
+                                "expected a list of layer numbers",
+                            )
+                        })?,
+                };
+                Some(MoeConfig {
+                    num_experts,
+                    top_k: usize_of(&["num_experts_per_tok"])?,
+                    expert_intermediate_size: usize_of(if qwen {
+                        &["moe_intermediate_size"]
+                    } else {
+                        &["intermediate_size"]
+                    })?,
+                    // Mixtral always renormalises its top-k weights.
+                    norm_topk_prob: !qwen || bool_of("norm_topk_prob", false),
+                    names: if qwen {
+                        MoeNames::Qwen
+                    } else {
+                        MoeNames::Mixtral
+                    },
+                    sparse_layers: (0..num_layers)
+                        .map(|i| !qwen || (!dense.contains(&(i as u64)) && (i + 1) % step == 0))
+                        .collect(),
+                })
+            }
+            _ => None,
+        };
         let cfg = ModelConfig {
             arch,
             vocab_size: usize_of(&["vocab_size"])?,
@@ -418,7 +497,7 @@ impl ModelConfig {
             mlp_bias,
             tie_word_embeddings: bool_of("tie_word_embeddings", arch == Arch::Gpt2 || gemma),
             qk_norm: match model_type.as_str() {
-                "qwen3" | "gemma3_text" => QkNorm::PerHead,
+                "qwen3" | "qwen3_moe" | "gemma3_text" => QkNorm::PerHead,
                 "olmo2" => QkNorm::Full,
                 _ => QkNorm::None,
             },
@@ -448,6 +527,7 @@ impl ModelConfig {
             fused_projections: model_type == "phi3",
             sliding_window,
             sliding_layers,
+            moe,
             activation,
             bos_token_id: token_ids(get(&raw, &["bos_token_id"])).first().copied(),
             eos_token_ids: token_ids(get(&raw, &["eos_token_id"])),
@@ -528,6 +608,31 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return Err(Error::invalid(path, "sliding_window", "must be > 0"));
         }
+        if let Some(m) = &self.moe {
+            for (key, v, max) in [
+                ("num_local_experts", m.num_experts, limits::EXPERTS),
+                (
+                    "moe_intermediate_size",
+                    m.expert_intermediate_size,
+                    limits::DIM,
+                ),
+            ] {
+                if v == 0 || v > max {
+                    return Err(Error::invalid(
+                        path,
+                        key,
+                        format!("must be in 1..={max}, found {v}"),
+                    ));
+                }
+            }
+            if m.top_k == 0 || m.top_k > m.num_experts {
+                return Err(Error::invalid(
+                    path,
+                    "num_experts_per_tok",
+                    format!("must be in 1..={}, found {}", m.num_experts, m.top_k),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -580,5 +685,65 @@ impl ModelConfig {
             "pad_token_id": pad,
             "torch_dtype": "float32",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen3_moe(extra: Value) -> Result<ModelConfig> {
+        let mut raw = json!({
+            "model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "moe_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
+            "vocab_size": 512, "max_position_embeddings": 256,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            raw[k] = v.clone();
+        }
+        ModelConfig::from_json(raw, Path::new("config.json"))
+    }
+
+    /// Qwen3-MoE's dense layers (`mlp_only_layers`, `decoder_sparse_step`), its optional
+    /// renormalisation, and Mixtral's fixed one.
+    #[test]
+    fn moe_layers_and_weights_follow_the_config() {
+        let c = qwen3_moe(json!({})).unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.num_experts, m.top_k, m.expert_intermediate_size),
+            (8, 2, 48)
+        );
+        assert!(!m.norm_topk_prob, "transformers' default is off");
+        assert_eq!(m.sparse_layers, vec![true; 6]);
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        let m = qwen3_moe(json!({"mlp_only_layers": [0, 4], "decoder_sparse_step": 2,
+                                 "norm_topk_prob": true}))
+        .unwrap()
+        .moe
+        .unwrap();
+        assert!(m.norm_topk_prob);
+        assert_eq!(m.sparse_layers, [false, true, false, true, false, true]);
+        for (extra, key) in [
+            (json!({"num_experts_per_tok": 9}), "num_experts_per_tok"),
+            (json!({"num_experts": 0}), "num_local_experts"),
+            (json!({"decoder_sparse_step": 0}), "decoder_sparse_step"),
+            (json!({"mlp_only_layers": "all"}), "mlp_only_layers"),
+        ] {
+            let e = qwen3_moe(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let mixtral = ModelConfig::from_json(
+            json!({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "intermediate_size": 96, "num_local_experts": 4,
+                   "num_experts_per_tok": 2, "vocab_size": 512, "max_position_embeddings": 256,
+                   "norm_topk_prob": false}),
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let m = mixtral.moe.unwrap();
+        assert!(m.norm_topk_prob && m.expert_intermediate_size == 96);
+        assert_eq!(m.names, MoeNames::Mixtral);
     }
 }

@@ -138,6 +138,8 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
                 "attn_k_norm" => "self_attn.k_norm",
                 "ffn_gate" => "mlp.gate_proj",
                 "ffn_up" => "mlp.up_proj",
+                // A mixture of experts' router (the experts are split in `expert_names`).
+                "ffn_gate_inp" => &format!("{}.gate", moe_block(arch)),
                 "ffn_down" => "mlp.down_proj",
                 "attn_norm" => "input_layernorm",
                 // Gemma: norms on both sides of each sublayer; its ffn_norm is the MLP's pre-norm.
@@ -153,13 +155,47 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
     })
 }
 
+/// Where a checkpoint of this architecture keeps its router and experts: Mixtral (GGUF `llama`
+/// with experts) in `block_sparse_moe`, Qwen3-MoE in `mlp`.
+fn moe_block(arch: &str) -> &'static str {
+    if arch == "qwen3moe" {
+        "mlp"
+    } else {
+        "block_sparse_moe"
+    }
+}
+
+/// llama.cpp stacks a layer's experts in one tensor per projection (`blk.L.ffn_gate_exps`,
+/// `_up_exps`, `_down_exps`: `[experts, out, in]`); Hugging Face keeps one linear per expert. The
+/// Hugging Face name of expert `e`'s slice, or `None` for other tensors.
+fn expert_name(gguf: &str, arch: &str, e: usize) -> Option<String> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let part = rest.strip_suffix("_exps.weight")?;
+    let qwen = arch == "qwen3moe";
+    let hf = match part {
+        "ffn_gate" if qwen => "gate_proj",
+        "ffn_up" if qwen => "up_proj",
+        "ffn_down" if qwen => "down_proj",
+        "ffn_gate" => "w1",
+        "ffn_up" => "w3",
+        "ffn_down" => "w2",
+        _ => return None,
+    };
+    Some(format!(
+        "model.layers.{layer}.{}.experts.{e}.{hf}.weight",
+        moe_block(arch)
+    ))
+}
+
 /// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
 /// weights permuted for its interleaved RoPE; Qwen2/Qwen3/OLMo 2 (NeoX RoPE) keep Hugging Face's
 /// layout.
-const ARCHS: [(&str, &str); 7] = [
+const ARCHS: [(&str, &str); 8] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("qwen3moe", "Qwen3MoeForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
@@ -423,6 +459,15 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         if let Some(n) = permuted_heads {
             t = unpermute(&t, n)?;
         }
+        if name.ends_with("_exps.weight") {
+            for e in 0..t.dim(0).map_err(bad)? {
+                let hf = expert_name(name, &arch, e).ok_or_else(|| {
+                    Error::invalid(path, name.as_str(), "unsupported GGUF tensor")
+                })?;
+                tensors.insert(hf, t.get(e).map_err(bad)?.to_device(device).map_err(bad)?);
+            }
+            continue;
+        }
         tensors.insert(
             hf_name(path, name, &arch)?,
             t.to_device(device).map_err(bad)?,
@@ -455,12 +500,28 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         Some(t) => finite(path, &theta_key, t, true)?,
         None => 10_000.0,
     };
+    let layers = m.dim(&k("block_count"), limits::LAYERS)?;
+    let experts = match m.opt_num(&k("expert_count"))? {
+        Some(_) => Some((
+            m.dim(&k("expert_count"), limits::EXPERTS)?,
+            m.dim(&k("expert_used_count"), limits::EXPERTS)?,
+        )),
+        None => None,
+    };
+    let expert_width = match m.opt_num(&k("expert_feed_forward_length"))? {
+        Some(_) => Some(m.dim(&k("expert_feed_forward_length"), limits::DIM)?),
+        None => None,
+    };
+    let ff = match (m.opt_num(&k("feed_forward_length"))?, expert_width) {
+        (None, Some(w)) => w,
+        _ => m.dim(&k("feed_forward_length"), limits::DIM)?,
+    };
     let mut config = ModelConfig::llama_json(
         hidden,
-        m.dim(&k("block_count"), limits::LAYERS)?,
+        layers,
         n_head,
         n_kv,
-        m.dim(&k("feed_forward_length"), limits::DIM)?,
+        ff,
         vocab,
         context,
         eps,
@@ -472,6 +533,42 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
     );
     config["model_type"] = Value::String(arch.clone());
     config["architectures"] = json!([hf_class]);
+    match (experts, arch.as_str()) {
+        (Some((n, used)), "llama" | "qwen3moe") => {
+            // llama.cpp renormalises the chosen experts' weights for both.
+            config["num_local_experts"] = json!(n);
+            config["num_experts_per_tok"] = json!(used);
+            config["norm_topk_prob"] = json!(true);
+            if arch == "llama" {
+                config["model_type"] = json!("mixtral");
+                config["architectures"] = json!(["MixtralForCausalLM"]);
+            } else {
+                config["model_type"] = json!("qwen3_moe");
+                let width = expert_width.ok_or_else(|| {
+                    Error::invalid(path, k("expert_feed_forward_length"), "missing")
+                })?;
+                config["moe_intermediate_size"] = json!(width);
+                // Layers without a router are dense.
+                let dense: Vec<usize> = (0..layers)
+                    .filter(|l| {
+                        !content
+                            .tensor_infos
+                            .contains_key(&format!("blk.{l}.ffn_gate_inp.weight"))
+                    })
+                    .collect();
+                config["mlp_only_layers"] = json!(dense);
+            }
+        }
+        (Some(_), _) => {
+            return Err(Error::invalid(
+                path,
+                k("expert_count"),
+                "mixtures of experts are read for llama (Mixtral) and qwen3moe only",
+            ))
+        }
+        (None, "qwen3moe") => return Err(Error::invalid(path, k("expert_count"), "missing")),
+        (None, _) => {}
+    }
     if let Some(hd) = head_dim {
         config["head_dim"] = json!(hd);
     }

@@ -61,7 +61,8 @@ fn use_more_bits(layer: usize, layers: usize) -> bool {
 /// whose block does not divide the rows falls back as llama.cpp does (K-quants to Q5_0 / Q8_0,
 /// then F16).
 fn tensor_type(ty: GgufType, name: &str, dims: &[usize], layers: usize) -> GgmlDType {
-    if dims.len() < 2 {
+    // Routers stay f32, as llama.cpp keeps them (it never quantises `ffn_gate_inp`).
+    if dims.len() < 2 || name.ends_with("ffn_gate_inp.weight") {
         return GgmlDType::F32;
     }
     let layer = name
@@ -76,7 +77,9 @@ fn tensor_type(ty: GgufType, name: &str, dims: &[usize], layers: usize) -> GgmlD
         GgufType::Q4KM => {
             let more = |l: Option<usize>| l.is_some_and(|l| use_more_bits(l, layers));
             if name == "output.weight"
-                || (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"))
+                || (name.ends_with("attn_v.weight")
+                    || name.ends_with("ffn_down.weight")
+                    || name.ends_with("ffn_down_exps.weight"))
                     && more(layer)
             {
                 GgmlDType::Q6K
@@ -124,6 +127,7 @@ fn gguf_name(hf: &str, arch: &str) -> Option<String> {
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
+                "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
                 "input_layernorm" => "attn_norm",
                 "post_attention_layernorm" if arch == "olmo2" => "post_attention_norm",
                 "post_feedforward_layernorm" if arch == "olmo2" => "post_ffw_norm",
@@ -133,6 +137,22 @@ fn gguf_name(hf: &str, arch: &str) -> Option<String> {
             format!("blk.{layer}.{g}.{kind}")
         }
     })
+}
+
+/// An expert's projection (`model.layers.L.{block_sparse_moe|mlp}.experts.E.NAME.weight`):
+/// llama.cpp's stacked tensor for it (`blk.L.ffn_{gate|up|down}_exps.weight`) and `E`.
+fn expert_slot(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (_, rest) = rest.split_once(".experts.")?;
+    let (e, rest) = rest.split_once('.')?;
+    let part = match rest {
+        "w1.weight" | "gate_proj.weight" => "ffn_gate",
+        "w3.weight" | "up_proj.weight" => "ffn_up",
+        "w2.weight" | "down_proj.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{part}_exps.weight"), e.parse().ok()?))
 }
 
 /// llama.cpp's layout of Llama's Q/K rows (the inverse of the loader's `unpermute`).
@@ -285,12 +305,15 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         "llama" | "mistral" | "smollm" | "smollm2" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        // llama.cpp runs Mixtral as `llama` with experts.
+        "mixtral" => "llama",
+        "qwen3_moe" => "qwen3moe",
         "olmo2" => "olmo2",
         "phi3" => "phi3",
         other => {
             return refuse(format!(
-            "model_type {other:?}: only the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3, OLMo 2, Phi-3) \
-                 is exported"
+            "model_type {other:?}: only the Llama family (Llama, Mistral, Mixtral, SmolLM, Qwen2, Qwen3, \
+                 Qwen3-MoE, OLMo 2, Phi-3) is exported"
         ))
         }
     };
@@ -298,6 +321,23 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     // exported and equals the model within the window; elsewhere a window has no equivalent.
     if cfg.sliding_window.is_some() && arch != "phi3" {
         return refuse("sliding-window attention has no llama-architecture equivalent".into());
+    }
+    // llama.cpp's qwen3moe renormalises the chosen experts' weights and has no dense layers.
+    if let Some(m) = cfg.moe.as_ref().filter(|_| arch == "qwen3moe") {
+        if !m.norm_topk_prob {
+            return refuse(
+                "llama.cpp's qwen3moe renormalises the experts' weights: this model \
+                           has norm_topk_prob = false"
+                    .into(),
+            );
+        }
+        if m.sparse_layers.contains(&false) {
+            return refuse(
+                "llama.cpp's qwen3moe has experts in every layer: this model has \
+                           dense layers (mlp_only_layers / decoder_sparse_step)"
+                    .into(),
+            );
+        }
     }
     if cfg.rope_scaling.is_some() {
         return refuse("Llama 3 RoPE scaling is not exported yet".into());
@@ -335,7 +375,17 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         (a("rope.dimension_count"), u(cfg.head_dim)),
         (a("vocab_size"), u(cfg.vocab_size)),
     ];
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size || arch == "qwen3" {
+    if let Some(m) = &cfg.moe {
+        md.push((a("expert_count"), u(m.num_experts)));
+        md.push((a("expert_used_count"), u(m.top_k)));
+        if arch == "qwen3moe" {
+            md.push((
+                a("expert_feed_forward_length"),
+                u(m.expert_intermediate_size),
+            ));
+        }
+    }
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size || arch == "qwen3" || arch == "qwen3moe" {
         md.push((a("attention.key_length"), u(cfg.head_dim)));
         md.push((a("attention.value_length"), u(cfg.head_dim)));
     }
@@ -343,10 +393,27 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
 
     let mut qt: Vec<(String, QTensor)> = vec![];
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    // Experts' projections, stacked per layer and projection as llama.cpp stores them.
+    let mut stacks: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
+    let mut tensors = vec![];
     for (hf, t) in model.named_params() {
-        let name = gguf_name(&hf, arch)
-            .ok_or_else(|| Error::Msg(format!("export-gguf: tensor {hf} has no GGUF name")))?;
-        let mut t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        match expert_slot(&hf) {
+            Some((name, e)) => stacks.entry(name).or_default().push((e, t)),
+            None => tensors.push((
+                gguf_name(&hf, arch).ok_or_else(|| {
+                    Error::Msg(format!("export-gguf: tensor {hf} has no GGUF name"))
+                })?,
+                t,
+            )),
+        }
+    }
+    for (name, mut experts) in stacks {
+        experts.sort_by_key(|(e, _)| *e);
+        let ts: Vec<Tensor> = experts.into_iter().map(|(_, t)| t).collect();
+        tensors.push((name, Tensor::stack(&ts, 0)?));
+    }
+    for (name, mut t) in tensors {
         if arch == "llama" && name.ends_with("attn_q.weight") {
             t = permute(&t, cfg.num_heads)?;
         } else if arch == "llama" && name.ends_with("attn_k.weight") {
@@ -354,7 +421,7 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         }
         let d = tensor_type(ty, &name, t.dims(), cfg.num_layers);
         *types.entry(format!("{d:?}")).or_default() += 1;
-        qt.push((name, QTensor::quantize(&t, d)?));
+        qt.push((name, crate::ops::quantize(&t, d)?));
     }
     let mdr: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tr: Vec<(&str, &QTensor)> = qt.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -23,7 +23,7 @@ pub mod reward;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, MoeConfig, MoeNames};
 pub use device::{DeviceError, DeviceSpec};
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, SamplingConfig};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::{Activation, Arch, ModelConfig, NormPlacement, QkNorm};
+use crate::config::{Activation, Arch, ModelConfig, MoeNames, NormPlacement, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
 use crate::ops::{
@@ -108,6 +108,16 @@ enum Mlp {
         fc: Linear,
         proj: Linear,
     },
+    /// A sparse mixture of experts (each a [`Mlp::Gated`]): the router's softmax in f32 picks each
+    /// token's `top_k` experts, whose outputs are summed weighted by their probabilities
+    /// (renormalised over the `top_k` with `norm_topk_prob`), as transformers' Mixtral and
+    /// Qwen3-MoE blocks do.
+    Moe {
+        router: Linear,
+        experts: Vec<Mlp>,
+        top_k: usize,
+        norm_topk_prob: bool,
+    },
 }
 
 /// A decoder layer. Norms before (`norm1`, `norm2`) and after (`post1`, `post2`) the attention
@@ -139,6 +149,13 @@ impl Mlp {
             Mlp::Gated { gate, up, down } => vec![gate, up, down],
             Mlp::GatedFused { gate_up, down, .. } => vec![gate_up, down],
             Mlp::Plain { fc, proj } => vec![fc, proj],
+            Mlp::Moe {
+                router, experts, ..
+            } => {
+                let mut v = vec![router];
+                v.extend(experts.iter_mut().flat_map(Mlp::linears_mut));
+                v
+            }
         }
     }
 }
@@ -505,6 +522,20 @@ impl Params<'_> {
         Ok(Linear::new(prefix, weight, bias))
     }
 
+    /// A linear without bias that stays dense under a quantised base: a mixture's router, whose
+    /// choices int8 activations would flip (llama.cpp keeps routers in f32 too).
+    fn dense_linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        if let Some(q) = self.quantized.remove(&name) {
+            let w = q
+                .dequantize(&candle_core::Device::Cpu)
+                .map_err(|e| Error::invalid(self.origin, &name, e.to_string()))?;
+            self.tensors.insert(name.clone(), w);
+        }
+        let weight = self.take(&name, &[out_dim, in_dim])?;
+        Ok(Linear::new(prefix, weight, None))
+    }
+
     fn norm(&mut self, prefix: &str, dim: usize, cfg: &ModelConfig) -> Result<Norm> {
         let weight = self.take(&format!("{prefix}.weight"), &[dim])?;
         let bias = match cfg.arch {
@@ -662,7 +693,33 @@ impl Model {
                             p.norm(&format!("{a}.k_norm"), nkv * hd, &cfg)?,
                         )),
                     };
-                    let mlp = if cfg.fused_projections {
+                    let moe = cfg.moe.as_ref().filter(|m| m.sparse_layers[i]);
+                    let mlp = if let Some(m) = moe {
+                        let (block, [g, u, d]) = match m.names {
+                            MoeNames::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                            MoeNames::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+                        };
+                        let ei = m.expert_intermediate_size;
+                        let mut experts = Vec::with_capacity(m.num_experts);
+                        for e in 0..m.num_experts {
+                            let ex = format!("{pre}.{block}.experts.{e}");
+                            experts.push(Mlp::Gated {
+                                gate: p.linear(&format!("{ex}.{g}"), ei, h, false)?,
+                                up: p.linear(&format!("{ex}.{u}"), ei, h, false)?,
+                                down: p.linear(&format!("{ex}.{d}"), h, ei, false)?,
+                            });
+                        }
+                        Mlp::Moe {
+                            router: p.dense_linear(
+                                &format!("{pre}.{block}.gate"),
+                                m.num_experts,
+                                h,
+                            )?,
+                            experts,
+                            top_k: m.top_k,
+                            norm_topk_prob: m.norm_topk_prob,
+                        }
+                    } else if cfg.fused_projections {
                         Mlp::GatedFused {
                             gate_up: p.linear(
                                 &format!("{pre}.mlp.gate_up_proj"),
@@ -1356,8 +1413,65 @@ impl Mlp {
                 last(down, &h)
             }
             Mlp::Plain { fc, proj } => last(proj, &act(fc.forward(x)?)?),
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+                norm_topk_prob,
+            } => {
+                // Routing picks rows per expert, so the last projections are computed (no
+                // unread form): checkpointed backward recomputes them, at the same gradients.
+                let dims = x.dims().to_vec();
+                let hidden = *dims.last().unwrap_or(&0);
+                let xf = x.reshape(((), hidden))?.contiguous()?;
+                let n = xf.dim(0)?;
+                // The router's softmax in f32 (f64 stays f64, for gradient checks).
+                let logits = router.forward(&xf)?;
+                let logits = match logits.dtype() {
+                    DType::F64 => logits,
+                    _ => logits.to_dtype(DType::F32)?,
+                };
+                let probs = softmax_last(&logits)?;
+                let (mask, rows) =
+                    top_k_routes(&probs.to_dtype(DType::F32)?.to_vec2::<f32>()?, *top_k);
+                let mask = Tensor::from_vec(mask, (n, experts.len()), x.device())?
+                    .to_dtype(probs.dtype())?;
+                let mut w = (probs * mask)?;
+                if *norm_topk_prob {
+                    w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+                }
+                let w = w.to_dtype(x.dtype())?;
+                let mut out = xf.zeros_like()?;
+                for (e, (expert, rows)) in experts.iter().zip(&rows).enumerate() {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let idx = Tensor::new(rows.as_slice(), x.device())?;
+                    let y = expert.forward(&xf.index_select(&idx, 0)?, act_kind, false)?;
+                    let we = w.narrow(1, e, 1)?.contiguous()?.index_select(&idx, 0)?;
+                    out = out.index_add(&idx, &y.broadcast_mul(&we)?, 0)?;
+                }
+                out.reshape(dims)
+            }
         }
     }
+}
+
+/// Each row's `k` most probable experts (ties to the lower index): a `[rows, experts]` 0/1 mask,
+/// row-major, and for each expert the rows routed to it, in order.
+fn top_k_routes(probs: &[Vec<f32>], k: usize) -> (Vec<f32>, Vec<Vec<u32>>) {
+    let experts = probs.first().map_or(0, Vec::len);
+    let mut mask = vec![0f32; probs.len() * experts];
+    let mut rows = vec![vec![]; experts];
+    for (i, p) in probs.iter().enumerate() {
+        let mut order: Vec<usize> = (0..experts).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        for &e in order.iter().take(k) {
+            mask[i * experts + e] = 1.0;
+            rows[e].push(i as u32);
+        }
+    }
+    (mask, rows)
 }
 
 #[cfg(test)]

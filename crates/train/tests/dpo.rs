@@ -253,14 +253,43 @@ fn lora_dpo_on_a_4bit_base_learns_and_transfers_to_the_full_base() {
 
 #[test]
 fn dpo_gradients_through_the_model_match_finite_differences() {
-    // Sigmoid DPO of tiny-llama against tiny-qwen2, in f64: d loss / d (a few weights) by autograd
-    // and by central differences.
+    fd_check(
+        "tiny-llama",
+        &[
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ],
+    );
+    // Mixtures of experts: through the routers' softmax and top-k weights, and the experts.
+    fd_check(
+        "tiny-mixtral",
+        &[
+            "model.layers.0.block_sparse_moe.gate.weight",
+            "model.layers.1.block_sparse_moe.gate.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w1.weight",
+            "model.layers.1.block_sparse_moe.experts.2.w2.weight",
+        ],
+    );
+    fd_check(
+        "tiny-qwen3moe",
+        &[
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.1.mlp.experts.3.up_proj.weight",
+        ],
+    );
+}
+
+/// Sigmoid DPO of `policy` against tiny-qwen2, in f64: d loss / d (the largest two gradients of
+/// each named weight) by autograd and by central differences.
+fn fd_check(policy: &str, names: &[&str]) {
     let opts = LoadOptions {
         dtype: DType::F64,
         trainable: true,
         ..Default::default()
     };
-    let pol = Pretrained::load(Path::new(&tiny("tiny-llama")), &opts).unwrap();
+    let pol = Pretrained::load(Path::new(&tiny(policy)), &opts).unwrap();
     let reference = Pretrained::load(
         Path::new(&tiny("tiny-qwen2")),
         &LoadOptions {
@@ -309,12 +338,7 @@ fn dpo_gradients_through_the_model_match_finite_differences() {
         .unwrap()
     };
     let grads = loss_of(&pol.model).backward().unwrap();
-    for name in [
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.1.mlp.down_proj.weight",
-        "model.norm.weight",
-        "lm_head.weight",
-    ] {
+    for &name in names {
         let (_, w) = pol
             .model
             .named_params()
@@ -350,10 +374,10 @@ fn dpo_gradients_through_the_model_match_finite_differences() {
             let fd = (lp - lm) / (2.0 * eps);
             assert!(
                 (fd - g[i]).abs() < 1e-6 + 1e-4 * fd.abs(),
-                "{name}[{i}]: autograd {} vs fd {fd}",
+                "{policy} {name}[{i}]: autograd {} vs fd {fd}",
                 g[i]
             );
-            assert!(g[i].abs() > 1e-8, "{name}: a real gradient");
+            assert!(g[i].abs() > 1e-8, "{policy} {name}: a real gradient");
         }
     }
 }

@@ -52,7 +52,13 @@ pub fn quantize_weight(w: &Tensor, quant: BaseQuant) -> Result<Option<Arc<QTenso
     let w = w
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F32)?;
-    Ok(Some(Arc::new(QTensor::quantize(&w, ty)?)))
+    Ok(Some(Arc::new(quantize(&w, ty)?)))
+}
+
+/// `QTensor::quantize` of what `t` shows. candle quantises its whole storage, so a view (one
+/// expert's slice of a stacked GGUF tensor, say) would bring its neighbours: quantise a copy.
+pub(crate) fn quantize(t: &Tensor, ty: GgmlDType) -> Result<QTensor> {
+    QTensor::quantize(&t.force_contiguous()?, ty)
 }
 
 /// The rows of a quantised `[out, in]` weight in a new order (`rows[i]` is the source row of row

@@ -334,7 +334,7 @@ pub fn write_tiny_llama_gguf(path: &Path, dtype: GgmlDType) {
 
 /// Every tiny architecture in fixtures/models, each with its goldens in fixtures/golden.
 #[allow(dead_code)]
-pub const MODELS: [&str; 8] = [
+pub const MODELS: [&str; 10] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-gpt2",
@@ -343,4 +343,6 @@ pub const MODELS: [&str; 8] = [
     "tiny-olmo2",
     "tiny-gemma2",
     "tiny-gemma3",
+    "tiny-mixtral",
+    "tiny-qwen3moe",
 ];
