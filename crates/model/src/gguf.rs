@@ -122,6 +122,13 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
         "output.weight" => "lm_head.weight".into(),
         _ => {
             let parts: Vec<&str> = gguf.split('.').collect();
+            // llama.cpp's first Mixtral files: one tensor an expert (`blk.L.ffn_gate.E.weight`).
+            if let ["blk", l, n, e, "weight"] = parts.as_slice() {
+                if let Ok(e) = e.parse::<usize>() {
+                    return expert_name(&format!("blk.{l}.{n}_exps.weight"), arch, e)
+                        .ok_or_else(|| Error::invalid(path, gguf, "unsupported GGUF tensor"));
+                }
+            }
             let (layer, name, kind) = match parts.as_slice() {
                 ["blk", l, n, k] => (*l, *n, *k),
                 _ => return Err(Error::invalid(path, gguf, "unsupported GGUF tensor")),
@@ -435,6 +442,23 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
             n if n.ends_with("attn_k.weight") => Some(n_kv),
             _ => None,
         };
+        if keep_quantized
+            && name.ends_with("_exps.weight")
+            && q.rank() == 3
+            && crate::ops::is_block_quantized(q.dtype())
+        {
+            for (e, qe) in crate::ops::split_experts(&q)
+                .map_err(bad)?
+                .into_iter()
+                .enumerate()
+            {
+                let hf = expert_name(name, &arch, e).ok_or_else(|| {
+                    Error::invalid(path, name.as_str(), "unsupported GGUF tensor")
+                })?;
+                quantized.insert(hf, Arc::new(qe));
+            }
+            continue;
+        }
         if keep_quantized
             && name.starts_with("blk.")
             && q.rank() == 2

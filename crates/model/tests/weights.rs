@@ -327,14 +327,19 @@ fn bad_input_errors_name_file_and_field() {
 #[test]
 fn gguf_loads_with_unpermuted_qk_and_rebuilt_tokenizer() {
     // Llama (Q/K permuted by llama.cpp), Qwen2 (biases, tied) and Qwen3 (q/k norms, wide heads).
-    for (model, class, tied) in [
-        ("tiny-llama", "LlamaForCausalLM", false),
-        ("tiny-qwen2", "Qwen2ForCausalLM", true),
-        ("tiny-qwen3", "Qwen3ForCausalLM", false),
+    // Mixtures of experts with their experts stacked per layer, and Mixtral also with one tensor
+    // an expert (`legacy`, llama.cpp's first Mixtral files).
+    for (model, class, tied, legacy) in [
+        ("tiny-llama", "LlamaForCausalLM", false, false),
+        ("tiny-qwen2", "Qwen2ForCausalLM", true, false),
+        ("tiny-qwen3", "Qwen3ForCausalLM", false, false),
+        ("tiny-mixtral", "MixtralForCausalLM", false, false),
+        ("tiny-qwen3moe", "Qwen3MoeForCausalLM", false, false),
+        ("tiny-mixtral", "MixtralForCausalLM", false, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{model}.gguf"));
-        let (md, qt) = common::tiny_gguf_parts(model, GgmlDType::F32);
+        let (md, qt) = common::tiny_gguf_parts_with(model, GgmlDType::F32, legacy);
         common::write_gguf(&path, &md, &qt);
         let g = Pretrained::load(&path, &LoadOptions::default()).unwrap();
         let golden = golden(&format!("logits-{model}.json"));
@@ -536,4 +541,29 @@ fn streamed_safetensors_round_trip_and_reject_repeated_names() {
     let err = write_safetensors(&dir.path().join("y.safetensors"), &twice, None).unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
     assert!(!dir.path().join("y.safetensors").exists());
+}
+
+/// A mixture's experts, stacked in a quantised GGUF, stay as stored when the base is kept
+/// quantised (split by bytes, never requantised), and its routers stay dense: loading with 4-bit
+/// or 8-bit as the base type holds the same quantised bytes.
+#[test]
+fn quantised_gguf_experts_stay_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moe.gguf");
+    let (md, qt) = common::tiny_gguf_parts_with("tiny-mixtral", GgmlDType::Q8_0, false);
+    common::write_gguf(&path, &md, &qt);
+    let bytes = |q| {
+        Pretrained::load_quantized(&path, &LoadOptions::default(), q)
+            .unwrap()
+            .model
+            .quantized_bytes()
+    };
+    let (q4, q8) = (
+        bytes(preftune_model::ops::BaseQuant::Q4),
+        bytes(preftune_model::ops::BaseQuant::Q8),
+    );
+    // 2 layers x 4 experts x 3 projections of 96 x 64, at 34 bytes a block of 32.
+    let experts = 2 * 4 * 3 * 96 * 64 / 32 * 34;
+    assert_eq!(q4, q8, "stored blocks, not requantised to the base type");
+    assert!(q8 >= experts, "{q8} bytes for {experts} of experts");
 }

@@ -89,6 +89,28 @@ pub fn permute_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
     QTensor::new(storage, (out, in_dim))
 }
 
+/// llama.cpp's stacked experts (`[experts, out, in]`) as one `[out, in]` weight each: every
+/// expert is a whole number of rows of blocks, so this moves bytes and never requantises.
+pub fn split_experts(q: &QTensor) -> Result<Vec<QTensor>> {
+    let (experts, out, in_dim) = q.shape().dims3()?;
+    let ty = q.dtype();
+    if !in_dim.is_multiple_of(ty.block_size()) {
+        candle_core::bail!("split_experts: rows of {in_dim} do not split into {ty:?} blocks")
+    }
+    let bytes = out * (in_dim / ty.block_size()) * ty.type_size();
+    let data = q.data()?;
+    (0..experts)
+        .map(|e| {
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(data[e * bytes..(e + 1) * bytes].to_vec()),
+                &candle_core::Device::Cpu,
+                ty,
+            )?;
+            QTensor::new(storage, (out, in_dim))
+        })
+        .collect()
+}
+
 /// The dequantised weight in `dtype`: a temporary, dropped once the product that needs it is done.
 pub fn dequantize(q: &QTensor, dtype: DType) -> Result<Tensor> {
     q.dequantize(&candle_core::Device::Cpu)?.to_dtype(dtype)
@@ -216,6 +238,26 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(max_diff(&ys, &yr) < 0.02 * scale, "{quant:?}: decoding");
+        }
+    }
+
+    #[test]
+    fn split_experts_are_the_stack_s_slices() {
+        for ty in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let w = randn((3 * 8, 256), 6).reshape((3, 8, 256)).unwrap();
+            let q = QTensor::quantize(&w, ty).unwrap();
+            let whole = q.dequantize(&Device::Cpu).unwrap();
+            let parts = split_experts(&q).unwrap();
+            assert_eq!(parts.len(), 3);
+            for (e, p) in parts.iter().enumerate() {
+                assert_eq!(p.dtype(), ty);
+                let d = p.dequantize(&Device::Cpu).unwrap();
+                assert_eq!(
+                    max_diff(&d, &whole.get(e).unwrap()),
+                    0.0,
+                    "{ty:?} expert {e}"
+                );
+            }
         }
     }
 

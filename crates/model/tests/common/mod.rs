@@ -198,10 +198,26 @@ pub fn tiny_llama_gguf_parts(dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
 /// `tiny-qwen3` (q/k norms as `attn_q_norm` / `attn_k_norm`, the head size as
 /// `attention.key_length`).
 pub fn tiny_gguf_parts(model: &str, dtype: GgmlDType) -> (GgufMetadata, GgufTensors) {
+    tiny_gguf_parts_with(model, dtype, false)
+}
+
+/// [`tiny_gguf_parts`]; a mixture's experts one tensor each (`blk.L.ffn_gate.E.weight`, the
+/// layout of llama.cpp's first Mixtral files) with `legacy_experts`, else stacked per layer
+/// (`blk.L.ffn_gate_exps.weight`, `[experts, out, in]`).
+pub fn tiny_gguf_parts_with(
+    model: &str,
+    dtype: GgmlDType,
+    legacy_experts: bool,
+) -> (GgufMetadata, GgufTensors) {
     let src = tiny(model);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    let arch = cfg["model_type"].as_str().unwrap().to_string();
+    let arch = match cfg["model_type"].as_str().unwrap() {
+        "mixtral" => "llama",
+        "qwen3_moe" => "qwen3moe",
+        a => a,
+    }
+    .to_string();
     let u = |k: &str| GValue::U32(cfg[k].as_u64().unwrap() as u32);
     let st = read_st(&src.join("model.safetensors"));
     let tj: serde_json::Value =
@@ -251,9 +267,16 @@ pub fn tiny_gguf_parts(model: &str, dtype: GgmlDType) -> (GgufMetadata, GgufTens
         ),
         (a("rope.freq_base"), GValue::F32(10000.0)),
     ];
-    if arch == "qwen3" {
+    if arch == "qwen3" || arch == "qwen3moe" {
         md.push((a("attention.key_length"), u("head_dim")));
         md.push((a("attention.value_length"), u("head_dim")));
+    }
+    if cfg.get("num_local_experts").is_some() {
+        md.push((a("expert_count"), u("num_local_experts")));
+        md.push((a("expert_used_count"), u("num_experts_per_tok")));
+    }
+    if arch == "qwen3moe" {
+        md.push((a("expert_feed_forward_length"), u("moe_intermediate_size")));
     }
     let tok: Vec<(&str, GValue)> = vec![
         ("tokenizer.ggml.model", GValue::String("gpt2".into())),
@@ -273,7 +296,35 @@ pub fn tiny_gguf_parts(model: &str, dtype: GgmlDType) -> (GgufMetadata, GgufTens
         ),
     ];
     let mut qt: Vec<(String, QTensor)> = vec![];
+    // Experts: (stacked name, expert, weight), stacked after the loop unless legacy.
+    let mut experts: Vec<(String, usize, Tensor)> = vec![];
     for (name, t) in &st {
+        if let Some((layer, rest)) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        {
+            if let Some((_, rest)) = rest.split_once(".experts.") {
+                let (e, proj) = rest.split_once('.').unwrap();
+                let part = match proj {
+                    "w1.weight" | "gate_proj.weight" => "ffn_gate",
+                    "w3.weight" | "up_proj.weight" => "ffn_up",
+                    _ => "ffn_down",
+                };
+                let e: usize = e.parse().unwrap();
+                if legacy_experts {
+                    let n = format!("blk.{layer}.{part}.{e}.weight");
+                    qt.push((n, QTensor::quantize(t, dtype).unwrap()));
+                } else {
+                    experts.push((format!("blk.{layer}.{part}_exps.weight"), e, t.clone()));
+                }
+                continue;
+            }
+            if rest == "block_sparse_moe.gate.weight" || rest == "mlp.gate.weight" {
+                let n = format!("blk.{layer}.ffn_gate_inp.weight");
+                qt.push((n, QTensor::quantize(t, GgmlDType::F32).unwrap()));
+                continue;
+            }
+        }
         let gname = match name.as_str() {
             "model.embed_tokens.weight" => "token_embd.weight".to_string(),
             "model.norm.weight" => "output_norm.weight".to_string(),
@@ -313,6 +364,20 @@ pub fn tiny_gguf_parts(model: &str, dtype: GgmlDType) -> (GgufMetadata, GgufTens
         // Norms stay f32, as llama.cpp keeps them.
         let d = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
         qt.push((gname, QTensor::quantize(&t, d).unwrap()));
+    }
+    let mut names: Vec<String> = experts.iter().map(|(n, _, _)| n.clone()).collect();
+    names.sort();
+    names.dedup();
+    for n in names {
+        let mut ts: Vec<(usize, Tensor)> = experts
+            .iter()
+            .filter(|(m, _, _)| *m == n)
+            .map(|(_, e, t)| (*e, t.clone()))
+            .collect();
+        ts.sort_by_key(|(e, _)| *e);
+        let ts: Vec<Tensor> = ts.into_iter().map(|(_, t)| t).collect();
+        let stacked = Tensor::stack(&ts, 0).unwrap();
+        qt.push((n, QTensor::quantize(&stacked, dtype).unwrap()));
     }
     md.extend(tok.into_iter().map(|(k, v)| (k.to_string(), v)));
     (md, qt)

@@ -317,10 +317,6 @@ impl GgmlType for BlockQ4_1 {
             n.is_multiple_of(qk),
             "vec_dot_q4_1_q8_1: {n} is not divisible by {qk}"
         );
-        debug_assert!(
-            (n / qk).is_multiple_of(2),
-            "vec_dot_q4_1_q8_1: {n}, nb is not divisible by 2"
-        );
 
         // Generic implementation.
         let mut sumf = 0f32;
@@ -413,10 +409,6 @@ impl GgmlType for BlockQ5_0 {
         debug_assert!(
             n.is_multiple_of(qk),
             "vec_dot_q5_0_q8_0: {n} is not divisible by {qk}"
-        );
-        debug_assert!(
-            (n / qk).is_multiple_of(2),
-            "vec_dot_q5_0_q8_0: {n}, nb is not divisible by 2"
         );
         Self::vec_dot_unopt(n, xs, ys)
     }
@@ -522,10 +514,6 @@ impl GgmlType for BlockQ5_1 {
         debug_assert!(
             n.is_multiple_of(qk),
             "vec_dot_q5_1_q8_1: {n} is not divisible by {qk}"
-        );
-        debug_assert!(
-            (n / qk).is_multiple_of(2),
-            "vec_dot_q5_1_q8_1: {n}, nb is not divisible by 2"
         );
 
         // Generic implementation.
