@@ -9,9 +9,16 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 bin_ = sys.argv[1]
 ok = True
-for name in ("tiny-llama", "tiny-qwen2", "tiny-gpt2"):
+for name in ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3", "tiny-phi3", "tiny-olmo2", "tiny-gemma2",
+             "tiny-gemma3", "tiny-mixtral", "tiny-qwen3moe"):
     path = f"fixtures/models/{name}"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    except (ValueError, KeyError) as e:
+        # An architecture this machine's transformers does not know yet: reported, not failed.
+        print(json.dumps({"check": "logits-vs-transformers", "model": name, "skipped": str(e)[:200]}), flush=True)
+        continue
+    model = model.cuda().eval()
     for prompt in ("The movie was good and the actors", "Hello"):
         out = json.loads(subprocess.run([bin_, "--device", "cuda", "inspect", "--model", path, "--prompt", prompt,
                                          "--top-k", "5"], check=True, capture_output=True, text=True).stdout)
