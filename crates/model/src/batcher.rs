@@ -7,11 +7,15 @@
 //! ([`KvCache::join`]); the one holding fewer positions is padded on the left and masked. When
 //! sequences leave, their rows go ([`KvCache::select`]) and so do leading positions that only
 //! padding held.
+//!
+//! The keys and values of the last few prompts prefilled alone are kept: sequences whose prompts
+//! start the same way as one of them (a system prompt, 16 tokens or more) copy those positions
+//! and run only the rest.
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::generate::{sample_token, SamplingConfig};
+use crate::generate::{sample_token, SamplingConfig, MIN_SHARED_PREFIX};
 use crate::model::{KvCache, Model};
 
 /// One sequence's sampling settings.
@@ -82,7 +86,15 @@ pub struct Batcher {
     pad: u32,
     rows: Vec<Row>,
     cache: KvCache,
+    /// Prompts prefilled alone and their keys and values (one row, no padding), most recent last.
+    prefixes: Vec<(Vec<u32>, KvCache)>,
+    /// Prompt tokens whose keys and values came from `prefixes` instead of a forward pass.
+    reused: usize,
 }
+
+/// At most this many bytes of kept prompts' keys and values (SmolLM2-135M in f32: about 5,700
+/// tokens), the oldest dropped first.
+const KEPT_PREFIX_BYTES: usize = 256 << 20;
 
 impl Batcher {
     /// A batch over `model` (sampled outside autograd); `pad` fills positions no row reads.
@@ -98,7 +110,53 @@ impl Batcher {
             pad,
             rows: vec![],
             cache: KvCache::new(layers),
+            prefixes: vec![],
+            reused: 0,
         })
+    }
+
+    /// Prompt tokens so far whose keys and values were reused from an earlier prompt.
+    pub fn reused_prompt_tokens(&self) -> usize {
+        self.reused
+    }
+
+    /// The kept prompt sharing the longest prefix with every one of `prompts` (short of each
+    /// prompt's last token), if that prefix is worth reusing: its index and length. Not for
+    /// sliding-window models, where padding after the prefix counts against the window.
+    fn reusable_prefix(&self, prompts: &[&Vec<u32>]) -> Option<(usize, usize)> {
+        if self.model.cfg.sliding_window.is_some() {
+            return None;
+        }
+        self.prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, (kept, _))| {
+                let n = prompts
+                    .iter()
+                    .map(|p| {
+                        let same = kept.iter().zip(p.iter()).take_while(|(a, b)| a == b);
+                        same.count().min(p.len().saturating_sub(1))
+                    })
+                    .min()
+                    .unwrap_or(0);
+                (i, n)
+            })
+            .filter(|&(_, n)| n >= MIN_SHARED_PREFIX)
+            .max_by_key(|&(i, n)| (n, i))
+    }
+
+    /// Keeps `prompt`'s keys and values (a copy of `cache`, one row) for later prompts, within
+    /// [`KEPT_PREFIX_BYTES`].
+    fn keep_prefix(&mut self, prompt: &[u32], cache: &KvCache) -> Result<()> {
+        if prompt.len() < MIN_SHARED_PREFIX || cache.bytes() > KEPT_PREFIX_BYTES {
+            return Ok(());
+        }
+        self.prefixes.retain(|(p, _)| p != prompt);
+        self.prefixes.push((prompt.to_vec(), cache.compact_copy()?));
+        while self.prefixes.iter().map(|(_, c)| c.bytes()).sum::<usize>() > KEPT_PREFIX_BYTES {
+            self.prefixes.remove(0);
+        }
+        Ok(())
     }
 
     /// Sequences in the batch.
@@ -141,25 +199,42 @@ impl Batcher {
         }
         let dev = self.model.device().clone();
         let t = seqs.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
+        let b = seqs.len();
+        // Each row holds `[reused prefix][padding][rest of its prompt]`.
+        let prompts: Vec<&Vec<u32>> = seqs.iter().map(|(_, p, _)| p).collect();
+        let mut cache = KvCache::new(self.model.cfg.num_layers);
+        let shared = match self.reusable_prefix(&prompts) {
+            Some((i, n)) => {
+                cache = self.prefixes[i].1.clone();
+                cache.truncate(n);
+                cache.select(&vec![0; b], 0)?;
+                self.reused += n * b;
+                n
+            }
+            None => 0,
+        };
         let (mut ids, mut mask) = (vec![], vec![]);
-        for (_, p, _) in &seqs {
+        for p in &prompts {
             let padding = t - p.len();
-            ids.extend(std::iter::repeat_n(self.pad, padding).chain(p.iter().copied()));
+            ids.extend(std::iter::repeat_n(self.pad, padding).chain(p[shared..].iter().copied()));
             mask.push(
-                std::iter::repeat_n(0u32, padding)
-                    .chain(std::iter::repeat_n(1, p.len()))
+                std::iter::repeat_n(1u32, shared)
+                    .chain(std::iter::repeat_n(0, padding))
+                    .chain(std::iter::repeat_n(1, p.len() - shared))
                     .collect::<Vec<_>>(),
             );
         }
-        let b = seqs.len();
-        let mut cache = KvCache::new(self.model.cfg.num_layers);
         let hidden = self.model.forward(
-            &Tensor::from_vec(ids, (b, t), &dev)?,
+            &Tensor::from_vec(ids, (b, t - shared), &dev)?,
             Some(&Tensor::from_vec(mask.concat(), (b, t), &dev)?),
             None,
             Some(&mut cache),
         )?;
-        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        if b == 1 && self.model.cfg.sliding_window.is_none() {
+            // One row, no padding: its cache is exactly its prompt's keys and values.
+            self.keep_prefix(prompts[0], &cache)?;
+        }
+        let last = hidden.narrow(1, t - shared - 1, 1)?.squeeze(1)?;
         let logits = self
             .model
             .logits(&last)?
@@ -410,6 +485,75 @@ mod tests {
             assert_eq!(finishes[i], Some(Finish::Length));
             if t == 0.0 {
                 // Greedy: generate's log-probs are the model's own too.
+                for (a, b) in got[i].iter().zip(&alone.logprobs[0]) {
+                    assert!((a.1 - b).abs() < 1e-4, "sequence {i}: {} vs {b}", a.1);
+                }
+            }
+        }
+    }
+
+    /// Prompts that start as an earlier one did (16 tokens or more: a system prompt) reuse its
+    /// keys and values, joining a running batch, and sample as they would alone.
+    #[test]
+    fn a_kept_prompt_prefix_is_reused_with_the_same_samples() {
+        let p = tiny();
+        let system: Vec<u32> = (40..60).collect();
+        let prompts: Vec<Vec<u32>> = vec![
+            [&system[..], &[7, 8]].concat(),
+            vec![5, 9, 13],
+            [&system[..], &[9, 10, 11]].concat(),
+            [&system[..], &[12]].concat(),
+            [&system[..10], &[1, 2]].concat(),
+        ];
+        let plan = [(3, 0.0), (12, 0.0), (6, 0.0), (6, 0.8), (2, 0.0)];
+        let mut b = Batcher::new(&p.model, 0).unwrap();
+        let mut got: Vec<Vec<(u32, f32)>> = vec![vec![]; prompts.len()];
+        let admit = |b: &mut Batcher, ids: &[usize]| {
+            let seqs = ids
+                .iter()
+                .map(|&i| {
+                    (
+                        i as u64,
+                        prompts[i].clone(),
+                        settings(plan[i].0, plan[i].1, 9 + i as u64),
+                    )
+                })
+                .collect();
+            b.admit(seqs).unwrap();
+        };
+        admit(&mut b, &[0]);
+        admit(&mut b, &[1]);
+        let mut step = 0;
+        while !b.is_empty() {
+            if step == 4 {
+                assert_eq!(b.reused_prompt_tokens(), 0);
+                // Both share the first prompt's 20 system tokens; they join row 1 mid-decode.
+                admit(&mut b, &[2, 3]);
+                assert_eq!(b.reused_prompt_tokens(), 2 * 20);
+                // Ten shared tokens are too few to reuse.
+                admit(&mut b, &[4]);
+                assert_eq!(b.reused_prompt_tokens(), 2 * 20);
+            }
+            for s in b.step().unwrap() {
+                got[s.id as usize].push((s.token, s.logprob));
+            }
+            step += 1;
+        }
+        for (i, &(n, t)) in plan.iter().enumerate() {
+            let alone = generate(
+                &p.model,
+                &prompts[i..=i],
+                &SamplingConfig {
+                    max_new_tokens: n,
+                    temperature: t,
+                    seed: 9 + i as u64,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let tokens: Vec<u32> = got[i].iter().map(|x| x.0).collect();
+            assert_eq!(tokens, alone.tokens[0], "sequence {i}");
+            if t == 0.0 {
                 for (a, b) in got[i].iter().zip(&alone.logprobs[0]) {
                     assert!((a.1 - b).abs() < 1e-4, "sequence {i}: {} vs {b}", a.1);
                 }

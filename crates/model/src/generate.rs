@@ -246,7 +246,7 @@ fn common_prefix(prompts: &[Vec<u32>]) -> usize {
 }
 
 /// Shorter shared prefixes are left in the batch (an extra forward pass is not worth it).
-const MIN_SHARED_PREFIX: usize = 16;
+pub(crate) const MIN_SHARED_PREFIX: usize = 16;
 
 /// Draws one token from `logits` (modified in place) with the uniform draw `r` in [0, 1) and
 /// returns it with its log-probability under the filtered, renormalised distribution. Temperature 0

@@ -351,6 +351,45 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Forgets every position from `len` on (their buffers are written over by later appends).
+    pub fn truncate(&mut self, len: usize) {
+        for c in self.layers.iter_mut().flatten() {
+            c.len = c.len.min(len);
+        }
+    }
+
+    /// A copy holding exactly the cached positions (no spare capacity), sharing nothing.
+    pub fn compact_copy(&self) -> candle_core::Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .map(|c| -> candle_core::Result<LayerCache> {
+                        Ok(LayerCache {
+                            k: c.k.narrow(2, 0, c.len)?.force_contiguous()?,
+                            v: c.v.narrow(2, 0, c.len)?.force_contiguous()?,
+                            len: c.len,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Bytes of the cached positions' keys and values (spare capacity not counted).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|c| {
+                let (b, h, _, d) = c.k.dims4().unwrap_or((0, 0, 0, 0));
+                2 * b * h * c.len * d * c.k.dtype().size_in_bytes()
+            })
+            .sum()
+    }
+
     /// Keeps the batch rows `rows` (in that order) and forgets the first `drop` positions of
     /// every row (continuous batching: finished sequences leave, and the left padding no row
     /// still reads goes with them).
