@@ -121,12 +121,8 @@ impl Batcher {
     }
 
     /// The kept prompt sharing the longest prefix with every one of `prompts` (short of each
-    /// prompt's last token), if that prefix is worth reusing: its index and length. Not for
-    /// sliding-window models, where padding after the prefix counts against the window.
+    /// prompt's last token), if that prefix is worth reusing: its index and length.
     fn reusable_prefix(&self, prompts: &[&Vec<u32>]) -> Option<(usize, usize)> {
-        if self.model.cfg.sliding_window.is_some() {
-            return None;
-        }
         self.prefixes
             .iter()
             .enumerate()
@@ -230,7 +226,7 @@ impl Batcher {
             None,
             Some(&mut cache),
         )?;
-        if b == 1 && self.model.cfg.sliding_window.is_none() {
+        if b == 1 {
             // One row, no padding: its cache is exactly its prompt's keys and values.
             self.keep_prefix(prompts[0], &cache)?;
         }

@@ -109,7 +109,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     // A prefix every prompt shares (a system prompt, a preprompt) is run once and its keys and
     // values copied to every row; each row then holds `[prefix][padding][rest]`.
     let shared = match cfg.use_cache {
-        true => shared_prefix(&model, prompts, max_len + cfg.max_new_tokens),
+        true => shared_prefix(prompts),
         false => 0,
     };
     if shared > 0 {
@@ -219,16 +219,13 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
 }
 
 /// How many leading tokens every prompt shares, when it is worth running them once: at least
-/// [`MIN_SHARED_PREFIX`], leaving every prompt a token of its own, and where padding between the
-/// prefix and the rest cannot move a key out of a sliding window (which counts cache slots, of
-/// which a row fills at most `slots`).
-fn shared_prefix(model: &Model, prompts: &[Vec<u32>], slots: usize) -> usize {
+/// [`MIN_SHARED_PREFIX`], leaving every prompt a token of its own.
+fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
     if prompts.len() < 2 {
         return 0;
     }
     let common = common_prefix(prompts);
-    let windowed = model.cfg.sliding_window.is_some_and(|w| slots > w);
-    match common >= MIN_SHARED_PREFIX && !windowed {
+    match common >= MIN_SHARED_PREFIX {
         true => common,
         false => 0,
     }

@@ -1280,8 +1280,9 @@ fn rope_inv_freq(cfg: &ModelConfig, theta: f64, scaled: bool) -> Vec<f32> {
 }
 
 /// Additive mask `[B, T, past+T]`: query `i` (absolute `past+i`) sees key `j` iff `j <= past+i`, key
-/// `j` is not padding, (with a sliding window `w`) `past+i - j < w`, as transformers counts it, and
-/// (with packed rows) both lie in the same segment.
+/// `j` is not padding, (with a sliding window `w`) fewer than `w` real tokens separate them (their
+/// positions' distance, as transformers counts it, whatever padding lies between: a prefix run
+/// once sits before its rows' padding), and (with packed rows) both lie in the same segment.
 /// `None` when nothing is masked (a single new token, no padding, inside the window).
 fn causal_padding_mask(
     mask: &[Vec<f32>],
@@ -1299,11 +1300,23 @@ fn causal_padding_mask(
     let mut v = Vec::with_capacity(mask.len() * t * tk);
     for (r, row) in mask.iter().enumerate() {
         let seg = segments.map(|s| &s[r]);
+        // Real tokens up to and including each slot.
+        let real: Vec<usize> = row
+            .iter()
+            .scan(0, |c, &m| {
+                *c += (m != 0.0) as usize;
+                Some(*c)
+            })
+            .collect();
         for i in 0..t {
             for (j, &m) in row.iter().enumerate() {
                 let same_segment = seg.is_none_or(|s| s[j] == s[past + i]);
                 v.push(
-                    if j <= past + i && past + i - j < window && m != 0.0 && same_segment {
+                    if j <= past + i
+                        && real[past + i] - real[j] < window
+                        && m != 0.0
+                        && same_segment
+                    {
                         0.0
                     } else {
                         MASKED
