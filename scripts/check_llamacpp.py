@@ -95,9 +95,11 @@ def main(binary, hf_dir, out_dir, types):
             # Teacher-forced along preftune's path: preftune's top 5 at every position, and
             # llama.cpp's logits for those tokens in each of its modes.
             seq = ids + ours_gguf
-            cont = ",".join(map(str, ours_gguf))
-            top = preftune(binary, "inspect", "--model", path, "--prompt", text, *chat, "--top-k", "5",
-                           "--continuation-ids", cont)["top_k"]
+            cont = ["--continuation-ids", ",".join(map(str, ours_gguf))] if ours_gguf else []
+            forced = preftune(binary, "inspect", "--model", path, "--prompt", text, *chat, "--top-k", "5", *cont)
+            # The file's tokenizer must give the folder's ids, or positions would not line up.
+            assert forced["ids"] == seq, f"{text!r}: the GGUF's tokens differ from the folder's"
+            top = forced["top_k"]
             cs = {m: scores(llm, seq) for m, llm in llms.items()}
             pairs = [(logit, cs["batch"][pos][tok], cs["token_by_token"][pos][tok])
                      for pos, best in enumerate(top) for tok, logit in best]

@@ -92,6 +92,9 @@ pub struct Batcher {
     reused: usize,
 }
 
+/// A sequence to admit: its id, prompt ids and settings.
+pub type Admission = (u64, Vec<u32>, RowSampling);
+
 /// At most this many bytes of kept prompts' keys and values (SmolLM2-135M in f32: about 5,700
 /// tokens), the oldest dropped first.
 const KEPT_PREFIX_BYTES: usize = 256 << 20;
@@ -148,7 +151,8 @@ impl Batcher {
             return Ok(());
         }
         self.prefixes.retain(|(p, _)| p != prompt);
-        self.prefixes.push((prompt.to_vec(), cache.compact_copy()?));
+        self.prefixes
+            .push((prompt.to_vec(), cache.prefix_copy(usize::MAX)?));
         while self.prefixes.iter().map(|(_, c)| c.bytes()).sum::<usize>() > KEPT_PREFIX_BYTES {
             self.prefixes.remove(0);
         }
@@ -169,9 +173,26 @@ impl Batcher {
         self.rows.first().map_or(0, |r| r.mask.len())
     }
 
-    /// Adds sequences `(id, prompt ids, settings)`: one prefill over them, then they decode with
-    /// the rest from the next [`Batcher::step`].
-    pub fn admit(&mut self, seqs: Vec<(u64, Vec<u32>, RowSampling)>) -> Result<()> {
+    /// Adds sequences `(id, prompt ids, settings)`: one prefill for those that start as the same
+    /// kept prompt does, one for the others, then they decode with the rest from the next
+    /// [`Batcher::step`].
+    pub fn admit(&mut self, seqs: Vec<Admission>) -> Result<()> {
+        let mut groups: Vec<(Option<usize>, Vec<Admission>)> = vec![];
+        for s in seqs {
+            let kept = self.reusable_prefix(&[&s.1]).map(|(i, _)| i);
+            match groups.iter_mut().find(|(k, _)| *k == kept) {
+                Some((_, g)) => g.push(s),
+                None => groups.push((kept, vec![s])),
+            }
+        }
+        for (_, g) in groups {
+            self.admit_group(g)?;
+        }
+        Ok(())
+    }
+
+    /// One prefill over `seqs`, reusing the kept prompt they all start as, if any.
+    fn admit_group(&mut self, seqs: Vec<Admission>) -> Result<()> {
         if seqs.is_empty() {
             return Ok(());
         }
@@ -201,8 +222,7 @@ impl Batcher {
         let mut cache = KvCache::new(self.model.cfg.num_layers);
         let shared = match self.reusable_prefix(&prompts) {
             Some((i, n)) => {
-                cache = self.prefixes[i].1.clone();
-                cache.truncate(n);
+                cache = self.prefixes[i].1.prefix_copy(n)?;
                 cache.select(&vec![0; b], 0)?;
                 self.reused += n * b;
                 n
@@ -226,9 +246,10 @@ impl Batcher {
             None,
             Some(&mut cache),
         )?;
-        if b == 1 {
-            // One row, no padding: its cache is exactly its prompt's keys and values.
-            self.keep_prefix(prompts[0], &cache)?;
+        if b == 1 && self.keep_prefix(prompts[0], &cache).is_err() {
+            // One row, no padding: its cache is exactly its prompt's keys and values. Keeping
+            // them is an optimisation: a failed copy forgets the kept ones, not the sequence.
+            self.prefixes.clear();
         }
         let last = hidden.narrow(1, t - shared - 1, 1)?.squeeze(1)?;
         let logits = self
@@ -464,23 +485,35 @@ mod tests {
             }
         }
         assert!(b.is_empty());
-        for (i, &(_, n, t)) in plan.iter().enumerate() {
+        let plan: Vec<(usize, f64)> = plan.iter().map(|&(_, n, t)| (n, t)).collect();
+        assert_sampled_as_alone(&p, &prompts, &plan, 17, &got);
+        assert!(finishes.iter().all(|f| *f == Some(Finish::Length)));
+    }
+
+    /// Sequence `i` (`prompts[i]`, `plan[i]` = (new tokens, temperature), seed `seed + i`) got
+    /// the tokens `generate` gives it alone, and greedily the same log-probs (the model's own).
+    fn assert_sampled_as_alone(
+        p: &Pretrained,
+        prompts: &[Vec<u32>],
+        plan: &[(usize, f64)],
+        seed: u64,
+        got: &[Vec<(u32, f32)>],
+    ) {
+        for (i, &(n, t)) in plan.iter().enumerate() {
             let alone = generate(
                 &p.model,
                 &prompts[i..=i],
                 &SamplingConfig {
                     max_new_tokens: n,
                     temperature: t,
-                    seed: 17 + i as u64,
+                    seed: seed + i as u64,
                     ..Default::default()
                 },
             )
             .unwrap();
             let tokens: Vec<u32> = got[i].iter().map(|x| x.0).collect();
             assert_eq!(tokens, alone.tokens[0], "sequence {i}");
-            assert_eq!(finishes[i], Some(Finish::Length));
             if t == 0.0 {
-                // Greedy: generate's log-probs are the model's own too.
                 for (a, b) in got[i].iter().zip(&alone.logprobs[0]) {
                     assert!((a.1 - b).abs() < 1e-4, "sequence {i}: {} vs {b}", a.1);
                 }
@@ -523,11 +556,9 @@ mod tests {
         while !b.is_empty() {
             if step == 4 {
                 assert_eq!(b.reused_prompt_tokens(), 0);
-                // Both share the first prompt's 20 system tokens; they join row 1 mid-decode.
-                admit(&mut b, &[2, 3]);
-                assert_eq!(b.reused_prompt_tokens(), 2 * 20);
-                // Ten shared tokens are too few to reuse.
-                admit(&mut b, &[4]);
+                // 2 and 3 share the first prompt's 20 system tokens, 4 only ten of them (too few
+                // to reuse); admitted together, they join row 1 mid-decode.
+                admit(&mut b, &[2, 4, 3]);
                 assert_eq!(b.reused_prompt_tokens(), 2 * 20);
             }
             for s in b.step().unwrap() {
@@ -535,26 +566,7 @@ mod tests {
             }
             step += 1;
         }
-        for (i, &(n, t)) in plan.iter().enumerate() {
-            let alone = generate(
-                &p.model,
-                &prompts[i..=i],
-                &SamplingConfig {
-                    max_new_tokens: n,
-                    temperature: t,
-                    seed: 9 + i as u64,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let tokens: Vec<u32> = got[i].iter().map(|x| x.0).collect();
-            assert_eq!(tokens, alone.tokens[0], "sequence {i}");
-            if t == 0.0 {
-                for (a, b) in got[i].iter().zip(&alone.logprobs[0]) {
-                    assert!((a.1 - b).abs() < 1e-4, "sequence {i}: {} vs {b}", a.1);
-                }
-            }
-        }
+        assert_sampled_as_alone(&p, &prompts, &plan, 9, &got);
     }
 
     #[test]

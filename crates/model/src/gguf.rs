@@ -428,6 +428,8 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
 
     let mut tensors = HashMap::new();
     let mut quantized = HashMap::new();
+    // Stacked expert tensors and how many experts each holds, checked against `expert_count`.
+    let mut stacked: Vec<(String, usize)> = vec![];
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -442,6 +444,10 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
             n if n.ends_with("attn_k.weight") => Some(n_kv),
             _ => None,
         };
+        if name.ends_with("_exps.weight") {
+            let d = q.shape().dims().first().copied().unwrap_or(0);
+            stacked.push((name.clone(), d));
+        }
         if keep_quantized
             && name.ends_with("_exps.weight")
             && q.rank() == 3
@@ -525,12 +531,13 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         None => 10_000.0,
     };
     let layers = m.dim(&k("block_count"), limits::LAYERS)?;
+    // llama.cpp reads an expert count of 0 as a dense model.
     let experts = match m.opt_num(&k("expert_count"))? {
-        Some(_) => Some((
+        Some(n) if n != 0.0 => Some((
             m.dim(&k("expert_count"), limits::EXPERTS)?,
             m.dim(&k("expert_used_count"), limits::EXPERTS)?,
         )),
-        None => None,
+        _ => None,
     };
     let expert_width = match m.opt_num(&k("expert_feed_forward_length"))? {
         Some(_) => Some(m.dim(&k("expert_feed_forward_length"), limits::DIM)?),
@@ -559,6 +566,13 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
     config["architectures"] = json!([hf_class]);
     match (experts, arch.as_str()) {
         (Some((n, used)), "llama" | "qwen3moe") => {
+            if let Some((name, d)) = stacked.iter().find(|(_, d)| *d != n) {
+                return Err(Error::invalid(
+                    path,
+                    name.as_str(),
+                    format!("holds {d} experts; {} is {n}", k("expert_count")),
+                ));
+            }
             // llama.cpp renormalises the chosen experts' weights for both.
             config["num_local_experts"] = json!(n);
             config["num_experts_per_tok"] = json!(used);
@@ -588,6 +602,13 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
                 path,
                 k("expert_count"),
                 "mixtures of experts are read for llama (Mixtral) and qwen3moe only",
+            ))
+        }
+        (None, _) if !stacked.is_empty() => {
+            return Err(Error::invalid(
+                path,
+                stacked[0].0.as_str(),
+                format!("stacked experts without {}", k("expert_count")),
             ))
         }
         (None, "qwen3moe") => return Err(Error::invalid(path, k("expert_count"), "missing")),

@@ -351,25 +351,20 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Forgets every position from `len` on (their buffers are written over by later appends).
-    pub fn truncate(&mut self, len: usize) {
-        for c in self.layers.iter_mut().flatten() {
-            c.len = c.len.min(len);
-        }
-    }
-
-    /// A copy holding exactly the cached positions (no spare capacity), sharing nothing.
-    pub fn compact_copy(&self) -> candle_core::Result<KvCache> {
+    /// A copy of the first `len` cached positions (all of them if fewer), with no spare
+    /// capacity and sharing nothing.
+    pub fn prefix_copy(&self, len: usize) -> candle_core::Result<KvCache> {
         let layers = self
             .layers
             .iter()
             .map(|c| {
                 c.as_ref()
                     .map(|c| -> candle_core::Result<LayerCache> {
+                        let n = c.len.min(len);
                         Ok(LayerCache {
-                            k: c.k.narrow(2, 0, c.len)?.force_contiguous()?,
-                            v: c.v.narrow(2, 0, c.len)?.force_contiguous()?,
-                            len: c.len,
+                            k: c.k.narrow(2, 0, n)?.force_contiguous()?,
+                            v: c.v.narrow(2, 0, n)?.force_contiguous()?,
+                            len: n,
                         })
                     })
                     .transpose()
@@ -1493,7 +1488,9 @@ impl Mlp {
                     w = w.broadcast_div(&w.sum_keepdim(1)?)?;
                 }
                 let w = w.to_dtype(x.dtype())?;
-                let mut out = xf.zeros_like()?;
+                // Every expert's weighted rows, then one sum into place (one `[rows, hidden]`
+                // buffer, not one per expert).
+                let (mut ys, mut order) = (vec![], vec![]);
                 for (e, (expert, rows)) in experts.iter().zip(&rows).enumerate() {
                     if rows.is_empty() {
                         continue;
@@ -1501,9 +1498,13 @@ impl Mlp {
                     let idx = Tensor::new(rows.as_slice(), x.device())?;
                     let y = expert.forward(&xf.index_select(&idx, 0)?, act_kind, false)?;
                     let we = w.narrow(1, e, 1)?.contiguous()?.index_select(&idx, 0)?;
-                    out = out.index_add(&idx, &y.broadcast_mul(&we)?, 0)?;
+                    ys.push(y.broadcast_mul(&we)?);
+                    order.extend_from_slice(rows);
                 }
-                out.reshape(dims)
+                let idx = Tensor::new(order.as_slice(), x.device())?;
+                xf.zeros_like()?
+                    .index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?
+                    .reshape(dims)
             }
         }
     }

@@ -5,6 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -562,8 +563,31 @@ fn quantised_gguf_experts_stay_as_stored() {
         bytes(preftune_model::ops::BaseQuant::Q4),
         bytes(preftune_model::ops::BaseQuant::Q8),
     );
-    // 2 layers x 4 experts x 3 projections of 96 x 64, at 34 bytes a block of 32.
-    let experts = 2 * 4 * 3 * 96 * 64 / 32 * 34;
     assert_eq!(q4, q8, "stored blocks, not requantised to the base type");
-    assert!(q8 >= experts, "{q8} bytes for {experts} of experts");
+    // Q8_0: 34 bytes a block of 32. Per layer q, o (64 x 64), k, v (32 x 64) and 4 experts of 3
+    // projections of 96 x 64; a quantised router (4 x 64) would add to it.
+    let layer = (2 * 64 * 64 + 2 * 32 * 64 + 4 * 3 * 96 * 64) / 32 * 34;
+    assert_eq!(q8, 2 * layer, "the routers stay dense");
+}
+
+/// A stacked expert tensor must hold `expert_count` experts, and stacks need the count at all
+/// (llama.cpp reads a count of 0 as a dense model).
+#[test]
+fn gguf_expert_counts_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for (count, want) in [(3u32, "holds 4 experts"), (0, "stacked experts without")] {
+        let path = dir.path().join(format!("moe-{count}.gguf"));
+        let (mut md, qt) = common::tiny_gguf_parts_with("tiny-mixtral", GgmlDType::F32, false);
+        for (k, v) in md.iter_mut() {
+            if k == "llama.expert_count" {
+                *v = GValue::U32(count);
+            }
+        }
+        common::write_gguf(&path, &md, &qt);
+        let e = Pretrained::load(&path, &LoadOptions::default())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(want) && e.contains("moe-"), "{e}");
+    }
 }
