@@ -60,6 +60,24 @@ pub enum MoeNames {
     Qwen,
 }
 
+impl MoeNames {
+    /// The module holding the router (`{block}.gate`) and the experts (`{block}.experts.E`).
+    pub fn block(self) -> &'static str {
+        match self {
+            MoeNames::Mixtral => "block_sparse_moe",
+            MoeNames::Qwen => "mlp",
+        }
+    }
+
+    /// Each expert's gate, up and down projections.
+    pub fn projections(self) -> [&'static str; 3] {
+        match self {
+            MoeNames::Mixtral => ["w1", "w3", "w2"],
+            MoeNames::Qwen => ["gate_proj", "up_proj", "down_proj"],
+        }
+    }
+}
+
 /// A sparse mixture of SwiGLU experts in place of the MLP: a linear router scores the experts,
 /// softmax in f32, each token goes to its `top_k` best, weighted by their probabilities
 /// (renormalised to sum to 1 with `norm_topk_prob`).

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-use crate::config::{finite, limits, ModelConfig};
+use crate::config::{finite, limits, ModelConfig, MoeNames};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -146,7 +146,7 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
                 "ffn_gate" => "mlp.gate_proj",
                 "ffn_up" => "mlp.up_proj",
                 // A mixture of experts' router (the experts are split in `expert_names`).
-                "ffn_gate_inp" => &format!("{}.gate", moe_block(arch)),
+                "ffn_gate_inp" => &format!("{}.gate", moe_names(arch).block()),
                 "ffn_down" => "mlp.down_proj",
                 "attn_norm" => "input_layernorm",
                 // Gemma: norms on both sides of each sublayer; its ffn_norm is the MLP's pre-norm.
@@ -162,15 +162,18 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
     })
 }
 
-/// Where a checkpoint of this architecture keeps its router and experts: Mixtral (GGUF `llama`
-/// with experts) in `block_sparse_moe`, Qwen3-MoE in `mlp`.
-fn moe_block(arch: &str) -> &'static str {
-    if arch == "qwen3moe" {
-        "mlp"
-    } else {
-        "block_sparse_moe"
+/// How a checkpoint of this GGUF architecture names its router and experts: Mixtral (`llama`
+/// with experts) or Qwen3-MoE (`qwen3moe`).
+fn moe_names(arch: &str) -> MoeNames {
+    match arch {
+        "qwen3moe" => MoeNames::Qwen,
+        _ => MoeNames::Mixtral,
     }
 }
+
+/// llama.cpp's stacked projections of a layer's experts, in the order of
+/// [`MoeNames::projections`] (gate, up, down).
+pub(crate) const EXPERT_STACKS: [&str; 3] = ["ffn_gate", "ffn_up", "ffn_down"];
 
 /// llama.cpp stacks a layer's experts in one tensor per projection (`blk.L.ffn_gate_exps`,
 /// `_up_exps`, `_down_exps`: `[experts, out, in]`); Hugging Face keeps one linear per expert. The
@@ -179,19 +182,11 @@ fn expert_name(gguf: &str, arch: &str, e: usize) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let part = rest.strip_suffix("_exps.weight")?;
-    let qwen = arch == "qwen3moe";
-    let hf = match part {
-        "ffn_gate" if qwen => "gate_proj",
-        "ffn_up" if qwen => "up_proj",
-        "ffn_down" if qwen => "down_proj",
-        "ffn_gate" => "w1",
-        "ffn_up" => "w3",
-        "ffn_down" => "w2",
-        _ => return None,
-    };
+    let names = moe_names(arch);
+    let proj = names.projections()[EXPERT_STACKS.iter().position(|s| *s == part)?];
     Some(format!(
-        "model.layers.{layer}.{}.experts.{e}.{hf}.weight",
-        moe_block(arch)
+        "model.layers.{layer}.{}.experts.{e}.{proj}.weight",
+        names.block()
     ))
 }
 
@@ -444,24 +439,22 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
             n if n.ends_with("attn_k.weight") => Some(n_kv),
             _ => None,
         };
-        if name.ends_with("_exps.weight") {
-            let d = q.shape().dims().first().copied().unwrap_or(0);
-            stacked.push((name.clone(), d));
+        // A layer's experts stacked in one tensor, split into one weight each below.
+        let stack = name.ends_with("_exps.weight");
+        let expert = |e: usize| {
+            expert_name(name, &arch, e)
+                .ok_or_else(|| Error::invalid(path, name.as_str(), "unsupported GGUF tensor"))
+        };
+        if stack {
+            stacked.push((name.clone(), q.shape().dims().first().copied().unwrap_or(0)));
         }
-        if keep_quantized
-            && name.ends_with("_exps.weight")
-            && q.rank() == 3
-            && crate::ops::is_block_quantized(q.dtype())
-        {
+        if keep_quantized && stack && q.rank() == 3 && crate::ops::is_block_quantized(q.dtype()) {
             for (e, qe) in crate::ops::split_experts(&q)
                 .map_err(bad)?
                 .into_iter()
                 .enumerate()
             {
-                let hf = expert_name(name, &arch, e).ok_or_else(|| {
-                    Error::invalid(path, name.as_str(), "unsupported GGUF tensor")
-                })?;
-                quantized.insert(hf, Arc::new(qe));
+                quantized.insert(expert(e)?, Arc::new(qe));
             }
             continue;
         }
@@ -489,12 +482,12 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         if let Some(n) = permuted_heads {
             t = unpermute(&t, n)?;
         }
-        if name.ends_with("_exps.weight") {
+        if stack {
             for e in 0..t.dim(0).map_err(bad)? {
-                let hf = expert_name(name, &arch, e).ok_or_else(|| {
-                    Error::invalid(path, name.as_str(), "unsupported GGUF tensor")
-                })?;
-                tensors.insert(hf, t.get(e).map_err(bad)?.to_device(device).map_err(bad)?);
+                tensors.insert(
+                    expert(e)?,
+                    t.get(e).map_err(bad)?.to_device(device).map_err(bad)?,
+                );
             }
             continue;
         }

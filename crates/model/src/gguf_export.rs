@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::Pretrained;
+use crate::{MoeNames, Pretrained};
 
 /// The tensor types a model is exported in (llama.cpp's `--outtype` / `llama-quantize` names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,13 +146,12 @@ fn expert_slot(hf: &str) -> Option<(String, usize)> {
     let (layer, rest) = rest.split_once('.')?;
     let (_, rest) = rest.split_once(".experts.")?;
     let (e, rest) = rest.split_once('.')?;
-    let part = match rest {
-        "w1.weight" | "gate_proj.weight" => "ffn_gate",
-        "w3.weight" | "up_proj.weight" => "ffn_up",
-        "w2.weight" | "down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some((format!("blk.{layer}.{part}_exps.weight"), e.parse().ok()?))
+    let proj = rest.strip_suffix(".weight")?;
+    let i = [MoeNames::Mixtral, MoeNames::Qwen]
+        .iter()
+        .find_map(|n| n.projections().iter().position(|p| *p == proj))?;
+    let stack = crate::gguf::EXPERT_STACKS[i];
+    Some((format!("blk.{layer}.{stack}_exps.weight"), e.parse().ok()?))
 }
 
 /// llama.cpp's layout of Llama's Q/K rows (the inverse of the loader's `unpermute`).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::{Activation, Arch, ModelConfig, MoeNames, NormPlacement, QkNorm};
+use crate::config::{Activation, Arch, ModelConfig, NormPlacement, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
 use crate::ops::{
@@ -729,10 +729,7 @@ impl Model {
                     };
                     let moe = cfg.moe.as_ref().filter(|m| m.sparse_layers[i]);
                     let mlp = if let Some(m) = moe {
-                        let (block, [g, u, d]) = match m.names {
-                            MoeNames::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-                            MoeNames::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
-                        };
+                        let (block, [g, u, d]) = (m.names.block(), m.names.projections());
                         let ei = m.expert_intermediate_size;
                         let mut experts = Vec::with_capacity(m.num_experts);
                         for e in 0..m.num_experts {

@@ -337,6 +337,9 @@ pub(crate) mod default {
     pub fn one() -> usize {
         1
     }
+    pub fn once() -> std::num::NonZeroUsize {
+        std::num::NonZeroUsize::MIN
+    }
     pub fn two() -> usize {
         2
     }

@@ -57,7 +57,7 @@ pub struct DistillOptions {
     /// How many times each benign answer appears in the SFT data (1: once). More weight on the
     /// benign side moves the distilled model from refusing benign prompts that resemble harmful
     /// ones towards answering them.
-    #[serde(default = "one")]
+    #[serde(default = "crate::config::default::once")]
     pub benign_repeats: std::num::NonZeroUsize,
     #[serde(default = "crate::config::default::eight")]
     pub batch_size: usize,
@@ -69,10 +69,6 @@ pub struct DistillOptions {
     pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
-}
-
-fn one() -> std::num::NonZeroUsize {
-    std::num::NonZeroUsize::MIN
 }
 
 fn preprompt() -> String {

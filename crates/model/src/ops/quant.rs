@@ -81,12 +81,17 @@ pub fn permute_rows(q: &QTensor, rows: &[usize]) -> Result<QTensor> {
         }
         out_bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
     }
+    from_blocks(out_bytes, ty, (out, in_dim))
+}
+
+/// A quantised `[rows, cols]` weight of type `ty`, on the host, made of these blocks' bytes.
+fn from_blocks(bytes: Vec<u8>, ty: GgmlDType, shape: (usize, usize)) -> Result<QTensor> {
     let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(out_bytes),
+        std::borrow::Cow::Owned(bytes),
         &candle_core::Device::Cpu,
         ty,
     )?;
-    QTensor::new(storage, (out, in_dim))
+    QTensor::new(storage, shape)
 }
 
 /// llama.cpp's stacked experts (`[experts, out, in]`) as one `[out, in]` weight each: every
@@ -100,14 +105,7 @@ pub fn split_experts(q: &QTensor) -> Result<Vec<QTensor>> {
     let bytes = out * (in_dim / ty.block_size()) * ty.type_size();
     let data = q.data()?;
     (0..experts)
-        .map(|e| {
-            let storage = candle_core::quantized::QStorage::from_data(
-                std::borrow::Cow::Owned(data[e * bytes..(e + 1) * bytes].to_vec()),
-                &candle_core::Device::Cpu,
-                ty,
-            )?;
-            QTensor::new(storage, (out, in_dim))
-        })
+        .map(|e| from_blocks(data[e * bytes..(e + 1) * bytes].to_vec(), ty, (out, in_dim)))
         .collect()
 }
 
