@@ -1,0 +1,152 @@
+//! preftune's CUDA kernels: the sources (`src/cuda`), their entry points and launch shapes, and,
+//! with the `cuda` feature, the PTX nvcc made of them. No candle here: the model crate wraps
+//! them as candle ops with a backward, as it wraps `preftune-kernels` on the CPU.
+//!
+//! | family | entry points | launch |
+//! |---|---|---|
+//! | RMSNorm | `rmsnorm_fwd`, `rmsnorm_bwd` + `col_sum` | [`per_row`], [`rmsnorm_bwd`] + [`elementwise`] |
+//! | SwiGLU | `swiglu_fwd`, `swiglu_bwd` | [`elementwise`] |
+//! | RoPE | `rope` (backward: the same with `-sin`) | [`elementwise`] over `rows * dh / 2` |
+//! | log-softmax + gather | `lse_gather`, `lse_gather_bwd` | [`per_row`], [`elementwise`] over `rows * V` |
+//!
+//! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64).
+//!
+//! The tests run the same sources on the CPU through a small emulator (`src/cuda/emu`: a
+//! block's threads are OS threads meeting at a barrier), against `preftune-kernels`' CPU loops
+//! and f64 references. That checks indexing, reductions and maths without a GPU; on a GPU,
+//! `preftune check-kernels --device cuda` compares each op with its composed candle twin.
+
+/// The PTX module's name in candle's per-device module cache.
+pub const MODULE: &str = "preftune";
+
+/// The kernels as PTX (target `compute_$CUDA_COMPUTE_CAP`, default 80).
+#[cfg(feature = "cuda")]
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/preftune.ptx"));
+
+/// Element types with an entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F64,
+}
+
+impl Dtype {
+    fn suffix(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F64 => "f64",
+        }
+    }
+}
+
+/// The kernels' entry points, without their type suffix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    RmsNormFwd,
+    RmsNormBwd,
+    ColSum,
+    SwigluFwd,
+    SwigluBwd,
+    Rope,
+    LseGather,
+    LseGatherBwd,
+}
+
+impl Kernel {
+    fn stem(self) -> &'static str {
+        match self {
+            Kernel::RmsNormFwd => "rmsnorm_fwd",
+            Kernel::RmsNormBwd => "rmsnorm_bwd",
+            Kernel::ColSum => "col_sum",
+            Kernel::SwigluFwd => "swiglu_fwd",
+            Kernel::SwigluBwd => "swiglu_bwd",
+            Kernel::Rope => "rope",
+            Kernel::LseGather => "lse_gather",
+            Kernel::LseGatherBwd => "lse_gather_bwd",
+        }
+    }
+
+    /// The PTX entry point, e.g. `rmsnorm_fwd_bf16`.
+    pub fn name(self, t: Dtype) -> String {
+        format!("{}_{}", self.stem(), t.suffix())
+    }
+}
+
+/// A one-dimensional launch: `grid` blocks of `block` threads (a multiple of 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: u32,
+    pub block: u32,
+}
+
+/// Threads a block for row kernels: enough for one value each up to 256, in whole warps.
+const ROW_BLOCK: usize = 256;
+/// Threads a block for elementwise kernels.
+const ELEMENTWISE_BLOCK: usize = 256;
+/// Blocks at most for grid-stride kernels (a few per SM on any current GPU).
+const MAX_GRID: usize = 4096;
+/// Blocks at most for RMSNorm's backward: each holds a partial `dw` of `d` values.
+const MAX_NORM_BWD_GRID: usize = 512;
+
+/// One block per row of `len` values (`rmsnorm_fwd`, `lse_gather`).
+pub fn per_row(rows: usize, len: usize) -> Launch {
+    Launch {
+        grid: to_u32(rows.max(1)),
+        block: to_u32(len.div_ceil(32).clamp(1, ROW_BLOCK / 32) * 32),
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+pub fn elementwise(n: usize) -> Launch {
+    Launch {
+        grid: to_u32(n.div_ceil(ELEMENTWISE_BLOCK).clamp(1, MAX_GRID)),
+        block: ELEMENTWISE_BLOCK as u32,
+    }
+}
+
+/// `rmsnorm_bwd` over `rows` rows of `d`: its grid is also the number of partial `dw` rows
+/// (`grid * d` accumulator values of scratch) that `col_sum` adds up.
+pub fn rmsnorm_bwd(rows: usize, d: usize) -> Launch {
+    Launch {
+        grid: to_u32(rows.clamp(1, MAX_NORM_BWD_GRID)),
+        block: per_row(1, d).block,
+    }
+}
+
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shapes_cover_their_work_in_whole_warps() {
+        assert_eq!(per_row(3, 20), Launch { grid: 3, block: 32 });
+        assert_eq!(per_row(3, 72), Launch { grid: 3, block: 96 });
+        assert_eq!(per_row(3, 49152).block, 256);
+        assert_eq!(
+            elementwise(1),
+            Launch {
+                grid: 1,
+                block: 256
+            }
+        );
+        assert_eq!(elementwise(257).grid, 2);
+        assert_eq!(elementwise(1 << 40).grid, 4096);
+        assert_eq!(
+            rmsnorm_bwd(10_000, 2048),
+            Launch {
+                grid: 512,
+                block: 256
+            }
+        );
+        assert_eq!(
+            Kernel::LseGatherBwd.name(Dtype::Bf16),
+            "lse_gather_bwd_bf16"
+        );
+    }
+}

@@ -1,0 +1,433 @@
+//! The CUDA kernels' sources, run on the CPU by the emulator (src/cuda/emu), against
+//! `preftune-kernels`' CPU loops (themselves tested against candle's composed ops and finite
+//! differences) and f64 references. Launch shapes come from the crate, as on a GPU.
+use std::ffi::c_void;
+
+use half::bf16;
+use preftune_kernels::fused;
+use preftune_kernels_cuda::{elementwise, per_row, rmsnorm_bwd, Launch};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+extern "C" {
+    fn preftune_emu_launch(
+        grid: u32,
+        block: u32,
+        body: extern "C" fn(*mut c_void),
+        ctx: *mut c_void,
+    );
+    fn rmsnorm_fwd_f32(x: *const f32, w: *const f32, y: *mut f32, d: u32, eps: f64);
+    fn rmsnorm_fwd_f64(x: *const f64, w: *const f64, y: *mut f64, d: u32, eps: f64);
+    fn rmsnorm_fwd_bf16(x: *const bf16, w: *const bf16, y: *mut bf16, d: u32, eps: f64);
+    fn rmsnorm_bwd_f64(
+        x: *const f64,
+        w: *const f64,
+        dy: *const f64,
+        dx: *mut f64,
+        dw_part: *mut f64,
+        rows: u32,
+        d: u32,
+        eps: f64,
+    );
+    fn col_sum_f64(part: *const f64, out: *mut f64, parts: u32, d: u32);
+    fn swiglu_fwd_f32(g: *const f32, u: *const f32, out: *mut f32, n: usize);
+    fn swiglu_bwd_f64(g: *const f64, u: *const f64, dy: *const f64, out: *mut f64, n: usize);
+    fn rope_f64(
+        x: *const f64,
+        cos: *const f64,
+        sin: *const f64,
+        out: *mut f64,
+        rows: usize,
+        h: u32,
+        t: u32,
+        dh: u32,
+    );
+    fn lse_gather_f64(
+        z: *const f64,
+        labels: *const u32,
+        logp: *mut f64,
+        lse: *mut f64,
+        hit: *mut u8,
+        mean: *mut f64,
+        v: u32,
+        inv_temp: f64,
+    );
+    fn lse_gather_bf16(
+        z: *const bf16,
+        labels: *const u32,
+        logp: *mut f32,
+        lse: *mut f32,
+        hit: *mut u8,
+        mean: *mut f32,
+        v: u32,
+        inv_temp: f64,
+    );
+    fn lse_gather_bwd_f64(
+        z: *const f64,
+        labels: *const u32,
+        g: *const f64,
+        lse: *const f64,
+        dz: *mut f64,
+        rows: usize,
+        v: u32,
+        inv_temp: f64,
+    );
+}
+
+/// Runs `f` as every thread of the launch `l`; `f` calls one kernel entry point.
+fn launch<F: Fn() + Sync>(l: Launch, f: F) {
+    extern "C" fn trampoline<F: Fn() + Sync>(ctx: *mut c_void) {
+        // SAFETY: `ctx` is the `&F` that `launch` passed, alive until the launch returns.
+        let f = unsafe { &*(ctx as *const F) };
+        f();
+    }
+    // SAFETY: the emulator calls `trampoline::<F>` with `ctx` from threads it joins before
+    // returning, so `f` outlives every call.
+    unsafe {
+        preftune_emu_launch(
+            l.grid,
+            l.block,
+            trampoline::<F>,
+            &f as *const F as *mut c_void,
+        )
+    }
+}
+
+/// Launches one kernel entry point as every thread of a launch.
+macro_rules! run {
+    ($l:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        launch($l, || {
+            // SAFETY: the pointers address live buffers of the lengths the kernel reads and
+            // writes for these sizes (each test sizes them so), and every thread writes only
+            // its own elements.
+            unsafe { $kernel($($arg),*) }
+        })
+    };
+}
+
+/// Addresses as integers, so the kernel closures are `Sync`; each thread writes its own elements.
+fn p<T>(s: &[T]) -> usize {
+    s.as_ptr() as usize
+}
+fn pm<T>(s: &mut [T]) -> usize {
+    s.as_mut_ptr() as usize
+}
+
+fn randn(rng: &mut StdRng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+#[test]
+fn rmsnorm_forward_matches_the_cpu_loop() {
+    let mut rng = StdRng::seed_from_u64(1);
+    // rows of fewer values than a warp, of a partial last warp, and of more than a block
+    for (rows, d) in [(3, 20), (5, 72), (2, 300)] {
+        let (x, w) = (randn(&mut rng, rows * d), randn(&mut rng, d));
+        let mut want = vec![0.0; rows * d];
+        fused::rms_norm(&x, &w, 1e-5, &mut want);
+        let mut y = vec![0.0; rows * d];
+        let (xp, wp, yp) = (p(&x), p(&w), pm(&mut y));
+        run!(
+            per_row(rows, d),
+            rmsnorm_fwd_f64(xp as _, wp as _, yp as _, d as u32, 1e-5)
+        );
+        assert!(
+            max_diff(&y, &want) < 1e-12,
+            "f64 {rows}x{d}: {}",
+            max_diff(&y, &want)
+        );
+
+        let (x32, w32) = (f32s(&x), f32s(&w));
+        let mut y32 = vec![0f32; rows * d];
+        let (xp, wp, yp) = (p(&x32), p(&w32), pm(&mut y32));
+        run!(
+            per_row(rows, d),
+            rmsnorm_fwd_f32(xp as _, wp as _, yp as _, d as u32, 1e-5)
+        );
+        assert!(max_diff(&f64s(&y32), &want) < 1e-5, "f32 {rows}x{d}");
+    }
+}
+
+/// bf16 as transformers computes it: normalise in f32, round to bf16, multiply by the weight,
+/// round again.
+#[test]
+fn rmsnorm_forward_in_bf16_rounds_as_transformers_does() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (rows, d) = (4, 72);
+    let x: Vec<bf16> = randn(&mut rng, rows * d)
+        .iter()
+        .map(|&v| bf16::from_f64(v))
+        .collect();
+    let w: Vec<bf16> = randn(&mut rng, d)
+        .iter()
+        .map(|&v| bf16::from_f64(v))
+        .collect();
+    let mut y = vec![bf16::ZERO; rows * d];
+    let (xp, wp, yp) = (p(&x), p(&w), pm(&mut y));
+    run!(
+        per_row(rows, d),
+        rmsnorm_fwd_bf16(xp as _, wp as _, yp as _, d as u32, 1e-6)
+    );
+    let mut mismatches = 0;
+    for r in 0..rows {
+        let xr: Vec<f32> = x[r * d..][..d].iter().map(|v| v.to_f32()).collect();
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + 1e-6).sqrt();
+        for j in 0..d {
+            let n = bf16::from_f32(xr[j] * inv).to_f32();
+            let want = bf16::from_f32(n * w[j].to_f32());
+            // the f32 sum of squares may differ in its last bit from this order of summing
+            if y[r * d + j] != want {
+                mismatches += 1;
+                let (a, b) = (y[r * d + j].to_f32(), want.to_f32());
+                assert!(
+                    (a - b).abs() <= b.abs() / 64.0,
+                    "row {r} col {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert!(
+        mismatches <= rows * d / 50,
+        "{mismatches} of {} differ",
+        rows * d
+    );
+}
+
+#[test]
+fn rmsnorm_backward_matches_the_cpu_loop_with_any_number_of_rows_a_block() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (rows, d) = (7, 72);
+    let (x, w, dy) = (
+        randn(&mut rng, rows * d),
+        randn(&mut rng, d),
+        randn(&mut rng, rows * d),
+    );
+    let mut want = vec![0.0; rows * d + d];
+    fused::rms_norm_bwd(&x, &w, &dy, 1e-5, &mut want);
+    // the crate's launch (a block a row), and 3 blocks taking 3, 2 and 2 rows
+    for l in [rmsnorm_bwd(rows, d), Launch { grid: 3, block: 32 }] {
+        let mut dx = vec![0.0; rows * d];
+        let mut part = vec![f64::NAN; l.grid as usize * d];
+        let mut dw = vec![0.0; d];
+        let (xp, wp, gp, dxp, pp) = (p(&x), p(&w), p(&dy), pm(&mut dx), pm(&mut part));
+        run!(
+            l,
+            rmsnorm_bwd_f64(
+                xp as _,
+                wp as _,
+                gp as _,
+                dxp as _,
+                pp as _,
+                rows as u32,
+                d as u32,
+                1e-5,
+            )
+        );
+        let (pp, dwp) = (p(&part), pm(&mut dw));
+        let parts = l.grid;
+        run!(
+            elementwise(d),
+            col_sum_f64(pp as _, dwp as _, parts, d as u32)
+        );
+        assert!(max_diff(&dx, &want[..rows * d]) < 1e-12, "dx with {l:?}");
+        assert!(max_diff(&dw, &want[rows * d..]) < 1e-12, "dw with {l:?}");
+    }
+}
+
+#[test]
+fn swiglu_matches_the_cpu_loops() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let n = 1000; // more than one block of the launch, with a partial last block
+    let (g, u, dy) = (randn(&mut rng, n), randn(&mut rng, n), randn(&mut rng, n));
+    let (g32, u32_) = (f32s(&g), f32s(&u));
+    let mut want32 = vec![0f32; n];
+    fused::swiglu(&g32, &u32_, n, &mut want32);
+    let mut out32 = vec![0f32; n];
+    let (gp, up, op) = (p(&g32), p(&u32_), pm(&mut out32));
+    run!(elementwise(n), swiglu_fwd_f32(gp as _, up as _, op as _, n));
+    assert!(max_diff(&f64s(&out32), &f64s(&want32)) < 1e-5);
+
+    let mut want = vec![0.0; 2 * n];
+    fused::swiglu_bwd(&g, &u, &dy, n, &mut want);
+    let mut out = vec![0.0; 2 * n];
+    let (gp, up, dp, op) = (p(&g), p(&u), p(&dy), pm(&mut out));
+    // a grid smaller than the work: every thread takes several elements
+    run!(
+        Launch { grid: 2, block: 64 },
+        swiglu_bwd_f64(gp as _, up as _, dp as _, op as _, n)
+    );
+    assert!(max_diff(&out, &want) < 1e-12);
+}
+
+#[test]
+fn rope_matches_the_cpu_loop() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (b, h, t, dh) = (2, 3, 5, 6);
+    let rows = b * h * t;
+    let x = randn(&mut rng, rows * dh);
+    let angle = randn(&mut rng, b * t * dh / 2);
+    let cos: Vec<f64> = angle.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f64> = angle.iter().map(|a| a.sin()).collect();
+    let mut want = vec![0.0; rows * dh];
+    fused::rope(&x, &cos, &sin, h, t, dh, &mut want);
+    let mut out = vec![0.0; rows * dh];
+    let (xp, cp, sp, op) = (p(&x), p(&cos), p(&sin), pm(&mut out));
+    run!(
+        elementwise(rows * dh / 2),
+        rope_f64(xp as _, cp as _, sp as _, op as _, rows, h as u32, t as u32, dh as u32,)
+    );
+    assert!(max_diff(&out, &want) < 1e-12);
+}
+
+/// `log_softmax(z * it)[label]`, its log-sum-exp, whether the label is the first argmax, and
+/// the mean of `z * it`, in f64.
+fn lse_reference(z: &[f64], label: usize, it: f64) -> (f64, f64, u8, f64) {
+    let s: Vec<f64> = z.iter().map(|v| v * it).collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+    let first = s.iter().position(|&v| v == m).unwrap();
+    (
+        s[label] - lse,
+        lse,
+        (first == label) as u8,
+        s.iter().sum::<f64>() / s.len() as f64,
+    )
+}
+
+struct LseOut {
+    logp: Vec<f64>,
+    lse: Vec<f64>,
+    hit: Vec<u8>,
+    mean: Vec<f64>,
+}
+
+fn lse_gather(z: &[f64], labels: &[u32], v: usize, it: f64) -> LseOut {
+    let rows = labels.len();
+    let mut o = LseOut {
+        logp: vec![0.0; rows],
+        lse: vec![0.0; rows],
+        hit: vec![9; rows],
+        mean: vec![0.0; rows],
+    };
+    let (zp, lp) = (p(z), p(labels));
+    let (op, sp, hp, mp) = (
+        pm(&mut o.logp),
+        pm(&mut o.lse),
+        pm(&mut o.hit),
+        pm(&mut o.mean),
+    );
+    run!(
+        per_row(rows, v),
+        lse_gather_f64(zp as _, lp as _, op as _, sp as _, hp as _, mp as _, v as u32, it,)
+    );
+    o
+}
+
+#[test]
+fn log_softmax_gather_matches_f64_reference_including_ties_and_short_rows() {
+    let mut rng = StdRng::seed_from_u64(6);
+    // a row longer than a block, and one shorter than a warp
+    for v in [1000, 20] {
+        let rows = 5;
+        let mut z = randn(&mut rng, rows * v);
+        // row 3: two equal maxima; its label is the second (no hit), row 4's the first (a hit)
+        for r in [3, 4] {
+            z[r * v + 2] = 9.0;
+            z[r * v + v - 1] = 9.0;
+        }
+        let mut labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..v as u32)).collect();
+        let top = (0..v).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
+        labels[0] = top as u32; // a hit on a row without ties
+        labels[3] = v as u32 - 1;
+        labels[4] = 2;
+        for it in [1.0, 1.0 / 0.7] {
+            let o = lse_gather(&z, &labels, v, it);
+            for r in 0..rows {
+                let (lp, lse, hit, mean) = lse_reference(&z[r * v..][..v], labels[r] as usize, it);
+                assert!(
+                    (o.logp[r] - lp).abs() < 1e-12,
+                    "v {v} row {r}: {} vs {lp}",
+                    o.logp[r]
+                );
+                assert!((o.lse[r] - lse).abs() < 1e-12);
+                assert!((o.mean[r] - mean).abs() < 1e-12);
+                assert_eq!(o.hit[r], hit, "v {v} row {r}");
+            }
+            assert_eq!((o.hit[0], o.hit[3], o.hit[4]), (1, 0, 1));
+        }
+    }
+}
+
+#[test]
+fn log_softmax_gather_in_bf16_computes_in_f32() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (rows, v) = (3, 500);
+    let z: Vec<bf16> = randn(&mut rng, rows * v)
+        .iter()
+        .map(|&x| bf16::from_f64(4.0 * x))
+        .collect();
+    let labels = [0u32, 17, 499];
+    let (mut logp, mut lse, mut mean) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
+    let mut hit = vec![0u8; rows];
+    let (zp, lp) = (p(&z), p(&labels));
+    let (op, sp, hp, mp) = (pm(&mut logp), pm(&mut lse), pm(&mut hit), pm(&mut mean));
+    run!(
+        per_row(rows, v),
+        lse_gather_bf16(zp as _, lp as _, op as _, sp as _, hp as _, mp as _, v as u32, 1.0,)
+    );
+    for r in 0..rows {
+        let zr: Vec<f64> = z[r * v..][..v].iter().map(|x| x.to_f64()).collect();
+        let (want, _, hit_want, _) = lse_reference(&zr, labels[r] as usize, 1.0);
+        assert!(
+            (logp[r] as f64 - want).abs() < 1e-5,
+            "row {r}: {} vs {want}",
+            logp[r]
+        );
+        assert_eq!(hit[r], hit_want);
+    }
+}
+
+/// The backward against central differences of the forward kernel itself.
+#[test]
+fn log_softmax_gather_backward_matches_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (rows, v, it) = (3, 40, 1.0 / 0.7);
+    let z = randn(&mut rng, rows * v);
+    let labels = [5u32, 0, 39];
+    let g = [0.5, -1.5, 2.0];
+    let fwd = lse_gather(&z, &labels, v, it);
+    let mut dz = vec![0.0; rows * v];
+    let (zp, lp, gp, sp, dp) = (p(&z), p(&labels), p(&g), p(&fwd.lse), pm(&mut dz));
+    run!(
+        elementwise(rows * v),
+        lse_gather_bwd_f64(zp as _, lp as _, gp as _, sp as _, dp as _, rows, v as u32, it,)
+    );
+    let loss = |z: &[f64]| -> f64 {
+        let o = lse_gather(z, &labels, v, it);
+        o.logp.iter().zip(&g).map(|(a, b)| a * b).sum()
+    };
+    let h = 1e-5;
+    for i in [0, 5, 17, v, v + 33, 2 * v + 39, 3 * v - 2] {
+        let (mut a, mut b) = (z.clone(), z.clone());
+        a[i] += h;
+        b[i] -= h;
+        let fd = (loss(&a) - loss(&b)) / (2.0 * h);
+        assert!((dz[i] - fd).abs() < 1e-7, "dz[{i}] = {} vs {fd}", dz[i]);
+    }
+}
