@@ -245,6 +245,23 @@ fn shorts(v: &[f32]) -> Vec<serde_json::Value> {
 }
 
 /// Prints one JSON line on stdout. A closed pipe (`| head`) ends the program quietly, as Unix tools do.
+/// `preftune check-kernels`: fused kernels against composed ops on the process's device.
+pub fn check_kernels() -> Result<()> {
+    let dev = preftune_model::device::default_device();
+    let checks = preftune_model::kernel_check::check_kernels(&dev)?;
+    for c in &checks {
+        emit(&serde_json::to_value(c)?);
+    }
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} kernel checks are off by more than their tolerance",
+            checks.len()
+        );
+    }
+    Ok(())
+}
+
 pub fn emit(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{v}").and_then(|_| out.flush()) {

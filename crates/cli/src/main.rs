@@ -100,6 +100,10 @@ enum Command {
     },
     /// Measure forward+backward and sampling throughput; one JSON line per workload.
     Bench(bench::BenchArgs),
+    /// Compare each fused kernel (RMSNorm, SwiGLU, RoPE, log-softmax + gather) with its
+    /// composed twin on `--device`, forward and gradients; one JSON line per op and dtype.
+    /// Exits 1 if any differs by more than its tolerance.
+    CheckKernels,
     /// Supervised fine-tuning (TRL's SFTTrainer): language-modelling or prompt-completion data,
     /// standard or conversational, full fine-tuning or LoRA.
     Sft(RunArgs),
@@ -229,6 +233,7 @@ fn main() {
             sampling,
         } => commands::chat(&model, system.as_deref(), &sampling),
         Command::Bench(args) => bench::run(&args),
+        Command::CheckKernels => commands::check_kernels(),
         Command::Sft(run) => commands::train(commands::Trainer::Sft, &run),
         Command::Dpo(run) => commands::train(commands::Trainer::Dpo, &run),
         Command::Kto(run) => commands::train(commands::Trainer::Kto, &run),

@@ -2998,3 +2998,40 @@ fn export_gguf_round_trips() {
     ]);
     assert!(!ok && err.contains("norm_topk_prob"), "{err}");
 }
+
+/// `check-kernels` on the CPU: one JSON line per op and dtype, all within tolerance.
+#[test]
+fn check_kernels_reports_every_op_on_the_cpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_preftune"))
+        .args(["check-kernels"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ops: std::collections::BTreeSet<_> = lines
+        .iter()
+        .map(|v| v["op"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ops.into_iter().collect::<Vec<_>>(),
+        [
+            "lse_gather",
+            "lse_gather_t0.7",
+            "rms_norm",
+            "rope",
+            "swiglu"
+        ]
+    );
+    assert_eq!(lines.len(), 10);
+    for v in &lines {
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["passed"], true, "{v}");
+    }
+}

@@ -16,6 +16,9 @@ use candle_core::{
 use num_traits::Zero;
 use preftune_kernels::fused;
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
 /// The element types the kernels are written for: those of the slice loops
 /// ([`preftune_kernels::fused::Real`]) that candle stores.
 pub trait Real: preftune_kernels::fused::Real + WithDType {}
@@ -56,11 +59,24 @@ pub fn cpu_kernels(d: &candle_core::Device) -> bool {
     d.is_cpu() && !PORTABLE.with(|c| c.get())
 }
 
-/// Whether the fused kernels handle `x`: switched on, CPU kernels ([`cpu_kernels`]), f32 or f64.
+/// Whether the fused kernels handle `x`: switched on, and either CPU kernels ([`cpu_kernels`])
+/// in f32 or f64, or the CUDA kernels ([`cuda_kernels_apply`]).
 pub fn applies(x: &Tensor) -> bool {
     FUSED.load(Ordering::Relaxed)
-        && cpu_kernels(x.device())
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && ((cpu_kernels(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64))
+            || (cuda_kernels_apply(x.device())
+                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)))
+}
+
+/// Whether tensors on `d` take preftune's own CUDA kernels (`preftune-kernels-cuda`): a CUDA
+/// device in a `cuda` build, with `PREFTUNE_CUDA_KERNELS=1`. Off by default until
+/// `scripts/gpu-check.sh` has compared them with the composed ops on a GPU; without them every
+/// op on the GPU is composed from candle's.
+pub fn cuda_kernels_apply(d: &candle_core::Device) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cuda")
+        && d.is_cuda()
+        && *ON.get_or_init(|| std::env::var("PREFTUNE_CUDA_KERNELS").is_ok_and(|v| v == "1"))
 }
 
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -125,6 +141,17 @@ impl CustomOp2 for RmsNorm {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        crate::cuda_kernels::rms_norm(s1, l1, s2, l2, self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -177,6 +204,19 @@ impl CustomOp3 for RmsNormBwd {
             Ok((storage(out), Shape::from(n + d)))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        crate::cuda_kernels::rms_norm_bwd((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +252,20 @@ impl CustomOp2 for SwiGlu {
             fused::swiglu(g, u, row, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            return Err(Error::Msg("swiglu: gate and up differ in shape".into()));
+        }
+        crate::cuda_kernels::swiglu(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -258,6 +312,19 @@ impl CustomOp3 for SwiGluBwd {
             Ok((storage(out), Shape::from(2 * n)))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        crate::cuda_kernels::swiglu_bwd((s1, l1), (s2, l2), (s3, l3))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,6 +338,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// The rotation is orthogonal: its backward is the same rotation by `-sin`.
 struct Rope;
+
+/// `(b, h, t, dh)` of RoPE's `x`, with `cos` and `sin` checked against them.
+fn rope_dims(x: &Layout, cos: &Layout, sin: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, t, dh) = x.shape().dims4()?;
+    let half = dh / 2;
+    if dh % 2 != 0 || cos.shape().dims() != [b, 1, t, half] || sin.shape() != cos.shape() {
+        return Err(Error::Msg(format!(
+            "rope: x {:?} needs an even head size and cos/sin [{b}, 1, {t}, {half}], got {:?}",
+            x.dims(),
+            cos.shape()
+        )));
+    }
+    Ok((b, h, t, dh))
+}
 
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
@@ -286,14 +367,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, h, t, dh) = l1.shape().dims4()?;
-        let half = dh / 2;
-        if l2.shape().dims() != [b, 1, t, half] || l3.shape() != l2.shape() {
-            return Err(Error::Msg(format!(
-                "rope: cos/sin must be [{b}, 1, {t}, {half}], got {:?}",
-                l2.shape()
-            )));
-        }
+        let (_, h, t, dh) = rope_dims(l1, l2, l3)?;
         dispatch!(s1, self.name(), |T| {
             let x = slice::<T>(s1, l1, self.name())?;
             let cos = slice::<T>(s2, l2, self.name())?;
@@ -302,6 +376,20 @@ impl CustomOp3 for Rope {
             fused::rope(x, cos, sin, h, t, dh, &mut out);
             Ok((storage(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = rope_dims(l1, l2, l3)?;
+        crate::cuda_kernels::rope((s1, l1), (s2, l2), (s3, l3), dims)
     }
 
     fn bwd(

@@ -83,12 +83,15 @@ pub fn token_logprobs(
         let rows = flat.index_select(&idx, 0)?;
         // The fused LM-head op knows no soft-capping (Gemma 2): those logits compose.
         let composed_only = model.cfg.final_logit_softcapping.is_some();
-        let (lp, hits, means) =
-            if dtype == DType::F64 || composed_only || !crate::kernels::cpu_kernels(dev) {
-                composed(model, &rows, &labels, temperature, dtype)?
-            } else {
-                fused(model, &rows, &labels, temperature)?
-            };
+        let (lp, hits, means) = if dtype == DType::F64 || composed_only {
+            composed(model, &rows, &labels, temperature, dtype)?
+        } else if crate::kernels::cpu_kernels(dev) {
+            fused(model, &rows, &labels, temperature)?
+        } else if crate::kernels::cuda_kernels_apply(dev) {
+            lse_chunks(model, &rows, &labels, temperature)?
+        } else {
+            composed(model, &rows, &labels, temperature, dtype)?
+        };
         for (k, (&hit, &mu)) in hits.iter().zip(&means).enumerate() {
             let row = dst[k] as usize / t;
             row_hits[row] += hit as usize;
@@ -126,6 +129,27 @@ pub(crate) fn fused(
     let lp = rows.apply_op3(model.lm_head_weight(), &lab, op)?;
     let s = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
     Ok((lp, s.hits, s.mean_logit))
+}
+
+/// The same through [`crate::lse_gather`] (the GPU's log-softmax + gather kernels), in chunks of
+/// `CHUNK` rows: each chunk's logits, but none of log-softmax's intermediates, live until backward.
+pub(crate) fn lse_chunks(
+    model: &Model,
+    rows: &Tensor,
+    labels: &[u32],
+    temperature: f64,
+) -> Result<(Tensor, Vec<u8>, Vec<f32>)> {
+    let (mut pieces, mut hits, mut means) = (vec![], vec![], vec![]);
+    for start in (0..labels.len()).step_by(CHUNK) {
+        let n = CHUNK.min(labels.len() - start);
+        let logits = model.logits(&rows.narrow(0, start, n)?)?;
+        let (lp, stats) =
+            crate::lse_gather::lse_gather(&logits, &labels[start..start + n], temperature)?;
+        pieces.push(lp.to_dtype(DType::F32)?);
+        hits.extend(stats.hits);
+        means.extend(stats.mean_logit);
+    }
+    Ok((Tensor::cat(&pieces, 0)?, hits, means))
 }
 
 /// The same from composed candle ops, in chunks of `CHUNK` rows: the reference the fused op is
@@ -177,8 +201,9 @@ mod tests {
             .unwrap()
     }
 
-    /// Fused (f32) against composed (f64, itself checked against finite differences in ops.rs):
-    /// log-probs, top-1 hits, mean logits, and gradients w.r.t. the hidden rows and the LM head.
+    /// Fused (f32) and the log-softmax + gather op (f32, as the GPU runs it) against composed
+    /// (f64, itself checked against finite differences in ops.rs): log-probs, top-1 hits, mean
+    /// logits, and gradients w.r.t. the hidden rows and the LM head.
     #[test]
     fn fused_lm_head_logprob_matches_composed_values_and_gradients() {
         for name in ["tiny-llama", "tiny-gpt2"] {
@@ -205,11 +230,16 @@ mod tests {
             // 300 rows: more than one chunk of the fused op (256).
             let h = Tensor::randn(0f32, 1.0, (300, 64), &Device::Cpu).unwrap();
             let labels: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
-            for temperature in [1.0, 0.7] {
+            type Path = fn(&Model, &Tensor, &[u32], f64) -> Result<(Tensor, Vec<u8>, Vec<f32>)>;
+            let paths: [(&str, Path); 2] = [("fused", fused), ("lse_gather", lse_chunks)];
+            for ((path, under_test), temperature) in
+                paths.into_iter().flat_map(|p| [(p, 1.0), (p, 0.7)])
+            {
+                let name = format!("{name} {path}");
                 let h32 = Var::from_tensor(&h).unwrap();
                 let h64 = Var::from_tensor(&h.to_dtype(DType::F64).unwrap()).unwrap();
                 let (a, hits_a, mean_a) =
-                    fused(&p32.model, h32.as_tensor(), &labels, temperature).unwrap();
+                    under_test(&p32.model, h32.as_tensor(), &labels, temperature).unwrap();
                 let (b, hits_b, mean_b) = composed(
                     &p64.model,
                     h64.as_tensor(),

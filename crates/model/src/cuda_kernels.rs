@@ -1,0 +1,351 @@
+//! The CUDA side of the fused ops ([`crate::kernels`], [`crate::lse_gather`]): launches
+//! `preftune-kernels-cuda`'s PTX on candle's CUDA storage. The ops' backward passes are the
+//! same on both devices (each builds a backward op whose `cuda_fwd` lands here), and the launch
+//! shapes come from the kernels crate, whose emulated tests use the same ones.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+use candle_core::{DType, Error, Layout, Result, Shape};
+use half::bf16;
+use preftune_kernels_cuda::{self as kc, Dtype, Kernel, Launch};
+
+/// Element types with kernels, and the type each computes in.
+pub(crate) trait Elem: CudaDType + DeviceRepr + Copy + 'static {
+    const KIND: Dtype;
+    type Acc: CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static;
+}
+
+impl Elem for f32 {
+    const KIND: Dtype = Dtype::F32;
+    type Acc = f32;
+}
+
+impl Elem for bf16 {
+    const KIND: Dtype = Dtype::Bf16;
+    type Acc = f32;
+}
+
+impl Elem for f64 {
+    const KIND: Dtype = Dtype::F64;
+    type Acc = f64;
+}
+
+/// Runs `$body` with `$t` the Rust type of `$dtype` (f32, bf16 or f64).
+macro_rules! by_dtype {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => Err(Error::Msg(format!("{}: no CUDA kernel for {other:?}", $op))),
+        }
+    };
+}
+
+/// Launches kernel `$k` for element type `$t` with launch shape `$l` and the arguments (each a
+/// reference, in the entry point's order).
+macro_rules! launch {
+    ($dev:expr, $k:expr, $t:expr, $l:expr; $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$k.name($t), kc::MODULE, kc::PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )*
+        // SAFETY: the arguments follow the entry point's signature in
+        // crates/kernels-cuda/src/cuda (pointers to buffers of the lengths it indexes for these
+        // sizes, checked by the callers), and the launch shape is the one the kernel is written for.
+        unsafe { builder.launch(config($l)) }.w()?;
+    }};
+}
+
+pub(crate) fn config(l: Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l.grid, 1, 1),
+        block_dim: (l.block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous elements of `s` that `l` describes.
+pub(crate) fn input<'a, T: Elem>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    view(s, l, op)
+}
+
+/// [`input`] for any element type (labels).
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: inputs must be contiguous")))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::Msg(format!("{what} = {n} is over the kernels' u32 range")))
+}
+
+/// RMSNorm forward: `x` rows of `d = w.len()` values.
+pub(crate) fn rms_norm(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "rms-norm";
+    let (n, d) = (lx.shape().elem_count(), lw.shape().elem_count());
+    if d == 0 || lx.dims().last() != Some(&d) {
+        return Err(Error::Msg(format!(
+            "{op}: weight {:?} for input {:?}",
+            lw.dims(),
+            lx.dims()
+        )));
+    }
+    let dev = &x.device;
+    by_dtype!(x.dtype(), op, |T| {
+        let (xv, wv) = (input::<T>(x, lx, op)?, input::<T>(w, lw, op)?);
+        // SAFETY: the kernel writes every element (each row's block its `d` values).
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        if n > 0 {
+            let du = u32_of(d, "hidden size")?;
+            launch!(dev, Kernel::RmsNormFwd, T::KIND, kc::per_row(n / d, d); &xv, &wv, &mut out, &du, &eps);
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            lx.shape().clone(),
+        ))
+    })
+}
+
+/// RMSNorm backward: `dx` flattened, then `dw` (the CPU op's layout).
+pub(crate) fn rms_norm_bwd(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    (dy, ldy): (&CudaStorage, &Layout),
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "rms-norm-bwd";
+    let (n, d) = (lx.shape().elem_count(), lw.shape().elem_count());
+    if d == 0 || lx.dims().last() != Some(&d) || ldy.shape() != lx.shape() {
+        return Err(Error::Msg(format!(
+            "{op}: shapes {:?} {:?} {:?}",
+            lx.dims(),
+            lw.dims(),
+            ldy.dims()
+        )));
+    }
+    let dev = &x.device;
+    by_dtype!(x.dtype(), op, |T| {
+        let (xv, wv, gv) = (
+            input::<T>(x, lx, op)?,
+            input::<T>(w, lw, op)?,
+            input::<T>(dy, ldy, op)?,
+        );
+        let rows = n / d;
+        let l = kc::rmsnorm_bwd(rows, d);
+        // SAFETY: `rmsnorm_bwd` writes every `dx` and zeroes every partial row before adding to
+        // it; `col_sum` writes every `dw`.
+        let mut out = unsafe { dev.alloc::<T>(n + d) }?;
+        // SAFETY: as above.
+        let mut part = unsafe { dev.alloc::<<T as Elem>::Acc>(l.grid as usize * d) }?;
+        let (ru, du, parts) = (u32_of(rows, "rows")?, u32_of(d, "hidden size")?, l.grid);
+        {
+            let mut dx = out.slice_mut(0..n);
+            launch!(dev, Kernel::RmsNormBwd, T::KIND, l; &xv, &wv, &gv, &mut dx, &mut part, &ru, &du, &eps);
+        }
+        {
+            let mut dw = out.slice_mut(n..n + d);
+            launch!(dev, Kernel::ColSum, T::KIND, kc::elementwise(d); &part, &mut dw, &parts, &du);
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(n + d),
+        ))
+    })
+}
+
+/// SwiGLU forward, elementwise.
+pub(crate) fn swiglu(
+    g: &CudaStorage,
+    lg: &Layout,
+    u: &CudaStorage,
+    lu: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "swiglu";
+    let n = lg.shape().elem_count();
+    let dev = &g.device;
+    by_dtype!(g.dtype(), op, |T| {
+        let (gv, uv) = (input::<T>(g, lg, op)?, input::<T>(u, lu, op)?);
+        // SAFETY: the grid-stride loop writes every element.
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        launch!(dev, Kernel::SwigluFwd, T::KIND, kc::elementwise(n); &gv, &uv, &mut out, &n);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            lg.shape().clone(),
+        ))
+    })
+}
+
+/// SwiGLU backward: `d gate` flattened, then `d up`.
+pub(crate) fn swiglu_bwd(
+    (g, lg): (&CudaStorage, &Layout),
+    (u, lu): (&CudaStorage, &Layout),
+    (dy, ldy): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let op = "swiglu-bwd";
+    let n = lg.shape().elem_count();
+    if lu.shape() != lg.shape() || ldy.shape() != lg.shape() {
+        return Err(Error::Msg(format!(
+            "{op}: shapes {:?} {:?} {:?}",
+            lg.dims(),
+            lu.dims(),
+            ldy.dims()
+        )));
+    }
+    let dev = &g.device;
+    by_dtype!(g.dtype(), op, |T| {
+        let (gv, uv, dv) = (
+            input::<T>(g, lg, op)?,
+            input::<T>(u, lu, op)?,
+            input::<T>(dy, ldy, op)?,
+        );
+        // SAFETY: the grid-stride loop writes both halves of every element.
+        let mut out = unsafe { dev.alloc::<T>(2 * n) }?;
+        launch!(dev, Kernel::SwigluBwd, T::KIND, kc::elementwise(n); &gv, &uv, &dv, &mut out, &n);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(2 * n),
+        ))
+    })
+}
+
+/// Rotate-half RoPE; `dims` = `(b, h, t, dh)` as checked by the op.
+pub(crate) fn rope(
+    (x, lx): (&CudaStorage, &Layout),
+    (cos, lc): (&CudaStorage, &Layout),
+    (sin, ls): (&CudaStorage, &Layout),
+    (b, h, t, dh): (usize, usize, usize, usize),
+) -> Result<(CudaStorage, Shape)> {
+    let op = "rope";
+    let rows = b * h * t;
+    let dev = &x.device;
+    by_dtype!(x.dtype(), op, |T| {
+        let (xv, cv, sv) = (
+            input::<T>(x, lx, op)?,
+            input::<T>(cos, lc, op)?,
+            input::<T>(sin, ls, op)?,
+        );
+        // SAFETY: one thread per (row, pair) writes both values of its pair, covering each row.
+        let mut out = unsafe { dev.alloc::<T>(rows * dh) }?;
+        let (hu, tu, du) = (
+            u32_of(h, "heads")?,
+            u32_of(t, "positions")?,
+            u32_of(dh, "head size")?,
+        );
+        launch!(dev, Kernel::Rope, T::KIND, kc::elementwise(rows * (dh / 2)); &xv, &cv, &sv, &mut out, &rows, &hu, &tu, &du);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            lx.shape().clone(),
+        ))
+    })
+}
+
+/// What [`lse_gather`] gives: per row `log p(label)` and the log-sum-exp (both in the
+/// accumulator type: f32, or f64 for f64 logits), and on the host the top-1 hits and mean logits.
+pub(crate) struct LseRows {
+    pub logp: CudaStorage,
+    pub lse: CudaStorage,
+    pub hits: Vec<u8>,
+    pub means: Vec<f32>,
+}
+
+/// Log-softmax of `z / temperature` gathered at `labels`, one block a row of `v` logits.
+/// The caller checked the labels (`< v`).
+pub(crate) fn lse_gather(
+    (z, lz): (&CudaStorage, &Layout),
+    (labels, ll): (&CudaStorage, &Layout),
+    inv_temp: f64,
+) -> Result<LseRows> {
+    let op = "lse-gather";
+    let (rows, v) = lz.shape().dims2()?;
+    let dev = &z.device;
+    by_dtype!(z.dtype(), op, |T| {
+        let zv = input::<T>(z, lz, op)?;
+        let lv = view::<u32>(labels, ll, op)?;
+        if lv.len() != rows {
+            return Err(Error::Msg(format!(
+                "{op}: {} labels for {rows} rows",
+                lv.len()
+            )));
+        }
+        // SAFETY: thread 0 of each row's block writes the row's four results.
+        let mut logp = unsafe { dev.alloc::<<T as Elem>::Acc>(rows) }?;
+        // SAFETY: as above.
+        let mut lse = unsafe { dev.alloc::<<T as Elem>::Acc>(rows) }?;
+        let mut hit = dev.alloc_zeros::<u8>(rows)?;
+        // SAFETY: as above.
+        let mut mean = unsafe { dev.alloc::<<T as Elem>::Acc>(rows) }?;
+        if rows > 0 {
+            let vu = u32_of(v, "vocabulary")?;
+            launch!(dev, Kernel::LseGather, T::KIND, kc::per_row(rows, v);
+                &zv, &lv, &mut logp, &mut lse, &mut hit, &mut mean, &vu, &inv_temp);
+        }
+        let means = CudaStorage::wrap_cuda_slice(mean, dev.clone())
+            .to_dtype(&Layout::contiguous(rows), DType::F32)?;
+        Ok(LseRows {
+            logp: CudaStorage::wrap_cuda_slice(logp, dev.clone()),
+            lse: CudaStorage::wrap_cuda_slice(lse, dev.clone()),
+            hits: dev.clone_dtoh(&hit)?,
+            means: dev.clone_dtoh(means.as_cuda_slice::<f32>()?)?,
+        })
+    })
+}
+
+/// `d z` of [`lse_gather`]'s `log p` given its gradient `g` and the forward's log-sum-exp.
+pub(crate) fn lse_gather_bwd(
+    (z, lz): (&CudaStorage, &Layout),
+    (labels, ll): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    (lse, lls): (&CudaStorage, &Layout),
+    inv_temp: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "lse-gather-bwd";
+    let (rows, v) = lz.shape().dims2()?;
+    let dev = &z.device;
+    by_dtype!(z.dtype(), op, |T| {
+        let zv = input::<T>(z, lz, op)?;
+        let lv = view::<u32>(labels, ll, op)?;
+        let gv = view::<<T as Elem>::Acc>(g, lg, op)?;
+        let sv = view::<<T as Elem>::Acc>(lse, lls, op)?;
+        if lv.len() != rows || gv.len() != rows || sv.len() != rows {
+            return Err(Error::Msg(format!(
+                "{op}: per-row inputs do not have {rows} rows"
+            )));
+        }
+        // SAFETY: the grid-stride loop writes every element.
+        let mut dz = unsafe { dev.alloc::<T>(rows * v) }?;
+        let vu = u32_of(v, "vocabulary")?;
+        launch!(dev, Kernel::LseGatherBwd, T::KIND, kc::elementwise(rows * v);
+            &zv, &lv, &gv, &sv, &mut dz, &rows, &vu, &inv_temp);
+        Ok((
+            CudaStorage::wrap_cuda_slice(dz, dev.clone()),
+            lz.shape().clone(),
+        ))
+    })
+}

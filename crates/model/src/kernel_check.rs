@@ -1,0 +1,240 @@
+//! `preftune check-kernels`: each fused op against its composed twin on one device, forward and
+//! gradients, at model-like shapes. On a GPU this is how `preftune-kernels-cuda` is checked
+//! (scripts/gpu-check.sh); on the CPU it checks the CPU kernels the same way.
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::{kernels, lse_gather, ops, Result};
+
+/// One op in one dtype: the largest differences between fused and composed, each relative to the
+/// composed value's largest magnitude.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelCheck {
+    pub op: &'static str,
+    pub dtype: String,
+    pub device: String,
+    /// Output difference.
+    pub forward: f64,
+    /// Largest difference over the inputs' gradients.
+    pub gradient: f64,
+    pub tolerance: f64,
+    pub passed: bool,
+}
+
+/// The dtypes each device's fused kernels take: f32 and f64 on the CPU; bf16 too on CUDA.
+fn dtypes(dev: &Device) -> Vec<DType> {
+    if dev.is_cpu() {
+        vec![DType::F32, DType::F64]
+    } else {
+        vec![DType::F32, DType::BF16, DType::F64]
+    }
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-9,
+        DType::BF16 | DType::F16 => 3e-2,
+        _ => 1e-4,
+    }
+}
+
+/// Seeded normal-ish values made on the host (the same on every device), as `dtype` on `dev`.
+fn input(
+    rng: &mut StdRng,
+    dims: &[usize],
+    scale: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| scale * (rng.gen::<f64>() + rng.gen::<f64>() - 1.0) * 1.7)
+        .collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)?)
+}
+
+/// `max |a - b| / max |b|` in f64.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
+    Ok(diff / scale)
+}
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// Output and gradients of `sum(f(inputs) * r)` for inputs `0..grads`.
+fn run(f: Op, inputs: &[Tensor], r: &Tensor, grads: usize) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs[..grads]
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let mut all: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    all.extend(inputs[grads..].iter().cloned());
+    let y = f(&all)?;
+    let store = (y.to_dtype(DType::F64)? * r.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let g =
+        vars.iter()
+            .map(|v| {
+                store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("an input got no gradient".into()).into()
+                })
+            })
+            .collect::<Result<_>>()?;
+    Ok((y, g))
+}
+
+fn compare(
+    op: &'static str,
+    dtype: DType,
+    dev: &Device,
+    (fused, composed): (Op, Op),
+    inputs: &[Tensor],
+    grads: usize,
+    rng: &mut StdRng,
+) -> Result<KernelCheck> {
+    let r = input(rng, composed(inputs)?.dims(), 1.0, DType::F64, dev)?;
+    let (y_c, g_c) = run(composed, inputs, &r, grads)?;
+    let (y_f, g_f) = run(fused, inputs, &r, grads)?;
+    let forward = rel_diff(&y_f, &y_c)?;
+    let mut gradient = 0f64;
+    for (a, b) in g_f.iter().zip(&g_c) {
+        gradient = gradient.max(rel_diff(a, b)?);
+    }
+    let tolerance = tolerance(dtype);
+    Ok(KernelCheck {
+        op,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        device: match dev.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            other => format!("{other:?}"),
+        },
+        forward,
+        gradient,
+        tolerance,
+        passed: forward <= tolerance && gradient <= tolerance,
+    })
+}
+
+/// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
+/// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences.
+pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut out = vec![];
+    for dtype in dtypes(dev) {
+        let x = input(&mut rng, &[2, 37, 576], 1.0, dtype, dev)?;
+        let w = input(&mut rng, &[576], 1.0, dtype, dev)?;
+        out.push(compare(
+            "rms_norm",
+            dtype,
+            dev,
+            (&|t| kernels::rms_norm(&t[0], &t[1], 1e-5), &|t| {
+                ops::rms_norm_composed(&t[0], &t[1], 1e-5)
+            }),
+            &[x, w],
+            2,
+            &mut rng,
+        )?);
+
+        let g = input(&mut rng, &[2, 37, 1536], 3.0, dtype, dev)?;
+        let u = input(&mut rng, &[2, 37, 1536], 1.0, dtype, dev)?;
+        out.push(compare(
+            "swiglu",
+            dtype,
+            dev,
+            (&|t| kernels::swiglu(&t[0], &t[1]), &|t| {
+                t[0].silu()? * &t[1]
+            }),
+            &[g, u],
+            2,
+            &mut rng,
+        )?);
+
+        let q = input(&mut rng, &[2, 9, 37, 64], 1.0, dtype, dev)?;
+        let angle = input(&mut rng, &[2, 1, 37, 32], 3.0, DType::F64, dev)?;
+        let (cos, sin) = (angle.cos()?.to_dtype(dtype)?, angle.sin()?.to_dtype(dtype)?);
+        out.push(compare(
+            "rope",
+            dtype,
+            dev,
+            (&|t| kernels::rope(&t[0], &t[1], &t[2]), &|t| {
+                ops::rope_composed(&t[0], &t[1], &t[2])
+            }),
+            &[q, cos, sin],
+            1,
+            &mut rng,
+        )?);
+
+        let (rows, vocab) = (48, 49152);
+        let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;
+        let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+        for (op, temperature) in [("lse_gather", 1.0), ("lse_gather_t0.7", 0.7)] {
+            let lab = Tensor::from_slice(&labels, (rows, 1), dev)?;
+            let fused = |t: &[Tensor]| Ok(lse_gather::lse_gather(&t[0], &labels, temperature)?.0);
+            let composed = |t: &[Tensor]| {
+                let acc = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let z = (t[0].to_dtype(acc)? / temperature)?;
+                (z.gather(&lab, 1)? - ops::logsumexp_last(&z)?)?.squeeze(1)
+            };
+            out.push(compare(
+                op,
+                dtype,
+                dev,
+                (&fused, &composed),
+                std::slice::from_ref(&z),
+                1,
+                &mut rng,
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU's fused kernels pass against their composed twins (as their own tests show
+    /// op by op).
+    #[test]
+    fn cpu_kernels_pass_the_check() {
+        let checks = check_kernels(&Device::Cpu).unwrap();
+        let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
+        assert_eq!(ops.len(), 2 * 5, "{ops:?}");
+        for c in &checks {
+            assert!(c.passed, "{c:?}");
+        }
+    }
+
+    /// A fused op off by 0.1% in its output fails, in f32 and f64.
+    #[test]
+    fn a_wrong_kernel_fails_the_check() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for dtype in [DType::F32, DType::F64] {
+            let x = input(&mut rng, &[3, 40], 1.0, dtype, &Device::Cpu).unwrap();
+            let w = input(&mut rng, &[40], 1.0, dtype, &Device::Cpu).unwrap();
+            let composed: Op = &|t| ops::rms_norm_composed(&t[0], &t[1], 1e-5);
+            let wrong: Op = &|t| kernels::rms_norm(&t[0], &t[1], 1e-5)? * 1.001;
+            let c = compare(
+                "rms_norm",
+                dtype,
+                &Device::Cpu,
+                (wrong, composed),
+                &[x, w],
+                2,
+                &mut rng,
+            )
+            .unwrap();
+            assert!(!c.passed && c.forward > 5e-4 && c.gradient > 5e-4, "{c:?}");
+        }
+    }
+}
