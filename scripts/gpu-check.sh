@@ -5,14 +5,14 @@
 #
 #   BIN=path/to/preftune (default target/release/preftune; a .gz beside it is unpacked)
 #   OUT=folder for logs and results (default runs/gpu-check)
-#   SECTIONS="parity steps generate dpo-run variants commands timing" (default: all)
+#   SECTIONS="parity kernels steps generate dpo-run variants commands timing" (default: all)
 #
 # Prints one JSON line per check and a summary; exits 1 if a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/preftune}
 OUT=${OUT:-runs/gpu-check}
-SECTIONS=${SECTIONS:-parity steps generate dpo-run variants commands timing}
+SECTIONS=${SECTIONS:-parity kernels steps generate dpo-run variants commands timing}
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"; fi
 BIN=$(realpath "$BIN")
@@ -54,6 +54,9 @@ log "{\"gpu\": \"$gpu\", \"date\": \"$(date -u +%FT%TZ)\", \"torch\": \"$($PY -c
 check device-opens "$BIN" --device cuda inspect --model fixtures/models/tiny-llama --prompt hi
 
 want parity && check parity $PY scripts/gpu/parity.py "$BIN"
+# preftune's own CUDA kernels (crates/kernels-cuda) against the composed ops, forward and
+# gradients, in f32, bf16 and f64.
+want kernels && check kernels "$BIN" --device cuda check-kernels
 
 # Random models of two real shapes (no real weights on the GPU machine).
 models=()
@@ -73,7 +76,7 @@ fi
 step_pair() {
     local t=$1 shape=$2; shift 2
     for dev in cpu cuda; do
-        PREFTUNE_DUMP_FIRST_UPDATE="$work/$t-$shape-$dev.st" "$BIN" --device $dev $t \
+        PREFTUNE_CUDA_KERNELS=${KERNELS:-0} PREFTUNE_DUMP_FIRST_UPDATE="$work/$t-$shape-$dev.st" "$BIN" --device $dev $t \
             --config "${CONFIG:-examples/$t-tiny.toml}" --set model_name_or_path="$work/$shape" --set max_steps=1 \
             --set output_dir="$work/run-$t-$shape-$dev" "$@" > /dev/null || return 1
         rm -rf "$work/run-$t-$shape-$dev"
@@ -210,6 +213,12 @@ if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
 fi
 want steps && has smollm2-135m && steps_for smollm2-135m
+# The same first updates with preftune's CUDA kernels on the GPU (KERNELS=1 sets
+# PREFTUNE_CUDA_KERNELS=1 for both runs; the CPU ignores it).
+if want kernels && has smollm2-135m; then
+    KERNELS=1 check step-sft-kernels-smollm2-135m step_pair sft smollm2-135m --set max_length=128
+    KERNELS=1 check step-dpo-kernels-smollm2-135m step_pair dpo smollm2-135m
+fi
 want dpo-run && has smollm2-135m && check dpo-run dpo_run
 want steps && has smollm2-135m && check copies-smollm2-135m copies smollm2-135m
 want variants && has smollm2-135m && variants_for smollm2-135m

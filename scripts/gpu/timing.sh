@@ -28,12 +28,12 @@ with_mem() {
 ours() {
     local algo=$1; shift
     rm -rf "$WORK/t-out"
-    "$BIN" --device cuda "$algo" --set model_name_or_path="$model" --set train_file="$data" \
+    PREFTUNE_CUDA_KERNELS=${KERNELS:-0} "$BIN" --device cuda "$algo" --set model_name_or_path="$model" --set train_file="$data" \
         --set output_dir="$WORK/t-out" --set per_device_train_batch_size=$BATCH --set max_length=$MAXLEN \
         --set max_steps=$((STEPS + 2)) --set logging_steps=1 --set save_steps=100000 --set learning_rate=1e-6 \
         --set max_grad_norm=1.0 "$@" > /dev/null || return 1
     rm -rf "$WORK/t-out/model.safetensors" "$WORK/t-out/optimizer.safetensors"
-    $PY - "$WORK/t-out/metrics.jsonl" "$algo" "$*" <<'PY'
+    $PY - "$WORK/t-out/metrics.jsonl" "$algo" "$*${KERNELS:+ PREFTUNE_CUDA_KERNELS=$KERNELS}" <<'PY'
 import json, statistics, sys
 m = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
 el = [r["num_tokens"] / r["train_tokens_per_second"] for r in m]
@@ -52,6 +52,9 @@ for bf in ${PRECISIONS:-false true}; do
     with_mem ours dpo --set bf16=$bf --set precompute_ref_log_probs=true || rc=1
     with_mem env BF16=$b $PY scripts/gpu/reference_steps.py dpo "$model" "$data" $BATCH $MAXLEN $STEPS || rc=1
 done
+# The bf16 steps again with preftune's own CUDA kernels (crates/kernels-cuda).
+KERNELS=1 with_mem ours sft --set bf16=true || rc=1
+KERNELS=1 with_mem ours dpo --set bf16=true --set precompute_ref_log_probs=true || rc=1
 # Sampling: 16 prompts x 64 new tokens at T=1.
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
     --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1

@@ -59,13 +59,22 @@ pub fn cpu_kernels(d: &candle_core::Device) -> bool {
     d.is_cpu() && !PORTABLE.with(|c| c.get())
 }
 
-/// Whether the fused kernels handle `x`: switched on, and either CPU kernels ([`cpu_kernels`])
-/// in f32 or f64, or the CUDA kernels ([`cuda_kernels_apply`]).
+/// Whether the fused CPU kernels handle `x`: switched on, CPU kernels ([`cpu_kernels`]), f32 or
+/// f64.
 pub fn applies(x: &Tensor) -> bool {
     FUSED.load(Ordering::Relaxed)
-        && ((cpu_kernels(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64))
-            || (cuda_kernels_apply(x.device())
-                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)))
+        && cpu_kernels(x.device())
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether RMSNorm, SwiGLU and RoPE on `x` take a fused op: the CPU's ([`applies`]) or, on a GPU,
+/// `preftune-kernels-cuda`'s ([`cuda_kernels_apply`]) in f32, bf16 or f64. (The other fused
+/// ops, attention and the LM head, are CPU-only.)
+pub fn elementwise_applies(x: &Tensor) -> bool {
+    applies(x)
+        || (FUSED.load(Ordering::Relaxed)
+            && cuda_kernels_apply(x.device())
+            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64))
 }
 
 /// Whether tensors on `d` take preftune's own CUDA kernels (`preftune-kernels-cuda`): a CUDA

@@ -1,9 +1,9 @@
 //! `log_softmax(z / temperature)[label]` for rows of logits `z` `[C, V]`, as one op with a
 //! hand-written backward: the LM head's loss on devices without the fused CPU LM head (CUDA).
 //!
-//! Composed from candle ops, it keeps the logits' shifted copy, their exponentials and their
-//! sum for backward (four `[C, V]` f32 tensors besides the logits) and makes about ten passes
-//! over them. This op reads the logits once, keeps one log-sum-exp per row, and writes
+//! Composed from candle ops, it keeps the logits' shifted copy and its exponentials for backward
+//! (and a scaled copy when the temperature is not 1: two or three `[C, V]` f32 tensors besides
+//! the logits) and makes several passes over them. This op reads the logits once, keeps one log-sum-exp per row, and writes
 //! `d z = g / T * (onehot(label) - softmax(z / T))` in one pass in backward. On CUDA it runs
 //! `preftune-kernels-cuda`'s `lse_gather` kernels; on the CPU a plain loop, so that its wiring
 //! is tested here against the composed ops and finite differences.

@@ -31,7 +31,7 @@ pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm as in transformers' `LlamaRMSNorm`: normalise in at least f32, cast back, then scale.
 /// The fused kernel when it applies, else composed.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if kernels::applies(x) && weight.dtype() == x.dtype() {
+    if kernels::elementwise_applies(x) && weight.dtype() == x.dtype() {
         return kernels::rms_norm(x, weight, eps);
     }
     rms_norm_composed(x, weight, eps)

@@ -3,7 +3,7 @@ use super::*;
 
 /// Rotate-half RoPE (transformers' layout). `x`: `[B, H, T, Dh]`; `cos`, `sin`: `[B, 1, T, Dh/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if kernels::applies(x) && cos.dtype() == x.dtype() {
+    if kernels::elementwise_applies(x) && cos.dtype() == x.dtype() {
         return kernels::rope(x, cos, sin);
     }
     rope_composed(x, cos, sin)
