@@ -8,8 +8,10 @@
 //! | SwiGLU | `swiglu_fwd`, `swiglu_bwd` | [`elementwise`] |
 //! | RoPE | `rope` (backward: the same with `-sin`) | [`elementwise`] over `rows * dh / 2` |
 //! | log-softmax + gather | `lse_gather`, `lse_gather_bwd` | [`per_row`], [`elementwise`] over `rows * V` |
+//! | attention in tiles | `flash_fwd`, `flash_bwd_dq`, `flash_bwd_dkdv`, per head size | [`flash_rows`], [`flash_rows`], [`flash_keys`] |
 //!
-//! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64).
+//! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64);
+//! the attention kernels for the head sizes of [`flash_head_sizes`].
 //!
 //! The tests run the same sources on the CPU through a small emulator (`src/cuda/emu`: a
 //! block's threads are OS threads meeting at a barrier), against `preftune-kernels`' CPU loops
@@ -52,6 +54,10 @@ pub enum Kernel {
     Rope,
     LseGather,
     LseGatherBwd,
+    /// Attention in tiles; entry points per head size ([`Kernel::name_for_head`]).
+    FlashFwd,
+    FlashBwdDq,
+    FlashBwdDkdv,
 }
 
 impl Kernel {
@@ -65,6 +71,9 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::LseGather => "lse_gather",
             Kernel::LseGatherBwd => "lse_gather_bwd",
+            Kernel::FlashFwd => "flash_fwd",
+            Kernel::FlashBwdDq => "flash_bwd_dq",
+            Kernel::FlashBwdDkdv => "flash_bwd_dkdv",
         }
     }
 
@@ -74,10 +83,50 @@ impl Kernel {
     }
 }
 
-/// A one-dimensional launch: `grid` blocks of `block` threads (a multiple of 32).
+/// Head sizes the attention kernels are built for, by element type (f64 only up to 64: its
+/// shared tiles would not fit 48 KB).
+pub fn flash_head_sizes(t: Dtype) -> &'static [usize] {
+    match t {
+        Dtype::F32 | Dtype::Bf16 => &[32, 64, 96, 128],
+        Dtype::F64 => &[32, 64],
+    }
+}
+
+impl Kernel {
+    /// The attention kernels' entry point for head size `dh`, e.g. `flash_fwd_bf16_d64`.
+    pub fn name_for_head(self, t: Dtype, dh: usize) -> String {
+        format!("{}_d{dh}", self.name(t))
+    }
+}
+
+/// Query rows a block of the attention forward and dQ kernels (one a thread), keys a block of
+/// the dK/dV kernel (src/cuda/flash.cuh: `FLASH_BR`, `FLASH_BK`).
+const FLASH_BR: usize = 64;
+const FLASH_BK: usize = 32;
+
+/// The attention forward or dQ kernel over `bg` groups of `r` query rows.
+pub fn flash_rows(bg: usize, r: usize) -> Launch {
+    Launch {
+        grid: to_u32(r.div_ceil(FLASH_BR).max(1)),
+        grid_y: to_u32(bg.max(1)),
+        block: FLASH_BR as u32,
+    }
+}
+
+/// The attention dK/dV kernel over `bg` groups of `tk` keys.
+pub fn flash_keys(bg: usize, tk: usize) -> Launch {
+    Launch {
+        grid: to_u32(tk.div_ceil(FLASH_BK).max(1)),
+        grid_y: to_u32(bg.max(1)),
+        block: FLASH_BK as u32,
+    }
+}
+
+/// A launch of `grid` x `grid_y` blocks of `block` threads (a multiple of 32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub grid: u32,
+    pub grid_y: u32,
     pub block: u32,
 }
 
@@ -94,6 +143,7 @@ const MAX_NORM_BWD_GRID: usize = 512;
 pub fn per_row(rows: usize, len: usize) -> Launch {
     Launch {
         grid: to_u32(rows.max(1)),
+        grid_y: 1,
         block: to_u32(len.div_ceil(32).clamp(1, ROW_BLOCK / 32) * 32),
     }
 }
@@ -102,6 +152,7 @@ pub fn per_row(rows: usize, len: usize) -> Launch {
 pub fn elementwise(n: usize) -> Launch {
     Launch {
         grid: to_u32(n.div_ceil(ELEMENTWISE_BLOCK).clamp(1, MAX_GRID)),
+        grid_y: 1,
         block: ELEMENTWISE_BLOCK as u32,
     }
 }
@@ -111,6 +162,7 @@ pub fn elementwise(n: usize) -> Launch {
 pub fn rmsnorm_bwd(rows: usize, d: usize) -> Launch {
     Launch {
         grid: to_u32(rows.clamp(1, MAX_NORM_BWD_GRID)),
+        grid_y: 1,
         block: per_row(1, d).block,
     }
 }
@@ -125,13 +177,28 @@ mod tests {
 
     #[test]
     fn launch_shapes_cover_their_work_in_whole_warps() {
-        assert_eq!(per_row(3, 20), Launch { grid: 3, block: 32 });
-        assert_eq!(per_row(3, 72), Launch { grid: 3, block: 96 });
+        assert_eq!(
+            per_row(3, 20),
+            Launch {
+                grid: 3,
+                grid_y: 1,
+                block: 32
+            }
+        );
+        assert_eq!(
+            per_row(3, 72),
+            Launch {
+                grid: 3,
+                grid_y: 1,
+                block: 96
+            }
+        );
         assert_eq!(per_row(3, 49152).block, 256);
         assert_eq!(
             elementwise(1),
             Launch {
                 grid: 1,
+                grid_y: 1,
                 block: 256
             }
         );
@@ -141,8 +208,29 @@ mod tests {
             rmsnorm_bwd(10_000, 2048),
             Launch {
                 grid: 512,
+                grid_y: 1,
                 block: 256
             }
+        );
+        assert_eq!(
+            flash_rows(6, 65),
+            Launch {
+                grid: 2,
+                grid_y: 6,
+                block: 64
+            }
+        );
+        assert_eq!(
+            flash_keys(6, 65),
+            Launch {
+                grid: 3,
+                grid_y: 6,
+                block: 32
+            }
+        );
+        assert_eq!(
+            Kernel::FlashBwdDq.name_for_head(Dtype::F32, 64),
+            "flash_bwd_dq_f32_d64"
         );
         assert_eq!(
             Kernel::LseGatherBwd.name(Dtype::Bf16),

@@ -5,12 +5,13 @@ use std::ffi::c_void;
 
 use half::bf16;
 use preftune_kernels::fused;
-use preftune_kernels_cuda::{elementwise, per_row, rmsnorm_bwd, Launch};
+use preftune_kernels_cuda::{elementwise, flash_keys, flash_rows, per_row, rmsnorm_bwd, Launch};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 extern "C" {
     fn preftune_emu_launch(
-        grid: u32,
+        grid_x: u32,
+        grid_y: u32,
         block: u32,
         body: extern "C" fn(*mut c_void),
         ctx: *mut c_void,
@@ -73,6 +74,80 @@ extern "C" {
     );
 }
 
+/// The attention kernels' entry points for one element type and head size.
+macro_rules! flash_ffi {
+    ($t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident) => {
+        extern "C" {
+            fn $fwd(
+                q: *const $t,
+                k: *const $t,
+                v: *const $t,
+                mask: *const $t,
+                out: *mut $t,
+                lse: *mut $acc,
+                r: u32,
+                t: u32,
+                tk: u32,
+                groups: u32,
+                scale: f64,
+            );
+            fn $dq(
+                q: *const $t,
+                k: *const $t,
+                v: *const $t,
+                mask: *const $t,
+                out: *const $t,
+                dout: *const $t,
+                lse: *const $acc,
+                dsum: *mut $acc,
+                dq: *mut $t,
+                r: u32,
+                t: u32,
+                tk: u32,
+                groups: u32,
+                scale: f64,
+            );
+            fn $dkdv(
+                q: *const $t,
+                k: *const $t,
+                v: *const $t,
+                mask: *const $t,
+                dout: *const $t,
+                lse: *const $acc,
+                dsum: *const $acc,
+                dk: *mut $t,
+                dv: *mut $t,
+                r: u32,
+                t: u32,
+                tk: u32,
+                groups: u32,
+                scale: f64,
+            );
+        }
+    };
+}
+flash_ffi!(
+    f64,
+    f64,
+    flash_fwd_f64_d32,
+    flash_bwd_dq_f64_d32,
+    flash_bwd_dkdv_f64_d32
+);
+flash_ffi!(
+    f64,
+    f64,
+    flash_fwd_f64_d64,
+    flash_bwd_dq_f64_d64,
+    flash_bwd_dkdv_f64_d64
+);
+flash_ffi!(
+    f32,
+    f32,
+    flash_fwd_f32_d64,
+    flash_bwd_dq_f32_d64,
+    flash_bwd_dkdv_f32_d64
+);
+
 /// Runs `f` as every thread of the launch `l`; `f` calls one kernel entry point.
 fn launch<F: Fn() + Sync>(l: Launch, f: F) {
     extern "C" fn trampoline<F: Fn() + Sync>(ctx: *mut c_void) {
@@ -85,6 +160,7 @@ fn launch<F: Fn() + Sync>(l: Launch, f: F) {
     unsafe {
         preftune_emu_launch(
             l.grid,
+            l.grid_y,
             l.block,
             trampoline::<F>,
             &f as *const F as *mut c_void,
@@ -221,7 +297,14 @@ fn rmsnorm_backward_matches_the_cpu_loop_with_any_number_of_rows_a_block() {
     let mut want = vec![0.0; rows * d + d];
     fused::rms_norm_bwd(&x, &w, &dy, 1e-5, &mut want);
     // the crate's launch (a block a row), and 3 blocks taking 3, 2 and 2 rows
-    for l in [rmsnorm_bwd(rows, d), Launch { grid: 3, block: 32 }] {
+    for l in [
+        rmsnorm_bwd(rows, d),
+        Launch {
+            grid: 3,
+            grid_y: 1,
+            block: 32,
+        },
+    ] {
         let mut dx = vec![0.0; rows * d];
         let mut part = vec![f64::NAN; l.grid as usize * d];
         let mut dw = vec![0.0; d];
@@ -269,7 +352,11 @@ fn swiglu_matches_the_cpu_loops() {
     let (gp, up, dp, op) = (p(&g), p(&u), p(&dy), pm(&mut out));
     // a grid smaller than the work: every thread takes several elements
     run!(
-        Launch { grid: 2, block: 64 },
+        Launch {
+            grid: 2,
+            grid_y: 1,
+            block: 64
+        },
         swiglu_bwd_f64(gp as _, up as _, dp as _, op as _, n)
     );
     assert!(max_diff(&out, &want) < 1e-12);
@@ -429,5 +516,229 @@ fn log_softmax_gather_backward_matches_finite_differences() {
         b[i] -= h;
         let fd = (loss(&a) - loss(&b)) / (2.0 * h);
         assert!((dz[i] - fd).abs() < 1e-7, "dz[{i}] = {} vs {fd}", dz[i]);
+    }
+}
+
+/// An attention problem in the kernels' grouped layout: `bg = b * g` groups of `r = rep * t`
+/// query rows, `tk` keys, head size `dh`, and an additive mask `[b, t, tk]` (causal after `past`
+/// cached keys; batch 1 also pads its first 3 keys) or none.
+struct Attn {
+    b: usize,
+    g: usize,
+    r: usize,
+    t: usize,
+    tk: usize,
+    dh: usize,
+    scale: f64,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    dout: Vec<f64>,
+    mask: Option<Vec<f64>>,
+}
+
+impl Attn {
+    fn new(
+        seed: u64,
+        (b, g, rep, t, past, dh): (usize, usize, usize, usize, usize, usize),
+        masked: bool,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (r, tk) = (rep * t, past + t);
+        let mask = masked.then(|| {
+            let mut m = vec![0.0; b * t * tk];
+            for bi in 0..b {
+                for i in 0..t {
+                    for j in 0..tk {
+                        if j > past + i || (bi == 1 && j < 3) {
+                            m[(bi * t + i) * tk + j] = -1e9;
+                        }
+                    }
+                }
+            }
+            m
+        });
+        Attn {
+            b,
+            g,
+            r,
+            t,
+            tk,
+            dh,
+            scale: 1.0 / (dh as f64).sqrt(),
+            q: randn(&mut rng, b * g * r * dh),
+            k: randn(&mut rng, b * g * tk * dh),
+            v: randn(&mut rng, b * g * tk * dh),
+            dout: randn(&mut rng, b * g * r * dh),
+            mask,
+        }
+    }
+
+    /// Output, log-sum-exp, dQ, dK, dV in f64, from the probabilities written out.
+    fn reference(&self) -> [Vec<f64>; 5] {
+        let (r, tk, dh) = (self.r, self.tk, self.dh);
+        let bg = self.b * self.g;
+        let mut out = vec![0.0; bg * r * dh];
+        let mut lse = vec![0.0; bg * r];
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; out.len()],
+            vec![0.0; self.k.len()],
+            vec![0.0; self.v.len()],
+        );
+        for grp in 0..bg {
+            let bi = grp / self.g;
+            for i in 0..r {
+                let row = grp * r + i;
+                let q = &self.q[row * dh..][..dh];
+                let dout = &self.dout[row * dh..][..dh];
+                let s: Vec<f64> = (0..tk)
+                    .map(|j| {
+                        let kj = &self.k[(grp * tk + j) * dh..][..dh];
+                        let m = self
+                            .mask
+                            .as_ref()
+                            .map_or(0.0, |m| m[(bi * self.t + i % self.t) * tk + j]);
+                        q.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * self.scale + m
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                lse[row] = mx + sum.ln();
+                let p: Vec<f64> = s.iter().map(|x| (x - lse[row]).exp()).collect();
+                for j in 0..tk {
+                    for d in 0..dh {
+                        out[row * dh + d] += p[j] * self.v[(grp * tk + j) * dh + d];
+                    }
+                }
+                let dp: Vec<f64> = (0..tk)
+                    .map(|j| {
+                        dout.iter()
+                            .zip(&self.v[(grp * tk + j) * dh..][..dh])
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    })
+                    .collect();
+                let big_d: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..tk {
+                    let ds = p[j] * (dp[j] - big_d);
+                    for d in 0..dh {
+                        dq[row * dh + d] += self.scale * ds * self.k[(grp * tk + j) * dh + d];
+                        dk[(grp * tk + j) * dh + d] += self.scale * ds * q[d];
+                        dv[(grp * tk + j) * dh + d] += p[j] * dout[d];
+                    }
+                }
+            }
+        }
+        [out, lse, dq, dk, dv]
+    }
+}
+
+/// Runs the three attention kernels of one element type and head size on `a` (converted to
+/// `$t`) and returns output, log-sum-exp, dQ, dK and dV as f64.
+macro_rules! run_flash {
+    ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident) => {{
+        let a: &Attn = $a;
+        let cv = |v: &[f64]| -> Vec<$t> { v.iter().map(|&x| x as $t).collect() };
+        let (q, k, v, dout) = (cv(&a.q), cv(&a.k), cv(&a.v), cv(&a.dout));
+        let mask = a.mask.as_ref().map(|m| cv(m));
+        let bg = a.b * a.g;
+        let (r, t, tk, groups, scale) = (a.r as u32, a.t as u32, a.tk as u32, a.g as u32, a.scale);
+        let mut out = vec![0 as $t; q.len()];
+        let mut lse = vec![0 as $acc; bg * a.r];
+        let (mut dq, mut dk, mut dv) = (
+            vec![0 as $t; q.len()],
+            vec![0 as $t; k.len()],
+            vec![0 as $t; v.len()],
+        );
+        let mut dsum = vec![0 as $acc; bg * a.r];
+        let (qp, kp, vp, gp) = (p(&q), p(&k), p(&v), p(&dout));
+        let mp = mask.as_ref().map_or(0, |m| p(m));
+        let (op, lp) = (pm(&mut out), pm(&mut lse));
+        run!(
+            flash_rows(bg, a.r),
+            $fwd(qp as _, kp as _, vp as _, mp as _, op as _, lp as _, r, t, tk, groups, scale)
+        );
+        let (dqp, dsp) = (pm(&mut dq), pm(&mut dsum));
+        run!(
+            flash_rows(bg, a.r),
+            $dq(
+                qp as _, kp as _, vp as _, mp as _, op as _, gp as _, lp as _, dsp as _, dqp as _,
+                r, t, tk, groups, scale
+            )
+        );
+        let (dkp, dvp) = (pm(&mut dk), pm(&mut dv));
+        run!(
+            flash_keys(bg, a.tk),
+            $dkdv(
+                qp as _, kp as _, vp as _, mp as _, gp as _, lp as _, dsp as _, dkp as _, dvp as _,
+                r, t, tk, groups, scale
+            )
+        );
+        let f = |v: &[$t]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+        let fa = |v: &[$acc]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+        [f(&out), fa(&lse), f(&dq), f(&dk), f(&dv)]
+    }};
+}
+
+const NAMES: [&str; 5] = ["out", "lse", "dq", "dk", "dv"];
+
+/// Grouped-query attention over more than one key tile (37 keys, tiles of 32), with a causal and
+/// padding mask and without one; more than one query block (80 rows, blocks of 64) and many dK/dV
+/// query tiles; head sizes 32 and 64. f64 against the written-out f64 reference.
+#[test]
+fn flash_attention_matches_the_written_out_reference_in_f64() {
+    for (shape, masked) in [
+        ((2, 2, 2, 5, 32, 32), true),
+        ((2, 2, 2, 5, 32, 64), false),
+        ((1, 2, 2, 40, 3, 64), true),
+    ] {
+        let a = Attn::new(9, shape, masked);
+        let want = a.reference();
+        let got = if a.dh == 32 {
+            run_flash!(
+                &a,
+                f64,
+                f64,
+                flash_fwd_f64_d32,
+                flash_bwd_dq_f64_d32,
+                flash_bwd_dkdv_f64_d32
+            )
+        } else {
+            run_flash!(
+                &a,
+                f64,
+                f64,
+                flash_fwd_f64_d64,
+                flash_bwd_dq_f64_d64,
+                flash_bwd_dkdv_f64_d64
+            )
+        };
+        for i in 0..5 {
+            let d = max_diff(&got[i], &want[i]);
+            assert!(
+                d < 1e-10,
+                "{shape:?} masked {masked}: {} differs by {d}",
+                NAMES[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn flash_attention_in_f32_stays_within_f32_rounding() {
+    let a = Attn::new(10, (2, 2, 3, 7, 30, 64), true);
+    let want = a.reference();
+    let got = run_flash!(
+        &a,
+        f32,
+        f32,
+        flash_fwd_f32_d64,
+        flash_bwd_dq_f32_d64,
+        flash_bwd_dkdv_f32_d64
+    );
+    for i in 0..5 {
+        let scale = want[i].iter().fold(0f64, |m, x| m.max(x.abs()));
+        let d = max_diff(&got[i], &want[i]) / scale;
+        assert!(d < 1e-5, "{} differs by {d} relative", NAMES[i]);
     }
 }

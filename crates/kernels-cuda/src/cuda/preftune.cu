@@ -3,3 +3,4 @@
 #include "norm.cuh"
 #include "elementwise.cuh"
 #include "logsoftmax.cuh"
+#include "flash.cuh"
