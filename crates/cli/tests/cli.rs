@@ -3022,6 +3022,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
     assert_eq!(
         ops.into_iter().collect::<Vec<_>>(),
         [
+            "attention",
             "lse_gather",
             "lse_gather_t0.7",
             "rms_norm",
@@ -3029,7 +3030,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 10);
+    assert_eq!(lines.len(), 12);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

@@ -575,6 +575,7 @@ impl Attn {
     }
 
     /// Output, log-sum-exp, dQ, dK, dV in f64, from the probabilities written out.
+    #[allow(clippy::needless_range_loop)]
     fn reference(&self) -> [Vec<f64>; 5] {
         let (r, tk, dh) = (self.r, self.tk, self.dh);
         let bg = self.b * self.g;

@@ -53,11 +53,11 @@ macro_rules! by_dtype {
     };
 }
 
-/// Launches kernel `$k` for element type `$t` with launch shape `$l` and the arguments (each a
+/// Launches the entry point named `$name` with launch shape `$l` and the arguments (each a
 /// reference, in the entry point's order).
 macro_rules! launch {
-    ($dev:expr, $k:expr, $t:expr, $l:expr; $($arg:expr),* $(,)?) => {{
-        let func = $dev.get_or_load_custom_func(&$k.name($t), kc::MODULE, kc::PTX)?;
+    ($dev:expr, $name:expr, $l:expr; $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$name, kc::MODULE, kc::PTX)?;
         let mut builder = func.builder();
         $( builder.arg($arg); )*
         // SAFETY: the arguments follow the entry point's signature in
@@ -69,7 +69,7 @@ macro_rules! launch {
 
 pub(crate) fn config(l: Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (l.grid, 1, 1),
+        grid_dim: (l.grid, l.grid_y, 1),
         block_dim: (l.block, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -124,7 +124,7 @@ pub(crate) fn rms_norm(
         let mut out = unsafe { dev.alloc::<T>(n) }?;
         if n > 0 {
             let du = u32_of(d, "hidden size")?;
-            launch!(dev, Kernel::RmsNormFwd, T::KIND, kc::per_row(n / d, d); &xv, &wv, &mut out, &du, &eps);
+            launch!(dev, Kernel::RmsNormFwd.name(T::KIND), kc::per_row(n / d, d); &xv, &wv, &mut out, &du, &eps);
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -167,11 +167,11 @@ pub(crate) fn rms_norm_bwd(
         let (ru, du, parts) = (u32_of(rows, "rows")?, u32_of(d, "hidden size")?, l.grid);
         {
             let mut dx = out.slice_mut(0..n);
-            launch!(dev, Kernel::RmsNormBwd, T::KIND, l; &xv, &wv, &gv, &mut dx, &mut part, &ru, &du, &eps);
+            launch!(dev, Kernel::RmsNormBwd.name(T::KIND), l; &xv, &wv, &gv, &mut dx, &mut part, &ru, &du, &eps);
         }
         {
             let mut dw = out.slice_mut(n..n + d);
-            launch!(dev, Kernel::ColSum, T::KIND, kc::elementwise(d); &part, &mut dw, &parts, &du);
+            launch!(dev, Kernel::ColSum.name(T::KIND), kc::elementwise(d); &part, &mut dw, &parts, &du);
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -194,7 +194,7 @@ pub(crate) fn swiglu(
         let (gv, uv) = (input::<T>(g, lg, op)?, input::<T>(u, lu, op)?);
         // SAFETY: the grid-stride loop writes every element.
         let mut out = unsafe { dev.alloc::<T>(n) }?;
-        launch!(dev, Kernel::SwigluFwd, T::KIND, kc::elementwise(n); &gv, &uv, &mut out, &n);
+        launch!(dev, Kernel::SwigluFwd.name(T::KIND), kc::elementwise(n); &gv, &uv, &mut out, &n);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             lg.shape().clone(),
@@ -227,7 +227,7 @@ pub(crate) fn swiglu_bwd(
         );
         // SAFETY: the grid-stride loop writes both halves of every element.
         let mut out = unsafe { dev.alloc::<T>(2 * n) }?;
-        launch!(dev, Kernel::SwigluBwd, T::KIND, kc::elementwise(n); &gv, &uv, &dv, &mut out, &n);
+        launch!(dev, Kernel::SwigluBwd.name(T::KIND), kc::elementwise(n); &gv, &uv, &dv, &mut out, &n);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from(2 * n),
@@ -258,7 +258,7 @@ pub(crate) fn rope(
             u32_of(t, "positions")?,
             u32_of(dh, "head size")?,
         );
-        launch!(dev, Kernel::Rope, T::KIND, kc::elementwise(rows * (dh / 2)); &xv, &cv, &sv, &mut out, &rows, &hu, &tu, &du);
+        launch!(dev, Kernel::Rope.name(T::KIND), kc::elementwise(rows * (dh / 2)); &xv, &cv, &sv, &mut out, &rows, &hu, &tu, &du);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             lx.shape().clone(),
@@ -303,7 +303,7 @@ pub(crate) fn lse_gather(
         let mut mean = unsafe { dev.alloc::<<T as Elem>::Acc>(rows) }?;
         if rows > 0 {
             let vu = u32_of(v, "vocabulary")?;
-            launch!(dev, Kernel::LseGather, T::KIND, kc::per_row(rows, v);
+            launch!(dev, Kernel::LseGather.name(T::KIND), kc::per_row(rows, v);
                 &zv, &lv, &mut logp, &mut lse, &mut hit, &mut mean, &vu, &inv_temp);
         }
         let means = CudaStorage::wrap_cuda_slice(mean, dev.clone())
@@ -341,11 +341,125 @@ pub(crate) fn lse_gather_bwd(
         // SAFETY: the grid-stride loop writes every element.
         let mut dz = unsafe { dev.alloc::<T>(rows * v) }?;
         let vu = u32_of(v, "vocabulary")?;
-        launch!(dev, Kernel::LseGatherBwd, T::KIND, kc::elementwise(rows * v);
+        launch!(dev, Kernel::LseGatherBwd.name(T::KIND), kc::elementwise(rows * v);
             &zv, &lv, &gv, &sv, &mut dz, &rows, &vu, &inv_temp);
         Ok((
             CudaStorage::wrap_cuda_slice(dz, dev.clone()),
             lz.shape().clone(),
         ))
+    })
+}
+
+/// The shape of an attention problem in the kernels' grouped layout (crate::flash::Dims).
+pub(crate) use crate::flash::Dims as FlashDims;
+
+/// A tensor argument that may be absent: the kernels take a null pointer for "no mask".
+fn mask_arg<'a, T: Elem>(
+    mask: Option<(&'a CudaStorage, &Layout)>,
+    op: &str,
+) -> Result<Option<CudaView<'a, T>>> {
+    mask.map(|(s, l)| input::<T>(s, l, op)).transpose()
+}
+
+/// Attention forward: the output `[bg, r, dh]` and each row's log-sum-exp.
+pub(crate) fn flash_fwd(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    d: FlashDims,
+    scale: f64,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let op = "flash-attention";
+    let dev = &q.device;
+    by_dtype!(q.dtype(), op, |T| {
+        let name = Kernel::FlashFwd.name_for_head(T::KIND, d.dh);
+        let (qv, kv, vv) = (
+            input::<T>(q, lq, op)?,
+            input::<T>(k, lk, op)?,
+            input::<T>(v, lv, op)?,
+        );
+        let mv = mask_arg::<T>(mask, op)?;
+        // SAFETY: every live query row's thread writes its output row and log-sum-exp, and the
+        // launch covers every row.
+        let mut out = unsafe { dev.alloc::<T>(d.bg * d.r * d.dh) }?;
+        // SAFETY: as above.
+        let mut lse = unsafe { dev.alloc::<<T as Elem>::Acc>(d.bg * d.r) }?;
+        let (r, t, tk, g) = d.u32s()?;
+        let l = kc::flash_rows(d.bg, d.r);
+        match &mv {
+            Some(m) => {
+                launch!(dev, name, l; &qv, &kv, &vv, m, &mut out, &mut lse, &r, &t, &tk, &g, &scale)
+            }
+            None => {
+                launch!(dev, name, l; &qv, &kv, &vv, &0u64, &mut out, &mut lse, &r, &t, &tk, &g, &scale)
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            CudaStorage::wrap_cuda_slice(lse, dev.clone()),
+        ))
+    })
+}
+
+/// Attention backward: `dq`, `dk`, `dv` flattened one after another.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_bwd(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    (out, lo): (&CudaStorage, &Layout),
+    (dout, ldo): (&CudaStorage, &Layout),
+    (lse, ll): (&CudaStorage, &Layout),
+    d: FlashDims,
+    scale: f64,
+) -> Result<CudaStorage> {
+    let op = "flash-attention-bwd";
+    let dev = &q.device;
+    by_dtype!(q.dtype(), op, |T| {
+        let (qv, kv, vv) = (
+            input::<T>(q, lq, op)?,
+            input::<T>(k, lk, op)?,
+            input::<T>(v, lv, op)?,
+        );
+        let (ov, gv) = (input::<T>(out, lo, op)?, input::<T>(dout, ldo, op)?);
+        let lsev = view::<<T as Elem>::Acc>(lse, ll, op)?;
+        let mv = mask_arg::<T>(mask, op)?;
+        let (nq, nk) = (d.bg * d.r * d.dh, d.bg * d.tk * d.dh);
+        // SAFETY: the dQ kernel writes every query row's gradient and D, the dK/dV kernel every
+        // key's two gradients.
+        let mut grads = unsafe { dev.alloc::<T>(nq + 2 * nk) }?;
+        // SAFETY: as above.
+        let mut dsum = unsafe { dev.alloc::<<T as Elem>::Acc>(d.bg * d.r) }?;
+        let (r, t, tk, g) = d.u32s()?;
+        {
+            let name = Kernel::FlashBwdDq.name_for_head(T::KIND, d.dh);
+            let l = kc::flash_rows(d.bg, d.r);
+            let mut dq = grads.slice_mut(0..nq);
+            match &mv {
+                Some(m) => {
+                    launch!(dev, name, l; &qv, &kv, &vv, m, &ov, &gv, &lsev, &mut dsum, &mut dq, &r, &t, &tk, &g, &scale)
+                }
+                None => {
+                    launch!(dev, name, l; &qv, &kv, &vv, &0u64, &ov, &gv, &lsev, &mut dsum, &mut dq, &r, &t, &tk, &g, &scale)
+                }
+            }
+        }
+        {
+            let name = Kernel::FlashBwdDkdv.name_for_head(T::KIND, d.dh);
+            let l = kc::flash_keys(d.bg, d.tk);
+            let (mut head, mut dv) = grads.split_at_mut(nq + nk);
+            let (_, mut dk) = head.split_at_mut(nq);
+            match &mv {
+                Some(m) => {
+                    launch!(dev, name, l; &qv, &kv, &vv, m, &gv, &lsev, &dsum, &mut dk, &mut dv, &r, &t, &tk, &g, &scale)
+                }
+                None => {
+                    launch!(dev, name, l; &qv, &kv, &vv, &0u64, &gv, &lsev, &dsum, &mut dk, &mut dv, &r, &t, &tk, &g, &scale)
+                }
+            }
+        }
+        Ok(CudaStorage::wrap_cuda_slice(grads, dev.clone()))
     })
 }

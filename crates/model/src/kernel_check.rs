@@ -122,7 +122,8 @@ fn compare(
 }
 
 /// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
-/// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences.
+/// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences. On the CPU, attention
+/// and the log-softmax + gather run their reference loops (their kernels are the GPU's).
 pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
     let mut rng = StdRng::seed_from_u64(0);
     let mut out = vec![];
@@ -170,6 +171,48 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             &mut rng,
         )?);
 
+        // Attention: 2 sequences, 3 KV groups of 3 query heads, 150 positions, causal, with 7
+        // keys in the middle of the second sequence padded (as in packed or prefix-shared
+        // batches; no row is wholly masked: a padding row's output is never used, and composed
+        // ops round its uniform scores differently in f32 and f64).
+        let (b, groups, rep, t, dh) = (2, 3, 3, 150, 64);
+        let q = input(&mut rng, &[b, groups, rep * t, dh], 1.0, dtype, dev)?;
+        let k = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
+        let v = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
+        let mut m = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (bi == 1 && (20..27).contains(&j)) {
+                        m[(bi * t + i) * t + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let composed = |x: &[Tensor]| {
+            let scores = (x[0].matmul(&x[1].t()?)? * scale)?.reshape((b, groups * rep, t, t))?;
+            ops::softmax_last(&scores.broadcast_add(&mask)?)?
+                .to_dtype(dtype)?
+                .reshape((b, groups, rep * t, t))?
+                .matmul(&x[2])
+        };
+        let fused = |x: &[Tensor]| {
+            crate::flash::flash_attention(&x[0], &x[1], &x[2], t, scale, Some(&mask))
+        };
+        out.push(compare(
+            "attention",
+            dtype,
+            dev,
+            (&fused, &composed),
+            &[q, k, v],
+            3,
+            &mut rng,
+        )?);
+
         let (rows, vocab) = (48, 49152);
         let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;
         let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
@@ -209,7 +252,7 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        assert_eq!(ops.len(), 2 * 5, "{ops:?}");
+        assert_eq!(ops.len(), 2 * 6, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }

@@ -77,6 +77,30 @@ pub fn elementwise_applies(x: &Tensor) -> bool {
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64))
 }
 
+/// Whether attention with queries `q` (head size `dh`) runs as [`crate::flash::flash_attention`]:
+/// on a GPU with [`cuda_kernels_apply`], in f32, bf16 or f64, at a head size the kernels are
+/// built for (`preftune_kernels_cuda::flash_head_sizes`).
+pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use preftune_kernels_cuda::{flash_head_sizes, Dtype};
+        let kind = match q.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::BF16 => Dtype::Bf16,
+            DType::F64 => Dtype::F64,
+            _ => return false,
+        };
+        FUSED.load(Ordering::Relaxed)
+            && cuda_kernels_apply(q.device())
+            && flash_head_sizes(kind).contains(&dh)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, dh);
+        false
+    }
+}
+
 /// Whether tensors on `d` take preftune's own CUDA kernels (`preftune-kernels-cuda`): a CUDA
 /// device in a `cuda` build, with `PREFTUNE_CUDA_KERNELS=1`. Off by default until
 /// `scripts/gpu-check.sh` has compared them with the composed ops on a GPU; without them every
@@ -94,6 +118,32 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -
         Some((a, b)) => Ok(&data[a..b]),
         None => Err(Error::Msg(format!("{op}: inputs must be contiguous"))),
     }
+}
+
+/// The contiguous values of a CPU storage of any float type, as f64: the exact reference loops of
+/// ops whose real kernels run on the GPU ([`crate::lse_gather`], [`crate::flash`]).
+pub(crate) fn cpu_as_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: inputs must be contiguous")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].iter().map(|&x| x as f64).collect(),
+        CpuStorage::F64(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        _ => return Err(Error::Msg(format!("{op}: float inputs expected"))),
+    })
+}
+
+/// `values` as a CPU storage of `dtype` (a float type).
+pub(crate) fn cpu_from_f64(values: Vec<f64>, dtype: DType, op: &str) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F64 => CpuStorage::F64(values),
+        DType::F32 => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f64).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(half::f16::from_f64).collect()),
+        other => return Err(Error::Msg(format!("{op}: no {other:?} output"))),
+    })
 }
 
 /// Dispatches a kernel generic over `Real` on the dtype of the first storage.

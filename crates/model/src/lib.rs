@@ -9,6 +9,7 @@ pub mod config;
 mod cuda_kernels;
 pub mod device;
 pub mod error;
+pub mod flash;
 pub mod fused;
 pub mod generate;
 pub mod gguf;

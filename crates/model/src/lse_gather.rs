@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 
 use crate::fused::RowStats;
+use crate::kernels::{cpu_as_f64, cpu_from_f64};
 
 /// Log-probs `[C]` (f32; f64 for f64 logits) of `labels` under `logits` `[C, V]` scaled by
 /// `1 / temperature`, with each row's top-1 hit and mean scaled logit.
@@ -64,33 +65,8 @@ fn acc(dtype: DType) -> DType {
     }
 }
 
-/// The contiguous values of a CPU storage as f64 (logits of any float type; gradients).
-fn cpu_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("lse_gather: inputs must be contiguous".into()))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| x as f64).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        _ => return Err(Error::Msg("lse_gather: float inputs expected".into())),
-    })
-}
-
 fn cpu_labels<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     crate::kernels::slice::<u32>(s, l, "lse_gather")
-}
-
-/// `values` as a CPU storage of `dtype`.
-fn cpu_storage(values: Vec<f64>, dtype: DType) -> Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F64 => CpuStorage::F64(values),
-        DType::F32 => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
-        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f64).collect()),
-        DType::F16 => CpuStorage::F16(values.into_iter().map(half::f16::from_f64).collect()),
-        other => return Err(Error::Msg(format!("lse_gather: no {other:?} output"))),
-    })
 }
 
 impl CustomOp2 for LseGather {
@@ -106,7 +82,7 @@ impl CustomOp2 for LseGather {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (c, v) = l1.shape().dims2()?;
-        let z = cpu_f64(s1, l1)?;
+        let z = cpu_as_f64(s1, l1, self.name())?;
         let labels = cpu_labels(s2, l2)?;
         let (mut logp, mut lse) = (Vec::with_capacity(c), Vec::with_capacity(c));
         let mut stats = RowStats::default();
@@ -129,7 +105,7 @@ impl CustomOp2 for LseGather {
         let dtype = acc(s1.dtype());
         let lse = Tensor::from_vec(lse, c, &candle_core::Device::Cpu)?.to_dtype(dtype)?;
         self.keep(lse, stats);
-        Ok((cpu_storage(logp, dtype)?, Shape::from(c)))
+        Ok((cpu_from_f64(logp, dtype, self.name())?, Shape::from(c)))
     }
 
     #[cfg(feature = "cuda")]
@@ -199,9 +175,9 @@ impl CustomOp3 for LseGatherBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let z = cpu_f64(s1, l1)?;
+        let z = cpu_as_f64(s1, l1, self.name())?;
         let labels = cpu_labels(s2, l2)?;
-        let g = cpu_f64(s3, l3)?;
+        let g = cpu_as_f64(s3, l3, self.name())?;
         let lse = self.lse.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let mut dz = Vec::with_capacity(z.len());
         for (r, row) in z.chunks(v.max(1)).enumerate() {
@@ -211,7 +187,10 @@ impl CustomOp3 for LseGatherBwd {
                 dz.push(g[r] * self.inv_temp * (hot - p));
             }
         }
-        Ok((cpu_storage(dz, s1.dtype())?, l1.shape().clone()))
+        Ok((
+            cpu_from_f64(dz, s1.dtype(), self.name())?,
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]

@@ -1390,6 +1390,10 @@ impl Attention {
             && rep * t <= kernels::UNTRACKED_MAX_ROWS
         {
             kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
+        } else if self.softcap.is_none() && kernels::flash_applies(&q, hd) {
+            // On a GPU with preftune's kernels: no scores or probabilities are stored.
+            let mask = mask.and_then(|(_, t)| t.as_ref());
+            crate::flash::flash_attention(&q, &k, &v, t, scale, mask)?
         } else {
             let probs = if kernel {
                 kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
