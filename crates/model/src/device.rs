@@ -141,7 +141,12 @@ fn open_cuda_once(ordinal: usize) -> Result<Device, String> {
     }
     // cudarc panics when a library it needs cannot be loaded after all; keep that an error.
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
-        Ok(Ok(d)) => Ok(d),
+        Ok(Ok(d)) => {
+            if let Device::Cuda(c) = &d {
+                keep_freed_memory(c);
+            }
+            Ok(d)
+        }
         Ok(Err(e)) => Err(format!("no GPU {ordinal}: {e}")),
         Err(p) => Err(format!(
             "CUDA failed to start: {}",
@@ -151,6 +156,33 @@ fn open_cuda_once(ordinal: usize) -> Result<Device, String> {
                 .unwrap_or("panic")
         )),
     }
+}
+
+/// Makes the GPU's default memory pool keep what is freed instead of handing it back to the
+/// driver at every synchronisation (its default release threshold is 0). candle allocates every
+/// tensor from that pool (stream-ordered `cuMemAllocAsync`), and a training step synchronises
+/// when it reads the loss; without this, each step maps its activations' memory afresh. This is
+/// what PyTorch's caching allocator does. On failure (a driver without memory pools) nothing
+/// changes: allocation still works, only slower.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let ctx = d.cuda_stream().context().clone();
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut threshold = u64::MAX;
+    // SAFETY: `cu_device` is the device of a live context; the release-threshold attribute takes
+    // a pointer to a u64, which `threshold` is, and the call only reads it.
+    let _ = unsafe {
+        result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        })
+    };
 }
 
 /// Host-to-device and device-to-host copies made by the CUDA backend in this process so far:
