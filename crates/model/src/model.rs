@@ -1390,8 +1390,10 @@ impl Attention {
             && rep * t <= kernels::UNTRACKED_MAX_ROWS
         {
             kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
-        } else if self.softcap.is_none() && kernels::flash_applies(&q, hd) {
-            // On a GPU with preftune's kernels: no scores or probabilities are stored.
+        } else if t > 1 && self.softcap.is_none() && kernels::flash_applies(&q, hd) {
+            // On a GPU with preftune's kernels: no scores or probabilities are stored. Not for
+            // decoding steps (t = 1): a block a KV group would walk the whole cache alone, where
+            // the composed products spread it over the GPU.
             let mask = mask.and_then(|(_, t)| t.as_ref());
             crate::flash::flash_attention(&q, &k, &v, t, scale, mask)?
         } else {

@@ -16,6 +16,12 @@
 #define FLASH_BC 32  // keys a shared tile: forward and dQ
 #define FLASH_BK 32  // keys a block (one a thread): dK and dV
 
+// Padding of the dK/dV kernel's key rows in shared memory: there each thread reads its own row,
+// so unpadded rows of DH values would put every lane's element d in one bank (32-way conflicts).
+// With rows 4 bytes longer, lane i's element sits i words further on.
+template <class T> struct FlashPad {
+    static const int value = sizeof(T) >= 4 ? 1 : 4 / (int)sizeof(T);
+};
 // Query rows a shared tile in the dK/dV kernel (shared memory stays under 48 KB up to f64 at 64).
 template <int DH> struct FlashBq {
     static const int value = 512 / DH < 4 ? 4 : 512 / DH;
@@ -30,9 +36,10 @@ __device__ __forceinline__ const T* mask_row(const T* mask, size_t bg, unsigned 
     return mask ? mask + ((bg / groups) * t + r % t) * (size_t)tk : nullptr;
 }
 
-// Copies rows [row0, row0 + n) of a [., DH] tensor into a shared tile, all threads together.
-template <class T, int DH>
-__device__ __forceinline__ void load_tile(T (*tile)[DH], const T* src, size_t row0, unsigned n) {
+// Copies rows [row0, row0 + n) of a [., DH] tensor into a shared tile of rows W >= DH wide,
+// all threads together.
+template <class T, int DH, int W>
+__device__ __forceinline__ void load_tile(T (*tile)[W], const T* src, size_t row0, unsigned n) {
     const T* s = src + row0 * DH;
     for (unsigned i = threadIdx.x; i < n * DH; i += blockDim.x) tile[i / DH][i % DH] = s[i];
 }
@@ -149,8 +156,8 @@ __device__ void flash_bwd_dkdv(const T* q, const T* k, const T* v, const T* mask
                                unsigned t, unsigned tk, unsigned groups, double scale_) {
     typedef typename AccOf<T>::type A;
     const int BQ = FlashBq<DH>::value;
-    __shared__ T kt[FLASH_BK][DH];
-    __shared__ T vt[FLASH_BK][DH];
+    __shared__ T kt[FLASH_BK][DH + FlashPad<T>::value];
+    __shared__ T vt[FLASH_BK][DH + FlashPad<T>::value];
     __shared__ T qs[FlashBq<DH>::value][DH];
     __shared__ T dos[FlashBq<DH>::value][DH];
     __shared__ A ls[FlashBq<DH>::value];
