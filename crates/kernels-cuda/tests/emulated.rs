@@ -743,3 +743,53 @@ fn flash_attention_in_f32_stays_within_f32_rounding() {
         assert!(d < 1e-5, "{} differs by {d} relative", NAMES[i]);
     }
 }
+
+/// `-inf` masks and logits: a key tile wholly at `-inf` before finite ones, and `-inf` logits
+/// first in a thread's share of a row, add nothing instead of NaN.
+#[test]
+fn minus_infinity_adds_nothing() {
+    let mut a = Attn::new(11, (2, 1, 2, 3, 34, 32), true);
+    let (t, tk) = (a.t, a.tk);
+    if let Some(m) = a.mask.as_mut() {
+        for i in 0..t {
+            for j in 0..32 {
+                m[(t + i) * tk + j] = f64::NEG_INFINITY; // batch 1: the whole first key tile
+            }
+        }
+    }
+    let want = a.reference();
+    let got = run_flash!(
+        &a,
+        f64,
+        f64,
+        flash_fwd_f64_d32,
+        flash_bwd_dq_f64_d32,
+        flash_bwd_dkdv_f64_d32
+    );
+    for i in 0..5 {
+        assert!(
+            got[i].iter().all(|x| x.is_finite()),
+            "{} has NaN or inf",
+            NAMES[i]
+        );
+        let d = max_diff(&got[i], &want[i]);
+        assert!(d < 1e-10, "{} differs by {d}", NAMES[i]);
+    }
+
+    // 600 logits over 256 threads: threads 0..39 meet their -inf before finite values
+    let v = 600;
+    let mut z = randn(&mut StdRng::seed_from_u64(12), 2 * v);
+    for x in &mut z[..40] {
+        *x = f64::NEG_INFINITY;
+    }
+    let labels = [50u32, 3];
+    let o = lse_gather(&z, &labels, v, 1.0);
+    for r in 0..2 {
+        let (lp, ..) = lse_reference(&z[r * v..][..v], labels[r] as usize, 1.0);
+        assert!(
+            (o.logp[r] - lp).abs() < 1e-12,
+            "row {r}: {} vs {lp}",
+            o.logp[r]
+        );
+    }
+}

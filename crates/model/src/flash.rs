@@ -48,7 +48,16 @@ pub fn flash_attention(
 ) -> Result<Tensor> {
     let (b, groups, r, dh) = q.dims4()?;
     let (_, _, tk, _) = k.dims4()?;
-    if k.dims() != [b, groups, tk, dh] || v.dims() != k.dims() || t == 0 || r % t != 0 {
+    // The kernels take batch x groups on the grid's y axis (at most 65535 blocks) and assume
+    // at least one query row and key.
+    let empty = b * groups == 0 || r == 0 || tk == 0 || dh == 0;
+    if k.dims() != [b, groups, tk, dh]
+        || v.dims() != k.dims()
+        || t == 0
+        || r % t != 0
+        || empty
+        || b * groups > 65535
+    {
         return Err(Error::Msg(format!(
             "flash_attention: q {:?}, k {:?}, v {:?}, t {t}",
             q.dims(),

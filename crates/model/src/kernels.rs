@@ -73,6 +73,7 @@ pub fn applies(x: &Tensor) -> bool {
 pub fn elementwise_applies(x: &Tensor) -> bool {
     applies(x)
         || (FUSED.load(Ordering::Relaxed)
+            && x.elem_count() > 0
             && cuda_kernels_apply(x.device())
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64))
 }

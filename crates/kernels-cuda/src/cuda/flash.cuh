@@ -80,11 +80,13 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, const T* mask, T* 
             s[j] = x;
             mt = max_(mt, x);
         }
-        const A corr = exp_(m - mt);  // 0 on the first tile (m = -inf)
+        // Nothing seen yet (m = -inf): nothing to rescale. A tile of -inf scores so far
+        // (mt = -inf) adds nothing; exp(-inf - -inf) would be NaN.
+        const A corr = m == neg_inf<A>() ? A(0) : exp_(m - mt);
         l *= corr;
         for (int d = 0; d < DH; ++d) o[d] *= corr;
         for (unsigned j = 0; j < n; ++j) {
-            const A p = exp_(s[j] - mt);
+            const A p = mt == neg_inf<A>() ? A(0) : exp_(s[j] - mt);
             l += p;
             for (int d = 0; d < DH; ++d) o[d] += p * to_acc(vs[j][d]);
         }

@@ -23,7 +23,7 @@ __device__ void lse_gather(const T* z, const unsigned* labels, typename AccOf<T>
             s = s * exp_(m - x) + A(1);
             m = x;
             arg = i;
-        } else {
+        } else if (x > neg_inf<A>()) {  // a -inf logit adds nothing (and -inf - -inf is NaN)
             s += exp_(x - m);
         }
     }
