@@ -3023,6 +3023,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
         ops.into_iter().collect::<Vec<_>>(),
         [
             "attention",
+            "attention_bf16_products",
             "lse_gather",
             "lse_gather_t0.7",
             "rms_norm",
@@ -3030,7 +3031,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 12);
+    assert_eq!(lines.len(), 13);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

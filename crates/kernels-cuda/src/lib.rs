@@ -58,6 +58,8 @@ pub enum Kernel {
     FlashFwd,
     FlashBwdDq,
     FlashBwdDkdv,
+    /// The attention forward on tensor cores (bf16 products), head size 64 only.
+    FlashFwdTc,
 }
 
 impl Kernel {
@@ -74,6 +76,7 @@ impl Kernel {
             Kernel::FlashFwd => "flash_fwd",
             Kernel::FlashBwdDq => "flash_bwd_dq",
             Kernel::FlashBwdDkdv => "flash_bwd_dkdv",
+            Kernel::FlashFwdTc => "flash_fwd_tc",
         }
     }
 
@@ -110,6 +113,20 @@ pub fn flash_rows(bg: usize, r: usize) -> Launch {
         grid: to_u32(r.div_ceil(FLASH_BR).max(1)),
         grid_y: to_u32(bg.max(1)),
         block: FLASH_BR as u32,
+    }
+}
+
+/// Query rows a block of the tensor-core forward (4 warps of 16; src/cuda/flash_tc.cuh), and
+/// the one head size it is built for (f32 and bf16 inputs).
+const FLASH_TC_BR: usize = 64;
+pub const FLASH_TC_HEAD_SIZE: usize = 64;
+
+/// The tensor-core attention forward over `bg` groups of `r` query rows: 4 warps a block.
+pub fn flash_tc_rows(bg: usize, r: usize) -> Launch {
+    Launch {
+        grid: to_u32(r.div_ceil(FLASH_TC_BR).max(1)),
+        grid_y: to_u32(bg.max(1)),
+        block: 128,
     }
 }
 

@@ -5,7 +5,9 @@ use std::ffi::c_void;
 
 use half::bf16;
 use preftune_kernels::fused;
-use preftune_kernels_cuda::{elementwise, flash_keys, flash_rows, per_row, rmsnorm_bwd, Launch};
+use preftune_kernels_cuda::{
+    elementwise, flash_keys, flash_rows, flash_tc_rows, per_row, rmsnorm_bwd, Launch,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 extern "C" {
@@ -147,6 +149,22 @@ flash_ffi!(
     flash_bwd_dq_f32_d64,
     flash_bwd_dkdv_f32_d64
 );
+
+extern "C" {
+    fn flash_fwd_tc_f32_d64(
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        mask: *const f32,
+        out: *mut f32,
+        lse: *mut f32,
+        r: u32,
+        t: u32,
+        tk: u32,
+        groups: u32,
+        scale: f64,
+    );
+}
 
 /// Runs `f` as every thread of the launch `l`; `f` calls one kernel entry point.
 fn launch<F: Fn() + Sync>(l: Launch, f: F) {
@@ -791,5 +809,45 @@ fn minus_infinity_adds_nothing() {
             "row {r}: {} vs {lp}",
             o.logp[r]
         );
+    }
+}
+
+/// The tensor-core forward (bf16 products, f32 sums, bf16 probabilities for P V) against the
+/// f64 reference on the same bf16-rounded Q, K, V: within bf16's rounding of the probabilities.
+/// 80 query rows (a full and a partial block of 64), 70 keys (a full and a partial tile of 64),
+/// grouped heads, with the causal and padding mask and without.
+#[test]
+fn tensor_core_attention_forward_matches_the_reference_within_bf16_rounding() {
+    for masked in [true, false] {
+        let mut a = Attn::new(13, (2, 2, 2, 40, 30, 64), masked);
+        let round = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64());
+        round(&mut a.q);
+        round(&mut a.k);
+        round(&mut a.v);
+        let want = a.reference();
+        let cv = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+        let (q, k, v) = (cv(&a.q), cv(&a.k), cv(&a.v));
+        let mask = a.mask.as_ref().map(|m| cv(m));
+        let bg = a.b * a.g;
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; bg * a.r];
+        let (qp, kp, vp) = (p(&q), p(&k), p(&v));
+        let mp = mask.as_ref().map_or(0, |m| p(m));
+        let (op, lp) = (pm(&mut out), pm(&mut lse));
+        let (r, t, tk, g, scale) = (a.r as u32, a.t as u32, a.tk as u32, a.g as u32, a.scale);
+        run!(
+            flash_tc_rows(bg, a.r),
+            flash_fwd_tc_f32_d64(
+                qp as _, kp as _, vp as _, mp as _, op as _, lp as _, r, t, tk, g, scale
+            )
+        );
+        let out: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+        let lse: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+        let scale_o = want[0].iter().fold(0f64, |m, x| m.max(x.abs()));
+        let d = max_diff(&out, &want[0]) / scale_o;
+        assert!(d < 8e-3, "masked {masked}: output differs by {d} relative");
+        assert!(d > 0.0, "bf16 probabilities should round somewhere");
+        let dl = max_diff(&lse, &want[1]);
+        assert!(dl < 1e-4, "masked {masked}: log-sum-exp differs by {dl}");
     }
 }

@@ -369,11 +369,28 @@ pub(crate) fn flash_fwd(
     mask: Option<(&CudaStorage, &Layout)>,
     d: FlashDims,
     scale: f64,
+    tensor_cores: bool,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let op = "flash-attention";
     let dev = &q.device;
+    if tensor_cores && (d.dh != kc::FLASH_TC_HEAD_SIZE || q.dtype() == DType::F64) {
+        return Err(Error::Msg(format!(
+            "{op}: no tensor-core kernel for head size {} in {:?}",
+            d.dh,
+            q.dtype()
+        )));
+    }
     by_dtype!(q.dtype(), op, |T| {
-        let name = Kernel::FlashFwd.name_for_head(T::KIND, d.dh);
+        let (name, l) = match tensor_cores {
+            true => (
+                Kernel::FlashFwdTc.name_for_head(T::KIND, d.dh),
+                kc::flash_tc_rows(d.bg, d.r),
+            ),
+            false => (
+                Kernel::FlashFwd.name_for_head(T::KIND, d.dh),
+                kc::flash_rows(d.bg, d.r),
+            ),
+        };
         let (qv, kv, vv) = (
             input::<T>(q, lq, op)?,
             input::<T>(k, lk, op)?,
@@ -386,7 +403,6 @@ pub(crate) fn flash_fwd(
         // SAFETY: as above.
         let mut lse = unsafe { dev.alloc::<<T as Elem>::Acc>(d.bg * d.r) }?;
         let (r, t, tk, g) = d.u32s()?;
-        let l = kc::flash_rows(d.bg, d.r);
         match &mv {
             Some(m) => {
                 launch!(dev, name, l; &qv, &kv, &vv, m, &mut out, &mut lse, &r, &t, &tk, &g, &scale)

@@ -83,20 +83,42 @@ pub fn flash_attention(
         tk,
         dh,
     };
+    // Under bf16 products, an untracked pass (sampling, reference log-probs, scoring) takes the
+    // tensor-core forward; a tracked one keeps the f32 kernels its backward recomputes with.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let tensor_cores = !tracked
+        && crate::ops::bf16_enabled()
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && tensor_core_head_size(dh);
     let op = FlashAttention {
         dims,
         scale,
         mask,
+        tensor_cores,
         lse: Default::default(),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// Whether the tensor-core forward is built for head size `dh`.
+fn tensor_core_head_size(dh: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return dh == preftune_kernels_cuda::FLASH_TC_HEAD_SIZE;
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dh;
+        false
+    }
+}
+
 struct FlashAttention {
     dims: Dims,
     scale: f64,
     mask: Option<Tensor>,
+    /// The forward on tensor cores (bf16 products; untracked passes only, so no backward).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    tensor_cores: bool,
     /// Each query row's log-sum-exp, from the forward pass for backward.
     lse: Arc<Mutex<Option<Tensor>>>,
 }
@@ -271,6 +293,7 @@ impl CustomOp3 for FlashAttention {
             mask,
             self.dims,
             self.scale,
+            self.tensor_cores,
         )?;
         let lse = Tensor::from_storage(
             candle_core::Storage::Cuda(lse),

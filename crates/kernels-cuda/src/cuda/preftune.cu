@@ -4,3 +4,4 @@
 #include "elementwise.cuh"
 #include "logsoftmax.cuh"
 #include "flash.cuh"
+#include "flash_tc.cuh"

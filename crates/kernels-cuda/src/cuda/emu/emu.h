@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 struct dim3 {
     unsigned x, y, z;
@@ -66,3 +67,80 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
+
+// Warp-level matrix products (nvcuda::wmma) for the tensor-core kernels. Each thread holds the
+// whole 16 x 16 tile (the hardware spreads it over the warp's lanes in an unspecified layout,
+// which the kernels never rely on), computes the whole product, and only lane 0 stores it; the
+// kernels call __syncwarp() before reading what a store wrote, as they must on a GPU.
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync(); }
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
+    static const int rows = std::is_same<Use, matrix_b>::value ? K : M;
+    static const int cols = std::is_same<Use, matrix_a>::value ? K : N;
+    static const int num_elements = rows * cols;
+    float x[rows * cols];  // values as f32 (bf16 operands are exact in f32)
+};
+
+template <class Use, int M, int N, int K, class T, class L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+inline float emu_value(float v) { return v; }
+inline float emu_value(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Operand tiles: element (r, c) of the tile at p[r * ldm + c] (row_major) or p[c * ldm + r].
+template <class Use, int M, int N, int K, class T, class L, class P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+    typedef fragment<Use, M, N, K, T, L> F;
+    const bool row = std::is_same<L, row_major>::value;
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c)
+            f.x[r * F::cols + c] = emu_value(row ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]);
+}
+
+// Accumulator tiles name their layout when loaded and stored.
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c)
+            f.x[r * N + c] = layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                              layout_t layout) {
+    if (threadIdx.x % 32 != 0) return;
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c)
+            (layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) = f.x[r * N + c];
+}
+
+// d = a b + c, summed in f32 in k order.
+template <int M, int N, int K, class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+    float out[M * N];
+    for (int m = 0; m < M; ++m)
+        for (int n = 0; n < N; ++n) {
+            float s = c.x[m * N + n];
+            for (int k = 0; k < K; ++k) s = std::fma(a.x[m * K + k], b.x[k * N + n], s);
+            out[m * N + n] = s;
+        }
+    for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+#define __align__(n) __attribute__((aligned(n)))
