@@ -58,8 +58,10 @@ pub enum Kernel {
     FlashFwd,
     FlashBwdDq,
     FlashBwdDkdv,
-    /// The attention forward on tensor cores (bf16 products), head size 64 only.
+    /// The attention forward and backward on tensor cores (bf16 products), head size 64 only.
     FlashFwdTc,
+    FlashBwdDqTc,
+    FlashBwdDkdvTc,
 }
 
 impl Kernel {
@@ -77,6 +79,8 @@ impl Kernel {
             Kernel::FlashBwdDq => "flash_bwd_dq",
             Kernel::FlashBwdDkdv => "flash_bwd_dkdv",
             Kernel::FlashFwdTc => "flash_fwd_tc",
+            Kernel::FlashBwdDqTc => "flash_bwd_dq_tc",
+            Kernel::FlashBwdDkdvTc => "flash_bwd_dkdv_tc",
         }
     }
 
@@ -121,10 +125,20 @@ pub fn flash_rows(bg: usize, r: usize) -> Launch {
 const FLASH_TC_BR: usize = 64;
 pub const FLASH_TC_HEAD_SIZE: usize = 64;
 
-/// The tensor-core attention forward over `bg` groups of `r` query rows: 4 warps a block.
+/// The tensor-core attention forward and dQ kernels over `bg` groups of `r` query rows: 4 warps
+/// of 16 rows a block.
 pub fn flash_tc_rows(bg: usize, r: usize) -> Launch {
     Launch {
         grid: to_u32(r.div_ceil(FLASH_TC_BR).max(1)),
+        grid_y: to_u32(bg.max(1)),
+        block: 128,
+    }
+}
+
+/// The tensor-core dK/dV kernel over `bg` groups of `tk` keys: 4 warps of 16 keys a block.
+pub fn flash_tc_keys(bg: usize, tk: usize) -> Launch {
+    Launch {
+        grid: to_u32(tk.div_ceil(FLASH_TC_BR).max(1)),
         grid_y: to_u32(bg.max(1)),
         block: 128,
     }

@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use half::bf16;
 use preftune_kernels::fused;
 use preftune_kernels_cuda::{
-    elementwise, flash_keys, flash_rows, flash_tc_rows, per_row, rmsnorm_bwd, Launch,
+    elementwise, flash_keys, flash_rows, flash_tc_keys, flash_tc_rows, per_row, rmsnorm_bwd, Launch,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -150,21 +150,13 @@ flash_ffi!(
     flash_bwd_dkdv_f32_d64
 );
 
-extern "C" {
-    fn flash_fwd_tc_f32_d64(
-        q: *const f32,
-        k: *const f32,
-        v: *const f32,
-        mask: *const f32,
-        out: *mut f32,
-        lse: *mut f32,
-        r: u32,
-        t: u32,
-        tk: u32,
-        groups: u32,
-        scale: f64,
-    );
-}
+flash_ffi!(
+    f32,
+    f32,
+    flash_fwd_tc_f32_d64,
+    flash_bwd_dq_tc_f32_d64,
+    flash_bwd_dkdv_tc_f32_d64
+);
 
 /// Runs `f` as every thread of the launch `l`; `f` calls one kernel entry point.
 fn launch<F: Fn() + Sync>(l: Launch, f: F) {
@@ -655,7 +647,10 @@ impl Attn {
 /// Runs the three attention kernels of one element type and head size on `a` (converted to
 /// `$t`) and returns output, log-sum-exp, dQ, dK and dV as f64.
 macro_rules! run_flash {
-    ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident) => {{
+    ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident) => {
+        run_flash!($a, $t, $acc, $fwd, $dq, $dkdv, flash_rows, flash_keys)
+    };
+    ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident, $rows:ident, $keys:ident) => {{
         let a: &Attn = $a;
         let cv = |v: &[f64]| -> Vec<$t> { v.iter().map(|&x| x as $t).collect() };
         let (q, k, v, dout) = (cv(&a.q), cv(&a.k), cv(&a.v), cv(&a.dout));
@@ -674,12 +669,12 @@ macro_rules! run_flash {
         let mp = mask.as_ref().map_or(0, |m| p(m));
         let (op, lp) = (pm(&mut out), pm(&mut lse));
         run!(
-            flash_rows(bg, a.r),
+            $rows(bg, a.r),
             $fwd(qp as _, kp as _, vp as _, mp as _, op as _, lp as _, r, t, tk, groups, scale)
         );
         let (dqp, dsp) = (pm(&mut dq), pm(&mut dsum));
         run!(
-            flash_rows(bg, a.r),
+            $rows(bg, a.r),
             $dq(
                 qp as _, kp as _, vp as _, mp as _, op as _, gp as _, lp as _, dsp as _, dqp as _,
                 r, t, tk, groups, scale
@@ -687,7 +682,7 @@ macro_rules! run_flash {
         );
         let (dkp, dvp) = (pm(&mut dk), pm(&mut dv));
         run!(
-            flash_keys(bg, a.tk),
+            $keys(bg, a.tk),
             $dkdv(
                 qp as _, kp as _, vp as _, mp as _, gp as _, lp as _, dsp as _, dkp as _, dvp as _,
                 r, t, tk, groups, scale
@@ -849,5 +844,39 @@ fn tensor_core_attention_forward_matches_the_reference_within_bf16_rounding() {
         assert!(d > 0.0, "bf16 probabilities should round somewhere");
         let dl = max_diff(&lse, &want[1]);
         assert!(dl < 1e-4, "masked {masked}: log-sum-exp differs by {dl}");
+    }
+}
+
+/// The tensor-core backward (bf16 operands, f32 sums; P and dS rounded to bf16) after the
+/// tensor-core forward, against the f64 reference on the same bf16-rounded inputs: 80 query rows
+/// over 3 dK/dV query tiles of 32 and 2 dQ blocks of 64, 70 keys over 3 dQ key tiles of 32 and 2
+/// dK/dV blocks of 64, grouped heads, masked and not.
+#[test]
+fn tensor_core_attention_backward_matches_the_reference_within_bf16_rounding() {
+    for masked in [true, false] {
+        let mut a = Attn::new(14, (2, 2, 2, 40, 30, 64), masked);
+        for x in [&mut a.q, &mut a.k, &mut a.v, &mut a.dout] {
+            x.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64());
+        }
+        let want = a.reference();
+        let got = run_flash!(
+            &a,
+            f32,
+            f32,
+            flash_fwd_tc_f32_d64,
+            flash_bwd_dq_tc_f32_d64,
+            flash_bwd_dkdv_tc_f32_d64,
+            flash_tc_rows,
+            flash_tc_keys
+        );
+        for i in [0, 2, 3, 4] {
+            let scale = want[i].iter().fold(0f64, |m, x| m.max(x.abs()));
+            let d = max_diff(&got[i], &want[i]) / scale;
+            assert!(
+                d < 5e-3,
+                "masked {masked}: {} differs by {d} relative",
+                NAMES[i]
+            );
+        }
     }
 }

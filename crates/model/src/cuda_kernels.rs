@@ -430,9 +430,31 @@ pub(crate) fn flash_bwd(
     (lse, ll): (&CudaStorage, &Layout),
     d: FlashDims,
     scale: f64,
+    tensor_cores: bool,
 ) -> Result<CudaStorage> {
     let op = "flash-attention-bwd";
     let dev = &q.device;
+    if tensor_cores && (d.dh != kc::FLASH_TC_HEAD_SIZE || q.dtype() == DType::F64) {
+        return Err(Error::Msg(format!(
+            "{op}: no tensor-core kernel for head size {} in {:?}",
+            d.dh,
+            q.dtype()
+        )));
+    }
+    let (dq_kernel, dkdv_kernel, rows, keys) = match tensor_cores {
+        true => (
+            Kernel::FlashBwdDqTc,
+            Kernel::FlashBwdDkdvTc,
+            kc::flash_tc_rows(d.bg, d.r),
+            kc::flash_tc_keys(d.bg, d.tk),
+        ),
+        false => (
+            Kernel::FlashBwdDq,
+            Kernel::FlashBwdDkdv,
+            kc::flash_rows(d.bg, d.r),
+            kc::flash_keys(d.bg, d.tk),
+        ),
+    };
     by_dtype!(q.dtype(), op, |T| {
         let (qv, kv, vv) = (
             input::<T>(q, lq, op)?,
@@ -450,8 +472,8 @@ pub(crate) fn flash_bwd(
         let mut dsum = unsafe { dev.alloc::<<T as Elem>::Acc>(d.bg * d.r) }?;
         let (r, t, tk, g) = d.u32s()?;
         {
-            let name = Kernel::FlashBwdDq.name_for_head(T::KIND, d.dh);
-            let l = kc::flash_rows(d.bg, d.r);
+            let name = dq_kernel.name_for_head(T::KIND, d.dh);
+            let l = rows;
             let mut dq = grads.slice_mut(0..nq);
             match &mv {
                 Some(m) => {
@@ -463,8 +485,8 @@ pub(crate) fn flash_bwd(
             }
         }
         {
-            let name = Kernel::FlashBwdDkdv.name_for_head(T::KIND, d.dh);
-            let l = kc::flash_keys(d.bg, d.tk);
+            let name = dkdv_kernel.name_for_head(T::KIND, d.dh);
+            let l = keys;
             let (mut head, mut dv) = grads.split_at_mut(nq + nk);
             let (_, mut dk) = head.split_at_mut(nq);
             match &mv {

@@ -83,11 +83,9 @@ pub fn flash_attention(
         tk,
         dh,
     };
-    // Under bf16 products, an untracked pass (sampling, reference log-probs, scoring) takes the
-    // tensor-core forward; a tracked one keeps the f32 kernels its backward recomputes with.
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    let tensor_cores = !tracked
-        && crate::ops::bf16_enabled()
+    // Under bf16 products the tensor-core kernels (bf16 operands, f32 sums) run both passes, as
+    // PyTorch's autocast runs attention; in f32 the f32 kernels do.
+    let tensor_cores = crate::ops::bf16_enabled()
         && matches!(q.dtype(), DType::F32 | DType::BF16)
         && tensor_core_head_size(dh);
     let op = FlashAttention {
@@ -116,7 +114,7 @@ struct FlashAttention {
     dims: Dims,
     scale: f64,
     mask: Option<Tensor>,
-    /// The forward on tensor cores (bf16 products; untracked passes only, so no backward).
+    /// Both passes on tensor cores (bf16 products).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tensor_cores: bool,
     /// Each query row's log-sum-exp, from the forward pass for backward.
@@ -322,6 +320,7 @@ impl CustomOp3 for FlashAttention {
         let bwd = FlashAttentionBwd {
             dims: self.dims,
             scale: self.scale,
+            tensor_cores: self.tensor_cores,
             mask: self.mask.clone(),
             out: res.clone(),
             dout: grad.contiguous()?,
@@ -340,6 +339,8 @@ impl CustomOp3 for FlashAttention {
 struct FlashAttentionBwd {
     dims: Dims,
     scale: f64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    tensor_cores: bool,
     mask: Option<Tensor>,
     /// The forward output: the GPU's dQ kernel takes `D = rowsum(dO * O)` from it; the CPU loop
     /// recomputes the probabilities and needs it not.
@@ -411,6 +412,7 @@ impl CustomOp3 for FlashAttentionBwd {
             (cuda_of(&s)?, ls),
             self.dims,
             self.scale,
+            self.tensor_cores,
         )?;
         let n = self.dims.bg * (self.dims.r + 2 * self.dims.tk) * self.dims.dh;
         Ok((flat, Shape::from(n)))
