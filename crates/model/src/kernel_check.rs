@@ -30,6 +30,15 @@ fn dtypes(dev: &Device) -> Vec<DType> {
     }
 }
 
+/// The type sums are taken in for `dtype`.
+fn acc_of(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F64 => 1e-9,
@@ -231,6 +240,29 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             out.push(c);
         }
 
+        // The LM head without kept logits (matmuls, the log-softmax kernels, and backward's
+        // recomputation), chunks of 40 rows, against composed logits.
+        let (rows, hidden, vocab) = (96, 576, 16384);
+        let h = input(&mut rng, &[rows, hidden], 1.0, dtype, dev)?;
+        let w = input(&mut rng, &[vocab, hidden], 0.1, dtype, dev)?;
+        let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
+        let lab = Tensor::from_slice(&labels, (rows, 1), dev)?;
+        let fused =
+            |x: &[Tensor]| Ok(lse_gather::lm_head_logprobs(&x[0], &x[1], &labels, 1.0, 40)?.0);
+        let composed = |x: &[Tensor]| {
+            let z = x[0].matmul(&x[1].t()?)?.to_dtype(acc_of(dtype))?;
+            (z.gather(&lab, 1)? - ops::logsumexp_last(&z)?)?.squeeze(1)
+        };
+        out.push(compare(
+            "lm_head",
+            dtype,
+            dev,
+            (&fused, &composed),
+            &[h, w],
+            2,
+            &mut rng,
+        )?);
+
         let (rows, vocab) = (48, 49152);
         let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;
         let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
@@ -270,7 +302,7 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        assert_eq!(ops.len(), 2 * 6 + 1, "{ops:?}");
+        assert_eq!(ops.len(), 2 * 7 + 1, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }

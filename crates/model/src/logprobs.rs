@@ -131,25 +131,22 @@ pub(crate) fn fused(
     Ok((lp, s.hits, s.mean_logit))
 }
 
-/// The same through [`crate::lse_gather`] (the GPU's log-softmax + gather kernels), in chunks of
-/// `CHUNK` rows: each chunk's logits, but none of log-softmax's intermediates, live until backward.
+/// The same through [`crate::lse_gather::lm_head_logprobs`] (the GPU's log-softmax + gather
+/// kernels): no logits are kept for backward, which computes them again a chunk at a time.
 pub(crate) fn lse_chunks(
     model: &Model,
     rows: &Tensor,
     labels: &[u32],
     temperature: f64,
 ) -> Result<(Tensor, Vec<u8>, Vec<f32>)> {
-    let (mut pieces, mut hits, mut means) = (vec![], vec![], vec![]);
-    for start in (0..labels.len()).step_by(CHUNK) {
-        let n = CHUNK.min(labels.len() - start);
-        let logits = model.logits(&rows.narrow(0, start, n)?)?;
-        let (lp, stats) =
-            crate::lse_gather::lse_gather(&logits, &labels[start..start + n], temperature)?;
-        pieces.push(lp.to_dtype(DType::F32)?);
-        hits.extend(stats.hits);
-        means.extend(stats.mean_logit);
-    }
-    Ok((Tensor::cat(&pieces, 0)?, hits, means))
+    let (lp, stats) = crate::lse_gather::lm_head_logprobs(
+        rows,
+        model.lm_head_weight(),
+        labels,
+        temperature,
+        CHUNK,
+    )?;
+    Ok((lp, stats.hits, stats.mean_logit))
 }
 
 /// The same from composed candle ops, in chunks of `CHUNK` rows: the reference the fused op is
@@ -231,7 +228,16 @@ mod tests {
             let h = Tensor::randn(0f32, 1.0, (300, 64), &Device::Cpu).unwrap();
             let labels: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
             type Path = fn(&Model, &Tensor, &[u32], f64) -> Result<(Tensor, Vec<u8>, Vec<f32>)>;
-            let paths: [(&str, Path); 2] = [("fused", fused), ("lse_gather", lse_chunks)];
+            // The LM head without kept logits, in 5 chunks of 64 rows (the last one short).
+            let chunked: Path = |m, r, l, t| {
+                let (lp, s) = crate::lse_gather::lm_head_logprobs(r, m.lm_head_weight(), l, t, 64)?;
+                Ok((lp, s.hits, s.mean_logit))
+            };
+            let paths: [(&str, Path); 3] = [
+                ("fused", fused),
+                ("lse_gather", lse_chunks),
+                ("lse_gather in chunks", chunked),
+            ];
             for ((path, under_test), temperature) in
                 paths.into_iter().flat_map(|p| [(p, 1.0), (p, 0.7)])
             {
@@ -289,6 +295,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Under bf16 products the LM head without kept logits multiplies in bf16 (as on a GPU):
+    /// log-probs and gradients stay within bf16's rounding of the f32 values, and differ from them.
+    #[test]
+    fn lm_head_logprobs_under_bf16_products_stays_within_rounding() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/models/tiny-llama");
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let p = Pretrained::load(&dir, &opts).unwrap();
+        let h = Tensor::randn(0f32, 1.0, (100, 64), &Device::Cpu).unwrap();
+        let labels: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % 512).collect();
+        let w = p.model.lm_head_weight();
+        let run = |bf16: bool| {
+            let _scope = crate::ops::Bf16Scope::new(bf16);
+            let hv = Var::from_tensor(&h).unwrap();
+            let (lp, _) =
+                crate::lse_gather::lm_head_logprobs(hv.as_tensor(), w, &labels, 1.0, 32).unwrap();
+            let g = lp.sum_all().unwrap().backward().unwrap();
+            (
+                lp,
+                g.get(hv.as_tensor()).unwrap().clone(),
+                g.get(w).unwrap().clone(),
+            )
+        };
+        let (a, b) = (run(true), run(false));
+        let rel = |x: &Tensor, y: &Tensor| {
+            max_diff(x, y)
+                / y.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+        };
+        let (dl, dh, dw) = (rel(&a.0, &b.0), rel(&a.1, &b.1), rel(&a.2, &b.2));
+        assert!(
+            dl < 2e-2 && dh < 3e-2 && dw < 3e-2,
+            "log-probs {dl}, d hidden {dh}, d weight {dw}"
+        );
+        assert!(dl > 0.0 && dh > 0.0, "bf16 products should round");
     }
 
     /// Under a bf16 scope the fused op runs its four products in bf16 (`preftune_kernels::bf16gemm`, itself

@@ -18,6 +18,15 @@ use crate::kernels::{cpu_as_f64, cpu_from_f64};
 /// Log-probs `[C]` (f32; f64 for f64 logits) of `labels` under `logits` `[C, V]` scaled by
 /// `1 / temperature`, with each row's top-1 hit and mean scaled logit.
 pub fn lse_gather(logits: &Tensor, labels: &[u32], temperature: f64) -> Result<(Tensor, RowStats)> {
+    let (op, lab) = prepare(logits, labels, temperature)?;
+    let stats = op.stats.clone();
+    let lp = logits.contiguous()?.apply_op2(&lab, op)?;
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((lp, stats))
+}
+
+/// The op for `logits` `[C, V]` and its labels on the logits' device, after checking them.
+fn prepare(logits: &Tensor, labels: &[u32], temperature: f64) -> Result<(LseGather, Tensor)> {
     let (c, v) = logits.dims2()?;
     if labels.len() != c {
         return Err(Error::Msg(format!(
@@ -35,11 +44,153 @@ pub fn lse_gather(logits: &Tensor, labels: &[u32], temperature: f64) -> Result<(
         lse: Default::default(),
         stats: Default::default(),
     };
-    let stats = op.stats.clone();
-    let lab = Tensor::from_slice(labels, c, logits.device())?;
-    let lp = logits.contiguous()?.apply_op2(&lab, op)?;
-    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok((lp, stats))
+    Ok((op, Tensor::from_slice(labels, c, logits.device())?))
+}
+
+/// Log-probs `[N]` (f32; f64 for f64) of `labels` under the LM head `weight` `[V, H]` applied to `hidden`
+/// `[N, H]`, as [`lse_gather`] of the logits, but without keeping any logits: the forward pass
+/// computes them `chunk` rows at a time and keeps one log-sum-exp a row; backward computes each
+/// chunk's logits again and turns them into `d hidden` and `d weight` at once (the trade of
+/// TRL's and Liger's fused linear cross-entropy). Products are bf16 under bf16 products, as the
+/// model's linears take them on a GPU.
+pub fn lm_head_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &[u32],
+    temperature: f64,
+    chunk: usize,
+) -> Result<(Tensor, RowStats)> {
+    let (n, _) = hidden.dims2()?;
+    let bf16 = crate::ops::bf16_enabled();
+    let (h, w) = (hidden.detach(), weight.detach());
+    let (mut logp, mut chunks, mut stats) = (vec![], vec![], RowStats::default());
+    for start in (0..n).step_by(chunk.max(1)) {
+        let len = chunk.max(1).min(n - start);
+        let z = head_product(&h.narrow(0, start, len)?, &w, bf16)?;
+        let (op, lab) = prepare(&z, &labels[start..start + len], temperature)?;
+        logp.push(z.apply_op2_no_bwd(&lab, &op)?);
+        let lse = op.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let lse = lse.ok_or_else(|| Error::Msg("lse_gather: no log-sum-exp kept".into()))?;
+        chunks.push(Chunk {
+            start,
+            len,
+            labels: lab,
+            lse,
+        });
+        let s = std::mem::take(&mut *op.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        stats.hits.extend(s.hits);
+        stats.mean_logit.extend(s.mean_logit);
+    }
+    let op = LmHead {
+        logp: Tensor::cat(&logp, 0)?.to_dtype(acc(hidden.dtype()))?,
+        chunks,
+        inv_temp: 1.0 / temperature,
+        bf16,
+    };
+    Ok((hidden.apply_op2(weight, op)?, stats))
+}
+
+/// `x W^T` for the LM head (`x` `[n, H]`, `W` `[V, H]`): bf16 operands and f32 sums under bf16
+/// products, else in the inputs' dtype.
+fn head_product(x: &Tensor, w: &Tensor, bf16: bool) -> Result<Tensor> {
+    product(x, &w.t()?, bf16)
+}
+
+/// `a b` with bf16 operands when `bf16`, as f32.
+fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Result<Tensor> {
+    if bf16 {
+        a.to_dtype(DType::BF16)?
+            .matmul(&b.to_dtype(DType::BF16)?)?
+            .to_dtype(DType::F32)
+    } else {
+        a.matmul(b)
+    }
+}
+
+struct Chunk {
+    start: usize,
+    len: usize,
+    labels: Tensor,
+    lse: Tensor,
+}
+
+/// [`lm_head_logprobs`]' op on `(hidden, weight)`: its value was computed before it was built
+/// (the forward pass above); its backward recomputes each chunk's logits.
+struct LmHead {
+    logp: Tensor,
+    chunks: Vec<Chunk>,
+    inv_temp: f64,
+    bf16: bool,
+}
+
+impl CustomOp2 for LmHead {
+    fn name(&self) -> &'static str {
+        "preftune-lm-head-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (st, _) = self.logp.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(s) => Ok((s.clone(), self.logp.shape().clone())),
+            _ => Err(Error::Msg(
+                "lm_head_logprobs: log-probs not on the CPU".into(),
+            )),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (st, l) = self.logp.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(l)?, self.logp.shape().clone())),
+            _ => Err(Error::Msg(
+                "lm_head_logprobs: log-probs not on the GPU".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (h, w) = (hidden.detach(), weight.detach());
+        let grad = grad.detach().to_dtype(self.logp.dtype())?;
+        let (mut dh, mut dw) = (Vec::with_capacity(self.chunks.len()), None::<Tensor>);
+        for c in &self.chunks {
+            let hc = h.narrow(0, c.start, c.len)?;
+            let z = head_product(&hc, &w, self.bf16)?;
+            let g = grad.narrow(0, c.start, c.len)?.contiguous()?;
+            let bwd = LseGatherBwd {
+                inv_temp: self.inv_temp,
+                lse: c.lse.clone(),
+            };
+            let dz = z.apply_op3_no_bwd(&c.labels, &g, &bwd)?;
+            dh.push(product(&dz, &w, self.bf16)?);
+            let part = product(&dz.t()?, &hc, self.bf16)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        let dh = Tensor::cat(&dh, 0)?.to_dtype(hidden.dtype())?;
+        let dw = dw.map(|d| d.to_dtype(weight.dtype())).transpose()?;
+        Ok((Some(dh), dw))
+    }
 }
 
 struct LseGather {
