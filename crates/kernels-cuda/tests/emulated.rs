@@ -880,3 +880,63 @@ fn tensor_core_attention_backward_matches_the_reference_within_bf16_rounding() {
         }
     }
 }
+
+/// The attention backward kernels against central differences of the forward kernel itself
+/// (f64): `d/dx sum(out * dout)` for entries of Q, K and V, masked, grouped heads.
+#[test]
+fn flash_attention_backward_matches_finite_differences() {
+    let a = Attn::new(15, (1, 2, 2, 3, 34, 32), true);
+    let got = run_flash!(
+        &a,
+        f64,
+        f64,
+        flash_fwd_f64_d32,
+        flash_bwd_dq_f64_d32,
+        flash_bwd_dkdv_f64_d32
+    );
+    let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+        let b = Attn {
+            q: q.to_vec(),
+            k: k.to_vec(),
+            v: v.to_vec(),
+            mask: a.mask.clone(),
+            dout: a.dout.clone(),
+            ..a
+        };
+        let out = run_flash!(
+            &b,
+            f64,
+            f64,
+            flash_fwd_f64_d32,
+            flash_bwd_dq_f64_d32,
+            flash_bwd_dkdv_f64_d32
+        )[0]
+        .clone();
+        out.iter().zip(&a.dout).map(|(o, g)| o * g).sum()
+    };
+    let h = 1e-5;
+    let (nq, nk) = (a.q.len(), a.k.len());
+    for (which, idx) in [
+        (0, 0),
+        (0, nq / 2 + 5),
+        (0, nq - 1),
+        (1, 3),
+        (1, nk / 2),
+        (1, nk - 7),
+        (2, 1),
+        (2, nk - 1),
+    ] {
+        let bump = |d: f64| {
+            let (mut q, mut k, mut v) = (a.q.clone(), a.k.clone(), a.v.clone());
+            [&mut q, &mut k, &mut v][which][idx] += d;
+            loss(&q, &k, &v)
+        };
+        let fd = (bump(h) - bump(-h)) / (2.0 * h);
+        let analytic = got[2 + which][idx];
+        assert!(
+            (analytic - fd).abs() < 1e-7,
+            "{}[{idx}]: {analytic} vs {fd}",
+            ["dq", "dk", "dv"][which]
+        );
+    }
+}
