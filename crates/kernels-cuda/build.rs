@@ -30,6 +30,7 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
         let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+        println!("cargo::rustc-env=PREFTUNE_CUDA_COMPUTE_CAP={cap}");
         let ptx = out.join("preftune.ptx");
         let status = Command::new(&nvcc)
             .args(["--ptx", "-std=c++17", "-O3", "--expt-relaxed-constexpr"])

@@ -25,6 +25,17 @@ pub const MODULE: &str = "preftune";
 #[cfg(feature = "cuda")]
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/preftune.ptx"));
 
+/// The PTX target the kernels were built for (`CUDA_COMPUTE_CAP`: 80 is `compute_80`).
+#[cfg(feature = "cuda")]
+pub const COMPUTE_CAP: &str = env!("PREFTUNE_CUDA_COMPUTE_CAP");
+
+/// Whether the PTX holds the tensor-core kernels: bf16 `wmma` needs `compute_80` or newer
+/// (src/cuda/flash_tc.cuh leaves them out below).
+#[cfg(feature = "cuda")]
+pub fn tensor_core_kernels_built() -> bool {
+    COMPUTE_CAP.parse::<u32>().is_ok_and(|c| c >= 80)
+}
+
 /// Element types with an entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {

@@ -350,6 +350,23 @@ pub(crate) fn lse_gather_bwd(
     })
 }
 
+/// Whether the tensor-core kernels can run on `dev`: built into the PTX (`compute_80` or newer)
+/// and a GPU of compute capability 8.0 or newer (bf16 `wmma`). Asked once per process.
+pub(crate) fn tensor_cores_available(dev: &candle_core::Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_core::Device::Cuda(d) = dev else {
+        return false;
+    };
+    *AVAILABLE.get_or_init(|| {
+        let major = d
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+        kc::tensor_core_kernels_built() && major.is_ok_and(|m| m >= 8)
+    })
+}
+
 /// The shape of an attention problem in the kernels' grouped layout (crate::flash::Dims).
 pub(crate) use crate::flash::Dims as FlashDims;
 

@@ -87,7 +87,7 @@ pub fn flash_attention(
     // PyTorch's autocast runs attention; in f32 the f32 kernels do.
     let tensor_cores = crate::ops::bf16_enabled()
         && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && tensor_core_head_size(dh);
+        && tensor_cores_apply(q.device(), dh);
     let op = FlashAttention {
         dims,
         scale,
@@ -99,13 +99,15 @@ pub fn flash_attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// Whether the tensor-core forward is built for head size `dh`.
-fn tensor_core_head_size(dh: usize) -> bool {
+/// Whether the tensor-core kernels take head size `dh` on `dev` (a GPU of compute capability 8.0
+/// or newer, with kernels built for it).
+fn tensor_cores_apply(dev: &candle_core::Device, dh: usize) -> bool {
     #[cfg(feature = "cuda")]
-    return dh == preftune_kernels_cuda::FLASH_TC_HEAD_SIZE;
+    return dh == preftune_kernels_cuda::FLASH_TC_HEAD_SIZE
+        && crate::cuda_kernels::tensor_cores_available(dev);
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = dh;
+        let _ = (dev, dh);
         false
     }
 }

@@ -297,6 +297,28 @@ mod tests {
         }
     }
 
+    /// A frozen LM head (LoRA) gets no gradient from the LM head without kept logits, and the
+    /// hidden states' gradient is the same as with a trained head.
+    #[test]
+    fn lm_head_logprobs_skips_a_frozen_heads_gradient() {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (50, 16), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (40, 16), &dev).unwrap();
+        let labels: Vec<u32> = (0..50u32).map(|i| i % 40).collect();
+        let grads = |w: &Tensor| {
+            let hv = Var::from_tensor(&h).unwrap();
+            let (lp, _) =
+                crate::lse_gather::lm_head_logprobs(hv.as_tensor(), w, &labels, 1.0, 16).unwrap();
+            let g = lp.sum_all().unwrap().backward().unwrap();
+            (g.get(hv.as_tensor()).unwrap().clone(), g.get(w).cloned())
+        };
+        let wv = Var::from_tensor(&w).unwrap();
+        let (dh_trained, dw) = grads(wv.as_tensor());
+        let (dh_frozen, none) = grads(&w);
+        assert!(dw.is_some() && none.is_none());
+        assert_eq!(max_diff(&dh_trained, &dh_frozen), 0.0);
+    }
+
     /// Under bf16 products the LM head without kept logits multiplies in bf16 (as on a GPU):
     /// log-probs and gradients stay within bf16's rounding of the f32 values, and differ from them.
     #[test]

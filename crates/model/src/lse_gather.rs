@@ -62,7 +62,7 @@ pub fn lm_head_logprobs(
 ) -> Result<(Tensor, RowStats)> {
     let (n, _) = hidden.dims2()?;
     let bf16 = crate::ops::bf16_enabled();
-    let (h, w) = (hidden.detach(), weight.detach());
+    let (h, w) = (hidden.detach(), head_operand(&weight.detach(), bf16)?);
     let (mut logp, mut chunks, mut stats) = (vec![], vec![], RowStats::default());
     for start in (0..n).step_by(chunk.max(1)) {
         let len = chunk.max(1).min(n - start);
@@ -90,13 +90,22 @@ pub fn lm_head_logprobs(
     Ok((hidden.apply_op2(weight, op)?, stats))
 }
 
-/// `x W^T` for the LM head (`x` `[n, H]`, `W` `[V, H]`): bf16 operands and f32 sums under bf16
-/// products, else in the inputs' dtype.
+/// The LM head weight as the products take it: cast to bf16 once a pass under bf16 products
+/// (not once a chunk).
+fn head_operand(w: &Tensor, bf16: bool) -> Result<Tensor> {
+    if bf16 {
+        w.to_dtype(DType::BF16)
+    } else {
+        Ok(w.clone())
+    }
+}
+
+/// `x W^T` for the LM head (`x` `[n, H]`, `W` `[V, H]` from [`head_operand`]).
 fn head_product(x: &Tensor, w: &Tensor, bf16: bool) -> Result<Tensor> {
     product(x, &w.t()?, bf16)
 }
 
-/// `a b` with bf16 operands when `bf16`, as f32.
+/// `a b` with bf16 operands when `bf16` (a no-op cast for an operand already in bf16), as f32.
 fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Result<Tensor> {
     if bf16 {
         a.to_dtype(DType::BF16)?
@@ -168,28 +177,41 @@ impl CustomOp2 for LmHead {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (h, w) = (hidden.detach(), weight.detach());
-        let grad = grad.detach().to_dtype(self.logp.dtype())?;
+        // A frozen head (LoRA, or a base that is not trained) takes no gradient: its `[V, H]`
+        // product is skipped, as the CPU's fused LM head skips it.
+        let (want_h, want_w) = (hidden.track_op(), weight.track_op());
+        let (h, w) = (hidden.detach(), head_operand(&weight.detach(), self.bf16)?);
         let (mut dh, mut dw) = (Vec::with_capacity(self.chunks.len()), None::<Tensor>);
         for c in &self.chunks {
             let hc = h.narrow(0, c.start, c.len)?;
             let z = head_product(&hc, &w, self.bf16)?;
-            let g = grad.narrow(0, c.start, c.len)?.contiguous()?;
+            // The kernel reads the gradient in the logits' sum type.
+            let g = grad
+                .narrow(0, c.start, c.len)?
+                .to_dtype(acc(z.dtype()))?
+                .contiguous()?;
             let bwd = LseGatherBwd {
                 inv_temp: self.inv_temp,
                 lse: c.lse.clone(),
             };
             let dz = z.apply_op3_no_bwd(&c.labels, &g, &bwd)?;
-            dh.push(product(&dz, &w, self.bf16)?);
-            let part = product(&dz.t()?, &hc, self.bf16)?;
-            dw = Some(match dw {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
+            if want_h {
+                dh.push(product(&dz, &w, self.bf16)?);
+            }
+            if want_w {
+                let part = product(&dz.t()?, &hc, self.bf16)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
         }
-        let dh = Tensor::cat(&dh, 0)?.to_dtype(hidden.dtype())?;
+        let dh = match want_h {
+            true => Some(Tensor::cat(&dh, 0)?.to_dtype(hidden.dtype())?),
+            false => None,
+        };
         let dw = dw.map(|d| d.to_dtype(weight.dtype())).transpose()?;
-        Ok((Some(dh), dw))
+        Ok((dh, dw))
     }
 }
 

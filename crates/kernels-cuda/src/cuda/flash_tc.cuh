@@ -17,6 +17,7 @@
 #define TC_BR 64  // query rows a block (4 warps of 16)
 #define TC_BC 64  // keys a tile
 #define TC_DH 64  // head size
+static_assert(TC_BC == TC_DH, "the forward keeps P in Q's tile and O in the scores' tile");
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>
     FragA;
@@ -81,8 +82,11 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
             wmma::store_matrix_sync(&st[warp * 16][nb * 16], sf, TC_BC, wmma::mem_row_major);
         }
         __syncwarp();
+        // Lane l starts its 32 columns l further on, so that the 32 lanes (on 16 rows) touch 32
+        // banks at each step instead of one.
         float mx = -INFINITY;
-        for (unsigned c = c0; c < c0 + TC_BC / 2; ++c) {
+        for (unsigned j = 0; j < TC_BC / 2; ++j) {
+            const unsigned c = c0 + (j + lane) % (TC_BC / 2);
             float x = -INFINITY;
             if (c < n) {
                 x = st[row][c] * scale;
@@ -96,7 +100,8 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
         const float mt = fmaxf(m_old, mx);
         const float corr = m_old == -INFINITY ? 0.0f : expf(m_old - mt);
         float sum = 0.0f;
-        for (unsigned c = c0; c < c0 + TC_BC / 2; ++c) {
+        for (unsigned j = 0; j < TC_BC / 2; ++j) {
+            const unsigned c = c0 + (j + lane) % (TC_BC / 2);
             const float p = mt == -INFINITY ? 0.0f : expf(st[row][c] - mt);
             qp[row][c] = __float2bfloat16(p);
             sum += p;
@@ -143,6 +148,9 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
     }
 }
 
+// bf16 wmma needs sm_80 or newer: a build for older GPUs (CUDA_COMPUTE_CAP < 80) leaves these
+// entry points out, and the model does not pick them there (cuda_kernels::tensor_cores_available).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FLASH_TC_ENTRIES(T, S)                                                                   \
     extern "C" __global__ void flash_fwd_tc_##S##_d64(const T* q, const T* k, const T* v,         \
                                                       const T* mask, T* out, float* lse,         \
@@ -152,6 +160,7 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
     }
 FLASH_TC_ENTRIES(float, f32)
 FLASH_TC_ENTRIES(bf16, bf16)
+#endif
 
 // Backward on tensor cores, in two kernels as on CUDA cores (flash.cuh): dQ a query block at a
 // time (writing D = rowsum(dO * O) first), then dK and dV a key block at a time. Probabilities
@@ -238,7 +247,8 @@ __device__ void flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* mas
             wmma::store_matrix_sync(&dp[warp * 16][nb * 16], pf, TC_BK, wmma::mem_row_major);
         }
         __syncwarp();
-        for (unsigned c = c0; c < c0 + TC_BK / 2; ++c) {
+        for (unsigned j = 0; j < TC_BK / 2; ++j) {  // staggered as in the forward pass
+            const unsigned c = c0 + (j + lane / 2) % (TC_BK / 2);
             float g = 0.0f;
             if (live && c < n) {
                 float x = sp[row][c] * scale;
@@ -268,6 +278,22 @@ __device__ void flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* mas
         const unsigned r = warp * 16 + i / TC_DH, d = i % TC_DH;
         if (r < nr) dq[(bg * R + r0 + r) * TC_DH + d] = Store<T>::of(stage[r][d]);
     }
+}
+
+// This warp's 16 rows of `f` (rows past n skipped) to dst, through the warp's rows of `stage`.
+template <class T>
+__device__ __forceinline__ void write_key_rows(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&f)[TC_DH / 16],
+                                               float (*stage)[TC_DH], T* dst, unsigned n) {
+    using namespace nvcuda;
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int nb = 0; nb < TC_DH / 16; ++nb)
+        wmma::store_matrix_sync(&stage[warp * 16][nb * 16], f[nb], TC_DH, wmma::mem_row_major);
+    __syncwarp();
+    for (unsigned i = lane; i < 16 * TC_DH; i += 32) {
+        const unsigned r = warp * 16 + i / TC_DH, d = i % TC_DH;
+        if (r < n) dst[r * TC_DH + d] = Store<T>::of(stage[r][d]);
+    }
+    __syncwarp();  // the stage's rows take the next result
 }
 
 template <class T>
@@ -330,7 +356,8 @@ __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* m
             wmma::store_matrix_sync(&dp[warp * 16][nb * 16], pf, TC_BQ, wmma::mem_row_major);
         }
         __syncwarp();
-        for (unsigned c = c0; c < c0 + TC_BQ / 2; ++c) {
+        for (unsigned j = 0; j < TC_BQ / 2; ++j) {  // staggered as in the forward pass
+            const unsigned c = c0 + (j + lane / 2) % (TC_BQ / 2);
             float p = 0.0f;
             if (live && c < n) {
                 float x = sp[key][c] * scale;
@@ -353,8 +380,10 @@ __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* m
             }
         }
         __syncwarp();  // P^T is read: its space takes dS^T
-        for (unsigned c = c0; c < c0 + TC_BQ / 2; ++c)
+        for (unsigned j = 0; j < TC_BQ / 2; ++j) {
+            const unsigned c = c0 + (j + lane / 2) % (TC_BQ / 2);
             pt[key][c] = __float2bfloat16(sp[key][c] * (dp[key][c] - d_s[c]) * scale);
+        }
         __syncwarp();
         // dK += dS^T Q
         for (int nb = 0; nb < TC_DH / 16; ++nb) {
@@ -369,20 +398,11 @@ __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* m
     }
     __syncthreads();  // K and V are read: their space stages the results
     float(*stage)[TC_DH] = reinterpret_cast<float(*)[TC_DH]>(&kv[0][0][0]);
-    for (int which = 0; which < 2; ++which) {
-        FragC* f = which == 0 ? dkf : dvf;
-        T* dst = which == 0 ? dk : dv;
-        for (int nb = 0; nb < TC_DH / 16; ++nb)
-            wmma::store_matrix_sync(&stage[warp * 16][nb * 16], f[nb], TC_DH, wmma::mem_row_major);
-        __syncwarp();
-        for (unsigned i = lane; i < 16 * TC_DH; i += 32) {
-            const unsigned r = warp * 16 + i / TC_DH, d = i % TC_DH;
-            if (r < nk) dst[(bg * tk + key0 + r) * TC_DH + d] = Store<T>::of(stage[r][d]);
-        }
-        __syncwarp();
-    }
+    write_key_rows(dkf, stage, dk + (bg * tk + key0) * TC_DH, nk);
+    write_key_rows(dvf, stage, dv + (bg * tk + key0) * TC_DH, nk);
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FLASH_TC_BWD_ENTRIES(T, S)                                                               \
     extern "C" __global__ void flash_bwd_dq_tc_##S##_d64(                                         \
         const T* q, const T* k, const T* v, const T* mask, const T* out, const T* dout,          \
@@ -398,3 +418,4 @@ __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* m
     }
 FLASH_TC_BWD_ENTRIES(float, f32)
 FLASH_TC_BWD_ENTRIES(bf16, bf16)
+#endif
