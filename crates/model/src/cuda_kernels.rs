@@ -96,6 +96,12 @@ pub(crate) fn view<'a, T: CudaDType>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// Inputs whose shapes do not fit together.
+fn shapes_error(op: &str, layouts: [&Layout; 3]) -> Error {
+    let [a, b, c] = layouts.map(|l| l.dims());
+    Error::Msg(format!("{op}: shapes {a:?} {b:?} {c:?}"))
+}
+
 fn u32_of(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::Msg(format!("{what} = {n} is over the kernels' u32 range")))
 }
@@ -143,12 +149,7 @@ pub(crate) fn rms_norm_bwd(
     let op = "rms-norm-bwd";
     let (n, d) = (lx.shape().elem_count(), lw.shape().elem_count());
     if d == 0 || lx.dims().last() != Some(&d) || ldy.shape() != lx.shape() {
-        return Err(Error::Msg(format!(
-            "{op}: shapes {:?} {:?} {:?}",
-            lx.dims(),
-            lw.dims(),
-            ldy.dims()
-        )));
+        return Err(shapes_error(op, [lx, lw, ldy]));
     }
     let dev = &x.device;
     by_dtype!(x.dtype(), op, |T| {
@@ -211,12 +212,7 @@ pub(crate) fn swiglu_bwd(
     let op = "swiglu-bwd";
     let n = lg.shape().elem_count();
     if lu.shape() != lg.shape() || ldy.shape() != lg.shape() {
-        return Err(Error::Msg(format!(
-            "{op}: shapes {:?} {:?} {:?}",
-            lg.dims(),
-            lu.dims(),
-            ldy.dims()
-        )));
+        return Err(shapes_error(op, [lg, lu, ldy]));
     }
     let dev = &g.device;
     by_dtype!(g.dtype(), op, |T| {

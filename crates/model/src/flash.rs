@@ -245,20 +245,8 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (q, k, v) = (
-            cpu_as_f64(s1, l1, op)?,
-            cpu_as_f64(s2, l2, op)?,
-            cpu_as_f64(s3, l3, op)?,
-        );
-        let mask = self.mask.as_ref().map(tensor_f64).transpose()?;
-        let rows = Rows {
-            d: self.dims,
-            scale: self.scale,
-            q: &q,
-            k: &k,
-            v: &v,
-            mask: mask.as_deref(),
-        };
+        let x = CpuInputs::new(self.mask.as_ref(), [(s1, l1), (s2, l2), (s3, l3)], op)?;
+        let rows = x.rows(self.dims, self.scale);
         let (out, lse) = rows.forward();
         let acc = if s1.dtype() == DType::F64 {
             DType::F64
@@ -367,20 +355,8 @@ impl CustomOp3 for FlashAttentionBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (q, k, v) = (
-            cpu_as_f64(s1, l1, op)?,
-            cpu_as_f64(s2, l2, op)?,
-            cpu_as_f64(s3, l3, op)?,
-        );
-        let mask = self.mask.as_ref().map(tensor_f64).transpose()?;
-        let rows = Rows {
-            d: self.dims,
-            scale: self.scale,
-            q: &q,
-            k: &k,
-            v: &v,
-            mask: mask.as_deref(),
-        };
+        let x = CpuInputs::new(self.mask.as_ref(), [(s1, l1), (s2, l2), (s3, l3)], op)?;
+        let rows = x.rows(self.dims, self.scale);
         let g = rows.backward(&tensor_f64(&self.dout)?, &tensor_f64(&self.lse)?);
         let n = g.len();
         Ok((cpu_from_f64(g, s1.dtype(), op)?, Shape::from(n)))
@@ -432,6 +408,37 @@ fn cuda_of(st: &candle_core::Storage) -> Result<&candle_core::CudaStorage> {
     }
 }
 
+/// Q, K, V and the mask of the CPU loops, as f64.
+struct CpuInputs {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    mask: Option<Vec<f64>>,
+}
+
+impl CpuInputs {
+    fn new(mask: Option<&Tensor>, qkv: [(&CpuStorage, &Layout); 3], op: &str) -> Result<Self> {
+        let [q, k, v] = qkv.map(|(s, l)| cpu_as_f64(s, l, op));
+        Ok(CpuInputs {
+            q: q?,
+            k: k?,
+            v: v?,
+            mask: mask.map(tensor_f64).transpose()?,
+        })
+    }
+
+    fn rows(&self, d: Dims, scale: f64) -> Rows<'_> {
+        Rows {
+            d,
+            scale,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
 fn tensor_f64(t: &Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
 }
@@ -466,25 +473,7 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let (a, b) = (
-            a.to_dtype(DType::F64).unwrap(),
-            b.to_dtype(DType::F64).unwrap(),
-        );
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        d / b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        crate::kernel_check::rel_diff(a, b).unwrap()
     }
 
     /// Grouped-query attention (2 KV groups of 3 query heads), 4 new positions after 5 cached

@@ -65,7 +65,7 @@ fn input(
 }
 
 /// `max |a - b| / max |b|` in f64.
-fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
     let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
     let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
