@@ -151,6 +151,20 @@ flash_ffi!(
 );
 
 flash_ffi!(
+    bf16,
+    f32,
+    flash_fwd_bf16_d64,
+    flash_bwd_dq_bf16_d64,
+    flash_bwd_dkdv_bf16_d64
+);
+flash_ffi!(
+    bf16,
+    f32,
+    flash_fwd_tc_bf16_d64,
+    flash_bwd_dq_tc_bf16_d64,
+    flash_bwd_dkdv_tc_bf16_d64
+);
+flash_ffi!(
     f32,
     f32,
     flash_fwd_tc_f32_d64,
@@ -644,6 +658,39 @@ impl Attn {
     }
 }
 
+/// The element types the tests hand the kernels, to and from f64.
+trait Elem: Copy {
+    fn of(x: f64) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Elem for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
+impl Elem for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Elem for bf16 {
+    fn of(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn f64(self) -> f64 {
+        self.to_f64()
+    }
+}
+
 /// Runs the three attention kernels of one element type and head size on `a` (converted to
 /// `$t`) and returns output, log-sum-exp, dQ, dK and dV as f64.
 macro_rules! run_flash {
@@ -652,19 +699,19 @@ macro_rules! run_flash {
     };
     ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident, $rows:ident, $keys:ident) => {{
         let a: &Attn = $a;
-        let cv = |v: &[f64]| -> Vec<$t> { v.iter().map(|&x| x as $t).collect() };
+        let cv = |v: &[f64]| -> Vec<$t> { v.iter().map(|&x| <$t>::of(x)).collect() };
         let (q, k, v, dout) = (cv(&a.q), cv(&a.k), cv(&a.v), cv(&a.dout));
         let mask = a.mask.as_ref().map(|m| cv(m));
         let bg = a.b * a.g;
         let (r, t, tk, groups, scale) = (a.r as u32, a.t as u32, a.tk as u32, a.g as u32, a.scale);
-        let mut out = vec![0 as $t; q.len()];
-        let mut lse = vec![0 as $acc; bg * a.r];
+        let mut out = vec![<$t>::of(0.0); q.len()];
+        let mut lse = vec![<$acc>::of(0.0); bg * a.r];
         let (mut dq, mut dk, mut dv) = (
-            vec![0 as $t; q.len()],
-            vec![0 as $t; k.len()],
-            vec![0 as $t; v.len()],
+            vec![<$t>::of(0.0); q.len()],
+            vec![<$t>::of(0.0); k.len()],
+            vec![<$t>::of(0.0); v.len()],
         );
-        let mut dsum = vec![0 as $acc; bg * a.r];
+        let mut dsum = vec![<$acc>::of(0.0); bg * a.r];
         let (qp, kp, vp, gp) = (p(&q), p(&k), p(&v), p(&dout));
         let mp = mask.as_ref().map_or(0, |m| p(m));
         let (op, lp) = (pm(&mut out), pm(&mut lse));
@@ -688,8 +735,8 @@ macro_rules! run_flash {
                 r, t, tk, groups, scale
             )
         );
-        let f = |v: &[$t]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
-        let fa = |v: &[$acc]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+        let f = |v: &[$t]| -> Vec<f64> { v.iter().map(|&x| x.f64()).collect() };
+        let fa = |v: &[$acc]| -> Vec<f64> { v.iter().map(|&x| x.f64()).collect() };
         [f(&out), fa(&lse), f(&dq), f(&dk), f(&dv)]
     }};
 }
@@ -938,5 +985,44 @@ fn flash_attention_backward_matches_finite_differences() {
             "{}[{idx}]: {analytic} vs {fd}",
             ["dq", "dk", "dv"][which]
         );
+    }
+}
+
+/// bf16 inputs and outputs, on CUDA cores and on tensor cores: the f64 reference on the same
+/// bf16 values, within bf16's rounding of the results.
+#[test]
+fn flash_attention_in_bf16_stays_within_bf16_rounding() {
+    let mut a = Attn::new(16, (2, 2, 2, 40, 30, 64), true);
+    for x in [&mut a.q, &mut a.k, &mut a.v, &mut a.dout] {
+        x.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64());
+    }
+    let want = a.reference();
+    let cuda_cores = run_flash!(
+        &a,
+        bf16,
+        f32,
+        flash_fwd_bf16_d64,
+        flash_bwd_dq_bf16_d64,
+        flash_bwd_dkdv_bf16_d64
+    );
+    let tensor_cores = run_flash!(
+        &a,
+        bf16,
+        f32,
+        flash_fwd_tc_bf16_d64,
+        flash_bwd_dq_tc_bf16_d64,
+        flash_bwd_dkdv_tc_bf16_d64,
+        flash_tc_rows,
+        flash_tc_keys
+    );
+    for (name, got, bar) in [
+        ("CUDA cores", cuda_cores, 1e-2),
+        ("tensor cores", tensor_cores, 1.5e-2),
+    ] {
+        for i in [0, 2, 3, 4] {
+            let scale = want[i].iter().fold(0f64, |m, x| m.max(x.abs()));
+            let d = max_diff(&got[i], &want[i]) / scale;
+            assert!(d < bar, "{name}: {} differs by {d} relative", NAMES[i]);
+        }
     }
 }
