@@ -69,7 +69,7 @@ pub enum Kernel {
     FlashFwd,
     FlashBwdDq,
     FlashBwdDkdv,
-    /// The attention forward and backward on tensor cores (bf16 products), head size 64 only.
+    /// The attention forward and backward on tensor cores (bf16 products), head sizes 64 and 128.
     FlashFwdTc,
     FlashBwdDqTc,
     FlashBwdDkdvTc,
@@ -131,28 +131,33 @@ pub fn flash_rows(bg: usize, r: usize) -> Launch {
     }
 }
 
-/// Query rows a block of the tensor-core forward (4 warps of 16; src/cuda/flash_tc.cuh), and
-/// the one head size it is built for (f32 and bf16 inputs).
-const FLASH_TC_BR: usize = 64;
-pub const FLASH_TC_HEAD_SIZE: usize = 64;
+/// Head sizes the tensor-core attention kernels are built for (f32 and bf16 inputs).
+pub const FLASH_TC_HEAD_SIZES: [usize; 2] = [64, 128];
 
-/// The tensor-core attention forward and dQ kernels over `bg` groups of `r` query rows: 4 warps
-/// of 16 rows a block.
-pub fn flash_tc_rows(bg: usize, r: usize) -> Launch {
-    Launch {
-        grid: to_u32(r.div_ceil(FLASH_TC_BR).max(1)),
-        grid_y: to_u32(bg.max(1)),
-        block: 128,
+/// Query rows a block of the tensor-core forward and dQ kernels, and keys a block of their
+/// dK/dV kernel, by head size (src/cuda/flash_tc.cuh: `TcShape`): 64 at head size 64, 32 at 128.
+fn flash_tc_block(dh: usize) -> usize {
+    if dh <= 64 {
+        64
+    } else {
+        32
     }
 }
 
-/// The tensor-core dK/dV kernel over `bg` groups of `tk` keys: 4 warps of 16 keys a block.
-pub fn flash_tc_keys(bg: usize, tk: usize) -> Launch {
+/// The tensor-core attention forward and dQ kernels over `bg` groups of `r` query rows: warps
+/// of 16 rows.
+pub fn flash_tc_rows(bg: usize, r: usize, dh: usize) -> Launch {
+    let rows = flash_tc_block(dh);
     Launch {
-        grid: to_u32(tk.div_ceil(FLASH_TC_BR).max(1)),
+        grid: to_u32(r.div_ceil(rows).max(1)),
         grid_y: to_u32(bg.max(1)),
-        block: 128,
+        block: to_u32(rows / 16 * 32),
     }
+}
+
+/// The tensor-core dK/dV kernel over `bg` groups of `tk` keys: warps of 16 keys.
+pub fn flash_tc_keys(bg: usize, tk: usize, dh: usize) -> Launch {
+    flash_tc_rows(bg, tk, dh)
 }
 
 /// The attention dK/dV kernel over `bg` groups of `tk` keys.

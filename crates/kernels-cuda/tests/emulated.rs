@@ -167,6 +167,13 @@ flash_ffi!(
 flash_ffi!(
     f32,
     f32,
+    flash_fwd_tc_f32_d128,
+    flash_bwd_dq_tc_f32_d128,
+    flash_bwd_dkdv_tc_f32_d128
+);
+flash_ffi!(
+    f32,
+    f32,
     flash_fwd_tc_f32_d64,
     flash_bwd_dq_tc_f32_d64,
     flash_bwd_dkdv_tc_f32_d64
@@ -691,11 +698,29 @@ impl Elem for bf16 {
     }
 }
 
+/// The CUDA-core kernels' launch shapes, which do not depend on the head size.
+fn cuda_core_rows(bg: usize, r: usize, _dh: usize) -> Launch {
+    flash_rows(bg, r)
+}
+
+fn cuda_core_keys(bg: usize, tk: usize, _dh: usize) -> Launch {
+    flash_keys(bg, tk)
+}
+
 /// Runs the three attention kernels of one element type and head size on `a` (converted to
 /// `$t`) and returns output, log-sum-exp, dQ, dK and dV as f64.
 macro_rules! run_flash {
     ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident) => {
-        run_flash!($a, $t, $acc, $fwd, $dq, $dkdv, flash_rows, flash_keys)
+        run_flash!(
+            $a,
+            $t,
+            $acc,
+            $fwd,
+            $dq,
+            $dkdv,
+            cuda_core_rows,
+            cuda_core_keys
+        )
     };
     ($a:expr, $t:ty, $acc:ty, $fwd:ident, $dq:ident, $dkdv:ident, $rows:ident, $keys:ident) => {{
         let a: &Attn = $a;
@@ -716,12 +741,12 @@ macro_rules! run_flash {
         let mp = mask.as_ref().map_or(0, |m| p(m));
         let (op, lp) = (pm(&mut out), pm(&mut lse));
         run!(
-            $rows(bg, a.r),
+            $rows(bg, a.r, a.dh),
             $fwd(qp as _, kp as _, vp as _, mp as _, op as _, lp as _, r, t, tk, groups, scale)
         );
         let (dqp, dsp) = (pm(&mut dq), pm(&mut dsum));
         run!(
-            $rows(bg, a.r),
+            $rows(bg, a.r, a.dh),
             $dq(
                 qp as _, kp as _, vp as _, mp as _, op as _, gp as _, lp as _, dsp as _, dqp as _,
                 r, t, tk, groups, scale
@@ -729,7 +754,7 @@ macro_rules! run_flash {
         );
         let (dkp, dvp) = (pm(&mut dk), pm(&mut dv));
         run!(
-            $keys(bg, a.tk),
+            $keys(bg, a.tk, a.dh),
             $dkdv(
                 qp as _, kp as _, vp as _, mp as _, gp as _, lp as _, dsp as _, dkp as _, dvp as _,
                 r, t, tk, groups, scale
@@ -878,7 +903,7 @@ fn tensor_core_attention_forward_matches_the_reference_within_bf16_rounding() {
         let (op, lp) = (pm(&mut out), pm(&mut lse));
         let (r, t, tk, g, scale) = (a.r as u32, a.t as u32, a.tk as u32, a.g as u32, a.scale);
         run!(
-            flash_tc_rows(bg, a.r),
+            flash_tc_rows(bg, a.r, 64),
             flash_fwd_tc_f32_d64(
                 qp as _, kp as _, vp as _, mp as _, op as _, lp as _, r, t, tk, g, scale
             )
@@ -896,32 +921,45 @@ fn tensor_core_attention_forward_matches_the_reference_within_bf16_rounding() {
 
 /// The tensor-core backward (bf16 operands, f32 sums; P and dS rounded to bf16) after the
 /// tensor-core forward, against the f64 reference on the same bf16-rounded inputs: 80 query rows
-/// over 3 dK/dV query tiles of 32 and 2 dQ blocks of 64, 70 keys over 3 dQ key tiles of 32 and 2
-/// dK/dV blocks of 64, grouped heads, masked and not.
+/// over 3 dK/dV query tiles of 32 and 2 dQ blocks of 64 (3 of 32 at head size 128), 70 keys
+/// over 3 dQ key tiles of 32 and 2 dK/dV blocks of 64 (3 of 32), grouped heads, masked and not,
+/// head sizes 64 and 128.
 #[test]
 fn tensor_core_attention_backward_matches_the_reference_within_bf16_rounding() {
-    for masked in [true, false] {
-        let mut a = Attn::new(14, (2, 2, 2, 40, 30, 64), masked);
+    for (masked, dh) in [(true, 64), (false, 64), (true, 128), (false, 128)] {
+        let mut a = Attn::new(14, (2, 2, 2, 40, 30, dh), masked);
         for x in [&mut a.q, &mut a.k, &mut a.v, &mut a.dout] {
             x.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64());
         }
         let want = a.reference();
-        let got = run_flash!(
-            &a,
-            f32,
-            f32,
-            flash_fwd_tc_f32_d64,
-            flash_bwd_dq_tc_f32_d64,
-            flash_bwd_dkdv_tc_f32_d64,
-            flash_tc_rows,
-            flash_tc_keys
-        );
+        let got = match dh {
+            64 => run_flash!(
+                &a,
+                f32,
+                f32,
+                flash_fwd_tc_f32_d64,
+                flash_bwd_dq_tc_f32_d64,
+                flash_bwd_dkdv_tc_f32_d64,
+                flash_tc_rows,
+                flash_tc_keys
+            ),
+            _ => run_flash!(
+                &a,
+                f32,
+                f32,
+                flash_fwd_tc_f32_d128,
+                flash_bwd_dq_tc_f32_d128,
+                flash_bwd_dkdv_tc_f32_d128,
+                flash_tc_rows,
+                flash_tc_keys
+            ),
+        };
         for i in [0, 2, 3, 4] {
             let scale = want[i].iter().fold(0f64, |m, x| m.max(x.abs()));
             let d = max_diff(&got[i], &want[i]) / scale;
             assert!(
                 d < 5e-3,
-                "masked {masked}: {} differs by {d} relative",
+                "head {dh}, masked {masked}: {} differs by {d} relative",
                 NAMES[i]
             );
         }

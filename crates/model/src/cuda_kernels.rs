@@ -386,7 +386,7 @@ pub(crate) fn flash_fwd(
 ) -> Result<(CudaStorage, CudaStorage)> {
     let op = "flash-attention";
     let dev = &q.device;
-    if tensor_cores && (d.dh != kc::FLASH_TC_HEAD_SIZE || q.dtype() == DType::F64) {
+    if tensor_cores && (!kc::FLASH_TC_HEAD_SIZES.contains(&d.dh) || q.dtype() == DType::F64) {
         return Err(Error::Msg(format!(
             "{op}: no tensor-core kernel for head size {} in {:?}",
             d.dh,
@@ -397,7 +397,7 @@ pub(crate) fn flash_fwd(
         let (name, l) = match tensor_cores {
             true => (
                 Kernel::FlashFwdTc.name_for_head(T::KIND, d.dh),
-                kc::flash_tc_rows(d.bg, d.r),
+                kc::flash_tc_rows(d.bg, d.r, d.dh),
             ),
             false => (
                 Kernel::FlashFwd.name_for_head(T::KIND, d.dh),
@@ -447,7 +447,7 @@ pub(crate) fn flash_bwd(
 ) -> Result<CudaStorage> {
     let op = "flash-attention-bwd";
     let dev = &q.device;
-    if tensor_cores && (d.dh != kc::FLASH_TC_HEAD_SIZE || q.dtype() == DType::F64) {
+    if tensor_cores && (!kc::FLASH_TC_HEAD_SIZES.contains(&d.dh) || q.dtype() == DType::F64) {
         return Err(Error::Msg(format!(
             "{op}: no tensor-core kernel for head size {} in {:?}",
             d.dh,
@@ -458,8 +458,8 @@ pub(crate) fn flash_bwd(
         true => (
             Kernel::FlashBwdDqTc,
             Kernel::FlashBwdDkdvTc,
-            kc::flash_tc_rows(d.bg, d.r),
-            kc::flash_tc_keys(d.bg, d.tk),
+            kc::flash_tc_rows(d.bg, d.r, d.dh),
+            kc::flash_tc_keys(d.bg, d.tk, d.dh),
         ),
         false => (
             Kernel::FlashBwdDq,

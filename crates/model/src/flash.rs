@@ -103,7 +103,7 @@ pub fn flash_attention(
 /// or newer, with kernels built for it).
 fn tensor_cores_apply(dev: &candle_core::Device, dh: usize) -> bool {
     #[cfg(feature = "cuda")]
-    return dh == preftune_kernels_cuda::FLASH_TC_HEAD_SIZE
+    return preftune_kernels_cuda::FLASH_TC_HEAD_SIZES.contains(&dh)
         && crate::cuda_kernels::tensor_cores_available(dev);
     #[cfg(not(feature = "cuda"))]
     {

@@ -2,9 +2,9 @@
 // forward for mixed precision, where products are bf16 anyway (as PyTorch's autocast runs
 // attention). Q, K, V are rounded to bf16 as they enter shared memory, scores and the softmax
 // stay f32, the probabilities are rounded to bf16 for P V, as flash-attention does. Same
-// layout, mask and outputs as flash_fwd (flash.cuh), head size 64.
+// layout, mask and outputs as flash_fwd (flash.cuh), head sizes 64 and 128.
 //
-// A block takes 64 query rows, 16 a warp; key tiles of 64. Each warp keeps its Q rows and its
+// A block takes 64 query rows (32 at head size 128), 16 a warp; key tiles of as many keys. Each warp keeps its Q rows and its
 // output as wmma fragments; the output is rescaled through shared memory when the row maxima
 // grow (a fragment's element layout is the hardware's own).
 #pragma once
@@ -14,10 +14,13 @@
 #include <mma.h>
 #endif
 
-#define TC_BR 64  // query rows a block (4 warps of 16)
-#define TC_BC 64  // keys a tile
-#define TC_DH 64  // head size
-static_assert(TC_BC == TC_DH, "the forward keeps P in Q's tile and O in the scores' tile");
+// Tile sizes by head size: 64 query rows a block (4 warps of 16) and key tiles of 64 at head
+// size 64; 32 and 32 (2 warps) at 128, so that shared memory stays under 48 KB.
+template <int DH> struct TcShape {
+    static const int BR = DH <= 64 ? 64 : 32;  // query rows a block: forward and dQ
+    static const int BC = BR;                  // keys a tile (forward), a block (dK/dV)
+    static const int THREADS = BR / 16 * 32;
+};
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major>
     FragA;
@@ -30,15 +33,17 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> Fra
 __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
 __device__ __forceinline__ bf16 to_bf16(bf16 x) { return x; }
 
-template <class T>
+template <class T, int DH>
 __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, T* out, float* lse,
                              unsigned R, unsigned t, unsigned tk, unsigned groups, double scale_) {
     using namespace nvcuda;
-    __shared__ __align__(32) bf16 qp[TC_BR][TC_DH];  // Q, then each warp's P (TC_BC == TC_DH)
-    __shared__ __align__(32) bf16 ks[TC_BC][TC_DH];
-    __shared__ __align__(32) bf16 vs[TC_BC][TC_DH];
-    __shared__ __align__(32) float st[TC_BR][TC_BC];  // scores, then the output being rescaled
-    __shared__ float m_s[TC_BR], l_s[TC_BR], c_s[TC_BR];
+    const int TC_BR = TcShape<DH>::BR, TC_BC = TcShape<DH>::BC, TC_DH = DH;
+    static_assert(TcShape<DH>::BC <= DH, "P is kept in Q's tile");
+    __shared__ __align__(32) bf16 qp[TcShape<DH>::BR][DH];  // Q, then each warp's P
+    __shared__ __align__(32) bf16 ks[TcShape<DH>::BC][DH];
+    __shared__ __align__(32) bf16 vs[TcShape<DH>::BC][DH];
+    __shared__ __align__(32) float st[TcShape<DH>::BR][DH];  // scores, then the output
+    __shared__ float m_s[TcShape<DH>::BR], l_s[TcShape<DH>::BR], c_s[TcShape<DH>::BR];
     const float scale = (float)scale_;
     const size_t bg = blockIdx.y;
     const unsigned r0 = blockIdx.x * TC_BR;
@@ -79,7 +84,7 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
                 wmma::load_matrix_sync(kf, &ks[nb * 16][kk * 16], TC_DH);
                 wmma::mma_sync(sf, qf[kk], kf, sf);
             }
-            wmma::store_matrix_sync(&st[warp * 16][nb * 16], sf, TC_BC, wmma::mem_row_major);
+            wmma::store_matrix_sync(&st[warp * 16][nb * 16], sf, TC_DH, wmma::mem_row_major);
         }
         __syncwarp();
         // Lane l starts its 32 columns l further on, so that the 32 lanes (on 16 rows) touch 32
@@ -115,7 +120,7 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
         }
         // O *= corr, row by row, through shared memory.
         for (int nb = 0; nb < TC_DH / 16; ++nb)
-            wmma::store_matrix_sync(&st[warp * 16][nb * 16], of[nb], TC_BC, wmma::mem_row_major);
+            wmma::store_matrix_sync(&st[warp * 16][nb * 16], of[nb], TC_DH, wmma::mem_row_major);
         __syncwarp();
         for (unsigned i = lane; i < 16 * TC_DH; i += 32) {
             const unsigned r = warp * 16 + i / TC_DH;
@@ -123,20 +128,20 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
         }
         __syncwarp();
         for (int nb = 0; nb < TC_DH / 16; ++nb)
-            wmma::load_matrix_sync(of[nb], &st[warp * 16][nb * 16], TC_BC, wmma::mem_row_major);
+            wmma::load_matrix_sync(of[nb], &st[warp * 16][nb * 16], TC_DH, wmma::mem_row_major);
         // O += P V
         for (int nb = 0; nb < TC_DH / 16; ++nb) {
             for (int kb = 0; kb < TC_BC / 16; ++kb) {
                 FragA pf;
                 FragB vf;
-                wmma::load_matrix_sync(pf, &qp[warp * 16][kb * 16], TC_BC);
+                wmma::load_matrix_sync(pf, &qp[warp * 16][kb * 16], TC_DH);
                 wmma::load_matrix_sync(vf, &vs[kb * 16][nb * 16], TC_DH);
                 wmma::mma_sync(of[nb], pf, vf, of[nb]);
             }
         }
     }
     for (int nb = 0; nb < TC_DH / 16; ++nb)
-        wmma::store_matrix_sync(&st[warp * 16][nb * 16], of[nb], TC_BC, wmma::mem_row_major);
+        wmma::store_matrix_sync(&st[warp * 16][nb * 16], of[nb], TC_DH, wmma::mem_row_major);
     __syncwarp();
     for (unsigned i = lane; i < 16 * TC_DH; i += 32) {
         const unsigned r = warp * 16 + i / TC_DH, d = i % TC_DH;
@@ -151,15 +156,17 @@ __device__ void flash_fwd_tc(const T* q, const T* k, const T* v, const T* mask, 
 // bf16 wmma needs sm_80 or newer: a build for older GPUs (CUDA_COMPUTE_CAP < 80) leaves these
 // entry points out, and the model does not pick them there (cuda_kernels::tensor_cores_available).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define FLASH_TC_ENTRIES(T, S)                                                                   \
-    extern "C" __global__ void flash_fwd_tc_##S##_d64(const T* q, const T* k, const T* v,         \
-                                                      const T* mask, T* out, float* lse,         \
-                                                      unsigned R, unsigned t, unsigned tk,       \
-                                                      unsigned groups, double scale) {           \
-        flash_fwd_tc<T>(q, k, v, mask, out, lse, R, t, tk, groups, scale);                       \
+#define FLASH_TC_ENTRIES(T, S, DH)                                                               \
+    extern "C" __global__ void flash_fwd_tc_##S##_d##DH(const T* q, const T* k, const T* v,       \
+                                                        const T* mask, T* out, float* lse,       \
+                                                        unsigned R, unsigned t, unsigned tk,     \
+                                                        unsigned groups, double scale) {         \
+        flash_fwd_tc<T, DH>(q, k, v, mask, out, lse, R, t, tk, groups, scale);                   \
     }
-FLASH_TC_ENTRIES(float, f32)
-FLASH_TC_ENTRIES(bf16, bf16)
+FLASH_TC_ENTRIES(float, f32, 64)
+FLASH_TC_ENTRIES(bf16, bf16, 64)
+FLASH_TC_ENTRIES(float, f32, 128)
+FLASH_TC_ENTRIES(bf16, bf16, 128)
 #endif
 
 // Backward on tensor cores, in two kernels as on CUDA cores (flash.cuh): dQ a query block at a
@@ -172,27 +179,28 @@ FLASH_TC_ENTRIES(bf16, bf16)
 
 // Rows [row0, row0 + n) of a [., TC_DH] tensor as bf16 into a shared tile of `rows` rows
 // (zeros past n), all threads together.
-template <class T>
-__device__ __forceinline__ void load_bf16_tile(bf16 (*tile)[TC_DH], unsigned rows, const T* src,
+template <class T, int DH>
+__device__ __forceinline__ void load_bf16_tile(bf16 (*tile)[DH], unsigned rows, const T* src,
                                                size_t row0, unsigned n) {
-    for (unsigned i = threadIdx.x; i < rows * TC_DH; i += blockDim.x) {
-        const unsigned r = i / TC_DH, d = i % TC_DH;
-        tile[r][d] = r < n ? to_bf16(src[(row0 + r) * TC_DH + d]) : __float2bfloat16(0.0f);
+    for (unsigned i = threadIdx.x; i < rows * DH; i += blockDim.x) {
+        const unsigned r = i / DH, d = i % DH;
+        tile[r][d] = r < n ? to_bf16(src[(row0 + r) * DH + d]) : __float2bfloat16(0.0f);
     }
 }
 
-template <class T>
+template <class T, int DH>
 __device__ void flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* mask, const T* out,
                                 const T* dout, const float* lse, float* dsum, T* dq, unsigned R,
                                 unsigned t, unsigned tk, unsigned groups, double scale_) {
     using namespace nvcuda;
-    __shared__ __align__(32) bf16 qd[2][TC_BR][TC_DH];  // Q and dO; at the end, dQ as f32
-    __shared__ __align__(32) bf16 ks[TC_BK][TC_DH];
-    __shared__ __align__(32) bf16 vs[TC_BK][TC_DH];
-    __shared__ __align__(32) float sp[TC_BR][TC_BK];  // scores, then probabilities
-    __shared__ __align__(32) float dp[TC_BR][TC_BK];  // dP
-    __shared__ __align__(32) bf16 ds[TC_BR][TC_BK];   // scale * dS
-    __shared__ float lse_s[TC_BR], d_s[TC_BR];
+    const int TC_BR = TcShape<DH>::BR, TC_DH = DH;
+    __shared__ __align__(32) bf16 qd[2][TcShape<DH>::BR][DH];  // Q and dO; at the end, dQ as f32
+    __shared__ __align__(32) bf16 ks[TC_BK][DH];
+    __shared__ __align__(32) bf16 vs[TC_BK][DH];
+    __shared__ __align__(32) float sp[TcShape<DH>::BR][TC_BK];  // scores, then probabilities
+    __shared__ __align__(32) float dp[TcShape<DH>::BR][TC_BK];  // dP
+    __shared__ __align__(32) bf16 ds[TcShape<DH>::BR][TC_BK];   // scale * dS
+    __shared__ float lse_s[TcShape<DH>::BR], d_s[TcShape<DH>::BR];
     const float scale = (float)scale_;
     const size_t bg = blockIdx.y;
     const unsigned r0 = blockIdx.x * TC_BR;
@@ -270,7 +278,7 @@ __device__ void flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* mas
         }
     }
     __syncthreads();  // every warp is done with Q and dO: their space stages dQ
-    float(*stage)[TC_DH] = reinterpret_cast<float(*)[TC_DH]>(&qd[0][0][0]);
+    float(*stage)[DH] = reinterpret_cast<float(*)[DH]>(&qd[0][0][0]);
     for (int nb = 0; nb < TC_DH / 16; ++nb)
         wmma::store_matrix_sync(&stage[warp * 16][nb * 16], acc[nb], TC_DH, wmma::mem_row_major);
     __syncwarp();
@@ -281,7 +289,7 @@ __device__ void flash_bwd_dq_tc(const T* q, const T* k, const T* v, const T* mas
 }
 
 // This warp's 16 rows of `f` (rows past n skipped) to dst, through the warp's rows of `stage`.
-template <class T>
+template <class T, int TC_DH>
 __device__ __forceinline__ void write_key_rows(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&f)[TC_DH / 16],
                                                float (*stage)[TC_DH], T* dst, unsigned n) {
     using namespace nvcuda;
@@ -296,18 +304,19 @@ __device__ __forceinline__ void write_key_rows(nvcuda::wmma::fragment<nvcuda::wm
     __syncwarp();  // the stage's rows take the next result
 }
 
-template <class T>
+template <class T, int DH>
 __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* mask,
                                   const T* dout, const float* lse, const float* dsum, T* dk, T* dv,
                                   unsigned R, unsigned t, unsigned tk, unsigned groups,
                                   double scale_) {
     using namespace nvcuda;
-    __shared__ __align__(32) bf16 kv[2][TC_BC][TC_DH];  // K and V; at the end, dK or dV as f32
-    __shared__ __align__(32) bf16 qs[TC_BQ][TC_DH];
-    __shared__ __align__(32) bf16 gs[TC_BQ][TC_DH];     // dO
-    __shared__ __align__(32) float sp[TC_BC][TC_BQ];    // S^T, then P^T
-    __shared__ __align__(32) float dp[TC_BC][TC_BQ];    // dP^T
-    __shared__ __align__(32) bf16 pt[TC_BC][TC_BQ];     // P^T, then scale * dS^T
+    const int TC_BC = TcShape<DH>::BC, TC_DH = DH;
+    __shared__ __align__(32) bf16 kv[2][TcShape<DH>::BC][DH];  // K and V; then dK or dV as f32
+    __shared__ __align__(32) bf16 qs[TC_BQ][DH];
+    __shared__ __align__(32) bf16 gs[TC_BQ][DH];                // dO
+    __shared__ __align__(32) float sp[TcShape<DH>::BC][TC_BQ];  // S^T, then P^T
+    __shared__ __align__(32) float dp[TcShape<DH>::BC][TC_BQ];  // dP^T
+    __shared__ __align__(32) bf16 pt[TcShape<DH>::BC][TC_BQ];   // P^T, then scale * dS^T
     __shared__ float lse_s[TC_BQ], d_s[TC_BQ];
     const float scale = (float)scale_;
     const size_t bg = blockIdx.y;
@@ -397,25 +406,27 @@ __device__ void flash_bwd_dkdv_tc(const T* q, const T* k, const T* v, const T* m
         }
     }
     __syncthreads();  // K and V are read: their space stages the results
-    float(*stage)[TC_DH] = reinterpret_cast<float(*)[TC_DH]>(&kv[0][0][0]);
+    float(*stage)[DH] = reinterpret_cast<float(*)[DH]>(&kv[0][0][0]);
     write_key_rows(dkf, stage, dk + (bg * tk + key0) * TC_DH, nk);
     write_key_rows(dvf, stage, dv + (bg * tk + key0) * TC_DH, nk);
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define FLASH_TC_BWD_ENTRIES(T, S)                                                               \
-    extern "C" __global__ void flash_bwd_dq_tc_##S##_d64(                                         \
+#define FLASH_TC_BWD_ENTRIES(T, S, DH)                                                           \
+    extern "C" __global__ void flash_bwd_dq_tc_##S##_d##DH(                                       \
         const T* q, const T* k, const T* v, const T* mask, const T* out, const T* dout,          \
         const float* lse, float* dsum, T* dq, unsigned R, unsigned t, unsigned tk,               \
         unsigned groups, double scale) {                                                         \
-        flash_bwd_dq_tc<T>(q, k, v, mask, out, dout, lse, dsum, dq, R, t, tk, groups, scale);    \
+        flash_bwd_dq_tc<T, DH>(q, k, v, mask, out, dout, lse, dsum, dq, R, t, tk, groups, scale); \
     }                                                                                            \
-    extern "C" __global__ void flash_bwd_dkdv_tc_##S##_d64(                                       \
+    extern "C" __global__ void flash_bwd_dkdv_tc_##S##_d##DH(                                     \
         const T* q, const T* k, const T* v, const T* mask, const T* dout, const float* lse,      \
         const float* dsum, T* dk, T* dv, unsigned R, unsigned t, unsigned tk, unsigned groups,   \
         double scale) {                                                                          \
-        flash_bwd_dkdv_tc<T>(q, k, v, mask, dout, lse, dsum, dk, dv, R, t, tk, groups, scale);   \
+        flash_bwd_dkdv_tc<T, DH>(q, k, v, mask, dout, lse, dsum, dk, dv, R, t, tk, groups, scale); \
     }
-FLASH_TC_BWD_ENTRIES(float, f32)
-FLASH_TC_BWD_ENTRIES(bf16, bf16)
+FLASH_TC_BWD_ENTRIES(float, f32, 64)
+FLASH_TC_BWD_ENTRIES(bf16, bf16, 64)
+FLASH_TC_BWD_ENTRIES(float, f32, 128)
+FLASH_TC_BWD_ENTRIES(bf16, bf16, 128)
 #endif
