@@ -3024,6 +3024,8 @@ fn check_kernels_reports_every_op_on_the_cpu() {
         [
             "attention",
             "attention_bf16_products",
+            "attention_bf16_products_d128",
+            "attention_d128",
             "lm_head",
             "lse_gather",
             "lse_gather_t0.7",
@@ -3032,7 +3034,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 15);
+    assert_eq!(lines.len(), 17);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

@@ -394,6 +394,13 @@ pub(crate) fn flash_fwd(
         )));
     }
     by_dtype!(q.dtype(), op, |T| {
+        if !tensor_cores && !kc::flash_head_sizes(T::KIND).contains(&d.dh) {
+            return Err(Error::Msg(format!(
+                "{op}: no kernel for head size {} in {:?}",
+                d.dh,
+                q.dtype()
+            )));
+        }
         let (name, l) = match tensor_cores {
             true => (
                 Kernel::FlashFwdTc.name_for_head(T::KIND, d.dh),

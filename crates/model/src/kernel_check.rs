@@ -184,60 +184,63 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
         // keys in the middle of the second sequence padded (as in packed or prefix-shared
         // batches; no row is wholly masked: a padding row's output is never used, and composed
         // ops round its uniform scores differently in f32 and f64).
-        let (b, groups, rep, t, dh) = (2, 3, 3, 150, 64);
-        let q = input(&mut rng, &[b, groups, rep * t, dh], 1.0, dtype, dev)?;
-        let k = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
-        let v = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
-        let mut m = vec![0f32; b * t * t];
-        for bi in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || (bi == 1 && (20..27).contains(&j)) {
-                        m[(bi * t + i) * t + j] = -1e9;
+        // Head sizes 64 (SmolLM2, Llama 3.2 1B) and 128 (7B-class models); the GPU's f64
+        // kernels stop at 64.
+        for (dh, name, name_bf16) in [
+            (64, "attention", "attention_bf16_products"),
+            (128, "attention_d128", "attention_bf16_products_d128"),
+        ] {
+            if dtype == DType::F64 && dh > 64 {
+                continue;
+            }
+            let (b, groups, rep, t) = (2, 3, 3, 150);
+            let q = input(&mut rng, &[b, groups, rep * t, dh], 1.0, dtype, dev)?;
+            let k = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
+            let v = input(&mut rng, &[b, groups, t, dh], 1.0, dtype, dev)?;
+            let mut m = vec![0f32; b * t * t];
+            for bi in 0..b {
+                for i in 0..t {
+                    for j in 0..t {
+                        if j > i || (bi == 1 && (20..27).contains(&j)) {
+                            m[(bi * t + i) * t + j] = -1e9;
+                        }
                     }
                 }
             }
-        }
-        let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?;
-        let scale = 1.0 / (dh as f64).sqrt();
-        let composed = |x: &[Tensor]| {
-            let scores = (x[0].matmul(&x[1].t()?)? * scale)?.reshape((b, groups * rep, t, t))?;
-            ops::softmax_last(&scores.broadcast_add(&mask)?)?
+            let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)?
                 .to_dtype(dtype)?
-                .reshape((b, groups, rep * t, t))?
-                .matmul(&x[2])
-        };
-        let fused = |x: &[Tensor]| {
-            crate::flash::flash_attention(&x[0], &x[1], &x[2], t, scale, Some(&mask))
-        };
-        out.push(compare(
-            "attention",
-            dtype,
-            dev,
-            (&fused, &composed),
-            &[q.clone(), k.clone(), v.clone()],
-            3,
-            &mut rng,
-        )?);
-        // Under bf16 products: the tensor-core kernels on a GPU (head size 64; f32 and bf16
-        // inputs), held to bf16's rounding.
-        if dtype != DType::F64 {
-            let _bf16 = crate::ops::Bf16Scope::new(true);
-            let x = [q.clone(), k.clone(), v.clone()];
-            let mut c = compare(
-                "attention_bf16_products",
+                .to_device(dev)?;
+            let scale = 1.0 / (dh as f64).sqrt();
+            let composed = |x: &[Tensor]| {
+                let scores =
+                    (x[0].matmul(&x[1].t()?)? * scale)?.reshape((b, groups * rep, t, t))?;
+                ops::softmax_last(&scores.broadcast_add(&mask)?)?
+                    .to_dtype(dtype)?
+                    .reshape((b, groups, rep * t, t))?
+                    .matmul(&x[2])
+            };
+            let fused = |x: &[Tensor]| {
+                crate::flash::flash_attention(&x[0], &x[1], &x[2], t, scale, Some(&mask))
+            };
+            out.push(compare(
+                name,
                 dtype,
                 dev,
                 (&fused, &composed),
-                &x,
+                &[q.clone(), k.clone(), v.clone()],
                 3,
                 &mut rng,
-            )?;
-            c.tolerance = tolerance(DType::BF16);
-            c.passed = c.forward <= c.tolerance && c.gradient <= c.tolerance;
-            out.push(c);
+            )?);
+            // Under bf16 products: the tensor-core kernels on a GPU (f32 and bf16 inputs), held to
+            // bf16's rounding.
+            if dtype != DType::F64 {
+                let _bf16 = crate::ops::Bf16Scope::new(true);
+                let x = [q.clone(), k.clone(), v.clone()];
+                let mut c = compare(name_bf16, dtype, dev, (&fused, &composed), &x, 3, &mut rng)?;
+                c.tolerance = tolerance(DType::BF16);
+                c.passed = c.forward <= c.tolerance && c.gradient <= c.tolerance;
+                out.push(c);
+            }
         }
 
         // The LM head without kept logits (matmuls, the log-softmax kernels, and backward's
@@ -302,7 +305,7 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        assert_eq!(ops.len(), 2 * 7 + 1, "{ops:?}");
+        assert_eq!(ops.len(), 2 * 7 + 1 + 2, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }
