@@ -346,6 +346,42 @@ pub(crate) fn lse_gather_bwd(
     })
 }
 
+/// The CUDA storage of a tensor an op keeps for later (a mask, an output, its gradient, a
+/// log-sum-exp), or an error naming `op` if it is elsewhere.
+pub(crate) fn on_gpu<'a>(st: &'a candle_core::Storage, op: &str) -> Result<&'a CudaStorage> {
+    match st {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => Err(Error::Msg(format!("{op}: a kept tensor is not on the GPU"))),
+    }
+}
+
+/// Whether attention kernels exist for `dtype` at head size `dh`: the tensor-core ones (f32 and
+/// bf16 inputs) or the CUDA-core ones.
+pub(crate) fn flash_built(dtype: DType, dh: usize, tensor_cores: bool) -> bool {
+    let kind = match dtype {
+        DType::F32 => Dtype::F32,
+        DType::BF16 => Dtype::Bf16,
+        DType::F64 => Dtype::F64,
+        _ => return false,
+    };
+    match tensor_cores {
+        true => kind != Dtype::F64 && kc::FLASH_TC_HEAD_SIZES.contains(&dh),
+        false => kc::flash_head_sizes(kind).contains(&dh),
+    }
+}
+
+/// [`flash_built`] as an error naming `op`.
+fn check_flash(op: &str, d: &FlashDims, dtype: DType, tensor_cores: bool) -> Result<()> {
+    if flash_built(dtype, d.dh, tensor_cores) {
+        return Ok(());
+    }
+    let which = if tensor_cores { "tensor-core " } else { "" };
+    Err(Error::Msg(format!(
+        "{op}: no {which}kernel for head size {} in {dtype:?}",
+        d.dh
+    )))
+}
+
 /// Whether the tensor-core kernels can run on `dev`: built into the PTX (`compute_80` or newer)
 /// and a GPU of compute capability 8.0 or newer (bf16 `wmma`). Asked once per process.
 pub(crate) fn tensor_cores_available(dev: &candle_core::Device) -> bool {
@@ -386,21 +422,8 @@ pub(crate) fn flash_fwd(
 ) -> Result<(CudaStorage, CudaStorage)> {
     let op = "flash-attention";
     let dev = &q.device;
-    if tensor_cores && (!kc::FLASH_TC_HEAD_SIZES.contains(&d.dh) || q.dtype() == DType::F64) {
-        return Err(Error::Msg(format!(
-            "{op}: no tensor-core kernel for head size {} in {:?}",
-            d.dh,
-            q.dtype()
-        )));
-    }
+    check_flash(op, &d, q.dtype(), tensor_cores)?;
     by_dtype!(q.dtype(), op, |T| {
-        if !tensor_cores && !kc::flash_head_sizes(T::KIND).contains(&d.dh) {
-            return Err(Error::Msg(format!(
-                "{op}: no kernel for head size {} in {:?}",
-                d.dh,
-                q.dtype()
-            )));
-        }
         let (name, l) = match tensor_cores {
             true => (
                 Kernel::FlashFwdTc.name_for_head(T::KIND, d.dh),
@@ -454,13 +477,7 @@ pub(crate) fn flash_bwd(
 ) -> Result<CudaStorage> {
     let op = "flash-attention-bwd";
     let dev = &q.device;
-    if tensor_cores && (!kc::FLASH_TC_HEAD_SIZES.contains(&d.dh) || q.dtype() == DType::F64) {
-        return Err(Error::Msg(format!(
-            "{op}: no tensor-core kernel for head size {} in {:?}",
-            d.dh,
-            q.dtype()
-        )));
-    }
+    check_flash(op, &d, q.dtype(), tensor_cores)?;
     let (dq_kernel, dkdv_kernel, rows, keys) = match tensor_cores {
         true => (
             Kernel::FlashBwdDqTc,

@@ -85,9 +85,7 @@ pub fn flash_attention(
     };
     // Under bf16 products the tensor-core kernels (bf16 operands, f32 sums) run both passes, as
     // PyTorch's autocast runs attention; in f32 the f32 kernels do.
-    let tensor_cores = crate::ops::bf16_enabled()
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && tensor_cores_apply(q.device(), dh);
+    let tensor_cores = crate::ops::bf16_enabled() && tensor_cores_apply(q, dh);
     let op = FlashAttention {
         dims,
         scale,
@@ -99,15 +97,15 @@ pub fn flash_attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// Whether the tensor-core kernels take head size `dh` on `dev` (a GPU of compute capability 8.0
-/// or newer, with kernels built for it).
-fn tensor_cores_apply(dev: &candle_core::Device, dh: usize) -> bool {
+/// Whether the tensor-core kernels take `q`'s dtype at head size `dh` on its device (a GPU of
+/// compute capability 8.0 or newer, with kernels built for it).
+fn tensor_cores_apply(q: &Tensor, dh: usize) -> bool {
     #[cfg(feature = "cuda")]
-    return preftune_kernels_cuda::FLASH_TC_HEAD_SIZES.contains(&dh)
-        && crate::cuda_kernels::tensor_cores_available(dev);
+    return crate::cuda_kernels::flash_built(q.dtype(), dh, true)
+        && crate::cuda_kernels::tensor_cores_available(q.device());
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (dev, dh);
+        let _ = (q, dh);
         false
     }
 }
@@ -248,13 +246,8 @@ impl CustomOp3 for FlashAttention {
         let x = CpuInputs::new(self.mask.as_ref(), [(s1, l1), (s2, l2), (s3, l3)], op)?;
         let rows = x.rows(self.dims, self.scale);
         let (out, lse) = rows.forward();
-        let acc = if s1.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
         let lse = Tensor::from_vec(lse, self.dims.bg * self.dims.r, &candle_core::Device::Cpu)?
-            .to_dtype(acc)?;
+            .to_dtype(crate::kernels::sum_dtype(s1.dtype()))?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((cpu_from_f64(out, s1.dtype(), op)?, l1.shape().clone()))
     }
@@ -271,7 +264,7 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let m = self.mask.as_ref().map(|t| t.storage_and_layout());
         let mask = match &m {
-            Some((st, l)) => Some((cuda_of(st)?, *l)),
+            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
             None => None,
         };
         let (out, lse) = crate::cuda_kernels::flash_fwd(
@@ -377,7 +370,7 @@ impl CustomOp3 for FlashAttentionBwd {
         let (s, ls) = self.lse.storage_and_layout();
         let m = self.mask.as_ref().map(|t| t.storage_and_layout());
         let mask = match &m {
-            Some((st, l)) => Some((cuda_of(st)?, *l)),
+            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
             None => None,
         };
         let flat = crate::cuda_kernels::flash_bwd(
@@ -385,26 +378,15 @@ impl CustomOp3 for FlashAttentionBwd {
             (s2, l2),
             (s3, l3),
             mask,
-            (cuda_of(&o)?, lo),
-            (cuda_of(&g)?, lg),
-            (cuda_of(&s)?, ls),
+            (crate::cuda_kernels::on_gpu(&o, self.name())?, lo),
+            (crate::cuda_kernels::on_gpu(&g, self.name())?, lg),
+            (crate::cuda_kernels::on_gpu(&s, self.name())?, ls),
             self.dims,
             self.scale,
             self.tensor_cores,
         )?;
         let n = self.dims.bg * (self.dims.r + 2 * self.dims.tk) * self.dims.dh;
         Ok((flat, Shape::from(n)))
-    }
-}
-
-/// The CUDA storage behind a tensor the op keeps (mask, output, its gradient, log-sum-exp).
-#[cfg(feature = "cuda")]
-fn cuda_of(st: &candle_core::Storage) -> Result<&candle_core::CudaStorage> {
-    match st {
-        candle_core::Storage::Cuda(s) => Ok(s),
-        _ => Err(Error::Msg(
-            "flash_attention: a kept tensor is not on the GPU".into(),
-        )),
     }
 }
 

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::kernels::sum_dtype;
 use crate::{kernels, lse_gather, ops, Result};
 
 /// One op in one dtype: the largest differences between fused and composed, each relative to the
@@ -27,15 +28,6 @@ fn dtypes(dev: &Device) -> Vec<DType> {
         vec![DType::F32, DType::F64]
     } else {
         vec![DType::F32, DType::BF16, DType::F64]
-    }
-}
-
-/// The type sums are taken in for `dtype`.
-fn acc_of(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
     }
 }
 
@@ -253,7 +245,7 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
         let fused =
             |x: &[Tensor]| Ok(lse_gather::lm_head_logprobs(&x[0], &x[1], &labels, 1.0, 40)?.0);
         let composed = |x: &[Tensor]| {
-            let z = x[0].matmul(&x[1].t()?)?.to_dtype(acc_of(dtype))?;
+            let z = x[0].matmul(&x[1].t()?)?.to_dtype(sum_dtype(dtype))?;
             (z.gather(&lab, 1)? - ops::logsumexp_last(&z)?)?.squeeze(1)
         };
         out.push(compare(
@@ -273,12 +265,7 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             let lab = Tensor::from_slice(&labels, (rows, 1), dev)?;
             let fused = |t: &[Tensor]| Ok(lse_gather::lse_gather(&t[0], &labels, temperature)?.0);
             let composed = |t: &[Tensor]| {
-                let acc = if dtype == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
-                let z = (t[0].to_dtype(acc)? / temperature)?;
+                let z = (t[0].to_dtype(sum_dtype(dtype))? / temperature)?;
                 (z.gather(&lab, 1)? - ops::logsumexp_last(&z)?)?.squeeze(1)
             };
             out.push(compare(

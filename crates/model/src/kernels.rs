@@ -83,18 +83,9 @@ pub fn elementwise_applies(x: &Tensor) -> bool {
 /// built for (`preftune_kernels_cuda::flash_head_sizes`).
 pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
     #[cfg(feature = "cuda")]
-    {
-        use preftune_kernels_cuda::{flash_head_sizes, Dtype};
-        let kind = match q.dtype() {
-            DType::F32 => Dtype::F32,
-            DType::BF16 => Dtype::Bf16,
-            DType::F64 => Dtype::F64,
-            _ => return false,
-        };
-        FUSED.load(Ordering::Relaxed)
-            && cuda_kernels_apply(q.device())
-            && flash_head_sizes(kind).contains(&dh)
-    }
+    return FUSED.load(Ordering::Relaxed)
+        && cuda_kernels_apply(q.device())
+        && crate::cuda_kernels::flash_built(q.dtype(), dh, false);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (q, dh);
@@ -134,6 +125,16 @@ pub(crate) fn cpu_as_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64
         CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
         _ => return Err(Error::Msg(format!("{op}: float inputs expected"))),
     })
+}
+
+/// The dtype a kernel sums in for inputs of `dtype` (and returns per-row results such as
+/// log-sum-exps in): f64 for f64, f32 for everything else.
+pub(crate) fn sum_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// `values` as a CPU storage of `dtype` (a float type).

@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 
 use crate::fused::RowStats;
-use crate::kernels::{cpu_as_f64, cpu_from_f64};
+use crate::kernels::{cpu_as_f64, cpu_from_f64, sum_dtype};
 
 /// Log-probs `[C]` (f32; f64 for f64 logits) of `labels` under `logits` `[C, V]` scaled by
 /// `1 / temperature`, with each row's top-1 hit and mean scaled logit.
@@ -82,7 +82,7 @@ pub fn lm_head_logprobs(
         stats.mean_logit.extend(s.mean_logit);
     }
     let op = LmHead {
-        logp: Tensor::cat(&logp, 0)?.to_dtype(acc(hidden.dtype()))?,
+        logp: Tensor::cat(&logp, 0)?.to_dtype(sum_dtype(hidden.dtype()))?,
         chunks,
         inv_temp: 1.0 / temperature,
         bf16,
@@ -162,12 +162,8 @@ impl CustomOp2 for LmHead {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (st, l) = self.logp.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(l)?, self.logp.shape().clone())),
-            _ => Err(Error::Msg(
-                "lm_head_logprobs: log-probs not on the GPU".into(),
-            )),
-        }
+        let s = crate::cuda_kernels::on_gpu(&st, self.name())?;
+        Ok((s.try_clone(l)?, self.logp.shape().clone()))
     }
 
     fn bwd(
@@ -188,7 +184,7 @@ impl CustomOp2 for LmHead {
             // The kernel reads the gradient in the logits' sum type.
             let g = grad
                 .narrow(0, c.start, c.len)?
-                .to_dtype(acc(z.dtype()))?
+                .to_dtype(sum_dtype(z.dtype()))?
                 .contiguous()?;
             let bwd = LseGatherBwd {
                 inv_temp: self.inv_temp,
@@ -229,15 +225,6 @@ impl LseGather {
     }
 }
 
-/// The accumulator type for logits of `dtype`: f64 stays f64, everything else f32.
-fn acc(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 fn cpu_labels<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     crate::kernels::slice::<u32>(s, l, "lse_gather")
 }
@@ -275,7 +262,7 @@ impl CustomOp2 for LseGather {
                 .mean_logit
                 .push((s.iter().sum::<f64>() / v as f64) as f32);
         }
-        let dtype = acc(s1.dtype());
+        let dtype = sum_dtype(s1.dtype());
         let lse = Tensor::from_vec(lse, c, &candle_core::Device::Cpu)?.to_dtype(dtype)?;
         self.keep(lse, stats);
         Ok((cpu_from_f64(logp, dtype, self.name())?, Shape::from(c)))
@@ -377,9 +364,7 @@ impl CustomOp3 for LseGatherBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (st, ls) = self.lse.storage_and_layout();
-        let candle_core::Storage::Cuda(lse) = &*st else {
-            return Err(Error::Msg("lse_gather: log-sum-exp not on the GPU".into()));
-        };
+        let lse = crate::cuda_kernels::on_gpu(&st, self.name())?;
         crate::cuda_kernels::lse_gather_bwd((s1, l1), (s2, l2), (s3, l3), (lse, ls), self.inv_temp)
     }
 }
