@@ -50,6 +50,11 @@ pub struct Generation {
     pub tokens: Vec<Vec<u32>>,
     pub logprobs: Vec<Vec<f32>>,
     pub finished: Vec<bool>,
+    /// Prompt positions (left padding included) the model ran: a prefix every prompt shares
+    /// counts once, and so does each set of identical prompts.
+    pub prompt_positions: usize,
+    /// Batch rows summed over the decoding steps: finished sequences leave the batch.
+    pub decode_rows: usize,
 }
 
 impl SamplingConfig {
@@ -73,8 +78,12 @@ impl SamplingConfig {
     }
 }
 
-/// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch; a long
-/// prefix they all share is run once.
+/// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch.
+///
+/// Work a rollout need not repeat is skipped: a long prefix every prompt shares is run once,
+/// identical prompts (the `n` samples of GRPO, RLOO or Best-of-N) are prefilled once, and
+/// finished sequences leave the batch. None of this changes what is drawn: each step takes one
+/// uniform draw per unfinished sequence, in prompt order, as the whole batch would.
 pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
     cfg.validate()?;
     if prompts.iter().any(Vec::is_empty) {
@@ -87,6 +96,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         tokens: vec![vec![]; b],
         logprobs: vec![vec![]; b],
         finished: vec![false; b],
+        ..Default::default()
     };
     if b == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
@@ -106,6 +116,12 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), &dev)?)
     };
     let mut cache = KvCache::new(model.cfg.num_layers);
+    // Without the cache every step reruns the whole batch: the reference the cached path is
+    // checked against, so it keeps every row and pads finished ones.
+    let (distinct, of_row) = match cfg.use_cache {
+        true => distinct_prompts(prompts),
+        false => ((0..b).collect(), (0..b).collect()),
+    };
     // A prefix every prompt shares (a system prompt, a preprompt) is run once and its keys and
     // values copied to every row; each row then holds `[prefix][padding][rest]`.
     let shared = match cfg.use_cache {
@@ -115,26 +131,28 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     if shared > 0 {
         let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dev)?;
         model.forward(&prefix, None, None, Some(&mut cache))?;
-        cache.select(&vec![0; b], 0)?;
+        cache.select(&vec![0; distinct.len()], 0)?;
+        out.prompt_positions += shared;
     }
-    let mut ids: Vec<Vec<u32>> = prompts
+    let mut ids: Vec<Vec<u32>> = distinct
         .iter()
-        .map(|p| {
+        .map(|&i| {
+            let p = &prompts[i];
             std::iter::repeat_n(cfg.pad_token_id, max_len - p.len())
                 .chain(p[shared..].iter().copied())
                 .collect()
         })
         .collect();
-    let mut mask: Vec<Vec<u32>> = prompts
+    let mut mask: Vec<Vec<u32>> = distinct
         .iter()
-        .map(|p| {
+        .map(|&i| {
+            let p = &prompts[i];
             std::iter::repeat_n(1, shared)
                 .chain(std::iter::repeat_n(0, max_len - p.len()))
                 .chain(std::iter::repeat_n(1, p.len() - shared))
                 .collect()
         })
         .collect();
-    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
 
     let last_logits = |hidden: &Tensor| -> Result<Vec<Vec<f32>>> {
@@ -148,24 +166,34 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         None,
         cfg.use_cache.then_some(&mut cache),
     )?;
+    out.prompt_positions += distinct.len() * (max_len - shared);
     let mut logits = last_logits(&hidden)?;
+    if distinct.len() < b {
+        let rows: Vec<u32> = of_row.iter().map(|&d| d as u32).collect();
+        cache.select(&rows, 0)?;
+        logits = of_row.iter().map(|&d| logits[d].clone()).collect();
+        mask = of_row.iter().map(|&d| mask[d].clone()).collect();
+        ids = of_row.iter().map(|&d| ids[d].clone()).collect();
+    }
+    // The prompt (`out` row) of each batch row, in prompt order.
+    let mut slots: Vec<usize> = (0..b).collect();
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
 
     for step in 0..cfg.max_new_tokens {
         // One uniform draw per live row, in row order, then the rows in parallel (softmax over
         // the vocabulary is most of a step's non-matmul time); the result does not depend on
         // the thread count.
-        let draws: Vec<Option<f32>> = out
-            .finished
+        let draws: Vec<Option<f32>> = slots
             .iter()
-            .map(|&f| (!f && cfg.temperature > 0.0).then(|| rng.gen()))
+            .map(|&row| (!out.finished[row] && cfg.temperature > 0.0).then(|| rng.gen()))
             .collect();
         let picked: Vec<Option<(u32, f32)>> = {
             use rayon::prelude::*;
             logits
                 .par_iter_mut()
                 .zip(draws)
-                .enumerate()
-                .map(|(row, (lg, r))| {
+                .zip(&slots)
+                .map(|((lg, r), &row)| {
                     if out.finished[row] {
                         return None;
                     }
@@ -180,8 +208,8 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
                 })
                 .collect()
         };
-        let mut new_col = Vec::with_capacity(b);
-        for (row, p) in picked.into_iter().enumerate() {
+        let mut new_col = Vec::with_capacity(slots.len());
+        for (&row, p) in slots.iter().zip(picked) {
             let Some((tok, lp)) = p else {
                 new_col.push(cfg.pad_token_id);
                 continue;
@@ -196,13 +224,33 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         if out.finished.iter().all(|&f| f) || step + 1 == cfg.max_new_tokens {
             break;
         }
-        for (row, &tok) in new_col.iter().enumerate() {
-            ids[row].push(tok);
-            mask[row].push(1);
+        // Finished sequences leave once they are an eighth of the batch (each leave copies the
+        // cache), with the leading positions that only their padding held.
+        let live: Vec<usize> = (0..slots.len())
+            .filter(|&s| !out.finished[slots[s]])
+            .collect();
+        if cfg.use_cache && (slots.len() - live.len()) * 8 >= slots.len() {
+            let width = mask.first().map_or(0, Vec::len);
+            let drop = (0..width)
+                .take_while(|&c| live.iter().all(|&s| mask[s][c] == 0))
+                .count();
+            let rows: Vec<u32> = live.iter().map(|&s| s as u32).collect();
+            cache.select(&rows, drop)?;
+            slots = live.iter().map(|&s| slots[s]).collect();
+            mask = live.iter().map(|&s| mask[s][drop..].to_vec()).collect();
+            next_pos = live.iter().map(|&s| next_pos[s]).collect();
+            new_col = live.iter().map(|&s| new_col[s]).collect();
+        }
+        for (s, &tok) in new_col.iter().enumerate() {
+            mask[s].push(1);
+            if !cfg.use_cache {
+                ids[s].push(tok);
+            }
         }
         let hidden = if cfg.use_cache {
-            let step_ids = Tensor::from_vec(new_col, (b, 1), &dev)?;
-            let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
+            let rows = slots.len();
+            let step_ids = Tensor::from_vec(new_col, (rows, 1), &dev)?;
+            let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &dev)?;
             model.forward(
                 &step_ids,
                 Some(&to_tensor(&mask)?),
@@ -212,10 +260,29 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         } else {
             model.forward(&to_tensor(&ids)?, Some(&to_tensor(&mask)?), None, None)?
         };
+        out.decode_rows += slots.len();
         next_pos.iter_mut().for_each(|p| *p += 1);
         logits = last_logits(&hidden)?;
     }
     Ok(out)
+}
+
+/// The distinct prompts (the index of each one's first appearance) and, for every prompt, which
+/// of them it is.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: std::collections::HashMap<&[u32], usize> = Default::default();
+    let mut distinct = vec![];
+    let of_row = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            *first.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(i);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, of_row)
 }
 
 /// How many leading tokens every prompt shares, when it is worth running them once: at least

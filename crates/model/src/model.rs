@@ -388,11 +388,16 @@ impl KvCache {
     /// Keeps the batch rows `rows` (in that order) and forgets the first `drop` positions of
     /// every row (continuous batching: finished sequences leave, and the left padding no row
     /// still reads goes with them).
+    ///
+    /// With `drop` 0 the spare capacity stays, so the next positions need no regrowth.
     pub fn select(&mut self, rows: &[u32], drop: usize) -> candle_core::Result<()> {
         for c in self.layers.iter_mut().flatten() {
             let keep = c.len.saturating_sub(drop);
             let idx = Tensor::new(rows, c.k.device())?;
             let pick = |t: &Tensor| -> candle_core::Result<Tensor> {
+                if keep == c.len {
+                    return t.index_select(&idx, 0)?.contiguous();
+                }
                 t.narrow(2, c.len - keep, keep)?
                     .contiguous()?
                     .index_select(&idx, 0)?

@@ -246,6 +246,74 @@ fn a_shared_prefix_run_once_samples_as_the_whole_batch_does() {
     }
 }
 
+/// Rollouts: identical prompts are prefilled once and finished sequences leave the batch, and
+/// neither changes a token against the uncached path, which reruns the whole batch each step.
+#[test]
+fn rollouts_skip_repeated_prompts_and_finished_rows_without_changing_samples() {
+    let step_rows = |g: &preftune_model::Generation| -> usize {
+        let longest = g.tokens.iter().map(Vec::len).max().unwrap_or(0);
+        g.tokens.len() * longest.saturating_sub(1)
+    };
+    let (mut cases, mut uneven) = (0, 0);
+    for name in MODELS {
+        let p = load(name);
+        let texts = ["The movie", "A young director wanted to", "We"];
+        // Each prompt three times, as GRPO's groups, the longest last so padding leads.
+        let prompts: Vec<Vec<u32>> = texts
+            .iter()
+            .rev()
+            .flat_map(|t| std::iter::repeat_n(p.tokenizer.encode(t, false).unwrap(), 3))
+            .collect();
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        for temperature in [0.9, 0.0] {
+            let cfg = |eos: Vec<u32>, use_cache| SamplingConfig {
+                max_new_tokens: 16,
+                temperature,
+                seed: 3,
+                eos_token_ids: eos,
+                pad_token_id: p.pad_token_id(),
+                use_cache,
+                ..Default::default()
+            };
+            // End-of-sequence tokens that rows 4 and 0 draw at steps 1 and 2: the rows before a
+            // finished one draw as they did without it.
+            let free = generate(&p.model, &prompts, &cfg(vec![], true)).unwrap();
+            let eos: Vec<u32> = [(4, 1), (0, 2), (8, 2)]
+                .iter()
+                .map(|&(row, step)| free.tokens[row][step])
+                .collect();
+            let cached = generate(&p.model, &prompts, &cfg(eos.clone(), true)).unwrap();
+            let whole = generate(&p.model, &prompts, &cfg(eos, false)).unwrap();
+            assert_eq!(cached.tokens, whole.tokens, "{name} at T={temperature}");
+            assert_eq!(cached.finished, whole.finished);
+            for (a, b) in cached.logprobs.iter().zip(&whole.logprobs) {
+                assert!(max_abs_diff(a, b) < 1e-4, "{name}: log-probs differ");
+            }
+            // Three distinct prompts prefilled, and fewer rows decoded than a fixed batch runs
+            // once rows end at different steps.
+            assert_eq!(cached.prompt_positions, 3 * longest);
+            assert_eq!(whole.prompt_positions, 9 * longest);
+            assert_eq!(whole.decode_rows, step_rows(&whole));
+            let lens: std::collections::BTreeSet<usize> =
+                cached.tokens.iter().map(Vec::len).collect();
+            cases += 1;
+            if lens.len() >= 2 {
+                uneven += 1;
+                assert!(
+                    cached.decode_rows < step_rows(&cached),
+                    "{name}: {} decoded rows of {}",
+                    cached.decode_rows,
+                    step_rows(&cached)
+                );
+            }
+        }
+    }
+    assert!(
+        uneven * 2 >= cases,
+        "rows ended at different steps in {uneven} of {cases} cases"
+    );
+}
+
 #[test]
 fn sampling_is_seeded_and_logprobs_match_recomputation() {
     let p = load("tiny-llama");
