@@ -117,7 +117,7 @@ impl Linear {
             && kernels::cpu_kernels(self.weight.device())
         {
             frozen_matmul(x2, &self.weight)?
-        } else if lead <= SMALL_M && kernels::cpu_kernels(self.weight.device()) {
+        } else if lead <= TRANSPOSED_MAX_ROWS && kernels::cpu_kernels(self.weight.device()) {
             // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs
             // about twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight
             // every call.
@@ -215,46 +215,4 @@ fn cpu_len(s: &CpuStorage) -> usize {
         CpuStorage::F16(v) => v.len(),
         _ => usize::MAX,
     }
-}
-
-/// Several linears of the same input (`q`/`k`/`v`, `gate`/`up`) as one GEMM over their stacked
-/// weights when that pays: many rows without gradients (prefill, reference and scoring passes)
-/// and no LoRA. In training each linear runs on its own: the backward of the stacked output's
-/// narrowed parts pads each part's gradient with zeros to the full width and adds them up, which
-/// cost 0.9 GB of peak memory on SmolLM2 8 x 128 (4.0 -> 3.1 GB) and some time.
-pub fn linear_group(x: &Tensor, ls: &[&Linear]) -> Result<Vec<Tensor>> {
-    let dims = x.dims();
-    let lead: usize = dims[..dims.len() - 1].iter().product();
-    let same_bias = ls.iter().all(|l| l.bias.is_some()) || ls.iter().all(|l| l.bias.is_none());
-    // Stacking copies the weights into a new tensor; under [`PackedWeights`] that would pack the
-    // copy on every call instead of reusing each weight's pack.
-    if lead <= SMALL_M
-        || ls.iter().any(|l| l.lora.is_some() || l.quant.is_some())
-        || !same_bias
-        || ls.len() < 2
-        || packing()
-        || x.track_op()
-    {
-        return ls.iter().map(|l| l.forward(x)).collect();
-    }
-    let weights: Vec<&Tensor> = ls.iter().map(|l| &l.weight).collect();
-    let biases: Vec<&Tensor> = ls.iter().filter_map(|l| l.bias.as_ref()).collect();
-    let stacked = Linear::new(
-        "stacked",
-        Tensor::cat(&weights, 0)?,
-        (!biases.is_empty())
-            .then(|| Tensor::cat(&biases, 0))
-            .transpose()?,
-    );
-    let y = stacked.forward(x)?;
-    let last = dims.len() - 1;
-    let mut start = 0;
-    ls.iter()
-        .map(|l| {
-            let n = l.weight.dim(0)?;
-            let part = y.narrow(last, start, n)?;
-            start += n;
-            Ok(part)
-        })
-        .collect()
 }
