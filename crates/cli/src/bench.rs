@@ -11,7 +11,8 @@ pub struct BenchArgs {
     /// Model folder or .gguf file (the reference workloads use SmolLM2-135M).
     #[arg(long)]
     model: PathBuf,
-    /// `fwd-bwd`, `generate`, `matmul` (f32 2048^3 GEMM rate, the MFU yardstick) or `all`.
+    /// `fwd-bwd`, `generate`, `rollout` (chat prompts sampled `--num-generations` times until
+    /// EOS), `matmul` (f32 2048^3 GEMM rate, the MFU yardstick) or `all`.
     #[arg(long, default_value = "all")]
     workload: String,
     #[arg(long, default_value = "f32")]
@@ -30,6 +31,9 @@ pub struct BenchArgs {
     gen_batch: usize,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Samples per prompt in `rollout`.
+    #[arg(long, default_value_t = 8)]
+    num_generations: usize,
     /// JSONL with a `prompt` field per line; the reference scripts read the same file.
     #[arg(long, default_value = "bench/prompts.jsonl")]
     prompts: PathBuf,
@@ -60,7 +64,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 .into_iter()
                 .find(|x| x.name() == w)
                 .with_context(|| {
-                    format!("unknown workload {w:?} (fwd-bwd, generate, matmul or all)")
+                    format!("unknown workload {w:?} (fwd-bwd, generate, rollout, matmul or all)")
                 })?,
         ),
     };
@@ -90,6 +94,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         steps: args.steps,
         gen_batch: args.gen_batch,
         new_tokens: args.new_tokens,
+        num_generations: args.num_generations,
         prompts: args.prompts.clone(),
         composed_ops: args.composed_ops,
         bf16: args.bf16,

@@ -18,16 +18,24 @@ pub enum Workload {
     FwdBwd,
     /// Batched sampling with a KV cache.
     Generate,
+    /// A GRPO rollout's sampling: chat prompts, each `num_generations` times, until EOS.
+    Rollout,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::Matmul, Workload::FwdBwd, Workload::Generate];
+    pub const ALL: [Workload; 4] = [
+        Workload::Matmul,
+        Workload::FwdBwd,
+        Workload::Generate,
+        Workload::Rollout,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Workload::Matmul => "matmul",
             Workload::FwdBwd => "fwd-bwd",
             Workload::Generate => "generate",
+            Workload::Rollout => "rollout",
         }
     }
 }
@@ -45,6 +53,8 @@ pub struct BenchOptions {
     /// Prompts sampled at once, and new tokens per prompt.
     pub gen_batch: usize,
     pub new_tokens: usize,
+    /// Samples per prompt (rollout).
+    pub num_generations: usize,
     /// JSONL with a `prompt` per line (the reference scripts read the same file).
     pub prompts: PathBuf,
     pub composed_ops: bool,
@@ -61,6 +71,7 @@ pub fn run(w: Workload, o: &BenchOptions) -> Result<Value> {
         Workload::Matmul => matmul(o.bf16),
         Workload::FwdBwd => fwd_bwd(o),
         Workload::Generate => sample(o),
+        Workload::Rollout => rollout(o),
     }
 }
 
@@ -263,5 +274,60 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
                "batch": o.gen_batch, "new_tokens": o.new_tokens, "threads": threads(), "seconds": s,
                "tokens_per_s": n as f64 / s, "peak_rss_mib": peak_rss_mib()}),
+    )
+}
+
+/// `gen_batch` prompts as user turns of the chat template, each sampled `num_generations` times
+/// at temperature 1 (no top-k or top-p) until EOS or `new_tokens`, as GRPO's rollout does.
+fn rollout(o: &BenchOptions) -> Result<Value> {
+    let dtype = parse_dtype(&o.dtype)?;
+    let prompts = read_prompts(&o.prompts)?;
+    let ops = ops_label(o, dtype);
+    let _bf16 = crate::ops::Bf16Scope::new(o.bf16);
+    let p = Pretrained::load(
+        &o.model,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )?;
+    let batch: Vec<Vec<u32>> = (0..o.gen_batch)
+        .map(|i| {
+            let m = crate::Message::new("user", &prompts[i % prompts.len()]);
+            p.tokenizer.encode_chat(&[m], true)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flat_map(|ids| std::iter::repeat_n(ids, o.num_generations))
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: o.new_tokens,
+        temperature: 1.0,
+        seed: 42,
+        eos_token_ids: p.eos_token_ids(),
+        pad_token_id: p.pad_token_id(),
+        ..Default::default()
+    };
+    generate(
+        &p.model,
+        &batch,
+        &SamplingConfig {
+            max_new_tokens: 4,
+            ..cfg.clone()
+        },
+    )?;
+    let t = Instant::now();
+    let out = generate(&p.model, &batch, &cfg)?;
+    let s = t.elapsed().as_secs_f64();
+    let lens: Vec<usize> = out.tokens.iter().map(Vec::len).collect();
+    let n: usize = lens.iter().sum();
+    let steps = lens.iter().max().copied().unwrap_or(0);
+    Ok(
+        json!({"workload": "rollout", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
+              "prompts": o.gen_batch, "num_generations": o.num_generations, "max_new_tokens": o.new_tokens,
+              "threads": threads(), "seconds": s, "tokens": n, "tokens_per_s": n as f64 / s,
+              "finished": out.finished.iter().filter(|&&f| f).count(), "steps": steps,
+              "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
+              "peak_rss_mib": peak_rss_mib()}),
     )
 }
