@@ -5,6 +5,11 @@ preftune: TRL's own step maths written out in PyTorch (TRL is not installed on t
                                        (TRL's precompute_ref_log_probs), chosen and rejected in one
                                        concatenated forward (TRL's default), backward, AdamW step
   generate MODEL PROMPTS BATCH NEW     sampling at T=1, fixed length, HF generate
+  grpo MODEL PROMPTS P N NEW STEPS     a GRPO iteration as GRPOTrainer runs it without vLLM: P prompts
+                                       x N samples at T=1 up to NEW tokens in one HF generate call,
+                                       digits in the completion as the reward, group-normalised
+                                       advantages, beta 0, one iteration (ratio 1), DAPO's token-mean
+                                       loss, backward, clipping at 1.0, AdamW step
 BF16=1: TRL's bf16=True (f32 master weights, autocast to bf16). GC=1: gradient checkpointing.
 Prints one JSON line: median step seconds over the steps after two warm-up steps, tokens/s and
 torch's peak allocated memory."""
@@ -47,6 +52,52 @@ if work == "generate":
     print(json.dumps({"impl": "transformers", "workload": "generate", "bf16": bf16, "batch": batch, "new_tokens": new,
                       "seconds": s, "tokens_per_s": n / s, "torch": torch.__version__,
                       "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
+    sys.exit(0)
+
+if work == "grpo":
+    n_prompts, n, new, steps = map(int, sys.argv[4:8])
+    tok.padding_side = "left"
+    model.config.use_cache = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, pad_token_id=tok.pad_token_id)
+    times, tokens = [], []
+    for step in range(steps + 1):
+        prompts = [rows[(step * n_prompts + k) % len(rows)]["prompt"] for k in range(n_prompts)]
+        sync(); t = time.perf_counter()
+        enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True).to(dev)
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(**enc, **kw)
+        plen = enc["input_ids"].shape[1]
+        comp = out[:, plen:]
+        cmask = torch.ones_like(comp, dtype=torch.float)
+        for r, row in enumerate(comp.tolist()):  # up to and including the first EOS, as TRL masks
+            hit = next((i for i, x in enumerate(row) if x in eos), None)
+            if hit is not None:
+                cmask[r, hit + 1:] = 0
+        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        rewards = torch.tensor([float(sum(ch.isdigit() for ch in x)) for x in texts], device=dev).view(n_prompts, n)
+        adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
+        model.train()
+        att = torch.cat([enc["attention_mask"], cmask.long()], 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=out, attention_mask=att).logits[:, plen - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
+        ratio = torch.exp(lp - lp.detach())
+        loss = -(ratio * adv[:, None] * cmask).sum() / cmask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= 1:
+            times.append(time.perf_counter() - t); tokens.append(int(cmask.sum()))
+    s = statistics.median(times)
+    print(json.dumps({"impl": "pytorch + transformers generate (TRL's GRPO step, no vLLM)", "workload": "grpo",
+                      "bf16": bf16, "prompts": n_prompts, "num_generations": n, "max_completion_length": new,
+                      "steps": len(times), "median_step_s": s, "completion_tokens": tokens,
+                      "torch": torch.__version__, "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
     sys.exit(0)
 
 batch, maxlen, steps = map(int, sys.argv[4:7])

@@ -43,6 +43,27 @@ print(json.dumps({"impl": "preftune", "workload": sys.argv[2], "options": sys.ar
                   "median_step_s": s, "tokens_per_s": (m[-1]["num_tokens"] - m[-2]["num_tokens"]) / s}))
 PY
 }
+# A GRPO iteration (issue 22's shape): 8 prompts x 8 samples up to 256 new tokens, digits as the
+# reward, beta 0, then the update; the median of the steps after the first.
+GRPO_STEPS=${GRPO_STEPS:-3}
+ours_grpo() {
+    rm -rf "$WORK/g-out"
+    PREFTUNE_CUDA_KERNELS=${KERNELS:-0} "$BIN" --device cuda grpo --set model_name_or_path="$model" \
+        --set train_file=bench/prompts.jsonl --set output_dir="$WORK/g-out" --set per_device_train_batch_size=8 \
+        --set num_generations=8 --set max_completion_length=256 --set temperature=1.0 --set beta=0.0 \
+        --set max_steps=$((GRPO_STEPS + 1)) --set logging_steps=1 --set save_steps=100000 --set learning_rate=1e-6 \
+        --set max_grad_norm=1.0 --set "reward=\"command:python3 examples/rewards/count_digits.py\"" "$@" \
+        > /dev/null || return 1
+    rm -rf "$WORK/g-out/model.safetensors" "$WORK/g-out/optimizer.safetensors"
+    $PY - "$WORK/g-out/metrics.jsonl" "$*${KERNELS:+ PREFTUNE_CUDA_KERNELS=$KERNELS}" <<'PY'
+import json, statistics, sys
+m = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+el = [r["num_tokens"] / r["train_tokens_per_second"] for r in m]
+steps = [b - a for a, b in zip(el, el[1:])]
+print(json.dumps({"impl": "preftune", "workload": "grpo", "options": sys.argv[2], "prompts": 8, "num_generations": 8,
+                  "max_completion_length": 256, "steps": len(steps), "median_step_s": statistics.median(steps)}))
+PY
+}
 # Every row is attempted; the script fails if any did.
 rc=0
 for bf in ${PRECISIONS:-false true}; do
@@ -62,4 +83,8 @@ with_mem env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/p
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
     --gen-batch 16 --new-tokens 64 || rc=1
 with_mem env BF16=0 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64 || rc=1
+# GRPO iterations, bf16 on both sides.
+with_mem ours_grpo --set bf16=true || rc=1
+KERNELS=1 with_mem ours_grpo --set bf16=true || rc=1
+with_mem env BF16=1 $PY scripts/gpu/reference_steps.py grpo "$model" bench/prompts.jsonl 8 8 256 $GRPO_STEPS || rc=1
 exit $rc
