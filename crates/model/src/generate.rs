@@ -83,7 +83,8 @@ impl SamplingConfig {
 /// Work a rollout need not repeat is skipped: a long prefix every prompt shares is run once,
 /// identical prompts (the `n` samples of GRPO, RLOO or Best-of-N) are prefilled once, and
 /// finished sequences leave the batch. None of this changes what is drawn: each step takes one
-/// uniform draw per unfinished sequence, in prompt order, as the whole batch would.
+/// uniform draw per unfinished sequence, in prompt order, as the whole batch would. (Products
+/// over fewer rows may round differently, which can flip a near tie.)
 pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
     cfg.validate()?;
     if prompts.iter().any(Vec::is_empty) {

@@ -1340,7 +1340,7 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = match &self.qkv {
             // Three GEMMs, not one over stacked weights: stacking copies the weights on every
-            // call, which cost 13% of a rollout's decoding and gained nothing in prefill.
+            // call (8% of a rollout's time went to that copy) and gained nothing in prefill.
             Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
             Qkv::Fused(l) => {
                 let y = l.forward(x)?;

@@ -257,11 +257,11 @@ fn rollouts_skip_repeated_prompts_and_finished_rows_without_changing_samples() {
     let (mut cases, mut uneven) = (0, 0);
     for name in MODELS {
         let p = load(name);
-        let texts = ["The movie", "A young director wanted to", "We"];
-        // Each prompt three times, as GRPO's groups, the longest last so padding leads.
+        // Each prompt three times, as GRPO's groups, the longest last: when its group ends (as
+        // greedy rows 6-8 do at step 1), the leading positions only its rows held go too.
+        let texts = ["We", "The movie", "A young director wanted to"];
         let prompts: Vec<Vec<u32>> = texts
             .iter()
-            .rev()
             .flat_map(|t| std::iter::repeat_n(p.tokenizer.encode(t, false).unwrap(), 3))
             .collect();
         let longest = prompts.iter().map(Vec::len).max().unwrap();
@@ -275,10 +275,10 @@ fn rollouts_skip_repeated_prompts_and_finished_rows_without_changing_samples() {
                 use_cache,
                 ..Default::default()
             };
-            // End-of-sequence tokens that rows 4 and 0 draw at steps 1 and 2: the rows before a
-            // finished one draw as they did without it.
+            // End-of-sequence tokens that rows 8, 4 and 0 draw at steps 1, 2 and 3 (a finished
+            // row changes the draws of the rows after it only).
             let free = generate(&p.model, &prompts, &cfg(vec![], true)).unwrap();
-            let eos: Vec<u32> = [(4, 1), (0, 2), (8, 2)]
+            let eos: Vec<u32> = [(8, 1), (4, 2), (0, 3)]
                 .iter()
                 .map(|&(row, step)| free.tokens[row][step])
                 .collect();

@@ -231,7 +231,8 @@ fn transposed(t: &Tensor) -> Result<Tensor> {
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return t.t();
     };
-    if t.dtype() != DType::F32 || n == 0 || m == 0 {
+    // One row or column: the transposed view is already contiguous.
+    if t.dtype() != DType::F32 || !layout.is_contiguous() || n <= 1 || m <= 1 {
         return t.t();
     }
     let src = kernels::slice::<f32>(cpu, layout, "transposed")?;
