@@ -233,11 +233,15 @@ fn fwd_bwd(o: &BenchOptions) -> Result<Value> {
     )
 }
 
-fn sample(o: &BenchOptions) -> Result<Value> {
+/// What the sampling workloads start from: the prompts, the ops label and the model loaded in
+/// `o`'s dtype; the returned scope keeps `o.bf16` on while it lives.
+fn sampling_setup(
+    o: &BenchOptions,
+) -> Result<(Vec<String>, &'static str, crate::ops::Bf16Scope, Pretrained)> {
     let dtype = parse_dtype(&o.dtype)?;
     let prompts = read_prompts(&o.prompts)?;
     let ops = ops_label(o, dtype);
-    let _bf16 = crate::ops::Bf16Scope::new(o.bf16);
+    let scope = crate::ops::Bf16Scope::new(o.bf16);
     let p = Pretrained::load(
         &o.model,
         &LoadOptions {
@@ -245,6 +249,29 @@ fn sample(o: &BenchOptions) -> Result<Value> {
             ..Default::default()
         },
     )?;
+    Ok((prompts, ops, scope, p))
+}
+
+/// Samples `batch` with `cfg` after a warm-up of 4 tokens (as the reference does), and returns
+/// the timed generation with its seconds.
+fn timed_generate(
+    p: &Pretrained,
+    batch: &[Vec<u32>],
+    cfg: &SamplingConfig,
+) -> Result<(crate::Generation, f64)> {
+    let warm = SamplingConfig {
+        max_new_tokens: 4,
+        min_new_tokens: cfg.min_new_tokens.min(4),
+        ..cfg.clone()
+    };
+    generate(&p.model, batch, &warm)?;
+    let t = Instant::now();
+    let out = generate(&p.model, batch, cfg)?;
+    Ok((out, t.elapsed().as_secs_f64()))
+}
+
+fn sample(o: &BenchOptions) -> Result<Value> {
+    let (prompts, ops, _bf16, p) = sampling_setup(o)?;
     let prompts: Vec<Vec<u32>> = (0..o.gen_batch)
         .map(|i| p.tokenizer.encode(&prompts[i % prompts.len()], true))
         .collect::<Result<_>>()?;
@@ -256,19 +283,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    // Warm-up as the reference does: 4 tokens.
-    generate(
-        &p.model,
-        &prompts,
-        &SamplingConfig {
-            max_new_tokens: 4,
-            min_new_tokens: 4,
-            ..cfg.clone()
-        },
-    )?;
-    let t = Instant::now();
-    let out = generate(&p.model, &prompts, &cfg)?;
-    let s = t.elapsed().as_secs_f64();
+    let (out, s) = timed_generate(&p, &prompts, &cfg)?;
     let n: usize = out.tokens.iter().map(Vec::len).sum();
     Ok(
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
@@ -280,17 +295,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
 /// `gen_batch` prompts as user turns of the chat template, each sampled `num_generations` times
 /// at temperature 1 (no top-k or top-p) until EOS or `new_tokens`, as GRPO's rollout does.
 fn rollout(o: &BenchOptions) -> Result<Value> {
-    let dtype = parse_dtype(&o.dtype)?;
-    let prompts = read_prompts(&o.prompts)?;
-    let ops = ops_label(o, dtype);
-    let _bf16 = crate::ops::Bf16Scope::new(o.bf16);
-    let p = Pretrained::load(
-        &o.model,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )?;
+    let (prompts, ops, _bf16, p) = sampling_setup(o)?;
     let batch: Vec<Vec<u32>> = (0..o.gen_batch)
         .map(|i| {
             let m = crate::Message::new("user", &prompts[i % prompts.len()]);
@@ -308,17 +313,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    generate(
-        &p.model,
-        &batch,
-        &SamplingConfig {
-            max_new_tokens: 4,
-            ..cfg.clone()
-        },
-    )?;
-    let t = Instant::now();
-    let out = generate(&p.model, &batch, &cfg)?;
-    let s = t.elapsed().as_secs_f64();
+    let (out, s) = timed_generate(&p, &batch, &cfg)?;
     let lens: Vec<usize> = out.tokens.iter().map(Vec::len).collect();
     let n: usize = lens.iter().sum();
     let steps = lens.iter().max().copied().unwrap_or(0);
