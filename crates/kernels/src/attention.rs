@@ -63,14 +63,82 @@ fn attend_generic(g: &Group, out: &mut [f32]) {
     }
 }
 
-/// [`attend_generic`] compiled for AVX-512 (the crate targets baseline x86-64).
+/// AVX-512 attention: at head sizes 32, 64, 96 and 128 a query row and its output row stay in
+/// registers ([`attend_lanes`]); other sizes run [`attend_generic`] compiled for AVX-512 (the
+/// crate targets baseline x86-64).
 ///
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must have AVX-512F; `g.k` and `g.v` hold at least `g.tk * g.dh` values and `out` as
+/// many as `g.q` (checked by [`attend`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_avx512(g: &Group, out: &mut [f32]) {
-    attend_generic(g, out)
+    match g.dh {
+        // SAFETY: the caller's contract, and `g.dh` is 16 times the lane count.
+        32 => unsafe { attend_lanes::<2>(g, out) },
+        // SAFETY: as above.
+        64 => unsafe { attend_lanes::<4>(g, out) },
+        // SAFETY: as above.
+        96 => unsafe { attend_lanes::<6>(g, out) },
+        // SAFETY: as above.
+        128 => unsafe { attend_lanes::<8>(g, out) },
+        _ => attend_generic(g, out),
+    }
+}
+
+/// [`attend_generic`] for `dh = 16 * L`: each score is one fused multiply-add chain and one
+/// vector reduction (where the generic loop's sixteen-lane sum compiles to sixteen dependent scalar
+/// adds), and `P V` accumulates in `L` registers, storing the output row once.
+///
+/// # Safety
+/// As [`attend_avx512`], with `g.dh == 16 * L`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (k, v, tk, dh) = (g.k.as_ptr(), g.v.as_ptr(), g.tk, g.dh);
+    debug_assert_eq!(dh, 16 * L);
+    let mut s = vec![0f32; tk];
+    for (r, (qr, or)) in
+        g.q.chunks_exact(dh)
+            .zip(out.chunks_exact_mut(dh))
+            .enumerate()
+    {
+        // SAFETY: `qr` holds `dh = 16 L` values.
+        let q: [__m512; L] =
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qr.as_ptr().add(16 * c)) });
+        for (j, sj) in s.iter_mut().enumerate() {
+            // SAFETY: key row `j < tk` lies within the `tk * dh` values of `g.k`.
+            let kj = unsafe { k.add(j * dh) };
+            let mut acc = _mm512_setzero_ps();
+            for (c, qc) in q.iter().enumerate() {
+                // SAFETY: lanes `16 c .. 16 c + 16` of key row `j`, inside it since `c < L`.
+                acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
+            }
+            *sj = g.scale * _mm512_reduce_add_ps(acc);
+        }
+        if let Some((m, t)) = g.mask {
+            s.iter_mut()
+                .zip(&m[(r % t) * tk..][..tk])
+                .for_each(|(sj, mj)| *sj += mj);
+        }
+        let max = crate::vmath::max(&s);
+        let inv = (crate::vmath::exp_shifted(&mut s, max) as f32).recip();
+        let mut o = [_mm512_setzero_ps(); L];
+        for (j, &p) in s.iter().enumerate() {
+            let p = _mm512_set1_ps(p * inv);
+            // SAFETY: value row `j < tk` lies within the `tk * dh` values of `g.v`.
+            let vj = unsafe { v.add(j * dh) };
+            for (c, oc) in o.iter_mut().enumerate() {
+                // SAFETY: lanes `16 c .. 16 c + 16` of value row `j`.
+                *oc = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(vj.add(16 * c)) }, *oc);
+            }
+        }
+        for (c, oc) in o.iter().enumerate() {
+            // SAFETY: `or` holds `dh = 16 L` values.
+            unsafe { _mm512_storeu_ps(or.as_mut_ptr().add(16 * c), *oc) };
+        }
+    }
 }
 
 /// A dot product in 16 independent lanes (so that it vectorises), summed at the end.
@@ -99,7 +167,14 @@ mod tests {
     /// Against a plain f64 softmax-attention, with a mask on one of two stacked query heads.
     #[test]
     fn matches_plain_attention() {
-        let (rows, tk, dh, t) = (4, 37, 20, 2);
+        // 20: the generic loop; the others: the AVX-512 kernel's register-resident sizes.
+        for dh in [20, 32, 64, 96, 128] {
+            matches_plain_attention_at(dh);
+        }
+    }
+
+    fn matches_plain_attention_at(dh: usize) {
+        let (rows, tk, t) = (4, 37, 2);
         let val = |i: usize, s: f32| ((i as f32 * 0.37 + s).sin()) * 0.8;
         let q: Vec<f32> = (0..rows * dh).map(|i| val(i, 0.1)).collect();
         let k: Vec<f32> = (0..tk * dh).map(|i| val(i, 1.3)).collect();
@@ -137,7 +212,7 @@ mod tests {
                 let got = out[r * dh + i] as f64;
                 assert!(
                     (got - want).abs() < 1e-5,
-                    "row {r} col {i}: {got} vs {want}"
+                    "dh {dh}, row {r} col {i}: {got} vs {want}"
                 );
             }
         }
