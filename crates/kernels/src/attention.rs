@@ -34,6 +34,19 @@ pub fn attend(g: &Group, out: &mut [f32]) {
     attend_generic(g, out)
 }
 
+/// Adds query row `r`'s mask row to its scores `s` and exponentiates them (shifted by their
+/// maximum); returns the reciprocal of their sum, which turns them into probabilities.
+#[inline(always)]
+fn softmax_unnormalised(g: &Group, r: usize, s: &mut [f32]) -> f32 {
+    if let Some((m, t)) = g.mask {
+        s.iter_mut()
+            .zip(&m[(r % t) * g.tk..][..g.tk])
+            .for_each(|(sj, mj)| *sj += mj);
+    }
+    let max = crate::vmath::max(s);
+    (crate::vmath::exp_shifted(s, max) as f32).recip()
+}
+
 #[inline(always)]
 fn attend_generic(g: &Group, out: &mut [f32]) {
     let (k, v, tk, dh) = (g.k, g.v, g.tk, g.dh);
@@ -46,13 +59,7 @@ fn attend_generic(g: &Group, out: &mut [f32]) {
         for (j, sj) in s.iter_mut().enumerate() {
             *sj = g.scale * dot(qr, &k[j * dh..][..dh]);
         }
-        if let Some((m, t)) = g.mask {
-            s.iter_mut()
-                .zip(&m[(r % t) * tk..][..tk])
-                .for_each(|(sj, mj)| *sj += mj);
-        }
-        let max = crate::vmath::max(&s);
-        let inv = (crate::vmath::exp_shifted(&mut s, max) as f32).recip();
+        let inv = softmax_unnormalised(g, r, &mut s);
         or.fill(0.0);
         for (j, &p) in s.iter().enumerate() {
             let p = p * inv;
@@ -117,13 +124,7 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
             }
             *sj = g.scale * _mm512_reduce_add_ps(acc);
         }
-        if let Some((m, t)) = g.mask {
-            s.iter_mut()
-                .zip(&m[(r % t) * tk..][..tk])
-                .for_each(|(sj, mj)| *sj += mj);
-        }
-        let max = crate::vmath::max(&s);
-        let inv = (crate::vmath::exp_shifted(&mut s, max) as f32).recip();
+        let inv = softmax_unnormalised(g, r, &mut s);
         let mut o = [_mm512_setzero_ps(); L];
         for (j, &p) in s.iter().enumerate() {
             let p = _mm512_set1_ps(p * inv);

@@ -169,12 +169,12 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     )?;
     out.prompt_positions += distinct.len() * (max_len - shared);
     let mut logits = last_logits(&hidden)?;
+    // Repeated prompts only with the cache, whose path reads `ids` no more after the prefill.
     if distinct.len() < b {
         let rows: Vec<u32> = of_row.iter().map(|&d| d as u32).collect();
         cache.select(&rows, 0)?;
         logits = of_row.iter().map(|&d| logits[d].clone()).collect();
         mask = of_row.iter().map(|&d| mask[d].clone()).collect();
-        ids = of_row.iter().map(|&d| ids[d].clone()).collect();
     }
     // The prompt (`out` row) of each batch row, in prompt order.
     let mut slots: Vec<usize> = (0..b).collect();
