@@ -766,6 +766,30 @@ macro_rules! run_flash {
     }};
 }
 
+/// The CUDA-core kernels in f64 at the problem's head size (32 or 64, the sizes built in f64):
+/// out, lse, dq, dk, dv.
+fn flash_f64(a: &Attn) -> [Vec<f64>; 5] {
+    match a.dh {
+        32 => run_flash!(
+            a,
+            f64,
+            f64,
+            flash_fwd_f64_d32,
+            flash_bwd_dq_f64_d32,
+            flash_bwd_dkdv_f64_d32
+        ),
+        64 => run_flash!(
+            a,
+            f64,
+            f64,
+            flash_fwd_f64_d64,
+            flash_bwd_dq_f64_d64,
+            flash_bwd_dkdv_f64_d64
+        ),
+        dh => panic!("no f64 kernel at head size {dh}"),
+    }
+}
+
 const NAMES: [&str; 5] = ["out", "lse", "dq", "dk", "dv"];
 
 /// Grouped-query attention over more than one key tile (37 keys, tiles of 32), with a causal and
@@ -780,25 +804,7 @@ fn flash_attention_matches_the_written_out_reference_in_f64() {
     ] {
         let a = Attn::new(9, shape, masked);
         let want = a.reference();
-        let got = if a.dh == 32 {
-            run_flash!(
-                &a,
-                f64,
-                f64,
-                flash_fwd_f64_d32,
-                flash_bwd_dq_f64_d32,
-                flash_bwd_dkdv_f64_d32
-            )
-        } else {
-            run_flash!(
-                &a,
-                f64,
-                f64,
-                flash_fwd_f64_d64,
-                flash_bwd_dq_f64_d64,
-                flash_bwd_dkdv_f64_d64
-            )
-        };
+        let got = flash_f64(&a);
         for i in 0..5 {
             let d = max_diff(&got[i], &want[i]);
             assert!(
@@ -843,14 +849,7 @@ fn minus_infinity_adds_nothing() {
         }
     }
     let want = a.reference();
-    let got = run_flash!(
-        &a,
-        f64,
-        f64,
-        flash_fwd_f64_d32,
-        flash_bwd_dq_f64_d32,
-        flash_bwd_dkdv_f64_d32
-    );
+    let got = flash_f64(&a);
     for i in 0..5 {
         assert!(
             got[i].iter().all(|x| x.is_finite()),
@@ -971,14 +970,7 @@ fn tensor_core_attention_backward_matches_the_reference_within_bf16_rounding() {
 #[test]
 fn flash_attention_backward_matches_finite_differences() {
     let a = Attn::new(15, (1, 2, 2, 3, 34, 32), true);
-    let got = run_flash!(
-        &a,
-        f64,
-        f64,
-        flash_fwd_f64_d32,
-        flash_bwd_dq_f64_d32,
-        flash_bwd_dkdv_f64_d32
-    );
+    let got = flash_f64(&a);
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let b = Attn {
             q: q.to_vec(),
@@ -988,15 +980,7 @@ fn flash_attention_backward_matches_finite_differences() {
             dout: a.dout.clone(),
             ..a
         };
-        let out = run_flash!(
-            &b,
-            f64,
-            f64,
-            flash_fwd_f64_d32,
-            flash_bwd_dq_f64_d32,
-            flash_bwd_dkdv_f64_d32
-        )[0]
-        .clone();
+        let out = flash_f64(&b)[0].clone();
         out.iter().zip(&a.dout).map(|(o, g)| o * g).sum()
     };
     let h = 1e-5;
