@@ -161,14 +161,14 @@ fn read_jsonl(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
 fn read_json(file: &Arc<PathBuf>, text: &str) -> Result<Vec<Row>> {
     let value: Value = match serde_json::from_str::<Strict>(text) {
         Ok(Strict(v)) => v,
-        // A file that opens an array is meant to be one; report where its JSON breaks rather
-        // than complaining that line 1 (`[`) is not an object.
-        Err(e) if text.trim_start().starts_with('[') => {
-            return Err(row_error(
-                file,
-                e.line(),
-                format!("invalid JSON array: {e}"),
-            ));
+        // A file that opens an array is meant to be one, and a well-formed value that breaks a
+        // rule (a repeated key in a pretty-printed object) was read whole: report where, rather
+        // than complaining that line 1 (`[` or `{`) is not an object.
+        Err(e)
+            if text.trim_start().starts_with('[')
+                || e.classify() == serde_json::error::Category::Data =>
+        {
+            return Err(row_error(file, e.line(), format!("invalid JSON: {e}")));
         }
         Err(_) => return read_jsonl(file, text),
     };

@@ -308,6 +308,12 @@ fn duplicate_keys_are_refused() {
             1,
         ),
         ("c.json", "[{\"a\": 1},\n {\"a\": 1, \"a\": 2}]\n", 2),
+        // One pretty-printed object, not JSON Lines: its line, not line 1's `{`.
+        (
+            "d.json",
+            "{\n  \"prompt\": \"x\",\n  \"chosen\": \"y\",\n  \"chosen\": \"z\"\n}\n",
+            4,
+        ),
     ] {
         let p = write(dir.path(), name, text);
         let msg = read_rows(&p).unwrap_err().to_string();

@@ -300,7 +300,7 @@ pub fn run(
         .train_file
         .as_ref()
         .ok_or_else(|| Error::Config("train_file is required".into()))?;
-    let ckpt = resume_point(args, resume)?;
+    let ckpt = resume_point(args, &cfg.table, resume)?;
     let (mut policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
     if !policy.model.has_score_head() {
         policy.model.add_score_head(args.seed)?;

@@ -214,7 +214,7 @@ pub fn run(cfg: &RunConfig<SftArgs>, resume: bool, eval_only: bool) -> Result<se
         .train_file
         .as_ref()
         .ok_or_else(|| Error::Config("train_file is required".into()))?;
-    let ckpt = resume_point(args, resume)?;
+    let ckpt = resume_point(args, &cfg.table, resume)?;
     let (policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
     let (train_set, tr) = load_split(train_file, args, &cfg.algo, &policy.tokenizer)?;
     report(&tr);

@@ -204,6 +204,7 @@ pub fn load_policy(
 #[allow(clippy::type_complexity)]
 pub fn load_run_policy(
     args: &TrainingArguments,
+    config: &toml::Table,
     resume: bool,
     eval_only: bool,
 ) -> Result<(
@@ -218,7 +219,7 @@ pub fn load_run_policy(
             None,
         ));
     }
-    let ckpt = resume_point(args, resume)?;
+    let ckpt = resume_point(args, config, resume)?;
     let (policy, lora) = load_policy(args, ckpt.as_ref().map(|(_, p)| p.as_path()))?;
     Ok((policy, lora, ckpt))
 }
@@ -402,9 +403,12 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// The checkpoint to resume from: the newest in `output_dir` when `resume` is set.
+/// The checkpoint to resume from: the newest in `output_dir` when `resume` is set. A checkpoint
+/// written under a configuration that `config` changes is refused here, before any model or data
+/// loads.
 pub fn resume_point(
     args: &TrainingArguments,
+    config: &toml::Table,
     resume: bool,
 ) -> Result<Option<(usize, std::path::PathBuf)>> {
     if !resume {
@@ -412,11 +416,12 @@ pub fn resume_point(
         return Ok(None);
     }
     let found = checkpoint::latest(&args.output_dir);
-    if found.is_none() {
-        eprintln!(
+    match &found {
+        Some((_, dir)) => checkpoint::check_resume_config(dir, config)?,
+        None => eprintln!(
             "resume: no checkpoint in {}; starting from the beginning",
             args.output_dir.display()
-        );
+        ),
     }
     Ok(found)
 }
@@ -555,7 +560,6 @@ pub fn train(
         seed: args.seed,
     };
     if let Some((step, dir)) = &ckpt {
-        checkpoint::check_resume_config(dir, config)?;
         state = checkpoint::load(dir, &mut opt)?;
         algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());

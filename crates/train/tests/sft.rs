@@ -192,6 +192,20 @@ fn check_resume(extra: &[&str], weights_file: &str) {
     let out_b = dir.path().join("b");
     std::fs::remove_dir_all(out_b.join("checkpoint-6")).unwrap();
     std::fs::remove_file(out_b.join(weights_file)).unwrap();
+    // A changed configuration is refused before anything loads: here the new train_file does
+    // not exist, and the error is the changed key, not the missing file.
+    let moved = with(b.clone(), &["train_file=nowhere.jsonl"]);
+    let e = run(
+        &load::<SftArgs>(None, defaults(), &moved).unwrap(),
+        true,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("would not continue the same run") && e.contains("train_file"),
+        "{e}"
+    );
     let cfg = load::<SftArgs>(None, defaults(), &b).unwrap();
     let summary = run(&cfg, true, false).unwrap();
     assert_eq!(summary["resumed_from"], 3);

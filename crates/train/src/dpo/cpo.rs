@@ -292,7 +292,8 @@ fn run_objective<A>(
 ) -> Result<serde_json::Value> {
     let args = &cfg.args;
     let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
-    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    let (policy, lora, ckpt) =
+        crate::trainer::load_run_policy(args, &cfg.table, resume, eval_only)?;
     let mut algo = Cpo {
         objective,
         train: vec![],

@@ -374,7 +374,8 @@ pub fn run(cfg: &RunConfig<KtoArgs>, resume: bool, eval_only: bool) -> Result<se
         ));
     }
     let _bf16 = preftune_model::ops::Bf16Scope::new(args.bf16);
-    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    let (policy, lora, ckpt) =
+        crate::trainer::load_run_policy(args, &cfg.table, resume, eval_only)?;
     let frozen = |path: &str| -> Result<super::Reference> {
         Ok(super::Reference::Model(Box::new(
             crate::trainer::load_model(args, path, false)?.model,

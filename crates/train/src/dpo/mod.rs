@@ -713,7 +713,8 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
         length_alpha: d.length_alpha,
     };
     let frozen = |path: &str| Ok(crate::trainer::load_model(args, path, false)?.model);
-    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    let (policy, lora, ckpt) =
+        crate::trainer::load_run_policy(args, &cfg.table, resume, eval_only)?;
     // With precomputed log-probs the reference serves only to fill the cache.
     let lazy = d.precompute_ref_log_probs && !eval_only;
     let model_ref = |path: &str| -> Result<Reference> {

@@ -270,7 +270,7 @@ pub fn run_online(
     }
     let reward = RewardSource::parse(&rollout_args.reward)?;
     let frozen = |path: &str| crate::trainer::load_model(args, path, false);
-    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, table, resume, eval_only)?;
     let reference = if objective.beta() == 0.0 || eval_only {
         None
     } else if let Some(r) = ref_model {

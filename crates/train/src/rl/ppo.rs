@@ -655,7 +655,8 @@ pub fn run(cfg: &RunConfig<PpoArgs>, resume: bool, eval_only: bool) -> Result<se
     }
     let reward = RewardSource::parse(&a.reward)?;
     let load = |path: &str, trainable: bool| crate::trainer::load_model(args, path, trainable);
-    let (policy, lora, ckpt) = crate::trainer::load_run_policy(args, resume, eval_only)?;
+    let (policy, lora, ckpt) =
+        crate::trainer::load_run_policy(args, &cfg.table, resume, eval_only)?;
     let reference = match (&a.ref_model, &lora) {
         (Some(r), _) => OnlineReference::Model(Box::new(load(r, false)?.model)),
         (None, Some(_)) => OnlineReference::LoraBase,
