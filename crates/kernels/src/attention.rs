@@ -93,9 +93,21 @@ unsafe fn attend_avx512(g: &Group, out: &mut [f32]) {
     }
 }
 
-/// [`attend_generic`] for `dh = 16 * L`: each score is one fused multiply-add chain and one
-/// vector reduction (where the generic loop's sixteen-lane sum compiles to sixteen dependent scalar
-/// adds), and `P V` accumulates in `L` registers, storing the output row once.
+/// Keys whose scores are reduced together in [`attend_lanes`]: one vector of sixteen sums.
+#[cfg(target_arch = "x86_64")]
+const KEY_BLOCK: usize = 16;
+
+/// Value rows [`attend_lanes`] reads once for every query row of the group (32 KiB at head size
+/// 128: they stay in L1 from the first query row to the last).
+#[cfg(target_arch = "x86_64")]
+const VALUE_BLOCK: usize = 64;
+
+/// [`attend_generic`] for `dh = 16 * L`, with the keys and values read once for all the group's
+/// query rows (the query heads sharing a KV group, and their time steps): keys go by blocks of
+/// sixteen, each block scored against every query row while it sits in L1, and the sixteen
+/// multiply-add chains of a row are summed together by [`sum16`] (a vector reduction per score
+/// costs twice the chain itself). Values go by blocks of [`VALUE_BLOCK`] rows the same way, each
+/// output row accumulating in `L` registers within a block.
 ///
 /// # Safety
 /// As [`attend_avx512`], with `g.dh == 16 * L`.
@@ -105,41 +117,130 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (k, v, tk, dh) = (g.k.as_ptr(), g.v.as_ptr(), g.tk, g.dh);
     debug_assert_eq!(dh, 16 * L);
-    let mut s = vec![0f32; tk];
-    for (r, (qr, or)) in
-        g.q.chunks_exact(dh)
-            .zip(out.chunks_exact_mut(dh))
-            .enumerate()
-    {
-        // SAFETY: `qr` holds `dh = 16 L` values.
-        let q: [__m512; L] =
-            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qr.as_ptr().add(16 * c)) });
-        for (j, sj) in s.iter_mut().enumerate() {
-            // SAFETY: key row `j < tk` lies within the `tk * dh` values of `g.k`.
+    let rows = g.q.len() / dh;
+    let load_q = |r: usize| -> [__m512; L] {
+        // SAFETY: query row `r < rows` holds `dh = 16 L` values of `g.q`.
+        std::array::from_fn(|c| unsafe { _mm512_loadu_ps(g.q.as_ptr().add(r * dh + 16 * c)) })
+    };
+    // Scores of every row, `[rows, tk]`.
+    let mut s = vec![0f32; rows * tk];
+    let blocked = tk / KEY_BLOCK * KEY_BLOCK;
+    let scale = _mm512_set1_ps(g.scale);
+    for j0 in (0..blocked).step_by(KEY_BLOCK) {
+        for r in 0..rows {
+            let q = load_q(r);
+            // Chain `a` scores key `j0 + KEY_ORDER[a]`, so that `sum16`'s lanes come out in key
+            // order.
+            let acc: [__m512; KEY_BLOCK] = std::array::from_fn(|a| {
+                // SAFETY: key row `j0 + KEY_ORDER[a] < blocked <= tk` lies within the `tk * dh`
+                // values of `g.k`.
+                let kj = unsafe { k.add((j0 + KEY_ORDER[a]) * dh) };
+                let mut acc = _mm512_setzero_ps();
+                for (c, qc) in q.iter().enumerate() {
+                    // SAFETY: lanes `16 c .. 16 c + 16` of the key row, inside it since `c < L`.
+                    acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
+                }
+                acc
+            });
+            let scores = _mm512_mul_ps(scale, sum16(acc));
+            // SAFETY: `s` holds `rows * tk` values and `j0 + 16 <= tk`.
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr().add(r * tk + j0), scores) };
+        }
+    }
+    for r in 0..rows {
+        let q = load_q(r);
+        for j in blocked..tk {
+            // SAFETY: key row `j < tk`.
             let kj = unsafe { k.add(j * dh) };
             let mut acc = _mm512_setzero_ps();
             for (c, qc) in q.iter().enumerate() {
-                // SAFETY: lanes `16 c .. 16 c + 16` of key row `j`, inside it since `c < L`.
+                // SAFETY: lanes `16 c .. 16 c + 16` of key row `j`.
                 acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
             }
-            *sj = g.scale * _mm512_reduce_add_ps(acc);
+            s[r * tk + j] = g.scale * _mm512_reduce_add_ps(acc);
         }
-        let inv = softmax_unnormalised(g, r, &mut s);
-        let mut o = [_mm512_setzero_ps(); L];
-        for (j, &p) in s.iter().enumerate() {
-            let p = _mm512_set1_ps(p * inv);
-            // SAFETY: value row `j < tk` lies within the `tk * dh` values of `g.v`.
-            let vj = unsafe { v.add(j * dh) };
-            for (c, oc) in o.iter_mut().enumerate() {
-                // SAFETY: lanes `16 c .. 16 c + 16` of value row `j`.
-                *oc = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(vj.add(16 * c)) }, *oc);
+        let sr = &mut s[r * tk..][..tk];
+        let inv = softmax_unnormalised(g, r, sr);
+        sr.iter_mut().for_each(|p| *p *= inv);
+    }
+    for j0 in (0..tk).step_by(VALUE_BLOCK) {
+        let block = VALUE_BLOCK.min(tk - j0);
+        for (r, or) in out.chunks_exact_mut(dh).enumerate() {
+            // Even and odd keys in two sets of accumulators: one set alone waits on the
+            // multiply-add latency (`L` chains, where the two FMA units need eight).
+            let (mut even, mut odd) = ([_mm512_setzero_ps(); L], [_mm512_setzero_ps(); L]);
+            if j0 > 0 {
+                // SAFETY: `or` holds `dh = 16 L` values.
+                even = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(or.as_ptr().add(16 * c)) });
+            }
+            let add_row = |o: &mut [__m512; L], j: usize, p: f32| {
+                let p = _mm512_set1_ps(p);
+                // SAFETY: value row `j < tk` lies within the `tk * dh` values of `g.v`.
+                let vj = unsafe { v.add(j * dh) };
+                for (c, oc) in o.iter_mut().enumerate() {
+                    // SAFETY: lanes `16 c .. 16 c + 16` of the value row.
+                    *oc = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(vj.add(16 * c)) }, *oc);
+                }
+            };
+            let ps = &s[r * tk + j0..][..block];
+            for (i, pair) in ps.chunks_exact(2).enumerate() {
+                add_row(&mut even, j0 + 2 * i, pair[0]);
+                add_row(&mut odd, j0 + 2 * i + 1, pair[1]);
+            }
+            if block % 2 == 1 {
+                add_row(&mut even, j0 + block - 1, ps[block - 1]);
+            }
+            for c in 0..L {
+                let oc = _mm512_add_ps(even[c], odd[c]);
+                // SAFETY: `or` holds `dh = 16 L` values.
+                unsafe { _mm512_storeu_ps(or.as_mut_ptr().add(16 * c), oc) };
             }
         }
-        for (c, oc) in o.iter().enumerate() {
-            // SAFETY: `or` holds `dh = 16 L` values.
-            unsafe { _mm512_storeu_ps(or.as_mut_ptr().add(16 * c), *oc) };
-        }
     }
+}
+
+/// The key each of [`sum16`]'s input vectors must hold for its output lanes to come out in key
+/// order: its reduction tree leaves the sum of input `4 e + m` in lane `4 m + e`.
+#[cfg(target_arch = "x86_64")]
+const KEY_ORDER: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+/// The sixteen horizontal sums of `x`, as one vector: the sum of `x[4 e + m]` in lane `4 m + e`.
+/// Four levels of shuffles and adds (15 adds in all), where sixteen separate reductions take 64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn sum16(x: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Halves: 128-bit lanes 0-1 of `h[i]` hold `x[2i]`'s partial sums, lanes 2-3 `x[2i + 1]`'s.
+    let h: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    });
+    // Quarters: 128-bit lane `m` of `q[i]` holds four partial sums of `x[4i + m]`.
+    let q: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (h[2 * i], h[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    });
+    // Within each 128-bit lane `m`: elements 0-1 of `e[i]` are two partial sums of
+    // `x[8i + m]`, elements 2-3 two of `x[8i + 4 + m]`.
+    let e: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (q[2 * i], q[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(a, b),
+            _mm512_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // Element `e` of 128-bit lane `m`: the sum of `x[4e + m]`.
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(e[0], e[1]),
+        _mm512_shuffle_ps::<0xDD>(e[0], e[1]),
+    )
 }
 
 /// A dot product in 16 independent lanes (so that it vectorises), summed at the end.
