@@ -15,8 +15,9 @@ use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::generate::{sample_token, SamplingConfig, MIN_SHARED_PREFIX};
+use crate::generate::{SamplingConfig, MIN_SHARED_PREFIX};
 use crate::model::{KvCache, Model};
+use crate::sampling::sample_token;
 
 /// One sequence's sampling settings.
 #[derive(Clone, Debug)]

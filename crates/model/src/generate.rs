@@ -78,6 +78,31 @@ impl SamplingConfig {
     }
 }
 
+/// Where [`generate_on`] draws each token from the last position's logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrawOn {
+    /// The host for a model on the CPU; the device for one on a GPU, unless top-k or top-p asks
+    /// for a sort of the vocabulary (then the host).
+    Auto,
+    /// Every step's logits are copied to the host and drawn there.
+    Host,
+    /// Exponentials and block sums stay where the logits are; the host reads the block sums,
+    /// picks a block per row with the same draw, and reads back that block alone. The same
+    /// tokens as [`DrawOn::Host`] up to rounding. Not with top-k or top-p.
+    Device,
+}
+
+/// The last position's logits of each batch row: on the host, or where the model is.
+enum StepLogits {
+    Host(Vec<Vec<f32>>),
+    Device(Tensor),
+}
+
+/// [`generate_on`] with [`DrawOn::Auto`].
+pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
+    generate_on(model, prompts, cfg, DrawOn::Auto)
+}
+
 /// Samples continuations of `prompts` (token ids, unpadded) in one left-padded batch.
 ///
 /// Work a rollout need not repeat is skipped: a long prefix every prompt shares is run once,
@@ -85,8 +110,25 @@ impl SamplingConfig {
 /// finished sequences leave the batch. None of this changes what is drawn: each step takes one
 /// uniform draw per unfinished sequence, in prompt order, as the whole batch would. (Products
 /// over fewer rows may round differently, which can flip a near tie.)
-pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
+pub fn generate_on(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    draw_on: DrawOn,
+) -> Result<Generation> {
     cfg.validate()?;
+    let unfiltered = cfg.top_k == 0 && cfg.top_p >= 1.0;
+    let on_device = match draw_on {
+        DrawOn::Auto => unfiltered && !model.device().is_cpu(),
+        DrawOn::Host => false,
+        DrawOn::Device if unfiltered => true,
+        DrawOn::Device => {
+            return Err(Error::Msg(
+                "generate: drawing on the device does not do top-k or top-p; draw on the host"
+                    .into(),
+            ))
+        }
+    };
     if prompts.iter().any(Vec::is_empty) {
         return Err(Error::Msg(
             "generate: empty prompt (it needs at least one token, e.g. BOS)".into(),
@@ -156,11 +198,17 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
         .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
 
-    let last_logits = |hidden: &Tensor| -> Result<Vec<Vec<f32>>> {
+    let last_logits = |hidden: &Tensor| -> Result<StepLogits> {
         let t = hidden.dim(1)?;
         let h = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        let logits = model.logits(&h)?.to_dtype(DType::F32)?;
+        Ok(match on_device {
+            true => StepLogits::Device(logits),
+            false => StepLogits::Host(logits.to_vec2::<f32>()?),
+        })
     };
+    // Under `min_new_tokens` on the device: `-inf` at the EOS tokens, added to the logits.
+    let mut suppress_eos: Option<Tensor> = None;
     let hidden = model.forward(
         &to_tensor(&ids)?,
         Some(&to_tensor(&mask)?),
@@ -172,8 +220,13 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     // Repeated prompts only with the cache, whose path reads `ids` no more after the prefill.
     if distinct.len() < b {
         let rows: Vec<u32> = of_row.iter().map(|&d| d as u32).collect();
+        logits = match logits {
+            StepLogits::Host(l) => StepLogits::Host(of_row.iter().map(|&d| l[d].clone()).collect()),
+            StepLogits::Device(t) => {
+                StepLogits::Device(t.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?)
+            }
+        };
         cache.select(&rows, 0)?;
-        logits = of_row.iter().map(|&d| logits[d].clone()).collect();
         mask = of_row.iter().map(|&d| mask[d].clone()).collect();
     }
     // The prompt (`out` row) of each batch row, in prompt order.
@@ -188,26 +241,37 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
             .iter()
             .map(|&row| (!out.finished[row] && cfg.temperature > 0.0).then(|| rng.gen()))
             .collect();
-        let picked: Vec<Option<(u32, f32)>> = {
-            use rayon::prelude::*;
-            logits
-                .par_iter_mut()
-                .zip(draws)
-                .zip(&slots)
-                .map(|((lg, r), &row)| {
-                    if out.finished[row] {
-                        return None;
-                    }
-                    if step < cfg.min_new_tokens {
-                        for &e in &cfg.eos_token_ids {
-                            if let Some(x) = lg.get_mut(e as usize) {
-                                *x = f32::NEG_INFINITY;
+        let picked: Vec<Option<(u32, f32)>> = match &mut logits {
+            StepLogits::Device(t) => {
+                let live: Vec<bool> = slots.iter().map(|&row| !out.finished[row]).collect();
+                let suppressing = step < cfg.min_new_tokens && !cfg.eos_token_ids.is_empty();
+                if suppressing && suppress_eos.is_none() {
+                    suppress_eos = Some(eos_mask(t, &cfg.eos_token_ids)?);
+                }
+                let suppress = suppress_eos.as_ref().filter(|_| suppressing);
+                crate::sampling::sample_rows_on_device(t, &draws, &live, cfg, suppress)?
+            }
+            StepLogits::Host(logits) => {
+                use rayon::prelude::*;
+                logits
+                    .par_iter_mut()
+                    .zip(draws)
+                    .zip(&slots)
+                    .map(|((lg, r), &row)| {
+                        if out.finished[row] {
+                            return None;
+                        }
+                        if step < cfg.min_new_tokens {
+                            for &e in &cfg.eos_token_ids {
+                                if let Some(x) = lg.get_mut(e as usize) {
+                                    *x = f32::NEG_INFINITY;
+                                }
                             }
                         }
-                    }
-                    Some(sample_token(lg, cfg, r.unwrap_or(0.0)))
-                })
-                .collect()
+                        Some(crate::sampling::sample_token(lg, cfg, r.unwrap_or(0.0)))
+                    })
+                    .collect()
+            }
         };
         let mut new_col = Vec::with_capacity(slots.len());
         for (&row, p) in slots.iter().zip(picked) {
@@ -268,6 +332,19 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
     Ok(out)
 }
 
+/// `[1, vocab]`: `-inf` at `eos` (ids past the vocabulary ignored, as the host path does), 0
+/// elsewhere, where `logits` are.
+fn eos_mask(logits: &Tensor, eos: &[u32]) -> Result<Tensor> {
+    let vocab = logits.dim(1)?;
+    let mut m = vec![0f32; vocab];
+    for &e in eos {
+        if let Some(x) = m.get_mut(e as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, vocab), logits.device())?)
+}
+
 /// The distinct prompts (the index of each one's first appearance) and, for every prompt, which
 /// of them it is.
 fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
@@ -313,126 +390,9 @@ fn common_prefix(prompts: &[Vec<u32>]) -> usize {
 /// Shorter shared prefixes are left in the batch (an extra forward pass is not worth it).
 pub(crate) const MIN_SHARED_PREFIX: usize = 16;
 
-/// Draws one token from `logits` (modified in place) with the uniform draw `r` in [0, 1) and
-/// returns it with its log-probability under the filtered, renormalised distribution. Temperature 0
-/// takes the argmax of the raw distribution (and ignores `r`).
-pub(crate) fn sample_token(logits: &mut [f32], cfg: &SamplingConfig, r: f32) -> (u32, f32) {
-    if cfg.temperature == 0.0 {
-        let (best, _) = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
-            );
-        return (best as u32, log_softmax_at(logits, best));
-    }
-    let inv_t = (1.0 / cfg.temperature) as f32;
-    logits.iter_mut().for_each(|x| *x *= inv_t);
-    if cfg.top_k > 0 && cfg.top_k < logits.len() {
-        let mut sorted: Vec<f32> = logits.to_vec();
-        let kth_idx = logits.len() - cfg.top_k;
-        let (_, kth, _) = sorted.select_nth_unstable_by(kth_idx, |a, b| a.total_cmp(b));
-        let kth = *kth;
-        logits
-            .iter_mut()
-            .filter(|x| **x < kth)
-            .for_each(|x| *x = f32::NEG_INFINITY);
-    }
-    if cfg.top_p < 1.0 {
-        // As transformers' TopPLogitsWarper: drop the low tail whose cumulative mass is <= 1 - top_p,
-        // always keeping the most likely token.
-        let probs = softmax(logits);
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| probs[a].total_cmp(&probs[b]));
-        let mut cum = 0.0f32;
-        for &i in &order[..order.len() - 1] {
-            cum += probs[i];
-            if cum > (1.0 - cfg.top_p) as f32 {
-                break;
-            }
-            logits[i] = f32::NEG_INFINITY;
-        }
-    }
-    // Inverse-CDF draw over the unnormalised weights `e^(x - max)`, block sums first: no
-    // normalising pass, and only the drawn block is scanned value by value.
-    let max = preftune_kernels::vmath::max(logits);
-    let mut blocks = Vec::with_capacity(logits.len().div_ceil(preftune_kernels::vmath::BLOCK));
-    preftune_kernels::vmath::exp_shifted_blocks(logits, max, |s| blocks.push(s));
-    let total: f64 = blocks.iter().sum();
-    let target = r as f64 * total;
-    let mut chosen = logits.iter().rposition(|&p| p > 0.0).unwrap_or(0);
-    let mut cum = 0f64;
-    for (block, &s) in blocks.iter().enumerate() {
-        if cum + s <= target {
-            cum += s;
-            continue;
-        }
-        let es = logits
-            .chunks(preftune_kernels::vmath::BLOCK)
-            .nth(block)
-            .unwrap_or(&[]);
-        // Rounding may leave the running sum short of the target at the block's end: then its
-        // last token with weight is drawn.
-        let mut pick = es.iter().rposition(|&e| e > 0.0);
-        for (i, &e) in es.iter().enumerate() {
-            cum += e as f64;
-            if target < cum {
-                pick = Some(i);
-                break;
-            }
-        }
-        if let Some(i) = pick {
-            chosen = block * preftune_kernels::vmath::BLOCK + i;
-        }
-        break;
-    }
-    (chosen as u32, (logits[chosen] as f64 / total).ln() as f32)
-}
-
-fn softmax(x: &[f32]) -> Vec<f32> {
-    let mut e = x.to_vec();
-    let max = preftune_kernels::vmath::max(&e);
-    let inv = (1.0 / preftune_kernels::vmath::exp_shifted(&mut e, max)) as f32;
-    e.iter_mut().for_each(|v| *v *= inv);
-    e
-}
-
-fn log_softmax_at(x: &[f32], i: usize) -> f32 {
-    let max = preftune_kernels::vmath::max(x);
-    x[i] - max - preftune_kernels::vmath::sum_exp_shifted(x, max).ln() as f32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_and_top_p_restrict_the_support() {
-        let base = vec![1.0f32, 3.0, 2.0, 0.5, 2.9];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let cfg = SamplingConfig {
-            top_k: 2,
-            ..Default::default()
-        };
-        for _ in 0..200 {
-            let (t, lp) = sample_token(&mut base.clone(), &cfg, rng.gen());
-            assert!(t == 1 || t == 4, "top-2 sampled {t}");
-            // Renormalised over the two survivors.
-            let z = (3.0f32).exp() + (2.9f32).exp();
-            assert!((lp - (base[t as usize].exp() / z).ln()).abs() < 1e-5);
-        }
-        // top_p 0.5: token 1 alone holds < 50% mass, so tokens 1 and 4 survive, as in transformers.
-        let cfg = SamplingConfig {
-            top_p: 0.5,
-            ..Default::default()
-        };
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..300 {
-            seen.insert(sample_token(&mut base.clone(), &cfg, rng.gen()).0);
-        }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![1, 4]);
-    }
 
     #[test]
     fn the_common_prefix_leaves_every_prompt_a_token() {
@@ -443,35 +403,5 @@ mod tests {
         assert_eq!(common_prefix(&[vec![7, 2], vec![1, 2]]), 0);
         assert_eq!(common_prefix(&[vec![1, 2, 3]]), 2);
         assert_eq!(common_prefix(&[]), 0);
-    }
-
-    #[test]
-    fn greedy_picks_argmax_with_raw_logprob() {
-        let mut x = vec![0.0f32, 1.0, 5.0, 2.0];
-        let cfg = SamplingConfig {
-            temperature: 0.0,
-            ..Default::default()
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (t, lp) = sample_token(&mut x, &cfg, rng.gen());
-        assert_eq!(t, 2);
-        let z: f32 = [0.0f32, 1.0, 5.0, 2.0].iter().map(|v| v.exp()).sum();
-        assert!((lp - (5.0f32.exp() / z).ln()).abs() < 1e-6);
-    }
-
-    #[test]
-    fn sampling_frequencies_follow_the_distribution() {
-        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln()];
-        let cfg = SamplingConfig::default();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let mut counts = [0usize; 3];
-        let n = 30_000;
-        for _ in 0..n {
-            counts[sample_token(&mut logits.to_vec(), &cfg, rng.gen()).0 as usize] += 1;
-        }
-        for (i, want) in [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0].iter().enumerate() {
-            let got = counts[i] as f64 / n as f64;
-            assert!((got - want).abs() < 0.015, "token {i}: {got} vs {want}");
-        }
     }
 }

@@ -25,13 +25,14 @@ pub mod model;
 pub mod ops;
 pub mod pretrained;
 pub mod reward;
+mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig, MoeConfig, MoeNames};
 pub use device::{DeviceError, DeviceSpec};
 pub use error::{Error, Result};
-pub use generate::{generate, Generation, SamplingConfig};
+pub use generate::{generate, generate_on, DrawOn, Generation, SamplingConfig};
 pub use logprobs::{token_logprobs, TokenLogprobs};
 pub use lora::LoraConfig;
 pub use model::{KvCache, Model};

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use preftune_model::{generate, token_logprobs, Message, SamplingConfig};
+use preftune_model::{generate, generate_on, token_logprobs, DrawOn, Message, SamplingConfig};
 
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
@@ -312,6 +312,54 @@ fn rollouts_skip_repeated_prompts_and_finished_rows_without_changing_samples() {
         uneven * 2 >= cases,
         "rows ended at different steps in {uneven} of {cases} cases"
     );
+}
+
+/// Drawing on the device (as on a GPU: exponentials and block sums where the logits are, one
+/// block per row read back) gives the host's tokens and log-probs, greedy and at T = 0.9, with
+/// repeated prompts, finished rows and EOS held back by `min_new_tokens`. Top-k asks for the host.
+#[test]
+fn drawing_on_the_device_gives_the_hosts_tokens() {
+    let mut finished = 0;
+    for name in MODELS {
+        let p = load(name);
+        let prompts: Vec<Vec<u32>> = ["We", "The movie", "A young director wanted to"]
+            .iter()
+            .flat_map(|t| std::iter::repeat_n(p.tokenizer.encode(t, false).unwrap(), 2))
+            .collect();
+        for temperature in [0.9, 0.0] {
+            let cfg = |eos: Vec<u32>| SamplingConfig {
+                max_new_tokens: 12,
+                min_new_tokens: 2,
+                temperature,
+                seed: 4,
+                eos_token_ids: eos,
+                pad_token_id: p.pad_token_id(),
+                ..Default::default()
+            };
+            // EOS: tokens the free run draws at steps 1 (held back) and 3, and row 2's at 5.
+            let free = generate(&p.model, &prompts, &cfg(vec![])).unwrap();
+            let eos = vec![free.tokens[0][1], free.tokens[1][3], free.tokens[2][5]];
+            let host = generate_on(&p.model, &prompts, &cfg(eos.clone()), DrawOn::Host).unwrap();
+            let dev = generate_on(&p.model, &prompts, &cfg(eos), DrawOn::Device).unwrap();
+            assert_eq!(dev.tokens, host.tokens, "{name} at T={temperature}");
+            assert_eq!(dev.finished, host.finished);
+            for (a, b) in dev.logprobs.iter().zip(&host.logprobs) {
+                assert!(max_abs_diff(a, b) < 1e-4, "{name}: log-probs differ");
+            }
+            finished += host.finished.iter().filter(|&&f| f).count();
+        }
+    }
+    assert!(
+        finished > 0,
+        "no row finished: the live-row path went untested"
+    );
+    let p = load("tiny-llama");
+    let top_k = SamplingConfig {
+        top_k: 5,
+        ..Default::default()
+    };
+    let e = generate_on(&p.model, &[vec![1, 2]], &top_k, DrawOn::Device).unwrap_err();
+    assert!(e.to_string().contains("top-k"), "{e}");
 }
 
 #[test]
