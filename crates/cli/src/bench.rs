@@ -13,8 +13,8 @@ pub struct BenchArgs {
     model: PathBuf,
     /// `fwd-bwd`, `generate`, `rollout` (chat prompts sampled `--num-generations` times until
     /// EOS), `matmul` (f32 2048^3 GEMM rate, the MFU yardstick) or `all`.
-    #[arg(long, default_value = "all")]
-    workload: String,
+    #[arg(long, value_enum, default_value_t = WorkloadArg::All)]
+    workload: WorkloadArg,
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Sequences per forward+backward step.
@@ -55,29 +55,41 @@ pub struct BenchArgs {
     lora_layers: usize,
 }
 
+/// `--workload`: one of the model layer's workloads, or each in turn.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum WorkloadArg {
+    All,
+    Matmul,
+    FwdBwd,
+    Generate,
+    Rollout,
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     use preftune_model::bench::Workload;
-    let workload = match args.workload.as_str() {
-        "all" => None,
-        w => Some(
-            Workload::ALL
-                .into_iter()
-                .find(|x| x.name() == w)
-                .with_context(|| {
-                    format!("unknown workload {w:?} (fwd-bwd, generate, rollout, matmul or all)")
-                })?,
-        ),
+    let workload = match args.workload {
+        WorkloadArg::All => None,
+        WorkloadArg::Matmul => Some(Workload::Matmul),
+        WorkloadArg::FwdBwd => Some(Workload::FwdBwd),
+        WorkloadArg::Generate => Some(Workload::Generate),
+        WorkloadArg::Rollout => Some(Workload::Rollout),
     };
     let Some(workload) = workload else {
         // Each workload in a child process of its own, so that its peak RSS is its own.
         let exe = std::env::current_exe()?;
+        // This run's arguments less its `--workload all` (`--workload=all` or two words).
+        let mut rest = vec![];
+        let mut given = std::env::args().skip(1);
+        while let Some(a) = given.next() {
+            if a == "--workload" {
+                given.next();
+            } else if !a.starts_with("--workload=") {
+                rest.push(a);
+            }
+        }
         for w in Workload::ALL {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(
-                std::env::args()
-                    .skip(1)
-                    .filter(|a| !a.starts_with("--workload")),
-            );
+            cmd.args(&rest);
             let status = cmd
                 .args(["--workload", w.name()])
                 .status()
