@@ -123,6 +123,26 @@ print(json.dumps({"check": "greedy-64-tokens", "model": sys.argv[3], "ok": ok, "
 sys.exit(0 if ok else 1)
 PY
 }
+# Sampling at T=0.9 on the GPU, drawing on the device (the default there) and on the host: the
+# same logits, so the same 64 tokens unless a draw lands within rounding of a block's edge.
+draws() {
+    local shape=$1
+    for on in host device; do
+        "$BIN" --device cuda generate --model "$work/$shape" --prompt "The movie was good and the actors" \
+            --temperature 0.9 --seed 3 --max-new-tokens 64 --min-new-tokens 64 --draw-on $on \
+            > "$work/draws-$shape-$on.json" || return 1
+    done
+    $PY - "$work/draws-$shape-host.json" "$work/draws-$shape-device.json" "$shape" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+same = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), None)
+lp = max((abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])), default=0.0)
+ok = a["ids"] == b["ids"] and len(a["ids"]) >= 64 and lp < 1e-3
+print(json.dumps({"check": "draws-device-vs-host", "model": sys.argv[3], "ok": ok,
+                  "tokens": len(a["ids"]), "first_difference": same, "max_logprob_diff": lp}))
+sys.exit(0 if ok else 1)
+PY
+}
 # A short DPO run on the GPU whose loss falls.
 dpo_run() {
     "$BIN" --device cuda dpo --config examples/dpo-tiny.toml --set model_name_or_path="$work/smollm2-135m" \
@@ -211,6 +231,7 @@ timing_for() {
 has() { [[ " ${models[*]} " == *" $1 "* ]]; }
 if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
+    [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
 fi
 want steps && has smollm2-135m && steps_for smollm2-135m
 # The same first updates with preftune's CUDA kernels on the GPU (KERNELS=1 sets

@@ -104,6 +104,19 @@ pub struct GenerateArgs {
     batch_size: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Where each token is drawn from the logits, with --prompt: `auto` (on the device for a
+    /// model on a GPU, unless top-k or top-p asks for the host), `host` or `device`. Both give
+    /// the same tokens up to rounding.
+    #[arg(long, value_enum, default_value_t = DrawOnArg::Auto, conflicts_with = "data")]
+    draw_on: DrawOnArg,
+}
+
+/// `--draw-on`: [`preftune_model::DrawOn`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DrawOnArg {
+    Auto,
+    Host,
+    Device,
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
@@ -115,7 +128,13 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
             system: a.system.clone(),
         };
         let ids = prompt_ids(&p, &pa)?;
-        let out = sample(&p.model, &[ids], &sampling_config(&p, &a.sampling))?;
+        let draw_on = match a.draw_on {
+            DrawOnArg::Auto => preftune_model::DrawOn::Auto,
+            DrawOnArg::Host => preftune_model::DrawOn::Host,
+            DrawOnArg::Device => preftune_model::DrawOn::Device,
+        };
+        let cfg = sampling_config(&p, &a.sampling);
+        let out = preftune_model::generate_on(&p.model, &[ids], &cfg, draw_on)?;
         let text = p.tokenizer.decode(&out.tokens[0], true)?;
         emit(
             &json!({"ids": out.tokens[0], "text": text, "logprobs": shorts(&out.logprobs[0]), "finished": out.finished[0]}),

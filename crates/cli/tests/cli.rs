@@ -203,6 +203,15 @@ fn sampling_is_reproducible_from_the_command_line() {
     assert!(ok, "{err}");
     let (_, b, _) = preftune(&args);
     assert_eq!(a["ids"], b["ids"]);
+    // Drawing on the device needs the whole vocabulary there: top-p is refused, and without it
+    // the device's draws are the host's.
+    let (ok, _, err) = preftune(&[&args[..], &["--draw-on", "device"]].concat());
+    assert!(!ok && err.contains("top-p"), "{err}");
+    let plain = &args[..args.len() - 2];
+    let draw = |on: &str| preftune(&[plain, &["--draw-on", on]].concat());
+    let ((ok_h, host, err_h), (ok_d, dev, err_d)) = (draw("host"), draw("device"));
+    assert!(ok_h && ok_d, "{err_h} {err_d}");
+    assert_eq!(host["ids"], dev["ids"]);
 }
 
 #[test]
