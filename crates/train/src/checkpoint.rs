@@ -202,10 +202,13 @@ fn write_into(
         .iter()
         .map(|n| (format!("exp_avg.{n}"), format!("exp_avg_sq.{n}")))
         .collect();
+    let moments = (0..names.len())
+        .map(|i| opt.checkpoint_moments(i))
+        .collect::<Result<Vec<_>>>()?;
     let mut entries = Vec::with_capacity(2 * names.len());
-    for (i, (m, v)) in names.iter().enumerate() {
-        entries.push((m.as_str(), Data::F32(&opt.m[i])));
-        entries.push((v.as_str(), Data::F32(&opt.v[i])));
+    for ((m, v), (mv, vv)) in names.iter().zip(&moments) {
+        entries.push((m.as_str(), Data::F32(mv)));
+        entries.push((v.as_str(), Data::F32(vv)));
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &entries, None)?;
     let opt_state = serde_json::json!({"step": opt.t});
@@ -322,6 +325,7 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
     let tensors = candle_core::safetensors::load(&op, &Device::Cpu)
         .map_err(|e| Error::Msg(format!("{}: {e}", op.display())))?;
     for (i, name) in opt.names.iter().enumerate() {
+        let size = opt.sizes[i];
         for (key, slot) in [
             (format!("exp_avg.{name}"), &mut opt.m[i]),
             (format!("exp_avg_sq.{name}"), &mut opt.v[i]),
@@ -330,12 +334,11 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
                 .get(&key)
                 .ok_or_else(|| Error::Msg(format!("{}: missing {key}", op.display())))?;
             let v: Vec<f32> = t.to_vec1()?;
-            if v.len() != slot.len() {
+            if v.len() != size {
                 return Err(Error::Msg(format!(
-                    "{}: {key} has {} values, the parameter {}",
+                    "{}: {key} has {} values, the parameter {size}",
                     op.display(),
                     v.len(),
-                    slot.len()
                 )));
             }
             *slot = v;

@@ -32,33 +32,61 @@ pub struct AdamW {
     /// Optimiser steps taken (for bias correction).
     pub t: u64,
     pub names: Vec<String>,
+    /// Each parameter's number of values.
+    pub(crate) sizes: Vec<usize>,
+    /// First and second moments on the host: empty until a host step first needs them (zeros
+    /// then), and while the moments live on the device (no host copy of a GPU model's optimiser
+    /// state; [`AdamW::sync_to_host`] fills them for a checkpoint, and the next device step frees
+    /// them again).
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
     /// Per-parameter multiplier of the scheduled learning rate (1 unless a trainer sets one, e.g.
     /// for a freshly initialised head).
     pub lr_scale: Vec<f64>,
     /// `(m, v)` on the parameters' device for [`AdamW::step_tensors`] (GPUs): made from `m` and
-    /// `v` at the first such step; [`AdamW::sync_to_host`] copies them back for a checkpoint.
+    /// `v` (zeros where empty) at the first such step; [`AdamW::sync_to_host`] copies them back
+    /// for a checkpoint.
     device_state: Option<Vec<(Tensor, Tensor)>>,
+    /// Whether `m` and `v` hold the device's moments as of now (set by `sync_to_host`).
+    host_synced: bool,
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, params: &[(String, Var)]) -> Self {
-        let zeros = || {
-            params
-                .iter()
-                .map(|(_, p)| vec![0f32; p.elem_count()])
-                .collect()
-        };
         AdamW {
             cfg,
             t: 0,
             names: params.iter().map(|(n, _)| n.clone()).collect(),
-            m: zeros(),
-            v: zeros(),
+            sizes: params.iter().map(|(_, p)| p.elem_count()).collect(),
+            m: vec![Vec::new(); params.len()],
+            v: vec![Vec::new(); params.len()],
             lr_scale: vec![1.0; params.len()],
             device_state: None,
+            host_synced: false,
         }
+    }
+
+    /// Parameter `i`'s moments as a checkpoint stores them: zeros before its first step. Fails
+    /// while the moments live on the device and were not copied back by [`AdamW::sync_to_host`]
+    /// (a checkpoint would otherwise hold stale or missing state).
+    pub(crate) fn checkpoint_moments(
+        &self,
+        i: usize,
+    ) -> Result<(std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>)> {
+        use std::borrow::Cow;
+        if self.device_state.is_some() && !self.host_synced {
+            return Err(Error::Msg(
+                "optimizer: the moments are on the device; sync_to_host before a checkpoint".into(),
+            ));
+        }
+        fn moment(x: &[f32], size: usize) -> Cow<'_, [f32]> {
+            match x.is_empty() {
+                true => Cow::Owned(vec![0.0; size]),
+                false => Cow::Borrowed(x),
+            }
+        }
+        let size = self.sizes[i];
+        Ok((moment(&self.m[i], size), moment(&self.v[i], size)))
     }
 
     /// Bias corrections and per-parameter step settings of the next step (advances `t`).
@@ -92,11 +120,21 @@ impl AdamW {
                 .iter()
                 .zip(self.m.iter().zip(&self.v))
                 .map(|((_, p), (m, v))| {
-                    let up = |x: &[f32]| Tensor::from_slice(x, p.shape(), p.device());
+                    let up = |x: &[f32]| match x.is_empty() {
+                        true => Tensor::zeros(p.shape(), DType::F32, p.device()),
+                        false => Tensor::from_slice(x, p.shape(), p.device()),
+                    };
                     Ok((up(m)?, up(v)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
             self.device_state = Some(state);
+        }
+        // The host copies (loaded from a checkpoint, or synced for one) are stale from here.
+        self.host_synced = false;
+        for x in self.m.iter_mut().chain(self.v.iter_mut()) {
+            if !x.is_empty() {
+                *x = Vec::new();
+            }
         }
         let (b1, b2, bc1, bc2_sqrt, eps) = self.next_step();
         let scales: Vec<(f32, f32)> = params
@@ -145,6 +183,7 @@ impl AdamW {
                 *hm = m.flatten_all()?.to_vec1()?;
                 *hv = v.flatten_all()?.to_vec1()?;
             }
+            self.host_synced = true;
         }
         Ok(())
     }
@@ -169,6 +208,11 @@ impl AdamW {
                 )));
             }
             let decay = self.decay(name, lr);
+            for x in [&mut self.m[i], &mut self.v[i]] {
+                if x.is_empty() {
+                    *x = vec![0.0; g.len()];
+                }
+            }
             let update = Update {
                 g,
                 m: Mutex::new(&mut self.m[i]),
@@ -509,6 +553,10 @@ mod tests {
             AdamW::new(test_config(), &host),
             AdamW::new(test_config(), &dev),
         );
+        // Nothing allocated before a step; a checkpoint then holds zeros.
+        assert!(a.m.iter().chain(&a.v).all(Vec::is_empty));
+        let (m0, v0) = a.checkpoint_moments(2).unwrap();
+        assert_eq!((m0.len(), v0.iter().sum::<f32>()), (7, 0.0));
         a.lr_scale[1] = 3.0;
         b.lr_scale[1] = 3.0;
         for _ in 0..3 {
@@ -520,8 +568,12 @@ mod tests {
                 .map(|(v, (_, s))| Tensor::from_vec(v.clone(), *s, &Device::Cpu).unwrap())
                 .collect();
             b.step_tensors(&dev, &gt, 0.05).unwrap();
+            // No host copy of the device's moments, and no checkpoint from stale ones.
+            assert!(b.m.iter().chain(&b.v).all(Vec::is_empty));
+            assert!(b.checkpoint_moments(0).is_err());
         }
         b.sync_to_host().unwrap();
+        assert_eq!(b.checkpoint_moments(0).unwrap().0.len(), 15);
         for i in 0..shapes.len() {
             let flat = |v: &Var| {
                 v.as_tensor()
