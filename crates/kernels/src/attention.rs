@@ -117,6 +117,11 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (k, v, tk, dh) = (g.k.as_ptr(), g.v.as_ptr(), g.tk, g.dh);
     debug_assert_eq!(dh, 16 * L);
+    if tk == 0 {
+        // No keys: nothing to attend to (the value loop below would not write `out`).
+        out.fill(0.0);
+        return;
+    }
     let rows = g.q.len() / dh;
     let load_q = |r: usize| -> [__m512; L] {
         // SAFETY: query row `r < rows` holds `dh = 16 L` values of `g.q`.
@@ -269,20 +274,44 @@ mod tests {
     /// Against a plain f64 softmax-attention, with a mask on one of two stacked query heads.
     #[test]
     fn matches_plain_attention() {
-        // 20: the generic loop; the others: the AVX-512 kernel's register-resident sizes.
+        // 20: the generic loop; the others: the AVX-512 kernel's register-resident sizes. Key
+        // counts: fewer than a key block, whole key blocks, one and more value blocks, tails.
         for dh in [20, 32, 64, 96, 128] {
-            matches_plain_attention_at(dh);
+            for tk in [1, 7, 16, 37, 64, 65, 150] {
+                matches_plain_attention_at(dh, tk);
+            }
         }
     }
 
-    fn matches_plain_attention_at(dh: usize) {
-        let (rows, tk, t) = (4, 37, 2);
+    #[test]
+    fn no_keys_give_zeros() {
+        for dh in [20, 64] {
+            let q = vec![0.5f32; 3 * dh];
+            let mut out = vec![f32::NAN; 3 * dh];
+            let g = Group {
+                q: &q,
+                k: &[],
+                v: &[],
+                mask: None,
+                scale: 0.25,
+                tk: 0,
+                dh,
+            };
+            attend(&g, &mut out);
+            assert!(out.iter().all(|&o| o == 0.0), "dh {dh}");
+        }
+    }
+
+    fn matches_plain_attention_at(dh: usize, tk: usize) {
+        let (rows, t) = (4, 2);
         let val = |i: usize, s: f32| ((i as f32 * 0.37 + s).sin()) * 0.8;
         let q: Vec<f32> = (0..rows * dh).map(|i| val(i, 0.1)).collect();
         let k: Vec<f32> = (0..tk * dh).map(|i| val(i, 1.3)).collect();
         let v: Vec<f32> = (0..tk * dh).map(|i| val(i, 2.9)).collect();
+        // The second query head's last keys masked out (all but its first key when there are
+        // few).
         let mut mask = vec![0f32; t * tk];
-        mask[tk - 3..tk]
+        mask[tk + tk.saturating_sub(3).max(1)..]
             .iter_mut()
             .for_each(|m| *m = f32::NEG_INFINITY);
         let mut out = vec![0f32; rows * dh];
@@ -314,7 +343,7 @@ mod tests {
                 let got = out[r * dh + i] as f64;
                 assert!(
                     (got - want).abs() < 1e-5,
-                    "dh {dh}, row {r} col {i}: {got} vs {want}"
+                    "dh {dh}, tk {tk}, row {r} col {i}: {got} vs {want}"
                 );
             }
         }

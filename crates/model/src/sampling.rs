@@ -118,9 +118,17 @@ pub(crate) fn sample_rows_on_device(
         x = x.broadcast_add(s)?;
     }
     if cfg.temperature == 0.0 {
-        // The first maximum, as the host's fold: candle's argmax keeps the first on the CPU.
-        let best = x.argmax_keepdim(1)?;
+        // The first maximum, as the host's fold (and transformers): the least index holding the
+        // row's maximum. candle's CUDA argmax may return a later one on a tie.
         let max = x.max_keepdim(1)?;
+        let index = Tensor::arange(0u32, vocab as u32, x.device())?
+            .unsqueeze(0)?
+            .broadcast_as((rows, vocab))?;
+        let past = Tensor::full(u32::MAX, (rows, vocab), x.device())?;
+        let best = x
+            .broadcast_eq(&max)?
+            .where_cond(&index, &past)?
+            .min_keepdim(1)?;
         let lse = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
         let lp = (x.gather(&best, 1)? - lse)?;
         let best: Vec<u32> = best.flatten_all()?.to_vec1()?;
@@ -252,9 +260,12 @@ mod tests {
     fn device_sampling_matches_the_host() {
         let (rows, vocab) = (24, 2 * BLOCK + 37);
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let logits: Vec<f32> = (0..rows * vocab)
+        let mut logits: Vec<f32> = (0..rows * vocab)
             .map(|_| rng.gen::<f32>() * 6.0 - 3.0)
             .collect();
+        // A tie for the maximum, in different blocks: greedy takes the first.
+        logits[10] = 9.0;
+        logits[BLOCK + 500] = 9.0;
         let dev = candle_core::Device::Cpu;
         let t = Tensor::from_vec(logits.clone(), (rows, vocab), &dev).unwrap();
         let banned = 5usize;

@@ -484,7 +484,8 @@ pub(crate) fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
 }
 
 /// Runs training to the end. `policy` and `lora` come from [`load_policy`] with the same `ckpt`
-/// (from [`resume_point`]), whose optimiser and trainer state are restored here.
+/// (from [`resume_point`], which has checked that `config` may resume it), whose optimiser and
+/// trainer state are restored here.
 pub fn train(
     args: &TrainingArguments,
     config: &toml::Table,
