@@ -27,6 +27,9 @@ pub fn decays(name: &str) -> bool {
         || name.starts_with("ln_"))
 }
 
+/// A parameter's first and second moments, borrowed or (zeros) owned.
+pub(crate) type Moments<'a> = (std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>);
+
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Optimiser steps taken (for bias correction).
@@ -69,10 +72,7 @@ impl AdamW {
     /// Parameter `i`'s moments as a checkpoint stores them: zeros before its first step. Fails
     /// while the moments live on the device and were not copied back by [`AdamW::sync_to_host`]
     /// (a checkpoint would otherwise hold stale or missing state).
-    pub(crate) fn checkpoint_moments(
-        &self,
-        i: usize,
-    ) -> Result<(std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>)> {
+    pub(crate) fn checkpoint_moments(&self, i: usize) -> Result<Moments<'_>> {
         use std::borrow::Cow;
         if self.device_state.is_some() && !self.host_synced {
             return Err(Error::Msg(
