@@ -3036,6 +3036,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "attention_bf16_products_d128",
             "attention_d128",
             "lm_head",
+            "lora_dropout_mask",
             "lse_gather",
             "lse_gather_t0.7",
             "rms_norm",
@@ -3043,7 +3044,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 17);
+    assert_eq!(lines.len(), 19);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

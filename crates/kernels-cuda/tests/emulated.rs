@@ -33,6 +33,8 @@ extern "C" {
     );
     fn col_sum_f64(part: *const f64, out: *mut f64, parts: u32, d: u32);
     fn swiglu_fwd_f32(g: *const f32, u: *const f32, out: *mut f32, n: usize);
+    fn dropout_mask_f32(out: *mut f32, n: usize, key: u64, p: f32, keep: f32);
+    fn dropout_mask_bf16(out: *mut bf16, n: usize, key: u64, p: f32, keep: f32);
     fn swiglu_bwd_f64(g: *const f64, u: *const f64, dy: *const f64, out: *mut f64, n: usize);
     fn rope_f64(
         x: *const f64,
@@ -362,6 +364,36 @@ fn rmsnorm_backward_matches_the_cpu_loop_with_any_number_of_rows_a_block() {
         assert!(max_diff(&dx, &want[..rows * d]) < 1e-12, "dx with {l:?}");
         assert!(max_diff(&dw, &want[rows * d..]) < 1e-12, "dw with {l:?}");
     }
+}
+
+/// The device's dropout masks are the CPU's, bit for bit (the same counter-based stream), over
+/// a grid smaller than the work and in bf16.
+#[test]
+fn dropout_masks_are_the_cpus() {
+    let n = 5000;
+    let key = preftune_kernels::rng::stream_key(11, 2);
+    let (p_drop, keep) = (0.3f32, 1.0 / 0.7f32);
+    let mut want = vec![0f32; n];
+    preftune_kernels::rng::dropout_mask(key, 0, p_drop, keep, &mut want);
+    let mut out = vec![f32::NAN; n];
+    let op = pm(&mut out);
+    run!(
+        Launch {
+            grid: 3,
+            grid_y: 1,
+            block: 64
+        },
+        dropout_mask_f32(op as _, n, key, p_drop, keep)
+    );
+    assert_eq!(out, want);
+    let mut out16 = vec![bf16::ZERO; n];
+    let op = pm(&mut out16);
+    run!(
+        elementwise(n),
+        dropout_mask_bf16(op as _, n, key, p_drop, keep)
+    );
+    let want16: Vec<bf16> = want.iter().map(|&m| bf16::from_f32(m)).collect();
+    assert_eq!(out16, want16);
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! - [`attention`]: decoding attention for one KV group, scores never stored.
 //! - [`fused`]: the inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention
 //!   probabilities, softmax backward), generic over f32 and f64.
+//! - [`rng`]: counter-based random numbers (LoRA dropout masks), the same bits on a GPU.
 //!
 //! Each kernel picks its instruction set at run time and has a portable path; `benches/` holds one
 //! micro-benchmark per kernel (`cargo bench -p preftune-kernels`).
@@ -17,4 +18,5 @@ pub mod attention;
 pub mod bf16gemm;
 pub mod fused;
 pub mod gemv;
+pub mod rng;
 pub mod vmath;

@@ -14,7 +14,7 @@ use candle_core::{Tensor, Var};
 use crate::error::{Error, Result};
 use crate::model::{LayerInputs, Model};
 
-type Rng = Option<rand::rngs::StdRng>;
+type Rng = Option<crate::lora::DropoutStream>;
 
 /// What backward needs to recompute one checkpointed forward pass.
 #[derive(Debug)]
@@ -99,12 +99,12 @@ impl Model {
         let segments = std::mem::take(&mut *self.tape.lock().unwrap_or_else(|e| e.into_inner()));
         let mut final_rng = None;
         for mut seg in segments.into_iter().rev() {
-            final_rng.get_or_insert_with(|| seg.end_rng.clone());
+            final_rng.get_or_insert(seg.end_rng);
             let Some(mut g) = grads.remove(&seg.leaf) else {
                 continue; // this forward pass did not reach the loss
             };
             for (i, block) in self.blocks.iter().enumerate().rev() {
-                self.lora_dropout.restore(seg.rngs[i].clone());
+                self.lora_dropout.restore(seg.rngs[i]);
                 // The autograd copy of the layer's input; the stored one is freed at once, so the
                 // inputs shrink as the gradients grow (135 MiB at the peak on SmolLM2 8 x 128).
                 let input = seg.inputs.pop().expect("one input per layer");

@@ -181,6 +181,29 @@ pub(crate) fn rms_norm_bwd(
     })
 }
 
+/// A LoRA dropout mask shaped like `x` in its dtype (`x`'s values are not read): the same bits as
+/// `preftune_kernels::rng::dropout_mask` from stream `key`.
+pub(crate) fn dropout_mask(
+    x: &CudaStorage,
+    lx: &Layout,
+    key: u64,
+    p: f32,
+    keep: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "dropout-mask";
+    let n = lx.shape().elem_count();
+    let dev = &x.device;
+    by_dtype!(x.dtype(), op, |T| {
+        // SAFETY: the grid-stride loop writes every element.
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        launch!(dev, Kernel::DropoutMask.name(T::KIND), kc::elementwise(n); &mut out, &n, &key, &p, &keep);
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            lx.shape().clone(),
+        ))
+    })
+}
+
 /// SwiGLU forward, elementwise.
 pub(crate) fn swiglu(
     g: &CudaStorage,

@@ -110,16 +110,20 @@ fn compare(
     Ok(KernelCheck {
         op,
         dtype: format!("{dtype:?}").to_lowercase(),
-        device: match dev.location() {
-            candle_core::DeviceLocation::Cpu => "cpu".into(),
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            other => format!("{other:?}"),
-        },
+        device: device_name(dev),
         forward,
         gradient,
         tolerance,
         passed: forward <= tolerance && gradient <= tolerance,
     })
+}
+
+fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
@@ -258,6 +262,21 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             &mut rng,
         )?);
 
+        // LoRA dropout masks: the op's (the CUDA kernel on a GPU) against the host's, which
+        // must be the same bits.
+        let x = input(&mut rng, &[2, 37, 1536], 1.0, dtype, dev)?;
+        let (op, host) = crate::lora::dropout_mask_both_ways(&x, 5, 0.1)?;
+        let forward = rel_diff(&op, &host)?;
+        out.push(KernelCheck {
+            op: "lora_dropout_mask",
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: device_name(dev),
+            forward,
+            gradient: 0.0,
+            tolerance: 0.0,
+            passed: forward == 0.0,
+        });
+
         let (rows, vocab) = (48, 49152);
         let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;
         let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
@@ -292,7 +311,7 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        assert_eq!(ops.len(), 2 * 7 + 1 + 2, "{ops:?}");
+        assert_eq!(ops.len(), 2 * 8 + 1 + 2, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }

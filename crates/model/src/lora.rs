@@ -63,37 +63,122 @@ fn in_layers(module: &str, layers: Option<&[usize]>) -> bool {
 /// Randomness for LoRA dropout, shared by all adapters of a model. `None` (the default) disables
 /// dropout, as in evaluation and sampling; the trainer seeds it per micro-batch, which keeps resumed
 /// runs identical to straight ones without storing RNG state.
+///
+/// Each mask is one stream of a counter-based generator (`preftune_kernels::rng`): the seed and
+/// the number of masks drawn so far are the whole state, and a GPU with preftune's kernels draws
+/// the same mask on the device instead of uploading one per adapted layer and step.
 #[derive(Clone, Debug, Default)]
-pub struct DropoutRng(Arc<Mutex<Option<rand::rngs::StdRng>>>);
+pub struct DropoutRng(Arc<Mutex<Option<DropoutStream>>>);
+
+/// The state of a seeded [`DropoutRng`]: its seed and the masks drawn since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutStream {
+    seed: u64,
+    drawn: u64,
+}
 
 impl DropoutRng {
     fn set_seed(&self, seed: Option<u64>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
-            seed.map(rand::rngs::StdRng::seed_from_u64);
+            seed.map(|seed| DropoutStream { seed, drawn: 0 });
     }
 
     /// The generator's state, so a recomputed layer can draw the same masks again.
-    pub(crate) fn snapshot(&self) -> Option<rand::rngs::StdRng> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    pub(crate) fn snapshot(&self) -> Option<DropoutStream> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn restore(&self, state: Option<rand::rngs::StdRng>) {
+    pub(crate) fn restore(&self, state: Option<DropoutStream>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     /// An inverted-dropout mask (`0` or `1/(1-p)`) shaped like `x`, or `None` when dropout is off.
     fn mask(&self, x: &Tensor, p: f64) -> candle_core::Result<Option<Tensor>> {
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(rng) = guard.as_mut() else {
-            return Ok(None);
+        let key = {
+            let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(st) = guard.as_mut() else {
+                return Ok(None);
+            };
+            st.drawn += 1;
+            preftune_kernels::rng::stream_key(st.seed, st.drawn - 1)
         };
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let v: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
-            .collect();
+        let op = DropoutMask {
+            key,
+            p: p as f32,
+            keep: (1.0 / (1.0 - p)) as f32,
+        };
+        if crate::kernels::cuda_kernels_apply(x.device())
+            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
+        {
+            return Ok(Some(x.apply_op1_no_bwd(&op)?));
+        }
+        let mut m = vec![0f32; x.elem_count()];
+        op.fill(&mut m);
         Ok(Some(
-            Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?,
+            Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?,
         ))
+    }
+}
+
+/// The dropout mask of stream `(seed, 0)` shaped like `x`, drawn by the op on `x`'s device and
+/// on the host (`preftune check-kernels`: on a GPU the two must be equal, bit for bit).
+pub(crate) fn dropout_mask_both_ways(
+    x: &Tensor,
+    seed: u64,
+    p: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let op = DropoutMask {
+        key: preftune_kernels::rng::stream_key(seed, 0),
+        p: p as f32,
+        keep: (1.0 / (1.0 - p)) as f32,
+    };
+    let mut m = vec![0f32; x.elem_count()];
+    op.fill(&mut m);
+    let host = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x.apply_op1_no_bwd(&op)?, host))
+}
+
+/// A dropout mask shaped like its input (whose values it ignores), from one stream.
+struct DropoutMask {
+    key: u64,
+    p: f32,
+    keep: f32,
+}
+
+impl DropoutMask {
+    /// The mask in f32, in parallel pieces (each knows where in the stream it starts).
+    fn fill(&self, m: &mut [f32]) {
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 14;
+        m.par_chunks_mut(PIECE).enumerate().for_each(|(c, piece)| {
+            let start = (c * PIECE) as u64;
+            preftune_kernels::rng::dropout_mask(self.key, start, self.p, self.keep, piece)
+        });
+    }
+}
+
+impl candle_core::CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "lora-dropout-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let mut m = vec![0f32; l.shape().elem_count()];
+        self.fill(&mut m);
+        Ok((candle_core::CpuStorage::F32(m), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda_kernels::dropout_mask(s, l, self.key, self.p, self.keep)
     }
 }
 
@@ -748,7 +833,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            (v, after.map(|mut r| rand::Rng::gen::<u64>(&mut r)))
+            (v, after)
         };
         for bf16 in [false, true] {
             let _scope = crate::ops::Bf16Scope::new(bf16);

@@ -5,3 +5,4 @@
 #include "logsoftmax.cuh"
 #include "flash.cuh"
 #include "flash_tc.cuh"
+#include "rng.cuh"
