@@ -127,6 +127,17 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
         // SAFETY: query row `r < rows` holds `dh = 16 L` values of `g.q`.
         std::array::from_fn(|c| unsafe { _mm512_loadu_ps(g.q.as_ptr().add(r * dh + 16 * c)) })
     };
+    // `q . k_j` as sixteen lanes of partial sums (one multiply-add chain).
+    let chain = |q: &[__m512; L], j: usize| {
+        // SAFETY: key row `j < tk` lies within the `tk * dh` values of `g.k`.
+        let kj = unsafe { k.add(j * dh) };
+        let mut acc = _mm512_setzero_ps();
+        for (c, qc) in q.iter().enumerate() {
+            // SAFETY: lanes `16 c .. 16 c + 16` of the key row, inside it since `c < L`.
+            acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
+        }
+        acc
+    };
     // Scores of every row, `[rows, tk]`.
     let mut s = vec![0f32; rows * tk];
     let blocked = tk / KEY_BLOCK * KEY_BLOCK;
@@ -134,19 +145,9 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
     for j0 in (0..blocked).step_by(KEY_BLOCK) {
         for r in 0..rows {
             let q = load_q(r);
-            // Chain `a` scores key `j0 + KEY_ORDER[a]`, so that `sum16`'s lanes come out in key
-            // order.
-            let acc: [__m512; KEY_BLOCK] = std::array::from_fn(|a| {
-                // SAFETY: key row `j0 + KEY_ORDER[a] < blocked <= tk` lies within the `tk * dh`
-                // values of `g.k`.
-                let kj = unsafe { k.add((j0 + KEY_ORDER[a]) * dh) };
-                let mut acc = _mm512_setzero_ps();
-                for (c, qc) in q.iter().enumerate() {
-                    // SAFETY: lanes `16 c .. 16 c + 16` of the key row, inside it since `c < L`.
-                    acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
-                }
-                acc
-            });
+            // Chain `a` scores key `j0 + KEY_ORDER[a]` (`< blocked <= tk`), so that `sum16`'s
+            // lanes come out in key order.
+            let acc: [__m512; KEY_BLOCK] = std::array::from_fn(|a| chain(&q, j0 + KEY_ORDER[a]));
             let scores = _mm512_mul_ps(scale, sum16(acc));
             // SAFETY: `s` holds `rows * tk` values and `j0 + 16 <= tk`.
             unsafe { _mm512_storeu_ps(s.as_mut_ptr().add(r * tk + j0), scores) };
@@ -155,14 +156,7 @@ unsafe fn attend_lanes<const L: usize>(g: &Group, out: &mut [f32]) {
     for r in 0..rows {
         let q = load_q(r);
         for j in blocked..tk {
-            // SAFETY: key row `j < tk`.
-            let kj = unsafe { k.add(j * dh) };
-            let mut acc = _mm512_setzero_ps();
-            for (c, qc) in q.iter().enumerate() {
-                // SAFETY: lanes `16 c .. 16 c + 16` of key row `j`.
-                acc = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(kj.add(16 * c)) }, acc);
-            }
-            s[r * tk + j] = g.scale * _mm512_reduce_add_ps(acc);
+            s[r * tk + j] = g.scale * _mm512_reduce_add_ps(chain(&q, j));
         }
         let sr = &mut s[r * tk..][..tk];
         let inv = softmax_unnormalised(g, r, sr);

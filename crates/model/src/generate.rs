@@ -262,11 +262,7 @@ pub fn generate_on(
                             return None;
                         }
                         if step < cfg.min_new_tokens {
-                            for &e in &cfg.eos_token_ids {
-                                if let Some(x) = lg.get_mut(e as usize) {
-                                    *x = f32::NEG_INFINITY;
-                                }
-                            }
+                            hold_back(lg, &cfg.eos_token_ids);
                         }
                         Some(crate::sampling::sample_token(lg, cfg, r.unwrap_or(0.0)))
                     })
@@ -332,16 +328,22 @@ pub fn generate_on(
     Ok(out)
 }
 
-/// `[1, vocab]`: `-inf` at `eos` (ids past the vocabulary ignored, as the host path does), 0
-/// elsewhere, where `logits` are.
-fn eos_mask(logits: &Tensor, eos: &[u32]) -> Result<Tensor> {
-    let vocab = logits.dim(1)?;
-    let mut m = vec![0f32; vocab];
+/// Keeps `eos` out of a row of logits (`min_new_tokens`): `-inf` at each (ids past the vocabulary
+/// ignored).
+fn hold_back(row: &mut [f32], eos: &[u32]) {
     for &e in eos {
-        if let Some(x) = m.get_mut(e as usize) {
+        if let Some(x) = row.get_mut(e as usize) {
             *x = f32::NEG_INFINITY;
         }
     }
+}
+
+/// [`hold_back`] as a `[1, vocab]` tensor to add to the logits where they are: `-inf` at `eos`,
+/// 0 elsewhere.
+fn eos_mask(logits: &Tensor, eos: &[u32]) -> Result<Tensor> {
+    let vocab = logits.dim(1)?;
+    let mut m = vec![0f32; vocab];
+    hold_back(&mut m, eos);
     Ok(Tensor::from_vec(m, (1, vocab), logits.device())?)
 }
 

@@ -106,23 +106,37 @@ fn compare(
     for (a, b) in g_f.iter().zip(&g_c) {
         gradient = gradient.max(rel_diff(a, b)?);
     }
-    let tolerance = tolerance(dtype);
-    Ok(KernelCheck {
+    Ok(KernelCheck::new(
         op,
-        dtype: format!("{dtype:?}").to_lowercase(),
-        device: device_name(dev),
-        forward,
-        gradient,
-        tolerance,
-        passed: forward <= tolerance && gradient <= tolerance,
-    })
+        dtype,
+        dev,
+        (forward, gradient),
+        tolerance(dtype),
+    ))
 }
 
-fn device_name(dev: &Device) -> String {
-    match dev.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        other => format!("{other:?}"),
+impl KernelCheck {
+    /// Passed when both differences are within `tolerance`.
+    fn new(
+        op: &'static str,
+        dtype: DType,
+        dev: &Device,
+        (forward, gradient): (f64, f64),
+        tolerance: f64,
+    ) -> Self {
+        KernelCheck {
+            op,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: match dev.location() {
+                candle_core::DeviceLocation::Cpu => "cpu".into(),
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                other => format!("{other:?}"),
+            },
+            forward,
+            gradient,
+            tolerance,
+            passed: forward <= tolerance && gradient <= tolerance,
+        }
     }
 }
 
@@ -267,15 +281,13 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
         let x = input(&mut rng, &[2, 37, 1536], 1.0, dtype, dev)?;
         let (op, host) = crate::lora::dropout_mask_both_ways(&x, 5, 0.1)?;
         let forward = rel_diff(&op, &host)?;
-        out.push(KernelCheck {
-            op: "lora_dropout_mask",
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: device_name(dev),
-            forward,
-            gradient: 0.0,
-            tolerance: 0.0,
-            passed: forward == 0.0,
-        });
+        out.push(KernelCheck::new(
+            "lora_dropout_mask",
+            dtype,
+            dev,
+            (forward, 0.0),
+            0.0,
+        ));
 
         let (rows, vocab) = (48, 49152);
         let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;

@@ -102,21 +102,13 @@ impl DropoutRng {
             st.drawn += 1;
             preftune_kernels::rng::stream_key(st.seed, st.drawn - 1)
         };
-        let op = DropoutMask {
-            key,
-            p: p as f32,
-            keep: (1.0 / (1.0 - p)) as f32,
-        };
+        let op = DropoutMask::new(key, p);
         if crate::kernels::cuda_kernels_apply(x.device())
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
         {
             return Ok(Some(x.apply_op1_no_bwd(&op)?));
         }
-        let mut m = vec![0f32; x.elem_count()];
-        op.fill(&mut m);
-        Ok(Some(
-            Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?,
-        ))
+        Ok(Some(op.on_host(x)?))
     }
 }
 
@@ -127,15 +119,8 @@ pub(crate) fn dropout_mask_both_ways(
     seed: u64,
     p: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let op = DropoutMask {
-        key: preftune_kernels::rng::stream_key(seed, 0),
-        p: p as f32,
-        keep: (1.0 / (1.0 - p)) as f32,
-    };
-    let mut m = vec![0f32; x.elem_count()];
-    op.fill(&mut m);
-    let host = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x.apply_op1_no_bwd(&op)?, host))
+    let op = DropoutMask::new(preftune_kernels::rng::stream_key(seed, 0), p);
+    Ok((x.apply_op1_no_bwd(&op)?, op.on_host(x)?))
 }
 
 /// A dropout mask shaped like its input (whose values it ignores), from one stream.
@@ -146,14 +131,31 @@ struct DropoutMask {
 }
 
 impl DropoutMask {
-    /// The mask in f32, in parallel pieces (each knows where in the stream it starts).
-    fn fill(&self, m: &mut [f32]) {
+    /// Dropping a value with probability `p`, the others scaled by `1 / (1 - p)`.
+    fn new(key: u64, p: f64) -> Self {
+        DropoutMask {
+            key,
+            p: p as f32,
+            keep: (1.0 / (1.0 - p)) as f32,
+        }
+    }
+
+    /// The first `n` values of the mask in f32, in parallel pieces (each knows where in the
+    /// stream it starts).
+    fn values(&self, n: usize) -> Vec<f32> {
         use rayon::prelude::*;
         const PIECE: usize = 1 << 14;
+        let mut m = vec![0f32; n];
         m.par_chunks_mut(PIECE).enumerate().for_each(|(c, piece)| {
             let start = (c * PIECE) as u64;
             preftune_kernels::rng::dropout_mask(self.key, start, self.p, self.keep, piece)
         });
+        m
+    }
+
+    /// The mask shaped like `x`, drawn on the host and moved to `x`'s device and dtype.
+    fn on_host(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(self.values(x.elem_count()), x.shape(), x.device())?.to_dtype(x.dtype())
     }
 }
 
@@ -167,8 +169,7 @@ impl candle_core::CustomOp1 for DropoutMask {
         _: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let mut m = vec![0f32; l.shape().elem_count()];
-        self.fill(&mut m);
+        let m = self.values(l.shape().elem_count());
         Ok((candle_core::CpuStorage::F32(m), l.shape().clone()))
     }
 
