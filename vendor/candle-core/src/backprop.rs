@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -165,6 +165,9 @@ impl Tensor {
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
+        // preftune patch: only tensors on a path to a variable get a gradient; the others
+        // (masks, constants) would hold theirs until the store is dropped.
+        grads.1 = Some(sorted_nodes.iter().map(|n| n.id()).collect());
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
@@ -191,16 +194,24 @@ impl Tensor {
                         grads.accumulate_neg(rhs, &grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
-                        let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if grads.needs(lhs) {
+                            let lhs_grad = grad.mul(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if grads.needs(rhs) {
+                            let rhs_grad = grad.mul(lhs)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
-                        let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        grads.accumulate_neg(rhs, &rhs_grad)?;
+                        if grads.needs(lhs) {
+                            let lhs_grad = grad.div(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if grads.needs(rhs) {
+                            let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
+                            grads.accumulate_neg(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -217,12 +228,14 @@ impl Tensor {
                     }
                     Op::WhereCond(pred, t, f) => {
                         let zeros = grad.zeros_like()?;
-                        let t_sum_grad = grads.or_insert(t)?;
-                        let t_grad = pred.where_cond(&grad, &zeros)?;
-                        *t_sum_grad = t_sum_grad.add(&t_grad)?;
-                        let f_sum_grad = grads.or_insert(f)?;
-                        let f_grad = pred.where_cond(&zeros, &grad)?;
-                        *f_sum_grad = f_sum_grad.add(&f_grad)?;
+                        if grads.needs(t) {
+                            let t_grad = pred.where_cond(&grad, &zeros)?;
+                            grads.accumulate(t, &t_grad)?;
+                        }
+                        if grads.needs(f) {
+                            let f_grad = pred.where_cond(&zeros, &grad)?;
+                            grads.accumulate(f, &f_grad)?;
+                        }
                     }
                     Op::Conv1D {
                         arg,
@@ -397,13 +410,14 @@ impl Tensor {
                         crate::bail!("backward not supported for upsample_bilinear2d")
                     }
                     Op::SliceScatter0(lhs, rhs, start_rhs) => {
-                        let rhs_sum_grad = grads.or_insert(rhs)?;
-                        let rhs_grad = grad.narrow(0, *start_rhs, rhs.dim(0)?)?;
-                        *rhs_sum_grad = rhs_sum_grad.add(&rhs_grad)?;
-
-                        let lhs_sum_grad = grads.or_insert(lhs)?;
-                        let lhs_grad = grad.slice_scatter0(&rhs.zeros_like()?, *start_rhs)?;
-                        *lhs_sum_grad = lhs_sum_grad.add(&lhs_grad)?
+                        if grads.needs(rhs) {
+                            let rhs_grad = grad.narrow(0, *start_rhs, rhs.dim(0)?)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
+                        if grads.needs(lhs) {
+                            let lhs_grad = grad.slice_scatter0(&rhs.zeros_like()?, *start_rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
                     }
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -412,23 +426,31 @@ impl Tensor {
                     Op::Scatter(init, indexes, src, dim) => {
                         grads.accumulate(init, &grad)?;
 
-                        let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        if grads.needs(src) {
+                            let src_grad = grad.gather(indexes, *dim)?;
+                            grads.accumulate(src, &src_grad)?;
+                        }
                     }
                     Op::ScatterAdd(init, indexes, src, dim) => {
-                        let init_sum_grad = grads.or_insert(init)?;
-                        let mask = init.ones_like()?;
-                        let mask = mask.scatter(indexes, &mask.zeros_like()?, *dim)?;
-                        *init_sum_grad = init_sum_grad.add(&grad.mul(&mask)?)?;
+                        if grads.needs(init) {
+                            let init_sum_grad = grads.or_insert(init)?;
+                            let mask = init.ones_like()?;
+                            let mask = mask.scatter(indexes, &mask.zeros_like()?, *dim)?;
+                            *init_sum_grad = init_sum_grad.add(&grad.mul(&mask)?)?;
+                        }
 
-                        let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        if grads.needs(src) {
+                            let src_grad = grad.gather(indexes, *dim)?;
+                            grads.accumulate(src, &src_grad)?;
+                        }
                     }
                     Op::IndexAdd(init, indexes, src, dim) => {
                         grads.accumulate(init, &grad)?;
 
-                        let src_grad = grad.index_select(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        if grads.needs(src) {
+                            let src_grad = grad.index_select(indexes, *dim)?;
+                            grads.accumulate(src, &src_grad)?;
+                        }
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -440,11 +462,15 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        if grads.needs(lhs) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if grads.needs(rhs) {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -681,13 +707,17 @@ impl Tensor {
                 };
             }
         }
+        grads.1 = None;
         Ok(grads)
     }
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
+///
+/// preftune patch: during [`Tensor::backward`], the second field holds the tensors that need a
+/// gradient (those on a path to a variable); contributions to any other are dropped.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(HashMap<TensorId, Tensor>, Option<HashSet<TensorId>>);
 
 impl GradStore {
     /// Create a new gradient store
@@ -724,6 +754,9 @@ impl GradStore {
     /// as it is. Upstream adds every contribution to a fresh `zeros_like`, which costs a zeroed
     /// buffer and an extra pass over memory per gradient (about a sixth of a training step).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        if !self.needs(tensor) {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
@@ -736,8 +769,17 @@ impl GradStore {
         Ok(())
     }
 
+    /// preftune patch: whether the backward pass in progress wants `tensor`'s gradient (always,
+    /// outside one).
+    fn needs(&self, tensor: &Tensor) -> bool {
+        self.1.as_ref().is_none_or(|ids| ids.contains(&tensor.id()))
+    }
+
     /// preftune patch: [`Self::accumulate`] of `-grad`.
     fn accumulate_neg(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        if !self.needs(tensor) {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().sub(grad)?;
