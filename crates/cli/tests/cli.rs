@@ -3036,7 +3036,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "attention_bf16_products_d128",
             "attention_d128",
             "lm_head",
-            "lora_dropout_mask",
+            "lora_dropout",
             "lse_gather",
             "lse_gather_t0.7",
             "rms_norm",

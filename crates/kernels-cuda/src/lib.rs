@@ -9,7 +9,7 @@
 //! | RoPE | `rope` (backward: the same with `-sin`) | [`elementwise`] over `rows * dh / 2` |
 //! | log-softmax + gather | `lse_gather`, `lse_gather_bwd` | [`per_row`], [`elementwise`] over `rows * V` |
 //! | attention in tiles | `flash_fwd`, `flash_bwd_dq`, `flash_bwd_dkdv`, per head size | [`flash_rows`], [`flash_rows`], [`flash_keys`] |
-//! | LoRA dropout masks | `dropout_mask` (`preftune-kernels`' `rng` bits) | [`elementwise`] |
+//! | LoRA dropout | `dropout` (`preftune-kernels`' `rng` bits; its own backward) | [`elementwise`] |
 //!
 //! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64);
 //! the attention kernels for the head sizes of [`flash_head_sizes`].
@@ -74,8 +74,8 @@ pub enum Kernel {
     FlashFwdTc,
     FlashBwdDqTc,
     FlashBwdDkdvTc,
-    /// An inverted-dropout mask from a counter-based stream.
-    DropoutMask,
+    /// Inverted dropout with a mask from a counter-based stream (forward and backward).
+    Dropout,
 }
 
 impl Kernel {
@@ -95,7 +95,7 @@ impl Kernel {
             Kernel::FlashFwdTc => "flash_fwd_tc",
             Kernel::FlashBwdDqTc => "flash_bwd_dq_tc",
             Kernel::FlashBwdDkdvTc => "flash_bwd_dkdv_tc",
-            Kernel::DropoutMask => "dropout_mask",
+            Kernel::Dropout => "dropout",
         }
     }
 

@@ -33,8 +33,9 @@ extern "C" {
     );
     fn col_sum_f64(part: *const f64, out: *mut f64, parts: u32, d: u32);
     fn swiglu_fwd_f32(g: *const f32, u: *const f32, out: *mut f32, n: usize);
-    fn dropout_mask_f32(out: *mut f32, n: usize, key: u64, p: f32, keep: f32);
-    fn dropout_mask_bf16(out: *mut bf16, n: usize, key: u64, p: f32, keep: f32);
+    fn dropout_f32(x: *const f32, out: *mut f32, n: usize, key: u64, p: f32, keep: f32);
+    fn dropout_bf16(x: *const bf16, out: *mut bf16, n: usize, key: u64, p: f32, keep: f32);
+    fn dropout_f64(x: *const f64, out: *mut f64, n: usize, key: u64, p: f32, keep: f32);
     fn swiglu_bwd_f64(g: *const f64, u: *const f64, dy: *const f64, out: *mut f64, n: usize);
     fn rope_f64(
         x: *const f64,
@@ -366,34 +367,56 @@ fn rmsnorm_backward_matches_the_cpu_loop_with_any_number_of_rows_a_block() {
     }
 }
 
-/// The device's dropout masks are the CPU's, bit for bit (the same counter-based stream), over
-/// a grid smaller than the work and in bf16.
+/// The device's dropout is the CPU's, bit for bit (the same counter-based stream, the same
+/// products), over a grid smaller than the work, in bf16 and in f64.
 #[test]
-fn dropout_masks_are_the_cpus() {
+fn dropout_is_the_cpus() {
     let n = 5000;
     let key = preftune_kernels::rng::stream_key(11, 2);
     let (p_drop, keep) = (0.3f32, 1.0 / 0.7f32);
-    let mut want = vec![0f32; n];
-    preftune_kernels::rng::dropout_mask(key, 0, p_drop, keep, &mut want);
+    let mut rng = StdRng::seed_from_u64(5);
+    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0..3.0)).collect();
+    let mut want = x.clone();
+    preftune_kernels::rng::dropout(key, 0, p_drop, keep, &mut want);
     let mut out = vec![f32::NAN; n];
-    let op = pm(&mut out);
+    let (xp, op) = (p(&x), pm(&mut out));
     run!(
         Launch {
             grid: 3,
             grid_y: 1,
             block: 64
         },
-        dropout_mask_f32(op as _, n, key, p_drop, keep)
+        dropout_f32(xp as _, op as _, n, key, p_drop, keep)
     );
     assert_eq!(out, want);
+    assert!(
+        want.iter().filter(|&&v| v == 0.0).count() > n / 5,
+        "some values dropped"
+    );
+    // bf16: products in f32, rounded once, as the CPU op does.
+    let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let mut out16 = vec![bf16::ZERO; n];
-    let op = pm(&mut out16);
+    let (xp, op) = (p(&x16), pm(&mut out16));
     run!(
         elementwise(n),
-        dropout_mask_bf16(op as _, n, key, p_drop, keep)
+        dropout_bf16(xp as _, op as _, n, key, p_drop, keep)
     );
-    let want16: Vec<bf16> = want.iter().map(|&m| bf16::from_f32(m)).collect();
+    let mut want16: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
+    preftune_kernels::rng::dropout(key, 0, p_drop, keep, &mut want16);
+    let want16: Vec<bf16> = want16.iter().map(|&v| bf16::from_f32(v)).collect();
     assert_eq!(out16, want16);
+    // f64: the kept values scaled by `keep` widened to f64.
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64 * 1.000_000_1).collect();
+    let mut out64 = vec![f64::NAN; n];
+    let (xp, op) = (p(&x64), pm(&mut out64));
+    run!(
+        elementwise(n),
+        dropout_f64(xp as _, op as _, n, key, p_drop, keep)
+    );
+    for (i, (&y, &x)) in out64.iter().zip(&x64).enumerate() {
+        let kept = want[i] != 0.0;
+        assert_eq!(y, if kept { x * keep as f64 } else { 0.0 }, "value {i}");
+    }
 }
 
 #[test]

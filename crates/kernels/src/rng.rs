@@ -1,6 +1,6 @@
 //! Counter-based random numbers: value `i` of a stream is SplitMix64's output function applied to
 //! the stream's key plus `i + 1` times its increment, so values can be drawn in any order, in
-//! parallel, and on a GPU: `preftune-kernels-cuda`'s `dropout_mask` computes the same bits, so a
+//! parallel, and on a GPU: `preftune-kernels-cuda`'s `dropout` computes the same bits, so a
 //! mask drawn on the device equals the one drawn here.
 
 /// SplitMix64's increment (the golden ratio in 64 bits).
@@ -26,11 +26,12 @@ pub fn uniform(key: u64, i: u64) -> f32 {
     (h >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// An inverted-dropout mask over values `start..start + out.len()` of the stream with key `key`:
-/// 0 where the value is below `p`, `keep` elsewhere.
-pub fn dropout_mask(key: u64, start: u64, p: f32, keep: f32, out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = if uniform(key, start + j as u64) < p {
+/// Inverted dropout in place over values `start..start + xs.len()` of the stream with key `key`:
+/// `x` becomes 0 where the stream's value is below `p` (`x * 0`, so NaN stays NaN) and `x * keep`
+/// elsewhere. It is its own backward: the gradient goes through the same mask.
+pub fn dropout(key: u64, start: u64, p: f32, keep: f32, xs: &mut [f32]) {
+    for (j, x) in xs.iter_mut().enumerate() {
+        *x *= if uniform(key, start + j as u64) < p {
             0.0
         } else {
             keep
@@ -65,17 +66,22 @@ mod tests {
                 .count();
             assert!(same < 5, "{same} equal values");
         }
-        // A mask drawn in two pieces is the mask drawn at once, and drops about p.
+        // A mask drawn in two pieces is the mask drawn at once, drops about p, and scales
+        // every value it keeps by `keep` exactly.
         let (p, keep) = (0.2f32, 1.25f32);
-        let mut whole = vec![0f32; 5000];
-        dropout_mask(key, 100, p, keep, &mut whole);
-        let mut parts = vec![0f32; 5000];
+        let x: Vec<f32> = (0..5000).map(|i| i as f32 - 2500.5).collect();
+        let mut whole = x.clone();
+        dropout(key, 100, p, keep, &mut whole);
+        let mut parts = x.clone();
         let (a, b) = parts.split_at_mut(1234);
-        dropout_mask(key, 100, p, keep, a);
-        dropout_mask(key, 100 + 1234, p, keep, b);
+        dropout(key, 100, p, keep, a);
+        dropout(key, 100 + 1234, p, keep, b);
         assert_eq!(whole, parts);
         let dropped = whole.iter().filter(|&&m| m == 0.0).count() as f64 / 5000.0;
         assert!((dropped - 0.2).abs() < 0.02, "dropped {dropped}");
-        assert!(whole.iter().all(|&m| m == 0.0 || m == keep));
+        for (j, (&y, &x)) in whole.iter().zip(&x).enumerate() {
+            let dropped = uniform(key, 100 + j as u64) < p;
+            assert_eq!(y, if dropped { 0.0 } else { x * keep }, "value {j}");
+        }
     }
 }

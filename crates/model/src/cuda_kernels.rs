@@ -181,22 +181,23 @@ pub(crate) fn rms_norm_bwd(
     })
 }
 
-/// A LoRA dropout mask shaped like `x` in its dtype (`x`'s values are not read): the same bits as
-/// `preftune_kernels::rng::dropout_mask` from stream `key`.
-pub(crate) fn dropout_mask(
+/// LoRA's inverted dropout of `x` in its dtype (and of a gradient, in backward): the same bits
+/// as `preftune_kernels::rng::dropout` from stream `key`.
+pub(crate) fn dropout(
     x: &CudaStorage,
     lx: &Layout,
     key: u64,
     p: f32,
     keep: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    let op = "dropout-mask";
+    let op = "dropout";
     let n = lx.shape().elem_count();
     let dev = &x.device;
     by_dtype!(x.dtype(), op, |T| {
+        let xv = input::<T>(x, lx, op)?;
         // SAFETY: the grid-stride loop writes every element.
         let mut out = unsafe { dev.alloc::<T>(n) }?;
-        launch!(dev, Kernel::DropoutMask.name(T::KIND), kc::elementwise(n); &mut out, &n, &key, &p, &keep);
+        launch!(dev, Kernel::Dropout.name(T::KIND), kc::elementwise(n); &xv, &mut out, &n, &key, &p, &keep);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             lx.shape().clone(),

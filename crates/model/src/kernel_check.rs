@@ -276,16 +276,16 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             &mut rng,
         )?);
 
-        // LoRA dropout masks: the op's (the CUDA kernel on a GPU) against the host's, which
-        // must be the same bits.
+        // LoRA dropout, forward and gradient: the op's (the CUDA kernel on a GPU) against the
+        // host's, which must be the same bits.
         let x = input(&mut rng, &[2, 37, 1536], 1.0, dtype, dev)?;
-        let (op, host) = crate::lora::dropout_mask_both_ways(&x, 5, 0.1)?;
-        let forward = rel_diff(&op, &host)?;
+        let g = input(&mut rng, &[2, 37, 1536], 1.0, dtype, dev)?;
+        let [(y, y_host), (dx, dx_host)] = crate::lora::dropout_both_ways(&x, &g, 5, 0.1)?;
         out.push(KernelCheck::new(
-            "lora_dropout_mask",
+            "lora_dropout",
             dtype,
             dev,
-            (forward, 0.0),
+            (rel_diff(&y, &y_host)?, rel_diff(&dx, &dx_host)?),
             0.0,
         ));
 

@@ -92,8 +92,9 @@ impl DropoutRng {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
-    /// An inverted-dropout mask (`0` or `1/(1-p)`) shaped like `x`, or `None` when dropout is off.
-    fn mask(&self, x: &Tensor, p: f64) -> candle_core::Result<Option<Tensor>> {
+    /// `x` after inverted dropout (each value zeroed with probability `p`, the others scaled by
+    /// `1/(1-p)`), or `None` when dropout is off.
+    fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Option<Tensor>> {
         let key = {
             let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
             let Some(st) = guard.as_mut() else {
@@ -102,75 +103,132 @@ impl DropoutRng {
             st.drawn += 1;
             preftune_kernels::rng::stream_key(st.seed, st.drawn - 1)
         };
-        let op = DropoutMask::new(key, p);
-        if crate::kernels::cuda_kernels_apply(x.device())
-            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
-        {
-            return Ok(Some(x.apply_op1_no_bwd(&op)?));
+        let op = Dropout::new(key, p);
+        let own_op = match x.device() {
+            candle_core::Device::Cpu => true,
+            d => {
+                crate::kernels::cuda_kernels_apply(d)
+                    && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
+            }
+        };
+        if own_op {
+            // One op that is its own backward: the mask is redrawn there from the key, so no
+            // mask is kept between the passes.
+            return Ok(Some(x.contiguous()?.apply_op1(op)?));
         }
-        Ok(Some(op.on_host(x)?))
+        // A GPU without preftune's kernels: the host draws the mask and uploads it.
+        Ok(Some(x.mul(&op.mask_on_host(x)?)?))
     }
 }
 
-/// The dropout mask of stream `(seed, 0)` shaped like `x`, drawn by the op on `x`'s device and
-/// on the host (`preftune check-kernels`: on a GPU the two must be equal, bit for bit).
-pub(crate) fn dropout_mask_both_ways(
+/// LoRA dropout of stream `(seed, 0)` on `x`, and its gradient for an output gradient `g`, each
+/// computed by the op on `x`'s device and on the host (`preftune check-kernels`: on a GPU the
+/// two must be equal, bit for bit).
+pub(crate) fn dropout_both_ways(
     x: &Tensor,
+    g: &Tensor,
     seed: u64,
     p: f64,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let op = DropoutMask::new(preftune_kernels::rng::stream_key(seed, 0), p);
-    Ok((x.apply_op1_no_bwd(&op)?, op.on_host(x)?))
+) -> candle_core::Result<[(Tensor, Tensor); 2]> {
+    let op = || Dropout::new(preftune_kernels::rng::stream_key(seed, 0), p);
+    let xv = Var::from_tensor(x)?;
+    let y = xv.as_tensor().apply_op1(op())?;
+    let dx = (&y * g)?.sum_all()?.backward()?;
+    let dx = dx
+        .get(xv.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("dropout: no gradient".into()))?
+        .clone();
+    let cpu = candle_core::Device::Cpu;
+    let on_host = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.to_device(&cpu)?
+            .apply_op1_no_bwd(&op())?
+            .to_device(x.device())
+    };
+    Ok([(y.detach(), on_host(x)?), (dx, on_host(g)?)])
 }
 
-/// A dropout mask shaped like its input (whose values it ignores), from one stream.
-struct DropoutMask {
+/// Inverted dropout with the mask of one stream: its own backward (the gradient goes through the
+/// same mask, redrawn), on the CPU and, with preftune's kernels, on a GPU.
+struct Dropout {
     key: u64,
     p: f32,
     keep: f32,
 }
 
-impl DropoutMask {
+impl Dropout {
     /// Dropping a value with probability `p`, the others scaled by `1 / (1 - p)`.
     fn new(key: u64, p: f64) -> Self {
-        DropoutMask {
+        Dropout {
             key,
             p: p as f32,
             keep: (1.0 / (1.0 - p)) as f32,
         }
     }
 
-    /// The first `n` values of the mask in f32, in parallel pieces (each knows where in the
-    /// stream it starts).
-    fn values(&self, n: usize) -> Vec<f32> {
+    /// Applies the mask to `xs`, the stream's first values, in parallel pieces (each knows where
+    /// in the stream it starts).
+    fn apply_f32(&self, xs: &mut [f32]) {
         use rayon::prelude::*;
         const PIECE: usize = 1 << 14;
-        let mut m = vec![0f32; n];
-        m.par_chunks_mut(PIECE).enumerate().for_each(|(c, piece)| {
+        xs.par_chunks_mut(PIECE).enumerate().for_each(|(c, piece)| {
             let start = (c * PIECE) as u64;
-            preftune_kernels::rng::dropout_mask(self.key, start, self.p, self.keep, piece)
+            preftune_kernels::rng::dropout(self.key, start, self.p, self.keep, piece)
         });
-        m
     }
 
     /// The mask shaped like `x`, drawn on the host and moved to `x`'s device and dtype.
-    fn on_host(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(self.values(x.elem_count()), x.shape(), x.device())?.to_dtype(x.dtype())
+    fn mask_on_host(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut m = vec![1f32; x.elem_count()];
+        self.apply_f32(&mut m);
+        Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
     }
 }
 
-impl candle_core::CustomOp1 for DropoutMask {
+impl candle_core::CustomOp1 for Dropout {
     fn name(&self) -> &'static str {
-        "lora-dropout-mask"
+        "lora-dropout"
     }
 
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
+        s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let m = self.values(l.shape().elem_count());
-        Ok((candle_core::CpuStorage::F32(m), l.shape().clone()))
+        use crate::kernels::slice;
+        use candle_core::CpuStorage as S;
+        let op = self.name();
+        let out = match s {
+            S::F32(_) => {
+                let mut v = slice::<f32>(s, l, op)?.to_vec();
+                self.apply_f32(&mut v);
+                S::F32(v)
+            }
+            S::BF16(_) => {
+                let mut v: Vec<f32> = slice::<half::bf16>(s, l, op)?
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                self.apply_f32(&mut v);
+                S::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+            }
+            S::F16(_) => {
+                let mut v: Vec<f32> = slice::<half::f16>(s, l, op)?
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                self.apply_f32(&mut v);
+                S::F16(v.into_iter().map(half::f16::from_f32).collect())
+            }
+            S::F64(_) => {
+                // The kept values scaled by `keep` widened to f64, as the CUDA kernel does.
+                let x = slice::<f64>(s, l, op)?;
+                let mut m = vec![1f32; x.len()];
+                self.apply_f32(&mut m);
+                S::F64(x.iter().zip(m).map(|(&x, m)| x * m as f64).collect())
+            }
+            _ => candle_core::bail!("{op}: float input expected"),
+        };
+        Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -179,7 +237,11 @@ impl candle_core::CustomOp1 for DropoutMask {
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        crate::cuda_kernels::dropout_mask(s, l, self.key, self.p, self.keep)
+        crate::cuda_kernels::dropout(s, l, self.key, self.p, self.keep)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 
@@ -196,11 +258,11 @@ impl LoraAdapter {
     /// `scale * B A dropout(x)` for `x: [N, in]`.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = match (self.dropout > 0.0)
-            .then(|| self.rng.mask(x, self.dropout))
+            .then(|| self.rng.apply(x, self.dropout))
             .transpose()?
             .flatten()
         {
-            Some(m) => x.mul(&m)?,
+            Some(dropped) => dropped,
             None => x.clone(),
         };
         x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
@@ -772,6 +834,50 @@ mod tests {
             Some(vec![1])
         );
         assert!(max_diff(&logits(&back, &IDS), &logits(&m, &IDS)) < 1e-5);
+    }
+
+    /// The dropout op is `x * mask` in every dtype, and its gradient `g * mask` (the mask drawn
+    /// again in backward), with about `p` of the values dropped.
+    #[test]
+    fn dropout_op_multiplies_by_its_mask_both_ways() {
+        let dev = Device::Cpu;
+        let key = preftune_kernels::rng::stream_key(3, 1);
+        let x = Tensor::randn(0f32, 1.0, (3, 4000), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (3, 4000), &dev).unwrap();
+        let mask = Dropout::new(key, 0.3).mask_on_host(&x).unwrap();
+        let m: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
+        let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+        assert!((dropped - 0.3).abs() < 0.02, "dropped {dropped}");
+        assert!(m.iter().all(|&v| v == 0.0 || v == (1.0 / 0.7f64) as f32));
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            let (x, g) = (x.to_dtype(dtype).unwrap(), g.to_dtype(dtype).unwrap());
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = xv.as_tensor().apply_op1(Dropout::new(key, 0.3)).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(xv.as_tensor()).unwrap();
+            let f64s = |t: &Tensor| -> Vec<f64> {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            // Products in f32 (f64 for f64), rounded once to the dtype: bf16 keeps no rounded
+            // copy of the scale.
+            let want = |t: &Tensor| {
+                let sum = if dtype == DType::F64 {
+                    dtype
+                } else {
+                    DType::F32
+                };
+                let m = mask.to_dtype(sum).unwrap();
+                let t = t.to_dtype(sum).unwrap().mul(&m).unwrap();
+                f64s(&t.to_dtype(dtype).unwrap())
+            };
+            assert_eq!(f64s(&y), want(&x), "{dtype:?} forward");
+            assert_eq!(f64s(dx), want(&g), "{dtype:?} gradient");
+        }
     }
 
     #[test]
