@@ -739,7 +739,7 @@ impl CustomOp3 for AttnUntracked {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ops;
     use candle_core::{Device, Storage, Var};
@@ -769,7 +769,8 @@ mod tests {
         (out, gs)
     }
 
-    fn flat(t: &Tensor) -> Vec<f64> {
+    /// A tensor's values as f64, flattened.
+    pub(crate) fn flat(t: &Tensor) -> Vec<f64> {
         t.to_dtype(DType::F64)
             .unwrap()
             .flatten_all()

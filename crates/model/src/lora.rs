@@ -176,6 +176,13 @@ impl Dropout {
         });
     }
 
+    /// `xs` after dropout, scaled in f32 and rounded once.
+    fn via_f32<T: candle_core::WithDType>(&self, xs: &[T]) -> Vec<T> {
+        let mut v: Vec<f32> = xs.iter().map(|x| x.to_f64() as f32).collect();
+        self.apply_f32(&mut v);
+        v.into_iter().map(|x| T::from_f64(x as f64)).collect()
+    }
+
     /// The mask shaped like `x`, drawn on the host and moved to `x`'s device and dtype.
     fn mask_on_host(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut m = vec![1f32; x.elem_count()];
@@ -203,22 +210,8 @@ impl candle_core::CustomOp1 for Dropout {
                 self.apply_f32(&mut v);
                 S::F32(v)
             }
-            S::BF16(_) => {
-                let mut v: Vec<f32> = slice::<half::bf16>(s, l, op)?
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
-                self.apply_f32(&mut v);
-                S::BF16(v.into_iter().map(half::bf16::from_f32).collect())
-            }
-            S::F16(_) => {
-                let mut v: Vec<f32> = slice::<half::f16>(s, l, op)?
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
-                self.apply_f32(&mut v);
-                S::F16(v.into_iter().map(half::f16::from_f32).collect())
-            }
+            S::BF16(_) => S::BF16(self.via_f32(slice(s, l, op)?)),
+            S::F16(_) => S::F16(self.via_f32(slice(s, l, op)?)),
             S::F64(_) => {
                 // The kept values scaled by `keep` widened to f64, as the CUDA kernel does.
                 let x = slice::<f64>(s, l, op)?;
@@ -582,6 +575,7 @@ pub const SCORE_KEY: &str = "base_model.model.score.weight";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::flat as f64s;
     use crate::{LoadOptions, Pretrained};
     use candle_core::Device;
 
@@ -855,14 +849,6 @@ mod tests {
             let y = xv.as_tensor().apply_op1(Dropout::new(key, 0.3)).unwrap();
             let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let dx = grads.get(xv.as_tensor()).unwrap();
-            let f64s = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
             // Products in f32 (f64 for f64), rounded once to the dtype: bf16 keeps no rounded
             // copy of the scale.
             let want = |t: &Tensor| {
