@@ -30,6 +30,27 @@ pub fn uniform(key: u64, i: u64) -> f32 {
 /// `x` becomes 0 where the stream's value is below `p` (`x * 0`, so NaN stays NaN) and `x * keep`
 /// elsewhere. It is its own backward: the gradient goes through the same mask.
 pub fn dropout(key: u64, start: u64, p: f32, keep: f32, xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has the features the function is compiled for, checked just above.
+        return unsafe { dropout_avx512(key, start, p, keep, xs) };
+    }
+    dropout_loop(key, start, p, keep, xs)
+}
+
+/// [`dropout`]'s loop compiled with AVX-512 (64-bit multiplies and u64 -> f32 conversions in
+/// vectors): the same bits, several times faster.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX-512DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn dropout_avx512(key: u64, start: u64, p: f32, keep: f32, xs: &mut [f32]) {
+    dropout_loop(key, start, p, keep, xs)
+}
+
+#[inline(always)]
+fn dropout_loop(key: u64, start: u64, p: f32, keep: f32, xs: &mut [f32]) {
     for (j, x) in xs.iter_mut().enumerate() {
         *x *= if uniform(key, start + j as u64) < p {
             0.0
@@ -83,5 +104,9 @@ mod tests {
             let dropped = uniform(key, 100 + j as u64) < p;
             assert_eq!(y, if dropped { 0.0 } else { x * keep }, "value {j}");
         }
+        // The vectorised loop (where the CPU has it) draws the scalar one's bits.
+        let mut scalar = x.clone();
+        dropout_loop(key, 100, p, keep, &mut scalar);
+        assert_eq!(whole, scalar);
     }
 }
