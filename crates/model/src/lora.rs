@@ -92,33 +92,31 @@ impl DropoutRng {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
-    /// `x` after inverted dropout (each value zeroed with probability `p`, the others scaled by
-    /// `1/(1-p)`), or `None` when dropout is off.
-    fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Option<Tensor>> {
-        let key = {
-            let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(st) = guard.as_mut() else {
-                return Ok(None);
-            };
-            st.drawn += 1;
-            preftune_kernels::rng::stream_key(st.seed, st.drawn - 1)
-        };
-        let op = Dropout::new(key, p);
-        let own_op = match x.device() {
-            candle_core::Device::Cpu => true,
-            d => {
-                crate::kernels::cuda_kernels_apply(d)
-                    && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
-            }
-        };
-        if own_op {
-            // One op that is its own backward: the mask is redrawn there from the key, so no
-            // mask is kept between the passes.
-            return Ok(Some(x.contiguous()?.apply_op1(op)?));
-        }
-        // A GPU without preftune's kernels: the host draws the mask and uploads it.
-        Ok(Some(x.mul(&op.mask_on_host(x)?)?))
+    /// The key of the next mask, or `None` when dropout is off.
+    fn next_key(&self) -> Option<u64> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let st = guard.as_mut()?;
+        st.drawn += 1;
+        Some(preftune_kernels::rng::stream_key(st.seed, st.drawn - 1))
     }
+}
+
+/// `x` after inverted dropout with the mask of `op`.
+fn dropout(x: &Tensor, op: Dropout) -> candle_core::Result<Tensor> {
+    let own_op = match x.device() {
+        candle_core::Device::Cpu => true,
+        d => {
+            crate::kernels::cuda_kernels_apply(d)
+                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
+        }
+    };
+    if own_op {
+        // One op that is its own backward: the mask is redrawn there from the key, so no mask
+        // is kept between the passes.
+        return x.contiguous()?.apply_op1(op);
+    }
+    // A GPU without preftune's kernels: the host draws the mask and uploads it.
+    x.mul(&op.mask_on_host(x)?)
 }
 
 /// LoRA dropout of stream `(seed, 0)` on `x`, and its gradient for an output gradient `g`, each
@@ -149,6 +147,7 @@ pub(crate) fn dropout_both_ways(
 
 /// Inverted dropout with the mask of one stream: its own backward (the gradient goes through the
 /// same mask, redrawn), on the CPU and, with preftune's kernels, on a GPU.
+#[derive(Clone, Copy)]
 struct Dropout {
     key: u64,
     p: f32,
@@ -250,15 +249,91 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// `scale * B A dropout(x)` for `x: [N, in]`.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = match (self.dropout > 0.0)
-            .then(|| self.rng.apply(x, self.dropout))
-            .transpose()?
+        let drop = (self.dropout > 0.0)
+            .then(|| self.rng.next_key())
             .flatten()
-        {
-            Some(dropped) => dropped,
+            .map(|key| Dropout::new(key, self.dropout));
+        let tracked = x.track_op() || self.a.track_op() || self.b.track_op();
+        if tracked && x.device().is_cpu() {
+            return x.apply_op3(
+                &self.a,
+                &self.b,
+                LoraDelta {
+                    x: x.detach(),
+                    a: self.a.detach(),
+                    b: self.b.detach(),
+                    scale: self.scale,
+                    drop,
+                },
+            );
+        }
+        let x = match drop {
+            Some(op) => dropout(x, op)?,
             None => x.clone(),
         };
         x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+}
+
+/// `scale * B A dropout(x)` as one op for training: the composed ops would keep the dropped
+/// input, `A x` and `B A x` of every adapted linear from forward to backward (a third of a LoRA
+/// step's activations with adapters on all linears); backward recomputes the dropped input (the
+/// mask from its key) and `A x` instead, `[N, r]` products cheap next to the base weight's.
+struct LoraDelta {
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    drop: Option<Dropout>,
+}
+
+impl LoraDelta {
+    fn dropped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.drop {
+            Some(op) => t.contiguous()?.apply_op1_no_bwd(op),
+            None => Ok(t.clone()),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraDelta {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let xd = self.dropped(&self.x)?;
+        let y = (xd.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
+        crate::ops::cpu_output(&y, self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let xd = self.dropped(&self.x)?;
+        let h = xd.matmul(&self.a.t()?)?;
+        let gs = (grad.detach() * self.scale)?;
+        let dh = gs.matmul(&self.b)?;
+        let db = b.track_op().then(|| gs.t()?.matmul(&h)).transpose()?;
+        let da = a.track_op().then(|| dh.t()?.matmul(&xd)).transpose()?;
+        let dx = x
+            .track_op()
+            .then(|| self.dropped(&dh.matmul(&self.a)?))
+            .transpose()?;
+        Ok((dx, da, db))
     }
 }
 
@@ -863,6 +938,75 @@ mod tests {
             };
             assert_eq!(f64s(&y), want(&x), "{dtype:?} forward");
             assert_eq!(f64s(dx), want(&g), "{dtype:?} gradient");
+        }
+    }
+
+    /// The fused delta (what training runs) against the composed ops it replaces, with and
+    /// without dropout: the same output and the same gradients for `x`, `A` and `B`.
+    #[test]
+    fn fused_delta_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let var = |shape: (usize, usize)| {
+            Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, a, b) = (var((7, 24)), var((4, 24)), var((10, 4)));
+        let g = Tensor::randn(0f64, 1.0, (7, 10), &dev).unwrap();
+        for p in [0.0, 0.3] {
+            let adapter = LoraAdapter {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 2.0,
+                dropout: p,
+                rng: DropoutRng::default(),
+            };
+            adapter.rng.set_seed(Some(9));
+            let fused = adapter.delta(x.as_tensor()).unwrap();
+            adapter.rng.set_seed(Some(9));
+            let key = adapter.rng.next_key().unwrap();
+            let xd = match p > 0.0 {
+                true => x.as_tensor().apply_op1(Dropout::new(key, p)).unwrap(),
+                false => x.as_tensor().clone(),
+            };
+            let composed = (xd
+                .matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap()
+                * 2.0)
+                .unwrap();
+            let close = |u: &Tensor, v: &Tensor, what: &str| {
+                let (u, v) = (f64s(u), f64s(v));
+                let d = u
+                    .iter()
+                    .zip(&v)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(d < 1e-12, "p={p} {what}: {d}");
+            };
+            close(&fused, &composed, "output");
+            let gf = (&fused * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (t, what) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
+                close(
+                    gf.get(t.as_tensor()).unwrap(),
+                    gc.get(t.as_tensor()).unwrap(),
+                    what,
+                );
+            }
+            if p > 0.0 {
+                let dx = f64s(gf.get(x.as_tensor()).unwrap());
+                assert!(dx.iter().filter(|&&v| v == 0.0).count() > 20, "masked rows");
+            }
         }
     }
 

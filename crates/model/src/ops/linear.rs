@@ -200,7 +200,7 @@ impl CustomOp1 for FrozenMatmul {
 }
 
 /// A product computed with tensor ops inside a custom op's forward, as the op's output storage.
-pub(super) fn cpu_output(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_output(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
     let y = y.contiguous()?;
     let (storage, layout) = y.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
