@@ -239,6 +239,9 @@ want steps && has smollm2-135m && steps_for smollm2-135m
 if want kernels && has smollm2-135m; then
     KERNELS=1 check step-sft-kernels-smollm2-135m step_pair sft smollm2-135m --set max_length=128
     KERNELS=1 check step-dpo-kernels-smollm2-135m step_pair dpo smollm2-135m
+    # LoRA on every linear with dropout: the fused delta and the dropout kernel on the GPU.
+    KERNELS=1 check step-dpo-lora-kernels-smollm2-135m step_pair dpo smollm2-135m \
+        --set use_peft=true --set 'lora_target_modules=["all-linear"]' --set lora_dropout=0.1
 fi
 want dpo-run && has smollm2-135m && check dpo-run dpo_run
 want steps && has smollm2-135m && check copies-smollm2-135m copies smollm2-135m

@@ -370,6 +370,17 @@ pub(crate) fn lse_gather_bwd(
     })
 }
 
+/// A value computed with tensor ops inside a custom op's forward (as `ops::cpu_output` on the
+/// CPU), as the op's output storage: a device copy of its buffer.
+pub(crate) fn gpu_output(y: &candle_core::Tensor, op: &str) -> Result<(CudaStorage, Shape)> {
+    let y = y.contiguous()?;
+    let (st, l) = y.storage_and_layout();
+    if l.start_offset() != 0 {
+        return Err(Error::Msg(format!("{op}: unexpected output layout")));
+    }
+    Ok((on_gpu(&st, op)?.try_clone(l)?, y.shape().clone()))
+}
+
 /// The CUDA storage of a tensor an op keeps for later (a mask, an output, its gradient, a
 /// log-sum-exp), or an error naming `op` if it is elsewhere.
 pub(crate) fn on_gpu<'a>(st: &'a candle_core::Storage, op: &str) -> Result<&'a CudaStorage> {

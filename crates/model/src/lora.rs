@@ -254,7 +254,15 @@ impl LoraAdapter {
             .flatten()
             .map(|key| Dropout::new(key, self.dropout));
         let tracked = x.track_op() || self.a.track_op() || self.b.track_op();
-        if tracked && x.device().is_cpu() {
+        let fused = match x.device() {
+            candle_core::Device::Cpu => true,
+            // Its dropout is the CUDA kernel's.
+            d => {
+                crate::kernels::cuda_kernels_apply(d)
+                    && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
+            }
+        };
+        if tracked && fused {
             return x.apply_op3(
                 &self.a,
                 &self.b,
@@ -279,6 +287,7 @@ impl LoraAdapter {
 /// input, `A x` and `B A x` of every adapted linear from forward to backward (a third of a LoRA
 /// step's activations with adapters on all linears); backward recomputes the dropped input (the
 /// mask from its key) and `A x` instead, `[N, r]` products cheap next to the base weight's.
+/// On the CPU, and on a GPU with preftune's kernels (whose dropout it uses).
 struct LoraDelta {
     x: Tensor,
     a: Tensor,
@@ -288,6 +297,12 @@ struct LoraDelta {
 }
 
 impl LoraDelta {
+    /// The op's output, from the detached operands.
+    fn value(&self) -> candle_core::Result<Tensor> {
+        let xd = self.dropped(&self.x)?;
+        xd.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+    }
+
     fn dropped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         match &self.drop {
             Some(op) => t.contiguous()?.apply_op1_no_bwd(op),
@@ -310,9 +325,20 @@ impl candle_core::CustomOp3 for LoraDelta {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let xd = self.dropped(&self.x)?;
-        let y = (xd.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
-        crate::ops::cpu_output(&y, self.name())
+        crate::ops::cpu_output(&self.value()?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        crate::cuda_kernels::gpu_output(&self.value()?, self.name())
     }
 
     fn bwd(
