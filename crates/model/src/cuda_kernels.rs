@@ -375,10 +375,18 @@ pub(crate) fn lse_gather_bwd(
 pub(crate) fn gpu_output(y: &candle_core::Tensor, op: &str) -> Result<(CudaStorage, Shape)> {
     let y = y.contiguous()?;
     let (st, l) = y.storage_and_layout();
-    if l.start_offset() != 0 {
+    let s = on_gpu(&st, op)?;
+    // `try_clone` copies the whole buffer: it must be exactly the value.
+    let len = match s.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.len(),
+        DType::BF16 => s.as_cuda_slice::<bf16>()?.len(),
+        DType::F64 => s.as_cuda_slice::<f64>()?.len(),
+        _ => 0,
+    };
+    if l.start_offset() != 0 || len != y.elem_count() {
         return Err(Error::Msg(format!("{op}: unexpected output layout")));
     }
-    Ok((on_gpu(&st, op)?.try_clone(l)?, y.shape().clone()))
+    Ok((s.try_clone(l)?, y.shape().clone()))
 }
 
 /// The CUDA storage of a tensor an op keeps for later (a mask, an output, its gradient, a

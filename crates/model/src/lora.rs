@@ -349,12 +349,20 @@ impl candle_core::CustomOp3 for LoraDelta {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let xd = self.dropped(&self.x)?;
-        let h = xd.matmul(&self.a.t()?)?;
         let gs = (grad.detach() * self.scale)?;
         let dh = gs.matmul(&self.b)?;
-        let db = b.track_op().then(|| gs.t()?.matmul(&h)).transpose()?;
-        let da = a.track_op().then(|| dh.t()?.matmul(&xd)).transpose()?;
+        // The dropped input and `A x` only for the adapters' own gradients (frozen adapters
+        // pass the gradient through to `x` alone).
+        let (da, db) = match a.track_op() || b.track_op() {
+            true => {
+                let xd = self.dropped(&self.x)?;
+                let h = xd.matmul(&self.a.t()?)?;
+                let db = b.track_op().then(|| gs.t()?.matmul(&h)).transpose()?;
+                let da = a.track_op().then(|| dh.t()?.matmul(&xd)).transpose()?;
+                (da, db)
+            }
+            false => (None, None),
+        };
         let dx = x
             .track_op()
             .then(|| self.dropped(&dh.matmul(&self.a)?))
@@ -1034,6 +1042,46 @@ mod tests {
                 assert!(dx.iter().filter(|&&v| v == 0.0).count() > 20, "masked rows");
             }
         }
+        // Frozen adapters (a merged or loaded adapter under a trained layer): only `x` gets a
+        // gradient, the composed ops' one.
+        let frozen = LoraAdapter {
+            a: a.as_tensor().detach(),
+            b: b.as_tensor().detach(),
+            scale: 2.0,
+            dropout: 0.3,
+            rng: DropoutRng::default(),
+        };
+        frozen.rng.set_seed(Some(4));
+        let fused = frozen.delta(x.as_tensor()).unwrap();
+        let gf = (&fused * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        frozen.rng.set_seed(Some(4));
+        let key = frozen.rng.next_key().unwrap();
+        let xd = x.as_tensor().apply_op1(Dropout::new(key, 0.3)).unwrap();
+        let composed = (xd.matmul(&frozen.a.t().unwrap()).unwrap())
+            .matmul(&frozen.b.t().unwrap())
+            .unwrap();
+        let gc = ((composed * 2.0).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (df, dc) = (
+            f64s(gf.get(x.as_tensor()).unwrap()),
+            f64s(gc.get(x.as_tensor()).unwrap()),
+        );
+        let d = df
+            .iter()
+            .zip(&dc)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-12, "frozen dx: {d}");
+        assert_eq!(gf.get_ids().count(), 1, "only x keeps a gradient");
     }
 
     #[test]

@@ -220,11 +220,15 @@ impl Tensor {
 
                         // If both masks are 1 one the same point, we want to scale the
                         // gradient by 0.5 rather than 1.
-                        let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        if grads.needs(lhs) {
+                            let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
 
-                        let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if grads.needs(rhs) {
+                            let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::WhereCond(pred, t, f) => {
                         let zeros = grad.zeros_like()?;
@@ -715,7 +719,8 @@ impl Tensor {
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 ///
 /// preftune patch: during [`Tensor::backward`], the second field holds the tensors that need a
-/// gradient (those on a path to a variable); contributions to any other are dropped.
+/// gradient (those on a path to a variable); contributions to any other through `accumulate` are
+/// dropped (the convolutions' kernel gradients, which go through `or_insert`, are not filtered).
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>, Option<HashSet<TensorId>>);
 
