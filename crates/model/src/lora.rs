@@ -101,16 +101,21 @@ impl DropoutRng {
     }
 }
 
-/// `x` after inverted dropout with the mask of `op`.
-fn dropout(x: &Tensor, op: Dropout) -> candle_core::Result<Tensor> {
-    let own_op = match x.device() {
+/// Whether LoRA's own ops ([`Dropout`], [`LoraDelta`]) run on `x`: on the CPU, and on a GPU with
+/// preftune's kernels (the CUDA `dropout` kernel) in the dtypes it is built for.
+fn own_ops(x: &Tensor) -> bool {
+    match x.device() {
         candle_core::Device::Cpu => true,
         d => {
             crate::kernels::cuda_kernels_apply(d)
                 && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
         }
-    };
-    if own_op {
+    }
+}
+
+/// `x` after inverted dropout with the mask of `op`.
+fn dropout(x: &Tensor, op: Dropout) -> candle_core::Result<Tensor> {
+    if own_ops(x) {
         // One op that is its own backward: the mask is redrawn there from the key, so no mask
         // is kept between the passes.
         return x.contiguous()?.apply_op1(op);
@@ -182,11 +187,17 @@ impl Dropout {
         v.into_iter().map(|x| T::from_f64(x as f64)).collect()
     }
 
+    /// The first `n` values of the mask (`0` or `keep`), in f32.
+    fn mask_values(&self, n: usize) -> Vec<f32> {
+        let mut m = vec![1f32; n];
+        self.apply_f32(&mut m);
+        m
+    }
+
     /// The mask shaped like `x`, drawn on the host and moved to `x`'s device and dtype.
     fn mask_on_host(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut m = vec![1f32; x.elem_count()];
-        self.apply_f32(&mut m);
-        Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
+        Tensor::from_vec(self.mask_values(x.elem_count()), x.shape(), x.device())?
+            .to_dtype(x.dtype())
     }
 }
 
@@ -214,8 +225,7 @@ impl candle_core::CustomOp1 for Dropout {
             S::F64(_) => {
                 // The kept values scaled by `keep` widened to f64, as the CUDA kernel does.
                 let x = slice::<f64>(s, l, op)?;
-                let mut m = vec![1f32; x.len()];
-                self.apply_f32(&mut m);
+                let m = self.mask_values(x.len());
                 S::F64(x.iter().zip(m).map(|(&x, m)| x * m as f64).collect())
             }
             _ => candle_core::bail!("{op}: float input expected"),
@@ -254,15 +264,7 @@ impl LoraAdapter {
             .flatten()
             .map(|key| Dropout::new(key, self.dropout));
         let tracked = x.track_op() || self.a.track_op() || self.b.track_op();
-        let fused = match x.device() {
-            candle_core::Device::Cpu => true,
-            // Its dropout is the CUDA kernel's.
-            d => {
-                crate::kernels::cuda_kernels_apply(d)
-                    && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F64)
-            }
-        };
-        if tracked && fused {
+        if tracked && own_ops(x) {
             return x.apply_op3(
                 &self.a,
                 &self.b,
@@ -287,7 +289,7 @@ impl LoraAdapter {
 /// input, `A x` and `B A x` of every adapted linear from forward to backward (a third of a LoRA
 /// step's activations with adapters on all linears); backward recomputes the dropped input (the
 /// mask from its key) and `A x` instead, `[N, r]` products cheap next to the base weight's.
-/// On the CPU, and on a GPU with preftune's kernels (whose dropout it uses).
+/// Where [`own_ops`] applies.
 struct LoraDelta {
     x: Tensor,
     a: Tensor,
@@ -976,7 +978,9 @@ mod tests {
     }
 
     /// The fused delta (what training runs) against the composed ops it replaces, with and
-    /// without dropout: the same output and the same gradients for `x`, `A` and `B`.
+    /// without dropout, with trained and with frozen adapters (a loaded adapter under a trained
+    /// layer): the same output and the same gradients for `x`, `A` and `B`, and none kept for
+    /// frozen adapters.
     #[test]
     fn fused_delta_matches_the_composed_ops() {
         let dev = Device::Cpu;
@@ -985,10 +989,15 @@ mod tests {
         };
         let (x, a, b) = (var((7, 24)), var((4, 24)), var((10, 4)));
         let g = Tensor::randn(0f64, 1.0, (7, 10), &dev).unwrap();
-        for p in [0.0, 0.3] {
+        let backward = |y: &Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (p, trained) in [(0.0, true), (0.3, true), (0.3, false)] {
+            let own = |v: &Var| match trained {
+                true => v.as_tensor().clone(),
+                false => v.as_tensor().detach(),
+            };
             let adapter = LoraAdapter {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
+                a: own(&a),
+                b: own(&b),
                 scale: 2.0,
                 dropout: p,
                 rng: DropoutRng::default(),
@@ -1002,9 +1011,9 @@ mod tests {
                 false => x.as_tensor().clone(),
             };
             let composed = (xd
-                .matmul(&a.as_tensor().t().unwrap())
+                .matmul(&adapter.a.t().unwrap())
                 .unwrap()
-                .matmul(&b.as_tensor().t().unwrap())
+                .matmul(&adapter.b.t().unwrap())
                 .unwrap()
                 * 2.0)
                 .unwrap();
@@ -1015,73 +1024,27 @@ mod tests {
                     .zip(&v)
                     .map(|(p, q)| (p - q).abs())
                     .fold(0.0, f64::max);
-                assert!(d < 1e-12, "p={p} {what}: {d}");
+                assert!(d < 1e-12, "p={p} trained={trained} {what}: {d}");
             };
             close(&fused, &composed, "output");
-            let gf = (&fused * &g)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (&composed * &g)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (t, what) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
+            let (gf, gc) = (backward(&fused), backward(&composed));
+            let wanted = match trained {
+                true => &[(&x, "dx"), (&a, "dA"), (&b, "dB")][..],
+                false => &[(&x, "dx")][..],
+            };
+            for (t, what) in wanted {
                 close(
                     gf.get(t.as_tensor()).unwrap(),
                     gc.get(t.as_tensor()).unwrap(),
                     what,
                 );
             }
+            assert_eq!(gf.get_ids().count(), wanted.len(), "only these keep one");
             if p > 0.0 {
                 let dx = f64s(gf.get(x.as_tensor()).unwrap());
                 assert!(dx.iter().filter(|&&v| v == 0.0).count() > 20, "masked rows");
             }
         }
-        // Frozen adapters (a merged or loaded adapter under a trained layer): only `x` gets a
-        // gradient, the composed ops' one.
-        let frozen = LoraAdapter {
-            a: a.as_tensor().detach(),
-            b: b.as_tensor().detach(),
-            scale: 2.0,
-            dropout: 0.3,
-            rng: DropoutRng::default(),
-        };
-        frozen.rng.set_seed(Some(4));
-        let fused = frozen.delta(x.as_tensor()).unwrap();
-        let gf = (&fused * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        frozen.rng.set_seed(Some(4));
-        let key = frozen.rng.next_key().unwrap();
-        let xd = x.as_tensor().apply_op1(Dropout::new(key, 0.3)).unwrap();
-        let composed = (xd.matmul(&frozen.a.t().unwrap()).unwrap())
-            .matmul(&frozen.b.t().unwrap())
-            .unwrap();
-        let gc = ((composed * 2.0).unwrap() * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (df, dc) = (
-            f64s(gf.get(x.as_tensor()).unwrap()),
-            f64s(gc.get(x.as_tensor()).unwrap()),
-        );
-        let d = df
-            .iter()
-            .zip(&dc)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f64::max);
-        assert!(d < 1e-12, "frozen dx: {d}");
-        assert_eq!(gf.get_ids().count(), 1, "only x keeps a gradient");
     }
 
     #[test]
