@@ -1,4 +1,6 @@
 //! Shared by the kernel micro-benchmarks: a median of timed repetitions, printed as one JSON line.
+// Each bench includes this module and uses some of it.
+#![allow(dead_code)]
 use std::time::Instant;
 
 /// Runs `f` once to warm up, then `reps` times; returns the median seconds per call.
