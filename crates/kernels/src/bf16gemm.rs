@@ -1084,9 +1084,12 @@ mod tests {
             (64, 32, 32),
             (100, 17, 129),
             (5, 300, 64),
-            // 16 rows in a block (one row tile, the other skipped), alone and after a full one.
+            // 16 rows in a block (one row tile, the other skipped), alone and after a full one,
+            // and 17 (both tiles).
             (16, 40, 96),
             (48, 33, 64),
+            (17, 40, 96),
+            (49, 33, 64),
             // Enough work for two threads: a few rows split by columns, many rows by rows.
             (4, 530, 1100),
             (70, 530, 600),

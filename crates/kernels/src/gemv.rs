@@ -6,10 +6,11 @@
 //! traffic than the multiply itself. These kernels read each weight row once, from where it lies:
 //! - up to 7 rows (AVX-512) or 12 (AVX2), the row-dot kernels dot each weight row with every `x`
 //!   row while it is in L1, and sum each dot product's lanes at the end;
-//! - from 8 rows on AVX-512, the k-major kernel ([`kmajor`]) holds `x` column by column and
-//!   broadcasts four weights at a time into all rows at once: no horizontal sums, one load of
-//!   weights per four FMAs of 16 lanes. At 16 rows it reaches about 135 GFLOP/s in sampling,
-//!   close to streaming the weights at this machine's bandwidth.
+//! - from 8 rows on AVX-512, the k-major kernel ([`kmajor`]) holds `x` column by column (four
+//!   rows of four columns a vector) and broadcasts four weights at a time into all rows at once:
+//!   no horizontal sums, one load of weights per `rows / 4` FMAs of 16 lanes. At 16 rows it
+//!   reaches about 135 GFLOP/s in sampling, streaming the weights at 17 GB/s where a plain read
+//!   of them runs at 22-25 (BENCHMARKS.md, "Few-row f32 products").
 //!
 //! AVX2 + FMA at least; callers fall back to candle otherwise. Inference only: no backward.
 
@@ -440,7 +441,7 @@ impl Out {
     /// The same output, starting at column `o0`.
     ///
     /// # Safety
-    /// `o0` must be a column of the output (`o0 < n`).
+    /// `o0` must be within row 0 of the output (`o0 <= n`).
     unsafe fn at(self, o0: usize) -> Out {
         // SAFETY: the caller keeps `o0` within row 0 of `y`.
         let y = unsafe { self.y.add(o0) };
@@ -517,7 +518,8 @@ unsafe fn kmajor_any(p: &Packed, m: usize, w: &[f32], k: usize, out: &mut [f32])
             3 => kmajor::<3, 8>(a, out),
             4 => kmajor::<4, 6>(a, out),
             6 => kmajor::<6, 4>(a, out),
-            _ => kmajor::<8, 3>(a, out),
+            8 => kmajor::<8, 3>(a, out),
+            v => unreachable!("kmajor_vectors gives no {v}"),
         }
     }
 }
@@ -646,6 +648,11 @@ unsafe fn kmajor<const V: usize, const R: usize>(a: Args, out: &mut [f32]) {
                     continue;
                 }
                 for (c, v) in acc_i.iter().enumerate() {
+                    // A vector past the chunk's rows (`kmajor_vectors` rounds 5 up to 6 and 7
+                    // up to 8) stores nothing, and its place may lie past the end of `out`.
+                    if masks[c] == 0 {
+                        continue;
+                    }
                     // Lanes 4q..4q+4 hold x row 4c + q's four column partials.
                     let s = _mm512_add_ps(*v, _mm512_permute_ps::<0b10_11_00_01>(*v));
                     let s = _mm512_add_ps(s, _mm512_permute_ps::<0b01_00_11_10>(s));
@@ -694,23 +701,38 @@ mod tests {
             (16, 1537, 577),
             (8, 1, 1),
             (17, 29, 33),
+            (21, 30, 41),
             (24, 13, 577),
+            (27, 7, 64),
+            (30, 50, 19),
             (32, 6, 31),
+            // Beyond 32 rows, chunks of 32 and a partial last one.
+            (33, 20, 40),
+            (40, 9, 100),
+            (49, 37, 64),
             (64, 1001, 300),
         ] {
             let (x, w) = (rnd(m * k), rnd(n * k));
-            for kernel in kernels() {
-                let y = matmul_t_with(&x, m, &w, n, k, kernel);
-                for r in 0..m {
-                    for o in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
-                            .sum();
-                        let got = y[r * n + o] as f64;
-                        assert!(
-                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} [{r},{o}] ({kernel:?}): {got} vs {want}"
-                        );
+            // One thread, and three (unequal parts of the weight rows) where the work is split.
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                for kernel in kernels() {
+                    let y = pool.install(|| matmul_t_with(&x, m, &w, n, k, kernel));
+                    for r in 0..m {
+                        for o in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                                .sum();
+                            let got = y[r * n + o] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{m}x{n}x{k} [{r},{o}] ({kernel:?}, {threads} threads): {got} vs \
+                                 {want}"
+                            );
+                        }
                     }
                 }
             }
