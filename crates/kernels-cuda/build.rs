@@ -19,6 +19,8 @@ fn main() {
         .define("PREFTUNE_EMULATE", None)
         .include("src/cuda")
         .opt_level(2)
+        // Round every operation on its own, as the kernels' `__fmul_rn` and kin do on a GPU.
+        .flag_if_supported("-ffp-contract=off")
         .cargo_metadata(false)
         .compile("preftune_cuda_emu");
     println!(

@@ -3031,6 +3031,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
     assert_eq!(
         ops.into_iter().collect::<Vec<_>>(),
         [
+            "adamw",
             "attention",
             "attention_bf16_products",
             "attention_bf16_products_d128",
@@ -3044,7 +3045,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 19);
+    assert_eq!(lines.len(), 20);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

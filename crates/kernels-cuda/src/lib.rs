@@ -10,9 +10,11 @@
 //! | log-softmax + gather | `lse_gather`, `lse_gather_bwd` | [`per_row`], [`elementwise`] over `rows * V` |
 //! | attention in tiles | `flash_fwd`, `flash_bwd_dq`, `flash_bwd_dkdv`, per head size | [`flash_rows`], [`flash_rows`], [`flash_keys`] |
 //! | LoRA dropout | `dropout` (`preftune-kernels`' `rng` bits; its own backward) | [`elementwise`] |
+//! | AdamW, in place | `adamw_ema` (each moment), `adamw_param` (`preftune-kernels`' `adamw` bits) | [`elementwise`] |
 //!
-//! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64);
-//! the attention kernels for the head sizes of [`flash_head_sizes`].
+//! Each entry point exists for f32, bf16 and f64 ([`Dtype`]) and computes in f32 (f64 for f64),
+//! but AdamW's, which is f32 only (master weights and moments are f32); the attention kernels
+//! exist for the head sizes of [`flash_head_sizes`].
 //!
 //! The tests run the same sources on the CPU through a small emulator (`src/cuda/emu`: a
 //! block's threads are OS threads meeting at a barrier), against `preftune-kernels`' CPU loops
@@ -76,6 +78,10 @@ pub enum Kernel {
     FlashBwdDkdvTc,
     /// Inverted dropout with a mask from a counter-based stream (forward and backward).
     Dropout,
+    /// AdamW's moment update in place (f32 only).
+    AdamwEma,
+    /// AdamW's parameter update in place from its moments (f32 only).
+    AdamwParam,
 }
 
 impl Kernel {
@@ -96,6 +102,8 @@ impl Kernel {
             Kernel::FlashBwdDqTc => "flash_bwd_dq_tc",
             Kernel::FlashBwdDkdvTc => "flash_bwd_dkdv_tc",
             Kernel::Dropout => "dropout",
+            Kernel::AdamwEma => "adamw_ema",
+            Kernel::AdamwParam => "adamw_param",
         }
     }
 

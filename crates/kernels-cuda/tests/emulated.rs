@@ -36,6 +36,17 @@ extern "C" {
     fn dropout_f32(x: *const f32, out: *mut f32, n: usize, key: u64, p: f32, keep: f32);
     fn dropout_bf16(x: *const bf16, out: *mut bf16, n: usize, key: u64, p: f32, keep: f32);
     fn dropout_f64(x: *const f64, out: *mut f64, n: usize, key: u64, p: f32, keep: f32);
+    fn adamw_ema_f32(a: *mut f32, g: *const f32, n: usize, beta: f32, square: i32);
+    fn adamw_param_f32(
+        p: *mut f32,
+        m: *const f32,
+        v: *const f32,
+        n: usize,
+        bc2_sqrt: f32,
+        eps: f32,
+        step_size: f32,
+        decay: f32,
+    );
     fn swiglu_bwd_f64(g: *const f64, u: *const f64, dy: *const f64, out: *mut f64, n: usize);
     fn rope_f64(
         x: *const f64,
@@ -365,6 +376,62 @@ fn rmsnorm_backward_matches_the_cpu_loop_with_any_number_of_rows_a_block() {
         assert!(max_diff(&dx, &want[..rows * d]) < 1e-12, "dx with {l:?}");
         assert!(max_diff(&dw, &want[rows * d..]) < 1e-12, "dw with {l:?}");
     }
+}
+
+/// The device's AdamW step (moments, then the parameter, in place) is the CPU trainer's one
+/// pass, bit for bit, over three steps and a grid smaller than the work.
+#[test]
+fn adamw_is_the_cpus() {
+    use preftune_kernels::adamw;
+    let n = 3000;
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut draw =
+        |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-s..s)).collect() };
+    let (mut p_cpu, mut m_cpu, mut v_cpu) = (draw(n, 1.0), vec![0f32; n], vec![0f32; n]);
+    let (mut p_dev, mut m_dev, mut v_dev) = (p_cpu.clone(), m_cpu.clone(), v_cpu.clone());
+    let (b1, b2, lr) = (0.9f32, 0.999f32, 1e-3f32);
+    for t in 1..=3 {
+        let g = draw(n, 0.1);
+        let s = adamw::Step {
+            b1,
+            b2,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt(),
+            eps: 1e-8,
+            step_size: lr / (1.0 - b1.powi(t)),
+            decay: 1.0 - lr * 0.01,
+        };
+        adamw::update(&s, &mut p_cpu, &mut m_cpu, &mut v_cpu, &g);
+        let l = Launch {
+            grid: 2,
+            grid_y: 1,
+            block: 64,
+        };
+        let gp = p(&g);
+        let (mp, vp) = (pm(&mut m_dev), pm(&mut v_dev));
+        run!(l, adamw_ema_f32(mp as _, gp as _, n, b1, 0));
+        run!(l, adamw_ema_f32(vp as _, gp as _, n, b2, 1));
+        let pp = pm(&mut p_dev);
+        run!(
+            elementwise(n),
+            adamw_param_f32(
+                pp as _,
+                mp as _,
+                vp as _,
+                n,
+                s.bc2_sqrt,
+                s.eps,
+                s.step_size,
+                s.decay
+            )
+        );
+        assert_eq!(m_dev, m_cpu, "first moment, step {t}");
+        assert_eq!(v_dev, v_cpu, "second moment, step {t}");
+        assert_eq!(p_dev, p_cpu, "parameter, step {t}");
+    }
+    assert!(p_cpu
+        .iter()
+        .zip(&m_cpu)
+        .all(|(p, m)| p.is_finite() && *m != 0.0));
 }
 
 /// The device's dropout is the CPU's, bit for bit (the same counter-based stream, the same

@@ -8,12 +8,14 @@
 //! - [`fused`]: the inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention
 //!   probabilities, softmax backward), generic over f32 and f64.
 //! - [`rng`]: counter-based random numbers (LoRA dropout masks), the same bits on a GPU.
+//! - [`adamw`]: AdamW's elementwise update, in one pass or in the GPU kernels' two.
 //!
 //! Each kernel picks its instruction set at run time and has a portable path; `benches/` holds one
 //! micro-benchmark per kernel (`cargo bench -p preftune-kernels`).
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod adamw;
 pub mod attention;
 pub mod bf16gemm;
 pub mod fused;

@@ -205,6 +205,66 @@ pub(crate) fn dropout(
     })
 }
 
+/// The contiguous f32 elements of `s` that `l` describes, to write in place.
+fn in_place<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg(format!("{op}: tensors must be contiguous")))?;
+    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
+}
+
+/// AdamW's moment update in place: `a = beta a + (1 - beta) g` (`g * g` when `square`), f32.
+pub(crate) fn adamw_ema(
+    a: &mut CudaStorage,
+    la: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    beta: f32,
+    square: bool,
+) -> Result<()> {
+    let op = "adamw_ema";
+    let n = la.shape().elem_count();
+    if lg.shape().elem_count() != n {
+        return Err(Error::Msg(format!(
+            "{op}: {n} values against {}",
+            lg.shape().elem_count()
+        )));
+    }
+    let dev = a.device.clone();
+    let gv = input::<f32>(g, lg, op)?;
+    let mut av = in_place(a, la, op)?;
+    let square = square as i32;
+    launch!(dev, Kernel::AdamwEma.name(Dtype::F32), kc::elementwise(n); &mut av, &gv, &n, &beta, &square);
+    Ok(())
+}
+
+/// AdamW's parameter update in place from its moments, f32.
+pub(crate) fn adamw_param(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    m: &CudaStorage,
+    lm: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    s: &preftune_kernels::adamw::Step,
+) -> Result<()> {
+    let op = "adamw_param";
+    let n = lp.shape().elem_count();
+    if lm.shape().elem_count() != n || lv.shape().elem_count() != n {
+        return Err(shapes_error(op, [lp, lm, lv]));
+    }
+    let dev = p.device.clone();
+    let (mv, vv) = (input::<f32>(m, lm, op)?, input::<f32>(v, lv, op)?);
+    let mut pv = in_place(p, lp, op)?;
+    launch!(dev, Kernel::AdamwParam.name(Dtype::F32), kc::elementwise(n);
+        &mut pv, &mv, &vv, &n, &s.bc2_sqrt, &s.eps, &s.step_size, &s.decay);
+    Ok(())
+}
+
 /// SwiGLU forward, elementwise.
 pub(crate) fn swiglu(
     g: &CudaStorage,

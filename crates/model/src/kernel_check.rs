@@ -140,6 +140,40 @@ impl KernelCheck {
     }
 }
 
+/// [`crate::adamw::update`] against [`crate::adamw::composed`] over two steps of a 1536 x 576
+/// parameter with weight decay.
+fn adamw_check(rng: &mut StdRng, dev: &Device) -> Result<KernelCheck> {
+    use crate::adamw;
+    let shape = [1536, 576];
+    let p0 = input(rng, &shape, 1.0, DType::F32, dev)?;
+    let zeros = || Tensor::zeros(&shape[..], DType::F32, dev);
+    // Fresh storage for the in-place side; the composed side makes new tensors each step.
+    let (p, m, v) = (p0.copy()?, zeros()?, zeros()?);
+    let (mut pc, mut mc, mut vc) = (p0, zeros()?, zeros()?);
+    let (b1, b2, lr) = (0.9f32, 0.999f32, 1e-3f32);
+    for t in 1..=2 {
+        let g = input(rng, &shape, 0.1, DType::F32, dev)?;
+        let s = adamw::Step {
+            b1,
+            b2,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt(),
+            eps: 1e-8,
+            step_size: lr / (1.0 - b1.powi(t)),
+            decay: 1.0 - lr * 0.01,
+        };
+        adamw::update(&s, &p, &m, &v, &g)?;
+        [pc, mc, vc] = adamw::composed(&s, &pc, &mc, &vc, &g)?;
+    }
+    let moments = rel_diff(&m, &mc)?.max(rel_diff(&v, &vc)?);
+    Ok(KernelCheck::new(
+        "adamw",
+        DType::F32,
+        dev,
+        (rel_diff(&p, &pc)?, moments),
+        tolerance(DType::F32),
+    ))
+}
+
 /// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
 /// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences. On the CPU, attention
 /// and the log-softmax + gather run their reference loops (their kernels are the GPU's).
@@ -289,6 +323,13 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
             0.0,
         ));
 
+        // AdamW's in-place update (f32 only; the CUDA kernels on a GPU) against the composed
+        // ops a GPU without them runs: the parameter (forward) and the moments (gradient) after
+        // two steps.
+        if dtype == DType::F32 {
+            out.push(adamw_check(&mut rng, dev)?);
+        }
+
         let (rows, vocab) = (48, 49152);
         let z = input(&mut rng, &[rows, vocab], 4.0, dtype, dev)?;
         let labels: Vec<u32> = (0..rows).map(|_| rng.gen_range(0..vocab as u32)).collect();
@@ -323,7 +364,8 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        assert_eq!(ops.len(), 2 * 8 + 1 + 2, "{ops:?}");
+        // ... and AdamW, f32 only.
+        assert_eq!(ops.len(), 2 * 8 + 1 + 2 + 1, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }

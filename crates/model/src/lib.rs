@@ -1,6 +1,7 @@
 //! preftune's model layer: transformer architectures we can train (Llama family, GPT-2), weights in
 //! and out (safetensors, GGUF), tokenizer and chat templates, generation and sequence log-probs.
 //! It knows nothing about training; the `train` crate builds on it.
+pub mod adamw;
 pub mod batcher;
 pub mod bench;
 mod checkpointing;

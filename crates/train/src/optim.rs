@@ -115,6 +115,18 @@ impl AdamW {
         grads: &[Tensor],
         lr: f64,
     ) -> Result<()> {
+        self.step_tensors_on(params, grads, lr, None)
+    }
+
+    /// [`AdamW::step_tensors`] with the in-place ops of [`preftune_model::adamw`] where they
+    /// apply (`fused` None), or always the composed ones (`Some(false)`, for tests).
+    fn step_tensors_on(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        lr: f64,
+        fused: Option<bool>,
+    ) -> Result<()> {
         if self.device_state.is_none() {
             let state = params
                 .iter()
@@ -157,11 +169,22 @@ impl AdamW {
                 )));
             }
             let g = g.to_dtype(DType::F32)?.detach();
-            *m = ((&*m * b1 as f64)? + (&g * (1.0 - b1) as f64)?)?;
-            *v = ((&*v * b2 as f64)? + (g.sqr()? * (1.0 - b2) as f64)?)?;
-            let denom = ((v.sqrt()? / bc2_sqrt as f64)? + eps as f64)?;
-            let p = var.as_tensor().detach().to_dtype(DType::F32)?;
-            let p = ((p * decay as f64)? - ((&*m / denom)? * step_size as f64)?)?;
+            let p = var.as_tensor();
+            let s = preftune_model::adamw::Step {
+                b1,
+                b2,
+                bc2_sqrt,
+                eps,
+                step_size,
+                decay,
+            };
+            if fused != Some(false) && preftune_model::adamw::applies([p, &*m, &*v, &g]) {
+                // In place, no temporaries: the CPU trainer's arithmetic, bit for bit.
+                preftune_model::adamw::update(&s, p, &*m, &*v, &g)?;
+                continue;
+            }
+            let [p, new_m, new_v] = preftune_model::adamw::composed(&s, &p.detach(), m, v, &g)?;
+            (*m, *v) = (new_m, new_v);
             var.set(&p.to_dtype(var.dtype())?)?;
         }
         Ok(())
@@ -362,17 +385,24 @@ struct Update<'a> {
 }
 
 impl Update<'_> {
+    fn consts(&self) -> preftune_kernels::adamw::Step {
+        preftune_kernels::adamw::Step {
+            b1: self.b1,
+            b2: self.b2,
+            bc2_sqrt: self.bc2_sqrt,
+            eps: self.eps,
+            step_size: self.step_size,
+            decay: self.decay,
+        }
+    }
+
     /// PyTorch's AdamW: decoupled decay, then the bias-corrected step; two threads for large tensors.
     fn apply(&self, p: &mut [f32]) {
         let mut m = self.m.lock().unwrap_or_else(|e| e.into_inner());
         let mut v = self.v.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.consts();
         let run = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-            for j in 0..p.len() {
-                m[j] = self.b1 * m[j] + (1.0 - self.b1) * g[j];
-                v[j] = self.b2 * v[j] + (1.0 - self.b2) * g[j] * g[j];
-                let denom = (v[j].sqrt() / self.bc2_sqrt) + self.eps;
-                p[j] = p[j] * self.decay - self.step_size * m[j] / denom;
-            }
+            preftune_kernels::adamw::update(&s, p, m, v, g)
         };
         let half = p.len() / 2;
         if half < 1 << 16 {
@@ -548,10 +578,13 @@ mod tests {
                 .collect()
         };
         let init: Vec<Vec<f32>> = shapes.iter().map(|(_, (r, c))| draw(r * c)).collect();
-        let (host, dev) = (make(&init), make(&init));
-        let (mut a, mut b) = (
+        // `dev` takes the in-place ops (what a GPU with preftune's kernels runs), `composed` the
+        // candle ops (a GPU without them).
+        let (host, dev, composed) = (make(&init), make(&init), make(&init));
+        let (mut a, mut b, mut c) = (
             AdamW::new(test_config(), &host),
             AdamW::new(test_config(), &dev),
+            AdamW::new(test_config(), &composed),
         );
         // Nothing allocated before a step; a checkpoint then holds zeros.
         assert!(a.m.iter().chain(&a.v).all(Vec::is_empty));
@@ -559,6 +592,7 @@ mod tests {
         assert_eq!((m0.len(), v0.iter().sum::<f32>()), (7, 0.0));
         a.lr_scale[1] = 3.0;
         b.lr_scale[1] = 3.0;
+        c.lr_scale[1] = 3.0;
         for _ in 0..3 {
             let g: Vec<Vec<f32>> = shapes.iter().map(|(_, (r, c))| draw(r * c)).collect();
             a.step(&host, &g, 0.05).unwrap();
@@ -568,11 +602,14 @@ mod tests {
                 .map(|(v, (_, s))| Tensor::from_vec(v.clone(), *s, &Device::Cpu).unwrap())
                 .collect();
             b.step_tensors(&dev, &gt, 0.05).unwrap();
+            c.step_tensors_on(&composed, &gt, 0.05, Some(false))
+                .unwrap();
             // No host copy of the device's moments, and no checkpoint from stale ones.
             assert!(b.m.iter().chain(&b.v).all(Vec::is_empty));
             assert!(b.checkpoint_moments(0).is_err());
         }
         b.sync_to_host().unwrap();
+        c.sync_to_host().unwrap();
         assert_eq!(b.checkpoint_moments(0).unwrap().0.len(), 15);
         for i in 0..shapes.len() {
             let flat = |v: &Var| {
@@ -582,14 +619,18 @@ mod tests {
                     .to_vec1::<f32>()
                     .unwrap()
             };
-            for (x, y) in flat(&host[i].1).iter().zip(flat(&dev[i].1)) {
+            // The in-place ops: the host loop's bits.
+            assert_eq!(flat(&host[i].1), flat(&dev[i].1), "{}", shapes[i].0);
+            assert_eq!((&a.m[i], &a.v[i]), (&b.m[i], &b.v[i]), "{}", shapes[i].0);
+            // The composed ops round in other places.
+            for (x, y) in flat(&host[i].1).iter().zip(flat(&composed[i].1)) {
                 assert!((x - y).abs() < 1e-6, "{}: {x} vs {y}", shapes[i].0);
             }
-            for (x, y) in a.m[i].iter().zip(&b.m[i]).chain(a.v[i].iter().zip(&b.v[i])) {
+            for (x, y) in a.m[i].iter().zip(&c.m[i]).chain(a.v[i].iter().zip(&c.v[i])) {
                 assert!((x - y).abs() < 1e-7, "{}: moments {x} vs {y}", shapes[i].0);
             }
         }
-        assert_eq!((a.t, b.t), (3, 3));
+        assert_eq!((a.t, b.t, c.t), (3, 3, 3));
     }
 
     #[test]

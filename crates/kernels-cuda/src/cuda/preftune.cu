@@ -6,3 +6,4 @@
 #include "flash.cuh"
 #include "flash_tc.cuh"
 #include "rng.cuh"
+#include "optim.cuh"

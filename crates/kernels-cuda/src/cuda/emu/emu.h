@@ -48,6 +48,14 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
+// Single operations rounded to nearest, as CUDA's intrinsics (the emulator is built without
+// contraction of multiply-adds, so the plain operators round each step).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+
 struct __nv_bfloat16 {
     uint16_t bits;
 };
