@@ -389,17 +389,10 @@ fn adamw_is_the_cpus() {
         |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-s..s)).collect() };
     let (mut p_cpu, mut m_cpu, mut v_cpu) = (draw(n, 1.0), vec![0f32; n], vec![0f32; n]);
     let (mut p_dev, mut m_dev, mut v_dev) = (p_cpu.clone(), m_cpu.clone(), v_cpu.clone());
-    let (b1, b2, lr) = (0.9f32, 0.999f32, 1e-3f32);
     for t in 1..=3 {
         let g = draw(n, 0.1);
-        let s = adamw::Step {
-            b1,
-            b2,
-            bc2_sqrt: (1.0 - b2.powi(t)).sqrt(),
-            eps: 1e-8,
-            step_size: lr / (1.0 - b1.powi(t)),
-            decay: 1.0 - lr * 0.01,
-        };
+        let s = adamw::Step::at(t, 1e-3, (0.9, 0.999), 1e-8, 0.01);
+        let (b1, b2) = (s.b1, s.b2);
         adamw::update(&s, &mut p_cpu, &mut m_cpu, &mut v_cpu, &g);
         let l = Launch {
             grid: 2,

@@ -18,6 +18,22 @@ pub struct Step {
     pub decay: f32,
 }
 
+impl Step {
+    /// Step `t` (from 1) of `torch.optim.AdamW` with learning rate `lr`, betas `b1` and `b2`,
+    /// `eps` and `weight_decay` (0 for parameters without decay): bias corrections in f64, each
+    /// constant rounded once to f32.
+    pub fn at(t: i32, lr: f64, (b1, b2): (f64, f64), eps: f64, weight_decay: f64) -> Step {
+        Step {
+            b1: b1 as f32,
+            b2: b2 as f32,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            eps: eps as f32,
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+        }
+    }
+}
+
 /// `beta * a + (1 - beta) * g`: the first moment's update.
 #[inline(always)]
 fn first(a: f32, g: f32, beta: f32) -> f32 {
@@ -80,14 +96,7 @@ mod tests {
     /// The two-pass form gives the one pass's bits, and the one pass is PyTorch's formula.
     #[test]
     fn two_passes_equal_one_and_follow_torch() {
-        let s = Step {
-            b1: 0.9,
-            b2: 0.999,
-            bc2_sqrt: (1.0f32 - 0.999f32.powi(3)).sqrt(),
-            eps: 1e-8,
-            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
-            decay: 1.0 - 1e-3 * 0.01,
-        };
+        let s = Step::at(3, 1e-3, (0.9, 0.999), 1e-8, 0.01);
         let n = 1000;
         let wave = |k: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32) * k).sin()).collect() };
         let (p0, m0, g) = (wave(0.37), wave(0.11), wave(0.53));

@@ -150,17 +150,9 @@ fn adamw_check(rng: &mut StdRng, dev: &Device) -> Result<KernelCheck> {
     // Fresh storage for the in-place side; the composed side makes new tensors each step.
     let (p, m, v) = (p0.copy()?, zeros()?, zeros()?);
     let (mut pc, mut mc, mut vc) = (p0, zeros()?, zeros()?);
-    let (b1, b2, lr) = (0.9f32, 0.999f32, 1e-3f32);
     for t in 1..=2 {
         let g = input(rng, &shape, 0.1, DType::F32, dev)?;
-        let s = adamw::Step {
-            b1,
-            b2,
-            bc2_sqrt: (1.0 - b2.powi(t)).sqrt(),
-            eps: 1e-8,
-            step_size: lr / (1.0 - b1.powi(t)),
-            decay: 1.0 - lr * 0.01,
-        };
+        let s = adamw::Step::at(t, 1e-3, (0.9, 0.999), 1e-8, 0.01);
         adamw::update(&s, &p, &m, &v, &g)?;
         [pc, mc, vc] = adamw::composed(&s, &pc, &mc, &vc, &g)?;
     }

@@ -3,6 +3,7 @@
 //!
 //! State is kept in f32 whatever the parameters' dtype, and updated in plain Rust over slices:
 //! candle has no in-place ops, and a dozen tensor ops per parameter per step would each allocate.
+use preftune_kernels::adamw::Step;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
@@ -89,21 +90,18 @@ impl AdamW {
         Ok((moment(&self.m[i], size), moment(&self.v[i], size)))
     }
 
-    /// Bias corrections and per-parameter step settings of the next step (advances `t`).
-    fn next_step(&mut self) -> (f32, f32, f64, f32, f32) {
+    /// Advances `t` to the next step and returns it.
+    fn next_step(&mut self) -> i32 {
         self.t += 1;
-        let (b1, b2) = (self.cfg.beta1 as f32, self.cfg.beta2 as f32);
-        let bc1 = 1.0 - self.cfg.beta1.powi(self.t as i32);
-        let bc2_sqrt = (1.0 - self.cfg.beta2.powi(self.t as i32)).sqrt();
-        (b1, b2, bc1, bc2_sqrt as f32, self.cfg.eps as f32)
+        self.t as i32
     }
 
-    fn decay(&self, name: &str, lr: f64) -> f32 {
-        if decays(name) {
-            (1.0 - lr * self.cfg.weight_decay) as f32
-        } else {
-            1.0
-        }
+    /// Step `t`'s constants for parameter `i` (`name`) at the scheduled learning rate `lr`.
+    fn step_of(&self, t: i32, i: usize, name: &str, lr: f64) -> Step {
+        let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+        let c = &self.cfg;
+        let wd = if decays(name) { c.weight_decay } else { 0.0 };
+        Step::at(t, lr, (c.beta1, c.beta2), c.eps, wd)
     }
 
     /// [`AdamW::step`] with the gradients, moments and update on the parameters' device, from
@@ -148,18 +146,15 @@ impl AdamW {
                 *x = Vec::new();
             }
         }
-        let (b1, b2, bc1, bc2_sqrt, eps) = self.next_step();
-        let scales: Vec<(f32, f32)> = params
+        let t = self.next_step();
+        let steps: Vec<Step> = params
             .iter()
             .enumerate()
-            .map(|(i, (name, _))| {
-                let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
-                ((lr / bc1) as f32, self.decay(name, lr))
-            })
+            .map(|(i, (name, _))| self.step_of(t, i, name, lr))
             .collect();
         let state = self.device_state.as_mut().expect("made above");
-        for (((name, var), g), ((m, v), (step_size, decay))) in
-            params.iter().zip(grads).zip(state.iter_mut().zip(scales))
+        for (((name, var), g), ((m, v), s)) in
+            params.iter().zip(grads).zip(state.iter_mut().zip(steps))
         {
             if g.shape() != var.shape() {
                 return Err(Error::Msg(format!(
@@ -170,14 +165,6 @@ impl AdamW {
             }
             let g = g.to_dtype(DType::F32)?.detach();
             let p = var.as_tensor();
-            let s = preftune_model::adamw::Step {
-                b1,
-                b2,
-                bc2_sqrt,
-                eps,
-                step_size,
-                decay,
-            };
             if fused != Some(false) && preftune_model::adamw::applies([p, &*m, &*v, &g]) {
                 // In place, no temporaries: the CPU trainer's arithmetic, bit for bit.
                 preftune_model::adamw::update(&s, p, &*m, &*v, &g)?;
@@ -219,10 +206,8 @@ impl AdamW {
     /// One update with learning rate `lr`; `grads[i]` is the gradient of `params[i]` (already
     /// accumulated and clipped).
     pub fn step(&mut self, params: &[(String, Var)], grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        let (b1, b2, bc1, bc2_sqrt, eps) = self.next_step();
+        let t = self.next_step();
         for (i, ((name, var), g)) in params.iter().zip(grads).enumerate() {
-            let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
-            let step_size = (lr / bc1) as f32;
             if g.len() != var.elem_count() {
                 return Err(Error::Msg(format!(
                     "optimizer: gradient of {name} has {} values, parameter {}",
@@ -230,7 +215,7 @@ impl AdamW {
                     var.elem_count()
                 )));
             }
-            let decay = self.decay(name, lr);
+            let s = self.step_of(t, i, name, lr);
             for x in [&mut self.m[i], &mut self.v[i]] {
                 if x.is_empty() {
                     *x = vec![0.0; g.len()];
@@ -240,12 +225,7 @@ impl AdamW {
                 g,
                 m: Mutex::new(&mut self.m[i]),
                 v: Mutex::new(&mut self.v[i]),
-                b1,
-                b2,
-                bc2_sqrt,
-                step_size,
-                eps,
-                decay,
+                s,
             };
             let t = var.as_tensor();
             if t.dtype() == DType::F32
@@ -376,33 +356,16 @@ struct Update<'a> {
     g: &'a [f32],
     m: Mutex<&'a mut Vec<f32>>,
     v: Mutex<&'a mut Vec<f32>>,
-    b1: f32,
-    b2: f32,
-    bc2_sqrt: f32,
-    step_size: f32,
-    eps: f32,
-    decay: f32,
+    s: Step,
 }
 
 impl Update<'_> {
-    fn consts(&self) -> preftune_kernels::adamw::Step {
-        preftune_kernels::adamw::Step {
-            b1: self.b1,
-            b2: self.b2,
-            bc2_sqrt: self.bc2_sqrt,
-            eps: self.eps,
-            step_size: self.step_size,
-            decay: self.decay,
-        }
-    }
-
     /// PyTorch's AdamW: decoupled decay, then the bias-corrected step; two threads for large tensors.
     fn apply(&self, p: &mut [f32]) {
         let mut m = self.m.lock().unwrap_or_else(|e| e.into_inner());
         let mut v = self.v.lock().unwrap_or_else(|e| e.into_inner());
-        let s = self.consts();
         let run = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-            preftune_kernels::adamw::update(&s, p, m, v, g)
+            preftune_kernels::adamw::update(&self.s, p, m, v, g)
         };
         let half = p.len() / 2;
         if half < 1 << 16 {
