@@ -6,7 +6,7 @@
 //! traffic than the multiply itself. These kernels read each weight row once, from where it lies:
 //! - up to 7 rows (AVX-512) or 12 (AVX2), the row-dot kernels dot each weight row with every `x`
 //!   row while it is in L1, and sum each dot product's lanes at the end;
-//! - from 8 rows on AVX-512, the k-major kernel ([`kmajor`]) holds `x` column by column (four
+//! - from 8 rows on AVX-512, the k-major kernel (`kmajor`) holds `x` column by column (four
 //!   rows of four columns a vector) and broadcasts four weights at a time into all rows at once:
 //!   no horizontal sums, one load of weights per `rows / 4` FMAs of 16 lanes. At 16 rows it
 //!   reaches about 135 GFLOP/s in sampling, streaming the weights at 17 GB/s where a plain read
@@ -69,11 +69,11 @@ pub fn kernel_for(m: usize) -> Kernel {
 /// The kernels behind [`matmul_t`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kernel {
-    /// Dot products of weight rows with `x` rows, AVX2 ([`rows_dot_avx2`]).
+    /// Dot products of weight rows with `x` rows, AVX2 (`rows_dot_avx2`).
     RowsAvx2,
-    /// The same on AVX-512 ([`rows_dot_avx512`]): bound by reading the weights at few rows.
+    /// The same on AVX-512 (`rows_dot_avx512`): bound by reading the weights at few rows.
     RowsAvx512,
-    /// `x` held k-major, each weight value broadcast into all rows at once ([`kmajor`]).
+    /// `x` held k-major, four weights at a time broadcast into all rows at once (`kmajor`).
     KMajor,
 }
 

@@ -11,7 +11,7 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<crate::lora::LoraAdapter>,
-    /// A quantised base weight ([`super::quant`]): then `weight` is a placeholder of the right
+    /// A quantised base weight (`ops::quant`): then `weight` is a placeholder of the right
     /// shape and dtype with no storage of its own (a broadcast zero), and products dequantise
     /// this one.
     pub quant: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
