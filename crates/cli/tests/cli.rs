@@ -3032,6 +3032,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
         ops.into_iter().collect::<Vec<_>>(),
         [
             "adamw",
+            "adamw_bits",
             "attention",
             "attention_bf16_products",
             "attention_bf16_products_d128",
@@ -3045,7 +3046,7 @@ fn check_kernels_reports_every_op_on_the_cpu() {
             "swiglu"
         ]
     );
-    assert_eq!(lines.len(), 20);
+    assert_eq!(lines.len(), 21);
     for v in &lines {
         assert_eq!(v["device"], "cpu");
         assert_eq!(v["passed"], true, "{v}");

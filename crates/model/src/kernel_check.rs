@@ -140,30 +140,53 @@ impl KernelCheck {
     }
 }
 
-/// [`crate::adamw::update`] against [`crate::adamw::composed`] over two steps of a 1536 x 576
-/// parameter with weight decay.
-fn adamw_check(rng: &mut StdRng, dev: &Device) -> Result<KernelCheck> {
+/// [`crate::adamw::update`] over two steps of a 1536 x 576 parameter with weight decay: against
+/// [`crate::adamw::composed`] on the same device (`adamw`, within f32's tolerance), and against
+/// the CPU trainer's loop on the host (`adamw_bits`, which must be the same bits: on a GPU, an
+/// FMA contracted into the kernels or values flushed to zero would show here).
+fn adamw_check(rng: &mut StdRng, dev: &Device) -> Result<[KernelCheck; 2]> {
     use crate::adamw;
     let shape = [1536, 576];
     let p0 = input(rng, &shape, 1.0, DType::F32, dev)?;
     let zeros = || Tensor::zeros(&shape[..], DType::F32, dev);
+    let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let n = shape[0] * shape[1];
     // Fresh storage for the in-place side; the composed side makes new tensors each step.
     let (p, m, v) = (p0.copy()?, zeros()?, zeros()?);
+    let (mut ph, mut mh, mut vh) = (host(&p0)?, vec![0f32; n], vec![0f32; n]);
     let (mut pc, mut mc, mut vc) = (p0, zeros()?, zeros()?);
     for t in 1..=2 {
         let g = input(rng, &shape, 0.1, DType::F32, dev)?;
         let s = adamw::Step::at(t, 1e-3, (0.9, 0.999), 1e-8, 0.01);
         adamw::update(&s, &p, &m, &v, &g)?;
+        preftune_kernels::adamw::update(&s, &mut ph, &mut mh, &mut vh, &host(&g)?);
         [pc, mc, vc] = adamw::composed(&s, &pc, &mc, &vc, &g)?;
     }
     let moments = rel_diff(&m, &mc)?.max(rel_diff(&v, &vc)?);
-    Ok(KernelCheck::new(
+    let composed = KernelCheck::new(
         "adamw",
         DType::F32,
         dev,
         (rel_diff(&p, &pc)?, moments),
         tolerance(DType::F32),
-    ))
+    );
+    // Values that differ, as a fraction: 0 when every bit agrees.
+    let differ = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count() as f64
+            / n as f64
+    };
+    let (pd, md, vd) = (host(&p)?, host(&m)?, host(&v)?);
+    let bits = KernelCheck::new(
+        "adamw_bits",
+        DType::F32,
+        dev,
+        (differ(&pd, &ph), differ(&md, &mh).max(differ(&vd, &vh))),
+        0.0,
+    );
+    Ok([composed, bits])
 }
 
 /// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
@@ -319,7 +342,7 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
         // ops a GPU without them runs: the parameter (forward) and the moments (gradient) after
         // two steps.
         if dtype == DType::F32 {
-            out.push(adamw_check(&mut rng, dev)?);
+            out.extend(adamw_check(&mut rng, dev)?);
         }
 
         let (rows, vocab) = (48, 49152);
@@ -356,8 +379,8 @@ mod tests {
     fn cpu_kernels_pass_the_check() {
         let checks = check_kernels(&Device::Cpu).unwrap();
         let ops: Vec<_> = checks.iter().map(|c| (c.op, c.dtype.as_str())).collect();
-        // ... and AdamW, f32 only.
-        assert_eq!(ops.len(), 2 * 8 + 1 + 2 + 1, "{ops:?}");
+        // ... and AdamW (against composed ops and against the host's bits), f32 only.
+        assert_eq!(ops.len(), 2 * 8 + 1 + 2 + 2, "{ops:?}");
         for c in &checks {
             assert!(c.passed, "{c:?}");
         }

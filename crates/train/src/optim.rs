@@ -163,7 +163,9 @@ impl AdamW {
                     var.dims()
                 )));
             }
-            let g = g.to_dtype(DType::F32)?.detach();
+            // A first gradient is often a transposed view (a linear's `x W^T`): made contiguous
+            // here (one copy then, none otherwise), the in-place ops take it.
+            let g = g.to_dtype(DType::F32)?.contiguous()?.detach();
             let p = var.as_tensor();
             if fused != Some(false) && preftune_model::adamw::applies([p, &*m, &*v, &g]) {
                 // In place, no temporaries: the CPU trainer's arithmetic, bit for bit.
@@ -556,15 +558,45 @@ mod tests {
         a.lr_scale[1] = 3.0;
         b.lr_scale[1] = 3.0;
         c.lr_scale[1] = 3.0;
-        for _ in 0..3 {
+        // Where each device moment's values live: the in-place ops keep them there.
+        let places = |o: &AdamW| -> Vec<usize> {
+            let state = o.device_state.as_ref().expect("device moments");
+            state
+                .iter()
+                .flat_map(|(m, v)| [m, v])
+                .map(|t| match &*t.storage_and_layout().0 {
+                    candle_core::Storage::Cpu(CpuStorage::F32(x)) => x.as_ptr() as usize,
+                    _ => panic!("f32 on the CPU"),
+                })
+                .collect()
+        };
+        let mut first_places = None;
+        for step in 0..3 {
             let g: Vec<Vec<f32>> = shapes.iter().map(|(_, (r, c))| draw(r * c)).collect();
             a.step(&host, &g, 0.05).unwrap();
+            // The first parameter's gradient as a transposed view, as a linear's often is.
             let gt: Vec<Tensor> = g
                 .iter()
                 .zip(&shapes)
-                .map(|(v, (_, s))| Tensor::from_vec(v.clone(), *s, &Device::Cpu).unwrap())
+                .map(|(v, (_, (r, c)))| match r {
+                    3 => {
+                        // The same matrix, stored as its transpose and viewed back.
+                        let vt: Vec<f32> = (0..r * c).map(|k| v[(k % r) * c + k / r]).collect();
+                        Tensor::from_vec(vt, (*c, *r), &Device::Cpu)
+                            .unwrap()
+                            .t()
+                            .unwrap()
+                    }
+                    _ => Tensor::from_vec(v.clone(), (*r, *c), &Device::Cpu).unwrap(),
+                })
                 .collect();
+            assert!(!gt[0].is_contiguous());
             b.step_tensors(&dev, &gt, 0.05).unwrap();
+            let now = places(&b);
+            match step {
+                0 => first_places = Some(now),
+                _ => assert_eq!(Some(now), first_places, "moments updated in place"),
+            }
             c.step_tensors_on(&composed, &gt, 0.05, Some(false))
                 .unwrap();
             // No host copy of the device's moments, and no checkpoint from stale ones.
