@@ -5,6 +5,8 @@
 //! and launches a kernel for each.
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
+use crate::kernels::{f32_mut, slice};
+
 pub use preftune_kernels::adamw::Step;
 
 /// Whether [`update`] runs for a parameter, its moments and its gradient: all f32 and
@@ -65,22 +67,6 @@ struct Ema {
     square: bool,
 }
 
-/// The contiguous f32 values of a storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    crate::kernels::slice::<f32>(s, l, op)
-}
-
-/// The contiguous f32 values of a storage, to write.
-fn values_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op}: f32 only")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous tensors only")
-    };
-    Ok(&mut data[a..b])
-}
-
 impl candle_core::InplaceOp2 for Ema {
     fn name(&self) -> &'static str {
         "preftune-adamw-ema"
@@ -93,8 +79,8 @@ impl candle_core::InplaceOp2 for Ema {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let g = values(s2, l2, self.name())?;
-        let a = values_mut(s1, l1, self.name())?;
+        let g = slice::<f32>(s2, l2, self.name())?;
+        let a = f32_mut(s1, l1, self.name())?;
         if a.len() != g.len() {
             candle_core::bail!("{}: {} values against {}", self.name(), a.len(), g.len())
         }
@@ -131,8 +117,8 @@ impl candle_core::InplaceOp3 for Param {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (m, v) = (values(s2, l2, self.name())?, values(s3, l3, self.name())?);
-        let p = values_mut(s1, l1, self.name())?;
+        let (m, v) = (slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let p = f32_mut(s1, l1, self.name())?;
         if m.len() != p.len() || v.len() != p.len() {
             candle_core::bail!("{}: moments of another length", self.name())
         }

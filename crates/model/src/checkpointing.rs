@@ -210,16 +210,9 @@ impl candle_core::InplaceOp2 for AddRows {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(dst), F32(src)) = (s1, s2) else {
-            candle_core::bail!("add-rows: f32 only")
-        };
-        let (Some((d0, d1)), Some((r0, r1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("add-rows: contiguous tensors only")
-        };
+        let dst = crate::kernels::f32_mut(s1, l1, "add-rows")?;
+        let src = crate::kernels::slice::<f32>(s2, l2, "add-rows")?;
         let (rows, h) = l1.shape().dims2()?;
-        let (dst, src) = (&mut dst[d0..d1], &src[r0..r1]);
         if src.len() != self.0.len() * h {
             candle_core::bail!("add-rows: {} ids for {} rows", self.0.len(), src.len() / h)
         }

@@ -112,6 +112,18 @@ pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -
     }
 }
 
+/// The contiguous f32 values `l` describes in `s`, to write in place (an in-place op's
+/// destination).
+pub fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = s else {
+        return Err(Error::Msg(format!("{op}: f32 only")));
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut data[a..b]),
+        None => Err(Error::Msg(format!("{op}: contiguous tensors only"))),
+    }
+}
+
 /// The contiguous values of a CPU storage of any float type, as f64: the exact reference loops of
 /// ops whose real kernels run on the GPU ([`crate::lse_gather`], [`crate::flash`]).
 pub(crate) fn cpu_as_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
