@@ -13,8 +13,8 @@ B=("$BIN" --threads "$THREADS" bench --model "$MODEL" --workload rollout --gen-b
    --num-generations "${SHAPE[1]}" --new-tokens "${SHAPE[2]}")
 R=(scripts/reference_bench.py rollout "$MODEL" bench/prompts.jsonl "${SHAPE[@]}")
 "${B[@]}"
-[ -z "${PYTHON:-}" ] || ATTN=sdpa "$PYTHON" "${R[@]}" 2>/dev/null | tail -1
+[ -z "${PYTHON:-}" ] || "$PYTHON" "${R[@]}" 2>/dev/null | tail -1
 if [ -n "$(grep -m1 -o -E 'amx_bf16|avx512_bf16' /proc/cpuinfo || true)" ]; then
   "${B[@]}" --bf16
-  [ -z "${PYTHON:-}" ] || DTYPE=bf16 ATTN=sdpa "$PYTHON" "${R[@]}" 2>/dev/null | tail -1
+  [ -z "${PYTHON:-}" ] || DTYPE=bf16 "$PYTHON" "${R[@]}" 2>/dev/null | tail -1
 fi

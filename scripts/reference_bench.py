@@ -6,7 +6,8 @@ measured in one run. Workloads:
                                                    T=1 until EOS, one generate call (as GRPOTrainer)
   matmul   N                                       PyTorch's own f32 N x N x N matmul rate (the MFU yardstick)
 With DTYPE=bf16 in the environment the model runs in bfloat16 (transformers' own bf16: weights and
-activations), the counterpart of `preftune bench --bf16`.
+activations), the counterpart of `preftune bench --bf16`. ATTN picks the attention (default sdpa,
+transformers' default and its faster option on CPU; ATTN=eager only to compare the two).
 Prints one JSON line. Needs scripts/requirements-reference.txt."""
 import json, os, resource, statistics, sys, time
 import torch
@@ -38,7 +39,7 @@ def main(workload, *args):
     tok.padding_side = "left"
     dtype_name = os.environ.get("DTYPE", "f32")
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    attn = os.environ.get("ATTN", "eager")  # ATTN=sdpa: transformers' default
+    attn = os.environ.get("ATTN", "sdpa")  # transformers' default, its faster option here; ATTN=eager
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     threads = torch.get_num_threads()
     if workload == "fwd-bwd":
@@ -56,7 +57,7 @@ def main(workload, *args):
             if step > 0:
                 times.append(time.perf_counter() - t)
         s = statistics.median(times)
-        print(json.dumps({"workload": "fwd-bwd", "impl": "transformers", "dtype": dtype_name, "batch": batch, "seq_len": seq_len, "threads": threads,
+        print(json.dumps({"workload": "fwd-bwd", "impl": "transformers", "attn": attn, "dtype": dtype_name, "batch": batch, "seq_len": seq_len, "threads": threads,
                           "seconds_per_step": s, "tokens_per_s": batch * seq_len / s, "peak_rss_mib": rss_mib()}))
     elif workload == "generate":
         batch, new = map(int, rest)
@@ -71,7 +72,7 @@ def main(workload, *args):
             out = m.generate(**enc, **kw)
             s = time.perf_counter() - t
         n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
-        print(json.dumps({"workload": "generate", "impl": "transformers", "dtype": dtype_name, "batch": batch, "new_tokens": new, "threads": threads,
+        print(json.dumps({"workload": "generate", "impl": "transformers", "attn": attn, "dtype": dtype_name, "batch": batch, "new_tokens": new, "threads": threads,
                           "seconds": s, "tokens_per_s": n / s, "peak_rss_mib": rss_mib()}))
     elif workload == "rollout":
         n_prompts, n, new = map(int, rest)
@@ -95,7 +96,7 @@ def main(workload, *args):
             hit = next((i for i, x in enumerate(row) if x in eos), None)
             lens.append(len(row) if hit is None else hit + 1)
             finished += hit is not None
-        print(json.dumps({"workload": "rollout", "impl": "transformers", "dtype": dtype_name, "prompts": n_prompts,
+        print(json.dumps({"workload": "rollout", "impl": "transformers", "attn": attn, "dtype": dtype_name, "prompts": n_prompts,
                           "num_generations": n, "max_new_tokens": new, "threads": threads, "seconds": s,
                           "tokens": sum(lens), "tokens_per_s": sum(lens) / s, "finished": finished,
                           "steps": new_ids.shape[1], "peak_rss_mib": rss_mib()}))

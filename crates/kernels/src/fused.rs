@@ -22,6 +22,21 @@ pub trait Real:
         sum
     }
 
+    /// The largest value of `row` (negative infinity when empty).
+    fn max_of(row: &[Self]) -> Self {
+        row.iter().copied().fold(Self::neg_infinity(), Float::max)
+    }
+
+    /// `row[i] = exp(row[i] - shift)` in place; returns their sum.
+    fn exp_shifted(row: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::zero();
+        for s in row.iter_mut() {
+            *s = (*s - shift).exp();
+            sum += *s;
+        }
+        sum
+    }
+
     /// `out[i] = sigmoid(x[i])`.
     fn sigmoid_into(x: &[Self], out: &mut [Self]) {
         out.iter_mut().zip(x).for_each(|(o, &v)| *o = sigmoid(v));
@@ -40,6 +55,14 @@ impl Real for f32 {
 
     fn sigmoid_into(x: &[f32], out: &mut [f32]) {
         crate::vmath::sigmoid_into(x, out)
+    }
+
+    fn max_of(row: &[f32]) -> f32 {
+        crate::vmath::max(row)
+    }
+
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        crate::vmath::exp_shifted(row, shift) as f32
     }
 }
 

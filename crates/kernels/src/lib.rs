@@ -5,6 +5,8 @@
 //! - [`gemv`]: `x W^T` for a few rows of `x` (decoding), streaming each weight row once.
 //! - [`vmath`]: vectorised `exp`, max, sigmoid and softmax pieces over slices.
 //! - [`attention`]: decoding attention for one KV group, scores never stored.
+//! - [`flash`]: training attention in tiles (forward and backward), scores never stored and
+//!   tiles the mask hides skipped.
 //! - [`fused`]: the inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention
 //!   probabilities, softmax backward), generic over f32 and f64.
 //! - [`rng`]: counter-based random numbers (LoRA dropout masks), the same bits on a GPU.
@@ -18,6 +20,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bf16gemm;
+pub mod flash;
 pub mod fused;
 pub mod gemv;
 pub mod rng;

@@ -1,15 +1,11 @@
 //! Attention in tiles as one op, `softmax(scale * Q K^T + mask) V`, with a hand-written
-//! backward that recomputes the probabilities from each row's log-sum-exp: the GPU's attention
-//! with `PREFTUNE_CUDA_KERNELS=1` (`preftune-kernels-cuda`'s flash kernels), so neither scores
-//! nor probabilities (`[B, H, T, Tk]` each, kept for backward when composed) are stored.
-//!
-//! On the CPU the op runs a plain f64 loop, slow and exact: it is there so that the op's wiring
-//! (shapes, mask rows, the backward's three gradients) is tested here against the composed
-//! attention, and so that `check-kernels` runs on any device. The model's CPU path keeps its own
-//! fused attention (`kernels::attention_probs`).
+//! backward that recomputes the probabilities from each row's log-sum-exp, so neither scores nor
+//! probabilities (`[B, H, T, Tk]` each, kept for backward when composed) are stored. On a GPU with
+//! `PREFTUNE_CUDA_KERNELS=1` it runs `preftune-kernels-cuda`'s flash kernels; on the CPU,
+//! `preftune_kernels::flash` (f32 and f64), which also skips the tiles a causal mask hides. The
+//! model takes it on the CPU for training-length inputs ([`crate::kernels::cpu_flash_applies`]).
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 
 /// An attention problem in the grouped layout the model uses: `q` is `[B, G, R, dh]` with the
@@ -46,6 +42,52 @@ pub fn flash_attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let d = dims(q, k, v, t)?;
+    let (b, tk) = (d.bg / d.groups, d.tk);
+    let mask = match mask {
+        Some(m) if m.elem_count() != b * t * tk => {
+            return Err(Error::Msg(format!(
+                "flash_attention: mask {:?} for [{b}, {t}, {tk}]",
+                m.dims()
+            )))
+        }
+        Some(m) if q.device().is_cpu() => Some(Mask::Host(Arc::new(
+            m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        ))),
+        Some(m) => Some(Mask::Device(
+            m.to_dtype(q.dtype())?.reshape((b, t, tk))?.contiguous()?,
+        )),
+        None => None,
+    };
+    apply(q, k, v, d, scale, mask)
+}
+
+/// [`flash_attention`] with the model's host mask (`[B, t, tk]`, f32), read where it lies: the
+/// CPU's path.
+pub fn flash_attention_host(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    t: usize,
+    scale: f64,
+    mask: Option<&AttnMask>,
+) -> Result<Tensor> {
+    let d = dims(q, k, v, t)?;
+    let (b, tk) = (d.bg / d.groups, d.tk);
+    if let Some(m) = mask.filter(|m| (m.b, m.t, m.tk) != (b, t, tk)) {
+        return Err(Error::Msg(format!(
+            "flash_attention: mask [{}, {}, {}] for [{b}, {t}, {tk}]",
+            m.b, m.t, m.tk
+        )));
+    }
+    if !q.device().is_cpu() {
+        return Err(Error::Msg("flash_attention: a host mask on a GPU".into()));
+    }
+    apply(q, k, v, d, scale, mask.map(|m| Mask::Host(m.data.clone())))
+}
+
+/// The problem's dimensions, once its shapes are checked.
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, t: usize) -> Result<Dims> {
     let (b, groups, r, dh) = q.dims4()?;
     let (_, _, tk, _) = k.dims4()?;
     // The kernels take batch x groups on the grid's y axis (at most 65535 blocks) and assume
@@ -65,24 +107,25 @@ pub fn flash_attention(
             v.dims()
         )));
     }
-    let mask = match mask {
-        Some(m) if m.elem_count() != b * t * tk => {
-            return Err(Error::Msg(format!(
-                "flash_attention: mask {:?} for [{b}, {t}, {tk}]",
-                m.dims()
-            )))
-        }
-        Some(m) => Some(m.to_dtype(q.dtype())?.reshape((b, t, tk))?.contiguous()?),
-        None => None,
-    };
-    let dims = Dims {
+    Ok(Dims {
         bg: b * groups,
         groups,
         r,
         t,
         tk,
         dh,
-    };
+    })
+}
+
+fn apply(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: Dims,
+    scale: f64,
+    mask: Option<Mask>,
+) -> Result<Tensor> {
+    let dh = dims.dh;
     // Under bf16 products the tensor-core kernels (bf16 operands, f32 sums) run both passes, as
     // PyTorch's autocast runs attention; in f32 the f32 kernels do.
     let tensor_cores = crate::ops::bf16_enabled() && tensor_cores_apply(q, dh);
@@ -110,10 +153,37 @@ fn tensor_cores_apply(q: &Tensor, dh: usize) -> bool {
     }
 }
 
+/// The additive mask, `[B, t, tk]`: a tensor on the GPU, the host's values on the CPU.
+#[derive(Clone)]
+enum Mask {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(Tensor),
+    Host(Arc<Vec<f32>>),
+}
+
+impl Mask {
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Result<&Tensor> {
+        match self {
+            Mask::Device(t) => Ok(t),
+            Mask::Host(_) => Err(Error::Msg("flash_attention: a host mask on a GPU".into())),
+        }
+    }
+
+    fn host(&self) -> Result<&[f32]> {
+        match self {
+            Mask::Host(m) => Ok(m),
+            Mask::Device(_) => Err(Error::Msg(
+                "flash_attention: a device mask on the CPU".into(),
+            )),
+        }
+    }
+}
+
 struct FlashAttention {
     dims: Dims,
     scale: f64,
-    mask: Option<Tensor>,
+    mask: Option<Mask>,
     /// Both passes on tensor cores (bf16 products).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tensor_cores: bool,
@@ -121,110 +191,26 @@ struct FlashAttention {
     lse: Arc<Mutex<Option<Tensor>>>,
 }
 
-/// The inputs of one problem as f64 rows.
-struct Rows<'a> {
-    d: Dims,
-    scale: f64,
-    q: &'a [f64],
-    k: &'a [f64],
-    v: &'a [f64],
-    mask: Option<&'a [f64]>,
-}
-
-impl Rows<'_> {
-    /// `scale * q_r . k_j + mask` for every key `j` of query row `r` of group `grp`.
-    fn scores(&self, grp: usize, r: usize) -> Vec<f64> {
-        let Dims {
-            groups,
-            r: rows,
-            t,
-            tk,
-            dh,
-            ..
-        } = self.d;
-        let q = &self.q[(grp * rows + r) * dh..][..dh];
-        (0..tk)
-            .map(|j| {
-                let k = &self.k[(grp * tk + j) * dh..][..dh];
-                let m = self
-                    .mask
-                    .map_or(0.0, |m| m[((grp / groups) * t + r % t) * tk + j]);
-                q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * self.scale + m
-            })
-            .collect()
-    }
-
-    /// Output rows and each row's log-sum-exp.
-    fn forward(&self) -> (Vec<f64>, Vec<f64>) {
-        let Dims {
-            bg,
-            r: rows,
-            tk,
-            dh,
-            ..
-        } = self.d;
-        let (mut out, mut lse) = (vec![0.0; bg * rows * dh], vec![0.0; bg * rows]);
-        for grp in 0..bg {
-            for r in 0..rows {
-                let s = self.scores(grp, r);
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let l = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                let o = &mut out[(grp * rows + r) * dh..][..dh];
-                for (j, x) in s.iter().enumerate() {
-                    let p = (x - l).exp();
-                    for (o, v) in o.iter_mut().zip(&self.v[(grp * tk + j) * dh..][..dh]) {
-                        *o += p * v;
-                    }
-                }
-                lse[grp * rows + r] = l;
-            }
+impl FlashAttention {
+    /// The kernel's view of one problem.
+    fn problem<'a, T: Real>(
+        d: Dims,
+        scale: f64,
+        (q, k, v): (&'a [T], &'a [T], &'a [T]),
+        mask: Option<&'a [f32]>,
+    ) -> preftune_kernels::flash::Problem<'a, T> {
+        preftune_kernels::flash::Problem {
+            q,
+            k,
+            v,
+            mask,
+            groups: d.groups,
+            r: d.r,
+            t: d.t,
+            tk: d.tk,
+            dh: d.dh,
+            scale: T::of(scale),
         }
-        (out, lse)
-    }
-
-    /// `dq`, `dk`, `dv` flattened one after another, given the output's gradient.
-    fn backward(&self, dout: &[f64], lse: &[f64]) -> Vec<f64> {
-        let Dims {
-            bg,
-            r: rows,
-            tk,
-            dh,
-            ..
-        } = self.d;
-        let (nq, nk) = (bg * rows * dh, bg * tk * dh);
-        let mut g = vec![0.0; nq + 2 * nk];
-        let (dq, dkv) = g.split_at_mut(nq);
-        let (dk, dv) = dkv.split_at_mut(nk);
-        for grp in 0..bg {
-            for r in 0..rows {
-                let row = grp * rows + r;
-                let (q, go) = (&self.q[row * dh..][..dh], &dout[row * dh..][..dh]);
-                let p: Vec<f64> = self
-                    .scores(grp, r)
-                    .iter()
-                    .map(|x| (x - lse[row]).exp())
-                    .collect();
-                let dp: Vec<f64> = (0..tk)
-                    .map(|j| {
-                        go.iter()
-                            .zip(&self.v[(grp * tk + j) * dh..][..dh])
-                            .map(|(a, b)| a * b)
-                            .sum()
-                    })
-                    .collect();
-                let big_d: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for j in 0..tk {
-                    let ds = p[j] * (dp[j] - big_d) * self.scale;
-                    let key = (grp * tk + j) * dh;
-                    for e in 0..dh {
-                        dq[row * dh + e] += ds * self.k[key + e];
-                        dk[key + e] += ds * q[e];
-                        dv[key + e] += p[j] * go[e];
-                    }
-                }
-            }
-        }
-        g
     }
 }
 
@@ -243,13 +229,29 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let x = CpuInputs::new(self.mask.as_ref(), [(s1, l1), (s2, l2), (s3, l3)], op)?;
-        let rows = x.rows(self.dims, self.scale);
-        let (out, lse) = rows.forward();
-        let lse = Tensor::from_vec(lse, self.dims.bg * self.dims.r, &candle_core::Device::Cpu)?
-            .to_dtype(crate::kernels::sum_dtype(s1.dtype()))?;
+        let mask = self.mask.as_ref().map(Mask::host).transpose()?;
+        let d = self.dims;
+        let (out, lse) = dispatch!(s1, op, |T| {
+            let qkv = (
+                slice::<T>(s1, l1, op)?,
+                slice(s2, l2, op)?,
+                slice(s3, l3, op)?,
+            );
+            let p = Self::problem(d, self.scale, qkv, mask);
+            let mut out = vec![T::zero(); qkv.0.len()];
+            let mut lse = vec![T::zero(); d.bg * d.r];
+            check_sizes(&p, d, op)?;
+            preftune_kernels::flash::forward(&p, &mut out, &mut lse);
+            Ok((storage(out), storage(lse)))
+        })?;
+        let lse = Tensor::from_storage(
+            candle_core::Storage::Cpu(lse),
+            d.bg * d.r,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((cpu_from_f64(out, s1.dtype(), op)?, l1.shape().clone()))
+        Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -262,7 +264,10 @@ impl CustomOp3 for FlashAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let m = self.mask.as_ref().map(|t| t.storage_and_layout());
+        let m = match &self.mask {
+            Some(m) => Some(m.device()?.storage_and_layout()),
+            None => None,
+        };
         let mask = match &m {
             Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
             None => None,
@@ -324,10 +329,8 @@ struct FlashAttentionBwd {
     scale: f64,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tensor_cores: bool,
-    mask: Option<Tensor>,
-    /// The forward output: the GPU's dQ kernel takes `D = rowsum(dO * O)` from it; the CPU loop
-    /// recomputes the probabilities and needs it not.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mask: Option<Mask>,
+    /// The forward output, for `D = rowsum(dO * O)`.
     out: Tensor,
     dout: Tensor,
     lse: Tensor,
@@ -348,11 +351,34 @@ impl CustomOp3 for FlashAttentionBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let x = CpuInputs::new(self.mask.as_ref(), [(s1, l1), (s2, l2), (s3, l3)], op)?;
-        let rows = x.rows(self.dims, self.scale);
-        let g = rows.backward(&tensor_f64(&self.dout)?, &tensor_f64(&self.lse)?);
-        let n = g.len();
-        Ok((cpu_from_f64(g, s1.dtype(), op)?, Shape::from(n)))
+        let mask = self.mask.as_ref().map(Mask::host).transpose()?;
+        let d = self.dims;
+        dispatch!(s1, op, |T| {
+            let qkv = (
+                slice::<T>(s1, l1, op)?,
+                slice(s2, l2, op)?,
+                slice(s3, l3, op)?,
+            );
+            let p = FlashAttention::problem(d, self.scale, qkv, mask);
+            check_sizes(&p, d, op)?;
+            let (nq, nk) = (qkv.0.len(), qkv.1.len());
+            // dq, dk and dv, one after another.
+            let mut g = vec![T::zero(); nq + 2 * nk];
+            let (dq, dkv) = g.split_at_mut(nq);
+            let (dk, dv) = dkv.split_at_mut(nk);
+            let o = self.out.storage_and_layout();
+            let go = self.dout.storage_and_layout();
+            let lse = self.lse.storage_and_layout();
+            let saved = (saved(&o, op)?, saved(&go, op)?, saved(&lse, op)?);
+            if saved.0.len() != nq || saved.1.len() != nq || saved.2.len() != d.bg * d.r {
+                return Err(Error::Msg(format!(
+                    "{op}: saved tensors do not match the problem"
+                )));
+            }
+            preftune_kernels::flash::backward(&p, saved, dq, dk, dv);
+            let n = g.len();
+            Ok((storage(g), Shape::from(n)))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -368,7 +394,10 @@ impl CustomOp3 for FlashAttentionBwd {
         let (o, lo) = self.out.storage_and_layout();
         let (g, lg) = self.dout.storage_and_layout();
         let (s, ls) = self.lse.storage_and_layout();
-        let m = self.mask.as_ref().map(|t| t.storage_and_layout());
+        let m = match &self.mask {
+            Some(m) => Some(m.device()?.storage_and_layout()),
+            None => None,
+        };
         let mask = match &m {
             Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
             None => None,
@@ -390,42 +419,33 @@ impl CustomOp3 for FlashAttentionBwd {
     }
 }
 
-/// Q, K, V and the mask of the CPU loops, as f64.
-struct CpuInputs {
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    mask: Option<Vec<f64>>,
-}
-
-impl CpuInputs {
-    fn new(mask: Option<&Tensor>, qkv: [(&CpuStorage, &Layout); 3], op: &str) -> Result<Self> {
-        let [q, k, v] = qkv.map(|(s, l)| cpu_as_f64(s, l, op));
-        Ok(CpuInputs {
-            q: q?,
-            k: k?,
-            v: v?,
-            mask: mask.map(tensor_f64).transpose()?,
-        })
-    }
-
-    fn rows(&self, d: Dims, scale: f64) -> Rows<'_> {
-        Rows {
-            d,
-            scale,
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            mask: self.mask.as_deref(),
-        }
+/// The values of a tensor the forward saved, on the CPU.
+fn saved<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
+    x: &'a (G, &Layout),
+    op: &str,
+) -> Result<&'a [T]> {
+    match &*x.0 {
+        candle_core::Storage::Cpu(s) => slice(s, x.1, op),
+        _ => Err(Error::Msg(format!("{op}: saved tensors on another device"))),
     }
 }
 
-fn tensor_f64(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+/// The slices match the op's dimensions (the kernel would panic otherwise).
+fn check_sizes<T: Real>(p: &preftune_kernels::flash::Problem<T>, d: Dims, op: &str) -> Result<()> {
+    let (q, kv) = (d.bg * d.r * d.dh, d.bg * d.tk * d.dh);
+    let mask = d.bg / d.groups.max(1) * d.t * d.tk;
+    if p.q.len() != q
+        || p.k.len() != kv
+        || p.v.len() != kv
+        || p.mask.is_some_and(|m| m.len() != mask)
+    {
+        return Err(Error::Msg(format!("{op}: inputs do not match {d:?}")));
+    }
+    Ok(())
 }
 
-use crate::kernels::{cpu_as_f64, cpu_from_f64};
+use crate::kernels::{dispatch, slice, storage, AttnMask, Real};
+use num_traits::Zero;
 
 #[cfg(test)]
 mod tests {
@@ -458,91 +478,136 @@ mod tests {
         crate::kernel_check::rel_diff(a, b).unwrap()
     }
 
-    /// Grouped-query attention (2 KV groups of 3 query heads), 4 new positions after 5 cached
-    /// ones, causal with one padded row, and without a mask: output and the three gradients
-    /// against the composed ops, in f64 and f32.
-    #[test]
-    fn flash_attention_matches_composed_values_and_gradients() {
-        let dev = Device::Cpu;
-        let (b, g, rep, t, past, dh) = (2, 2, 3, 4, 5, 8);
+    /// A causal mask over `past + t` keys for `b` batch rows; batch row 1 also hides its first
+    /// `pad` keys.
+    fn causal(b: usize, t: usize, past: usize, pad: usize) -> Vec<f32> {
         let tk = past + t;
         let mut m = vec![0f32; b * t * tk];
         for bi in 0..b {
             for i in 0..t {
                 for j in 0..tk {
-                    if j > past + i || (bi == 1 && j < 2) {
+                    if j > past + i || (bi == 1 && j < pad) {
                         m[(bi * t + i) * tk + j] = -1e9;
                     }
                 }
             }
         }
-        let mask = Tensor::from_vec(m, (b, 1, t, tk), &dev).unwrap();
+        m
+    }
+
+    fn var(dims: &[usize], dtype: DType) -> Var {
+        let x = Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap();
+        Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    /// `y`, and the gradients of `sum(y * w)` with respect to `xs`.
+    fn with_grads(y: Tensor, w: &Tensor, xs: [&Var; 3]) -> (Tensor, Vec<Tensor>) {
+        let gs = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = xs
+            .iter()
+            .map(|x| gs.get(x.as_tensor()).unwrap().clone())
+            .collect();
+        (y, grads)
+    }
+
+    /// Both outputs and every gradient within `tol` of each other (relative to the largest).
+    fn assert_close(a: &(Tensor, Vec<Tensor>), b: &(Tensor, Vec<Tensor>), tol: f64, case: &str) {
+        let e = max_rel(&a.0, &b.0);
+        assert!(e < tol, "{case}: output {e}");
+        for (name, (x, y)) in ["q", "k", "v"].iter().zip(a.1.iter().zip(&b.1)) {
+            let e = max_rel(x, y);
+            assert!(e < tol, "{case}: d{name} {e}");
+        }
+    }
+
+    /// Grouped-query attention (2 KV groups of 3 query heads), 4 new positions after 5 cached
+    /// ones, causal with one padded row, and without a mask: output and the three gradients
+    /// against the composed ops, in f64 and f32.
+    #[test]
+    fn flash_attention_matches_composed_values_and_gradients() {
+        let (b, g, rep, t, past, dh) = (2, 2, 3, 4, 5, 8);
+        let tk = past + t;
+        let mask = Tensor::from_vec(causal(b, t, past, 2), (b, 1, t, tk), &Device::Cpu).unwrap();
         for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
             for masked in [true, false] {
-                let mk = |dims: &[usize]| {
-                    Var::from_tensor(
-                        &Tensor::randn(0f64, 1.0, dims, &dev)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap(),
-                    )
-                    .unwrap()
-                };
                 let (q, k, v) = (
-                    mk(&[b, g, rep * t, dh]),
-                    mk(&[b, g, tk, dh]),
-                    mk(&[b, g, tk, dh]),
+                    var(&[b, g, rep * t, dh], dtype),
+                    var(&[b, g, tk, dh], dtype),
+                    var(&[b, g, tk, dh], dtype),
                 );
-                let w = Tensor::randn(0f64, 1.0, (b, g, rep * t, dh), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
+                let w = var(&[b, g, rep * t, dh], dtype).as_tensor().clone();
                 let m = masked.then(|| mask.to_dtype(dtype).unwrap());
                 let scale = 1.0 / (dh as f64).sqrt();
-                let run = |f: &dyn Fn() -> Result<Tensor>| {
-                    let y = f().unwrap();
-                    let gs = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                    let grads: Vec<Tensor> = [&q, &k, &v]
-                        .iter()
-                        .map(|x| gs.get(x.as_tensor()).unwrap().clone())
-                        .collect();
-                    (y, grads)
-                };
-                let (y1, g1) = run(&|| {
-                    flash_attention(
-                        q.as_tensor(),
-                        k.as_tensor(),
-                        v.as_tensor(),
-                        t,
-                        scale,
-                        m.as_ref(),
-                    )
-                });
-                let (y2, g2) = run(&|| {
-                    composed(
-                        q.as_tensor(),
-                        k.as_tensor(),
-                        v.as_tensor(),
-                        t,
-                        scale,
-                        m.as_ref(),
-                    )
-                });
-                assert_eq!(y1.dtype(), dtype);
-                assert!(
-                    max_rel(&y1, &y2) < tol,
-                    "{dtype:?} masked {masked}: output {}",
-                    max_rel(&y1, &y2)
+                let (x, y, z) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                let flash = flash_attention(x, y, z, t, scale, m.as_ref()).unwrap();
+                assert_eq!(flash.dtype(), dtype);
+                let flash = with_grads(flash, &w, [&q, &k, &v]);
+                let reference = composed(x, y, z, t, scale, m.as_ref()).unwrap();
+                let reference = with_grads(reference, &w, [&q, &k, &v]);
+                assert_close(
+                    &flash,
+                    &reference,
+                    tol,
+                    &format!("{dtype:?} masked {masked}"),
                 );
-                for (name, (a, c)) in ["q", "k", "v"].iter().zip(g1.iter().zip(&g2)) {
-                    assert!(
-                        max_rel(a, c) < tol,
-                        "{dtype:?} masked {masked}: d{name} {}",
-                        max_rel(a, c)
-                    );
-                }
             }
         }
+    }
+
+    /// The CPU's tiled path at a training length, through the model's host mask: tiles crossed
+    /// (300 rows of each of two stacked heads, 300 keys), causal, batch row 1 left-padded so
+    /// that its first 37 rows see nothing. Output and gradients against the composed ops.
+    #[test]
+    fn host_mask_path_matches_composed_at_training_lengths() {
+        let dev = Device::Cpu;
+        let (b, g, rep, t, dh, pad) = (2, 2, 2, 300, 16, 37);
+        let m = causal(b, t, 0, pad);
+        let tensor_mask = Tensor::from_vec(m.clone(), (b, 1, t, t), &dev).unwrap();
+        let host = AttnMask {
+            data: Arc::new(m),
+            b,
+            t,
+            tk: t,
+        };
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let (q, k, v) = (
+                var(&[b, g, rep * t, dh], dtype),
+                var(&[b, g, t, dh], dtype),
+                var(&[b, g, t, dh], dtype),
+            );
+            // No loss at the rows that see nothing (padding slots), as in training: in f64 their
+            // scores, 1e9 below the others, keep only 1e-7 of their spread.
+            let mut live = vec![1f64; b * g * rep * t * dh];
+            for (row, x) in live.chunks_exact_mut(dh).enumerate() {
+                let (bi, i) = (row / (g * rep * t), row % t);
+                if bi == 1 && i < pad {
+                    x.fill(0.0);
+                }
+            }
+            let live = Tensor::from_vec(live, (b, g, rep * t, dh), &dev).unwrap();
+            let w = (var(&[b, g, rep * t, dh], dtype).as_tensor() * live.to_dtype(dtype).unwrap())
+                .unwrap();
+            let scale = 1.0 / (dh as f64).sqrt();
+            let m = tensor_mask.to_dtype(dtype).unwrap();
+            let (x, y, z) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let flash = flash_attention_host(x, y, z, t, scale, Some(&host)).unwrap();
+            let flash = with_grads(flash, &w, [&q, &k, &v]);
+            let reference = composed(x, y, z, t, scale, Some(&m)).unwrap();
+            let reference = with_grads(reference, &w, [&q, &k, &v]);
+            assert_close(&flash, &reference, tol, &format!("{dtype:?}"));
+        }
+        let short = AttnMask {
+            data: Arc::new(vec![0.0; 4]),
+            b: 1,
+            t: 2,
+            tk: 2,
+        };
+        let q = Tensor::zeros((2, 1, 2, 4), DType::F32, &dev).unwrap();
+        let err = flash_attention_host(&q, &q, &q, 2, 1.0, Some(&short)).unwrap_err();
+        assert!(
+            err.to_string().contains("mask [1, 2, 2] for [2, 2, 2]"),
+            "{err}"
+        );
     }
 
     #[test]

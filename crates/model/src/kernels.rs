@@ -93,6 +93,19 @@ pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
     }
 }
 
+/// Keys from which attention on the CPU runs in tiles ([`crate::flash::flash_attention_host`]):
+/// neither scores nor probabilities stored, and the tiles a causal mask hides skipped. Below it
+/// the probabilities op and one GEMM with V are as fast (one tile would hold every key).
+pub const CPU_FLASH_MIN_KEYS: usize = 256;
+
+/// Whether attention with queries `q` over `tk` keys runs in tiles on the CPU.
+pub fn cpu_flash_applies(q: &Tensor, tk: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    applies(q)
+        && tk >= CPU_FLASH_MIN_KEYS
+        && !*OFF.get_or_init(|| std::env::var("PREFTUNE_CPU_FLASH").is_ok_and(|v| v == "0"))
+}
+
 /// Whether tensors on `d` take preftune's own CUDA kernels (`preftune-kernels-cuda`): a CUDA
 /// device in a `cuda` build, with `PREFTUNE_CUDA_KERNELS=1`. Off by default until
 /// `scripts/gpu-check.sh` has compared them with the composed ops on a GPU; without them every
@@ -176,8 +189,9 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
-fn storage<T: Real>(v: Vec<T>) -> CpuStorage {
+pub(crate) fn storage<T: Real>(v: Vec<T>) -> CpuStorage {
     T::to_cpu_storage_owned(v)
 }
 

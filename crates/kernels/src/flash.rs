@@ -1,0 +1,807 @@
+//! Attention in tiles on the CPU (flash-attention style), forward and backward, for training:
+//! `softmax(scale * Q K^T + mask) V` without storing the scores or the probabilities. The forward
+//! keeps each query row's log-sum-exp; the backward recomputes the probabilities tile by tile from
+//! it (FlashAttention-2's scheme, on small GEMMs of the `gemm` crate).
+//!
+//! Tiles that the mask hides from every row they hold are skipped: under a causal mask that is
+//! about half of them. A key is hidden when its mask value is at or below [`HIDDEN`]; the skip is
+//! exact because such a key's probability is `exp(-1e9 + ...)`, zero in f32, for every row that
+//! sees any key. A row that sees none (a padding slot) visits every tile and gets the uniform
+//! average the composed softmax gives it.
+//!
+//! The layout is the model's grouped one: unit `u` (batch times KV groups) has `r` query rows (the
+//! query heads of one KV group stacked along time, `r = heads * t`) and `tk` keys and values;
+//! query row `i` reads mask row `i % t` of batch row `u / groups`.
+use rayon::prelude::*;
+
+use crate::fused::Real;
+
+/// Query rows per tile.
+pub const BLOCK_Q: usize = 64;
+/// Keys per tile.
+pub const BLOCK_K: usize = 128;
+/// Mask values at or below this hide a key (the model masks with -1e9).
+pub const HIDDEN: f32 = -1e9;
+
+/// One attention problem: `q` `[units, r, dh]`, `k` and `v` `[units, tk, dh]`, an additive `mask`
+/// `[units / groups, t, tk]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Problem<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub mask: Option<&'a [f32]>,
+    /// KV groups per batch row: unit `u` reads batch row `u / groups` of the mask.
+    pub groups: usize,
+    pub r: usize,
+    pub t: usize,
+    pub tk: usize,
+    pub dh: usize,
+    pub scale: T,
+}
+
+impl<T: Real> Problem<'_, T> {
+    fn units(&self) -> usize {
+        self.q.len() / (self.r * self.dh).max(1)
+    }
+
+    /// Panics unless the slices hold whole units of the stated sizes.
+    fn check(&self, what: &str) {
+        let (r, t, tk, dh) = (self.r, self.t, self.tk, self.dh);
+        assert!(
+            r > 0 && t > 0 && tk > 0 && dh > 0 && self.groups > 0 && r % t == 0,
+            "{what}: r {r}, t {t}, tk {tk}, dh {dh}, groups {}",
+            self.groups
+        );
+        let u = self.units();
+        assert_eq!(self.q.len(), u * r * dh, "{what}: q is not whole units");
+        assert_eq!(self.k.len(), u * tk * dh, "{what}: k size");
+        assert_eq!(self.v.len(), u * tk * dh, "{what}: v size");
+        if let Some(m) = self.mask {
+            assert_eq!(u % self.groups, 0, "{what}: units not whole batch rows");
+            assert_eq!(m.len(), u / self.groups * t * tk, "{what}: mask size");
+        }
+    }
+
+    /// What each mask row of every batch row sees ([`Live`]), one list per batch row.
+    fn live(&self) -> Vec<Vec<Live>> {
+        let (t, tk) = (self.t, self.tk);
+        let Some(mask) = self.mask else {
+            let all = Live {
+                lo: 0,
+                hi: tk,
+                clean: true,
+            };
+            return vec![vec![all; t]];
+        };
+        mask.par_chunks(t * tk)
+            .map(|rows| rows.chunks_exact(tk).map(Live::of).collect())
+            .collect()
+    }
+
+    /// Unit `u`'s rows' [`Live`] (every unit shares one when there is no mask).
+    fn live_of<'l>(&self, live: &'l [Vec<Live>], u: usize) -> &'l [Live] {
+        &live[if self.mask.is_some() {
+            u / self.groups
+        } else {
+            0
+        }]
+    }
+
+    /// The keys some row of `a..a + n` may see.
+    fn block_live(&self, live: &[Live], a: usize, n: usize) -> (usize, usize) {
+        (a..a + n)
+            .map(|i| live[i % self.t])
+            .fold((self.tk, 0), |(lo, hi), l| (lo.min(l.lo), hi.max(l.hi)))
+    }
+
+    /// Unit `u`'s mask values for query row `i`, keys `j0..j0 + n`.
+    fn mask_row(&self, u: usize, i: usize, j0: usize, n: usize) -> Option<&[f32]> {
+        let (t, tk) = (self.t, self.tk);
+        self.mask
+            .map(|m| &m[((u / self.groups) * t + i % t) * tk + j0..][..n])
+    }
+
+    /// `s = scale * q K[j0..j0 + nk]^T + mask` for the `n` query rows of `q` starting at row `a`
+    /// of unit `u` (whose rows see `live`); `s` is `n x nk`.
+    #[inline(always)]
+    fn scores(&self, (u, live): (usize, &[Live]), a: usize, q: &[T], j0: usize, s: &mut [T]) {
+        let (dh, n) = (self.dh, q.len() / self.dh);
+        let nk = s.len() / n;
+        let k = &self.k[(u * self.tk + j0) * dh..][..nk * dh];
+        // SAFETY: `s` holds n x nk values, `q` n x dh and `k` nk x dh (sliced above), at the
+        // strides given; `s` aliases neither.
+        unsafe {
+            gemm::gemm(
+                n,
+                nk,
+                dh,
+                s.as_mut_ptr(),
+                1,
+                nk as isize,
+                false,
+                q.as_ptr(),
+                1,
+                dh as isize,
+                k.as_ptr(),
+                dh as isize,
+                1,
+                T::zero(),
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        if self.mask.is_some() {
+            for (i, row) in s.chunks_exact_mut(nk).enumerate() {
+                // Adding zeros changes nothing: only rows with hidden keys in the tile add.
+                if live[(a + i) % self.t].sees_all(j0, j0 + nk) {
+                    continue;
+                }
+                if let Some(m) = self.mask_row(u, a + i, j0, nk) {
+                    row.iter_mut()
+                        .zip(m)
+                        .for_each(|(x, &m)| *x += T::of(m as f64));
+                }
+            }
+        }
+    }
+}
+
+/// The keys one mask row may see: `lo..hi` holds every key it sees (all keys for a row that sees
+/// none), and `clean` says it sees every key in there (its mask is zero there).
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    lo: usize,
+    hi: usize,
+    clean: bool,
+}
+
+impl Live {
+    fn of(row: &[f32]) -> Live {
+        // Whole chunks at a time, with no early exit inside one, so that the tests vectorise:
+        // a causal mask's rows are mostly hidden keys, scanned at every layer's call.
+        const C: usize = 32;
+        let seen = |c: &[f32]| c.iter().fold(false, |a, &m| a | (m > HIDDEN));
+        let tk = row.len();
+        let Some(first) = row.chunks(C).position(seen) else {
+            return Live {
+                lo: 0,
+                hi: tk,
+                clean: false,
+            };
+        };
+        let lo = first * C
+            + row[first * C..]
+                .iter()
+                .position(|&m| m > HIDDEN)
+                .unwrap_or(0);
+        let tail = row.len() % C;
+        let last = match row[tk - tail..].iter().rposition(|&m| m > HIDDEN) {
+            Some(j) => tk - tail + j,
+            None => {
+                let c = row[..tk - tail]
+                    .rchunks_exact(C)
+                    .position(seen)
+                    .unwrap_or(0);
+                let start = tk - tail - (c + 1) * C;
+                start
+                    + row[start..start + C]
+                        .iter()
+                        .rposition(|&m| m > HIDDEN)
+                        .unwrap_or(0)
+            }
+        };
+        let hi = last + 1;
+        let clean = row[lo..hi]
+            .chunks(C)
+            .all(|c| c.iter().fold(true, |a, &m| a & (m == 0.0)));
+        Live { lo, hi, clean }
+    }
+
+    /// Whether keys `j0..j1` all have a zero mask.
+    fn sees_all(&self, j0: usize, j1: usize) -> bool {
+        self.clean && self.lo <= j0 && j1 <= self.hi
+    }
+}
+
+/// `dst (m x n, row stride ld) += lhs (m x k) rhs (k x n)`, or `=` when `!add`; each operand given
+/// with its (row, column) strides.
+///
+/// # Safety
+/// Every operand's pointer must cover the `m x k`, `k x n` and `m x n` elements its strides reach,
+/// and `dst` must alias neither input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    ld: usize,
+    add: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ld as isize,
+            add,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out` (`[units, r, dh]`) and each query row's log-sum-exp `lse` (`[units, r]`).
+pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], lse: &mut [T]) {
+    p.check("flash::forward");
+    let (r, dh) = (p.r, p.dh);
+    assert_eq!(out.len(), p.q.len(), "flash::forward: out size");
+    assert_eq!(lse.len(), p.units() * r, "flash::forward: lse size");
+    let live = p.live();
+    out.par_chunks_mut(r * dh)
+        .zip(lse.par_chunks_mut(r))
+        .enumerate()
+        .for_each(|(u, (out, lse))| {
+            let live = p.live_of(&live, u);
+            out.par_chunks_mut(BLOCK_Q * dh)
+                .zip(lse.par_chunks_mut(BLOCK_Q))
+                .enumerate()
+                .for_each(|(blk, (o, l))| forward_block(p, (u, live), blk * BLOCK_Q, o, l));
+        });
+}
+
+/// Rows `a..a + lse.len()` of unit `u`: the online softmax over the tiles they may see.
+fn forward_block<T: Real>(
+    p: &Problem<T>,
+    ul: (usize, &[Live]),
+    a: usize,
+    o: &mut [T],
+    lse: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::vmath::available() {
+        // SAFETY: `vmath::available` checked that the CPU has AVX-512F, all `avx512` requires.
+        return unsafe { avx512::forward_block(p, ul, a, o, lse) };
+    }
+    forward_block_body(p, ul, a, o, lse)
+}
+
+/// The elementwise loops (masks, `dS`, rescaling) compiled for AVX-512 (the crate targets
+/// baseline x86-64); the products are the `gemm` crate's, which picks its own.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_block<T: Real>(
+        p: &Problem<T>,
+        ul: (usize, &[Live]),
+        a: usize,
+        o: &mut [T],
+        lse: &mut [T],
+    ) {
+        forward_block_body(p, ul, a, o, lse)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn backward_unit<T: Real>(
+        p: &Problem<T>,
+        ul: (usize, &[Live]),
+        g: Unit<T>,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) {
+        backward_unit_body(p, ul, g, dq, dk, dv)
+    }
+}
+
+#[inline(always)]
+fn forward_block_body<T: Real>(
+    p: &Problem<T>,
+    (u, live): (usize, &[Live]),
+    a: usize,
+    o: &mut [T],
+    lse: &mut [T],
+) {
+    let (dh, n) = (p.dh, lse.len());
+    let q = &p.q[(u * p.r + a) * dh..][..n * dh];
+    let (lo, hi) = p.block_live(live, a, n);
+    let mut s = vec![T::zero(); n * BLOCK_K.min(hi - lo)];
+    let mut max = vec![T::neg_infinity(); n];
+    let mut sum = vec![T::zero(); n];
+    o.fill(T::zero());
+    let mut j0 = lo;
+    while j0 < hi {
+        let nk = BLOCK_K.min(hi - j0);
+        let s = &mut s[..n * nk];
+        p.scores((u, live), a, q, j0, s);
+        for (i, (row, orow)) in s
+            .chunks_exact_mut(nk)
+            .zip(o.chunks_exact_mut(dh))
+            .enumerate()
+        {
+            let top = T::max_of(row);
+            // A NaN score makes the row NaN (the trainer stops on it), as the composed op would.
+            let m = if top.is_nan() { top } else { max[i].max(top) };
+            if m == T::neg_infinity() {
+                row.fill(T::zero());
+                continue;
+            }
+            // exp(-inf) = 0 on a row's first tile: nothing to rescale.
+            let corr = (max[i] - m).exp();
+            sum[i] = sum[i] * corr + T::exp_shifted(row, m);
+            if corr != T::one() {
+                orow.iter_mut().for_each(|x| *x *= corr);
+            }
+            max[i] = m;
+        }
+        let v = &p.v[(u * p.tk + j0) * dh..][..nk * dh];
+        // SAFETY: `o` holds n x dh, `s` n x nk and `v` nk x dh values at these strides; `o`
+        // aliases neither.
+        unsafe {
+            mm(
+                (n, dh, nk),
+                o.as_mut_ptr(),
+                dh,
+                true,
+                (s.as_ptr(), nk, 1),
+                (v.as_ptr(), dh, 1),
+            )
+        };
+        j0 += nk;
+    }
+    for ((orow, l), (&m, &z)) in o
+        .chunks_exact_mut(dh)
+        .zip(lse.iter_mut())
+        .zip(max.iter().zip(&sum))
+    {
+        let inv = z.recip();
+        orow.iter_mut().for_each(|x| *x *= inv);
+        *l = m + z.ln();
+    }
+}
+
+/// The gradients `dq` (`[units, r, dh]`), `dk` and `dv` (`[units, tk, dh]`) from the forward's
+/// `out` and `lse` and the output's gradient `dout`. Units run in parallel, each one's tiles in
+/// order, so the sums are the same on every run.
+pub fn backward<T: Real>(
+    p: &Problem<T>,
+    (out, dout, lse): (&[T], &[T], &[T]),
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    p.check("flash::backward");
+    let (r, tk, dh) = (p.r, p.tk, p.dh);
+    for (x, n, what) in [
+        (out.len(), p.q.len(), "out"),
+        (dout.len(), p.q.len(), "dout"),
+        (lse.len(), p.units() * r, "lse"),
+        (dq.len(), p.q.len(), "dq"),
+        (dk.len(), p.k.len(), "dk"),
+        (dv.len(), p.v.len(), "dv"),
+    ] {
+        assert_eq!(x, n, "flash::backward: {what} size");
+    }
+    let live = p.live();
+    dq.par_chunks_mut(r * dh)
+        .zip(dk.par_chunks_mut(tk * dh))
+        .zip(dv.par_chunks_mut(tk * dh))
+        .enumerate()
+        .for_each(|(u, ((dq, dk), dv))| {
+            let rows = u * r * dh..(u + 1) * r * dh;
+            let g = Unit {
+                out: &out[rows.clone()],
+                dout: &dout[rows],
+                lse: &lse[u * r..][..r],
+            };
+            backward_unit(p, (u, p.live_of(&live, u)), g, dq, dk, dv)
+        });
+}
+
+/// One unit's forward output, its gradient and log-sum-exps.
+struct Unit<'a, T> {
+    out: &'a [T],
+    dout: &'a [T],
+    lse: &'a [T],
+}
+
+fn backward_unit<T: Real>(
+    p: &Problem<T>,
+    ul: (usize, &[Live]),
+    g: Unit<T>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::vmath::available() {
+        // SAFETY: `vmath::available` checked that the CPU has AVX-512F, all `avx512` requires.
+        return unsafe { avx512::backward_unit(p, ul, g, dq, dk, dv) };
+    }
+    backward_unit_body(p, ul, g, dq, dk, dv)
+}
+
+#[inline(always)]
+fn backward_unit_body<T: Real>(
+    p: &Problem<T>,
+    (u, live): (usize, &[Live]),
+    g: Unit<T>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (r, dh) = (p.r, p.dh);
+    for x in [&mut *dq, &mut *dk, &mut *dv] {
+        x.fill(T::zero());
+    }
+    // D = rowsum(dO * O), the softmax backward's correction per row.
+    let d: Vec<T> = g
+        .out
+        .chunks_exact(dh)
+        .zip(g.dout.chunks_exact(dh))
+        .map(|(o, go)| o.iter().zip(go).map(|(&a, &b)| a * b).sum())
+        .collect();
+    let q_unit = &p.q[u * r * dh..][..r * dh];
+    // On the heap: up to 64 KB each.
+    #[allow(clippy::useless_vec)]
+    let (mut s, mut ds) = (
+        vec![T::zero(); BLOCK_Q * BLOCK_K],
+        vec![T::zero(); BLOCK_Q * BLOCK_K],
+    );
+    for a in (0..r).step_by(BLOCK_Q) {
+        let n = BLOCK_Q.min(r - a);
+        let q = &q_unit[a * dh..][..n * dh];
+        let go = &g.dout[a * dh..][..n * dh];
+        let dq_blk = &mut dq[a * dh..][..n * dh];
+        let (lo, hi) = p.block_live(live, a, n);
+        let mut j0 = lo;
+        while j0 < hi {
+            let nk = BLOCK_K.min(hi - j0);
+            let (s, ds) = (&mut s[..n * nk], &mut ds[..n * nk]);
+            // P = exp(S - lse), as the forward normalised it.
+            p.scores((u, live), a, q, j0, s);
+            for (i, row) in s.chunks_exact_mut(nk).enumerate() {
+                T::exp_shifted(row, g.lse[a + i]);
+            }
+            let kv = (u * p.tk + j0) * dh..(u * p.tk + j0 + nk) * dh;
+            let (k, v) = (&p.k[kv.clone()], &p.v[kv]);
+            let (dk, dv) = (&mut dk[j0 * dh..][..nk * dh], &mut dv[j0 * dh..][..nk * dh]);
+            // SAFETY: every operand was sliced to the extent its strides reach (n x nk tiles,
+            // n x dh query rows, nk x dh keys and values); the destinations, `dv` and `ds`, alias
+            // no input.
+            unsafe {
+                // dV += P^T dO
+                mm(
+                    (nk, dh, n),
+                    dv.as_mut_ptr(),
+                    dh,
+                    true,
+                    (s.as_ptr(), 1, nk),
+                    (go.as_ptr(), dh, 1),
+                );
+                // dP = dO V^T
+                mm(
+                    (n, nk, dh),
+                    ds.as_mut_ptr(),
+                    nk,
+                    false,
+                    (go.as_ptr(), dh, 1),
+                    (v.as_ptr(), 1, dh),
+                );
+            }
+            // dS = scale * P * (dP - D)
+            for (i, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(s.chunks_exact(nk)).enumerate() {
+                let di = d[a + i];
+                dsr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(x, &pv)| *x = p.scale * pv * (*x - di));
+            }
+            // SAFETY: as above; the destinations, `dq` and `dk`, alias no input.
+            unsafe {
+                // dQ += dS K
+                mm(
+                    (n, dh, nk),
+                    dq_blk.as_mut_ptr(),
+                    dh,
+                    true,
+                    (ds.as_ptr(), nk, 1),
+                    (k.as_ptr(), dh, 1),
+                );
+                // dK += dS^T Q
+                mm(
+                    (nk, dh, n),
+                    dk.as_mut_ptr(),
+                    dh,
+                    true,
+                    (ds.as_ptr(), 1, nk),
+                    (q.as_ptr(), dh, 1),
+                );
+            }
+            j0 += nk;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain f64 attention and its gradients, row by row over every key.
+    fn reference(p: &Problem<f64>, w: &[f64]) -> (Vec<f64>, [Vec<f64>; 3]) {
+        let (r, tk, dh) = (p.r, p.tk, p.dh);
+        let units = p.units();
+        let mut out = vec![0.0; p.q.len()];
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; p.q.len()],
+            vec![0.0; p.k.len()],
+            vec![0.0; p.v.len()],
+        );
+        for u in 0..units {
+            for i in 0..r {
+                let q = &p.q[(u * r + i) * dh..][..dh];
+                let s: Vec<f64> = (0..tk)
+                    .map(|j| {
+                        let k = &p.k[(u * tk + j) * dh..][..dh];
+                        let m = p.mask_row(u, i, j, 1).map_or(0.0, |m| m[0] as f64);
+                        p.scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() + m
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                let pr: Vec<f64> = s.iter().map(|x| (x - mx).exp() / z).collect();
+                let row = (u * r + i) * dh;
+                for (j, &pj) in pr.iter().enumerate() {
+                    for e in 0..dh {
+                        out[row + e] += pj * p.v[(u * tk + j) * dh + e];
+                    }
+                }
+                // Loss sum(w * out): dO = w.
+                let go = &w[row..][..dh];
+                let dp: Vec<f64> = (0..tk)
+                    .map(|j| (0..dh).map(|e| go[e] * p.v[(u * tk + j) * dh + e]).sum())
+                    .collect();
+                let dd: f64 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..tk {
+                    let dsj = p.scale * pr[j] * (dp[j] - dd);
+                    let key = (u * tk + j) * dh;
+                    for e in 0..dh {
+                        dq[row + e] += dsj * p.k[key + e];
+                        dk[key + e] += dsj * q[e];
+                        dv[key + e] += pr[j] * go[e];
+                    }
+                }
+            }
+        }
+        (out, [dq, dk, dv])
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect()
+    }
+
+    /// A causal mask over `past + t` keys for `b` batch rows; batch row 1 has its first `pad` keys
+    /// padded (so its first `pad - past` query rows see nothing), the last row (`b` > 2) a hole.
+    fn causal_mask(b: usize, t: usize, past: usize, pad: usize) -> Vec<f32> {
+        let tk = past + t;
+        let mut m = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..tk {
+                    let hidden =
+                        j > past + i || (bi == 1 && j < pad) || (bi == 2 && (40..45).contains(&j));
+                    if hidden {
+                        m[(bi * t + i) * tk + j] = -1e9;
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// Shapes crossing tile edges (rows and keys not multiples of the blocks, heads stacked so
+    /// that a tile straddles two), with and without a causal and padding mask, in f64 (to 1e-12)
+    /// and f32 (to 2e-5): output and the three gradients against the plain loop.
+    #[test]
+    fn tiles_match_the_plain_loop() {
+        // (batch, groups, heads per group, t, past, dh, pad)
+        for &(b, groups, heads, t, past, dh, pad) in &[
+            (3, 2, 3, 150, 20, 16, 60),
+            (1, 1, 1, 1, 7, 8, 0),
+            (2, 1, 2, 200, 0, 32, 130),
+            (1, 3, 1, 64, 64, 64, 0),
+        ] {
+            let (r, tk) = (heads * t, past + t);
+            let units = b * groups;
+            let q = values(units * r * dh, 1);
+            let k = values(units * tk * dh, 2);
+            let v = values(units * tk * dh, 3);
+            let mask = causal_mask(b, t, past, pad);
+            // Rows that see no key (padding slots) carry no loss, as in training: in f32 their
+            // scores all round to -1e9 and the softmax is uniform, where f64 keeps their spread.
+            let dead = |u: usize, i: usize| {
+                mask[((u / groups) * t + i % t) * tk..][..tk]
+                    .iter()
+                    .all(|&m| m <= HIDDEN)
+            };
+            let mut w = values(units * r * dh, 4);
+            for (row, wr) in w.chunks_exact_mut(dh).enumerate() {
+                if dead(row / r, row % r) {
+                    wr.fill(0.0);
+                }
+            }
+            for masked in [true, false] {
+                let p = Problem {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    mask: masked.then_some(&mask[..]),
+                    groups,
+                    r,
+                    t,
+                    tk,
+                    dh,
+                    scale: 1.0 / (dh as f64).sqrt(),
+                };
+                let (want, [dq0, dk0, dv0]) = reference(&p, &w);
+                let mut out = vec![0.0; q.len()];
+                let mut lse = vec![0.0; units * r];
+                forward(&p, &mut out, &mut lse);
+                let (mut dq, mut dk, mut dv) =
+                    (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+                backward(&p, (&out, &w, &lse), &mut dq, &mut dk, &mut dv);
+                let case = format!("{b}x{groups}x{heads} t {t} past {past} masked {masked}");
+                for (what, got, want) in [
+                    ("out", &out, &want),
+                    ("dq", &dq, &dq0),
+                    ("dk", &dk, &dk0),
+                    ("dv", &dv, &dv0),
+                ] {
+                    let e = max_diff(got, want);
+                    assert!(e < 1e-12, "f64 {case}: {what} off by {e}");
+                }
+
+                let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+                let (q32, k32, v32, w32) = (f(&q), f(&k), f(&v), f(&w));
+                let p32 = Problem {
+                    q: &q32,
+                    k: &k32,
+                    v: &v32,
+                    mask: p.mask,
+                    groups,
+                    r,
+                    t,
+                    tk,
+                    dh,
+                    scale: p.scale as f32,
+                };
+                let mut out = vec![0f32; q.len()];
+                let mut lse = vec![0f32; units * r];
+                forward(&p32, &mut out, &mut lse);
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; q.len()],
+                    vec![0f32; k.len()],
+                    vec![0f32; v.len()],
+                );
+                backward(&p32, (&out, &w32, &lse), &mut dq, &mut dk, &mut dv);
+                let g = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                let mut want = want.clone();
+                for (row, o) in out.chunks_exact(dh).enumerate() {
+                    let u = row / r;
+                    if masked && dead(u, row % r) {
+                        // The uniform average of the unit's values.
+                        for (e, &x) in o.iter().enumerate() {
+                            let mean =
+                                (0..tk).map(|j| v[(u * tk + j) * dh + e]).sum::<f64>() / tk as f64;
+                            assert!((x as f64 - mean).abs() < 1e-5, "{case}: dead row {row}");
+                            want[row * dh + e] = x as f64;
+                        }
+                    }
+                }
+                for (what, got, want) in [
+                    ("out", g(&out), &want),
+                    ("dq", g(&dq), &dq0),
+                    ("dk", g(&dk), &dk0),
+                    ("dv", g(&dv), &dv0),
+                ] {
+                    let e = max_diff(&got, want);
+                    assert!(e < 2e-5, "f32 {case}: {what} off by {e}");
+                }
+            }
+        }
+    }
+
+    /// The range of keys a mask row sees, found a chunk at a time, against the plain scan.
+    #[test]
+    fn live_ranges_match_a_plain_scan() {
+        for tk in [1, 5, 31, 32, 33, 64, 100, 130] {
+            for lo in 0..tk.min(40) {
+                for hi in [lo + 1, (lo + 7).min(tk), tk] {
+                    for hole in [None, Some((lo + hi) / 2)] {
+                        let mut row = vec![-1e9f32; tk];
+                        row[lo..hi].fill(0.0);
+                        if let Some(h) = hole.filter(|&h| h > lo && h + 1 < hi) {
+                            row[h] = -1e9;
+                        }
+                        let l = Live::of(&row);
+                        let clean = row[lo..hi].iter().all(|&m| m == 0.0);
+                        assert_eq!((l.lo, l.hi, l.clean), (lo, hi, clean), "tk {tk} {lo}..{hi}");
+                    }
+                }
+            }
+            let l = Live::of(&vec![-1e9f32; tk]);
+            assert_eq!(
+                (l.lo, l.hi, l.clean),
+                (0, tk, false),
+                "a row that sees nothing"
+            );
+        }
+    }
+
+    /// Under a causal mask the tiles above the diagonal are never visited: a NaN planted in a key
+    /// that no query row of an early tile may see does not reach those rows.
+    #[test]
+    fn hidden_tiles_are_skipped() {
+        let (t, dh) = (2 * BLOCK_K, 8);
+        let mut k = vec![0.5f32; t * dh];
+        let v = vec![1f32; t * dh];
+        let q = vec![0.25f32; t * dh];
+        k[(t - 1) * dh] = f32::NAN;
+        let mask = causal_mask(1, t, 0, 0);
+        let p = Problem {
+            q: &q,
+            k: &k,
+            v: &v,
+            mask: Some(&mask),
+            groups: 1,
+            r: t,
+            t,
+            tk: t,
+            dh,
+            scale: 1.0,
+        };
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; t];
+        forward(&p, &mut out, &mut lse);
+        assert!(out[..BLOCK_K * dh].iter().all(|&x| (x - 1.0).abs() < 1e-6));
+        assert!(out[(t - 1) * dh].is_nan(), "the last row sees the NaN key");
+    }
+}
