@@ -1,7 +1,8 @@
 //! Attention in tiles on the CPU (flash-attention style), forward and backward, for training:
 //! `softmax(scale * Q K^T + mask) V` without storing the scores or the probabilities. The forward
-//! keeps each query row's log-sum-exp; the backward recomputes the probabilities tile by tile from
-//! it (FlashAttention-2's scheme, on small GEMMs of the `gemm` crate).
+//! keeps each query row's softmax statistics (its largest score and the log of its sum of
+//! exponentials); the backward recomputes the probabilities tile by tile from them
+//! (FlashAttention-2's scheme, on small GEMMs of the `gemm` crate).
 //!
 //! Tiles that the mask hides from every row they hold are skipped: under a causal mask that is
 //! about half of them. A key is hidden when its mask value is at or below [`HIDDEN`]; the skip is
@@ -248,39 +249,42 @@ unsafe fn mm<T: Real>(
     }
 }
 
-/// `out` (`[units, r, dh]`) and each query row's log-sum-exp `lse` (`[units, r]`).
-pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], lse: &mut [T]) {
+/// `out` (`[units, r, dh]`) and each query row's softmax statistics `stats` (`[units, r, 2]`: the
+/// row's largest score, then the log of its sum of `exp(score - largest)`). Their sum is the row's
+/// log-sum-exp; they are kept apart because a row that sees no key has every score at -1e9 in f32,
+/// where the log-sum-exp would round its `ln(tk)` away.
+pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], stats: &mut [T]) {
     p.check("flash::forward");
     let (r, dh) = (p.r, p.dh);
     assert_eq!(out.len(), p.q.len(), "flash::forward: out size");
-    assert_eq!(lse.len(), p.units() * r, "flash::forward: lse size");
+    assert_eq!(stats.len(), 2 * p.units() * r, "flash::forward: stats size");
     let live = p.live();
     out.par_chunks_mut(r * dh)
-        .zip(lse.par_chunks_mut(r))
+        .zip(stats.par_chunks_mut(2 * r))
         .enumerate()
-        .for_each(|(u, (out, lse))| {
+        .for_each(|(u, (out, stats))| {
             let live = p.live_of(&live, u);
             out.par_chunks_mut(BLOCK_Q * dh)
-                .zip(lse.par_chunks_mut(BLOCK_Q))
+                .zip(stats.par_chunks_mut(2 * BLOCK_Q))
                 .enumerate()
                 .for_each(|(blk, (o, l))| forward_block(p, (u, live), blk * BLOCK_Q, o, l));
         });
 }
 
-/// Rows `a..a + lse.len()` of unit `u`: the online softmax over the tiles they may see.
+/// Rows `a..a + stats.len() / 2` of unit `u`: the online softmax over the tiles they may see.
 fn forward_block<T: Real>(
     p: &Problem<T>,
     ul: (usize, &[Live]),
     a: usize,
     o: &mut [T],
-    lse: &mut [T],
+    stats: &mut [T],
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::vmath::available() {
         // SAFETY: `vmath::available` checked that the CPU has AVX-512F, all `avx512` requires.
-        return unsafe { avx512::forward_block(p, ul, a, o, lse) };
+        return unsafe { avx512::forward_block(p, ul, a, o, stats) };
     }
-    forward_block_body(p, ul, a, o, lse)
+    forward_block_body(p, ul, a, o, stats)
 }
 
 /// The elementwise loops (masks, `dS`, rescaling) compiled for AVX-512 (the crate targets
@@ -297,9 +301,9 @@ mod avx512 {
         ul: (usize, &[Live]),
         a: usize,
         o: &mut [T],
-        lse: &mut [T],
+        stats: &mut [T],
     ) {
-        forward_block_body(p, ul, a, o, lse)
+        forward_block_body(p, ul, a, o, stats)
     }
 
     /// # Safety
@@ -323,9 +327,9 @@ fn forward_block_body<T: Real>(
     (u, live): (usize, &[Live]),
     a: usize,
     o: &mut [T],
-    lse: &mut [T],
+    stats: &mut [T],
 ) {
-    let (dh, n) = (p.dh, lse.len());
+    let (dh, n) = (p.dh, stats.len() / 2);
     let q = &p.q[(u * p.r + a) * dh..][..n * dh];
     let (lo, hi) = p.block_live(live, a, n);
     let mut s = vec![T::zero(); n * BLOCK_K.min(hi - lo)];
@@ -372,23 +376,24 @@ fn forward_block_body<T: Real>(
         };
         j0 += nk;
     }
-    for ((orow, l), (&m, &z)) in o
+    for ((orow, st), (&m, &z)) in o
         .chunks_exact_mut(dh)
-        .zip(lse.iter_mut())
+        .zip(stats.chunks_exact_mut(2))
         .zip(max.iter().zip(&sum))
     {
         let inv = z.recip();
         orow.iter_mut().for_each(|x| *x *= inv);
-        *l = m + z.ln();
+        st[0] = m;
+        st[1] = z.ln();
     }
 }
 
 /// The gradients `dq` (`[units, r, dh]`), `dk` and `dv` (`[units, tk, dh]`) from the forward's
-/// `out` and `lse` and the output's gradient `dout`. Units run in parallel, each one's tiles in
+/// `out` and `stats` and the output's gradient `dout`. Units run in parallel, each one's tiles in
 /// order, so the sums are the same on every run.
 pub fn backward<T: Real>(
     p: &Problem<T>,
-    (out, dout, lse): (&[T], &[T], &[T]),
+    (out, dout, stats): (&[T], &[T], &[T]),
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -398,7 +403,7 @@ pub fn backward<T: Real>(
     for (x, n, what) in [
         (out.len(), p.q.len(), "out"),
         (dout.len(), p.q.len(), "dout"),
-        (lse.len(), p.units() * r, "lse"),
+        (stats.len(), 2 * p.units() * r, "stats"),
         (dq.len(), p.q.len(), "dq"),
         (dk.len(), p.k.len(), "dk"),
         (dv.len(), p.v.len(), "dv"),
@@ -415,17 +420,17 @@ pub fn backward<T: Real>(
             let g = Unit {
                 out: &out[rows.clone()],
                 dout: &dout[rows],
-                lse: &lse[u * r..][..r],
+                stats: &stats[2 * u * r..][..2 * r],
             };
             backward_unit(p, (u, p.live_of(&live, u)), g, dq, dk, dv)
         });
 }
 
-/// One unit's forward output, its gradient and log-sum-exps.
+/// One unit's forward output, its gradient and softmax statistics.
 struct Unit<'a, T> {
     out: &'a [T],
     dout: &'a [T],
-    lse: &'a [T],
+    stats: &'a [T],
 }
 
 fn backward_unit<T: Real>(
@@ -481,10 +486,13 @@ fn backward_unit_body<T: Real>(
         while j0 < hi {
             let nk = BLOCK_K.min(hi - j0);
             let (s, ds) = (&mut s[..n * nk], &mut ds[..n * nk]);
-            // P = exp(S - lse), as the forward normalised it.
+            // P = exp(S - max) / sum, as the forward normalised it.
             p.scores((u, live), a, q, j0, s);
             for (i, row) in s.chunks_exact_mut(nk).enumerate() {
-                T::exp_shifted(row, g.lse[a + i]);
+                let st = &g.stats[2 * (a + i)..][..2];
+                T::exp_shifted(row, st[0]);
+                let inv = (-st[1]).exp();
+                row.iter_mut().for_each(|x| *x *= inv);
             }
             let kv = (u * p.tk + j0) * dh..(u * p.tk + j0 + nk) * dh;
             let (k, v) = (&p.k[kv.clone()], &p.v[kv]);
@@ -549,8 +557,10 @@ fn backward_unit_body<T: Real>(
 mod tests {
     use super::*;
 
-    /// Plain f64 attention and its gradients, row by row over every key.
-    fn reference(p: &Problem<f64>, w: &[f64]) -> (Vec<f64>, [Vec<f64>; 3]) {
+    /// Plain f64 attention and its gradients, row by row over every key. With `uniform_dead`,
+    /// rows that see no key take the uniform average, as f32 gives them (their scores all round
+    /// to -1e9); otherwise f64's softmax of their scores.
+    fn reference(p: &Problem<f64>, w: &[f64], uniform_dead: bool) -> (Vec<f64>, [Vec<f64>; 3]) {
         let (r, tk, dh) = (p.r, p.tk, p.dh);
         let units = p.units();
         let mut out = vec![0.0; p.q.len()];
@@ -562,16 +572,24 @@ mod tests {
         for u in 0..units {
             for i in 0..r {
                 let q = &p.q[(u * r + i) * dh..][..dh];
+                // Unit u is batch row u / groups; query row i reads mask row i % t.
+                let mrow = p
+                    .mask
+                    .map(|m| &m[((u / p.groups) * p.t + i % p.t) * tk..][..tk]);
                 let s: Vec<f64> = (0..tk)
                     .map(|j| {
                         let k = &p.k[(u * tk + j) * dh..][..dh];
-                        let m = p.mask_row(u, i, j, 1).map_or(0.0, |m| m[0] as f64);
+                        let m = mrow.map_or(0.0, |m| m[j] as f64);
                         p.scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() + m
                     })
                     .collect();
                 let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                let pr: Vec<f64> = s.iter().map(|x| (x - mx).exp() / z).collect();
+                let dead = mrow.is_some_and(|m| m.iter().all(|&x| x <= HIDDEN));
+                let pr: Vec<f64> = match dead && uniform_dead {
+                    true => vec![1.0 / tk as f64; tk],
+                    false => s.iter().map(|x| (x - mx).exp() / z).collect(),
+                };
                 let row = (u * r + i) * dh;
                 for (j, &pj) in pr.iter().enumerate() {
                     for e in 0..dh {
@@ -655,16 +673,17 @@ mod tests {
             let k = values(units * tk * dh, 2);
             let v = values(units * tk * dh, 3);
             let mask = causal_mask(b, t, past, pad);
-            // Rows that see no key (padding slots) carry no loss, as in training: in f32 their
-            // scores all round to -1e9 and the softmax is uniform, where f64 keeps their spread.
-            let dead = |u: usize, i: usize| {
-                mask[((u / groups) * t + i % t) * tk..][..tk]
+            let w = values(units * r * dh, 4);
+            // In f64 the rows that see no key (padding slots) keep 1e-7 of their scores' spread
+            // under -1e9, which the tiles round otherwise than the plain loop: no loss there, as
+            // in training. In f32 they are uniform on both sides and carry a loss.
+            let mut w_live = w.clone();
+            for (row, wr) in w_live.chunks_exact_mut(dh).enumerate() {
+                let (u, i) = (row / r, row % r);
+                if mask[((u / groups) * t + i % t) * tk..][..tk]
                     .iter()
                     .all(|&m| m <= HIDDEN)
-            };
-            let mut w = values(units * r * dh, 4);
-            for (row, wr) in w.chunks_exact_mut(dh).enumerate() {
-                if dead(row / r, row % r) {
+                {
                     wr.fill(0.0);
                 }
             }
@@ -681,23 +700,10 @@ mod tests {
                     dh,
                     scale: 1.0 / (dh as f64).sqrt(),
                 };
-                let (want, [dq0, dk0, dv0]) = reference(&p, &w);
-                let mut out = vec![0.0; q.len()];
-                let mut lse = vec![0.0; units * r];
-                forward(&p, &mut out, &mut lse);
-                let (mut dq, mut dk, mut dv) =
-                    (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-                backward(&p, (&out, &w, &lse), &mut dq, &mut dk, &mut dv);
                 let case = format!("{b}x{groups}x{heads} t {t} past {past} masked {masked}");
-                for (what, got, want) in [
-                    ("out", &out, &want),
-                    ("dq", &dq, &dq0),
-                    ("dk", &dk, &dk0),
-                    ("dv", &dv, &dv0),
-                ] {
-                    let e = max_diff(got, want);
-                    assert!(e < 1e-12, "f64 {case}: {what} off by {e}");
-                }
+                let want = reference(&p, &w_live, false);
+                let got = run(&p, &w_live);
+                compare(&got, &want, 1e-12, &format!("f64 {case}"));
 
                 let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
                 let (q32, k32, v32, w32) = (f(&q), f(&k), f(&v), f(&w));
@@ -713,39 +719,37 @@ mod tests {
                     dh,
                     scale: p.scale as f32,
                 };
-                let mut out = vec![0f32; q.len()];
-                let mut lse = vec![0f32; units * r];
-                forward(&p32, &mut out, &mut lse);
-                let (mut dq, mut dk, mut dv) = (
-                    vec![0f32; q.len()],
-                    vec![0f32; k.len()],
-                    vec![0f32; v.len()],
-                );
-                backward(&p32, (&out, &w32, &lse), &mut dq, &mut dk, &mut dv);
-                let g = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-                let mut want = want.clone();
-                for (row, o) in out.chunks_exact(dh).enumerate() {
-                    let u = row / r;
-                    if masked && dead(u, row % r) {
-                        // The uniform average of the unit's values.
-                        for (e, &x) in o.iter().enumerate() {
-                            let mean =
-                                (0..tk).map(|j| v[(u * tk + j) * dh + e]).sum::<f64>() / tk as f64;
-                            assert!((x as f64 - mean).abs() < 1e-5, "{case}: dead row {row}");
-                            want[row * dh + e] = x as f64;
-                        }
-                    }
-                }
-                for (what, got, want) in [
-                    ("out", g(&out), &want),
-                    ("dq", g(&dq), &dq0),
-                    ("dk", g(&dk), &dk0),
-                    ("dv", g(&dv), &dv0),
-                ] {
-                    let e = max_diff(&got, want);
-                    assert!(e < 2e-5, "f32 {case}: {what} off by {e}");
-                }
+                let g = |x: Vec<f32>| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                let (out, [dq, dk, dv]) = run(&p32, &w32);
+                let got = (g(out), [g(dq), g(dk), g(dv)]);
+                compare(&got, &reference(&p, &w, true), 2e-5, &format!("f32 {case}"));
             }
+        }
+    }
+
+    /// The kernel's output and gradients for the loss `sum(w * out)`.
+    fn run<T: Real>(p: &Problem<T>, w: &[T]) -> (Vec<T>, [Vec<T>; 3]) {
+        let mut out = vec![T::zero(); p.q.len()];
+        let mut stats = vec![T::zero(); 2 * p.units() * p.r];
+        forward(p, &mut out, &mut stats);
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::zero(); p.q.len()],
+            vec![T::zero(); p.k.len()],
+            vec![T::zero(); p.v.len()],
+        );
+        backward(p, (&out, w, &stats), &mut dq, &mut dk, &mut dv);
+        (out, [dq, dk, dv])
+    }
+
+    type Grads = (Vec<f64>, [Vec<f64>; 3]);
+
+    fn compare(got: &Grads, want: &Grads, tol: f64, case: &str) {
+        let pairs = [(&got.0, &want.0)]
+            .into_iter()
+            .chain(got.1.iter().zip(&want.1));
+        for (what, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(pairs) {
+            let e = max_diff(a, b);
+            assert!(e < tol, "{case}: {what} off by {e}");
         }
     }
 
@@ -782,7 +786,8 @@ mod tests {
     fn hidden_tiles_are_skipped() {
         let (t, dh) = (2 * BLOCK_K, 8);
         let mut k = vec![0.5f32; t * dh];
-        let v = vec![1f32; t * dh];
+        // Value j is j: row i, seeing keys 0..=i with equal scores, averages them to i / 2.
+        let v: Vec<f32> = (0..t * dh).map(|x| (x / dh) as f32).collect();
         let q = vec![0.25f32; t * dh];
         k[(t - 1) * dh] = f32::NAN;
         let mask = causal_mask(1, t, 0, 0);
@@ -799,9 +804,14 @@ mod tests {
             scale: 1.0,
         };
         let mut out = vec![0f32; q.len()];
-        let mut lse = vec![0f32; t];
-        forward(&p, &mut out, &mut lse);
-        assert!(out[..BLOCK_K * dh].iter().all(|&x| (x - 1.0).abs() < 1e-6));
+        let mut stats = vec![0f32; 2 * t];
+        forward(&p, &mut out, &mut stats);
+        for (i, row) in out[..BLOCK_K * dh].chunks_exact(dh).enumerate() {
+            assert!(
+                row.iter().all(|&x| (x - i as f32 / 2.0).abs() < 1e-4),
+                "row {i}"
+            );
+        }
         assert!(out[(t - 1) * dh].is_nan(), "the last row sees the NaN key");
     }
 }

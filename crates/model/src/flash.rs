@@ -90,15 +90,15 @@ pub fn flash_attention_host(
 fn dims(q: &Tensor, k: &Tensor, v: &Tensor, t: usize) -> Result<Dims> {
     let (b, groups, r, dh) = q.dims4()?;
     let (_, _, tk, _) = k.dims4()?;
-    // The kernels take batch x groups on the grid's y axis (at most 65535 blocks) and assume
-    // at least one query row and key.
+    // The GPU's kernels take batch x groups on the grid's y axis (at most 65535 blocks); all
+    // assume at least one query row and key.
     let empty = b * groups == 0 || r == 0 || tk == 0 || dh == 0;
     if k.dims() != [b, groups, tk, dh]
         || v.dims() != k.dims()
         || t == 0
         || r % t != 0
         || empty
-        || b * groups > 65535
+        || (!q.device().is_cpu() && b * groups > 65535)
     {
         return Err(Error::Msg(format!(
             "flash_attention: q {:?}, k {:?}, v {:?}, t {t}",
@@ -187,7 +187,9 @@ struct FlashAttention {
     /// Both passes on tensor cores (bf16 products).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tensor_cores: bool,
-    /// Each query row's log-sum-exp, from the forward pass for backward.
+    /// Each query row's softmax statistics, from the forward pass for backward: its log-sum-exp
+    /// on a GPU; on the CPU its largest score and the log of its sum, apart
+    /// (`preftune_kernels::flash::forward`).
     lse: Arc<Mutex<Option<Tensor>>>,
 }
 
@@ -239,14 +241,14 @@ impl CustomOp3 for FlashAttention {
             );
             let p = Self::problem(d, self.scale, qkv, mask);
             let mut out = vec![T::zero(); qkv.0.len()];
-            let mut lse = vec![T::zero(); d.bg * d.r];
+            let mut lse = vec![T::zero(); 2 * d.bg * d.r];
             check_sizes(&p, d, op)?;
             preftune_kernels::flash::forward(&p, &mut out, &mut lse);
             Ok((storage(out), storage(lse)))
         })?;
         let lse = Tensor::from_storage(
             candle_core::Storage::Cpu(lse),
-            d.bg * d.r,
+            2 * d.bg * d.r,
             candle_core::op::BackpropOp::none(),
             false,
         );
@@ -370,7 +372,7 @@ impl CustomOp3 for FlashAttentionBwd {
             let go = self.dout.storage_and_layout();
             let lse = self.lse.storage_and_layout();
             let saved = (saved(&o, op)?, saved(&go, op)?, saved(&lse, op)?);
-            if saved.0.len() != nq || saved.1.len() != nq || saved.2.len() != d.bg * d.r {
+            if saved.0.len() != nq || saved.1.len() != nq || saved.2.len() != 2 * d.bg * d.r {
                 return Err(Error::Msg(format!(
                     "{op}: saved tensors do not match the problem"
                 )));
@@ -575,12 +577,13 @@ mod tests {
                 var(&[b, g, t, dh], dtype),
                 var(&[b, g, t, dh], dtype),
             );
-            // No loss at the rows that see nothing (padding slots), as in training: in f64 their
-            // scores, 1e9 below the others, keep only 1e-7 of their spread.
+            // In f64 the rows that see nothing (padding slots) keep only 1e-7 of their scores'
+            // spread 1e9 below zero, rounded otherwise by the two paths: no loss there, as in
+            // training. In f32 both make them uniform, and they carry a loss.
             let mut live = vec![1f64; b * g * rep * t * dh];
             for (row, x) in live.chunks_exact_mut(dh).enumerate() {
                 let (bi, i) = (row / (g * rep * t), row % t);
-                if bi == 1 && i < pad {
+                if bi == 1 && i < pad && dtype == DType::F64 {
                     x.fill(0.0);
                 }
             }

@@ -190,8 +190,9 @@ fn adamw_check(rng: &mut StdRng, dev: &Device) -> Result<[KernelCheck; 2]> {
 }
 
 /// Every fused op against its composed twin on `dev`, at SmolLM2-135M-like sizes (hidden 576,
-/// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences. On the CPU, attention
-/// and the log-softmax + gather run their reference loops (their kernels are the GPU's).
+/// MLP 1536, head size 64, a 49152-entry vocabulary) over a few sequences. On the CPU, the
+/// log-softmax + gather runs its reference loop (its kernel is the GPU's) and attention in tiles
+/// runs `preftune_kernels::flash`.
 pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
     let mut rng = StdRng::seed_from_u64(0);
     let mut out = vec![];

@@ -98,10 +98,12 @@ pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
 /// the probabilities op and one GEMM with V are as fast (one tile would hold every key).
 pub const CPU_FLASH_MIN_KEYS: usize = 256;
 
-/// Whether attention with queries `q` over `tk` keys runs in tiles on the CPU.
-pub fn cpu_flash_applies(q: &Tensor, tk: usize) -> bool {
+/// Whether attention with queries `q` for `t` new positions over `tk` keys runs in tiles on the
+/// CPU: not for a decoding step (`t` = 1), which reads a KV cache in place.
+pub fn cpu_flash_applies(q: &Tensor, t: usize, tk: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     applies(q)
+        && t > 1
         && tk >= CPU_FLASH_MIN_KEYS
         && !*OFF.get_or_init(|| std::env::var("PREFTUNE_CPU_FLASH").is_ok_and(|v| v == "0"))
 }
@@ -137,8 +139,8 @@ pub fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mu
     }
 }
 
-/// The contiguous values of a CPU storage of any float type, as f64: the exact reference loops of
-/// ops whose real kernels run on the GPU ([`crate::lse_gather`], [`crate::flash`]).
+/// The contiguous values of a CPU storage of any float type, as f64: the exact reference loop of
+/// an op whose real kernel runs on the GPU ([`crate::lse_gather`]).
 pub(crate) fn cpu_as_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
     let (a, b) = l
         .contiguous_offsets()

@@ -1397,7 +1397,7 @@ impl Attention {
             // the composed products spread it over the GPU.
             let mask = mask.and_then(|(_, t)| t.as_ref());
             crate::flash::flash_attention(&q, &k, &v, t, scale, mask)?
-        } else if kernel && kernels::cpu_flash_applies(&q, tk) {
+        } else if kernel && kernels::cpu_flash_applies(&q, t, tk) {
             // Training-length inputs on the CPU: in tiles, nothing of `[B, H, T, Tk]` stored.
             crate::flash::flash_attention_host(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
         } else {

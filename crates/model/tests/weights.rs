@@ -127,6 +127,58 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     }
 }
 
+/// From 256 keys, attention on the CPU runs in tiles (`kernels::CPU_FLASH_MIN_KEYS`): a batch of
+/// two 256-token rows, one left-padded (its first rows see nothing), gives the composed ops'
+/// gradients, and the same again with gradient checkpointing, on every architecture.
+#[test]
+fn long_rows_take_tiled_attention_with_the_composed_gradients() {
+    let t = preftune_model::kernels::CPU_FLASH_MIN_KEYS;
+    let dev = Device::Cpu;
+    let pad = 20;
+    let ids: Vec<u32> = (0..2 * t as u32).map(|i| 5 + (i * 7) % 50).collect();
+    let ids = Tensor::from_vec(ids, (2, t), &dev).unwrap();
+    let mask: Vec<u32> = (0..2 * t).map(|i| u32::from(i >= pad)).collect();
+    let mask = Tensor::from_vec(mask, (2, t), &dev).unwrap();
+    let score: Vec<u32> = (0..2 * t)
+        .map(|i| u32::from(i > pad && i % t > 0))
+        .collect();
+    let score = Tensor::from_vec(score, (2, t), &dev).unwrap();
+    let grads = |p: &Pretrained| {
+        let h = p.model.forward(&ids, Some(&mask), None, None).unwrap();
+        let l = token_logprobs(&p.model, &h, &ids, &score, 1.0).unwrap();
+        named_grads(
+            &p.model,
+            &p.model.backward(&l.sum.sum_all().unwrap()).unwrap(),
+        )
+    };
+    for name in MODELS {
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let mut p = Pretrained::load(&tiny(name), &opts).unwrap();
+        let tiled = grads(&p);
+        let composed = {
+            let _portable = preftune_model::kernels::PortableScope::new(true);
+            grads(&p)
+        };
+        p.model.set_gradient_checkpointing(true);
+        let recomputed = grads(&p);
+        for (((n, a), (_, b)), (_, c)) in tiled.iter().zip(&composed).zip(&recomputed) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-4 * scale,
+                "{name}: {n} differs from composed by {d}"
+            );
+            let d = max_abs_diff(a, c);
+            assert!(
+                d <= 1e-5 * scale,
+                "{name}: {n} differs under checkpointing by {d}"
+            );
+        }
+    }
+}
 #[test]
 fn bf16_forward_tracks_f32() {
     for name in MODELS {
