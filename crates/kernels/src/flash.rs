@@ -111,30 +111,18 @@ impl<T: Real> Problem<'_, T> {
         let nk = s.len() / n;
         let k = &self.k[(u * self.tk + j0) * dh..][..nk * dh];
         // SAFETY: `s` holds n x nk values, `q` n x dh and `k` nk x dh (sliced above), at the
-        // strides given; `s` aliases neither.
+        // strides given (`k` read transposed); `s` aliases neither.
         unsafe {
-            gemm::gemm(
-                n,
-                nk,
-                dh,
+            mm(
+                (n, nk, dh),
                 s.as_mut_ptr(),
-                1,
-                nk as isize,
+                nk,
                 false,
-                q.as_ptr(),
-                1,
-                dh as isize,
-                k.as_ptr(),
-                dh as isize,
-                1,
-                T::zero(),
+                (q.as_ptr(), dh, 1),
+                (k.as_ptr(), 1, dh),
                 self.scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+            )
+        };
         if self.mask.is_some() {
             for (i, row) in s.chunks_exact_mut(nk).enumerate() {
                 // Adding zeros changes nothing: only rows with hidden keys in the tile add.
@@ -208,8 +196,8 @@ impl Live {
     }
 }
 
-/// `dst (m x n, row stride ld) += lhs (m x k) rhs (k x n)`, or `=` when `!add`; each operand given
-/// with its (row, column) strides.
+/// `dst (m x n, row stride ld) += scale * lhs (m x k) rhs (k x n)`, or `=` when `!add`; each
+/// operand given with its (row, column) strides.
 ///
 /// # Safety
 /// Every operand's pointer must cover the `m x k`, `k x n` and `m x n` elements its strides reach,
@@ -222,6 +210,7 @@ unsafe fn mm<T: Real>(
     add: bool,
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
+    scale: T,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -240,7 +229,7 @@ unsafe fn mm<T: Real>(
             rhs.2 as isize,
             rhs.1 as isize,
             T::one(),
-            T::one(),
+            scale,
             false,
             false,
             false,
@@ -372,6 +361,7 @@ fn forward_block_body<T: Real>(
                 true,
                 (s.as_ptr(), nk, 1),
                 (v.as_ptr(), dh, 1),
+                T::one(),
             )
         };
         j0 += nk;
@@ -509,6 +499,7 @@ fn backward_unit_body<T: Real>(
                     true,
                     (s.as_ptr(), 1, nk),
                     (go.as_ptr(), dh, 1),
+                    T::one(),
                 );
                 // dP = dO V^T
                 mm(
@@ -518,6 +509,7 @@ fn backward_unit_body<T: Real>(
                     false,
                     (go.as_ptr(), dh, 1),
                     (v.as_ptr(), 1, dh),
+                    T::one(),
                 );
             }
             // dS = scale * P * (dP - D)
@@ -537,6 +529,7 @@ fn backward_unit_body<T: Real>(
                     true,
                     (ds.as_ptr(), nk, 1),
                     (k.as_ptr(), dh, 1),
+                    T::one(),
                 );
                 // dK += dS^T Q
                 mm(
@@ -546,6 +539,7 @@ fn backward_unit_body<T: Real>(
                     true,
                     (ds.as_ptr(), 1, nk),
                     (q.as_ptr(), dh, 1),
+                    T::one(),
                 );
             }
             j0 += nk;

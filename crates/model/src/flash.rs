@@ -193,27 +193,33 @@ struct FlashAttention {
     lse: Arc<Mutex<Option<Tensor>>>,
 }
 
-impl FlashAttention {
-    /// The kernel's view of one problem.
-    fn problem<'a, T: Real>(
-        d: Dims,
-        scale: f64,
-        (q, k, v): (&'a [T], &'a [T], &'a [T]),
-        mask: Option<&'a [f32]>,
-    ) -> preftune_kernels::flash::Problem<'a, T> {
-        preftune_kernels::flash::Problem {
-            q,
-            k,
-            v,
-            mask,
-            groups: d.groups,
-            r: d.r,
-            t: d.t,
-            tk: d.tk,
-            dh: d.dh,
-            scale: T::of(scale),
-        }
+/// The kernel's view of one problem on the CPU: `q`, `k`, `v` from the op's storages, checked
+/// against `d` (the kernel would panic otherwise).
+fn cpu_problem<'a, T: Real>(
+    d: Dims,
+    scale: f64,
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
+    mask: Option<&'a [f32]>,
+    op: &str,
+) -> Result<preftune_kernels::flash::Problem<'a, T>> {
+    let (q, k, v) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
+    let (nq, nkv) = (d.bg * d.r * d.dh, d.bg * d.tk * d.dh);
+    let nmask = d.bg / d.groups.max(1) * d.t * d.tk;
+    if q.len() != nq || k.len() != nkv || v.len() != nkv || mask.is_some_and(|m| m.len() != nmask) {
+        return Err(Error::Msg(format!("{op}: inputs do not match {d:?}")));
     }
+    Ok(preftune_kernels::flash::Problem {
+        q,
+        k,
+        v,
+        mask,
+        groups: d.groups,
+        r: d.r,
+        t: d.t,
+        tk: d.tk,
+        dh: d.dh,
+        scale: T::of(scale),
+    })
 }
 
 impl CustomOp3 for FlashAttention {
@@ -234,15 +240,9 @@ impl CustomOp3 for FlashAttention {
         let mask = self.mask.as_ref().map(Mask::host).transpose()?;
         let d = self.dims;
         let (out, lse) = dispatch!(s1, op, |T| {
-            let qkv = (
-                slice::<T>(s1, l1, op)?,
-                slice(s2, l2, op)?,
-                slice(s3, l3, op)?,
-            );
-            let p = Self::problem(d, self.scale, qkv, mask);
-            let mut out = vec![T::zero(); qkv.0.len()];
+            let p = cpu_problem::<T>(d, self.scale, [(s1, l1), (s2, l2), (s3, l3)], mask, op)?;
+            let mut out = vec![T::zero(); p.q.len()];
             let mut lse = vec![T::zero(); 2 * d.bg * d.r];
-            check_sizes(&p, d, op)?;
             preftune_kernels::flash::forward(&p, &mut out, &mut lse);
             Ok((storage(out), storage(lse)))
         })?;
@@ -356,14 +356,8 @@ impl CustomOp3 for FlashAttentionBwd {
         let mask = self.mask.as_ref().map(Mask::host).transpose()?;
         let d = self.dims;
         dispatch!(s1, op, |T| {
-            let qkv = (
-                slice::<T>(s1, l1, op)?,
-                slice(s2, l2, op)?,
-                slice(s3, l3, op)?,
-            );
-            let p = FlashAttention::problem(d, self.scale, qkv, mask);
-            check_sizes(&p, d, op)?;
-            let (nq, nk) = (qkv.0.len(), qkv.1.len());
+            let p = cpu_problem::<T>(d, self.scale, [(s1, l1), (s2, l2), (s3, l3)], mask, op)?;
+            let (nq, nk) = (p.q.len(), p.k.len());
             // dq, dk and dv, one after another.
             let mut g = vec![T::zero(); nq + 2 * nk];
             let (dq, dkv) = g.split_at_mut(nq);
@@ -430,20 +424,6 @@ fn saved<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
         candle_core::Storage::Cpu(s) => slice(s, x.1, op),
         _ => Err(Error::Msg(format!("{op}: saved tensors on another device"))),
     }
-}
-
-/// The slices match the op's dimensions (the kernel would panic otherwise).
-fn check_sizes<T: Real>(p: &preftune_kernels::flash::Problem<T>, d: Dims, op: &str) -> Result<()> {
-    let (q, kv) = (d.bg * d.r * d.dh, d.bg * d.tk * d.dh);
-    let mask = d.bg / d.groups.max(1) * d.t * d.tk;
-    if p.q.len() != q
-        || p.k.len() != kv
-        || p.v.len() != kv
-        || p.mask.is_some_and(|m| m.len() != mask)
-    {
-        return Err(Error::Msg(format!("{op}: inputs do not match {d:?}")));
-    }
-    Ok(())
 }
 
 use crate::kernels::{dispatch, slice, storage, AttnMask, Real};
