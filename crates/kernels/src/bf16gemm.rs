@@ -15,6 +15,8 @@
 //! AMX only.
 use std::sync::OnceLock;
 
+pub(crate) mod tiles;
+
 /// A strided f32 matrix: element `(i, k)` is `data[i * rs + k * cs]`.
 ///
 /// The fields are private and every constructor checks that the last element lies inside
@@ -375,6 +377,66 @@ mod imp {
         out
     }
 
+    /// [`pack_a`] on this thread into `dst` (resized to `mp * kp`, `mp` = rows rounded up to 32).
+    pub(super) fn pack_a_into(a: View, kp: usize, dst: &mut Vec<u16>) {
+        let mp = a.rows.div_ceil(BLOCK) * BLOCK;
+        dst.clear();
+        dst.reserve(mp * kp);
+        for blk in 0..mp / BLOCK {
+            // SAFETY: `dst` has room for `mp * kp` values and block `blk` writes its 32 x kp
+            // of them; the packing kernels need AVX-512F and BW, which every bf16 backend has
+            // (its caller packs pairs only on one).
+            unsafe {
+                simd::pack_a_block(a, blk * BLOCK, kp, dst.as_mut_ptr().add(blk * BLOCK * kp))
+            }
+        }
+        // SAFETY: the blocks wrote all `mp * kp` values.
+        unsafe { dst.set_len(mp * kp) };
+    }
+
+    /// [`pack_b`] on this thread into `dst` (resized to `np * kp`, `np` = rows rounded up to 32).
+    pub(super) fn pack_b_into(b: View, kp: usize, dst: &mut Vec<u16>) {
+        let np = b.rows.div_ceil(BLOCK) * BLOCK;
+        dst.clear();
+        dst.reserve(np * kp);
+        // SAFETY: `dst` has room for the `np / 16` panels of `kp * 16` values the kernel writes;
+        // AVX-512F and BW as in `pack_a_into`.
+        unsafe {
+            simd::pack_b_panels(b, 0, np / 16, kp, dst.as_mut_ptr());
+            dst.set_len(np * kp);
+        }
+    }
+
+    /// `c` (m x n, row-major) `=` or `+=` `A B^T` on this thread: `pa` rows of `kp` values (at
+    /// least `m` rounded up to 32 of them), `pb` panels `panel` values apart (at least `n`
+    /// rounded up to 32 columns, `kp` values along `k` each).
+    ///
+    /// # Safety
+    /// `backend` is a bf16 backend this CPU has; the buffers hold what is stated above; `c` is
+    /// valid for writes (and reads, if `accumulate`) of `m x n` values that nothing else touches.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        backend: Backend,
+        pa: &[u16],
+        pb: &[u16],
+        (kp, panel): (usize, usize),
+        m: usize,
+        n: usize,
+        c: *mut f32,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract is the kernels' (rows and columns from 0, multiples of 32).
+        unsafe {
+            match backend {
+                Backend::Amx => blocks_of(pa, pb, kp, panel, n, 0..m, 0..n, Out(c), accumulate),
+                Backend::Avx512Bf16 => {
+                    dp::blocks_of(pa, pb, kp, panel, n, 0..m, 0..n, c, accumulate)
+                }
+                Backend::F32 => unreachable!("tile: the f32 fallback packs no pairs"),
+            }
+        }
+    }
+
     /// `C = A B^T` from `pb`, `B` (n x k) packed by [`pack_b`], into `c` (m x n, row-major).
     ///
     /// # Safety
@@ -403,8 +465,10 @@ mod imp {
         // `pb`); each call writes only its own rows x columns of `c`, which holds m x n values.
         let run = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
             match backend {
-                Backend::Amx => blocks_of(&pa, pb, kp, n, rows, cols, out, accumulate),
-                Backend::Avx512Bf16 => dp::blocks_of(&pa, pb, kp, n, rows, cols, out.0, accumulate),
+                Backend::Amx => blocks_of(&pa, pb, kp, kp * 16, n, rows, cols, out, accumulate),
+                Backend::Avx512Bf16 => {
+                    dp::blocks_of(&pa, pb, kp, kp * 16, n, rows, cols, out.0, accumulate)
+                }
                 Backend::F32 => unreachable!("gemm: the f32 fallback packs no pairs"),
             }
         };
@@ -441,7 +505,9 @@ mod imp {
     unsafe impl Sync for Out {}
 
     /// Computes the block `rows` x `cols` of `C` (row-major, `n` columns, at `out`); `rows.start`
-    /// and `cols.start` are multiples of 32.
+    /// and `cols.start` are multiples of 32. Panels of `B` start `panel` values apart: `kp * 16`
+    /// for a whole [`pack_b`], more when `pb` starts inside a longer one's panels (the first
+    /// `kp` of its values along `k`, from some multiple of 32).
     ///
     /// # Safety
     /// The CPU has AMX-BF16 and this process was granted the tiles ([`amx`]). `pa` is [`pack_a`]
@@ -453,6 +519,7 @@ mod imp {
         pa: &[u16],
         pb: &[u16],
         kp: usize,
+        panel: usize,
         n: usize,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
@@ -466,7 +533,6 @@ mod imp {
             struct Buf([f32; BLOCK * BLOCK]);
             let mut buf = Buf([0.0; BLOCK * BLOCK]);
             let a_stride = kp * 2;
-            let panel = kp * 16; // u16 values per 16-column panel of B
             asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
             for nb in cols.clone().step_by(BLOCK) {
                 let b0 = pb.as_ptr().add((nb / 16) * panel);
@@ -619,6 +685,7 @@ mod imp {
             pa: &[u16],
             pb: &[u16],
             kp: usize,
+            panel: usize,
             n: usize,
             rows: std::ops::Range<usize>,
             cols: std::ops::Range<usize>,
@@ -631,8 +698,8 @@ mod imp {
                 let steps = kp / 2; // pairs along k; one 64-byte row of a panel per pair
                 let mask = |w: usize| ((1u32 << w.min(16)) - 1) as u16;
                 for nb in cols.clone().step_by(32) {
-                    let b0 = pb.as_ptr().add((nb / 16) * kp * 16) as *const __m512i;
-                    let b1 = b0.add(steps);
+                    let b0 = pb.as_ptr().add((nb / 16) * panel) as *const __m512i;
+                    let b1 = b0.add(panel / 32);
                     let w = (cols.end - nb).min(32);
                     let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
                     for mb in rows.clone().step_by(MR) {
@@ -935,6 +1002,29 @@ mod imp {
     pub(super) fn pack_a(_: super::View, _: usize, _: usize) -> Vec<u16> {
         unreachable!("no bf16 instructions here")
     }
+    pub(super) fn pack_a_into(_: super::View, _: usize, _: &mut Vec<u16>) {
+        unreachable!("no bf16 instructions here")
+    }
+    pub(super) fn pack_b_into(_: super::View, _: usize, _: &mut Vec<u16>) {
+        unreachable!("no bf16 instructions here")
+    }
+    /// Never called: no backend packs pairs here.
+    ///
+    /// # Safety
+    /// None needed; it only panics. It is `unsafe` to match the x86-64 signature.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        _: super::Backend,
+        _: &[u16],
+        _: &[u16],
+        _: (usize, usize),
+        _: usize,
+        _: usize,
+        _: *mut f32,
+        _: bool,
+    ) {
+        unreachable!("no bf16 instructions here")
+    }
     /// Never called: no backend packs pairs here.
     ///
     /// # Safety
@@ -953,6 +1043,20 @@ mod imp {
     }
 }
 
+/// Every backend this CPU can run, the fallback last: each test covers them all.
+#[cfg(test)]
+pub(crate) fn backends() -> Vec<Backend> {
+    let mut v = Vec::new();
+    if imp::amx() {
+        v.push(Backend::Amx);
+    }
+    if imp::avx512_bf16() {
+        v.push(Backend::Avx512Bf16);
+    }
+    v.push(Backend::F32);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -968,19 +1072,6 @@ mod tests {
             }
         }
         c
-    }
-
-    /// Every backend this CPU can run, the fallback last: each test covers them all.
-    fn backends() -> Vec<Backend> {
-        let mut v = Vec::new();
-        if imp::amx() {
-            v.push(Backend::Amx);
-        }
-        if imp::avx512_bf16() {
-            v.push(Backend::Avx512Bf16);
-        }
-        v.push(Backend::F32);
-        v
     }
 
     /// [`gemm_nt`] on the given backend.

@@ -15,6 +15,7 @@
 //! query row `i` reads mask row `i % t` of batch row `u / groups`.
 use rayon::prelude::*;
 
+use crate::bf16gemm::Backend;
 use crate::fused::Real;
 
 /// Query rows per tile.
@@ -89,6 +90,11 @@ impl<T: Real> Problem<'_, T> {
         }]
     }
 
+    /// Unit `u`'s query rows of `x` (`q`, `out` or `dout`: `[units, r, dh]`).
+    fn unit_rows<'x>(&self, x: &'x [T], u: usize) -> &'x [T] {
+        &x[u * self.r * self.dh..][..self.r * self.dh]
+    }
+
     /// The keys some row of `a..a + n` may see.
     fn block_live(&self, live: &[Live], a: usize, n: usize) -> (usize, usize) {
         (a..a + n)
@@ -103,39 +109,35 @@ impl<T: Real> Problem<'_, T> {
             .map(|m| &m[((u / self.groups) * t + i % t) * tk + j0..][..n])
     }
 
-    /// `s = scale * q K[j0..j0 + nk]^T + mask` for the `n` query rows of `q` starting at row `a`
-    /// of unit `u` (whose rows see `live`); `s` is `n x nk`.
+    /// Adds unit `u`'s mask to the scores `s` of the query rows from `a` (whose rows see
+    /// `live`) against keys `j0..`; rows that see every key of the tile are left as they are.
     #[inline(always)]
-    fn scores(&self, (u, live): (usize, &[Live]), a: usize, q: &[T], j0: usize, s: &mut [T]) {
-        let (dh, n) = (self.dh, q.len() / self.dh);
+    fn add_mask(&self, (u, live): (usize, &[Live]), a: usize, j0: usize, s: &mut [T], n: usize) {
+        if self.mask.is_none() {
+            return;
+        }
         let nk = s.len() / n;
-        let k = &self.k[(u * self.tk + j0) * dh..][..nk * dh];
-        // SAFETY: `s` holds n x nk values, `q` n x dh and `k` nk x dh (sliced above), at the
-        // strides given (`k` read transposed); `s` aliases neither.
-        unsafe {
-            mm(
-                (n, nk, dh),
-                s.as_mut_ptr(),
-                nk,
-                false,
-                (q.as_ptr(), dh, 1),
-                (k.as_ptr(), 1, dh),
-                self.scale,
-            )
-        };
-        if self.mask.is_some() {
-            for (i, row) in s.chunks_exact_mut(nk).enumerate() {
-                // Adding zeros changes nothing: only rows with hidden keys in the tile add.
-                if live[(a + i) % self.t].sees_all(j0, j0 + nk) {
-                    continue;
-                }
-                if let Some(m) = self.mask_row(u, a + i, j0, nk) {
-                    row.iter_mut()
-                        .zip(m)
-                        .for_each(|(x, &m)| *x += T::of(m as f64));
-                }
+        for (i, row) in s.chunks_exact_mut(nk).enumerate() {
+            // Adding zeros changes nothing: only rows with hidden keys in the tile add.
+            if live[(a + i) % self.t].sees_all(j0, j0 + nk) {
+                continue;
+            }
+            if let Some(m) = self.mask_row(u, a + i, j0, nk) {
+                row.iter_mut()
+                    .zip(m)
+                    .for_each(|(x, &m)| *x += T::of(m as f64));
             }
         }
+    }
+
+    /// The key tiles of the query rows from `a` (`n` of them): from the first key one of them
+    /// sees to the last, widened to multiples of `align` (within `tk`) for packed operands.
+    fn key_range(&self, live: &[Live], a: usize, n: usize, align: usize) -> (usize, usize) {
+        let (lo, hi) = self.block_live(live, a, n);
+        (
+            lo / align * align,
+            (hi.div_ceil(align) * align).min(self.tk),
+        )
     }
 }
 
@@ -196,6 +198,180 @@ impl Live {
     }
 }
 
+/// The products of one unit's tiles: [`Plain`] multiplies in the problem's precision, [`bf16`]
+/// in bf16 with f32 sums. Tiles are `n` query rows from row `a` against `nk` keys from key `j0`;
+/// `nk` is the tile's width (`len / n` of its `n x nk` operands).
+trait Scores<T: Real>: Sync {
+    /// What one thread reuses from tile to tile.
+    type Scratch: Default;
+    /// Key tiles start at multiples of this.
+    const ALIGN: usize;
+    /// `s = scale * Q[a..a + n] K[j0..j0 + nk]^T`.
+    fn scores(&self, a: usize, n: usize, j0: usize, s: &mut [T]);
+}
+
+/// The forward's second product.
+trait Forward<T: Real>: Scores<T> {
+    /// `o += P V[j0..j0 + nk]` (`p`: n x nk, `o`: n x dh).
+    fn pv(&self, x: &mut Self::Scratch, p: &[T], n: usize, j0: usize, o: &mut [T]);
+}
+
+/// The backward's four products besides the scores.
+trait Backward<T: Real>: Scores<T> {
+    /// `dv += P^T dO[a..a + n]` (`dv`: the tile's nk x dh).
+    fn dv(&self, x: &mut Self::Scratch, p: &[T], a: usize, n: usize, dv: &mut [T]);
+    /// `dp = dO[a..a + n] V[j0..j0 + nk]^T`.
+    fn dp(&self, a: usize, n: usize, j0: usize, dp: &mut [T]);
+    /// `dq += dS K[j0..j0 + nk]` (`dq`: n x dh).
+    fn dq(&self, x: &mut Self::Scratch, ds: &[T], n: usize, j0: usize, dq: &mut [T]);
+    /// `dk += dS^T Q[a..a + n]` (`dk`: the tile's nk x dh).
+    fn dk(&self, x: &mut Self::Scratch, ds: &[T], a: usize, n: usize, dk: &mut [T]);
+}
+
+/// Unit `u`'s products on its own values, in `T`, by the `gemm` crate.
+struct Plain<'a, T> {
+    p: &'a Problem<'a, T>,
+    u: usize,
+    /// The unit's output gradient (backward only).
+    dout: &'a [T],
+}
+
+impl<T: Real> Plain<'_, T> {
+    /// Unit `u`'s rows of `x` (`q` or `dout`, `[.., r, dh]`) from `a`, `n` of them.
+    fn rows<'x>(&self, x: &'x [T], a: usize, n: usize) -> &'x [T] {
+        &x[a * self.p.dh..][..n * self.p.dh]
+    }
+
+    /// Unit `u`'s keys or values `j0..j0 + nk`.
+    fn keys<'x>(&self, x: &'x [T], j0: usize, nk: usize) -> &'x [T] {
+        &x[(self.u * self.p.tk + j0) * self.p.dh..][..nk * self.p.dh]
+    }
+
+    fn q(&self) -> &[T] {
+        self.p.unit_rows(self.p.q, self.u)
+    }
+}
+
+impl<T: Real> Scores<T> for Plain<'_, T> {
+    type Scratch = ();
+    const ALIGN: usize = 1;
+
+    fn scores(&self, a: usize, n: usize, j0: usize, s: &mut [T]) {
+        let (dh, nk) = (self.p.dh, s.len() / n);
+        let (q, k) = (self.rows(self.q(), a, n), self.keys(self.p.k, j0, nk));
+        // SAFETY: `s` holds n x nk values, `q` n x dh and `k` nk x dh (sliced above), at the
+        // strides given (`k` read transposed); `s` aliases neither.
+        unsafe {
+            mm(
+                (n, nk, dh),
+                s.as_mut_ptr(),
+                nk,
+                false,
+                (q.as_ptr(), dh, 1),
+                (k.as_ptr(), 1, dh),
+                self.p.scale,
+            )
+        }
+    }
+}
+
+impl<T: Real> Forward<T> for Plain<'_, T> {
+    fn pv(&self, _: &mut (), p: &[T], n: usize, j0: usize, o: &mut [T]) {
+        let (dh, nk) = (self.p.dh, p.len() / n);
+        let v = self.keys(self.p.v, j0, nk);
+        assert_eq!(o.len(), n * dh, "flash: output tile size");
+        // SAFETY: `o` holds n x dh, `p` n x nk and `v` nk x dh values at these strides; `o`
+        // aliases neither.
+        unsafe {
+            mm(
+                (n, dh, nk),
+                o.as_mut_ptr(),
+                dh,
+                true,
+                (p.as_ptr(), nk, 1),
+                (v.as_ptr(), dh, 1),
+                T::one(),
+            )
+        }
+    }
+}
+
+impl<T: Real> Backward<T> for Plain<'_, T> {
+    fn dv(&self, _: &mut (), p: &[T], a: usize, n: usize, dv: &mut [T]) {
+        let (dh, nk) = (self.p.dh, p.len() / n);
+        let go = self.rows(self.dout, a, n);
+        assert_eq!(dv.len(), nk * dh, "flash: dv tile size");
+        // SAFETY: `dv` holds nk x dh values, `p` n x nk (read transposed), `go` n x dh; `dv`
+        // aliases neither.
+        unsafe {
+            mm(
+                (nk, dh, n),
+                dv.as_mut_ptr(),
+                dh,
+                true,
+                (p.as_ptr(), 1, nk),
+                (go.as_ptr(), dh, 1),
+                T::one(),
+            )
+        }
+    }
+
+    fn dp(&self, a: usize, n: usize, j0: usize, dp: &mut [T]) {
+        let (dh, nk) = (self.p.dh, dp.len() / n);
+        let (go, v) = (self.rows(self.dout, a, n), self.keys(self.p.v, j0, nk));
+        // SAFETY: `dp` holds n x nk values, `go` n x dh, `v` nk x dh (read transposed); `dp`
+        // aliases neither.
+        unsafe {
+            mm(
+                (n, nk, dh),
+                dp.as_mut_ptr(),
+                nk,
+                false,
+                (go.as_ptr(), dh, 1),
+                (v.as_ptr(), 1, dh),
+                T::one(),
+            )
+        }
+    }
+
+    fn dq(&self, _: &mut (), ds: &[T], n: usize, j0: usize, dq: &mut [T]) {
+        let (dh, nk) = (self.p.dh, ds.len() / n);
+        let k = self.keys(self.p.k, j0, nk);
+        assert_eq!(dq.len(), n * dh, "flash: dq tile size");
+        // SAFETY: `dq` holds n x dh values, `ds` n x nk, `k` nk x dh; `dq` aliases neither.
+        unsafe {
+            mm(
+                (n, dh, nk),
+                dq.as_mut_ptr(),
+                dh,
+                true,
+                (ds.as_ptr(), nk, 1),
+                (k.as_ptr(), dh, 1),
+                T::one(),
+            )
+        }
+    }
+
+    fn dk(&self, _: &mut (), ds: &[T], a: usize, n: usize, dk: &mut [T]) {
+        let (dh, nk) = (self.p.dh, ds.len() / n);
+        let q = self.rows(self.q(), a, n);
+        assert_eq!(dk.len(), nk * dh, "flash: dk tile size");
+        // SAFETY: `dk` holds nk x dh values, `ds` n x nk (read transposed), `q` n x dh; `dk`
+        // aliases neither.
+        unsafe {
+            mm(
+                (nk, dh, n),
+                dk.as_mut_ptr(),
+                dh,
+                true,
+                (ds.as_ptr(), 1, nk),
+                (q.as_ptr(), dh, 1),
+                T::one(),
+            )
+        }
+    }
+}
+
 /// `dst (m x n, row stride ld) += scale * lhs (m x k) rhs (k x n)`, or `=` when `!add`; each
 /// operand given with its (row, column) strides.
 ///
@@ -243,6 +419,52 @@ unsafe fn mm<T: Real>(
 /// log-sum-exp; they are kept apart because a row that sees no key has every score at -1e9 in f32,
 /// where the log-sum-exp would round its `ln(tk)` away.
 pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], stats: &mut [T]) {
+    run_forward(p, out, stats, |u| Plain { p, u, dout: &[] })
+}
+
+/// [`forward`] with bf16 products and f32 sums (`bf16 = true`): Q, K and V are rounded to bf16
+/// once, the probabilities tile by tile; the softmax and its statistics stay f32. On the
+/// backend [`crate::bf16gemm::backend`] picks (AMX, AVX-512 BF16, or the same rounding through
+/// f32 products).
+pub fn forward_bf16(p: &Problem<f32>, out: &mut [f32], stats: &mut [f32]) {
+    forward_bf16_on(crate::bf16gemm::backend(), p, out, stats)
+}
+
+fn forward_bf16_on(be: Backend, p: &Problem<f32>, out: &mut [f32], stats: &mut [f32]) {
+    run_forward(p, out, stats, |u| bf16::Fwd::new(be, p, u))
+}
+
+/// [`backward`] with bf16 products and f32 sums, for [`forward_bf16`]: dO is rounded once, the
+/// probabilities and `dS` tile by tile.
+pub fn backward_bf16(
+    p: &Problem<f32>,
+    saved: (&[f32], &[f32], &[f32]),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    backward_bf16_on(crate::bf16gemm::backend(), p, saved, (dq, dk, dv))
+}
+
+fn backward_bf16_on(
+    be: Backend,
+    p: &Problem<f32>,
+    saved: (&[f32], &[f32], &[f32]),
+    grads: (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let dout = saved.1;
+    run_backward(p, saved, grads, |u| {
+        bf16::Bwd::new(be, p, u, p.unit_rows(dout, u))
+    })
+}
+
+/// The forward with unit `u`'s products from `ops(u)`.
+fn run_forward<T: Real, P: Forward<T>>(
+    p: &Problem<T>,
+    out: &mut [T],
+    stats: &mut [T],
+    ops: impl Fn(usize) -> P + Sync,
+) {
     p.check("flash::forward");
     let (r, dh) = (p.r, p.dh);
     assert_eq!(out.len(), p.q.len(), "flash::forward: out size");
@@ -253,16 +475,18 @@ pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], stats: &mut [T]) {
         .enumerate()
         .for_each(|(u, (out, stats))| {
             let live = p.live_of(&live, u);
+            let ops = ops(u);
             out.par_chunks_mut(BLOCK_Q * dh)
                 .zip(stats.par_chunks_mut(2 * BLOCK_Q))
                 .enumerate()
-                .for_each(|(blk, (o, l))| forward_block(p, (u, live), blk * BLOCK_Q, o, l));
+                .for_each(|(blk, (o, l))| forward_block(p, &ops, (u, live), blk * BLOCK_Q, o, l));
         });
 }
 
 /// Rows `a..a + stats.len() / 2` of unit `u`: the online softmax over the tiles they may see.
-fn forward_block<T: Real>(
+fn forward_block<T: Real, P: Forward<T>>(
     p: &Problem<T>,
+    ops: &P,
     ul: (usize, &[Live]),
     a: usize,
     o: &mut [T],
@@ -271,13 +495,13 @@ fn forward_block<T: Real>(
     #[cfg(target_arch = "x86_64")]
     if crate::vmath::available() {
         // SAFETY: `vmath::available` checked that the CPU has AVX-512F, all `avx512` requires.
-        return unsafe { avx512::forward_block(p, ul, a, o, stats) };
+        return unsafe { avx512::forward_block(p, ops, ul, a, o, stats) };
     }
-    forward_block_body(p, ul, a, o, stats)
+    forward_block_body(p, ops, ul, a, o, stats)
 }
 
 /// The elementwise loops (masks, `dS`, rescaling) compiled for AVX-512 (the crate targets
-/// baseline x86-64); the products are the `gemm` crate's, which picks its own.
+/// baseline x86-64); the products pick their own instructions.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
@@ -285,54 +509,56 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn forward_block<T: Real>(
+    pub(super) unsafe fn forward_block<T: Real, P: Forward<T>>(
         p: &Problem<T>,
+        ops: &P,
         ul: (usize, &[Live]),
         a: usize,
         o: &mut [T],
         stats: &mut [T],
     ) {
-        forward_block_body(p, ul, a, o, stats)
+        forward_block_body(p, ops, ul, a, o, stats)
     }
 
     /// # Safety
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn backward_unit<T: Real>(
+    pub(super) unsafe fn backward_unit<T: Real, P: Backward<T>>(
         p: &Problem<T>,
+        ops: &P,
         ul: (usize, &[Live]),
         g: Unit<T>,
-        dq: &mut [T],
-        dk: &mut [T],
-        dv: &mut [T],
+        grads: (&mut [T], &mut [T], &mut [T]),
     ) {
-        backward_unit_body(p, ul, g, dq, dk, dv)
+        backward_unit_body(p, ops, ul, g, grads)
     }
 }
 
 #[inline(always)]
-fn forward_block_body<T: Real>(
+fn forward_block_body<T: Real, P: Forward<T>>(
     p: &Problem<T>,
+    ops: &P,
     (u, live): (usize, &[Live]),
     a: usize,
     o: &mut [T],
     stats: &mut [T],
 ) {
-    let (dh, n) = (p.dh, stats.len() / 2);
-    let q = &p.q[(u * p.r + a) * dh..][..n * dh];
-    let (lo, hi) = p.block_live(live, a, n);
+    let n = stats.len() / 2;
+    let (lo, hi) = p.key_range(live, a, n, P::ALIGN);
     let mut s = vec![T::zero(); n * BLOCK_K.min(hi - lo)];
     let mut max = vec![T::neg_infinity(); n];
     let mut sum = vec![T::zero(); n];
+    let mut scratch = P::Scratch::default();
     o.fill(T::zero());
     let mut j0 = lo;
     while j0 < hi {
         let nk = BLOCK_K.min(hi - j0);
         let s = &mut s[..n * nk];
-        p.scores((u, live), a, q, j0, s);
+        ops.scores(a, n, j0, s);
+        p.add_mask((u, live), a, j0, s, n);
         for (i, (row, orow)) in s
             .chunks_exact_mut(nk)
-            .zip(o.chunks_exact_mut(dh))
+            .zip(o.chunks_exact_mut(p.dh))
             .enumerate()
         {
             let top = T::max_of(row);
@@ -350,24 +576,11 @@ fn forward_block_body<T: Real>(
             }
             max[i] = m;
         }
-        let v = &p.v[(u * p.tk + j0) * dh..][..nk * dh];
-        // SAFETY: `o` holds n x dh, `s` n x nk and `v` nk x dh values at these strides; `o`
-        // aliases neither.
-        unsafe {
-            mm(
-                (n, dh, nk),
-                o.as_mut_ptr(),
-                dh,
-                true,
-                (s.as_ptr(), nk, 1),
-                (v.as_ptr(), dh, 1),
-                T::one(),
-            )
-        };
+        ops.pv(&mut scratch, s, n, j0, o);
         j0 += nk;
     }
     for ((orow, st), (&m, &z)) in o
-        .chunks_exact_mut(dh)
+        .chunks_exact_mut(p.dh)
         .zip(stats.chunks_exact_mut(2))
         .zip(max.iter().zip(&sum))
     {
@@ -383,10 +596,25 @@ fn forward_block_body<T: Real>(
 /// order, so the sums are the same on every run.
 pub fn backward<T: Real>(
     p: &Problem<T>,
-    (out, dout, stats): (&[T], &[T], &[T]),
+    saved: (&[T], &[T], &[T]),
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
+) {
+    let dout = saved.1;
+    run_backward(p, saved, (dq, dk, dv), |u| Plain {
+        p,
+        u,
+        dout: p.unit_rows(dout, u),
+    })
+}
+
+/// The backward with unit `u`'s products from `ops(u)`.
+fn run_backward<T: Real, P: Backward<T>>(
+    p: &Problem<T>,
+    (out, dout, stats): (&[T], &[T], &[T]),
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    ops: impl Fn(usize) -> P + Sync,
 ) {
     p.check("flash::backward");
     let (r, tk, dh) = (p.r, p.tk, p.dh);
@@ -412,7 +640,8 @@ pub fn backward<T: Real>(
                 dout: &dout[rows],
                 stats: &stats[2 * u * r..][..2 * r],
             };
-            backward_unit(p, (u, p.live_of(&live, u)), g, dq, dk, dv)
+            let ops = ops(u);
+            backward_unit(p, &ops, (u, p.live_of(&live, u)), g, (dq, dk, dv))
         });
 }
 
@@ -423,30 +652,28 @@ struct Unit<'a, T> {
     stats: &'a [T],
 }
 
-fn backward_unit<T: Real>(
+fn backward_unit<T: Real, P: Backward<T>>(
     p: &Problem<T>,
+    ops: &P,
     ul: (usize, &[Live]),
     g: Unit<T>,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    grads: (&mut [T], &mut [T], &mut [T]),
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::vmath::available() {
         // SAFETY: `vmath::available` checked that the CPU has AVX-512F, all `avx512` requires.
-        return unsafe { avx512::backward_unit(p, ul, g, dq, dk, dv) };
+        return unsafe { avx512::backward_unit(p, ops, ul, g, grads) };
     }
-    backward_unit_body(p, ul, g, dq, dk, dv)
+    backward_unit_body(p, ops, ul, g, grads)
 }
 
 #[inline(always)]
-fn backward_unit_body<T: Real>(
+fn backward_unit_body<T: Real, P: Backward<T>>(
     p: &Problem<T>,
+    ops: &P,
     (u, live): (usize, &[Live]),
     g: Unit<T>,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) {
     let (r, dh) = (p.r, p.dh);
     for x in [&mut *dq, &mut *dk, &mut *dv] {
@@ -459,59 +686,33 @@ fn backward_unit_body<T: Real>(
         .zip(g.dout.chunks_exact(dh))
         .map(|(o, go)| o.iter().zip(go).map(|(&a, &b)| a * b).sum())
         .collect();
-    let q_unit = &p.q[u * r * dh..][..r * dh];
     // On the heap: up to 64 KB each.
     #[allow(clippy::useless_vec)]
     let (mut s, mut ds) = (
         vec![T::zero(); BLOCK_Q * BLOCK_K],
         vec![T::zero(); BLOCK_Q * BLOCK_K],
     );
+    let mut scratch = P::Scratch::default();
     for a in (0..r).step_by(BLOCK_Q) {
         let n = BLOCK_Q.min(r - a);
-        let q = &q_unit[a * dh..][..n * dh];
-        let go = &g.dout[a * dh..][..n * dh];
         let dq_blk = &mut dq[a * dh..][..n * dh];
-        let (lo, hi) = p.block_live(live, a, n);
+        let (lo, hi) = p.key_range(live, a, n, P::ALIGN);
         let mut j0 = lo;
         while j0 < hi {
             let nk = BLOCK_K.min(hi - j0);
             let (s, ds) = (&mut s[..n * nk], &mut ds[..n * nk]);
             // P = exp(S - max) / sum, as the forward normalised it.
-            p.scores((u, live), a, q, j0, s);
+            ops.scores(a, n, j0, s);
+            p.add_mask((u, live), a, j0, s, n);
             for (i, row) in s.chunks_exact_mut(nk).enumerate() {
                 let st = &g.stats[2 * (a + i)..][..2];
                 T::exp_shifted(row, st[0]);
                 let inv = (-st[1]).exp();
                 row.iter_mut().for_each(|x| *x *= inv);
             }
-            let kv = (u * p.tk + j0) * dh..(u * p.tk + j0 + nk) * dh;
-            let (k, v) = (&p.k[kv.clone()], &p.v[kv]);
-            let (dk, dv) = (&mut dk[j0 * dh..][..nk * dh], &mut dv[j0 * dh..][..nk * dh]);
-            // SAFETY: every operand was sliced to the extent its strides reach (n x nk tiles,
-            // n x dh query rows, nk x dh keys and values); the destinations, `dv` and `ds`, alias
-            // no input.
-            unsafe {
-                // dV += P^T dO
-                mm(
-                    (nk, dh, n),
-                    dv.as_mut_ptr(),
-                    dh,
-                    true,
-                    (s.as_ptr(), 1, nk),
-                    (go.as_ptr(), dh, 1),
-                    T::one(),
-                );
-                // dP = dO V^T
-                mm(
-                    (n, nk, dh),
-                    ds.as_mut_ptr(),
-                    nk,
-                    false,
-                    (go.as_ptr(), dh, 1),
-                    (v.as_ptr(), 1, dh),
-                    T::one(),
-                );
-            }
+            let keys = j0 * dh..(j0 + nk) * dh;
+            ops.dv(&mut scratch, s, a, n, &mut dv[keys.clone()]);
+            ops.dp(a, n, j0, ds);
             // dS = scale * P * (dP - D)
             for (i, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(s.chunks_exact(nk)).enumerate() {
                 let di = d[a + i];
@@ -519,33 +720,14 @@ fn backward_unit_body<T: Real>(
                     .zip(pr)
                     .for_each(|(x, &pv)| *x = p.scale * pv * (*x - di));
             }
-            // SAFETY: as above; the destinations, `dq` and `dk`, alias no input.
-            unsafe {
-                // dQ += dS K
-                mm(
-                    (n, dh, nk),
-                    dq_blk.as_mut_ptr(),
-                    dh,
-                    true,
-                    (ds.as_ptr(), nk, 1),
-                    (k.as_ptr(), dh, 1),
-                    T::one(),
-                );
-                // dK += dS^T Q
-                mm(
-                    (nk, dh, n),
-                    dk.as_mut_ptr(),
-                    dh,
-                    true,
-                    (ds.as_ptr(), 1, nk),
-                    (q.as_ptr(), dh, 1),
-                    T::one(),
-                );
-            }
+            ops.dq(&mut scratch, ds, n, j0, dq_blk);
+            ops.dk(&mut scratch, ds, a, n, &mut dk[keys]);
             j0 += nk;
         }
     }
 }
+
+mod bf16;
 
 #[cfg(test)]
 mod tests {
@@ -797,15 +979,106 @@ mod tests {
             dh,
             scale: 1.0,
         };
-        let mut out = vec![0f32; q.len()];
-        let mut stats = vec![0f32; 2 * t];
-        forward(&p, &mut out, &mut stats);
-        for (i, row) in out[..BLOCK_K * dh].chunks_exact(dh).enumerate() {
+        // The bf16 tiles too (their key tiles widen to multiples of 32): the values, 0..256, and
+        // the equal probabilities are exact in bf16.
+        let bf16 = crate::bf16gemm::backends().into_iter().map(Some);
+        for be in [None].into_iter().chain(bf16) {
+            let mut out = vec![0f32; q.len()];
+            let mut stats = vec![0f32; 2 * t];
+            match be {
+                None => forward(&p, &mut out, &mut stats),
+                Some(be) => forward_bf16_on(be, &p, &mut out, &mut stats),
+            }
+            for (i, row) in out[..BLOCK_K * dh].chunks_exact(dh).enumerate() {
+                assert!(
+                    row.iter().all(|&x| (x - i as f32 / 2.0).abs() < 1e-4),
+                    "{be:?} row {i}: {row:?}"
+                );
+            }
             assert!(
-                row.iter().all(|&x| (x - i as f32 / 2.0).abs() < 1e-4),
-                "row {i}"
+                out[(t - 1) * dh].is_nan(),
+                "{be:?}: the last row sees the NaN key"
             );
         }
-        assert!(out[(t - 1) * dh].is_nan(), "the last row sees the NaN key");
+    }
+
+    /// The bf16 tiles: every backend close to the fallback (which rounds the same operands and
+    /// multiplies in f32), and all of them within bf16's rounding of the plain f64 loop (and
+    /// visibly rounded), on the shapes of [`tiles_match_the_plain_loop`] at head sizes 8 to 64.
+    #[test]
+    fn bf16_tiles_match_the_fallback_and_the_plain_loop() {
+        // (batch, groups, heads per group, t, past, dh, pad)
+        for &(b, groups, heads, t, past, dh, pad) in &[
+            (3, 2, 3, 150, 20, 16, 60),
+            (1, 1, 1, 1, 7, 8, 0),
+            (2, 1, 2, 200, 0, 32, 130),
+            (1, 3, 1, 300, 64, 64, 0),
+        ] {
+            let (r, tk) = (heads * t, past + t);
+            let units = b * groups;
+            let f = |x: Vec<f64>| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (q, k, v, w) = (
+                f(values(units * r * dh, 1)),
+                f(values(units * tk * dh, 2)),
+                f(values(units * tk * dh, 3)),
+                f(values(units * r * dh, 4)),
+            );
+            let mask = causal_mask(b, t, past, pad);
+            for masked in [true, false] {
+                let p = Problem {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    mask: masked.then_some(&mask[..]),
+                    groups,
+                    r,
+                    t,
+                    tk,
+                    dh,
+                    scale: 1.0 / (dh as f32).sqrt(),
+                };
+                let case = format!("{b}x{groups}x{heads} t {t} past {past} masked {masked}");
+                let g = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                let p64_data = (g(&q), g(&k), g(&v));
+                let p64 = Problem {
+                    q: &p64_data.0,
+                    k: &p64_data.1,
+                    v: &p64_data.2,
+                    mask: p.mask,
+                    groups,
+                    r,
+                    t,
+                    tk,
+                    dh,
+                    scale: p.scale as f64,
+                };
+                let exact = reference(&p64, &g(&w), true);
+                let mut fallback = None;
+                for be in crate::bf16gemm::backends().into_iter().rev() {
+                    let mut out = vec![0f32; q.len()];
+                    let mut stats = vec![0f32; 2 * units * r];
+                    forward_bf16_on(be, &p, &mut out, &mut stats);
+                    let (mut dq, mut dk, mut dv) = (
+                        vec![0f32; q.len()],
+                        vec![0f32; k.len()],
+                        vec![0f32; v.len()],
+                    );
+                    backward_bf16_on(be, &p, (&out, &w, &stats), (&mut dq, &mut dk, &mut dv));
+                    let got = (g(&out), [g(&dq), g(&dk), g(&dv)]);
+                    // Seen: up to 5.5e-3 off the f64 loop, and 1.2e-4 between backends (a
+                    // `dP` summed in another order can round `dS` to the next bf16).
+                    compare(&got, &exact, 1e-2, &format!("{be:?} against f64, {case}"));
+                    let rounded = max_diff(&got.0, &exact.0);
+                    assert!(
+                        rounded > 1e-5,
+                        "{be:?}, {case}: no bf16 rounding ({rounded})"
+                    );
+                    match &fallback {
+                        None => fallback = Some(got),
+                        Some(want) => compare(&got, want, 5e-4, &format!("{be:?}, {case}")),
+                    }
+                }
+            }
+        }
     }
 }

@@ -126,14 +126,19 @@ fn apply(
     mask: Option<Mask>,
 ) -> Result<Tensor> {
     let dh = dims.dh;
-    // Under bf16 products the tensor-core kernels (bf16 operands, f32 sums) run both passes, as
-    // PyTorch's autocast runs attention; in f32 the f32 kernels do.
-    let tensor_cores = crate::ops::bf16_enabled() && tensor_cores_apply(q, dh);
+    // Under bf16 products both passes multiply in bf16 with f32 sums, as PyTorch's autocast runs
+    // attention: on tensor cores on a GPU, in bf16 tiles on the CPU (f32 inputs); in f32 the f32
+    // kernels run.
+    let bf16 = crate::ops::bf16_enabled()
+        && match q.device().is_cpu() {
+            true => q.dtype() == DType::F32,
+            false => tensor_cores_apply(q, dh),
+        };
     let op = FlashAttention {
         dims,
         scale,
         mask,
-        tensor_cores,
+        bf16,
         lse: Default::default(),
     };
     q.contiguous()?
@@ -184,9 +189,8 @@ struct FlashAttention {
     dims: Dims,
     scale: f64,
     mask: Option<Mask>,
-    /// Both passes on tensor cores (bf16 products).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    tensor_cores: bool,
+    /// Both passes with bf16 products: tensor cores on a GPU, bf16 tiles on the CPU.
+    bf16: bool,
     /// Each query row's softmax statistics, from the forward pass for backward: its log-sum-exp
     /// on a GPU; on the CPU its largest score and the log of its sum, apart
     /// (`preftune_kernels::flash::forward`).
@@ -201,14 +205,14 @@ fn cpu_problem<'a, T: Real>(
     [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
     mask: Option<&'a [f32]>,
     op: &str,
-) -> Result<preftune_kernels::flash::Problem<'a, T>> {
+) -> Result<Problem<'a, T>> {
     let (q, k, v) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
     let (nq, nkv) = (d.bg * d.r * d.dh, d.bg * d.tk * d.dh);
     let nmask = d.bg / d.groups.max(1) * d.t * d.tk;
     if q.len() != nq || k.len() != nkv || v.len() != nkv || mask.is_some_and(|m| m.len() != nmask) {
         return Err(Error::Msg(format!("{op}: inputs do not match {d:?}")));
     }
-    Ok(preftune_kernels::flash::Problem {
+    Ok(Problem {
         q,
         k,
         v,
@@ -238,14 +242,17 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let mask = self.mask.as_ref().map(Mask::host).transpose()?;
-        let d = self.dims;
-        let (out, lse) = dispatch!(s1, op, |T| {
-            let p = cpu_problem::<T>(d, self.scale, [(s1, l1), (s2, l2), (s3, l3)], mask, op)?;
-            let mut out = vec![T::zero(); p.q.len()];
-            let mut lse = vec![T::zero(); 2 * d.bg * d.r];
-            preftune_kernels::flash::forward(&p, &mut out, &mut lse);
-            Ok((storage(out), storage(lse)))
-        })?;
+        let (d, inputs) = (self.dims, [(s1, l1), (s2, l2), (s3, l3)]);
+        let (out, lse) = match self.bf16 {
+            true => {
+                let p = cpu_problem::<f32>(d, self.scale, inputs, mask, op)?;
+                forward_into(&p, preftune_kernels::flash::forward_bf16)
+            }
+            false => dispatch!(s1, op, |T| {
+                let p = cpu_problem::<T>(d, self.scale, inputs, mask, op)?;
+                Ok(forward_into(&p, preftune_kernels::flash::forward::<T>))
+            })?,
+        };
         let lse = Tensor::from_storage(
             candle_core::Storage::Cpu(lse),
             2 * d.bg * d.r,
@@ -281,7 +288,7 @@ impl CustomOp3 for FlashAttention {
             mask,
             self.dims,
             self.scale,
-            self.tensor_cores,
+            self.bf16,
         )?;
         let lse = Tensor::from_storage(
             candle_core::Storage::Cuda(lse),
@@ -310,7 +317,7 @@ impl CustomOp3 for FlashAttention {
         let bwd = FlashAttentionBwd {
             dims: self.dims,
             scale: self.scale,
-            tensor_cores: self.tensor_cores,
+            bf16: self.bf16,
             mask: self.mask.clone(),
             out: res.clone(),
             dout: grad.contiguous()?,
@@ -329,8 +336,7 @@ impl CustomOp3 for FlashAttention {
 struct FlashAttentionBwd {
     dims: Dims,
     scale: f64,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    tensor_cores: bool,
+    bf16: bool,
     mask: Option<Mask>,
     /// The forward output, for `D = rowsum(dO * O)`.
     out: Tensor,
@@ -354,27 +360,24 @@ impl CustomOp3 for FlashAttentionBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let mask = self.mask.as_ref().map(Mask::host).transpose()?;
-        let d = self.dims;
-        dispatch!(s1, op, |T| {
-            let p = cpu_problem::<T>(d, self.scale, [(s1, l1), (s2, l2), (s3, l3)], mask, op)?;
-            let (nq, nk) = (p.q.len(), p.k.len());
-            // dq, dk and dv, one after another.
-            let mut g = vec![T::zero(); nq + 2 * nk];
-            let (dq, dkv) = g.split_at_mut(nq);
-            let (dk, dv) = dkv.split_at_mut(nk);
-            let o = self.out.storage_and_layout();
-            let go = self.dout.storage_and_layout();
-            let lse = self.lse.storage_and_layout();
-            let saved = (saved(&o, op)?, saved(&go, op)?, saved(&lse, op)?);
-            if saved.0.len() != nq || saved.1.len() != nq || saved.2.len() != 2 * d.bg * d.r {
-                return Err(Error::Msg(format!(
-                    "{op}: saved tensors do not match the problem"
-                )));
+        let (d, inputs) = (self.dims, [(s1, l1), (s2, l2), (s3, l3)]);
+        let (o, go, lse) = (
+            self.out.storage_and_layout(),
+            self.dout.storage_and_layout(),
+            self.lse.storage_and_layout(),
+        );
+        match self.bf16 {
+            true => {
+                let p = cpu_problem::<f32>(d, self.scale, inputs, mask, op)?;
+                let saved = (saved(&o, op)?, saved(&go, op)?, saved(&lse, op)?);
+                backward_into(&p, saved, op, preftune_kernels::flash::backward_bf16)
             }
-            preftune_kernels::flash::backward(&p, saved, dq, dk, dv);
-            let n = g.len();
-            Ok((storage(g), Shape::from(n)))
-        })
+            false => dispatch!(s1, op, |T| {
+                let p = cpu_problem::<T>(d, self.scale, inputs, mask, op)?;
+                let saved = (saved(&o, op)?, saved(&go, op)?, saved(&lse, op)?);
+                backward_into(&p, saved, op, preftune_kernels::flash::backward::<T>)
+            }),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -408,11 +411,46 @@ impl CustomOp3 for FlashAttentionBwd {
             (crate::cuda_kernels::on_gpu(&s, self.name())?, ls),
             self.dims,
             self.scale,
-            self.tensor_cores,
+            self.bf16,
         )?;
         let n = self.dims.bg * (self.dims.r + 2 * self.dims.tk) * self.dims.dh;
         Ok((flat, Shape::from(n)))
     }
+}
+
+/// The CPU forward `f` of problem `p` into new buffers: the output and the softmax statistics.
+fn forward_into<T: Real>(
+    p: &Problem<T>,
+    f: impl FnOnce(&Problem<T>, &mut [T], &mut [T]),
+) -> (CpuStorage, CpuStorage) {
+    let mut out = vec![T::zero(); p.q.len()];
+    let mut stats = vec![T::zero(); 2 * p.q.len() / p.dh];
+    f(p, &mut out, &mut stats);
+    (storage(out), storage(stats))
+}
+
+/// The saved output, its gradient and statistics.
+type Saved<'a, T> = (&'a [T], &'a [T], &'a [T]);
+
+/// The CPU backward `f` of problem `p` into one new buffer: dq, dk and dv, one after another.
+fn backward_into<T: Real>(
+    p: &Problem<T>,
+    saved: Saved<T>,
+    op: &str,
+    f: impl FnOnce(&Problem<T>, Saved<T>, &mut [T], &mut [T], &mut [T]),
+) -> Result<(CpuStorage, Shape)> {
+    let (nq, nk) = (p.q.len(), p.k.len());
+    if saved.0.len() != nq || saved.1.len() != nq || saved.2.len() != 2 * nq / p.dh {
+        return Err(Error::Msg(format!(
+            "{op}: saved tensors do not match the problem"
+        )));
+    }
+    let mut g = vec![T::zero(); nq + 2 * nk];
+    let (dq, dkv) = g.split_at_mut(nq);
+    let (dk, dv) = dkv.split_at_mut(nk);
+    f(p, saved, dq, dk, dv);
+    let n = g.len();
+    Ok((storage(g), Shape::from(n)))
 }
 
 /// The values of a tensor the forward saved, on the CPU.
@@ -427,7 +465,7 @@ fn saved<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
 }
 
 use crate::kernels::{dispatch, slice, storage, AttnMask, Real};
-use num_traits::Zero;
+use preftune_kernels::flash::Problem;
 
 #[cfg(test)]
 mod tests {
@@ -591,6 +629,43 @@ mod tests {
             err.to_string().contains("mask [1, 2, 2] for [2, 2, 2]"),
             "{err}"
         );
+    }
+
+    /// Under bf16 products the CPU's tiles multiply in bf16: the rounding shows against the f32
+    /// tiles, and output and gradients stay within bf16's error of the composed f32 ops (two
+    /// stacked heads of 300 rows at head size 64, causal, one batch row left-padded).
+    #[test]
+    fn host_mask_path_under_bf16_multiplies_in_bf16() {
+        let dev = Device::Cpu;
+        let (b, g, rep, t, dh, pad) = (2, 2, 2, 300, 64, 37);
+        let m = causal(b, t, 0, pad);
+        let tensor_mask = Tensor::from_vec(m.clone(), (b, 1, t, t), &dev).unwrap();
+        let host = AttnMask {
+            data: Arc::new(m),
+            b,
+            t,
+            tk: t,
+        };
+        let (q, k, v) = (
+            var(&[b, g, rep * t, dh], DType::F32),
+            var(&[b, g, t, dh], DType::F32),
+            var(&[b, g, t, dh], DType::F32),
+        );
+        let w = var(&[b, g, rep * t, dh], DType::F32).as_tensor().clone();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let (x, y, z) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let tiles = |bf16: bool| {
+            let _products = crate::ops::Bf16Scope::new(bf16);
+            let y = flash_attention_host(x, y, z, t, scale, Some(&host)).unwrap();
+            with_grads(y, &w, [&q, &k, &v])
+        };
+        let (f32_tiles, bf16_tiles) = (tiles(false), tiles(true));
+        let reference = composed(x, y, z, t, scale, Some(&tensor_mask)).unwrap();
+        let reference = with_grads(reference, &w, [&q, &k, &v]);
+        assert_close(&f32_tiles, &reference, 1e-4, "f32 tiles");
+        assert_close(&bf16_tiles, &reference, 3e-2, "bf16 tiles");
+        let e = max_rel(&bf16_tiles.0, &f32_tiles.0);
+        assert!(e > 1e-4, "bf16 tiles round like f32 ones: {e}");
     }
 
     #[test]
