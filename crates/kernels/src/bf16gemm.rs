@@ -276,6 +276,8 @@ mod imp {
     const BLOCK: usize = 32;
     /// bf16 values along `k` per tile step.
     const KSTEP: usize = 32;
+    /// Rows of A per pass over B's panels (AMX): 256 rows of 576 bf16 are 288 KiB.
+    const ROWS_IN_L2: usize = 256;
     /// Tile steps between prefetching a tile of B and loading it.
     const PREFETCH: usize = 4;
 
@@ -534,99 +536,104 @@ mod imp {
             let mut buf = Buf([0.0; BLOCK * BLOCK]);
             let a_stride = kp * 2;
             asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
-            for nb in cols.clone().step_by(BLOCK) {
-                let b0 = pb.as_ptr().add((nb / 16) * panel);
-                let b1 = b0.add(panel);
-                for mb in rows.clone().step_by(BLOCK) {
-                    let a0 = pa.as_ptr().add(mb * kp);
-                    let a1 = a0.add(16 * kp);
-                    let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
-                    // A whole block of `C` is loaded into (when accumulating) and stored from the
-                    // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
-                    let whole = h == BLOCK && w == BLOCK;
-                    let c0 = out.0.add(mb * n + nb);
-                    if whole && accumulate {
-                        asm!(
-                            "tileloadd tmm0, [{p0} + {s}*1]",
-                            "tileloadd tmm1, [{p1} + {s}*1]",
-                            "tileloadd tmm2, [{p2} + {s}*1]",
-                            "tileloadd tmm3, [{p3} + {s}*1]",
-                            p0 = in(reg) c0,
-                            p1 = in(reg) c0.add(16),
-                            p2 = in(reg) c0.add(16 * n),
-                            p3 = in(reg) c0.add(16 * n + 16),
-                            s = in(reg) n * 4,
-                            options(nostack, readonly),
-                        );
-                    } else {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack)
-                        );
-                    }
-                    for kk in (0..kp).step_by(KSTEP) {
-                        // B streams from memory once (decoding reads every weight once per step):
-                        // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
-                        // do for tile loads by itself.
-                        for line in (0..1024).step_by(64) {
-                            let ahead = (kk + PREFETCH * KSTEP) * 32 + line;
-                            _mm_prefetch::<_MM_HINT_T0>((b0 as *const i8).wrapping_add(ahead));
-                            _mm_prefetch::<_MM_HINT_T0>((b1 as *const i8).wrapping_add(ahead));
+            // Rows of A in chunks that stay in L2 while every panel of B passes by: with B's
+            // panels outermost, all of A was read again from memory for each 32 columns.
+            for chunk in rows.clone().step_by(ROWS_IN_L2) {
+                let chunk = chunk..(chunk + ROWS_IN_L2).min(rows.end);
+                for nb in cols.clone().step_by(BLOCK) {
+                    let b0 = pb.as_ptr().add((nb / 16) * panel);
+                    let b1 = b0.add(panel);
+                    for mb in chunk.clone().step_by(BLOCK) {
+                        let a0 = pa.as_ptr().add(mb * kp);
+                        let a1 = a0.add(16 * kp);
+                        let (h, w) = ((rows.end - mb).min(BLOCK), (cols.end - nb).min(BLOCK));
+                        // A whole block of `C` is loaded into (when accumulating) and stored from the
+                        // tiles in place: bouncing it through `buf` cost a copy as large as `C`.
+                        let whole = h == BLOCK && w == BLOCK;
+                        let c0 = out.0.add(mb * n + nb);
+                        if whole && accumulate {
+                            asm!(
+                                "tileloadd tmm0, [{p0} + {s}*1]",
+                                "tileloadd tmm1, [{p1} + {s}*1]",
+                                "tileloadd tmm2, [{p2} + {s}*1]",
+                                "tileloadd tmm3, [{p3} + {s}*1]",
+                                p0 = in(reg) c0,
+                                p1 = in(reg) c0.add(16),
+                                p2 = in(reg) c0.add(16 * n),
+                                p3 = in(reg) c0.add(16 * n + 16),
+                                s = in(reg) n * 4,
+                                options(nostack, readonly),
+                            );
+                        } else {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack)
+                            );
                         }
-                        if h <= 16 {
-                            // At most 16 rows (decoding): the second row tile is padding, and
-                            // multiplying it took half of the time (TDPBF16PS, not memory, bound
-                            // a 16-row product: the LM head 3.7 -> 2.2 ms without it).
+                        for kk in (0..kp).step_by(KSTEP) {
+                            // B streams from memory once (decoding reads every weight once per step):
+                            // fetch the tiles PREFETCH steps ahead, which the hardware prefetcher does not
+                            // do for tile loads by itself.
+                            for line in (0..1024).step_by(64) {
+                                let ahead = (kk + PREFETCH * KSTEP) * 32 + line;
+                                _mm_prefetch::<_MM_HINT_T0>((b0 as *const i8).wrapping_add(ahead));
+                                _mm_prefetch::<_MM_HINT_T0>((b1 as *const i8).wrapping_add(ahead));
+                            }
+                            if h <= 16 {
+                                // At most 16 rows (decoding): the second row tile is padding, and
+                                // multiplying it took half of the time (TDPBF16PS, not memory, bound
+                                // a 16-row product: the LM head 3.7 -> 2.2 ms without it).
+                                asm!(
+                                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    a0 = in(reg) a0.add(kk),
+                                    b0 = in(reg) b0.add(kk * 16),
+                                    b1 = in(reg) b1.add(kk * 16),
+                                    sa = in(reg) a_stride,
+                                    sb = in(reg) 64usize,
+                                    options(nostack, readonly),
+                                );
+                                continue;
+                            }
                             asm!(
                                 "tileloadd tmm4, [{a0} + {sa}*1]",
+                                "tileloadd tmm5, [{a1} + {sa}*1]",
                                 "tileloadd tmm6, [{b0} + {sb}*1]",
                                 "tileloadd tmm7, [{b1} + {sb}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
                                 a0 = in(reg) a0.add(kk),
+                                a1 = in(reg) a1.add(kk),
                                 b0 = in(reg) b0.add(kk * 16),
                                 b1 = in(reg) b1.add(kk * 16),
                                 sa = in(reg) a_stride,
                                 sb = in(reg) 64usize,
                                 options(nostack, readonly),
                             );
+                        }
+                        if whole {
+                            store_block(c0, n);
                             continue;
                         }
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {sa}*1]",
-                            "tileloadd tmm5, [{a1} + {sa}*1]",
-                            "tileloadd tmm6, [{b0} + {sb}*1]",
-                            "tileloadd tmm7, [{b1} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a0.add(kk),
-                            a1 = in(reg) a1.add(kk),
-                            b0 = in(reg) b0.add(kk * 16),
-                            b1 = in(reg) b1.add(kk * 16),
-                            sa = in(reg) a_stride,
-                            sb = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
-                    }
-                    if whole {
-                        store_block(c0, n);
-                        continue;
-                    }
-                    store_block(buf.0.as_mut_ptr(), BLOCK);
-                    for i in 0..h {
-                        let dst = out.0.add((mb + i) * n + nb);
-                        let src = &buf.0[i * BLOCK..][..w];
-                        if accumulate {
-                            let dst = std::slice::from_raw_parts_mut(dst, w);
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                        } else {
-                            // Raw copy: `C` may be uninitialised (no reference to it is formed).
-                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, w);
+                        store_block(buf.0.as_mut_ptr(), BLOCK);
+                        for i in 0..h {
+                            let dst = out.0.add((mb + i) * n + nb);
+                            let src = &buf.0[i * BLOCK..][..w];
+                            if accumulate {
+                                let dst = std::slice::from_raw_parts_mut(dst, w);
+                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                            } else {
+                                // Raw copy: `C` may be uninitialised (no reference to it is formed).
+                                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, w);
+                            }
                         }
                     }
                 }
@@ -1184,6 +1191,8 @@ mod tests {
             // Enough work for two threads: a few rows split by columns, many rows by rows.
             (4, 530, 1100),
             (70, 530, 600),
+            // More rows per thread than one pass over B's panels takes (AMX: 256).
+            (601, 70, 40),
         ] {
             let x = data(m * k, 1);
             let y = data(n * k, 2);
