@@ -112,6 +112,17 @@ pub fn backend() -> Backend {
     })
 }
 
+/// Whether this process can run `backend`'s instructions (AMX: granted the tiles), detected once.
+pub(crate) fn runs(backend: Backend) -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    static DP: OnceLock<bool> = OnceLock::new();
+    match backend {
+        Backend::Amx => *AMX.get_or_init(imp::amx),
+        Backend::Avx512Bf16 => *DP.get_or_init(imp::avx512_bf16),
+        Backend::F32 => true,
+    }
+}
+
 /// Whether bf16 products run on bf16 instructions (AMX or AVX-512 BF16), and so faster than f32.
 pub fn available() -> bool {
     backend() != Backend::F32
@@ -276,10 +287,15 @@ mod imp {
     const BLOCK: usize = 32;
     /// bf16 values along `k` per tile step.
     const KSTEP: usize = 32;
-    /// Rows of A per pass over B's panels (AMX): 256 rows of 576 bf16 are 288 KiB.
-    const ROWS_IN_L2: usize = 256;
+    /// Bytes of A's rows per pass over B's panels (AMX): 256 rows at k = 576.
+    const A_IN_L2: usize = 288 << 10;
     /// Tile steps between prefetching a tile of B and loading it.
     const PREFETCH: usize = 4;
+
+    /// Whether the CPU has the AVX-512F and BW that the packing kernels use.
+    fn avx512_bw() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
 
     /// Whether the CPU has AVX-512 BF16 and the AVX-512BW the packing kernels use.
     pub fn avx512_bf16() -> bool {
@@ -380,7 +396,13 @@ mod imp {
     }
 
     /// [`pack_a`] on this thread into `dst` (resized to `mp * kp`, `mp` = rows rounded up to 32).
+    /// Panics unless the CPU has AVX-512F and BW (every bf16 backend has them).
     pub(super) fn pack_a_into(a: View, kp: usize, dst: &mut Vec<u16>) {
+        assert!(
+            kp.is_multiple_of(KSTEP) && kp >= a.cols && avx512_bw(),
+            "pack_a_into: kp {kp} for {} columns",
+            a.cols
+        );
         let mp = a.rows.div_ceil(BLOCK) * BLOCK;
         dst.clear();
         dst.reserve(mp * kp);
@@ -397,7 +419,13 @@ mod imp {
     }
 
     /// [`pack_b`] on this thread into `dst` (resized to `np * kp`, `np` = rows rounded up to 32).
+    /// Panics unless the CPU has AVX-512F and BW (every bf16 backend has them).
     pub(super) fn pack_b_into(b: View, kp: usize, dst: &mut Vec<u16>) {
+        assert!(
+            kp.is_multiple_of(KSTEP) && kp >= b.cols && avx512_bw(),
+            "pack_b_into: kp {kp} for {} columns",
+            b.cols
+        );
         let np = b.rows.div_ceil(BLOCK) * BLOCK;
         dst.clear();
         dst.reserve(np * kp);
@@ -513,9 +541,11 @@ mod imp {
     ///
     /// # Safety
     /// The CPU has AMX-BF16 and this process was granted the tiles ([`amx`]). `pa` is [`pack_a`]
-    /// (rows padded to a multiple of 32, `kp` per row) and `pb` [`pack_b`] (all padded columns)
-    /// of products with `kp` a multiple of 32 covering `rows` and `cols`; `out` is valid for
-    /// writes (and reads, if `accumulate`) of the block, and no other thread touches it.
+    /// (rows padded to a multiple of 32, `kp` per row) and `pb` the panels of a [`pack_b`] (all
+    /// padded columns), `panel >= kp * 16` values apart (a multiple of 512) with `kp` values
+    /// each from its start, of products with `kp` a multiple of 32 covering `rows` and `cols`;
+    /// `out` is valid for writes (and reads, if `accumulate`) of the block, and no other thread
+    /// touches it.
     #[allow(clippy::too_many_arguments)]
     unsafe fn blocks_of(
         pa: &[u16],
@@ -538,8 +568,9 @@ mod imp {
             asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack));
             // Rows of A in chunks that stay in L2 while every panel of B passes by: with B's
             // panels outermost, all of A was read again from memory for each 32 columns.
-            for chunk in rows.clone().step_by(ROWS_IN_L2) {
-                let chunk = chunk..(chunk + ROWS_IN_L2).min(rows.end);
+            let per = (A_IN_L2 / (2 * kp)).max(BLOCK) / BLOCK * BLOCK;
+            for chunk in rows.clone().step_by(per) {
+                let chunk = chunk..(chunk + per).min(rows.end);
                 for nb in cols.clone().step_by(BLOCK) {
                     let b0 = pb.as_ptr().add((nb / 16) * panel);
                     let b1 = b0.add(panel);
@@ -682,10 +713,11 @@ mod imp {
         /// be uninitialised unless `accumulate`).
         ///
         /// # Safety
-        /// The CPU has AVX-512F, BW and BF16. `pa` and `pb` are [`super::pack_a`] and
-        /// [`super::pack_b`] of products covering `rows` and `cols` (rows of `pa` padded to a
-        /// multiple of 32, columns of `pb` likewise); `out` is valid for writes (and reads, if
-        /// `accumulate`) of the block, and no other thread touches it.
+        /// The CPU has AVX-512F, BW and BF16. `pa` and `pb` are [`super::pack_a`] and the
+        /// panels of a [`super::pack_b`] (`panel >= kp * 16` values apart, a multiple of 512)
+        /// of products covering `rows` and `cols` (rows of `pa` padded to a multiple of 32,
+        /// columns of `pb` likewise); `out` is valid for writes (and reads, if `accumulate`) of
+        /// the block, and no other thread touches it.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
         pub(super) unsafe fn blocks_of(

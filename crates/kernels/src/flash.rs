@@ -15,7 +15,7 @@
 //! query row `i` reads mask row `i % t` of batch row `u / groups`.
 use rayon::prelude::*;
 
-use crate::bf16gemm::Backend;
+use crate::bf16gemm::tiles::Packing;
 use crate::fused::Real;
 
 /// Query rows per tile.
@@ -427,11 +427,13 @@ pub fn forward<T: Real>(p: &Problem<T>, out: &mut [T], stats: &mut [T]) {
 /// backend [`crate::bf16gemm::backend`] picks (AMX, AVX-512 BF16, or the same rounding through
 /// f32 products).
 pub fn forward_bf16(p: &Problem<f32>, out: &mut [f32], stats: &mut [f32]) {
-    forward_bf16_on(crate::bf16gemm::backend(), p, out, stats)
+    let packing = Packing::Bf16(crate::bf16gemm::backend());
+    forward_bf16_on(packing, p, out, stats)
 }
 
-fn forward_bf16_on(be: Backend, p: &Problem<f32>, out: &mut [f32], stats: &mut [f32]) {
-    run_forward(p, out, stats, |u| bf16::Fwd::new(be, p, u))
+/// [`forward_bf16`] with its operands packed as `packing` says.
+fn forward_bf16_on(packing: Packing, p: &Problem<f32>, out: &mut [f32], stats: &mut [f32]) {
+    run_forward(p, out, stats, |u| bf16::Fwd::new(packing, p, u))
 }
 
 /// [`backward`] with bf16 products and f32 sums, for [`forward_bf16`]: dO is rounded once, the
@@ -443,18 +445,20 @@ pub fn backward_bf16(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    backward_bf16_on(crate::bf16gemm::backend(), p, saved, (dq, dk, dv))
+    let packing = Packing::Bf16(crate::bf16gemm::backend());
+    backward_bf16_on(packing, p, saved, (dq, dk, dv))
 }
 
+/// [`backward_bf16`] with its operands packed as `packing` says.
 fn backward_bf16_on(
-    be: Backend,
+    packing: Packing,
     p: &Problem<f32>,
     saved: (&[f32], &[f32], &[f32]),
     grads: (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let dout = saved.1;
     run_backward(p, saved, grads, |u| {
-        bf16::Bwd::new(be, p, u, p.unit_rows(dout, u))
+        bf16::Bwd::new(packing, p, u, p.unit_rows(dout, u))
     })
 }
 
@@ -987,7 +991,7 @@ mod tests {
             let mut stats = vec![0f32; 2 * t];
             match be {
                 None => forward(&p, &mut out, &mut stats),
-                Some(be) => forward_bf16_on(be, &p, &mut out, &mut stats),
+                Some(be) => forward_bf16_on(Packing::Bf16(be), &p, &mut out, &mut stats),
             }
             for (i, row) in out[..BLOCK_K * dh].chunks_exact(dh).enumerate() {
                 assert!(
@@ -1002,26 +1006,41 @@ mod tests {
         }
     }
 
-    /// The bf16 tiles: every backend close to the fallback (which rounds the same operands and
-    /// multiplies in f32), and all of them within bf16's rounding of the plain f64 loop (and
-    /// visibly rounded), on the shapes of [`tiles_match_the_plain_loop`] at head sizes 8 to 64.
-    #[test]
-    fn bf16_tiles_match_the_fallback_and_the_plain_loop() {
-        // (batch, groups, heads per group, t, past, dh, pad)
-        for &(b, groups, heads, t, past, dh, pad) in &[
-            (3, 2, 3, 150, 20, 16, 60),
-            (1, 1, 1, 1, 7, 8, 0),
-            (2, 1, 2, 200, 0, 32, 130),
-            (1, 3, 1, 300, 64, 64, 0),
-        ] {
+    /// Shapes for the bf16 tests: (batch, groups, heads per group, t, past, dh, pad), crossing
+    /// tile edges with ragged last blocks of rows and keys, head sizes 8 to 64.
+    const BF16_SHAPES: [(usize, usize, usize, usize, usize, usize, usize); 4] = [
+        (3, 2, 3, 150, 20, 16, 60),
+        (1, 1, 1, 1, 7, 8, 0),
+        (2, 1, 2, 200, 0, 32, 130),
+        (1, 3, 1, 300, 64, 64, 0),
+    ];
+
+    /// The bf16 path's output and gradients for the loss `sum(w * out)`, packed as `packing` says.
+    fn run_bf16(packing: Packing, p: &Problem<f32>, w: &[f32]) -> (Vec<f32>, [Vec<f32>; 3]) {
+        let mut out = vec![0f32; p.q.len()];
+        let mut stats = vec![0f32; 2 * p.units() * p.r];
+        forward_bf16_on(packing, p, &mut out, &mut stats);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; p.q.len()],
+            vec![0f32; p.k.len()],
+            vec![0f32; p.v.len()],
+        );
+        let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
+        backward_bf16_on(packing, p, (&out, w, &stats), grads);
+        (out, [dq, dk, dv])
+    }
+
+    /// Each bf16 shape, masked and not, with its inputs in f32: `f(case, problem, w)`.
+    fn each_bf16_case(f: impl Fn(&str, &Problem<f32>, &[f32])) {
+        for (b, groups, heads, t, past, dh, pad) in BF16_SHAPES {
             let (r, tk) = (heads * t, past + t);
             let units = b * groups;
-            let f = |x: Vec<f64>| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let f32s = |x: Vec<f64>| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
             let (q, k, v, w) = (
-                f(values(units * r * dh, 1)),
-                f(values(units * tk * dh, 2)),
-                f(values(units * tk * dh, 3)),
-                f(values(units * r * dh, 4)),
+                f32s(values(units * r * dh, 1)),
+                f32s(values(units * tk * dh, 2)),
+                f32s(values(units * tk * dh, 3)),
+                f32s(values(units * r * dh, 4)),
             );
             let mask = causal_mask(b, t, past, pad);
             for masked in [true, false] {
@@ -1037,48 +1056,73 @@ mod tests {
                     dh,
                     scale: 1.0 / (dh as f32).sqrt(),
                 };
-                let case = format!("{b}x{groups}x{heads} t {t} past {past} masked {masked}");
-                let g = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-                let p64_data = (g(&q), g(&k), g(&v));
-                let p64 = Problem {
-                    q: &p64_data.0,
-                    k: &p64_data.1,
-                    v: &p64_data.2,
-                    mask: p.mask,
-                    groups,
-                    r,
-                    t,
-                    tk,
-                    dh,
-                    scale: p.scale as f64,
-                };
-                let exact = reference(&p64, &g(&w), true);
-                let mut fallback = None;
-                for be in crate::bf16gemm::backends().into_iter().rev() {
-                    let mut out = vec![0f32; q.len()];
-                    let mut stats = vec![0f32; 2 * units * r];
-                    forward_bf16_on(be, &p, &mut out, &mut stats);
-                    let (mut dq, mut dk, mut dv) = (
-                        vec![0f32; q.len()],
-                        vec![0f32; k.len()],
-                        vec![0f32; v.len()],
-                    );
-                    backward_bf16_on(be, &p, (&out, &w, &stats), (&mut dq, &mut dk, &mut dv));
-                    let got = (g(&out), [g(&dq), g(&dk), g(&dv)]);
-                    // Seen: up to 5.5e-3 off the f64 loop, and 1.2e-4 between backends (a
-                    // `dP` summed in another order can round `dS` to the next bf16).
-                    compare(&got, &exact, 1e-2, &format!("{be:?} against f64, {case}"));
-                    let rounded = max_diff(&got.0, &exact.0);
-                    assert!(
-                        rounded > 1e-5,
-                        "{be:?}, {case}: no bf16 rounding ({rounded})"
-                    );
-                    match &fallback {
-                        None => fallback = Some(got),
-                        Some(want) => compare(&got, want, 5e-4, &format!("{be:?}, {case}")),
-                    }
-                }
+                f(
+                    &format!("{b}x{groups}x{heads} t {t} past {past} masked {masked}"),
+                    &p,
+                    &w,
+                );
             }
         }
+    }
+
+    fn widen(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+
+    /// The bf16 path's tiles, packing and slicing with nothing rounded: the plain f32 tiles'
+    /// numbers up to summation order, so every offset (ragged last blocks, key tiles widened to
+    /// multiples of 32, transposed packs) is checked at f32 precision.
+    #[test]
+    fn bf16_path_without_rounding_is_the_plain_tiles() {
+        each_bf16_case(|case, p, w| {
+            let (out, [dq, dk, dv]) = run_bf16(Packing::Exact, p, w);
+            let (po, [pq, pk, pv]) = run(p, w);
+            compare(
+                &(widen(&out), [widen(&dq), widen(&dk), widen(&dv)]),
+                &(widen(&po), [widen(&pq), widen(&pk), widen(&pv)]),
+                1e-5,
+                case,
+            );
+        });
+    }
+
+    /// The bf16 tiles: every backend close to the fallback (which rounds the same operands and
+    /// multiplies in f32), and all of them within bf16's rounding of the plain f64 loop (and
+    /// visibly rounded).
+    #[test]
+    fn bf16_tiles_match_the_fallback_and_the_plain_loop() {
+        each_bf16_case(|case, p, w| {
+            let (q, k, v) = (widen(p.q), widen(p.k), widen(p.v));
+            let p64 = Problem {
+                q: &q,
+                k: &k,
+                v: &v,
+                mask: p.mask,
+                groups: p.groups,
+                r: p.r,
+                t: p.t,
+                tk: p.tk,
+                dh: p.dh,
+                scale: p.scale as f64,
+            };
+            let exact = reference(&p64, &widen(w), true);
+            let mut fallback = None;
+            for be in crate::bf16gemm::backends().into_iter().rev() {
+                let (out, [dq, dk, dv]) = run_bf16(Packing::Bf16(be), p, w);
+                let got = (widen(&out), [widen(&dq), widen(&dk), widen(&dv)]);
+                // Seen: up to 5.5e-3 off the f64 loop, and 1.2e-4 between backends (a `dP`
+                // summed in another order can round `dS` to the next bf16).
+                compare(&got, &exact, 1e-2, &format!("{be:?} against f64, {case}"));
+                let rounded = max_diff(&got.0, &exact.0);
+                assert!(
+                    rounded > 1e-5,
+                    "{be:?}, {case}: no bf16 rounding ({rounded})"
+                );
+                match &fallback {
+                    None => fallback = Some(got),
+                    Some(want) => compare(&got, want, 5e-4, &format!("{be:?}, {case}")),
+                }
+            }
+        });
     }
 }

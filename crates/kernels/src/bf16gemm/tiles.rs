@@ -6,13 +6,22 @@
 //! values `k0..k0 + kl` of `B` along `k` (all of `A`'s). The bf16 backends read the pairs
 //! [`super`]'s GEMM packs; the fallback keeps bf16-rounded f32 and multiplies with the `gemm`
 //! crate, so that every backend gives the same numbers up to summation order.
-use super::{imp, round_bf16, Backend, View};
+use super::{imp, round_bf16, runs, Backend, View};
 
 /// Rows and values along `k` are padded to multiples of this (the packed kernels' block).
 pub(crate) const ALIGN: usize = 32;
 
 fn padded(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
+}
+
+/// How operands are packed: for a backend, in bf16 (the fallback: f32 rows rounded to bf16), or
+/// (tests only) f32 rows as they are, which checks the bf16 path's indexing at f32 precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Packing {
+    Bf16(Backend),
+    #[cfg(test)]
+    Exact,
 }
 
 /// The packed values: bf16 pairs (rows of `A`, panels of `B`) or the fallback's rounded f32 rows.
@@ -25,8 +34,15 @@ enum Store {
 }
 
 impl Store {
-    /// Packs `v` with `kp` values per row for `backend`, reusing this buffer; `b`: `B`'s panels.
-    fn pack(&mut self, backend: Backend, v: View, kp: usize, b: bool) {
+    /// Packs `v` with `kp` values per row, reusing this buffer; `b`: `B`'s panels. Panics for a
+    /// backend this process cannot run (its packing and products would be undefined).
+    fn pack(&mut self, packing: Packing, v: View, kp: usize, b: bool) {
+        let (backend, round): (Backend, fn(f32) -> f32) = match packing {
+            Packing::Bf16(be) => (be, round_bf16),
+            #[cfg(test)]
+            Packing::Exact => (Backend::F32, |x| x),
+        };
+        assert!(runs(backend), "tiles: {backend:?} does not run on this CPU");
         if backend == Backend::F32 {
             let mut d = match std::mem::take(self) {
                 Store::Dense(d) => d,
@@ -36,7 +52,7 @@ impl Store {
             d.resize(padded(v.rows) * kp, 0.0);
             for i in 0..v.rows {
                 for (k, x) in d[i * kp..][..v.cols].iter_mut().enumerate() {
-                    *x = round_bf16(v.get(i, k));
+                    *x = round(v.get(i, k));
                 }
             }
             *self = Store::Dense(d);
@@ -57,48 +73,48 @@ impl Store {
 /// `A` of `C = A B^T`, packed: rows of `padded(cols)` values, rows padded to a multiple of 32.
 #[derive(Default)]
 pub(crate) struct TileA {
-    backend: Option<Backend>,
+    packing: Option<Packing>,
     rows: usize,
     cols: usize,
     store: Store,
 }
 
 impl TileA {
-    /// Packs `a` for `backend`, reusing this one's buffer.
-    pub(crate) fn pack(&mut self, backend: Backend, a: View) {
-        self.store.pack(backend, a, padded(a.cols), false);
-        (self.backend, self.rows, self.cols) = (Some(backend), a.rows, a.cols);
+    /// Packs `a`, reusing this one's buffer.
+    pub(crate) fn pack(&mut self, packing: Packing, a: View) {
+        self.store.pack(packing, a, padded(a.cols), false);
+        (self.packing, self.rows, self.cols) = (Some(packing), a.rows, a.cols);
     }
 }
 
 /// `B` of `C = A B^T`, packed: each row of `B` is a column of `C`.
 #[derive(Default)]
 pub(crate) struct TileB {
-    backend: Option<Backend>,
+    packing: Option<Packing>,
     rows: usize,
     cols: usize,
     store: Store,
 }
 
 impl TileB {
-    /// Packs `b` for `backend`, reusing this one's buffer.
-    pub(crate) fn pack(&mut self, backend: Backend, b: View) {
-        self.store.pack(backend, b, padded(b.cols), true);
-        (self.backend, self.rows, self.cols) = (Some(backend), b.rows, b.cols);
+    /// Packs `b`, reusing this one's buffer.
+    pub(crate) fn pack(&mut self, packing: Packing, b: View) {
+        self.store.pack(packing, b, padded(b.cols), true);
+        (self.packing, self.rows, self.cols) = (Some(packing), b.rows, b.cols);
     }
 
-    /// `B` packed for `backend`.
-    pub(crate) fn of(backend: Backend, b: View) -> Self {
+    /// `b`, packed.
+    pub(crate) fn of(packing: Packing, b: View) -> Self {
         let mut t = TileB::default();
-        t.pack(backend, b);
+        t.pack(packing, b);
         t
     }
 }
 
 /// `c (m x n, row-major) = A[i0..i0 + m] B[j0..j0 + n, k0..k0 + kl]^T`, or `+=` with
 /// `accumulate`, where `kl` is `A`'s column count. `i0`, `j0` and `k0` are multiples of
-/// [`ALIGN`], and `kl` is one too unless `k0 + kl` is `B`'s last column (the values of `B` past
-/// `kl` would meet `A`'s zero padding: exact, but not for infinities).
+/// [`ALIGN`], and `kl` is one too unless `k0 + kl` is `B`'s last column, so that what is read of
+/// `B` past `kl` (up to the next multiple of 32) is its own zero padding, never its values.
 ///
 /// Panics if the pieces do not lie inside the packed operands or were packed for other backends.
 #[allow(clippy::too_many_arguments)]
@@ -114,7 +130,7 @@ pub(crate) fn product(
 ) {
     let kl = a.cols;
     assert!(
-        a.backend.is_some() && a.backend == b.backend,
+        a.packing.is_some() && a.packing == b.packing,
         "tiles::product: operands packed for different backends"
     );
     assert!(
@@ -144,9 +160,11 @@ pub(crate) fn product(
     let (ka, kb) = (padded(kl), padded(b.cols));
     match (&a.store, &b.store) {
         (Store::Pairs(pa), Store::Pairs(pb)) => {
-            let backend = b.backend.unwrap_or(Backend::F32);
-            // SAFETY: pairs are packed only for a bf16 backend this CPU has (the caller chose
-            // it; `imp::pack_*_into` use its AVX-512). `pa` from row `i0` holds `m` rounded up
+            let Some(Packing::Bf16(backend)) = b.packing else {
+                unreachable!("tiles::product: pairs are packed for a bf16 backend")
+            };
+            // SAFETY: pairs are packed only for a bf16 backend this process runs (`Store::pack`
+            // asserts it; `imp::pack_*_into` check the AVX-512 they use). `pa` from row `i0` holds `m` rounded up
             // to 32 rows of `ka` (rows are padded to 32 and `i0 + m <= rows`); `pb` from panel
             // `j0 / 16`, value `k0` along `k`, holds `n` rounded up to 32 columns with `ka`
             // values each inside the panels of `kb` (`k0 + ka <= kb` as `k0` is a multiple of
@@ -247,8 +265,8 @@ mod tests {
                     _ => View::rows(&b_src, br, bc),
                 };
                 let mut pa = TileA::default();
-                pa.pack(be, a_view);
-                let pb = TileB::of(be, b_view);
+                pa.pack(Packing::Bf16(be), a_view);
+                let pb = TileB::of(Packing::Bf16(be), b_view);
                 for accumulate in [false, true] {
                     let start = data(m * n, 77);
                     let mut c = match accumulate {
@@ -286,8 +304,8 @@ mod tests {
     fn misaligned_pieces_are_refused() {
         let x = data(64 * 64, 3);
         let mut a = TileA::default();
-        a.pack(Backend::F32, View::rows(&x, 64, 32));
-        let b = TileB::of(Backend::F32, View::rows(&x, 64, 64));
+        a.pack(Packing::Bf16(Backend::F32), View::rows(&x, 64, 32));
+        let b = TileB::of(Packing::Bf16(Backend::F32), View::rows(&x, 64, 64));
         product(&a, 0, 64, &b, (0, 64), 16, &mut vec![0.0; 64 * 64], false);
     }
 }

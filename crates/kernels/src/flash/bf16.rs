@@ -5,28 +5,29 @@
 //! products read (K for `Q K^T`, V transposed for `P V`, ...); each tile's probabilities and
 //! `dS` are packed as they are made. Key tiles start at multiples of 32, where packed operands
 //! can be sliced: the keys this adds to a tile are hidden from all of its rows, so their
-//! probabilities are exactly zero, as in [`super::Plain`]'s narrower tiles.
+//! probabilities are exactly zero, as in [`super::Plain`]'s narrower tiles (for finite K and V:
+//! a NaN there reaches the block's rows, as it would in the composed op).
 use super::{Backward, Forward, Problem, Scores};
-use crate::bf16gemm::tiles::{product, TileA, TileB, ALIGN};
-use crate::bf16gemm::{Backend, View};
+use crate::bf16gemm::tiles::{product, Packing, TileA, TileB, ALIGN};
+use crate::bf16gemm::View;
 
 /// A unit's `q` (`r x dh`) and `k` (`tk x dh`) packed for the scores, and the scale.
 struct Qk {
-    backend: Backend,
+    packing: Packing,
     q: TileA,
     k: TileB,
     scale: f32,
 }
 
 impl Qk {
-    fn new(backend: Backend, p: &Problem<f32>, u: usize) -> Self {
+    fn new(packing: Packing, p: &Problem<f32>, u: usize) -> Self {
         let (q, k) = unit(p, u);
         let mut qa = TileA::default();
-        qa.pack(backend, View::rows(q, p.r, p.dh));
+        qa.pack(packing, View::rows(q, p.r, p.dh));
         Qk {
-            backend,
+            packing,
             q: qa,
-            k: TileB::of(backend, View::rows(k, p.tk, p.dh)),
+            k: TileB::of(packing, View::rows(k, p.tk, p.dh)),
             scale: p.scale,
         }
     }
@@ -48,7 +49,7 @@ impl Qk {
         out: &mut [f32],
     ) {
         let nk = x.len() / n;
-        s.pack(self.backend, View::transposed(x, nk, n));
+        s.pack(self.packing, View::transposed(x, nk, n));
         product(s, 0, nk, b, (0, out.len() / nk), k0, out, true);
     }
 
@@ -64,7 +65,7 @@ impl Qk {
         out: &mut [f32],
     ) {
         let nk = x.len() / n;
-        s.pack(self.backend, View::rows(x, n, nk));
+        s.pack(self.packing, View::rows(x, n, nk));
         product(s, 0, n, b, (0, out.len() / n), k0, out, true);
     }
 }
@@ -87,10 +88,10 @@ pub(super) struct Fwd {
 }
 
 impl Fwd {
-    pub(super) fn new(backend: Backend, p: &Problem<f32>, u: usize) -> Self {
+    pub(super) fn new(packing: Packing, p: &Problem<f32>, u: usize) -> Self {
         Fwd {
-            qk: Qk::new(backend, p, u),
-            vt: TileB::of(backend, View::transposed(values(p, u), p.dh, p.tk)),
+            qk: Qk::new(packing, p, u),
+            vt: TileB::of(packing, View::transposed(values(p, u), p.dh, p.tk)),
         }
     }
 }
@@ -122,18 +123,18 @@ pub(super) struct Bwd {
 }
 
 impl Bwd {
-    pub(super) fn new(backend: Backend, p: &Problem<f32>, u: usize, dout: &[f32]) -> Self {
+    pub(super) fn new(packing: Packing, p: &Problem<f32>, u: usize, dout: &[f32]) -> Self {
         let (q, k) = unit(p, u);
         let (r, tk, dh) = (p.r, p.tk, p.dh);
         let mut dout_a = TileA::default();
-        dout_a.pack(backend, View::rows(dout, r, dh));
+        dout_a.pack(packing, View::rows(dout, r, dh));
         Bwd {
-            qk: Qk::new(backend, p, u),
-            v: TileB::of(backend, View::rows(values(p, u), tk, dh)),
-            kt: TileB::of(backend, View::transposed(k, dh, tk)),
-            qt: TileB::of(backend, View::transposed(q, dh, r)),
+            qk: Qk::new(packing, p, u),
+            v: TileB::of(packing, View::rows(values(p, u), tk, dh)),
+            kt: TileB::of(packing, View::transposed(k, dh, tk)),
+            qt: TileB::of(packing, View::transposed(q, dh, r)),
             dout: dout_a,
-            dout_t: TileB::of(backend, View::transposed(dout, dh, r)),
+            dout_t: TileB::of(packing, View::transposed(dout, dh, r)),
         }
     }
 }
