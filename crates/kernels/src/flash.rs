@@ -275,45 +275,59 @@ impl<T: Real> Scores<T> for Plain<'_, T> {
     }
 }
 
-impl<T: Real> Forward<T> for Plain<'_, T> {
-    fn pv(&self, _: &mut (), p: &[T], n: usize, j0: usize, o: &mut [T]) {
-        let (dh, nk) = (self.p.dh, p.len() / n);
-        let v = self.keys(self.p.v, j0, nk);
-        assert_eq!(o.len(), n * dh, "flash: output tile size");
-        // SAFETY: `o` holds n x dh, `p` n x nk and `v` nk x dh values at these strides; `o`
-        // aliases neither.
+impl<T: Real> Plain<'_, T> {
+    /// `out (n x dh) += x (n x nk) y[j0..j0 + nk]`, `y` this unit's keys or values (`O += P V`,
+    /// `dQ += dS K`).
+    fn straight(&self, x: &[T], n: usize, y: &[T], j0: usize, out: &mut [T]) {
+        let (dh, nk) = (self.p.dh, x.len() / n);
+        let y = self.keys(y, j0, nk);
+        assert_eq!(out.len(), n * dh, "flash: output tile size");
+        // SAFETY: `out` holds n x dh values, `x` n x nk, `y` nk x dh (sliced and asserted
+        // above); `out` aliases neither.
         unsafe {
             mm(
                 (n, dh, nk),
-                o.as_mut_ptr(),
+                out.as_mut_ptr(),
                 dh,
                 true,
-                (p.as_ptr(), nk, 1),
-                (v.as_ptr(), dh, 1),
+                (x.as_ptr(), nk, 1),
+                (y.as_ptr(), dh, 1),
+                T::one(),
+            )
+        }
+    }
+
+    /// `out (nk x dh) += x^T y[a..a + n]`, `x` n x nk, `y` this unit's query rows or their
+    /// gradient (`dV += P^T dO`, `dK += dS^T Q`).
+    fn transposed(&self, x: &[T], a: usize, n: usize, y: &[T], out: &mut [T]) {
+        let (dh, nk) = (self.p.dh, x.len() / n);
+        let y = self.rows(y, a, n);
+        assert_eq!(out.len(), nk * dh, "flash: key tile size");
+        // SAFETY: `out` holds nk x dh values, `x` n x nk (read transposed), `y` n x dh; `out`
+        // aliases neither.
+        unsafe {
+            mm(
+                (nk, dh, n),
+                out.as_mut_ptr(),
+                dh,
+                true,
+                (x.as_ptr(), 1, nk),
+                (y.as_ptr(), dh, 1),
                 T::one(),
             )
         }
     }
 }
 
+impl<T: Real> Forward<T> for Plain<'_, T> {
+    fn pv(&self, _: &mut (), p: &[T], n: usize, j0: usize, o: &mut [T]) {
+        self.straight(p, n, self.p.v, j0, o)
+    }
+}
+
 impl<T: Real> Backward<T> for Plain<'_, T> {
     fn dv(&self, _: &mut (), p: &[T], a: usize, n: usize, dv: &mut [T]) {
-        let (dh, nk) = (self.p.dh, p.len() / n);
-        let go = self.rows(self.dout, a, n);
-        assert_eq!(dv.len(), nk * dh, "flash: dv tile size");
-        // SAFETY: `dv` holds nk x dh values, `p` n x nk (read transposed), `go` n x dh; `dv`
-        // aliases neither.
-        unsafe {
-            mm(
-                (nk, dh, n),
-                dv.as_mut_ptr(),
-                dh,
-                true,
-                (p.as_ptr(), 1, nk),
-                (go.as_ptr(), dh, 1),
-                T::one(),
-            )
-        }
+        self.transposed(p, a, n, self.dout, dv)
     }
 
     fn dp(&self, a: usize, n: usize, j0: usize, dp: &mut [T]) {
@@ -335,40 +349,11 @@ impl<T: Real> Backward<T> for Plain<'_, T> {
     }
 
     fn dq(&self, _: &mut (), ds: &[T], n: usize, j0: usize, dq: &mut [T]) {
-        let (dh, nk) = (self.p.dh, ds.len() / n);
-        let k = self.keys(self.p.k, j0, nk);
-        assert_eq!(dq.len(), n * dh, "flash: dq tile size");
-        // SAFETY: `dq` holds n x dh values, `ds` n x nk, `k` nk x dh; `dq` aliases neither.
-        unsafe {
-            mm(
-                (n, dh, nk),
-                dq.as_mut_ptr(),
-                dh,
-                true,
-                (ds.as_ptr(), nk, 1),
-                (k.as_ptr(), dh, 1),
-                T::one(),
-            )
-        }
+        self.straight(ds, n, self.p.k, j0, dq)
     }
 
     fn dk(&self, _: &mut (), ds: &[T], a: usize, n: usize, dk: &mut [T]) {
-        let (dh, nk) = (self.p.dh, ds.len() / n);
-        let q = self.rows(self.q(), a, n);
-        assert_eq!(dk.len(), nk * dh, "flash: dk tile size");
-        // SAFETY: `dk` holds nk x dh values, `ds` n x nk (read transposed), `q` n x dh; `dk`
-        // aliases neither.
-        unsafe {
-            mm(
-                (nk, dh, n),
-                dk.as_mut_ptr(),
-                dh,
-                true,
-                (ds.as_ptr(), 1, nk),
-                (q.as_ptr(), dh, 1),
-                T::one(),
-            )
-        }
+        self.transposed(ds, a, n, self.q(), dk)
     }
 }
 

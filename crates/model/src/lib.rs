@@ -30,6 +30,12 @@ mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+/// Which numerics a forward pass has: raised whenever a change moves the numbers the same model,
+/// inputs and options give (2: attention's tiles multiply in bf16 under `bf16 = true`). Caches of
+/// computed values (DPO's precomputed reference log-probs) carry it in their key, so an upgrade
+/// recomputes them instead of mixing two versions' numbers.
+pub const NUMERICS: u32 = 2;
+
 pub use config::{Arch, ModelConfig, MoeConfig, MoeNames};
 pub use device::{DeviceError, DeviceSpec};
 pub use error::{Error, Result};

@@ -772,8 +772,14 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
             "{:?}:{}:{}",
             args.max_length, args.truncation_mode, d.reference_free
         ),
-        // The numerics: bf16 products and the weights' dtype give other log-probs.
-        format!("bf16={}:dtype={}", args.bf16, args.dtype),
+        // The numerics: bf16 products, the weights' dtype and preftune's own version of the
+        // forward pass give other log-probs.
+        format!(
+            "bf16={}:dtype={}:numerics={}",
+            args.bf16,
+            args.dtype,
+            preftune_model::NUMERICS
+        ),
     ];
     // A LoRA policy's reference is its base: quantised under load_in_4bit / load_in_8bit.
     if let (None, Some(q)) = (&d.ref_model, args.base_quant()) {
