@@ -95,6 +95,11 @@ impl<T: Real> Problem<'_, T> {
         &x[u * self.r * self.dh..][..self.r * self.dh]
     }
 
+    /// Unit `u`'s keys or values of `x` (`k` or `v`: `[units, tk, dh]`).
+    fn unit_keys<'x>(&self, x: &'x [T], u: usize) -> &'x [T] {
+        &x[u * self.tk * self.dh..][..self.tk * self.dh]
+    }
+
     /// The keys some row of `a..a + n` may see.
     fn block_live(&self, live: &[Live], a: usize, n: usize) -> (usize, usize) {
         (a..a + n)
@@ -244,7 +249,7 @@ impl<T: Real> Plain<'_, T> {
 
     /// Unit `u`'s keys or values `j0..j0 + nk`.
     fn keys<'x>(&self, x: &'x [T], j0: usize, nk: usize) -> &'x [T] {
-        &x[(self.u * self.p.tk + j0) * self.p.dh..][..nk * self.p.dh]
+        &self.p.unit_keys(x, self.u)[j0 * self.p.dh..][..nk * self.p.dh]
     }
 
     fn q(&self) -> &[T] {

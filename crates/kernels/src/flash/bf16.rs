@@ -21,7 +21,7 @@ struct Qk {
 
 impl Qk {
     fn new(packing: Packing, p: &Problem<f32>, u: usize) -> Self {
-        let (q, k) = unit(p, u);
+        let (q, k) = (p.unit_rows(p.q, u), p.unit_keys(p.k, u));
         let mut qa = TileA::default();
         qa.pack(packing, View::rows(q, p.r, p.dh));
         Qk {
@@ -70,17 +70,6 @@ impl Qk {
     }
 }
 
-/// Unit `u`'s query rows and keys.
-fn unit<'a>(p: &Problem<'a, f32>, u: usize) -> (&'a [f32], &'a [f32]) {
-    let (tk, dh) = (p.tk, p.dh);
-    (p.unit_rows(p.q, u), &p.k[u * tk * dh..][..tk * dh])
-}
-
-/// Unit `u`'s values.
-fn values<'a>(p: &Problem<'a, f32>, u: usize) -> &'a [f32] {
-    &p.v[u * p.tk * p.dh..][..p.tk * p.dh]
-}
-
 /// The forward's operands: also V transposed (`dh x tk`), for `P V`.
 pub(super) struct Fwd {
     qk: Qk,
@@ -91,7 +80,7 @@ impl Fwd {
     pub(super) fn new(packing: Packing, p: &Problem<f32>, u: usize) -> Self {
         Fwd {
             qk: Qk::new(packing, p, u),
-            vt: TileB::of(packing, View::transposed(values(p, u), p.dh, p.tk)),
+            vt: TileB::of(packing, View::transposed(p.unit_keys(p.v, u), p.dh, p.tk)),
         }
     }
 }
@@ -124,13 +113,13 @@ pub(super) struct Bwd {
 
 impl Bwd {
     pub(super) fn new(packing: Packing, p: &Problem<f32>, u: usize, dout: &[f32]) -> Self {
-        let (q, k) = unit(p, u);
+        let (q, k) = (p.unit_rows(p.q, u), p.unit_keys(p.k, u));
         let (r, tk, dh) = (p.r, p.tk, p.dh);
         let mut dout_a = TileA::default();
         dout_a.pack(packing, View::rows(dout, r, dh));
         Bwd {
             qk: Qk::new(packing, p, u),
-            v: TileB::of(packing, View::rows(values(p, u), tk, dh)),
+            v: TileB::of(packing, View::rows(p.unit_keys(p.v, u), tk, dh)),
             kt: TileB::of(packing, View::transposed(k, dh, tk)),
             qt: TileB::of(packing, View::transposed(q, dh, r)),
             dout: dout_a,
