@@ -564,7 +564,7 @@ fn forward_block_body<T: Real, P: Forward<T>>(
             }
             // exp(-inf) = 0 on a row's first tile: nothing to rescale.
             let corr = (max[i] - m).exp();
-            sum[i] = sum[i] * corr + T::exp_shifted(row, m);
+            sum[i] = sum[i] * corr + T::exp_shifted_fast(row, m, T::one());
             if corr != T::one() {
                 orow.iter_mut().for_each(|x| *x *= corr);
             }
@@ -700,9 +700,7 @@ fn backward_unit_body<T: Real, P: Backward<T>>(
             p.add_mask((u, live), a, j0, s, n);
             for (i, row) in s.chunks_exact_mut(nk).enumerate() {
                 let st = &g.stats[2 * (a + i)..][..2];
-                T::exp_shifted(row, st[0]);
-                let inv = (-st[1]).exp();
-                row.iter_mut().for_each(|x| *x *= inv);
+                T::exp_shifted_fast(row, st[0], (-st[1]).exp());
             }
             let keys = j0 * dh..(j0 + nk) * dh;
             ops.dv(&mut scratch, s, a, n, &mut dv[keys.clone()]);

@@ -27,11 +27,12 @@ pub trait Real:
         row.iter().copied().fold(Self::neg_infinity(), Float::max)
     }
 
-    /// `row[i] = exp(row[i] - shift)` in place; returns their sum.
-    fn exp_shifted(row: &mut [Self], shift: Self) -> Self {
+    /// `row[i] = scale * exp(row[i] - shift)` in place; returns their sum. In f32 with
+    /// [`crate::vmath::exp_shifted_fast`]'s less exact `exp` (attention's probabilities).
+    fn exp_shifted_fast(row: &mut [Self], shift: Self, scale: Self) -> Self {
         let mut sum = Self::zero();
         for s in row.iter_mut() {
-            *s = (*s - shift).exp();
+            *s = scale * (*s - shift).exp();
             sum += *s;
         }
         sum
@@ -61,8 +62,8 @@ impl Real for f32 {
         crate::vmath::max(row)
     }
 
-    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        crate::vmath::exp_shifted(row, shift) as f32
+    fn exp_shifted_fast(row: &mut [f32], shift: f32, scale: f32) -> f32 {
+        crate::vmath::exp_shifted_fast(row, shift, scale)
     }
 }
 
