@@ -131,7 +131,7 @@ mod imp {
     /// multiplies by `2^floor(t)`. The rounding error of `t` (up to 1e-5 at |x| = 88) is carried
     /// separately and added to `f`. Infinite `t` reduces to `f = 0`, so `-inf` gives 0 and `inf`
     /// gives inf with no clamping; NaN stays NaN. Thirteen vector operations, where the Taylor
-    /// form it replaced took fifteen (measured 1.27x its throughput).
+    /// form it replaced took fourteen with a two-µop rounding (measured 1.19x its throughput).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
     fn exp16(x: __m512) -> __m512 {
