@@ -259,8 +259,7 @@ fn rmsnorm_forward_matches_the_cpu_loop() {
     // rows of fewer values than a warp, of a partial last warp, and of more than a block
     for (rows, d) in [(3, 20), (5, 72), (2, 300)] {
         let (x, w) = (randn(&mut rng, rows * d), randn(&mut rng, d));
-        let mut want = vec![0.0; rows * d];
-        fused::rms_norm(&x, &w, 1e-5, &mut want);
+        let want = fused::rms_norm(&x, &w, 1e-5);
         let mut y = vec![0.0; rows * d];
         let (xp, wp, yp) = (p(&x), p(&w), pm(&mut y));
         run!(
@@ -485,15 +484,13 @@ fn swiglu_matches_the_cpu_loops() {
     let n = 1000; // more than one block of the launch, with a partial last block
     let (g, u, dy) = (randn(&mut rng, n), randn(&mut rng, n), randn(&mut rng, n));
     let (g32, u32_) = (f32s(&g), f32s(&u));
-    let mut want32 = vec![0f32; n];
-    fused::swiglu(&g32, &u32_, n, &mut want32);
+    let want32 = fused::swiglu(&g32, &u32_, n);
     let mut out32 = vec![0f32; n];
     let (gp, up, op) = (p(&g32), p(&u32_), pm(&mut out32));
     run!(elementwise(n), swiglu_fwd_f32(gp as _, up as _, op as _, n));
     assert!(max_diff(&f64s(&out32), &f64s(&want32)) < 1e-5);
 
-    let mut want = vec![0.0; 2 * n];
-    fused::swiglu_bwd(&g, &u, &dy, n, &mut want);
+    let want = fused::swiglu_bwd(&g, &u, &dy, n);
     let mut out = vec![0.0; 2 * n];
     let (gp, up, dp, op) = (p(&g), p(&u), p(&dy), pm(&mut out));
     // a grid smaller than the work: every thread takes several elements
@@ -517,8 +514,7 @@ fn rope_matches_the_cpu_loop() {
     let angle = randn(&mut rng, b * t * dh / 2);
     let cos: Vec<f64> = angle.iter().map(|a| a.cos()).collect();
     let sin: Vec<f64> = angle.iter().map(|a| a.sin()).collect();
-    let mut want = vec![0.0; rows * dh];
-    fused::rope(&x, &cos, &sin, h, t, dh, &mut want);
+    let want = fused::rope(&x, &cos, &sin, h, t, dh);
     let mut out = vec![0.0; rows * dh];
     let (xp, cp, sp, op) = (p(&x), p(&cos), p(&sin), pm(&mut out));
     run!(

@@ -233,8 +233,7 @@ impl CustomOp2 for RmsNorm {
         dispatch!(s1, self.name(), |T| {
             let x = slice::<T>(s1, l1, self.name())?;
             let w = slice::<T>(s2, l2, self.name())?;
-            let mut out = vec![T::zero(); x.len()];
-            fused::rms_norm(x, w, self.eps, &mut out);
+            let out = fused::rms_norm(x, w, self.eps);
             Ok((storage(out), l1.shape().clone()))
         })
     }
@@ -345,9 +344,8 @@ impl CustomOp2 for SwiGlu {
         dispatch!(s1, self.name(), |T| {
             let g = slice::<T>(s1, l1, self.name())?;
             let u = slice::<T>(s2, l2, self.name())?;
-            let mut out = vec![T::zero(); g.len()];
             let row = *l1.dims().last().unwrap_or(&1);
-            fused::swiglu(g, u, row, &mut out);
+            let out = fused::swiglu(g, u, row);
             Ok((storage(out), l1.shape().clone()))
         })
     }
@@ -404,9 +402,8 @@ impl CustomOp3 for SwiGluBwd {
             let u = slice::<T>(s2, l2, self.name())?;
             let dy = slice::<T>(s3, l3, self.name())?;
             let n = g.len();
-            let mut out = vec![T::zero(); 2 * n];
             let row = *l1.dims().last().unwrap_or(&1);
-            fused::swiglu_bwd(g, u, dy, row, &mut out);
+            let out = fused::swiglu_bwd(g, u, dy, row);
             Ok((storage(out), Shape::from(2 * n)))
         })
     }
@@ -470,8 +467,7 @@ impl CustomOp3 for Rope {
             let x = slice::<T>(s1, l1, self.name())?;
             let cos = slice::<T>(s2, l2, self.name())?;
             let sin = slice::<T>(s3, l3, self.name())?;
-            let mut out = vec![T::zero(); x.len()];
-            fused::rope(x, cos, sin, h, t, dh, &mut out);
+            let out = fused::rope(x, cos, sin, h, t, dh);
             Ok((storage(out), l1.shape().clone()))
         })
     }
