@@ -362,3 +362,80 @@ pub fn softmax_bwd<T: Real>(p: &[T], dp: &[T], row: usize, scale: f64, out: &mut
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in [-3, 3) from a fixed sequence.
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761 + seed * 97) % 1000) as f64 * 0.006 - 3.0)
+            .collect()
+    }
+
+    /// The ops that write fresh buffers, against plain loops, at sizes that split across threads
+    /// (above `par_rows`' 16,384 values) with rows that are not whole pieces: every value must be
+    /// written, in place. In f64 every path is scalar, so the values are equal exactly.
+    #[test]
+    fn fresh_outputs_equal_plain_loops() {
+        let (rows, d) = (70, 300);
+        let n = rows * d;
+        let (x, w, u, dy) = (values(n, 1), values(d, 2), values(n, 3), values(n, 4));
+
+        let want: Vec<f64> = (0..n)
+            .map(|i| {
+                let r = &x[i / d * d..][..d];
+                let inv = (r.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-5)
+                    .sqrt()
+                    .recip();
+                x[i] * inv * w[i % d]
+            })
+            .collect();
+        assert_eq!(rms_norm(&x, &w, 1e-5), want);
+
+        let s: Vec<f64> = x.iter().map(|&g| sigmoid(g)).collect();
+        let want: Vec<f64> = (0..n).map(|i| x[i] * s[i] * u[i]).collect();
+        assert_eq!(swiglu(&x, &u, d), want);
+        let want: Vec<f64> = (0..n)
+            .map(|i| dy[i] * u[i] * s[i] * (1.0 + x[i] * (1.0 - s[i])))
+            .chain((0..n).map(|i| s[i] * (dy[i] * x[i])))
+            .collect();
+        assert_eq!(swiglu_bwd(&x, &u, &dy, d), want);
+
+        // RoPE: B = 2, H = 5, T = 35, dh = 60 (n values), tables [B, T, dh / 2].
+        let (b, h, t, dh) = (2, 5, 35, 60);
+        assert_eq!(b * h * t * dh, n);
+        let (cos, sin) = (values(b * t * dh / 2, 5), values(b * t * dh / 2, 6));
+        let half = dh / 2;
+        let want: Vec<f64> = (0..n)
+            .map(|i| {
+                let (r, j) = (i / dh, i % dh);
+                let tab = ((r / (h * t)) * t + r % t) * half;
+                let (x1, x2) = (x[r * dh + j % half], x[r * dh + half + j % half]);
+                let (c, s) = (cos[tab + j % half], sin[tab + j % half]);
+                if j < half {
+                    x1 * c - x2 * s
+                } else {
+                    x2 * c + x1 * s
+                }
+            })
+            .collect();
+        assert_eq!(rope(&x, &cos, &sin, h, t, dh), want);
+    }
+
+    /// The f32 SwiGLU (vectorised sigmoid) against the f64 one.
+    #[test]
+    fn f32_swiglu_matches_f64() {
+        let n = 70 * 300;
+        let (g, u) = (values(n, 7), values(n, 8));
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let got = swiglu(&f32s(&g), &f32s(&u), 300);
+        for (a, b) in got.iter().zip(swiglu(&g, &u, 300)) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{a} vs {b}"
+            );
+        }
+    }
+}
