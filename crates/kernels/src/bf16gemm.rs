@@ -299,9 +299,7 @@ mod imp {
 
     /// Whether the CPU has AVX-512 BF16 and the AVX-512BW the packing kernels use.
     pub fn avx512_bf16() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
+        avx512_bw() && is_x86_feature_detected!("avx512bf16")
     }
 
     /// Whether the CPU has AMX-BF16 (and AVX-512BW) and Linux grants this process the tiles.
@@ -735,12 +733,14 @@ mod imp {
             // unsafe operation below.
             unsafe {
                 let steps = kp / 2; // pairs along k; one 64-byte row of a panel per pair
-                let mask = |w: usize| ((1u32 << w.min(16)) - 1) as u16;
                 for nb in cols.clone().step_by(32) {
                     let b0 = pb.as_ptr().add((nb / 16) * panel) as *const __m512i;
                     let b1 = b0.add(panel / 32);
                     let w = (cols.end - nb).min(32);
-                    let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+                    let (m0, m1) = (
+                        crate::first_lanes(w),
+                        crate::first_lanes(w.saturating_sub(16)),
+                    );
                     for mb in rows.clone().step_by(MR) {
                         // Pairs of A as i32; a `Vec<u16>` promises only 2-byte alignment.
                         let a = pa.as_ptr().add(mb * kp) as *const i32;
@@ -859,7 +859,7 @@ mod imp {
                 match n {
                     16.. => _mm512_loadu_ps(p),
                     0 => _mm512_setzero_ps(),
-                    _ => _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p),
+                    _ => _mm512_maskz_loadu_ps(crate::first_lanes(n), p),
                 }
             }
         }

@@ -358,11 +358,7 @@ unsafe fn pass512<const N: usize>(
                     _mm_prefetch::<_MM_HINT_T0>(p.add(a * k + i) as *const i8);
                 }
             }
-            let mask: __mmask16 = if k - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (k - i)) - 1) as __mmask16
-            };
+            let mask = crate::first_lanes(k - i);
             let wv = [
                 _mm512_maskz_loadu_ps(mask, w[0].add(i)),
                 _mm512_maskz_loadu_ps(mask, w[1].add(i)),
@@ -571,10 +567,8 @@ unsafe fn kmajor<const V: usize, const R: usize>(a: Args, out: &mut [f32]) {
         // Blocks of four columns: `0..full` whole, then a partial one if `k` ends in one.
         let full = k / 4;
         // Lanes 0..4 of a vector's sums hold x rows 4c..4c+4; `rn` bounds the last vector.
-        let masks: [__mmask16; V] = std::array::from_fn(|c| {
-            let lanes = rn.saturating_sub(4 * c).min(4);
-            ((1u32 << lanes) - 1) as __mmask16
-        });
+        let masks: [__mmask16; V] =
+            std::array::from_fn(|c| crate::first_lanes(rn.saturating_sub(4 * c).min(4)));
         let mut o = 0;
         while o < rows {
             let wn = (rows - o).min(R);

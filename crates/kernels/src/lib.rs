@@ -25,3 +25,9 @@ pub mod fused;
 pub mod gemv;
 pub mod rng;
 pub mod vmath;
+
+/// The AVX-512 mask of the first `min(n, 16)` of 16 lanes: a partial vector at a slice's end.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn first_lanes(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}

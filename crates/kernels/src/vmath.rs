@@ -6,7 +6,8 @@
 //! `f32::exp`. Elsewhere the scalar `f32::exp`. NaN stays NaN, `-inf` gives 0 and `inf` inf.
 use std::sync::OnceLock;
 
-/// Whether the AVX-512 path (F and DQ) runs (`PREFTUNE_NO_AVX512` forces the scalar one, for comparison).
+/// Whether the AVX-512 path (F and DQ) runs (`PREFTUNE_NO_AVX512` forces the scalar one, for
+/// comparison).
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
@@ -40,8 +41,8 @@ pub fn exp_shifted_blocks(xs: &mut [f32], shift: f32, block_sum: impl FnMut(f64)
     #[cfg(target_arch = "x86_64")]
     if available() {
         let p = xs.as_mut_ptr();
-        // SAFETY: avx512f and avx512dq were detected above; `xs` is read and written in place through one
-        // pointer.
+        // SAFETY: avx512f and avx512dq were detected above; `xs` is read and written in place
+        // through one pointer.
         return unsafe { imp::exp_shifted(p, p, xs.len(), shift, block_sum) };
     }
     let mut block_sum = block_sum;
@@ -60,7 +61,8 @@ pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if available() {
         let mut total = 0f64;
-        // SAFETY: avx512f and avx512dq were detected above; a null destination means `xs` is only read.
+        // SAFETY: avx512f and avx512dq were detected above; a null destination means `xs` is
+        // only read.
         unsafe {
             imp::exp_shifted(xs.as_ptr(), std::ptr::null_mut(), xs.len(), shift, |s| {
                 total += s
@@ -187,11 +189,7 @@ mod imp {
         let (sh, sc) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
         let mut acc = _mm512_setzero_ps();
         for i in (0..xs.len()).step_by(16) {
-            let m: __mmask16 = if xs.len() - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (xs.len() - i)) - 1) as __mmask16
-            };
+            let m = crate::first_lanes(xs.len() - i);
             let p = xs[i..].as_mut_ptr();
             // SAFETY: lanes from `i` up to the slice's end, masked beyond it: masked lanes are
             // neither read nor written.
@@ -210,8 +208,8 @@ mod imp {
     /// goes to `block_sum`.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and DQ. `src` must be valid for reading `len` values, and `dst`, unless
-    /// null, valid for writing `len` values (it may be `src`).
+    /// The CPU must have AVX-512F and DQ. `src` must be valid for reading `len` values, and
+    /// `dst`, unless null, valid for writing `len` values (it may be `src`).
     #[target_feature(enable = "avx512f,avx512dq")]
     pub unsafe fn exp_shifted(
         src: *const f32,
@@ -226,11 +224,7 @@ mod imp {
             let mut acc = _mm512_setzero_ps();
             let mut i = b0;
             while i < end {
-                let m: __mmask16 = if end - i >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << (end - i)) - 1) as __mmask16
-                };
+                let m = crate::first_lanes(end - i);
                 // SAFETY: the caller guarantees `len` values at `src` (and `dst`); masked lanes
                 // past the end are neither read nor written.
                 let v = unsafe { _mm512_maskz_loadu_ps(m, src.add(i)) };
@@ -271,7 +265,7 @@ mod imp {
             i += 16;
         }
         if i < x.len() {
-            let m: __mmask16 = ((1u32 << (x.len() - i)) - 1) as __mmask16;
+            let m = crate::first_lanes(x.len() - i);
             // SAFETY: masked lanes past the end are neither read nor written.
             unsafe {
                 let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));

@@ -164,11 +164,12 @@ pub(crate) fn product(
                 unreachable!("tiles::product: pairs are packed for a bf16 backend")
             };
             // SAFETY: pairs are packed only for a bf16 backend this process runs (`Store::pack`
-            // asserts it; `imp::pack_*_into` check the AVX-512 they use). `pa` from row `i0` holds `m` rounded up
-            // to 32 rows of `ka` (rows are padded to 32 and `i0 + m <= rows`); `pb` from panel
-            // `j0 / 16`, value `k0` along `k`, holds `n` rounded up to 32 columns with `ka`
-            // values each inside the panels of `kb` (`k0 + ka <= kb` as `k0` is a multiple of
-            // 32); `c` holds m x n values (asserted) and is borrowed mutably.
+            // asserts it; `imp::pack_*_into` check the AVX-512 they use). `pa` from row `i0`
+            // holds `m` rounded up to 32 rows of `ka` (rows are padded to 32 and
+            // `i0 + m <= rows`); `pb` from panel `j0 / 16`, value `k0` along `k`, holds `n`
+            // rounded up to 32 columns with `ka` values each inside the panels of `kb`
+            // (`k0 + ka <= kb` as `k0` is a multiple of 32); `c` holds m x n values (asserted)
+            // and is borrowed mutably.
             unsafe {
                 imp::tile(
                     backend,
