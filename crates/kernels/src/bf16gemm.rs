@@ -66,7 +66,12 @@ impl<'a> View<'a> {
         }
     }
 
-    fn get(&self, i: usize, k: usize) -> f32 {
+    /// The data, rows, columns and strides (row, column).
+    pub(crate) fn parts(&self) -> (&'a [f32], usize, usize, usize, usize) {
+        (self.data, self.rows, self.cols, self.rs, self.cs)
+    }
+
+    pub(crate) fn get(&self, i: usize, k: usize) -> f32 {
         self.data[i * self.rs + k * self.cs]
     }
 }
@@ -231,50 +236,16 @@ fn rounded_rows(v: View) -> Vec<f32> {
     out
 }
 
-/// The same rounding, then the `gemm` crate's f32 GEMM (the one candle's CPU matmul calls, with
-/// the same threading); `b`: `n` rows from [`rounded_rows`].
+/// The same rounding, then the f32 GEMM candle's CPU matmul uses ([`crate::f32gemm`]); `b`: `n`
+/// rows from [`rounded_rows`].
 fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
     let dense = rounded_rows(a);
-    let (m, k) = (a.rows, a.cols);
-    assert_eq!(
-        b.len(),
-        n * k,
-        "bf16gemm fallback: b is not {n} rows of {k}"
-    );
-    assert_eq!(c.len(), m * n, "bf16gemm fallback: c is not {m} x {n}");
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: `dense` is `m x k` row-major (strides k, 1), `b` is `n x k` row-major read as its
-    // transpose `k x n` (row stride 1, column stride k), `c` is `m x n` row-major (strides n, 1);
-    // the lengths were checked above, and `c` does not alias the inputs. With `read_dst` set,
-    // `c = 1 * c + 1 * a b` (alpha scales the destination, beta the product).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            dense.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    crate::f32gemm::gemm_nt(
+        View::rows(&dense, a.rows, a.cols),
+        View::rows(b, n, a.cols),
+        c,
+        accumulate,
+    )
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

@@ -2,6 +2,7 @@
 //! wraps them as candle ops (with hand-written backward where they train).
 //!
 //! - [`bf16gemm`]: bf16 products with f32 sums (Intel AMX, AVX-512 BF16; an f32 GEMM otherwise).
+//! - [`f32gemm`]: f32 products over strided views (a weight's gradient in its own layout).
 //! - [`gemv`]: `x W^T` for a few rows of `x` (decoding), streaming each weight row once.
 //! - [`vmath`]: vectorised `exp`, max, sigmoid and softmax pieces over slices.
 //! - [`attention`]: decoding attention for one KV group, scores never stored.
@@ -20,6 +21,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bf16gemm;
+pub mod f32gemm;
 pub mod flash;
 pub mod fused;
 pub mod gemv;

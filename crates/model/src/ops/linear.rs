@@ -117,6 +117,12 @@ impl Linear {
             && kernels::cpu_kernels(self.weight.device())
         {
             frozen_matmul(x2, &self.weight)?
+        } else if self.weight.track_op()
+            && kernels::cpu_kernels(self.weight.device())
+            && x2.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            f32_matmul(x2, &self.weight)?
         } else if lead <= TRANSPOSED_MAX_ROWS && kernels::cpu_kernels(self.weight.device()) {
             // Few rows (decoding): `(W x^T)^T` streams the weight in its stored layout and runs
             // about twice as fast in candle's GEMM as `x W^T`, which packs the transposed weight

@@ -243,6 +243,43 @@ mod tests {
         assert!(max_abs(dp, df) < 1e-5, "same input gradient");
     }
 
+    /// A trained f32 weight's gradient comes back in the weight's own layout (candle's matmul
+    /// gives the transpose of `x^T dy`, a strided view every reader had to copy), with the same
+    /// values as candle's product; the input's gradient and the output are candle's too.
+    #[test]
+    fn an_f32_weights_gradient_is_contiguous_and_equals_candles() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (13, 24), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (37, 13), &dev).unwrap();
+        let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let ours = Linear::new("l", w.as_tensor().clone(), None)
+            .forward(x.as_tensor())
+            .unwrap();
+        assert!(max_abs(&plain, &ours) < 1e-5, "same forward");
+        let backward = |y: Tensor| (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gp, go) = (backward(plain), backward(ours));
+        let (wp, wo) = (
+            gp.get(w.as_tensor()).unwrap(),
+            go.get(w.as_tensor()).unwrap(),
+        );
+        assert!(
+            !wp.is_contiguous(),
+            "candle's own product gives a transposed view"
+        );
+        assert!(
+            wo.is_contiguous(),
+            "the weight's gradient in its own layout"
+        );
+        assert_eq!(wo.dims(), [13, 24]);
+        assert!(max_abs(wp, wo) < 1e-4, "same weight gradient");
+        let (xp, xo) = (
+            gp.get(x.as_tensor()).unwrap(),
+            go.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs(xp, xo) < 1e-4, "same input gradient");
+    }
+
     /// Under a [`Bf16Scope`] a linear's output and both gradients are the f64 products of the
     /// bf16-rounded operands (dy rounded too, as backward's products round their inputs), and
     /// without the scope the same linear is plain f32 again.

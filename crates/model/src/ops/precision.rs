@@ -88,16 +88,25 @@ pub(super) fn bf16_composed_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s
 /// gradient is computed only when `W` takes one.
 pub fn bf16_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul(x, w, Products::Bf16, false)
+}
+
+/// `x W^T` in f32 on the CPU, training a weight: candle's matmul gives `W` its gradient as the
+/// transpose of `x^T dy`, a strided view that has to be copied before it can be read; this op's
+/// backward writes `dy^T x` straight into `W`'s layout.
+pub(super) fn f32_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul(x, w, Products::F32, false)
+}
+
+fn matmul(x: &Tensor, w: &Tensor, products: Products, unread: bool) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, Bf16Matmul { unread: false })
+        .apply_op2(&w.contiguous()?, Matmul { unread, products })
 }
 
 /// `x W^T` with the backward [`Linear::forward`] would give it, and zeros as its value.
 pub(super) fn unread_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if bf16_applies(x, w) {
-        return x
-            .contiguous()?
-            .apply_op2(&w.contiguous()?, Bf16Matmul { unread: true });
+        return matmul(x, w, Products::Bf16, true);
     }
     if !w.track_op() {
         return x.apply_op1(FrozenMatmul {
@@ -106,7 +115,7 @@ pub(super) fn unread_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             unread: true,
         });
     }
-    x.apply_op2(w, UnreadMatmul)
+    matmul(x, w, Products::F32, true)
 }
 
 /// The value of an unread `m x n` product: zeros, which nothing reads.
@@ -114,55 +123,48 @@ pub(super) fn unread_value(m: usize, n: usize) -> (CpuStorage, Shape) {
     (CpuStorage::F32(vec![0f32; m * n]), Shape::from((m, n)))
 }
 
-/// The f32 product of [`unread_matmul`]: backward as candle's `x.matmul(&w.t())` computes it.
-pub(super) struct UnreadMatmul;
-
-impl candle_core::CustomOp2 for UnreadMatmul {
-    fn name(&self) -> &'static str {
-        "preftune-unread-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let ((m, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        Ok(unread_value(m, n))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Detached: a gradient computed from tracked tensors records their graph, and the
-        // weight's gradient, which backward never consumes, would keep the whole layer alive.
-        let wants_dx = x.track_op();
-        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
-        let dx = wants_dx.then(|| grad.matmul(&w)).transpose()?;
-        let dw = x.t()?.matmul(&grad)?.t()?;
-        Ok((dx, Some(dw)))
-    }
-}
-
 /// `dy W` (`dy`: `[m, n]`, `W`: `[n, k]`), the input's gradient of `x W^T`, in bf16 with f32 sums.
 pub(super) fn bf16_input_grad(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
-    use preftune_kernels::bf16gemm::{gemm_nt_new, View};
+    input_grad(grad, w, Products::Bf16)
+}
+
+fn input_grad(grad: &Tensor, w: &Tensor, products: Products) -> Result<Tensor> {
+    use preftune_kernels::bf16gemm::View;
     let ((m, n), k) = (grad.dims2()?, w.dim(1)?);
     let dx = product_of(grad, w, |g, wv| {
-        gemm_nt_new(View::rows(g, m, n), View::transposed(wv, k, n))
+        products.nt(View::rows(g, m, n), View::transposed(wv, k, n))
     })?;
     Tensor::from_vec(dx, (m, k), grad.device())
 }
 
-/// `unread`: the value is zeros and the product is skipped (see [`Linear::forward_unread`]).
-pub(super) struct Bf16Matmul {
+/// How a [`Matmul`] multiplies, forward and backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Products {
+    /// bf16 operands, f32 sums ([`preftune_kernels::bf16gemm`]).
+    Bf16,
+    /// f32 throughout ([`preftune_kernels::f32gemm`]).
+    F32,
+}
+
+impl Products {
+    /// `A B^T` into a new buffer.
+    fn nt(
+        self,
+        a: preftune_kernels::bf16gemm::View,
+        b: preftune_kernels::bf16gemm::View,
+    ) -> Vec<f32> {
+        match self {
+            Products::Bf16 => preftune_kernels::bf16gemm::gemm_nt_new(a, b),
+            Products::F32 => preftune_kernels::f32gemm::gemm_nt_new(a, b),
+        }
+    }
+}
+
+/// `x W^T` on the CPU with a hand-written backward. `unread`: the value is zeros and the product
+/// is skipped (see [`Linear::forward_unread`]).
+pub(super) struct Matmul {
     unread: bool,
+    products: Products,
 }
 
 thread_local! {
@@ -261,9 +263,12 @@ pub(super) fn product_of(
     with_f32(a, |av| with_f32(b, |bv| f(av, bv)))?
 }
 
-impl candle_core::CustomOp2 for Bf16Matmul {
+impl candle_core::CustomOp2 for Matmul {
     fn name(&self) -> &'static str {
-        "preftune-bf16-matmul"
+        match self.products {
+            Products::Bf16 => "preftune-bf16-matmul",
+            Products::F32 => "preftune-f32-matmul",
+        }
     }
 
     fn cpu_fwd(
@@ -282,7 +287,7 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         }
         let x = kernels::slice::<f32>(s1, l1, self.name())?;
         let w = kernels::slice::<f32>(s2, l2, self.name())?;
-        let y = preftune_kernels::bf16gemm::gemm_nt_new(
+        let y = self.products.nt(
             preftune_kernels::bf16gemm::View::rows(x, m, k),
             preftune_kernels::bf16gemm::View::rows(w, n, k),
         );
@@ -296,17 +301,21 @@ impl candle_core::CustomOp2 for Bf16Matmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use preftune_kernels::bf16gemm::{gemm_nt_new, View};
+        use preftune_kernels::bf16gemm::View;
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         // dx = dy W: rows of dy against columns of W; none for an input that takes no gradient
         // (the first layer's under LoRA).
-        let dx = x.track_op().then(|| bf16_input_grad(grad, w)).transpose()?;
+        let dx = x
+            .track_op()
+            .then(|| input_grad(grad, w, self.products))
+            .transpose()?;
         if !w.track_op() {
             return Ok((dx, None));
         }
-        // dW = dy^T x: columns of dy against columns of x.
+        // dW = dy^T x: columns of dy against columns of x, in W's own layout.
         let dw = product_of(grad, x, |g, xv| {
-            gemm_nt_new(View::transposed(g, n, m), View::transposed(xv, k, m))
+            self.products
+                .nt(View::transposed(g, n, m), View::transposed(xv, k, m))
         })?;
         Ok((dx, Some(Tensor::from_vec(dw, (n, k), w.device())?)))
     }
