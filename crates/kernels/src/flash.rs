@@ -724,6 +724,7 @@ mod bf16;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
 
     /// Plain f64 attention and its gradients, row by row over every key. With `uniform_dead`,
     /// rows that see no key take the uniform average, as f32 gives them (their scores all round
@@ -782,19 +783,6 @@ mod tests {
             }
         }
         (out, [dq, dk, dv])
-    }
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
     }
 
     /// A causal mask over `past + t` keys for `b` batch rows; batch row 1 has its first `pad` keys

@@ -33,3 +33,17 @@ pub mod vmath;
 pub(crate) fn first_lanes(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
+
+/// Deterministic values in [-1, 1), for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}

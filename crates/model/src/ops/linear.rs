@@ -118,6 +118,7 @@ impl Linear {
         {
             frozen_matmul(x2, &self.weight)?
         } else if self.weight.track_op()
+            && lead > TRANSPOSED_MAX_ROWS
             && kernels::cpu_kernels(self.weight.device())
             && x2.dtype() == DType::F32
             && self.weight.dtype() == DType::F32

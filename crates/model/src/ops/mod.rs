@@ -249,9 +249,11 @@ mod tests {
     #[test]
     fn an_f32_weights_gradient_is_contiguous_and_equals_candles() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap()).unwrap();
+        // More rows than the few-row product takes (`TRANSPOSED_MAX_ROWS`).
+        let rows = TRANSPOSED_MAX_ROWS + 6;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 24), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (13, 24), &dev).unwrap()).unwrap();
-        let g = Tensor::randn(0f32, 1.0, (37, 13), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (rows, 13), &dev).unwrap();
         let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
         let ours = Linear::new("l", w.as_tensor().clone(), None)
             .forward(x.as_tensor())
