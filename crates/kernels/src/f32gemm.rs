@@ -90,13 +90,7 @@ unsafe fn product(a: View, b: View, c: *mut f32, accumulate: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        crate::test_values(n, seed)
-            .into_iter()
-            .map(|x| x as f32)
-            .collect()
-    }
+    use crate::test_values_f32 as values;
 
     /// Every layout a linear's forward and backward use, against an f64 loop: `x W^T` (both
     /// row-major), `dy W` (the weight transposed) and `dy^T x` (both transposed), with and

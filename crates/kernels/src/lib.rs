@@ -47,3 +47,9 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// [`test_values`] as f32.
+#[cfg(test)]
+pub(crate) fn test_values_f32(n: usize, seed: u64) -> Vec<f32> {
+    test_values(n, seed).into_iter().map(|x| x as f32).collect()
+}

@@ -221,18 +221,7 @@ pub(crate) fn product(
 mod tests {
     use super::super::backends;
     use super::*;
-
-    fn data(len: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values_f32 as data;
 
     /// Pieces of both operands, whole and ragged, from row-major and transposed sources, into
     /// fresh and accumulated outputs: each backend within f32 summation order of the f64 sum of
