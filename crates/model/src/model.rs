@@ -1404,8 +1404,10 @@ impl Attention {
             let probs = if kernel {
                 kernels::attention_probs(&q, &k, t, scale, mask.map(|(m, _)| m))?
             } else {
-                let mut scores =
-                    (q.matmul(&k.contiguous()?.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+                // `k` as it is: a decoding step's cache view is strided, and cuBLAS (and the
+                // CPU's GEMM) read it in place where a contiguous copy would move the cached keys
+                // once more at every step.
+                let mut scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, tk))?;
                 if let Some(c) = self.softcap {
                     scores = ((scores / c)?.tanh()? * c)?;
                 }

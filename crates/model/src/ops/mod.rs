@@ -373,12 +373,70 @@ mod tests {
                 );
                 assert_eq!(packs(), Some(1), "one pack for the weight");
             } else {
-                assert_eq!(packs(), None);
+                assert_eq!(packs(), Some(0), "no bf16 GEMM, nothing packed");
                 assert!(max_abs(&got, &plain) < 1e-4, "{m} rows: f32");
             }
         }
         drop(guard);
         assert_eq!(packs(), None, "the packs go with the guard");
+    }
+
+    /// On a device without our CPU kernels (a GPU; here the CPU through [`PortableScope`]) the
+    /// guard keeps one bf16 copy per weight, and the products equal the composed bf16 product
+    /// that casts the weight at every call, to the bit.
+    #[test]
+    fn packed_weights_on_a_gpu_keep_one_bf16_copy_per_weight() {
+        let dev = Device::Cpu;
+        let _portable = crate::kernels::PortableScope::new(true);
+        let _bf16 = Bf16Scope::new(true);
+        let (n, k) = (48, 70);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let lin = Linear::new("l", w.clone(), None);
+        let xs: Vec<Tensor> = [1, 3, 40]
+            .iter()
+            .map(|&m| Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap())
+            .collect();
+        let unpacked: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| {
+                lin.forward(x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        let guard = PackedWeights::new();
+        for (x, want) in xs.iter().zip(&unpacked) {
+            let got: Vec<f32> = lin
+                .forward(x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(&got, want, "the composed bf16 product, to the bit");
+            let copies: Vec<DType> = PACKED.with(|c| {
+                c.borrow()
+                    .as_ref()
+                    .unwrap()
+                    .values()
+                    .map(|p| match p {
+                        Packed::Device(t) => t.dtype(),
+                        Packed::Cpu(_) => panic!("a CPU pack on a device without CPU kernels"),
+                    })
+                    .collect()
+            });
+            assert_eq!(copies, [DType::BF16], "one bf16 copy of the weight");
+        }
+        let plain = xs[2].matmul(&w.t().unwrap()).unwrap();
+        assert!(
+            max_abs(&plain, &lin.forward(&xs[2]).unwrap()) > 1e-3,
+            "bf16 products, not f32"
+        );
+        drop(guard);
+        assert!(!packing(), "the copies go with the guard");
     }
 
     pub(super) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {

@@ -171,24 +171,36 @@ thread_local! {
     pub(super) static PACKED: std::cell::RefCell<Option<PackedMap>> = const { std::cell::RefCell::new(None) };
 }
 
-type PackedMap = std::collections::HashMap<
-    candle_core::TensorId,
-    std::rc::Rc<preftune_kernels::bf16gemm::PackedB>,
->;
+type PackedMap = std::collections::HashMap<candle_core::TensorId, Packed>;
 
-/// While the guard lives, this thread's untracked bf16 products (AMX or AVX-512 BF16) pack each
-/// weight once and reuse it. Sampling multiplies the same weights at every step with a few rows,
-/// where packing per call would cost more than the product; packed once, a step streams the
-/// weights as bf16, half the bytes of f32. Weights must not change in place while it lives (a sampling loop does
-/// not change them); the packs are freed with the guard.
+/// A weight as a [`PackedWeights`] guard keeps it for the loop.
+#[derive(Clone)]
+pub(super) enum Packed {
+    /// Packed for this CPU's bf16 GEMM (AMX or AVX-512 BF16).
+    Cpu(std::rc::Rc<preftune_kernels::bf16gemm::PackedB>),
+    /// A bf16 copy on a device without our CPU kernels (a GPU): the composed bf16 product
+    /// ([`bf16_composed_matmul`]) would cast the f32 weight again at every step.
+    Device(Tensor),
+}
+
+/// While the guard lives under a [`Bf16Scope`], this thread's untracked bf16 products keep each
+/// weight in the form they multiply it in, made on first use and reused:
+/// - on a CPU with a bf16 GEMM (AMX or AVX-512 BF16), packed for it. Sampling multiplies the same
+///   weights at every step with a few rows, where packing per call would cost more than the
+///   product; packed once, a step streams the weights as bf16, half the bytes of f32;
+/// - on a GPU, as a bf16 copy. Casting per product reads the f32 weight and writes its bf16 copy
+///   before the GEMM reads that: four times the bytes a decoding step has to move.
+///
+/// The products are the ones the guard's absence gives, to the bit. Weights must not change in
+/// place while it lives (a sampling loop does not change them); the copies are freed with the
+/// guard.
 #[must_use = "weights are packed only while the guard lives"]
 pub struct PackedWeights(Option<PackedMap>);
 
 impl PackedWeights {
-    /// Active only under a [`Bf16Scope`] on a CPU with a bf16 GEMM; otherwise a guard that does
-    /// nothing.
+    /// Active only under a [`Bf16Scope`]; otherwise a guard that does nothing.
     pub fn new() -> Self {
-        let on = bf16_enabled() && preftune_kernels::bf16gemm::available();
+        let on = bf16_enabled();
         PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
     }
 }
@@ -210,35 +222,60 @@ pub(super) fn packing() -> bool {
     PACKED.with(|c| c.borrow().is_some())
 }
 
+/// `w` as this thread's [`PackedWeights`] holds it, made by `make` on first use.
+fn packed(w: &Tensor, make: impl FnOnce() -> Result<Packed>) -> Result<Packed> {
+    let cached = PACKED.with(|c| c.borrow().as_ref().and_then(|p| p.get(&w.id()).cloned()));
+    if let Some(p) = cached {
+        return Ok(p);
+    }
+    let p = make()?;
+    PACKED.with(|c| {
+        if let Some(map) = c.borrow_mut().as_mut() {
+            map.insert(w.id(), p.clone());
+        }
+    });
+    Ok(p)
+}
+
 /// `x W^T` with `W` from this thread's [`PackedWeights`] (packed on first use), when one is active
-/// and the product is untracked f32 on the CPU.
+/// and the product is an untracked f32 one under bf16: on the CPU through its bf16 GEMM (none
+/// without one), elsewhere with a bf16 copy of `W`.
 pub(super) fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let applies = packing() && !x.track_op() && !w.track_op() && bf16_applies(x, w);
+    let applies = packing()
+        && bf16_enabled()
+        && !x.track_op()
+        && !w.track_op()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32;
     if !applies {
         return Ok(None);
     }
+    if !kernels::cpu_kernels(x.device()) {
+        let Packed::Device(wb) = packed(w, || Ok(Packed::Device(w.to_dtype(DType::BF16)?)))? else {
+            candle_core::bail!("packed_matmul: a CPU pack for a device product")
+        };
+        let y = x.to_dtype(DType::BF16)?.matmul(&wb.t()?)?;
+        return y.to_dtype(DType::F32).map(Some);
+    }
+    if !preftune_kernels::bf16gemm::available() {
+        return Ok(None);
+    }
     let ((m, k), n) = (x.dims2()?, w.dim(0)?);
-    let cached = PACKED.with(|c| c.borrow().as_ref().and_then(|p| p.get(&w.id()).cloned()));
-    let packed = match cached {
-        Some(p) => p,
-        None => {
-            let p = std::rc::Rc::new(with_f32(w, |wv| {
-                preftune_kernels::bf16gemm::PackedB::new(preftune_kernels::bf16gemm::View::rows(
-                    wv, n, k,
-                ))
-            })?);
-            PACKED.with(|c| {
-                if let Some(map) = c.borrow_mut().as_mut() {
-                    map.insert(w.id(), p.clone());
-                }
-            });
-            p
-        }
+    let Packed::Cpu(pack) = packed(w, || {
+        with_f32(w, |wv| {
+            let v = preftune_kernels::bf16gemm::View::rows(wv, n, k);
+            Packed::Cpu(std::rc::Rc::new(preftune_kernels::bf16gemm::PackedB::new(
+                v,
+            )))
+        })
+    })?
+    else {
+        candle_core::bail!("packed_matmul: a device copy for a CPU product")
     };
     let y = with_f32(x, |xv| {
         preftune_kernels::bf16gemm::gemm_packed_new(
             preftune_kernels::bf16gemm::View::rows(xv, m, k),
-            &packed,
+            &pack,
         )
     })?;
     Tensor::from_vec(y, (m, n), x.device()).map(Some)
