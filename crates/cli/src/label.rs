@@ -37,8 +37,26 @@ pub enum LabelCmd {
         /// Hours a browser login lasts.
         #[arg(long, default_value_t = 12.0)]
         session_hours: f64,
+        /// Give an item back to the pool when its annotator has not judged it this many hours
+        /// after it was assigned (checked whenever someone asks for their next item). Off by
+        /// default: an item stays with its annotator until `label release`.
+        #[arg(long)]
+        release_after_hours: Option<f64>,
         #[command(flatten)]
         import: ImportArgs,
+    },
+    /// Give items assigned and never judged back to the pool (an annotator left, or sat on their
+    /// queue): every such item, or only one annotator's, or only those assigned more than
+    /// --older-than-hours ago. Judgements are never touched. Prints the count per annotator.
+    Release {
+        #[arg(long)]
+        db: PathBuf,
+        /// Only this annotator's items.
+        #[arg(long)]
+        annotator: Option<String>,
+        /// Only items assigned more than this many hours ago.
+        #[arg(long)]
+        older_than_hours: Option<f64>,
     },
     /// Add candidates to the database without serving.
     Import {
@@ -172,11 +190,17 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
             insecure,
             max_connections,
             session_hours,
+            release_after_hours,
             import: a,
         } => {
             // Refuse a public bind before touching the database.
             preftune_label::net::check_bind(*bind, *insecure)?;
-            let opts = ServeOptions::new(*insecure, *session_hours, *max_connections)?;
+            let opts = ServeOptions::new(
+                *insecure,
+                *session_hours,
+                *release_after_hours,
+                *max_connections,
+            )?;
             let mut store = open(db)?;
             import(&mut store, candidates, a)?;
             let p = store.progress()?;
@@ -223,6 +247,20 @@ pub fn run(cmd: &LabelCmd) -> Result<()> {
                 &json!({"out": out, "rows": l.rows.len(), "pairs": l.pairs, "ties": l.ties,
                          "skipped_rows": l.skipped_rows, "position_bias": l.position_bias}),
             );
+        }
+        LabelCmd::Release {
+            db,
+            annotator,
+            older_than_hours,
+        } => {
+            let older_than = older_than_hours
+                .map(|h| preftune_label::net::hours("--older-than-hours", h))
+                .transpose()?;
+            let released = open(db)?.release(annotator.as_deref(), older_than)?;
+            let total: usize = released.iter().map(|(_, n)| n).sum();
+            let per: serde_json::Map<String, serde_json::Value> =
+                released.into_iter().map(|(n, c)| (n, json!(c))).collect();
+            emit(&json!({"db": db, "released": total, "per_annotator": per}));
         }
         LabelCmd::RevokeToken { name, db } => {
             open(db)?.revoke_token(name)?;

@@ -1339,6 +1339,21 @@ fn label_export_round_trips_into_a_dpo_run() {
     assert!(ta.starts_with("pt_") && ta != tb);
     let (ok, _, err) = preftune(&["label", "add-annotator", "ann", "--db", dbs]);
     assert!(!ok && err.contains("exists already"), "{err}");
+    // An annotator who opens an item and leaves: `label release` hands it back.
+    let tc = tok("cat");
+    {
+        let mut store = preftune_label::Store::open(&db).unwrap();
+        let who = store.authenticate(&tc).unwrap().unwrap();
+        assert!(store.next(&who).unwrap().is_some());
+    }
+    let (ok, _, err) = preftune(&["label", "release", "--db", dbs, "--annotator", "nobody"]);
+    assert!(!ok && err.contains("no annotator named `nobody`"), "{err}");
+    let (ok, _, err) = preftune(&["label", "release", "--db", dbs, "--older-than-hours", "0"]);
+    assert!(!ok && err.contains("--older-than-hours"), "{err}");
+    let (ok, r, err) = preftune(&["label", "release", "--db", dbs, "--annotator", "cat"]);
+    assert!(ok, "{err}");
+    assert_eq!(r["released"], 1, "{r}");
+    assert_eq!(r["per_annotator"]["cat"], 1, "{r}");
     {
         let mut store = preftune_label::Store::open(&db).unwrap();
         for t in [&ta, &tb] {

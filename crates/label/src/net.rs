@@ -53,25 +53,39 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// How long a browser login lasts.
     pub session_ttl: Duration,
+    /// Items assigned longer ago than this and never judged go back to the pool whenever
+    /// someone asks for their next item (`Store::release`); `None` keeps them with their
+    /// annotator for good.
+    pub release_after: Option<Duration>,
+}
+
+/// `value` hours as a duration, for the option `flag`: a number in (0, 8760].
+pub fn hours(flag: &str, value: f64) -> std::io::Result<Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 24.0 * 365.0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{flag}: expected a number of hours in (0, 8760], found {value}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(value * 3600.0))
 }
 
 impl ServeOptions {
     /// Options for `label serve`: plain HTTP off loopback only with `insecure`, logins lasting
-    /// `session_hours` (in (0, 8760]), at most `max_connections` at once.
+    /// `session_hours`, unjudged items released after `release_after_hours` (both in
+    /// (0, 8760]), at most `max_connections` at once.
     pub fn new(
         insecure: bool,
         session_hours: f64,
+        release_after_hours: Option<f64>,
         max_connections: usize,
     ) -> std::io::Result<Self> {
-        if !(session_hours.is_finite() && session_hours > 0.0 && session_hours <= 24.0 * 365.0) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("--session-hours: expected a number of hours in (0, 8760], found {session_hours}"),
-            ));
-        }
         let mut o = ServeOptions {
             insecure,
-            session_ttl: Duration::from_secs_f64(session_hours * 3600.0),
+            session_ttl: hours("--session-hours", session_hours)?,
+            release_after: release_after_hours
+                .map(|h| hours("--release-after-hours", h))
+                .transpose()?,
             ..Default::default()
         };
         o.limits.max_connections = max_connections;
@@ -85,6 +99,7 @@ impl Default for ServeOptions {
             insecure: false,
             limits: Limits::default(),
             session_ttl: Duration::from_secs(12 * 3600),
+            release_after: None,
         }
     }
 }

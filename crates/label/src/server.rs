@@ -19,7 +19,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::net::ServeOptions;
 use crate::stats::stats;
@@ -37,6 +37,7 @@ const COOKIE: &str = "preftune_session";
 struct App {
     store: Arc<Mutex<Store>>,
     session_ttl: Duration,
+    release_after: Option<Duration>,
 }
 
 type Reply = Result<Response, Response>;
@@ -267,7 +268,15 @@ async fn me(State(app): State<App>, Extension(who): Extension<Annotator>) -> Rep
 }
 
 async fn next(State(app): State<App>, Extension(who): Extension<Annotator>) -> Reply {
-    let shown = app.with(move |s| s.next(&who)).await?;
+    let release_after = app.release_after;
+    let shown = app
+        .with(move |s| {
+            if release_after.is_some() {
+                s.release(None, release_after)?;
+            }
+            s.next(&who)
+        })
+        .await?;
     Ok(match shown {
         Some(s) => Json(json!({"done": false, "item": s})),
         None => Json(json!({"done": true})),
@@ -332,7 +341,10 @@ async fn submit(
         Submitted::Saved => Ok(Json(json!({"saved": true})).into_response()),
         Submitted::NotYours => Err(error(
             StatusCode::NOT_FOUND,
-            format!("item {id} is not in your queue"),
+            format!(
+                "item {id} is not in your queue (if it was, it was released to others after \
+                 waiting too long): go on to the next item"
+            ),
         )),
         Submitted::AlreadyLabelled => Err(error(
             StatusCode::CONFLICT,
@@ -353,6 +365,53 @@ async fn admin_stats(State(app): State<App>, Extension(who): Extension<Annotator
         .with(|s| Ok(stats(&s.labels()?, s.mode()?.unwrap_or(Mode::Pair))))
         .await?;
     Ok(Json(s).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    /// Only this annotator's items (everyone's when absent).
+    annotator: Option<String>,
+    /// Only items assigned longer ago than this (any when absent).
+    older_than_hours: Option<f64>,
+}
+
+/// Hands back items assigned and never judged (`Store::release`): an admin's remedy for an
+/// annotator who left. Answers `{"released": {name: count}}`.
+async fn admin_release(
+    State(app): State<App>,
+    Extension(who): Extension<Annotator>,
+    body: Result<Json<ReleaseBody>, axum::extract::rejection::JsonRejection>,
+) -> Reply {
+    admin(&who)?;
+    let Json(b) = body.map_err(|e| error(e.status(), e.body_text()))?;
+    let older_than = b
+        .older_than_hours
+        .map(|h| crate::net::hours("older_than_hours", h))
+        .transpose()
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let name = b.annotator.clone();
+    let known = app
+        .with(move |s| match &name {
+            Some(n) => Ok(s.progress()?.annotators.iter().any(|a| a.name == n.trim())),
+            None => Ok(true),
+        })
+        .await?;
+    if !known {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no annotator named `{}`",
+                b.annotator.unwrap_or_default().trim()
+            ),
+        ));
+    }
+    let released = app
+        .with(move |s| s.release(b.annotator.as_deref(), older_than))
+        .await?;
+    let released: serde_json::Map<String, Value> =
+        released.into_iter().map(|(n, c)| (n, json!(c))).collect();
+    Ok(Json(json!({ "released": released })).into_response())
 }
 
 /// Unknown paths (reached only with a login: strangers cannot probe the route list).
@@ -388,6 +447,7 @@ pub fn router(store: Store, opts: &ServeOptions) -> Router {
     let app = App {
         store: Arc::new(Mutex::new(store)),
         session_ttl: opts.session_ttl,
+        release_after: opts.release_after,
     };
     let routes = Router::new()
         .route("/", get(label_page))
@@ -401,6 +461,7 @@ pub fn router(store: Store, opts: &ServeOptions) -> Router {
         .route("/api/items/{id}/label", post(submit))
         .route("/api/admin/progress", get(progress))
         .route("/api/admin/stats", get(admin_stats))
+        .route("/api/admin/release", post(admin_release))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(opts.limits.max_body_bytes))
         .with_state(app.clone());

@@ -693,6 +693,88 @@ impl Store {
             .map_err(|e| self.db(e))
     }
 
+    /// Hands back items assigned and never judged, so that someone else can label them: those of
+    /// the annotator `name` (all of them when `None`), assigned more than `older_than` ago (at
+    /// any time when `None`). Each released item gets its copy back. The annotator who held it
+    /// can no longer submit it (`Submitted::NotYours`); their next request shows them a new one.
+    /// Returns how many were released, per annotator (only those with any), by name.
+    pub fn release(
+        &mut self,
+        name: Option<&str>,
+        older_than: Option<std::time::Duration>,
+    ) -> Result<Vec<(String, usize)>> {
+        let path = self.path.clone();
+        let dberr = db_err(&path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(dberr)?;
+        let who: Option<i64> = match name {
+            None => None,
+            Some(n) => Some(
+                tx.query_row(
+                    "SELECT id FROM annotators WHERE name = ?1",
+                    params![n.trim()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(dberr)?
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "{}: no annotator named `{}`",
+                        path.display(),
+                        n.trim()
+                    ))
+                })?,
+            ),
+        };
+        // `assigned_at` is RFC 3339 in UTC with milliseconds, so text order is time order.
+        let before: Option<String> = older_than
+            .map(|d| {
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .ok_or_else(|| Error::Input(format!("release: {d:?} is too long ago")))
+            })
+            .transpose()?;
+        let stale: Vec<(i64, i64, String)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT a.item_id, a.annotator_id, n.name FROM assignments a
+                     JOIN annotators n ON n.id = a.annotator_id
+                     WHERE NOT EXISTS (SELECT 1 FROM labels l
+                                       WHERE l.item_id = a.item_id AND l.annotator_id = a.annotator_id)
+                       AND (?1 IS NULL OR a.annotator_id = ?1)
+                       AND (?2 IS NULL OR a.assigned_at < ?2)",
+                )
+                .map_err(dberr)?;
+            let rows = stmt
+                .query_map(params![who, before], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(dberr)?;
+            rows
+        };
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        for (item, annotator, name) in stale {
+            tx.execute(
+                "DELETE FROM assignments WHERE item_id = ?1 AND annotator_id = ?2",
+                params![item, annotator],
+            )
+            .map_err(dberr)?;
+            tx.execute(
+                "UPDATE items SET assigned = assigned - 1 WHERE id = ?1 AND assigned > 0",
+                params![item],
+            )
+            .map_err(dberr)?;
+            *counts.entry(name).or_default() += 1;
+        }
+        tx.commit().map_err(dberr)?;
+        Ok(counts.into_iter().collect())
+    }
+
     /// The annotator's next item: the oldest one assigned to them and not yet labelled (so a
     /// reload or restart shows the same item), else a new assignment of an item that still has a
     /// free copy and that they have not seen, preferring items someone else already started (so

@@ -471,3 +471,136 @@ async fn rankings_map_display_positions_back_to_responses() {
         );
     }
 }
+
+/// An annotator who leaves holds their item until an admin releases it: then it goes to someone
+/// else, the leaver can no longer submit it, judgements are never released, and strangers to the
+/// admin route get 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_releases_items_nobody_judged_to_other_annotators() {
+    let (_dir, db, t) = fresh(2, 2, Mode::Pair, 0.0, &["admin", "ann", "bob"]);
+    let srv = Server::start(&db).await;
+    let c = client();
+    let s = srv.url.clone();
+    let release = |body: Value, token: &str| {
+        let (c, url, token) = (
+            c.clone(),
+            format!("{s}/api/admin/release"),
+            token.to_string(),
+        );
+        async move { post(&c, &url, &token, body).await }
+    };
+
+    let held = next(&c, &s, &t[1]).await["item"]["item_id"]
+        .as_i64()
+        .unwrap();
+    let other = next(&c, &s, &t[2]).await["item"]["item_id"]
+        .as_i64()
+        .unwrap();
+    assert_ne!(held, other);
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{other}/label"),
+        &t[2],
+        json!({"scale": 1}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        next(&c, &s, &t[2]).await["done"],
+        true,
+        "ann holds the last item"
+    );
+
+    // Only an admin may release, with a known annotator and a sane age.
+    let r = release(json!({"annotator": "ann"}), &t[1]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = release(json!({"annotator": "nobody"}), &t[0]).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = release(json!({"older_than_hours": -1.0}), &t[0]).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Assigned just now: not older than an hour.
+    let r = release(json!({"older_than_hours": 1.0}), &t[0]).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"released": {}}));
+
+    let r = release(json!({"annotator": "ann"}), &t[0]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"released": {"ann": 1}})
+    );
+    assert_eq!(next(&c, &s, &t[2]).await["item"]["item_id"], held);
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{held}/label"),
+        &t[2],
+        json!({"scale": -1}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // The leaver's late judgement is refused, with a reason; their queue is empty.
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{held}/label"),
+        &t[1],
+        json!({"scale": 3}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.text().await.unwrap().contains("released"));
+    assert_eq!(next(&c, &s, &t[1]).await["done"], true);
+    // Judged items stay where they are.
+    let r = release(json!({}), &t[0]).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"released": {}}));
+    srv.stop().await;
+
+    let store = Store::open(&db).unwrap();
+    let labels = store.labels().unwrap();
+    assert_eq!(labels.len(), 2);
+    assert!(labels.iter().all(|l| l.annotator == "bob"));
+    let p = store.progress().unwrap();
+    let ann = p.annotators.iter().find(|a| a.name == "ann").unwrap();
+    assert_eq!((ann.assigned, ann.labelled), (0, 0));
+}
+
+/// With `release_after` set, an item nobody judged in time goes back to the pool on the next
+/// request for an item, and the one who held it sees a new item or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_held_too_long_go_back_to_the_pool_by_themselves() {
+    let (_dir, db, t) = fresh(2, 2, Mode::Pair, 0.0, &["admin", "ann", "bob"]);
+    let opts = preftune_label::net::ServeOptions {
+        release_after: Some(std::time::Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let srv = Server::start_with(&db, opts).await;
+    let c = client();
+    let s = srv.url.clone();
+    let held = next(&c, &s, &t[1]).await["item"]["item_id"]
+        .as_i64()
+        .unwrap();
+    let other = next(&c, &s, &t[2]).await["item"]["item_id"]
+        .as_i64()
+        .unwrap();
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{other}/label"),
+        &t[2],
+        json!({"scale": 1}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Before the deadline ann keeps it (the first request after it can release it).
+    assert_eq!(next(&c, &s, &t[1]).await["item"]["item_id"], held);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(next(&c, &s, &t[2]).await["item"]["item_id"], held);
+    let r = post(
+        &c,
+        &format!("{s}/api/items/{held}/label"),
+        &t[2],
+        json!({"scale": 2}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(next(&c, &s, &t[1]).await["done"], true);
+    srv.stop().await;
+    assert_eq!(Store::open(&db).unwrap().labels().unwrap().len(), 2);
+}
