@@ -176,7 +176,11 @@ fn var_from_bytes(
 pub fn save_safetensors(path: &Path, arch: Arch, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut hf: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, t) in tensors {
-        hf.insert(name.clone(), convert_layout(arch, name, t.detach())?);
+        // GPT-2's Conv1D weights as transposed views: the writer copies each to the HF layout
+        // as it streams it, so at most one such copy exists at a time (`convert_layout` here held
+        // them all, a second copy of most of the model).
+        let t = t.detach();
+        hf.insert(name.clone(), if is_conv1d(arch, name) { t.t()? } else { t });
     }
     let metadata = pt_metadata();
     let entries: Vec<(&str, Data)> = hf
