@@ -42,6 +42,23 @@ fn prompt_ids(p: &Pretrained, args: &PromptArgs) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The products a sampling command multiplies with while the guard lives: bf16 with `--bf16`
+/// (f32 weights only), else the weights' dtype.
+pub(crate) fn products(m: &ModelArgs, s: &SamplingArgs) -> Result<preftune_model::ops::Bf16Scope> {
+    check_bf16(m, s.bf16)?;
+    Ok(preftune_model::ops::Bf16Scope::new(s.bf16))
+}
+
+/// `--bf16` goes with f32 weights only.
+fn check_bf16(m: &ModelArgs, bf16: bool) -> Result<()> {
+    anyhow::ensure!(
+        !bf16 || parse_dtype(&m.dtype)? == candle_core::DType::F32,
+        "--bf16 multiplies f32 weights in bf16; with --dtype {} leave it out",
+        m.dtype
+    );
+    Ok(())
+}
+
 pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfig {
     SamplingConfig {
         max_new_tokens: s.max_new_tokens,
@@ -120,6 +137,7 @@ enum DrawOnArg {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let _bf16 = products(&a.model, &a.sampling)?;
     let p = load(&a.model)?;
     let (Some(data), Some(out)) = (&a.data, &a.out) else {
         let pa = PromptArgs {
@@ -226,6 +244,7 @@ pub fn export_gguf(a: &ExportGgufArgs) -> Result<()> {
 }
 
 pub fn chat(m: &ModelArgs, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
+    let _bf16 = products(m, s)?;
     let p = load(m)?;
     let mut cfg = sampling_config(&p, s);
     let mut history: Vec<Message> = system
@@ -371,6 +390,9 @@ pub struct ServeArgs {
     /// Sequences running or queued, past which requests get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// Multiply in bf16 over the f32 weights, as `generate --bf16` does.
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 pub fn serve(a: &ServeArgs) -> Result<()> {
@@ -380,6 +402,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     };
     // Refuse an open public bind before loading the model.
     preftune_serve::check_bind(a.bind, &keys)?;
+    check_bf16(&a.model, a.bf16)?;
     let p = load(&a.model)?;
     let name = a
         .model
@@ -399,6 +422,7 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             .clone()
             .or(name)
             .unwrap_or_else(|| "preftune".into()),
+        bf16: a.bf16,
     };
     Ok(preftune_serve::serve(p, a.bind, opts)?)
 }

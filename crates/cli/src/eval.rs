@@ -103,6 +103,7 @@ pub struct RedteamArgs {
 }
 
 fn redteam(a: &RedteamArgs) -> Result<()> {
+    let _bf16 = crate::commands::products(&a.model, &a.sampling)?;
     let policy = load(&a.model)?;
     let set = |s: &str| load_prompts_limited(s, a.limit);
     let (prompts, benign) = (set(&a.prompts)?, a.benign.as_deref().map(set).transpose()?);
@@ -165,6 +166,7 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
             emit(&winrate_of_files(&judge, data, baseline)?);
         }
         EvalCmd::Kl(a) => {
+            let _bf16 = crate::commands::products(&a.model, &a.sampling)?;
             let policy = load(&a.model)?;
             let reference = load(&ModelArgs {
                 model: a.ref_model.clone(),

@@ -95,6 +95,7 @@ pub fn score(a: &ScoreArgs) -> Result<()> {
 }
 
 pub fn bon(a: &BonArgs) -> Result<()> {
+    let _bf16 = crate::commands::products(&a.model, &a.sampling)?;
     let policy = load(&a.model)?;
     let reward = RewardSource::parse(&a.reward)?;
     let settings = BonSettings {

@@ -212,6 +212,22 @@ fn sampling_is_reproducible_from_the_command_line() {
     let ((ok_h, host, err_h), (ok_d, dev, err_d)) = (draw("host"), draw("device"));
     assert!(ok_h && ok_d, "{err_h} {err_d}");
     assert_eq!(host["ids"], dev["ids"]);
+    // bf16 products: reproducible too, and not the f32 numbers where the CPU multiplies in bf16.
+    let bf16 = [&args[..], &["--bf16"]].concat();
+    let ((ok, c, err), (_, d, _)) = (preftune(&bf16), preftune(&bf16));
+    assert!(ok, "{err}");
+    assert_eq!(c["ids"], d["ids"]);
+    if preftune_model::ops::bf16_gemm_available() {
+        assert_ne!(
+            c["logprobs"], a["logprobs"],
+            "bf16 products change the numbers"
+        );
+    }
+    let (ok, _, err) = preftune(&[&bf16[..], &["--dtype", "bf16"]].concat());
+    assert!(
+        !ok && err.contains("--bf16 multiplies f32 weights"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -34,14 +34,20 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the decode thread: at most `max_batch` sequences decode together, and at most
-    /// `capacity` are running or queued.
-    pub fn start(model: Model, pad: u32, max_batch: usize, capacity: usize) -> Self {
+    /// `capacity` are running or queued; `bf16`: bf16 products over f32 weights.
+    pub fn start(model: Model, pad: u32, max_batch: usize, capacity: usize, bf16: bool) -> Self {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(AtomicUsize::new(0));
         let l = load.clone();
         std::thread::Builder::new()
             .name("preftune-decode".into())
-            .spawn(move || run(model, pad, max_batch.max(1), rx, &l))
+            .spawn(move || {
+                // Per thread, so set here: the weights never change while the server runs, so
+                // each is packed (or copied to bf16) once, on first use.
+                let _bf16 = preftune_model::ops::Bf16Scope::new(bf16);
+                let _packed = preftune_model::ops::PackedWeights::new();
+                run(model, pad, max_batch.max(1), rx, &l)
+            })
             .expect("spawning the decode thread");
         Engine {
             tx,

@@ -63,6 +63,9 @@ pub struct ServeOptions {
     pub keys: Vec<String>,
     /// The name `/v1/models` lists.
     pub model_id: String,
+    /// bf16 products over f32 weights (`--bf16`), each weight packed or copied once for the
+    /// server's life.
+    pub bf16: bool,
 }
 
 /// Reads API keys, one per line (blank lines and `#` comments skipped).
@@ -114,7 +117,13 @@ pub async fn serve_on(
     let eos = model.eos_token_ids();
     let pad = model.pad_token_id();
     let context = model.model.cfg.max_position_embeddings.max(1);
-    let engine = engine::Engine::start(model.model, pad, limits.max_batch, limits.max_queue);
+    let engine = engine::Engine::start(
+        model.model,
+        pad,
+        limits.max_batch,
+        limits.max_queue,
+        opts.bf16,
+    );
     let app = server::App {
         engine,
         tokenizer: Arc::new(model.tokenizer),

@@ -26,6 +26,10 @@ impl Drop for Server {
 }
 
 async fn start(limits: Limits, keys: Vec<String>) -> Server {
+    start_with(limits, keys, false).await
+}
+
+async fn start_with(limits: Limits, keys: Vec<String>, bf16: bool) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -33,6 +37,7 @@ async fn start(limits: Limits, keys: Vec<String>) -> Server {
         limits,
         keys,
         model_id: "tiny-llama".into(),
+        bf16,
     };
     tokio::spawn(async move {
         serve_on(tiny(), listener, opts, async {
@@ -149,6 +154,40 @@ async fn chat_completions_match_generate_and_stream_the_same_text() {
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+/// With `bf16` the server multiplies as `generate` does under a bf16 scope: the same greedy
+/// answer, which differs from the f32 one's log-probs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bf16_server_answers_as_generate_does_in_bf16() {
+    let s = start_with(Limits::default(), vec![], true).await;
+    let p = tiny();
+    let (want, made) = {
+        let _bf16 = preftune_model::ops::Bf16Scope::new(true);
+        greedy_chat(&p, "Say something.", 12)
+    };
+    let req = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "Say something."}],
+                     "temperature": 0, "max_tokens": 12, "logprobs": true});
+    let (status, v) = post(&s.base, "/chat/completions", req.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], made);
+    let lp = |v: &Value| -> Vec<f64> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["logprob"].as_f64().unwrap())
+            .collect()
+    };
+    let f32_server = start(Limits::default(), vec![]).await;
+    let (_, plain) = post(&f32_server.base, "/chat/completions", req).await;
+    let (a, b) = (lp(&v), lp(&plain));
+    let differ = a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-6);
+    assert!(
+        differ || !preftune_model::ops::bf16_gemm_available(),
+        "{a:?} {b:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
