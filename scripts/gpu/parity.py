@@ -10,7 +10,7 @@ torch.backends.cudnn.allow_tf32 = False
 bin_ = sys.argv[1]
 ok = True
 for name in ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-qwen3", "tiny-phi3", "tiny-olmo2", "tiny-gemma2",
-             "tiny-gemma3", "tiny-mixtral", "tiny-qwen3moe"):
+             "tiny-gemma3", "tiny-mixtral", "tiny-qwen3moe", "tiny-qwen2moe"):
     path = f"fixtures/models/{name}"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")

@@ -9,6 +9,7 @@ sublayer, GeGLU, scaled embeddings, attention and logit soft-capping, alternatin
 tiny-gemma3 (as Gemma 2 without soft-capping, with per-head q/k norms and local layers on their own RoPE base),
 tiny-mixtral (mixture of experts: 4 experts, 2 a token, renormalised), tiny-qwen3moe (Qwen3's attention, 4 experts of
 width 48, 2 a token, renormalised, as the released Qwen3-MoE models are, so that llama.cpp runs it too),
+tiny-qwen2moe (Qwen2's biases, 4 experts of width 48, 2 a token, not renormalised, a gated shared expert),
 each with config.json,
 model.safetensors (float32), tokenizer.json, tokenizer_config.json (ChatML chat_template),
 generation_config.json.  Deterministic: torch.manual_seed(0) before each model is built.
@@ -26,8 +27,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
                           MixtralConfig, MixtralForCausalLM, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 CORPUS = """
 The movie opens with a long shot of a quiet city at night. A young director wanted to make a film about memory,
@@ -168,6 +169,15 @@ def main(root, names=()):
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=10000.0,
             rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256, hidden_act="silu",
             attention_bias=False, use_sliding_window=False, **common)),
+        # Qwen2-MoE: Qwen2's q/k/v biases, 4 experts of width 48, 2 a token, not renormalised (the
+        # released models' setting), a shared expert of width 80 behind a sigmoid gate; experts in
+        # every layer, as the released models and llama.cpp's qwen2moe have them.
+        "tiny-qwen2moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=4,
+            num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+            qkv_bias=True, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            max_position_embeddings=256, hidden_act="silu", use_sliding_window=False, **common)),
     }
     for name, (cls, cfg) in specs.items():
         if names and name not in names:

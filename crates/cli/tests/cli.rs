@@ -2870,8 +2870,8 @@ fn merge_folds_an_adapter_into_its_base() {
     assert!(!ok && err.contains("/nonexistent/a"), "{err}");
 }
 
-/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3, OLMo 2, Phi-3, Mixtral and Qwen3-MoE (experts
-/// stacked per layer) files load back with the same token ids
+/// `export-gguf`: Llama (Q/K permuted), Qwen2, Qwen3, OLMo 2, Phi-3, Mixtral, Qwen3-MoE and
+/// Qwen2-MoE (experts stacked per layer, the shared expert's gate a vector) files load back with the same token ids
 /// and, at f32, exactly the same logits; f16 from f16 is lossless; q8_0 and q4_k_m stay within
 /// their bounds; models llama.cpp has no reading for are refused.
 #[test]
@@ -2904,6 +2904,7 @@ fn export_gguf_round_trips() {
         "tiny-phi3",
         "tiny-mixtral",
         "tiny-qwen3moe",
+        "tiny-qwen2moe",
     ] {
         let m = model(name);
         let hf = inspect(&m);
@@ -3008,6 +3009,20 @@ fn export_gguf_round_trips() {
         "f16",
     ]);
     assert!(!ok && err.contains("norm_topk_prob"), "{err}");
+    // And Qwen2-MoE the other way round: llama.cpp's qwen2moe never renormalises.
+    let renorm = dir.path().join("qwen2moe-renorm");
+    std::fs::create_dir(&renorm).unwrap();
+    for f in std::fs::read_dir(model("tiny-qwen2moe")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, renorm.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = renorm.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["norm_topk_prob"] = true.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let r = renorm.display().to_string();
+    let (ok, _, err) = preftune(&["export-gguf", "--model", &r, "--out", &out, "--type", "f16"]);
+    assert!(!ok && err.contains("does not renormalise"), "{err}");
 }
 
 /// `check-kernels` on the CPU: one JSON line per op and dtype, all within tolerance.

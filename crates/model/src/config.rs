@@ -56,7 +56,8 @@ pub enum MoeNames {
     /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.E.w1` (gate), `w3` (up), `w2`
     /// (down).
     Mixtral,
-    /// Qwen3-MoE: `mlp.gate`, `mlp.experts.E.gate_proj`, `up_proj`, `down_proj`.
+    /// Qwen2-MoE and Qwen3-MoE: `mlp.gate`, `mlp.experts.E.gate_proj`, `up_proj`, `down_proj`
+    /// (and Qwen2-MoE's `mlp.shared_expert.*`, `mlp.shared_expert_gate`).
     Qwen,
 }
 
@@ -94,6 +95,9 @@ pub struct MoeConfig {
     /// Which layers hold experts (Qwen3-MoE's `mlp_only_layers` and `decoder_sparse_step` make
     /// some dense, with the model's `intermediate_size`).
     pub sparse_layers: Vec<bool>,
+    /// Qwen2-MoE's shared expert: a SwiGLU of this width that every token goes through, its
+    /// output scaled by `sigmoid(shared_expert_gate(x))` and added to the routed experts'.
+    pub shared_expert_intermediate_size: Option<usize>,
 }
 
 /// Llama 3.x frequency scaling (`rope_type = "llama3"`).
@@ -211,7 +215,7 @@ impl ModelConfig {
             .to_string();
         let arch = match model_type.as_str() {
             "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "smollm" | "smollm2" | "olmo2"
-            | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe" => Arch::Llama,
+            | "gemma2" | "gemma3_text" | "mixtral" | "qwen2_moe" | "qwen3_moe" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             _ => {
                 return Err(Error::UnknownArch {
@@ -356,6 +360,8 @@ impl ModelConfig {
         let (qkv_bias, o_bias, mlp_bias) = match (arch, model_type.as_str()) {
             (Arch::Gpt2, _) => (true, true, true),
             (_, "qwen2") => (true, false, false),
+            // transformers 4.x had no `qkv_bias` and always used the biases.
+            (_, "qwen2_moe") => (bool_of("qkv_bias", true), false, false),
             _ => {
                 let b = bool_of("attention_bias", false);
                 (b, b, bool_of("mlp_bias", false))
@@ -386,7 +392,9 @@ impl ModelConfig {
                     .and_then(Value::as_u64)
                     .map(|w| w as usize)
             }
-            "qwen2" | "qwen3" | "qwen3_moe" if bool_of("use_sliding_window", false) => {
+            "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe"
+                if bool_of("use_sliding_window", false) =>
+            {
                 return Err(Error::invalid(
                     path,
                     "use_sliding_window",
@@ -443,8 +451,8 @@ impl ModelConfig {
             }
         };
         let moe = match model_type.as_str() {
-            "mixtral" | "qwen3_moe" => {
-                let qwen = model_type == "qwen3_moe";
+            "mixtral" | "qwen2_moe" | "qwen3_moe" => {
+                let qwen = model_type != "mixtral";
                 let num_experts = usize_of(&["num_local_experts", "num_experts"])?;
                 let step = get(&raw, &["decoder_sparse_step"])
                     .and_then(Value::as_u64)
@@ -483,6 +491,10 @@ impl ModelConfig {
                     sparse_layers: (0..num_layers)
                         .map(|i| !qwen || (!dense.contains(&(i as u64)) && (i + 1) % step == 0))
                         .collect(),
+                    shared_expert_intermediate_size: match model_type.as_str() {
+                        "qwen2_moe" => Some(usize_of(&["shared_expert_intermediate_size"])?),
+                        _ => None,
+                    },
                 })
             }
             _ => None,
@@ -763,5 +775,42 @@ mod tests {
         let m = mixtral.moe.unwrap();
         assert!(m.norm_topk_prob && m.expert_intermediate_size == 96);
         assert_eq!(m.names, MoeNames::Mixtral);
+        assert_eq!(m.shared_expert_intermediate_size, None);
+    }
+
+    /// Qwen2-MoE: Qwen3-MoE's routing with a shared expert of its own width, Qwen2's q/k/v
+    /// biases (on where transformers 4.x configs have no `qkv_bias`), no q/k norms.
+    #[test]
+    fn qwen2_moe_has_a_shared_expert_and_qkv_biases() {
+        let q2 = |extra: Value| {
+            qwen3_moe(json!({"model_type": "qwen2_moe", "shared_expert_intermediate_size": 80}))
+                .and_then(|c| {
+                    let mut raw = c.raw.clone();
+                    for (k, v) in extra.as_object().unwrap() {
+                        raw[k] = v.clone();
+                    }
+                    ModelConfig::from_json(raw, Path::new("config.json"))
+                })
+        };
+        let c = q2(json!({})).unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(m.shared_expert_intermediate_size, Some(80));
+        assert_eq!((m.expert_intermediate_size, m.names), (48, MoeNames::Qwen));
+        assert!(!m.norm_topk_prob);
+        assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(c.qk_norm, QkNorm::None);
+        assert!(!q2(json!({"qkv_bias": false})).unwrap().qkv_bias);
+        let mut raw = c.raw.clone();
+        raw.as_object_mut()
+            .unwrap()
+            .remove("shared_expert_intermediate_size");
+        let e = ModelConfig::from_json(raw, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shared_expert_intermediate_size"), "{e}");
+        let e = q2(json!({"use_sliding_window": true}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use_sliding_window"), "{e}");
     }
 }

@@ -147,6 +147,11 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
                 "ffn_up" => "mlp.up_proj",
                 // A mixture of experts' router (the experts are split in `expert_names`).
                 "ffn_gate_inp" => &format!("{}.gate", moe_names(arch).block()),
+                // Qwen2-MoE's shared expert and its gate.
+                "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
+                "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+                "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+                "ffn_down_shexp" => "mlp.shared_expert.down_proj",
                 "ffn_down" => "mlp.down_proj",
                 "attn_norm" => "input_layernorm",
                 // Gemma: norms on both sides of each sublayer; its ffn_norm is the MLP's pre-norm.
@@ -163,10 +168,10 @@ fn hf_name(path: &Path, gguf: &str, arch: &str) -> Result<String> {
 }
 
 /// How a checkpoint of this GGUF architecture names its router and experts: Mixtral (`llama`
-/// with experts) or Qwen3-MoE (`qwen3moe`).
+/// with experts) or Qwen2-MoE / Qwen3-MoE (`qwen2moe`, `qwen3moe`).
 fn moe_names(arch: &str) -> MoeNames {
     match arch {
-        "qwen3moe" => MoeNames::Qwen,
+        "qwen2moe" | "qwen3moe" => MoeNames::Qwen,
         _ => MoeNames::Mixtral,
     }
 }
@@ -193,9 +198,10 @@ fn expert_name(gguf: &str, arch: &str, e: usize) -> Option<String> {
 /// The GGUF architectures read, with their Hugging Face class. llama.cpp stores Llama's Q/K
 /// weights permuted for its interleaved RoPE; Qwen2/Qwen3/OLMo 2 (NeoX RoPE) keep Hugging Face's
 /// layout.
-const ARCHS: [(&str, &str); 8] = [
+const ARCHS: [(&str, &str); 9] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen2moe", "Qwen2MoeForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("qwen3moe", "Qwen3MoeForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
@@ -482,6 +488,10 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
         if let Some(n) = permuted_heads {
             t = unpermute(&t, n)?;
         }
+        // llama.cpp keeps the shared expert's gate as a vector; transformers as a `[1, H]` linear.
+        if name.ends_with("ffn_gate_inp_shexp.weight") && t.rank() == 1 {
+            t = t.unsqueeze(0).map_err(bad)?;
+        }
         if stack {
             for e in 0..t.dim(0).map_err(bad)? {
                 tensors.insert(
@@ -558,7 +568,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
     config["model_type"] = Value::String(arch.clone());
     config["architectures"] = json!([hf_class]);
     match (experts, arch.as_str()) {
-        (Some((n, used)), "llama" | "qwen3moe") => {
+        (Some((n, used)), "llama" | "qwen2moe" | "qwen3moe") => {
             if let Some((name, d)) = stacked.iter().find(|(_, d)| *d != n) {
                 return Err(Error::invalid(
                     path,
@@ -566,19 +576,31 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
                     format!("holds {d} experts; {} is {n}", k("expert_count")),
                 ));
             }
-            // llama.cpp renormalises the chosen experts' weights for both.
+            // llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE, not
+            // for Qwen2-MoE.
             config["num_local_experts"] = json!(n);
             config["num_experts_per_tok"] = json!(used);
-            config["norm_topk_prob"] = json!(true);
+            config["norm_topk_prob"] = json!(arch != "qwen2moe");
             if arch == "llama" {
                 config["model_type"] = json!("mixtral");
                 config["architectures"] = json!(["MixtralForCausalLM"]);
             } else {
-                config["model_type"] = json!("qwen3_moe");
+                config["model_type"] = json!(match arch.as_str() {
+                    "qwen2moe" => "qwen2_moe",
+                    _ => "qwen3_moe",
+                });
                 let width = expert_width.ok_or_else(|| {
                     Error::invalid(path, k("expert_feed_forward_length"), "missing")
                 })?;
                 config["moe_intermediate_size"] = json!(width);
+                if arch == "qwen2moe" {
+                    // llama.cpp's default when the key is absent: the dense width.
+                    let shared = match m.opt_num(&k("expert_shared_feed_forward_length"))? {
+                        Some(_) => m.dim(&k("expert_shared_feed_forward_length"), limits::DIM)?,
+                        None => ff,
+                    };
+                    config["shared_expert_intermediate_size"] = json!(shared);
+                }
                 // Layers without a router are dense.
                 let dense: Vec<usize> = (0..layers)
                     .filter(|l| {
@@ -594,7 +616,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
             return Err(Error::invalid(
                 path,
                 k("expert_count"),
-                "mixtures of experts are read for llama (Mixtral) and qwen3moe only",
+                "mixtures of experts are read for llama (Mixtral), qwen2moe and qwen3moe only",
             ))
         }
         (None, _) if !stacked.is_empty() => {
@@ -604,7 +626,9 @@ pub fn load_gguf_with(path: &Path, device: &Device, keep_quantized: bool) -> Res
                 format!("stacked experts without {}", k("expert_count")),
             ))
         }
-        (None, "qwen3moe") => return Err(Error::invalid(path, k("expert_count"), "missing")),
+        (None, "qwen2moe" | "qwen3moe") => {
+            return Err(Error::invalid(path, k("expert_count"), "missing"))
+        }
         (None, _) => {}
     }
     if let Some(hd) = head_dim {

@@ -128,6 +128,10 @@ fn gguf_name(hf: &str, arch: &str) -> Option<String> {
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
                 "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
+                "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
+                "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+                "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+                "mlp.shared_expert.down_proj" => "ffn_down_shexp",
                 "input_layernorm" => "attn_norm",
                 "post_attention_layernorm" if arch == "olmo2" => "post_attention_norm",
                 "post_feedforward_layernorm" if arch == "olmo2" => "post_ffw_norm",
@@ -306,13 +310,14 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
         "qwen3" => "qwen3",
         // llama.cpp runs Mixtral as `llama` with experts.
         "mixtral" => "llama",
+        "qwen2_moe" => "qwen2moe",
         "qwen3_moe" => "qwen3moe",
         "olmo2" => "olmo2",
         "phi3" => "phi3",
         other => {
             return refuse(format!(
             "model_type {other:?}: only the Llama family (Llama, Mistral, Mixtral, SmolLM, Qwen2, Qwen3, \
-                 Qwen3-MoE, OLMo 2, Phi-3) is exported"
+                 Qwen2-MoE, Qwen3-MoE, OLMo 2, Phi-3) is exported"
         ))
         }
     };
@@ -321,21 +326,26 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     if cfg.sliding_window.is_some() && arch != "phi3" {
         return refuse("sliding-window attention has no llama-architecture equivalent".into());
     }
-    // llama.cpp's qwen3moe renormalises the chosen experts' weights and has no dense layers.
-    if let Some(m) = cfg.moe.as_ref().filter(|_| arch == "qwen3moe") {
-        if !m.norm_topk_prob {
-            return refuse(
-                "llama.cpp's qwen3moe renormalises the experts' weights: this model \
-                           has norm_topk_prob = false"
-                    .into(),
-            );
+    // llama.cpp's qwen3moe renormalises the chosen experts' weights, its qwen2moe does not, and
+    // neither has dense layers.
+    if let Some(m) = cfg.moe.as_ref().filter(|_| arch != "llama") {
+        let renormalises = arch == "qwen3moe";
+        if m.norm_topk_prob != renormalises {
+            return refuse(format!(
+                "llama.cpp's {arch} {} the experts' weights: this model has norm_topk_prob = {}",
+                if renormalises {
+                    "renormalises"
+                } else {
+                    "does not renormalise"
+                },
+                m.norm_topk_prob
+            ));
         }
         if m.sparse_layers.contains(&false) {
-            return refuse(
-                "llama.cpp's qwen3moe has experts in every layer: this model has \
-                           dense layers (mlp_only_layers / decoder_sparse_step)"
-                    .into(),
-            );
+            return refuse(format!(
+                "llama.cpp's {arch} has experts in every layer: this model has dense layers \
+                 (mlp_only_layers / decoder_sparse_step)"
+            ));
         }
     }
     if cfg.rope_scaling.is_some() {
@@ -377,11 +387,14 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
     if let Some(m) = &cfg.moe {
         md.push((a("expert_count"), u(m.num_experts)));
         md.push((a("expert_used_count"), u(m.top_k)));
-        if arch == "qwen3moe" {
+        if arch != "llama" {
             md.push((
                 a("expert_feed_forward_length"),
                 u(m.expert_intermediate_size),
             ));
+        }
+        if let Some(w) = m.shared_expert_intermediate_size {
+            md.push((a("expert_shared_feed_forward_length"), u(w)));
         }
     }
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size || arch == "qwen3" || arch == "qwen3moe" {
@@ -407,12 +420,23 @@ pub fn export_gguf(p: &Pretrained, out: &Path, ty: GgufType) -> Result<ExportSum
             )),
         }
     }
+    // llama.cpp's qwen2moe has no tied head: it needs `output.weight`, the embedding's copy.
+    if arch == "qwen2moe" && !tensors.iter().any(|(n, _)| n == "output.weight") {
+        if let Some((_, e)) = tensors.iter().find(|(n, _)| n == "token_embd.weight") {
+            let e = e.clone();
+            tensors.push(("output.weight".into(), e));
+        }
+    }
     for (name, mut experts) in stacks {
         experts.sort_by_key(|(e, _)| *e);
         let ts: Vec<Tensor> = experts.into_iter().map(|(_, t)| t).collect();
         tensors.push((name, Tensor::stack(&ts, 0)?));
     }
     for (name, mut t) in tensors {
+        // llama.cpp reads the shared expert's gate as a vector (`{n_embd}`).
+        if name.ends_with("ffn_gate_inp_shexp.weight") {
+            t = t.flatten_all()?;
+        }
         if arch == "llama" && name.ends_with("attn_q.weight") {
             t = permute(&t, cfg.num_heads)?;
         } else if arch == "llama" && name.ends_with("attn_k.weight") {

@@ -115,6 +115,9 @@ enum Mlp {
         experts: Vec<Mlp>,
         top_k: usize,
         norm_topk_prob: bool,
+        /// Qwen2-MoE's shared expert, which every token goes through, and its gate (`[1, H]`):
+        /// `sigmoid(gate x) * shared(x)` is added to the routed experts' sum.
+        shared: Option<Box<(Mlp, Linear)>>,
     },
 }
 
@@ -148,10 +151,18 @@ impl Mlp {
             Mlp::GatedFused { gate_up, down, .. } => vec![gate_up, down],
             Mlp::Plain { fc, proj } => vec![fc, proj],
             Mlp::Moe {
-                router, experts, ..
+                router,
+                experts,
+                shared,
+                ..
             } => {
                 let mut v = vec![router];
                 v.extend(experts.iter_mut().flat_map(Mlp::linears_mut));
+                if let Some(sh) = shared {
+                    let (mlp, gate) = &mut **sh;
+                    v.extend(mlp.linears_mut());
+                    v.push(gate);
+                }
                 v
             }
         }
@@ -743,15 +754,33 @@ impl Model {
                                 down: p.linear(&format!("{ex}.{d}"), h, ei, false)?,
                             });
                         }
+                        let router =
+                            p.dense_linear(&format!("{pre}.{block}.gate"), m.num_experts, h)?;
+                        let shared = match m.shared_expert_intermediate_size {
+                            None => None,
+                            Some(si) => {
+                                let sx = format!("{pre}.{block}.shared_expert");
+                                let mlp = Mlp::Gated {
+                                    gate: p.linear(&format!("{sx}.{g}"), si, h, false)?,
+                                    up: p.linear(&format!("{sx}.{u}"), si, h, false)?,
+                                    down: p.linear(&format!("{sx}.{d}"), h, si, false)?,
+                                };
+                                // Dense like the router: one output, which a quantised
+                                // product's rounding would move for every token.
+                                let gate = p.dense_linear(
+                                    &format!("{pre}.{block}.shared_expert_gate"),
+                                    1,
+                                    h,
+                                )?;
+                                Some(Box::new((mlp, gate)))
+                            }
+                        };
                         Mlp::Moe {
-                            router: p.dense_linear(
-                                &format!("{pre}.{block}.gate"),
-                                m.num_experts,
-                                h,
-                            )?,
+                            router,
                             experts,
                             top_k: m.top_k,
                             norm_topk_prob: m.norm_topk_prob,
+                            shared,
                         }
                     } else if cfg.fused_projections {
                         Mlp::GatedFused {
@@ -1473,6 +1502,7 @@ impl Mlp {
                 experts,
                 top_k,
                 norm_topk_prob,
+                shared,
             } => {
                 // Routing picks rows per expert, so the last projections are computed (no
                 // unread form): checkpointed backward recomputes them, at the same gradients.
@@ -1510,9 +1540,14 @@ impl Mlp {
                     order.extend_from_slice(rows);
                 }
                 let idx = Tensor::new(order.as_slice(), x.device())?;
-                xf.zeros_like()?
-                    .index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?
-                    .reshape(dims)
+                let mut y = xf.zeros_like()?.index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?;
+                if let Some(sh) = shared {
+                    let (mlp, gate) = &**sh;
+                    // sigmoid(z) = 1 / (1 + exp(-z)), from ops with a backward.
+                    let g = (gate.forward(&xf)?.neg()?.exp()? + 1.0)?.recip()?;
+                    y = (y + mlp.forward(&xf, act_kind, false)?.broadcast_mul(&g)?)?;
+                }
+                y.reshape(dims)
             }
         }
     }

@@ -297,8 +297,16 @@ fn rollouts_skip_repeated_prompts_and_finished_rows_without_changing_samples() {
             let lens: std::collections::BTreeSet<usize> =
                 cached.tokens.iter().map(Vec::len).collect();
             cases += 1;
-            if lens.len() >= 2 {
-                uneven += 1;
+            uneven += (lens.len() >= 2) as usize;
+            // Rows leave once an eighth of the batch has finished: two of these nine, before the
+            // longest row's last step.
+            let longest_out = cached.tokens.iter().map(Vec::len).max().unwrap_or(0);
+            let early = cached
+                .tokens
+                .iter()
+                .filter(|t| t.len() < longest_out)
+                .count();
+            if early >= 2 {
                 assert!(
                     cached.decode_rows < step_rows(&cached),
                     "{name}: {} decoded rows of {}",

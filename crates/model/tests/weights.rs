@@ -206,8 +206,11 @@ fn bf16_forward_tracks_f32() {
         let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
         let std =
             (a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+        // tiny-qwen2moe: bf16 flips a near-tied route, and transformers' own bf16 logits differ
+        // from its f32 ones by 0.65 on this text (ours by 0.59).
+        let bound = if name == "tiny-qwen2moe" { 0.5 } else { 0.25 };
         assert!(
-            (d as f64) < 0.25 * std.max(1.0),
+            (d as f64) < bound * std.max(1.0),
             "{name}: bf16 logits differ from f32 by {d} (logit std {std})"
         );
     }
@@ -388,6 +391,7 @@ fn gguf_loads_with_unpermuted_qk_and_rebuilt_tokenizer() {
         ("tiny-qwen3", "Qwen3ForCausalLM", false, false),
         ("tiny-mixtral", "MixtralForCausalLM", false, false),
         ("tiny-qwen3moe", "Qwen3MoeForCausalLM", false, false),
+        ("tiny-qwen2moe", "Qwen2MoeForCausalLM", false, false),
         ("tiny-mixtral", "MixtralForCausalLM", false, true),
     ] {
         let dir = tempfile::tempdir().unwrap();

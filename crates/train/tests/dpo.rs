@@ -279,6 +279,16 @@ fn dpo_gradients_through_the_model_match_finite_differences() {
             "model.layers.1.mlp.experts.3.up_proj.weight",
         ],
     );
+    // Qwen2-MoE's shared expert and its sigmoid gate too.
+    fd_check(
+        "tiny-qwen2moe",
+        &[
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.shared_expert_gate.weight",
+            "model.layers.0.mlp.shared_expert.up_proj.weight",
+            "model.layers.0.mlp.experts.2.down_proj.weight",
+        ],
+    );
 }
 
 /// Sigmoid DPO of `policy` against tiny-qwen2, in f64: d loss / d (the largest two gradients of

@@ -214,6 +214,7 @@ pub fn tiny_gguf_parts_with(
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let arch = match cfg["model_type"].as_str().unwrap() {
         "mixtral" => "llama",
+        "qwen2_moe" => "qwen2moe",
         "qwen3_moe" => "qwen3moe",
         a => a,
     }
@@ -271,12 +272,21 @@ pub fn tiny_gguf_parts_with(
         md.push((a("attention.key_length"), u("head_dim")));
         md.push((a("attention.value_length"), u("head_dim")));
     }
-    if cfg.get("num_local_experts").is_some() {
-        md.push((a("expert_count"), u("num_local_experts")));
-        md.push((a("expert_used_count"), u("num_experts_per_tok")));
+    for key in ["num_local_experts", "num_experts"] {
+        if cfg.get(key).is_some() {
+            md.push((a("expert_count"), u(key)));
+            md.push((a("expert_used_count"), u("num_experts_per_tok")));
+            break;
+        }
     }
-    if arch == "qwen3moe" {
+    if arch == "qwen3moe" || arch == "qwen2moe" {
         md.push((a("expert_feed_forward_length"), u("moe_intermediate_size")));
+    }
+    if arch == "qwen2moe" {
+        md.push((
+            a("expert_shared_feed_forward_length"),
+            u("shared_expert_intermediate_size"),
+        ));
     }
     let tok: Vec<(&str, GValue)> = vec![
         ("tokenizer.ggml.model", GValue::String("gpt2".into())),
@@ -324,6 +334,13 @@ pub fn tiny_gguf_parts_with(
                 qt.push((n, QTensor::quantize(t, GgmlDType::F32).unwrap()));
                 continue;
             }
+            // Qwen2-MoE's shared expert gate: a vector in llama.cpp's files.
+            if rest == "mlp.shared_expert_gate.weight" {
+                let n = format!("blk.{layer}.ffn_gate_inp_shexp.weight");
+                let v = t.flatten_all().unwrap();
+                qt.push((n, QTensor::quantize(&v, GgmlDType::F32).unwrap()));
+                continue;
+            }
         }
         let gname = match name.as_str() {
             "model.embed_tokens.weight" => "token_embd.weight".to_string(),
@@ -339,6 +356,9 @@ pub fn tiny_gguf_parts_with(
                     ("self_attn.o_proj", "attn_output"),
                     ("self_attn.q_norm", "attn_q_norm"),
                     ("self_attn.k_norm", "attn_k_norm"),
+                    ("mlp.shared_expert.gate_proj", "ffn_gate_shexp"),
+                    ("mlp.shared_expert.up_proj", "ffn_up_shexp"),
+                    ("mlp.shared_expert.down_proj", "ffn_down_shexp"),
                     ("mlp.gate_proj", "ffn_gate"),
                     ("mlp.up_proj", "ffn_up"),
                     ("mlp.down_proj", "ffn_down"),
@@ -399,7 +419,7 @@ pub fn write_tiny_llama_gguf(path: &Path, dtype: GgmlDType) {
 
 /// Every tiny architecture in fixtures/models, each with its goldens in fixtures/golden.
 #[allow(dead_code)]
-pub const MODELS: [&str; 10] = [
+pub const MODELS: [&str; 11] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-gpt2",
@@ -410,4 +430,5 @@ pub const MODELS: [&str; 10] = [
     "tiny-gemma3",
     "tiny-mixtral",
     "tiny-qwen3moe",
+    "tiny-qwen2moe",
 ];
