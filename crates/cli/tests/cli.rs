@@ -2988,41 +2988,27 @@ fn export_gguf_round_trips() {
         "q3",
     ]);
     assert!(!ok && err.contains("q4_k_m"), "{err}");
-    // Qwen3-MoE that llama.cpp would compute differently: weights not renormalised.
-    let plain = dir.path().join("qwen3moe-plain");
-    std::fs::create_dir(&plain).unwrap();
-    for f in std::fs::read_dir(model("tiny-qwen3moe")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, plain.join(f.file_name().unwrap())).unwrap();
+    // Mixtures that llama.cpp would compute differently: Qwen3-MoE's weights not renormalised,
+    // Qwen2-MoE's renormalised (llama.cpp's qwen2moe never does).
+    for (name, renormalise, says) in [
+        ("tiny-qwen3moe", false, "norm_topk_prob"),
+        ("tiny-qwen2moe", true, "does not renormalise"),
+    ] {
+        let copy = dir.path().join(format!("{name}-edited"));
+        std::fs::create_dir(&copy).unwrap();
+        for f in std::fs::read_dir(model(name)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+        }
+        let cfg = copy.join("config.json");
+        let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        c["norm_topk_prob"] = renormalise.into();
+        std::fs::write(&cfg, c.to_string()).unwrap();
+        let m = copy.display().to_string();
+        let (ok, _, err) =
+            preftune(&["export-gguf", "--model", &m, "--out", &out, "--type", "f16"]);
+        assert!(!ok && err.contains(says), "{name}: {err}");
     }
-    let cfg = plain.join("config.json");
-    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["norm_topk_prob"] = false.into();
-    std::fs::write(&cfg, c.to_string()).unwrap();
-    let (ok, _, err) = preftune(&[
-        "export-gguf",
-        "--model",
-        &plain.display().to_string(),
-        "--out",
-        &out,
-        "--type",
-        "f16",
-    ]);
-    assert!(!ok && err.contains("norm_topk_prob"), "{err}");
-    // And Qwen2-MoE the other way round: llama.cpp's qwen2moe never renormalises.
-    let renorm = dir.path().join("qwen2moe-renorm");
-    std::fs::create_dir(&renorm).unwrap();
-    for f in std::fs::read_dir(model("tiny-qwen2moe")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, renorm.join(f.file_name().unwrap())).unwrap();
-    }
-    let cfg = renorm.join("config.json");
-    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["norm_topk_prob"] = true.into();
-    std::fs::write(&cfg, c.to_string()).unwrap();
-    let r = renorm.display().to_string();
-    let (ok, _, err) = preftune(&["export-gguf", "--model", &r, "--out", &out, "--type", "f16"]);
-    assert!(!ok && err.contains("does not renormalise"), "{err}");
 }
 
 /// `check-kernels` on the CPU: one JSON line per op and dtype, all within tolerance.

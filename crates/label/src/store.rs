@@ -321,6 +321,24 @@ fn annotator_row(r: &rusqlite::Row) -> rusqlite::Result<Annotator> {
     })
 }
 
+/// The id of the annotator `name` (trimmed), or an error naming the database.
+fn annotator_id(tx: &rusqlite::Transaction, path: &Path, name: &str) -> Result<i64> {
+    tx.query_row(
+        "SELECT id FROM annotators WHERE name = ?1",
+        params![name.trim()],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db_err(path))?
+    .ok_or_else(|| {
+        Error::Input(format!(
+            "{}: no annotator named `{}`",
+            path.display(),
+            name.trim()
+        ))
+    })
+}
+
 fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -615,21 +633,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(dberr)?;
-        let id: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM annotators WHERE name = ?1",
-                params![name.trim()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(dberr)?;
-        let Some(id) = id else {
-            return Err(Error::Input(format!(
-                "{}: no annotator named `{}`",
-                path.display(),
-                name.trim()
-            )));
-        };
+        let id = annotator_id(&tx, &path, name)?;
         tx.execute(
             "UPDATE annotators SET token_hash = ?1 WHERE id = ?2",
             params![hash, id],
@@ -709,25 +713,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(dberr)?;
-        let who: Option<i64> = match name {
-            None => None,
-            Some(n) => Some(
-                tx.query_row(
-                    "SELECT id FROM annotators WHERE name = ?1",
-                    params![n.trim()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(dberr)?
-                .ok_or_else(|| {
-                    Error::Input(format!(
-                        "{}: no annotator named `{}`",
-                        path.display(),
-                        n.trim()
-                    ))
-                })?,
-            ),
-        };
+        let who: Option<i64> = name.map(|n| annotator_id(&tx, &path, n)).transpose()?;
         // `assigned_at` is RFC 3339 in UTC with milliseconds, so text order is time order.
         let before: Option<String> = older_than
             .map(|d| {

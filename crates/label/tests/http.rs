@@ -34,6 +34,17 @@ async fn post(c: &reqwest::Client, url: &str, token: &str, body: Value) -> reqwe
         .unwrap()
 }
 
+/// Posts a judgement of item `id` as `token`'s annotator.
+async fn judge(
+    c: &reqwest::Client,
+    s: &str,
+    token: &str,
+    id: i64,
+    body: Value,
+) -> reqwest::Response {
+    post(c, &format!("{s}/api/items/{id}/label"), token, body).await
+}
+
 async fn next(c: &reqwest::Client, s: &str, token: &str) -> Value {
     let r = get(c, &format!("{s}/api/next"), Some(token)).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -148,13 +159,7 @@ async fn an_annotator_cannot_read_or_write_another_annotators_items() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body = r.text().await.unwrap();
     assert!(!body.contains("response"), "{body}");
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{id}/label"),
-        &t[2],
-        json!({"scale": 3}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[2], id, json!({"scale": 3})).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Bob's own queue never contains ann's item.
     let b = next(&c, &s, &t[2]).await;
@@ -167,24 +172,19 @@ async fn an_annotator_cannot_read_or_write_another_annotators_items() {
         json!({}),
         json!({"scale": 1, "extra": true}),
     ] {
-        let r = post(&c, &format!("{s}/api/items/{id}/label"), &t[1], bad.clone()).await;
+        let r = judge(&c, &s, &t[1], id, bad.clone()).await;
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
     }
-    let r = post(
+    let r = judge(
         &c,
-        &format!("{s}/api/items/{id}/label"),
+        &s,
         &t[1],
+        id,
         json!({"scale": 2, "unsafe": true, "comment": "rude"}),
     )
     .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{id}/label"),
-        &t[1],
-        json!({"scale": -2}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[1], id, json!({"scale": -2})).await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
     srv.stop().await;
 
@@ -497,13 +497,7 @@ async fn an_admin_releases_items_nobody_judged_to_other_annotators() {
         .as_i64()
         .unwrap();
     assert_ne!(held, other);
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{other}/label"),
-        &t[2],
-        json!({"scale": 1}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[2], other, json!({"scale": 1})).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
         next(&c, &s, &t[2]).await["done"],
@@ -529,22 +523,10 @@ async fn an_admin_releases_items_nobody_judged_to_other_annotators() {
         json!({"released": {"ann": 1}})
     );
     assert_eq!(next(&c, &s, &t[2]).await["item"]["item_id"], held);
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{held}/label"),
-        &t[2],
-        json!({"scale": -1}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[2], held, json!({"scale": -1})).await;
     assert_eq!(r.status(), StatusCode::OK);
     // The leaver's late judgement is refused, with a reason; their queue is empty.
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{held}/label"),
-        &t[1],
-        json!({"scale": 3}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[1], held, json!({"scale": 3})).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(r.text().await.unwrap().contains("released"));
     assert_eq!(next(&c, &s, &t[1]).await["done"], true);
@@ -580,25 +562,13 @@ async fn items_held_too_long_go_back_to_the_pool_by_themselves() {
     let other = next(&c, &s, &t[2]).await["item"]["item_id"]
         .as_i64()
         .unwrap();
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{other}/label"),
-        &t[2],
-        json!({"scale": 1}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[2], other, json!({"scale": 1})).await;
     assert_eq!(r.status(), StatusCode::OK);
     // Before the deadline ann keeps it (the first request after it can release it).
     assert_eq!(next(&c, &s, &t[1]).await["item"]["item_id"], held);
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     assert_eq!(next(&c, &s, &t[2]).await["item"]["item_id"], held);
-    let r = post(
-        &c,
-        &format!("{s}/api/items/{held}/label"),
-        &t[2],
-        json!({"scale": 2}),
-    )
-    .await;
+    let r = judge(&c, &s, &t[2], held, json!({"scale": 2})).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(next(&c, &s, &t[1]).await["done"], true);
     srv.stop().await;
