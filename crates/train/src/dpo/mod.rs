@@ -772,13 +772,18 @@ pub fn run(cfg: &RunConfig<DpoArgs>, resume: bool, eval_only: bool) -> Result<se
             "{:?}:{}:{}",
             args.max_length, args.truncation_mode, d.reference_free
         ),
-        // The numerics: bf16 products, the weights' dtype and preftune's own version of the
-        // forward pass give other log-probs.
+        // The numerics: bf16 products, the weights' dtype, the code path (the CPU's kernels or
+        // a GPU's composed ops, whose bf16 products store bf16 outputs) and preftune's own
+        // version of the forward pass give other log-probs.
         format!(
-            "bf16={}:dtype={}:numerics={}",
+            "bf16={}:dtype={}:numerics={}:path={}",
             args.bf16,
             args.dtype,
-            preftune_model::NUMERICS
+            preftune_model::NUMERICS,
+            match preftune_model::kernels::cpu_kernels(policy.model.device()) {
+                true => "cpu-kernels",
+                false => "composed",
+            }
         ),
     ];
     // A LoRA policy's reference is its base: quantised under load_in_4bit / load_in_8bit.
