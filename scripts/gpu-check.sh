@@ -46,7 +46,7 @@ log() { echo "$1" | tee -a "$summary"; }
 check() {
     local name=$1; shift
     local t0=$SECONDS
-    "$@" > "$work/out" 2> "$work/err"
+    CHECK_NAME=$name "$@" > "$work/out" 2> "$work/err"
     local rc=$?
     { echo "=== $name (rc $rc, $((SECONDS - t0)) s)"; cat "$work/out"; tail -n 40 "$work/err"; } >> "$OUT/checks.log"
     grep '^{' "$work/out" >> "$summary"
@@ -105,7 +105,8 @@ step_pair() {
             --set output_dir="$work/run-$t-$shape-$side" "$@" > /dev/null || return 1
         rm -rf "$work/run-$t-$shape-$side"
     done
-    $PY scripts/gpu/compare_updates.py "$work/$t-$shape-cpu.st" "$work/$t-$shape-cuda.st" "step-$t-$shape"
+    $PY scripts/gpu/compare_updates.py "$work/$t-$shape-cpu.st" "$work/$t-$shape-cuda.st" \
+        "${CHECK_NAME:-step-$t-$shape}" ${BARS:-}
 }
 steps_for() {
     local shape=$1 len="reward=command:python3 scripts/gpu/reward_length.py"
@@ -128,6 +129,9 @@ variants_for() {
         --set "$len"
     check "step-ppo-shared-head-$shape" step_pair ppo "$shape" --set gradient_accumulation_steps=1 \
         --set shared_value_head=true
+    # bf16 = true, as issue 22 times it: bf16 products on both sides, at bf16's bars.
+    BARS=bf16 check "step-sft-bf16-$shape" step_pair sft "$shape" --set max_length=128 --set bf16=true
+    BARS=bf16 check "step-dpo-bf16-$shape" step_pair dpo "$shape" --set bf16=true
 }
 
 # Greedy decoding, token for token, 64 tokens.
