@@ -42,11 +42,22 @@ fn prompt_ids(p: &Pretrained, args: &PromptArgs) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// The products a sampling command multiplies with while the guard lives: bf16 with `--bf16`
-/// (f32 weights only), else the weights' dtype.
-pub(crate) fn products(m: &ModelArgs, s: &SamplingArgs) -> Result<preftune_model::ops::Bf16Scope> {
+/// The products a sampling command multiplies with while it lives: bf16 with `--bf16` (f32
+/// weights only), each weight packed for the CPU's bf16 GEMM (or copied to bf16 on a GPU) once
+/// for the whole command rather than once per batch; else the weights' dtype.
+pub(crate) struct Products {
+    // Dropped in this order: the packs, then the scope.
+    _packed: preftune_model::ops::PackedWeights,
+    _bf16: preftune_model::ops::Bf16Scope,
+}
+
+pub(crate) fn products(m: &ModelArgs, s: &SamplingArgs) -> Result<Products> {
     check_bf16(m, s.bf16)?;
-    Ok(preftune_model::ops::Bf16Scope::new(s.bf16))
+    let bf16 = preftune_model::ops::Bf16Scope::new(s.bf16);
+    Ok(Products {
+        _packed: preftune_model::ops::PackedWeights::new(),
+        _bf16: bf16,
+    })
 }
 
 /// `--bf16` goes with f32 weights only.

@@ -377,6 +377,15 @@ mod tests {
                 assert!(max_abs(&got, &plain) < 1e-4, "{m} rows: f32");
             }
         }
+        // A guard made under a live one shares its packs, and leaves them when it drops.
+        if preftune_kernels::bf16gemm::available() {
+            let inner = PackedWeights::new();
+            lin.forward(&Tensor::randn(0f32, 1.0, (2, k), &dev).unwrap())
+                .unwrap();
+            assert_eq!(packs(), Some(1), "the outer guard's pack, reused");
+            drop(inner);
+            assert_eq!(packs(), Some(1), "still the outer guard's");
+        }
         drop(guard);
         assert_eq!(packs(), None, "the packs go with the guard");
     }

@@ -191,17 +191,33 @@ pub(super) enum Packed {
 /// - on a GPU, as a bf16 copy. Casting per product reads the f32 weight and writes its bf16 copy
 ///   before the GEMM reads that: four times the bytes a decoding step has to move.
 ///
-/// The products are the ones the guard's absence gives, to the bit. Weights must not change in
-/// place while it lives (a sampling loop does not change them); the copies are freed with the
-/// guard.
+/// On a GPU the products are the composed ones to the bit; on the CPU they are bf16 products at
+/// any row count (without the guard, a product of a few rows multiplies in f32). Weights must not
+/// change in place while it lives (a sampling loop does not change them); the copies are freed
+/// with the guard. A guard made while another lives on the thread shares its copies (a command
+/// that samples many times from the same weights packs them once).
 #[must_use = "weights are packed only while the guard lives"]
-pub struct PackedWeights(Option<PackedMap>);
+pub struct PackedWeights {
+    /// What the thread had before this guard, restored when it drops.
+    prev: Option<PackedMap>,
+    /// Made under a live guard: shares its copies and restores nothing.
+    nested: bool,
+}
 
 impl PackedWeights {
     /// Active only under a [`Bf16Scope`]; otherwise a guard that does nothing.
     pub fn new() -> Self {
+        if packing() {
+            return PackedWeights {
+                prev: None,
+                nested: true,
+            };
+        }
         let on = bf16_enabled();
-        PackedWeights(PACKED.with(|c| c.replace(on.then(PackedMap::new))))
+        PackedWeights {
+            prev: PACKED.with(|c| c.replace(on.then(PackedMap::new))),
+            nested: false,
+        }
     }
 }
 
@@ -213,7 +229,9 @@ impl Default for PackedWeights {
 
 impl Drop for PackedWeights {
     fn drop(&mut self) {
-        PACKED.with(|c| *c.borrow_mut() = self.0.take());
+        if !self.nested {
+            PACKED.with(|c| *c.borrow_mut() = self.prev.take());
+        }
     }
 }
 
