@@ -51,9 +51,9 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Multiply in bf16 over the f32 weights (bf16 operands, f32 sums), as `bf16 = true` does in
-    /// training and the pipeline: the numbers its evaluations give, and faster sampling where the
-    /// CPU multiplies in bf16 (AMX, AVX-512 BF16) or on a GPU. Reward models the command runs
-    /// multiply the same way. Not with `--dtype bf16`, whose products are all bf16 already.
+    /// training and the pipeline: its evaluations' products, and faster sampling where the CPU
+    /// multiplies in bf16 (AMX, AVX-512 BF16). Reward models the command runs multiply the same
+    /// way. Not with `--dtype bf16`, whose products are all bf16 already.
     #[arg(long)]
     pub bf16: bool,
 }
