@@ -80,8 +80,13 @@ pub(super) fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
 /// bf16 product on devices without our GEMMs (cuBLAS sums bf16 products in f32). The gradients
 /// flow through the casts, so backward's products are bf16 too.
 pub(super) fn bf16_composed_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    composed_with_bf16_weight(x, &w.to_dtype(DType::BF16)?)
+}
+
+/// [`bf16_composed_matmul`] with `W` already in bf16 (`wb`).
+fn composed_with_bf16_weight(x: &Tensor, wb: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::BF16)?
-        .matmul(&w.to_dtype(DType::BF16)?.t()?)?
+        .matmul(&wb.t()?)?
         .to_dtype(DType::F32)
 }
 
@@ -272,8 +277,7 @@ pub(super) fn packed_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         let Packed::Device(wb) = packed(w, || Ok(Packed::Device(w.to_dtype(DType::BF16)?)))? else {
             candle_core::bail!("packed_matmul: a CPU pack for a device product")
         };
-        let y = x.to_dtype(DType::BF16)?.matmul(&wb.t()?)?;
-        return y.to_dtype(DType::F32).map(Some);
+        return composed_with_bf16_weight(x, &wb).map(Some);
     }
     if !preftune_kernels::bf16gemm::available() {
         return Ok(None);
