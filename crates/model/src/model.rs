@@ -1543,8 +1543,7 @@ impl Mlp {
                 let mut y = xf.zeros_like()?.index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?;
                 if let Some(sh) = shared {
                     let (mlp, gate) = &**sh;
-                    // sigmoid(z) = 1 / (1 + exp(-z)), from ops with a backward.
-                    let g = (gate.forward(&xf)?.neg()?.exp()? + 1.0)?.recip()?;
+                    let g = crate::ops::sigmoid(&gate.forward(&xf)?)?;
                     y = (y + mlp.forward(&xf, act_kind, false)?.broadcast_mul(&g)?)?;
                 }
                 y.reshape(dims)
