@@ -16,6 +16,12 @@ pub enum Error {
     },
     #[error(transparent)]
     Data(#[from] preftune_data::Error),
+    /// A command named an annotator the database does not have.
+    #[error("{}: no annotator named `{name}`", path.display())]
+    UnknownAnnotator {
+        path: std::path::PathBuf,
+        name: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

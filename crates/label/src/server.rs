@@ -390,25 +390,21 @@ async fn admin_release(
         .map(|h| crate::net::hours("older_than_hours", h))
         .transpose()
         .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let name = b.annotator.clone();
-    let known = app
-        .with(move |s| match &name {
-            Some(n) => Ok(s.progress()?.annotators.iter().any(|a| a.name == n.trim())),
-            None => Ok(true),
-        })
-        .await?;
-    if !known {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no annotator named `{}`",
-                b.annotator.unwrap_or_default().trim()
-            ),
-        ));
-    }
+    // An unknown name answers 404 with the name alone (the error's text holds the file path).
     let released = app
-        .with(move |s| s.release(b.annotator.as_deref(), older_than))
-        .await?;
+        .with(
+            move |s| match s.release(b.annotator.as_deref(), older_than) {
+                Err(crate::Error::UnknownAnnotator { name, .. }) => Ok(Err(name)),
+                r => r.map(Ok),
+            },
+        )
+        .await?
+        .map_err(|name| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no annotator named `{name}`"),
+            )
+        })?;
     let released: serde_json::Map<String, Value> =
         released.into_iter().map(|(n, c)| (n, json!(c))).collect();
     Ok(Json(json!({ "released": released })).into_response())

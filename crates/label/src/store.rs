@@ -330,12 +330,9 @@ fn annotator_id(tx: &rusqlite::Transaction, path: &Path, name: &str) -> Result<i
     )
     .optional()
     .map_err(db_err(path))?
-    .ok_or_else(|| {
-        Error::Input(format!(
-            "{}: no annotator named `{}`",
-            path.display(),
-            name.trim()
-        ))
+    .ok_or_else(|| Error::UnknownAnnotator {
+        path: path.into(),
+        name: name.trim().into(),
     })
 }
 
