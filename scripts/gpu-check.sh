@@ -152,6 +152,34 @@ print(json.dumps({"check": "greedy-64-tokens", "model": sys.argv[3], "ok": ok, "
 sys.exit(0 if ok else 1)
 PY
 }
+# Greedy decoding under --bf16 (bf16 products, a bf16 KV cache on the GPU) on both sides: bf16
+# rounds differently on the CPU's GEMM and cuBLAS, so the rows are compared up to their first
+# differing token, whose log-probabilities must agree within 0.1. In a rehearsal the "GPU" side
+# takes the GPU's code path on the CPU (PREFTUNE_PORTABLE=1).
+greedy_bf16() {
+    local shape=$1 portable=0
+    $rehearsal && portable=1
+    for side in cpu cuda; do
+        local dev; dev=$(dev_of $side)
+        local p=0; [ $side = cpu ] || p=$portable
+        PREFTUNE_PORTABLE=$p "$BIN" --device $dev generate --model "$work/$shape" --bf16 \
+            --prompt "The movie was good and the actors" --temperature 0 --max-new-tokens 64 \
+            --min-new-tokens 64 > "$work/greedy-bf16-$shape-$side.json" || return 1
+    done
+    $PY - "$work/greedy-bf16-$shape-cpu.json" "$work/greedy-bf16-$shape-cuda.json" "$shape" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+ids = [x["ids"][0] if x["ids"] and isinstance(x["ids"][0], list) else x["ids"] for x in (a, b)]
+lps = [x["logprobs"][0] if x["logprobs"] and isinstance(x["logprobs"][0], list) else x["logprobs"] for x in (a, b)]
+same = next((i for i, (x, y) in enumerate(zip(*ids)) if x != y), min(map(len, ids)))
+n = min(same + 1, len(lps[0]), len(lps[1]))
+lp = max((abs(x - y) for x, y in zip(lps[0][:n], lps[1][:n])), default=0.0)
+ok = len(ids[1]) >= 64 and same >= 4 and lp < 0.1
+print(json.dumps({"check": "greedy-bf16-64-tokens", "model": sys.argv[3], "ok": ok,
+                  "tokens_agreeing": same, "max_logprob_diff": lp}))
+sys.exit(0 if ok else 1)
+PY
+}
 # Sampling at T=0.9 on the GPU, drawing on the device (the default there) and on the host: the
 # same logits, so the same 64 tokens unless a draw lands within rounding of a block's edge.
 draws() {
@@ -394,6 +422,7 @@ timing_for() {
 has() { [[ " ${models[*]} " == *" $1 "* ]]; }
 if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
+    for shape in "${models[@]}"; do check "greedy-bf16-$shape" greedy_bf16 "$shape"; done
     [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
     [ ${#models[@]} -eq 0 ] || check "gguf-${models[0]}" gguf "${models[0]}"
 fi

@@ -300,6 +300,11 @@ impl LayerCache {
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
+        // The cache keeps the dtype it was made with ([`crate::ops::cache_dtype`]).
+        let dtype = slot
+            .as_ref()
+            .map_or_else(|| crate::ops::cache_dtype(k), |c| c.k.dtype());
+        let (k, v) = (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?);
         let (len, cap) = slot
             .as_ref()
             .map_or((0, 0), |c| (c.len, c.k.dim(2).unwrap_or(0)));
@@ -442,8 +447,10 @@ impl KvCache {
                 let z = Tensor::zeros((bb, h, t - len, d), x.dtype(), x.device())?;
                 Tensor::cat(&[&z, &x], 2)
             };
-            let k = Tensor::cat(&[padded(&a.k, a.len)?, padded(&b.k, b.len)?], 0)?;
-            let v = Tensor::cat(&[padded(&a.v, a.len)?, padded(&b.v, b.len)?], 0)?;
+            let dtype = a.k.dtype();
+            let (bk, bv) = (&b.k.to_dtype(dtype)?, &b.v.to_dtype(dtype)?);
+            let k = Tensor::cat(&[padded(&a.k, a.len)?, padded(bk, b.len)?], 0)?;
+            let v = Tensor::cat(&[padded(&a.v, a.len)?, padded(bv, b.len)?], 0)?;
             *a = LayerCache {
                 k: k.contiguous()?,
                 v: v.contiguous()?,
@@ -1399,6 +1406,9 @@ impl Attention {
         }
         if let Some(slot) = cache {
             (k, v) = LayerCache::append(slot, &k, &v)?;
+            // A bf16 cache (on a GPU under bf16): the products with it run in bf16 as autocast's
+            // would, scores and softmax in f32.
+            q = q.to_dtype(k.dtype())?;
         }
         let tk = k.dim(2)?;
         // Grouped-query attention without copying K/V per head: the `rep` query heads that share a
@@ -1436,7 +1446,8 @@ impl Attention {
                 // `k` as it is: a decoding step's cache view is strided, and cuBLAS (and the
                 // CPU's GEMM) read it in place where a contiguous copy would move the cached keys
                 // once more at every step.
-                let mut scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, tk))?;
+                let mut scores =
+                    (q.matmul(&k.t()?)?.to_dtype(x.dtype())? * scale)?.reshape((b, nh, t, tk))?;
                 if let Some(c) = self.softcap {
                     scores = ((scores / c)?.tanh()? * c)?;
                 }
@@ -1450,7 +1461,7 @@ impl Attention {
             };
             probs.matmul(&v)?
         };
-        let out = out.reshape((b, nh, t, hd))?;
+        let out = out.reshape((b, nh, t, hd))?.to_dtype(x.dtype())?;
         self.o
             .forward(&out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }

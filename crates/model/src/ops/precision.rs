@@ -260,6 +260,21 @@ fn packed(w: &Tensor, make: impl FnOnce() -> Result<Packed>) -> Result<Packed> {
     Ok(p)
 }
 
+/// The dtype a sampling loop's KV cache keeps `k` in: bf16 while a [`PackedWeights`] guard packs
+/// under bf16 products on a device without our CPU kernels (a GPU), where each decoding step reads
+/// the whole cache and f32 keys and values would double those reads; `k`'s own dtype otherwise
+/// (the CPU's attention kernels read f32).
+pub(crate) fn cache_dtype(k: &Tensor) -> DType {
+    match packing()
+        && bf16_enabled()
+        && !kernels::cpu_kernels(k.device())
+        && k.dtype() == DType::F32
+    {
+        true => DType::BF16,
+        false => k.dtype(),
+    }
+}
+
 /// `x W^T` with `W` from this thread's [`PackedWeights`] (packed on first use), when one is active
 /// and the product is an untracked f32 one under bf16: on the CPU through its bf16 GEMM (none
 /// without one), elsewhere with a bf16 copy of `W`.
