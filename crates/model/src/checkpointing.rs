@@ -31,6 +31,9 @@ pub(crate) struct Segment {
     end_rng: Rng,
     /// The last layer's output as an autograd leaf.
     leaf: Tensor,
+    /// Each MoE layer's routing probabilities as an autograd leaf, when the pass recorded its
+    /// load-balancing loss (`None` for dense layers).
+    routes: Vec<Option<Tensor>>,
     /// RoPE tables and masks of the pass, for full and local layers.
     attn: LayerInputs,
 }
@@ -56,15 +59,18 @@ impl Model {
     }
 
     /// Runs the decoder layers on the embedding output `x` without recording a graph; returns the
-    /// last layer's output as an autograd leaf and records a [`Segment`].
+    /// last layer's output as an autograd leaf and records a [`Segment`]. With `real_rows` (the
+    /// batch's rows, 1 for a real token) it records the pass's load-balancing loss too.
     pub(crate) fn forward_checkpointed(
         &self,
         x: Tensor,
         lookup: Option<Tensor>,
         attn: LayerInputs,
+        real_rows: Option<Tensor>,
     ) -> Result<Tensor> {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut rngs = Vec::with_capacity(self.blocks.len());
+        let (mut routes, mut leaves) = (vec![], vec![]);
         // The caller holds a `TrainingProducts` guard, so these untracked products round as
         // their tracked recomputation will.
         let mut h = x.detach();
@@ -72,9 +78,27 @@ impl Model {
             inputs.push(h.clone());
             rngs.push(self.lora_dropout.snapshot());
             let (rope, mask) = attn.get(block.sliding);
-            h = block
-                .detached()
-                .forward(&h, rope, mask, None, self.cfg.activation)?;
+            let (y, route) =
+                block
+                    .detached()
+                    .forward_routed(&h, rope, mask, self.cfg.activation)?;
+            h = y;
+            // The probabilities re-enter autograd as leaves: their gradients reach the router
+            // when backward recomputes the layer.
+            let leaf = match route.filter(|_| real_rows.is_some()) {
+                Some(mut r) => {
+                    r.probs = Var::from_tensor(&r.probs)?.as_tensor().clone();
+                    let leaf = r.probs.clone();
+                    routes.push(r);
+                    Some(leaf)
+                }
+                None => None,
+            };
+            leaves.push(leaf);
+        }
+        if let Some(rows) = &real_rows {
+            self.aux_losses
+                .push(crate::moe::load_balancing_loss(&routes, Some(rows))?);
         }
         let leaf = Var::from_tensor(&h)?.as_tensor().clone();
         self.tape
@@ -87,6 +111,7 @@ impl Model {
                 rngs,
                 end_rng: self.lora_dropout.snapshot(),
                 leaf: leaf.clone(),
+                routes: leaves,
                 attn,
             });
         Ok(leaf)
@@ -100,8 +125,13 @@ impl Model {
         let mut final_rng = None;
         for mut seg in segments.into_iter().rev() {
             final_rng.get_or_insert(seg.end_rng);
-            let Some(mut g) = grads.remove(&seg.leaf) else {
-                continue; // this forward pass did not reach the loss
+            let mut g = match grads.remove(&seg.leaf) {
+                Some(g) => g,
+                // Only its load-balancing loss reached the loss.
+                None if seg.routes.iter().flatten().any(|r| grads.get(r).is_some()) => {
+                    seg.leaf.zeros_like()?
+                }
+                None => continue, // this forward pass did not reach the loss
             };
             for (i, block) in self.blocks.iter().enumerate().rev() {
                 self.lora_dropout.restore(seg.rngs[i]);
@@ -112,9 +142,16 @@ impl Model {
                 drop(input);
                 // Only the gradient of `out` matters, so its last projection is skipped.
                 let (rope, mask) = seg.attn.get(block.sliding);
-                let out =
+                let (out, route) =
                     block.forward_for_backward(x.as_tensor(), rope, mask, self.cfg.activation)?;
-                let layer = (out * g.detach())?.sum_all()?.backward()?;
+                let mut objective = (out * g.detach())?.sum_all()?;
+                let route_grad = seg.routes[i].as_ref().and_then(|leaf| grads.remove(leaf));
+                if let (Some(dp), Some(r)) = (route_grad, route) {
+                    let term = (r.probs * dp.detach())?.sum_all()?;
+                    let term = term.to_dtype(objective.dtype())?;
+                    objective = (objective + term)?;
+                }
+                let layer = objective.backward()?;
                 for t in block.tensors().iter().filter(|t| t.is_variable()) {
                     if let Some(d) = layer.get(t) {
                         // Detached, so that it holds no part of this layer's graph.

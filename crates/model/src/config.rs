@@ -98,6 +98,12 @@ pub struct MoeConfig {
     /// Qwen2-MoE's shared expert: a SwiGLU of this width that every token goes through, its
     /// output scaled by `sigmoid(shared_expert_gate(x))` and added to the routed experts'.
     pub shared_expert_intermediate_size: Option<usize>,
+    /// `router_aux_loss_coef`: the weight of the load-balancing loss in training (transformers'
+    /// default for these families, 0.001, when the config has none).
+    pub router_aux_loss_coef: f64,
+    /// `output_router_logits`: the config asks for that loss in every training forward pass (TRL's
+    /// CPO and ORPO add it only then; its other trainers whenever the coefficient is not 0).
+    pub output_router_logits: bool,
 }
 
 /// Llama 3.x frequency scaling (`rope_type = "llama3"`).
@@ -495,6 +501,13 @@ impl ModelConfig {
                         "qwen2_moe" => Some(usize_of(&["shared_expert_intermediate_size"])?),
                         _ => None,
                     },
+                    router_aux_loss_coef: finite(
+                        path,
+                        "router_aux_loss_coef",
+                        f64_of(&["router_aux_loss_coef"], 0.001)?,
+                        false,
+                    )?,
+                    output_router_logits: bool_of("output_router_logits", false),
                 })
             }
             _ => None,

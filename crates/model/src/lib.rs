@@ -23,6 +23,7 @@ pub mod lora;
 pub mod lse_gather;
 pub mod mem;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod pretrained;
 pub mod reward;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::config::{Activation, Arch, ModelConfig, NormPlacement, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttnMask};
+use crate::moe::{AuxLosses, Route};
 use crate::ops::{layer_norm, rms_norm, rope, softmax_last, swiglu, BaseQuant, Linear};
 
 /// Added to attention scores of masked keys. Finite, so a fully masked (padding) row stays NaN-free.
@@ -180,19 +181,31 @@ impl Block {
         cache: Option<&mut Option<LayerCache>>,
         act: Activation,
     ) -> candle_core::Result<Tensor> {
-        self.apply(x, rope_tables, mask, cache, act, false)
+        Ok(self.apply(x, rope_tables, mask, cache, act, false)?.0)
+    }
+
+    /// [`Block::forward`] in training, with the routing of a MoE layer.
+    pub(crate) fn forward_routed(
+        &self,
+        x: &Tensor,
+        rope_tables: Option<&(Tensor, Tensor)>,
+        mask: Option<&(AttnMask, Option<Tensor>)>,
+        act: Activation,
+    ) -> candle_core::Result<(Tensor, Option<Route>)> {
+        self.apply(x, rope_tables, mask, None, act, false)
     }
 
     /// [`Block::forward`] for back-propagation only: the gradients are the same, but the MLP's
     /// last projection is not computed ([`Linear::forward_unread`]), so the value is not the
-    /// block's output. Checkpointed backward recomputes layers this way.
+    /// block's output. Checkpointed backward recomputes layers this way. A MoE layer's routing comes
+    /// with it.
     pub(crate) fn forward_for_backward(
         &self,
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
         act: Activation,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Option<Route>)> {
         self.apply(x, rope_tables, mask, None, act, true)
     }
 
@@ -204,7 +217,7 @@ impl Block {
         cache: Option<&mut Option<LayerCache>>,
         act: Activation,
         unread: bool,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Option<Route>)> {
         let h = Norm::apply(&self.norm1, x.clone())?;
         let a = Norm::apply(
             &self.post1,
@@ -214,8 +227,9 @@ impl Block {
         let h = Norm::apply(&self.norm2, x.clone())?;
         // The MLP's last projection feeds a norm after it: no longer a value nobody reads.
         let unread = unread && self.post2.is_none();
-        let m = Norm::apply(&self.post2, self.mlp.forward(&h, act, unread)?)?;
-        x + m
+        let (m, route) = self.mlp.forward_routed(&h, act, unread)?;
+        let m = Norm::apply(&self.post2, m)?;
+        Ok(((x + m)?, route))
     }
 
     /// Every tensor of the block, LoRA adapters included (the trainable ones are `Var`s).
@@ -483,6 +497,9 @@ pub struct Model {
     pub(crate) checkpointing: bool,
     /// Layer inputs recorded by checkpointed forward passes, consumed by [`Model::backward`].
     pub(crate) tape: crate::checkpointing::Tape,
+    /// Record training passes' load-balancing losses ([`Model::set_router_aux_loss`]).
+    pub(crate) router_aux: bool,
+    pub(crate) aux_losses: AuxLosses,
 }
 
 /// Hands out named tensors from a weight map, checking shapes.
@@ -948,6 +965,8 @@ impl Model {
             lora_dropout: Default::default(),
             checkpointing: false,
             tape: Default::default(),
+            router_aux: false,
+            aux_losses: Default::default(),
         })
     }
 
@@ -1188,11 +1207,30 @@ impl Model {
         // and must round as its recomputation will, and under LoRA the first layer's products
         // take no gradient and would otherwise run in f32 at few rows.
         let _same = training.then(crate::ops::TrainingProducts::new);
+        // The load-balancing loss counts real tokens only: one weight per row of the batch.
+        let real_rows = match self.records_routes(training) {
+            true => Some(Tensor::from_vec(
+                mask.iter().flatten().copied().collect::<Vec<f32>>(),
+                (b * t, 1),
+                dev,
+            )?),
+            false => None,
+        };
         if self.checkpointing && training {
             // `x` is the bare lookup when there are no learned positions: backward can then add its
             // gradient to the embedding's rows directly.
             let lookup = (self.wpe.is_none() && self.cfg.embed_scale.is_none()).then_some(flat_ids);
-            x = self.forward_checkpointed(x, lookup, inputs)?;
+            x = self.forward_checkpointed(x, lookup, inputs, real_rows)?;
+        } else if let Some(rows) = real_rows {
+            let mut routes = vec![];
+            for block in &self.blocks {
+                let (rope, mask) = inputs.get(block.sliding);
+                let (y, route) = block.forward_routed(&x, rope, mask, self.cfg.activation)?;
+                x = y;
+                routes.extend(route);
+            }
+            self.aux_losses
+                .push(crate::moe::load_balancing_loss(&routes, Some(&rows))?);
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {
@@ -1475,6 +1513,16 @@ impl Mlp {
         act_kind: Activation,
         unread: bool,
     ) -> candle_core::Result<Tensor> {
+        Ok(self.forward_routed(x, act_kind, unread)?.0)
+    }
+
+    /// [`Mlp::forward`] with a mixture's routing.
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        act_kind: Activation,
+        unread: bool,
+    ) -> candle_core::Result<(Tensor, Option<Route>)> {
         let last = |l: &Linear, x: &Tensor| match unread {
             true => l.forward_unread(x),
             false => l.forward(x),
@@ -1485,7 +1533,7 @@ impl Mlp {
             Activation::Gelu => x.gelu_erf(),
             Activation::Relu => x.relu(),
         };
-        match self {
+        let y = match self {
             Mlp::Gated { gate, up, down } if matches!(act_kind, Activation::Silu) => {
                 last(down, &swiglu(&gate.forward(x)?, &up.forward(x)?)?)
             }
@@ -1532,6 +1580,10 @@ impl Mlp {
                     top_k_routes(&probs.to_dtype(DType::F32)?.to_vec2::<f32>()?, *top_k);
                 let mask = Tensor::from_vec(mask, (n, experts.len()), x.device())?
                     .to_dtype(probs.dtype())?;
+                let route = Route {
+                    probs: probs.clone(),
+                    picks: mask.clone(),
+                };
                 let mut w = (probs * mask)?;
                 if *norm_topk_prob {
                     w = w.broadcast_div(&w.sum_keepdim(1)?)?;
@@ -1557,9 +1609,10 @@ impl Mlp {
                     let g = crate::ops::sigmoid(&gate.forward(&xf)?)?;
                     y = (y + mlp.forward(&xf, act_kind, false)?.broadcast_mul(&g)?)?;
                 }
-                y.reshape(dims)
+                return Ok((y.reshape(dims)?, Some(route)));
             }
-        }
+        };
+        Ok((y?, None))
     }
 }
 
