@@ -45,12 +45,20 @@ thread_local! {
 /// (bf16 at any row count under [`Bf16Scope`], no decoding kernels), so that a checkpointed
 /// forward pass, which runs outside autograd, rounds as its recomputation will. Other untracked
 /// paths (attention, stacked q/k/v) still differ from the tracked ones by f32 summation order.
+/// A reference model scored under it rounds as the policy's training pass does, so a policy equal
+/// to its reference starts DPO at exactly ln 2.
 #[must_use = "applies only while the guard lives"]
-pub(crate) struct TrainingProducts(bool);
+pub struct TrainingProducts(bool);
 
 impl TrainingProducts {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         TrainingProducts(TRAINING.with(|c| c.replace(true)))
+    }
+}
+
+impl Default for TrainingProducts {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -304,7 +304,9 @@ impl Algorithm for Kto {
                 if kl_refs.is_empty() {
                     0.0
                 } else {
-                    // No gradient flows through the reference point.
+                    // No gradient flows through the reference point. Both sides with the
+                    // policy's training products.
+                    let _same = preftune_model::ops::TrainingProducts::new();
                     let policy_kl = seq_logps(
                         &model.detached()?,
                         &kl_refs,

@@ -165,6 +165,9 @@ impl Reference {
         pad: u32,
         device: &Device,
     ) -> Result<Tensor> {
+        // The policy's training products, not a sampler's: the same weights give the same
+        // log-probs as the policy's own pass.
+        let _same = preftune_model::ops::TrainingProducts::new();
         let lp = match self {
             Reference::Model(m) => seq_logps(m, rows, pad, device)?.logps,
             Reference::LoraBase => {

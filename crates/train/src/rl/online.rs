@@ -154,6 +154,8 @@ impl Algorithm for OnlineTrainer {
         let temp = self.rollout.temperature.max(1e-6);
         let (lp, mask) = completion_logps(model, &r, self.pad_token_id, temp, &self.device)?;
         let reference = if self.objective.beta() != 0.0 {
+            // Scored with the policy's training products: equal weights give a KL of exactly 0.
+            let _same = preftune_model::ops::TrainingProducts::new();
             let m = match &self.reference {
                 Some(OnlineReference::Model(m)) => m.as_ref().clone(),
                 Some(OnlineReference::LoraBase) => model.without_lora().detached()?,

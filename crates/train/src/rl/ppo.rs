@@ -312,6 +312,9 @@ impl Ppo {
         let plens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let width = r.completion_lens.iter().copied().max().unwrap_or(1).max(1);
         let frozen = model.detached()?;
+        // Old and reference log-probs with the policy's training products: the first update's
+        // ratio is exactly 1 and an unchanged policy's KL exactly 0.
+        let _same = preftune_model::ops::TrainingProducts::new();
         let (old, vals) = match &self.value {
             ValueModel::Separate(v) => {
                 let v = v.detached()?;
