@@ -1061,6 +1061,9 @@ impl Model {
                 a.b = a.b.detach();
             }
         }
+        // A reference or a sampler: its passes are not the policy's.
+        m.router_aux = false;
+        m.aux_losses = Default::default();
         Ok(m)
     }
 
@@ -1208,7 +1211,7 @@ impl Model {
         // take no gradient and would otherwise run in f32 at few rows.
         let _same = training.then(crate::ops::TrainingProducts::new);
         // The load-balancing loss counts real tokens only: one weight per row of the batch.
-        let real_rows = match self.records_routes(training) {
+        let real_rows = match self.records_routes(cache.is_some()) {
             true => Some(Tensor::from_vec(
                 mask.iter().flatten().copied().collect::<Vec<f32>>(),
                 (b * t, 1),

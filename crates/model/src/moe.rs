@@ -75,24 +75,25 @@ impl AuxLosses {
 }
 
 impl Model {
-    /// Records the load-balancing loss of every training forward pass (one that records a graph)
-    /// of a mixture-of-experts model, for [`Model::take_router_aux_losses`]. No effect on dense
-    /// models or on passes outside autograd.
+    /// Records the load-balancing loss of every forward pass without a KV cache of a
+    /// mixture-of-experts model, for [`Model::take_router_aux_losses`]; in a training pass it
+    /// back-propagates. No effect on dense models; [`Model::detached`] copies (references,
+    /// sampling) start with it off.
     pub fn set_router_aux_loss(&mut self, on: bool) {
         self.router_aux = on;
     }
 
-    /// The load-balancing losses of the training forward passes since the last call, oldest
-    /// first, each a scalar that back-propagates into the routers (and, under gradient
-    /// checkpointing, through [`Model::backward`]).
+    /// The load-balancing losses of the recorded forward passes since the last call, oldest
+    /// first, each a scalar that back-propagates into the routers in a training pass (under
+    /// gradient checkpointing, through [`Model::backward`]).
     pub fn take_router_aux_losses(&self) -> Vec<Tensor> {
         self.aux_losses.take()
     }
 
-    /// Whether a forward pass records its routing: a training pass of a MoE model with
+    /// Whether a forward pass records its routing: one without a KV cache of a MoE model with
     /// [`Model::set_router_aux_loss`] on.
-    pub(crate) fn records_routes(&self, training: bool) -> bool {
-        training && self.router_aux && self.cfg.moe.is_some()
+    pub(crate) fn records_routes(&self, cached: bool) -> bool {
+        !cached && self.router_aux && self.cfg.moe.is_some()
     }
 }
 

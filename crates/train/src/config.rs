@@ -140,6 +140,11 @@ pub struct TrainingArguments {
     /// Start over in a used `output_dir` (its checkpoints and log are deleted first). Without it
     /// a run that does not `--resume` needs an empty or new `output_dir`.
     pub overwrite_output_dir: bool,
+    /// TRL's `router_aux_loss_coef`: the weight of a mixture-of-experts model's load-balancing
+    /// loss in the training loss. Unset: the model config's own (0.001 for Mixtral and the Qwen
+    /// MoEs) where TRL's trainer of the algorithm adds it; 0 turns it off; an error on a dense
+    /// model.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Default for TrainingArguments {
@@ -186,6 +191,7 @@ impl Default for TrainingArguments {
             bf16: false,
             device: None,
             overwrite_output_dir: false,
+            router_aux_loss_coef: None,
         }
     }
 }

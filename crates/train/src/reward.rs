@@ -175,6 +175,11 @@ impl RewardTrainer {
 }
 
 impl Algorithm for RewardTrainer {
+    /// TRL's reward trainer adds no load-balancing loss.
+    fn router_aux_by_default(&self, _output_router_logits: bool) -> bool {
+        false
+    }
+
     fn len(&self, split: Split) -> usize {
         self.split(split).len()
     }

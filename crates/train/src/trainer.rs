@@ -48,6 +48,13 @@ impl Metrics {
         self.tokens += other.tokens;
     }
 
+    /// Adds `delta` to the metric's mean over what was added so far (nothing if it has none).
+    pub fn shift(&mut self, name: &str, delta: f64) {
+        if let Some(e) = self.sums.get_mut(name) {
+            e.0 += delta * e.1;
+        }
+    }
+
     pub fn means(&self) -> BTreeMap<String, f64> {
         self.sums
             .iter()
@@ -70,6 +77,13 @@ pub trait Algorithm {
     /// with them; names must not clash with the policy's.
     fn extra_params(&self) -> Vec<(String, candle_core::Var)> {
         vec![]
+    }
+    /// Whether a mixture-of-experts model's load-balancing loss joins this algorithm's loss when
+    /// `router_aux_loss_coef` is unset. TRL's trainers add it whenever the model declares a
+    /// coefficient (the default); its CPO and ORPO only when the config sets
+    /// `output_router_logits` (passed here); its reward trainer never.
+    fn router_aux_by_default(&self, _output_router_logits: bool) -> bool {
+        true
     }
     /// Multiplier of the learning rate for the parameter `name` (1 by default).
     fn lr_scale(&self, _name: &str) -> f64 {
@@ -98,6 +112,47 @@ pub trait Algorithm {
     fn load_state(&mut self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// The weight of a mixture-of-experts model's load-balancing loss in this run: the configured
+/// `router_aux_loss_coef` (an error on a dense model, or when negative or not finite), else the
+/// model config's own coefficient where [`Algorithm::router_aux_by_default`] says so, else 0.
+pub fn router_aux_coef(
+    args: &TrainingArguments,
+    model: &Model,
+    algo: &dyn Algorithm,
+) -> Result<f64> {
+    let moe = model.cfg.moe.as_ref();
+    match args.router_aux_loss_coef {
+        Some(c) if !c.is_finite() || c < 0.0 => Err(Error::Config(format!(
+            "router_aux_loss_coef = {c}: must be a finite number >= 0"
+        ))),
+        Some(c) if c != 0.0 && moe.is_none() => Err(Error::Config(format!(
+            "router_aux_loss_coef = {c}, but {} is not a mixture-of-experts model: it has no \
+             load-balancing loss to weight",
+            args.model_name_or_path
+        ))),
+        Some(c) => Ok(c),
+        None => Ok(moe
+            .filter(|m| algo.router_aux_by_default(m.output_router_logits))
+            .map_or(0.0, |m| m.router_aux_loss_coef)),
+    }
+}
+
+/// The mean of the load-balancing losses `model` recorded since the last take (one per training
+/// pass; `None` if it made none), its value, and `loss`'s micro-batch metrics with the weighted
+/// term added, as TRL logs them (`aux_loss`, and `loss` including `coef x aux_loss`).
+fn take_router_aux(model: &Model, coef: f64, m: &mut Metrics) -> Result<Option<(Tensor, f64)>> {
+    let losses = model.take_router_aux_losses();
+    if coef == 0.0 || losses.is_empty() {
+        return Ok(None);
+    }
+    let n = losses.len() as f64;
+    let mean = (Tensor::stack(&losses, 0)?.sum_all()? / n)?;
+    let value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    m.add("aux_loss", value, 1.0);
+    m.shift("loss", coef * value);
+    Ok(Some((mean, value)))
 }
 
 /// With `PREFTUNE_DUMP_FIRST_UPDATE=FILE`, writes the run's first update, before clipping, as
@@ -387,11 +442,16 @@ pub fn evaluate(
     if n == 0 {
         return Ok(BTreeMap::new());
     }
-    let frozen = model.detached()?;
+    let coef = router_aux_coef(args, model, algo)?;
+    let mut frozen = model.detached()?;
     frozen.set_lora_dropout_seed(None);
+    // Outside autograd too, as TRL's evaluation adds it to the loss it reports.
+    frozen.set_router_aux_loss(coef != 0.0);
     let idx: Vec<usize> = (0..n).collect();
     for chunk in idx.chunks(args.per_device_eval_batch_size) {
-        let (_, m) = algo.loss(&frozen, Split::Eval, chunk)?;
+        frozen.take_router_aux_losses();
+        let (_, mut m) = algo.loss(&frozen, Split::Eval, chunk)?;
+        take_router_aux(&frozen, coef, &mut m)?;
         total.merge(&m);
     }
     let mut out: BTreeMap<String, f64> = total
@@ -489,7 +549,7 @@ pub(crate) fn fresh_output_dir(args: &TrainingArguments) -> Result<()> {
 pub fn train(
     args: &TrainingArguments,
     config: &toml::Table,
-    policy: Pretrained,
+    mut policy: Pretrained,
     lora: Option<LoraConfig>,
     ckpt: Option<(usize, std::path::PathBuf)>,
     algo: &mut dyn Algorithm,
@@ -522,6 +582,8 @@ pub fn train(
         &params,
     );
     opt.lr_scale = params.iter().map(|(n, _)| algo.lr_scale(n)).collect();
+    let aux_coef = router_aux_coef(args, &policy.model, algo)?;
+    policy.model.set_router_aux_loss(aux_coef != 0.0);
     let n = algo.len(Split::Train);
     if n == 0 {
         let file = args
@@ -606,17 +668,28 @@ pub fn train(
                         .wrapping_add(((step * updates + update) * accum + k) as u64),
                 ));
                 preftune_model::mem::trace("before forward");
-                let (loss, m) = algo.loss(&policy.model, Split::Train, b)?;
+                // Passes before the loss's (a rollout's scoring) do not count.
+                policy.model.take_router_aux_losses();
+                let (loss, mut m) = algo.loss(&policy.model, Split::Train, b)?;
                 preftune_model::mem::trace("forward");
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / total_weight;
+                let mut objective = (loss / total_weight)?;
+                // The load-balancing loss, per micro-batch and averaged over the accumulation
+                // steps, as TRL adds it.
+                if let Some((aux, v)) = take_router_aux(&policy.model, aux_coef, &mut m)? {
+                    let w = aux_coef / batches.len() as f64;
+                    let term = (aux * w)?.to_dtype(objective.dtype())?;
+                    objective = (objective + term)?;
+                    value += w * v;
+                }
                 if !value.is_finite() {
                     return Err(Error::NonFinite {
                         step: step + 1,
                         value,
                     });
                 }
-                update_loss += value / total_weight;
-                let mut g = policy.model.backward(&(loss / total_weight)?)?;
+                update_loss += value;
+                let mut g = policy.model.backward(&objective)?;
                 preftune_model::mem::trace("backward");
                 for (i, (_, p)) in params.iter().enumerate() {
                     // Taken out of the store so each gradient tensor is freed once accumulated.

@@ -520,3 +520,85 @@ fn pro_trains_on_rankings_with_its_sft_term() {
         0.4 * (-best_logp / tokens)
     );
 }
+
+/// TRL 1.16 adds a MoE model's load-balancing loss to DPO's, weighted by the config's
+/// `router_aux_loss_coef` (0.001 here) or the one set: `eval_aux_loss` and `eval_loss` match its
+/// `evaluate()` on the three MoE fixtures (`scripts/golden_router_aux.py`).
+#[test]
+fn moe_models_add_the_load_balancing_loss_as_trl_does() {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/router-aux.json")).unwrap(),
+    )
+    .unwrap();
+    let data = fixtures().join("data/pairs-standard.jsonl");
+    for case in g["dpo_eval"].as_array().unwrap() {
+        let name = case["model"].as_str().unwrap();
+        let mut sets = vec![
+            format!("model_name_or_path={}", tiny(name)),
+            format!("ref_model={}", tiny("tiny-qwen2")),
+            format!("eval_file={}", data.display()),
+            "beta=0.1".into(),
+            "max_length=1000000".into(),
+            "per_device_eval_batch_size=16".into(),
+        ];
+        if let Some(c) = case["router_aux_loss_coef"].as_f64() {
+            sets.push(format!("router_aux_loss_coef={c}"));
+        }
+        let got = dpo(&sets, true);
+        let what = format!("{name}, coefficient {}", case["router_aux_loss_coef"]);
+        let compared = compare_to_trl(&what, &case["metrics"], &got, |_| false);
+        assert_eq!(compared, 11, "{what}: every metric compared, aux_loss too");
+    }
+}
+
+/// Training adds `coef x aux_loss` to the logged loss (the first step's, from the same weights),
+/// and 0 turns it off; a dense model refuses a coefficient.
+#[test]
+fn training_logs_the_load_balancing_loss_and_dense_models_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixtures().join("data/pairs-standard.jsonl");
+    let first_step = |model: &str, coef: f64, checkpointing: bool| {
+        let out = dir.path().join(format!("{model}-{coef}-{checkpointing}"));
+        let sets = vec![
+            format!("model_name_or_path={}", tiny(model)),
+            format!("train_file={}", data.display()),
+            format!("output_dir={}", out.display()),
+            format!("router_aux_loss_coef={coef}"),
+            format!("gradient_checkpointing={checkpointing}"),
+            "max_steps=1".into(),
+            "per_device_train_batch_size=2".into(),
+            "gradient_accumulation_steps=2".into(),
+            "logging_steps=1".into(),
+            "save_steps=1000".into(),
+        ];
+        let cfg = load::<DpoArgs>(None, defaults(), &sets).unwrap();
+        run(&cfg, false, false).map(|_| last_metrics(&out))
+    };
+    let off = first_step("tiny-mixtral", 0.0, false).unwrap();
+    assert!(off.get("aux_loss").is_none(), "{off}");
+    for checkpointing in [false, true] {
+        let on = first_step("tiny-mixtral", 0.5, checkpointing).unwrap();
+        let aux = on["aux_loss"].as_f64().unwrap();
+        assert!(aux > 1.0, "top-2 of 4 experts: at least 1 ({aux})");
+        let (a, b) = (on["loss"].as_f64().unwrap(), off["loss"].as_f64().unwrap());
+        assert!(
+            (a - b - 0.5 * aux).abs() < 1e-5,
+            "{a} - {b} against 0.5 x {aux}"
+        );
+        let norms = (
+            on["grad_norm"].as_f64().unwrap(),
+            off["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            norms.0 != norms.1,
+            "the loss reaches the gradients: {norms:?}"
+        );
+    }
+    let e = first_step("tiny-llama", 0.5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("router_aux_loss_coef") && e.contains("not a mixture-of-experts"),
+        "{e}"
+    );
+}

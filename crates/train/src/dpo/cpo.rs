@@ -203,6 +203,12 @@ pub struct Cpo {
 }
 
 impl Algorithm for Cpo {
+    /// TRL's CPO and ORPO add the load-balancing loss only when the model config asks for router
+    /// logits.
+    fn router_aux_by_default(&self, output_router_logits: bool) -> bool {
+        output_router_logits
+    }
+
     fn len(&self, split: Split) -> usize {
         match split {
             Split::Train => self.train.len(),
