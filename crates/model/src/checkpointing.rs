@@ -81,7 +81,7 @@ impl Model {
             let (y, route) =
                 block
                     .detached()
-                    .forward_routed(&h, rope, mask, self.cfg.activation)?;
+                    .forward_routed(&h, rope, mask, self.cfg.activation, false)?;
             h = y;
             // The probabilities re-enter autograd as leaves: their gradients reach the router
             // when backward recomputes the layer.
@@ -143,7 +143,7 @@ impl Model {
                 // Only the gradient of `out` matters, so its last projection is skipped.
                 let (rope, mask) = seg.attn.get(block.sliding);
                 let (out, route) =
-                    block.forward_for_backward(x.as_tensor(), rope, mask, self.cfg.activation)?;
+                    block.forward_routed(x.as_tensor(), rope, mask, self.cfg.activation, true)?;
                 let mut objective = (out * g.detach())?.sum_all()?;
                 let route_grad = seg.routes[i].as_ref().and_then(|leaf| grads.remove(leaf));
                 if let (Some(dp), Some(r)) = (route_grad, route) {

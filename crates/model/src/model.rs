@@ -184,29 +184,19 @@ impl Block {
         Ok(self.apply(x, rope_tables, mask, cache, act, false)?.0)
     }
 
-    /// [`Block::forward`] in training, with the routing of a MoE layer.
+    /// [`Block::forward`] in training, with the routing of a MoE layer. `for_backward`: for
+    /// back-propagation only; the gradients are the same, but the MLP's last projection is not
+    /// computed ([`Linear::forward_unread`]), so the value is not the block's output.
+    /// Checkpointed backward recomputes layers this way.
     pub(crate) fn forward_routed(
         &self,
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
         act: Activation,
+        for_backward: bool,
     ) -> candle_core::Result<(Tensor, Option<Route>)> {
-        self.apply(x, rope_tables, mask, None, act, false)
-    }
-
-    /// [`Block::forward`] for back-propagation only: the gradients are the same, but the MLP's
-    /// last projection is not computed ([`Linear::forward_unread`]), so the value is not the
-    /// block's output. Checkpointed backward recomputes layers this way. A MoE layer's routing comes
-    /// with it.
-    pub(crate) fn forward_for_backward(
-        &self,
-        x: &Tensor,
-        rope_tables: Option<&(Tensor, Tensor)>,
-        mask: Option<&(AttnMask, Option<Tensor>)>,
-        act: Activation,
-    ) -> candle_core::Result<(Tensor, Option<Route>)> {
-        self.apply(x, rope_tables, mask, None, act, true)
+        self.apply(x, rope_tables, mask, None, act, for_backward)
     }
 
     fn apply(
@@ -1228,7 +1218,8 @@ impl Model {
             let mut routes = vec![];
             for block in &self.blocks {
                 let (rope, mask) = inputs.get(block.sliding);
-                let (y, route) = block.forward_routed(&x, rope, mask, self.cfg.activation)?;
+                let (y, route) =
+                    block.forward_routed(&x, rope, mask, self.cfg.activation, false)?;
                 x = y;
                 routes.extend(route);
             }

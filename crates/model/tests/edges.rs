@@ -217,17 +217,7 @@ fn a_bf16_sampling_loop_on_the_gpu_path_keeps_a_bf16_cache() {
                 let l = p.model.logits(&h).unwrap().to_dtype(DType::F32).unwrap();
                 last = l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             }
-            let full = {
-                let x = Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap();
-                let h = p.model.forward(&x, None, None, None).unwrap();
-                let l = p.model.logits(&h).unwrap().to_dtype(DType::F32).unwrap();
-                l.squeeze(0)
-                    .unwrap()
-                    .get(ids.len() - 1)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
+            let full = last_logits(&p, &ids);
             (cache.bytes(), last, full)
         };
         let (f32_bytes, f32_last, f32_full) = decode(false);
