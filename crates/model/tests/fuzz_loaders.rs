@@ -375,3 +375,32 @@ fn crafted_sizes_are_errors_naming_the_field() {
         assert!(e.contains(want) && e.contains("crafted.gguf"), "{key}: {e}");
     }
 }
+
+/// Tensor bytes at any alignment: an empty buffer (whose pointer is 1), bytes at an odd offset,
+/// and too few bytes. Reinterpreting them in place was undefined behaviour (an abort under the
+/// test profile's checks); they are copied now, and a short buffer is an error.
+#[test]
+fn tensor_bytes_load_at_any_alignment() {
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    use candle_core::Device;
+    let dev = Device::Cpu;
+    let empty = qtensor_from_ggml(GgmlDType::F32, &[], vec![0], &dev).unwrap();
+    assert_eq!(empty.shape().elem_count(), 0);
+    let values = [1.5f32, -2.25, 3.0];
+    let mut bytes = vec![0u8];
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    let odd = &bytes[1..];
+    assert_eq!(odd.as_ptr() as usize % 4, (bytes.as_ptr() as usize + 1) % 4);
+    let t = qtensor_from_ggml(GgmlDType::F32, odd, vec![3], &dev).unwrap();
+    let got: Vec<f32> = t.dequantize(&dev).unwrap().to_vec1().unwrap();
+    assert_eq!(got, values);
+    // Q8_0 blocks (34 bytes, an f16 scale first) at an odd offset.
+    let mut q = vec![0u8];
+    q.extend([0x00, 0x3c]); // scale 1.0
+    q.extend((0..32).map(|i| i as u8));
+    let t = qtensor_from_ggml(GgmlDType::Q8_0, &q[1..], vec![32], &dev).unwrap();
+    let got: Vec<f32> = t.dequantize(&dev).unwrap().to_vec1().unwrap();
+    assert_eq!(got, (0..32).map(|i| i as f32).collect::<Vec<_>>());
+    let short = qtensor_from_ggml(GgmlDType::F32, &bytes[1..9], vec![3], &dev);
+    assert!(short.unwrap_err().to_string().contains("12 needed"));
+}

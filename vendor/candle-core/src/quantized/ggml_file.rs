@@ -123,13 +123,32 @@ fn from_raw_data<T: super::GgmlType + Send + Sync + 'static>(
     dims: Vec<usize>,
     device: &Device,
 ) -> Result<super::QTensor> {
-    let raw_data_ptr = raw_data.as_ptr();
+    // preftune: the bytes are copied into a buffer of `T`s, not reinterpreted in place. A byte
+    // buffer need not be aligned for `T` (an empty `Vec<u8>`'s pointer is 1), and
+    // `slice::from_raw_parts` on a misaligned pointer is undefined behaviour, which debug builds
+    // turn into an abort; nor was the length checked against `raw_data`.
     let n_blocks = size_in_bytes / std::mem::size_of::<T>();
-    let data = unsafe { std::slice::from_raw_parts(raw_data_ptr as *const T, n_blocks) };
+    let n_bytes = n_blocks * std::mem::size_of::<T>();
+    if raw_data.len() < n_bytes {
+        crate::bail!(
+            "tensor data holds {} bytes, {n_bytes} needed for {dims:?}",
+            raw_data.len()
+        )
+    }
+    let mut data: Vec<T> = Vec::with_capacity(n_blocks);
+    // SAFETY: `data` has room for `n_blocks` `T`s, that is `n_bytes` bytes, and `raw_data` holds
+    // at least `n_bytes` (checked above); the two buffers do not overlap, and the copy is bytewise
+    // so `raw_data`'s alignment does not matter. Every `GgmlType` (f32, f16, bf16 and the quantised
+    // blocks of plain numbers and byte arrays) is valid for any bit pattern, so the `n_blocks`
+    // elements are initialised once the bytes are in.
+    unsafe {
+        std::ptr::copy_nonoverlapping(raw_data.as_ptr(), data.as_mut_ptr() as *mut u8, n_bytes);
+        data.set_len(n_blocks);
+    }
     let data: QStorage = match device {
-        Device::Cpu => QStorage::Cpu(Box::new(data.to_vec())),
-        Device::Metal(metal) => super::metal::load_quantized(metal, data)?,
-        Device::Cuda(cuda) => super::cuda::load_quantized(cuda, data)?,
+        Device::Cpu => QStorage::Cpu(Box::new(data)),
+        Device::Metal(metal) => super::metal::load_quantized(metal, &data)?,
+        Device::Cuda(cuda) => super::cuda::load_quantized(cuda, &data)?,
     };
     super::QTensor::new(data, dims)
 }
