@@ -96,7 +96,7 @@ impl Model {
             };
             leaves.push(leaf);
         }
-        if let Some(rows) = &real_rows {
+        if let Some(rows) = real_rows.as_ref().filter(|_| !routes.is_empty()) {
             self.aux_losses
                 .push(crate::moe::load_balancing_loss(&routes, Some(rows))?);
         }

@@ -148,7 +148,10 @@ pub fn generate_on(
     let model = if model.is_trainable() {
         model.detached()?
     } else {
-        model.clone()
+        // Its passes are no training pass's (an evaluation's model records its routing).
+        let mut m = model.clone();
+        m.set_router_aux_loss(false);
+        m
     };
     // Under bf16 with a bf16 GEMM: every weight packed once for the whole loop (a no-op otherwise).
     let _packed = crate::ops::PackedWeights::new();

@@ -33,10 +33,11 @@ pub mod weights;
 
 /// Which numerics a forward pass has: raised whenever a change moves the numbers the same model,
 /// inputs and options give (2: attention's tiles multiply in bf16 under `bf16 = true`; 3: their
-/// probabilities take a faster `exp`, and the LM head's exp changed within its 2 ulp). Caches of
+/// probabilities take a faster `exp`, and the LM head's exp changed within its 2 ulp; 4: a
+/// reference is scored with the policy's training products, `ops::TrainingProducts`). Caches of
 /// computed values (DPO's precomputed reference log-probs) carry it in their key, so an upgrade
 /// recomputes them instead of mixing two versions' numbers.
-pub const NUMERICS: u32 = 3;
+pub const NUMERICS: u32 = 4;
 
 pub use config::{Arch, ModelConfig, MoeConfig, MoeNames};
 pub use device::{DeviceError, DeviceSpec};

@@ -1223,8 +1223,11 @@ impl Model {
                 x = y;
                 routes.extend(route);
             }
-            self.aux_losses
-                .push(crate::moe::load_balancing_loss(&routes, Some(&rows))?);
+            // A mixture whose layers are all dense (Qwen's `mlp_only_layers`) has no loss.
+            if !routes.is_empty() {
+                self.aux_losses
+                    .push(crate::moe::load_balancing_loss(&routes, Some(&rows))?);
+            }
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let layer_cache = cache.as_mut().map(|c| {

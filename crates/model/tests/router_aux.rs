@@ -64,9 +64,11 @@ fn the_load_balancing_loss_and_its_gradients_match_transformers() {
     }
 }
 
-/// Passes outside autograd record nothing, nor do models without the switch.
+/// A switched-on model records every pass without a KV cache, outside autograd too (an
+/// evaluation's); a switched-off one, a detached copy (a reference) and a cached pass (sampling)
+/// record nothing.
 #[test]
-fn only_training_passes_of_a_switched_on_model_record_the_loss() {
+fn which_passes_record_the_loss() {
     let g = common::golden("router-aux.json");
     let (ids, mask) = (matrix(&g["input_ids"]), matrix(&g["attention_mask"]));
     let opts = LoadOptions {
@@ -77,19 +79,40 @@ fn only_training_passes_of_a_switched_on_model_record_the_loss() {
     p.model.forward(&ids, Some(&mask), None, None).unwrap();
     assert!(p.model.take_router_aux_losses().is_empty(), "switched off");
     p.model.set_router_aux_loss(true);
-    let frozen = p.model.detached().unwrap();
-    frozen.forward(&ids, Some(&mask), None, None).unwrap();
+    let reference = p.model.detached().unwrap();
+    reference.forward(&ids, Some(&mask), None, None).unwrap();
+    assert!(
+        reference.take_router_aux_losses().is_empty(),
+        "a detached copy"
+    );
     assert!(
         p.model.take_router_aux_losses().is_empty(),
-        "outside autograd"
+        "nor into the policy's"
     );
+    let mut cache = preftune_model::KvCache::new(p.model.cfg.num_layers);
+    p.model
+        .forward(&ids, Some(&mask), None, Some(&mut cache))
+        .unwrap();
+    assert!(p.model.take_router_aux_losses().is_empty(), "a cached pass");
+
+    let mut frozen = p.model.detached().unwrap();
+    frozen.set_router_aux_loss(true);
+    frozen.forward(&ids, Some(&mask), None, None).unwrap();
+    let eval = frozen.take_router_aux_losses();
+    assert_eq!(eval.len(), 1, "an evaluation's pass");
     p.model.forward(&ids, Some(&mask), None, None).unwrap();
     p.model.forward(&ids, None, None, None).unwrap();
     let two = p.model.take_router_aux_losses();
     assert_eq!(two.len(), 2, "one per pass");
+    let value = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    let (a, b) = (value(&eval[0]), value(&two[0]));
+    assert!(
+        (a - b).abs() < 1e-5,
+        "the same loss outside autograd: {a} against {b}"
+    );
     assert_ne!(
-        two[0].to_scalar::<f32>().unwrap(),
-        two[1].to_scalar::<f32>().unwrap(),
+        value(&two[0]),
+        value(&two[1]),
         "the padding counts without a mask"
     );
 }

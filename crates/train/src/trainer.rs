@@ -447,6 +447,8 @@ pub fn evaluate(
     frozen.set_lora_dropout_seed(None);
     // Outside autograd too, as TRL's evaluation adds it to the loss it reports.
     frozen.set_router_aux_loss(coef != 0.0);
+    // The training pass's products, as the references' (an unchanged policy's rewards are 0).
+    let _same = preftune_model::ops::TrainingProducts::new();
     let idx: Vec<usize> = (0..n).collect();
     for chunk in idx.chunks(args.per_device_eval_batch_size) {
         frozen.take_router_aux_losses();
@@ -584,6 +586,13 @@ pub fn train(
     opt.lr_scale = params.iter().map(|(n, _)| algo.lr_scale(n)).collect();
     let aux_coef = router_aux_coef(args, &policy.model, algo)?;
     policy.model.set_router_aux_loss(aux_coef != 0.0);
+    let jitter = policy.model.cfg.raw.get("router_jitter_noise");
+    if let Some(j) = jitter.and_then(|j| j.as_f64()).filter(|j| *j > 0.0) {
+        eprintln!(
+            "warning: config.json sets router_jitter_noise = {j}: transformers multiplies each \
+             mixture layer's input by noise while training, preftune does not"
+        );
+    }
     let n = algo.len(Split::Train);
     if n == 0 {
         let file = args
