@@ -392,6 +392,14 @@ impl ModelConfig {
             ));
         }
         let num_layers = usize_of(&["num_hidden_layers", "n_layer"])?;
+        // Checked here as well as in `validate`: per-layer tables are built below.
+        if num_layers == 0 || num_layers > limits::LAYERS {
+            return Err(Error::invalid(
+                path,
+                "num_hidden_layers",
+                format!("must be in 1..={}, found {num_layers}", limits::LAYERS),
+            ));
+        }
         let sliding_window = match model_type.as_str() {
             "mistral" | "mixtral" | "phi3" | "gemma2" | "gemma3_text" => {
                 get(&raw, &["sliding_window"])

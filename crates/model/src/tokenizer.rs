@@ -45,6 +45,32 @@ fn token_str(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Parses `path` as a tokenizer.json. The text is parsed as JSON first, so a malformed file is an
+/// error naming its line and column; the tokenizers crate panics on some malformed files (an
+/// `expect` in its decoder's deserializer), so a panic there becomes an error too.
+fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str::<Value>(&text)
+        .map_err(|e| Error::invalid(path, "tokenizer", format!("not JSON: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::invalid(path, "tokenizer", e.to_string())),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Error::invalid(
+                path,
+                "tokenizer",
+                format!("malformed (the tokenizers crate gave up: {why})"),
+            ))
+        }
+    }
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and `tokenizer_config.json` (and `chat_template.jinja`, transformers'
     /// newer home for the template) from an HF folder.
@@ -56,8 +82,7 @@ impl Tokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| Error::invalid(&tj, "tokenizer", e.to_string()))?;
+        let inner = load_tokenizer_json(&tj)?;
         let tc = dir.join("tokenizer_config.json");
         let mut config = if tc.exists() {
             crate::io::read_json(&tc)?

@@ -209,7 +209,7 @@ fn edge_json(rng: &mut Rng) -> Value {
 
 #[test]
 fn no_config_json_panics_the_loader() {
-    const KEYS: [&str; 24] = [
+    const KEYS: [&str; 32] = [
         "model_type",
         "hidden_size",
         "intermediate_size",
@@ -234,6 +234,15 @@ fn no_config_json_panics_the_loader() {
         "n_inner",
         "n_positions",
         "attention_bias",
+        // Mixtures of experts.
+        "num_local_experts",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "shared_expert_intermediate_size",
+        "router_aux_loss_coef",
     ];
     let mut failures = vec![];
     for model in MODELS {
@@ -301,6 +310,11 @@ fn crafted_sizes_are_errors_naming_the_field() {
             "head_dim",
             json!(u64::MAX),
             "head_dim: must be in 1..=1048576",
+        ),
+        (
+            "num_hidden_layers",
+            json!(i64::MAX),
+            "num_hidden_layers: must be in 1..=4096",
         ),
         (
             "vocab_size",
@@ -403,4 +417,119 @@ fn tensor_bytes_load_at_any_alignment() {
     assert_eq!(got, (0..32).map(|i| i as f32).collect::<Vec<_>>());
     let short = qtensor_from_ggml(GgmlDType::F32, &bytes[1..9], vec![3], &dev);
     assert!(short.unwrap_err().to_string().contains("12 needed"));
+}
+
+/// Every JSON path (object keys and array indices) of `v` down to `depth`, for structured edits.
+fn json_paths(v: &Value, depth: usize, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    if depth == 0 {
+        return;
+    }
+    let children: Vec<(String, &Value)> = match v {
+        Value::Object(m) => m.iter().map(|(k, c)| (k.clone(), c)).collect(),
+        // A few entries of long arrays (merges, added tokens): the first, second and last.
+        Value::Array(a) => [0, 1, a.len().saturating_sub(1)]
+            .into_iter()
+            .filter(|&i| i < a.len())
+            .map(|i| (i.to_string(), &a[i]))
+            .collect(),
+        _ => return,
+    };
+    for (k, c) in children {
+        at.push(k);
+        out.push(at.clone());
+        json_paths(c, depth - 1, at, out);
+        at.pop();
+    }
+}
+
+fn json_at<'a>(v: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
+    path.iter().try_fold(v, |v, k| match v {
+        Value::Object(m) => m.get_mut(k),
+        Value::Array(a) => k.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+        _ => None,
+    })
+}
+
+/// A crafted tokenizer.json (values anywhere in its tree replaced or removed, or its bytes
+/// mutated) is an error or a working tokenizer, never a panic.
+#[test]
+fn no_tokenizer_json_panics_the_loader() {
+    let mut failures = vec![];
+    for model in ["tiny-llama", "tiny-gpt2"] {
+        let src = tiny(model);
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap().path();
+            let name = f.file_name().unwrap();
+            if name != "tokenizer.json" {
+                std::os::unix::fs::symlink(&f, dir.path().join(name)).unwrap();
+            }
+        }
+        let base: Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let mut paths = vec![];
+        json_paths(&base, 4, &mut vec![], &mut paths);
+        std::fs::write(dir.path().join("tokenizer.json"), base.to_string()).unwrap();
+        exercise(dir.path()).unwrap();
+        for seed in cases(300) {
+            let mut rng = Rng(seed.wrapping_mul(0x94d0_49bb_1331_11eb) | 1);
+            let mut tok = base.clone();
+            for _ in 0..1 + rng.below(3) {
+                let path = &paths[rng.below(paths.len())];
+                let (last, parent) = path.split_last().unwrap();
+                if rng.below(5) == 0 {
+                    if let Some(Value::Object(m)) = json_at(&mut tok, parent) {
+                        m.remove(last);
+                    }
+                } else if let Some(v) = json_at(&mut tok, path) {
+                    *v = edge_json(&mut rng);
+                }
+            }
+            let mut bytes = tok.to_string().into_bytes();
+            if rng.below(8) == 0 {
+                mutate_bytes(&mut rng, &mut bytes);
+            }
+            std::fs::write(dir.path().join("tokenizer.json"), bytes).unwrap();
+            if let Err(msg) = exercise(dir.path()) {
+                failures.push(format!("{model} PREFTUNE_FUZZ_SEED={seed}: {msg}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} panics:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// What the tokenizer fuzzing found: a tokenizer.json cut short inside its decoder, on which the
+/// tokenizers crate panics (an `expect` in its decoder's deserializer), is an error naming the
+/// file, as is a decoder of the wrong type.
+#[test]
+fn malformed_tokenizer_json_is_an_error_naming_the_file() {
+    let src = tiny("tiny-llama");
+    let base = std::fs::read_to_string(src.join("tokenizer.json")).unwrap();
+    let mut wrong_decoder: Value = serde_json::from_str(&base).unwrap();
+    wrong_decoder["decoder"] = json!({"type": 5});
+    for (what, text) in [
+        (
+            "cut short",
+            base[..base.find("\"decoder\"").unwrap() + 20].to_string(),
+        ),
+        ("a decoder of the wrong type", wrong_decoder.to_string()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let tj = dir.path().join("tokenizer.json");
+        std::fs::write(&tj, text).unwrap();
+        let e = preftune_model::Tokenizer::from_hf_dir(dir.path())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"))
+            .to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("tokenizer"),
+            "{what}: {e}"
+        );
+    }
 }
