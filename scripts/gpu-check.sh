@@ -118,7 +118,7 @@ steps_for() {
 }
 
 # The variants, at the small shape only: LoRA, gradient checkpointing, RLOO, REINFORCE, PPO with
-# the value head on the policy.
+# the value head on the policy, bf16, and a mixture of experts.
 variants_for() {
     local shape=$1 len="reward=command:python3 scripts/gpu/reward_length.py"
     check "step-dpo-lora-$shape" step_pair dpo "$shape" --set use_peft=true
@@ -132,6 +132,12 @@ variants_for() {
     # bf16 = true, as issue 22 times it: bf16 products on both sides, at bf16's bars.
     BARS=bf16 check "step-sft-bf16-$shape" step_pair sft "$shape" --set max_length=128 --set bf16=true
     BARS=bf16 check "step-dpo-bf16-$shape" step_pair dpo "$shape" --set bf16=true
+    # A mixture of experts (the tiny Mixtral fixture): routing on the device, and the
+    # load-balancing loss TRL adds, through checkpointed layers too.
+    ln -sfn "$PWD/fixtures/models/tiny-mixtral" "$work/tiny-mixtral"
+    check "step-dpo-moe" step_pair dpo tiny-mixtral --set router_aux_loss_coef=0.5
+    check "step-sft-moe-checkpointing" step_pair sft tiny-mixtral --set max_length=128 \
+        --set gradient_checkpointing=true --set router_aux_loss_coef=0.5
 }
 
 # Greedy decoding, token for token, 64 tokens.
