@@ -491,6 +491,56 @@ mod tests {
         assert!(finishes.iter().all(|f| *f == Some(Finish::Length)));
     }
 
+    /// On the GPU's code path under bf16 the batch's KV cache is bf16: sequences join (the
+    /// caches' rows concatenated) and leave (rows selected) through it, and each greedy one
+    /// matches its own `generate` up to bf16's near ties (at least its first 3 tokens; a padded
+    /// batch rounds differently from a lone row).
+    #[test]
+    fn joining_and_leaving_works_on_a_bf16_cache() {
+        let p = tiny();
+        let _portable = crate::kernels::PortableScope::new(true);
+        let _bf16 = crate::ops::Bf16Scope::new(true);
+        let _packed = crate::ops::PackedWeights::new();
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 13, 200, 7], vec![3, 4], vec![42]];
+        let plan = [(0, 10), (2, 6), (4, 8)];
+        let mut b = Batcher::new(&p.model, 0).unwrap();
+        let mut got: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+        for step in 0..30 {
+            let joining: Vec<_> = plan
+                .iter()
+                .enumerate()
+                .filter(|(_, (at, _))| *at == step)
+                .map(|(i, &(_, n))| (i as u64, prompts[i].clone(), settings(n, 0.0, 1)))
+                .collect();
+            b.admit(joining).unwrap();
+            if b.is_empty() && step > 4 {
+                break;
+            }
+            for s in b.step().unwrap() {
+                got[s.id as usize].push(s.token);
+            }
+            let dtype = b.cache.dtype();
+            assert!(
+                b.is_empty() || dtype == Some(DType::BF16),
+                "step {step}: the batch's cache is {dtype:?}"
+            );
+        }
+        for (i, &(_, n)) in plan.iter().enumerate() {
+            let alone = generate(
+                &p.model,
+                &prompts[i..=i],
+                &SamplingConfig {
+                    max_new_tokens: n,
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(got[i].len(), n, "sequence {i}");
+            assert_eq!(got[i][..3], alone.tokens[0][..3], "sequence {i}");
+        }
+    }
+
     /// Sequence `i` (`prompts[i]`, `plan[i]` = (new tokens, temperature), seed `seed + i`) got
     /// the tokens `generate` gives it alone, and greedily the same log-probs (the model's own).
     fn assert_sampled_as_alone(

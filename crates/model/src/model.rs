@@ -391,6 +391,12 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
+    /// The dtype of the cached keys and values (`None` while nothing is cached): bf16 for a
+    /// sampling loop under bf16 on a GPU ([`crate::ops::PackedWeights`]), else the model's.
+    pub fn dtype(&self) -> Option<DType> {
+        self.layers.iter().flatten().next().map(|c| c.k.dtype())
+    }
+
     /// Bytes of the cached positions' keys and values (spare capacity not counted).
     pub fn bytes(&self) -> usize {
         self.layers
