@@ -83,6 +83,34 @@ fn exercise(path: &Path) -> Result<(), String> {
     })
 }
 
+/// A copy of the fixture `model` whose files are links but `file`, which is written from the
+/// fixture's JSON (returned, for mutating).
+fn fixture_but(model: &str, file: &str) -> (tempfile::TempDir, Value) {
+    let src = tiny(model);
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap();
+        if name != file {
+            std::os::unix::fs::symlink(&f, dir.path().join(name)).unwrap();
+        }
+    }
+    let base: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join(file)).unwrap()).unwrap();
+    std::fs::write(dir.path().join(file), base.to_string()).unwrap();
+    (dir, base)
+}
+
+/// Fails listing every case that panicked.
+fn assert_no_panics(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} panics:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 fn edge_gvalue(rng: &mut Rng) -> GValue {
     let x = EDGE_INTS[rng.below(EDGE_INTS.len())];
     match rng.below(12) {
@@ -179,12 +207,7 @@ fn no_gguf_file_panics_the_loader() {
             failures.push(format!("PREFTUNE_FUZZ_SEED={seed}: {msg}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} panics:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_panics(&failures);
 }
 
 fn edge_json(rng: &mut Rng) -> Value {
@@ -246,20 +269,7 @@ fn no_config_json_panics_the_loader() {
     ];
     let mut failures = vec![];
     for model in MODELS {
-        let src = tiny(model);
-        let dir = tempfile::tempdir().unwrap();
-        // The folder: every file but config.json linked from the fixture.
-        for f in std::fs::read_dir(&src).unwrap() {
-            let f = f.unwrap().path();
-            let name = f.file_name().unwrap();
-            if name != "config.json" {
-                std::os::unix::fs::symlink(&f, dir.path().join(name)).unwrap();
-            }
-        }
-        let base: Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
-                .unwrap();
-        std::fs::write(dir.path().join("config.json"), base.to_string()).unwrap();
+        let (dir, base) = fixture_but(model, "config.json");
         exercise(dir.path()).unwrap();
         for seed in cases(300) {
             let mut rng = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
@@ -289,12 +299,7 @@ fn no_config_json_panics_the_loader() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} panics:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_panics(&failures);
 }
 
 /// What the fuzzing found, as errors that name the file and the field.
@@ -456,21 +461,9 @@ fn json_at<'a>(v: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
 fn no_tokenizer_json_panics_the_loader() {
     let mut failures = vec![];
     for model in ["tiny-llama", "tiny-gpt2"] {
-        let src = tiny(model);
-        let dir = tempfile::tempdir().unwrap();
-        for f in std::fs::read_dir(&src).unwrap() {
-            let f = f.unwrap().path();
-            let name = f.file_name().unwrap();
-            if name != "tokenizer.json" {
-                std::os::unix::fs::symlink(&f, dir.path().join(name)).unwrap();
-            }
-        }
-        let base: Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
-                .unwrap();
+        let (dir, base) = fixture_but(model, "tokenizer.json");
         let mut paths = vec![];
         json_paths(&base, 4, &mut vec![], &mut paths);
-        std::fs::write(dir.path().join("tokenizer.json"), base.to_string()).unwrap();
         exercise(dir.path()).unwrap();
         for seed in cases(300) {
             let mut rng = Rng(seed.wrapping_mul(0x94d0_49bb_1331_11eb) | 1);
@@ -496,12 +489,7 @@ fn no_tokenizer_json_panics_the_loader() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} panics:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_panics(&failures);
 }
 
 /// What the tokenizer fuzzing found: a tokenizer.json cut short inside its decoder, on which the
