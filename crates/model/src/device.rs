@@ -150,10 +150,7 @@ fn open_cuda_once(ordinal: usize) -> Result<Device, String> {
         Ok(Err(e)) => Err(format!("no GPU {ordinal}: {e}")),
         Err(p) => Err(format!(
             "CUDA failed to start: {}",
-            p.downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("panic")
+            crate::error::panic_message(&*p)
         )),
     }
 }

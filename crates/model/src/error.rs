@@ -56,3 +56,14 @@ impl Error {
         }
     }
 }
+
+/// The message a caught panic carried (`"panic"` when it was neither a `String` nor a `&str`):
+/// for the dependencies that panic on bad input (cudarc without its libraries, the tokenizers
+/// crate on some malformed files), whose panics preftune turns into errors.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("panic")
+}

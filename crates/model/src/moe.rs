@@ -43,20 +43,13 @@ pub fn load_balancing_loss(routes: &[Route], rows: Option<&Tensor>) -> candle_co
     if total == 0.0 {
         return Tensor::zeros((), dtype, first.probs.device());
     }
-    let (mut picks, mut probs) = (None::<Tensor>, None::<Tensor>);
+    // Per expert, summed over layers and real rows: picks (no gradient) and probabilities.
+    let mut picks = Tensor::zeros(experts, dtype, first.probs.device())?;
+    let mut probs = picks.clone();
     for r in routes {
-        let c = r.picks.detach().broadcast_mul(&w)?.sum(0)?;
-        let p = r.probs.broadcast_mul(&w)?.sum(0)?;
-        picks = Some(match picks {
-            Some(s) => (s + c)?,
-            None => c,
-        });
-        probs = Some(match probs {
-            Some(s) => (s + p)?,
-            None => p,
-        });
+        picks = (picks + r.picks.detach().broadcast_mul(&w)?.sum(0)?)?;
+        probs = (probs + r.probs.broadcast_mul(&w)?.sum(0)?)?;
     }
-    let (picks, probs) = (picks.expect("a route"), probs.expect("a route"));
     (picks * probs)?.sum_all()? * (experts as f64 / (total * total))
 }
 

@@ -56,18 +56,14 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     match parsed {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(Error::invalid(path, "tokenizer", e.to_string())),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(Error::invalid(
-                path,
-                "tokenizer",
-                format!("malformed (the tokenizers crate gave up: {why})"),
-            ))
-        }
+        Err(panic) => Err(Error::invalid(
+            path,
+            "tokenizer",
+            format!(
+                "malformed (the tokenizers crate gave up: {})",
+                crate::error::panic_message(&*panic)
+            ),
+        )),
     }
 }
 
