@@ -186,6 +186,53 @@ print(json.dumps({"check": "greedy-bf16-64-tokens", "model": sys.argv[3], "ok": 
 sys.exit(0 if ok else 1)
 PY
 }
+# Greedy decoding, 64 tokens, with its decoding steps replayed as CUDA graphs
+# (PREFTUNE_CUDA_GRAPHS=1), in f32 and under --bf16. Against the same fixed-shape steps run eagerly
+# (PREFTUNE_CUDA_GRAPHS=fixed): the same kernels on the same inputs, so the same bits, and every
+# step after the first (eager, then captured) replayed. Against the growing cache (the default):
+# in f32 the same tokens; under bf16 (attention over the whole capacity rounds differently) the
+# same log-probabilities within 0.05 up to the first differing token, at or after the 16th. A
+# rehearsal runs the fixed-shape steps eagerly on the CPU, on the GPU's code path
+# (PREFTUNE_PORTABLE=1): nothing is captured or replayed.
+greedy_graphs() {
+    local shape=$1 portable=0
+    $rehearsal && portable=1
+    for bf in f32 bf16; do
+        local flag=; [ $bf = bf16 ] && flag=--bf16
+        for g in 0 fixed 1; do
+            PREFTUNE_PORTABLE=$portable PREFTUNE_CUDA_GRAPHS=$g "$BIN" --device $DEVICE generate \
+                --model "$work/$shape" $flag \
+                --prompt "The movie was good and the actors" --temperature 0 --max-new-tokens 64 \
+                --min-new-tokens 64 > "$work/graphs-$bf-$g.json" 2> "$work/graphs-$bf-$g.err" \
+                || { cat "$work/graphs-$bf-$g.err" >&2; return 1; }
+        done
+    done
+    $PY - "$work" "$shape" "$rehearsal" <<'PY'
+import json, re, sys
+work, shape, rehearsal = sys.argv[1], sys.argv[2], sys.argv[3] == "true"
+ok_all = True
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+for bf in ("f32", "bf16"):
+    grow, fixed, graphs = (json.load(open(f"{work}/graphs-{bf}-{g}.json")) for g in ("0", "fixed", "1"))
+    err = open(f"{work}/graphs-{bf}-1.err").read()
+    m = re.search(r"(\d+) fixed-shape steps; CUDA graphs: (\d+) captured, (\d+) replayed, (\d+) failed", err)
+    steps, captured, replayed, failed = (int(x) for x in m.groups()) if m else (0, 0, 0, -1)
+    replays_ok = steps == 63 and failed == 0 and (rehearsal or (captured == 1 and replayed == 62))
+    exact = graphs["ids"] == fixed["ids"] and graphs["logprobs"] == fixed["logprobs"]
+    same = first_difference(grow["ids"], graphs["ids"])
+    n = min(same + 1, len(grow["logprobs"]), len(graphs["logprobs"]))
+    lp = max((abs(x - y) for x, y in zip(grow["logprobs"][:n], graphs["logprobs"][:n])), default=0.0)
+    near = (same == 64 and lp < 1e-3) if bf == "f32" else (same >= 16 and lp < 0.05)
+    ok = len(graphs["ids"]) == 64 and replays_ok and exact and near
+    ok_all &= ok
+    print(json.dumps({"check": "greedy-cuda-graphs", "model": shape, "precision": bf, "ok": ok,
+                      "same_as_eager_fixed_steps": exact, "tokens_as_growing_cache": same,
+                      "max_logprob_diff_to_growing_cache": lp, "fixed_steps": steps,
+                      "captured": captured, "replayed": replayed, "failed": failed}))
+sys.exit(0 if ok_all else 1)
+PY
+}
 # Sampling at T=0.9 on the GPU, drawing on the device (the default there) and on the host: the
 # same logits, so the same 64 tokens unless a draw lands within rounding of a block's edge.
 draws() {
@@ -429,6 +476,7 @@ has() { [[ " ${models[*]} " == *" $1 "* ]]; }
 if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
     for shape in "${models[@]}"; do check "greedy-bf16-$shape" greedy_bf16 "$shape"; done
+    for shape in "${models[@]}"; do check "greedy-graphs-$shape" greedy_graphs "$shape"; done
     [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
     [ ${#models[@]} -eq 0 ] || check "gguf-${models[0]}" gguf "${models[0]}"
 fi

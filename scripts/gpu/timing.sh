@@ -48,14 +48,14 @@ PY
 GRPO_STEPS=${GRPO_STEPS:-3}
 ours_grpo() {
     rm -rf "$WORK/g-out"
-    PREFTUNE_CUDA_KERNELS=${KERNELS:-0} "$BIN" --device cuda grpo --set model_name_or_path="$model" \
+    PREFTUNE_CUDA_KERNELS=${KERNELS:-0} PREFTUNE_CUDA_GRAPHS=${GRAPHS:-0} "$BIN" --device cuda grpo --set model_name_or_path="$model" \
         --set train_file=bench/prompts.jsonl --set output_dir="$WORK/g-out" --set per_device_train_batch_size=8 \
         --set num_generations=8 --set max_completion_length=256 --set temperature=1.0 --set beta=0.0 \
         --set max_steps=$((GRPO_STEPS + 1)) --set logging_steps=1 --set save_steps=100000 --set learning_rate=1e-6 \
         --set max_grad_norm=1.0 --set "reward=\"command:python3 examples/rewards/count_digits.py\"" "$@" \
         > /dev/null || return 1
     rm -rf "$WORK/g-out/model.safetensors" "$WORK/g-out/optimizer.safetensors"
-    $PY - "$WORK/g-out/metrics.jsonl" "$*${KERNELS:+ PREFTUNE_CUDA_KERNELS=$KERNELS}" <<'PY'
+    $PY - "$WORK/g-out/metrics.jsonl" "$*${KERNELS:+ PREFTUNE_CUDA_KERNELS=$KERNELS}${GRAPHS:+ PREFTUNE_CUDA_GRAPHS=$GRAPHS}" <<'PY'
 import json, statistics, sys
 m = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
 el = [r["num_tokens"] / r["train_tokens_per_second"] for r in m]
@@ -83,8 +83,14 @@ with_mem env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/p
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
     --gen-batch 16 --new-tokens 64 || rc=1
 with_mem env BF16=0 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64 || rc=1
+# The same sampling with its decoding steps replayed as CUDA graphs (their counts in the line).
+with_mem env PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload generate --model "$model" \
+    --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1
+with_mem env PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload generate --model "$model" \
+    --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 || rc=1
 # GRPO iterations, bf16 on both sides.
 with_mem ours_grpo --set bf16=true || rc=1
 KERNELS=1 with_mem ours_grpo --set bf16=true || rc=1
+GRAPHS=1 with_mem ours_grpo --set bf16=true || rc=1
 with_mem env BF16=1 $PY scripts/gpu/reference_steps.py grpo "$model" bench/prompts.jsonl 8 8 256 $GRPO_STEPS || rc=1
 exit $rc

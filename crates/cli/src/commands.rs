@@ -164,6 +164,13 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         };
         let cfg = sampling_config(&p, &a.sampling);
         let out = preftune_model::generate_on(&p.model, &[ids], &cfg, draw_on)?;
+        if preftune_model::decode_graph::enabled() {
+            let g = preftune_model::decode_graph::stats();
+            eprintln!(
+                "decoding: {} fixed-shape steps; CUDA graphs: {} captured, {} replayed, {} failed",
+                out.fixed_steps, g.captures, g.replays, g.failed
+            );
+        }
         let text = p.tokenizer.decode(&out.tokens[0], true)?;
         emit(
             &json!({"ids": out.tokens[0], "text": text, "logprobs": shorts(&out.logprobs[0]), "finished": out.finished[0]}),

@@ -288,8 +288,15 @@ fn sample(o: &BenchOptions) -> Result<Value> {
     Ok(
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
                "batch": o.gen_batch, "new_tokens": o.new_tokens, "threads": threads(), "seconds": s,
-               "tokens_per_s": n as f64 / s, "peak_rss_mib": peak_rss_mib()}),
+               "tokens_per_s": n as f64 / s, "fixed_steps": out.fixed_steps,
+               "cuda_graphs": graph_stats(), "peak_rss_mib": peak_rss_mib()}),
     )
+}
+
+/// This process's CUDA graphs of decoding steps (warm-up included), as JSON.
+fn graph_stats() -> Value {
+    let g = crate::decode_graph::stats();
+    json!({"captures": g.captures, "replays": g.replays, "failed": g.failed})
 }
 
 /// `gen_batch` prompts as user turns of the chat template, each sampled `num_generations` times
@@ -323,6 +330,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
               "threads": threads(), "seconds": s, "tokens": n, "tokens_per_s": n as f64 / s,
               "finished": out.finished.iter().filter(|&&f| f).count(), "steps": steps,
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
+              "fixed_steps": out.fixed_steps, "cuda_graphs": graph_stats(),
               "peak_rss_mib": peak_rss_mib()}),
     )
 }

@@ -55,6 +55,9 @@ pub struct Generation {
     pub prompt_positions: usize,
     /// Batch rows summed over the decoding steps: finished sequences leave the batch.
     pub decode_rows: usize,
+    /// Decoding steps run as fixed-shape steps ([`crate::decode_graph`]), replayed from a CUDA
+    /// graph on a GPU.
+    pub fixed_steps: usize,
 }
 
 impl SamplingConfig {
@@ -201,14 +204,16 @@ pub fn generate_on(
         .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
 
-    let last_logits = |hidden: &Tensor| -> Result<StepLogits> {
-        let t = hidden.dim(1)?;
-        let h = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let logits = model.logits(&h)?.to_dtype(DType::F32)?;
+    let step_logits = |logits: Tensor| -> Result<StepLogits> {
         Ok(match on_device {
             true => StepLogits::Device(logits),
             false => StepLogits::Host(logits.to_vec2::<f32>()?),
         })
+    };
+    let last_logits = |hidden: &Tensor| -> Result<StepLogits> {
+        let t = hidden.dim(1)?;
+        let h = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        step_logits(model.logits(&h)?.to_dtype(DType::F32)?)
     };
     // Under `min_new_tokens` on the device: `-inf` at the EOS tokens, added to the logits.
     let mut suppress_eos: Option<Tensor> = None;
@@ -232,6 +237,17 @@ pub fn generate_on(
         cache.select(&rows, 0)?;
         mask = of_row.iter().map(|&d| mask[d].clone()).collect();
     }
+    // Fixed-shape decoding steps (CUDA graphs on a GPU) take over the prefill's cache.
+    let mut fixed =
+        match cfg.use_cache && cfg.max_new_tokens > 1 && crate::decode_graph::applies(&model) {
+            true => {
+                let cap = cache.len() + cfg.max_new_tokens;
+                let f = crate::decode_graph::FixedDecode::new(&model, &cache, cap)?;
+                cache = KvCache::new(model.cfg.num_layers);
+                Some(f)
+            }
+            false => None,
+        };
     // The prompt (`out` row) of each batch row, in prompt order.
     let mut slots: Vec<usize> = (0..b).collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
@@ -299,7 +315,10 @@ pub fn generate_on(
                 .take_while(|&c| live.iter().all(|&s| mask[s][c] == 0))
                 .count();
             let rows: Vec<u32> = live.iter().map(|&s| s as u32).collect();
-            cache.select(&rows, drop)?;
+            match fixed.as_mut() {
+                Some(f) => f.select(&model, &rows, drop)?,
+                None => cache.select(&rows, drop)?,
+            }
             slots = live.iter().map(|&s| slots[s]).collect();
             mask = live.iter().map(|&s| mask[s][drop..].to_vec()).collect();
             next_pos = live.iter().map(|&s| next_pos[s]).collect();
@@ -310,6 +329,13 @@ pub fn generate_on(
             if !cfg.use_cache {
                 ids[s].push(tok);
             }
+        }
+        if let Some(f) = fixed.as_mut() {
+            logits = step_logits(f.step(&model, &new_col, &mask, &next_pos)?)?;
+            out.decode_rows += slots.len();
+            out.fixed_steps += 1;
+            next_pos.iter_mut().for_each(|p| *p += 1);
+            continue;
         }
         let hidden = if cfg.use_cache {
             let rows = slots.len();

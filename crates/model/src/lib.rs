@@ -8,6 +8,7 @@ mod checkpointing;
 pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
+pub mod decode_graph;
 pub mod device;
 pub mod error;
 pub mod flash;

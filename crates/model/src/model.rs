@@ -178,7 +178,7 @@ impl Block {
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
-        cache: Option<&mut Option<LayerCache>>,
+        cache: Option<CacheSlot<'_>>,
         act: Activation,
     ) -> candle_core::Result<Tensor> {
         Ok(self.apply(x, rope_tables, mask, cache, act, false)?.0)
@@ -204,7 +204,7 @@ impl Block {
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
-        cache: Option<&mut Option<LayerCache>>,
+        cache: Option<CacheSlot<'_>>,
         act: Activation,
         unread: bool,
     ) -> candle_core::Result<(Tensor, Option<Route>)> {
@@ -220,6 +220,11 @@ impl Block {
         let (m, route) = self.mlp.forward_routed(&h, act, unread)?;
         let m = Norm::apply(&self.post2, m)?;
         Ok(((x + m)?, route))
+    }
+
+    /// `(KV heads, head size)` of its attention.
+    pub(crate) fn kv_shape(&self) -> (usize, usize) {
+        (self.attn.num_kv_heads, self.attn.head_dim)
     }
 
     /// Every tensor of the block, LoRA adapters included (the trainable ones are `Var`s).
@@ -283,7 +288,22 @@ impl Block {
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    pub(crate) layers: Vec<Option<LayerCache>>,
+}
+
+/// Where an attention layer puts the keys and values of the positions it is given.
+pub(crate) enum CacheSlot<'a> {
+    /// A cache that grows ([`LayerCache::append`]): attention reads the filled positions.
+    Grow(&'a mut Option<LayerCache>),
+    /// Buffers of a fixed capacity `[B, KV heads, capacity, Dh]`, written (one new position a
+    /// row) where `at` (`[B, KV heads, 1, Dh]`, u32, every entry the position) says; attention
+    /// reads the whole capacity and the mask hides what is not written yet. Nothing of such a
+    /// step depends on host values, so a CUDA graph can replay it ([`crate::decode_graph`]).
+    Fixed {
+        k: &'a Tensor,
+        v: &'a Tensor,
+        at: &'a Tensor,
+    },
 }
 
 /// Keys and values `[B, KV heads, capacity, Dh]`, of which the first `len` positions are filled.
@@ -291,8 +311,8 @@ pub struct KvCache {
 /// history only `log(T)` times instead of once per token.
 #[derive(Debug)]
 pub(crate) struct LayerCache {
-    k: Tensor,
-    v: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
     len: usize,
 }
 
@@ -477,15 +497,15 @@ impl KvCache {
 pub struct Model {
     pub cfg: ModelConfig,
     pub(crate) embed: Tensor,
-    wpe: Option<Tensor>,
+    pub(crate) wpe: Option<Tensor>,
     pub(crate) blocks: Vec<Block>,
     norm_f: Norm,
     lm_head: Tensor,
     /// `[1, H]`: the reward/value head; such a model is saved without an LM head.
     pub(crate) score: Option<Tensor>,
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
     /// Gemma 3's local layers' RoPE frequencies (their own base).
-    inv_freq_local: Option<Vec<f32>>,
+    pub(crate) inv_freq_local: Option<Vec<f32>>,
     dtype: DType,
     /// Shared by every LoRA adapter of this model: seeded during training steps, off otherwise.
     pub(crate) lora_dropout: crate::lora::DropoutRng,
@@ -1240,7 +1260,7 @@ impl Model {
                     if c.layers.len() != self.blocks.len() {
                         c.layers = (0..self.blocks.len()).map(|_| None).collect();
                     }
-                    &mut c.layers[i]
+                    CacheSlot::Grow(&mut c.layers[i])
                 });
                 let (rope, mask) = inputs.get(block.sliding);
                 x = block.forward(&x, rope, mask, layer_cache, self.cfg.activation)?;
@@ -1258,13 +1278,18 @@ impl Model {
         })
     }
 
+    /// The final norm over hidden states `[.., H]`.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm_f.forward(x)?)
+    }
+
     /// The LM head weight `[V, H]` (the embedding when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head
     }
 
     /// `cos`, `sin` tables `[B, 1, T, Dh/2]` for the given positions, computed in f32 as transformers does.
-    fn rope_tables(
+    pub(crate) fn rope_tables(
         &self,
         inv_freq: &[f32],
         positions: &[u32],
@@ -1289,7 +1314,7 @@ impl Model {
 }
 
 /// `x` as the nearest value of `dtype` (transformers multiplies by a scalar tensor of that dtype).
-fn round_to(x: f64, dtype: DType) -> f64 {
+pub(crate) fn round_to(x: f64, dtype: DType) -> f64 {
     match dtype {
         DType::F64 => x,
         DType::BF16 => half::bf16::from_f64(x).to_f64(),
@@ -1302,11 +1327,11 @@ fn round_to(x: f64, dtype: DType) -> f64 {
 /// the sliding-window (local) layers.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerInputs {
-    full: RopeAndMask,
-    local: RopeAndMask,
+    pub(crate) full: RopeAndMask,
+    pub(crate) local: RopeAndMask,
 }
 
-type RopeAndMask = (Option<(Tensor, Tensor)>, Option<(AttnMask, Option<Tensor>)>);
+pub(crate) type RopeAndMask = (Option<(Tensor, Tensor)>, Option<(AttnMask, Option<Tensor>)>);
 type RopeAndMaskRef<'a> = (
     Option<&'a (Tensor, Tensor)>,
     Option<&'a (AttnMask, Option<Tensor>)>,
@@ -1356,7 +1381,7 @@ fn rope_inv_freq(cfg: &ModelConfig, theta: f64, scaled: bool) -> Vec<f32> {
 /// positions' distance, as transformers counts it, whatever padding lies between: a prefix run
 /// once sits before its rows' padding), and (with packed rows) both lie in the same segment.
 /// `None` when nothing is masked (a single new token, no padding, inside the window).
-fn causal_padding_mask(
+pub(crate) fn causal_padding_mask(
     mask: &[Vec<f32>],
     segments: Option<&[Vec<u32>]>,
     t: usize,
@@ -1411,7 +1436,7 @@ impl Attention {
         x: &Tensor,
         rope_tables: Option<&(Tensor, Tensor)>,
         mask: Option<&(AttnMask, Option<Tensor>)>,
-        cache: Option<&mut Option<LayerCache>>,
+        cache: Option<CacheSlot<'_>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -1445,12 +1470,18 @@ impl Attention {
             q = rope(&q, cos, sin)?;
             k = rope(&k, cos, sin)?;
         }
-        if let Some(slot) = cache {
-            (k, v) = LayerCache::append(slot, &k, &v)?;
-            // A bf16 cache (on a GPU under bf16): the products with it run in bf16 as autocast's
-            // would, scores and softmax in f32.
-            q = q.to_dtype(k.dtype())?;
+        match cache {
+            Some(CacheSlot::Grow(slot)) => (k, v) = LayerCache::append(slot, &k, &v)?,
+            Some(CacheSlot::Fixed { k: kb, v: vb, at }) => {
+                kb.scatter_set(at, &k.to_dtype(kb.dtype())?.contiguous()?, 2)?;
+                vb.scatter_set(at, &v.to_dtype(vb.dtype())?.contiguous()?, 2)?;
+                (k, v) = (kb.clone(), vb.clone());
+            }
+            None => {}
         }
+        // A bf16 cache (on a GPU under bf16): the products with it run in bf16 as autocast's
+        // would, scores and softmax in f32.
+        q = q.to_dtype(k.dtype())?;
         let tk = k.dim(2)?;
         // Grouped-query attention without copying K/V per head: the `rep` query heads that share a
         // KV head are stacked along the time axis (query head h uses KV head h / rep, as repeat_kv).

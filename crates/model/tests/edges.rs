@@ -241,3 +241,58 @@ fn a_bf16_sampling_loop_on_the_gpu_path_keeps_a_bf16_cache() {
         assert!(diff > 0.0, "{name}: the bf16 cache rounds keys and values");
     }
 }
+
+/// Fixed-shape decoding steps (the step a CUDA graph replays: keys and values written at a
+/// position read from the device, attention over the whole capacity under a mask) draw the
+/// growing cache's tokens with its log-probs, on every architecture, on the GPU's code path and
+/// with the CPU kernels, in f32 and (on the GPU's path) under bf16: a left-padded batch with a
+/// repeated prompt, draws at T > 0, sliding windows shorter than the sequences (Gemma), and rows
+/// that finish and leave the batch. Mixtures of experts keep the growing cache.
+#[test]
+fn fixed_shape_decoding_steps_draw_the_growing_caches_tokens() {
+    use preftune_model::decode_graph::{DecodeSteps, Force};
+    let prompts = vec![
+        vec![5u32, 9, 17, 3, 22],
+        vec![8, 14],
+        vec![5, 9, 17, 3, 22],
+        vec![30, 2, 7],
+    ];
+    let mut left = 0;
+    for name in common::MODELS {
+        let p = common::load(name);
+        let dense = p.model.cfg.moe.is_none();
+        // A quarter of the vocabulary ends a row: most rows finish, at different steps.
+        let eos: Vec<u32> = (0..p.model.cfg.vocab_size as u32 / 4).collect();
+        for (portable, bf16) in [(false, false), (true, false), (true, true)] {
+            let _portable = PortableScope::new(portable);
+            let _bf16 = preftune_model::ops::Bf16Scope::new(bf16);
+            let cfg = SamplingConfig {
+                max_new_tokens: 12,
+                min_new_tokens: 2,
+                temperature: 0.8,
+                seed: 4,
+                eos_token_ids: eos.clone(),
+                ..Default::default()
+            };
+            let run = |mode| {
+                let _mode = Force::new(mode);
+                generate(&p.model, &prompts, &cfg).unwrap()
+            };
+            let (grow, fixed) = (run(DecodeSteps::Growing), run(DecodeSteps::Fixed));
+            // Off a GPU, graphs mean the same fixed-shape steps, run eagerly.
+            assert_eq!(fixed.tokens, run(DecodeSteps::Graphs).tokens);
+            let what = format!("{name} (portable {portable}, bf16 {bf16})");
+            assert_eq!(grow.fixed_steps, 0, "{what}");
+            let steps = fixed.tokens.iter().map(Vec::len).max().unwrap() - 1;
+            assert_eq!(fixed.fixed_steps, if dense { steps } else { 0 }, "{what}");
+            assert_eq!(grow.tokens, fixed.tokens, "{what}");
+            assert_eq!(grow.decode_rows, fixed.decode_rows, "{what}");
+            for (a, b) in grow.logprobs.iter().zip(&fixed.logprobs) {
+                let tol = if bf16 { 2e-3 } else { 1e-4 };
+                assert!(common::max_abs_diff(a, b) < tol, "{what}: {a:?} {b:?}");
+            }
+            left += (fixed.decode_rows < steps * prompts.len()) as usize;
+        }
+    }
+    assert!(left > 0, "no row left a batch early");
+}

@@ -1,0 +1,467 @@
+//! Decoding steps of a fixed shape, replayed as CUDA graphs (`PREFTUNE_CUDA_GRAPHS=1`; see
+//! [`DecodeSteps`]).
+//!
+//! A decoding step launches a few hundred small kernels. On a GPU, for a small model or batch,
+//! the host's time to launch them, not the GPU's time to run them, sets the pace. A CUDA graph
+//! records a step once and replays it with a single launch, but only a step whose shapes and
+//! buffer addresses never change:
+//!
+//! - keys and values go to buffers of a fixed capacity, at a position the step reads from
+//!   device memory ([`CacheSlot::Fixed`]); attention reads the whole capacity, and the mask hides
+//!   what is not written yet;
+//! - every input (token ids, positions, RoPE tables, masks) is written into a buffer of its own
+//!   before the step, and the logits land in one.
+//!
+//! [`FixedDecode`] is that step. On a GPU the first step runs eagerly and is then captured; the
+//! following steps replay the capture. When rows leave the batch ([`FixedDecode::select`]), new
+//! buffers are made and the next step captures again. A capture that fails (an op that reads the
+//! host, say) is reported once, and the loop goes on with eager steps on the same buffers. On the
+//! CPU the steps run eagerly: that is how this code path is tested without a GPU.
+//!
+//! Mixture-of-experts layers route on the host, and quantised weights take candle's fallback
+//! products; such models decode as before ([`applies`]).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernels::AttnMask;
+use crate::model::{causal_padding_mask, round_to, CacheSlot, KvCache, LayerInputs, Model};
+
+/// How a sampling loop runs its decoding steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeSteps {
+    /// A KV cache that grows: every step has shapes of its own (the default).
+    Growing,
+    /// Fixed-shape steps, run eagerly (`PREFTUNE_CUDA_GRAPHS=fixed`): what a graph replays,
+    /// without the graph.
+    Fixed,
+    /// Fixed-shape steps replayed from CUDA graphs on a GPU (`PREFTUNE_CUDA_GRAPHS=1`); off a
+    /// GPU, as [`DecodeSteps::Fixed`].
+    Graphs,
+}
+
+thread_local! {
+    static FORCED: Cell<Option<DecodeSteps>> = const { Cell::new(None) };
+}
+
+/// This thread's [`DecodeSteps`]: [`Force`]'s, else `PREFTUNE_CUDA_GRAPHS` (`1` or `fixed`) from
+/// the environment. Graphs stay off by default until checked on a GPU.
+pub fn mode() -> DecodeSteps {
+    static ENV: OnceLock<DecodeSteps> = OnceLock::new();
+    FORCED.with(Cell::get).unwrap_or_else(|| {
+        *ENV.get_or_init(|| match std::env::var("PREFTUNE_CUDA_GRAPHS").as_deref() {
+            Ok("1") => DecodeSteps::Graphs,
+            Ok("fixed") => DecodeSteps::Fixed,
+            _ => DecodeSteps::Growing,
+        })
+    })
+}
+
+/// Whether sampling loops decode with fixed-shape steps ([`mode`]).
+pub fn enabled() -> bool {
+    mode() != DecodeSteps::Growing
+}
+
+/// While the guard lives, this thread's sampling loops run their steps as `mode` says, whatever
+/// the environment says.
+#[must_use = "applies only while the guard lives"]
+pub struct Force(Option<DecodeSteps>);
+
+impl Force {
+    pub fn new(mode: DecodeSteps) -> Self {
+        Force(FORCED.with(|c| c.replace(Some(mode))))
+    }
+}
+
+impl Drop for Force {
+    fn drop(&mut self) {
+        FORCED.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether `model` can decode with fixed-shape steps when they are [`enabled`]: dense layers,
+/// weights not kept quantised, and the same key/value shape in every layer.
+pub fn applies(model: &Model) -> bool {
+    let shapes = model.blocks.iter().map(|b| b.kv_shape());
+    let uniform = shapes.clone().all(|s| Some(s) == shapes.clone().next());
+    enabled() && model.cfg.moe.is_none() && !model.is_quantized() && uniform
+}
+
+static CAPTURES: AtomicU64 = AtomicU64::new(0);
+static REPLAYS: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// This process's CUDA graphs of decoding steps so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps recorded as a graph.
+    pub captures: u64,
+    /// Steps run by replaying one.
+    pub replays: u64,
+    /// Captures that failed (their loops went on with eager steps).
+    pub failed: u64,
+}
+
+pub fn stats() -> GraphStats {
+    GraphStats {
+        captures: CAPTURES.load(Ordering::Relaxed),
+        replays: REPLAYS.load(Ordering::Relaxed),
+        failed: FAILED.load(Ordering::Relaxed),
+    }
+}
+
+/// The buffers of a fixed-shape decoding step for a batch of `b` rows (see the module's text).
+pub(crate) struct FixedDecode {
+    b: usize,
+    cap: usize,
+    /// Positions written so far, the same in every row.
+    len: usize,
+    /// Per layer, keys and values `[B, KV heads, cap, Dh]`.
+    layers: Vec<(Tensor, Tensor)>,
+    /// `[B]` u32: each row's new token.
+    ids: Tensor,
+    /// `[B]` u32: each row's position (models with learned positions).
+    pos: Tensor,
+    /// `[B, KV heads, 1, Dh]` u32: where the new keys and values go (every entry `len`).
+    at: Tensor,
+    /// RoPE tables `[B, 1, 1, Dh/2]` of the full and the local (sliding-window) layers.
+    rope: [Option<(Tensor, Tensor)>; 2],
+    /// Additive masks `[B, 1, 1, cap]` of the full and the local layers.
+    mask: [Option<Tensor>; 2],
+    /// `[B, V]` f32: the step's logits.
+    out: Tensor,
+    #[cfg(feature = "cuda")]
+    graph: Graph,
+}
+
+#[cfg(feature = "cuda")]
+enum Graph {
+    /// Not captured yet: the next step captures.
+    None,
+    Ready(candle_core::cuda_backend::cudarc::driver::CudaGraph),
+    /// A capture failed: eager steps on the same buffers.
+    Failed,
+}
+
+impl FixedDecode {
+    /// Buffers of capacity `cap` holding what `cache` holds (one prefill's keys and values).
+    pub(crate) fn new(model: &Model, cache: &KvCache, cap: usize) -> Result<Self> {
+        let len = cache.len();
+        if model.blocks.is_empty() || cache.layers.len() != model.blocks.len() {
+            return Err(Error::Msg(
+                "fixed-shape decoding: the cache does not hold every layer".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(cache.layers.len());
+        for c in &cache.layers {
+            let c = c.as_ref().ok_or_else(|| {
+                Error::Msg("fixed-shape decoding: the cache does not hold every layer".into())
+            })?;
+            let fill = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = t.dims4()?;
+                let buf = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+                buf.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                Ok(buf)
+            };
+            layers.push((fill(&c.k)?, fill(&c.v)?));
+        }
+        Self::with_layers(model, layers, len, cap)
+    }
+
+    fn with_layers(
+        model: &Model,
+        layers: Vec<(Tensor, Tensor)>,
+        len: usize,
+        cap: usize,
+    ) -> Result<Self> {
+        let (b, kv_heads, _, head_dim) = layers[0].0.dims4()?;
+        if len >= cap {
+            return Err(Error::Msg(format!(
+                "fixed-shape decoding: {len} cached positions leave no room in {cap}"
+            )));
+        }
+        let dev = model.device();
+        let dtype = model.dtype();
+        let half = model.inv_freq.len();
+        let any_local = model.blocks.iter().any(|b| b.sliding);
+        let any_full = model.blocks.iter().any(|b| !b.sliding);
+        let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, dev);
+        let tables = || -> Result<(Tensor, Tensor)> {
+            Ok((
+                zeros(&[b, 1, 1, half], dtype)?,
+                zeros(&[b, 1, 1, half], dtype)?,
+            ))
+        };
+        let rope_local = any_local && model.inv_freq_local.is_some() && half > 0;
+        let mask = |on: bool| on.then(|| zeros(&[b, 1, 1, cap], dtype)).transpose();
+        Ok(FixedDecode {
+            b,
+            cap,
+            len,
+            ids: zeros(&[b], DType::U32)?,
+            pos: zeros(&[b], DType::U32)?,
+            at: zeros(&[b, kv_heads, 1, head_dim], DType::U32)?,
+            rope: [
+                (half > 0).then(tables).transpose()?,
+                rope_local.then(tables).transpose()?,
+            ],
+            mask: [mask(any_full)?, mask(any_local)?],
+            out: zeros(&[b, model.lm_head_weight().dim(0)?], DType::F32)?,
+            layers,
+            #[cfg(feature = "cuda")]
+            graph: Graph::None,
+        })
+    }
+
+    /// Keeps the batch rows `rows` (in that order) and forgets the first `drop` positions, as
+    /// [`KvCache::select`] does; the next step captures anew.
+    pub(crate) fn select(&mut self, model: &Model, rows: &[u32], drop: usize) -> Result<()> {
+        let keep = self.cap - drop;
+        let idx = Tensor::new(rows, model.device())?;
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.narrow(2, drop, keep)?
+                .contiguous()?
+                .index_select(&idx, 0)?
+                .contiguous()?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((pick(k)?, pick(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        *self = Self::with_layers(model, layers, self.len - drop, keep)?;
+        Ok(())
+    }
+
+    /// One decoding step: `ids` are the rows' new tokens, `positions` their positions, and `mask`
+    /// (`[B, len + 1]`, 1 = a real token) covers the cached positions and the new one. Returns
+    /// the logits `[B, V]` (f32) of the new tokens.
+    pub(crate) fn step(
+        &mut self,
+        model: &Model,
+        ids: &[u32],
+        mask: &[Vec<u32>],
+        positions: &[u32],
+    ) -> Result<Tensor> {
+        let b = self.b;
+        if ids.len() != b || positions.len() != b || mask.len() != b {
+            return Err(Error::Msg(format!(
+                "fixed-shape decoding: {} ids, {} positions and {} mask rows for {b} rows",
+                ids.len(),
+                positions.len(),
+                mask.len()
+            )));
+        }
+        if self.len >= self.cap || mask.iter().any(|r| r.len() != self.len + 1) {
+            return Err(Error::Msg(format!(
+                "fixed-shape decoding: the mask must cover {} positions of at most {}",
+                self.len + 1,
+                self.cap
+            )));
+        }
+        let inputs = self.write_inputs(model, ids, mask, positions)?;
+        self.advance(model, &inputs)?;
+        self.len += 1;
+        Ok(self.out.copy()?)
+    }
+
+    /// Writes this step's inputs into their buffers; returns what the layers read.
+    fn write_inputs(
+        &self,
+        model: &Model,
+        ids: &[u32],
+        mask: &[Vec<u32>],
+        positions: &[u32],
+    ) -> Result<LayerInputs> {
+        let (b, dev) = (self.b, model.device());
+        let put = |buf: &Tensor, value: Tensor| buf.slice_set(&value, 0, 0);
+        put(&self.ids, Tensor::new(ids, dev)?)?;
+        if model.wpe.is_some() {
+            if let Some(&p) = positions
+                .iter()
+                .find(|&&p| p as usize >= model.cfg.max_position_embeddings)
+            {
+                return Err(Error::Msg(format!(
+                    "position {p} exceeds the model's {} learned positions",
+                    model.cfg.max_position_embeddings
+                )));
+            }
+            put(&self.pos, Tensor::new(positions, dev)?)?;
+        }
+        let (_, kv_heads, _, head_dim) = self.at.dims4()?;
+        let at = vec![self.len as u32; b * kv_heads * head_dim];
+        put(
+            &self.at,
+            Tensor::from_vec(at, (b, kv_heads, 1, head_dim), dev)?,
+        )?;
+        let mut rope: [Option<(Tensor, Tensor)>; 2] = [None, None];
+        for (slot, inv_freq) in [Some(&model.inv_freq), model.inv_freq_local.as_ref()]
+            .into_iter()
+            .enumerate()
+        {
+            if let (Some(buf), Some(inv_freq)) = (&self.rope[slot], inv_freq) {
+                let (cos, sin) = model.rope_tables(inv_freq, positions, b, 1)?;
+                put(&buf.0, cos)?;
+                put(&buf.1, sin)?;
+                rope[slot] = Some(buf.clone());
+            }
+        }
+        // The unwritten positions count as padding; the new token's row sits at `cap - 1`, past
+        // every written position, and counts the real tokens as the growing cache's would.
+        let rows: Vec<Vec<f32>> = mask
+            .iter()
+            .map(|r| {
+                let mut row: Vec<f32> = r.iter().map(|&m| m as f32).collect();
+                row.resize(self.cap, 0.0);
+                row
+            })
+            .collect();
+        let mut masks: [Option<(AttnMask, Option<Tensor>)>; 2] = [None, None];
+        for (slot, window) in [None, model.cfg.sliding_window].into_iter().enumerate() {
+            let Some(buf) = &self.mask[slot] else {
+                continue;
+            };
+            let m = causal_padding_mask(&rows, None, 1, self.cap - 1, window)
+                .ok_or_else(|| Error::Msg("fixed-shape decoding: no mask".into()))?;
+            let t = Tensor::from_vec(m.data.to_vec(), (b, 1, 1, self.cap), dev)?
+                .to_dtype(model.dtype())?;
+            put(buf, t)?;
+            masks[slot] = Some((m, Some(buf.clone())));
+        }
+        let [rope_full, rope_local] = rope;
+        let [mask_full, mask_local] = masks;
+        let rope_local = rope_local.or_else(|| rope_full.clone());
+        Ok(LayerInputs {
+            full: (rope_full, mask_full),
+            local: (rope_local, mask_local),
+        })
+    }
+
+    /// The step proper: every op reads and writes the buffers only.
+    fn run(&self, model: &Model, inputs: &LayerInputs) -> Result<()> {
+        let (b, h) = (self.b, model.cfg.hidden_size);
+        let mut x = model.embed.index_select(&self.ids, 0)?.reshape((b, 1, h))?;
+        if let Some(scale) = model.cfg.embed_scale {
+            x = (x * round_to(scale, model.dtype()))?;
+        }
+        if let Some(wpe) = &model.wpe {
+            x = x.broadcast_add(&wpe.index_select(&self.pos, 0)?.reshape((b, 1, h))?)?;
+        }
+        for (block, (k, v)) in model.blocks.iter().zip(&self.layers) {
+            let (rope, mask) = inputs.get(block.sliding);
+            let at = &self.at;
+            x = block.forward(
+                &x,
+                rope,
+                mask,
+                Some(CacheSlot::Fixed { k, v, at }),
+                model.cfg.activation,
+            )?;
+        }
+        let hidden = model.final_norm(&x)?.squeeze(1)?;
+        let logits = model.logits(&hidden)?.to_dtype(DType::F32)?;
+        self.out.slice_set(&logits.contiguous()?, 0, 0)?;
+        Ok(())
+    }
+
+    /// Runs the step: eagerly off a GPU; on one, by replaying its graph (captured at the first
+    /// step, which runs eagerly).
+    fn advance(&mut self, model: &Model, inputs: &LayerInputs) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (candle_core::Device::Cuda(d), DecodeSteps::Graphs) = (model.device(), mode()) {
+            return self.advance_on(d, model, inputs);
+        }
+        self.run(model, inputs)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn advance_on(
+        &mut self,
+        d: &candle_core::CudaDevice,
+        model: &Model,
+        inputs: &LayerInputs,
+    ) -> Result<()> {
+        match &self.graph {
+            Graph::Ready(g) => {
+                g.launch().map_err(cuda_error)?;
+                REPLAYS.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Graph::Failed => return self.run(model, inputs),
+            Graph::None => {}
+        }
+        // This step's result comes from an eager run, made with candle's cache of small host
+        // uploads on: the capture then finds every kernel loaded, every bf16 weight copy made and
+        // every strided op's parameters on the device.
+        {
+            let _uploads = d.enable_cuda_graph_htod_cache();
+            self.run(model, inputs)?;
+        }
+        self.graph = match self.capture(d, model, inputs) {
+            Ok(g) => {
+                CAPTURES.fetch_add(1, Ordering::Relaxed);
+                Graph::Ready(g)
+            }
+            Err(e) => {
+                if FAILED.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("preftune: no CUDA graph for decoding ({e}); eager steps instead");
+                }
+                Graph::Failed
+            }
+        };
+        Ok(())
+    }
+
+    /// Records [`FixedDecode::run`] as a graph; nothing runs.
+    #[cfg(feature = "cuda")]
+    fn capture(
+        &self,
+        d: &candle_core::CudaDevice,
+        model: &Model,
+        inputs: &LayerInputs,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = d.cuda_stream();
+        let ctx = stream.context().clone();
+        let _uploads = d.enable_cuda_graph_htod_cache();
+        // SAFETY: candle runs all of a device's work on this one stream, so the events that
+        // tracking records and waits on order the stream after itself only, and a capture may not
+        // wait on events recorded outside it. The buffers made while capturing (the step's
+        // temporaries) are freed inside the capture; tracking is back on before anything else.
+        unsafe { ctx.disable_event_tracking() };
+        let ran = stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_error)
+            .map(|()| self.run(model, inputs));
+        let graph = match ran {
+            Ok(ran) => {
+                let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                ran.and(ended.map_err(cuda_error))
+            }
+            Err(e) => Err(e),
+        };
+        // SAFETY: as above; buffers made from here on are tracked again.
+        unsafe { ctx.enable_event_tracking() };
+        match graph {
+            Ok(Some(g)) => {
+                g.upload().map_err(cuda_error)?;
+                Ok(g)
+            }
+            Ok(None) => Err(Error::Msg("the capture recorded nothing".into())),
+            Err(e) => {
+                // Frees of a failed capture's temporaries may have left an error behind.
+                let _ = ctx.check_err();
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_error(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> Error {
+    Error::Msg(format!("CUDA: {e}"))
+}
