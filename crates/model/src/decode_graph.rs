@@ -84,11 +84,16 @@ impl Drop for Force {
 }
 
 /// Whether `model` can decode with fixed-shape steps when they are [`enabled`]: dense layers,
-/// weights not kept quantised, and the same key/value shape in every layer.
+/// weights not kept quantised, the same key/value shape in every layer, and no LoRA dropout
+/// drawing (a replay would repeat one step's masks).
 pub fn applies(model: &Model) -> bool {
     let shapes = model.blocks.iter().map(|b| b.kv_shape());
     let uniform = shapes.clone().all(|s| Some(s) == shapes.clone().next());
-    enabled() && model.cfg.moe.is_none() && !model.is_quantized() && uniform
+    enabled()
+        && model.cfg.moe.is_none()
+        && !model.is_quantized()
+        && uniform
+        && model.lora_dropout.snapshot().is_none()
 }
 
 static CAPTURES: AtomicU64 = AtomicU64::new(0);

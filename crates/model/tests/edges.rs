@@ -295,4 +295,16 @@ fn fixed_shape_decoding_steps_draw_the_growing_caches_tokens() {
         }
     }
     assert!(left > 0, "no row left a batch early");
+    // While LoRA dropout draws masks (a training step's passes), a replay would repeat one
+    // step's masks: such loops keep the growing cache.
+    let p = common::load("tiny-llama");
+    p.model.set_lora_dropout_seed(Some(1));
+    let _mode = Force::new(DecodeSteps::Fixed);
+    let cfg = SamplingConfig {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    assert_eq!(generate(&p.model, &prompts, &cfg).unwrap().fixed_steps, 0);
+    p.model.set_lora_dropout_seed(None);
+    assert_eq!(generate(&p.model, &prompts, &cfg).unwrap().fixed_steps, 3);
 }
