@@ -11,7 +11,7 @@
 //! The keys and values of the last few prompts prefilled alone are kept: sequences whose prompts
 //! start the same way as one of them (a system prompt, 16 tokens or more) copy those positions
 //! and run only the rest.
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
@@ -243,7 +243,8 @@ impl Batcher {
         }
         let hidden = self.model.forward(
             &Tensor::from_vec(ids, (b, t - shared), &dev)?,
-            Some(&Tensor::from_vec(mask.concat(), (b, t), &dev)?),
+            // Masks and positions are read on the host by the forward pass.
+            Some(&Tensor::from_vec(mask.concat(), (b, t), &Device::Cpu)?),
             None,
             Some(&mut cache),
         )?;
@@ -355,8 +356,8 @@ impl Batcher {
         let w = self.width();
         let hidden = self.model.forward(
             &Tensor::from_vec(tokens, (b, 1), &dev)?,
-            Some(&Tensor::from_vec(mask, (b, w), &dev)?),
-            Some(&Tensor::from_vec(pos, (b, 1), &dev)?),
+            Some(&Tensor::from_vec(mask, (b, w), &Device::Cpu)?),
+            Some(&Tensor::from_vec(pos, (b, 1), &Device::Cpu)?),
             Some(&mut self.cache),
         )?;
         let logits = self

@@ -160,10 +160,14 @@ pub fn generate_on(
     let _packed = crate::ops::PackedWeights::new();
     let dev = model.device().clone();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let to_tensor = |rows: &[Vec<u32>]| -> Result<Tensor> {
+    let on = |rows: &[Vec<u32>], dev: &candle_core::Device| -> Result<Tensor> {
         let cols = rows.first().map_or(0, Vec::len);
-        Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), &dev)?)
+        Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), dev)?)
     };
+    let to_tensor = |rows: &[Vec<u32>]| on(rows, &dev);
+    // Masks and positions stay on the host: the forward pass reads them there (on a GPU, a copy
+    // up and one back down per step otherwise).
+    let host = |rows: &[Vec<u32>]| on(rows, &candle_core::Device::Cpu);
     let mut cache = KvCache::new(model.cfg.num_layers);
     // Without the cache every step reruns the whole batch: the reference the cached path is
     // checked against, so it keeps every row and pads finished ones.
@@ -219,7 +223,7 @@ pub fn generate_on(
     let mut suppress_eos: Option<Tensor> = None;
     let hidden = model.forward(
         &to_tensor(&ids)?,
-        Some(&to_tensor(&mask)?),
+        Some(&host(&mask)?),
         None,
         cfg.use_cache.then_some(&mut cache),
     )?;
@@ -340,15 +344,10 @@ pub fn generate_on(
         let hidden = if cfg.use_cache {
             let rows = slots.len();
             let step_ids = Tensor::from_vec(new_col, (rows, 1), &dev)?;
-            let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &dev)?;
-            model.forward(
-                &step_ids,
-                Some(&to_tensor(&mask)?),
-                Some(&pos),
-                Some(&mut cache),
-            )?
+            let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &candle_core::Device::Cpu)?;
+            model.forward(&step_ids, Some(&host(&mask)?), Some(&pos), Some(&mut cache))?
         } else {
-            model.forward(&to_tensor(&ids)?, Some(&to_tensor(&mask)?), None, None)?
+            model.forward(&to_tensor(&ids)?, Some(&host(&mask)?), None, None)?
         };
         out.decode_rows += slots.len();
         next_pos.iter_mut().for_each(|p| *p += 1);

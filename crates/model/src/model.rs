@@ -1095,7 +1095,8 @@ impl Model {
     ///
     /// `attention_mask` (`[B, past + T]`, 1 = real token) covers cached and new positions;
     /// `None` means no padding. `position_ids` (`[B, T]`) default to `cumsum(mask) - 1` clamped at 0,
-    /// the left-padding convention of transformers.
+    /// the left-padding convention of transformers. Both are read on the host: on any device
+    /// they can live on the CPU, which spares a GPU a copy each way.
     pub fn forward(
         &self,
         input_ids: &Tensor,
