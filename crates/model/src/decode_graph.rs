@@ -14,8 +14,9 @@
 //!
 //! [`FixedDecode`] is that step. On a GPU the first step runs eagerly and is then captured; the
 //! following steps replay the capture. When rows leave the batch ([`FixedDecode::select`]), new
-//! buffers are made and the next step captures again. A capture that fails (an op that reads the
-//! host, say) is reported once, and the loop goes on with eager steps on the same buffers. On the
+//! buffers are made and the next step captures again. A capture or replay that fails (an op that
+//! reads the host, say) is reported once, and the loop goes on with eager steps on the same
+//! buffers. On the
 //! CPU the steps run eagerly: that is how this code path is tested without a GPU.
 //!
 //! Mixture-of-experts layers route on the host, and quantised weights take candle's fallback
@@ -107,7 +108,7 @@ pub struct GraphStats {
     pub captures: u64,
     /// Steps run by replaying one.
     pub replays: u64,
-    /// Captures that failed (their loops went on with eager steps).
+    /// Graphs given up on, at capture or at a replay (their loops went on with eager steps).
     pub failed: u64,
 }
 
@@ -391,11 +392,17 @@ impl FixedDecode {
         inputs: &LayerInputs,
     ) -> Result<()> {
         match &self.graph {
-            Graph::Ready(g) => {
-                g.launch().map_err(cuda_error)?;
-                REPLAYS.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
+            Graph::Ready(g) => match g.launch() {
+                Ok(()) => {
+                    REPLAYS.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    give_up(&format!("a replay failed: {e}"));
+                    self.graph = Graph::Failed;
+                    return self.run(model, inputs);
+                }
+            },
             Graph::Failed => return self.run(model, inputs),
             Graph::None => {}
         }
@@ -412,9 +419,7 @@ impl FixedDecode {
                 Graph::Ready(g)
             }
             Err(e) => {
-                if FAILED.fetch_add(1, Ordering::Relaxed) == 0 {
-                    eprintln!("preftune: no CUDA graph for decoding ({e}); eager steps instead");
-                }
+                give_up(&format!("the capture failed: {e}"));
                 Graph::Failed
             }
         };
@@ -463,6 +468,14 @@ impl FixedDecode {
                 Err(e)
             }
         }
+    }
+}
+
+/// Counts a graph given up on, and says why the first time.
+#[cfg(feature = "cuda")]
+fn give_up(why: &str) {
+    if FAILED.fetch_add(1, Ordering::Relaxed) == 0 {
+        eprintln!("preftune: decoding goes on without CUDA graphs: {why}");
     }
 }
 
