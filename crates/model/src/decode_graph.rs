@@ -16,8 +16,7 @@
 //! following steps replay the capture. When rows leave the batch ([`FixedDecode::select`]), new
 //! buffers are made and the next step captures again. A capture or replay that fails (an op that
 //! reads the host, say) is reported once, and the loop goes on with eager steps on the same
-//! buffers. On the
-//! CPU the steps run eagerly: that is how this code path is tested without a GPU.
+//! buffers. On the CPU the steps run eagerly: that is how this code path is tested without a GPU.
 //!
 //! Mixture-of-experts layers route on the host, and quantised weights take candle's fallback
 //! products; such models decode as before ([`applies`]).
