@@ -233,6 +233,34 @@ for bf in ("f32", "bf16"):
 sys.exit(0 if ok_all else 1)
 PY
 }
+# Greedy decoding, 64 tokens in f32, with preftune's CUDA kernels (PREFTUNE_CUDA_KERNELS=1: the
+# decoding attention kernel reads the cache in place), on the growing cache and with CUDA graphs,
+# against the composed ops: the same tokens, log-probs within 1e-3.
+greedy_kernels() {
+    local shape=$1
+    for run in "0 0" "1 0" "1 1"; do
+        set -- $run
+        PREFTUNE_CUDA_KERNELS=$1 PREFTUNE_CUDA_GRAPHS=$2 "$BIN" --device $DEVICE generate \
+            --model "$work/$shape" --prompt "The movie was good and the actors" --temperature 0 \
+            --max-new-tokens 64 --min-new-tokens 64 > "$work/kernels-$1$2.json" 2> "$work/kernels-$1$2.err" \
+            || { cat "$work/kernels-$1$2.err" >&2; return 1; }
+    done
+    $PY - "$work" "$shape" <<'PY'
+import json, sys
+work, shape = sys.argv[1], sys.argv[2]
+base = json.load(open(f"{work}/kernels-00.json"))
+ok_all = True
+for run, name in (("10", "growing cache"), ("11", "cuda graphs")):
+    got = json.load(open(f"{work}/kernels-{run}.json"))
+    same = next((i for i, (x, y) in enumerate(zip(base["ids"], got["ids"])) if x != y), None)
+    lp = max((abs(x - y) for x, y in zip(base["logprobs"], got["logprobs"])), default=0.0)
+    ok = got["ids"] == base["ids"] and len(got["ids"]) == 64 and lp < 1e-3
+    ok_all &= ok
+    print(json.dumps({"check": "greedy-decode-kernel", "model": shape, "steps": name, "ok": ok,
+                      "first_difference": same, "max_logprob_diff": lp}))
+sys.exit(0 if ok_all else 1)
+PY
+}
 # Sampling at T=0.9 on the GPU, drawing on the device (the default there) and on the host: the
 # same logits, so the same 64 tokens unless a draw lands within rounding of a block's edge.
 draws() {
@@ -486,6 +514,7 @@ want steps && has smollm2-135m && steps_for smollm2-135m
 if want kernels && has smollm2-135m; then
     KERNELS=1 check step-sft-kernels-smollm2-135m step_pair sft smollm2-135m --set max_length=128
     KERNELS=1 check step-dpo-kernels-smollm2-135m step_pair dpo smollm2-135m
+    check greedy-kernels-smollm2-135m greedy_kernels smollm2-135m
     # LoRA on every linear with dropout: the fused delta and the dropout kernel on the GPU.
     KERNELS=1 check step-dpo-lora-kernels-smollm2-135m step_pair dpo smollm2-135m \
         --set use_peft=true --set 'lora_target_modules=["all-linear"]' --set lora_dropout=0.1

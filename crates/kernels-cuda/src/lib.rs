@@ -9,6 +9,7 @@
 //! | RoPE | `rope` (backward: the same with `-sin`) | [`elementwise`] over `rows * dh / 2` |
 //! | log-softmax + gather | `lse_gather`, `lse_gather_bwd` | [`per_row`], [`elementwise`] over `rows * V` |
 //! | attention in tiles | `flash_fwd`, `flash_bwd_dq`, `flash_bwd_dkdv`, per head size | [`flash_rows`], [`flash_rows`], [`flash_keys`] |
+//! | attention of a decoding step (no backward; f32 and bf16) | `flash_decode` per head size, then `flash_decode_combine` | [`flash_decode`], [`flash_decode_combine`] |
 //! | LoRA dropout | `dropout` (`preftune-kernels`' `rng` bits; its own backward) | [`elementwise`] |
 //! | AdamW, in place | `adamw_ema` (each moment), `adamw_param` (`preftune-kernels`' `adamw` bits) | [`elementwise`] |
 //!
@@ -76,6 +77,10 @@ pub enum Kernel {
     FlashFwdTc,
     FlashBwdDqTc,
     FlashBwdDkdvTc,
+    /// A decoding step's attention in key chunks (flash-decoding), per head size; f32 and bf16.
+    FlashDecode,
+    /// Merges [`Kernel::FlashDecode`]'s partial results.
+    FlashDecodeCombine,
     /// Inverted dropout with a mask from a counter-based stream (forward and backward).
     Dropout,
     /// AdamW's moment update in place (f32 only).
@@ -101,6 +106,8 @@ impl Kernel {
             Kernel::FlashFwdTc => "flash_fwd_tc",
             Kernel::FlashBwdDqTc => "flash_bwd_dq_tc",
             Kernel::FlashBwdDkdvTc => "flash_bwd_dkdv_tc",
+            Kernel::FlashDecode => "flash_decode",
+            Kernel::FlashDecodeCombine => "flash_decode_combine",
             Kernel::Dropout => "dropout",
             Kernel::AdamwEma => "adamw_ema",
             Kernel::AdamwParam => "adamw_param",
@@ -178,6 +185,42 @@ pub fn flash_keys(bg: usize, tk: usize) -> Launch {
         grid: to_u32(tk.div_ceil(FLASH_BK).max(1)),
         grid_y: to_u32(bg.max(1)),
         block: FLASH_BK as u32,
+    }
+}
+
+/// Query heads a KV group at most for the decoding attention kernel (src/cuda/decode.cuh:
+/// `DECODE_RMAX`), and its head sizes.
+pub const DECODE_MAX_REP: usize = 8;
+pub const DECODE_HEAD_SIZES: [usize; 4] = [32, 64, 96, 128];
+/// Warps a block of the decoding attention kernel (`DECODE_WARPS`): a chunk is a multiple.
+const DECODE_WARPS: usize = 4;
+/// Blocks a decoding attention launch aims for: several per SM of the largest GPUs.
+const DECODE_BLOCKS: usize = 1024;
+/// Keys a block of the decoding attention kernel takes at least.
+const DECODE_MIN_CHUNK: usize = 64;
+
+/// The decoding attention kernel over `bg` groups of `tk` keys, and the keys each block takes
+/// (its `chunk`): enough blocks to fill a GPU when the batch is small, chunks of at least 64 keys.
+pub fn flash_decode(bg: usize, tk: usize) -> (Launch, u32) {
+    let tk = tk.max(1);
+    let splits = DECODE_BLOCKS
+        .div_ceil(bg.max(1))
+        .clamp(1, tk.div_ceil(DECODE_MIN_CHUNK));
+    let chunk = tk.div_ceil(splits).div_ceil(DECODE_WARPS) * DECODE_WARPS;
+    let launch = Launch {
+        grid: to_u32(tk.div_ceil(chunk)),
+        grid_y: to_u32(bg.max(1)),
+        block: (DECODE_WARPS * 32) as u32,
+    };
+    (launch, to_u32(chunk))
+}
+
+/// The decoding attention's combine kernel over `rows` query rows (one block a row).
+pub fn flash_decode_combine(rows: usize) -> Launch {
+    Launch {
+        grid: to_u32(rows.max(1)),
+        grid_y: 1,
+        block: 64,
     }
 }
 
@@ -286,6 +329,17 @@ mod tests {
                 grid_y: 6,
                 block: 32
             }
+        );
+        // A small batch splits its keys over many blocks; a large one takes them whole.
+        let (l, chunk) = flash_decode(6, 1000);
+        assert_eq!((l.grid, l.grid_y, l.block, chunk), (16, 6, 128, 64));
+        let (l, chunk) = flash_decode(4096, 301);
+        assert_eq!((l.grid, chunk), (1, 304));
+        let (l, chunk) = flash_decode(64, 150);
+        assert_eq!((l.grid, chunk), (3, 52));
+        assert_eq!(
+            Kernel::FlashDecode.name_for_head(Dtype::Bf16, 128),
+            "flash_decode_bf16_d128"
         );
         assert_eq!(
             Kernel::FlashBwdDq.name_for_head(Dtype::F32, 64),

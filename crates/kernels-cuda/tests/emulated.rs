@@ -1159,3 +1159,233 @@ fn flash_attention_in_bf16_stays_within_bf16_rounding() {
         }
     }
 }
+
+/// The decoding attention kernels of one element type and head size.
+macro_rules! decode_ffi {
+    ($t:ty, $decode:ident, $combine:ident) => {
+        extern "C" {
+            fn $decode(
+                q: *const $t,
+                k: *const $t,
+                v: *const $t,
+                mask: *const $t,
+                limit: *const u32,
+                part_o: *mut f32,
+                part_ml: *mut f32,
+                r: u32,
+                tk: u32,
+                groups: u32,
+                kv_stride: u64,
+                chunk: u32,
+                scale: f64,
+            );
+            fn $combine(
+                part_o: *const f32,
+                part_ml: *const f32,
+                out: *mut $t,
+                splits: u32,
+                dh: u32,
+            );
+        }
+    };
+}
+decode_ffi!(f32, flash_decode_f32_d64, flash_decode_combine_f32);
+decode_ffi!(bf16, flash_decode_bf16_d128, flash_decode_combine_bf16);
+extern "C" {
+    fn flash_decode_f32_d32(
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        mask: *const f32,
+        limit: *const u32,
+        part_o: *mut f32,
+        part_ml: *mut f32,
+        r: u32,
+        tk: u32,
+        groups: u32,
+        kv_stride: u64,
+        chunk: u32,
+        scale: f64,
+    );
+}
+
+/// A decoding step's attention: `b` rows of `g` KV groups with `r` query heads each, over keys
+/// in a cache buffer of capacity `cap` (`kv_stride = cap * dh`) of which the first `tk` count, or
+/// those up to `limit`; an additive `[b, tk]` mask with padding.
+struct Decode {
+    b: usize,
+    g: usize,
+    r: usize,
+    tk: usize,
+    cap: usize,
+    dh: usize,
+    limit: Option<u32>,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    mask: Option<Vec<f64>>,
+    scale: f64,
+}
+
+impl Decode {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        seed: u64,
+        (b, g, r, tk, cap, dh): (usize, usize, usize, usize, usize, usize),
+        masked: bool,
+        limit: Option<u32>,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let q = randn(&mut rng, b * g * r * dh);
+        // Past the counted keys, NaN: the kernel must not read them.
+        let n = limit.map_or(tk, |l| tk.min(l as usize + 1));
+        let mut kv = |rng: &mut StdRng| -> Vec<f64> {
+            let mut x = randn(rng, b * g * cap * dh);
+            for (i, x) in x.iter_mut().enumerate() {
+                if (i / dh) % cap >= n {
+                    *x = f64::NAN;
+                }
+            }
+            x
+        };
+        let (k, v) = (kv(&mut rng), kv(&mut rng));
+        // Left padding of a different length in each row (never the whole row), at -1e9 as the
+        // model masks.
+        let mask = masked.then(|| {
+            (0..b * tk)
+                .map(|i| {
+                    if i % tk < (3 * (i / tk)).min(tk - 1) {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        });
+        Decode {
+            b,
+            g,
+            r,
+            tk,
+            cap,
+            dh,
+            limit,
+            q,
+            k,
+            v,
+            mask,
+            scale: 1.0 / (dh as f64).sqrt(),
+        }
+    }
+
+    /// The output `[b * g * r, dh]` written out in f64 from `cv`-rounded inputs.
+    fn reference(&self, cv: impl Fn(f64) -> f64) -> Vec<f64> {
+        let (dh, n) = (
+            self.dh,
+            self.limit.map_or(self.tk, |l| self.tk.min(l as usize + 1)),
+        );
+        let mut out = vec![0.0; self.b * self.g * self.r * dh];
+        for bg in 0..self.b * self.g {
+            for r in 0..self.r {
+                let qr: Vec<f64> = (0..dh)
+                    .map(|d| cv(self.q[(bg * self.r + r) * dh + d]))
+                    .collect();
+                let key = |j: usize, x: &[f64], d: usize| cv(x[(bg * self.cap + j) * dh + d]);
+                let s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dot: f64 = (0..dh).map(|d| qr[d] * key(j, &self.k, d)).sum();
+                        let m = self
+                            .mask
+                            .as_ref()
+                            .map_or(0.0, |m| cv(m[(bg / self.g) * self.tk + j]));
+                        dot * self.scale + m
+                    })
+                    .collect();
+                let mx = s.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..dh {
+                    out[(bg * self.r + r) * dh + d] =
+                        (0..n).map(|j| e[j] * key(j, &self.v, d)).sum::<f64>() / sum;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Runs the two decoding kernels on `a` in `$t` and returns the output as f64.
+macro_rules! run_decode {
+    ($a:expr, $t:ty, $decode:ident, $combine:ident) => {{
+        let a: &Decode = $a;
+        let cv = |v: &[f64]| -> Vec<$t> { v.iter().map(|&x| <$t>::of(x)).collect() };
+        let (q, k, v) = (cv(&a.q), cv(&a.k), cv(&a.v));
+        let mask = a.mask.as_ref().map(|m| cv(m));
+        let limit = a.limit.map(|l| vec![l]);
+        let bg = a.b * a.g;
+        let (l, chunk) = preftune_kernels_cuda::flash_decode(bg, a.tk);
+        let splits = l.grid as usize;
+        let mut part_o = vec![f32::NAN; bg * a.r * splits * a.dh];
+        let mut part_ml = vec![f32::NAN; bg * a.r * splits * 2];
+        let mut out = vec![<$t>::of(f64::NAN); bg * a.r * a.dh];
+        let (qp, kp, vp) = (p(&q), p(&k), p(&v));
+        let mp = mask.as_ref().map_or(0, |m| p(m));
+        let lp = limit.as_ref().map_or(0, |m| p(m));
+        let (pop, pmp) = (pm(&mut part_o), pm(&mut part_ml));
+        let (r, tk, g, stride) = (a.r as u32, a.tk as u32, a.g as u32, (a.cap * a.dh) as u64);
+        run!(
+            l,
+            $decode(
+                qp as _, kp as _, vp as _, mp as _, lp as _, pop as _, pmp as _, r, tk, g, stride,
+                chunk, a.scale
+            )
+        );
+        let op = pm(&mut out);
+        run!(
+            preftune_kernels_cuda::flash_decode_combine(bg * a.r),
+            $combine(pop as _, pmp as _, op as _, splits as u32, a.dh as u32)
+        );
+        (out.iter().map(|&x| x.f64()).collect::<Vec<f64>>(), splits)
+    }};
+}
+
+/// A decoding step's attention in f32 against the f64 reference: a small batch whose keys split
+/// over several blocks (one chunk partly past the keys), a batch of one chunk, a group of one
+/// head and one of eight, padding masks, and keys read from a larger cache buffer in place, up to
+/// `limit` (the keys past it are NaN, so reading one would show).
+#[test]
+fn decoding_attention_matches_the_written_out_reference() {
+    for (shape, masked, limit) in [
+        ((2, 3, 3, 150, 160, 64), true, None),
+        ((1, 2, 8, 300, 300, 64), true, Some(211)),
+        ((40, 8, 1, 70, 90, 64), false, None),
+        ((3, 1, 4, 5, 5, 32), true, None),
+    ] {
+        let a = Decode::new(12, shape, masked, limit);
+        let want = a.reference(|x| x as f32 as f64);
+        let (got, splits) = match a.dh {
+            32 => run_decode!(&a, f32, flash_decode_f32_d32, flash_decode_combine_f32),
+            _ => run_decode!(&a, f32, flash_decode_f32_d64, flash_decode_combine_f32),
+        };
+        let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let d = max_diff(&got, &want) / scale;
+        assert!(
+            d < 1e-5,
+            "{shape:?}: differs by {d} relative ({splits} splits)"
+        );
+        if shape.0 * shape.1 < 10 && shape.3 > 128 {
+            assert!(splits > 1, "{shape:?}: keys in one block");
+        }
+    }
+}
+
+/// bf16 inputs (a bf16 KV cache), head size 128, f32 sums: within bf16's rounding of the output.
+#[test]
+fn decoding_attention_in_bf16() {
+    let a = Decode::new(13, (2, 2, 4, 200, 256, 128), true, Some(180));
+    let want = a.reference(|x| bf16::from_f64(x).to_f64());
+    let (got, _) = run_decode!(&a, bf16, flash_decode_bf16_d128, flash_decode_combine_bf16);
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let d = max_diff(&got, &want) / scale;
+    assert!(d < 8e-3, "differs by {d} relative");
+}

@@ -564,6 +564,84 @@ pub(crate) fn flash_fwd(
     })
 }
 
+/// A decoding step's attention ([`crate::flash::flash_decode`]): the partial states of each
+/// block of keys, then their merge into the output `[bg, r, dh]`.
+pub(crate) fn flash_decode(
+    (q, lq): (&CudaStorage, &Layout),
+    (k, lk): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    limit: Option<(&CudaStorage, &Layout)>,
+    d: FlashDims,
+    scale: f64,
+) -> Result<CudaStorage> {
+    let op = "flash-decode";
+    let dev = &q.device;
+    let built = matches!(q.dtype(), DType::F32 | DType::BF16);
+    if !built || !kc::DECODE_HEAD_SIZES.contains(&d.dh) || d.r > kc::DECODE_MAX_REP || d.bg > 65535
+    {
+        return Err(Error::Msg(format!("{op}: no kernel for {d:?}")));
+    }
+    let stride = match (
+        crate::flash::kv_group_stride(lk),
+        crate::flash::kv_group_stride(lv),
+    ) {
+        (Some(a), Some(b)) if a == b => a,
+        _ => return Err(shapes_error(op, [lq, lk, lv])),
+    };
+    let (r, _, tk, g) = d.u32s()?;
+    let (launch, chunk) = kc::flash_decode(d.bg, d.tk);
+    let splits = launch.grid as usize;
+    let lim = limit.map(|(s, l)| view::<u32>(s, l, op)).transpose()?;
+    by_dtype!(q.dtype(), op, |T| {
+        // From each view's first element to its last group's last key.
+        let span = (d.bg - 1) * stride + d.tk * d.dh;
+        let (qv, kv_k, kv_v) = (
+            input::<T>(q, lq, op)?,
+            kv_rows::<T>(k, lk, span, op)?,
+            kv_rows::<T>(v, lv, span, op)?,
+        );
+        let mv = mask_arg::<T>(mask, op)?;
+        // SAFETY: every block writes the partials of its split for each of its group's rows.
+        let mut part_o = unsafe { dev.alloc::<f32>(d.bg * d.r * splits * d.dh) }?;
+        // SAFETY: as above.
+        let mut part_ml = unsafe { dev.alloc::<f32>(d.bg * d.r * splits * 2) }?;
+        let name = Kernel::FlashDecode.name_for_head(T::KIND, d.dh);
+        let stride = stride as u64;
+        match (&mv, &lim) {
+            (Some(m), Some(l)) => launch!(dev, name, launch; &qv, &kv_k, &kv_v, m, l,
+                &mut part_o, &mut part_ml, &r, &tk, &g, &stride, &chunk, &scale),
+            (Some(m), None) => launch!(dev, name, launch; &qv, &kv_k, &kv_v, m, &0u64,
+                &mut part_o, &mut part_ml, &r, &tk, &g, &stride, &chunk, &scale),
+            (None, Some(l)) => launch!(dev, name, launch; &qv, &kv_k, &kv_v, &0u64, l,
+                &mut part_o, &mut part_ml, &r, &tk, &g, &stride, &chunk, &scale),
+            (None, None) => launch!(dev, name, launch; &qv, &kv_k, &kv_v, &0u64, &0u64,
+                &mut part_o, &mut part_ml, &r, &tk, &g, &stride, &chunk, &scale),
+        }
+        // SAFETY: the combine kernel writes every row's `dh` outputs.
+        let mut out = unsafe { dev.alloc::<T>(d.bg * d.r * d.dh) }?;
+        let (splits, dh) = (u32_of(splits, "splits")?, u32_of(d.dh, "dh")?);
+        launch!(dev, Kernel::FlashDecodeCombine.name(T::KIND), kc::flash_decode_combine(d.bg * d.r);
+            &part_o, &part_ml, &mut out, &splits, &dh);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// The `span` elements of `s` from `l`'s first one: keys or values read in place.
+fn kv_rows<'a, T: Elem>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    span: usize,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    let all = s.as_cuda_slice::<T>()?;
+    let start = l.start_offset();
+    if start + span > all.len() {
+        return Err(Error::Msg(format!("{op}: keys past their buffer")));
+    }
+    Ok(all.slice(start..start + span))
+}
+
 /// Attention backward: `dq`, `dk`, `dv` flattened one after another.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn flash_bwd(

@@ -145,6 +145,134 @@ fn apply(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// Elements between consecutive KV groups of keys or values `[B, G, tk, dh]` laid out as a KV
+/// cache buffer read in place (rows of `dh` contiguous, groups evenly spaced, batch rows after
+/// one another), or `None` for another layout.
+pub fn kv_group_stride(l: &Layout) -> Option<usize> {
+    let [b, g, tk, dh] = *l.dims() else {
+        return None;
+    };
+    let st = l.stride();
+    // Size-1 dimensions may carry any stride.
+    let gs = if g > 1 { st[1] } else { st[0] };
+    let gs = if b * g > 1 { gs } else { tk * dh };
+    let ok = (dh == 1 || st[3] == 1)
+        && (tk == 1 || st[2] == dh)
+        && (b == 1 || g == 1 || st[0] == g * gs)
+        && gs >= tk * dh;
+    ok.then_some(gs)
+}
+
+/// A decoding step's attention (one new position a row, outside autograd) on a GPU with
+/// preftune's kernels: `q` `[B, G, rep, dh]` over keys and values `[B, G, tk, dh]` read in place
+/// (a cache buffer's view, [`kv_group_stride`]), with an additive `mask` (`[B, 1, 1, tk]`),
+/// and, given `limit` (u32; its first value), only the keys up to that position (a fixed-shape
+/// step's written ones). The query heads of a group read its keys once, split over blocks
+/// (flash-decoding). Output `[B, G, rep, dh]` in `q`'s dtype. No backward.
+pub fn flash_decode(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    limit: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, groups, r, dh) = q.dims4()?;
+    let (_, _, tk, _) = k.dims4()?;
+    if k.dims() != [b, groups, tk, dh] || v.dims() != k.dims() || b * groups * r * tk == 0 {
+        return Err(Error::Msg(format!(
+            "flash_decode: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let mask = match mask {
+        Some(m) if m.elem_count() != b * tk => {
+            return Err(Error::Msg(format!(
+                "flash_decode: mask {:?} for [{b}, {tk}]",
+                m.dims()
+            )))
+        }
+        Some(m) => Some(m.to_dtype(q.dtype())?.reshape((b, tk))?.contiguous()?),
+        None => None,
+    };
+    let op = FlashDecode {
+        dims: Dims {
+            bg: b * groups,
+            groups,
+            r,
+            t: 1,
+            tk,
+            dh,
+        },
+        scale,
+        mask,
+        limit: limit.map(|l| l.flatten_all()).transpose()?,
+    };
+    q.contiguous()?.apply_op3_no_bwd(k, v, &op)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashDecode {
+    dims: Dims,
+    scale: f64,
+    mask: Option<Tensor>,
+    limit: Option<Tensor>,
+}
+
+impl CustomOp3 for FlashDecode {
+    fn name(&self) -> &'static str {
+        "preftune-flash-decode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Err(Error::Msg(
+            "flash_decode runs on a GPU (the CPU has its own decoding kernels)".into(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let m = self.mask.as_ref().map(Tensor::storage_and_layout);
+        let lim = self.limit.as_ref().map(Tensor::storage_and_layout);
+        let mask = match &m {
+            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
+            None => None,
+        };
+        let limit = match &lim {
+            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
+            None => None,
+        };
+        let out = crate::cuda_kernels::flash_decode(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            mask,
+            limit,
+            self.dims,
+            self.scale,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// Whether the tensor-core kernels take `q`'s dtype at head size `dh` on its device (a GPU of
 /// compute capability 8.0 or newer, with kernels built for it).
 fn tensor_cores_apply(q: &Tensor, dh: usize) -> bool {
@@ -471,6 +599,26 @@ use preftune_kernels::flash::Problem;
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The decoding kernel reads keys in place from a cache buffer's view, a whole buffer or a
+    /// contiguous tensor, at any stride of a size-1 dimension, and refuses other layouts.
+    #[test]
+    fn kv_group_strides_of_cache_views() {
+        let buf = Tensor::zeros((2, 3, 50, 8), DType::F32, &Device::Cpu).unwrap();
+        let stride = |t: &Tensor| kv_group_stride(t.layout());
+        assert_eq!(stride(&buf), Some(400));
+        assert_eq!(stride(&buf.narrow(2, 0, 7).unwrap()), Some(400));
+        // One batch row of one group: nothing to step over.
+        let one = Tensor::zeros((1, 1, 50, 8), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(stride(&one.narrow(2, 0, 1).unwrap()), Some(8));
+        let single = Tensor::zeros((4, 1, 50, 8), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(stride(&single.narrow(2, 0, 9).unwrap()), Some(400));
+        // Rows not contiguous, or groups not evenly spaced.
+        assert_eq!(stride(&buf.narrow(3, 0, 4).unwrap()), None);
+        assert_eq!(stride(&buf.transpose(1, 2).unwrap()), None);
+        assert_eq!(stride(&buf.narrow(1, 0, 2).unwrap()), None);
+        assert_eq!(stride(&buf.flatten_all().unwrap()), None);
+    }
 
     /// The model's composed attention for the same grouped layout: scores per head, the mask
     /// broadcast over heads, softmax, times V.

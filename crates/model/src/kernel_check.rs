@@ -140,6 +140,58 @@ impl KernelCheck {
     }
 }
 
+/// [`crate::flash::flash_decode`] against the composed attention of a decoding step, over a
+/// cache buffer's view and over a whole fixed-shape buffer up to a position (`decode_attention`,
+/// `decode_attention_limit`), forward only.
+fn decode_checks(rng: &mut StdRng, dtype: DType, dev: &Device) -> Result<Vec<KernelCheck>> {
+    let (b, groups, rep, dh, cap, tk) = (2, 3, 3, 64, 200, 150);
+    let q = input(rng, &[b, groups, rep, dh], 1.0, dtype, dev)?;
+    let k_buf = input(rng, &[b, groups, cap, dh], 1.0, dtype, dev)?;
+    let v_buf = input(rng, &[b, groups, cap, dh], 1.0, dtype, dev)?;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let composed = |k: &Tensor, v: &Tensor, mask: &Tensor| -> Result<Tensor> {
+        let n = k.dim(2)?;
+        let scores =
+            (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.reshape((b, groups * rep, 1, n))?;
+        Ok(ops::softmax_last(&scores.broadcast_add(mask)?)?
+            .to_dtype(dtype)?
+            .reshape((b, groups, rep, n))?
+            .matmul(&v.contiguous()?)?)
+    };
+    let mask_of = |n: usize, pad: usize| -> Result<Tensor> {
+        let m: Vec<f32> = (0..b * n)
+            .map(|i| if i / n == 1 && i % n < pad { -1e9 } else { 0.0 })
+            .collect();
+        Ok(Tensor::from_vec(m, (b, 1, 1, n), dev)?)
+    };
+    let mut out = vec![];
+    let (k, v) = (k_buf.narrow(2, 0, tk)?, v_buf.narrow(2, 0, tk)?);
+    let mask = mask_of(tk, 7)?;
+    let fused = crate::flash::flash_decode(&q, &k, &v, scale, Some(&mask), None)?;
+    let forward = rel_diff(&fused, &composed(&k, &v, &mask)?)?;
+    out.push(KernelCheck::new(
+        "decode_attention",
+        dtype,
+        dev,
+        (forward, 0.0),
+        tolerance(dtype),
+    ));
+    // Up to position 120: the composed ops see the first 121 keys, the kernel the whole buffer.
+    let at = Tensor::from_vec(vec![120u32; b * groups * dh], (b, groups, 1, dh), dev)?;
+    let mask = mask_of(cap, 7)?;
+    let fused = crate::flash::flash_decode(&q, &k_buf, &v_buf, scale, Some(&mask), Some(&at))?;
+    let (k, v) = (k_buf.narrow(2, 0, 121)?, v_buf.narrow(2, 0, 121)?);
+    let forward = rel_diff(&fused, &composed(&k, &v, &mask.narrow(3, 0, 121)?)?)?;
+    out.push(KernelCheck::new(
+        "decode_attention_limit",
+        dtype,
+        dev,
+        (forward, 0.0),
+        tolerance(dtype),
+    ));
+    Ok(out)
+}
+
 /// [`crate::adamw::update`] over two steps of a 1536 x 576 parameter with weight decay: against
 /// [`crate::adamw::composed`] on the same device (`adamw`, within f32's tolerance), and against
 /// the CPU trainer's loop on the host (`adamw_bits`, which must be the same bits: on a GPU, an
@@ -301,6 +353,13 @@ pub fn check_kernels(dev: &Device) -> Result<Vec<KernelCheck>> {
                 c.passed = c.forward <= c.tolerance && c.gradient <= c.tolerance;
                 out.push(c);
             }
+        }
+
+        // A decoding step's attention (GPU only; no backward): 2 rows of 3 KV groups of 3 query
+        // heads over 150 cached keys of a 200-position buffer read in place, with padding; then
+        // a fixed-shape step's buffer whose keys count up to position 120.
+        if !dev.is_cpu() && dtype != DType::F64 {
+            out.extend(decode_checks(&mut rng, dtype, dev)?);
         }
 
         // The LM head without kept logits (matmuls, the log-softmax kernels, and backward's

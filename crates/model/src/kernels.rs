@@ -93,6 +93,36 @@ pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
     }
 }
 
+/// Whether a decoding step's attention (one new position a row, outside autograd) runs
+/// [`crate::flash::flash_decode`]: on a GPU with preftune's kernels, in f32 or bf16 (queries,
+/// keys and values alike), at most `DECODE_MAX_REP` query heads a KV group (`q`:
+/// `[B, G, rep, dh]`), a head size the kernel is built for, and keys and values laid out as a
+/// cache buffer ([`crate::flash::kv_group_stride`]).
+pub fn decode_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use preftune_kernels_cuda as kc;
+        let (Ok((_, _, rep, dh)), dtype) = (q.dims4(), q.dtype()) else {
+            return false;
+        };
+        let kv = crate::flash::kv_group_stride(k.layout());
+        FUSED.load(Ordering::Relaxed)
+            && cuda_kernels_apply(q.device())
+            && matches!(dtype, DType::F32 | DType::BF16)
+            && k.dtype() == dtype
+            && v.dtype() == dtype
+            && rep <= kc::DECODE_MAX_REP
+            && kc::DECODE_HEAD_SIZES.contains(&dh)
+            && kv.is_some()
+            && kv == crate::flash::kv_group_stride(v.layout())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v);
+        false
+    }
+}
+
 /// Keys from which attention on the CPU runs in tiles ([`crate::flash::flash_attention_host`]):
 /// neither scores nor probabilities stored, and the tiles a causal mask hides skipped. Below it
 /// the probabilities op and one GEMM with V are as fast (one tile would hold every key).

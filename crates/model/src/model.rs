@@ -1471,12 +1471,15 @@ impl Attention {
             q = rope(&q, cos, sin)?;
             k = rope(&k, cos, sin)?;
         }
+        // A fixed-shape step's keys count up to the position it writes.
+        let mut limit = None;
         match cache {
             Some(CacheSlot::Grow(slot)) => (k, v) = LayerCache::append(slot, &k, &v)?,
             Some(CacheSlot::Fixed { k: kb, v: vb, at }) => {
                 kb.scatter_set(at, &k.to_dtype(kb.dtype())?.contiguous()?, 2)?;
                 vb.scatter_set(at, &v.to_dtype(vb.dtype())?.contiguous()?, 2)?;
                 (k, v) = (kb.clone(), vb.clone());
+                limit = Some(at);
             }
             None => {}
         }
@@ -1503,6 +1506,15 @@ impl Attention {
             && rep * t <= kernels::UNTRACKED_MAX_ROWS
         {
             kernels::attention_untracked(&q, &k, &v, t, scale, mask.map(|(m, _)| m))?
+        } else if t == 1
+            && untracked
+            && self.softcap.is_none()
+            && kernels::decode_applies(&q, &k, &v)
+        {
+            // A decoding step on a GPU with preftune's kernels: a group's query heads read its
+            // cached keys and values once, in place, in blocks spread over the GPU.
+            let mask = mask.and_then(|(_, t)| t.as_ref());
+            crate::flash::flash_decode(&q, &k, &v, scale, mask, limit)?
         } else if t > 1 && self.softcap.is_none() && kernels::flash_applies(&q, hd) {
             // On a GPU with preftune's kernels: no scores or probabilities are stored. Not for
             // decoding steps (t = 1): a block a KV group would walk the whole cache alone, where

@@ -14,6 +14,14 @@
 
 typedef __nv_bfloat16 bf16;
 
+// A loop nvcc unrolls, so arrays indexed by its counter stay in registers (the host compiler of
+// the emulator ignores it).
+#ifdef PREFTUNE_EMULATE
+#define UNROLL
+#else
+#define UNROLL _Pragma("unroll")
+#endif
+
 template <class T> struct AccOf { typedef float type; };
 template <> struct AccOf<double> { typedef double type; };
 

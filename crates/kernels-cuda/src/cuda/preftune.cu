@@ -5,5 +5,6 @@
 #include "logsoftmax.cuh"
 #include "flash.cuh"
 #include "flash_tc.cuh"
+#include "decode.cuh"
 #include "rng.cuh"
 #include "optim.cuh"
