@@ -1239,7 +1239,7 @@ impl Decode {
         let q = randn(&mut rng, b * g * r * dh);
         // Past the counted keys, NaN: the kernel must not read them.
         let n = limit.map_or(tk, |l| tk.min(l as usize + 1));
-        let mut kv = |rng: &mut StdRng| -> Vec<f64> {
+        let kv = |rng: &mut StdRng| -> Vec<f64> {
             let mut x = randn(rng, b * g * cap * dh);
             for (i, x) in x.iter_mut().enumerate() {
                 if (i / dh) % cap >= n {
