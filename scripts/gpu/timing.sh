@@ -88,9 +88,12 @@ with_mem env PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload genera
     --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1
 with_mem env PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload generate --model "$model" \
     --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 || rc=1
+# And with preftune's CUDA kernels too (the decoding attention kernel; `cuda_kernels` in the line).
+with_mem env PREFTUNE_CUDA_KERNELS=1 PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload generate \
+    --model "$model" --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1
 # GRPO iterations, bf16 on both sides.
 with_mem ours_grpo --set bf16=true || rc=1
 KERNELS=1 with_mem ours_grpo --set bf16=true || rc=1
-GRAPHS=1 with_mem ours_grpo --set bf16=true || rc=1
+KERNELS=1 GRAPHS=1 with_mem ours_grpo --set bf16=true || rc=1
 with_mem env BF16=1 $PY scripts/gpu/reference_steps.py grpo "$model" bench/prompts.jsonl 8 8 256 $GRPO_STEPS || rc=1
 exit $rc

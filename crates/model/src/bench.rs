@@ -289,7 +289,9 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
                "batch": o.gen_batch, "new_tokens": o.new_tokens, "threads": threads(), "seconds": s,
                "tokens_per_s": n as f64 / s, "fixed_steps": out.fixed_steps,
-               "cuda_graphs": graph_stats(), "peak_rss_mib": peak_rss_mib()}),
+               "cuda_graphs": graph_stats(),
+               "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
+               "peak_rss_mib": peak_rss_mib()}),
     )
 }
 
@@ -331,6 +333,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
               "finished": out.finished.iter().filter(|&&f| f).count(), "steps": steps,
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
               "fixed_steps": out.fixed_steps, "cuda_graphs": graph_stats(),
+              "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
               "peak_rss_mib": peak_rss_mib()}),
     )
 }
