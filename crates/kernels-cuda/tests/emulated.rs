@@ -1160,11 +1160,11 @@ fn flash_attention_in_bf16_stays_within_bf16_rounding() {
     }
 }
 
-/// The decoding attention kernels of one element type and head size.
+/// The decoding attention kernels of one element type: per head size, and the combine kernel.
 macro_rules! decode_ffi {
-    ($t:ty, $decode:ident, $combine:ident) => {
+    ($t:ty, [$($decode:ident),*], $combine:ident) => {
         extern "C" {
-            fn $decode(
+            $(fn $decode(
                 q: *const $t,
                 k: *const $t,
                 v: *const $t,
@@ -1178,36 +1178,17 @@ macro_rules! decode_ffi {
                 kv_stride: u64,
                 chunk: u32,
                 scale: f64,
-            );
-            fn $combine(
-                part_o: *const f32,
-                part_ml: *const f32,
-                out: *mut $t,
-                splits: u32,
-                dh: u32,
-            );
+            );)*
+            fn $combine(part_o: *const f32, part_ml: *const f32, out: *mut $t, splits: u32, dh: u32);
         }
     };
 }
-decode_ffi!(f32, flash_decode_f32_d64, flash_decode_combine_f32);
-decode_ffi!(bf16, flash_decode_bf16_d128, flash_decode_combine_bf16);
-extern "C" {
-    fn flash_decode_f32_d32(
-        q: *const f32,
-        k: *const f32,
-        v: *const f32,
-        mask: *const f32,
-        limit: *const u32,
-        part_o: *mut f32,
-        part_ml: *mut f32,
-        r: u32,
-        tk: u32,
-        groups: u32,
-        kv_stride: u64,
-        chunk: u32,
-        scale: f64,
-    );
-}
+decode_ffi!(
+    f32,
+    [flash_decode_f32_d32, flash_decode_f32_d64],
+    flash_decode_combine_f32
+);
+decode_ffi!(bf16, [flash_decode_bf16_d128], flash_decode_combine_bf16);
 
 /// A decoding step's attention: `b` rows of `g` KV groups with `r` query heads each, over keys
 /// in a cache buffer of capacity `cap` (`kv_stride = cap * dh`) of which the first `tk` count, or

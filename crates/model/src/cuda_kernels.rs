@@ -458,6 +458,16 @@ pub(crate) fn on_gpu<'a>(st: &'a candle_core::Storage, op: &str) -> Result<&'a C
     }
 }
 
+/// [`on_gpu`] of an optional tensor's read storage, with its layout.
+pub(crate) fn held<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
+    h: &'a Option<(G, &'a Layout)>,
+    op: &str,
+) -> Result<Option<(&'a CudaStorage, &'a Layout)>> {
+    h.as_ref()
+        .map(|(st, l)| Ok((on_gpu(st, op)?, *l)))
+        .transpose()
+}
+
 /// Whether attention kernels exist for `dtype` at head size `dh`: the tensor-core ones (f32 and
 /// bf16 inputs) or the CUDA-core ones.
 pub(crate) fn flash_built(dtype: DType, dh: usize, tensor_cores: bool) -> bool {

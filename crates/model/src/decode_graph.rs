@@ -29,7 +29,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::AttnMask;
-use crate::model::{causal_padding_mask, round_to, CacheSlot, KvCache, LayerInputs, Model};
+use crate::model::{causal_padding_mask, CacheSlot, KvCache, LayerInputs, Model};
 
 /// How a sampling loop runs its decoding steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,16 +285,8 @@ impl FixedDecode {
         let (b, dev) = (self.b, model.device());
         let put = |buf: &Tensor, value: Tensor| buf.slice_set(&value, 0, 0);
         put(&self.ids, Tensor::new(ids, dev)?)?;
+        model.check_positions(positions)?;
         if model.wpe.is_some() {
-            if let Some(&p) = positions
-                .iter()
-                .find(|&&p| p as usize >= model.cfg.max_position_embeddings)
-            {
-                return Err(Error::Msg(format!(
-                    "position {p} exceeds the model's {} learned positions",
-                    model.cfg.max_position_embeddings
-                )));
-            }
             put(&self.pos, Tensor::new(positions, dev)?)?;
         }
         let (_, kv_heads, _, head_dim) = self.at.dims4()?;
@@ -348,14 +340,7 @@ impl FixedDecode {
 
     /// The step proper: every op reads and writes the buffers only.
     fn run(&self, model: &Model, inputs: &LayerInputs) -> Result<()> {
-        let (b, h) = (self.b, model.cfg.hidden_size);
-        let mut x = model.embed.index_select(&self.ids, 0)?.reshape((b, 1, h))?;
-        if let Some(scale) = model.cfg.embed_scale {
-            x = (x * round_to(scale, model.dtype()))?;
-        }
-        if let Some(wpe) = &model.wpe {
-            x = x.broadcast_add(&wpe.index_select(&self.pos, 0)?.reshape((b, 1, h))?)?;
-        }
+        let mut x = model.embed_tokens(&self.ids, Some(&self.pos), self.b, 1)?;
         for (block, (k, v)) in model.blocks.iter().zip(&self.layers) {
             let (rope, mask) = inputs.get(block.sliding);
             let at = &self.at;

@@ -252,14 +252,8 @@ impl CustomOp3 for FlashDecode {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let m = self.mask.as_ref().map(Tensor::storage_and_layout);
         let lim = self.limit.as_ref().map(Tensor::storage_and_layout);
-        let mask = match &m {
-            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
-            None => None,
-        };
-        let limit = match &lim {
-            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
-            None => None,
-        };
+        let mask = crate::cuda_kernels::held(&m, self.name())?;
+        let limit = crate::cuda_kernels::held(&lim, self.name())?;
         let out = crate::cuda_kernels::flash_decode(
             (s1, l1),
             (s2, l2),
@@ -405,10 +399,7 @@ impl CustomOp3 for FlashAttention {
             Some(m) => Some(m.device()?.storage_and_layout()),
             None => None,
         };
-        let mask = match &m {
-            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
-            None => None,
-        };
+        let mask = crate::cuda_kernels::held(&m, self.name())?;
         let (out, lse) = crate::cuda_kernels::flash_fwd(
             (s1, l1),
             (s2, l2),
@@ -525,10 +516,7 @@ impl CustomOp3 for FlashAttentionBwd {
             Some(m) => Some(m.device()?.storage_and_layout()),
             None => None,
         };
-        let mask = match &m {
-            Some((st, l)) => Some((crate::cuda_kernels::on_gpu(st, self.name())?, *l)),
-            None => None,
-        };
+        let mask = crate::cuda_kernels::held(&m, self.name())?;
         let flat = crate::cuda_kernels::flash_bwd(
             (s1, l1),
             (s2, l2),

@@ -1181,32 +1181,13 @@ impl Model {
         };
 
         let flat_ids = input_ids.flatten_all()?;
-        let mut x = self
-            .embed
-            .index_select(&flat_ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
-        if let Some(scale) = self.cfg.embed_scale {
-            // Gemma: the scale rounded to the weights' dtype first, as transformers multiplies.
-            x = (x * round_to(scale, self.dtype))?;
-        }
         let pos_flat: Vec<u32> = positions.iter().flatten().copied().collect();
-        if let Some(wpe) = &self.wpe {
-            if let Some(&p) = pos_flat
-                .iter()
-                .find(|&&p| p as usize >= self.cfg.max_position_embeddings)
-            {
-                return Err(Error::Msg(format!(
-                    "position {p} exceeds the model's {} learned positions",
-                    self.cfg.max_position_embeddings
-                )));
-            }
-            let pos = Tensor::from_vec(pos_flat.clone(), b * t, dev)?;
-            x = x.broadcast_add(&wpe.index_select(&pos, 0)?.reshape((
-                b,
-                t,
-                self.cfg.hidden_size,
-            ))?)?;
-        }
+        self.check_positions(&pos_flat)?;
+        let pos = match self.wpe {
+            Some(_) => Some(Tensor::from_vec(pos_flat.clone(), b * t, dev)?),
+            None => None,
+        };
+        let mut x = self.embed_tokens(&flat_ids, pos.as_ref(), b, t)?;
         let rope_full = if self.inv_freq.is_empty() {
             None
         } else {
@@ -1268,6 +1249,39 @@ impl Model {
             }
         }
         Ok(self.norm_f.forward(&x)?)
+    }
+
+    /// Learned positions (GPT-2's) end at `max_position_embeddings`: an error names the first
+    /// position past them. Always fine for RoPE models.
+    pub(crate) fn check_positions(&self, positions: &[u32]) -> Result<()> {
+        let limit = self.cfg.max_position_embeddings;
+        match positions.iter().find(|&&p| p as usize >= limit) {
+            Some(p) if self.wpe.is_some() => Err(Error::Msg(format!(
+                "position {p} exceeds the model's {limit} learned positions"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The embeddings `[B, T, H]` of `ids` (`[B * T]`), scaled as the architecture does, plus
+    /// the learned embeddings of `positions` (`[B * T]`, u32; models with learned positions).
+    pub(crate) fn embed_tokens(
+        &self,
+        ids: &Tensor,
+        positions: Option<&Tensor>,
+        b: usize,
+        t: usize,
+    ) -> Result<Tensor> {
+        let h = self.cfg.hidden_size;
+        let mut x = self.embed.index_select(ids, 0)?.reshape((b, t, h))?;
+        if let Some(scale) = self.cfg.embed_scale {
+            // Gemma: the scale rounded to the weights' dtype first, as transformers multiplies.
+            x = (x * round_to(scale, self.dtype))?;
+        }
+        if let (Some(wpe), Some(pos)) = (&self.wpe, positions) {
+            x = x.broadcast_add(&wpe.index_select(pos, 0)?.reshape((b, t, h))?)?;
+        }
+        Ok(x)
     }
 
     /// Logits `[.., V]` from hidden states `[.., H]`.
