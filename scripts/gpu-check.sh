@@ -218,6 +218,7 @@ for bf in ("f32", "bf16"):
     err = open(f"{work}/graphs-{bf}-1.err").read()
     m = re.search(r"(\d+) fixed-shape steps; CUDA graphs: (\d+) captured, (\d+) replayed, (\d+) failed", err)
     steps, captured, replayed, failed = (int(x) for x in m.groups()) if m else (0, 0, 0, -1)
+    why = re.search(r"without CUDA graphs: (.*)", err)
     replays_ok = steps == 63 and failed == 0 and (rehearsal or (captured == 1 and replayed == 62))
     exact = graphs["ids"] == fixed["ids"] and graphs["logprobs"] == fixed["logprobs"]
     same = first_difference(grow["ids"], graphs["ids"])
@@ -229,7 +230,8 @@ for bf in ("f32", "bf16"):
     print(json.dumps({"check": "greedy-cuda-graphs", "model": shape, "precision": bf, "ok": ok,
                       "same_as_eager_fixed_steps": exact, "tokens_as_growing_cache": same,
                       "max_logprob_diff_to_growing_cache": lp, "fixed_steps": steps,
-                      "captured": captured, "replayed": replayed, "failed": failed}))
+                      "captured": captured, "replayed": replayed, "failed": failed,
+                      "graph_error": why.group(1)[:300] if why else None}))
 sys.exit(0 if ok_all else 1)
 PY
 }
