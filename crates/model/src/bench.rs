@@ -253,21 +253,29 @@ fn sampling_setup(
 }
 
 /// Samples `batch` with `cfg` after a warm-up of 4 tokens (as the reference does), and returns
-/// the timed generation with its seconds.
+/// the timed generation with its seconds and its host<->device traffic per decoding step (JSON;
+/// zeros off a GPU).
 fn timed_generate(
     p: &Pretrained,
     batch: &[Vec<u32>],
     cfg: &SamplingConfig,
-) -> Result<(crate::Generation, f64)> {
+) -> Result<(crate::Generation, f64, Value)> {
     let warm = SamplingConfig {
         max_new_tokens: 4,
         min_new_tokens: cfg.min_new_tokens.min(4),
         ..cfg.clone()
     };
     generate(&p.model, batch, &warm)?;
+    let before = crate::device::transfer_counts();
     let t = Instant::now();
     let out = generate(&p.model, batch, cfg)?;
-    Ok((out, t.elapsed().as_secs_f64()))
+    let s = t.elapsed().as_secs_f64();
+    let after = crate::device::transfer_counts();
+    let steps = out.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1) as f64;
+    let per_step = |a: u64, b: u64| (b - a) as f64 / steps;
+    let traffic = json!({"h2d_copies": per_step(before.0, after.0), "h2d_bytes": per_step(before.1, after.1),
+                         "d2h_copies": per_step(before.2, after.2), "d2h_bytes": per_step(before.3, after.3)});
+    Ok((out, s, traffic))
 }
 
 fn sample(o: &BenchOptions) -> Result<Value> {
@@ -283,7 +291,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    let (out, s) = timed_generate(&p, &prompts, &cfg)?;
+    let (out, s, traffic) = timed_generate(&p, &prompts, &cfg)?;
     let n: usize = out.tokens.iter().map(Vec::len).sum();
     Ok(
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
@@ -291,7 +299,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
                "tokens_per_s": n as f64 / s, "fixed_steps": out.fixed_steps,
                "cuda_graphs": graph_stats(),
                "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
-               "peak_rss_mib": peak_rss_mib()}),
+               "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
     )
 }
 
@@ -322,7 +330,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    let (out, s) = timed_generate(&p, &batch, &cfg)?;
+    let (out, s, traffic) = timed_generate(&p, &batch, &cfg)?;
     let lens: Vec<usize> = out.tokens.iter().map(Vec::len).collect();
     let n: usize = lens.iter().sum();
     let steps = lens.iter().max().copied().unwrap_or(0);
@@ -334,6 +342,6 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
               "fixed_steps": out.fixed_steps, "cuda_graphs": graph_stats(),
               "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
-              "peak_rss_mib": peak_rss_mib()}),
+              "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
     )
 }
