@@ -121,7 +121,7 @@ pub(crate) fn sample_rows_on_device(
         // The first maximum, as the host's fold (and transformers): the least index holding the
         // row's maximum. candle's CUDA argmax may return a later one on a tie.
         let max = x.max_keepdim(1)?;
-        let index = Tensor::arange(0u32, vocab as u32, x.device())?
+        let index = vocab_index(vocab, x.device())?
             .unsqueeze(0)?
             .broadcast_as((rows, vocab))?;
         let past = Tensor::full(u32::MAX, (rows, vocab), x.device())?;
@@ -176,6 +176,26 @@ pub(crate) fn sample_rows_on_device(
         out[i] = Some(((b * BLOCK + j) as u32, (es[j] as f64 / total).ln() as f32));
     }
     Ok(out)
+}
+
+/// `0..vocab` as u32 on `dev`, made once per thread and vocabulary: `Tensor::arange` builds it
+/// on the host, an upload of the whole vocabulary's indices at every greedy step otherwise.
+fn vocab_index(vocab: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    thread_local! {
+        static INDEX: std::cell::RefCell<Option<Tensor>> = const { std::cell::RefCell::new(None) };
+    }
+    INDEX.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if let Some(t) = cell
+            .as_ref()
+            .filter(|t| t.elem_count() == vocab && t.device().same_device(dev))
+        {
+            return Ok(t.clone());
+        }
+        let t = Tensor::arange(0u32, vocab as u32, dev)?;
+        *cell = Some(t.clone());
+        Ok(t)
+    })
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {
