@@ -20,6 +20,30 @@ pub struct TrainerState {
     pub total_steps: usize,
     pub num_tokens: usize,
     pub seed: u64,
+    /// The weight of a mixture-of-experts model's load-balancing loss in the run that wrote the
+    /// checkpoint (absent for dense models, and in checkpoints from before preftune added it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
+}
+
+/// What to tell a user resuming a mixture-of-experts run whose objective changes at the resume:
+/// the checkpoint's run weighted the load-balancing loss by `saved` (`None`: it predates the
+/// term, or the model is dense), this one by `now`. `None` when nothing changes.
+pub fn aux_loss_change(saved: Option<f64>, now: f64, moe: bool) -> Option<String> {
+    match saved {
+        _ if !moe => None,
+        Some(c) if c == now => None,
+        None if now == 0.0 => None,
+        Some(c) => Some(format!(
+            "the checkpoint's run weighted the load-balancing loss by router_aux_loss_coef = {c}, \
+             this one by {now}: the loss and its gradients change from here on"
+        )),
+        None => Some(format!(
+            "the checkpoint was written by a preftune without the load-balancing loss: from here \
+             on the loss includes {now} x aux_loss, as TRL's does, and the curve steps at the \
+             resume"
+        )),
+    }
 }
 
 pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
@@ -368,6 +392,45 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mixture's objective that changes at a resume is said; a dense model's, or an unchanged
+    /// one, is not. An old checkpoint (no coefficient recorded) took no load-balancing loss.
+    #[test]
+    fn a_changed_load_balancing_loss_is_said_at_resume() {
+        assert_eq!(aux_loss_change(Some(0.001), 0.001, true), None);
+        assert_eq!(aux_loss_change(None, 0.0, true), None);
+        assert_eq!(aux_loss_change(None, 0.5, false), None);
+        let old = aux_loss_change(None, 0.001, true).unwrap();
+        assert!(
+            old.contains("without the load-balancing loss") && old.contains("0.001"),
+            "{old}"
+        );
+        let changed = aux_loss_change(Some(0.001), 0.5, true).unwrap();
+        assert!(
+            changed.contains("= 0.001") && changed.contains("by 0.5"),
+            "{changed}"
+        );
+        // Written for mixtures only, and read back from older files without it.
+        let dense = TrainerState {
+            global_step: 3,
+            epoch: 0.5,
+            total_steps: 6,
+            num_tokens: 10,
+            seed: 1,
+            router_aux_loss_coef: None,
+        };
+        let text = serde_json::to_string(&dense).unwrap();
+        assert!(!text.contains("router_aux"), "{text}");
+        let back: TrainerState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, dense);
+        let moe = TrainerState {
+            router_aux_loss_coef: Some(0.001),
+            ..dense
+        };
+        let back: TrainerState =
+            serde_json::from_str(&serde_json::to_string(&moe).unwrap()).unwrap();
+        assert_eq!(back.router_aux_loss_coef, Some(0.001));
+    }
     use crate::optim::AdamWConfig;
 
     fn state(step: usize) -> String {

@@ -630,11 +630,20 @@ pub fn train(
         total_steps,
         num_tokens: 0,
         seed: args.seed,
+        router_aux_loss_coef: policy.model.cfg.moe.is_some().then_some(aux_coef),
     };
     if let Some((step, dir)) = &ckpt {
-        state = checkpoint::load(dir, &mut opt)?;
+        let saved = checkpoint::load(dir, &mut opt)?;
         algo.load_state(dir)?;
         eprintln!("resumed from {} (step {step})", dir.display());
+        let moe = policy.model.cfg.moe.is_some();
+        if let Some(why) = checkpoint::aux_loss_change(saved.router_aux_loss_coef, aux_coef, moe) {
+            eprintln!("warning: resuming {}: {why}", dir.display());
+        }
+        state = TrainerState {
+            router_aux_loss_coef: state.router_aux_loss_coef,
+            ..saved
+        };
     }
     preftune_model::io::atomic_write(
         &out.join("config.toml"),
