@@ -127,20 +127,27 @@ pub(crate) struct FixedDecode {
     len: usize,
     /// Per layer, keys and values `[B, KV heads, cap, Dh]`.
     layers: Vec<(Tensor, Tensor)>,
-    /// `[B]` u32: each row's new token.
-    ids: Tensor,
-    /// `[B]` u32: each row's position (models with learned positions).
-    pos: Tensor,
-    /// `[B, KV heads, 1, Dh]` u32: where the new keys and values go (every entry `len`).
-    at: Tensor,
-    /// RoPE tables `[B, 1, 1, Dh/2]` of the full and the local (sliding-window) layers.
-    rope: [Option<(Tensor, Tensor)>; 2],
-    /// Additive masks `[B, 1, 1, cap]` of the full and the local layers.
-    mask: [Option<Tensor>; 2],
+    /// `[2B + 1]` u32, written once a step: the rows' new tokens, their positions, and the
+    /// position the step writes (`len`).
+    ints: Tensor,
+    /// f32, written once a step: the RoPE tables of the full and the local (sliding-window)
+    /// layers (cos then sin, `[B, Dh/2]` each), then their additive masks (`[B, cap]`), those the
+    /// model has ([`FloatInputs`]).
+    floats: Tensor,
+    parts: FloatInputs,
     /// `[B, V]` f32: the step's logits.
     out: Tensor,
     #[cfg(feature = "cuda")]
     graph: Graph,
+}
+
+/// Where [`FixedDecode`]'s float inputs start in its buffer: the full and the local layers' RoPE
+/// tables and masks.
+#[derive(Clone, Copy, Debug)]
+struct FloatInputs {
+    rope: [Option<usize>; 2],
+    mask: [Option<usize>; 2],
+    half: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -183,39 +190,36 @@ impl FixedDecode {
         len: usize,
         cap: usize,
     ) -> Result<Self> {
-        let (b, kv_heads, _, head_dim) = layers[0].0.dims4()?;
+        let b = layers[0].0.dim(0)?;
         if len >= cap {
             return Err(Error::Msg(format!(
                 "fixed-shape decoding: {len} cached positions leave no room in {cap}"
             )));
         }
-        let dev = model.device();
-        let dtype = model.dtype();
         let half = model.inv_freq.len();
         let any_local = model.blocks.iter().any(|b| b.sliding);
         let any_full = model.blocks.iter().any(|b| !b.sliding);
-        let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, dev);
-        let tables = || -> Result<(Tensor, Tensor)> {
-            Ok((
-                zeros(&[b, 1, 1, half], dtype)?,
-                zeros(&[b, 1, 1, half], dtype)?,
-            ))
-        };
         let rope_local = any_local && model.inv_freq_local.is_some() && half > 0;
-        let mask = |on: bool| on.then(|| zeros(&[b, 1, 1, cap], dtype)).transpose();
+        let mut size = 0;
+        let mut place = |on: bool, n: usize| {
+            let at = on.then_some(size);
+            size += if on { n } else { 0 };
+            at
+        };
+        let rope = [
+            place(half > 0, 2 * b * half),
+            place(rope_local, 2 * b * half),
+        ];
+        let mask = [place(any_full, b * cap), place(any_local, b * cap)];
+        let dev = model.device();
         Ok(FixedDecode {
             b,
             cap,
             len,
-            ids: zeros(&[b], DType::U32)?,
-            pos: zeros(&[b], DType::U32)?,
-            at: zeros(&[b, kv_heads, 1, head_dim], DType::U32)?,
-            rope: [
-                (half > 0).then(tables).transpose()?,
-                rope_local.then(tables).transpose()?,
-            ],
-            mask: [mask(any_full)?, mask(any_local)?],
-            out: zeros(&[b, model.lm_head_weight().dim(0)?], DType::F32)?,
+            ints: Tensor::zeros(2 * b + 1, DType::U32, dev)?,
+            floats: Tensor::zeros(size.max(1), DType::F32, dev)?,
+            parts: FloatInputs { rope, mask, half },
+            out: Tensor::zeros((b, model.lm_head_weight().dim(0)?), DType::F32, dev)?,
             layers,
             #[cfg(feature = "cuda")]
             graph: Graph::None,
@@ -268,43 +272,37 @@ impl FixedDecode {
                 self.cap
             )));
         }
-        let inputs = self.write_inputs(model, ids, mask, positions)?;
-        self.advance(model, &inputs)?;
+        let masks = self.write_inputs(model, ids, mask, positions)?;
+        self.advance(model, &masks)?;
         self.len += 1;
         Ok(self.out.copy()?)
     }
 
-    /// Writes this step's inputs into their buffers; returns what the layers read.
+    /// Writes this step's inputs into their two buffers (one copy each to a GPU); returns the
+    /// masks as the CPU kernels read them.
     fn write_inputs(
         &self,
         model: &Model,
         ids: &[u32],
         mask: &[Vec<u32>],
         positions: &[u32],
-    ) -> Result<LayerInputs> {
-        let (b, dev) = (self.b, model.device());
-        let put = |buf: &Tensor, value: Tensor| buf.slice_set(&value, 0, 0);
-        put(&self.ids, Tensor::new(ids, dev)?)?;
+    ) -> Result<[Option<AttnMask>; 2]> {
+        let dev = model.device();
         model.check_positions(positions)?;
-        if model.wpe.is_some() {
-            put(&self.pos, Tensor::new(positions, dev)?)?;
-        }
-        let (_, kv_heads, _, head_dim) = self.at.dims4()?;
-        let at = vec![self.len as u32; b * kv_heads * head_dim];
-        put(
-            &self.at,
-            Tensor::from_vec(at, (b, kv_heads, 1, head_dim), dev)?,
-        )?;
-        let mut rope: [Option<(Tensor, Tensor)>; 2] = [None, None];
+        let mut ints = Vec::with_capacity(2 * self.b + 1);
+        ints.extend_from_slice(ids);
+        ints.extend_from_slice(positions);
+        ints.push(self.len as u32);
+        self.ints.slice_set(&Tensor::new(ints, dev)?, 0, 0)?;
+        let mut floats = Vec::with_capacity(self.floats.elem_count());
         for (slot, inv_freq) in [Some(&model.inv_freq), model.inv_freq_local.as_ref()]
             .into_iter()
             .enumerate()
         {
-            if let (Some(buf), Some(inv_freq)) = (&self.rope[slot], inv_freq) {
-                let (cos, sin) = model.rope_tables(inv_freq, positions, b, 1)?;
-                put(&buf.0, cos)?;
-                put(&buf.1, sin)?;
-                rope[slot] = Some(buf.clone());
+            if let (Some(_), Some(inv_freq)) = (self.parts.rope[slot], inv_freq) {
+                let (cos, sin) = crate::model::rope_values(inv_freq, positions);
+                floats.extend(cos);
+                floats.extend(sin);
             }
         }
         // The unwritten positions count as padding; the new token's row sits at `cap - 1`, past
@@ -317,38 +315,79 @@ impl FixedDecode {
                 row
             })
             .collect();
-        let mut masks: [Option<(AttnMask, Option<Tensor>)>; 2] = [None, None];
+        let mut masks: [Option<AttnMask>; 2] = [None, None];
         for (slot, window) in [None, model.cfg.sliding_window].into_iter().enumerate() {
-            let Some(buf) = &self.mask[slot] else {
+            if self.parts.mask[slot].is_none() {
                 continue;
-            };
+            }
             let m = causal_padding_mask(&rows, None, 1, self.cap - 1, window)
                 .ok_or_else(|| Error::Msg("fixed-shape decoding: no mask".into()))?;
-            let t = Tensor::from_vec(m.data.to_vec(), (b, 1, 1, self.cap), dev)?
-                .to_dtype(model.dtype())?;
-            put(buf, t)?;
-            masks[slot] = Some((m, Some(buf.clone())));
+            floats.extend_from_slice(&m.data);
+            masks[slot] = Some(m);
         }
-        let [rope_full, rope_local] = rope;
-        let [mask_full, mask_local] = masks;
-        let rope_local = rope_local.or_else(|| rope_full.clone());
+        if !floats.is_empty() {
+            self.floats.slice_set(&Tensor::new(floats, dev)?, 0, 0)?;
+        }
+        Ok(masks)
+    }
+
+    /// What the layers read, as views of the input buffers (cast to the model's dtype).
+    fn layer_inputs(&self, model: &Model, masks: &[Option<AttnMask>; 2]) -> Result<LayerInputs> {
+        let (b, half, cap, dtype) = (self.b, self.parts.half, self.cap, model.dtype());
+        let part = |at: usize, n: usize, shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Ok(self
+                .floats
+                .narrow(0, at, n)?
+                .reshape(shape)?
+                .to_dtype(dtype)?)
+        };
+        let table = |at: Option<usize>| -> Result<Option<(Tensor, Tensor)>> {
+            at.map(|at| {
+                Ok((
+                    part(at, b * half, (b, 1, 1, half))?,
+                    part(at + b * half, b * half, (b, 1, 1, half))?,
+                ))
+            })
+            .transpose()
+        };
+        let mask = |slot: usize| -> Result<Option<(AttnMask, Option<Tensor>)>> {
+            match (self.parts.mask[slot], &masks[slot]) {
+                (Some(at), Some(m)) => {
+                    Ok(Some((m.clone(), Some(part(at, b * cap, (b, 1, 1, cap))?))))
+                }
+                _ => Ok(None),
+            }
+        };
+        let rope_full = table(self.parts.rope[0])?;
+        let rope_local = table(self.parts.rope[1])?.or_else(|| rope_full.clone());
         Ok(LayerInputs {
-            full: (rope_full, mask_full),
-            local: (rope_local, mask_local),
+            full: (rope_full, mask(0)?),
+            local: (rope_local, mask(1)?),
         })
     }
 
     /// The step proper: every op reads and writes the buffers only.
-    fn run(&self, model: &Model, inputs: &LayerInputs) -> Result<()> {
-        let mut x = model.embed_tokens(&self.ids, Some(&self.pos), self.b, 1)?;
+    fn run(&self, model: &Model, masks: &[Option<AttnMask>; 2]) -> Result<()> {
+        let b = self.b;
+        let ids = self.ints.narrow(0, 0, b)?;
+        let pos = self.ints.narrow(0, b, b)?;
+        let (_, kv_heads, _, head_dim) = self.layers[0].0.dims4()?;
+        // Every entry the position written, as scatter takes it.
+        let at = self
+            .ints
+            .narrow(0, 2 * b, 1)?
+            .reshape((1, 1, 1, 1))?
+            .broadcast_as((b, kv_heads, 1, head_dim))?
+            .contiguous()?;
+        let inputs = self.layer_inputs(model, masks)?;
+        let mut x = model.embed_tokens(&ids, Some(&pos), b, 1)?;
         for (block, (k, v)) in model.blocks.iter().zip(&self.layers) {
             let (rope, mask) = inputs.get(block.sliding);
-            let at = &self.at;
             x = block.forward(
                 &x,
                 rope,
                 mask,
-                Some(CacheSlot::Fixed { k, v, at }),
+                Some(CacheSlot::Fixed { k, v, at: &at }),
                 model.cfg.activation,
             )?;
         }
@@ -360,12 +399,12 @@ impl FixedDecode {
 
     /// Runs the step: eagerly off a GPU; on one, by replaying its graph (captured at the first
     /// step, which runs eagerly).
-    fn advance(&mut self, model: &Model, inputs: &LayerInputs) -> Result<()> {
+    fn advance(&mut self, model: &Model, masks: &[Option<AttnMask>; 2]) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let (candle_core::Device::Cuda(d), DecodeSteps::Graphs) = (model.device(), mode()) {
-            return self.advance_on(d, model, inputs);
+            return self.advance_on(d, model, masks);
         }
-        self.run(model, inputs)
+        self.run(model, masks)
     }
 
     #[cfg(feature = "cuda")]
@@ -373,7 +412,7 @@ impl FixedDecode {
         &mut self,
         d: &candle_core::CudaDevice,
         model: &Model,
-        inputs: &LayerInputs,
+        masks: &[Option<AttnMask>; 2],
     ) -> Result<()> {
         match &self.graph {
             Graph::Ready(g) => match g.launch() {
@@ -384,10 +423,10 @@ impl FixedDecode {
                 Err(e) => {
                     give_up(&format!("a replay failed: {e}"));
                     self.graph = Graph::Failed;
-                    return self.run(model, inputs);
+                    return self.run(model, masks);
                 }
             },
-            Graph::Failed => return self.run(model, inputs),
+            Graph::Failed => return self.run(model, masks),
             Graph::None => {}
         }
         // This step's result comes from an eager run, made with candle's cache of small host
@@ -395,9 +434,9 @@ impl FixedDecode {
         // every strided op's parameters on the device.
         {
             let _uploads = d.enable_cuda_graph_htod_cache();
-            self.run(model, inputs)?;
+            self.run(model, masks)?;
         }
-        self.graph = match self.capture(d, model, inputs) {
+        self.graph = match self.capture(d, model, masks) {
             Ok(g) => {
                 CAPTURES.fetch_add(1, Ordering::Relaxed);
                 Graph::Ready(g)
@@ -416,7 +455,7 @@ impl FixedDecode {
         &self,
         d: &candle_core::CudaDevice,
         model: &Model,
-        inputs: &LayerInputs,
+        masks: &[Option<AttnMask>; 2],
     ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let stream = d.cuda_stream();
@@ -430,7 +469,7 @@ impl FixedDecode {
         let ran = stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cuda_error)
-            .map(|()| self.run(model, inputs));
+            .map(|()| self.run(model, masks));
         let graph = match ran {
             Ok(ran) => {
                 let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));

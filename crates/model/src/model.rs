@@ -1304,7 +1304,7 @@ impl Model {
     }
 
     /// `cos`, `sin` tables `[B, 1, T, Dh/2]` for the given positions, computed in f32 as transformers does.
-    pub(crate) fn rope_tables(
+    fn rope_tables(
         &self,
         inv_freq: &[f32],
         positions: &[u32],
@@ -1312,20 +1312,27 @@ impl Model {
         t: usize,
     ) -> Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = rope_values(inv_freq, positions);
         let dev = self.device();
         let cos = Tensor::from_vec(cos, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
     }
+}
+
+/// The RoPE tables' values for `positions`, `[positions, inv_freq]` each, computed in f32 as
+/// transformers does.
+pub(crate) fn rope_values(inv_freq: &[f32], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let n = positions.len() * inv_freq.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for &p in positions {
+        for &f in inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
 }
 
 /// `x` as the nearest value of `dtype` (transformers multiplies by a scalar tensor of that dtype).
