@@ -9,8 +9,8 @@
 //! - keys and values go to buffers of a fixed capacity, at a position the step reads from
 //!   device memory ([`CacheSlot::Fixed`]); attention reads the whole capacity, and the mask hides
 //!   what is not written yet;
-//! - every input (token ids, positions, RoPE tables, masks) is written into a buffer of its own
-//!   before the step, and the logits land in one.
+//! - the inputs are written before the step into two buffers, one copy each (token ids,
+//!   positions and the position written; RoPE tables and masks), and the logits land in a third.
 //!
 //! [`FixedDecode`] is that step. On a GPU the first step runs eagerly and is then captured; the
 //! following steps replay the capture. When rows leave the batch ([`FixedDecode::select`]), new
