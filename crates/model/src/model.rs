@@ -1312,11 +1312,12 @@ impl Model {
         t: usize,
     ) -> Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
-        let (cos, sin) = rope_values(inv_freq, positions);
-        let dev = self.device();
-        let cos = Tensor::from_vec(cos, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (b, 1, t, half), dev)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
+        let (mut both, sin) = rope_values(inv_freq, positions);
+        both.extend(sin);
+        // One copy to a GPU for both tables.
+        let both =
+            Tensor::from_vec(both, (2, b, 1, t, half), self.device())?.to_dtype(self.dtype)?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 }
 
