@@ -83,6 +83,10 @@ with_mem env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/p
 with_mem "$BIN" --device cuda bench --workload generate --model "$model" --prompts bench/prompts.jsonl \
     --gen-batch 16 --new-tokens 64 || rc=1
 with_mem env BF16=0 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl 16 64 || rc=1
+# The bf16 sampling again with cudarc's per-buffer events (PREFTUNE_CUDA_EVENT_TRACKING=1, as
+# before 2026-12-07): what skipping them saves an eager decoding step.
+with_mem env PREFTUNE_CUDA_EVENT_TRACKING=1 "$BIN" --device cuda bench --workload generate --model "$model" \
+    --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1
 # The same sampling with its decoding steps replayed as CUDA graphs (their counts in the line).
 with_mem env PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device cuda bench --workload generate --model "$model" \
     --prompts bench/prompts.jsonl --gen-batch 16 --new-tokens 64 --dtype bf16 || rc=1

@@ -299,6 +299,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
                "tokens_per_s": n as f64 / s, "fixed_steps": out.fixed_steps,
                "cuda_graphs": graph_stats(),
                "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
+               "cuda_event_tracking": crate::device::cuda_event_tracking(p.model.device()),
                "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
     )
 }
@@ -342,6 +343,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
               "fixed_steps": out.fixed_steps, "cuda_graphs": graph_stats(),
               "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
+              "cuda_event_tracking": crate::device::cuda_event_tracking(p.model.device()),
               "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
     )
 }

@@ -461,10 +461,12 @@ impl FixedDecode {
         let stream = d.cuda_stream();
         let ctx = stream.context().clone();
         let _uploads = d.enable_cuda_graph_htod_cache();
+        // Off already unless PREFTUNE_CUDA_EVENT_TRACKING=1 (crate::device).
+        let tracking = ctx.is_event_tracking();
         // SAFETY: candle runs all of a device's work on this one stream, so the events that
         // tracking records and waits on order the stream after itself only, and a capture may not
         // wait on events recorded outside it. The buffers made while capturing (the step's
-        // temporaries) are freed inside the capture; tracking is back on before anything else.
+        // temporaries) are freed inside the capture; tracking is back before anything else.
         unsafe { ctx.disable_event_tracking() };
         let ran = stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -477,8 +479,10 @@ impl FixedDecode {
             }
             Err(e) => Err(e),
         };
-        // SAFETY: as above; buffers made from here on are tracked again.
-        unsafe { ctx.enable_event_tracking() };
+        if tracking {
+            // SAFETY: as above; buffers made from here on are tracked again.
+            unsafe { ctx.enable_event_tracking() };
+        }
         match graph {
             Ok(Some(g)) => {
                 g.upload().map_err(cuda_error)?;

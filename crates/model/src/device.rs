@@ -144,6 +144,7 @@ fn open_cuda_once(ordinal: usize) -> Result<Device, String> {
         Ok(Ok(d)) => {
             if let Device::Cuda(c) = &d {
                 keep_freed_memory(c);
+                untracked_buffers(c);
             }
             Ok(d)
         }
@@ -180,6 +181,31 @@ fn keep_freed_memory(d: &candle_core::CudaDevice) {
             )
         })
     };
+}
+
+/// Stops cudarc from making two events for every buffer allocated from here on (and destroying
+/// them with it): four driver calls per tensor, which only order work between streams, and
+/// candle runs all of a device's work on one stream. A decoding step allocates hundreds of
+/// tensors. `PREFTUNE_CUDA_EVENT_TRACKING=1` keeps them.
+#[cfg(feature = "cuda")]
+fn untracked_buffers(d: &candle_core::CudaDevice) {
+    if std::env::var("PREFTUNE_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: the events order a buffer's uses across streams; every kernel, copy, cuBLAS and
+    // cuRAND call of this device goes to the one stream candle made it with (preftune makes no
+    // other), where they run in order without events.
+    unsafe { d.disable_event_tracking() };
+}
+
+/// Whether `d` makes cudarc's per-buffer events ([`untracked_buffers`]); false off a GPU.
+pub fn cuda_event_tracking(d: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        return c.is_event_tracking();
+    }
+    let _ = d;
+    false
 }
 
 /// Host-to-device and device-to-host copies made by the CUDA backend in this process so far:
