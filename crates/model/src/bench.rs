@@ -253,8 +253,9 @@ fn sampling_setup(
 }
 
 /// Samples `batch` with `cfg` after a warm-up of 4 tokens (as the reference does), and returns
-/// the timed generation with its seconds and its host<->device traffic per decoding step (JSON;
-/// zeros off a GPU).
+/// the timed generation with its seconds and how its decoding steps ran, as JSON fields: the
+/// fixed-shape steps, this process's CUDA graphs, whether CUDA kernels and cudarc's events were
+/// on, and the host<->device traffic per step (zeros off a GPU).
 fn timed_generate(
     p: &Pretrained,
     batch: &[Vec<u32>],
@@ -275,7 +276,22 @@ fn timed_generate(
     let per_step = |a: u64, b: u64| (b - a) as f64 / steps;
     let traffic = json!({"h2d_copies": per_step(before.0, after.0), "h2d_bytes": per_step(before.1, after.1),
                          "d2h_copies": per_step(before.2, after.2), "d2h_bytes": per_step(before.3, after.3)});
-    Ok((out, s, traffic))
+    let g = crate::decode_graph::stats();
+    let dev = p.model.device();
+    let fields = json!({"fixed_steps": out.fixed_steps,
+                       "cuda_graphs": {"captures": g.captures, "replays": g.replays, "failed": g.failed},
+                       "cuda_kernels": crate::kernels::cuda_kernels_apply(dev),
+                       "cuda_event_tracking": crate::device::cuda_event_tracking(dev),
+                       "transfers_per_step": traffic});
+    Ok((out, s, fields))
+}
+
+/// The JSON object `line` with the object `fields`' entries added.
+fn with_fields(mut line: Value, fields: Value) -> Value {
+    if let (Value::Object(m), Value::Object(f)) = (&mut line, fields) {
+        m.extend(f);
+    }
+    line
 }
 
 fn sample(o: &BenchOptions) -> Result<Value> {
@@ -291,23 +307,14 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    let (out, s, traffic) = timed_generate(&p, &prompts, &cfg)?;
+    let (out, s, fields) = timed_generate(&p, &prompts, &cfg)?;
     let n: usize = out.tokens.iter().map(Vec::len).sum();
-    Ok(
+    Ok(with_fields(
         json!({"workload": "generate", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
                "batch": o.gen_batch, "new_tokens": o.new_tokens, "threads": threads(), "seconds": s,
-               "tokens_per_s": n as f64 / s, "fixed_steps": out.fixed_steps,
-               "cuda_graphs": graph_stats(),
-               "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
-               "cuda_event_tracking": crate::device::cuda_event_tracking(p.model.device()),
-               "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
-    )
-}
-
-/// This process's CUDA graphs of decoding steps (warm-up included), as JSON.
-fn graph_stats() -> Value {
-    let g = crate::decode_graph::stats();
-    json!({"captures": g.captures, "replays": g.replays, "failed": g.failed})
+               "tokens_per_s": n as f64 / s, "peak_rss_mib": peak_rss_mib()}),
+        fields,
+    ))
 }
 
 /// `gen_batch` prompts as user turns of the chat template, each sampled `num_generations` times
@@ -331,19 +338,17 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
         pad_token_id: p.pad_token_id(),
         ..Default::default()
     };
-    let (out, s, traffic) = timed_generate(&p, &batch, &cfg)?;
+    let (out, s, fields) = timed_generate(&p, &batch, &cfg)?;
     let lens: Vec<usize> = out.tokens.iter().map(Vec::len).collect();
     let n: usize = lens.iter().sum();
     let steps = lens.iter().max().copied().unwrap_or(0);
-    Ok(
+    Ok(with_fields(
         json!({"workload": "rollout", "impl": "preftune", "ops": ops, "dtype": o.dtype, "bf16": o.bf16,
               "prompts": o.gen_batch, "num_generations": o.num_generations, "max_new_tokens": o.new_tokens,
               "threads": threads(), "seconds": s, "tokens": n, "tokens_per_s": n as f64 / s,
               "finished": out.finished.iter().filter(|&&f| f).count(), "steps": steps,
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
-              "fixed_steps": out.fixed_steps, "cuda_graphs": graph_stats(),
-              "cuda_kernels": crate::kernels::cuda_kernels_apply(p.model.device()),
-              "cuda_event_tracking": crate::device::cuda_event_tracking(p.model.device()),
-              "transfers_per_step": traffic, "peak_rss_mib": peak_rss_mib()}),
-    )
+              "peak_rss_mib": peak_rss_mib()}),
+        fields,
+    ))
 }

@@ -468,6 +468,14 @@ pub(crate) fn held<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
         .transpose()
 }
 
+/// Whether the decoding attention kernel exists for `dtype` at head size `dh` with `rep` query
+/// heads a KV group.
+pub(crate) fn decode_built(dtype: DType, dh: usize, rep: usize) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
+        && kc::DECODE_HEAD_SIZES.contains(&dh)
+        && rep <= kc::DECODE_MAX_REP
+}
+
 /// Whether attention kernels exist for `dtype` at head size `dh`: the tensor-core ones (f32 and
 /// bf16 inputs) or the CUDA-core ones.
 pub(crate) fn flash_built(dtype: DType, dh: usize, tensor_cores: bool) -> bool {
@@ -587,18 +595,11 @@ pub(crate) fn flash_decode(
 ) -> Result<CudaStorage> {
     let op = "flash-decode";
     let dev = &q.device;
-    let built = matches!(q.dtype(), DType::F32 | DType::BF16);
-    if !built || !kc::DECODE_HEAD_SIZES.contains(&d.dh) || d.r > kc::DECODE_MAX_REP || d.bg > 65535
-    {
+    if !decode_built(q.dtype(), d.dh, d.r) || d.bg > 65535 {
         return Err(Error::Msg(format!("{op}: no kernel for {d:?}")));
     }
-    let stride = match (
-        crate::flash::kv_group_stride(lk),
-        crate::flash::kv_group_stride(lv),
-    ) {
-        (Some(a), Some(b)) if a == b => a,
-        _ => return Err(shapes_error(op, [lq, lk, lv])),
-    };
+    let stride =
+        crate::flash::kv_pair_stride(lk, lv).ok_or_else(|| shapes_error(op, [lq, lk, lv]))?;
     let (r, _, tk, g) = d.u32s()?;
     let (launch, chunk) = kc::flash_decode(d.bg, d.tk);
     let splits = launch.grid as usize;

@@ -162,26 +162,17 @@ enum Graph {
 impl FixedDecode {
     /// Buffers of capacity `cap` holding what `cache` holds (one prefill's keys and values).
     pub(crate) fn new(model: &Model, cache: &KvCache, cap: usize) -> Result<Self> {
-        let len = cache.len();
+        let missing =
+            || Error::Msg("fixed-shape decoding: the cache does not hold every layer".into());
         if model.blocks.is_empty() || cache.layers.len() != model.blocks.len() {
-            return Err(Error::Msg(
-                "fixed-shape decoding: the cache does not hold every layer".into(),
-            ));
+            return Err(missing());
         }
         let mut layers = Vec::with_capacity(cache.layers.len());
         for c in &cache.layers {
-            let c = c.as_ref().ok_or_else(|| {
-                Error::Msg("fixed-shape decoding: the cache does not hold every layer".into())
-            })?;
-            let fill = |t: &Tensor| -> Result<Tensor> {
-                let (b, h, _, d) = t.dims4()?;
-                let buf = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
-                buf.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                Ok(buf)
-            };
-            layers.push((fill(&c.k)?, fill(&c.v)?));
+            let c = c.as_ref().ok_or_else(missing)?.resized(cap)?;
+            layers.push((c.k, c.v));
         }
-        Self::with_layers(model, layers, len, cap)
+        Self::with_layers(model, layers, cache.len(), cap)
     }
 
     fn with_layers(
@@ -300,9 +291,7 @@ impl FixedDecode {
             .enumerate()
         {
             if let (Some(_), Some(inv_freq)) = (self.parts.rope[slot], inv_freq) {
-                let (cos, sin) = crate::model::rope_values(inv_freq, positions);
-                floats.extend(cos);
-                floats.extend(sin);
+                floats.extend(crate::model::rope_values(inv_freq, positions));
             }
         }
         // The unwritten positions count as padding; the new token's row sits at `cap - 1`, past

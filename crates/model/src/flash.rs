@@ -163,6 +163,12 @@ pub fn kv_group_stride(l: &Layout) -> Option<usize> {
     ok.then_some(gs)
 }
 
+/// [`kv_group_stride`] of keys and values alike, or `None` when they differ.
+pub fn kv_pair_stride(k: &Layout, v: &Layout) -> Option<usize> {
+    let s = kv_group_stride(k)?;
+    (kv_group_stride(v) == Some(s)).then_some(s)
+}
+
 /// A decoding step's attention (one new position a row, outside autograd) on a GPU with
 /// preftune's kernels: `q` `[B, G, rep, dh]` over keys and values `[B, G, tk, dh]` read in place
 /// (a cache buffer's view, [`kv_group_stride`]), with an additive `mask` (`[B, 1, 1, tk]`),

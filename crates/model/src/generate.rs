@@ -334,24 +334,28 @@ pub fn generate_on(
                 ids[s].push(tok);
             }
         }
-        if let Some(f) = fixed.as_mut() {
-            logits = step_logits(f.step(&model, &new_col, &mask, &next_pos)?)?;
-            out.decode_rows += slots.len();
-            out.fixed_steps += 1;
-            next_pos.iter_mut().for_each(|p| *p += 1);
-            continue;
-        }
-        let hidden = if cfg.use_cache {
-            let rows = slots.len();
-            let step_ids = Tensor::from_vec(new_col, (rows, 1), &dev)?;
-            let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &candle_core::Device::Cpu)?;
-            model.forward(&step_ids, Some(&host(&mask)?), Some(&pos), Some(&mut cache))?
-        } else {
-            model.forward(&to_tensor(&ids)?, Some(&host(&mask)?), None, None)?
+        logits = match fixed.as_mut() {
+            Some(f) => {
+                out.fixed_steps += 1;
+                step_logits(f.step(&model, &new_col, &mask, &next_pos)?)?
+            }
+            None if cfg.use_cache => {
+                let rows = slots.len();
+                let step_ids = Tensor::from_vec(new_col, (rows, 1), &dev)?;
+                let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &candle_core::Device::Cpu)?;
+                last_logits(&model.forward(
+                    &step_ids,
+                    Some(&host(&mask)?),
+                    Some(&pos),
+                    Some(&mut cache),
+                )?)?
+            }
+            None => {
+                last_logits(&model.forward(&to_tensor(&ids)?, Some(&host(&mask)?), None, None)?)?
+            }
         };
         out.decode_rows += slots.len();
         next_pos.iter_mut().for_each(|p| *p += 1);
-        logits = last_logits(&hidden)?;
     }
     Ok(out)
 }

@@ -101,20 +101,15 @@ pub fn flash_applies(q: &Tensor, dh: usize) -> bool {
 pub fn decode_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        use preftune_kernels_cuda as kc;
         let (Ok((_, _, rep, dh)), dtype) = (q.dims4(), q.dtype()) else {
             return false;
         };
-        let kv = crate::flash::kv_group_stride(k.layout());
         FUSED.load(Ordering::Relaxed)
             && cuda_kernels_apply(q.device())
-            && matches!(dtype, DType::F32 | DType::BF16)
             && k.dtype() == dtype
             && v.dtype() == dtype
-            && rep <= kc::DECODE_MAX_REP
-            && kc::DECODE_HEAD_SIZES.contains(&dh)
-            && kv.is_some()
-            && kv == crate::flash::kv_group_stride(v.layout())
+            && crate::cuda_kernels::decode_built(dtype, dh, rep)
+            && crate::flash::kv_pair_stride(k.layout(), v.layout()).is_some()
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -334,22 +334,42 @@ impl LayerCache {
             .map_or((0, 0), |c| (c.len, c.k.dim(2).unwrap_or(0)));
         if len + t > cap {
             let cap = (2 * cap).max(len + t + 64);
-            let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let buf = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
-                if let Some(old) = old.filter(|_| len > 0) {
-                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            *slot = Some(match slot.as_ref() {
+                Some(c) => c.resized(cap)?,
+                None => {
+                    let zeros = || Tensor::zeros((b, h, cap, d), k.dtype(), k.device());
+                    LayerCache {
+                        k: zeros()?,
+                        v: zeros()?,
+                        len: 0,
+                    }
                 }
-                Ok(buf)
-            };
-            let k2 = grow(slot.as_ref().map(|c| &c.k))?;
-            let v2 = grow(slot.as_ref().map(|c| &c.v))?;
-            *slot = Some(LayerCache { k: k2, v: v2, len });
+            });
         }
         let c = slot.as_mut().expect("allocated above");
         c.k.slice_set(&k.contiguous()?, 2, c.len)?;
         c.v.slice_set(&v.contiguous()?, 2, c.len)?;
         c.len += t;
         Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
+}
+
+impl LayerCache {
+    /// The cached positions in new buffers of capacity `cap` (at least `len`), zeros after them.
+    pub(crate) fn resized(&self, cap: usize) -> candle_core::Result<LayerCache> {
+        let grow = |old: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, h, _, d) = old.dims4()?;
+            let buf = Tensor::zeros((b, h, cap, d), old.dtype(), old.device())?;
+            if self.len > 0 {
+                buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(buf)
+        };
+        Ok(LayerCache {
+            k: grow(&self.k)?,
+            v: grow(&self.v)?,
+            len: self.len,
+        })
     }
 }
 
@@ -1312,32 +1332,33 @@ impl Model {
         t: usize,
     ) -> Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
-        let (mut both, sin) = rope_values(inv_freq, positions);
-        both.extend(sin);
         // One copy to a GPU for both tables.
-        let both =
-            Tensor::from_vec(both, (2, b, 1, t, half), self.device())?.to_dtype(self.dtype)?;
+        let both = Tensor::from_vec(
+            rope_values(inv_freq, positions),
+            (2, b, 1, t, half),
+            self.device(),
+        )?
+        .to_dtype(self.dtype)?;
         Ok((both.get(0)?, both.get(1)?))
     }
 }
 
-/// The RoPE tables' values for `positions`, `[positions, inv_freq]` each, computed in f32 as
-/// transformers does.
-pub(crate) fn rope_values(inv_freq: &[f32], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
-    let n = positions.len() * inv_freq.len();
-    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for &p in positions {
-        for &f in inv_freq {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    (cos, sin)
+/// The RoPE tables' values for `positions`, computed in f32 as transformers does: the cosines
+/// `[positions, inv_freq]`, then the sines.
+pub(crate) fn rope_values(inv_freq: &[f32], positions: &[u32]) -> Vec<f32> {
+    let angles = || {
+        positions
+            .iter()
+            .flat_map(|&p| inv_freq.iter().map(move |&f| p as f32 * f))
+    };
+    angles()
+        .map(f32::cos)
+        .chain(angles().map(f32::sin))
+        .collect()
 }
 
 /// `x` as the nearest value of `dtype` (transformers multiplies by a scalar tensor of that dtype).
-pub(crate) fn round_to(x: f64, dtype: DType) -> f64 {
+fn round_to(x: f64, dtype: DType) -> f64 {
     match dtype {
         DType::F64 => x,
         DType::BF16 => half::bf16::from_f64(x).to_f64(),
