@@ -11,8 +11,9 @@ preftune: TRL's own step maths written out in PyTorch (TRL is not installed on t
                                        advantages, beta 0, one iteration (ratio 1), DAPO's token-mean
                                        loss, backward, clipping at 1.0, AdamW step
 BF16=1: TRL's bf16=True (f32 master weights, autocast to bf16). GC=1: gradient checkpointing.
+DEV=cpu runs on the CPU (a rehearsal of the script; default cuda).
 Prints one JSON line: median step seconds over the steps after two warm-up steps, tokens/s and
-torch's peak allocated memory."""
+torch's peak allocated memory (on a GPU)."""
 import json, os, statistics, sys, time
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ torch.backends.cudnn.allow_tf32 = False
 bf16 = os.environ.get("BF16") == "1"
 gc = os.environ.get("GC") == "1"
 work, model_dir, data = sys.argv[1:4]
-dev = "cuda"
+dev = os.environ.get("DEV", "cuda")
+cuda = dev.startswith("cuda")
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(dev)
@@ -31,7 +33,12 @@ rows = [json.loads(l) for l in open(data) if l.strip()]
 
 
 def sync():
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def peak_mib():
+    return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
 if work == "generate":
@@ -51,7 +58,7 @@ if work == "generate":
     n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
     print(json.dumps({"impl": "transformers", "workload": "generate", "bf16": bf16, "batch": batch, "new_tokens": new,
                       "seconds": s, "tokens_per_s": n / s, "torch": torch.__version__,
-                      "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
+                      "peak_allocated_mib": peak_mib()}))
     sys.exit(0)
 
 if work == "grpo":
@@ -68,7 +75,7 @@ if work == "grpo":
         sync(); t = time.perf_counter()
         enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True).to(dev)
         model.eval()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**enc, **kw)
         plen = enc["input_ids"].shape[1]
         comp = out[:, plen:]
@@ -82,7 +89,7 @@ if work == "grpo":
         adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
         model.train()
         att = torch.cat([enc["attention_mask"], cmask.long()], 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=out, attention_mask=att).logits[:, plen - 1:-1]
         lp = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
         ratio = torch.exp(lp - lp.detach())
@@ -97,7 +104,7 @@ if work == "grpo":
     print(json.dumps({"impl": "pytorch + transformers generate (TRL's GRPO step, no vLLM)", "workload": "grpo",
                       "bf16": bf16, "prompts": n_prompts, "num_generations": n, "max_completion_length": new,
                       "steps": len(times), "median_step_s": s, "completion_tokens": tokens,
-                      "torch": torch.__version__, "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
+                      "torch": torch.__version__, "peak_allocated_mib": peak_mib()}))
     sys.exit(0)
 
 batch, maxlen, steps = map(int, sys.argv[4:7])
@@ -127,7 +134,7 @@ def collate(pairs):
 
 
 def logps(ids, att, lm):
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=ids, attention_mask=att).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (lp * lm[:, 1:]).sum(-1), lm[:, 1:].sum()
@@ -165,4 +172,4 @@ s = statistics.median(times)
 print(json.dumps({"impl": "pytorch (TRL's step maths, eager)", "workload": work, "bf16": bf16, "gradient_checkpointing": gc,
                   "batch": batch, "max_length": maxlen, "steps": len(times), "median_step_s": s,
                   "tokens_per_s": tokens / s, "torch": torch.__version__,
-                  "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}))
+                  "peak_allocated_mib": peak_mib()}))
