@@ -6,7 +6,9 @@
 #   BIN=path/to/preftune (default target/release/preftune; a .gz beside it is unpacked)
 #   OUT=folder for logs and results (default runs/gpu-check)
 #   SECTIONS="parity kernels steps generate dpo-run variants commands trainers pipeline timing"
-#            (default: all)
+#            (default: all of these); "table" runs issue 22's table (scripts/gpu/table22.sh) at
+#            TABLE_SHAPE (default llama-3.2-1b, which SHAPES must then include): an estimated 5
+#            minutes on its own, so it is never a default
 #   SHAPES="smollm2-135m llama-3.2-1b" (default: both random models)
 #   DEVICE=cuda (default). DEVICE=cpu rehearses the script on a CPU-only machine with any build:
 #          the "GPU" side runs on the CPU too, and what needs CUDA (parity, timing, the traffic
@@ -28,7 +30,13 @@ if [ "$DEVICE" = cpu ]; then
     rehearsal=true
     # What only a GPU can check.
     SECTIONS=$(for s in $SECTIONS; do case $s in parity | timing) ;; *) echo "$s" ;; esac; done | tr '\n' ' ')
+    # The table's plumbing at toy sizes (the reference runs on the CPU too).
+    TABLE_SHAPE=${TABLE_SHAPE:-smollm2-135m}
+    table_knobs=(LENGTHS="64 128" GC_AT=128 BATCH=2 STEPS=2 GEN_BATCH=2 NEW=8 GRPO_STEPS=1)
+else
+    table_knobs=()
 fi
+TABLE_SHAPE=${TABLE_SHAPE:-llama-3.2-1b}
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then gunzip -c "$BIN.gz" > "$BIN" && chmod +x "$BIN"; fi
 BIN=$(realpath "$BIN")
@@ -497,8 +505,14 @@ PY
 
 # First timings against PyTorch + transformers on the same GPU.
 timing_for() {
-    check "timing-$1" env BIN="$BIN" PY="$PY" WORK="$work" PRECISIONS="$2" \
+    check "timing-$1" env BIN="$BIN" PY="$PY" WORK="$work" DEVICE="$DEVICE" PRECISIONS="$2" \
         bash scripts/gpu/timing.sh "$work/$1" "$1"
+}
+
+# Issue 22's table: bf16 on both sides, batch 8 at 512 and 2048 tokens, sampling and GRPO.
+table_for() {
+    check "table-$1" env BIN="$BIN" PY="$PY" WORK="$work" DEVICE="$DEVICE" TABLE_MD="$OUT/table-issue22-$1.md" \
+        "${table_knobs[@]}" bash scripts/gpu/table22.sh "$work/$1" "$1"
 }
 
 # Cheapest and most telling first: a run cut short still returns what it finished.
@@ -507,6 +521,11 @@ if want generate; then
     for shape in "${models[@]}"; do check "greedy-$shape" greedy "$shape"; done
     for shape in "${models[@]}"; do check "greedy-bf16-$shape" greedy_bf16 "$shape"; done
     for shape in "${models[@]}"; do check "greedy-graphs-$shape" greedy_graphs "$shape"; done
+    # Mixtures of experts (tiny fixtures): few-row steps route on the device, so they replay too.
+    for moe in tiny-mixtral tiny-qwen2moe; do
+        ln -sfn "$PWD/fixtures/models/$moe" "$work/$moe"
+        check "greedy-graphs-$moe" greedy_graphs "$moe"
+    done
     [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
     [ ${#models[@]} -eq 0 ] || check "gguf-${models[0]}" gguf "${models[0]}"
 fi
@@ -533,6 +552,15 @@ want pipeline && check pipeline pipeline
 want steps && has llama-3.2-1b && steps_for llama-3.2-1b
 want timing && has smollm2-135m && timing_for smollm2-135m "false true"
 want timing && has llama-3.2-1b && timing_for llama-3.2-1b "true"
+if want table; then
+    if has "$TABLE_SHAPE"; then
+        table_for "$TABLE_SHAPE"
+    else
+        failed=$((failed + 1))
+        echo "FAIL table: SHAPES has no $TABLE_SHAPE"
+        log "{\"check\": \"table-$TABLE_SHAPE\", \"ok\": false, \"why\": \"SHAPES has no $TABLE_SHAPE\"}"
+    fi
+fi
 
 rm -rf "$work"
 echo "summary: $failed failed; $OUT/summary.jsonl"
