@@ -83,14 +83,19 @@ impl Drop for Force {
     }
 }
 
-/// Whether `model` can decode with fixed-shape steps when they are [`enabled`]: dense layers,
-/// weights not kept quantised, the same key/value shape in every layer, and no LoRA dropout
-/// drawing (a replay would repeat one step's masks).
-pub fn applies(model: &Model) -> bool {
+/// Whether `model` can decode `rows` rows with fixed-shape steps when they are [`enabled`]:
+/// weights not kept quantised, the same key/value shape in every layer, no LoRA dropout drawing (a
+/// replay would repeat one step's masks), and for a mixture of experts, routing that reads
+/// nothing back off the CPU's kernels ([`crate::moe::routes_on_device`]).
+pub fn applies(model: &Model, rows: usize) -> bool {
     let shapes = model.blocks.iter().map(|b| b.kv_shape());
     let uniform = shapes.clone().all(|s| Some(s) == shapes.clone().next());
+    let dev = model.device();
+    let routing = model.cfg.moe.is_none()
+        || crate::kernels::cpu_kernels(dev)
+        || crate::moe::routes_on_device(dev, rows);
     enabled()
-        && model.cfg.moe.is_none()
+        && routing
         && !model.is_quantized()
         && uniform
         && model.lora_dropout.snapshot().is_none()

@@ -243,7 +243,7 @@ pub fn generate_on(
     }
     // Fixed-shape decoding steps (CUDA graphs on a GPU) take over the prefill's cache.
     let mut fixed =
-        match cfg.use_cache && cfg.max_new_tokens > 1 && crate::decode_graph::applies(&model) {
+        match cfg.use_cache && cfg.max_new_tokens > 1 && crate::decode_graph::applies(&model, b) {
             true => {
                 let cap = cache.len() + cfg.max_new_tokens;
                 let f = crate::decode_graph::FixedDecode::new(&model, &cache, cap)?;

@@ -119,6 +119,9 @@ enum Mlp {
         /// Qwen2-MoE's shared expert, which every token goes through, and its gate (`[1, H]`):
         /// `sigmoid(gate x) * shared(x)` is added to the routed experts' sum.
         shared: Option<Box<(Mlp, Linear)>>,
+        /// `[experts, experts]`, 1 where the column's expert comes before the row's: how
+        /// [`crate::moe::top_k_mask`] breaks ties on the device, kept there.
+        tie_order: Tensor,
     },
 }
 
@@ -835,12 +838,15 @@ impl Model {
                                 Some(Box::new((mlp, gate)))
                             }
                         };
+                        let tie_order =
+                            crate::moe::tie_order(m.num_experts, router.weight.device())?;
                         Mlp::Moe {
                             router,
                             experts,
                             top_k: m.top_k,
                             norm_topk_prob: m.norm_topk_prob,
                             shared,
+                            tie_order,
                         }
                     } else if cfg.fused_projections {
                         Mlp::GatedFused {
@@ -1652,6 +1658,7 @@ impl Mlp {
                 top_k,
                 norm_topk_prob,
                 shared,
+                tie_order,
             } => {
                 // Routing picks rows per expert, so the last projections are computed (no
                 // unread form): checkpointed backward recomputes them, at the same gradients.
@@ -1666,34 +1673,59 @@ impl Mlp {
                     _ => logits.to_dtype(DType::F32)?,
                 };
                 let probs = softmax_last(&logits)?;
-                let (mask, rows) =
-                    top_k_routes(&probs.to_dtype(DType::F32)?.to_vec2::<f32>()?, *top_k);
-                let mask = Tensor::from_vec(mask, (n, experts.len()), x.device())?
-                    .to_dtype(probs.dtype())?;
+                let weights = |mask: &Tensor| -> candle_core::Result<Tensor> {
+                    let mut w = (&probs * mask)?;
+                    if *norm_topk_prob {
+                        w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+                    }
+                    w.to_dtype(x.dtype())
+                };
+                let (mut y, picks) = if crate::moe::routes_on_device(x.device(), n) {
+                    // Few rows (decoding): picks made where the probabilities are, and every
+                    // expert run on every row, weighted by zero where it was not picked. Nothing
+                    // is read back, so a decoding step can be a CUDA graph; a step reads every
+                    // expert's weights either way once the rows pick most experts.
+                    let mask = crate::moe::top_k_mask(&probs, *top_k, tie_order)?;
+                    let w = weights(&mask)?;
+                    let mut y: Option<Tensor> = None;
+                    for (e, expert) in experts.iter().enumerate() {
+                        let ye = expert
+                            .forward(&xf, act_kind, false)?
+                            .broadcast_mul(&w.narrow(1, e, 1)?)?;
+                        y = Some(match y {
+                            None => ye,
+                            Some(acc) => (acc + ye)?,
+                        });
+                    }
+                    let y = y.ok_or_else(|| candle_core::Error::Msg("MoE: no experts".into()))?;
+                    (y, mask)
+                } else {
+                    let (mask, rows) =
+                        top_k_routes(&probs.to_dtype(DType::F32)?.to_vec2::<f32>()?, *top_k);
+                    let mask = Tensor::from_vec(mask, (n, experts.len()), x.device())?
+                        .to_dtype(probs.dtype())?;
+                    let w = weights(&mask)?;
+                    // Every expert's weighted rows, then one sum into place (one `[rows, hidden]`
+                    // buffer, not one per expert).
+                    let (mut ys, mut order) = (vec![], vec![]);
+                    for (e, (expert, rows)) in experts.iter().zip(&rows).enumerate() {
+                        if rows.is_empty() {
+                            continue;
+                        }
+                        let idx = Tensor::new(rows.as_slice(), x.device())?;
+                        let y = expert.forward(&xf.index_select(&idx, 0)?, act_kind, false)?;
+                        let we = w.narrow(1, e, 1)?.contiguous()?.index_select(&idx, 0)?;
+                        ys.push(y.broadcast_mul(&we)?);
+                        order.extend_from_slice(rows);
+                    }
+                    let idx = Tensor::new(order.as_slice(), x.device())?;
+                    let y = xf.zeros_like()?.index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?;
+                    (y, mask)
+                };
                 let route = Route {
                     probs: probs.clone(),
-                    picks: mask.clone(),
+                    picks,
                 };
-                let mut w = (probs * mask)?;
-                if *norm_topk_prob {
-                    w = w.broadcast_div(&w.sum_keepdim(1)?)?;
-                }
-                let w = w.to_dtype(x.dtype())?;
-                // Every expert's weighted rows, then one sum into place (one `[rows, hidden]`
-                // buffer, not one per expert).
-                let (mut ys, mut order) = (vec![], vec![]);
-                for (e, (expert, rows)) in experts.iter().zip(&rows).enumerate() {
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let idx = Tensor::new(rows.as_slice(), x.device())?;
-                    let y = expert.forward(&xf.index_select(&idx, 0)?, act_kind, false)?;
-                    let we = w.narrow(1, e, 1)?.contiguous()?.index_select(&idx, 0)?;
-                    ys.push(y.broadcast_mul(&we)?);
-                    order.extend_from_slice(rows);
-                }
-                let idx = Tensor::new(order.as_slice(), x.device())?;
-                let mut y = xf.zeros_like()?.index_add(&idx, &Tensor::cat(&ys, 0)?, 0)?;
                 if let Some(sh) = shared {
                     let (mlp, gate) = &**sh;
                     let g = crate::ops::sigmoid(&gate.forward(&xf)?)?;
@@ -1708,7 +1740,7 @@ impl Mlp {
 
 /// Each row's `k` most probable experts (ties to the lower index): a `[rows, experts]` 0/1 mask,
 /// row-major, and for each expert the rows routed to it, in order.
-fn top_k_routes(probs: &[Vec<f32>], k: usize) -> (Vec<f32>, Vec<Vec<u32>>) {
+pub(crate) fn top_k_routes(probs: &[Vec<f32>], k: usize) -> (Vec<f32>, Vec<Vec<u32>>) {
     let experts = probs.first().map_or(0, Vec::len);
     let mut mask = vec![0f32; probs.len() * experts];
     let mut rows = vec![vec![]; experts];

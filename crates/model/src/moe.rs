@@ -9,7 +9,7 @@
 //! recomputation.
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::model::Model;
 
@@ -51,6 +51,58 @@ pub fn load_balancing_loss(routes: &[Route], rows: Option<&Tensor>) -> candle_co
         probs = (probs + r.probs.broadcast_mul(&w)?.sum(0)?)?;
     }
     (picks * probs)?.sum_all()? * (experts as f64 / (total * total))
+}
+
+/// Passes of at most this many rows (tokens: a decoding step's batch) route on the device when
+/// tensors there take the composed ops ([`routes_on_device`]).
+pub const DEVICE_ROUTING_MAX_ROWS: usize = 64;
+
+/// Whether a MoE layer routes a pass of `rows` tokens on `d` without reading the router back: off
+/// the CPU's kernels (on a GPU, or its code path on the CPU) and at most
+/// [`DEVICE_ROUTING_MAX_ROWS`] rows. Such a pass runs every expert on every row, weighted by zero
+/// where the row did not pick it. With few rows a step is bound by reading the experts' weights,
+/// which the rows' picks read most of anyway; more rows route on the host, one read back per
+/// layer, and each expert sees only its rows.
+pub fn routes_on_device(d: &Device, rows: usize) -> bool {
+    rows <= DEVICE_ROUTING_MAX_ROWS && !crate::kernels::cpu_kernels(d)
+}
+
+/// `[experts, experts]` in f32 on `d`, 1 where column `j` comes before row `e` (`j < e`): the tie
+/// order of [`top_k_mask`], made once per layer so routing uploads nothing.
+pub(crate) fn tie_order(experts: usize, d: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..experts * experts)
+        .map(|i| f32::from(u8::from(i % experts < i / experts)))
+        .collect();
+    Tensor::from_vec(v, (experts, experts), d)
+}
+
+/// Each row's `k` most probable experts as a 0/1 `[rows, experts]` mask in `probs`' dtype,
+/// computed where `probs` is: expert `e` is picked when fewer than `k` experts rank above it, an
+/// expert ranking above `e` when its probability is higher, or equal with a lower index (the host
+/// routing's order, so both pick the same experts). `tie_order` is [`tie_order`]'s matrix. No
+/// gradient flows through the mask.
+pub(crate) fn top_k_mask(
+    probs: &Tensor,
+    k: usize,
+    tie_order: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let p = probs.detach();
+    let dtype = p.dtype();
+    let mine = p.unsqueeze(2)?; // [rows, e, 1]
+    let other = p.unsqueeze(1)?; // [rows, 1, j]
+    let above = other.broadcast_gt(&mine)?.to_dtype(DType::F32)?;
+    let tied = other
+        .broadcast_eq(&mine)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(tie_order)?;
+    let rank = (above + tied)?.sum(2)?;
+    // rank < k as min(relu(k - rank), 1), which is 1 there (ranks are whole numbers) and 0 from k
+    // on: unary ops only, where a comparison with k would upload k at every call.
+    let over = rank.affine(-1.0, k as f64)?.relu()?;
+    over.affine(-1.0, 1.0)?
+        .relu()?
+        .affine(-1.0, 1.0)?
+        .to_dtype(dtype)
 }
 
 /// The losses of the recorded passes since the last take, shared by a model's clones.
@@ -156,5 +208,41 @@ mod tests {
         let none = Tensor::zeros((3, 1), DType::F64, &dev).unwrap();
         let zero = load_balancing_loss(&routes, Some(&none)).unwrap();
         assert_eq!(zero.to_scalar::<f64>().unwrap(), 0.0);
+    }
+
+    /// The device's picks are the host's: on random probabilities, on ties (a router whose
+    /// weights are all zero gives every expert the same probability), and for every k.
+    #[test]
+    fn device_picks_are_the_hosts_ties_included() {
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let experts = 6;
+        let mut rows: Vec<Vec<f32>> = (0..40)
+            .map(|_| (0..experts).map(|_| rng.gen::<f32>()).collect())
+            .collect();
+        rows.push(vec![1.0 / 6.0; experts]);
+        rows.push(vec![0.3, 0.1, 0.3, 0.1, 0.1, 0.1]);
+        rows.push(vec![0.1, 0.2, 0.2, 0.2, 0.2, 0.1]);
+        // Rounding alike on both sides: whole multiples of 1/8 tie often.
+        rows.extend((0..20).map(|_| {
+            (0..experts)
+                .map(|_| f32::from(rng.gen_range(0u8..4)) / 8.0)
+                .collect()
+        }));
+        let order = tie_order(experts, &dev).unwrap();
+        let probs = Tensor::new(rows.clone(), &dev).unwrap();
+        for k in 1..=experts {
+            let (want, _) = crate::model::top_k_routes(&rows, k);
+            let got = top_k_mask(&probs, k, &order).unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "k = {k}");
+            // f64 probabilities (gradient checks) pick the same.
+            let p64 = probs.to_dtype(DType::F64).unwrap();
+            let got64 = top_k_mask(&p64, k, &order).unwrap();
+            assert_eq!(got64.dtype(), DType::F64);
+            let got64: Vec<f64> = got64.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(got64.iter().zip(&want).all(|(a, b)| *a == f64::from(*b)));
+        }
     }
 }

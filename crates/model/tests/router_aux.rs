@@ -1,7 +1,8 @@
 //! The load-balancing loss of the MoE models against transformers' (`output_router_logits=True`,
 //! `fixtures/golden/router-aux.json`): its value on a left-padded batch and its gradients on every
 //! router and on a first-layer projection (reached through the hidden states the second layer
-//! routes), with and without gradient checkpointing.
+//! routes), with and without gradient checkpointing, routed on the host (the CPU's kernels) and
+//! where the probabilities are (the GPU's code path, whose few-row passes read nothing back).
 mod common;
 
 use candle_core::{Device, Tensor};
@@ -18,7 +19,16 @@ fn the_load_balancing_loss_and_its_gradients_match_transformers() {
     let g = common::golden("router-aux.json");
     let (ids, mask) = (matrix(&g["input_ids"]), matrix(&g["attention_mask"]));
     for (name, want) in g["models"].as_object().unwrap() {
-        for checkpointing in [false, true] {
+        for (checkpointing, portable) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let _portable = preftune_model::kernels::PortableScope::new(portable);
+            let rows = ids.elem_count();
+            assert_eq!(
+                preftune_model::moe::routes_on_device(&Device::Cpu, rows),
+                portable,
+                "{rows} rows"
+            );
             let opts = LoadOptions {
                 trainable: true,
                 ..Default::default()
@@ -26,7 +36,7 @@ fn the_load_balancing_loss_and_its_gradients_match_transformers() {
             let mut p = Pretrained::load(&common::tiny(name), &opts).unwrap();
             p.model.set_gradient_checkpointing(checkpointing);
             p.model.set_router_aux_loss(true);
-            let what = format!("{name}, checkpointing {checkpointing}");
+            let what = format!("{name}, checkpointing {checkpointing}, portable {portable}");
             p.model.forward(&ids, Some(&mask), None, None).unwrap();
             let losses = p.model.take_router_aux_losses();
             assert_eq!(losses.len(), 1, "{what}: one loss per training pass");
