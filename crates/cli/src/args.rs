@@ -50,6 +50,10 @@ pub struct SamplingArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// At most this many sequences decode at once (vLLM's name); the other prompts join the
+    /// running batch as sequences finish. Bounds the KV cache's memory; 0: every prompt at once.
+    #[arg(long, default_value_t = 0)]
+    pub max_num_seqs: usize,
     /// Multiply in bf16 over the f32 weights (bf16 operands, f32 sums), as `bf16 = true` does in
     /// training and the pipeline: its evaluations' products, and faster sampling where the CPU
     /// multiplies in bf16 (AMX, AVX-512 BF16). Reward models the command runs multiply the same

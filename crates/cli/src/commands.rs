@@ -81,6 +81,7 @@ pub(crate) fn sampling_config(p: &Pretrained, s: &SamplingArgs) -> SamplingConfi
         eos_token_ids: p.eos_token_ids(),
         pad_token_id: p.pad_token_id(),
         use_cache: true,
+        max_num_seqs: s.max_num_seqs,
     }
 }
 

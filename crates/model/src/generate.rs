@@ -26,6 +26,11 @@ pub struct SamplingConfig {
     pub pad_token_id: u32,
     /// Off recomputes the whole sequence each step; only useful to check the cache.
     pub use_cache: bool,
+    /// At most this many sequences decode at once (vLLM's name); the other prompts wait, in
+    /// order, and join the running batch as sequences finish (continuous batching), which bounds
+    /// the KV cache's memory. 0: every prompt at once. The draws depend on it, as they depend on
+    /// the batch.
+    pub max_num_seqs: usize,
 }
 
 impl Default for SamplingConfig {
@@ -40,6 +45,7 @@ impl Default for SamplingConfig {
             eos_token_ids: vec![],
             pad_token_id: 0,
             use_cache: true,
+            max_num_seqs: 0,
         }
     }
 }
@@ -58,6 +64,8 @@ pub struct Generation {
     /// Decoding steps run as fixed-shape steps ([`crate::decode_graph`]), replayed from a CUDA
     /// graph on a GPU.
     pub fixed_steps: usize,
+    /// The most rows one decoding step ran (at most [`SamplingConfig::max_num_seqs`]).
+    pub peak_rows: usize,
 }
 
 impl SamplingConfig {
@@ -101,6 +109,32 @@ enum StepLogits {
     Device(Tensor),
 }
 
+impl StepLogits {
+    /// `self`'s rows, then `other`'s.
+    fn cat(self, other: StepLogits) -> Result<StepLogits> {
+        Ok(match (self, other) {
+            (StepLogits::Host(mut a), StepLogits::Host(b)) => {
+                a.extend(b);
+                StepLogits::Host(a)
+            }
+            (StepLogits::Device(a), StepLogits::Device(b)) => {
+                StepLogits::Device(Tensor::cat(&[&a, &b], 0)?)
+            }
+            _ => return Err(Error::Msg("generate: logits on two sides".into())),
+        })
+    }
+}
+
+/// Rows prefilled together by [`generate_on`]: their cache, masks (`[prefix][padding][rest]`),
+/// ids (read again only without the cache) and last logits, and the prompt positions run.
+struct Admission {
+    cache: KvCache,
+    mask: Vec<Vec<u32>>,
+    ids: Vec<Vec<u32>>,
+    logits: StepLogits,
+    positions: usize,
+}
+
 /// [`generate_on`] with [`DrawOn::Auto`].
 pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Generation> {
     generate_on(model, prompts, cfg, DrawOn::Auto)
@@ -113,6 +147,10 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Re
 /// finished sequences leave the batch. None of this changes what is drawn: each step takes one
 /// uniform draw per unfinished sequence, in prompt order, as the whole batch would. (Products
 /// over fewer rows may round differently, which can flip a near tie.)
+///
+/// With [`SamplingConfig::max_num_seqs`] below the number of prompts, the first ones start and
+/// the others wait, in order; when finished rows leave, waiting prompts are prefilled and join
+/// the batch (continuous batching). Draws then follow the rows' order in that batch.
 pub fn generate_on(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -159,7 +197,6 @@ pub fn generate_on(
     // Under bf16 with a bf16 GEMM: every weight packed once for the whole loop (a no-op otherwise).
     let _packed = crate::ops::PackedWeights::new();
     let dev = model.device().clone();
-    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let on = |rows: &[Vec<u32>], dev: &candle_core::Device| -> Result<Tensor> {
         let cols = rows.first().map_or(0, Vec::len);
         Ok(Tensor::from_vec(rows.concat(), (rows.len(), cols), dev)?)
@@ -168,44 +205,29 @@ pub fn generate_on(
     // Masks and positions stay on the host: the forward pass reads them there (on a GPU, a copy
     // up and one back down per step otherwise).
     let host = |rows: &[Vec<u32>]| on(rows, &candle_core::Device::Cpu);
-    let mut cache = KvCache::new(model.cfg.num_layers);
-    // Without the cache every step reruns the whole batch: the reference the cached path is
-    // checked against, so it keeps every row and pads finished ones.
-    let (distinct, of_row) = match cfg.use_cache {
-        true => distinct_prompts(prompts),
-        false => ((0..b).collect(), (0..b).collect()),
+    // At most `cap` rows decode at once (continuous batching): the other prompts wait, in order,
+    // and join as rows finish. Without the cache every step reruns the whole batch: the
+    // reference the cached path is checked against, so it keeps every row and pads finished ones.
+    let cap = match cfg.max_num_seqs {
+        n if n > 0 && cfg.use_cache => n.min(b),
+        _ => b,
     };
-    // A prefix every prompt shares (a system prompt, a preprompt) is run once and its keys and
-    // values copied to every row; each row then holds `[prefix][padding][rest]`.
+    // A prefix every prompt shares (a system prompt, a preprompt) is run once, and its keys and
+    // values copied to each admission's rows, which then hold `[prefix][padding][rest]`.
     let shared = match cfg.use_cache {
         true => shared_prefix(prompts),
         false => 0,
     };
-    if shared > 0 {
-        let prefix = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dev)?;
-        model.forward(&prefix, None, None, Some(&mut cache))?;
-        cache.select(&vec![0; distinct.len()], 0)?;
-        out.prompt_positions += shared;
-    }
-    let mut ids: Vec<Vec<u32>> = distinct
-        .iter()
-        .map(|&i| {
-            let p = &prompts[i];
-            std::iter::repeat_n(cfg.pad_token_id, max_len - p.len())
-                .chain(p[shared..].iter().copied())
-                .collect()
-        })
-        .collect();
-    let mut mask: Vec<Vec<u32>> = distinct
-        .iter()
-        .map(|&i| {
-            let p = &prompts[i];
-            std::iter::repeat_n(1, shared)
-                .chain(std::iter::repeat_n(0, max_len - p.len()))
-                .chain(std::iter::repeat_n(1, p.len() - shared))
-                .collect()
-        })
-        .collect();
+    let prefix = match shared {
+        0 => None,
+        _ => {
+            let mut c = KvCache::new(model.cfg.num_layers);
+            let t = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), &dev)?;
+            model.forward(&t, None, None, Some(&mut c))?;
+            out.prompt_positions += shared;
+            Some(c)
+        }
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
 
     let step_logits = |logits: Tensor| -> Result<StepLogits> {
@@ -219,72 +241,143 @@ pub fn generate_on(
         let h = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
         step_logits(model.logits(&h)?.to_dtype(DType::F32)?)
     };
+    // Prefills the prompts `rows` (indices into `prompts`) in one left-padded batch on a cache of
+    // their own, identical prompts once (with the cache).
+    let prefill = |rows: &[usize]| -> Result<Admission> {
+        let subset: Vec<&[u32]> = rows.iter().map(|&r| prompts[r].as_slice()).collect();
+        let (distinct, of_row) = match cfg.use_cache {
+            true => distinct_prompts(&subset),
+            false => ((0..rows.len()).collect(), (0..rows.len()).collect()),
+        };
+        let width = subset.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut cache = KvCache::new(model.cfg.num_layers);
+        if let Some(p) = &prefix {
+            cache = p.prefix_copy(usize::MAX)?;
+            cache.select(&vec![0; distinct.len()], 0)?;
+        }
+        let ids: Vec<Vec<u32>> = distinct
+            .iter()
+            .map(|&i| {
+                let p = subset[i];
+                std::iter::repeat_n(cfg.pad_token_id, width - p.len())
+                    .chain(p[shared..].iter().copied())
+                    .collect()
+            })
+            .collect();
+        let mut mask: Vec<Vec<u32>> = distinct
+            .iter()
+            .map(|&i| {
+                let p = subset[i];
+                std::iter::repeat_n(1, shared)
+                    .chain(std::iter::repeat_n(0, width - p.len()))
+                    .chain(std::iter::repeat_n(1, p.len() - shared))
+                    .collect()
+            })
+            .collect();
+        let hidden = model.forward(
+            &to_tensor(&ids)?,
+            Some(&host(&mask)?),
+            None,
+            cfg.use_cache.then_some(&mut cache),
+        )?;
+        let positions = distinct.len() * (width - shared);
+        let mut logits = last_logits(&hidden)?;
+        // Repeated prompts only with the cache, whose path reads `ids` no more after the prefill.
+        if distinct.len() < rows.len() {
+            let idx: Vec<u32> = of_row.iter().map(|&d| d as u32).collect();
+            logits = match logits {
+                StepLogits::Host(l) => {
+                    StepLogits::Host(of_row.iter().map(|&d| l[d].clone()).collect())
+                }
+                StepLogits::Device(t) => {
+                    StepLogits::Device(t.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?)
+                }
+            };
+            cache.select(&idx, 0)?;
+            mask = of_row.iter().map(|&d| mask[d].clone()).collect();
+        }
+        Ok(Admission {
+            cache,
+            mask,
+            ids,
+            logits,
+            positions,
+        })
+    };
     // Under `min_new_tokens` on the device: `-inf` at the EOS tokens, added to the logits.
     let mut suppress_eos: Option<Tensor> = None;
-    let hidden = model.forward(
-        &to_tensor(&ids)?,
-        Some(&host(&mask)?),
-        None,
-        cfg.use_cache.then_some(&mut cache),
-    )?;
-    out.prompt_positions += distinct.len() * (max_len - shared);
-    let mut logits = last_logits(&hidden)?;
-    // Repeated prompts only with the cache, whose path reads `ids` no more after the prefill.
-    if distinct.len() < b {
-        let rows: Vec<u32> = of_row.iter().map(|&d| d as u32).collect();
-        logits = match logits {
-            StepLogits::Host(l) => StepLogits::Host(of_row.iter().map(|&d| l[d].clone()).collect()),
-            StepLogits::Device(t) => {
-                StepLogits::Device(t.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?)
-            }
-        };
-        cache.select(&rows, 0)?;
-        mask = of_row.iter().map(|&d| mask[d].clone()).collect();
-    }
-    // Fixed-shape decoding steps (CUDA graphs on a GPU) take over the prefill's cache.
-    let mut fixed =
-        match cfg.use_cache && cfg.max_new_tokens > 1 && crate::decode_graph::applies(&model, b) {
-            true => {
-                let cap = cache.len() + cfg.max_new_tokens;
-                let f = crate::decode_graph::FixedDecode::new(&model, &cache, cap)?;
-                cache = KvCache::new(model.cfg.num_layers);
-                Some(f)
-            }
-            false => None,
-        };
-    // The prompt (`out` row) of each batch row, in prompt order.
-    let mut slots: Vec<usize> = (0..b).collect();
-    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    // The first `cap` prompts; the rest wait.
+    let mut slots: Vec<usize> = (0..cap).collect();
+    let mut waiting = cap..b;
+    let first = prefill(&slots)?;
+    out.prompt_positions += first.positions;
+    let (mut cache, mut mask, mut ids, mut logits) =
+        (first.cache, first.mask, first.ids, first.logits);
+    // Fixed-shape decoding steps (CUDA graphs on a GPU) take over the prefill's cache, when every
+    // row starts at once (a row that joins changes the batch's shape).
+    let fixed_steps = cfg.use_cache
+        && cfg.max_new_tokens > 1
+        && cap == b
+        && crate::decode_graph::applies(&model, b);
+    let mut fixed = match fixed_steps {
+        true => {
+            let cap = cache.len() + cfg.max_new_tokens;
+            let f = crate::decode_graph::FixedDecode::new(&model, &cache, cap)?;
+            cache = KvCache::new(model.cfg.num_layers);
+            Some(f)
+        }
+        false => None,
+    };
+    // The position of each batch row's next token.
+    let mut next_pos: Vec<u32> = slots.iter().map(|&r| prompts[r].len() as u32).collect();
+    // A row is done once it ended with EOS or made `max_new_tokens`.
+    let done = |out: &Generation, row: usize| {
+        out.finished[row] || out.tokens[row].len() >= cfg.max_new_tokens
+    };
 
-    for step in 0..cfg.max_new_tokens {
+    loop {
         // One uniform draw per live row, in row order, then the rows in parallel (softmax over
         // the vocabulary is most of a step's non-matmul time); the result does not depend on
         // the thread count.
         let draws: Vec<Option<f32>> = slots
             .iter()
-            .map(|&row| (!out.finished[row] && cfg.temperature > 0.0).then(|| rng.gen()))
+            .map(|&row| (!done(&out, row) && cfg.temperature > 0.0).then(|| rng.gen()))
+            .collect();
+        // Rows still short of `min_new_tokens`, whose EOS is held back.
+        let holding: Vec<bool> = slots
+            .iter()
+            .map(|&row| out.tokens[row].len() < cfg.min_new_tokens)
             .collect();
         let picked: Vec<Option<(u32, f32)>> = match &mut logits {
             StepLogits::Device(t) => {
-                let live: Vec<bool> = slots.iter().map(|&row| !out.finished[row]).collect();
-                let suppressing = step < cfg.min_new_tokens && !cfg.eos_token_ids.is_empty();
+                let live: Vec<bool> = slots.iter().map(|&row| !done(&out, row)).collect();
+                let suppressing = holding.contains(&true) && !cfg.eos_token_ids.is_empty();
                 if suppressing && suppress_eos.is_none() {
                     suppress_eos = Some(eos_mask(t, &cfg.eos_token_ids)?);
                 }
-                let suppress = suppress_eos.as_ref().filter(|_| suppressing);
-                crate::sampling::sample_rows_on_device(t, &draws, &live, cfg, suppress)?
+                let suppress = match (&suppress_eos, suppressing) {
+                    (Some(m), true) if holding.iter().all(|&h| h) => Some(m.clone()),
+                    // Rows that joined later hold back EOS for longer: a row of the mask each.
+                    (Some(m), true) => {
+                        let both = Tensor::cat(&[&m.zeros_like()?, m], 0)?;
+                        let pick: Vec<u32> = holding.iter().map(|&h| u32::from(h)).collect();
+                        Some(both.index_select(&Tensor::new(pick.as_slice(), t.device())?, 0)?)
+                    }
+                    _ => None,
+                };
+                crate::sampling::sample_rows_on_device(t, &draws, &live, cfg, suppress.as_ref())?
             }
             StepLogits::Host(logits) => {
                 use rayon::prelude::*;
                 logits
                     .par_iter_mut()
                     .zip(draws)
-                    .zip(&slots)
-                    .map(|((lg, r), &row)| {
-                        if out.finished[row] {
+                    .zip(slots.par_iter().zip(&holding))
+                    .map(|((lg, r), (&row, &hold))| {
+                        if done(&out, row) {
                             return None;
                         }
-                        if step < cfg.min_new_tokens {
+                        if hold {
                             hold_back(lg, &cfg.eos_token_ids);
                         }
                         Some(crate::sampling::sample_token(lg, cfg, r.unwrap_or(0.0)))
@@ -305,14 +398,14 @@ pub fn generate_on(
             }
             new_col.push(tok);
         }
-        if out.finished.iter().all(|&f| f) || step + 1 == cfg.max_new_tokens {
+        // Done rows leave once they are an eighth of the batch (each leave copies the cache),
+        // with the leading positions that only their padding held.
+        let live: Vec<usize> = (0..slots.len())
+            .filter(|&s| !done(&out, slots[s]))
+            .collect();
+        if live.is_empty() && waiting.is_empty() {
             break;
         }
-        // Finished sequences leave once they are an eighth of the batch (each leave copies the
-        // cache), with the leading positions that only their padding held.
-        let live: Vec<usize> = (0..slots.len())
-            .filter(|&s| !out.finished[slots[s]])
-            .collect();
         if cfg.use_cache && (slots.len() - live.len()) * 8 >= slots.len() {
             let width = mask.first().map_or(0, Vec::len);
             let drop = (0..width)
@@ -334,28 +427,69 @@ pub fn generate_on(
                 ids[s].push(tok);
             }
         }
-        logits = match fixed.as_mut() {
+        let running = match fixed.as_mut() {
+            _ if slots.is_empty() => None,
             Some(f) => {
                 out.fixed_steps += 1;
-                step_logits(f.step(&model, &new_col, &mask, &next_pos)?)?
+                Some(step_logits(f.step(&model, &new_col, &mask, &next_pos)?)?)
             }
             None if cfg.use_cache => {
                 let rows = slots.len();
                 let step_ids = Tensor::from_vec(new_col, (rows, 1), &dev)?;
                 let pos = Tensor::from_vec(next_pos.clone(), (rows, 1), &candle_core::Device::Cpu)?;
-                last_logits(&model.forward(
+                Some(last_logits(&model.forward(
                     &step_ids,
                     Some(&host(&mask)?),
                     Some(&pos),
                     Some(&mut cache),
-                )?)?
+                )?)?)
             }
-            None => {
-                last_logits(&model.forward(&to_tensor(&ids)?, Some(&host(&mask)?), None, None)?)?
-            }
+            None => Some(last_logits(&model.forward(
+                &to_tensor(&ids)?,
+                Some(&host(&mask)?),
+                None,
+                None,
+            )?)?),
         };
         out.decode_rows += slots.len();
+        out.peak_rows = out.peak_rows.max(slots.len());
         next_pos.iter_mut().for_each(|p| *p += 1);
+        // Waiting prompts take the free rows: prefilled on their own, their keys and values go
+        // after the running rows'. The side holding fewer positions is padded on the left, in
+        // the masks as in the cache.
+        let room = cap - slots.len();
+        let joining: Vec<usize> = waiting.by_ref().take(room).collect();
+        logits = match (running, joining.is_empty()) {
+            (Some(r), true) => r,
+            (running, false) => {
+                let a = prefill(&joining)?;
+                out.prompt_positions += a.positions;
+                let width = a.cache.len().max(cache.len());
+                let pad = |m: &mut Vec<u32>| {
+                    m.splice(0..0, std::iter::repeat_n(0, width - m.len()));
+                };
+                mask.iter_mut().for_each(pad);
+                mask.extend(a.mask.into_iter().map(|mut m| {
+                    pad(&mut m);
+                    m
+                }));
+                match running {
+                    Some(_) => cache.join(a.cache)?,
+                    None => cache = a.cache,
+                }
+                next_pos.extend(joining.iter().map(|&r| prompts[r].len() as u32));
+                slots.extend(joining);
+                match running {
+                    Some(r) => r.cat(a.logits)?,
+                    None => a.logits,
+                }
+            }
+            (None, true) => {
+                return Err(Error::Msg(
+                    "generate: no row left to decode while prompts wait".into(),
+                ))
+            }
+        };
     }
     Ok(out)
 }
@@ -381,14 +515,14 @@ fn eos_mask(logits: &Tensor, eos: &[u32]) -> Result<Tensor> {
 
 /// The distinct prompts (the index of each one's first appearance) and, for every prompt, which
 /// of them it is.
-fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+fn distinct_prompts<P: AsRef<[u32]>>(prompts: &[P]) -> (Vec<usize>, Vec<usize>) {
     let mut first: std::collections::HashMap<&[u32], usize> = Default::default();
     let mut distinct = vec![];
     let of_row = prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            *first.entry(p.as_slice()).or_insert_with(|| {
+            *first.entry(p.as_ref()).or_insert_with(|| {
                 distinct.push(i);
                 distinct.len() - 1
             })

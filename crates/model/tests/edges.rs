@@ -308,3 +308,113 @@ fn fixed_shape_decoding_steps_draw_the_growing_caches_tokens() {
     p.model.set_lora_dropout_seed(None);
     assert_eq!(generate(&p.model, &prompts, &cfg).unwrap().fixed_steps, 3);
 }
+
+/// Continuous batching (`max_num_seqs`): with room for every prompt the loop is the unbounded
+/// one, bit for bit; with less, waiting prompts join the running batch as rows finish (after a
+/// shared prefix too), at most `max_num_seqs` rows run a step, and greedy rows decode what they
+/// decode in the full batch, on every architecture, with the CPU kernels and on the GPU's path.
+#[test]
+fn waiting_prompts_join_the_batch_as_rows_finish() {
+    let short: Vec<Vec<u32>> = vec![
+        vec![5, 9, 17, 3, 22],
+        vec![8, 14],
+        vec![5, 9, 17, 3, 22],
+        vec![30, 2, 7],
+        vec![11, 4, 6, 19, 25, 1, 3],
+        vec![2],
+        vec![8, 14],
+        vec![40, 41, 42],
+    ];
+    // The same prompts after a 17-token preprompt: one prefill of it, copied to each admission.
+    let pre: Vec<Vec<u32>> = short
+        .iter()
+        .map(|p| (20..37).chain(p.iter().copied()).collect())
+        .collect();
+    let (mut joined, mut wide) = (0, 0);
+    for name in common::MODELS {
+        let p = common::load(name);
+        // A quarter of the vocabulary ends a row: rows finish at different steps.
+        let eos: Vec<u32> = (0..p.model.cfg.vocab_size as u32 / 4).collect();
+        for portable in [false, true] {
+            let _portable = PortableScope::new(portable);
+            for prompts in [&short, &pre] {
+                let what = format!("{name} (portable {portable}, {} tokens)", prompts[0].len());
+                let greedy = SamplingConfig {
+                    max_new_tokens: 10,
+                    temperature: 0.0,
+                    eos_token_ids: eos.clone(),
+                    ..Default::default()
+                };
+                let all = generate(&p.model, prompts, &greedy).unwrap();
+                let roomy = SamplingConfig {
+                    max_num_seqs: prompts.len(),
+                    ..greedy.clone()
+                };
+                let same = generate(&p.model, prompts, &roomy).unwrap();
+                assert_eq!(same.tokens, all.tokens, "{what}");
+                assert_eq!(same.logprobs, all.logprobs, "{what}");
+                assert_eq!(same.decode_rows, all.decode_rows, "{what}");
+                // Rows done at their first token leave before the first decoding step.
+                assert!(all.peak_rows <= prompts.len(), "{what}");
+                wide = wide.max(all.peak_rows);
+                for cap in [1, 3] {
+                    let cfg = SamplingConfig {
+                        max_num_seqs: cap,
+                        ..greedy.clone()
+                    };
+                    let g = generate(&p.model, prompts, &cfg).unwrap();
+                    let what = format!("{what}, max_num_seqs {cap}");
+                    assert!(g.peak_rows >= 1 && g.peak_rows <= cap, "{what}");
+                    assert_eq!(g.tokens, all.tokens, "{what}");
+                    assert_eq!(g.finished, all.finished, "{what}");
+                    for (a, b) in g.logprobs.iter().zip(&all.logprobs) {
+                        assert!(common::max_abs_diff(a, b) < 1e-4, "{what}: {a:?} {b:?}");
+                    }
+                    // Each row decodes once per token it makes, after its first.
+                    let rows: usize = g.tokens.iter().map(|t| t.len().max(1) - 1).sum();
+                    assert!(g.decode_rows >= rows, "{what}");
+                    joined += 1;
+                }
+            }
+        }
+    }
+    // Somewhere the unbounded loop ran more rows than the bounded ones may.
+    assert!(joined > 0 && wide > 3, "{wide}");
+}
+
+/// Draws at T > 0 with rows joining: reproducible, each row holds EOS back until its own
+/// `min_new_tokens` (rows that joined later are still held when earlier ones are not), and the
+/// device's draws are the host's.
+#[test]
+fn joining_rows_draw_alike_on_the_host_and_the_device() {
+    use preftune_model::{generate_on, DrawOn};
+    let prompts: Vec<Vec<u32>> = (0..9u32).map(|i| vec![3 + i, 7, 11 + 2 * i]).collect();
+    for name in ["tiny-llama", "tiny-gemma3", "tiny-qwen2moe"] {
+        let p = common::load(name);
+        let eos: Vec<u32> = (0..p.model.cfg.vocab_size as u32 / 3).collect();
+        let cfg = SamplingConfig {
+            max_new_tokens: 12,
+            min_new_tokens: 3,
+            temperature: 0.8,
+            seed: 5,
+            eos_token_ids: eos.clone(),
+            max_num_seqs: 3,
+            ..Default::default()
+        };
+        let host = generate_on(&p.model, &prompts, &cfg, DrawOn::Host).unwrap();
+        let again = generate_on(&p.model, &prompts, &cfg, DrawOn::Host).unwrap();
+        let device = generate_on(&p.model, &prompts, &cfg, DrawOn::Device).unwrap();
+        assert_eq!(host.tokens, again.tokens, "{name}");
+        assert_eq!(host.tokens, device.tokens, "{name}");
+        for (a, b) in host.logprobs.iter().zip(&device.logprobs) {
+            assert!(common::max_abs_diff(a, b) < 1e-4, "{name}: {a:?} {b:?}");
+        }
+        assert!(host.peak_rows <= 3, "{name}");
+        for t in &host.tokens {
+            assert!(t.len() >= 3, "{name}: {t:?}");
+            assert!(t[..3].iter().all(|x| !eos.contains(x)), "{name}: {t:?}");
+        }
+        // Most rows end early on EOS, so later prompts joined while others ran.
+        assert!(host.finished.iter().filter(|&&f| f).count() >= 5, "{name}");
+    }
+}

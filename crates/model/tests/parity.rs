@@ -186,6 +186,7 @@ fn sampling_with_cache_equals_sampling_without() {
                 eos_token_ids: p.eos_token_ids(),
                 pad_token_id: p.pad_token_id(),
                 use_cache,
+                max_num_seqs: 0,
             };
             outs.push(generate(&p.model, &prompts, &cfg).unwrap());
         }

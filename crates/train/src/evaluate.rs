@@ -76,6 +76,7 @@ pub fn policy_samples(
         temperature: sampling.temperature,
         top_p: sampling.top_p,
         top_k: sampling.top_k,
+        max_num_seqs: 0,
         missing_eos_penalty: None,
         reward_clip: None,
     };

@@ -189,10 +189,15 @@ fn grpo_config_keys_and_unknown_keys() {
             "loss_type=\"dr_grpo\"".into(),
             "scale_rewards=\"batch\"".into(),
             "reward=\"command:echo 1\"".into(),
+            "max_num_seqs=16".into(),
         ],
     )
     .unwrap();
     assert_eq!(cfg.algo.common.num_generations, 4);
+    // Continuous batching's bound reaches the sampler.
+    let rollout = cfg.algo.common.rollout();
+    let sampling = preftune_train::rl::rollout::sampling_config(&rollout, vec![2], 0, 1);
+    assert_eq!(sampling.max_num_seqs, 16);
     assert_eq!(cfg.algo.own.loss_type, GrpoLossType::DrGrpo);
     assert_eq!(cfg.algo.own.scale_rewards, ScaleRewards::Batch);
     let rloo = rloo::RlooArgs::load_config(

@@ -29,6 +29,9 @@ pub struct OnlineArgs {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
+    /// At most this many sequences decode at once (vLLM's name); the others join as sequences
+    /// finish (continuous batching). Bounds the KV cache's memory; 0: all at once.
+    pub max_num_seqs: usize,
     /// Subtracted from the reward of completions that end without EOS.
     pub missing_eos_penalty: Option<f64>,
     /// Rewards are clipped to `[-reward_clip, reward_clip]`.
@@ -49,6 +52,7 @@ impl Default for OnlineArgs {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            max_num_seqs: 0,
             missing_eos_penalty: None,
             reward_clip: None,
             beta: 0.0,
@@ -67,6 +71,7 @@ impl OnlineArgs {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            max_num_seqs: self.max_num_seqs,
             missing_eos_penalty: self.missing_eos_penalty,
             reward_clip: self.reward_clip,
         }

@@ -44,6 +44,9 @@ pub struct PpoArgs {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
+    /// At most this many sequences decode at once (vLLM's name); the others join as sequences
+    /// finish (continuous batching). Bounds the KV cache's memory; 0: all at once.
+    pub max_num_seqs: usize,
     pub missing_eos_penalty: Option<f64>,
     pub reward_clip: Option<f64>,
     pub num_ppo_epochs: usize,
@@ -90,6 +93,7 @@ impl Default for PpoArgs {
             temperature: 0.7,
             top_p: 1.0,
             top_k: 0,
+            max_num_seqs: 0,
             missing_eos_penalty: None,
             reward_clip: None,
             num_ppo_epochs: 4,
@@ -247,6 +251,7 @@ impl Ppo {
             temperature: self.args.temperature,
             top_p: self.args.top_p,
             top_k: self.args.top_k,
+            max_num_seqs: self.args.max_num_seqs,
             missing_eos_penalty: self.args.missing_eos_penalty,
             reward_clip: self.args.reward_clip,
         }

@@ -24,6 +24,9 @@ pub struct RolloutArgs {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
+    /// At most this many sequences decode at once (vLLM's name); the others join as sequences
+    /// finish (continuous batching). Bounds the KV cache's memory; 0: all at once.
+    pub max_num_seqs: usize,
     /// Subtracted from the reward of completions that end without EOS.
     pub missing_eos_penalty: Option<f64>,
     /// Rewards are clipped to `[-reward_clip, reward_clip]`.
@@ -39,6 +42,7 @@ impl Default for RolloutArgs {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            max_num_seqs: 0,
             missing_eos_penalty: None,
             reward_clip: None,
         }
@@ -324,6 +328,7 @@ pub fn sampling_config(args: &RolloutArgs, eos: Vec<u32>, pad: u32, seed: u64) -
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
+        max_num_seqs: args.max_num_seqs,
         seed,
         eos_token_ids: eos,
         pad_token_id: pad,
