@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Samples per prompt in `rollout`.
     #[arg(long, default_value_t = 8)]
     num_generations: usize,
+    /// Sequences decoding at once in `generate` and `rollout`; the others join as sequences
+    /// finish (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    max_num_seqs: usize,
     /// JSONL with a `prompt` field per line; the reference scripts read the same file.
     #[arg(long, default_value = "bench/prompts.jsonl")]
     prompts: PathBuf,
@@ -106,6 +110,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         steps: args.steps,
         gen_batch: args.gen_batch,
         new_tokens: args.new_tokens,
+        max_num_seqs: args.max_num_seqs,
         num_generations: args.num_generations,
         prompts: args.prompts.clone(),
         composed_ops: args.composed_ops,

@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// Samples per prompt (rollout).
     pub num_generations: usize,
+    /// Sequences decoding at once in `generate` and `rollout` (0: all).
+    pub max_num_seqs: usize,
     /// JSONL with a `prompt` per line (the reference scripts read the same file).
     pub prompts: PathBuf,
     pub composed_ops: bool,
@@ -305,6 +307,7 @@ fn sample(o: &BenchOptions) -> Result<Value> {
         temperature: 1.0,
         eos_token_ids: p.eos_token_ids(),
         pad_token_id: p.pad_token_id(),
+        max_num_seqs: o.max_num_seqs,
         ..Default::default()
     };
     let (out, s, fields) = timed_generate(&p, &prompts, &cfg)?;
@@ -336,6 +339,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
         seed: 42,
         eos_token_ids: p.eos_token_ids(),
         pad_token_id: p.pad_token_id(),
+        max_num_seqs: o.max_num_seqs,
         ..Default::default()
     };
     let (out, s, fields) = timed_generate(&p, &batch, &cfg)?;
@@ -348,6 +352,7 @@ fn rollout(o: &BenchOptions) -> Result<Value> {
               "threads": threads(), "seconds": s, "tokens": n, "tokens_per_s": n as f64 / s,
               "finished": out.finished.iter().filter(|&&f| f).count(), "steps": steps,
               "decode_rows": out.decode_rows, "prompt_positions": out.prompt_positions,
+              "max_num_seqs": o.max_num_seqs, "peak_rows": out.peak_rows,
               "peak_rss_mib": peak_rss_mib()}),
         fields,
     ))
