@@ -243,6 +243,26 @@ for bf in ("f32", "bf16"):
 sys.exit(0 if ok_all else 1)
 PY
 }
+# Continuous batching (`--max-num-seqs`): 16 prompts, greedy, at most 4 rows at a time against one
+# batch of 16: every row's text the same (tiny fixtures, whose ids all decode).
+greedy_joins() {
+    local m=fixtures/models/$1
+    for c in 0 4; do
+        rm -f "$work/joins-$c.jsonl"
+        "$BIN" --device $DEVICE generate --model "$m" --data bench/prompts.jsonl --n 1 --batch-size 16 \
+            --max-new-tokens 32 --temperature 0 --max-num-seqs $c --out "$work/joins-$c.jsonl" > /dev/null \
+            || return 1
+    done
+    $PY - "$work" "$1" <<'PY'
+import json, sys
+w, m = sys.argv[1], sys.argv[2]
+rows = [[json.loads(l)["responses"][0] for l in open(f"{w}/joins-{c}.jsonl")] for c in (0, 4)]
+same = sum(a == b for a, b in zip(*rows))
+ok = len(rows[0]) == 16 and same == 16
+print(json.dumps({"check": "greedy-continuous-batching", "model": m, "ok": ok, "rows": len(rows[0]), "same": same}))
+sys.exit(0 if ok else 1)
+PY
+}
 # Greedy decoding, 64 tokens in f32, with preftune's CUDA kernels (PREFTUNE_CUDA_KERNELS=1: the
 # decoding attention kernel reads the cache in place), on the growing cache and with CUDA graphs,
 # against the composed ops: the same tokens, log-probs within 1e-3.
@@ -526,6 +546,7 @@ if want generate; then
         ln -sfn "$PWD/fixtures/models/$moe" "$work/$moe"
         check "greedy-graphs-$moe" greedy_graphs "$moe"
     done
+    for tiny in tiny-llama tiny-qwen2moe; do check "greedy-joins-$tiny" greedy_joins "$tiny"; done
     [ ${#models[@]} -eq 0 ] || check "draws-${models[0]}" draws "${models[0]}"
     [ ${#models[@]} -eq 0 ] || check "gguf-${models[0]}" gguf "${models[0]}"
 fi

@@ -178,9 +178,13 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         );
         return Ok(());
     };
-    let settings = json!({"model": a.model.model.display().to_string(), "temperature": a.sampling.temperature,
+    let mut settings = json!({"model": a.model.model.display().to_string(), "temperature": a.sampling.temperature,
                           "top_p": a.sampling.top_p, "top_k": a.sampling.top_k,
                           "max_new_tokens": a.sampling.max_new_tokens, "seed": a.sampling.seed});
+    // The draws depend on the bound (another batch): recorded when set.
+    if a.sampling.max_num_seqs > 0 {
+        settings["max_num_seqs"] = json!(a.sampling.max_num_seqs);
+    }
     let cfg = sampling_config(&p, &a.sampling);
     let s =
         preftune_eval::bon::sample_candidates(&p, data, out, a.n, a.batch_size, &cfg, &settings)?;
