@@ -10,6 +10,8 @@
 //!   tiles the mask hides skipped.
 //! - [`fused`]: the inner loops of the model's fused ops (RMSNorm, SwiGLU, RoPE, attention
 //!   probabilities, softmax backward), generic over f32 and f64.
+//! - [`lm_head`]: the fused LM head's row loops: each row's log-probability of its label, and its
+//!   gradient in place.
 //! - [`rng`]: counter-based random numbers (LoRA dropout masks), the same bits on a GPU.
 //! - [`adamw`]: AdamW's elementwise update, in one pass or in the GPU kernels' two.
 //!
@@ -25,6 +27,7 @@ pub mod f32gemm;
 pub mod flash;
 pub mod fused;
 pub mod gemv;
+pub mod lm_head;
 pub mod rng;
 pub mod vmath;
 

@@ -4,11 +4,13 @@
 //! copy and their exponentials for backward and makes ten passes over them. This op computes the
 //! logits in row chunks, keeps only one log-prob per row, and recomputes each chunk's logits in
 //! backward, so no `[N, V]` tensor outlives its chunk: the trade TRL's fused LM head makes too.
+//! The row loops are `preftune_kernels::lm_head`'s; this op chunks the rows and runs the products.
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use preftune_kernels::bf16gemm::{gemm_nt, gemm_packed, PackedB, View};
+use preftune_kernels::lm_head::{logprob_grad_rows, logprob_rows};
 
 /// Rows of logits computed at a time (`ROWS x V` f32 values live at once).
 const ROWS: usize = 256;
@@ -35,19 +37,6 @@ pub struct LmHeadLogprob {
     packed: Mutex<Option<PackedB>>,
     /// Filled by the forward pass; shared so the caller can read it after `apply_op3` took the op.
     pub stats: std::sync::Arc<Mutex<RowStats>>,
-}
-
-/// Maps `f(row_index, row)` over the rows of a `[n, v]` buffer on rayon's pool, in row order.
-fn par_rows<T: Send>(
-    buf: &mut [f32],
-    v: usize,
-    f: impl Fn(usize, &mut [f32]) -> T + Sync,
-) -> Vec<T> {
-    use rayon::prelude::*;
-    buf.par_chunks_mut(v)
-        .enumerate()
-        .map(|(i, r)| f(i, r))
-        .collect()
 }
 
 impl LmHeadLogprob {
@@ -102,13 +91,6 @@ impl LmHeadLogprob {
     }
 }
 
-/// `(max, log-sum-exp)` of a row.
-fn lse(row: &[f32]) -> (f32, f32) {
-    let max = preftune_kernels::vmath::max(row);
-    let sum = preftune_kernels::vmath::sum_exp_shifted(row, max);
-    (max, max + sum.ln() as f32)
-}
-
 impl CustomOp3 for LmHeadLogprob {
     fn name(&self) -> &'static str {
         "lm-head-logprob"
@@ -134,19 +116,11 @@ impl CustomOp3 for LmHeadLogprob {
         for start in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - start);
             let mut l = self.logits(start, m, packed.as_ref())?;
-            let rows = par_rows(&mut l, v, |i, row| {
-                let label = self.labels[start + i] as usize;
-                let (max, z) = lse(row);
-                (
-                    row[label] - z,
-                    (row[label] >= max) as u8,
-                    row.iter().sum::<f32>() / v as f32,
-                )
-            });
-            for (i, (lp, hit, mean)) in rows.into_iter().enumerate() {
-                out[start + i] = lp;
-                stats.hits[start + i] = hit;
-                stats.mean_logit[start + i] = mean;
+            let rows = logprob_rows(&mut l, v, &self.labels[start..start + m]);
+            for (i, r) in rows.into_iter().enumerate() {
+                out[start + i] = r.logprob;
+                stats.hits[start + i] = u8::from(r.hit);
+                stats.mean_logit[start + i] = r.mean;
             }
         }
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
@@ -198,13 +172,8 @@ impl LmHeadLogprob {
     fn dz(&self, start: usize, m: usize, g: &[f32], packed: Option<&PackedB>) -> Result<Vec<f32>> {
         let v = self.weight.dim(0)?;
         let mut l = self.logits(start, m, packed)?;
-        par_rows(&mut l, v, |i, row| {
-            let (_, z) = lse(row);
-            let gi = g[start + i] * self.inv_temp;
-            preftune_kernels::vmath::exp_shifted(row, z);
-            row.iter_mut().for_each(|x| *x *= -gi);
-            row[self.labels[start + i] as usize] += gi;
-        });
+        let labels = &self.labels[start..start + m];
+        logprob_grad_rows(&mut l, v, labels, &g[start..start + m], self.inv_temp);
         Ok(l)
     }
 
