@@ -11,6 +11,9 @@ preftune: TRL's own step maths written out in PyTorch (TRL is not installed on t
                                        advantages, beta 0, one iteration (ratio 1), DAPO's token-mean
                                        loss, backward, clipping at 1.0, AdamW step
 BF16=1: TRL's bf16=True (f32 master weights, autocast to bf16). GC=1: gradient checkpointing.
+CB=1 (generate, grpo): transformers' continuous batching (`generate_batch`, paged attention), as
+GRPOTrainer's `use_transformers_continuous_batching=True` runs it (max_memory_percent 0.5, the
+model cast to bf16 under BF16=1), instead of `generate` on a left-padded batch.
 DEV=cpu runs on the CPU (a rehearsal of the script; default cuda).
 Prints one JSON line: median step seconds over the steps after two warm-up steps, tokens/s and
 torch's peak allocated memory (on a GPU)."""
@@ -41,6 +44,21 @@ def peak_mib():
     return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
+cb = os.environ.get("CB") == "1"
+
+
+def generate_batch(prompt_ids, new, eos, m=None):
+    """transformers' continuous batching, as GRPOTrainer calls it: the new tokens of each prompt."""
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                           pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    out = (m or model).generate_batch(prompt_ids, generation_config=gen,
+                               continuous_batching_config=ContinuousBatchingConfig(max_memory_percent=0.5),
+                               progress_bar=False)
+    return [o.generated_tokens for o in out.values()]
+
+
 if work == "generate":
     batch, new = int(sys.argv[4]), int(sys.argv[5])
     model.eval()
@@ -48,17 +66,27 @@ if work == "generate":
         model = model.to(torch.bfloat16)
     tok.padding_side = "left"
     prompts = [rows[i % len(rows)]["prompt"] for i in range(batch)]
-    enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **kw)
-        sync(); t = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, **kw)
-        sync(); s = time.perf_counter() - t
-    n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
-    print(json.dumps({"impl": "transformers", "workload": "generate", "bf16": bf16, "batch": batch, "new_tokens": new,
-                      "seconds": s, "tokens_per_s": n / s, "torch": torch.__version__,
-                      "peak_allocated_mib": peak_mib()}))
+    if cb:
+        # No EOS: every row makes `new` tokens, as min_new_tokens does below.
+        ids = [tok(p)["input_ids"] for p in prompts]
+        with torch.no_grad():
+            generate_batch(ids, 4, None)
+            sync(); t = time.perf_counter()
+            toks = generate_batch(ids, new, None)
+            sync(); s = time.perf_counter() - t
+        n = sum(len(x) for x in toks)
+    else:
+        enc = tok(prompts, return_tensors="pt", padding=True).to(dev)
+        kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **kw)
+            sync(); t = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, **kw)
+            sync(); s = time.perf_counter() - t
+        n = (out.shape[1] - enc["input_ids"].shape[1]) * batch
+    print(json.dumps({"impl": "transformers" + (" generate_batch" if cb else ""), "workload": "generate",
+                      "bf16": bf16, "batch": batch, "new_tokens": new, "seconds": s, "tokens_per_s": n / s,
+                      "torch": torch.__version__, "peak_allocated_mib": peak_mib()}))
     sys.exit(0)
 
 if work == "grpo":
@@ -69,26 +97,53 @@ if work == "grpo":
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, pad_token_id=tok.pad_token_id)
+    # With CB=1 the sampler is a copy of the policy (bf16 under BF16=1), its weights synced before
+    # every generation: the master weights stay f32 as on preftune's side.
+    sampler = None
+    if cb:
+        import copy
+        sampler = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval()
     times, tokens = [], []
     for step in range(steps + 1):
         prompts = [rows[(step * n_prompts + k) % len(rows)]["prompt"] for k in range(n_prompts)]
         sync(); t = time.perf_counter()
-        enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True).to(dev)
-        model.eval()
-        with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            out = model.generate(**enc, **kw)
-        plen = enc["input_ids"].shape[1]
-        comp = out[:, plen:]
-        cmask = torch.ones_like(comp, dtype=torch.float)
-        for r, row in enumerate(comp.tolist()):  # up to and including the first EOS, as TRL masks
-            hit = next((i for i, x in enumerate(row) if x in eos), None)
-            if hit is not None:
-                cmask[r, hit + 1:] = 0
-        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        if cb:
+            with torch.no_grad():
+                for ps, pm in zip(sampler.parameters(), model.parameters()):
+                    ps.copy_(pm)
+                prompt_ids = [tok(p)["input_ids"] for p in prompts for _ in range(n)]
+                toks = generate_batch(prompt_ids, new, sorted(eos) or None, sampler)
+            # Prompts left-padded, completions right-padded, as GRPOTrainer lays them out.
+            plen, clen = max(map(len, prompt_ids)), max(1, max(map(len, toks)))
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            out = torch.full((len(toks), plen + clen), pad_id, dtype=torch.long)
+            prompt_mask = torch.zeros((len(toks), plen), dtype=torch.long)
+            cmask = torch.zeros((len(toks), clen))
+            for r, (pi, ci) in enumerate(zip(prompt_ids, toks)):
+                out[r, plen - len(pi):plen] = torch.tensor(pi)
+                prompt_mask[r, plen - len(pi):] = 1
+                out[r, plen:plen + len(ci)] = torch.tensor(ci, dtype=torch.long)
+                cmask[r, :len(ci)] = 1
+            out, prompt_mask, cmask = out.to(dev), prompt_mask.to(dev), cmask.to(dev)
+            comp = out[:, plen:]
+            texts = [tok.decode(ci, skip_special_tokens=True) for ci in toks]
+        else:
+            enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True).to(dev)
+            model.eval()
+            with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                out = model.generate(**enc, **kw)
+            plen, prompt_mask = enc["input_ids"].shape[1], enc["attention_mask"]
+            comp = out[:, plen:]
+            cmask = torch.ones_like(comp, dtype=torch.float)
+            for r, row in enumerate(comp.tolist()):  # up to and including the first EOS, as TRL masks
+                hit = next((i for i, x in enumerate(row) if x in eos), None)
+                if hit is not None:
+                    cmask[r, hit + 1:] = 0
+            texts = tok.batch_decode(comp, skip_special_tokens=True)
         rewards = torch.tensor([float(sum(ch.isdigit() for ch in x)) for x in texts], device=dev).view(n_prompts, n)
         adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
         model.train()
-        att = torch.cat([enc["attention_mask"], cmask.long()], 1)
+        att = torch.cat([prompt_mask, cmask.long()], 1)
         with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=out, attention_mask=att).logits[:, plen - 1:-1]
         lp = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
@@ -101,7 +156,8 @@ if work == "grpo":
         if step >= 1:
             times.append(time.perf_counter() - t); tokens.append(int(cmask.sum()))
     s = statistics.median(times)
-    print(json.dumps({"impl": "pytorch + transformers generate (TRL's GRPO step, no vLLM)", "workload": "grpo",
+    impl = "generate_batch" if cb else "generate"
+    print(json.dumps({"impl": f"pytorch + transformers {impl} (TRL's GRPO step, no vLLM)", "workload": "grpo",
                       "bf16": bf16, "prompts": n_prompts, "num_generations": n, "max_completion_length": new,
                       "steps": len(times), "median_step_s": s, "completion_tokens": tokens,
                       "torch": torch.__version__, "peak_allocated_mib": peak_mib()}))

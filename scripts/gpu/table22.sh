@@ -5,7 +5,9 @@
 #     memory), off at the others;
 #   - sampling, 16 prompts x 256 new tokens (preftune eagerly, and with CUDA graphs);
 #   - a GRPO iteration, 8 prompts x 8 samples x 256 new tokens, then the update;
-# against PyTorch + transformers running TRL's step maths (scripts/gpu/reference_steps.py). Then
+# against PyTorch + transformers running TRL's step maths (scripts/gpu/reference_steps.py); sampling
+# and GRPO also against transformers' continuous batching (GRPOTrainer's
+# use_transformers_continuous_batching), the faster reference counting. Then
 # scripts/gpu/table22.py turns the lines into the table: ratios, MFU, the sampling's share of the
 # memory-bandwidth roofline, and each target met or not.
 # Usage: table22.sh MODEL_DIR LABEL (BIN, PY, WORK and DEVICE from gpu-check.sh; TABLE_MD: where the
@@ -38,9 +40,15 @@ gen=(bench --workload generate --model "$model" --prompts bench/prompts.jsonl --
 row env PREFTUNE_CUDA_KERNELS=$KERNELS "$BIN" --device "$DEVICE" "${gen[@]}" || rc=1
 row env PREFTUNE_CUDA_KERNELS=$KERNELS PREFTUNE_CUDA_GRAPHS=1 "$BIN" --device "$DEVICE" "${gen[@]}" || rc=1
 row env BF16=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl $GEN_BATCH $NEW || rc=1
+# transformers' continuous batching (GRPOTrainer's use_transformers_continuous_batching), when the
+# installed transformers has it (5.8 and later; a failure here is reported, not fatal): the faster
+# of the two references counts.
+cb_failed() { echo "the continuous-batching reference failed (transformers < 5.8?)" >&2; }
+row env BF16=1 CB=1 $PY scripts/gpu/reference_steps.py generate "$model" bench/prompts.jsonl $GEN_BATCH $NEW || cb_failed
 row ours_grpo --set bf16=true || rc=1
 GRAPHS=1 row ours_grpo --set bf16=true || rc=1
 row env BF16=1 $PY scripts/gpu/reference_steps.py grpo "$model" bench/prompts.jsonl 8 8 $NEW $GRPO_STEPS || rc=1
+row env BF16=1 CB=1 $PY scripts/gpu/reference_steps.py grpo "$model" bench/prompts.jsonl 8 8 $NEW $GRPO_STEPS || cb_failed
 # The table, from whatever rows ran.
 $PY scripts/gpu/table22.py "$lines" "$model" ${TABLE_MD:+--markdown "$TABLE_MD"} || rc=1
 exit $rc
