@@ -18,8 +18,9 @@
 //! reads the host, say) is reported once, and the loop goes on with eager steps on the same
 //! buffers. On the CPU the steps run eagerly: that is how this code path is tested without a GPU.
 //!
-//! Mixture-of-experts layers route on the host, and quantised weights take candle's fallback
-//! products; such models decode as before ([`applies`]).
+//! Mixture-of-experts layers route on the device inside these steps
+//! ([`crate::moe::routes_on_device`]); quantised weights take candle's fallback products, and such
+//! models decode as before ([`applies`]).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,9 +92,10 @@ pub fn applies(model: &Model, rows: usize) -> bool {
     let shapes = model.blocks.iter().map(|b| b.kv_shape());
     let uniform = shapes.clone().all(|s| Some(s) == shapes.clone().next());
     let dev = model.device();
-    let routing = model.cfg.moe.is_none()
-        || crate::kernels::cpu_kernels(dev)
-        || crate::moe::routes_on_device(dev, rows);
+    let routing = model.cfg.moe.as_ref().is_none_or(|m| {
+        crate::kernels::cpu_kernels(dev)
+            || crate::moe::routes_on_device(dev, rows, m.num_experts, m.top_k)
+    });
     enabled()
         && routing
         && !model.is_quantized()
@@ -362,6 +364,8 @@ impl FixedDecode {
 
     /// The step proper: every op reads and writes the buffers only.
     fn run(&self, model: &Model, masks: &[Option<AttnMask>; 2]) -> Result<()> {
+        // Mixtures route on the device however few rows are left (nothing may read back).
+        let _routing = crate::moe::FixedStepRouting::new();
         let b = self.b;
         let ids = self.ints.narrow(0, 0, b)?;
         let pos = self.ints.narrow(0, b, b)?;

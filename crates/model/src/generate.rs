@@ -406,7 +406,13 @@ pub fn generate_on(
         if live.is_empty() && waiting.is_empty() {
             break;
         }
-        if cfg.use_cache && (slots.len() - live.len()) * 8 >= slots.len() {
+        if live.is_empty() {
+            // Every running row is done and prompts wait: the batch starts over with them (an
+            // index_select of no rows fails on CUDA). Only without fixed-shape steps, which never
+            // have prompts waiting.
+            cache = KvCache::new(model.cfg.num_layers);
+            (slots, mask, next_pos, new_col) = (vec![], vec![], vec![], vec![]);
+        } else if cfg.use_cache && (slots.len() - live.len()) * 8 >= slots.len() {
             let width = mask.first().map_or(0, Vec::len);
             let drop = (0..width)
                 .take_while(|&c| live.iter().all(|&s| mask[s][c] == 0))

@@ -1680,7 +1680,8 @@ impl Mlp {
                     }
                     w.to_dtype(x.dtype())
                 };
-                let (mut y, picks) = if crate::moe::routes_on_device(x.device(), n) {
+                let on_device = crate::moe::routes_on_device(x.device(), n, experts.len(), *top_k);
+                let (mut y, picks) = if on_device {
                     // Few rows (decoding): picks made where the probabilities are, and every
                     // expert run on every row, weighted by zero where it was not picked. Nothing
                     // is read back, so a decoding step can be a CUDA graph; a step reads every

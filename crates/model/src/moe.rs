@@ -57,14 +57,41 @@ pub fn load_balancing_loss(routes: &[Route], rows: Option<&Tensor>) -> candle_co
 /// tensors there take the composed ops ([`routes_on_device`]).
 pub const DEVICE_ROUTING_MAX_ROWS: usize = 64;
 
-/// Whether a MoE layer routes a pass of `rows` tokens on `d` without reading the router back: off
-/// the CPU's kernels (on a GPU, or its code path on the CPU) and at most
-/// [`DEVICE_ROUTING_MAX_ROWS`] rows. Such a pass runs every expert on every row, weighted by zero
-/// where the row did not pick it. With few rows a step is bound by reading the experts' weights,
-/// which the rows' picks read most of anyway; more rows route on the host, one read back per
-/// layer, and each expert sees only its rows.
-pub fn routes_on_device(d: &Device, rows: usize) -> bool {
-    rows <= DEVICE_ROUTING_MAX_ROWS && !crate::kernels::cpu_kernels(d)
+thread_local! {
+    static FIXED_STEP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, this thread's MoE layers route every pass of at most
+/// [`DEVICE_ROUTING_MAX_ROWS`] rows on the device, however few: a fixed-shape decoding step (a CUDA
+/// graph) cannot read back, even once its rows are too few to pick most experts.
+#[must_use = "applies only while the guard lives"]
+pub(crate) struct FixedStepRouting(bool);
+
+impl FixedStepRouting {
+    pub(crate) fn new() -> Self {
+        FixedStepRouting(FIXED_STEP.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for FixedStepRouting {
+    fn drop(&mut self) {
+        FIXED_STEP.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether a MoE layer of `experts` experts picking `top_k` routes a pass of `rows` tokens on `d`
+/// without reading the router back: off the CPU's kernels (on a GPU, or its code path on the CPU),
+/// at most [`DEVICE_ROUTING_MAX_ROWS`] rows, and enough picks to reach most experts
+/// (`rows * top_k >= experts`; any number of rows inside a [`FixedStepRouting`] guard). Such a
+/// pass runs every expert on every row, weighted by zero where the row did not pick it: with few
+/// rows a step is bound by reading the experts' weights, and that many picks read most of them
+/// anyway (about 63% when `rows * top_k == experts`). Otherwise the layer routes on the host, one
+/// read back per layer, and each expert sees only its rows.
+pub fn routes_on_device(d: &Device, rows: usize, experts: usize, top_k: usize) -> bool {
+    if rows > DEVICE_ROUTING_MAX_ROWS || crate::kernels::cpu_kernels(d) {
+        return false;
+    }
+    FIXED_STEP.with(|c| c.get()) || rows * top_k >= experts
 }
 
 /// `[experts, experts]` in f32 on `d`, 1 where column `j` comes before row `e` (`j < e`): the tie
@@ -80,14 +107,14 @@ pub(crate) fn tie_order(experts: usize, d: &Device) -> candle_core::Result<Tenso
 /// computed where `probs` is: expert `e` is picked when fewer than `k` experts rank above it, an
 /// expert ranking above `e` when its probability is higher, or equal with a lower index (the host
 /// routing's order, so both pick the same experts). `tie_order` is [`tie_order`]'s matrix. No
-/// gradient flows through the mask.
+/// gradient flows through the mask. Compared in f32, as the host sorts (f64 in gradient checks).
 pub(crate) fn top_k_mask(
     probs: &Tensor,
     k: usize,
     tie_order: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let p = probs.detach();
-    let dtype = p.dtype();
+    let dtype = probs.dtype();
+    let p = probs.detach().to_dtype(DType::F32)?;
     let mine = p.unsqueeze(2)?; // [rows, e, 1]
     let other = p.unsqueeze(1)?; // [rows, 1, j]
     let above = other.broadcast_gt(&mine)?.to_dtype(DType::F32)?;

@@ -23,17 +23,22 @@ fn the_load_balancing_loss_and_its_gradients_match_transformers() {
             [(false, false), (true, false), (false, true), (true, true)]
         {
             let _portable = preftune_model::kernels::PortableScope::new(portable);
-            let rows = ids.elem_count();
-            assert_eq!(
-                preftune_model::moe::routes_on_device(&Device::Cpu, rows),
-                portable,
-                "{rows} rows"
-            );
             let opts = LoadOptions {
                 trainable: true,
                 ..Default::default()
             };
             let mut p = Pretrained::load(&common::tiny(name), &opts).unwrap();
+            let (rows, moe) = (ids.elem_count(), p.model.cfg.moe.clone().unwrap());
+            assert_eq!(
+                preftune_model::moe::routes_on_device(
+                    &Device::Cpu,
+                    rows,
+                    moe.num_experts,
+                    moe.top_k
+                ),
+                portable,
+                "{name}: {rows} rows"
+            );
             p.model.set_gradient_checkpointing(checkpointing);
             p.model.set_router_aux_loss(true);
             let what = format!("{name}, checkpointing {checkpointing}, portable {portable}");
