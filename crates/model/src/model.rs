@@ -1631,7 +1631,13 @@ impl Mlp {
         };
         let y = match self {
             Mlp::Gated { gate, up, down } if matches!(act_kind, Activation::Silu) => {
-                last(down, &swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+                // bf16 products off the CPU's kernels: gate, up and SwiGLU stay in bf16, as
+                // autocast keeps them (an f32 copy of each would be most of a layer's memory).
+                let bf16 = [gate, up, down].iter().all(|l| l.bf16_activations(x));
+                match bf16 {
+                    true => last(down, &swiglu(&gate.forward_bf16(x)?, &up.forward_bf16(x)?)?),
+                    false => last(down, &swiglu(&gate.forward(x)?, &up.forward(x)?)?),
+                }
             }
             Mlp::Gated { gate, up, down } => {
                 last(down, &(act(gate.forward(x)?)? * up.forward(x)?)?)

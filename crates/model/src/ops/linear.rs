@@ -64,6 +64,38 @@ impl Linear {
         self.apply(x, true)
     }
 
+    /// Whether this layer's product of `x` is the bf16 product composed from candle ops (`bf16 =
+    /// true` off the CPU's kernels: a GPU, or its code path on the CPU, in training and scoring,
+    /// not in a sampling loop's packed weights) with nothing added to it (no bias, LoRA or
+    /// quantised weight). Then [`Linear::forward_bf16`] gives the product in bf16 and
+    /// [`Linear::forward`] takes a bf16 `x`.
+    pub fn bf16_activations(&self, x: &Tensor) -> bool {
+        self.bias.is_none()
+            && self.lora.is_none()
+            && self.quant.is_none()
+            && bf16_enabled()
+            && !packing()
+            && !kernels::cpu_kernels(x.device())
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && self.weight.dtype() == DType::F32
+    }
+
+    /// `x W^T` left in bf16 where [`Linear::bf16_activations`] holds: the caller keeps it (the
+    /// MLP's gate and up into SwiGLU, as autocast keeps them), where [`Linear::forward`] would
+    /// keep the bf16 product and its f32 copy for backward.
+    pub fn forward_bf16(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let dims = x.dims();
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let y = x
+            .reshape((lead, in_dim))?
+            .to_dtype(DType::BF16)?
+            .matmul(&self.weight.to_dtype(DType::BF16)?.t()?)?;
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
+        y.reshape(out_shape)
+    }
+
     fn apply(&self, x: &Tensor, unread: bool) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let dims = x.dims();
@@ -108,9 +140,10 @@ impl Linear {
             bf16_matmul(x2, &self.weight)?
         } else if bf16_enabled()
             && !kernels::cpu_kernels(x2.device())
-            && x2.dtype() == DType::F32
+            && matches!(x2.dtype(), DType::F32 | DType::BF16)
             && self.weight.dtype() == DType::F32
         {
+            // A bf16 `x` is an activation kept in bf16 (`Linear::forward_bf16`'s callers).
             bf16_composed_matmul(x2, &self.weight)?
         } else if x2.track_op()
             && !self.weight.track_op()
