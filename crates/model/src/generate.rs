@@ -304,7 +304,8 @@ pub fn generate_on(
             positions,
         })
     };
-    // Under `min_new_tokens` on the device: `-inf` at the EOS tokens, added to the logits.
+    // Under `min_new_tokens` on the device, `[2, vocab]`: a row of zeros and a row with `-inf` at
+    // the EOS tokens, one of them added to each row's logits.
     let mut suppress_eos: Option<Tensor> = None;
     // The first `cap` prompts; the rest wait.
     let mut slots: Vec<usize> = (0..cap).collect();
@@ -353,15 +354,15 @@ pub fn generate_on(
                 let live: Vec<bool> = slots.iter().map(|&row| !done(&out, row)).collect();
                 let suppressing = holding.contains(&true) && !cfg.eos_token_ids.is_empty();
                 if suppressing && suppress_eos.is_none() {
-                    suppress_eos = Some(eos_mask(t, &cfg.eos_token_ids)?);
+                    let m = eos_mask(t, &cfg.eos_token_ids)?;
+                    suppress_eos = Some(Tensor::cat(&[&m.zeros_like()?, &m], 0)?);
                 }
                 let suppress = match (&suppress_eos, suppressing) {
-                    (Some(m), true) if holding.iter().all(|&h| h) => Some(m.clone()),
-                    // Rows that joined later hold back EOS for longer: a row of the mask each.
+                    (Some(m), true) if holding.iter().all(|&h| h) => Some(m.narrow(0, 1, 1)?),
+                    // Rows that joined later hold back EOS for longer: a row of the two each.
                     (Some(m), true) => {
-                        let both = Tensor::cat(&[&m.zeros_like()?, m], 0)?;
                         let pick: Vec<u32> = holding.iter().map(|&h| u32::from(h)).collect();
-                        Some(both.index_select(&Tensor::new(pick.as_slice(), t.device())?, 0)?)
+                        Some(m.index_select(&Tensor::new(pick.as_slice(), t.device())?, 0)?)
                     }
                     _ => None,
                 };
@@ -479,10 +480,8 @@ pub fn generate_on(
                     pad(&mut m);
                     m
                 }));
-                match running {
-                    Some(_) => cache.join(a.cache)?,
-                    None => cache = a.cache,
-                }
+                // After a start-over the cache is empty, and joining replaces it.
+                cache.join(a.cache)?;
                 next_pos.extend(joining.iter().map(|&r| prompts[r].len() as u32));
                 slots.extend(joining);
                 match running {

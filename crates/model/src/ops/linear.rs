@@ -73,44 +73,39 @@ impl Linear {
         self.bias.is_none()
             && self.lora.is_none()
             && self.quant.is_none()
-            && bf16_enabled()
             && !packing()
-            && !kernels::cpu_kernels(x.device())
-            && matches!(x.dtype(), DType::F32 | DType::BF16)
-            && self.weight.dtype() == DType::F32
+            && composed_bf16_applies(x, &self.weight)
     }
 
     /// `x W^T` left in bf16 where [`Linear::bf16_activations`] holds: the caller keeps it (the
     /// MLP's gate and up into SwiGLU, as autocast keeps them), where [`Linear::forward`] would
     /// keep the bf16 product and its f32 copy for backward.
     pub fn forward_bf16(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let dims = x.dims();
-        let lead: usize = dims[..dims.len() - 1].iter().product();
-        let y = x
-            .reshape((lead, in_dim))?
-            .to_dtype(DType::BF16)?
-            .matmul(&self.weight.to_dtype(DType::BF16)?.t()?)?;
-        let mut out_shape = dims.to_vec();
-        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
-        y.reshape(out_shape)
+        self.on_rows(x, |x2| bf16_product(x2, &self.weight))
     }
 
     fn apply(&self, x: &Tensor, unread: bool) -> Result<Tensor> {
+        self.on_rows(x, |x2| {
+            let mut y = match &self.quant {
+                Some(q) => super::quant::quant_matmul(x2, q, unread)?,
+                None => self.dense_matmul(x2, unread)?,
+            };
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(l) = &self.lora {
+                y = (y + l.delta(x2)?)?;
+            }
+            Ok(y)
+        })
+    }
+
+    /// `f` of `x` as rows `[N, in]`, its `[N, out]` shaped back as `x` with `out` last.
+    fn on_rows(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let dims = x.dims();
         let lead: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((lead, in_dim))?;
-        let mut y = match &self.quant {
-            Some(q) => super::quant::quant_matmul(&x2, q, unread)?,
-            None => self.dense_matmul(&x2, unread)?,
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            y = (y + l.delta(&x2)?)?;
-        }
+        let y = f(&x.reshape((lead, in_dim))?)?;
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().expect("x has at least one dim") = out_dim;
         y.reshape(out_shape)
@@ -138,12 +133,7 @@ impl Linear {
             && bf16_applies(x2, &self.weight)
         {
             bf16_matmul(x2, &self.weight)?
-        } else if bf16_enabled()
-            && !kernels::cpu_kernels(x2.device())
-            && matches!(x2.dtype(), DType::F32 | DType::BF16)
-            && self.weight.dtype() == DType::F32
-        {
-            // A bf16 `x` is an activation kept in bf16 (`Linear::forward_bf16`'s callers).
+        } else if composed_bf16_applies(x2, &self.weight) {
             bf16_composed_matmul(x2, &self.weight)?
         } else if x2.track_op()
             && !self.weight.track_op()

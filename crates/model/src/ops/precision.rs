@@ -84,6 +84,16 @@ pub(super) fn bf16_applies(x: &Tensor, w: &Tensor) -> bool {
         && w.dtype() == DType::F32
 }
 
+/// Whether `x W^T` is [`bf16_composed_matmul`]'s: `bf16 = true` off the CPU's kernels (a GPU, or
+/// its code path on the CPU) over an f32 weight. A bf16 `x` is an activation kept in bf16
+/// ([`bf16_product`]'s callers).
+pub(super) fn composed_bf16_applies(x: &Tensor, w: &Tensor) -> bool {
+    bf16_enabled()
+        && !kernels::cpu_kernels(x.device())
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && w.dtype() == DType::F32
+}
+
 /// `x W^T` with both operands cast to bf16 and the product cast back to f32, from candle ops: the
 /// bf16 product on devices without our GEMMs (cuBLAS sums bf16 products in f32). The gradients
 /// flow through the casts, so backward's products are bf16 too.
@@ -91,11 +101,19 @@ pub(super) fn bf16_composed_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     composed_with_bf16_weight(x, &w.to_dtype(DType::BF16)?)
 }
 
+/// [`bf16_composed_matmul`]'s product left in bf16.
+pub(super) fn bf16_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    bf16_product_with(x, &w.to_dtype(DType::BF16)?)
+}
+
+/// `x W^T` in bf16 with `W` already in bf16 (`wb`).
+fn bf16_product_with(x: &Tensor, wb: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::BF16)?.matmul(&wb.t()?)
+}
+
 /// [`bf16_composed_matmul`] with `W` already in bf16 (`wb`).
 fn composed_with_bf16_weight(x: &Tensor, wb: &Tensor) -> Result<Tensor> {
-    x.to_dtype(DType::BF16)?
-        .matmul(&wb.t()?)?
-        .to_dtype(DType::F32)
+    bf16_product_with(x, wb)?.to_dtype(DType::F32)
 }
 
 /// `x W^T` (`x`: `[m, k]`, `W`: `[n, k]`) in bf16 with f32 sums, in forward and backward; `W`'s
